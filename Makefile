@@ -1,0 +1,31 @@
+# cloneaware: the habits.  Filesystem tests, demo and bench need root.
+PYTHON ?= python3
+PREFIX ?= /usr/local
+DESTDIR ?=
+JOBS ?= auto
+
+.PHONY: setup test demo bench bench-scale lint install clean
+
+setup:
+	bash tools/setup.sh
+
+test: setup
+	$(PYTHON) -m pytest -n $(JOBS) tests
+
+demo: setup
+	$(PYTHON) tools/demo.py
+
+bench: setup
+	$(PYTHON) bench/bench.py
+
+bench-scale: setup
+	$(PYTHON) bench/scale.py
+
+lint:
+	$(PYTHON) -m ruff check cloneaware tests bench tools native/build.py
+
+install:
+	$(PYTHON) -m pip install --no-deps --root "$(if $(DESTDIR),$(DESTDIR),/)" --prefix "$(PREFIX)" .
+
+clean:
+	rm -rf build dist *.egg-info cloneaware/_native*.so .pytest_cache

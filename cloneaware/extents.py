@@ -1,0 +1,372 @@
+"""Extent maps and the sharing index.  Pure logic over numpy arrays.
+
+A file's extent map (EXTENT_DTYPE rows from FIEMAP) is first reduced to its
+*data ranges*: extents clamped to the file size, unwritten extents dropped
+(they read as zeros).  Each data range is either
+
+- *sweepable*: a plain extent whose physical address locates its bytes, or
+- *own*: inline, encoded (compressed), delalloc, unknown or encrypted data,
+  whose physical address does not locate bytes (KERNEL.md), so it is never
+  treated as shared on physical overlap.
+
+The index takes every sweepable range of the backup set, keyed by the
+filesystem it lives on, and works out for each byte of physical space which
+place (file, logical offset) comes first in walk order: the *owner*.  The
+result is a *plan*: for each file, its data cut into pieces that are either
+stored (the file owns them) or a reference to an earlier place.
+
+Complexity: sorting (O(E log E)), a vectorised segment tree for "minimum
+order over the ranges covering each elementary segment" (O(E log E)), and a
+vectorised expansion of each range over the owner runs it crosses.  No Python
+loop runs per extent.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+FE_LAST = 0x1
+FE_UNKNOWN = 0x2
+FE_DELALLOC = 0x4
+FE_ENCODED = 0x8
+FE_DATA_ENCRYPTED = 0x80
+FE_NOT_ALIGNED = 0x100
+FE_DATA_INLINE = 0x200
+FE_DATA_TAIL = 0x400
+FE_UNWRITTEN = 0x800
+FE_SHARED = 0x2000
+
+#: Flags whose physical address does not locate the file's bytes.
+OWN_FLAGS = (FE_UNKNOWN | FE_DELALLOC | FE_ENCODED | FE_DATA_ENCRYPTED
+             | FE_NOT_ALIGNED | FE_DATA_INLINE | FE_DATA_TAIL)
+
+EXTENT_DTYPE = np.dtype(
+    [("logical", "<u8"), ("physical", "<u8"), ("length", "<u8"),
+     ("flags", "<u4"), ("reserved", "<u4")]
+)
+
+#: A piece of a file in the plan.  ``ref_file`` is -1 for stored data.
+PIECE_DTYPE = np.dtype(
+    [("file", "<i8"), ("logical", "<u8"), ("length", "<u8"),
+     ("ref_file", "<i8"), ("ref_logical", "<u8")]
+)
+
+
+def data_ranges(ext: np.ndarray, size: int) -> np.ndarray:
+    """Clamp an extent map to the file size and drop what is not data.
+
+    XFS reports whole blocks, so the last extent may run past EOF; unwritten
+    (preallocated) extents read as zeros and are holes for our purposes.
+    """
+    if len(ext) == 0:
+        return ext
+    keep = (ext["logical"] < size) & ((ext["flags"] & FE_UNWRITTEN) == 0) & (ext["length"] > 0)
+    out = ext[keep].copy()
+    end = np.minimum(out["logical"] + out["length"], np.uint64(size))
+    out["length"] = end - out["logical"]
+    return out
+
+
+def is_own(flags: np.ndarray, physical: np.ndarray) -> np.ndarray:
+    """Ranges that are the file's own data: never shared on physical overlap."""
+    return ((flags & OWN_FLAGS) != 0) | (physical == 0)
+
+
+@dataclass
+class Totals:
+    files: int = 0
+    extents: int = 0
+    logical_bytes: int = 0
+    data_bytes: int = 0
+    physical_bytes: int = 0
+    shared_bytes: int = 0
+    external_shared_bytes: int = 0
+    encoded_bytes: int = 0
+    inline_bytes: int = 0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Plan:
+    """The output of the index."""
+
+    totals: Totals
+    #: pieces sorted by (file, logical); holes are the gaps between them.
+    pieces: np.ndarray
+    #: pieces[file_start[f]:file_start[f+1]] are file f's pieces.
+    file_start: np.ndarray
+    sizes: np.ndarray = field(repr=False)
+
+    def file_pieces(self, f: int) -> np.ndarray:
+        return self.pieces[self.file_start[f]:self.file_start[f + 1]]
+
+    def stored_bytes(self) -> int:
+        own = self.pieces["ref_file"] < 0
+        return int(self.pieces["length"][own].sum())
+
+    def referenced_bytes(self) -> int:
+        ref = self.pieces["ref_file"] >= 0
+        return int(self.pieces["length"][ref].sum())
+
+    def families(self) -> list[np.ndarray]:
+        """Clone families: sets of files connected by references, largest first.
+
+        Files with no sharing inside the set are not listed.
+        """
+        ref = self.pieces["ref_file"] >= 0
+        a = self.pieces["file"][ref]
+        b = self.pieces["ref_file"][ref]
+        a, b = a[a != b], b[a != b]
+        if len(a) == 0:
+            return []
+        pairs = np.unique(np.stack([a, b], axis=1), axis=0)
+        parent: dict[int, int] = {}
+
+        def find(x: int) -> int:
+            root = x
+            while parent.get(root, root) != root:
+                root = parent[root]
+            while parent.get(x, x) != root:
+                parent[x], x = root, parent[x]
+            return root
+
+        for x, y in pairs.tolist():
+            rx, ry = find(x), find(y)
+            if rx != ry:
+                parent[max(rx, ry)] = min(rx, ry)
+        groups: dict[int, list[int]] = {}
+        for x in set(pairs.ravel().tolist()):
+            groups.setdefault(find(x), []).append(x)
+        fams = [np.array(sorted(g), dtype=np.int64) for g in groups.values()]
+        fams.sort(key=lambda g: (-int(self.sizes[g].sum()), int(g[0])))
+        return fams
+
+
+class IndexBuilder:
+    """Collects extent maps in walk order, then builds the plan.
+
+    Memory is a few flat arrays per file appended to lists and concatenated
+    once; a per-file Python object is not kept.
+    """
+
+    def __init__(self) -> None:
+        self._fs: list[np.ndarray] = []
+        self._maps: list[np.ndarray] = []
+        self._files: list[np.ndarray] = []
+        self._sizes: list[int] = []
+        self.extent_count = 0
+
+    def add(self, fs: int, size: int, ext: np.ndarray) -> int:
+        """Add file number n (returned) on filesystem ``fs`` (a small int)."""
+        n = len(self._sizes)
+        self._sizes.append(size)
+        self.extent_count += len(ext)
+        d = data_ranges(ext, size)
+        if len(d):
+            self._maps.append(d)
+            self._files.append(np.full(len(d), n, dtype=np.int64))
+            self._fs.append(np.full(len(d), fs, dtype=np.int32))
+        return n
+
+    def build(self) -> Plan:
+        sizes = np.array(self._sizes, dtype=np.uint64)
+        if self._maps:
+            ext = np.concatenate(self._maps)
+            files = np.concatenate(self._files)
+            fs = np.concatenate(self._fs)
+        else:
+            ext = np.zeros(0, dtype=EXTENT_DTYPE)
+            files = np.zeros(0, dtype=np.int64)
+            fs = np.zeros(0, dtype=np.int32)
+        self._maps, self._files, self._fs = [], [], []
+        return build_plan(ext, files, fs, sizes, self.extent_count)
+
+
+def build_plan(ext: np.ndarray, files: np.ndarray, fs: np.ndarray,
+               sizes: np.ndarray, extent_count: int | None = None) -> Plan:
+    """Build the plan from data ranges in walk order.
+
+    ``ext`` holds data ranges (see data_ranges) of all files, grouped by file
+    in walk order and sorted by logical offset inside each file; ``files``
+    and ``fs`` give each range's file number and filesystem number.
+    """
+    t = Totals()
+    t.files = len(sizes)
+    t.extents = len(ext) if extent_count is None else extent_count
+    t.logical_bytes = int(sizes.sum()) if len(sizes) else 0
+    length = ext["length"]
+    t.data_bytes = int(length.sum()) if len(ext) else 0
+
+    own = is_own(ext["flags"], ext["physical"])
+    parts = []
+    # Own data: stored by its file, never a reference.
+    if own.any():
+        o = np.nonzero(own)[0]
+        p = np.zeros(len(o), dtype=PIECE_DTYPE)
+        p["file"] = files[o]
+        p["logical"] = ext["logical"][o]
+        p["length"] = length[o]
+        p["ref_file"] = -1
+        parts.append(p)
+        t.inline_bytes = int(length[o][(ext["flags"][o] & FE_DATA_INLINE) != 0].sum())
+        enc = (ext["flags"][o] & FE_ENCODED) != 0
+        t.encoded_bytes = int(length[o][enc].sum())
+        t.physical_bytes += _encoded_physical(ext[o], fs[o])
+        t.external_shared_bytes += int(length[o][(ext["flags"][o] & FE_SHARED) != 0].sum())
+
+    sweep = np.nonzero(~own)[0]
+    if len(sweep):
+        for g in np.unique(fs[sweep]):
+            idx = sweep[fs[sweep] == g]
+            parts.append(_sweep(ext, files, idx, t))
+
+    if parts:
+        pieces = np.concatenate(parts)
+        pieces = pieces[np.lexsort((pieces["logical"], pieces["file"]))]
+        pieces = _merge(pieces)
+    else:
+        pieces = np.zeros(0, dtype=PIECE_DTYPE)
+    file_start = np.searchsorted(pieces["file"], np.arange(len(sizes) + 1))
+    return Plan(totals=t, pieces=pieces, file_start=file_start, sizes=sizes)
+
+
+def _encoded_physical(ext: np.ndarray, fs: np.ndarray) -> int:
+    """Physical bytes of own ranges.
+
+    Inline and other own ranges count as their length.  Encoded ranges that
+    name the same (filesystem, physical start) are one extent on disk, seen
+    through different windows: count the longest window once (the logical
+    size of the compressed extent, the best FIEMAP can tell).
+    """
+    enc = ((ext["flags"] & FE_ENCODED) != 0) & (ext["physical"] != 0)
+    total = int(ext["length"][~enc].sum())
+    if enc.any():
+        e = ext[enc]
+        key = np.stack([fs[enc].astype(np.uint64), e["physical"]], axis=1)
+        _, inv = np.unique(key, axis=0, return_inverse=True)
+        inv = inv.ravel()
+        best = np.zeros(inv.max() + 1, dtype=np.uint64)
+        np.maximum.at(best, inv, e["length"])
+        total += int(best.sum())
+    return total
+
+
+def _min_cover(si: np.ndarray, ei: np.ndarray, val: np.ndarray, nseg: int) -> np.ndarray:
+    """For each segment j in [0, nseg), the minimum val[r] over ranges with
+    si[r] <= j < ei[r]; -1 where no range covers j.
+
+    A bottom-up segment tree whose range updates are applied for all ranges
+    at once, one tree level per step, then pushed down level by level.
+    """
+    n = 1
+    while n < max(nseg, 1):
+        n *= 2
+    big = np.iinfo(np.int64).max
+    tree = np.full(2 * n, big, dtype=np.int64)
+    lo = si.astype(np.int64) + n
+    hi = ei.astype(np.int64) + n
+    v = val.astype(np.int64)
+    while True:
+        act = lo < hi
+        if not act.any():
+            break
+        m = act & ((lo & 1) == 1)
+        np.minimum.at(tree, lo[m], v[m])
+        lo[m] += 1
+        m = act & ((hi & 1) == 1)
+        hi[m] -= 1
+        np.minimum.at(tree, hi[m], v[m])
+        keep = lo < hi
+        lo, hi, v = lo[keep] >> 1, hi[keep] >> 1, v[keep]
+    k = 1
+    while k < n:
+        parent = tree[k:2 * k]
+        np.minimum(tree[2 * k:4 * k:2], parent, out=tree[2 * k:4 * k:2])
+        np.minimum(tree[2 * k + 1:4 * k:2], parent, out=tree[2 * k + 1:4 * k:2])
+        k *= 2
+    out = tree[n:n + nseg]
+    out[out == big] = -1
+    return out
+
+
+def _sweep(ext: np.ndarray, files: np.ndarray, idx: np.ndarray, t: Totals) -> np.ndarray:
+    """Index the sweepable ranges ``idx`` (all on one filesystem, in walk order)."""
+    ps = ext["physical"][idx]
+    ln = ext["length"][idx]
+    pe = ps + ln
+    flags = ext["flags"][idx]
+    lg = ext["logical"][idx]
+    fl = files[idx]
+    r = len(idx)
+    order = np.arange(r, dtype=np.int64)  # idx is in walk order
+
+    points = np.unique(np.concatenate([ps, pe]))
+    si = np.searchsorted(points, ps)
+    ei = np.searchsorted(points, pe)
+    nseg = len(points) - 1
+    seglen = (points[1:] - points[:-1]).astype(np.uint64)
+
+    cover = np.cumsum(np.bincount(si, minlength=nseg + 1)
+                      - np.bincount(ei, minlength=nseg + 1))[:nseg]
+    owner = _min_cover(si, ei, order, nseg)
+
+    used = cover > 0
+    t.physical_bytes += int(seglen[used].sum())
+    multi = cover >= 2
+    t.shared_bytes += int((seglen[multi] * cover[multi].astype(np.uint64)).sum())
+    single = np.nonzero(cover == 1)[0]
+    ext_shared = (flags[owner[single]] & FE_SHARED) != 0
+    t.external_shared_bytes += int(seglen[single][ext_shared].sum())
+
+    # Runs of consecutive segments with the same owner.
+    new_run = np.ones(nseg, dtype=bool)
+    new_run[1:] = owner[1:] != owner[:-1]
+    run_id = np.cumsum(new_run) - 1
+    run_first = np.nonzero(new_run)[0]
+    run_owner = owner[run_first]
+    run_pstart = points[run_first]
+    run_last = np.append(run_first[1:], nseg) - 1
+    run_pend = points[run_last + 1]
+
+    k0 = run_id[si]
+    k1 = run_id[ei - 1]
+    count = (k1 - k0 + 1).astype(np.int64)
+    total = int(count.sum())
+    rep = np.repeat(order, count)
+    first = np.repeat(np.cumsum(count) - count, count)
+    k = np.repeat(k0, count) + (np.arange(total, dtype=np.int64) - first)
+
+    start = np.maximum(ps[rep], run_pstart[k])
+    end = np.minimum(pe[rep], run_pend[k])
+    own_of = run_owner[k]
+
+    out = np.zeros(total, dtype=PIECE_DTYPE)
+    out["file"] = fl[rep]
+    out["logical"] = lg[rep] + (start - ps[rep])
+    out["length"] = end - start
+    is_ref = own_of != rep
+    out["ref_file"] = np.where(is_ref, fl[own_of], -1)
+    out["ref_logical"] = np.where(is_ref, lg[own_of] + (start - ps[own_of]), 0)
+    return out[out["length"] > 0]
+
+
+def _merge(p: np.ndarray) -> np.ndarray:
+    """Merge logically adjacent pieces of one file that continue each other."""
+    if len(p) < 2:
+        return p
+    same = (
+        (p["file"][1:] == p["file"][:-1])
+        & (p["logical"][1:] == p["logical"][:-1] + p["length"][:-1])
+        & (p["ref_file"][1:] == p["ref_file"][:-1])
+        & ((p["ref_file"][1:] < 0)
+           | (p["ref_logical"][1:] == p["ref_logical"][:-1] + p["length"][:-1]))
+    )
+    start = np.ones(len(p), dtype=bool)
+    start[1:] = ~same
+    firsts = np.nonzero(start)[0]
+    out = p[firsts].copy()
+    out["length"] = np.add.reduceat(p["length"], firsts)
+    return out

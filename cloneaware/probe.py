@@ -1,0 +1,105 @@
+"""What a filesystem is and what it can do: identity, type, block size, and a
+real trial reflink (as xfstests' common/reflink does) instead of guessing.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+from dataclasses import dataclass
+
+from cloneaware import ioctl
+
+BTRFS_MAGIC = 0x9123683E
+FS_NAMES = {
+    BTRFS_MAGIC: "btrfs",
+    0x58465342: "xfs",
+    0xEF53: "ext4",
+    0x01021994: "tmpfs",
+    0x2FC12FC1: "zfs",
+    0x6969: "nfs",
+    0xF2F52010: "f2fs",
+    0x794C7630: "overlayfs",
+    0x65735546: "fuse",
+    0x9FA0: "proc",
+}
+
+
+def fs_type_name(magic: int) -> str:
+    return FS_NAMES.get(magic, hex(magic))
+
+
+@dataclass(frozen=True)
+class FsInfo:
+    """Identity of a filesystem: physical addresses are only comparable
+    between files with the same ``key`` (KERNEL.md: on Btrfs, subvolumes and
+    snapshots have different st_dev but one address space, so the key is the
+    fsid; elsewhere st_dev is the filesystem)."""
+
+    key: str
+    type: str
+    block_size: int
+
+
+_cache: dict[int, FsInfo] = {}
+
+
+def fs_info(fd: int, st_dev: int, path=None) -> FsInfo:
+    """FsInfo for the filesystem an open fd lives on (cached by st_dev)."""
+    got = _cache.get(st_dev)
+    if got is not None:
+        return got
+    magic, bsize = ioctl.fstatfs(fd, path)
+    if magic == BTRFS_MAGIC:
+        key = "btrfs:" + ioctl.btrfs_fsid(fd, path).hex()
+    else:
+        key = f"dev:{os.major(st_dev)}:{os.minor(st_dev)}"
+    info = FsInfo(key=key, type=fs_type_name(magic), block_size=int(bsize))
+    _cache[st_dev] = info
+    return info
+
+
+def fs_info_path(path) -> FsInfo:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        return fs_info(fd, os.fstat(fd).st_dev, path)
+    finally:
+        os.close(fd)
+
+
+def reflink_support(dir_fd: int, block_size: int = 4096) -> tuple[bool, str]:
+    """Try a real FICLONERANGE of one block between two temporary files made
+    in the directory ``dir_fd``.  Returns (supported, reason)."""
+    names = [b".cloneaware-probe-" + secrets.token_hex(6).encode() for _ in range(2)]
+    fds = []
+    try:
+        for n in names:
+            fds.append(os.open(n, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                               0o600, dir_fd=dir_fd))
+        os.pwrite(fds[0], b"\xa5" * block_size, 0)
+        os.fsync(fds[0])
+        try:
+            ioctl.ficlonerange(fds[1], fds[0], 0, block_size, 0)
+        except OSError as e:
+            if e.errno in ioctl.NOT_SUPPORTED:
+                return False, os.strerror(e.errno)
+            raise
+        return True, "reflink"
+    finally:
+        for fd in fds:
+            os.close(fd)
+        for n in names:
+            try:
+                os.unlink(n, dir_fd=dir_fd)
+            except FileNotFoundError:
+                pass
+
+
+def errno_reason(err: int) -> str:
+    if err == errno.EXDEV:
+        return "different filesystems"
+    if err in (errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS):
+        return "filesystem cannot reflink"
+    if err == errno.EINVAL:
+        return "range not clonable (alignment)"
+    return os.strerror(err)

@@ -1,0 +1,47 @@
+/* cloneaware native layer: thin wrappers around the extent and clone ioctls.
+ *
+ * Rules (see STYLE.md): each function makes one system call, or one batched
+ * loop of the same call; keeps no memory past the call except what it hands
+ * to the caller; prints nothing; returns >= 0 or -errno.
+ */
+#include <stdint.h>
+#include <stddef.h>
+
+/* One extent as returned to Python: 32 bytes, a numpy structured dtype. */
+struct ca_extent {
+    uint64_t logical;
+    uint64_t physical;
+    uint64_t length;
+    uint32_t flags;
+    uint32_t reserved;
+};
+
+/* Version of the package this object was built for. */
+const char *ca_version(void);
+
+/* FS_IOC_FIEMAP over the whole file with FIEMAP_FLAG_SYNC, looping until the
+ * extent flagged LAST.  On success *out is a malloc'd array of *count extents
+ * (free it with ca_free) and 0 is returned; on failure -errno. */
+int ca_fiemap(int fd, struct ca_extent **out, size_t *count);
+void ca_free(void *p);
+
+/* FICLONERANGE on dst_fd from src_fd. */
+int ca_ficlonerange(int dst_fd, int src_fd, uint64_t src_offset,
+                    uint64_t length, uint64_t dst_offset);
+/* FICLONE: the whole of src_fd into dst_fd. */
+int ca_ficlone(int dst_fd, int src_fd);
+/* FIDEDUPERANGE on src_fd against count destinations.  Per destination the
+ * bytes deduped and the status (0 SAME, 1 DIFFERS, or -errno) are written to
+ * bytes_deduped[i] and status[i].  Returns 0 or -errno for the call itself. */
+int ca_fideduperange(int src_fd, uint64_t src_offset, uint64_t length,
+                     const int *dst_fds, const uint64_t *dst_offsets,
+                     uint16_t count, uint64_t *bytes_deduped, int32_t *status);
+/* BTRFS_IOC_FS_INFO: the filesystem's fsid (16 bytes). */
+int ca_btrfs_fsid(int fd, uint8_t *uuid16);
+/* FS_IOC_GETFSUUID: the filesystem's UUID; returns its length. */
+int ca_getfsuuid(int fd, uint8_t *uuid16);
+/* fstatfs(2): the filesystem's magic type and its block size. */
+int ca_fstatfs(int fd, uint64_t *fs_type, uint64_t *block_size);
+/* renameat2(2), for RENAME_NOREPLACE. */
+int ca_renameat2(int olddirfd, const char *oldpath, int newdirfd,
+                 const char *newpath, unsigned int flags);
