@@ -159,6 +159,152 @@ def scan(
             raise typer.Exit(EXIT_WARNINGS)
 
 
+def _summary_line(d: dict) -> str:
+    return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in d.items())
+
+
+@app.command()
+def backup(
+    paths: Annotated[list[str], typer.Argument(help="Files and directories; each is stored "
+                                               "under its basename.")],
+    output: Annotated[str, typer.Option("-o", "--output", help="Archive file, or - for "
+                                        "standard output.")],
+    compress: Annotated[str, typer.Option("--compress", help="none, zstd or zstd:LEVEL.")]
+    = "zstd",
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing archive.")]
+    = False,
+    cross: Annotated[bool, typer.Option("--cross-filesystems",
+                                        help="Descend into other mounted filesystems.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout "
+                                          "(stderr when the archive goes to stdout).")] = False,
+) -> None:
+    """Back up PATHs into one archive that stores each shared extent once."""
+    from cloneaware.backup import Backup
+
+    with _handled():
+        with _progress(True, None, "backup") as prog:
+            s = Backup(paths, output, compress=compress, force=force,
+                       one_file_system=not cross, progress=prog, warn=_err).run()
+        d = s.as_dict()
+        d["changed"] = [{"path": p, "reason": r} for p, r in s.changed]
+        d["skipped"] = [{"path": p, "reason": r} for p, r in s.skipped]
+        out = sys.stderr if output == "-" else sys.stdout
+        if as_json:
+            out.write(json.dumps(d, indent=2) + "\n")
+        elif output != "-":
+            out.write(
+                f"{s.files} files, {_human(s.logical_bytes)} logical, "
+                f"{_human(s.physical_bytes)} physical; stored {_human(s.stored_bytes)}, "
+                f"referenced {_human(s.referenced_bytes)}, holes {_human(s.hole_bytes)}; "
+                f"archive {_human(s.archive_bytes)} in {s.seconds:.1f} s\n")
+        if s.changed or s.skipped:
+            raise typer.Exit(EXIT_WARNINGS)
+
+
+@app.command()
+def restore(
+    archive: Annotated[str, typer.Argument(help="Archive file, or - for standard input.")],
+    dest: Annotated[str, typer.Argument(help="Directory to restore into (created if "
+                                        "missing).")],
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing entries of the "
+                                        "same name.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
+) -> None:
+    """Restore an archive into DEST, re-creating shared extents with reflinks."""
+    from cloneaware.restore import Restore
+
+    with _handled():
+        with _progress(True, None, "restore") as prog:
+            s = Restore(archive, dest, force=force, progress=prog, warn=_err).run()
+        d = s.as_dict()
+        d["not_exact"] = [{"path": p, "reason": r} for p, r in s.not_exact]
+        if as_json:
+            typer.echo(json.dumps(d, indent=2))
+        else:
+            typer.echo(
+                f"{s.files} files, {_human(s.logical_bytes)} logical: wrote "
+                f"{_human(s.written_bytes)}, reflinked {_human(s.reflinked_bytes)}, "
+                f"copied {_human(s.copied_bytes)}, holes {_human(s.hole_bytes)} "
+                f"in {s.seconds:.1f} s")
+        if s.copied_bytes:
+            why = ", ".join(f"{_human(n)} ({r})" for r, n in s.copy_reasons.items())
+            _err(f"copied instead of reflinked: {why}")
+        if s.not_exact:
+            _err(f"{len(s.not_exact)} entries not restored exactly")
+            raise typer.Exit(EXIT_WARNINGS)
+
+
+@app.command("ls")
+def ls_cmd(
+    archive: Annotated[str, typer.Argument(help="Archive file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List the entries of an archive from its index, reading no file data."""
+    from cloneaware.archive import format as fmt
+    from cloneaware.archive.reader import open_archive, read_index
+
+    with _handled():
+        f = open_archive(archive)
+        if not f.seekable():
+            from cloneaware.errors import UsageError
+
+            raise UsageError("ls needs a seekable archive file (use verify for a pipe)")
+        with f:
+            header, items, footer = read_index(f)
+        if as_json:
+            typer.echo(json.dumps({
+                "version": header.version,
+                "tool": header.tool,
+                "entries": [{"id": i.id, "type": fmt.KIND_NAMES[i.kind],
+                             "path": os.fsdecode(i.path), "size": i.size,
+                             "stored_bytes": i.stored_bytes, "referenced_bytes": i.ref_bytes}
+                            for i in items],
+                "stored_bytes": footer.stored_bytes,
+                "referenced_bytes": footer.ref_bytes,
+            }, indent=2))
+            return
+        for i in items:
+            p = os.fsdecode(i.path)
+            typer.echo(f"{fmt.KIND_NAMES[i.kind]:<8} {i.size:>14} {i.stored_bytes:>14} "
+                       f"{i.ref_bytes:>14}  {p!r}"[:-0 or None] if "\n" in p else
+                       f"{fmt.KIND_NAMES[i.kind]:<8} {i.size:>14} {i.stored_bytes:>14} "
+                       f"{i.ref_bytes:>14}  {p}")
+
+
+@app.command()
+def verify(
+    archive: Annotated[str, typer.Argument(help="Archive file, or - for standard input.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
+) -> None:
+    """Check every record and every data hash; write nothing.  Exit 0 only if
+    the archive is whole."""
+    import time
+
+    from cloneaware.archive.reader import Stream, open_archive
+
+    with _handled():
+        t0 = time.monotonic()
+        f = open_archive(archive)
+        counts = {"entries": 0, "data_records": 0, "ref_records": 0, "stored_bytes": 0,
+                  "referenced_bytes": 0}
+        with _progress(True, None, "verify") as prog:
+            for ev in Stream(f).events():
+                if ev[0] == "entry":
+                    counts["entries"] += 1
+                elif ev[0] == "data":
+                    counts["data_records"] += 1
+                    counts["stored_bytes"] += len(ev[3])
+                    prog.advance(len(ev[3]))
+                elif ev[0] == "ref":
+                    counts["ref_records"] += 1
+                    counts["referenced_bytes"] += ev[3]
+        counts["seconds"] = time.monotonic() - t0
+        if as_json:
+            typer.echo(json.dumps(counts, indent=2))
+        else:
+            typer.echo(f"archive is whole: {_summary_line(counts)}")
+
+
 def main() -> None:
     try:
         app()

@@ -1,0 +1,368 @@
+"""The archive format, version 1 (docs/FORMAT.md): constants, record framing,
+and encoding/decoding of each record payload.  The only module that knows
+the bytes.  Decoders never trust their input: every length is bounded before
+use and a payload must be consumed exactly.
+"""
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass, field
+
+from cloneaware.errors import ArchiveError
+
+MAGIC = b"\x89CLONEAW"
+WRITE_VERSION = 1
+READ_VERSIONS = (1,)
+HASH_SHA256 = 1
+
+T_HEADER, T_ENTRY, T_DATA, T_REF, T_END, T_INDEX, T_FOOTER = 1, 2, 3, 4, 5, 6, 7
+ANCILLARY = 0x8000
+TYPE_NAMES = {T_HEADER: "HEADER", T_ENTRY: "ENTRY", T_DATA: "DATA", T_REF: "REF",
+              T_END: "END", T_INDEX: "INDEX", T_FOOTER: "FOOTER"}
+
+CHUNK_MAX = 4 << 20
+LIMITS = {
+    T_HEADER: 64 << 10,
+    T_ENTRY: 1 << 20,
+    T_DATA: 48 + CHUNK_MAX,
+    T_REF: 32,
+    T_END: 36,
+    T_INDEX: 16 << 20,
+    T_FOOTER: 48,
+}
+ANCILLARY_LIMIT = 16 << 20
+
+FRAME = struct.Struct("<HHI")
+CRC = struct.Struct("<I")
+FRAME_OVERHEAD = FRAME.size + CRC.size
+FOOTER_SIZE = FRAME_OVERHEAD + LIMITS[T_FOOTER]
+
+K_REG, K_DIR, K_SYMLINK, K_HARDLINK, K_FIFO, K_CHR, K_BLK = 1, 2, 3, 4, 5, 6, 7
+KIND_NAMES = {K_REG: "file", K_DIR: "dir", K_SYMLINK: "symlink", K_HARDLINK: "hardlink",
+              K_FIFO: "fifo", K_CHR: "chardev", K_BLK: "blockdev"}
+
+EF_REFERENCED = 1
+CODEC_NONE, CODEC_ZSTD = 0, 1
+
+PATH_MAX = 4096
+NAME_MAX = 255
+XATTR_VALUE_MAX = 64 << 10
+SIZE_MAX = (1 << 63) - 1
+
+_HEADER = struct.Struct("<IB3xq")
+_ENTRY = struct.Struct("<QBBHIIIqqQQQ")
+_DATA = struct.Struct("<QIB3x32s")
+_REF = struct.Struct("<QQQQ")
+_END = struct.Struct("<QIIQQ4x")
+_INDEX_ITEM = struct.Struct("<QBQQQQ")
+_FOOTER = struct.Struct("<QQQQQQ")
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+
+
+def frame(rtype: int, payload: bytes | memoryview) -> bytes:
+    """A whole record: header, payload, CRC."""
+    head = FRAME.pack(rtype, 0, len(payload))
+    crc = zlib.crc32(payload, zlib.crc32(head))
+    return b"".join((head, payload, CRC.pack(crc)))
+
+
+def frame_parts(rtype: int, head_payload: bytes, data: bytes | memoryview) -> list:
+    """A record whose payload is head_payload + data, without joining data."""
+    head = FRAME.pack(rtype, 0, len(head_payload) + len(data))
+    crc = zlib.crc32(data, zlib.crc32(head_payload, zlib.crc32(head)))
+    return [head, head_payload, data, CRC.pack(crc)]
+
+
+def check_frame_header(head: bytes, offset: int) -> tuple[int, int]:
+    rtype, flags, length = FRAME.unpack(head)
+    limit = LIMITS.get(rtype)
+    if limit is None:
+        if not rtype & ANCILLARY:
+            raise ArchiveError(f"unknown record type {rtype}", offset)
+        limit = ANCILLARY_LIMIT
+    if flags != 0:
+        raise ArchiveError(f"record flags {flags:#x} are not defined in version 1", offset)
+    if length > limit:
+        raise ArchiveError(f"{TYPE_NAMES.get(rtype, rtype)} record of {length} bytes "
+                           f"exceeds the limit of {limit}", offset)
+    return rtype, length
+
+
+def check_crc(head: bytes, payload, crc_bytes: bytes, offset: int) -> None:
+    (want,) = CRC.unpack(crc_bytes)
+    got = zlib.crc32(payload, zlib.crc32(head))
+    if got != want:
+        rtype = FRAME.unpack(head)[0]
+        raise ArchiveError(f"CRC mismatch in {TYPE_NAMES.get(rtype, rtype)} record", offset)
+
+
+class _Cursor:
+    """Reads fields from a payload; any overrun is an ArchiveError."""
+
+    __slots__ = ("buf", "pos", "offset", "what")
+
+    def __init__(self, buf, offset: int, what: str):
+        self.buf = buf
+        self.pos = 0
+        self.offset = offset
+        self.what = what
+
+    def fail(self, msg: str):
+        raise ArchiveError(f"{self.what}: {msg}", self.offset)
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.buf):
+            self.fail("record too short for its fields")
+        b = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        return b
+
+    def unpack(self, st: struct.Struct) -> tuple:
+        if self.pos + st.size > len(self.buf):
+            self.fail("record too short for its fields")
+        v = st.unpack_from(self.buf, self.pos)
+        self.pos += st.size
+        return v
+
+    def bytes16(self, limit: int) -> bytes:
+        (n,) = self.unpack(_U16)
+        if n > limit:
+            self.fail(f"a field of {n} bytes exceeds its limit of {limit}")
+        return self.take(n)
+
+    def done(self) -> None:
+        if self.pos != len(self.buf):
+            self.fail(f"{len(self.buf) - self.pos} unexpected bytes at the end of the record")
+
+
+# --- HEADER ---------------------------------------------------------------
+
+@dataclass
+class Header:
+    version: int = WRITE_VERSION
+    hash: int = HASH_SHA256
+    created_ns: int = 0
+    tool: str = ""
+
+    def encode(self) -> bytes:
+        t = self.tool.encode()[:1024]
+        return _HEADER.pack(self.version, self.hash, self.created_ns) + _U16.pack(len(t)) + t
+
+    @classmethod
+    def decode(cls, buf, offset: int) -> Header:
+        c = _Cursor(buf, offset, "HEADER")
+        version, h, created = c.unpack(_HEADER)
+        if version not in READ_VERSIONS:
+            if version > max(READ_VERSIONS):
+                raise ArchiveError(
+                    f"archive format version {version} is newer than this cloneaware "
+                    f"reads (up to {max(READ_VERSIONS)}); upgrade cloneaware", offset)
+            raise ArchiveError(f"unknown archive format version {version}", offset)
+        if h != HASH_SHA256:
+            c.fail(f"unknown hash algorithm {h}")
+        tool = c.bytes16(1024).decode("utf-8", "replace")
+        c.done()
+        return cls(version, h, created, tool)
+
+
+# --- ENTRY ----------------------------------------------------------------
+
+@dataclass
+class Entry:
+    id: int
+    kind: int
+    path: bytes
+    mode: int = 0o644
+    uid: int = 0
+    gid: int = 0
+    atime_ns: int = 0
+    mtime_ns: int = 0
+    size: int = 0
+    rdev: int = 0
+    link: int = 0
+    target: bytes = b""
+    xattrs: list[tuple[bytes, bytes]] = field(default_factory=list)
+    eflags: int = 0
+
+    def encode(self) -> bytes:
+        parts = [
+            _ENTRY.pack(self.id, self.kind, self.eflags, 0, self.mode, self.uid, self.gid,
+                        self.atime_ns, self.mtime_ns, self.size, self.rdev, self.link),
+            _U16.pack(len(self.path)), self.path,
+            _U16.pack(len(self.target)), self.target,
+            _U32.pack(len(self.xattrs)),
+        ]
+        for name, value in self.xattrs:
+            parts += [bytes((len(name),)), name, _U32.pack(len(value)), value]
+        return b"".join(parts)
+
+    @classmethod
+    def decode(cls, buf, offset: int) -> Entry:
+        c = _Cursor(buf, offset, "ENTRY")
+        (eid, kind, eflags, _r, mode, uid, gid, atime, mtime, size, rdev,
+         link) = c.unpack(_ENTRY)
+        if kind not in KIND_NAMES:
+            c.fail(f"unknown entry kind {kind}")
+        if mode > 0o7777:
+            c.fail(f"mode {mode:#o} has bits beyond 0o7777")
+        if size > SIZE_MAX:
+            c.fail(f"size {size} is too large")
+        if kind != K_REG and size:
+            c.fail("only regular files have a size")
+        path = c.bytes16(PATH_MAX)
+        check_path(path, offset)
+        target = c.bytes16(PATH_MAX)
+        if kind == K_SYMLINK and (not target or b"\0" in target):
+            c.fail("symlink target is empty or holds NUL")
+        if kind != K_SYMLINK and target:
+            c.fail("only symlinks have a target")
+        (count,) = c.unpack(_U32)
+        # Each xattr takes at least 5 bytes: bound the count before looping.
+        if count * 5 > len(buf) - c.pos:
+            c.fail(f"xattr count {count} does not fit in the record")
+        xattrs = []
+        for _ in range(count):
+            n = c.take(1)[0]
+            name = c.take(n)
+            if not name or b"\0" in name:
+                c.fail("empty xattr name or NUL in it")
+            (vlen,) = c.unpack(_U32)
+            if vlen > XATTR_VALUE_MAX:
+                c.fail(f"xattr value of {vlen} bytes exceeds {XATTR_VALUE_MAX}")
+            xattrs.append((name, c.take(vlen)))
+        c.done()
+        return cls(eid, kind, path, mode, uid, gid, atime, mtime, size, rdev, link,
+                   target, xattrs, eflags)
+
+
+def check_path(path: bytes, offset: int | None = None) -> list[bytes]:
+    """Components of an archive path, or ArchiveError if it is not a clean
+    relative path (absolute, '..', '.', empty components, NUL, too long)."""
+    if not path:
+        raise ArchiveError("empty path", offset)
+    if len(path) > PATH_MAX:
+        raise ArchiveError("path too long", offset)
+    if b"\0" in path:
+        raise ArchiveError(f"path {path!r} contains NUL", offset)
+    if path.startswith(b"/"):
+        raise ArchiveError(f"absolute path {path!r}", offset)
+    parts = path.split(b"/")
+    for p in parts:
+        if p in (b"", b".", b".."):
+            raise ArchiveError(f"path {path!r} has an empty, '.' or '..' component", offset)
+        if len(p) > NAME_MAX:
+            raise ArchiveError(f"path {path!r} has a component over {NAME_MAX} bytes", offset)
+    return parts
+
+
+# --- DATA, REF, END -------------------------------------------------------
+
+def encode_data_head(offset: int, length: int, codec: int, sha: bytes) -> bytes:
+    return _DATA.pack(offset, length, codec, sha)
+
+
+def decode_data_head(buf, offset: int) -> tuple[int, int, int, bytes, int]:
+    """(file offset, length, codec, sha256, start of coded bytes in buf)."""
+    c = _Cursor(buf, offset, "DATA")
+    off, length, codec, sha = c.unpack(_DATA)
+    if not 0 < length <= CHUNK_MAX:
+        c.fail(f"chunk length {length} outside 1..{CHUNK_MAX}")
+    if codec not in (CODEC_NONE, CODEC_ZSTD):
+        c.fail(f"unknown codec {codec}")
+    if codec == CODEC_NONE and len(buf) - c.pos != length:
+        c.fail("stored chunk size differs from its length")
+    if off > SIZE_MAX or off + length > SIZE_MAX:
+        c.fail("offset out of range")
+    return off, length, codec, sha, c.pos
+
+
+def encode_ref(offset: int, length: int, src_id: int, src_offset: int) -> bytes:
+    return _REF.pack(offset, length, src_id, src_offset)
+
+
+def decode_ref(buf, offset: int) -> tuple[int, int, int, int]:
+    c = _Cursor(buf, offset, "REF")
+    v = c.unpack(_REF)
+    c.done()
+    off, length, src, soff = v
+    if length == 0 or off > SIZE_MAX or length > SIZE_MAX or soff > SIZE_MAX:
+        c.fail("range out of bounds")
+    return v
+
+
+@dataclass
+class End:
+    id: int
+    data_records: int = 0
+    ref_records: int = 0
+    stored_bytes: int = 0
+    ref_bytes: int = 0
+
+    def encode(self) -> bytes:
+        return _END.pack(self.id, self.data_records, self.ref_records,
+                         self.stored_bytes, self.ref_bytes)
+
+    @classmethod
+    def decode(cls, buf, offset: int) -> End:
+        c = _Cursor(buf, offset, "END")
+        v = c.unpack(_END)
+        c.done()
+        return cls(*v)
+
+
+# --- INDEX, FOOTER --------------------------------------------------------
+
+@dataclass
+class IndexItem:
+    id: int
+    kind: int
+    size: int
+    stored_bytes: int
+    ref_bytes: int
+    offset: int
+    path: bytes
+
+    def encode(self) -> bytes:
+        return (_INDEX_ITEM.pack(self.id, self.kind, self.size, self.stored_bytes,
+                                 self.ref_bytes, self.offset)
+                + _U16.pack(len(self.path)) + self.path)
+
+
+def decode_index(buf, offset: int) -> list[IndexItem]:
+    c = _Cursor(buf, offset, "INDEX")
+    items = []
+    while c.pos < len(buf):
+        v = c.unpack(_INDEX_ITEM)
+        path = c.bytes16(PATH_MAX)
+        if v[1] not in KIND_NAMES:
+            c.fail(f"unknown entry kind {v[1]}")
+        items.append(IndexItem(*v, path))
+    return items
+
+
+@dataclass
+class Footer:
+    index_offset: int
+    index_records: int
+    entries: int
+    stored_bytes: int
+    ref_bytes: int
+    footer_offset: int
+
+    def encode(self) -> bytes:
+        return _FOOTER.pack(self.index_offset, self.index_records, self.entries,
+                            self.stored_bytes, self.ref_bytes, self.footer_offset)
+
+    @classmethod
+    def decode(cls, buf, offset: int) -> Footer:
+        c = _Cursor(buf, offset, "FOOTER")
+        v = c.unpack(_FOOTER)
+        c.done()
+        f = cls(*v)
+        if f.footer_offset != offset:
+            c.fail(f"footer says it is at {f.footer_offset}")
+        if f.index_offset >= offset:
+            c.fail("index offset after the footer")
+        return f

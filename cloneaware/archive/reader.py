@@ -1,0 +1,301 @@
+"""Read an archive, front to back (a pipe is enough) or, for listing, from
+the footer.  Nothing read is trusted: framing, CRCs, structure, references
+and data hashes are all checked here, so restore and verify share one set of
+rules."""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from cloneaware.archive import format as fmt
+from cloneaware.errors import ArchiveError, TruncatedArchive
+
+
+class RecordReader:
+    """Frames and CRCs.  Yields (type, payload, offset of the record)."""
+
+    def __init__(self, f):
+        self.f = f
+        self.offset = 0
+
+    def _read(self, n: int, what: str) -> bytes:
+        b = self.f.read(n)
+        if b is None:
+            b = b""
+        if len(b) < n:
+            if self.offset == 0 and not b:
+                raise ArchiveError("empty file: not a cloneaware archive")
+            raise TruncatedArchive(f"archive is truncated: {what} cut short",
+                                   self.offset + len(b))
+        self.offset += n
+        return b
+
+    def magic(self) -> None:
+        b = self.f.read(len(fmt.MAGIC)) or b""
+        if not b:
+            raise ArchiveError("empty file: not a cloneaware archive")
+        if b != fmt.MAGIC[:len(b)] or len(b) < len(fmt.MAGIC):
+            if b == fmt.MAGIC[:len(b)]:
+                raise TruncatedArchive("archive is truncated inside the magic", len(b))
+            raise ArchiveError("not a cloneaware archive (wrong magic)", 0)
+        self.offset = len(b)
+
+    def records(self) -> Iterator[tuple[int, bytes, int]]:
+        while True:
+            start = self.offset
+            head = self.f.read(fmt.FRAME.size) or b""
+            if not head:
+                return
+            if len(head) < fmt.FRAME.size:
+                raise TruncatedArchive("archive is truncated inside a record header", start)
+            self.offset += len(head)
+            rtype, length = fmt.check_frame_header(head, start)
+            payload = self._read(length, f"{fmt.TYPE_NAMES.get(rtype, 'record')} payload")
+            crc = self._read(fmt.CRC.size, "record CRC")
+            fmt.check_crc(head, payload, crc, start)
+            if rtype & fmt.ANCILLARY:
+                continue
+            yield rtype, payload, start
+
+
+@dataclass
+class FileState:
+    entry: fmt.Entry
+    offset: int  # ENTRY record offset
+    pos: int = 0  # next file offset allowed (ranges come in order)
+    end: fmt.End | None = None
+    #: data records, ref records, stored bytes, ref bytes seen so far
+    counts: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
+
+
+class Stream:
+    """Structural checks over the records; yields events for a consumer:
+
+    ('entry', Entry, offset)
+    ('data', FileState, file_offset, bytes, record offset)   -- hash checked
+    ('ref', FileState, file_offset, length, src Entry, src_offset, record offset)
+    ('end', FileState, End, offset)
+    ('footer', Footer, offset)
+    """
+
+    def __init__(self, f, check_hashes: bool = True):
+        self.r = RecordReader(f)
+        self.check_hashes = check_hashes
+        self.header: fmt.Header | None = None
+        self.entries: list[fmt.Entry] = []
+        self.by_path: dict[bytes, int] = {}
+        self.complete: set[int] = set()  # REG entries whose END was read
+        self._dctx = None
+
+    def _decompress(self, data, length: int, offset: int) -> bytes:
+        import zstandard
+
+        if self._dctx is None:
+            self._dctx = zstandard.ZstdDecompressor()
+        try:
+            params = zstandard.get_frame_parameters(data)
+            if params.content_size not in (length, zstandard.CONTENTSIZE_UNKNOWN):
+                raise ArchiveError(f"zstd frame claims {params.content_size} bytes, "
+                                   f"the record {length}", offset)
+            out = self._dctx.decompress(data, max_output_size=length)
+        except zstandard.ZstdError as e:
+            raise ArchiveError(f"bad zstd data: {e}", offset) from None
+        if len(out) != length:
+            raise ArchiveError(f"zstd data gave {len(out)} bytes, expected {length}", offset)
+        return out
+
+    def events(self):
+        r = self.r
+        r.magic()
+        recs = r.records()
+        first = next(recs, None)
+        if first is None:
+            raise TruncatedArchive("archive is truncated after the magic", r.offset)
+        if first[0] != fmt.T_HEADER:
+            raise ArchiveError("first record is not a HEADER", first[2])
+        self.header = fmt.Header.decode(first[1], first[2])
+        cur: FileState | None = None
+        index_items: list[fmt.IndexItem] = []
+        index_start = None
+        index_records = 0
+        footer = None
+        for rtype, payload, off in recs:
+            if footer is not None:
+                raise ArchiveError("data after the FOOTER", off)
+            if index_start is not None and rtype not in (fmt.T_INDEX, fmt.T_FOOTER):
+                raise ArchiveError(f"{fmt.TYPE_NAMES.get(rtype)} record after the INDEX", off)
+            if rtype == fmt.T_ENTRY:
+                if cur is not None:
+                    raise ArchiveError("ENTRY before the END of the previous file", off)
+                e = fmt.Entry.decode(payload, off)
+                self._check_entry(e, off)
+                self.entries.append(e)
+                self.by_path[e.path] = e.id
+                if e.kind == fmt.K_REG:
+                    cur = FileState(e, off)
+                yield ("entry", e, off)
+            elif rtype == fmt.T_DATA:
+                if cur is None:
+                    raise ArchiveError("DATA outside a regular file", off)
+                foff, length, codec, sha, start = fmt.decode_data_head(payload, off)
+                self._check_range(cur, foff, length, off)
+                raw = memoryview(payload)[start:]
+                data = self._decompress(raw, length, off) if codec == fmt.CODEC_ZSTD \
+                    else bytes(raw)
+                if self.check_hashes and hashlib.sha256(data).digest() != sha:
+                    raise ArchiveError(
+                        f"SHA-256 mismatch in data of {os.fsdecode(cur.entry.path)} "
+                        f"at file offset {foff}", off)
+                cur.pos = foff + length
+                cur.counts[0] += 1
+                cur.counts[2] += length
+                yield ("data", cur, foff, data, off)
+            elif rtype == fmt.T_REF:
+                if cur is None:
+                    raise ArchiveError("REF outside a regular file", off)
+                foff, length, src_id, soff = fmt.decode_ref(payload, off)
+                self._check_range(cur, foff, length, off)
+                src = self._check_ref_source(cur, foff, length, src_id, soff, off)
+                cur.pos = foff + length
+                cur.counts[1] += 1
+                cur.counts[3] += length
+                yield ("ref", cur, foff, length, src, soff, off)
+            elif rtype == fmt.T_END:
+                if cur is None:
+                    raise ArchiveError("END outside a regular file", off)
+                end = fmt.End.decode(payload, off)
+                got = cur.counts
+                want = [end.data_records, end.ref_records, end.stored_bytes, end.ref_bytes]
+                if end.id != cur.entry.id or got != want:
+                    raise ArchiveError(
+                        f"END of {os.fsdecode(cur.entry.path)} does not match its records "
+                        "(a record is missing)", off)
+                cur.end = end
+                self.complete.add(cur.entry.id)
+                yield ("end", cur, end, off)
+                cur = None
+            elif rtype == fmt.T_INDEX:
+                if cur is not None:
+                    raise ArchiveError("INDEX before the END of the last file", off)
+                if index_start is None:
+                    index_start = off
+                index_records += 1
+                index_items.extend(fmt.decode_index(payload, off))
+            elif rtype == fmt.T_FOOTER:
+                if index_start is None:
+                    raise ArchiveError("FOOTER without an INDEX", off)
+                footer = fmt.Footer.decode(payload, off)
+                self._check_index(index_items, footer, index_start, index_records, off)
+                yield ("footer", footer, off)
+            else:
+                raise ArchiveError(f"unexpected {fmt.TYPE_NAMES.get(rtype, rtype)} record", off)
+        if footer is None:
+            raise TruncatedArchive("archive is truncated: no footer", r.offset)
+
+    def _check_entry(self, e: fmt.Entry, off: int) -> None:
+        if e.id != len(self.entries):
+            raise ArchiveError(f"entry id {e.id} out of sequence (expected {len(self.entries)})",
+                               off)
+        if e.path in self.by_path:
+            raise ArchiveError(f"duplicate entry {os.fsdecode(e.path)!r}", off)
+        parent, _, _ = e.path.rpartition(b"/")
+        if parent:
+            pid = self.by_path.get(parent)
+            if pid is None or self.entries[pid].kind != fmt.K_DIR:
+                raise ArchiveError(f"parent of {os.fsdecode(e.path)!r} is not a directory "
+                                   "earlier in the archive", off)
+        if e.kind == fmt.K_HARDLINK:
+            if e.link >= e.id or self.entries[e.link].kind != fmt.K_REG \
+                    or e.link not in self.complete:
+                raise ArchiveError(f"hard link {os.fsdecode(e.path)!r} does not point to an "
+                                   "earlier regular file", off)
+
+    def _check_range(self, cur: FileState, foff: int, length: int, off: int) -> None:
+        if foff < cur.pos:
+            raise ArchiveError(f"ranges of {os.fsdecode(cur.entry.path)} overlap or go "
+                               "backwards", off)
+        if foff + length > cur.entry.size:
+            raise ArchiveError(f"range beyond the end of {os.fsdecode(cur.entry.path)}", off)
+
+    def _check_ref_source(self, cur, foff, length, src_id, soff, off) -> fmt.Entry:
+        if src_id == cur.entry.id:
+            if soff + length > foff:
+                raise ArchiveError("reference to a part of the same file not yet restored", off)
+            return cur.entry
+        if src_id >= cur.entry.id:
+            raise ArchiveError(f"reference forwards to entry {src_id}", off)
+        src = self.entries[src_id]
+        if src.kind != fmt.K_REG:
+            raise ArchiveError(f"reference to {os.fsdecode(src.path)!r}, not a regular file", off)
+        if soff + length > src.size:
+            raise ArchiveError(f"reference beyond the end of {os.fsdecode(src.path)!r}", off)
+        if src_id not in self.complete:
+            raise ArchiveError("reference to an incomplete file", off)
+        return src
+
+    def _check_index(self, items, footer: fmt.Footer, start, count, off) -> None:
+        if footer.index_offset != start or footer.index_records != count:
+            raise ArchiveError("footer does not point at the index", off)
+        if footer.entries != len(self.entries) or len(items) != len(self.entries):
+            raise ArchiveError("index and footer do not match the entries", off)
+        for it, e in zip(items, self.entries):
+            if it.id != e.id or it.path != e.path or it.kind != e.kind or it.size != e.size:
+                raise ArchiveError(f"index item {it.id} does not match its entry", off)
+
+
+def open_archive(path: str):
+    """A binary file object for ARCHIVE ('-' is standard input)."""
+    import sys
+
+    if path == "-":
+        return sys.stdin.buffer
+    try:
+        return open(path, "rb", buffering=1 << 20)
+    except IsADirectoryError:
+        raise ArchiveError(f"{path} is a directory, not an archive") from None
+
+
+def read_index(f) -> tuple[fmt.Header, list[fmt.IndexItem], fmt.Footer]:
+    """Header, index and footer of a seekable archive, reading no file data."""
+    f.seek(0)
+    rr = RecordReader(f)
+    rr.magic()
+    recs = rr.records()
+    first = next(recs, None)
+    if first is None or first[0] != fmt.T_HEADER:
+        raise ArchiveError("no HEADER after the magic", len(fmt.MAGIC))
+    header = fmt.Header.decode(first[1], first[2])
+    size = f.seek(0, io.SEEK_END)
+    foff = size - fmt.FOOTER_SIZE
+    if foff < rr.offset:
+        raise TruncatedArchive("archive is truncated: no footer", size)
+    f.seek(foff)
+    rr2 = RecordReader(f)
+    rr2.offset = foff
+    it = rr2.records()
+    try:
+        rtype, payload, off = next(it)
+    except ArchiveError as e:
+        raise TruncatedArchive(f"archive is truncated or damaged: no valid footer ({e})",
+                               size) from None
+    except StopIteration:
+        raise TruncatedArchive("archive is truncated: no footer", size) from None
+    if rtype != fmt.T_FOOTER:
+        raise TruncatedArchive("archive is truncated: no footer", size)
+    footer = fmt.Footer.decode(payload, off)
+    f.seek(footer.index_offset)
+    rr3 = RecordReader(f)
+    rr3.offset = footer.index_offset
+    items: list[fmt.IndexItem] = []
+    it = rr3.records()
+    for _ in range(footer.index_records):
+        rec = next(it, None)
+        if rec is None or rec[0] != fmt.T_INDEX:
+            raise ArchiveError("footer does not point at the index", footer.index_offset)
+        items.extend(fmt.decode_index(rec[1], rec[2]))
+    if len(items) != footer.entries:
+        raise ArchiveError("index and footer disagree on the number of entries", foff)
+    return header, items, footer

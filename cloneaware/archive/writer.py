@@ -1,0 +1,137 @@
+"""Write an archive: header, entries with their data and references, index,
+footer.  Knows offsets (for the index) but nothing about files on disk."""
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+import time
+
+from cloneaware import __version__
+from cloneaware.archive import format as fmt
+from cloneaware.errors import UsageError
+
+
+class Output:
+    """Where the archive goes: a file written under a temporary name and
+    renamed into place only when whole, or standard output."""
+
+    def __init__(self, target: str, force: bool = False):
+        self.target = target
+        self.tmp: str | None = None
+        if target == "-":
+            if sys.stdout.isatty():
+                raise UsageError("refusing to write an archive to a terminal; "
+                                 "use -o FILE or redirect standard output")
+            self.f = sys.stdout.buffer
+            return
+        if os.path.lexists(target) and not force:
+            raise UsageError(f"{target} exists; use --force to overwrite it")
+        if os.path.isdir(target):
+            raise UsageError(f"{target} is a directory")
+        d = os.path.dirname(os.path.abspath(target))
+        if not os.path.isdir(d):
+            raise UsageError(f"{d}: no such directory")
+        self.tmp = os.path.join(d, f".{os.path.basename(target)}.{secrets.token_hex(4)}.partial")
+        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self.f = os.fdopen(fd, "wb", buffering=1 << 20)
+
+    def commit(self) -> None:
+        self.f.flush()
+        if self.tmp is None:
+            return
+        os.fsync(self.f.fileno())
+        os.chmod(self.tmp, 0o666 & ~_umask())
+        self.f.close()
+        os.replace(self.tmp, self.target)
+        self.tmp = None
+
+    def abort(self) -> None:
+        if self.tmp is None:
+            return
+        try:
+            self.f.close()
+        except OSError:
+            pass
+        try:
+            os.unlink(self.tmp)
+        except OSError:
+            pass
+        self.tmp = None
+
+
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+class Writer:
+    def __init__(self, f):
+        self.f = f
+        self.offset = 0
+        self.index: list[fmt.IndexItem] = []
+        self.stored_bytes = 0
+        self.ref_bytes = 0
+        self._cur: fmt.End | None = None
+        self._cur_item: fmt.IndexItem | None = None
+        self._write(fmt.MAGIC)
+        hdr = fmt.Header(created_ns=time.time_ns(), tool=f"cloneaware {__version__}")
+        self._write(fmt.frame(fmt.T_HEADER, hdr.encode()))
+
+    def _write(self, b) -> None:
+        self.f.write(b)
+        self.offset += len(b)
+
+    def entry(self, e: fmt.Entry) -> None:
+        assert self._cur is None, "END missing"
+        e.id = len(self.index)
+        item = fmt.IndexItem(e.id, e.kind, e.size, 0, 0, self.offset, e.path)
+        self.index.append(item)
+        self._write(fmt.frame(fmt.T_ENTRY, e.encode()))
+        if e.kind == fmt.K_REG:
+            self._cur = fmt.End(e.id)
+            self._cur_item = item
+
+    def data(self, offset: int, length: int, codec: int, sha: bytes, payload) -> None:
+        head = fmt.encode_data_head(offset, length, codec, sha)
+        parts = fmt.frame_parts(fmt.T_DATA, head, payload)
+        for p in parts:
+            self._write(p)
+        self._cur.data_records += 1
+        self._cur.stored_bytes += length
+
+    def ref(self, offset: int, length: int, src_id: int, src_offset: int) -> None:
+        self._write(fmt.frame(fmt.T_REF, fmt.encode_ref(offset, length, src_id, src_offset)))
+        self._cur.ref_records += 1
+        self._cur.ref_bytes += length
+
+    def end(self) -> fmt.End:
+        end, self._cur = self._cur, None
+        self._write(fmt.frame(fmt.T_END, end.encode()))
+        self._cur_item.stored_bytes = end.stored_bytes
+        self._cur_item.ref_bytes = end.ref_bytes
+        self.stored_bytes += end.stored_bytes
+        self.ref_bytes += end.ref_bytes
+        return end
+
+    def finish(self) -> None:
+        index_offset = self.offset
+        records = 0
+        buf: list[bytes] = []
+        size = 0
+        limit = fmt.LIMITS[fmt.T_INDEX]
+        for item in self.index:
+            b = item.encode()
+            if size + len(b) > limit:
+                self._write(fmt.frame(fmt.T_INDEX, b"".join(buf)))
+                records += 1
+                buf, size = [], 0
+            buf.append(b)
+            size += len(b)
+        if buf or records == 0:
+            self._write(fmt.frame(fmt.T_INDEX, b"".join(buf)))
+            records += 1
+        footer = fmt.Footer(index_offset, records, len(self.index), self.stored_bytes,
+                            self.ref_bytes, self.offset)
+        self._write(fmt.frame(fmt.T_FOOTER, footer.encode()))

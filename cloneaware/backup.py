@@ -1,0 +1,409 @@
+"""Backup: walk -> map -> index -> write.
+
+Every file is mapped first (one FIEMAP call each) so that sharing is known
+across the whole set; then each file is written in walk order: the pieces it
+owns as DATA (read once, hashed, compressed on a second core), every later
+place that shares them as a REF.  A file that changes between mapping and
+reading, or while it is read, is detected and reported, and nothing else
+trusts its sharing from then on.
+"""
+from __future__ import annotations
+
+import collections
+import errno
+import hashlib
+import os
+import stat
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cloneaware import extents
+from cloneaware.archive import format as fmt
+from cloneaware.archive.writer import Output, Writer
+from cloneaware.errors import UsageError
+from cloneaware.scan import FsTable, extent_map, map_tree, open_source
+from cloneaware.walk import Node
+
+XATTR_SKIP = {b"trusted.SGI_ACL_FILE", b"trusted.SGI_ACL_DEFAULT"}
+
+
+@dataclass
+class Summary:
+    files: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+    hardlinks: int = 0
+    specials: int = 0
+    logical_bytes: int = 0
+    stored_bytes: int = 0
+    referenced_bytes: int = 0
+    hole_bytes: int = 0
+    bytes_read: int = 0
+    physical_bytes: int = 0
+    archive_bytes: int = 0
+    seconds: float = 0.0
+    changed: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def parse_compress(spec: str) -> tuple[int, int]:
+    """'none' | 'zstd' | 'zstd:LEVEL' -> (codec, level)."""
+    if spec == "none":
+        return fmt.CODEC_NONE, 0
+    name, _, level = spec.partition(":")
+    if name != "zstd":
+        raise UsageError(f"unknown compression {spec!r}; use none, zstd or zstd:LEVEL")
+    try:
+        lv = int(level) if level else 3
+    except ValueError:
+        raise UsageError(f"bad zstd level {level!r}") from None
+    if not 1 <= lv <= 22:
+        raise UsageError(f"zstd level {lv} outside 1..22")
+    return fmt.CODEC_ZSTD, lv
+
+
+class _Chunker:
+    """Reads, hashes and compresses chunks on worker threads (hashlib and
+    zstandard release the GIL), handing results back in order."""
+
+    def __init__(self, codec: int, level: int, workers: int = 2):
+        self.codec = codec
+        self.level = level
+        self.pool = ThreadPoolExecutor(max_workers=workers)
+        self.local = threading.local()
+
+    def _job(self, fd: int, offset: int, length: int):
+        data = os.pread(fd, length, offset)
+        got = len(data)
+        if got < length:  # the file shrank while we read it
+            data += bytes(length - got)
+        sha = hashlib.sha256(data).digest()
+        codec, payload = fmt.CODEC_NONE, data
+        if self.codec == fmt.CODEC_ZSTD:
+            c = getattr(self.local, "c", None)
+            if c is None:
+                import zstandard
+
+                c = self.local.c = zstandard.ZstdCompressor(level=self.level)
+            z = c.compress(data)
+            if len(z) < len(data):
+                codec, payload = fmt.CODEC_ZSTD, z
+        return offset, length, codec, sha, payload, got
+
+    def run(self, fd: int, ranges, depth: int = 6):
+        """Yield job results for (offset, length) ranges, in order."""
+        q: collections.deque = collections.deque()
+        for off, ln in ranges:
+            q.append(self.pool.submit(self._job, fd, off, ln))
+            if len(q) >= depth:
+                yield q.popleft().result()
+        while q:
+            yield q.popleft().result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _chunks(pieces: list[tuple[int, int]]):
+    for off, ln in pieces:
+        end = off + ln
+        while off < end:
+            n = min(fmt.CHUNK_MAX, end - off)
+            yield off, n
+            off += n
+
+
+def read_xattrs(target, follow: bool = False) -> list[tuple[bytes, bytes]]:
+    try:
+        names = os.listxattr(target, follow_symlinks=follow) if not isinstance(target, int) \
+            else os.listxattr(target)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.ENOSYS, errno.EPERM):
+            return []
+        raise
+    out = []
+    for n in sorted(names):
+        bn = n.encode("utf-8", "surrogateescape")
+        if bn in XATTR_SKIP:
+            continue
+        try:
+            v = os.getxattr(target, n) if isinstance(target, int) \
+                else os.getxattr(target, n, follow_symlinks=follow)
+        except OSError as e:
+            if e.errno in (errno.ENODATA, errno.ENOTSUP):
+                continue
+            raise
+        out.append((bn, v))
+    return out
+
+
+def _meta(node: Node, kind: int, st: os.stat_result) -> fmt.Entry:
+    return fmt.Entry(
+        id=0, kind=kind, path=node.name, mode=stat.S_IMODE(st.st_mode),
+        uid=st.st_uid, gid=st.st_gid, atime_ns=st.st_atime_ns, mtime_ns=st.st_mtime_ns,
+    )
+
+
+def _same_stat(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_ino == b.st_ino and a.st_size == b.st_size
+            and a.st_mtime_ns == b.st_mtime_ns and a.st_ctime_ns == b.st_ctime_ns)
+
+
+def _same_map(a: np.ndarray, b: np.ndarray) -> bool:
+    if len(a) != len(b):
+        return False
+    for k in ("logical", "physical", "length"):
+        if not np.array_equal(a[k], b[k]):
+            return False
+    return True
+
+
+@dataclass
+class _Item:
+    kind: str  # 'file', 'link', 'other'
+    node: Node
+    fileno: int = -1  # index in the sharing index (files)
+    ext: np.ndarray | None = None
+    link_to: int = -1  # walk item number of the first name (hard links)
+
+
+class Backup:
+    def __init__(self, paths: list, output: str, compress: str = "zstd", force: bool = False,
+                 one_file_system: bool = True, progress=None, warn=None):
+        self.paths = paths
+        self.output = output
+        self.codec, self.level = parse_compress(compress)
+        self.force = force
+        self.one_file_system = one_file_system
+        self.progress = progress
+        self.warn = warn or (lambda msg: None)
+        self.summary = Summary()
+
+    def _skip(self, path: bytes, reason: str) -> None:
+        self.summary.skipped.append((os.fsdecode(path), reason))
+        self.warn(f"skipped {os.fsdecode(path)}: {reason}")
+
+    def _changed(self, path: bytes, reason: str) -> None:
+        self.summary.changed.append((os.fsdecode(path), reason))
+        self.warn(f"{os.fsdecode(path)}: {reason}")
+
+    def run(self) -> Summary:
+        t0 = time.monotonic()
+        items, plan = self._map()
+        s = self.summary
+        s.physical_bytes = plan.totals.physical_bytes
+        if self.progress:
+            self.progress.set_total(plan.stored_bytes())
+        out = Output(self.output, self.force)
+        chunker = _Chunker(self.codec, self.level)
+        try:
+            w = Writer(out.f)
+            self._write(w, items, plan, chunker)
+            w.finish()
+            out.commit()
+            s.archive_bytes = w.offset
+        except BaseException:
+            out.abort()
+            raise
+        finally:
+            chunker.close()
+        s.seconds = time.monotonic() - t0
+        return s
+
+    # -- phase 1: walk and map -------------------------------------------
+
+    def _map(self):
+        fstab = FsTable()
+        builder = extents.IndexBuilder()
+        items: list[_Item] = []
+        inodes: dict[tuple[int, int], int] = {}
+        for it in map_tree(self.paths, self.one_file_system):
+            if it[0] == "skip":
+                self._skip(it[1], it[2])
+                continue
+            node = it[1]
+            if it[0] == "file":
+                key = (node.st.st_dev, node.st.st_ino)
+                if node.st.st_nlink > 1 and key in inodes:
+                    items.append(_Item("link", node, link_to=inodes[key]))
+                    continue
+                if node.st.st_nlink > 1:
+                    inodes[key] = len(items)
+                fileno = builder.add(fstab.number(it[2]), node.st.st_size, it[3])
+                items.append(_Item("file", node, fileno=fileno, ext=it[3]))
+            elif stat.S_ISSOCK(node.st.st_mode):
+                self._skip(node.src, "socket ignored")
+            else:
+                items.append(_Item("other", node))
+        return items, builder.build()
+
+    # -- phase 2: write ----------------------------------------------------
+
+    def _write(self, w: Writer, items: list[_Item], plan: extents.Plan, chunker) -> None:
+        s = self.summary
+        referenced = set(np.unique(plan.pieces["ref_file"][plan.pieces["ref_file"] >= 0]).tolist())
+        entry_of_file: dict[int, int] = {}  # fileno -> entry id
+        entry_of_item: dict[int, int] = {}  # walk item -> entry id
+        invalid: set[int] = set()  # filenos whose bytes no reference may trust
+        for n, item in enumerate(items):
+            node = item.node
+            st = node.st
+            if item.kind == "other":
+                kind, e = self._other_entry(node)
+                if e is None:
+                    continue
+                w.entry(e)
+                entry_of_item[n] = e.id
+                continue
+            if item.kind == "link":
+                target = entry_of_item.get(item.link_to)
+                if target is not None:
+                    e = _meta(node, fmt.K_HARDLINK, st)
+                    e.link = target
+                    w.entry(e)
+                    entry_of_item[n] = e.id
+                    s.hardlinks += 1
+                    continue
+                # the first name vanished: store this name as a file of its own
+                item = _Item("file", node, fileno=-1, ext=None)
+            eid = self._file(w, item, plan, chunker, referenced, entry_of_file, invalid)
+            if eid is not None:
+                entry_of_item[n] = eid
+
+    def _other_entry(self, node: Node):
+        st = node.st
+        m = st.st_mode
+        s = self.summary
+        if stat.S_ISDIR(m):
+            kind = fmt.K_DIR
+            s.dirs += 1
+        elif stat.S_ISLNK(m):
+            kind = fmt.K_SYMLINK
+        elif stat.S_ISFIFO(m):
+            kind = fmt.K_FIFO
+        elif stat.S_ISCHR(m):
+            kind = fmt.K_CHR
+        elif stat.S_ISBLK(m):
+            kind = fmt.K_BLK
+        else:
+            self._skip(node.src, "unsupported file type")
+            return None, None
+        e = _meta(node, kind, st)
+        try:
+            if kind == fmt.K_SYMLINK:
+                e.target = os.readlink(node.src)
+                s.symlinks += 1
+            if kind in (fmt.K_CHR, fmt.K_BLK):
+                e.rdev = st.st_rdev
+            if kind in (fmt.K_FIFO, fmt.K_CHR, fmt.K_BLK):
+                s.specials += 1
+            e.xattrs = read_xattrs(node.src)
+        except FileNotFoundError:
+            self._changed(node.src, "vanished before it was read")
+            return kind, None
+        except OSError as ex:
+            self._skip(node.src, ex.strerror or str(ex))
+            return kind, None
+        return kind, e
+
+    def _file(self, w: Writer, item: _Item, plan, chunker, referenced, entry_of_file,
+              invalid) -> int | None:
+        s = self.summary
+        node = item.node
+        try:
+            fd = open_source(node.src)
+        except FileNotFoundError:
+            self._changed(node.src, "vanished before it was read")
+            if item.fileno >= 0:
+                invalid.add(item.fileno)
+            return None
+        except OSError as ex:
+            self._skip(node.src, ex.strerror or str(ex))
+            if item.fileno >= 0:
+                invalid.add(item.fileno)
+            return None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                self._changed(node.src, "replaced by another kind of file")
+                if item.fileno >= 0:
+                    invalid.add(item.fileno)
+                return None
+            fresh = item.fileno < 0 or not _same_stat(st, node.st)
+            if fresh:
+                # Changed since it was mapped: its sharing plan is stale.  Store
+                # all of its data itself, and let nothing refer to it.
+                if item.fileno >= 0:
+                    self._changed(node.src, "changed between scan and read; stored whole")
+                    invalid.add(item.fileno)
+                before = extent_map(fd, st.st_size, node.src)
+                d = extents.data_ranges(before, st.st_size)
+                pieces = [(int(a), int(b), -1, 0) for a, b in zip(d["logical"], d["length"])]
+            else:
+                before = item.ext
+                p = plan.file_pieces(item.fileno)
+                pieces = list(zip(p["logical"].tolist(), p["length"].tolist(),
+                                  p["ref_file"].tolist(), p["ref_logical"].tolist()))
+            e = _meta(node, fmt.K_REG, st)
+            e.size = st.st_size
+            e.xattrs = read_xattrs(fd)
+            if item.fileno in referenced and not fresh:
+                e.eflags |= fmt.EF_REFERENCED
+            w.entry(e)
+            if item.fileno >= 0:
+                entry_of_file[item.fileno] = e.id
+            short = self._write_pieces(w, fd, pieces, chunker, entry_of_file, invalid,
+                                       item.fileno)
+            w.end()
+            s.files += 1
+            s.logical_bytes += st.st_size
+            s.hole_bytes += st.st_size - sum(p[1] for p in pieces)
+            after = os.fstat(fd)
+            if short or not _same_stat(after, st) or not _same_map(
+                    before, extent_map(fd, after.st_size, node.src)):
+                self._changed(node.src, "file changed as we read it")
+                if item.fileno >= 0:
+                    invalid.add(item.fileno)
+            return e.id
+        finally:
+            os.close(fd)
+
+    def _write_pieces(self, w: Writer, fd: int, pieces, chunker, entry_of_file, invalid,
+                      fileno: int) -> bool:
+        """Write DATA and REF records for one file; returns True on a short read."""
+        s = self.summary
+        short = False
+        run: list[tuple[int, int]] = []  # stored ranges waiting to be read
+
+        def flush():
+            nonlocal short
+            for off, ln, codec, sha, payload, got in chunker.run(fd, _chunks(run)):
+                w.data(off, ln, codec, sha, payload)
+                s.stored_bytes += ln
+                s.bytes_read += got
+                short |= got < ln
+                if self.progress:
+                    self.progress.advance(ln)
+            run.clear()
+
+        for logical, length, ref_file, ref_logical in pieces:
+            src = entry_of_file.get(ref_file) if ref_file >= 0 else None
+            if ref_file < 0 or ref_file in invalid or src is None:
+                run.append((logical, length))
+                continue
+            flush()
+            w.ref(logical, length, src, ref_logical)
+            s.referenced_bytes += length
+        flush()
+        return short
+
+
+def backup(paths: list, output: str, **kw) -> Summary:
+    return Backup(paths, output, **kw).run()

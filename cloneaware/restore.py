@@ -1,0 +1,430 @@
+"""Restore: read archive -> create entries -> write data, clone references ->
+verify -> apply metadata -> rename into place.
+
+Entries are created relative to directory descriptors opened with
+O_NOFOLLOW, never by joining path strings, so neither a hostile archive nor
+a symlink already in DEST can make us write outside DEST.  Regular files are
+written under a temporary name and renamed into place only when complete.
+"""
+from __future__ import annotations
+
+import collections
+import errno
+import os
+import secrets
+import stat
+import time
+from dataclasses import dataclass, field
+
+from cloneaware import ioctl
+from cloneaware.archive import format as fmt
+from cloneaware.archive.reader import Stream, open_archive, read_index
+from cloneaware.errors import ArchiveError, UsageError
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass
+class RestoreSummary:
+    files: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+    hardlinks: int = 0
+    specials: int = 0
+    logical_bytes: int = 0
+    written_bytes: int = 0
+    reflinked_bytes: int = 0
+    copied_bytes: int = 0
+    hole_bytes: int = 0
+    seconds: float = 0.0
+    copy_reasons: dict[str, int] = field(default_factory=dict)
+    owners_skipped: bool = False
+    not_exact: list[tuple[str, str]] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class _Fds:
+    """A small LRU of open descriptors, closed on eviction."""
+
+    def __init__(self, cap: int):
+        self.cap = cap
+        self.d: collections.OrderedDict = collections.OrderedDict()
+
+    def get(self, key):
+        fd = self.d.get(key)
+        if fd is not None:
+            self.d.move_to_end(key)
+        return fd
+
+    def put(self, key, fd: int) -> None:
+        self.d[key] = fd
+        self.d.move_to_end(key)
+        while len(self.d) > self.cap:
+            _, old = self.d.popitem(last=False)
+            os.close(old)
+
+    def close(self) -> None:
+        while self.d:
+            os.close(self.d.popitem()[1])
+
+
+class Restore:
+    def __init__(self, archive: str, dest: str, force: bool = False, progress=None, warn=None):
+        self.archive = archive
+        self.dest = dest
+        self.force = force
+        self.progress = progress
+        self.warn = warn or (lambda msg: None)
+        self.s = RestoreSummary()
+        self.root = os.geteuid() == 0
+        self.dirs = _Fds(64)
+        self.srcs = _Fds(256)
+        self.dir_meta: list[fmt.Entry] = []
+        self.placed: dict[int, tuple[bytes, bytes]] = {}  # entry id -> (parent, name)
+        self.tmp: tuple[int, bytes] | None = None  # (dir fd, temp name) being written
+        self.cur_fd: int | None = None
+        self.reflink = True
+        self.reflink_reason = ""
+        self.block = 4096
+        self._file_start = 0
+
+    # -- paths ---------------------------------------------------------------
+
+    def _dir(self, parent: bytes) -> int:
+        """A descriptor for a directory of the restore, walked component by
+        component from DEST with O_NOFOLLOW."""
+        if not parent:
+            return self.dest_fd
+        fd = self.dirs.get(parent)
+        if fd is not None:
+            return fd
+        cur = self.dest_fd
+        opened = None
+        for comp in parent.split(b"/"):
+            try:
+                nfd = os.open(comp, DIR_FLAGS, dir_fd=cur)
+            except OSError as e:
+                if opened is not None:
+                    os.close(opened)
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise ArchiveError(f"{os.fsdecode(parent)}: a component is not a directory "
+                                       "(symlink?); refusing to follow it") from None
+                raise OSError(e.errno, e.strerror, os.path.join(self.dest, os.fsdecode(parent)))
+            if opened is not None:
+                os.close(opened)
+            opened = cur = nfd
+        self.dirs.put(parent, cur)
+        return cur
+
+    def _tmpname(self, eid: int) -> bytes:
+        return b".cloneaware-%d-%s.tmp" % (eid, secrets.token_hex(4).encode())
+
+    def _place(self, pfd: int, tmp: bytes, name: bytes, path: bytes) -> None:
+        try:
+            ioctl.renameat2(pfd, tmp, pfd, name, noreplace=not self.force)
+        except OSError as e:
+            if e.errno == errno.EEXIST:
+                raise UsageError(f"{os.path.join(self.dest, os.fsdecode(path))} exists; "
+                                 "use --force to overwrite it") from None
+            raise OSError(e.errno, e.strerror, os.path.join(self.dest, os.fsdecode(path)))
+
+    # -- run -------------------------------------------------------------------
+
+    def run(self) -> RestoreSummary:
+        t0 = time.monotonic()
+        f = open_archive(self.archive)
+        try:
+            if self.archive != "-" and not self.force:
+                self._precheck(f)
+            os.makedirs(self.dest, exist_ok=True)
+            self.dest_fd = os.open(self.dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                self.block = ioctl.fstatfs(self.dest_fd, self.dest)[1] or 4096
+                self._restore(f)
+                _syncfs(self.dest_fd)
+            finally:
+                self._cleanup()
+                os.close(self.dest_fd)
+        finally:
+            if f is not None and self.archive != "-":
+                f.close()
+        self.s.seconds = time.monotonic() - t0
+        return self.s
+
+    def _precheck(self, f) -> None:
+        """On a seekable archive, refuse before writing anything if a
+        top-level entry already exists in DEST."""
+        try:
+            if not f.seekable():
+                return
+            _, items, _ = read_index(f)
+        except (ArchiveError, OSError):
+            return  # the full read will report it with the offset
+        finally:
+            try:
+                f.seek(0)
+            except OSError:
+                pass
+        for it in items:
+            if b"/" not in it.path and os.path.lexists(os.path.join(os.fsencode(self.dest),
+                                                                    it.path)):
+                raise UsageError(f"{os.path.join(self.dest, os.fsdecode(it.path))} exists; "
+                                 "use --force to overwrite it")
+
+    def _cleanup(self) -> None:
+        if self.cur_fd is not None:
+            os.close(self.cur_fd)
+            self.cur_fd = None
+        if self.tmp is not None:
+            pfd, name = self.tmp
+            try:
+                os.unlink(name, dir_fd=pfd)
+            except OSError:
+                pass
+            self.tmp = None
+        self.srcs.close()
+        self.dirs.close()
+
+    def _restore(self, f) -> None:
+        stream = Stream(f)
+        for ev in stream.events():
+            kind = ev[0]
+            if kind == "entry":
+                self._entry(ev[1])
+            elif kind == "data":
+                _, st, off, data, _ = ev
+                self._pwrite(data, off, st.entry.path)
+                self.s.written_bytes += len(data)
+                if self.progress:
+                    self.progress.advance(len(data))
+            elif kind == "ref":
+                _, st, off, length, src, soff, _ = ev
+                self._ref(st.entry, off, length, src, soff)
+            elif kind == "end":
+                self._finish_file(ev[1].entry)
+        self._dir_metadata()
+
+    def _pwrite(self, data: bytes, off: int, path: bytes) -> None:
+        mv = memoryview(data)
+        while mv:
+            try:
+                n = os.pwrite(self.cur_fd, mv, off)
+            except OSError as e:
+                raise OSError(e.errno, e.strerror,
+                              os.path.join(self.dest, os.fsdecode(path))) from None
+            mv = mv[n:]
+            off += n
+
+    # -- entries -----------------------------------------------------------------
+
+    def _entry(self, e: fmt.Entry) -> None:
+        parent, _, name = e.path.rpartition(b"/")
+        pfd = self._dir(parent)
+        full = os.path.join(self.dest, os.fsdecode(e.path))
+        if e.kind == fmt.K_DIR:
+            try:
+                os.mkdir(name, 0o700, dir_fd=pfd)
+            except FileExistsError:
+                if not self.force:
+                    raise UsageError(f"{full} exists; use --force to merge into it") from None
+                try:
+                    os.close(os.open(name, DIR_FLAGS, dir_fd=pfd))
+                except OSError:
+                    raise UsageError(f"{full} exists and is not a directory") from None
+            self.dir_meta.append(e)
+            self.s.dirs += 1
+            return
+        tmp = self._tmpname(e.id)
+        if e.kind == fmt.K_REG:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600, dir_fd=pfd)
+            self.tmp = (pfd, tmp)
+            self.cur_fd = fd
+            self._file_start = self._filled()
+            try:
+                os.ftruncate(fd, e.size)
+            except OSError as ex:
+                raise OSError(ex.errno, ex.strerror, full) from None
+            return
+        self.tmp = (pfd, tmp)
+        if e.kind == fmt.K_HARDLINK:
+            tparent, tname = self.placed[e.link]
+            tfd = self._dir(tparent)
+            pfd = self._dir(parent)
+            os.link(tname, tmp, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
+            self._place(pfd, tmp, name, e.path)
+            self.tmp = None
+            self.s.hardlinks += 1
+            return
+        if e.kind == fmt.K_SYMLINK:
+            os.symlink(e.target, tmp, dir_fd=pfd)
+            self.s.symlinks += 1
+        else:
+            ftype = {fmt.K_FIFO: stat.S_IFIFO, fmt.K_CHR: stat.S_IFCHR,
+                     fmt.K_BLK: stat.S_IFBLK}[e.kind]
+            try:
+                os.mknod(tmp, ftype | 0o600, e.rdev, dir_fd=pfd)
+            except PermissionError:
+                self.tmp = None
+                self._not_exact(e, "creating device nodes needs root")
+                return
+            self.s.specials += 1
+        self._apply_meta(e, None, pfd, tmp)
+        self._place(pfd, tmp, name, e.path)
+        self.tmp = None
+
+    def _not_exact(self, e: fmt.Entry, why: str) -> None:
+        self.s.not_exact.append((os.fsdecode(e.path), why))
+        self.warn(f"{os.path.join(self.dest, os.fsdecode(e.path))}: {why}")
+
+    # -- data ----------------------------------------------------------------------
+
+    def _src_fd(self, src: fmt.Entry) -> int:
+        fd = self.srcs.get(src.id)
+        if fd is not None:
+            return fd
+        parent, name = self.placed[src.id]
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._dir(parent))
+        self.srcs.put(src.id, fd)
+        return fd
+
+    def _ref(self, e: fmt.Entry, off: int, length: int, src: fmt.Entry, soff: int) -> None:
+        sfd = self.cur_fd if src.id == e.id else self._src_fd(src)
+        self._clone_or_copy(sfd, soff, length, off, src.size, e.size, e.path)
+
+    def _copy(self, sfd: int, soff: int, length: int, off: int, reason: str, path) -> None:
+        done = 0
+        while done < length:
+            try:
+                n = os.copy_file_range(sfd, self.cur_fd, length - done, soff + done, off + done)
+            except OSError as ex:
+                if ex.errno in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    n = 0
+                else:
+                    raise OSError(ex.errno, ex.strerror,
+                                  os.path.join(self.dest, os.fsdecode(path))) from None
+            if n == 0:
+                b = os.pread(sfd, min(length - done, 4 << 20), soff + done)
+                if not b:
+                    raise ArchiveError(f"reference reads past the end of its source for "
+                                       f"{os.fsdecode(path)}")
+                self._pwrite(b, off + done, path)
+                n = len(b)
+            done += n
+        self.s.copied_bytes += length
+        self.s.copy_reasons[reason] = self.s.copy_reasons.get(reason, 0) + length
+
+    def _clone_or_copy(self, sfd, soff, length, off, src_size, dst_size, path) -> None:
+        bs = self.block
+        if not self.reflink:
+            self._copy(sfd, soff, length, off, self.reflink_reason, path)
+            return
+        if soff % bs != off % bs:
+            self._copy(sfd, soff, length, off, "offsets not block-aligned alike", path)
+            return
+        head = (-off) % bs
+        head = min(head, length)
+        if head:
+            self._copy(sfd, soff, head, off, "unaligned head", path)
+        a, sa, rem = off + head, soff + head, length - head
+        at_eof = sa + rem == src_size and a + rem == dst_size
+        tail = 0 if at_eof else rem % bs
+        n = rem - tail
+        if n > 0:
+            try:
+                ioctl.ficlonerange(self.cur_fd, sfd, sa, n, a, path)
+                self.s.reflinked_bytes += n
+            except OSError as ex:
+                if ex.errno not in ioctl.NOT_SUPPORTED:
+                    raise OSError(ex.errno, ex.strerror,
+                                  os.path.join(self.dest, os.fsdecode(path))) from None
+                from cloneaware.probe import errno_reason
+
+                reason = errno_reason(ex.errno)
+                if ex.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS, errno.EXDEV):
+                    self.reflink = False  # the destination cannot clone: stop trying
+                    self.reflink_reason = reason
+                self._copy(sfd, sa, n, a, reason, path)
+        if tail:
+            self._copy(sfd, sa + n, tail, a + n, "unaligned tail", path)
+
+    def _finish_file(self, e: fmt.Entry) -> None:
+        fd = self.cur_fd
+        pfd, tmp = self.tmp
+        parent, _, name = e.path.rpartition(b"/")
+        self._apply_meta(e, fd, pfd, tmp)
+        self._place(pfd, tmp, name, e.path)
+        self.tmp = None
+        self.placed[e.id] = (parent, name)
+        self.cur_fd = None
+        if e.eflags & fmt.EF_REFERENCED:
+            self.srcs.put(e.id, fd)
+        else:
+            os.close(fd)
+        s = self.s
+        s.files += 1
+        s.logical_bytes += e.size
+        s.hole_bytes += e.size - (self._filled() - self._file_start)
+
+    def _filled(self) -> int:
+        return self.s.written_bytes + self.s.reflinked_bytes + self.s.copied_bytes
+
+    # -- metadata ------------------------------------------------------------------
+
+    def _apply_meta(self, e: fmt.Entry, fd: int | None, pfd: int, name: bytes) -> None:
+        link = e.kind == fmt.K_SYMLINK
+        target = fd if fd is not None else name
+        kw = {} if fd is not None else {"dir_fd": pfd, "follow_symlinks": False}
+        if self.root:
+            try:
+                os.chown(target, e.uid, e.gid, **kw)
+            except OSError as ex:
+                self._not_exact(e, f"owner not restored: {ex.strerror}")
+        elif not self.s.owners_skipped:
+            self.s.owners_skipped = True
+            self.warn("not running as root: file owners are not restored")
+        if not link:
+            try:
+                os.chmod(target, e.mode, **({} if fd is not None else {"dir_fd": pfd}))
+            except OSError as ex:
+                self._not_exact(e, f"mode not restored: {ex.strerror}")
+        if e.xattrs:
+            xt = fd if fd is not None else f"/proc/self/fd/{pfd}/{os.fsdecode(name)}"
+            for xn, xv in e.xattrs:
+                try:
+                    if fd is not None:
+                        os.setxattr(xt, xn, xv)
+                    else:
+                        os.setxattr(xt, xn, xv, follow_symlinks=False)
+                except OSError as ex:
+                    self._not_exact(e, f"xattr {os.fsdecode(xn)} not restored: {ex.strerror}")
+        try:
+            os.utime(target, ns=(e.atime_ns, e.mtime_ns), **kw)
+        except OSError as ex:
+            self._not_exact(e, f"times not restored: {ex.strerror}")
+
+    def _dir_metadata(self) -> None:
+        for e in reversed(self.dir_meta):  # children before parents
+            parent, _, name = e.path.rpartition(b"/")
+            pfd = self._dir(parent)
+            fd = os.open(name, DIR_FLAGS, dir_fd=pfd)
+            try:
+                self._apply_meta(e, fd, pfd, name)
+            finally:
+                os.close(fd)
+
+
+def _syncfs(fd: int) -> None:
+    """syncfs(2): make the restored files durable before we report success."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), "syncfs")
+
+
+def restore(archive: str, dest: str, **kw) -> RestoreSummary:
+    return Restore(archive, dest, **kw).run()
