@@ -10,7 +10,7 @@ setup:
 	bash tools/setup.sh
 
 test: setup
-	$(PYTHON) -m pytest -n $(JOBS) tests
+	$(PYTHON) -P -m pytest -n $(JOBS) tests
 
 demo: setup
 	$(PYTHON) tools/demo.py
