@@ -33,6 +33,8 @@ XATTR_SKIP = {b"trusted.SGI_ACL_FILE", b"trusted.SGI_ACL_DEFAULT"}
 
 @dataclass
 class Summary:
+    base: str | None = None
+    base_referenced_bytes: int = 0
     files: int = 0
     dirs: int = 0
     symlinks: int = 0
@@ -79,14 +81,16 @@ class _Chunker:
         self.pool = ThreadPoolExecutor(max_workers=workers)
         self.local = threading.local()
 
-    def _job(self, fd: int, offset: int, length: int):
+    def _job(self, fd: int, offset: int, length: int, hash_only: bool = False):
         data = os.pread(fd, length, offset)
         got = len(data)
         if got < length:  # the file shrank while we read it
             data += bytes(length - got)
         sha = hashlib.sha256(data).digest()
         codec, payload = fmt.CODEC_NONE, data
-        if self.codec == fmt.CODEC_ZSTD:
+        if hash_only:
+            payload = None
+        elif self.codec == fmt.CODEC_ZSTD:
             c = getattr(self.local, "c", None)
             if c is None:
                 import zstandard
@@ -97,11 +101,11 @@ class _Chunker:
                 codec, payload = fmt.CODEC_ZSTD, z
         return offset, length, codec, sha, payload, got
 
-    def run(self, fd: int, ranges, depth: int = 6):
+    def run(self, fd: int, ranges, depth: int = 6, hash_only: bool = False):
         """Yield job results for (offset, length) ranges, in order."""
         q: collections.deque = collections.deque()
         for off, ln in ranges:
-            q.append(self.pool.submit(self._job, fd, off, ln))
+            q.append(self.pool.submit(self._job, fd, off, ln, hash_only))
             if len(q) >= depth:
                 yield q.popleft().result()
         while q:
@@ -174,9 +178,22 @@ class _Item:
     link_to: int = -1  # walk item number of the first name (hard links)
 
 
+@dataclass
+class _BaseFile:
+    rel: bytes  # path inside the base ('' when the base is a file)
+    src: bytes
+    st: os.stat_result
+
+
 class Backup:
+    """``base``: a thin backup relative to this file or directory: ranges the
+    clones share with it become BASEREF records (offset, length, SHA-256)
+    instead of data.  SparseBackup (thin.py) reuses the whole pipeline with
+    another output and another way to store data."""
+
     def __init__(self, paths: list, output: str, compress: str = "zstd", force: bool = False,
-                 one_file_system: bool = True, progress=None, warn=None):
+                 one_file_system: bool = True, progress=None, warn=None,
+                 base: str | None = None):
         self.paths = paths
         self.output = output
         self.codec, self.level = parse_compress(compress)
@@ -185,6 +202,9 @@ class Backup:
         self.progress = progress
         self.warn = warn or (lambda msg: None)
         self.summary = Summary()
+        self.base = base
+        self.base_files: dict[int, _BaseFile] = {}  # fileno -> base file
+        self.base_kind = fmt.BASE_FILE
 
     def _skip(self, path: bytes, reason: str) -> None:
         self.summary.skipped.append((os.fsdecode(path), reason))
@@ -199,16 +219,18 @@ class Backup:
         items, plan = self._map()
         s = self.summary
         s.physical_bytes = plan.totals.physical_bytes
+        s.base = self.base
         if self.progress:
             self.progress.set_total(plan.stored_bytes())
-        out = Output(self.output, self.force)
+        out = self._output(items)
         chunker = _Chunker(self.codec, self.level)
         try:
-            w = Writer(out.f)
+            w = Writer(out.f, self._base_record(plan))
             self._write(w, items, plan, chunker)
             w.finish()
+            self._check_base_unchanged()
             out.commit()
-            s.archive_bytes = w.offset
+            s.archive_bytes = out.size() if hasattr(out, "size") else w.offset
         except BaseException:
             out.abort()
             raise
@@ -217,6 +239,31 @@ class Backup:
         s.seconds = time.monotonic() - t0
         return s
 
+    def _output(self, items):
+        return Output(self.output, self.force)
+
+    def _base_record(self, plan: extents.Plan) -> fmt.Base | None:
+        if self.base is None:
+            return None
+        used = set(np.unique(plan.pieces["ref_file"]).tolist()) & set(self.base_files)
+        b = fmt.Base(os.fsencode(self.base), self.base_kind)
+        for n in sorted(used):
+            bf = self.base_files[n]
+            b.files.append(fmt.BaseFile(n, bf.st.st_size, bf.rel))
+        self.used_base = used
+        return b
+
+    def _check_base_unchanged(self) -> None:
+        for n in sorted(getattr(self, "used_base", ())):
+            bf = self.base_files[n]
+            try:
+                now = os.stat(bf.src, follow_symlinks=False)
+            except OSError:
+                now = None
+            if now is None or not _same_stat(now, bf.st):
+                self._changed(bf.src, "base file changed during the backup; a restore "
+                              "will find the ranges that differ and refuse them")
+
     # -- phase 1: walk and map -------------------------------------------
 
     def _map(self):
@@ -224,6 +271,8 @@ class Backup:
         builder = extents.IndexBuilder()
         items: list[_Item] = []
         inodes: dict[tuple[int, int], int] = {}
+        if self.base is not None:
+            self._map_base(fstab, builder)
         for it in map_tree(self.paths, self.one_file_system):
             if it[0] == "skip":
                 self._skip(it[1], it[2])
@@ -243,6 +292,31 @@ class Backup:
             else:
                 items.append(_Item("other", node))
         return items, builder.build()
+
+    def _map_base(self, fstab: FsTable, builder: extents.IndexBuilder) -> None:
+        """Map the base first, so that it owns every range it shares."""
+        base = os.fsencode(self.base)
+        try:
+            bst = os.stat(base)
+        except OSError as e:
+            raise UsageError(f"base {self.base}: {e.strerror}") from None
+        if stat.S_ISDIR(bst.st_mode):
+            self.base_kind = fmt.BASE_DIR
+        elif not stat.S_ISREG(bst.st_mode):
+            raise UsageError(f"base {self.base} is neither a file nor a directory")
+        base = os.path.realpath(base)
+        for it in map_tree([base], self.one_file_system):
+            if it[0] == "skip":
+                self._skip(it[1], f"base file not usable: {it[2]}")
+                continue
+            if it[0] != "file":
+                continue
+            node = it[1]
+            rel = node.name.partition(b"/")[2] if self.base_kind == fmt.BASE_DIR else b""
+            fileno = builder.add(fstab.number(it[2]), node.st.st_size, it[3])
+            self.base_files[fileno] = _BaseFile(rel, node.src, node.st)
+        if not self.base_files:
+            raise UsageError(f"base {self.base} holds no regular file")
 
     # -- phase 2: write ----------------------------------------------------
 
@@ -384,16 +458,16 @@ class Backup:
 
         def flush():
             nonlocal short
-            for off, ln, codec, sha, payload, got in chunker.run(fd, _chunks(run)):
-                w.data(off, ln, codec, sha, payload)
-                s.stored_bytes += ln
-                s.bytes_read += got
-                short |= got < ln
-                if self.progress:
-                    self.progress.advance(ln)
+            if run:
+                short |= self._store(w, fd, run, chunker)
             run.clear()
 
         for logical, length, ref_file, ref_logical in pieces:
+            if ref_file in self.base_files:
+                flush()
+                short |= self._write_baserefs(w, fd, logical, length, ref_file, ref_logical,
+                                              chunker)
+                continue
             src = entry_of_file.get(ref_file) if ref_file >= 0 else None
             if ref_file < 0 or ref_file in invalid or src is None:
                 run.append((logical, length))
@@ -402,6 +476,34 @@ class Backup:
             w.ref(logical, length, src, ref_logical)
             s.referenced_bytes += length
         flush()
+        return short
+
+    def _store(self, w: Writer, fd: int, run: list[tuple[int, int]], chunker) -> bool:
+        """Store ranges of the file as DATA; True if the file was short."""
+        s = self.summary
+        short = False
+        for off, ln, codec, sha, payload, got in chunker.run(fd, _chunks(run)):
+            w.data(off, ln, codec, sha, payload)
+            s.stored_bytes += ln
+            s.bytes_read += got
+            short |= got < ln
+            if self.progress:
+                self.progress.advance(ln)
+        return short
+
+    def _write_baserefs(self, w: Writer, fd: int, logical: int, length: int, number: int,
+                        base_offset: int, chunker) -> bool:
+        """BASEREF records for a range shared with the base, each with the
+        SHA-256 of the clone's bytes there (read from the clone, which is
+        what a restore must reproduce)."""
+        s = self.summary
+        short = False
+        for off, ln, _c, sha, _p, got in chunker.run(fd, _chunks([(logical, length)]),
+                                                    hash_only=True):
+            w.baseref(off, ln, number, base_offset + (off - logical), sha)
+            s.base_referenced_bytes += ln
+            s.bytes_read += got
+            short |= got < ln
         return short
 
 

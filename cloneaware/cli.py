@@ -177,14 +177,24 @@ def backup(
                                         help="Descend into other mounted filesystems.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout "
                                           "(stderr when the archive goes to stdout).")] = False,
+    base: Annotated[str | None, typer.Option(
+        "--base", help="Thin backup: store only what PATHs do not share with BASE (a file or "
+        "a directory), plus references into BASE with the SHA-256 of each range.")] = None,
+    sparse: Annotated[bool, typer.Option(
+        "--sparse", help="With --base and one clone file: write the thin backup as a sparse "
+        "file of the clone's size (derivative data at its own offsets, holes elsewhere); "
+        "references and hashes go in its user.cloneaware.manifest xattr, or in "
+        "ARCHIVE.cloneaware when the xattr does not fit.")] = False,
 ) -> None:
     """Back up PATHs into one archive that stores each shared extent once."""
     from cloneaware.backup import Backup
+    from cloneaware.thin import SparseBackup
 
     with _handled():
+        cls = SparseBackup if sparse else Backup
         with _progress(True, None, "backup") as prog:
-            s = Backup(paths, output, compress=compress, force=force,
-                       one_file_system=not cross, progress=prog, warn=_err).run()
+            s = cls(paths, output, compress=compress, force=force, base=base,
+                    one_file_system=not cross, progress=prog, warn=_err).run()
         d = s.as_dict()
         d["changed"] = [{"path": p, "reason": r} for p, r in s.changed]
         d["skipped"] = [{"path": p, "reason": r} for p, r in s.skipped]
@@ -195,7 +205,9 @@ def backup(
             out.write(
                 f"{s.files} files, {_human(s.logical_bytes)} logical, "
                 f"{_human(s.physical_bytes)} physical; stored {_human(s.stored_bytes)}, "
-                f"referenced {_human(s.referenced_bytes)}, holes {_human(s.hole_bytes)}; "
+                f"referenced {_human(s.referenced_bytes)}, "
+                + (f"in the base {_human(s.base_referenced_bytes)}, " if base else "")
+                + f"holes {_human(s.hole_bytes)}; "
                 f"archive {_human(s.archive_bytes)} in {s.seconds:.1f} s\n")
         if s.changed or s.skipped:
             raise typer.Exit(EXIT_WARNINGS)
@@ -209,13 +221,22 @@ def restore(
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing entries of the "
                                         "same name.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
+    base: Annotated[str | None, typer.Option(
+        "--base", help="Where the base of a thin backup is.  Its ranges are reflinked when "
+        "BASE and DEST share a filesystem, copied otherwise, and then hashed in the restored "
+        "file and compared with the archive.")] = None,
+    trust_base: Annotated[bool, typer.Option(
+        "--trust-base", help="Skip hashing the bytes cloned from the base (saves reading "
+        "them; a base changed since the backup then goes unnoticed).  Off by default.")]
+    = False,
 ) -> None:
     """Restore an archive into DEST, re-creating shared extents with reflinks."""
     from cloneaware.restore import Restore
 
     with _handled():
         with _progress(True, None, "restore") as prog:
-            s = Restore(archive, dest, force=force, progress=prog, warn=_err).run()
+            s = Restore(archive, dest, force=force, progress=prog, warn=_err, base=base,
+                        trust_base=trust_base).run()
         d = s.as_dict()
         d["not_exact"] = [{"path": p, "reason": r} for p, r in s.not_exact]
         if as_json:
@@ -224,7 +245,9 @@ def restore(
             typer.echo(
                 f"{s.files} files, {_human(s.logical_bytes)} logical: wrote "
                 f"{_human(s.written_bytes)}, reflinked {_human(s.reflinked_bytes)}, "
-                f"copied {_human(s.copied_bytes)}, holes {_human(s.hole_bytes)} "
+                f"copied {_human(s.copied_bytes)}, holes {_human(s.hole_bytes)}"
+                + (f"; from the base {_human(s.base_bytes)}, verified "
+                   f"{_human(s.verified_bytes)}" if s.base_bytes else "") + " "
                 f"in {s.seconds:.1f} s")
         if s.copied_bytes:
             why = ", ".join(f"{_human(n)} ({r})" for r, n in s.copy_reasons.items())
@@ -250,25 +273,40 @@ def ls_cmd(
 
             raise UsageError("ls needs a seekable archive file (use verify for a pipe)")
         with f:
-            header, items, footer = read_index(f)
+            listing = read_index(f)
+        items, footer, b = listing.items, listing.footer, listing.base
         if as_json:
             typer.echo(json.dumps({
-                "version": header.version,
-                "tool": header.tool,
+                "version": listing.header.version,
+                "tool": listing.header.tool,
+                "base": None if b is None else {
+                    "path": os.fsdecode(b.path),
+                    "kind": "dir" if b.kind == fmt.BASE_DIR else "file",
+                    "files": [{"path": os.fsdecode(x.path), "size": x.size} for x in b.files]},
                 "entries": [{"id": i.id, "type": fmt.KIND_NAMES[i.kind],
                              "path": os.fsdecode(i.path), "size": i.size,
-                             "stored_bytes": i.stored_bytes, "referenced_bytes": i.ref_bytes}
+                             "stored_bytes": i.stored_bytes, "referenced_bytes": i.ref_bytes,
+                             "base_referenced_bytes": i.base_ref_bytes}
                             for i in items],
                 "stored_bytes": footer.stored_bytes,
                 "referenced_bytes": footer.ref_bytes,
+                "base_referenced_bytes": footer.base_ref_bytes,
             }, indent=2))
             return
+        if b is not None:
+            typer.echo(f"thin backup: needs the base {os.fsdecode(b.path)!r} "
+                       f"({len(b.files)} files)")
+            for x in b.files:
+                typer.echo(f"  base file {os.fsdecode(x.path) or '.'} ({x.size} bytes)")
+        typer.echo(f"{'type':<8} {'size':>14} {'stored':>14} {'referenced':>14} "
+                   + (f"{'in base':>14} " if b is not None else "") + " path")
         for i in items:
             p = os.fsdecode(i.path)
+            if not p.isprintable():
+                p = repr(p)
             typer.echo(f"{fmt.KIND_NAMES[i.kind]:<8} {i.size:>14} {i.stored_bytes:>14} "
-                       f"{i.ref_bytes:>14}  {p!r}"[:-0 or None] if "\n" in p else
-                       f"{fmt.KIND_NAMES[i.kind]:<8} {i.size:>14} {i.stored_bytes:>14} "
-                       f"{i.ref_bytes:>14}  {p}")
+                       f"{i.ref_bytes:>14} "
+                       + (f"{i.base_ref_bytes:>14} " if b is not None else "") + f" {p}")
 
 
 @app.command()
@@ -286,9 +324,10 @@ def verify(
         t0 = time.monotonic()
         f = open_archive(archive)
         counts = {"entries": 0, "data_records": 0, "ref_records": 0, "stored_bytes": 0,
-                  "referenced_bytes": 0}
+                  "referenced_bytes": 0, "base_ref_records": 0, "base_referenced_bytes": 0}
+        stream = Stream(f)
         with _progress(True, None, "verify") as prog:
-            for ev in Stream(f).events():
+            for ev in stream.events():
                 if ev[0] == "entry":
                     counts["entries"] += 1
                 elif ev[0] == "data":
@@ -298,11 +337,21 @@ def verify(
                 elif ev[0] == "ref":
                     counts["ref_records"] += 1
                     counts["referenced_bytes"] += ev[3]
+                elif ev[0] == "baseref":
+                    counts["base_ref_records"] += 1
+                    counts["base_referenced_bytes"] += ev[3]
         counts["seconds"] = time.monotonic() - t0
+        if stream.base is not None:
+            counts["base"] = os.fsdecode(stream.base.path)
+            counts["base_files"] = len(stream.base.files)
         if as_json:
             typer.echo(json.dumps(counts, indent=2))
         else:
             typer.echo(f"archive is whole: {_summary_line(counts)}")
+            if stream.base is not None:
+                typer.echo(f"thin backup: restoring it needs the base {counts['base']!r} "
+                           f"({counts['base_files']} files); their bytes are checked at "
+                           "restore")
 
 
 def main() -> None:

@@ -44,6 +44,14 @@ class FsInfo:
 _cache: dict[int, FsInfo] = {}
 
 
+def forget() -> None:
+    """Drop the cached identities.  An st_dev number is only unique while its
+    filesystem is mounted: the kernel hands it to the next mount (Btrfs and
+    tmpfs use anonymous device numbers, lowest free first), so a cache that
+    outlives a mount would give a new filesystem an old one's key."""
+    _cache.clear()
+
+
 def fs_info(fd: int, st_dev: int, path=None) -> FsInfo:
     """FsInfo for the filesystem an open fd lives on (cached by st_dev)."""
     got = _cache.get(st_dev)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from cloneaware import ioctl
 from cloneaware.archive import format as fmt
 from cloneaware.archive.reader import Stream, open_archive, read_index
-from cloneaware.errors import ArchiveError, UsageError
+from cloneaware.errors import ArchiveError, BaseMismatch, UsageError
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -35,6 +35,8 @@ class RestoreSummary:
     written_bytes: int = 0
     reflinked_bytes: int = 0
     copied_bytes: int = 0
+    base_bytes: int = 0
+    verified_bytes: int = 0
     hole_bytes: int = 0
     seconds: float = 0.0
     copy_reasons: dict[str, int] = field(default_factory=dict)
@@ -71,10 +73,20 @@ class _Fds:
 
 
 class Restore:
-    def __init__(self, archive: str, dest: str, force: bool = False, progress=None, warn=None):
+    """``base``: where the base of a thin archive is on this host.
+    ``trust_base``: do not hash the bytes cloned from the base (faster; a
+    base changed since the backup then goes unnoticed)."""
+
+    def __init__(self, archive: str, dest: str, force: bool = False, progress=None, warn=None,
+                 base: str | None = None, trust_base: bool = False):
         self.archive = archive
         self.dest = dest
         self.force = force
+        self.base = base
+        self.trust_base = trust_base
+        self.base_fds: dict[int, int] = {}
+        self.external_fd: int | None = None
+        self.dest_fd: int | None = None
         self.progress = progress
         self.warn = warn or (lambda msg: None)
         self.s = RestoreSummary()
@@ -85,8 +97,7 @@ class Restore:
         self.placed: dict[int, tuple[bytes, bytes]] = {}  # entry id -> (parent, name)
         self.tmp: tuple[int, bytes] | None = None  # (dir fd, temp name) being written
         self.cur_fd: int | None = None
-        self.reflink = True
-        self.reflink_reason = ""
+        self.no_reflink: dict[str, str] = {}  # source channel -> why it cannot clone
         self.block = 4096
         self._file_start = 0
 
@@ -134,24 +145,70 @@ class Restore:
 
     def run(self) -> RestoreSummary:
         t0 = time.monotonic()
-        f = open_archive(self.archive)
+        from cloneaware.thin import open_manifest
+
+        sparse = open_manifest(self.archive) if self.archive != "-" else None
+        if sparse is not None:
+            f, self.external_fd = sparse
+        else:
+            f = open_archive(self.archive)
         try:
-            if self.archive != "-" and not self.force:
+            if self.archive != "-":
                 self._precheck(f)
-            os.makedirs(self.dest, exist_ok=True)
-            self.dest_fd = os.open(self.dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
-                self.block = ioctl.fstatfs(self.dest_fd, self.dest)[1] or 4096
                 self._restore(f)
-                _syncfs(self.dest_fd)
+                if self.dest_fd is not None:
+                    _syncfs(self.dest_fd)
             finally:
                 self._cleanup()
-                os.close(self.dest_fd)
         finally:
-            if f is not None and self.archive != "-":
+            if self.archive != "-":
                 f.close()
+            for fd in [*self.base_fds.values(), self.external_fd, self.dest_fd]:
+                if fd is not None:
+                    os.close(fd)
         self.s.seconds = time.monotonic() - t0
         return self.s
+
+    def _open_dest(self) -> None:
+        """Create DEST only when there is something to restore into it."""
+        os.makedirs(self.dest, exist_ok=True)
+        self.dest_fd = os.open(self.dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.block = ioctl.fstatfs(self.dest_fd, self.dest)[1] or 4096
+
+    def _open_base(self, base: fmt.Base) -> None:
+        """Before writing anything: the base must be here, with every file the
+        archive references, each of the size it had at backup time."""
+        need = os.fsdecode(base.path)
+        if self.base is None:
+            raise BaseMismatch(f"this is a thin backup made against the base {need!r}; "
+                               "restore it with --base PATH")
+        try:
+            bfd = os.open(self.base, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise BaseMismatch(f"base {self.base}: {e.strerror} (the archive needs {need!r})"
+                               ) from None
+        try:
+            is_dir = stat.S_ISDIR(os.fstat(bfd).st_mode)
+            if is_dir != (base.kind == fmt.BASE_DIR):
+                raise BaseMismatch(f"base {self.base} should be a "
+                                   f"{'directory' if base.kind == fmt.BASE_DIR else 'file'}, "
+                                   f"like {need!r} was at backup time")
+            for bf in base.files:
+                where = os.path.join(self.base, os.fsdecode(bf.path)) if bf.path else self.base
+                try:
+                    fd = _open_beneath(bfd, bf.path) if bf.path else os.dup(bfd)
+                except OSError as e:
+                    raise BaseMismatch(f"base file {where} is needed: {e.strerror}") from None
+                self.base_fds[bf.number] = fd
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise BaseMismatch(f"base file {where} is not a regular file")
+                if st.st_size != bf.size:
+                    raise BaseMismatch(f"base file {where} has {st.st_size} bytes; the backup "
+                                       f"was made against {bf.size} bytes")
+        finally:
+            os.close(bfd)
 
     def _precheck(self, f) -> None:
         """On a seekable archive, refuse before writing anything if a
@@ -159,7 +216,10 @@ class Restore:
         try:
             if not f.seekable():
                 return
-            _, items, _ = read_index(f)
+            listing = read_index(f)
+            items = listing.items
+            if listing.base is not None:
+                self._open_base(listing.base)
         except (ArchiveError, OSError):
             return  # the full read will report it with the offset
         finally:
@@ -167,6 +227,8 @@ class Restore:
                 f.seek(0)
             except OSError:
                 pass
+        if self.force:
+            return
         for it in items:
             if b"/" not in it.path and os.path.lexists(os.path.join(os.fsencode(self.dest),
                                                                     it.path)):
@@ -192,7 +254,26 @@ class Restore:
         for ev in stream.events():
             kind = ev[0]
             if kind == "entry":
+                if self.dest_fd is None:
+                    if stream.base is not None and not self.base_fds:
+                        self._open_base(stream.base)
+                    elif stream.base is None and self.base is not None:
+                        self.warn("--base given, but this archive is not a thin backup")
+                    self._open_dest()
                 self._entry(ev[1])
+            elif kind == "baseref":
+                _, st, off, length, bf, boff, _sha, _ = ev
+                self._clone_or_copy(self.base_fds[bf.number], boff, length, off, bf.size,
+                                    st.entry.size, st.entry.path, "base")
+                self.s.base_bytes += length
+            elif kind == "external":
+                _, st, off, length, _sha, _ = ev
+                if self.external_fd is None:
+                    raise ArchiveError("EXTERNAL record in an archive that is not a "
+                                       "sparse thin backup")
+                size = os.fstat(self.external_fd).st_size
+                self._clone_or_copy(self.external_fd, off, length, off, size,
+                                    st.entry.size, st.entry.path, "sparse")
             elif kind == "data":
                 _, st, off, data, _ = ev
                 self._pwrite(data, off, st.entry.path)
@@ -203,6 +284,7 @@ class Restore:
                 _, st, off, length, src, soff, _ = ev
                 self._ref(st.entry, off, length, src, soff)
             elif kind == "end":
+                self._verify(ev[1])
                 self._finish_file(ev[1].entry)
         self._dir_metadata()
 
@@ -292,9 +374,10 @@ class Restore:
 
     def _ref(self, e: fmt.Entry, off: int, length: int, src: fmt.Entry, soff: int) -> None:
         sfd = self.cur_fd if src.id == e.id else self._src_fd(src)
-        self._clone_or_copy(sfd, soff, length, off, src.size, e.size, e.path)
+        self._clone_or_copy(sfd, soff, length, off, src.size, e.size, e.path, "archive")
 
     def _copy(self, sfd: int, soff: int, length: int, off: int, reason: str, path) -> None:
+        """Copy bytes the kernel would not clone (copy_file_range, else read/write)."""
         done = 0
         while done < length:
             try:
@@ -316,16 +399,21 @@ class Restore:
         self.s.copied_bytes += length
         self.s.copy_reasons[reason] = self.s.copy_reasons.get(reason, 0) + length
 
-    def _clone_or_copy(self, sfd, soff, length, off, src_size, dst_size, path) -> None:
+    def _clone_or_copy(self, sfd, soff, length, off, src_size, dst_size, path, channel) -> None:
+        """Clone [soff, soff+length) of sfd to off in the file being restored;
+        copy what cannot be cloned: unaligned heads and tails, and everything
+        when the source cannot be cloned from (``channel`` names the source
+        so that a base on another filesystem does not stop clones from the
+        archive's own files)."""
         bs = self.block
-        if not self.reflink:
-            self._copy(sfd, soff, length, off, self.reflink_reason, path)
+        why = self.no_reflink.get(channel)
+        if why is not None:
+            self._copy(sfd, soff, length, off, why, path)
             return
         if soff % bs != off % bs:
             self._copy(sfd, soff, length, off, "offsets not block-aligned alike", path)
             return
-        head = (-off) % bs
-        head = min(head, length)
+        head = min((-off) % bs, length)
         if head:
             self._copy(sfd, soff, head, off, "unaligned head", path)
         a, sa, rem = off + head, soff + head, length - head
@@ -344,11 +432,26 @@ class Restore:
 
                 reason = errno_reason(ex.errno)
                 if ex.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS, errno.EXDEV):
-                    self.reflink = False  # the destination cannot clone: stop trying
-                    self.reflink_reason = reason
+                    self.no_reflink[channel] = reason  # stop trying for this source
                 self._copy(sfd, sa, n, a, reason, path)
         if tail:
             self._copy(sfd, sa + n, tail, a + n, "unaligned tail", path)
+
+    def _verify(self, st) -> None:
+        """Clone, then verify: hash the bytes now in the restored file where
+        they came from the base (unless --trust-base) or the sparse file, and
+        compare with the archive."""
+        from cloneaware.thin import sha256_range
+
+        ranges = [] if self.trust_base else list(st.base_ranges)
+        ranges += st.external_ranges
+        for off, length, sha in ranges:
+            self.s.verified_bytes += length
+            if sha256_range(self.cur_fd, off, length) != sha:
+                where = os.path.join(self.dest, os.fsdecode(st.entry.path))
+                raise BaseMismatch(
+                    f"{where}: bytes {off}-{off + length} differ from the backup "
+                    "(the base or the sparse file changed since); the file was not restored")
 
     def _finish_file(self, e: fmt.Entry) -> None:
         fd = self.cur_fd
@@ -414,6 +517,22 @@ class Restore:
                 self._apply_meta(e, fd, pfd, name)
             finally:
                 os.close(fd)
+
+
+def _open_beneath(dirfd: int, rel: bytes) -> int:
+    """Open a file below dirfd, component by component, following no symlink."""
+    parts = fmt.check_path(rel)
+    cur = dirfd
+    try:
+        for comp in parts[:-1]:
+            nfd = os.open(comp, DIR_FLAGS, dir_fd=cur)
+            if cur != dirfd:
+                os.close(cur)
+            cur = nfd
+        return os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cur)
+    finally:
+        if cur != dirfd:
+            os.close(cur)
 
 
 def _syncfs(fd: int) -> None:

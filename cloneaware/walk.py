@@ -67,6 +67,7 @@ def _fs_key(path: bytes, st: os.stat_result) -> str:
 
 def walk(paths: list, on_error: OnError, one_file_system: bool = True) -> Iterator[Node]:
     """Yield a Node per entry, parents before children, in sorted name order."""
+    probe.forget()  # st_dev numbers may have been reused since the last walk
     for name, src in root_names(paths):
         try:
             st = os.lstat(src)

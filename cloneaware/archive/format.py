@@ -12,14 +12,16 @@ from dataclasses import dataclass, field
 from cloneaware.errors import ArchiveError
 
 MAGIC = b"\x89CLONEAW"
-WRITE_VERSION = 1
-READ_VERSIONS = (1,)
+WRITE_VERSION = 2
+READ_VERSIONS = (1, 2)
 HASH_SHA256 = 1
 
 T_HEADER, T_ENTRY, T_DATA, T_REF, T_END, T_INDEX, T_FOOTER = 1, 2, 3, 4, 5, 6, 7
+T_BASE, T_BASEREF, T_EXTERNAL = 8, 9, 10  # version 2
 ANCILLARY = 0x8000
 TYPE_NAMES = {T_HEADER: "HEADER", T_ENTRY: "ENTRY", T_DATA: "DATA", T_REF: "REF",
-              T_END: "END", T_INDEX: "INDEX", T_FOOTER: "FOOTER"}
+              T_END: "END", T_INDEX: "INDEX", T_FOOTER: "FOOTER", T_BASE: "BASE",
+              T_BASEREF: "BASEREF", T_EXTERNAL: "EXTERNAL"}
 
 CHUNK_MAX = 4 << 20
 LIMITS = {
@@ -27,16 +29,23 @@ LIMITS = {
     T_ENTRY: 1 << 20,
     T_DATA: 48 + CHUNK_MAX,
     T_REF: 32,
-    T_END: 36,
+    T_END: 56,
     T_INDEX: 16 << 20,
-    T_FOOTER: 48,
+    T_FOOTER: 56,
+    T_BASE: 16 << 20,
+    T_BASEREF: 56,
+    T_EXTERNAL: 44,
 }
+#: Limits that differ in version 1.
+LIMITS_V1 = {T_END: 36, T_FOOTER: 48}
+V2_TYPES = (T_BASE, T_BASEREF, T_EXTERNAL)
 ANCILLARY_LIMIT = 16 << 20
 
 FRAME = struct.Struct("<HHI")
 CRC = struct.Struct("<I")
 FRAME_OVERHEAD = FRAME.size + CRC.size
 FOOTER_SIZE = FRAME_OVERHEAD + LIMITS[T_FOOTER]
+FOOTER_SIZES = {1: FRAME_OVERHEAD + LIMITS_V1[T_FOOTER], 2: FOOTER_SIZE}
 
 K_REG, K_DIR, K_SYMLINK, K_HARDLINK, K_FIFO, K_CHR, K_BLK = 1, 2, 3, 4, 5, 6, 7
 KIND_NAMES = {K_REG: "file", K_DIR: "dir", K_SYMLINK: "symlink", K_HARDLINK: "hardlink",
@@ -54,9 +63,16 @@ _HEADER = struct.Struct("<IB3xq")
 _ENTRY = struct.Struct("<QBBHIIIqqQQQ")
 _DATA = struct.Struct("<QIB3x32s")
 _REF = struct.Struct("<QQQQ")
-_END = struct.Struct("<QIIQQ4x")
-_INDEX_ITEM = struct.Struct("<QBQQQQ")
-_FOOTER = struct.Struct("<QQQQQQ")
+_END_V1 = struct.Struct("<QIIQQ4x")
+_END = struct.Struct("<QIIQQIQIQ")
+_INDEX_ITEM_V1 = struct.Struct("<QBQQQQ")
+_INDEX_ITEM = struct.Struct("<QBQQQQQ")
+_FOOTER_V1 = struct.Struct("<QQQQQQ")
+_FOOTER = struct.Struct("<QQQQQQQ")
+_BASE_HEAD = struct.Struct("<B")
+_BASE_ITEM = struct.Struct("<IQ")
+_BASEREF = struct.Struct("<QIIQ32s")
+_EXTERNAL = struct.Struct("<QI32s")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 
@@ -75,9 +91,14 @@ def frame_parts(rtype: int, head_payload: bytes, data: bytes | memoryview) -> li
     return [head, head_payload, data, CRC.pack(crc)]
 
 
-def check_frame_header(head: bytes, offset: int) -> tuple[int, int]:
+def check_frame_header(head: bytes, offset: int, version: int = WRITE_VERSION
+                       ) -> tuple[int, int]:
     rtype, flags, length = FRAME.unpack(head)
     limit = LIMITS.get(rtype)
+    if version == 1:
+        if rtype in V2_TYPES:
+            limit = None
+        limit = LIMITS_V1.get(rtype, limit)
     if limit is None:
         if not rtype & ANCILLARY:
             raise ArchiveError(f"unknown record type {rtype}", offset)
@@ -299,15 +320,25 @@ class End:
     ref_records: int = 0
     stored_bytes: int = 0
     ref_bytes: int = 0
+    base_ref_records: int = 0
+    base_ref_bytes: int = 0
+    external_records: int = 0
+    external_bytes: int = 0
+
+    def counts(self) -> list[int]:
+        return [self.data_records, self.ref_records, self.base_ref_records,
+                self.external_records, self.stored_bytes, self.ref_bytes,
+                self.base_ref_bytes, self.external_bytes]
 
     def encode(self) -> bytes:
         return _END.pack(self.id, self.data_records, self.ref_records,
-                         self.stored_bytes, self.ref_bytes)
+                         self.stored_bytes, self.ref_bytes, self.base_ref_records,
+                         self.base_ref_bytes, self.external_records, self.external_bytes)
 
     @classmethod
-    def decode(cls, buf, offset: int) -> End:
+    def decode(cls, buf, offset: int, version: int = WRITE_VERSION) -> End:
         c = _Cursor(buf, offset, "END")
-        v = c.unpack(_END)
+        v = c.unpack(_END_V1 if version == 1 else _END)
         c.done()
         return cls(*v)
 
@@ -321,20 +352,25 @@ class IndexItem:
     size: int
     stored_bytes: int
     ref_bytes: int
+    base_ref_bytes: int
     offset: int
     path: bytes
 
     def encode(self) -> bytes:
         return (_INDEX_ITEM.pack(self.id, self.kind, self.size, self.stored_bytes,
-                                 self.ref_bytes, self.offset)
+                                 self.ref_bytes, self.base_ref_bytes, self.offset)
                 + _U16.pack(len(self.path)) + self.path)
 
 
-def decode_index(buf, offset: int) -> list[IndexItem]:
+def decode_index(buf, offset: int, version: int = WRITE_VERSION) -> list[IndexItem]:
     c = _Cursor(buf, offset, "INDEX")
     items = []
     while c.pos < len(buf):
-        v = c.unpack(_INDEX_ITEM)
+        if version == 1:
+            i, k, size, stored, ref, off = c.unpack(_INDEX_ITEM_V1)
+            v = (i, k, size, stored, ref, 0, off)
+        else:
+            v = c.unpack(_INDEX_ITEM)
         path = c.bytes16(PATH_MAX)
         if v[1] not in KIND_NAMES:
             c.fail(f"unknown entry kind {v[1]}")
@@ -349,16 +385,22 @@ class Footer:
     entries: int
     stored_bytes: int
     ref_bytes: int
+    base_ref_bytes: int
     footer_offset: int
 
     def encode(self) -> bytes:
         return _FOOTER.pack(self.index_offset, self.index_records, self.entries,
-                            self.stored_bytes, self.ref_bytes, self.footer_offset)
+                            self.stored_bytes, self.ref_bytes, self.base_ref_bytes,
+                            self.footer_offset)
 
     @classmethod
-    def decode(cls, buf, offset: int) -> Footer:
+    def decode(cls, buf, offset: int, version: int = WRITE_VERSION) -> Footer:
         c = _Cursor(buf, offset, "FOOTER")
-        v = c.unpack(_FOOTER)
+        if version == 1:
+            io_, ir, en, st, rb, fo = c.unpack(_FOOTER_V1)
+            v = (io_, ir, en, st, rb, 0, fo)
+        else:
+            v = c.unpack(_FOOTER)
         c.done()
         f = cls(*v)
         if f.footer_offset != offset:
@@ -366,3 +408,92 @@ class Footer:
         if f.index_offset >= offset:
             c.fail("index offset after the footer")
         return f
+
+
+# --- version 2: thin backups ------------------------------------------------
+
+BASE_FILE, BASE_DIR = 1, 2
+
+
+@dataclass
+class BaseFile:
+    number: int
+    size: int
+    path: bytes  # relative to the base directory; empty when the base is a file
+
+
+@dataclass
+class Base:
+    """What a thin archive needs at restore: the base as the user named it at
+    backup time, and each base file it references with its size."""
+
+    path: bytes
+    kind: int
+    files: list[BaseFile] = field(default_factory=list)
+
+    def encode_records(self, limit: int = LIMITS[T_BASE]) -> list[bytes]:
+        head = _U16.pack(len(self.path)) + self.path + _BASE_HEAD.pack(self.kind)
+        out, cur = [], [head]
+        size = len(head)
+        for f in self.files:
+            item = _BASE_ITEM.pack(f.number, f.size) + _U16.pack(len(f.path)) + f.path
+            if size + len(item) > limit:
+                out.append(b"".join(cur))
+                cur, size = [head], len(head)
+            cur.append(item)
+            size += len(item)
+        out.append(b"".join(cur))
+        return out
+
+    @classmethod
+    def decode(cls, buf, offset: int) -> Base:
+        c = _Cursor(buf, offset, "BASE")
+        path = c.bytes16(PATH_MAX)
+        if not path or b"\0" in path:
+            c.fail("empty base path or NUL in it")
+        (kind,) = c.unpack(_BASE_HEAD)
+        if kind not in (BASE_FILE, BASE_DIR):
+            c.fail(f"unknown base kind {kind}")
+        b = cls(path, kind)
+        while c.pos < len(buf):
+            number, size = c.unpack(_BASE_ITEM)
+            rel = c.bytes16(PATH_MAX)
+            if kind == BASE_DIR:
+                check_path(rel, offset)
+            elif rel:
+                c.fail("a file base has no relative paths")
+            if size > SIZE_MAX:
+                c.fail("base file size out of range")
+            b.files.append(BaseFile(number, size, rel))
+        return b
+
+
+def encode_baseref(offset: int, length: int, number: int, base_offset: int,
+                   sha: bytes) -> bytes:
+    return _BASEREF.pack(offset, length, number, base_offset, sha)
+
+
+def decode_baseref(buf, offset: int) -> tuple[int, int, int, int, bytes]:
+    c = _Cursor(buf, offset, "BASEREF")
+    off, length, number, boff, sha = c.unpack(_BASEREF)
+    c.done()
+    if not 0 < length <= CHUNK_MAX:
+        c.fail(f"range length {length} outside 1..{CHUNK_MAX}")
+    if off > SIZE_MAX or boff > SIZE_MAX:
+        c.fail("range out of bounds")
+    return off, length, number, boff, sha
+
+
+def encode_external(offset: int, length: int, sha: bytes) -> bytes:
+    return _EXTERNAL.pack(offset, length, sha)
+
+
+def decode_external(buf, offset: int) -> tuple[int, int, bytes]:
+    c = _Cursor(buf, offset, "EXTERNAL")
+    off, length, sha = c.unpack(_EXTERNAL)
+    c.done()
+    if not 0 < length <= CHUNK_MAX:
+        c.fail(f"range length {length} outside 1..{CHUNK_MAX}")
+    if off > SIZE_MAX:
+        c.fail("range out of bounds")
+    return off, length, sha

@@ -20,6 +20,7 @@ class RecordReader:
     def __init__(self, f):
         self.f = f
         self.offset = 0
+        self.version = fmt.WRITE_VERSION
 
     def _read(self, n: int, what: str) -> bytes:
         b = self.f.read(n)
@@ -52,7 +53,7 @@ class RecordReader:
             if len(head) < fmt.FRAME.size:
                 raise TruncatedArchive("archive is truncated inside a record header", start)
             self.offset += len(head)
-            rtype, length = fmt.check_frame_header(head, start)
+            rtype, length = fmt.check_frame_header(head, start, self.version)
             payload = self._read(length, f"{fmt.TYPE_NAMES.get(rtype, 'record')} payload")
             crc = self._read(fmt.CRC.size, "record CRC")
             fmt.check_crc(head, payload, crc, start)
@@ -67,8 +68,12 @@ class FileState:
     offset: int  # ENTRY record offset
     pos: int = 0  # next file offset allowed (ranges come in order)
     end: fmt.End | None = None
-    #: data records, ref records, stored bytes, ref bytes seen so far
-    counts: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
+    #: records and bytes seen so far, in the order of End.counts()
+    counts: list[int] = field(default_factory=lambda: [0] * 8)
+    #: BASEREF ranges to verify once the file is complete: (offset, length, sha)
+    base_ranges: list[tuple[int, int, bytes]] = field(default_factory=list)
+    #: EXTERNAL ranges, verified the same way
+    external_ranges: list[tuple[int, int, bytes]] = field(default_factory=list)
 
 
 class Stream:
@@ -77,8 +82,12 @@ class Stream:
     ('entry', Entry, offset)
     ('data', FileState, file_offset, bytes, record offset)   -- hash checked
     ('ref', FileState, file_offset, length, src Entry, src_offset, record offset)
+    ('baseref', FileState, file_offset, length, BaseFile, base_offset, sha, record offset)
+    ('external', FileState, file_offset, length, sha, record offset)
     ('end', FileState, End, offset)
     ('footer', Footer, offset)
+
+    A thin archive's BASE is known (``self.base``) before the first 'entry'.
     """
 
     def __init__(self, f, check_hashes: bool = True):
@@ -88,6 +97,8 @@ class Stream:
         self.entries: list[fmt.Entry] = []
         self.by_path: dict[bytes, int] = {}
         self.complete: set[int] = set()  # REG entries whose END was read
+        self.base: fmt.Base | None = None
+        self.base_files: dict[int, fmt.BaseFile] = {}
         self._dctx = None
 
     def _decompress(self, data, length: int, offset: int) -> bytes:
@@ -117,6 +128,7 @@ class Stream:
         if first[0] != fmt.T_HEADER:
             raise ArchiveError("first record is not a HEADER", first[2])
         self.header = fmt.Header.decode(first[1], first[2])
+        version = r.version = self.header.version
         cur: FileState | None = None
         index_items: list[fmt.IndexItem] = []
         index_start = None
@@ -127,7 +139,20 @@ class Stream:
                 raise ArchiveError("data after the FOOTER", off)
             if index_start is not None and rtype not in (fmt.T_INDEX, fmt.T_FOOTER):
                 raise ArchiveError(f"{fmt.TYPE_NAMES.get(rtype)} record after the INDEX", off)
-            if rtype == fmt.T_ENTRY:
+            if rtype == fmt.T_BASE:
+                if self.entries or index_start is not None:
+                    raise ArchiveError("BASE record after the first entry", off)
+                b = fmt.Base.decode(payload, off)
+                if self.base is None:
+                    self.base = fmt.Base(b.path, b.kind)
+                elif (b.path, b.kind) != (self.base.path, self.base.kind):
+                    raise ArchiveError("BASE records disagree on the base", off)
+                for bf in b.files:
+                    if bf.number in self.base_files:
+                        raise ArchiveError(f"base file {bf.number} listed twice", off)
+                    self.base_files[bf.number] = bf
+                    self.base.files.append(bf)
+            elif rtype == fmt.T_ENTRY:
                 if cur is not None:
                     raise ArchiveError("ENTRY before the END of the previous file", off)
                 e = fmt.Entry.decode(payload, off)
@@ -151,8 +176,34 @@ class Stream:
                         f"at file offset {foff}", off)
                 cur.pos = foff + length
                 cur.counts[0] += 1
-                cur.counts[2] += length
+                cur.counts[4] += length
                 yield ("data", cur, foff, data, off)
+            elif rtype == fmt.T_BASEREF:
+                if cur is None:
+                    raise ArchiveError("BASEREF outside a regular file", off)
+                foff, length, number, boff, sha = fmt.decode_baseref(payload, off)
+                self._check_range(cur, foff, length, off)
+                bf = self.base_files.get(number)
+                if bf is None:
+                    raise ArchiveError(f"reference to base file {number}, which the BASE "
+                                       "does not list", off)
+                if boff + length > bf.size:
+                    raise ArchiveError("reference beyond the end of its base file", off)
+                cur.pos = foff + length
+                cur.counts[2] += 1
+                cur.counts[6] += length
+                cur.base_ranges.append((foff, length, sha))
+                yield ("baseref", cur, foff, length, bf, boff, sha, off)
+            elif rtype == fmt.T_EXTERNAL:
+                if cur is None:
+                    raise ArchiveError("EXTERNAL outside a regular file", off)
+                foff, length, sha = fmt.decode_external(payload, off)
+                self._check_range(cur, foff, length, off)
+                cur.pos = foff + length
+                cur.counts[3] += 1
+                cur.counts[7] += length
+                cur.external_ranges.append((foff, length, sha))
+                yield ("external", cur, foff, length, sha, off)
             elif rtype == fmt.T_REF:
                 if cur is None:
                     raise ArchiveError("REF outside a regular file", off)
@@ -161,15 +212,13 @@ class Stream:
                 src = self._check_ref_source(cur, foff, length, src_id, soff, off)
                 cur.pos = foff + length
                 cur.counts[1] += 1
-                cur.counts[3] += length
+                cur.counts[5] += length
                 yield ("ref", cur, foff, length, src, soff, off)
             elif rtype == fmt.T_END:
                 if cur is None:
                     raise ArchiveError("END outside a regular file", off)
-                end = fmt.End.decode(payload, off)
-                got = cur.counts
-                want = [end.data_records, end.ref_records, end.stored_bytes, end.ref_bytes]
-                if end.id != cur.entry.id or got != want:
+                end = fmt.End.decode(payload, off, version)
+                if end.id != cur.entry.id or cur.counts != end.counts():
                     raise ArchiveError(
                         f"END of {os.fsdecode(cur.entry.path)} does not match its records "
                         "(a record is missing)", off)
@@ -183,11 +232,11 @@ class Stream:
                 if index_start is None:
                     index_start = off
                 index_records += 1
-                index_items.extend(fmt.decode_index(payload, off))
+                index_items.extend(fmt.decode_index(payload, off, version))
             elif rtype == fmt.T_FOOTER:
                 if index_start is None:
                     raise ArchiveError("FOOTER without an INDEX", off)
-                footer = fmt.Footer.decode(payload, off)
+                footer = fmt.Footer.decode(payload, off, version)
                 self._check_index(index_items, footer, index_start, index_records, off)
                 yield ("footer", footer, off)
             else:
@@ -258,7 +307,7 @@ def open_archive(path: str):
         raise ArchiveError(f"{path} is a directory, not an archive") from None
 
 
-def read_index(f) -> tuple[fmt.Header, list[fmt.IndexItem], fmt.Footer]:
+def read_index(f) -> Listing:
     """Header, index and footer of a seekable archive, reading no file data."""
     f.seek(0)
     rr = RecordReader(f)
@@ -268,13 +317,25 @@ def read_index(f) -> tuple[fmt.Header, list[fmt.IndexItem], fmt.Footer]:
     if first is None or first[0] != fmt.T_HEADER:
         raise ArchiveError("no HEADER after the magic", len(fmt.MAGIC))
     header = fmt.Header.decode(first[1], first[2])
+    version = header.version
+    base = None
+    rr.version = version
+    for rtype, payload, off in recs:  # BASE records, if any, follow the header
+        if rtype != fmt.T_BASE:
+            break
+        b = fmt.Base.decode(payload, off)
+        if base is None:
+            base = b
+        else:
+            base.files.extend(b.files)
     size = f.seek(0, io.SEEK_END)
-    foff = size - fmt.FOOTER_SIZE
+    foff = size - fmt.FOOTER_SIZES[version]
     if foff < rr.offset:
         raise TruncatedArchive("archive is truncated: no footer", size)
     f.seek(foff)
     rr2 = RecordReader(f)
     rr2.offset = foff
+    rr2.version = version
     it = rr2.records()
     try:
         rtype, payload, off = next(it)
@@ -285,17 +346,26 @@ def read_index(f) -> tuple[fmt.Header, list[fmt.IndexItem], fmt.Footer]:
         raise TruncatedArchive("archive is truncated: no footer", size) from None
     if rtype != fmt.T_FOOTER:
         raise TruncatedArchive("archive is truncated: no footer", size)
-    footer = fmt.Footer.decode(payload, off)
+    footer = fmt.Footer.decode(payload, off, version)
     f.seek(footer.index_offset)
     rr3 = RecordReader(f)
     rr3.offset = footer.index_offset
+    rr3.version = version
     items: list[fmt.IndexItem] = []
     it = rr3.records()
     for _ in range(footer.index_records):
         rec = next(it, None)
         if rec is None or rec[0] != fmt.T_INDEX:
             raise ArchiveError("footer does not point at the index", footer.index_offset)
-        items.extend(fmt.decode_index(rec[1], rec[2]))
+        items.extend(fmt.decode_index(rec[1], rec[2], version))
     if len(items) != footer.entries:
         raise ArchiveError("index and footer disagree on the number of entries", foff)
-    return header, items, footer
+    return Listing(header, items, footer, base)
+
+
+@dataclass
+class Listing:
+    header: fmt.Header
+    items: list[fmt.IndexItem]
+    footer: fmt.Footer
+    base: fmt.Base | None

@@ -67,17 +67,21 @@ def _umask() -> int:
 
 
 class Writer:
-    def __init__(self, f):
+    def __init__(self, f, base: fmt.Base | None = None):
         self.f = f
         self.offset = 0
         self.index: list[fmt.IndexItem] = []
         self.stored_bytes = 0
         self.ref_bytes = 0
+        self.base_ref_bytes = 0
         self._cur: fmt.End | None = None
         self._cur_item: fmt.IndexItem | None = None
         self._write(fmt.MAGIC)
         hdr = fmt.Header(created_ns=time.time_ns(), tool=f"cloneaware {__version__}")
         self._write(fmt.frame(fmt.T_HEADER, hdr.encode()))
+        if base is not None:
+            for payload in base.encode_records():
+                self._write(fmt.frame(fmt.T_BASE, payload))
 
     def _write(self, b) -> None:
         self.f.write(b)
@@ -86,7 +90,7 @@ class Writer:
     def entry(self, e: fmt.Entry) -> None:
         assert self._cur is None, "END missing"
         e.id = len(self.index)
-        item = fmt.IndexItem(e.id, e.kind, e.size, 0, 0, self.offset, e.path)
+        item = fmt.IndexItem(e.id, e.kind, e.size, 0, 0, 0, self.offset, e.path)
         self.index.append(item)
         self._write(fmt.frame(fmt.T_ENTRY, e.encode()))
         if e.kind == fmt.K_REG:
@@ -106,13 +110,27 @@ class Writer:
         self._cur.ref_records += 1
         self._cur.ref_bytes += length
 
+    def baseref(self, offset: int, length: int, number: int, base_offset: int,
+                sha: bytes) -> None:
+        self._write(fmt.frame(fmt.T_BASEREF,
+                              fmt.encode_baseref(offset, length, number, base_offset, sha)))
+        self._cur.base_ref_records += 1
+        self._cur.base_ref_bytes += length
+
+    def external(self, offset: int, length: int, sha: bytes) -> None:
+        self._write(fmt.frame(fmt.T_EXTERNAL, fmt.encode_external(offset, length, sha)))
+        self._cur.external_records += 1
+        self._cur.external_bytes += length
+
     def end(self) -> fmt.End:
         end, self._cur = self._cur, None
         self._write(fmt.frame(fmt.T_END, end.encode()))
-        self._cur_item.stored_bytes = end.stored_bytes
+        self._cur_item.stored_bytes = end.stored_bytes + end.external_bytes
         self._cur_item.ref_bytes = end.ref_bytes
-        self.stored_bytes += end.stored_bytes
+        self._cur_item.base_ref_bytes = end.base_ref_bytes
+        self.stored_bytes += end.stored_bytes + end.external_bytes
         self.ref_bytes += end.ref_bytes
+        self.base_ref_bytes += end.base_ref_bytes
         return end
 
     def finish(self) -> None:
@@ -133,5 +151,5 @@ class Writer:
             self._write(fmt.frame(fmt.T_INDEX, b"".join(buf)))
             records += 1
         footer = fmt.Footer(index_offset, records, len(self.index), self.stored_bytes,
-                            self.ref_bytes, self.offset)
+                            self.ref_bytes, self.base_ref_bytes, self.offset)
         self._write(fmt.frame(fmt.T_FOOTER, footer.encode()))
