@@ -75,7 +75,7 @@ class _Chunker:
     """Reads, hashes and compresses chunks on worker threads (hashlib and
     zstandard release the GIL), handing results back in order."""
 
-    def __init__(self, codec: int, level: int, workers: int = 2):
+    def __init__(self, codec: int, level: int, workers: int = 3):
         self.codec = codec
         self.level = level
         self.pool = ThreadPoolExecutor(max_workers=workers)
@@ -193,7 +193,7 @@ class Backup:
 
     def __init__(self, paths: list, output: str, compress: str = "zstd", force: bool = False,
                  one_file_system: bool = True, progress=None, warn=None,
-                 base: str | None = None):
+                 base: str | None = None, rsh: str | None = None):
         self.paths = paths
         self.output = output
         self.codec, self.level = parse_compress(compress)
@@ -205,6 +205,7 @@ class Backup:
         self.base = base
         self.base_files: dict[int, _BaseFile] = {}  # fileno -> base file
         self.base_kind = fmt.BASE_FILE
+        self.rsh = rsh
 
     def _skip(self, path: bytes, reason: str) -> None:
         self.summary.skipped.append((os.fsdecode(path), reason))
@@ -240,6 +241,10 @@ class Backup:
         return s
 
     def _output(self, items):
+        from cloneaware import remote
+
+        if remote.is_url(self.output):
+            return remote.RemoteOutput(self.output, self.force, self.rsh)
         return Output(self.output, self.force)
 
     def _base_record(self, plan: extents.Plan) -> fmt.Base | None:
@@ -482,6 +487,8 @@ class Backup:
         """Store ranges of the file as DATA; True if the file was short."""
         s = self.summary
         short = False
+        for off, ln in run:  # start readahead of the whole run at once
+            os.posix_fadvise(fd, off, ln, os.POSIX_FADV_WILLNEED)
         for off, ln, codec, sha, payload, got in chunker.run(fd, _chunks(run)):
             w.data(off, ln, codec, sha, payload)
             s.stored_bytes += ln

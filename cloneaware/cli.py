@@ -25,6 +25,7 @@ from cloneaware.errors import (
     EXIT_WARNINGS,
     CloneawareError,
     Interrupted,
+    UsageError,
     describe_oserror,
 )
 
@@ -180,6 +181,9 @@ def backup(
     base: Annotated[str | None, typer.Option(
         "--base", help="Thin backup: store only what PATHs do not share with BASE (a file or "
         "a directory), plus references into BASE with the SHA-256 of each range.")] = None,
+    rsh: Annotated[str | None, typer.Option(
+        "--rsh", help="Command to reach an ssh:// target (default: $CLONEAWARE_RSH or ssh).")]
+    = None,
     sparse: Annotated[bool, typer.Option(
         "--sparse", help="With --base and one clone file: write the thin backup as a sparse "
         "file of the clone's size (derivative data at its own offsets, holes elsewhere); "
@@ -193,7 +197,7 @@ def backup(
     with _handled():
         cls = SparseBackup if sparse else Backup
         with _progress(True, None, "backup") as prog:
-            s = cls(paths, output, compress=compress, force=force, base=base,
+            s = cls(paths, output, compress=compress, force=force, base=base, rsh=rsh,
                     one_file_system=not cross, progress=prog, warn=_err).run()
         d = s.as_dict()
         d["changed"] = [{"path": p, "reason": r} for p, r in s.changed]
@@ -229,14 +233,41 @@ def restore(
         "--trust-base", help="Skip hashing the bytes cloned from the base (saves reading "
         "them; a base changed since the backup then goes unnoticed).  Off by default.")]
     = False,
+    rsh: Annotated[str | None, typer.Option(
+        "--rsh", help="Command to reach an ssh:// archive or DEST (default: $CLONEAWARE_RSH "
+        "or ssh).")] = None,
 ) -> None:
-    """Restore an archive into DEST, re-creating shared extents with reflinks."""
+    """Restore an archive into DEST, re-creating shared extents with reflinks.
+
+    ARCHIVE may be ssh://[user@]host[:port]/path (read from that host); DEST may be
+    ssh://[user@]host[:port]/path (the other host restores, with its own reflinks)."""
+    from cloneaware import remote
     from cloneaware.restore import Restore
 
     with _handled():
-        with _progress(True, None, "restore") as prog:
-            s = Restore(archive, dest, force=force, progress=prog, warn=_err, base=base,
-                        trust_base=trust_base).run()
+        if remote.is_url(dest):
+            if remote.is_url(archive):
+                raise UsageError("give a local ARCHIVE or a local DEST, not two ssh:// URLs")
+            st = remote.push_restore(archive, dest, force, base, trust_base, rsh)
+            d = st.get("summary", {})
+            if as_json:
+                typer.echo(json.dumps(d, indent=2))
+            else:
+                typer.echo(f"{dest}: {d.get('files', 0)} files, wrote "
+                           f"{_human(d.get('written_bytes', 0))}, reflinked "
+                           f"{_human(d.get('reflinked_bytes', 0))}, copied "
+                           f"{_human(d.get('copied_bytes', 0))} on the remote host")
+            if d.get("not_exact"):
+                raise typer.Exit(EXIT_WARNINGS)
+            return
+        src = remote.open_remote_archive(archive, rsh) if remote.is_url(archive) else archive
+        try:
+            with _progress(True, None, "restore") as prog:
+                s = Restore(src, dest, force=force, progress=prog, warn=_err, base=base,
+                            trust_base=trust_base).run()
+        finally:
+            if not isinstance(src, str):
+                src.close()
         d = s.as_dict()
         d["not_exact"] = [{"path": p, "reason": r} for p, r in s.not_exact]
         if as_json:
@@ -269,8 +300,6 @@ def ls_cmd(
     with _handled():
         f = open_archive(archive)
         if not f.seekable():
-            from cloneaware.errors import UsageError
-
             raise UsageError("ls needs a seekable archive file (use verify for a pipe)")
         with f:
             listing = read_index(f)
@@ -352,6 +381,29 @@ def verify(
                 typer.echo(f"thin backup: restoring it needs the base {counts['base']!r} "
                            f"({counts['base_files']} files); their bytes are checked at "
                            "restore")
+
+
+@app.command()
+def serve(
+    restrict: Annotated[list[str] | None, typer.Option(
+        "--restrict-to-path", help="Serve only paths under this directory (repeatable).")]
+    = None,
+    allow: Annotated[str, typer.Option(
+        "--allow", help="Operations to serve, comma-separated: put (receive archives), get "
+        "(send archives), restore (restore into a directory here).")] = "put,get,restore",
+) -> None:
+    """The remote end of ssh:// targets; speaks on stdin/stdout.  Meant as a forced
+    command: command="cloneaware serve --restrict-to-path /backups" in authorized_keys."""
+    from cloneaware import remote
+
+    ops = [o.strip() for o in allow.split(",") if o.strip()]
+    bad = [o for o in ops if o not in remote.OPS]
+    if bad:
+        _err(f"unknown operation {bad[0]!r} in --allow")
+        raise typer.Exit(EXIT_USAGE)
+    with _handled():
+        rc = remote.serve(restrict or [], ops)
+    raise typer.Exit(rc)
 
 
 def main() -> None:

@@ -111,9 +111,16 @@ class Restore:
         fd = self.dirs.get(parent)
         if fd is not None:
             return fd
-        cur = self.dest_fd
+        # Start from the deepest cached ancestor: a deep tree costs one open
+        # per new directory, not one per component per entry.
+        up, _, comps = parent.rpartition(b"/")
+        rest = [comps]
+        while up and self.dirs.get(up) is None:
+            up, _, c = up.rpartition(b"/")
+            rest.append(c)
+        cur = self.dirs.get(up) if up else self.dest_fd
         opened = None
-        for comp in parent.split(b"/"):
+        for comp in reversed(rest):
             try:
                 nfd = os.open(comp, DIR_FLAGS, dir_fd=cur)
             except OSError as e:
@@ -122,7 +129,8 @@ class Restore:
                 if e.errno in (errno.ELOOP, errno.ENOTDIR):
                     raise ArchiveError(f"{os.fsdecode(parent)}: a component is not a directory "
                                        "(symlink?); refusing to follow it") from None
-                raise OSError(e.errno, e.strerror, os.path.join(self.dest, os.fsdecode(parent)))
+                raise OSError(e.errno, e.strerror,
+                              os.path.join(self.dest, os.fsdecode(parent))) from None
             if opened is not None:
                 os.close(opened)
             opened = cur = nfd
@@ -139,7 +147,8 @@ class Restore:
             if e.errno == errno.EEXIST:
                 raise UsageError(f"{os.path.join(self.dest, os.fsdecode(path))} exists; "
                                  "use --force to overwrite it") from None
-            raise OSError(e.errno, e.strerror, os.path.join(self.dest, os.fsdecode(path)))
+            raise OSError(e.errno, e.strerror,
+                          os.path.join(self.dest, os.fsdecode(path))) from None
 
     # -- run -------------------------------------------------------------------
 
@@ -147,13 +156,16 @@ class Restore:
         t0 = time.monotonic()
         from cloneaware.thin import open_manifest
 
-        sparse = open_manifest(self.archive) if self.archive != "-" else None
-        if sparse is not None:
+        given = not isinstance(self.archive, str)  # a file object: read it, do not close it
+        sparse = open_manifest(self.archive) if not given and self.archive != "-" else None
+        if given:
+            f = self.archive
+        elif sparse is not None:
             f, self.external_fd = sparse
         else:
             f = open_archive(self.archive)
         try:
-            if self.archive != "-":
+            if not given and self.archive != "-":
                 self._precheck(f)
             try:
                 self._restore(f)
@@ -162,7 +174,7 @@ class Restore:
             finally:
                 self._cleanup()
         finally:
-            if self.archive != "-":
+            if not given and self.archive != "-":
                 f.close()
             for fd in [*self.base_fds.values(), self.external_fd, self.dest_fd]:
                 if fd is not None:

@@ -90,7 +90,7 @@ def walk(paths: list, on_error: OnError, one_file_system: bool = True) -> Iterat
             dname, dsrc = stack.pop()
             try:
                 with os.scandir(dsrc) as it:
-                    children = sorted((e.name for e in it))
+                    children = sorted(e.name for e in it)
             except OSError as e:
                 on_error(dsrc, e.strerror or str(e))
                 continue
