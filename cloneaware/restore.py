@@ -332,8 +332,9 @@ class Restore:
             return
         tmp = self._tmpname(e.id)
         if e.kind == fmt.K_REG:
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         0o600, dir_fd=pfd)
+            # O_NOATIME: later copies read from this file, after its times are set
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+                         | os.O_NOATIME, 0o600, dir_fd=pfd)
             self.tmp = (pfd, tmp)
             self.cur_fd = fd
             self._file_start = self._filled()
@@ -380,7 +381,11 @@ class Restore:
         if fd is not None:
             return fd
         parent, name = self.placed[src.id]
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._dir(parent))
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:  # reading must not change the atime we restored
+            fd = os.open(name, flags | os.O_NOATIME, dir_fd=self._dir(parent))
+        except PermissionError:
+            fd = os.open(name, flags, dir_fd=self._dir(parent))
         self.srcs.put(src.id, fd)
         return fd
 

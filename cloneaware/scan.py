@@ -154,9 +154,17 @@ def scan(paths: list, one_file_system: bool = True, progress=None) -> ScanResult
     builder = extents.IndexBuilder()
     files: list[Node] = []
     skipped: list[tuple[bytes, str]] = []
+    inodes: set[tuple[int, int]] = set()
     for item in map_tree(paths, one_file_system):
         if item[0] == "file":
             _, node, info, ext = item
+            if node.st.st_nlink > 1:
+                # another name of a file already counted: it occupies nothing
+                # more and shares nothing (backup stores it as a hard link)
+                key = (node.st.st_dev, node.st.st_ino)
+                if key in inodes:
+                    continue
+                inodes.add(key)
             builder.add(fstab.number(info), node.st.st_size, ext)
             files.append(node)
             if progress:

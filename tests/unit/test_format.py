@@ -1,0 +1,378 @@
+"""The archive format's bytes (docs/FORMAT.md), with no filesystem: the test
+vectors printed in the spec, encode/decode round trips of every record,
+the checks a decoder must make, path rules, and a writer-to-reader round
+trip in memory."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import re
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+
+from cloneaware.archive import format as fmt
+from cloneaware.archive.reader import Stream, read_index
+from cloneaware.archive.writer import Writer
+from cloneaware.errors import ArchiveError, TruncatedArchive
+
+SPEC = Path(__file__).resolve().parents[2] / "docs" / "FORMAT.md"
+
+
+def make(cls, **kw):
+    """An instance of a record dataclass; fields not given are 0 / empty (so
+    the test does not break when a version adds counters)."""
+    args = {}
+    for f in dataclasses.fields(cls):
+        if f.name in kw:
+            args[f.name] = kw[f.name]
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            args[f.name] = b"" if f.type in ("bytes", bytes) else 0
+    return cls(**args)
+
+
+def spec_text() -> str:
+    return SPEC.read_text()
+
+
+# --- the spec's test vectors ---------------------------------------------------------
+
+def test_crc_check_value():
+    assert "0xCBF43926" in spec_text()
+    assert zlib.crc32(b"123456789") == 0xCBF43926
+    # the framing CRC is that CRC: over header and payload
+    rec = fmt.frame(0x8001, b"123456789")
+    assert rec[:8] == struct.pack("<HHI", 0x8001, 0, 9)
+    assert int.from_bytes(rec[-4:], "little") == zlib.crc32(rec[:-4])
+
+
+#: The END record of entry 0 with no data, per format version, as FORMAT.md
+#: gives it: frame header, zero payload, CRC.
+END_VECTORS = {
+    1: bytes.fromhex("05000000" "24000000" + "00" * 36 + "94fd92e3"),
+    2: bytes.fromhex("05000000" "38000000" + "00" * 56 + "44e9b266"),
+}
+END_CRCS = {1: 0xE392FD94, 2: 0x66B2E944}
+
+
+def test_end_record_vectors_are_self_consistent():
+    for v, vec in END_VECTORS.items():
+        assert int.from_bytes(vec[-4:], "little") == END_CRCS[v] == zlib.crc32(vec[:-4])
+        fmt.check_crc(vec[:8], vec[8:-4], vec[-4:], 0)
+
+
+def test_spec_states_the_end_vectors():
+    text = spec_text().lower()
+    for v in fmt.READ_VERSIONS:
+        assert f"0x{END_CRCS[v]:08x}" in text, v
+        assert " ".join(f"{b:02x}" for b in END_VECTORS[v][:8]) in text, v
+        assert " ".join(f"{b:02x}" for b in END_VECTORS[v][-4:]) in text, v
+
+
+def test_writer_produces_the_end_vector():
+    vec = END_VECTORS[fmt.WRITE_VERSION]
+    assert fmt.frame(fmt.T_END, fmt.End(0).encode()) == vec
+    assert fmt.check_frame_header(vec[:8], 0) == (fmt.T_END, len(vec) - 12)
+    assert fmt.End.decode(vec[8:-4], 0) == fmt.End(0)
+
+
+@pytest.mark.parametrize("version", sorted(END_VECTORS))
+def test_reader_decodes_the_end_vector(version):
+    if version not in fmt.READ_VERSIONS:
+        pytest.skip(f"this cloneaware does not read version {version}")
+    vec = END_VECTORS[version]
+    kw = {"version": version} if len(fmt.READ_VERSIONS) > 1 else {}
+    assert fmt.check_frame_header(vec[:8], 0, **kw) == (fmt.T_END, len(vec) - 12)
+    fmt.check_crc(vec[:8], vec[8:-4], vec[-4:], 0)
+    assert fmt.End.decode(vec[8:-4], 0, **kw) == fmt.End(0)
+
+
+def test_spec_and_code_agree_on_version_and_magic():
+    text = spec_text()
+    m = re.search(r"^# cloneaware archive format, version (\d+)", text, re.M)
+    assert m and int(m.group(1)) == fmt.WRITE_VERSION, (m and m.group(0), fmt.WRITE_VERSION)
+    assert fmt.MAGIC == bytes.fromhex("89434C4F4E454157") == b"\x89CLONEAW"
+    assert "89 43 4C 4F 4E 45 41 57" in text
+    # the footer is at a fixed distance from the end
+    assert fmt.FOOTER_SIZE == len(fmt.frame(fmt.T_FOOTER, make(fmt.Footer).encode()))
+
+
+# --- framing ---------------------------------------------------------------------------
+
+def test_every_bit_flip_in_a_record_is_caught():
+    rec = fmt.frame(fmt.T_REF, fmt.encode_ref(4096, 8192, 3, 0))
+    for i in range(len(rec)):
+        for bit in (0x01, 0x80):
+            bad = bytearray(rec)
+            bad[i] ^= bit
+            bad = bytes(bad)
+            with pytest.raises(ArchiveError):
+                rtype, length = fmt.check_frame_header(bad[:8], 100)
+                if length != len(bad) - 12:
+                    raise ArchiveError("length changed")
+                fmt.check_crc(bad[:8], bad[8:-4], bad[-4:], 100)
+
+
+def test_crc_error_names_the_offset():
+    rec = bytearray(fmt.frame(fmt.T_END, fmt.End(7).encode()))
+    rec[10] ^= 4
+    with pytest.raises(ArchiveError, match="offset 1234"):
+        fmt.check_crc(bytes(rec[:8]), bytes(rec[8:-4]), bytes(rec[-4:]), 1234)
+
+
+def test_frame_header_limits_and_types():
+    for rtype, limit in fmt.LIMITS.items():
+        assert fmt.check_frame_header(struct.pack("<HHI", rtype, 0, limit), 0) == (rtype, limit)
+        with pytest.raises(ArchiveError, match="limit"):
+            fmt.check_frame_header(struct.pack("<HHI", rtype, 0, limit + 1), 0)
+    with pytest.raises(ArchiveError, match="unknown record type"):
+        fmt.check_frame_header(struct.pack("<HHI", 0x7F00, 0, 4), 0)
+    # ancillary types are accepted (and skipped by readers)
+    assert fmt.check_frame_header(struct.pack("<HHI", 0x8123, 0, 4), 0) == (0x8123, 4)
+    with pytest.raises(ArchiveError, match="flags"):
+        fmt.check_frame_header(struct.pack("<HHI", fmt.T_REF, 1, 32), 0)
+    assert fmt.LIMITS[fmt.T_DATA] == 48 + 4 * 1024 * 1024
+    assert fmt.LIMITS[fmt.T_REF] == 32
+
+
+# --- records ----------------------------------------------------------------------------
+
+def test_header_round_trip_and_versions():
+    h = fmt.Header(created_ns=1_700_000_000_123_456_789, tool="cloneaware 9.9")
+    got = fmt.Header.decode(h.encode(), 8)
+    assert got == h and got.version == fmt.WRITE_VERSION and got.hash == fmt.HASH_SHA256
+    newer = dataclasses.replace(h, version=max(fmt.READ_VERSIONS) + 1).encode()
+    with pytest.raises(ArchiveError, match=str(max(fmt.READ_VERSIONS) + 1)):
+        fmt.Header.decode(newer, 8)
+    with pytest.raises(ArchiveError):
+        fmt.Header.decode(dataclasses.replace(h, version=0).encode(), 8)
+    with pytest.raises(ArchiveError, match="hash"):
+        fmt.Header.decode(dataclasses.replace(h, hash=9).encode(), 8)
+    with pytest.raises(ArchiveError):
+        fmt.Header.decode(h.encode() + b"\0", 8)
+
+
+ENTRIES = [
+    fmt.Entry(0, fmt.K_DIR, b"top", mode=0o1777, uid=1, gid=2, atime_ns=-1_000_000_001,
+              mtime_ns=-5, xattrs=[(b"user.a", b"1"), (b"system.posix_acl_default", b"\x02" * 28)]),
+    fmt.Entry(1, fmt.K_REG, b"top/bad\xff\nname -x", mode=0o4755, uid=2**32 - 2, gid=65534,
+              atime_ns=2**62, mtime_ns=1_700_000_000_999_999_999, size=fmt.SIZE_MAX,
+              eflags=fmt.EF_REFERENCED, xattrs=[(b"user.empty", b""),
+                                                (b"user.big", bytes(range(256)) * 256)]),
+    fmt.Entry(2, fmt.K_SYMLINK, b"top/l", mode=0o777, target=b"/abs/\xfe/target"),
+    fmt.Entry(3, fmt.K_HARDLINK, b"top/h", link=1),
+    fmt.Entry(4, fmt.K_FIFO, b"top/fifo", mode=0o640),
+    fmt.Entry(5, fmt.K_CHR, b"top/null", rdev=(1 << 8) | 3),
+    fmt.Entry(6, fmt.K_BLK, b"top/" + b"n" * 255, rdev=2**64 - 1),
+]
+
+
+@pytest.mark.parametrize("e", ENTRIES, ids=[fmt.KIND_NAMES[e.kind] for e in ENTRIES])
+def test_entry_round_trip(e):
+    buf = e.encode()
+    assert fmt.Entry.decode(buf, 0) == e
+    assert fmt.Entry.decode(memoryview(buf), 0) == e
+    with pytest.raises(ArchiveError):
+        fmt.Entry.decode(buf + b"\0", 0)  # bytes left over
+    with pytest.raises(ArchiveError):
+        fmt.Entry.decode(buf[:-1], 0)  # bytes missing
+
+
+def test_entry_decode_refuses_bad_fields():
+    good = fmt.Entry(0, fmt.K_REG, b"a", size=5)
+    bad = [
+        dataclasses.replace(good, kind=9),
+        dataclasses.replace(good, mode=0o17777),
+        dataclasses.replace(good, kind=fmt.K_DIR),  # a directory with a size
+        dataclasses.replace(good, path=b"../a"),
+        dataclasses.replace(good, path=b"/etc/passwd"),
+        dataclasses.replace(good, target=b"x"),  # only symlinks have targets
+        fmt.Entry(0, fmt.K_SYMLINK, b"l", target=b""),
+        fmt.Entry(0, fmt.K_SYMLINK, b"l", target=b"a\0b"),
+        dataclasses.replace(good, xattrs=[(b"", b"v")]),
+        dataclasses.replace(good, xattrs=[(b"user.x", b"v" * (fmt.XATTR_VALUE_MAX + 1))]),
+    ]
+    for e in bad:
+        with pytest.raises(ArchiveError):
+            fmt.Entry.decode(e.encode(), 0)
+    # an xattr count that cannot fit is refused before any loop runs
+    buf = bytearray(fmt.Entry(0, fmt.K_REG, b"a").encode())
+    buf[-4:] = struct.pack("<I", 2**32 - 1)
+    with pytest.raises(ArchiveError, match="xattr count"):
+        fmt.Entry.decode(bytes(buf), 0)
+
+
+def test_data_head_round_trip_and_checks():
+    sha = hashlib.sha256(b"x" * 100).digest()
+    head = fmt.encode_data_head(8192, 100, fmt.CODEC_NONE, sha)
+    assert len(head) == 48
+    payload = head + b"x" * 100
+    assert fmt.decode_data_head(payload, 0) == (8192, 100, fmt.CODEC_NONE, sha, 48)
+    z = fmt.encode_data_head(0, 4 << 20, fmt.CODEC_ZSTD, sha) + b"frame"
+    assert fmt.decode_data_head(z, 0)[:3] == (0, 4 << 20, fmt.CODEC_ZSTD)
+    for bad in [
+        head + b"x" * 99,  # stored chunk shorter than its length
+        head + b"x" * 101,
+        fmt.encode_data_head(0, 0, fmt.CODEC_NONE, sha),
+        fmt.encode_data_head(0, (4 << 20) + 1, fmt.CODEC_ZSTD, sha) + b"z",
+        fmt.encode_data_head(0, 100, 7, sha) + b"x" * 100,
+        fmt.encode_data_head(2**63 - 50, 100, fmt.CODEC_NONE, sha) + b"x" * 100,
+        head[:40],
+    ]:
+        with pytest.raises(ArchiveError):
+            fmt.decode_data_head(bad, 0)
+
+
+def test_ref_round_trip_and_checks():
+    buf = fmt.encode_ref(1 << 20, 3 << 20, 5, 4096)
+    assert len(buf) == 32
+    assert fmt.decode_ref(buf, 0) == (1 << 20, 3 << 20, 5, 4096)
+    for bad in [fmt.encode_ref(0, 0, 1, 0), buf + b"\0", buf[:-1],
+                fmt.encode_ref(0, 2**63, 1, 0)]:
+        with pytest.raises(ArchiveError):
+            fmt.decode_ref(bad, 0)
+
+
+def test_end_round_trip():
+    e = make(fmt.End, id=9, data_records=3, ref_records=4, stored_bytes=10 << 20,
+             ref_bytes=1 << 40)
+    assert fmt.End.decode(e.encode(), 0) == e
+    with pytest.raises(ArchiveError):
+        fmt.End.decode(e.encode() + b"\0", 0)
+    with pytest.raises(ArchiveError):
+        fmt.End.decode(e.encode()[:-1], 0)
+
+
+def test_index_round_trip():
+    items = [make(fmt.IndexItem, id=i, kind=k, size=s, stored_bytes=st, ref_bytes=rb,
+                  offset=o, path=p)
+             for i, (k, s, st, rb, o, p) in enumerate([
+                 (fmt.K_DIR, 0, 0, 0, 70, b"d"),
+                 (fmt.K_REG, 1 << 40, 1 << 20, 5 << 20, 200, b"d/\xff f"),
+                 (fmt.K_HARDLINK, 0, 0, 0, 4_000_000, b"d/h"),
+             ])]
+    buf = b"".join(it.encode() for it in items)
+    assert fmt.decode_index(buf, 0) == items
+    assert fmt.decode_index(b"", 0) == []
+    with pytest.raises(ArchiveError):
+        fmt.decode_index(buf[:-1], 0)
+    bad = bytearray(items[0].encode())
+    bad[8] = 99  # kind
+    with pytest.raises(ArchiveError, match="kind"):
+        fmt.decode_index(bytes(bad), 0)
+
+
+def test_footer_round_trip_and_self_offset():
+    f = make(fmt.Footer, index_offset=1000, index_records=1, entries=12, stored_bytes=5,
+             ref_bytes=6, footer_offset=2000)
+    assert fmt.Footer.decode(f.encode(), 2000) == f
+    with pytest.raises(ArchiveError):
+        fmt.Footer.decode(f.encode(), 2001)  # the footer is not where it says
+    g = dataclasses.replace(f, index_offset=3000)
+    with pytest.raises(ArchiveError):
+        fmt.Footer.decode(g.encode(), 2000)  # index after the footer
+    with pytest.raises(ArchiveError):
+        fmt.Footer.decode(f.encode()[:-1], 2000)
+
+
+# --- paths ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", [
+    b"a", b"a/b/c", b"-leading-dash", b"with space/new\nline", b"bad\xff\xfe",
+    b"n" * 255, b"/".join([b"d" * 200] * 20)[:4096].rstrip(b"/"), b"...", b".hidden", b"a..b",
+])
+def test_check_path_accepts(path):
+    assert len(path) <= 4096
+    assert fmt.check_path(path) == path.split(b"/")
+
+
+@pytest.mark.parametrize("path", [
+    b"", b"/", b"/abs", b"/a/b", b"..", b"a/..", b"../a", b"a/../b", b".", b"./a", b"a/.",
+    b"a//b", b"a/", b"a\0b", b"\0", b"n" * 256, b"a/" + b"n" * 256, b"a/" * 2048 + b"a",
+    b"d/" * 2048,
+])
+def test_check_path_refuses(path):
+    with pytest.raises(ArchiveError):
+        fmt.check_path(path, 77)
+
+
+# --- writer and reader together, in memory --------------------------------------------------
+
+def _sample_archive(ancillary: bool = False) -> bytes:
+    buf = io.BytesIO()
+    w = Writer(buf)
+    w.entry(fmt.Entry(0, fmt.K_DIR, b"top", mode=0o755))
+    data = bytes(range(256)) * 32  # 8 KiB
+    w.entry(fmt.Entry(0, fmt.K_REG, b"top/a", size=3 * 8192, eflags=fmt.EF_REFERENCED))
+    w.data(0, 8192, fmt.CODEC_NONE, hashlib.sha256(data).digest(), data)
+    w.ref(8192, 8192, 1, 0)  # shares with itself
+    w.end()
+    if ancillary:
+        w._write(fmt.frame(0x8042, b"an ancillary record a reader must skip"))
+    w.entry(fmt.Entry(0, fmt.K_REG, b"top/b", size=8192))
+    w.ref(0, 8192, 1, 0)
+    w.end()
+    w.entry(fmt.Entry(0, fmt.K_HARDLINK, b"top/c", link=2))
+    w.entry(fmt.Entry(0, fmt.K_SYMLINK, b"top/s", mode=0o777, target=b"a"))
+    w.finish()
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("ancillary", [False, True])
+def test_writer_reader_round_trip(ancillary):
+    raw = _sample_archive(ancillary)
+    assert raw.startswith(fmt.MAGIC)
+    events = list(Stream(io.BytesIO(raw)).events())
+    kinds = [ev[0] for ev in events]
+    assert kinds == ["entry", "entry", "data", "ref", "end", "entry", "ref", "end", "entry",
+                     "entry", "footer"]
+    assert events[1][1].path == b"top/a" and events[1][1].size == 3 * 8192
+    assert events[2][3] == bytes(range(256)) * 32
+    assert events[3][2:6:3] == (8192, 0) and events[3][4].path == b"top/a"
+    assert events[6][4].path == b"top/a"
+    header, items, footer = _index(raw)
+    assert [i.path for i in items] == [b"top", b"top/a", b"top/b", b"top/c", b"top/s"]
+    assert [(i.stored_bytes, i.ref_bytes) for i in items[1:3]] == [(8192, 8192), (0, 8192)]
+    assert footer.entries == 5 and footer.stored_bytes == 8192 and footer.ref_bytes == 16384
+    assert footer.footer_offset == len(raw) - fmt.FOOTER_SIZE
+
+
+def _index(raw: bytes):
+    r = read_index(io.BytesIO(raw))
+    if isinstance(r, tuple):
+        return r
+    return r.header, r.items, r.footer
+
+
+def test_reader_refuses_truncation_at_every_record_boundary():
+    raw = _sample_archive()
+    for n in list(range(0, 40)) + list(range(40, len(raw), 7)) + [len(raw) - 1]:
+        with pytest.raises(ArchiveError) as ei:
+            list(Stream(io.BytesIO(raw[:n])).events())
+        if n >= len(fmt.MAGIC):
+            assert isinstance(ei.value, TruncatedArchive), (n, ei.value)
+
+
+def test_reader_refuses_every_single_byte_change():
+    raw = _sample_archive()
+    for i in range(0, len(raw), 3):
+        bad = bytearray(raw)
+        bad[i] ^= 0x40
+        with pytest.raises(ArchiveError):
+            list(Stream(io.BytesIO(bytes(bad))).events())
+
+
+def test_reader_refuses_a_forward_reference():
+    buf = io.BytesIO()
+    w = Writer(buf)
+    w.entry(fmt.Entry(0, fmt.K_REG, b"a", size=4096))
+    w.ref(0, 4096, 1, 0)  # entry 1 comes later
+    w.end()
+    w.entry(fmt.Entry(0, fmt.K_REG, b"b", size=4096))
+    w.end()
+    w.finish()
+    with pytest.raises(ArchiveError, match="forward"):
+        list(Stream(io.BytesIO(buf.getvalue())).events())
