@@ -123,9 +123,12 @@ def fideduperange(src_fd, src_offset: int, length: int,
                   dests: list[tuple[int, int]], path=None) -> list[DedupeResult]:
     """FIDEDUPERANGE, looping while the kernel dedupes fewer bytes than asked.
 
-    Returns per destination the total bytes deduped and the final status:
-    SAME only if the whole range was deduped.  A destination that answers
-    DIFFERS or an error is not retried.
+    Returns per destination the total bytes deduped and the last status.
+    The whole range was deduped only when the status is SAME *and*
+    bytes_deduped == length: a kernel that stops making progress leaves a
+    SAME with a shorter count.  A destination that answers DIFFERS or an
+    error is not retried.  (Linux 6.18 dedupes 40 MiB in one call and
+    reports an unaligned length as deduped while sharing only whole blocks.)
     """
     results = [DedupeResult(0, DEDUPE_SAME) for _ in dests]
     pending = list(range(len(dests)))
