@@ -72,8 +72,13 @@ def parse_compress(spec: str) -> tuple[int, int]:
 
 
 class _Chunker:
-    """Reads, hashes and compresses chunks on worker threads (hashlib and
-    zstandard release the GIL), handing results back in order."""
+    """Reads, hashes, compresses and frames DATA records on worker threads
+    (os.pread, hashlib, zstandard and zlib.crc32 release the GIL), so the
+    main thread only writes finished records, in order."""
+
+    #: Try zstd on this much of a chunk first; store the chunk raw if that
+    #: sample does not shrink (random or already compressed data).
+    SAMPLE = 64 << 10
 
     def __init__(self, codec: int, level: int, workers: int = 3):
         self.codec = codec
@@ -81,35 +86,44 @@ class _Chunker:
         self.pool = ThreadPoolExecutor(max_workers=workers)
         self.local = threading.local()
 
-    def _job(self, fd: int, offset: int, length: int, hash_only: bool = False):
+    def _read(self, fd: int, offset: int, length: int) -> tuple[bytes, int]:
         data = os.pread(fd, length, offset)
         got = len(data)
         if got < length:  # the file shrank while we read it
             data += bytes(length - got)
+        return data, got
+
+    def _compress(self, data: bytes):
+        c = getattr(self.local, "c", None)
+        if c is None:
+            import zstandard
+
+            c = self.local.c = zstandard.ZstdCompressor(level=self.level)
+        if len(data) > 2 * self.SAMPLE and \
+                len(c.compress(data[:self.SAMPLE])) > self.SAMPLE * 0.97:
+            return None
+        z = c.compress(data)
+        return z if len(z) < len(data) else None
+
+    def data_job(self, fd: int, offset: int, length: int):
+        """-> (length, bytes read, the parts of a whole DATA record)."""
+        data, got = self._read(fd, offset, length)
         sha = hashlib.sha256(data).digest()
         codec, payload = fmt.CODEC_NONE, data
-        if hash_only:
-            payload = None
-        elif self.codec == fmt.CODEC_ZSTD:
-            c = getattr(self.local, "c", None)
-            if c is None:
-                import zstandard
-
-                c = self.local.c = zstandard.ZstdCompressor(level=self.level)
-            z = c.compress(data)
-            if len(z) < len(data):
+        if self.codec == fmt.CODEC_ZSTD:
+            z = self._compress(data)
+            if z is not None:
                 codec, payload = fmt.CODEC_ZSTD, z
-        return offset, length, codec, sha, payload, got
+        head = fmt.encode_data_head(offset, length, codec, sha)
+        return length, got, fmt.frame_parts(fmt.T_DATA, head, payload)
 
-    def run(self, fd: int, ranges, depth: int = 6, hash_only: bool = False):
-        """Yield job results for (offset, length) ranges, in order."""
-        q: collections.deque = collections.deque()
-        for off, ln in ranges:
-            q.append(self.pool.submit(self._job, fd, off, ln, hash_only))
-            if len(q) >= depth:
-                yield q.popleft().result()
-        while q:
-            yield q.popleft().result()
+    def hash_job(self, fd: int, offset: int, length: int):
+        """-> (sha256, bytes read)."""
+        data, got = self._read(fd, offset, length)
+        return hashlib.sha256(data).digest(), got
+
+    def submit(self, fn, *args):
+        return self.pool.submit(fn, *args)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -454,64 +468,66 @@ class Backup:
         finally:
             os.close(fd)
 
+    #: chunks in flight on the workers (each up to CHUNK_MAX bytes)
+    DEPTH = 8
+
     def _write_pieces(self, w: Writer, fd: int, pieces, chunker, entry_of_file, invalid,
                       fileno: int) -> bool:
-        """Write DATA and REF records for one file; returns True on a short read."""
-        s = self.summary
-        short = False
-        run: list[tuple[int, int]] = []  # stored ranges waiting to be read
-
-        def flush():
-            nonlocal short
-            if run:
-                short |= self._store(w, fd, run, chunker)
-            run.clear()
-
+        """Write one file's DATA, REF and BASEREF records, in order, with up
+        to DEPTH chunks read ahead across references; True on a short read."""
+        ops = []  # (kind, offset, length, a, b) in file order
         for logical, length, ref_file, ref_logical in pieces:
             if ref_file in self.base_files:
-                flush()
-                short |= self._write_baserefs(w, fd, logical, length, ref_file, ref_logical,
-                                              chunker)
+                ops += [("base", off, ln, ref_file, ref_logical + (off - logical))
+                        for off, ln in _chunks([(logical, length)])]
                 continue
             src = entry_of_file.get(ref_file) if ref_file >= 0 else None
             if ref_file < 0 or ref_file in invalid or src is None:
-                run.append((logical, length))
-                continue
-            flush()
-            w.ref(logical, length, src, ref_logical)
-            s.referenced_bytes += length
-        flush()
+                os.posix_fadvise(fd, logical, length, os.POSIX_FADV_WILLNEED)
+                ops += [("data", off, ln, 0, 0) for off, ln in _chunks([(logical, length)])]
+            else:
+                ops.append(("ref", logical, length, src, ref_logical))
+        short = False
+        pending: collections.deque = collections.deque()
+        nxt = 0
+        while nxt < len(ops) or pending:
+            while nxt < len(ops) and len(pending) < self.DEPTH:
+                op = ops[nxt]
+                nxt += 1
+                fut = None
+                if op[0] == "data":
+                    fut = chunker.submit(self._data_job(chunker), fd, op[1], op[2])
+                elif op[0] == "base":
+                    fut = chunker.submit(chunker.hash_job, fd, op[1], op[2])
+                pending.append((op, fut))
+            op, fut = pending.popleft()
+            if op[0] == "ref":
+                w.ref(op[1], op[2], op[3], op[4])
+                self.summary.referenced_bytes += op[2]
+            elif op[0] == "base":
+                sha, got = fut.result()
+                w.baseref(op[1], op[2], op[3], op[4], sha)
+                self.summary.base_referenced_bytes += op[2]
+                self.summary.bytes_read += got
+                short |= got < op[2]
+            else:
+                short |= self._emit_data(w, fd, op[1], op[2], fut.result())
         return short
 
-    def _store(self, w: Writer, fd: int, run: list[tuple[int, int]], chunker) -> bool:
-        """Store ranges of the file as DATA; True if the file was short."""
-        s = self.summary
-        short = False
-        for off, ln in run:  # start readahead of the whole run at once
-            os.posix_fadvise(fd, off, ln, os.POSIX_FADV_WILLNEED)
-        for off, ln, codec, sha, payload, got in chunker.run(fd, _chunks(run)):
-            w.data(off, ln, codec, sha, payload)
-            s.stored_bytes += ln
-            s.bytes_read += got
-            short |= got < ln
-            if self.progress:
-                self.progress.advance(ln)
-        return short
+    def _data_job(self, chunker):
+        """The worker function for stored data (SparseBackup stores it elsewhere)."""
+        return chunker.data_job
 
-    def _write_baserefs(self, w: Writer, fd: int, logical: int, length: int, number: int,
-                        base_offset: int, chunker) -> bool:
-        """BASEREF records for a range shared with the base, each with the
-        SHA-256 of the clone's bytes there (read from the clone, which is
-        what a restore must reproduce)."""
+    def _emit_data(self, w: Writer, fd: int, offset: int, length: int, result) -> bool:
+        """Write a stored chunk the worker prepared; True if the file was short."""
+        _ln, got, parts = result
+        w.data_record(parts, length)
         s = self.summary
-        short = False
-        for off, ln, _c, sha, _p, got in chunker.run(fd, _chunks([(logical, length)]),
-                                                    hash_only=True):
-            w.baseref(off, ln, number, base_offset + (off - logical), sha)
-            s.base_referenced_bytes += ln
-            s.bytes_read += got
-            short |= got < ln
-        return short
+        s.stored_bytes += length
+        s.bytes_read += got
+        if self.progress:
+            self.progress.advance(length)
+        return got < length
 
 
 def backup(paths: list, output: str, **kw) -> Summary:

@@ -167,7 +167,7 @@ class IndexBuilder:
         d = data_ranges(ext, size)
         if len(d):
             self._maps.append(d)
-            self._files.append(np.full(len(d), n, dtype=np.int64))
+            self._files.append(np.full(len(d), n, dtype=np.int32))
             self._fs.append(np.full(len(d), fs, dtype=np.int32))
         return n
 
@@ -219,7 +219,7 @@ def build_plan(ext: np.ndarray, files: np.ndarray, fs: np.ndarray,
 
     sweep = np.nonzero(~own)[0]
     if len(sweep):
-        for g in np.unique(fs[sweep]):
+        for g in _unique(fs[sweep]):
             idx = sweep[fs[sweep] == g]
             parts.append(_sweep(ext, files, idx, t))
 
@@ -254,6 +254,18 @@ def _encoded_physical(ext: np.ndarray, fs: np.ndarray) -> int:
     return total
 
 
+def _unique(a: np.ndarray) -> np.ndarray:
+    """Sorted distinct values: np.unique without its overhead (numpy 2.x's
+    np.unique is many times slower than a sort on millions of values)."""
+    if len(a) == 0:
+        return a
+    a = np.sort(a)
+    keep = np.empty(len(a), dtype=bool)
+    keep[0] = True
+    np.not_equal(a[1:], a[:-1], out=keep[1:])
+    return a[keep]
+
+
 def _min_cover(si: np.ndarray, ei: np.ndarray, val: np.ndarray, nseg: int) -> np.ndarray:
     """For each segment j in [0, nseg), the minimum val[r] over ranges with
     si[r] <= j < ei[r]; -1 where no range covers j.
@@ -264,11 +276,12 @@ def _min_cover(si: np.ndarray, ei: np.ndarray, val: np.ndarray, nseg: int) -> np
     n = 1
     while n < max(nseg, 1):
         n *= 2
-    big = np.iinfo(np.int64).max
-    tree = np.full(2 * n, big, dtype=np.int64)
-    lo = si.astype(np.int64) + n
-    hi = ei.astype(np.int64) + n
-    v = val.astype(np.int64)
+    dt = np.int32 if 2 * n < 2**31 and len(val) < 2**31 - 1 else np.int64
+    big = np.iinfo(dt).max
+    tree = np.full(2 * n, big, dtype=dt)
+    lo = si.astype(dt) + n
+    hi = ei.astype(dt) + n
+    v = val.astype(dt)
     while True:
         act = lo < hi
         if not act.any():
@@ -287,7 +300,8 @@ def _min_cover(si: np.ndarray, ei: np.ndarray, val: np.ndarray, nseg: int) -> np
         np.minimum(tree[2 * k:4 * k:2], parent, out=tree[2 * k:4 * k:2])
         np.minimum(tree[2 * k + 1:4 * k:2], parent, out=tree[2 * k + 1:4 * k:2])
         k *= 2
-    out = tree[n:n + nseg]
+    out = tree[n:n + nseg].astype(np.int64)  # a copy: the tree can go
+    del tree
     out[out == big] = -1
     return out
 
@@ -303,9 +317,10 @@ def _sweep(ext: np.ndarray, files: np.ndarray, idx: np.ndarray, t: Totals) -> np
     r = len(idx)
     order = np.arange(r, dtype=np.int64)  # idx is in walk order
 
-    points = np.unique(np.concatenate([ps, pe]))
-    si = np.searchsorted(points, ps)
-    ei = np.searchsorted(points, pe)
+    points = _unique(np.concatenate([ps, pe]))
+    idx_t = np.int32 if len(points) < 2**31 else np.int64
+    si = np.searchsorted(points, ps).astype(idx_t)
+    ei = np.searchsorted(points, pe).astype(idx_t)
     nseg = len(points) - 1
     seglen = (points[1:] - points[:-1]).astype(np.uint64)
 

@@ -256,6 +256,47 @@ def push_restore(archive: str, dest: str, force: bool, base: str | None, trust_b
 
 # --- the server ------------------------------------------------------------------
 
+WRITEBACK_STEP = 16 << 20
+_sync_file_range = None
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """sync_file_range(SYNC_FILE_RANGE_WRITE): queue a range for writeback
+    without waiting for it (best effort; the fsync at the end is the guarantee)."""
+    global _sync_file_range
+    if _sync_file_range is None:
+        import ctypes
+
+        try:
+            f = ctypes.CDLL(None, use_errno=True).sync_file_range
+            f.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+            f.restype = ctypes.c_int
+        except (OSError, AttributeError):
+            f = False
+        _sync_file_range = f
+    if _sync_file_range:
+        _sync_file_range(fd, offset, length, 2)  # SYNC_FILE_RANGE_WRITE
+
+
+def _rename_noreplace(dfd: int, src: bytes, dst: bytes) -> None:
+    """renameat2(RENAME_NOREPLACE) through libc: importing cloneaware.ioctl
+    (numpy, the extension) for this one call would cost most of a second
+    after the last byte arrived; it stays the fallback."""
+    import ctypes
+
+    try:
+        f = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        from cloneaware import ioctl
+
+        ioctl.renameat2(dfd, src, dfd, dst, noreplace=True)
+        return
+    f.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    f.restype = ctypes.c_int
+    if f(dfd, src, dfd, dst, 1) != 0:  # RENAME_NOREPLACE
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), os.fsdecode(dst))
+
 class Server:
     def __init__(self, restrict: list[str], allow: list[str]):
         self.restrict = [os.path.realpath(p) for p in restrict]
@@ -321,7 +362,7 @@ class Server:
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
                      0o600)
         try:
-            total = 0
+            total = queued = 0
             with os.fdopen(fd, "r+b", closefd=False) as f:
                 while True:
                     b = stdin.read1(1 << 20) if hasattr(stdin, "read1") else stdin.read(1 << 20)
@@ -329,6 +370,12 @@ class Server:
                         break
                     f.write(b)
                     total += len(b)
+                    if total - queued >= WRITEBACK_STEP:
+                        # Start writing out what arrived while more arrives, so
+                        # that the fsync at the end waits for the tail only.
+                        f.flush()
+                        _start_writeback(fd, queued, total - queued)
+                        queued = total
                 f.flush()
                 os.fsync(fd)
                 try:
@@ -340,12 +387,10 @@ class Server:
             if force:
                 os.replace(tmp, real)
             else:
-                from cloneaware import ioctl
-
                 dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                 try:
-                    ioctl.renameat2(dfd, os.fsencode(os.path.basename(tmp)), dfd,
-                                    os.fsencode(name), noreplace=True)
+                    _rename_noreplace(dfd, os.fsencode(os.path.basename(tmp)),
+                                      os.fsencode(name))
                 finally:
                     os.close(dfd)
             tmp = None

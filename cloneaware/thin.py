@@ -19,7 +19,7 @@ import secrets
 import stat
 
 from cloneaware.archive import format as fmt
-from cloneaware.backup import Backup, _chunks
+from cloneaware.backup import Backup
 from cloneaware.errors import ArchiveError, UsageError
 
 XATTR = "user.cloneaware.manifest"
@@ -108,28 +108,28 @@ class SparseBackup(Backup):
         self.out = _SparseOutput(self.output, size, self.force)
         return self.out
 
-    def _store(self, w, fd: int, run, chunker) -> bool:
+    def _data_job(self, chunker):
+        return chunker.hash_job
+
+    def _emit_data(self, w, fd: int, offset: int, length: int, result) -> bool:
         """Put derivative data into the sparse file at its own offset (reflinked
         by copy_file_range where the filesystem can) and describe it by an
         EXTERNAL record with its hash."""
-        s = self.summary
-        short = False
+        sha, got = result
         out = self.out.fd
-        for off, ln, _c, sha, _p, got in chunker.run(fd, _chunks(run), hash_only=True):
-            done = 0
-            while done < got:
-                n = os.copy_file_range(fd, out, got - done, off + done, off + done)
-                if n == 0:
-                    break
-                done += n
-            if done < ln:
-                short = True
-            w.external(off, ln, sha)
-            s.stored_bytes += ln
-            s.bytes_read += got
-            if self.progress:
-                self.progress.advance(ln)
-        return short
+        done = 0
+        while done < got:
+            n = os.copy_file_range(fd, out, got - done, offset + done, offset + done)
+            if n == 0:
+                break
+            done += n
+        w.external(offset, length, sha)
+        s = self.summary
+        s.stored_bytes += length
+        s.bytes_read += got
+        if self.progress:
+            self.progress.advance(length)
+        return done < length
 
 
 def open_manifest(path: str):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -99,26 +100,63 @@ class Stream:
         self.complete: set[int] = set()  # REG entries whose END was read
         self.base: fmt.Base | None = None
         self.base_files: dict[int, fmt.BaseFile] = {}
-        self._dctx = None
+        self._local = threading.local()
 
     def _decompress(self, data, length: int, offset: int) -> bytes:
         import zstandard
 
-        if self._dctx is None:
-            self._dctx = zstandard.ZstdDecompressor()
+        dctx = getattr(self._local, "dctx", None)
+        if dctx is None:
+            dctx = self._local.dctx = zstandard.ZstdDecompressor()
         try:
             params = zstandard.get_frame_parameters(data)
             if params.content_size not in (length, zstandard.CONTENTSIZE_UNKNOWN):
                 raise ArchiveError(f"zstd frame claims {params.content_size} bytes, "
                                    f"the record {length}", offset)
-            out = self._dctx.decompress(data, max_output_size=length)
+            out = dctx.decompress(data, max_output_size=length)
         except zstandard.ZstdError as e:
             raise ArchiveError(f"bad zstd data: {e}", offset) from None
         if len(out) != length:
             raise ArchiveError(f"zstd data gave {len(out)} bytes, expected {length}", offset)
         return out
 
+    def _decode(self, raw, codec: int, length: int, sha: bytes, off: int, path: bytes,
+                foff: int):
+        """Decompress and hash-check one DATA record (on a worker thread)."""
+        data = self._decompress(raw, length, off) if codec == fmt.CODEC_ZSTD else raw
+        if self.check_hashes and hashlib.sha256(data).digest() != sha:
+            raise ArchiveError(f"SHA-256 mismatch in data of {os.fsdecode(path)} "
+                               f"at file offset {foff}", off)
+        return data
+
+    #: DATA records decoded ahead of the consumer, on two threads
+    DEPTH = 8
+
     def events(self):
+        """The events, in archive order.  DATA records are decompressed and
+        hash-checked on worker threads, up to DEPTH records ahead."""
+        import collections
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(max_workers=2)
+        q: collections.deque = collections.deque()
+
+        def resolve(ev):
+            if ev[0] == "data":
+                return ev[:3] + (ev[3].result(),) + ev[4:]
+            return ev
+
+        try:
+            for ev in self._events(pool):
+                q.append(ev)
+                while q and (q[0][0] != "data" or len(q) > self.DEPTH):
+                    yield resolve(q.popleft())
+            while q:
+                yield resolve(q.popleft())
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _events(self, pool):
         r = self.r
         r.magic()
         recs = r.records()
@@ -168,16 +206,12 @@ class Stream:
                 foff, length, codec, sha, start = fmt.decode_data_head(payload, off)
                 self._check_range(cur, foff, length, off)
                 raw = memoryview(payload)[start:]
-                data = self._decompress(raw, length, off) if codec == fmt.CODEC_ZSTD \
-                    else bytes(raw)
-                if self.check_hashes and hashlib.sha256(data).digest() != sha:
-                    raise ArchiveError(
-                        f"SHA-256 mismatch in data of {os.fsdecode(cur.entry.path)} "
-                        f"at file offset {foff}", off)
+                fut = pool.submit(self._decode, raw, codec, length, sha, off, cur.entry.path,
+                                  foff)
                 cur.pos = foff + length
                 cur.counts[0] += 1
                 cur.counts[4] += length
-                yield ("data", cur, foff, data, off)
+                yield ("data", cur, foff, fut, off)
             elif rtype == fmt.T_BASEREF:
                 if cur is None:
                     raise ArchiveError("BASEREF outside a regular file", off)

@@ -105,6 +105,13 @@ class Writer:
         self._cur.data_records += 1
         self._cur.stored_bytes += length
 
+    def data_record(self, parts: list, length: int) -> None:
+        """A DATA record already framed (by a worker thread) of ``length`` bytes."""
+        for p in parts:
+            self._write(p)
+        self._cur.data_records += 1
+        self._cur.stored_bytes += length
+
     def ref(self, offset: int, length: int, src_id: int, src_offset: int) -> None:
         self._write(fmt.frame(fmt.T_REF, fmt.encode_ref(offset, length, src_id, src_offset)))
         self._cur.ref_records += 1
