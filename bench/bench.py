@@ -1,0 +1,544 @@
+#!/usr/bin/env python3
+"""cloneaware beside tar, rsync, cp --reflink and btrfs send/receive, in one run.
+
+Builds a clone family on throwaway loopback filesystems, times every tool
+from a cold page cache, and prints seconds, sizes and the ratios the project
+is judged by (issue 5).  Absolute times on a shared machine are noise; the
+ratios between tools measured in the same run are the result.
+
+Layout (three sparse images under a temporary directory; TMPDIR is honoured):
+
+- Btrfs: the source.  The family is built in the subvolume ``src`` and a
+  read-only snapshot ``snap`` of it is what every tool reads (btrfs send
+  needs one).  Btrfs restores go to directories next to it, outside the
+  subvolume, and are deleted once measured.
+- XFS (reflink=1): the second restore target.
+- ext4: the "archive disk".  The cloneaware archives, the tar file and the
+  btrfs send stream are written here, and restores read them from here, so
+  every tool reads from one filesystem and writes to another.
+
+Every timed step starts after ``sync`` and ``echo 3 > /proc/sys/vm/drop_caches``
+and ends after ``sync`` (cloneaware restore syncs its destination itself;
+the others get the same for fairness).  Needs root.
+
+    python3 bench/bench.py                         # the default family (~5 min)
+    python3 bench/bench.py --size 64 --clones 3 --files 50   # a quick check
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from bisect import bisect_left
+from pathlib import Path
+
+MiB = 1 << 20
+GiB = 1 << 30
+CLONEAWARE = [sys.executable, "-P", "-m", "cloneaware.cli"]
+
+# Targets from issue 5: ratio name -> upper bound.
+TARGETS = {
+    "backup_vs_send": 1.0,
+    "backup_vs_tar": 0.2,
+    "restore_btrfs_vs_receive": 1.0,
+    "archive_vs_physical": 1.02,
+    "usage_btrfs": 1.02,
+    "usage_xfs": 1.02,
+    "backup_vs_limit": 3.0,
+}
+
+
+class BenchError(Exception):
+    pass
+
+
+def _on_term(signum, frame):
+    raise KeyboardInterrupt
+
+
+def log(msg: str) -> None:
+    sys.stderr.write(f"bench: {msg}\n")
+    sys.stderr.flush()
+
+
+def run(cmd: list, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kw)
+    if check and r.returncode != 0:
+        raise BenchError(f"{' '.join(map(str, cmd))} exited {r.returncode}: "
+                         f"{(r.stderr or r.stdout).strip()[-2000:]}")
+    return r
+
+
+def drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def child_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def self_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def timed(fn) -> dict:
+    """Cold cache, run fn, sync; wall and CPU seconds (children and self)."""
+    drop_caches()
+    c0, s0 = child_cpu(), self_cpu()
+    t0 = time.monotonic()
+    out = fn()
+    os.sync()
+    t = time.monotonic() - t0
+    return {"seconds": t, "cpu_seconds": (child_cpu() - c0) + (self_cpu() - s0), "out": out}
+
+
+def scan(path: Path) -> dict:
+    """cloneaware scan --json totals (exit 0, or 1 for warnings, both give JSON)."""
+    r = run(CLONEAWARE + ["scan", "--json", path], check=False)
+    try:
+        return json.loads(r.stdout)["totals"]
+    except (ValueError, KeyError):
+        raise BenchError(f"cloneaware scan {path} failed ({r.returncode}): "
+                         f"{r.stderr.strip()[-2000:]}") from None
+
+
+# --- the family -----------------------------------------------------------------
+
+def build_family(root: Path, size: int, clones: int, change: float, files: int,
+                 seed: int) -> dict:
+    """A base image, reflinked clones each partly rewritten in scattered 64 KiB
+    blocks, and a tree of small files of mixed sizes and compressibility."""
+    from cloneaware.testing import reflink_copy, rewrite_blocks, write_random
+
+    images = root / "images"
+    images.mkdir(parents=True)
+    base = images / "base.img"
+    write_random(base, size, seed)
+    rewritten = 0
+    for i in range(clones):
+        c = images / f"clone{i:02d}.img"
+        reflink_copy(base, c)
+        rewritten += rewrite_blocks(c, change, seed + 100 + i)
+    rng = random.Random(seed + 7)
+    small = 0
+    ndirs = max(1, files // 50)
+    for i in range(files):
+        d = root / "etc" / f"d{i % ndirs:02d}"
+        d.mkdir(parents=True, exist_ok=True)
+        n = int(2 ** rng.uniform(6, 16))  # 64 B .. 64 KiB, log-uniform
+        if i % 2:
+            data = rng.randbytes(n)
+        else:
+            line = b"option_%d = %d\n" % (i, rng.randrange(1 << 30))
+            data = (line * (n // len(line) + 1))[:n]
+        (d / f"f{i:04d}.conf").write_bytes(data)
+        small += n
+    os.sync()
+    return {"base": base, "rewritten_bytes": rewritten, "small_bytes": small,
+            "logical_bytes": size * (clones + 1) + small}
+
+
+# --- the physical limit -----------------------------------------------------------
+
+def physical_reads(tree: Path) -> list[tuple[Path, int, int]]:
+    """(file, offset, length) reads that cover each physical byte of the tree
+    once, the first place (in sorted walk order) that maps it: all of the
+    base, the clones' rewritten extents, and the small files' data.
+    Inline and compressed extents are read as the file's own."""
+    from cloneaware import ioctl
+    from cloneaware.extents import data_ranges, is_own
+
+    starts: list[int] = []  # disjoint physical intervals seen, sorted
+    ends: list[int] = []
+
+    def uncovered(a: int, b: int) -> list[tuple[int, int]]:
+        out = []
+        i = bisect_left(ends, a + 1)  # first interval ending after a
+        pos = a
+        while pos < b and i < len(starts) and starts[i] < b:
+            if starts[i] > pos:
+                out.append((pos, starts[i]))
+            pos = max(pos, ends[i])
+            i += 1
+        if pos < b:
+            out.append((pos, b))
+        return out
+
+    def add(a: int, b: int) -> None:
+        i = bisect_left(ends, a)
+        j = i
+        while j < len(starts) and starts[j] <= b:
+            a, b = min(a, starts[j]), max(b, ends[j])
+            j += 1
+        starts[i:j] = [a]
+        ends[i:j] = [b]
+
+    reads = []
+    for dirpath, dirnames, filenames in os.walk(tree):
+        dirnames.sort()
+        for name in sorted(filenames):
+            p = Path(dirpath) / name
+            with open(p, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                d = data_ranges(ioctl.fiemap(f.fileno(), str(p)), size)
+            own = is_own(d["flags"], d["physical"])
+            for (lg, ph, ln), o in zip(d[["logical", "physical", "length"]].tolist(),
+                                       own.tolist()):
+                if o:
+                    reads.append((p, lg, ln))
+                    continue
+                for a, b in uncovered(ph, ph + ln):
+                    reads.append((p, lg + (a - ph), b - a))
+                    add(a, b)
+    # merge logically contiguous reads of one file
+    merged: list[tuple[Path, int, int]] = []
+    for p, off, ln in sorted(reads, key=lambda r: (str(r[0]), r[1])):
+        if merged and merged[-1][0] == p and merged[-1][1] + merged[-1][2] == off:
+            merged[-1] = (p, merged[-1][1], merged[-1][2] + ln)
+        else:
+            merged.append((p, off, ln))
+    return merged
+
+
+def read_ranges(reads: list[tuple[Path, int, int]], chunk: int = 1 << 20) -> int:
+    """Read each range once, in order, with 1 MiB preads (like cat)."""
+    total = 0
+    buf = bytearray(chunk)
+    mv = memoryview(buf)
+    cur, fd = None, -1
+    try:
+        for p, off, ln in reads:
+            if p != cur:
+                if fd >= 0:
+                    os.close(fd)
+                fd, cur = os.open(p, os.O_RDONLY), p
+            end = off + ln
+            while off < end:
+                n = os.preadv(fd, [mv[:min(chunk, end - off)]], off)
+                if n <= 0:
+                    break
+                off += n
+                total += n
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    return total
+
+
+# --- the run ----------------------------------------------------------------------
+
+def remove(path: Path, subvol: Path | None = None) -> None:
+    """Delete a restore (a received subvolume with btrfs subvolume delete)."""
+    if subvol is not None and subvol.exists():
+        run(["btrfs", "subvolume", "delete", "-c", subvol])
+    shutil.rmtree(path, ignore_errors=True)
+    os.sync()
+
+
+def check_tools() -> None:
+    if os.geteuid() != 0:
+        raise BenchError("needs root (loop mounts, drop_caches)")
+    need = ["mkfs.btrfs", "btrfs", "mkfs.xfs", "mkfs.ext4", "tar", "rsync", "cp", "losetup"]
+    missing = [c for c in need if shutil.which(c) is None]
+    if missing:
+        raise BenchError(f"missing tools: {' '.join(missing)} (run 'make setup')")
+    from cloneaware.testing import missing_capability
+
+    for kind in ("btrfs", "xfs", "ext4"):
+        why = missing_capability(kind)
+        if why:
+            raise BenchError(f"{kind}: {why}")
+
+
+def bench(args, root: Path, mounted: list) -> dict:
+    from cloneaware.testing import make_loopfs
+
+    size = args.size * MiB
+    logical = size * (args.clones + 1) + args.files * 64 * 1024
+    physical = int(size * (1 + args.clones * args.change)) + args.files * 64 * 1024
+    sizes = {
+        # family + one logical restore at a time + the small restores, with room
+        # for Btrfs metadata (DUP) and space freed only at the next commit
+        "btrfs": int(1.5 * logical + 3 * physical) + GiB,
+        "xfs": int(1.3 * logical + 2 * physical) + GiB // 2,
+        "ext4": int(1.1 * logical + 4 * physical) + GiB // 2,
+    }
+    free = shutil.disk_usage(root).free
+    if free < sum(sizes.values()):
+        log(f"warning: {root} has {free / GiB:.1f} GiB free; the sparse images may grow "
+            f"to {sum(sizes.values()) / GiB:.1f} GiB")
+    fss = {}
+    for kind in ("btrfs", "xfs", "ext4"):
+        fss[kind] = make_loopfs(root, kind, sizes[kind])
+        mounted.append(fss[kind])
+    bt, xf, ar = fss["btrfs"].path, fss["xfs"].path, fss["ext4"].path
+
+    log(f"building the family: {args.size} MiB base, {args.clones} clones, "
+        f"{args.change:.1%} rewritten, {args.files} small files")
+    t0 = time.monotonic()
+    run(["btrfs", "subvolume", "create", bt / "src"])
+    fam = build_family(bt / "src", size, args.clones, args.change, args.files, args.seed)
+    snap = bt / "snap"
+    run(["btrfs", "subvolume", "snapshot", "-r", bt / "src", snap])
+    os.sync()
+    log(f"built in {time.monotonic() - t0:.1f} s")
+    src = scan(snap)
+    src_phys = src["physical_bytes"]
+    log(f"source: {src['files']} files, {src['logical_bytes'] / MiB:.1f} MiB logical, "
+        f"{src_phys / MiB:.1f} MiB physical, {src['extents']} extents")
+
+    steps: dict[str, dict] = {}
+
+    def step(name: str, fn, **extra) -> dict:
+        log(f"{name} ...")
+        r = timed(fn)
+        r["loadavg"] = os.getloadavg()[0]
+        out = r.pop("out")
+        r.update(extra)
+        if isinstance(out, dict):
+            r.update(out)
+        steps[name] = r
+        log(f"{name}: {r['seconds']:.2f} s")
+        return r
+
+    # the physical limit: read each physical byte of the family once
+    reads = physical_reads(snap)
+    step("physical limit (read once)", lambda: {"bytes": read_ranges(reads)},
+         what="bytes read")
+
+    def ca_backup(out: Path, compress: str | None):
+        cmd = CLONEAWARE + ["backup", "--json", "-o", out]
+        if compress:
+            cmd += ["--compress", compress]
+        r = run(cmd + [snap])
+        return {"bytes": out.stat().st_size, "detail": json.loads(r.stdout)}
+
+    # fixed cost of every cloneaware command: interpreter and imports, cold
+    step("cloneaware startup (--version)", lambda: run(CLONEAWARE + ["--version"]) and None,
+         what="fixed cost in each cloneaware row")
+
+    archive = ar / "family.ca"
+    step("cloneaware backup", lambda: ca_backup(archive, None), what="archive bytes",
+         args="default (--compress zstd)")
+    step("cloneaware backup --compress none",
+         lambda: ca_backup(ar / "family-none.ca", "none"), what="archive bytes")
+    (ar / "family-none.ca").unlink()
+
+    tarfile = ar / "family.tar"
+
+    def tar_c():
+        run(["tar", "-c", "--sparse", "-f", tarfile, "-C", snap, "."])
+        return {"bytes": tarfile.stat().st_size}
+
+    step("tar -c --sparse", tar_c, what="tar bytes")
+
+    stream = ar / "snap.send"
+
+    def send():
+        run(["btrfs", "send", "-q", "-f", stream, snap])
+        return {"bytes": stream.stat().st_size}
+
+    step("btrfs send", send, what="stream bytes")
+
+    # restores: time, then usage (cloneaware scan) over the source's, then delete
+    def restore_step(name: str, fn, dest: Path, measured: Path | None = None,
+                     subvol: Path | None = None) -> None:
+        r = step(name, fn)
+        got = scan(measured or dest)
+        r["bytes"] = got["physical_bytes"]
+        r["what"] = "restored physical bytes"
+        r["usage_ratio"] = got["physical_bytes"] / src_phys
+        if (got["files"], got["logical_bytes"]) != (src["files"], src["logical_bytes"]):
+            r["mismatch"] = (f"restored {got['files']} files, {got['logical_bytes']} bytes; "
+                             f"source has {src['files']}, {src['logical_bytes']}")
+            log(f"WARNING {name}: {r['mismatch']}")
+        remove(dest, subvol)
+
+    def ca_restore(dest: Path):
+        r = run(CLONEAWARE + ["restore", "--json", archive, dest])
+        d = json.loads(r.stdout)
+        return {"detail": d}
+
+    for fsname, base in (("Btrfs", bt), ("XFS", xf)):
+        d = base / "r-cloneaware"
+        restore_step(f"cloneaware restore -> {fsname}", lambda d=d: ca_restore(d), d,
+                     d / "snap")
+    d = bt / "r-receive"
+    d.mkdir()
+    restore_step("btrfs receive -> Btrfs",
+                 lambda: run(["btrfs", "receive", "-q", "-f", stream, d]), d, d / "snap",
+                 subvol=d / "snap")
+    for fsname, base in (("Btrfs", bt), ("XFS", xf)):
+        d = base / "r-tar"
+        d.mkdir()
+        restore_step(f"tar -x -> {fsname}",
+                     lambda d=d: run(["tar", "-x", "-f", tarfile, "-C", d]), d)
+    for fsname, base in (("Btrfs", bt), ("XFS", xf)):
+        d = base / "r-rsync"
+        restore_step(f"rsync -aSH -> {fsname}",
+                     lambda d=d: run(["rsync", "-aSH", f"{snap}/", f"{d}/"]), d)
+    d = bt / "r-cp"
+    restore_step("cp -a --reflink=always (same fs)",
+                 lambda: run(["cp", "-a", "--reflink=always", snap, d]), d)
+
+    return {"params": {"size_mib": args.size, "clones": args.clones, "change": args.change,
+                       "files": args.files, "seed": args.seed},
+            "layout": {"source": "Btrfs loop fs, read-only snapshot of subvolume 'src'",
+                       "archives": "ext4 loop fs (tar file, send stream, cloneaware archive)",
+                       "restores": "Btrfs (same fs as the source, outside the subvolume) "
+                                   "and XFS loop fs (reflink=1)",
+                       "images": str(root)},
+            "family": {"rewritten_bytes": fam["rewritten_bytes"],
+                       "small_bytes": fam["small_bytes"]},
+            "source": src, "steps": steps}
+
+
+# --- report -----------------------------------------------------------------------
+
+def ratios(res: dict) -> list[dict]:
+    s = res["steps"]
+    phys = res["source"]["physical_bytes"]
+    sec = {k: v["seconds"] for k, v in s.items()}
+
+    def r(key, name, num, den, target=None):
+        v = num / den if den else None
+        t = TARGETS.get(key) if target is None else target
+        out = {"key": key, "name": name, "value": v, "target": t}
+        if t is not None and v is not None:
+            out["met"] = v <= t
+        return out
+
+    ca_b = sec["cloneaware backup"]
+    ca_bn = sec["cloneaware backup --compress none"]
+    return [
+        r("backup_vs_send", "cloneaware backup / btrfs send", ca_b, sec["btrfs send"]),
+        r("backup_vs_tar", "cloneaware backup / tar -c", ca_b, sec["tar -c --sparse"]),
+        r("backup_none_vs_send", "cloneaware backup --compress none / btrfs send", ca_bn,
+          sec["btrfs send"]),
+        r("backup_none_vs_tar", "cloneaware backup --compress none / tar -c", ca_bn,
+          sec["tar -c --sparse"]),
+        r("backup_vs_limit", "cloneaware backup / physical limit", ca_b,
+          sec["physical limit (read once)"]),
+        r("backup_none_vs_limit", "cloneaware backup --compress none / physical limit",
+          ca_bn, sec["physical limit (read once)"]),
+        r("restore_btrfs_vs_receive", "cloneaware restore / btrfs receive (Btrfs)",
+          sec["cloneaware restore -> Btrfs"], sec["btrfs receive -> Btrfs"]),
+        r("restore_btrfs_vs_tar", "cloneaware restore / tar -x (Btrfs)",
+          sec["cloneaware restore -> Btrfs"], sec["tar -x -> Btrfs"]),
+        r("restore_xfs_vs_tar", "cloneaware restore / tar -x (XFS)",
+          sec["cloneaware restore -> XFS"], sec["tar -x -> XFS"]),
+        r("restore_btrfs_vs_cp", "cloneaware restore / cp --reflink (Btrfs, the floor)",
+          sec["cloneaware restore -> Btrfs"], sec["cp -a --reflink=always (same fs)"]),
+        r("archive_vs_physical", "archive bytes / source physical bytes",
+          s["cloneaware backup"]["bytes"], phys),
+        r("send_vs_physical", "send stream bytes / source physical bytes",
+          s["btrfs send"]["bytes"], phys),
+        r("tar_vs_physical", "tar bytes / source physical bytes",
+          s["tar -c --sparse"]["bytes"], phys),
+        r("usage_btrfs", "restored usage / source usage (cloneaware -> Btrfs)",
+          s["cloneaware restore -> Btrfs"]["bytes"], phys),
+        r("usage_xfs", "restored usage / source usage (cloneaware -> XFS)",
+          s["cloneaware restore -> XFS"]["bytes"], phys),
+    ]
+
+
+def table(res: dict) -> str:
+    src = res["source"]
+    p = res["params"]
+    lines = [
+        f"cloneaware bench: {p['size_mib']} MiB base, {p['clones']} clones, "
+        f"{p['change']:.1%} rewritten in 64 KiB blocks, {p['files']} small files",
+        f"source: {src['files']} files, {src['logical_bytes'] / MiB:.1f} MiB logical, "
+        f"{src['physical_bytes'] / MiB:.1f} MiB physical, {src['extents']} extents",
+        f"archives on: {res['layout']['archives']}; cold cache before every step",
+        "load average (1 min) after each step: "
+        + ", ".join(f"{s['loadavg']:.1f}" for s in res["steps"].values())
+        + f" on {os.cpu_count()} CPUs",
+        "",
+        f"{'step':<40} {'seconds':>8} {'cpu s':>7} {'MiB':>9} {'usage':>6}  what",
+        "-" * 92,
+    ]
+    for name, s in res["steps"].items():
+        usage = f"{s['usage_ratio']:.2f}x" if "usage_ratio" in s else ""
+        mib = f"{s['bytes'] / MiB:.1f}" if "bytes" in s else ""
+        what = s.get("what", "")
+        if name == "physical limit (read once)":
+            rate = s["bytes"] / MiB / s["seconds"] if s["seconds"] else 0
+            what += f" ({rate:.0f} MiB/s)"
+        lines.append(f"{name:<40} {s['seconds']:>8.2f} {s['cpu_seconds']:>7.2f} {mib:>9} "
+                     f"{usage:>6}  {what}")
+        if "mismatch" in s:
+            lines.append(f"{'':<40} !! {s['mismatch']}")
+        det = s.get("detail") or {}
+        if det.get("copied_bytes"):
+            lines.append(f"{'':<40} copied instead of reflinked: "
+                         f"{det['copied_bytes'] / MiB:.1f} MiB {det.get('copy_reasons')}")
+    lines += ["", f"{'ratio':<58} {'value':>7} {'target':>8}  result", "-" * 86]
+    for r in res["ratios"]:
+        v = f"{r['value']:.3f}" if r["value"] is not None else "n/a"
+        t = f"<= {r['target']:g}" if r["target"] is not None else ""
+        m = ("met" if r["met"] else "MISSED") if "met" in r else ""
+        lines.append(f"{r['name']:<58} {v:>7} {t:>8}  {m}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", type=int, default=512, help="base file size, MiB (512)")
+    ap.add_argument("--clones", type=int, default=8, help="reflinked clones (8)")
+    ap.add_argument("--change", type=float, default=0.02,
+                    help="fraction of each clone rewritten in 64 KiB blocks (0.02)")
+    ap.add_argument("--files", type=int, default=300, help="small files (300)")
+    ap.add_argument("--seed", type=int, default=1, help="random seed (1)")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    ap.add_argument("--keep", action="store_true",
+                    help="leave the filesystems mounted and the images in place")
+    args = ap.parse_args()
+    if args.size < 1 or args.clones < 1 or not 0 <= args.change <= 1 or args.files < 0:
+        ap.error("need --size >= 1, --clones >= 1, 0 <= --change <= 1, --files >= 0")
+
+    signal.signal(signal.SIGTERM, _on_term)
+    mounted: list = []
+    root = Path(tempfile.mkdtemp(prefix="cloneaware-bench-"))
+    t0 = time.monotonic()
+    try:
+        check_tools()
+        res = bench(args, root, mounted)
+        res["ratios"] = ratios(res)
+        res["total_seconds"] = time.monotonic() - t0
+        if args.json:
+            print(json.dumps(res, indent=2, default=str))
+        else:
+            print(table(res))
+            print(f"\n(total {res['total_seconds']:.0f} s)")
+        return 0
+    except BenchError as e:
+        log(f"error: {e}")
+        return 1
+    except KeyboardInterrupt:
+        log("interrupted; cleaning up")
+        return 130
+    finally:
+        if args.keep:
+            log(f"kept: {', '.join(str(m.path) for m in mounted)} (images in {root})")
+        else:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the clean-up finish
+            for m in reversed(mounted):
+                m.unmount()
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
