@@ -4,7 +4,7 @@ PREFIX ?= /usr/local
 DESTDIR ?=
 JOBS ?= auto
 
-.PHONY: setup test demo bench bench-scale lint install clean
+.PHONY: setup test demo bench bench-scale lint install clean deb deb-test
 
 setup:
 	bash tools/setup.sh
@@ -29,3 +29,11 @@ install:
 
 clean:
 	rm -rf build dist *.egg-info cloneaware/_native*.so .pytest_cache
+
+# The Debian package (Debian 13+), built in a trixie chroot: build/deb/cloneaware_*.deb.
+deb:
+	bash tools/deb.sh build
+
+# Builds it, installs it with apt in a throwaway trixie root, checks it there.
+deb-test: deb
+	bash tools/deb.sh test

@@ -339,6 +339,10 @@ def open_archive(path: str):
         return open(path, "rb", buffering=1 << 20)
     except IsADirectoryError:
         raise ArchiveError(f"{path} is a directory, not an archive") from None
+    except FileNotFoundError:
+        from cloneaware.errors import UsageError
+
+        raise UsageError(f"{path}: no such archive") from None
 
 
 def read_index(f) -> Listing:

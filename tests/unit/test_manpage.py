@@ -1,0 +1,132 @@
+"""tools/gen_manpage.py: the man page lists every command, argument, option and
+exit code the CLI has, its examples use only options that exist, and groff
+reads it without a warning.  The page is generated at package build time, so
+these tests are what keeps the generator complete as the CLI grows."""
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cloneaware.cli import app
+from cloneaware.errors import EXIT_CODES
+
+TOP = Path(__file__).resolve().parents[2]
+
+
+def _load_generator():
+    spec = importlib.util.spec_from_file_location("gen_manpage", TOP / "tools" / "gen_manpage.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+gen = _load_generator()
+
+
+@pytest.fixture(scope="module")
+def page() -> str:
+    return gen.render(TOP / "README.md", date="2000-01-01")
+
+
+def _commands():
+    root, ctx = gen.root_command()
+    return root, ctx, list(gen.walk(root, ctx, []))
+
+
+def _section(page: str, name: str) -> str:
+    m = re.search(rf"^\.SH {re.escape(name)}\n(.*?)(?=^\.SH |\Z)", page, re.S | re.M)
+    assert m, f"no {name} section"
+    return m.group(1)
+
+
+def test_every_command_has_its_own_subsection(page):
+    _, _, commands = _commands()
+    assert {" ".join(p) for p, _, _ in commands} >= {"scan", "backup", "restore", "ls", "verify"}
+    subsections = re.findall(r'^\.SS "cloneaware (\S+)', page, re.M)
+    assert subsections == [" ".join(p) for p, _, _ in commands]
+    synopsis = _section(page, "SYNOPSIS")
+    for path, _, _ in commands:
+        assert f".B cloneaware {' '.join(path)}\n" in synopsis
+
+
+def test_every_option_and_argument_is_listed(page):
+    root, ctx, commands = _commands()
+    sections = {(): _section(page, "OPTIONS")}
+    body = _section(page, "COMMANDS")
+    chunks = re.split(r'^\.SS "cloneaware ', body, flags=re.M)[1:]
+    for path, _, _ in commands:
+        name = " ".join(path)
+        sections[tuple(path)] = next(c for c in chunks if c.startswith(name + " "))
+    for path, cmd, cctx in [((), root, ctx)] + [(tuple(p), c, x) for p, c, x in commands]:
+        text = sections[path]
+        for param in cmd.get_params(cctx):
+            if getattr(param, "hidden", False):
+                continue
+            if param.param_type_name == "option":
+                for opt in param.opts + param.secondary_opts:
+                    assert gen.esc(opt) in text, f"{' '.join(path) or 'cloneaware'}: {opt}"
+                assert gen.esc(gen.squash(param.help or ""))[:40] in text
+            else:
+                assert param.name in text.lower(), f"{' '.join(path)}: argument {param.name}"
+
+
+def _help_options(args: list[str]) -> set[str]:
+    res = CliRunner().invoke(app, args + ["--help"], env={"COLUMNS": "250",
+                                                          "TERMINAL_WIDTH": "250"})
+    assert res.exit_code == 0, res.output
+    usage, _, rest = res.output.partition("Options")
+    return set(re.findall(r"(?<![\w-])(--?[a-z][a-z-]*)", rest.split("Commands")[0]))
+
+
+def test_the_help_screens_show_nothing_the_page_lacks(page):
+    """What ``cloneaware [COMMAND] --help`` prints, as a user reads it."""
+    _, _, commands = _commands()
+    for path in [[]] + [p for p, _, _ in commands]:
+        for opt in _help_options(path):
+            assert gen.esc(opt) in page, f"cloneaware {' '.join(path)} --help shows {opt}"
+
+
+def test_exit_codes(page):
+    status = _section(page, "EXIT STATUS")
+    for code in EXIT_CODES:
+        assert f".TP\n\\fB{code}\\fR\n" in status
+
+
+def test_examples_and_guarantees(page):
+    examples = _section(page, "EXAMPLES")
+    for needle in ("backup \\-o", "\\-\\-base", "ssh", "ext4", "restore"):
+        assert needle in examples
+    assert _section(page, "GUARANTEES").count(".IP") >= 3
+
+
+def test_an_example_with_an_unknown_option_stops_the_build(monkeypatch):
+    monkeypatch.setattr(gen, "EXAMPLES", [("bad", ["cloneaware backup --no-such-option x"])])
+    with pytest.raises(SystemExit, match="no-such-option"):
+        gen.render(TOP / "README.md", date="2000-01-01")
+
+
+def test_no_markup_escapes_leak_into_the_page(page):
+    # typer with rich escapes "[default: ...]" as "\\[default: ...]" in its help records
+    assert "\\e[" not in page
+    assert "[required]" in page
+
+
+def test_roff_escaping():
+    assert gen.esc("use --base or -o - here") == "use \\-\\-base or \\-o \\- here"
+    assert gen.esc(".dot first\n'quote") == "\\&.dot first\n\\&'quote"
+    assert gen.esc("clone-aware a\\b") == "clone-aware a\\eb"
+
+
+@pytest.mark.skipif(shutil.which("groff") is None, reason="groff is not installed")
+def test_groff_reads_it_without_warnings(page, tmp_path):
+    f = tmp_path / "cloneaware.1"
+    f.write_text(page)
+    res = subprocess.run(["groff", "-man", "-Tutf8", "-ww", "-z", str(f)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0 and res.stderr == "", res.stderr
