@@ -297,6 +297,7 @@ def _rename_noreplace(dfd: int, src: bytes, dst: bytes) -> None:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), os.fsdecode(dst))
 
+
 class Server:
     def __init__(self, restrict: list[str], allow: list[str]):
         self.restrict = [os.path.realpath(p) for p in restrict]
@@ -316,6 +317,27 @@ class Server:
                                      for r in self.restrict):
             raise UsageError(f"{path}: outside the paths this server may use")
         return real
+
+    def _open_parent(self, real: str) -> tuple[int, str]:
+        """(fd of real's directory, real's name), the directory opened from
+        the allowed root one component at a time with O_NOFOLLOW, so a
+        symlink swapped in after the check above cannot lead out."""
+        roots = [r for r in self.restrict
+                 if real == r or real.startswith(r.rstrip("/") + "/")] or ["/"]
+        root = max(roots, key=len)
+        d, name = os.path.split(real)
+        rel = os.path.relpath(d, root)
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for comp in ([] if rel == "." else rel.split("/")):
+                nfd = os.open(comp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                              dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+        except OSError:
+            os.close(fd)
+            raise
+        return fd, name
 
     def handle(self, stdin, stdout) -> int:
         line = stdin.readline(REQUEST_MAX)
@@ -355,12 +377,22 @@ class Server:
     def _put(self, stdin, stdout, real: str, force: bool) -> int:
         from cloneaware.archive.reader import read_index
 
-        if os.path.lexists(real) and not force:
-            raise UsageError(f"{real} exists; use --force to overwrite it")
-        d, name = os.path.split(real)
-        tmp = os.path.join(d, f".{name}.{secrets.token_hex(4)}.partial")
+        dfd, name = self._open_parent(real)
+        try:
+            return self._put_in(stdin, stdout, real, dfd, name, force, read_index)
+        finally:
+            os.close(dfd)
+
+    def _put_in(self, stdin, stdout, real, dfd, name, force, read_index) -> int:
+        try:
+            os.lstat(name, dir_fd=dfd)
+            if not force:
+                raise UsageError(f"{real} exists; use --force to overwrite it")
+        except FileNotFoundError:
+            pass
+        tmp = f".{name}.{secrets.token_hex(4)}.partial"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
-                     0o600)
+                     0o600, dir_fd=dfd)
         try:
             total = queued = 0
             with os.fdopen(fd, "r+b", closefd=False) as f:
@@ -385,26 +417,25 @@ class Server:
                                        "nothing was kept") from None
             os.fchmod(fd, 0o644)
             if force:
-                os.replace(tmp, real)
+                os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
             else:
-                dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-                try:
-                    _rename_noreplace(dfd, os.fsencode(os.path.basename(tmp)),
-                                      os.fsencode(name))
-                finally:
-                    os.close(dfd)
+                _rename_noreplace(dfd, os.fsencode(tmp), os.fsencode(name))
             tmp = None
             return self._reply(stdout, True, bytes=total, path=real)
         finally:
             os.close(fd)
             if tmp is not None:
                 try:
-                    os.unlink(tmp)
+                    os.unlink(tmp, dir_fd=dfd)
                 except OSError:
                     pass
 
     def _get(self, stdout, real: str) -> int:
-        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        dfd, name = self._open_parent(real)
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        finally:
+            os.close(dfd)
         with os.fdopen(fd, "rb") as f:
             self._reply(stdout, True, size=os.fstat(fd).st_size)
             shutil.copyfileobj(f, stdout, 1 << 20)
@@ -430,6 +461,5 @@ def serve(restrict: list[str], allow: list[str]) -> int:
         raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
 
     signal.signal(signal.SIGHUP, stop)
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a closed channel is an EPIPE we report
     return Server(restrict, allow).handle(sys.stdin.buffer, sys.stdout.buffer)

@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 need=()
 for cmd in mkfs.btrfs:btrfs-progs mkfs.xfs:xfsprogs mkfs.ext4:e2fsprogs filefrag:e2fsprogs \
-           xfs_io:xfsprogs setfacl:acl setfattr:attr rsync:rsync losetup:mount; do
+           xfs_io:xfsprogs setfacl:acl setfattr:attr rsync:rsync losetup:mount \
+           /usr/sbin/sshd:openssh-server ssh:openssh-client ip:iproute2 nsenter:util-linux; do
     command -v "${cmd%%:*}" >/dev/null 2>&1 || need+=("${cmd##*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then
