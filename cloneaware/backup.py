@@ -125,8 +125,10 @@ class _Chunker:
     def submit(self, fn, *args):
         return self.pool.submit(fn, *args)
 
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+    def close(self, wait: bool = True) -> None:
+        """Stop the workers; on an error or a signal, do not wait for the
+        chunks they are compressing (zstd -19 takes seconds per chunk)."""
+        self.pool.shutdown(wait=wait, cancel_futures=True)
 
 
 def _chunks(pieces: list[tuple[int, int]]):
@@ -239,18 +241,21 @@ class Backup:
             self.progress.set_total(plan.stored_bytes())
         out = self._output(items)
         chunker = _Chunker(self.codec, self.level)
+        ok = False
         try:
-            w = Writer(out.f, self._base_record(plan))
+            w = Writer(out.f, self._base_record(plan),
+                       None if self.output == "-" else self.output)
             self._write(w, items, plan, chunker)
             w.finish()
             self._check_base_unchanged()
             out.commit()
             s.archive_bytes = out.size() if hasattr(out, "size") else w.offset
+            ok = True
         except BaseException:
             out.abort()
             raise
         finally:
-            chunker.close()
+            chunker.close(wait=ok)
         s.seconds = time.monotonic() - t0
         return s
 

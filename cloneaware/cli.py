@@ -57,12 +57,15 @@ def _handled() -> Callable:
     old = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         yield
+    except Interrupted as e:
+        _err(str(e))
+        _exit_now(EXIT_INTERRUPTED)
     except CloneawareError as e:
         _err(str(e))
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         _err("interrupted by SIGINT")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        _exit_now(EXIT_INTERRUPTED)
     except BrokenPipeError:
         # the reader went away (e.g. `| head`): not our error to report twice
         try:
@@ -75,6 +78,18 @@ def _handled() -> Callable:
         raise typer.Exit(EXIT_RESTORE) from None
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def _exit_now(code: int) -> None:
+    """Leave at once after a signal: the job has removed its temporary files
+    on the way out; worker threads still compressing a chunk are not waited
+    for."""
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def _progress(enabled: bool, total: int | None, label: str):

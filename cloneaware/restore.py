@@ -119,22 +119,21 @@ class Restore:
             up, _, c = up.rpartition(b"/")
             rest.append(c)
         cur = self.dirs.get(up) if up else self.dest_fd
-        opened = None
+        # Every directory opened on the way is cached too: restoring directory
+        # metadata deepest first then finds each parent among them.
+        prefix = up
         for comp in reversed(rest):
+            prefix = prefix + b"/" + comp if prefix else comp
             try:
                 nfd = os.open(comp, DIR_FLAGS, dir_fd=cur)
             except OSError as e:
-                if opened is not None:
-                    os.close(opened)
                 if e.errno in (errno.ELOOP, errno.ENOTDIR):
                     raise ArchiveError(f"{os.fsdecode(parent)}: a component is not a directory "
                                        "(symlink?); refusing to follow it") from None
                 raise OSError(e.errno, e.strerror,
                               os.path.join(self.dest, os.fsdecode(parent))) from None
-            if opened is not None:
-                os.close(opened)
-            opened = cur = nfd
-        self.dirs.put(parent, cur)
+            self.dirs.put(prefix, nfd)
+            cur = nfd
         return cur
 
     def _tmpname(self, eid: int) -> bytes:
@@ -279,10 +278,10 @@ class Restore:
                                     st.entry.size, st.entry.path, "base")
                 self.s.base_bytes += length
             elif kind == "external":
-                _, st, off, length, _sha, _ = ev
+                _, st, off, length, _sha, roff = ev
                 if self.external_fd is None:
                     raise ArchiveError("EXTERNAL record in an archive that is not a "
-                                       "sparse thin backup")
+                                       "sparse thin backup", roff)
                 size = os.fstat(self.external_fd).st_size
                 self._clone_or_copy(self.external_fd, off, length, off, size,
                                     st.entry.size, st.entry.path, "sparse")

@@ -103,11 +103,13 @@ def check_frame_header(head: bytes, offset: int, version: int = WRITE_VERSION
         if not rtype & ANCILLARY:
             raise ArchiveError(f"unknown record type {rtype}", offset)
         limit = ANCILLARY_LIMIT
+    name = TYPE_NAMES.get(rtype, f"ancillary record type {rtype:#x}")
     if flags != 0:
-        raise ArchiveError(f"record flags {flags:#x} are not defined in version 1", offset)
+        raise ArchiveError(f"record flags {flags:#x} are not defined in version {version}",
+                           offset)
     if length > limit:
-        raise ArchiveError(f"{TYPE_NAMES.get(rtype, rtype)} record of {length} bytes "
-                           f"exceeds the limit of {limit}", offset)
+        raise ArchiveError(f"{name} record of {length} bytes exceeds the limit of {limit}",
+                           offset)
     return rtype, length
 
 

@@ -398,7 +398,30 @@ def read_index(f) -> Listing:
         items.extend(fmt.decode_index(rec[1], rec[2], version))
     if len(items) != footer.entries:
         raise ArchiveError("index and footer disagree on the number of entries", foff)
+    check_index_items(items, footer.index_offset)
     return Listing(header, items, footer, base)
+
+
+def check_index_items(items: list[fmt.IndexItem], offset: int) -> None:
+    """The rules ENTRY records obey, applied to the index, so that ``ls``
+    shows nothing a restore would refuse: ids in sequence, clean and unique
+    paths, parents that are directories earlier in the index."""
+    kinds: dict[bytes, int] = {}
+    for n, it in enumerate(items):
+        if it.id != n:
+            raise ArchiveError(f"index item {it.id} out of sequence (expected {n})", offset)
+        fmt.check_path(it.path, offset)
+        if it.path in kinds:
+            raise ArchiveError(f"duplicate entry {os.fsdecode(it.path)!r} in the index", offset)
+        parent = it.path.rpartition(b"/")[0]
+        if parent and kinds.get(parent) != fmt.K_DIR:
+            raise ArchiveError(f"parent of {os.fsdecode(it.path)!r} is not a directory "
+                               "earlier in the index", offset)
+        if it.kind != fmt.K_REG and (it.size or it.stored_bytes or it.ref_bytes
+                                     or it.base_ref_bytes):
+            raise ArchiveError(f"index item {it.id} has data but is not a regular file",
+                               offset)
+        kinds[it.path] = it.kind
 
 
 @dataclass

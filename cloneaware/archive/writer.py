@@ -67,8 +67,9 @@ def _umask() -> int:
 
 
 class Writer:
-    def __init__(self, f, base: fmt.Base | None = None):
+    def __init__(self, f, base: fmt.Base | None = None, name: str | None = None):
         self.f = f
+        self.name = name  # the archive's name, for errors
         self.offset = 0
         self.index: list[fmt.IndexItem] = []
         self.stored_bytes = 0
@@ -84,7 +85,12 @@ class Writer:
                 self._write(fmt.frame(fmt.T_BASE, payload))
 
     def _write(self, b) -> None:
-        self.f.write(b)
+        try:
+            self.f.write(b)
+        except OSError as e:
+            if e.filename is None and self.name is not None:
+                raise OSError(e.errno, e.strerror, self.name) from None
+            raise
         self.offset += len(b)
 
     def entry(self, e: fmt.Entry) -> None:

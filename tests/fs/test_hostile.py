@@ -1,0 +1,1390 @@
+"""Hostile and damaged archives (issue 6): restore, ls and verify.
+
+Each hostile archive is built record by record (tests/archivecraft.py) so
+that it breaks one rule of docs/FORMAT.md and nothing else, then given to
+``cloneaware restore ARCHIVE DEST``, ``verify`` and ``ls`` as separate
+processes.  Every one must give one line on stderr, no traceback and a
+non-zero exit (3 for archive problems), and a restore must write nothing
+outside DEST: DEST sits in a sandbox directory on a loopback filesystem
+together with a canary file, a directory the symlinks point at and the
+restore's working directory; the sandbox outside DEST is compared before and
+after, and the file name the attack tries to create (unique per test) must
+exist nowhere on the filesystem outside DEST, nor in /, /etc, /tmp or any
+parent of DEST.
+
+Then real archives (``cloneaware backup`` of a tiny family with a hard link,
+a symlink, a FIFO and a reflinked clone) are truncated at every record
+boundary and at random offsets and get single bit flips: exit 0 only with
+the tree exactly restored, otherwise exit 3 with the archive offset or
+"truncated" in the message; never a file with wrong content under its final
+name, never a leftover temporary file.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import secrets
+import stat
+import struct
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from archivecraft import (  # noqa: E402
+    CliServer,
+    Craft,
+    assert_one_line_error,
+    diff_states,
+    entry_payload,
+    find_name,
+    path_parents,
+    records,
+    run_cli,
+    sandbox_state,
+    temp_files,
+    tree_state,
+)
+
+from cloneaware.archive import format as fmt  # noqa: E402
+from cloneaware.testing import reflink_copy, write_random  # noqa: E402
+
+pytestmark = pytest.mark.root
+
+EXIT_USAGE, EXIT_ARCHIVE, EXIT_BASE = 2, 3, 5
+#: a hostile archive must not make a restore or verify grow beyond this
+#: (the forked CLI starts near 100 MiB: numpy, zstandard and typer loaded)
+MAX_RSS_KIB = 400 << 10
+
+
+@pytest.fixture(scope="module")
+def server():
+    with CliServer() as s:
+        yield s
+
+
+# --- the sandbox ------------------------------------------------------------------
+
+@dataclass
+class Ctx:
+    sandbox: Path
+    dest: Path
+    outside: Path
+    cwd: Path
+    archive: Path
+    pw: bytes  # the file name an attack tries to create outside DEST
+
+    @property
+    def out(self) -> bytes:
+        return os.fsencode(self.outside)
+
+
+@pytest.fixture
+def ctx(btrfs_dir) -> Ctx:
+    sb = btrfs_dir / "sandbox"
+    sb.mkdir()
+    (sb / "canary").write_bytes(b"canary: must not change\n")
+    outside = sb / "outside"
+    outside.mkdir()
+    (outside / "victim").write_bytes(b"victim: must not change\n")
+    (sb / "cwd").mkdir()
+    return Ctx(sb, sb / "dest", outside, sb / "cwd", sb / "archive.cla",
+               b"pwned-" + secrets.token_hex(6).encode())
+
+
+def _assert_nothing_outside(c: Ctx, before: dict, mount: Path) -> None:
+    hits = find_name(mount, c.pw, exclude=c.dest)
+    for d in [Path("/"), Path("/etc"), Path("/tmp"), *path_parents(c.dest.parent)]:
+        p = os.path.join(os.fsencode(d), c.pw)
+        if os.path.lexists(p):
+            hits.append(p)
+    for p in hits:  # the name is unique to this test: clean up, then fail
+        if not os.path.isdir(p) or os.path.islink(p):
+            os.unlink(p)
+    assert not hits, f"the attack created {hits}"
+    after = sandbox_state(c.sandbox, c.dest)
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    assert not changed, f"the sandbox outside DEST changed: {changed}"
+    assert not temp_files(c.dest), temp_files(c.dest)
+
+
+# --- the cases ------------------------------------------------------------------------
+
+@dataclass
+class Case:
+    build: Callable[[Ctx], bytes]
+    rc: int | tuple = EXIT_ARCHIVE  # restore's exit code
+    #: ls must fail: the fault is in what ls reads (header, index, footer)
+    ls_fails: bool = False
+    #: verify must fail (False where verify cannot know: EXTERNAL records)
+    verify_fails: bool = True
+    args: Callable[[Ctx], list] = field(default=lambda c: [])
+    setup: Callable[[Ctx], None] | None = None
+    #: the archive is a sparse thin backup: zeros plus a manifest xattr
+    sparse: bool = False
+
+
+CASES: dict[str, Case] = {}
+
+
+def case(name: str, **kw):
+    def deco(fn):
+        assert name not in CASES
+        CASES[name] = Case(fn, **kw)
+        return fn
+    return deco
+
+
+Z = fmt.CODEC_ZSTD
+PAYLOAD = b"pwned\n"
+
+
+def _pwfile(c: Craft, path: bytes) -> int:
+    return c.file(path, PAYLOAD)
+
+
+# paths --------------------------------------------------------------------
+
+@case("abs_path_outside", ls_fails=True)
+def _(x):
+    c = Craft()
+    _pwfile(c, x.out + b"/" + x.pw)
+    return c.finish()
+
+
+@case("abs_path_etc", ls_fails=True)
+def _(x):
+    c = Craft()
+    _pwfile(c, b"/etc/" + x.pw)
+    return c.finish()
+
+
+@case("abs_dir_then_file", ls_fails=True)
+def _(x):
+    c = Craft()
+    c.dir(x.out)
+    _pwfile(c, x.out + b"/" + x.pw)
+    return c.finish()
+
+
+@case("dotdot_top", ls_fails=True)
+def _(x):
+    c = Craft()
+    _pwfile(c, b"../" + x.pw)
+    return c.finish()
+
+
+@case("dotdot_deep", ls_fails=True)
+def _(x):
+    c = Craft()
+    c.dir(b"a")
+    _pwfile(c, b"a/../../" + x.pw)
+    return c.finish()
+
+
+@case("dotdot_dir_entry", ls_fails=True)
+def _(x):
+    c = Craft()
+    c.dir(b"..")
+    _pwfile(c, b"../" + x.pw)
+    return c.finish()
+
+
+@case("dot_component", ls_fails=True)
+def _(x):
+    c = Craft()
+    c.dir(b"a")
+    _pwfile(c, b"a/./" + x.pw)
+    return c.finish()
+
+
+@case("empty_path", ls_fails=True)
+def _(x):
+    c = Craft()
+    _pwfile(c, b"")
+    return c.finish()
+
+
+@case("empty_component", ls_fails=True)
+def _(x):
+    c = Craft()
+    c.dir(b"a")
+    _pwfile(c, b"a//" + x.pw)  # a name with '/' inside a component is not representable
+    return c.finish()
+
+
+@case("trailing_slash", ls_fails=True)
+def _(x):
+    c = Craft()
+    c.dir(b"a/")
+    _pwfile(c, b"a/" + x.pw)
+    return c.finish()
+
+
+@case("nul_in_name", ls_fails=True)
+def _(x):
+    c = Craft()
+    _pwfile(c, x.pw + b"\0/../../x")
+    return c.finish()
+
+
+@case("nul_in_dir_name", ls_fails=True)
+def _(x):
+    c = Craft()
+    c.dir(b"a\0b")
+    return c.finish()
+
+
+@case("component_over_name_max", ls_fails=True)
+def _(x):
+    c = Craft()
+    _pwfile(c, b"n" * 256)
+    return c.finish()
+
+
+@case("path_of_65535_bytes", ls_fails=True)
+def _(x):
+    c = Craft()
+    comps = [b"d" * 200] * 327
+    for i in range(1, 21):  # a few real parents, then a path far beyond PATH_MAX
+        c.dir(b"/".join(comps[:i]))
+    _pwfile(c, b"/".join(comps)[:65535 - 1] + b"x")
+    return c.finish()
+
+
+@case("path_length_field_lies")
+def _(x):
+    c = Craft()
+    e = fmt.Entry(0, fmt.K_REG, x.pw, size=len(PAYLOAD))
+    c.reg(x.pw, len(PAYLOAD), payload=entry_payload(e, path_len=0xFFFF))
+    c.data(0, PAYLOAD)
+    c.end()
+    return c.finish()
+
+
+@case("symlink_empty_target")
+def _(x):
+    c = Craft()
+    c.symlink(b"s", b"")
+    return c.finish()
+
+
+@case("symlink_target_nul")
+def _(x):
+    c = Craft()
+    c.symlink(b"s", x.out + b"\0")
+    return c.finish()
+
+
+@case("target_on_a_file")
+def _(x):
+    c = Craft()
+    c.entry(fmt.K_REG, x.pw, size=0, target=x.out)
+    c.end()
+    return c.finish()
+
+
+# the tar-style symlink attack ---------------------------------------------------
+
+@case("symlink_to_etc_then_child", ls_fails=True)
+def _(x):
+    c = Craft()
+    c.dir(b"d")
+    c.symlink(b"d/link", b"/etc")
+    _pwfile(c, b"d/link/" + x.pw)
+    return c.finish()
+
+
+@case("symlink_to_outside_then_child", ls_fails=True)
+def _(x):
+    c = Craft()
+    c.dir(b"d")
+    c.symlink(b"d/link", x.out)
+    _pwfile(c, b"d/link/" + x.pw)
+    return c.finish()
+
+
+@case("symlink_to_dotdot_then_child", ls_fails=True)
+def _(x):
+    c = Craft()
+    c.dir(b"d")
+    c.symlink(b"d/link", b"..")
+    _pwfile(c, b"d/link/" + x.pw)
+    return c.finish()
+
+
+@case("symlink_to_dotdot2_then_child", ls_fails=True)
+def _(x):
+    c = Craft()
+    c.dir(b"d")
+    c.symlink(b"d/link", b"../..")
+    _pwfile(c, b"d/link/" + x.pw)
+    return c.finish()
+
+
+@case("toplevel_symlink_then_child", ls_fails=True)
+def _(x):
+    c = Craft()
+    c.symlink(b"link", x.out)
+    c.dir(b"link/sub")
+    _pwfile(c, b"link/sub/" + x.pw)
+    return c.finish()
+
+
+@case("symlink_then_dir_of_same_name", ls_fails=True)
+def _(x):
+    c = Craft()
+    c.symlink(b"link", x.out)
+    c.dir(b"link")
+    _pwfile(c, b"link/" + x.pw)
+    return c.finish()
+
+
+@case("symlink_over_victim_file", ls_fails=True)
+def _(x):
+    # a symlink to an outside file, then a regular file of the same name
+    c = Craft()
+    c.symlink(b"v", x.out + b"/victim")
+    _pwfile(c, b"v")
+    return c.finish()
+
+
+# hard links ----------------------------------------------------------------------
+
+@case("hardlink_to_itself")
+def _(x):
+    c = Craft()
+    c.hardlink(x.pw, 0)
+    return c.finish()
+
+
+@case("hardlink_to_later_entry")
+def _(x):
+    c = Craft()
+    c.hardlink(x.pw, 1)
+    _pwfile(c, b"later")
+    return c.finish()
+
+
+@case("hardlink_to_dir")
+def _(x):
+    c = Craft()
+    c.dir(b"d")
+    c.hardlink(x.pw, 0)
+    return c.finish()
+
+
+@case("hardlink_to_symlink_outside")
+def _(x):
+    c = Craft()
+    c.symlink(b"s", x.out + b"/victim")
+    c.hardlink(x.pw, 0)
+    return c.finish()
+
+
+@case("hardlink_to_hardlink")
+def _(x):
+    c = Craft()
+    _pwfile(c, b"f")
+    c.hardlink(b"h1", 0)
+    c.hardlink(x.pw, 1)
+    return c.finish()
+
+
+@case("hardlink_to_huge_id")
+def _(x):
+    c = Craft()
+    _pwfile(c, b"f")
+    c.hardlink(x.pw, (1 << 64) - 1)
+    return c.finish()
+
+
+@case("hardlink_to_unfinished_file")
+def _(x):
+    c = Craft()
+    c.reg(b"f", len(PAYLOAD))
+    c.data(0, PAYLOAD)
+    c.hardlink(x.pw, 0)  # before f's END: f is not restored yet
+    c.end()
+    return c.finish()
+
+
+# references ----------------------------------------------------------------------
+
+BLK = bytes(range(256)) * 16  # 4 KiB
+
+
+@case("ref_forwards")
+def _(x):
+    c = Craft()
+    c.reg(x.pw, 4096)
+    c.ref(0, 4096, 1, 0)
+    c.end()
+    c.file(b"later", BLK)
+    return c.finish()
+
+
+@case("ref_beyond_source_size")
+def _(x):
+    c = Craft()
+    c.file(b"src", BLK)
+    c.reg(x.pw, 8192)
+    c.ref(0, 8192, 0, 0)
+    c.end()
+    return c.finish()
+
+
+@case("ref_source_offset_huge")
+def _(x):
+    c = Craft()
+    c.file(b"src", BLK)
+    c.reg(x.pw, 4096)
+    c.ref(0, 4096, 0, (1 << 63) - 1)
+    c.end()
+    return c.finish()
+
+
+@case("ref_to_dir")
+def _(x):
+    c = Craft()
+    c.dir(b"d")
+    c.reg(x.pw, 4096)
+    c.ref(0, 4096, 0, 0)
+    c.end()
+    return c.finish()
+
+
+@case("ref_to_symlink_outside")
+def _(x):
+    c = Craft()
+    c.symlink(b"s", x.out + b"/victim")
+    c.reg(x.pw, 24)
+    c.ref(0, 24, 0, 0)
+    c.end()
+    return c.finish()
+
+
+@case("ref_to_hardlink_entry")
+def _(x):
+    c = Craft()
+    c.file(b"src", BLK)
+    c.hardlink(b"h", 0)
+    c.reg(x.pw, 4096)
+    c.ref(0, 4096, 1, 0)
+    c.end()
+    return c.finish()
+
+
+@case("ref_to_itself_overlapping")
+def _(x):
+    c = Craft()
+    c.reg(x.pw, 8192)
+    c.data(0, BLK)
+    c.ref(4096, 4096, 0, 1)  # source range [1, 4097) is not written yet
+    c.end()
+    return c.finish()
+
+
+@case("ref_to_itself_forwards")
+def _(x):
+    c = Craft()
+    c.reg(x.pw, 8192)
+    c.ref(0, 4096, 0, 4096)
+    c.data(4096, BLK)
+    c.end()
+    return c.finish()
+
+
+@case("ref_to_huge_id")
+def _(x):
+    c = Craft()
+    c.file(b"src", BLK)
+    c.reg(x.pw, 4096)
+    c.ref(0, 4096, (1 << 64) - 1, 0)
+    c.end()
+    return c.finish()
+
+
+@case("ref_beyond_own_size")
+def _(x):
+    c = Craft()
+    c.file(b"src", BLK * 4)
+    c.reg(x.pw, 4096)
+    c.ref(0, 16384, 0, 0)
+    c.end()
+    return c.finish()
+
+
+@case("ref_zero_length")
+def _(x):
+    c = Craft()
+    c.file(b"src", BLK)
+    c.reg(x.pw, 4096)
+    c.ref(0, 0, 0, 0)
+    c.data(0, BLK)
+    c.end()
+    return c.finish()
+
+
+@case("ref_overlapping_data")
+def _(x):
+    c = Craft()
+    c.file(b"src", BLK)
+    c.reg(x.pw, 4096)
+    c.data(0, BLK)
+    c.ref(0, 4096, 0, 0)
+    c.end()
+    return c.finish()
+
+
+@case("ref_outside_a_file")
+def _(x):
+    c = Craft()
+    c.file(b"src", BLK)
+    c.ref(0, 4096, 0, 0, count=False)
+    return c.finish()
+
+
+@case("data_beyond_file_size")
+def _(x):
+    c = Craft()
+    c.reg(x.pw, 4096)
+    c.data(4096, BLK)
+    c.end()
+    return c.finish()
+
+
+@case("data_wrong_sha256")
+def _(x):
+    c = Craft()
+    c.reg(x.pw, 4096)
+    c.data(0, BLK, sha=hashlib.sha256(b"other").digest())
+    c.end()
+    return c.finish()
+
+
+# sizes and counts that would allocate gigabytes ------------------------------------
+
+@case("xattr_count_2_31")
+def _(x):
+    c = Craft()
+    e = fmt.Entry(0, fmt.K_REG, x.pw, size=0)
+    c.reg(x.pw, 0, payload=entry_payload(e, xattr_count=1 << 31))
+    c.end()
+    return c.finish()
+
+
+@case("xattr_value_length_4g")
+def _(x):
+    c = Craft()
+    e = fmt.Entry(0, fmt.K_REG, x.pw, size=0, xattrs=[(b"user.a", b"v")])
+    p = bytearray(e.encode())
+    p[-5:-1] = struct.pack("<I", 0xFFFFFFFF)
+    c.reg(x.pw, 0, payload=bytes(p))
+    c.end()
+    return c.finish()
+
+
+@case("record_length_4g")
+def _(x):
+    c = Craft()
+    c.reg(x.pw, 4096)
+    c.raw(fmt.FRAME.pack(fmt.T_DATA, 0, 0xFFFFFFFF) + BLK)
+    return c.finish(index=False, footer=False)
+
+
+@case("entry_record_over_its_limit")
+def _(x):
+    c = Craft()
+    c.raw(fmt.FRAME.pack(fmt.T_ENTRY, 0, (1 << 20) + 1) + b"\0" * 4096)
+    return c.bytes()
+
+
+@case("ancillary_record_over_its_limit")
+def _(x):
+    c = Craft()
+    c.raw(fmt.FRAME.pack(0x8001, 0, (16 << 20) + 1) + b"\0" * 4096)
+    return c.bytes()
+
+
+@case("zstd_frame_claims_8mib_in_4kib_record")
+def _(x):
+    import zstandard
+
+    bomb = zstandard.ZstdCompressor().compress(bytes(8 << 20))
+    c = Craft()
+    c.reg(x.pw, 4096)
+    c.data(0, bytes(4096), codec=Z, coded=bomb)
+    c.end()
+    return c.finish()
+
+
+@case("zstd_frame_expands_to_8mib_no_size")
+def _(x):
+    import zstandard
+
+    bomb = zstandard.ZstdCompressor(write_content_size=False).compress(bytes(8 << 20))
+    c = Craft()
+    c.reg(x.pw, 4096)
+    c.data(0, bytes(4096), codec=Z, coded=bomb)
+    c.end()
+    return c.finish()
+
+
+_BOMB: list[bytes] = []
+
+
+def _gib_bomb() -> bytes:
+    """One zstd frame of 1 GiB of zeros, no content size in its header:
+    32 KiB that a decoder without an output limit would inflate."""
+    if not _BOMB:
+        import zstandard
+
+        co = zstandard.ZstdCompressor(level=1, write_content_size=False).compressobj()
+        zeros = bytes(16 << 20)
+        _BOMB.append(b"".join([co.compress(zeros) for _ in range(64)] + [co.flush()]))
+    return _BOMB[0]
+
+
+@case("zstd_frame_expands_to_1gib_no_size")
+def _(x):
+    c = Craft()
+    c.reg(x.pw, 4 << 20)
+    c.data(0, bytes(4 << 20), codec=Z, coded=_gib_bomb())
+    c.end()
+    return c.finish()
+
+
+@case("zstd_frame_expands_to_less")
+def _(x):
+    import zstandard
+
+    short = zstandard.ZstdCompressor(write_content_size=False).compress(bytes(1000))
+    c = Craft()
+    c.reg(x.pw, 4096)
+    c.data(0, bytes(4096), codec=Z, coded=short)
+    c.end()
+    return c.finish()
+
+
+@case("zstd_garbage")
+def _(x):
+    c = Craft()
+    c.reg(x.pw, 4096)
+    c.data(0, bytes(4096), codec=Z, coded=b"\x28\xb5\x2f\xfd" + b"\xff" * 64)
+    c.end()
+    return c.finish()
+
+
+@case("data_chunk_over_4mib")
+def _(x):
+    c = Craft()
+    c.reg(x.pw, 8 << 20)
+    c.data(0, BLK, length=(4 << 20) + 1)
+    c.end()
+    return c.finish()
+
+
+@case("stored_data_shorter_than_length")
+def _(x):
+    c = Craft()
+    c.reg(x.pw, 8192)
+    c.data(0, BLK, length=8192)
+    c.end()
+    return c.finish()
+
+
+@case("unknown_codec")
+def _(x):
+    c = Craft()
+    c.reg(x.pw, 4096)
+    c.data(0, BLK, codec=7)
+    c.end()
+    return c.finish()
+
+
+@case("entry_size_over_2_63")
+def _(x):
+    c = Craft()
+    c.reg(x.pw, (1 << 64) - 1)
+    c.end()
+    return c.finish()
+
+
+@case("entry_unknown_kind")
+def _(x):
+    c = Craft()
+    c.entry(99, x.pw, index=False)
+    return c.finish()
+
+
+@case("mode_beyond_0o7777")
+def _(x):
+    c = Craft()
+    c.entry(fmt.K_DIR, b"d", mode=0o170755)
+    return c.finish()
+
+
+# structure -----------------------------------------------------------------------------
+
+@case("duplicate_file", ls_fails=True)
+def _(x):
+    c = Craft()
+    c.file(b"a", b"first\n")
+    c.file(b"a", PAYLOAD)
+    return c.finish()
+
+
+@case("duplicate_dir", ls_fails=True)
+def _(x):
+    c = Craft()
+    c.dir(b"d")
+    c.dir(b"d")
+    return c.finish()
+
+
+@case("dir_then_file_of_same_name", ls_fails=True)
+def _(x):
+    c = Craft()
+    c.dir(b"d")
+    _pwfile(c, b"d")
+    return c.finish()
+
+
+@case("file_then_dir_of_same_name", ls_fails=True)
+def _(x):
+    c = Craft()
+    _pwfile(c, b"d")
+    c.dir(b"d")
+    _pwfile(c, b"d/" + x.pw)
+    return c.finish()
+
+
+@case("entry_id_out_of_sequence", ls_fails=True)
+def _(x):
+    c = Craft()
+    c.dir(b"a")
+    c.dir(b"b", id=5)
+    return c.finish()
+
+
+@case("parent_missing", ls_fails=True)
+def _(x):
+    c = Craft()
+    _pwfile(c, b"a/" + x.pw)
+    return c.finish()
+
+
+@case("parent_is_a_file", ls_fails=True)
+def _(x):
+    c = Craft()
+    _pwfile(c, b"a")
+    _pwfile(c, b"a/" + x.pw)
+    return c.finish()
+
+
+@case("entry_before_end")
+def _(x):
+    c = Craft()
+    c.reg(b"a", 4096)
+    c.data(0, BLK)
+    c.cur = None
+    _pwfile(c, x.pw)
+    return c.finish()
+
+
+@case("end_counts_mismatch")
+def _(x):
+    c = Craft()
+    c.reg(x.pw, 8192)
+    c.data(0, BLK)
+    c.end(data_records=2, stored_bytes=8192)  # a DATA record went missing
+    return c.finish()
+
+
+@case("end_wrong_id")
+def _(x):
+    c = Craft()
+    c.reg(x.pw, 4096)
+    c.data(0, BLK)
+    c.end(id=7)
+    return c.finish()
+
+
+@case("end_outside_a_file")
+def _(x):
+    c = Craft()
+    c.dir(b"d")
+    c.end()
+    return c.finish()
+
+
+@case("data_outside_a_file")
+def _(x):
+    c = Craft()
+    c.dir(b"d")
+    c.data(0, BLK, count=False)
+    return c.finish()
+
+
+@case("file_without_end")
+def _(x):
+    c = Craft()
+    c.reg(x.pw, 4096)
+    c.data(0, BLK)
+    return c.finish()
+
+
+# header, magic, framing --------------------------------------------------------------
+
+@case("newer_format_version", ls_fails=True)
+def _(x):
+    c = Craft(version=fmt.WRITE_VERSION + 1)
+    _pwfile(c, x.pw)
+    return c.finish()
+
+
+@case("format_version_0", ls_fails=True)
+def _(x):
+    c = Craft(version=0)
+    _pwfile(c, x.pw)
+    return c.finish()
+
+
+@case("unknown_hash_algorithm", ls_fails=True)
+def _(x):
+    c = Craft(header=False)
+    c.record(fmt.T_HEADER, struct.pack("<IB3xq", fmt.WRITE_VERSION, 9, 0) + b"\0\0")
+    _pwfile(c, x.pw)
+    return c.finish()
+
+
+@case("wrong_magic", ls_fails=True)
+def _(x):
+    c = Craft(magic=b"\x89CLONEAX")
+    _pwfile(c, x.pw)
+    return c.finish()
+
+
+@case("tar_file_not_an_archive", ls_fails=True)
+def _(x):
+    return b"pwned\0" + b"\0" * 506
+
+
+@case("empty_file", ls_fails=True)
+def _(x):
+    return b""
+
+
+@case("magic_only", ls_fails=True)
+def _(x):
+    return fmt.MAGIC
+
+
+@case("half_magic", ls_fails=True)
+def _(x):
+    return fmt.MAGIC[:5]
+
+
+@case("no_header", ls_fails=True)
+def _(x):
+    c = Craft(header=False)
+    _pwfile(c, x.pw)
+    return c.finish()
+
+
+@case("two_headers")
+def _(x):
+    c = Craft()
+    c.record(fmt.T_HEADER, fmt.Header(created_ns=1).encode())
+    _pwfile(c, x.pw)
+    return c.finish()
+
+
+@case("unknown_record_type")
+def _(x):
+    c = Craft()
+    _pwfile(c, x.pw)
+    c.record(99, b"")
+    return c.finish()
+
+
+@case("record_flags_set")
+def _(x):
+    c = Craft()
+    c.reg(x.pw, 4096)
+    c.data(0, BLK, flags=1)
+    c.end()
+    return c.finish()
+
+
+@case("bad_crc")
+def _(x):
+    c = Craft()
+    c.reg(x.pw, 4096)
+    c.data(0, BLK, crc=0x12345678)
+    c.end()
+    return c.finish()
+
+
+@case("data_after_footer", ls_fails=True)
+def _(x):
+    c = Craft()
+    _pwfile(c, b"a")
+    return c.finish() + fmt.frame(fmt.T_ENTRY, fmt.Entry(1, fmt.K_REG, x.pw).encode())
+
+
+@case("footer_points_elsewhere", ls_fails=True)
+def _(x):
+    c = Craft()
+    _pwfile(c, b"a")
+    return c.finish(index_offset=9)
+
+
+@case("footer_wrong_entry_count", ls_fails=True)
+def _(x):
+    c = Craft()
+    _pwfile(c, b"a")
+    return c.finish(entries=5)
+
+
+@case("index_disagrees_with_entries")
+def _(x):
+    c = Craft()
+    _pwfile(c, b"a")
+    c.items[0].path = b"b"
+    return c.finish()
+
+
+@case("no_footer", ls_fails=True)
+def _(x):
+    c = Craft()
+    _pwfile(c, x.pw)
+    return c.finish(footer=False)
+
+
+# thin backups: BASE, BASEREF, EXTERNAL misuse ----------------------------------------------
+
+def _basefile(x: Ctx) -> None:
+    (x.sandbox / "basefile").write_bytes(BLK)
+
+
+@case("baseref_without_base")
+def _(x):
+    c = Craft()
+    c.reg(x.pw, 4096)
+    c.baseref(0, 4096, 0, 0, hashlib.sha256(BLK).digest())
+    c.end()
+    return c.finish()
+
+
+@case("base_after_first_entry")
+def _(x):
+    c = Craft()
+    c.dir(b"d")
+    c.base(b"basefile", fmt.BASE_FILE, [(0, 4096, b"")])
+    return c.finish()
+
+
+@case("base_rel_path_dotdot", ls_fails=True, rc=(EXIT_ARCHIVE,))
+def _(x):
+    c = Craft()
+    c.base(b"base", fmt.BASE_DIR, [(0, 24, b"../outside/victim")])
+    c.reg(x.pw, 24)
+    c.baseref(0, 24, 0, 0)
+    c.end()
+    return c.finish()
+
+
+@case("base_rel_path_absolute", ls_fails=True)
+def _(x):
+    c = Craft()
+    c.base(b"base", fmt.BASE_DIR, [(0, 24, x.out + b"/victim")])
+    c.reg(x.pw, 24)
+    c.baseref(0, 24, 0, 0)
+    c.end()
+    return c.finish()
+
+
+@case("baseref_number_not_listed", setup=_basefile,
+      args=lambda x: ["--base", x.sandbox / "basefile"])
+def _(x):
+    c = Craft()
+    c.base(b"basefile", fmt.BASE_FILE, [(0, 4096, b"")])
+    c.reg(x.pw, 4096)
+    c.baseref(0, 4096, 1, 0, hashlib.sha256(BLK).digest())
+    c.end()
+    return c.finish()
+
+
+@case("baseref_beyond_base_file", setup=_basefile,
+      args=lambda x: ["--base", x.sandbox / "basefile"])
+def _(x):
+    c = Craft()
+    c.base(b"basefile", fmt.BASE_FILE, [(0, 4096, b"")])
+    c.reg(x.pw, 8192)
+    c.baseref(0, 8192, 0, 0, hashlib.sha256(BLK + BLK).digest())
+    c.end()
+    return c.finish()
+
+
+@case("base_number_listed_twice", setup=_basefile,
+      args=lambda x: ["--base", x.sandbox / "basefile"])
+def _(x):
+    c = Craft()
+    c.base(b"basefile", fmt.BASE_FILE, [(0, 4096, b""), (0, 4096, b"")])
+    c.reg(x.pw, 4096)
+    c.baseref(0, 4096, 0, 0, hashlib.sha256(BLK).digest())
+    c.end()
+    return c.finish()
+
+
+@case("base_records_disagree", setup=_basefile,
+      args=lambda x: ["--base", x.sandbox / "basefile"])
+def _(x):
+    c = Craft()
+    c.base(b"basefile", fmt.BASE_FILE, [(0, 4096, b"")])
+    c.base(b"otherfile", fmt.BASE_FILE, [(1, 4096, b"")])
+    c.reg(x.pw, 4096)
+    c.baseref(0, 4096, 0, 0, hashlib.sha256(BLK).digest())
+    c.end()
+    return c.finish()
+
+
+@case("baseref_wrong_sha256", setup=_basefile, rc=EXIT_BASE, verify_fails=False,
+      args=lambda x: ["--base", x.sandbox / "basefile"])
+def _(x):
+    c = Craft()
+    c.base(b"basefile", fmt.BASE_FILE, [(0, 4096, b"")])
+    c.reg(x.pw, 4096)
+    c.baseref(0, 4096, 0, 0, hashlib.sha256(b"something else").digest())
+    c.end()
+    return c.finish()
+
+
+@case("external_in_a_plain_archive", verify_fails=False)
+def _(x):
+    # verify cannot tell a plain archive from a sparse backup's sidecar
+    # manifest; restore can
+    c = Craft()
+    c.reg(x.pw, 4096)
+    c.external(0, 4096, hashlib.sha256(BLK).digest())
+    c.end()
+    return c.finish()
+
+
+@case("sparse_external_beyond_the_file", sparse=True, rc=(EXIT_ARCHIVE, EXIT_BASE))
+def _(x):
+    c = Craft()
+    c.reg(x.pw, 1 << 20)
+    c.external(0, 1 << 20, hashlib.sha256(bytes(1 << 20)).digest())
+    c.end()
+    return c.finish()
+
+
+@case("sparse_external_wrong_sha256", sparse=True, rc=EXIT_BASE)
+def _(x):
+    c = Craft()
+    c.reg(x.pw, 4096)
+    c.external(0, 4096, hashlib.sha256(BLK).digest())
+    c.end()
+    return c.finish()
+
+
+@case("sparse_manifest_path_dotdot", sparse=True)
+def _(x):
+    c = Craft()
+    c.reg(b"../" + x.pw, 4096)
+    c.external(0, 4096, hashlib.sha256(bytes(4096)).digest())
+    c.end()
+    return c.finish()
+
+
+def _write_archive(x: Ctx, cs: Case) -> None:
+    data = cs.build(x)
+    if cs.sparse:
+        with open(x.archive, "wb") as f:
+            f.truncate(64 << 10)
+        os.setxattr(x.archive, "user.cloneaware.manifest", data)
+    else:
+        x.archive.write_bytes(data)
+    if cs.setup:
+        cs.setup(x)
+
+
+def _must_fail_cleanly(r, must_fail: bool) -> None:
+    assert "Traceback" not in r.err, str(r)
+    if must_fail:
+        line = assert_one_line_error(r, EXIT_ARCHIVE)
+        assert "offset" in line or "truncated" in line or "empty" in line or \
+            "archive" in line, line
+    elif r.returncode != 0:
+        assert_one_line_error(r)
+
+
+NAMES = sorted(CASES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_hostile_restore(name, ctx, server, btrfs_dir):
+    cs = CASES[name]
+    _write_archive(ctx, cs)
+    before = sandbox_state(ctx.sandbox, ctx.dest)
+    r = server.run("restore", ctx.archive, ctx.dest, *cs.args(ctx), cwd=ctx.cwd)
+    assert_one_line_error(r, cs.rc)
+    _assert_nothing_outside(ctx, before, btrfs_dir.parent)
+    # sizes and counts are bounded before anything is allocated
+    assert r.maxrss_kib < MAX_RSS_KIB, f"peak RSS {r.maxrss_kib} KiB\n{r}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_hostile_verify(name, ctx, server):
+    cs = CASES[name]
+    _write_archive(ctx, cs)
+    r = server.run("verify", ctx.archive, cwd=ctx.cwd)
+    _must_fail_cleanly(r, cs.verify_fails)
+    assert r.maxrss_kib < MAX_RSS_KIB, f"peak RSS {r.maxrss_kib} KiB\n{r}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_hostile_ls(name, ctx, server):
+    cs = CASES[name]
+    _write_archive(ctx, cs)
+    r = server.run("ls", ctx.archive, cwd=ctx.cwd)
+    _must_fail_cleanly(r, cs.ls_fails)
+
+
+def test_hostile_cases_are_many():
+    assert len(CASES) >= 80, len(CASES)
+
+
+def test_real_entry_point_agrees(ctx, server, btrfs_dir):
+    """The forked CLI behaves as ``python -m cloneaware.cli`` does."""
+    for name in ("symlink_to_outside_then_child", "zstd_frame_claims_8mib_in_4kib_record"):
+        _write_archive(ctx, CASES[name])
+        before = sandbox_state(ctx.sandbox, ctx.dest)
+        a = run_cli("restore", ctx.archive, ctx.dest / "a", cwd=ctx.cwd)
+        b = server.run("restore", ctx.archive, ctx.dest / "b", cwd=ctx.cwd)
+        assert (a.returncode, a.err.replace("/a/", "/b/")) == (b.returncode, b.err), \
+            f"{a}\n{b}"
+        assert_one_line_error(a, EXIT_ARCHIVE)
+        _assert_nothing_outside(ctx, before, btrfs_dir.parent)
+
+
+def test_control_archive_restores(ctx, server):
+    """The builder makes valid archives: without the fault, a restore works
+    (so that the hostile cases fail for their fault, not the builder's)."""
+    c = Craft()
+    c.dir(b"d")
+    x_target = b"../elsewhere"
+    c.symlink(b"d/link", x_target)
+    c.file(b"d/f", BLK, codec=Z)
+    c.reg(b"d/g", 8192)
+    c.ref(0, 4096, 2, 0)
+    c.data(4096, BLK[::-1])
+    c.end()
+    c.hardlink(b"d/h", 2)
+    c.fifo(b"d/p")
+    ctx.archive.write_bytes(c.finish())
+    for cmd in (["verify", ctx.archive], ["ls", ctx.archive]):
+        r = server.run(*cmd)
+        assert r.returncode == 0, str(r)
+    r = server.run("restore", ctx.archive, ctx.dest)
+    assert r.returncode == 0, str(r)
+    d = ctx.dest / "d"
+    assert (d / "f").read_bytes() == BLK
+    assert (d / "g").read_bytes() == BLK + BLK[::-1]
+    assert os.readlink(d / "link") == os.fsdecode(x_target)
+    assert (d / "h").stat().st_ino == (d / "f").stat().st_ino
+    assert stat.S_ISFIFO((d / "p").lstat().st_mode)
+
+
+# --- DEST already holds a symlink that points outside ------------------------------------
+
+def _dest_symlink_archive(x: Ctx, deep: bool) -> bytes:
+    c = Craft()
+    c.dir(b"top")
+    p = b"top"
+    if deep:
+        c.dir(b"top/sub")
+        p = b"top/sub"
+    c.dir(p + b"/newdir")
+    _pwfile(c, p + b"/" + x.pw)
+    _pwfile(c, p + b"/newdir/" + x.pw)
+    c.symlink(p + b"/lnk", b"target")
+    return c.finish()
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["plain", "force"])
+@pytest.mark.parametrize("deep", [False, True], ids=["top", "deep"])
+def test_dest_holds_symlink_pointing_outside(ctx, server, btrfs_dir, deep, force):
+    ctx.dest.mkdir()
+    if deep:
+        (ctx.dest / "top").mkdir()
+        os.symlink(ctx.outside, ctx.dest / "top" / "sub")
+    else:
+        os.symlink(ctx.outside, ctx.dest / "top")
+    ctx.archive.write_bytes(_dest_symlink_archive(ctx, deep))
+    before = sandbox_state(ctx.sandbox, ctx.dest)
+    r = server.run("restore", *(["--force"] if force else []), ctx.archive, ctx.dest,
+                   cwd=ctx.cwd)
+    assert_one_line_error(r, (EXIT_USAGE, EXIT_ARCHIVE))
+    _assert_nothing_outside(ctx, before, btrfs_dir.parent)
+    assert not os.path.lexists(ctx.outside / os.fsdecode(ctx.pw))
+    assert not os.path.lexists(ctx.outside / "newdir")
+    assert not os.path.lexists(ctx.outside / "lnk")
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["plain", "force"])
+def test_dest_symlink_to_outside_file_replaced_not_followed(ctx, server, btrfs_dir, force):
+    """DEST/top -> outside/victim and the archive holds a file 'top': without
+    --force it is refused; with --force the symlink itself is replaced, and
+    the victim outside is untouched."""
+    ctx.dest.mkdir()
+    os.symlink(ctx.outside / "victim", ctx.dest / "top")
+    c = Craft()
+    _pwfile(c, b"top")
+    ctx.archive.write_bytes(c.finish())
+    before = sandbox_state(ctx.sandbox, ctx.dest)
+    r = server.run("restore", *(["--force"] if force else []), ctx.archive, ctx.dest,
+                   cwd=ctx.cwd)
+    if force:
+        assert r.returncode == 0, str(r)
+        assert stat.S_ISREG((ctx.dest / "top").lstat().st_mode)
+        assert (ctx.dest / "top").read_bytes() == PAYLOAD
+    else:
+        assert_one_line_error(r, EXIT_USAGE)
+        assert os.readlink(ctx.dest / "top") == str(ctx.outside / "victim")
+    _assert_nothing_outside(ctx, before, btrfs_dir.parent)
+
+
+# --- real archives: truncation and bit flips ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def real_archive(loopfs_session):
+    """A small archive made by ``cloneaware backup`` of a family with a
+    reflinked clone (so REF records), a hard link, a symlink, a FIFO, an
+    empty file, a compressible file with an xattr and a subdirectory, on
+    this worker's Btrfs."""
+    from cloneaware.testing import _shared_fs
+
+    fs = _shared_fs(loopfs_session, "btrfs")
+    top = fs.path / f"trunc-{os.getpid()}-{secrets.token_hex(4)}"
+    src = top / "src" / "fam"
+    (src / "sub").mkdir(parents=True)
+    try:
+        write_random(src / "a.bin", 96 << 10, seed=6)
+        reflink_copy(src / "a.bin", src / "clone.bin")
+        with open(src / "clone.bin", "r+b") as f:
+            f.seek(32 << 10)
+            f.write(random.Random(7).randbytes(4096))
+        os.link(src / "a.bin", src / "sub" / "hard")
+        os.symlink("../a.bin", src / "sub" / "sym")
+        os.mkfifo(src / "sub" / "fifo", 0o640)
+        (src / "sub" / "empty").write_bytes(b"")
+        (src / "sub" / "text.txt").write_bytes(b"the quick brown fox\n" * 2000)
+        os.chmod(src / "sub" / "text.txt", 0o600)
+        os.setxattr(src / "sub" / "text.txt", "user.note", b"hello")
+        fs.sync()
+        arch = top / "fam.cla"
+        r = run_cli("backup", "--compress", "zstd", "-o", arch, src)
+        assert r.returncode == 0, str(r)
+        data = arch.read_bytes()
+        recs = records(data)
+        assert {fmt.T_REF, fmt.T_DATA, fmt.T_END} <= {x.type for x in recs}, recs
+        assert any(x.type == fmt.T_ENTRY and data[x.payload_offset + 8] == fmt.K_HARDLINK
+                   for x in recs)
+        yield top, src, data, tree_state(src)
+    finally:
+        import shutil
+
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def _check_damaged(server, top, src, want, data: bytes, label: str) -> int:
+    """Restore ``data``; assert the rules; return the exit code."""
+    work = top / f"w-{secrets.token_hex(4)}"
+    work.mkdir()
+    arch = work / "a.cla"
+    arch.write_bytes(data)
+    dest = work / "dest"
+    try:
+        r = server.run("restore", arch, dest, cwd=work)
+        assert "Traceback" not in r.err, f"{label}\n{r}"
+        if r.returncode == 0:
+            got = tree_state(dest / "fam")
+            assert got == want, f"{label}: exit 0 but the tree differs:\n" + "\n".join(
+                diff_states(want, got))
+        else:
+            line = assert_one_line_error(r, EXIT_ARCHIVE)
+            assert "offset" in line or "truncated" in line or (
+                not data and "empty" in line), f"{label}: {line}"
+        assert not temp_files(work), f"{label}: {temp_files(work)}\n{r}"
+        # no file with wrong content under its final name
+        top = dest / "fam"
+        if top.exists():
+            for dirpath, _dirs, files in os.walk(top):
+                for f in files:
+                    p = Path(dirpath) / f
+                    rel = os.fsencode(p.relative_to(top))
+                    if p.is_symlink() or not p.is_file():
+                        continue
+                    assert rel in want, f"{label}: unexpected file {p}"
+                    exp = dict(want[rel])
+                    assert p.stat().st_size == exp["size"] and \
+                        hashlib.sha256(p.read_bytes()).hexdigest() == exp["sha"], \
+                        f"{label}: {p} has wrong content\n{r}"
+        return r.returncode
+    finally:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_intact_archive_restores_exactly(server, real_archive):
+    top, src, data, want = real_archive
+    assert _check_damaged(server, top, src, want, data, "intact") == 0
+
+
+def test_truncated_at_every_record_boundary(server, real_archive):
+    top, src, data, want = real_archive
+    cuts = [0, 4] + [r.offset for r in records(data)] + [len(data) - 1]
+    print(f"\n{len(cuts)} record-boundary truncations of a {len(data)}-byte archive")
+    for cut in cuts:
+        rc = _check_damaged(server, top, src, want, data[:cut], f"cut at {cut}")
+        assert rc == EXIT_ARCHIVE, f"an archive cut at {cut} of {len(data)} was accepted"
+
+
+def test_truncated_at_random_offsets(server, real_archive):
+    top, src, data, want = real_archive
+    rng = random.Random(20240606)
+    cuts = sorted(rng.sample(range(1, len(data)), 20))
+    for cut in cuts:
+        rc = _check_damaged(server, top, src, want, data[:cut], f"cut at {cut}")
+        assert rc == EXIT_ARCHIVE, f"an archive cut at {cut} of {len(data)} was accepted"
+
+
+def test_single_bit_flips(server, real_archive):
+    top, src, data, want = real_archive
+    rng = random.Random(6)
+    recs = records(data)
+    # half anywhere, half in the small records where structure lives
+    small = [r for r in recs if r.type != fmt.T_DATA]
+    positions = [rng.randrange(len(data)) for _ in range(25)]
+    for _ in range(25):
+        r = rng.choice(small)
+        positions.append(rng.randrange(r.offset, r.end))
+    codes = []
+    for pos in positions:
+        bit = rng.randrange(8)
+        mutated = bytearray(data)
+        mutated[pos] ^= 1 << bit
+        codes.append(_check_damaged(server, top, src, want, bytes(mutated),
+                                    f"bit {bit} of byte {pos} flipped"))
+    # every byte is under the magic or a CRC: no flip may pass unnoticed
+    assert all(c == EXIT_ARCHIVE for c in codes), codes
