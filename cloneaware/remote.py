@@ -35,6 +35,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from cloneaware.archive.writer import WRITEBACK_STEP, start_writeback
 from cloneaware.errors import (
     EXIT_RESTORE,
     EXIT_USAGE,
@@ -256,28 +257,6 @@ def push_restore(archive: str, dest: str, force: bool, base: str | None, trust_b
 
 # --- the server ------------------------------------------------------------------
 
-WRITEBACK_STEP = 16 << 20
-_sync_file_range = None
-
-
-def _start_writeback(fd: int, offset: int, length: int) -> None:
-    """sync_file_range(SYNC_FILE_RANGE_WRITE): queue a range for writeback
-    without waiting for it (best effort; the fsync at the end is the guarantee)."""
-    global _sync_file_range
-    if _sync_file_range is None:
-        import ctypes
-
-        try:
-            f = ctypes.CDLL(None, use_errno=True).sync_file_range
-            f.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-            f.restype = ctypes.c_int
-        except (OSError, AttributeError):
-            f = False
-        _sync_file_range = f
-    if _sync_file_range:
-        _sync_file_range(fd, offset, length, 2)  # SYNC_FILE_RANGE_WRITE
-
-
 def _rename_noreplace(dfd: int, src: bytes, dst: bytes) -> None:
     """renameat2(RENAME_NOREPLACE) through libc: importing cloneaware.ioctl
     (numpy, the extension) for this one call would cost most of a second
@@ -406,7 +385,7 @@ class Server:
                         # Start writing out what arrived while more arrives, so
                         # that the fsync at the end waits for the tail only.
                         f.flush()
-                        _start_writeback(fd, queued, total - queued)
+                        start_writeback(fd, queued, total - queued)
                         queued = total
                 f.flush()
                 os.fsync(fd)

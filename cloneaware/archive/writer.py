@@ -11,6 +11,56 @@ from cloneaware import __version__
 from cloneaware.archive import format as fmt
 from cloneaware.errors import UsageError
 
+WRITEBACK_STEP = 16 << 20
+_sync_file_range = None
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """sync_file_range(SYNC_FILE_RANGE_WRITE): queue a range for writeback
+    without waiting for it (best effort; the fsync at the end is the guarantee)."""
+    global _sync_file_range
+    if _sync_file_range is None:
+        import ctypes
+
+        try:
+            f = ctypes.CDLL(None, use_errno=True).sync_file_range
+            f.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+            f.restype = ctypes.c_int
+        except (OSError, AttributeError):
+            f = False
+        _sync_file_range = f
+    if _sync_file_range:
+        _sync_file_range(fd, offset, length, 2)  # SYNC_FILE_RANGE_WRITE
+
+
+
+class _WritebackFile:
+    """A buffered file that queues what it wrote for writeback every
+    WRITEBACK_STEP bytes, so the fsync at the end waits for the tail only."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.buf = os.fdopen(fd, "wb", buffering=1 << 20)
+        self.n = self.queued = 0
+
+    def write(self, b) -> int:
+        n = self.buf.write(b)
+        self.n += n
+        if self.n - self.queued >= WRITEBACK_STEP:
+            self.buf.flush()
+            start_writeback(self.fd, self.queued, self.n - self.queued)
+            self.queued = self.n
+        return n
+
+    def flush(self) -> None:
+        self.buf.flush()
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        self.buf.close()
+
 
 class Output:
     """Where the archive goes: a file written under a temporary name and
@@ -34,7 +84,7 @@ class Output:
             raise UsageError(f"{d}: no such directory")
         self.tmp = os.path.join(d, f".{os.path.basename(target)}.{secrets.token_hex(4)}.partial")
         fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        self.f = os.fdopen(fd, "wb", buffering=1 << 20)
+        self.f = _WritebackFile(fd)
 
     def commit(self) -> None:
         self.f.flush()
