@@ -113,7 +113,7 @@ class ScanResult:
         }
 
 
-def map_tree(paths: list, one_file_system: bool = True):
+def map_tree(paths: list, one_file_system: bool = True, unique_names: bool = True):
     """Walk and map.  Yields ('file', Node, fs, ext), ('other', Node) and
     ('skip', path, reason) in walk order."""
     errors: list[tuple[bytes, str]] = []
@@ -121,7 +121,7 @@ def map_tree(paths: list, one_file_system: bool = True):
     def on_error(p: bytes, reason: str) -> None:
         errors.append((p, reason))
 
-    for node in walk(paths, on_error, one_file_system):
+    for node in walk(paths, on_error, one_file_system, unique_names):
         while errors:
             yield ("skip",) + errors.pop(0)
         if not stat.S_ISREG(node.st.st_mode):
@@ -155,7 +155,8 @@ def scan(paths: list, one_file_system: bool = True, progress=None) -> ScanResult
     files: list[Node] = []
     skipped: list[tuple[bytes, str]] = []
     inodes: set[tuple[int, int]] = set()
-    for item in map_tree(paths, one_file_system):
+    # scan stores nothing: two PATHs may share a basename
+    for item in map_tree(paths, one_file_system, unique_names=False):
         if item[0] == "file":
             _, node, info, ext = item
             if node.st.st_nlink > 1:

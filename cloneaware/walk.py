@@ -28,9 +28,10 @@ class Node:
     st: os.stat_result
 
 
-def root_names(paths: list) -> list[tuple[bytes, bytes]]:
+def root_names(paths: list, unique_names: bool = True) -> list[tuple[bytes, bytes]]:
     """(archive name, source path) per PATH argument; a path named twice is
-    kept once, two paths with the same basename are refused."""
+    kept once; two paths with the same basename are refused when the names
+    must be unique (an archive stores each PATH under its basename)."""
     out: list[tuple[bytes, bytes]] = []
     seen_real: set[bytes] = set()
     names: dict[bytes, bytes] = {}
@@ -48,7 +49,7 @@ def root_names(paths: list) -> list[tuple[bytes, bytes]]:
         if name in (b"", b".", b".."):
             raise UsageError(f"{os.fsdecode(p)}: cannot name the root directory; "
                              "give a directory inside it")
-        if name in names:
+        if name in names and unique_names:
             raise UsageError(
                 f"{os.fsdecode(p)} and {os.fsdecode(names[name])} would both be stored "
                 f"as {os.fsdecode(name)!r}")
@@ -65,10 +66,11 @@ def _fs_key(path: bytes, st: os.stat_result) -> str:
         os.close(fd)
 
 
-def walk(paths: list, on_error: OnError, one_file_system: bool = True) -> Iterator[Node]:
+def walk(paths: list, on_error: OnError, one_file_system: bool = True,
+         unique_names: bool = True) -> Iterator[Node]:
     """Yield a Node per entry, parents before children, in sorted name order."""
     probe.forget()  # st_dev numbers may have been reused since the last walk
-    for name, src in root_names(paths):
+    for name, src in root_names(paths, unique_names):
         try:
             st = os.lstat(src)
         except OSError as e:
