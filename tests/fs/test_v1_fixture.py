@@ -52,7 +52,7 @@ def test_v1_archive_restores_exactly(reflink_dir):
     assert os.getxattr(root / "text.txt", "user.k") == b"v"
     assert os.stat(root / "sub/sparse").st_blocks * 512 < 64 << 10  # holes kept
     day = datetime.datetime.fromtimestamp((root / "sub").stat().st_mtime,
-                                          datetime.timezone.utc).date()
+                                          datetime.UTC).date()
     assert day.isoformat() in ("2020-02-01", "2020-02-02")  # local midnight in any zone
     scan = json.loads(run("scan", "--json", str(root / "base.img"),
                           str(root / "clone.img")).stdout)["totals"]
