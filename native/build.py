@@ -28,7 +28,7 @@ ffibuilder.set_source(
     '#include "cloneaware.h"\n#include <fcntl.h>\n#include <linux/fiemap.h>\n',
     sources=[os.path.relpath(os.path.join(HERE, "cloneaware.c"))],
     include_dirs=[os.path.relpath(HERE)],
-    define_macros=[("CA_VERSION", '"%s"' % _version())],
+    define_macros=[("CA_VERSION", f'"{_version()}"')],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
 )
 
