@@ -4,7 +4,7 @@ PREFIX ?= /usr/local
 DESTDIR ?=
 JOBS ?= auto
 
-.PHONY: setup test demo bench bench-scale lint install clean deb deb-test
+.PHONY: setup test demo bench bench-scale lint install clean deb deb-test vm-setup vm-test
 
 setup:
 	bash tools/setup.sh
@@ -37,3 +37,12 @@ deb:
 # Builds it, installs it with apt in a throwaway trixie root, checks it there.
 deb-test: deb
 	bash tools/deb.sh test
+
+# The filesystem tests in a throwaway VM on Debian's packaged kernel (6.1 on
+# Debian 12), or KERNEL=/boot/vmlinuz-...: the `-m vm` subset, FULL=1 for the
+# whole suite.  vm/run.sh lists the other knobs; results land in vm/out/.
+vm-setup:
+	bash vm/setup.sh
+
+vm-test: setup vm-setup
+	PYTHON=$(PYTHON) bash vm/run.sh

@@ -14,6 +14,8 @@ from cloneaware.testing import reflink_copy, write_random
 
 KiB, MiB = 1 << 10, 1 << 20
 
+pytestmark = pytest.mark.vm
+
 #: What "this filesystem cannot do it" looks like (xfstests common/reflink).
 NOT_SUPPORTED = {errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL}
 

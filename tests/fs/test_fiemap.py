@@ -65,6 +65,7 @@ def make_zoo(d) -> dict:
     return z
 
 
+@pytest.mark.vm
 def test_fiemap_matches_xfs_io_and_filefrag(reflink_dir):
     z = make_zoo(reflink_dir)
     for name, path in z.items():
@@ -94,6 +95,7 @@ def test_fiemap_matches_xfs_io_and_filefrag(reflink_dir):
     assert all(e.flags & ioctl.FE_SHARED for e in a + b)
 
 
+@pytest.mark.vm
 def test_partial_clone_maps_as_kernel_md_says(reflink_dir):
     """KERNEL.md: clone 128 KiB from offset 448 KiB of a 1 MiB extent.  Btrfs
     keeps the source as one extent; XFS splits it at the share boundaries.
@@ -119,6 +121,7 @@ def test_partial_clone_maps_as_kernel_md_says(reflink_dir):
     assert not d[0].flags & F and not d[2].flags & F
 
 
+@pytest.mark.vm
 def test_small_file_maps(reflink_dir):
     """Btrfs: inline, flags 0x301, physical 0, one block.  XFS: a 5-byte file
     reports a whole 4096-byte block."""
@@ -167,6 +170,7 @@ def test_fiemap_100000_extents_in_one_call(xfs_dir):
     assert res.plan.referenced_bytes() == n * 4096
 
 
+@pytest.mark.vm
 def test_btrfs_compressed_maps(loopfs):
     """KERNEL.md: ENCODED extents report the compressed extent's disk start
     and the logical length; a clone of part of one reports the same start
@@ -190,6 +194,7 @@ def test_btrfs_compressed_maps(loopfs):
     assert as_tuples(fiemap(src)) == xfs_io_fiemap(src) == filefrag(src)[1]
 
 
+@pytest.mark.vm
 def test_fiemap_on_ext4(ext4_dir):
     p = ext4_dir / "f"
     write_random(p, 256 * KiB, 7)
@@ -199,6 +204,7 @@ def test_fiemap_on_ext4(ext4_dir):
     assert e == xfs_io_fiemap(p) == filefrag(p)[1]
 
 
+@pytest.mark.vm
 def test_tmpfs_has_no_fiemap_and_scan_uses_seek_data(tmpfs_dir):
     p = tmpfs_dir / "sparse"
     with open(p, "wb") as f:

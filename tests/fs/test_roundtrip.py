@@ -134,6 +134,7 @@ def test_archive_sizes_none_and_zstd(btrfs_dir, tmp_path):
     assert_close(physical_bytes(dst), phys, 0.02, "restored from the zstd archive")
 
 
+@pytest.mark.vm
 @pytest.mark.parametrize("fs_kind,compress", [("btrfs", "zstd"), ("xfs", "none")])
 def test_pipe_roundtrip(request, fs_kind, compress):
     """backup -o - SRC | restore - DEST: same tree, same sharing."""

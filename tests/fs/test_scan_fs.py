@@ -227,6 +227,7 @@ def test_sparse_and_fallocated_files(reflink_dir):
     assert plan.pieces.tolist() == [(0, 512 * KiB, 64 * KiB, -1, 0)]
 
 
+@pytest.mark.vm
 def test_scan_on_every_filesystem(any_dir):
     kind = probe.fs_info_path(str(any_dir)).type
     write_random(any_dir / "a", 256 * KiB, 42)
@@ -310,6 +311,7 @@ def btrfs(*args):
     subprocess.run(["btrfs", *map(str, args)], check=True, capture_output=True)
 
 
+@pytest.mark.vm
 def test_btrfs_snapshot_shares_with_its_subvolume(btrfs_dir):
     sv, snap = btrfs_dir / "sv", btrfs_dir / "snap"
     btrfs("subvolume", "create", sv)
