@@ -274,17 +274,22 @@ class _Arrivals:
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
+    def _sample(self) -> bool:
+        now = time.monotonic()
+        if self.final.exists():
+            self.renamed = now
+            return True
+        for n in _partials(self.d):
+            try:
+                self.samples.append((now, (self.d / n).stat().st_size))
+            except FileNotFoundError:
+                pass
+        return False
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            now = time.monotonic()
-            if self.final.exists():
-                self.renamed = now
+            if self._sample():
                 return
-            for n in _partials(self.d):
-                try:
-                    self.samples.append((now, (self.d / n).stat().st_size))
-                except FileNotFoundError:
-                    pass
             time.sleep(0.02)
 
     def __enter__(self):
@@ -295,6 +300,10 @@ class _Arrivals:
     def __exit__(self, *exc):
         self._stop.set()
         self._t.join()
+        if self.renamed is None:
+            # one last look: the sampler sleeps 20 ms between looks and may
+            # have stopped before it saw the last bytes (seen under load)
+            self._sample()
 
     def first_byte(self) -> float:
         return next(t for t, n in self.samples if n > 0)
