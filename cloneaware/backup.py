@@ -43,6 +43,12 @@ class Summary:
     logical_bytes: int = 0
     stored_bytes: int = 0
     referenced_bytes: int = 0
+    #: of referenced_bytes: compressed ranges referenced after their content
+    #: hash matched the place they name
+    checked_bytes: int = 0
+    #: compressed ranges that named the same extent as an earlier place but
+    #: held other bytes (part of an extent): stored
+    check_mismatch_bytes: int = 0
     hole_bytes: int = 0
     bytes_read: int = 0
     physical_bytes: int = 0
@@ -115,12 +121,26 @@ class _Chunker:
             if z is not None:
                 codec, payload = fmt.CODEC_ZSTD, z
         head = fmt.encode_data_head(offset, length, codec, sha)
-        return length, got, fmt.frame_parts(fmt.T_DATA, head, payload)
+        return length, got, fmt.frame_parts(fmt.T_DATA, head, payload), sha
 
     def hash_job(self, fd: int, offset: int, length: int):
         """-> (sha256, bytes read)."""
         data, got = self._read(fd, offset, length)
         return hashlib.sha256(data).digest(), got
+
+    def base_check_job(self, fd: int, offset: int, length: int, base: bytes,
+                       base_offset: int):
+        """-> (sha256 of our range, bytes read, sha256 of the base's range or None)."""
+        sha, got = self.hash_job(fd, offset, length)
+        try:
+            bfd = open_source(base)
+        except OSError:
+            return sha, got, None
+        try:
+            bsha, bgot = self.hash_job(bfd, base_offset, length)
+        finally:
+            os.close(bfd)
+        return sha, got, bsha if bgot == length else None
 
     def submit(self, fn, *args):
         return self.pool.submit(fn, *args)
@@ -222,6 +242,8 @@ class Backup:
         self.base_files: dict[int, _BaseFile] = {}  # fileno -> base file
         self.base_kind = fmt.BASE_FILE
         self.rsh = rsh
+        #: (fileno, logical) -> SHA-256 of stored data that a candidate names
+        self._hashes: dict[tuple[int, int], bytes] = {}
 
     def _skip(self, path: bytes, reason: str) -> None:
         self.summary.skipped.append((os.fsdecode(path), reason))
@@ -443,12 +465,13 @@ class Backup:
                     invalid.add(item.fileno)
                 before = extent_map(fd, st.st_size, node.src)
                 d = extents.data_ranges(before, st.st_size)
-                pieces = [(int(a), int(b), -1, 0) for a, b in zip(d["logical"], d["length"])]
+                pieces = [(int(a), int(b), -1, 0, 0) for a, b in zip(d["logical"], d["length"])]
             else:
                 before = item.ext
                 p = plan.file_pieces(item.fileno)
                 pieces = list(zip(p["logical"].tolist(), p["length"].tolist(),
-                                  p["ref_file"].tolist(), p["ref_logical"].tolist()))
+                                  p["ref_file"].tolist(), p["ref_logical"].tolist(),
+                                  p["check"].tolist()))
             e = _meta(node, fmt.K_REG, st)
             e.size = st.st_size
             e.xattrs = read_xattrs(fd)
@@ -479,19 +502,41 @@ class Backup:
     def _write_pieces(self, w: Writer, fd: int, pieces, chunker, entry_of_file, invalid,
                       fileno: int) -> bool:
         """Write one file's DATA, REF and BASEREF records, in order, with up
-        to DEPTH chunks read ahead across references; True on a short read."""
-        ops = []  # (kind, offset, length, a, b) in file order
-        for logical, length, ref_file, ref_logical in pieces:
-            if ref_file in self.base_files:
-                ops += [("base", off, ln, ref_file, ref_logical + (off - logical))
+        to DEPTH chunks read ahead across references; True on a short read.
+
+        A candidate piece (a compressed range naming the same extent and
+        length as an earlier place, extents.CHECK_CANDIDATE) is hashed first
+        and becomes a reference only if its hash equals the one recorded when
+        the place it names was stored (or, for a base, read now)."""
+        ops = []  # (kind, offset, length, a, b, key) in file order
+        for logical, length, ref_file, ref_logical, check in pieces:
+            if check == extents.CHECK_CANDIDATE and length <= fmt.CHUNK_MAX \
+                    and ref_file not in invalid:
+                if ref_file in self.base_files:
+                    ops.append(("vbase", logical, length, ref_file, ref_logical, None))
+                    continue
+                src = entry_of_file.get(ref_file)
+                if src is not None:
+                    ops.append(("vref", logical, length, src, ref_logical,
+                                (ref_file, ref_logical)))
+                    continue
+            elif check == extents.CHECK_CANDIDATE:
+                pass  # stored below
+            elif ref_file in self.base_files:
+                ops += [("base", off, ln, ref_file, ref_logical + (off - logical), None)
                         for off, ln in _chunks([(logical, length)])]
                 continue
-            src = entry_of_file.get(ref_file) if ref_file >= 0 else None
-            if ref_file < 0 or ref_file in invalid or src is None:
-                os.posix_fadvise(fd, logical, length, os.POSIX_FADV_WILLNEED)
-                ops += [("data", off, ln, 0, 0) for off, ln in _chunks([(logical, length)])]
+            elif ref_file >= 0 and ref_file not in invalid \
+                    and entry_of_file.get(ref_file) is not None:
+                ops.append(("ref", logical, length, entry_of_file[ref_file], ref_logical, None))
+                continue
+            # stored data
+            os.posix_fadvise(fd, logical, length, os.POSIX_FADV_WILLNEED)
+            if check == extents.CHECK_HASHED and length <= fmt.CHUNK_MAX:
+                ops.append(("data", logical, length, 0, 0, (fileno, logical)))
             else:
-                ops.append(("ref", logical, length, src, ref_logical))
+                ops += [("data", off, ln, 0, 0, None) for off, ln in _chunks([(logical, length)])]
+        s = self.summary
         short = False
         pending: collections.deque = collections.deque()
         nxt = 0
@@ -502,22 +547,51 @@ class Backup:
                 fut = None
                 if op[0] == "data":
                     fut = chunker.submit(self._data_job(chunker), fd, op[1], op[2])
-                elif op[0] == "base":
+                elif op[0] in ("base", "vref"):
                     fut = chunker.submit(chunker.hash_job, fd, op[1], op[2])
+                elif op[0] == "vbase":
+                    fut = chunker.submit(chunker.base_check_job, fd, op[1], op[2],
+                                         self.base_files[op[3]].src, op[4])
                 pending.append((op, fut))
             op, fut = pending.popleft()
-            if op[0] == "ref":
-                w.ref(op[1], op[2], op[3], op[4])
-                self.summary.referenced_bytes += op[2]
-            elif op[0] == "base":
+            kind, off, ln = op[0], op[1], op[2]
+            if kind == "ref":
+                w.ref(off, ln, op[3], op[4])
+                s.referenced_bytes += ln
+            elif kind == "base":
                 sha, got = fut.result()
-                w.baseref(op[1], op[2], op[3], op[4], sha)
-                self.summary.base_referenced_bytes += op[2]
-                self.summary.bytes_read += got
-                short |= got < op[2]
-            else:
-                short |= self._emit_data(w, fd, op[1], op[2], fut.result())
+                w.baseref(off, ln, op[3], op[4], sha)
+                s.base_referenced_bytes += ln
+                s.bytes_read += got
+                short |= got < ln
+            elif kind == "data":
+                result = fut.result()
+                short |= self._emit_data(w, fd, off, ln, result)
+                if op[5] is not None:
+                    self._hashes[op[5]] = self._sha_of(result)
+            else:  # a candidate: use it only if the content matches
+                r = fut.result()
+                sha, got = r[0], r[1]
+                s.bytes_read += got
+                short |= got < ln
+                if got == ln and kind == "vref" and self._hashes.get(op[5]) == sha:
+                    w.ref(off, ln, op[3], op[4])
+                    s.referenced_bytes += ln
+                    s.checked_bytes += ln
+                elif got == ln and kind == "vbase" and r[2] == sha:
+                    w.baseref(off, ln, op[3], op[4], sha)
+                    s.base_referenced_bytes += ln
+                    s.checked_bytes += ln
+                else:
+                    s.check_mismatch_bytes += ln
+                    s.bytes_read -= got  # read again, as data
+                    short |= self._emit_data(w, fd, off, ln,
+                                             self._data_job(chunker)(fd, off, ln))
         return short
+
+    def _sha_of(self, result) -> bytes:
+        """The SHA-256 of the bytes a data job stored."""
+        return result[3]
 
     def _data_job(self, chunker):
         """The worker function for stored data (SparseBackup stores it elsewhere)."""
@@ -525,7 +599,7 @@ class Backup:
 
     def _emit_data(self, w: Writer, fd: int, offset: int, length: int, result) -> bool:
         """Write a stored chunk the worker prepared; True if the file was short."""
-        _ln, got, parts = result
+        _ln, got, parts, _sha = result
         w.data_record(parts, length)
         s = self.summary
         s.stored_bytes += length

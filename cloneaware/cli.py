@@ -157,6 +157,10 @@ def scan(
             ]
             if t.encoded_bytes:
                 rows.append(("compressed (not counted as shared)", _human(t.encoded_bytes)))
+            if t.encoded_candidate_bytes:
+                rows.append(("compressed, same extent as an earlier file "
+                              "(shared if the content matches)",
+                              _human(t.encoded_candidate_bytes)))
             if t.physical_bytes:
                 rows.append(("saving", f"{t.logical_bytes / t.physical_bytes:.2f}x"))
             w = max(len(k) for k, _ in rows)

@@ -47,10 +47,20 @@ EXTENT_DTYPE = np.dtype(
 )
 
 #: A piece of a file in the plan.  ``ref_file`` is -1 for stored data.
+#: ``check``: 0 for a piece whose sharing the physical addresses prove;
+#: 1 for a candidate reference (an encoded range), to use only if its bytes
+#: hash the same as those of the place it names; 2 for stored data that a
+#: candidate names (its hash is needed).  See the module docstring.
 PIECE_DTYPE = np.dtype(
     [("file", "<i8"), ("logical", "<u8"), ("length", "<u8"),
-     ("ref_file", "<i8"), ("ref_logical", "<u8")]
+     ("ref_file", "<i8"), ("ref_logical", "<u8"), ("check", "u1")]
 )
+CHECK_NONE, CHECK_CANDIDATE, CHECK_HASHED = 0, 1, 2
+
+#: Flags that keep an encoded range from being a candidate: its bytes are
+#: not in a compressed extent on disk yet, or not as the file reads them.
+NOT_CANDIDATE = (FE_UNKNOWN | FE_DELALLOC | FE_DATA_ENCRYPTED | FE_DATA_INLINE
+                 | FE_DATA_TAIL)
 
 
 def data_ranges(ext: np.ndarray, size: int) -> np.ndarray:
@@ -83,6 +93,9 @@ class Totals:
     shared_bytes: int = 0
     external_shared_bytes: int = 0
     encoded_bytes: int = 0
+    #: encoded bytes that name the same compressed extent and length as an
+    #: earlier place: shared if their content matches (checked by backup)
+    encoded_candidate_bytes: int = 0
     inline_bytes: int = 0
 
     def as_dict(self) -> dict:
@@ -104,12 +117,18 @@ class Plan:
         return self.pieces[self.file_start[f]:self.file_start[f + 1]]
 
     def stored_bytes(self) -> int:
+        """Bytes the plan stores for sure (candidates may add to them)."""
         own = self.pieces["ref_file"] < 0
         return int(self.pieces["length"][own].sum())
 
     def referenced_bytes(self) -> int:
-        ref = self.pieces["ref_file"] >= 0
+        """Bytes proved shared with an earlier place (candidates not counted)."""
+        ref = (self.pieces["ref_file"] >= 0) & (self.pieces["check"] != CHECK_CANDIDATE)
         return int(self.pieces["length"][ref].sum())
+
+    def candidate_bytes(self) -> int:
+        c = self.pieces["check"] == CHECK_CANDIDATE
+        return int(self.pieces["length"][c].sum())
 
     def families(self) -> list[np.ndarray]:
         """Clone families: sets of files connected by references, largest first.
@@ -210,6 +229,7 @@ def build_plan(ext: np.ndarray, files: np.ndarray, fs: np.ndarray,
         p["logical"] = ext["logical"][o]
         p["length"] = length[o]
         p["ref_file"] = -1
+        t.encoded_candidate_bytes = _candidates(p, ext[o], fs[o])
         parts.append(p)
         t.inline_bytes = int(length[o][(ext["flags"][o] & FE_DATA_INLINE) != 0].sum())
         enc = (ext["flags"][o] & FE_ENCODED) != 0
@@ -252,6 +272,35 @@ def _encoded_physical(ext: np.ndarray, fs: np.ndarray) -> int:
         np.maximum.at(best, inv, e["length"])
         total += int(best.sum())
     return total
+
+
+def _candidates(p: np.ndarray, ext: np.ndarray, fs: np.ndarray) -> int:
+    """Mark encoded own pieces ``p`` (rows of ``ext`` on ``fs``, in walk
+    order) that name the same (filesystem, compressed extent, length) as an
+    earlier one: candidate references to the first.  -> candidate bytes."""
+    ok = (((ext["flags"] & FE_ENCODED) != 0) & ((ext["flags"] & NOT_CANDIDATE) == 0)
+          & (ext["physical"] != 0))
+    c = np.nonzero(ok)[0]
+    if len(c) < 2:
+        return 0
+    ln = ext["length"][c]
+    ph = ext["physical"][c]
+    f = fs[c]
+    order = np.lexsort((c, ln, ph, f))  # groups of equal keys, walk order inside
+    c, ln, ph, f = c[order], ln[order], ph[order], f[order]
+    new = np.ones(len(c), dtype=bool)
+    new[1:] = (f[1:] != f[:-1]) | (ph[1:] != ph[:-1]) | (ln[1:] != ln[:-1])
+    first = c[np.maximum.accumulate(np.where(new, np.arange(len(c)), 0))]
+    member = ~new
+    if not member.any():
+        return 0
+    m = c[member]
+    src = first[member]
+    p["ref_file"][m] = p["file"][src]
+    p["ref_logical"][m] = p["logical"][src]
+    p["check"][m] = CHECK_CANDIDATE
+    p["check"][np.unique(src)] = CHECK_HASHED
+    return int(ln[member].sum())
 
 
 def _unique(a: np.ndarray) -> np.ndarray:
@@ -373,7 +422,8 @@ def _merge(p: np.ndarray) -> np.ndarray:
     if len(p) < 2:
         return p
     same = (
-        (p["file"][1:] == p["file"][:-1])
+        (p["check"][1:] == 0) & (p["check"][:-1] == 0)
+        & (p["file"][1:] == p["file"][:-1])
         & (p["logical"][1:] == p["logical"][:-1] + p["length"][:-1])
         & (p["ref_file"][1:] == p["ref_file"][:-1])
         & ((p["ref_file"][1:] < 0)

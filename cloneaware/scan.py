@@ -104,7 +104,7 @@ class ScanResult:
     def family_info(self, fam: np.ndarray) -> dict:
         p = self.plan.pieces
         inside = np.isin(p["file"], fam)
-        own = inside & (p["ref_file"] < 0)
+        own = inside & ((p["ref_file"] < 0) | (p["check"] == extents.CHECK_CANDIDATE))
         return {
             "files": len(fam),
             "logical_bytes": int(self.plan.sizes[fam].sum()),

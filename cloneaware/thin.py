@@ -111,6 +111,9 @@ class SparseBackup(Backup):
     def _data_job(self, chunker):
         return chunker.hash_job
 
+    def _sha_of(self, result) -> bytes:
+        return result[0]
+
     def _emit_data(self, w, fd: int, offset: int, length: int, result) -> bool:
         """Put derivative data into the sparse file at its own offset (reflinked
         by copy_file_range where the filesystem can) and describe it by an

@@ -125,7 +125,10 @@ def test_shared_bytes_of_a_family_are_exact(reflink_dir):
 
 # --- what is not shared: compressed, inline ------------------------------------
 
-def test_btrfs_compressed_family_is_never_shared(loopfs):
+def test_btrfs_compressed_family_is_never_shared_on_overlap(loopfs):
+    """Compressed ranges are never shared by physical overlap; those naming
+    the same extent with the same length are candidates only (the backup
+    checks their content: tests/fs/test_compressed.py)."""
     fs = loopfs("btrfs", mount_options="compress-force=zstd")
     d = fs.path / "fam"
     d.mkdir()
@@ -158,10 +161,26 @@ def test_btrfs_compressed_family_is_never_shared(loopfs):
     for i, node in enumerate(res.files):
         enc[i] = [(e.logical, e.logical + e.length) for e in fiemap(node.src)
                   if e.flags & ex.FE_ENCODED]
-    refs = res.plan.pieces[res.plan.pieces["ref_file"] >= 0]
+    pieces = res.plan.pieces
+    refs = pieces[(pieces["ref_file"] >= 0) & (pieces["check"] == ex.CHECK_NONE)]
     assert len(refs) == 1
+    # candidates: each clone's 128 KiB extents but the rewritten one, naming
+    # base.txt; and one of the two 64 KiB windows of base.txt's first extent
+    # (clone0's rest of it after the rewrite, and part.txt) naming the other:
+    # same start, same length, other bytes, which only the backup's hash check
+    # can tell
+    cand = pieces[pieces["check"] == ex.CHECK_CANDIDATE]
+    names = [n.name.rsplit(b"/", 1)[-1] for n in res.files]
+    whole = cand[cand["length"] == 128 * KiB]
+    assert set(whole["ref_file"].tolist()) == {names.index(b"base.txt")}
+    assert (whole["ref_logical"] == whole["logical"]).all()
+    assert int(whole["length"].sum()) == 3 * (1 * MiB - 128 * KiB)
+    window = cand[cand["length"] != 128 * KiB].tolist()
+    assert len(window) == 1 and window[0][2] == 64 * KiB
+    assert {names[window[0][0]], names[window[0][3]]} == {b"clone0.txt", b"part.txt"}
+    assert t.encoded_candidate_bytes == int(cand["length"].sum())
     for p in refs.tolist():
-        f, lg, n, rf, rl = p
+        f, lg, n, rf, rl, _ = p
         for a, b in enc[f]:
             assert lg + n <= a or b <= lg
         for a, b in enc[rf]:
@@ -224,7 +243,7 @@ def test_sparse_and_fallocated_files(reflink_dir):
     assert t["data_bytes"] == t["physical_bytes"] == 192 * KiB
     assert t["shared_bytes"] == 0
     plan = scan.scan([str(fa)]).plan
-    assert plan.pieces.tolist() == [(0, 512 * KiB, 64 * KiB, -1, 0)]
+    assert plan.pieces.tolist() == [(0, 512 * KiB, 64 * KiB, -1, 0, 0)]
 
 
 @pytest.mark.vm

@@ -103,10 +103,10 @@ def test_partial_clone_btrfs_shape():
     dst = emap((0, 50 << 20, 128 << 10), (128 << 10, P + (448 << 10), 128 << 10, ex.FE_SHARED),
                (256 << 10, 60 << 20, 768 << 10, ex.FE_LAST))
     p = build((0, 1 << 20, src), (0, 1 << 20, dst))
-    assert p.file_pieces(0).tolist() == [(0, 0, 1 << 20, -1, 0)]
-    assert p.file_pieces(1).tolist() == [(1, 0, 128 << 10, -1, 0),
-                                         (1, 128 << 10, 128 << 10, 0, 448 << 10),
-                                         (1, 256 << 10, 768 << 10, -1, 0)]
+    assert p.file_pieces(0).tolist() == [(0, 0, 1 << 20, -1, 0, 0)]
+    assert p.file_pieces(1).tolist() == [(1, 0, 128 << 10, -1, 0, 0),
+                                         (1, 128 << 10, 128 << 10, 0, 448 << 10, 0),
+                                         (1, 256 << 10, 768 << 10, -1, 0, 0)]
     t = p.totals
     assert t.shared_bytes == 2 * (128 << 10)
     assert t.physical_bytes == (2 << 20) - (128 << 10)
@@ -121,9 +121,9 @@ def test_walk_order_decides_the_owner():
     a = emap((0, 10 * K, 4 * K, ex.FE_LAST))
     b = emap((0, 8 * K, 4 * K, ex.FE_LAST))       # overlaps a's first 2 blocks
     p = build((0, 4 * K, a), (0, 4 * K, b))
-    assert p.file_pieces(1).tolist() == [(1, 0, 2 * K, -1, 0), (1, 2 * K, 2 * K, 0, 0)]
+    assert p.file_pieces(1).tolist() == [(1, 0, 2 * K, -1, 0, 0), (1, 2 * K, 2 * K, 0, 0, 0)]
     p = build((0, 4 * K, b), (0, 4 * K, a))
-    assert p.file_pieces(1).tolist() == [(1, 0, 2 * K, 0, 2 * K), (1, 2 * K, 2 * K, -1, 0)]
+    assert p.file_pieces(1).tolist() == [(1, 0, 2 * K, 0, 2 * K, 0), (1, 2 * K, 2 * K, -1, 0, 0)]
 
 
 def test_same_physical_on_two_filesystems_is_not_shared():
@@ -159,6 +159,16 @@ def test_encoded_windows_are_own_and_counted_once():
     assert t.encoded_bytes == t.data_bytes == 2 * (256 << 10) + (64 << 10)
     assert t.physical_bytes == 256 << 10       # two extents, each counted once
     assert t.external_shared_bytes == t.encoded_bytes
+    # The copy names the same extents with the same lengths: candidates, to be
+    # checked by content.  ``part`` has another length: not even a candidate.
+    C, H = ex.CHECK_CANDIDATE, ex.CHECK_HASHED
+    assert p.file_pieces(0).tolist() == [(0, 0, 128 << 10, -1, 0, H),
+                                         (0, 128 << 10, 128 << 10, -1, 0, H)]
+    assert p.file_pieces(1).tolist() == [(1, 0, 128 << 10, 0, 0, C),
+                                         (1, 128 << 10, 128 << 10, 0, 128 << 10, C)]
+    assert p.file_pieces(2).tolist() == [(2, 0, 64 << 10, -1, 0, 0)]
+    assert t.encoded_candidate_bytes == p.candidate_bytes() == 256 << 10
+    assert p.stored_bytes() == (256 << 10) + (64 << 10)
     # the same physical start on another filesystem is another extent
     p = build((0, 256 << 10, full), (1, 64 << 10, part))
     assert p.totals.physical_bytes == (256 << 10) + (64 << 10)
@@ -179,9 +189,9 @@ def test_self_sharing_file():
     m = emap((0, P, 512 << 10, ex.FE_SHARED), (512 << 10, P, 256 << 10, ex.FE_SHARED),
              (768 << 10, P + (768 << 10), 256 << 10, ex.FE_LAST))
     p = build((0, 1 << 20, m))
-    assert p.file_pieces(0).tolist() == [(0, 0, 512 << 10, -1, 0),
-                                         (0, 512 << 10, 256 << 10, 0, 0),
-                                         (0, 768 << 10, 256 << 10, -1, 0)]
+    assert p.file_pieces(0).tolist() == [(0, 0, 512 << 10, -1, 0, 0),
+                                         (0, 512 << 10, 256 << 10, 0, 0, 0),
+                                         (0, 768 << 10, 256 << 10, -1, 0, 0)]
     assert p.totals.shared_bytes == 512 << 10
     assert p.totals.physical_bytes == 768 << 10
     assert p.families() == []   # sharing only with itself: no family
@@ -196,9 +206,9 @@ def test_unwritten_and_holes_are_not_data():
     assert p.totals.data_bytes == 48 * K
     assert p.totals.physical_bytes == 48 * K
     assert p.totals.logical_bytes == 1280 * K
-    assert p.file_pieces(0).tolist() == [(0, 64 * K, 16 * K, -1, 0)]
-    assert p.file_pieces(1).tolist() == [(1, 256 * K, 16 * K, -1, 0),
-                                         (1, 768 * K, 16 * K, -1, 0)]
+    assert p.file_pieces(0).tolist() == [(0, 64 * K, 16 * K, -1, 0, 0)]
+    assert p.file_pieces(1).tolist() == [(1, 256 * K, 16 * K, -1, 0, 0),
+                                         (1, 768 * K, 16 * K, -1, 0, 0)]
 
 
 def test_extent_count_counts_raw_extents():
@@ -245,7 +255,8 @@ def test_totals_as_dict_is_plain_ints():
     assert d["files"] == 1 and d["physical_bytes"] == 100
     assert all(type(v) is int for v in d.values())
     assert set(d) == {"files", "extents", "logical_bytes", "data_bytes", "physical_bytes",
-                      "shared_bytes", "external_shared_bytes", "encoded_bytes", "inline_bytes"}
+                      "shared_bytes", "external_shared_bytes", "encoded_bytes",
+                      "encoded_candidate_bytes", "inline_bytes"}
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 1000])

@@ -33,7 +33,8 @@ FLAG_CHOICES = (
 
 
 @st.composite
-def file_sets(draw, max_files: int = 5, max_extents: int = 6, max_phys: int = 40):
+def file_sets(draw, max_files: int = 5, max_extents: int = 6, max_phys: int = 40,
+              flag_choices=FLAG_CHOICES, max_length: int = 12):
     """A list of (fs, size, rows) in walk order; rows are (logical, physical,
     length, flags) sorted by logical and not overlapping (gaps are holes)."""
     nfs = draw(st.integers(1, 2))
@@ -44,9 +45,9 @@ def file_sets(draw, max_files: int = 5, max_extents: int = 6, max_phys: int = 40
         rows = []
         pos = draw(st.integers(0, 3))
         for _ in range(draw(st.integers(0, max_extents))):
-            length = draw(st.integers(1, 12))
+            length = draw(st.integers(1, max_length))
             phys = draw(st.integers(0, max_phys))
-            flags = draw(st.sampled_from(FLAG_CHOICES))
+            flags = draw(st.sampled_from(flag_choices))
             rows.append((pos, phys, length, flags))
             pos += length + draw(st.integers(0, 4))
         end = rows[-1][0] + rows[-1][2] if rows else 0
@@ -81,6 +82,9 @@ class Model:
         self.flags_of: dict[tuple[int, int], int] = {}
         own_phys = 0
         encoded_windows: dict[tuple[int, int], int] = {}
+        # candidates: encoded ranges naming the same (fs, physical, length)
+        first_window: dict[tuple[int, int, int], tuple[int, int]] = {}
+        self.hashed: set[tuple[int, int]] = set()  # first places that a candidate names
         t = ex.Totals()
         t.files = len(files)
         t.extents = sum(len(r) for _, _, r in files)
@@ -91,10 +95,17 @@ class Model:
                     continue  # reads as zeros: a hole
                 own = bool(fl & ex.OWN_FLAGS) or ph == 0
                 clamped = max(0, min(lg + ln, size) - lg)
+                cand_of = None
                 if own and clamped:
                     if fl & ex.FE_ENCODED and ph != 0:
                         key = (fs, ph)
                         encoded_windows[key] = max(encoded_windows.get(key, 0), clamped)
+                        if not fl & ex.NOT_CANDIDATE:
+                            first = first_window.setdefault((fs, ph, clamped), (f, lg))
+                            if first != (f, lg):
+                                cand_of = first
+                                self.hashed.add(first)
+                                t.encoded_candidate_bytes += clamped
                     else:
                         own_phys += clamped
                 for b in range(clamped):
@@ -102,7 +113,8 @@ class Model:
                     assert place not in self.places, "generator made overlapping extents"
                     self.flags_of[place] = fl
                     if own:
-                        self.places[place] = ("own",)
+                        self.places[place] = (("cand", (cand_of[0], cand_of[1] + b))
+                                              if cand_of else ("own", (f, lg)))
                         if fl & ex.FE_SHARED:
                             t.external_shared_bytes += 1
                         if fl & ex.FE_ENCODED:
@@ -123,17 +135,21 @@ class Model:
         self.totals = t
 
 
-def expand(plan: ex.Plan) -> dict[tuple[int, int], tuple[int, int] | None]:
-    """Per byte: None if stored, else the (file, logical) it refers to."""
+def expand(plan: ex.Plan):
+    """Per byte: None if stored, else the (file, logical) it refers to; and
+    per byte, the piece's check mark and the piece's first place."""
     out: dict[tuple[int, int], tuple[int, int] | None] = {}
+    check: dict[tuple[int, int], tuple[int, tuple[int, int]]] = {}
     for p in plan.pieces.tolist():
-        f, lg, ln, rf, rl = p
+        f, lg, ln, rf, rl, ck = p
         assert ln > 0, f"empty piece {p}"
+        assert (rf >= 0) == (ck != ex.CHECK_HASHED) or ck == ex.CHECK_NONE, p
         for i in range(ln):
             place = (f, lg + i)
             assert place not in out, f"byte {place} in two pieces"
             out[place] = None if rf < 0 else (rf, rl + i)
-    return out
+            check[place] = (ck, (f, lg))
+    return out, check
 
 
 def check_plan(files, plan: ex.Plan) -> None:
@@ -141,15 +157,28 @@ def check_plan(files, plan: ex.Plan) -> None:
     assert plan.totals == m.totals
 
     # Every byte of data is in exactly one piece; every other byte is a hole.
-    got = expand(plan)
+    got, check = expand(plan)
     assert set(got) == set(m.places)
 
     for place, kind in m.places.items():
         target = got[place]
+        ck, piece_first = check[place]
         if kind[0] == "own":
-            # Encoded, inline and other own data: stored, never a reference...
+            # Encoded, inline and other own data: stored, never a proved reference...
             assert target is None, f"own byte {place} became a reference"
+            # ...and hashed, in a piece of its own, if a candidate names its range
+            if kind[1] in m.hashed:
+                assert ck == ex.CHECK_HASHED and piece_first == kind[1]
+            else:
+                assert ck == ex.CHECK_NONE
             continue
+        if kind[0] == "cand":
+            # a compressed range naming the same extent and length as an earlier
+            # one: a candidate reference to that first place, byte for byte
+            assert ck == ex.CHECK_CANDIDATE and target == kind[1], (place, target, kind)
+            assert got[target] is None and target < place
+            continue
+        assert ck == ex.CHECK_NONE
         key = kind[1]
         if m.first[key] == place:
             assert target is None, f"{place} is the first place of {key} but not stored"
@@ -163,9 +192,9 @@ def check_plan(files, plan: ex.Plan) -> None:
         assert got[target] is None
         assert target == m.first[key]
     # ...and never referenced.
-    for target in got.values():
+    for place, target in got.items():
         if target is not None:
-            assert m.places[target][0] == "phys"
+            assert m.places[target][0] == ("own" if m.places[place][0] == "cand" else "phys")
 
     # Layout of the pieces: sorted, per-file slices, maximal.
     p = plan.pieces
@@ -178,11 +207,14 @@ def check_plan(files, plan: ex.Plan) -> None:
         ends = fp["logical"][:-1] + fp["length"][:-1]
         assert (ends <= fp["logical"][1:]).all()
     for a, b in zip(p[:-1].tolist(), p[1:].tolist(), strict=True):
-        if a[0] == b[0] and a[1] + a[2] == b[1] and a[3] == b[3]:
+        if a[0] == b[0] and a[1] + a[2] == b[1] and a[3] == b[3] and a[5] == b[5] == 0:
             assert a[3] >= 0 and a[4] + a[2] != b[4], f"{a} and {b} should be one piece"
     assert plan.stored_bytes() == sum(1 for t in got.values() if t is None)
-    assert plan.referenced_bytes() == sum(1 for t in got.values() if t is not None)
-    assert plan.stored_bytes() + plan.referenced_bytes() == m.totals.data_bytes
+    assert plan.candidate_bytes() == m.totals.encoded_candidate_bytes
+    assert plan.referenced_bytes() == sum(1 for t in got.values() if t is not None) \
+        - plan.candidate_bytes()
+    assert plan.stored_bytes() + plan.referenced_bytes() + plan.candidate_bytes() \
+        == m.totals.data_bytes
 
     check_families(plan, got, len(files))
 
@@ -226,6 +258,16 @@ def test_plan_matches_byte_model_dense_self_sharing(files):
     check_plan(files, plan_of(files))
 
 
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(file_sets(max_files=4, max_extents=6, max_phys=6, max_length=4,
+                 flag_choices=[ex.FE_ENCODED] * 4 + [ex.FE_ENCODED | ex.FE_SHARED,
+                                                     ex.FE_ENCODED | ex.FE_DELALLOC, 0]))
+def test_plan_matches_byte_model_compressed(files):
+    """Mostly compressed ranges on few extent starts: many candidates, some in
+    the same file, some with other flags that rule them out."""
+    check_plan(files, plan_of(files))
+
+
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(file_sets())
 def test_plan_is_scale_invariant(files):
@@ -239,7 +281,8 @@ def test_plan_is_scale_invariant(files):
     small, large = plan_of(files), plan_of(big)
     t = small.totals.as_dict()
     for k in ("logical_bytes", "data_bytes", "physical_bytes", "shared_bytes",
-              "external_shared_bytes", "encoded_bytes", "inline_bytes"):
+              "external_shared_bytes", "encoded_bytes", "encoded_candidate_bytes",
+              "inline_bytes"):
         t[k] *= unit
     assert large.totals.as_dict() == t
     assert len(small.pieces) == len(large.pieces)
@@ -274,9 +317,9 @@ def test_build_plan_direct_matches_builder():
     check_plan(files, plan)
     assert plan.totals.extents == 3
     # file 0: 20..24 is a hole; 24..34 maps 110..120, first mapped at logical 10..20
-    assert plan.file_pieces(0).tolist() == [(0, 0, 20, -1, 0), (0, 24, 10, 0, 10)]
+    assert plan.file_pieces(0).tolist() == [(0, 0, 20, -1, 0, 0), (0, 24, 10, 0, 10, 0)]
     # file 1: 105..110 first seen at 5, 110..120 at 10, 120..135 is new.
-    assert plan.file_pieces(1).tolist() == [(1, 0, 15, 0, 5), (1, 15, 15, -1, 0)]
+    assert plan.file_pieces(1).tolist() == [(1, 0, 15, 0, 5, 0), (1, 15, 15, -1, 0, 0)]
     assert plan.totals.physical_bytes == 35
     assert plan.totals.shared_bytes == 5 * 2 + 10 * 3
     assert plan.totals.external_shared_bytes == 15  # SHARED, covered once: 120..135
