@@ -297,18 +297,23 @@ class Server:
             raise UsageError(f"{path}: outside the paths this server may use")
         return real
 
-    def _open_parent(self, real: str) -> tuple[int, str]:
-        """(fd of real's directory, real's name), the directory opened from
-        the allowed root one component at a time with O_NOFOLLOW, so a
-        symlink swapped in after the check above cannot lead out."""
+    def _open_beneath(self, real: str, create: bool = False) -> int:
+        """A descriptor for the directory ``real``, opened from the allowed
+        root one component at a time with O_NOFOLLOW (creating missing ones
+        if ``create``), so that a symlink swapped in after the check in
+        _inside cannot lead out."""
         roots = [r for r in self.restrict
                  if real == r or real.startswith(r.rstrip("/") + "/")] or ["/"]
         root = max(roots, key=len)
-        d, name = os.path.split(real)
-        rel = os.path.relpath(d, root)
+        rel = os.path.relpath(real, root)
         fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             for comp in ([] if rel == "." else rel.split("/")):
+                if create:
+                    try:
+                        os.mkdir(comp, 0o755, dir_fd=fd)
+                    except FileExistsError:
+                        pass
                 nfd = os.open(comp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                               dir_fd=fd)
                 os.close(fd)
@@ -316,7 +321,12 @@ class Server:
         except OSError:
             os.close(fd)
             raise
-        return fd, name
+        return fd
+
+    def _open_parent(self, real: str) -> tuple[int, str]:
+        """(fd of real's directory, real's name), opened as _open_beneath does."""
+        d, name = os.path.split(real)
+        return self._open_beneath(d), name
 
     def handle(self, stdin, stdout) -> int:
         line = stdin.readline(REQUEST_MAX)
@@ -429,7 +439,8 @@ class Server:
             base = self._inside(base)
         s = Restore(stdin, real, force=bool(req.get("force")), base=base,
                     trust_base=bool(req.get("trust_base")),
-                    warn=lambda m: sys.stderr.write(f"cloneaware serve: {m}\n")).run()
+                    warn=lambda m: sys.stderr.write(f"cloneaware serve: {m}\n"),
+                    open_dest=lambda: self._open_beneath(real, create=True)).run()
         d = s.as_dict()
         d["not_exact"] = [{"path": p, "reason": r} for p, r in s.not_exact]
         return self._reply(stdout, True, summary=d)

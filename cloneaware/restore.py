@@ -78,9 +78,12 @@ class Restore:
     base changed since the backup then goes unnoticed)."""
 
     def __init__(self, archive: str, dest: str, force: bool = False, progress=None, warn=None,
-                 base: str | None = None, trust_base: bool = False):
+                 base: str | None = None, trust_base: bool = False, open_dest=None):
         self.archive = archive
         self.dest = dest
+        #: returns a descriptor of DEST, created if missing (cloneaware serve
+        #: opens it beneath its allowed root); default: by path
+        self.open_dest = open_dest
         self.force = force
         self.base = base
         self.trust_base = trust_base
@@ -183,8 +186,11 @@ class Restore:
 
     def _open_dest(self) -> None:
         """Create DEST only when there is something to restore into it."""
-        os.makedirs(self.dest, exist_ok=True)
-        self.dest_fd = os.open(self.dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if self.open_dest is not None:
+            self.dest_fd = self.open_dest()
+        else:
+            os.makedirs(self.dest, exist_ok=True)
+            self.dest_fd = os.open(self.dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.block = ioctl.fstatfs(self.dest_fd, self.dest)[1] or 4096
 
     def _open_base(self, base: fmt.Base) -> None:
