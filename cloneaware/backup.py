@@ -266,7 +266,7 @@ class Backup:
         ok = False
         try:
             w = Writer(out.f, self._base_record(plan),
-                       None if self.output == "-" else self.output)
+                       "standard output" if self.output == "-" else self.output)
             self._write(w, items, plan, chunker)
             w.finish()
             self._check_base_unchanged()
@@ -481,7 +481,7 @@ class Backup:
             if item.fileno >= 0:
                 entry_of_file[item.fileno] = e.id
             short = self._write_pieces(w, fd, pieces, chunker, entry_of_file, invalid,
-                                       item.fileno)
+                                       item.fileno, node.src)
             w.end()
             s.files += 1
             s.logical_bytes += st.st_size
@@ -493,6 +493,12 @@ class Backup:
                 if item.fileno >= 0:
                     invalid.add(item.fileno)
             return e.id
+        except OSError as ex:
+            # Archive writes carry the archive's name; what has none came from
+            # this file (fstat, xattrs, reads on the workers).
+            if ex.filename is None:
+                raise OSError(ex.errno, ex.strerror, os.fsdecode(node.src)) from None
+            raise
         finally:
             os.close(fd)
 
@@ -500,7 +506,7 @@ class Backup:
     DEPTH = 8
 
     def _write_pieces(self, w: Writer, fd: int, pieces, chunker, entry_of_file, invalid,
-                      fileno: int) -> bool:
+                      fileno: int, path: bytes = b"") -> bool:
         """Write one file's DATA, REF and BASEREF records, in order, with up
         to DEPTH chunks read ahead across references; True on a short read.
 
@@ -537,6 +543,16 @@ class Backup:
             else:
                 ops += [("data", off, ln, 0, 0, None) for off, ln in _chunks([(logical, length)])]
         s = self.summary
+
+        def result(fut):
+            """A worker's result; its read errors name the file read."""
+            try:
+                return fut.result()
+            except OSError as e:
+                if e.filename is None and path:
+                    raise OSError(e.errno, e.strerror, os.fsdecode(path)) from None
+                raise
+
         short = False
         pending: collections.deque = collections.deque()
         nxt = 0
@@ -559,18 +575,18 @@ class Backup:
                 w.ref(off, ln, op[3], op[4])
                 s.referenced_bytes += ln
             elif kind == "base":
-                sha, got = fut.result()
+                sha, got = result(fut)
                 w.baseref(off, ln, op[3], op[4], sha)
                 s.base_referenced_bytes += ln
                 s.bytes_read += got
                 short |= got < ln
             elif kind == "data":
-                result = fut.result()
-                short |= self._emit_data(w, fd, off, ln, result)
+                r = result(fut)
+                short |= self._emit_data(w, fd, off, ln, r)
                 if op[5] is not None:
-                    self._hashes[op[5]] = self._sha_of(result)
+                    self._hashes[op[5]] = self._sha_of(r)
             else:  # a candidate: use it only if the content matches
-                r = fut.result()
+                r = result(fut)
                 sha, got = r[0], r[1]
                 s.bytes_read += got
                 short |= got < ln
@@ -586,7 +602,8 @@ class Backup:
                     s.check_mismatch_bytes += ln
                     s.bytes_read -= got  # read again, as data
                     short |= self._emit_data(w, fd, off, ln,
-                                             self._data_job(chunker)(fd, off, ln))
+                                             result(chunker.submit(self._data_job(chunker),
+                                                                   fd, off, ln)))
         return short
 
     def _sha_of(self, result) -> bytes:

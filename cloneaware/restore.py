@@ -1,16 +1,19 @@
 """Restore: read archive -> create entries -> write data, clone references ->
-verify -> apply metadata -> rename into place.
+verify -> apply metadata -> rename into place (in batches, after a syncfs).
 
 Entries are created relative to directory descriptors opened with
 O_NOFOLLOW, never by joining path strings, so neither a hostile archive nor
 a symlink already in DEST can make us write outside DEST.  Regular files are
-written under a temporary name and renamed into place only when complete.
+written under a temporary name and renamed into place only when complete,
+verified and on disk: a batch of them at a time, after a syncfs, so that even
+a crash leaves no final name on data that never reached the disk.
 """
 from __future__ import annotations
 
 import collections
 import errno
 import os
+import re
 import secrets
 import stat
 import time
@@ -22,6 +25,8 @@ from cloneaware.archive.reader import Stream, open_archive, read_index
 from cloneaware.errors import ArchiveError, BaseMismatch, UsageError
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: the temporary names _tmpname makes, and nothing else
+TEMP_NAME = re.compile(rb"\.cloneaware-[0-9]+-[0-9a-f]{8}\.tmp\Z")
 
 
 @dataclass
@@ -99,6 +104,11 @@ class Restore:
         self.dir_meta: list[fmt.Entry] = []
         self.placed: dict[int, tuple[bytes, bytes]] = {}  # entry id -> (parent, name)
         self.tmp: tuple[int, bytes] | None = None  # (dir fd, temp name) being written
+        #: complete, verified files (and hard links to them) still under their
+        #: temporary names: (parent, temp name, name, path, entry id)
+        self.pending: list[tuple[bytes, bytes, bytes, bytes, int]] = []
+        self.pending_ids: set[int] = set()
+        self.pending_bytes = 0
         self.cur_fd: int | None = None
         self.no_reflink: dict[str, str] = {}  # source channel -> why it cannot clone
         self.block = 4096
@@ -139,6 +149,20 @@ class Restore:
             cur = nfd
         return cur
 
+    def _remove_stale_temps(self, dfd: int, where: str) -> None:
+        """--force into an existing directory: remove the temporary files a
+        restore that crashed or lost its filesystem left there (names only
+        _tmpname makes; none can be a user's file), and say so."""
+        n = 0
+        for entry in os.scandir(dfd):
+            name = os.fsencode(entry.name)
+            if TEMP_NAME.match(name) and entry.is_file(follow_symlinks=False):
+                os.unlink(name, dir_fd=dfd)
+                n += 1
+        if n:
+            self.warn(f"{where}: removed {n} temporary file{'s' if n > 1 else ''} "
+                      "left by an interrupted restore")
+
     def _tmpname(self, eid: int) -> bytes:
         return b".cloneaware-%d-%s.tmp" % (eid, secrets.token_hex(4).encode())
 
@@ -151,6 +175,42 @@ class Restore:
                                  "use --force to overwrite it") from None
             raise OSError(e.errno, e.strerror,
                           os.path.join(self.dest, os.fsdecode(path))) from None
+
+    #: Files get their final names in batches, after a syncfs: a crash (or a
+    #: filesystem that fails) never leaves a name whose data did not reach the
+    #: disk.  A batch ends after this many files or bytes, and at the end.
+    BATCH_FILES = 4096
+    BATCH_BYTES = 1 << 30
+
+    def _defer(self, parent: bytes, tmp: bytes, name: bytes, path: bytes, eid: int,
+               size: int) -> None:
+        self.pending.append((parent, tmp, name, path, eid))
+        self.pending_ids.add(eid)
+        self.placed[eid] = (parent, tmp)
+        self.pending_bytes += size
+        if len(self.pending) >= self.BATCH_FILES or self.pending_bytes >= self.BATCH_BYTES:
+            self._place_pending()
+
+    def _place_pending(self) -> None:
+        """syncfs, then rename every pending file into place."""
+        if not self.pending:
+            return
+        devs: dict[int, int] = {}
+        for parent, *_ in self.pending:
+            fd = self._dir(parent)
+            devs.setdefault(os.fstat(fd).st_dev, fd)
+        for fd in devs.values():
+            _syncfs(fd)
+        done = 0
+        try:
+            for parent, tmp, name, path, eid in self.pending:
+                self._place(self._dir(parent), tmp, name, path)
+                self.placed[eid] = (parent, name)
+                self.pending_ids.discard(eid)
+                done += 1
+        finally:
+            del self.pending[:done]
+        self.pending_bytes = 0
 
     # -- run -------------------------------------------------------------------
 
@@ -173,6 +233,9 @@ class Restore:
                 self._restore(f)
                 if self.dest_fd is not None:
                     _syncfs(self.dest_fd)
+            except BaseException:
+                self._place_what_is_complete()
+                raise
             finally:
                 self._cleanup()
         finally:
@@ -191,6 +254,8 @@ class Restore:
         else:
             os.makedirs(self.dest, exist_ok=True)
             self.dest_fd = os.open(self.dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if self.force:
+            self._remove_stale_temps(self.dest_fd, self.dest)
         self.block = ioctl.fstatfs(self.dest_fd, self.dest)[1] or 4096
 
     def _open_base(self, base: fmt.Base) -> None:
@@ -252,6 +317,22 @@ class Restore:
                 raise UsageError(f"{os.path.join(self.dest, os.fsdecode(it.path))} exists; "
                                  "use --force to overwrite it")
 
+    def _place_what_is_complete(self) -> None:
+        """On an error or an interrupt: files already complete and verified
+        still get their names if the filesystem can make them durable (a full
+        disk can); else their temporary files are removed."""
+        try:
+            self._place_pending()
+        except BaseException:  # noqa: BLE001 - the first error is the one to report
+            pass
+        for parent, tmp, *_ in self.pending:
+            try:
+                os.unlink(tmp, dir_fd=self._dir(parent))
+            except BaseException:  # noqa: BLE001
+                pass
+        self.pending = []
+        self.pending_ids.clear()
+
     def _cleanup(self) -> None:
         if self.cur_fd is not None:
             os.close(self.cur_fd)
@@ -303,6 +384,7 @@ class Restore:
             elif kind == "end":
                 self._verify(ev[1])
                 self._finish_file(ev[1].entry)
+        self._place_pending()
         self._dir_metadata()
 
     def _pwrite(self, data: bytes, off: int, path: bytes) -> None:
@@ -329,9 +411,13 @@ class Restore:
                 if not self.force:
                     raise UsageError(f"{full} exists; use --force to merge into it") from None
                 try:
-                    os.close(os.open(name, DIR_FLAGS, dir_fd=pfd))
+                    dfd = os.open(name, DIR_FLAGS, dir_fd=pfd)
                 except OSError:
                     raise UsageError(f"{full} exists and is not a directory") from None
+                try:
+                    self._remove_stale_temps(dfd, full)
+                finally:
+                    os.close(dfd)
             self.dir_meta.append(e)
             self.s.dirs += 1
             return
@@ -354,8 +440,12 @@ class Restore:
             tfd = self._dir(tparent)
             pfd = self._dir(parent)
             os.link(tname, tmp, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
-            self._place(pfd, tmp, name, e.path)
             self.tmp = None
+            if e.link in self.pending_ids:  # its data is not on disk yet
+                self._defer(parent, tmp, name, e.path, e.id, 0)
+            else:
+                self._place(pfd, tmp, name, e.path)
+                self.placed[e.id] = (parent, name)
             self.s.hardlinks += 1
             return
         if e.kind == fmt.K_SYMLINK:
@@ -480,9 +570,8 @@ class Restore:
         pfd, tmp = self.tmp
         parent, _, name = e.path.rpartition(b"/")
         self._apply_meta(e, fd, pfd, tmp)
-        self._place(pfd, tmp, name, e.path)
         self.tmp = None
-        self.placed[e.id] = (parent, name)
+        self._defer(parent, tmp, name, e.path, e.id, e.size)
         self.cur_fd = None
         if e.eflags & fmt.EF_REFERENCED:
             self.srcs.put(e.id, fd)
