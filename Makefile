@@ -4,7 +4,7 @@ PREFIX ?= /usr/local
 DESTDIR ?=
 JOBS ?= auto
 
-.PHONY: setup test demo bench bench-scale lint install clean deb deb-test vm-setup vm-test
+.PHONY: setup test demo bench bench-compressed bench-scale lint install clean deb deb-test vm-setup vm-test
 
 setup:
 	bash tools/setup.sh
@@ -17,6 +17,9 @@ demo: setup
 
 bench: setup
 	$(PYTHON) bench/bench.py
+
+bench-compressed: setup
+	$(PYTHON) bench/bench.py --compressed
 
 bench-scale: setup
 	$(PYTHON) bench/scale.py

@@ -23,6 +23,13 @@ the others get the same for fairness).  Needs root.
 
     python3 bench/bench.py                         # the default family (~5 min)
     python3 bench/bench.py --size 64 --clones 3 --files 50   # a quick check
+    python3 bench/bench.py --compressed            # compress-force=zstd source
+
+With --compressed the source Btrfs is mounted with compress-force=zstd and
+the base holds letters that compress to about half, so every extent of the
+family is a compressed one: sharing can only be proved by the content check
+(README, "Compressed Btrfs").  Physical sizes are then logical sizes of the
+compressed extents (FIEMAP does not give their size on disk).
 """
 from __future__ import annotations
 
@@ -117,15 +124,15 @@ def scan(path: Path) -> dict:
 # --- the family -----------------------------------------------------------------
 
 def build_family(root: Path, size: int, clones: int, change: float, files: int,
-                 seed: int) -> dict:
+                 seed: int, compressible: bool = False) -> dict:
     """A base image, reflinked clones each partly rewritten in scattered 64 KiB
     blocks, and a tree of small files of mixed sizes and compressibility."""
-    from cloneaware.testing import reflink_copy, rewrite_blocks, write_random
+    from cloneaware.testing import reflink_copy, rewrite_blocks, write_letters, write_random
 
     images = root / "images"
     images.mkdir(parents=True)
     base = images / "base.img"
-    write_random(base, size, seed)
+    (write_letters if compressible else write_random)(base, size, seed)
     rewritten = 0
     for i in range(clones):
         c = images / f"clone{i:02d}.img"
@@ -281,15 +288,18 @@ def bench(args, root: Path, mounted: list) -> dict:
             f"to {sum(sizes.values()) / GiB:.1f} GiB")
     fss = {}
     for kind in ("btrfs", "xfs", "ext4"):
-        fss[kind] = make_loopfs(root, kind, sizes[kind])
+        opts = "compress-force=zstd" if kind == "btrfs" and args.compressed else ""
+        fss[kind] = make_loopfs(root, kind, sizes[kind], mount_options=opts)
         mounted.append(fss[kind])
     bt, xf, ar = fss["btrfs"].path, fss["xfs"].path, fss["ext4"].path
 
     log(f"building the family: {args.size} MiB base, {args.clones} clones, "
-        f"{args.change:.1%} rewritten, {args.files} small files")
+        f"{args.change:.1%} rewritten, {args.files} small files"
+        + (", compressed Btrfs" if args.compressed else ""))
     t0 = time.monotonic()
     run(["btrfs", "subvolume", "create", bt / "src"])
-    fam = build_family(bt / "src", size, args.clones, args.change, args.files, args.seed)
+    fam = build_family(bt / "src", size, args.clones, args.change, args.files, args.seed,
+                       args.compressed)
     snap = bt / "snap"
     run(["btrfs", "subvolume", "snapshot", "-r", bt / "src", snap])
     os.sync()
@@ -394,7 +404,7 @@ def bench(args, root: Path, mounted: list) -> dict:
                  lambda: run(["cp", "-a", "--reflink=always", snap, d]), d)
 
     return {"params": {"size_mib": args.size, "clones": args.clones, "change": args.change,
-                       "files": args.files, "seed": args.seed},
+                       "files": args.files, "seed": args.seed, "compressed": args.compressed},
             "layout": {"source": "Btrfs loop fs, read-only snapshot of subvolume 'src'",
                        "archives": "ext4 loop fs (tar file, send stream, cloneaware archive)",
                        "restores": "Btrfs (same fs as the source, outside the subvolume) "
@@ -459,7 +469,8 @@ def table(res: dict) -> str:
     p = res["params"]
     lines = [
         f"cloneaware bench: {p['size_mib']} MiB base, {p['clones']} clones, "
-        f"{p['change']:.1%} rewritten in 64 KiB blocks, {p['files']} small files",
+        f"{p['change']:.1%} rewritten in 64 KiB blocks, {p['files']} small files"
+        + ("; source Btrfs compress-force=zstd" if p.get("compressed") else ""),
         f"source: {src['files']} files, {src['logical_bytes'] / MiB:.1f} MiB logical, "
         f"{src['physical_bytes'] / MiB:.1f} MiB physical, {src['extents']} extents",
         f"archives on: {res['layout']['archives']}; cold cache before every step",
@@ -482,6 +493,10 @@ def table(res: dict) -> str:
         if "mismatch" in s:
             lines.append(f"{'':<40} !! {s['mismatch']}")
         det = s.get("detail") or {}
+        if det.get("checked_bytes") or det.get("check_mismatch_bytes"):
+            lines.append(f"{'':<40} compressed ranges referenced after the content check: "
+                         f"{det.get('checked_bytes', 0) / MiB:.1f} MiB, stored after a "
+                         f"mismatch: {det.get('check_mismatch_bytes', 0) / MiB:.1f} MiB")
         if det.get("copied_bytes"):
             lines.append(f"{'':<40} copied instead of reflinked: "
                          f"{det['copied_bytes'] / MiB:.1f} MiB {det.get('copy_reasons')}")
@@ -502,6 +517,8 @@ def main() -> int:
                     help="fraction of each clone rewritten in 64 KiB blocks (0.02)")
     ap.add_argument("--files", type=int, default=300, help="small files (300)")
     ap.add_argument("--seed", type=int, default=1, help="random seed (1)")
+    ap.add_argument("--compressed", action="store_true",
+                    help="mount the source Btrfs with compress-force=zstd, compressible base")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     ap.add_argument("--keep", action="store_true",
                     help="leave the filesystems mounted and the images in place")

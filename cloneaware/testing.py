@@ -212,6 +212,24 @@ def write_random(path: Path, size: int, seed: int, chunk: int = 1 << 20) -> None
         os.fsync(f.fileno())
 
 
+def write_letters(path: Path, size: int, seed: int, chunk: int = 1 << 20) -> None:
+    """Write ``size`` bytes of seeded random letters from a 16-letter
+    alphabet: zstd (and Btrfs compression) halves them, and zstd's high
+    levels take seconds per MiB."""
+    import random
+
+    rng = random.Random(seed)
+    table = bytes(0x61 + (i & 15) for i in range(256))
+    with open(path, "wb") as f:
+        left = size
+        while left > 0:
+            n = min(chunk, left)
+            f.write(rng.randbytes(n).translate(table))
+            left -= n
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def reflink_copy(src: Path, dst: Path) -> None:
     from cloneaware import ioctl
 

@@ -52,7 +52,13 @@ from archivecraft import (  # noqa: E402
     tree_state,
 )
 
-from cloneaware.testing import make_loopfs, reflink_copy, rewrite_blocks, write_random  # noqa: E402,I001
+from cloneaware.testing import (  # noqa: E402,I001
+    make_loopfs,
+    reflink_copy,
+    rewrite_blocks,
+    write_letters,
+    write_random,
+)
 
 pytestmark = pytest.mark.root
 
@@ -313,16 +319,6 @@ def _wait_for(pred, timeout: float, what: str, proc=None) -> None:
 
 def _partials(d: Path) -> list[str]:
     return [n for n in os.listdir(d) if n.endswith(".partial")]
-
-
-def write_letters(path: Path, size: int, seed: int) -> None:
-    """Random letters from a 16-letter alphabet: compresses to about half,
-    so zstd does not give up on it, and level 19 takes seconds per chunk."""
-    rng = random.Random(seed)
-    table = bytes(0x61 + (i & 15) for i in range(256))
-    with open(path, "wb") as f:
-        for _ in range(0, size, MiB):
-            f.write(rng.randbytes(MiB).translate(table))
 
 
 @pytest.fixture(scope="module")
