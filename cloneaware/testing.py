@@ -195,6 +195,12 @@ def any_dir(request, loopfs_session) -> Iterator[Path]:
     yield from _fresh_dir(fs, request)
 
 
+def timeout(seconds: float) -> float:
+    """A test's time limit, scaled by CLONEAWARE_TEST_SLOWDOWN (vm/guest.sh
+    sets it under TCG, where the CPU is several times slower)."""
+    return seconds * float(os.environ.get("CLONEAWARE_TEST_SLOWDOWN", "1"))
+
+
 # --- clone families -------------------------------------------------------
 
 def write_random(path: Path, size: int, seed: int, chunk: int = 1 << 20) -> None:

@@ -9,7 +9,7 @@
 set -u
 OUT=${1:?usage: guest.sh OUT}
 # shellcheck source=/dev/null
-. "$OUT/guest.env"     # PY PY_PREFIX PY_IMAGE MARK_ARGS TEST_ARGS JOBS TMPFS_SIZE
+. "$OUT/guest.env"     # PY PY_PREFIX PY_IMAGE MARK_ARGS TEST_ARGS JOBS TMPFS_SIZE ACCEL SLOWDOWN
 
 say() { echo "vm-guest: $*"; }
 uname -r > "$OUT/uname"
@@ -37,7 +37,8 @@ fi
 # temporary directories.  (The guest's /tmp is an overlay of the host's.)
 mount -t tmpfs -o "size=$TMPFS_SIZE,mode=1777" tmpfs /tmp || { say "cannot mount /tmp"; exit 90; }
 export TMPDIR=/tmp HOME=/tmp/home PYTHONDONTWRITEBYTECODE=1 \
-       HYPOTHESIS_STORAGE_DIRECTORY=/tmp/hypothesis
+       HYPOTHESIS_STORAGE_DIRECTORY=/tmp/hypothesis \
+       CLONEAWARE_TEST_SLOWDOWN="${SLOWDOWN:-1}"
 mkdir -p "$HOME"
 export PATH="$(dirname "$PY"):$PATH"
 

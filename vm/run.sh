@@ -18,7 +18,10 @@
 #
 # Environment (all optional):
 #   KERNEL=/boot/vmlinuz-...  the guest kernel (its modules must be in /lib/modules)
-#   FULL=1          the whole suite (tests/) instead of the `-m vm` subset
+#   FULL=1          the whole suite (tests/) instead of the `-m vm` subset; under
+#                   TCG without the tests marked `slow` (100,000 files, ssh over
+#                   a rate-limited link: an hour under TCG, and the link test
+#                   measures throughput) unless SLOW=1
 #   TESTS="..."     these paths/node ids instead (and no -m filter)
 #   PYTEST_ARGS="..."  more pytest arguments, shell-quoted: PYTEST_ARGS="-x -k 'dedupe and xfs'"
 #   ACCEL=auto|kvm|tcg  auto (default): try KVM with a short boot, else TCG
@@ -146,6 +149,17 @@ case "$ACCEL" in
 esac
 [ "$accel" = TCG ] && VNG+=(--disable-kvm)
 echo "$accel" > "$OUT/accel"
+# Under TCG the guest CPU is several times slower: tests scale their time
+# limits (cloneaware.testing.timeout), and FULL leaves out the slow ones.
+slowdown=1
+if [ "$accel" = TCG ]; then
+    slowdown=6
+    if [ -n "$FULL" ] && [ -z "${TESTS:-}" ] && [ "${SLOW:-0}" = 0 ]; then
+        say "TCG: leaving out the tests marked slow (SLOW=1 runs them)"
+        printf 'MARK_ARGS=(-m %q)\n' "not slow" >> "$OUT/guest.env"
+    fi
+fi
+printf 'ACCEL=%q\nSLOWDOWN=%q\n' "$accel" "$slowdown" >> "$OUT/guest.env"
 
 # --- the run ------------------------------------------------------------------------------
 say "booting $KERNEL under $accel (${VM_CPUS} CPUs, $VM_MEMORY); timeout ${VM_TIMEOUT}s"

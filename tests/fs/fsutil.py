@@ -156,3 +156,19 @@ def compressible(size: int, seed: int = 0) -> bytes:
         out += line % i
         i += 1
     return bytes(out[:size])
+
+
+def tmpfs_takes_user_xattrs(d) -> bool:
+    """Whether the tmpfs at ``d`` takes user.* xattrs (Linux 6.6 and later)."""
+    import errno
+
+    p = Path(d) / "xattr-probe"
+    p.write_bytes(b"")
+    try:
+        os.setxattr(p, "user.probe", b"1")
+        return True
+    except OSError as e:
+        assert e.errno == errno.EOPNOTSUPP, e
+        return False
+    finally:
+        p.unlink()

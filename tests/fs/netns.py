@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from cloneaware.testing import timeout as scaled
+
 SSHD = "/usr/sbin/sshd"
 SERVER_IP, CLIENT_IP, PREFIX = "10.201.0.1", "10.201.0.2", 30
 
@@ -130,7 +132,7 @@ class SshNet:
                 self.in_ns(self.server_ns, [SSHD, "-D", "-e", "-f", str(cfg)]),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log)
 
-    def wait_ready(self, timeout: float = 15) -> None:
+    def wait_ready(self, timeout: float = scaled(15)) -> None:
         deadline = time.monotonic() + timeout
         while True:
             r = self.client(["ssh", *self.ssh_options(), f"root@{self.server_ip}", "true"],
@@ -218,7 +220,7 @@ class SshNet:
         env.pop("CLONEAWARE_RSH", None)
         return env
 
-    def client(self, argv: list[str], timeout: float = 120, env: dict | None = None,
+    def client(self, argv: list[str], timeout: float = scaled(120), env: dict | None = None,
                **kw) -> subprocess.CompletedProcess:
         """Run ARGV in the client namespace (bytes output)."""
         return subprocess.run(self.in_ns(self.client_ns, argv), capture_output=True,
@@ -233,7 +235,7 @@ class SshNet:
         return [sys.executable, "-P", "-m", "cloneaware.cli", *map(str, args),
                 "--rsh", self.rsh(key)]
 
-    def cloneaware(self, *args, key: Path | None = None, timeout: float = 300,
+    def cloneaware(self, *args, key: Path | None = None, timeout: float = scaled(300),
                    check_rc: int | None = None, env: dict | None = None
                    ) -> subprocess.CompletedProcess:
         """``cloneaware ARGS`` in the client namespace, logging in with KEY;

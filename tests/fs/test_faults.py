@@ -59,6 +59,7 @@ from cloneaware.testing import (  # noqa: E402,I001
     write_letters,
     write_random,
 )
+from cloneaware.testing import timeout as scaled  # noqa: E402
 
 pytestmark = pytest.mark.root
 
@@ -770,7 +771,8 @@ def _peak_rss_kib(*args) -> tuple[Result, int]:
     """Run the CLI under GNU time; its peak resident set size in KiB."""
     with tempfile.NamedTemporaryFile("r") as t:
         r = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", t.name] + cli_cmd()
-                           + [os.fspath(a) for a in args], capture_output=True, timeout=900)
+                           + [os.fspath(a) for a in args], capture_output=True,
+                           timeout=scaled(900))
         return Result(list(args), r.returncode, r.stdout, r.stderr), int(t.read().split()[-1])
 
 

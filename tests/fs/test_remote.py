@@ -35,6 +35,7 @@ from treeutil import (
 )
 
 from cloneaware.testing import make_family
+from cloneaware.testing import timeout as scaled
 
 pytestmark = pytest.mark.root
 
@@ -212,13 +213,13 @@ def test_link_cut_mid_backup(sshnet, btrfs_dir, tmp_path):
     t.start()
     try:
         started = _wait_for(lambda: _partials(srv) and (srv / _partials(srv)[0]).stat().st_size,
-                            timeout=20)
+                            timeout=scaled(20))
         assert started, f"no data reached the server\n{sshnet.log()}"
         time.sleep(0.3)
         assert p.poll() is None, "the backup ended before the link was cut; make it bigger"
         sshnet.link_up(False)
         t_cut = time.monotonic()
-        rc = p.wait(timeout=30)
+        rc = p.wait(timeout=scaled(30))
         took = time.monotonic() - t_cut
     finally:
         if p.poll() is None:
@@ -227,7 +228,7 @@ def test_link_cut_mid_backup(sshnet, btrfs_dir, tmp_path):
         t.join(5)
     lines = [ln for ln in err[0].decode(errors="replace").splitlines() if ln.strip()]
     assert rc == 4, (rc, lines)
-    assert took < 15, f"the client took {took:.1f} s to notice"
+    assert took < scaled(15), f"the client took {took:.1f} s to notice"
     assert lines and lines[-1].startswith("cloneaware: ssh://") \
         and "connection failed or lost" in lines[-1], lines
     assert "Traceback" not in "\n".join(lines)
@@ -235,11 +236,11 @@ def test_link_cut_mid_backup(sshnet, btrfs_dir, tmp_path):
     assert all(n.endswith(".partial") for n in os.listdir(srv)), os.listdir(srv)
 
     # sshd's ClientAlive (1 s x 3) ends the session; serve removes its temp file
-    gone = _wait_for(lambda: not os.listdir(srv), timeout=10)
+    gone = _wait_for(lambda: not os.listdir(srv), timeout=scaled(10))
     assert gone, f"left on the server: {os.listdir(srv)}\n{sshnet.log()}"
     assert not archive.exists()
     # and neither the session nor cloneaware serve lingers
-    assert _wait_for(lambda: not sshnet.server_processes(), timeout=5), \
+    assert _wait_for(lambda: not sshnet.server_processes(), timeout=scaled(5)), \
         sshnet.server_processes()
 
     sshnet.link_up(True)

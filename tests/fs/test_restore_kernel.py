@@ -9,13 +9,12 @@ Small on purpose: these are in the ``vm`` subset, which runs under emulation
 on another kernel (``make vm-test``)."""
 from __future__ import annotations
 
-import errno
 import json
 import os
 import platform
 
 import pytest
-from fsutil import as_tuples, digest
+from fsutil import as_tuples, digest, tmpfs_takes_user_xattrs
 from treeutil import backup_json, cli, cli_json, restore_json
 
 from cloneaware import ioctl
@@ -60,18 +59,6 @@ def kernel_version() -> tuple[int, int]:
     major, minor = platform.release().split(".")[:2]
     return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
 
-
-def tmpfs_takes_user_xattrs(d) -> bool:
-    p = d / "xattr-probe"
-    p.write_bytes(b"")
-    try:
-        os.setxattr(p, "user.probe", b"1")
-        return True
-    except OSError as e:
-        assert e.errno == errno.EOPNOTSUPP, e
-        return False
-    finally:
-        p.unlink()
 
 
 def test_thin_restore_reflinks_from_the_base(reflink_dir, tmp_path):

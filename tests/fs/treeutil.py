@@ -394,6 +394,26 @@ class Snapshot:
     def __getitem__(self, rel: bytes) -> dict:
         return self.entries[rel]
 
+    def user_xattrs(self) -> dict[str, list[str]]:
+        """{path: [user.* xattr names]} of the entries that have any."""
+        out = {}
+        for rel, rec in self.entries.items():
+            names = sorted(n.decode() for n in rec.get("xattrs") or {} if n.startswith(b"user."))
+            if names:
+                out[os.fsdecode(rel)] = names
+        return out
+
+    def without_user_xattrs(self) -> Snapshot:
+        """A copy with the user.* xattrs left out (tmpfs before Linux 6.6)."""
+        import copy
+
+        c = copy.deepcopy(self)
+        for rec in c.entries.values():
+            if rec.get("xattrs"):
+                rec["xattrs"] = {n: v for n, v in rec["xattrs"].items()
+                                 if not n.startswith(b"user.")}
+        return c
+
 
 def diff(a: Snapshot, b: Snapshot) -> list[str]:
     """Human-readable differences between two snapshots (empty if equal)."""
