@@ -34,10 +34,13 @@ if [ "${PY_IMAGE:-}" = 1 ]; then
 fi
 
 # A fresh tmpfs for everything the suite writes: the loopback images, pytest's
-# temporary directories.  (The guest's /tmp is an overlay of the host's.)
-mount -t tmpfs -o "size=$TMPFS_SIZE,mode=1777" tmpfs /tmp || { say "cannot mount /tmp"; exit 90; }
-export TMPDIR=/tmp HOME=/tmp/home PYTHONDONTWRITEBYTECODE=1 \
-       HYPOTHESIS_STORAGE_DIRECTORY=/tmp/hypothesis \
+# temporary directories.  Not over /tmp: the checkout (and OUT) may live
+# there, as a fresh clone in /tmp does, and would be hidden.
+SCRATCH=/run/cloneaware-vm
+mkdir -p "$SCRATCH" && mount -t tmpfs -o "size=$TMPFS_SIZE,mode=1777" tmpfs "$SCRATCH" \
+    || { say "cannot mount a tmpfs on $SCRATCH"; exit 90; }
+export TMPDIR=$SCRATCH HOME=$SCRATCH/home PYTHONDONTWRITEBYTECODE=1 \
+       HYPOTHESIS_STORAGE_DIRECTORY=$SCRATCH/hypothesis \
        CLONEAWARE_TEST_SLOWDOWN="${SLOWDOWN:-1}"
 mkdir -p "$HOME"
 export PATH="$(dirname "$PY"):$PATH"
@@ -52,7 +55,7 @@ fi
 xdist=()
 [ "$JOBS" != 0 ] && xdist=(-n "$JOBS")
 say "pytest ${MARK_ARGS[*]} ${TEST_ARGS[*]} ${xdist[*]}"
-"$PY" -P -m pytest -p no:cacheprovider --basetemp=/tmp/pytest \
+"$PY" -P -m pytest -p no:cacheprovider --basetemp="$SCRATCH/pytest" \
     --junitxml="$OUT/junit.xml" -o junit_family=xunit1 -o junit_suite_name="vm-$(uname -r)" \
     -rfEsx --durations=15 "${xdist[@]}" "${MARK_ARGS[@]}" "${TEST_ARGS[@]}" \
     2>&1 | tee "$OUT/pytest.log"
