@@ -132,12 +132,14 @@ class _Chunker:
                        base_offset: int):
         """-> (sha256 of our range, bytes read, sha256 of the base's range or None)."""
         sha, got = self.hash_job(fd, offset, length)
-        try:
+        try:  # the base unreadable: store the range rather than fail the backup
             bfd = open_source(base)
         except OSError:
             return sha, got, None
         try:
             bsha, bgot = self.hash_job(bfd, base_offset, length)
+        except OSError:
+            return sha, got, None
         finally:
             os.close(bfd)
         return sha, got, bsha if bgot == length else None

@@ -109,6 +109,11 @@ class Restore:
         self.pending: list[tuple[bytes, bytes, bytes, bytes, int]] = []
         self.pending_ids: set[int] = set()
         self.pending_bytes = 0
+        #: st_dev -> a descriptor on that filesystem, opened before anything
+        #: was written there (syncfs reports writeback errors seen since the
+        #: descriptor was opened, once), owned here
+        self.sync_fds: dict[int, int] = {}
+        self.sync_failed = False
         self.cur_fd: int | None = None
         self.no_reflink: dict[str, str] = {}  # source channel -> why it cannot clone
         self.block = 4096
@@ -182,35 +187,59 @@ class Restore:
     BATCH_FILES = 4096
     BATCH_BYTES = 1 << 30
 
+    def _note_fs(self, dfd: int) -> None:
+        """Remember the filesystem of a directory we are about to write in."""
+        dev = os.fstat(dfd).st_dev
+        if dev not in self.sync_fds:
+            self.sync_fds[dev] = os.dup(dfd)
+
     def _defer(self, parent: bytes, tmp: bytes, name: bytes, path: bytes, eid: int,
                size: int) -> None:
+        """Hand a complete file to the next batch (the caller clears self.tmp)."""
         self.pending.append((parent, tmp, name, path, eid))
         self.pending_ids.add(eid)
         self.placed[eid] = (parent, tmp)
         self.pending_bytes += size
+
+    def _batch_full(self) -> None:
         if len(self.pending) >= self.BATCH_FILES or self.pending_bytes >= self.BATCH_BYTES:
             self._place_pending()
 
+    def _sync(self) -> None:
+        """syncfs every filesystem written to; a failure is final (a retry
+        would not see the writeback error again)."""
+        try:
+            for fd in self.sync_fds.values():
+                _syncfs(fd)
+        except BaseException:
+            self.sync_failed = True
+            raise
+
+    def _rename_pending(self, keep_going: bool = False) -> None:
+        """Rename every pending file into place, in order.  keep_going: a file
+        that cannot be placed loses its temporary file, the others go on."""
+        while self.pending:
+            parent, tmp, name, path, eid = self.pending[0]
+            try:
+                self._place(self._dir(parent), tmp, name, path)
+            except Exception:
+                if not keep_going:
+                    raise
+                try:
+                    os.unlink(tmp, dir_fd=self._dir(parent))
+                except OSError:
+                    pass
+            else:
+                self.placed[eid] = (parent, name)
+            self.pending.pop(0)
+            self.pending_ids.discard(eid)
+        self.pending_bytes = 0
+
     def _place_pending(self) -> None:
         """syncfs, then rename every pending file into place."""
-        if not self.pending:
-            return
-        devs: dict[int, int] = {}
-        for parent, *_ in self.pending:
-            fd = self._dir(parent)
-            devs.setdefault(os.fstat(fd).st_dev, fd)
-        for fd in devs.values():
-            _syncfs(fd)
-        done = 0
-        try:
-            for parent, tmp, name, path, eid in self.pending:
-                self._place(self._dir(parent), tmp, name, path)
-                self.placed[eid] = (parent, name)
-                self.pending_ids.discard(eid)
-                done += 1
-        finally:
-            del self.pending[:done]
-        self.pending_bytes = 0
+        if self.pending:
+            self._sync()
+            self._rename_pending()
 
     # -- run -------------------------------------------------------------------
 
@@ -254,6 +283,7 @@ class Restore:
         else:
             os.makedirs(self.dest, exist_ok=True)
             self.dest_fd = os.open(self.dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._note_fs(self.dest_fd)
         if self.force:
             self._remove_stale_temps(self.dest_fd, self.dest)
         self.block = ioctl.fstatfs(self.dest_fd, self.dest)[1] or 4096
@@ -322,7 +352,9 @@ class Restore:
         still get their names if the filesystem can make them durable (a full
         disk can); else their temporary files are removed."""
         try:
-            self._place_pending()
+            if self.pending and not self.sync_failed:
+                self._sync()
+                self._rename_pending(keep_going=True)
         except BaseException:  # noqa: BLE001 - the first error is the one to report
             pass
         for parent, tmp, *_ in self.pending:
@@ -346,6 +378,9 @@ class Restore:
             self.tmp = None
         self.srcs.close()
         self.dirs.close()
+        for fd in self.sync_fds.values():
+            os.close(fd)
+        self.sync_fds.clear()
 
     def _restore(self, f) -> None:
         stream = Stream(f)
@@ -423,6 +458,7 @@ class Restore:
             return
         tmp = self._tmpname(e.id)
         if e.kind == fmt.K_REG:
+            self._note_fs(pfd)
             # O_NOATIME: later copies read from this file, after its times are set
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
                          | os.O_NOATIME, 0o600, dir_fd=pfd)
@@ -440,11 +476,13 @@ class Restore:
             tfd = self._dir(tparent)
             pfd = self._dir(parent)
             os.link(tname, tmp, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
-            self.tmp = None
             if e.link in self.pending_ids:  # its data is not on disk yet
                 self._defer(parent, tmp, name, e.path, e.id, 0)
+                self.tmp = None
+                self._batch_full()
             else:
                 self._place(pfd, tmp, name, e.path)
+                self.tmp = None
                 self.placed[e.id] = (parent, name)
             self.s.hardlinks += 1
             return
@@ -570,8 +608,8 @@ class Restore:
         pfd, tmp = self.tmp
         parent, _, name = e.path.rpartition(b"/")
         self._apply_meta(e, fd, pfd, tmp)
-        self.tmp = None
         self._defer(parent, tmp, name, e.path, e.id, e.size)
+        self.tmp = None
         self.cur_fd = None
         if e.eflags & fmt.EF_REFERENCED:
             self.srcs.put(e.id, fd)
@@ -581,6 +619,7 @@ class Restore:
         s.files += 1
         s.logical_bytes += e.size
         s.hole_bytes += e.size - (self._filled() - self._file_start)
+        self._batch_full()
 
     def _filled(self) -> int:
         return self.s.written_bytes + self.s.reflinked_bytes + self.s.copied_bytes

@@ -175,6 +175,27 @@ def test_restore_refuses_existing_top_level_file_from_pipe(btrfs_dir, tmp_path):
     assert (dest / "single.img").read_bytes() == src.read_bytes()
 
 
+def test_clash_in_a_batch_keeps_the_other_complete_files(btrfs_dir, tmp_path):
+    """From a pipe (nothing checked ahead) the names come in a batch at the
+    end: one name that exists is refused, the existing file untouched, the
+    other files, complete and verified, still placed, no temporary file left."""
+    src = btrfs_dir / "src"
+    src.mkdir()
+    for n in ("a.img", "b.img", "c.img"):
+        write_random(src / n, 256 * 1024 + len(n), ord(n[0]))
+    a = tmp_path / "three.cla"
+    api_backup([str(src / n) for n in ("a.img", "b.img", "c.img")], str(a), compress="none")
+    dest = btrfs_dir / "dest"
+    dest.mkdir()
+    (dest / "b.img").write_bytes(b"precious\n")
+    r = cli("restore", "-", dest, input=a.read_bytes(), check_rc=EXIT_USAGE)
+    one_line_error(r, "b.img", "exists")
+    assert (dest / "b.img").read_bytes() == b"precious\n"
+    assert listing(dest) == ["a.img", "b.img", "c.img"]
+    for n in ("a.img", "c.img"):
+        assert (dest / n).read_bytes() == (src / n).read_bytes(), n
+
+
 def test_restore_into_dest_with_other_entries(small_src, archive, btrfs_dir):
     dest = btrfs_dir / "mnt"
     (dest / "lost+found").mkdir(parents=True)
