@@ -190,7 +190,8 @@ class SshNet:
     def ssh_options(self, key: Path | None = None) -> list[str]:
         return ["-F", "/dev/null", "-i", str(key or self.key), "-o", "IdentitiesOnly=yes",
                 "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-                "-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=5",
+                "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
+                "-o", f"ConnectTimeout={int(scaled(5))}",
                 "-o", "ServerAliveInterval=1", "-o", "ServerAliveCountMax=3"]
 
     def rsh(self, key: Path | None = None) -> str:
