@@ -164,8 +164,8 @@ def physical_reads(tree: Path) -> list[tuple[Path, int, int]]:
     once, the first place (in sorted walk order) that maps it: all of the
     base, the clones' rewritten extents, and the small files' data.
     Inline and compressed extents are read as the file's own."""
-    from cloneaware import ioctl
-    from cloneaware.extents import data_ranges, is_own
+    from cloneaware.index.plan import data_ranges, is_own
+    from cloneaware.source import mapping
 
     starts: list[int] = []  # disjoint physical intervals seen, sorted
     ends: list[int] = []
@@ -199,7 +199,7 @@ def physical_reads(tree: Path) -> list[tuple[Path, int, int]]:
             p = Path(dirpath) / name
             with open(p, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
-                d = data_ranges(ioctl.fiemap(f.fileno(), str(p)), size)
+                d = data_ranges(mapping.fiemap(f.fileno(), str(p)), size)
             own = is_own(d["flags"], d["physical"])
             for (lg, ph, ln), o in zip(d[["logical", "physical", "length"]].tolist(),
                                        own.tolist()):

@@ -19,7 +19,7 @@ an empty directory):
 - ``cloneaware backup --compress none`` (archive on the same XFS);
 - in this process: one FIEMAP call per file, then the index build, timed
   apart;
-- in this process: ``extents.build_plan`` alone on synthetic extents, with
+- in this process: ``ex.build_plan`` alone on synthetic extents, with
   tracemalloc's peak.
 
 Target (issue 5): 1 million extents scanned and indexed in < 5 s at < 300
@@ -99,7 +99,7 @@ def measured(cmd: list, workdir: Path, cold: bool = True) -> dict:
 def build(dirpath: Path, blocks: int, clones: int) -> dict:
     import random
 
-    from cloneaware import ioctl
+    from cloneaware import native
 
     dirpath.mkdir()
     base = dirpath / "a-base.img"
@@ -121,7 +121,7 @@ def build(dirpath: Path, blocks: int, clones: int) -> dict:
         d.truncate(size)
         sfd, dfd = s.fileno(), d.fileno()
         for off in range(0, size, 2 * BLOCK):
-            ioctl.ficlonerange(dfd, sfd, off, BLOCK, off)
+            native.ficlonerange(dfd, sfd, off, BLOCK, off)
             calls += 1
         os.fsync(dfd)
     # the other clones: whole-file clones of the first (same extents, same
@@ -129,7 +129,7 @@ def build(dirpath: Path, blocks: int, clones: int) -> dict:
     with open(first, "rb") as s:
         for c in range(1, clones):
             with open(dirpath / f"b-clone{c:02d}.img", "wb") as d:
-                ioctl.ficlone(d.fileno(), s.fileno())
+                native.ficlone(d.fileno(), s.fileno())
                 os.fsync(d.fileno())
     os.sync()
     return {"base_bytes": size, "clones": clones, "ficlonerange_calls": calls,
@@ -138,15 +138,16 @@ def build(dirpath: Path, blocks: int, clones: int) -> dict:
 
 def in_process_scan(dirpath: Path) -> dict:
     """FIEMAP each file (one native call each), then the index, timed apart."""
-    from cloneaware import extents, ioctl
+    from cloneaware.index import plan as ex
+    from cloneaware.source import mapping
 
     drop_caches()
-    b = extents.IndexBuilder()
+    b = ex.IndexBuilder()
     t0 = time.monotonic()
     n = 0
     for p in sorted(dirpath.iterdir()):
         with open(p, "rb") as f:
-            ext = ioctl.fiemap(f.fileno(), str(p))
+            ext = mapping.fiemap(f.fileno(), str(p))
             n += len(ext)
             b.add(0, os.fstat(f.fileno()).st_size, ext)
     t_map = time.monotonic() - t0
@@ -165,7 +166,7 @@ def synthetic(E: int):
     extents rewritten (unique).  Same construction as the project's notes."""
     import numpy as np
 
-    from cloneaware.extents import EXTENT_DTYPE
+    from cloneaware.index.flags import EXTENT_DTYPE
 
     rng = np.random.default_rng(1)
     F = 1000 if E >= 1000 else 1
@@ -189,7 +190,7 @@ def synthetic(E: int):
 def index_only(E: int, repeat: int = 3) -> dict:
     import tracemalloc
 
-    from cloneaware.extents import build_plan
+    from cloneaware.index.plan import build_plan
 
     ext, files, fs, sizes = synthetic(E)
     n = len(ext)

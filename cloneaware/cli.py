@@ -1,7 +1,12 @@
-"""The ``cloneaware`` command: a thin typer layer over the Python API.
+"""The ``cloneaware`` command: a thin typer layer over the Python API.  It
+chooses inputs and outputs (a file, -, ssh://, --sparse) and hands them to
+the pipeline.
 
 Every domain error becomes one line on stderr and its exit code (errors.py);
-no traceback reaches a user.
+no traceback reaches a user.  Each command imports what it needs inside its
+function, so that ``--version``, ``--help`` and a restore do not load the
+backup side, numpy or rich: that is the only reason for imports inside
+functions in this module.
 """
 from __future__ import annotations
 
@@ -19,8 +24,8 @@ from cloneaware import __version__
 from cloneaware.errors import (
     EXIT_CODES,
     EXIT_INTERRUPTED,
+    EXIT_IO,
     EXIT_OK,
-    EXIT_RESTORE,
     EXIT_USAGE,
     EXIT_WARNINGS,
     CloneawareError,
@@ -72,10 +77,10 @@ def _handled() -> Callable:
             sys.stdout = open(os.devnull, "w")
         except OSError:
             pass
-        raise typer.Exit(EXIT_RESTORE) from None
+        raise typer.Exit(EXIT_IO) from None
     except OSError as e:
         _err(describe_oserror(e))
-        raise typer.Exit(EXIT_RESTORE) from None
+        raise typer.Exit(EXIT_IO) from None
     finally:
         signal.signal(signal.SIGTERM, old)
 
@@ -135,7 +140,7 @@ def scan(
                                         help="Descend into other mounted filesystems.")] = False,
 ) -> None:
     """Report what PATHs occupy and how much of it is shared (reads no data)."""
-    from cloneaware.scan import scan as do_scan
+    from cloneaware.index.scan import scan as do_scan
 
     with _handled():
         with _progress(not as_json, None, "scanning") as prog:
@@ -210,14 +215,22 @@ def backup(
         "ARCHIVE.cloneaware when the xattr does not fit.")] = False,
 ) -> None:
     """Back up PATHs into one archive that stores each shared extent once."""
-    from cloneaware.backup import Backup
-    from cloneaware.thin import SparseBackup
+    from cloneaware.backup import ArchiveSink, Backup, SparseSink
+    from cloneaware.backup.sinks import file_output
+    from cloneaware.remote import client
 
     with _handled():
-        cls = SparseBackup if sparse else Backup
+        if sparse:
+            sink: ArchiveSink | SparseSink = SparseSink(output, paths, base, force)
+        elif client.is_url(output):
+            client.parse_url(output)
+            sink = ArchiveSink(lambda: client.RemoteOutput(output, force, rsh), output)
+        else:
+            sink = ArchiveSink(file_output(output, force),
+                               "standard output" if output == "-" else output)
         with _progress(True, None, "backup") as prog:
-            s = cls(paths, output, compress=compress, force=force, base=base, rsh=rsh,
-                    one_file_system=not cross, progress=prog, warn=_err).run()
+            s = Backup(paths, sink, compress=compress, base=base,
+                       one_file_system=not cross, progress=prog, warn=_err).run()
         d = s.as_dict()
         d["changed"] = [{"path": p, "reason": r} for p, r in s.changed]
         d["skipped"] = [{"path": p, "reason": r} for p, r in s.skipped]
@@ -260,14 +273,14 @@ def restore(
 
     ARCHIVE may be ssh://[user@]host[:port]/path (read from that host); DEST may be
     ssh://[user@]host[:port]/path (the other host restores, with its own reflinks)."""
-    from cloneaware import remote
+    from cloneaware.remote import client
     from cloneaware.restore import Restore
 
     with _handled():
-        if remote.is_url(dest):
-            if remote.is_url(archive):
+        if client.is_url(dest):
+            if client.is_url(archive):
                 raise UsageError("give a local ARCHIVE or a local DEST, not two ssh:// URLs")
-            st = remote.push_restore(archive, dest, force, base, trust_base, rsh)
+            st = client.push_restore(archive, dest, force, base, trust_base, rsh)
             d = st.get("summary", {})
             if as_json:
                 typer.echo(json.dumps(d, indent=2))
@@ -279,7 +292,7 @@ def restore(
             if d.get("not_exact"):
                 raise typer.Exit(EXIT_WARNINGS)
             return
-        src = remote.open_remote_archive(archive, rsh) if remote.is_url(archive) else archive
+        src = client.open_remote_archive(archive, rsh) if client.is_url(archive) else archive
         try:
             with _progress(True, None, "restore") as prog:
                 s = Restore(src, dest, force=force, progress=prog, warn=_err, base=base,
@@ -366,6 +379,7 @@ def verify(
     the archive is whole."""
     import time
 
+    from cloneaware.archive.events import BaseRefEvent, DataEvent, EntryEvent, RefEvent
     from cloneaware.archive.reader import Stream, open_archive
 
     with _handled():
@@ -376,18 +390,18 @@ def verify(
         stream = Stream(f)
         with _progress(True, None, "verify") as prog:
             for ev in stream.events():
-                if ev[0] == "entry":
+                if isinstance(ev, EntryEvent):
                     counts["entries"] += 1
-                elif ev[0] == "data":
+                elif isinstance(ev, DataEvent):
                     counts["data_records"] += 1
-                    counts["stored_bytes"] += len(ev[3])
-                    prog.advance(len(ev[3]))
-                elif ev[0] == "ref":
+                    counts["stored_bytes"] += len(ev.data)
+                    prog.advance(len(ev.data))
+                elif isinstance(ev, RefEvent):
                     counts["ref_records"] += 1
-                    counts["referenced_bytes"] += ev[3]
-                elif ev[0] == "baseref":
+                    counts["referenced_bytes"] += ev.length
+                elif isinstance(ev, BaseRefEvent):
                     counts["base_ref_records"] += 1
-                    counts["base_referenced_bytes"] += ev[3]
+                    counts["base_referenced_bytes"] += ev.length
         counts["seconds"] = time.monotonic() - t0
         if stream.base is not None:
             counts["base"] = os.fsdecode(stream.base.path)
@@ -413,15 +427,15 @@ def serve(
 ) -> None:
     """The remote end of ssh:// targets; speaks on stdin/stdout.  Meant as a forced
     command: command="cloneaware serve --restrict-to-path /backups" in authorized_keys."""
-    from cloneaware import remote
+    from cloneaware.remote import client, server
 
     ops = [o.strip() for o in allow.split(",") if o.strip()]
-    bad = [o for o in ops if o not in remote.OPS]
+    bad = [o for o in ops if o not in client.OPS]
     if bad:
         _err(f"unknown operation {bad[0]!r} in --allow")
         raise typer.Exit(EXIT_USAGE)
     with _handled():
-        rc = remote.serve(restrict or [], ops)
+        rc = server.serve(restrict or [], ops)
     raise typer.Exit(rc)
 
 

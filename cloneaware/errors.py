@@ -1,12 +1,15 @@
-"""Exceptions with their exit codes.  The CLI turns each into one line on
-stderr and its exit code; the Python API raises them."""
+"""One exception class per condition, each with its exit code.  The
+operation that fails decides which to raise; the CLI turns each into one
+line on stderr and its exit code, and the Python API raises them as they
+are.  An ``OSError`` that reaches the CLI is an I/O failure (exit 4) and is
+printed with its path."""
 from __future__ import annotations
 
 EXIT_OK = 0
-EXIT_WARNINGS = 1      # finished, but files were skipped or changed while read
+EXIT_WARNINGS = 1      # finished, but files were skipped, changed while read, not exact
 EXIT_USAGE = 2         # bad arguments or paths (typer uses 2 as well)
 EXIT_ARCHIVE = 3       # archive damaged, truncated, hostile or of a newer version
-EXIT_RESTORE = 4       # restore or backup could not finish: I/O error, no space, ...
+EXIT_IO = 4            # the job could not finish: I/O error, no space, permission denied
 EXIT_BASE = 5          # thin restore: base missing or different from the backup
 EXIT_INTERRUPTED = 130  # SIGINT or SIGTERM
 
@@ -15,22 +18,26 @@ EXIT_CODES = {
     EXIT_WARNINGS: "finished with warnings: files skipped, unreadable or changed while read",
     EXIT_USAGE: "bad usage: wrong arguments, missing paths, existing target without --force",
     EXIT_ARCHIVE: "the archive is damaged, truncated, hostile or of a newer format",
-    EXIT_RESTORE: "an I/O error stopped the job (no space, permission denied, ...)",
+    EXIT_IO: "an I/O error stopped the job (no space, permission denied, ...)",
     EXIT_BASE: "thin restore: the base is missing or differs from the backup",
     EXIT_INTERRUPTED: "interrupted by SIGINT or SIGTERM; nothing half-written was left",
 }
 
 
 class CloneawareError(Exception):
-    exit_code = EXIT_RESTORE
+    """A failure the job cannot go on from (the default: exit 4)."""
+
+    exit_code = EXIT_IO
 
 
 class UsageError(CloneawareError):
+    """The command line or a path given on it is wrong: nothing was done."""
+
     exit_code = EXIT_USAGE
 
 
 class ArchiveError(CloneawareError):
-    """The archive is damaged or not an archive.  ``offset`` is where."""
+    """The archive is damaged, hostile or not an archive; ``offset`` is where."""
 
     exit_code = EXIT_ARCHIVE
 
@@ -42,14 +49,27 @@ class ArchiveError(CloneawareError):
 
 
 class TruncatedArchive(ArchiveError):
-    pass
+    """The archive ends before its footer."""
 
 
 class BaseMismatch(CloneawareError):
+    """A thin restore's base is missing, or its bytes differ from the backup."""
+
     exit_code = EXIT_BASE
 
 
+class RemoteError(CloneawareError):
+    """The other end of an ssh:// target failed; ``exit_code`` is the one it
+    reported (or 4 when the connection itself failed)."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_IO):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class Interrupted(CloneawareError):
+    """SIGINT or SIGTERM arrived; temporary files were removed on the way out."""
+
     exit_code = EXIT_INTERRUPTED
 
 

@@ -237,10 +237,10 @@ def write_letters(path: Path, size: int, seed: int, chunk: int = 1 << 20) -> Non
 
 
 def reflink_copy(src: Path, dst: Path) -> None:
-    from cloneaware import ioctl
+    from cloneaware import native
 
     with open(src, "rb") as s, open(dst, "wb") as d:
-        ioctl.ficlone(d.fileno(), s.fileno(), str(dst))
+        native.ficlone(d.fileno(), s.fileno(), str(dst))
 
 
 def rewrite_blocks(path: Path, fraction: float, seed: int, block: int = 64 << 10) -> int:

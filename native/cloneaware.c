@@ -7,6 +7,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/vfs.h>
+#include <unistd.h>
 #include <linux/fiemap.h>
 #include <linux/fs.h>
 #include <linux/btrfs.h>
@@ -15,16 +16,6 @@
 
 #ifndef CA_VERSION
 #error "CA_VERSION must be defined by the builder"
-#endif
-
-/* FS_IOC_GETFSUUID is in <linux/fs.h> from Linux 6.5; older headers (Debian
- * 12 ships 6.1) lack it, but the ABI is fixed, so define it here. */
-#ifndef FS_IOC_GETFSUUID
-struct fsuuid2 {
-    uint8_t len;
-    uint8_t uuid[16];
-};
-#define FS_IOC_GETFSUUID _IOR(0x15, 0, struct fsuuid2)
 #endif
 
 #define CA_FIEMAP_BATCH 512
@@ -167,19 +158,6 @@ int ca_btrfs_fsid(int fd, uint8_t *uuid16)
     return 16;
 }
 
-int ca_getfsuuid(int fd, uint8_t *uuid16)
-{
-    struct fsuuid2 u;
-
-    memset(&u, 0, sizeof(u));
-    if (ioctl(fd, FS_IOC_GETFSUUID, &u) < 0)
-        return -errno;
-    if (u.len > 16)
-        return -EOVERFLOW;
-    memcpy(uuid16, u.uuid, u.len);
-    return u.len;
-}
-
 int ca_renameat2(int olddirfd, const char *oldpath, int newdirfd,
                  const char *newpath, unsigned int flags)
 {
@@ -196,4 +174,14 @@ int ca_fstatfs(int fd, uint64_t *fs_type, uint64_t *block_size)
     *fs_type = (uint64_t)st.f_type;
     *block_size = (uint64_t)st.f_bsize;
     return 0;
+}
+
+int ca_syncfs(int fd)
+{
+    return syncfs(fd) < 0 ? -errno : 0;
+}
+
+int ca_sync_file_range(int fd, int64_t offset, int64_t length)
+{
+    return sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE) < 0 ? -errno : 0;
 }

@@ -1,6 +1,6 @@
 /* cloneaware native layer: thin wrappers around the extent and clone ioctls.
  *
- * Rules (see STYLE.md): each function makes one system call, or one batched
+ * Rules (docs/DESIGN.md, "The native layer"): each function makes one system call, or one batched
  * loop of the same call; keeps no memory past the call except what it hands
  * to the caller; prints nothing; returns >= 0 or -errno.
  */
@@ -38,10 +38,12 @@ int ca_fideduperange(int src_fd, uint64_t src_offset, uint64_t length,
                      uint16_t count, uint64_t *bytes_deduped, int32_t *status);
 /* BTRFS_IOC_FS_INFO: the filesystem's fsid (16 bytes). */
 int ca_btrfs_fsid(int fd, uint8_t *uuid16);
-/* FS_IOC_GETFSUUID: the filesystem's UUID; returns its length. */
-int ca_getfsuuid(int fd, uint8_t *uuid16);
 /* fstatfs(2): the filesystem's magic type and its block size. */
 int ca_fstatfs(int fd, uint64_t *fs_type, uint64_t *block_size);
+/* syncfs(2): write out the filesystem fd lives on; reports writeback errors. */
+int ca_syncfs(int fd);
+/* sync_file_range(SYNC_FILE_RANGE_WRITE): start writeback, do not wait. */
+int ca_sync_file_range(int fd, int64_t offset, int64_t length);
 /* renameat2(2), for RENAME_NOREPLACE. */
 int ca_renameat2(int olddirfd, const char *oldpath, int newdirfd,
                  const char *newpath, unsigned int flags);

@@ -304,8 +304,8 @@ import cloneaware.cli
 
 # what the commands import lazily, imported once here instead of per child
 for _m in ("numpy", "zstandard", "cloneaware.restore", "cloneaware.backup",
-           "cloneaware.thin", "cloneaware.archive.reader", "cloneaware.progress",
-           "cloneaware.probe", "cloneaware.scan"):
+           "cloneaware.archive.manifest", "cloneaware.archive.reader", "cloneaware.progress",
+           "cloneaware.fsinfo", "cloneaware.index.scan"):
     try:
         importlib.import_module(_m)
     except ImportError:

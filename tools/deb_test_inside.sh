@@ -16,7 +16,7 @@ has() { grep -q -- "$2" <<<"$1" || fail "$3: expected '$2' in: $1"; }
 [ "$(dpkg-query -S /usr/bin/cloneaware)" = "cloneaware: /usr/bin/cloneaware" ] \
     || fail "/usr/bin/cloneaware does not belong to the package"
 head -n1 /usr/bin/cloneaware | grep -qx '#! */usr/bin/python3' || fail "shebang: $(head -n1 /usr/bin/cloneaware)"
-mod=$(python3 -c 'import cloneaware.ioctl, cloneaware; print(cloneaware.__file__)')
+mod=$(python3 -c 'import cloneaware.native, cloneaware; print(cloneaware.__file__)')
 [ "$mod" = /usr/lib/python3/dist-packages/cloneaware/__init__.py ] || fail "imports $mod"
 ok "/usr/bin/cloneaware from the package, module and native extension from $(dirname "$mod"), $(python3 --version)"
 

@@ -26,7 +26,7 @@ for p in sorted(pathlib.Path(".").glob("native/*")) + sorted(pathlib.Path("clone
 print(h.hexdigest()[:16])
 PY
 )
-if [ "$(cat build/.installed 2>/dev/null)" != "$stamp" ] || ! $PYTHON -P -c 'import cloneaware.ioctl' 2>/dev/null; then
+if [ "$(cat build/.installed 2>/dev/null)" != "$stamp" ] || ! $PYTHON -P -c 'import cloneaware.native' 2>/dev/null; then
     $PYTHON -m pip install -q --disable-pip-version-check ".[test]"
     mkdir -p build && echo "$stamp" > build/.installed
 fi

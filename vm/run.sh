@@ -69,7 +69,7 @@ KERNEL=$(realpath "$KERNEL")
 # --- the interpreter and its image --------------------------------------------------
 read -r PY PY_PREFIX < <("$PYTHON" -c 'import sys; print(sys.executable, sys.prefix)') \
     || die "cannot run $PYTHON"
-"$PY" -P -c 'import cloneaware.ioctl, pytest, xdist' 2>/dev/null \
+"$PY" -P -c 'import cloneaware.native, pytest, xdist' 2>/dev/null \
     || die "$PY cannot import cloneaware, pytest and xdist: run make setup"
 # vng finds virtme-run on PATH; put its venv there only now, after python3 was resolved
 export PATH="$VENV/bin:$PATH"

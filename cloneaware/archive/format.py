@@ -1,5 +1,5 @@
-"""The archive format, version 1 (docs/FORMAT.md): constants, record framing,
-and encoding/decoding of each record payload.  The only module that knows
+"""The archive format (docs/FORMAT.md): constants, record framing, and
+encoding/decoding of each record payload.  The only module that knows
 the bytes.  Decoders never trust their input: every length is bounded before
 use and a payload must be consumed exactly.
 """

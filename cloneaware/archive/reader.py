@@ -4,15 +4,32 @@ and data hashes are all checked here, so restore and verify share one set of
 rules."""
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import os
+import sys
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import zstandard
 
 from cloneaware.archive import format as fmt
-from cloneaware.errors import ArchiveError, TruncatedArchive
+from cloneaware.archive.events import (
+    BaseRefEvent,
+    DataEvent,
+    EndEvent,
+    EntryEvent,
+    Event,
+    ExternalEvent,
+    FileState,
+    FooterEvent,
+    RefEvent,
+)
+from cloneaware.errors import ArchiveError, TruncatedArchive, UsageError
 
 
 class RecordReader:
@@ -63,33 +80,11 @@ class RecordReader:
             yield rtype, payload, start
 
 
-@dataclass
-class FileState:
-    entry: fmt.Entry
-    offset: int  # ENTRY record offset
-    pos: int = 0  # next file offset allowed (ranges come in order)
-    end: fmt.End | None = None
-    #: records and bytes seen so far, in the order of End.counts()
-    counts: list[int] = field(default_factory=lambda: [0] * 8)
-    #: BASEREF ranges to verify once the file is complete: (offset, length, sha)
-    base_ranges: list[tuple[int, int, bytes]] = field(default_factory=list)
-    #: EXTERNAL ranges, verified the same way
-    external_ranges: list[tuple[int, int, bytes]] = field(default_factory=list)
-
-
 class Stream:
-    """Structural checks over the records; yields events for a consumer:
-
-    ('entry', Entry, offset)
-    ('data', FileState, file_offset, bytes, record offset)   -- hash checked
-    ('ref', FileState, file_offset, length, src Entry, src_offset, record offset)
-    ('baseref', FileState, file_offset, length, BaseFile, base_offset, sha, record offset)
-    ('external', FileState, file_offset, length, sha, record offset)
-    ('end', FileState, End, offset)
-    ('footer', Footer, offset)
-
-    A thin archive's BASE is known (``self.base``) before the first 'entry'.
-    """
+    """Structural checks over the records; yields the typed events of
+    cloneaware.archive.events, in archive order, each checked before it is
+    yielded (DATA decompressed and hash-checked).  A thin archive's BASE is
+    known (``self.base``) before the first EntryEvent."""
 
     def __init__(self, f, check_hashes: bool = True):
         self.r = RecordReader(f)
@@ -103,8 +98,6 @@ class Stream:
         self._local = threading.local()
 
     def _decompress(self, data, length: int, offset: int) -> bytes:
-        import zstandard
-
         dctx = getattr(self._local, "dctx", None)
         if dctx is None:
             dctx = self._local.dctx = zstandard.ZstdDecompressor()
@@ -132,31 +125,22 @@ class Stream:
     #: DATA records decoded ahead of the consumer, on two threads
     DEPTH = 8
 
-    def events(self):
+    def events(self) -> Iterator[Event]:
         """The events, in archive order.  DATA records are decompressed and
         hash-checked on worker threads, up to DEPTH records ahead."""
-        import collections
-        from concurrent.futures import ThreadPoolExecutor
-
         pool = ThreadPoolExecutor(max_workers=2)
-        q: collections.deque = collections.deque()
-
-        def resolve(ev):
-            if ev[0] == "data":
-                return ev[:3] + (ev[3].result(),) + ev[4:]
-            return ev
-
+        q: collections.deque[Event | _PendingData] = collections.deque()
         try:
             for ev in self._events(pool):
                 q.append(ev)
-                while q and (q[0][0] != "data" or len(q) > self.DEPTH):
-                    yield resolve(q.popleft())
+                while q and (not isinstance(q[0], _PendingData) or len(q) > self.DEPTH):
+                    yield _resolve(q.popleft())
             while q:
-                yield resolve(q.popleft())
+                yield _resolve(q.popleft())
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _events(self, pool):
+    def _events(self, pool: ThreadPoolExecutor) -> Iterator[Event | _PendingData]:
         r = self.r
         r.magic()
         recs = r.records()
@@ -199,7 +183,7 @@ class Stream:
                 self.by_path[e.path] = e.id
                 if e.kind == fmt.K_REG:
                     cur = FileState(e, off)
-                yield ("entry", e, off)
+                yield EntryEvent(e, off)
             elif rtype == fmt.T_DATA:
                 if cur is None:
                     raise ArchiveError("DATA outside a regular file", off)
@@ -211,7 +195,7 @@ class Stream:
                 cur.pos = foff + length
                 cur.counts[0] += 1
                 cur.counts[4] += length
-                yield ("data", cur, foff, fut, off)
+                yield _PendingData(cur, foff, fut, off)
             elif rtype == fmt.T_BASEREF:
                 if cur is None:
                     raise ArchiveError("BASEREF outside a regular file", off)
@@ -227,7 +211,7 @@ class Stream:
                 cur.counts[2] += 1
                 cur.counts[6] += length
                 cur.base_ranges.append((foff, length, sha))
-                yield ("baseref", cur, foff, length, bf, boff, sha, off)
+                yield BaseRefEvent(cur, foff, length, bf, boff, sha, off)
             elif rtype == fmt.T_EXTERNAL:
                 if cur is None:
                     raise ArchiveError("EXTERNAL outside a regular file", off)
@@ -237,7 +221,7 @@ class Stream:
                 cur.counts[3] += 1
                 cur.counts[7] += length
                 cur.external_ranges.append((foff, length, sha))
-                yield ("external", cur, foff, length, sha, off)
+                yield ExternalEvent(cur, foff, length, sha, off)
             elif rtype == fmt.T_REF:
                 if cur is None:
                     raise ArchiveError("REF outside a regular file", off)
@@ -247,7 +231,7 @@ class Stream:
                 cur.pos = foff + length
                 cur.counts[1] += 1
                 cur.counts[5] += length
-                yield ("ref", cur, foff, length, src, soff, off)
+                yield RefEvent(cur, foff, length, src, soff, off)
             elif rtype == fmt.T_END:
                 if cur is None:
                     raise ArchiveError("END outside a regular file", off)
@@ -258,7 +242,7 @@ class Stream:
                         "(a record is missing)", off)
                 cur.end = end
                 self.complete.add(cur.entry.id)
-                yield ("end", cur, end, off)
+                yield EndEvent(cur, end, off)
                 cur = None
             elif rtype == fmt.T_INDEX:
                 if cur is not None:
@@ -272,7 +256,7 @@ class Stream:
                     raise ArchiveError("FOOTER without an INDEX", off)
                 footer = fmt.Footer.decode(payload, off, version)
                 self._check_index(index_items, footer, index_start, index_records, off)
-                yield ("footer", footer, off)
+                yield FooterEvent(footer, off)
             else:
                 raise ArchiveError(f"unexpected {fmt.TYPE_NAMES.get(rtype, rtype)} record", off)
         if footer is None:
@@ -329,10 +313,23 @@ class Stream:
                 raise ArchiveError(f"index item {it.id} does not match its entry", off)
 
 
+class _PendingData(NamedTuple):
+    """A DATA record being decoded on a worker."""
+
+    file: FileState
+    offset: int
+    future: Future
+    record: int
+
+
+def _resolve(ev: Event | _PendingData) -> Event:
+    if isinstance(ev, _PendingData):
+        return DataEvent(ev.file, ev.offset, ev.future.result(), ev.record)
+    return ev
+
+
 def open_archive(path: str):
     """A binary file object for ARCHIVE ('-' is standard input)."""
-    import sys
-
     if path == "-":
         return sys.stdin.buffer
     try:
@@ -340,8 +337,6 @@ def open_archive(path: str):
     except IsADirectoryError:
         raise ArchiveError(f"{path} is a directory, not an archive") from None
     except FileNotFoundError:
-        from cloneaware.errors import UsageError
-
         raise UsageError(f"{path}: no such archive") from None
 
 

@@ -1,122 +1,18 @@
 """Write an archive: header, entries with their data and references, index,
-footer.  Knows offsets (for the index) but nothing about files on disk."""
+footer, to any object with ``write``.  Knows offsets (for the index) but
+nothing about files on disk."""
 from __future__ import annotations
 
-import os
-import secrets
-import sys
 import time
 
 from cloneaware import __version__
 from cloneaware.archive import format as fmt
-from cloneaware.errors import UsageError
-
-WRITEBACK_STEP = 16 << 20
-_sync_file_range = None
-
-
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    """sync_file_range(SYNC_FILE_RANGE_WRITE): queue a range for writeback
-    without waiting for it (best effort; the fsync at the end is the guarantee)."""
-    global _sync_file_range
-    if _sync_file_range is None:
-        import ctypes
-
-        try:
-            f = ctypes.CDLL(None, use_errno=True).sync_file_range
-            f.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-            f.restype = ctypes.c_int
-        except (OSError, AttributeError):
-            f = False
-        _sync_file_range = f
-    if _sync_file_range:
-        _sync_file_range(fd, offset, length, 2)  # SYNC_FILE_RANGE_WRITE
-
-
-
-class _WritebackFile:
-    """A buffered file that queues what it wrote for writeback every
-    WRITEBACK_STEP bytes, so the fsync at the end waits for the tail only."""
-
-    def __init__(self, fd: int):
-        self.fd = fd
-        self.buf = os.fdopen(fd, "wb", buffering=1 << 20)
-        self.n = self.queued = 0
-
-    def write(self, b) -> int:
-        n = self.buf.write(b)
-        self.n += n
-        if self.n - self.queued >= WRITEBACK_STEP:
-            self.buf.flush()
-            start_writeback(self.fd, self.queued, self.n - self.queued)
-            self.queued = self.n
-        return n
-
-    def flush(self) -> None:
-        self.buf.flush()
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def close(self) -> None:
-        self.buf.close()
-
-
-class Output:
-    """Where the archive goes: a file written under a temporary name and
-    renamed into place only when whole, or standard output."""
-
-    def __init__(self, target: str, force: bool = False):
-        self.target = target
-        self.tmp: str | None = None
-        if target == "-":
-            if sys.stdout.isatty():
-                raise UsageError("refusing to write an archive to a terminal; "
-                                 "use -o FILE or redirect standard output")
-            self.f = sys.stdout.buffer
-            return
-        if os.path.lexists(target) and not force:
-            raise UsageError(f"{target} exists; use --force to overwrite it")
-        if os.path.isdir(target):
-            raise UsageError(f"{target} is a directory")
-        d = os.path.dirname(os.path.abspath(target))
-        if not os.path.isdir(d):
-            raise UsageError(f"{d}: no such directory")
-        self.tmp = os.path.join(d, f".{os.path.basename(target)}.{secrets.token_hex(4)}.partial")
-        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        self.f = _WritebackFile(fd)
-
-    def commit(self) -> None:
-        self.f.flush()
-        if self.tmp is None:
-            return
-        os.fsync(self.f.fileno())
-        os.chmod(self.tmp, 0o666 & ~_umask())
-        self.f.close()
-        os.replace(self.tmp, self.target)
-        self.tmp = None
-
-    def abort(self) -> None:
-        if self.tmp is None:
-            return
-        try:
-            self.f.close()
-        except OSError:
-            pass
-        try:
-            os.unlink(self.tmp)
-        except OSError:
-            pass
-        self.tmp = None
-
-
-def _umask() -> int:
-    m = os.umask(0)
-    os.umask(m)
-    return m
 
 
 class Writer:
+    """The records of one archive, in order; ``name`` names the archive in
+    errors raised by ``f.write``."""
+
     def __init__(self, f, base: fmt.Base | None = None, name: str | None = None):
         self.f = f
         self.name = name  # the archive's name, for errors

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
-from cloneaware import extents as ex
+from cloneaware.index import flags as fl
 
 
 class Ext(NamedTuple):
@@ -24,11 +24,11 @@ class Ext(NamedTuple):
 
 # ``filefrag -v`` flag words (e2fsprogs misc/filefrag.c); "eof" is not a flag.
 FILEFRAG_FLAGS = {
-    "last": ex.FE_LAST, "unknown_loc": ex.FE_UNKNOWN, "unknown": ex.FE_UNKNOWN,
-    "delalloc": ex.FE_DELALLOC, "encoded": ex.FE_ENCODED,
-    "encrypted": ex.FE_DATA_ENCRYPTED, "not_aligned": ex.FE_NOT_ALIGNED,
-    "inline": ex.FE_DATA_INLINE, "tail_packed": ex.FE_DATA_TAIL,
-    "unwritten": ex.FE_UNWRITTEN, "merged": 0x1000, "shared": ex.FE_SHARED,
+    "last": fl.FE_LAST, "unknown_loc": fl.FE_UNKNOWN, "unknown": fl.FE_UNKNOWN,
+    "delalloc": fl.FE_DELALLOC, "encoded": fl.FE_ENCODED,
+    "encrypted": fl.FE_DATA_ENCRYPTED, "not_aligned": fl.FE_NOT_ALIGNED,
+    "inline": fl.FE_DATA_INLINE, "tail_packed": fl.FE_DATA_TAIL,
+    "unwritten": fl.FE_UNWRITTEN, "merged": 0x1000, "shared": fl.FE_SHARED,
 }
 
 _FF_HEAD = re.compile(r"^File size of .* is (\d+) \((\d+) blocks? of (\d+) bytes\)$")
@@ -59,7 +59,7 @@ def filefrag(path) -> tuple[int, list[Ext]]:
             if word == "eof":
                 continue
             flags |= int(word, 16) if word.startswith("0x") else FILEFRAG_FLAGS[word]
-        unit = 1 if flags & ex.FE_DATA_INLINE else bs
+        unit = 1 if flags & fl.FE_DATA_INLINE else bs
         lstart, pstart, length = int(m.group(2)), int(m.group(4)), int(m.group(6))
         assert int(m.group(3)) == lstart + length - 1, line
         exts.append(Ext(lstart * unit, pstart * unit, length * unit, flags))

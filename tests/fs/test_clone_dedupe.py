@@ -9,7 +9,10 @@ import os
 import pytest
 from fsutil import as_tuples, digest, write_at
 
-from cloneaware import extents, ioctl, probe, scan
+from cloneaware import fsinfo, native
+from cloneaware.index import flags as fl
+from cloneaware.index import scan
+from cloneaware.source import mapping
 from cloneaware.testing import reflink_copy, write_random
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -23,14 +26,14 @@ NOT_SUPPORTED = {errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL}
 def fiemap(path):
     fd = os.open(path, os.O_RDONLY)
     try:
-        return as_tuples(ioctl.fiemap(fd, str(path)))
+        return as_tuples(mapping.fiemap(fd, str(path)))
     finally:
         os.close(fd)
 
 
 def clone(src, dst, src_off, length, dst_off):
     with open(src, "rb") as s, open(dst, "r+b") as d:
-        ioctl.ficlonerange(d.fileno(), s.fileno(), src_off, length, dst_off, str(dst))
+        native.ficlonerange(d.fileno(), s.fileno(), src_off, length, dst_off, str(dst))
 
 
 def pieces(plan, f):
@@ -108,7 +111,7 @@ def test_clone_across_filesystems_is_exdev(btrfs_dir, xfs_dir, loopfs):
         assert ei.value.strerror == os.strerror(errno.EXDEV)
         with open(src, "rb") as s, open(dst, "r+b") as d:
             with pytest.raises(OSError) as ei:
-                ioctl.ficlone(d.fileno(), s.fileno(), str(dst))
+                native.ficlone(d.fileno(), s.fileno(), str(dst))
         assert (ei.value.errno, ei.value.filename) == (errno.EXDEV, str(dst))
         assert dst.stat().st_size == 0
 
@@ -152,7 +155,7 @@ def test_ficlone_whole_file_and_probe(reflink_dir):
     assert plan.referenced_bytes() == 300 * KiB + 17
     fd = os.open(reflink_dir, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        assert probe.reflink_support(fd) == (True, "reflink")
+        assert fsinfo.reflink_support(fd) == (True, "reflink")
     finally:
         os.close(fd)
     assert not [n for n in os.listdir(reflink_dir) if n.startswith(".cloneaware-probe")]
@@ -167,10 +170,10 @@ def test_no_reflink_on_ext4_and_tmpfs(kind, request, record_property):
     seen = {}
     with open(src, "rb") as s, open(dst, "r+b") as t:
         for name, call in [
-            ("FICLONERANGE", lambda: ioctl.ficlonerange(t.fileno(), s.fileno(), 0, 4096, 0,
+            ("FICLONERANGE", lambda: native.ficlonerange(t.fileno(), s.fileno(), 0, 4096, 0,
                                                         str(dst))),
-            ("FICLONE", lambda: ioctl.ficlone(t.fileno(), s.fileno(), str(dst))),
-            ("FIDEDUPERANGE", lambda: ioctl.fideduperange(s.fileno(), 0, 4096,
+            ("FICLONE", lambda: native.ficlone(t.fileno(), s.fileno(), str(dst))),
+            ("FIDEDUPERANGE", lambda: native.fideduperange(s.fileno(), 0, 4096,
                                                           [(t.fileno(), 0)], str(src))),
         ]:
             with pytest.raises(OSError) as ei:
@@ -183,12 +186,12 @@ def test_no_reflink_on_ext4_and_tmpfs(kind, request, record_property):
     assert digest(dst) != digest(src)
     fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        ok, reason = probe.reflink_support(fd)
+        ok, reason = fsinfo.reflink_support(fd)
     finally:
         os.close(fd)
     assert not ok and reason == os.strerror(seen["FICLONERANGE"])
     assert not [n for n in os.listdir(d) if n.startswith(".cloneaware-probe")]
-    assert probe.errno_reason(errno.EOPNOTSUPP) == "filesystem cannot reflink"
+    assert fsinfo.errno_reason(errno.EOPNOTSUPP) == "filesystem cannot reflink"
 
 
 # --- FIDEDUPERANGE -------------------------------------------------------------
@@ -201,13 +204,13 @@ def test_dedupe_same_then_shared(reflink_dir):
     assert plan.totals.shared_bytes == 0 and plan.totals.physical_bytes == 2 * MiB
     h = digest(a)
     with open(a, "rb") as s, open(b, "rb") as d:   # dedupe needs no write access
-        got = ioctl.fideduperange(s.fileno(), 0, 1 * MiB, [(d.fileno(), 0)], str(a))
-    assert got == [ioctl.DedupeResult(1 * MiB, ioctl.DEDUPE_SAME)]
+        got = native.fideduperange(s.fileno(), 0, 1 * MiB, [(d.fileno(), 0)], str(a))
+    assert got == [native.DedupeResult(1 * MiB, native.DEDUPE_SAME)]
     assert digest(a) == digest(b) == h
     fa, fb = fiemap(a), fiemap(b)
     assert [(e.logical, e.physical, e.length) for e in fa] == \
         [(e.logical, e.physical, e.length) for e in fb]
-    assert all(e.flags & ioctl.FE_SHARED for e in fa + fb)
+    assert all(e.flags & fl.FE_SHARED for e in fa + fb)
     plan = scan.scan([str(a), str(b)]).plan
     assert plan.totals.shared_bytes == 2 * MiB
     assert plan.totals.physical_bytes == 1 * MiB
@@ -222,9 +225,9 @@ def test_dedupe_differs_changes_nothing(reflink_dir):
     ha, hb = digest(a), digest(b)
     ma, mb = fiemap(a), fiemap(b)
     with open(a, "rb") as s, open(b, "rb") as d:
-        got = ioctl.fideduperange(s.fileno(), 0, 1 * MiB, [(d.fileno(), 0)], str(a))
-        once = ioctl.fideduperange_once(s.fileno(), 0, 1 * MiB, [(d.fileno(), 0)], str(a))
-    assert got == once == [ioctl.DedupeResult(0, ioctl.DEDUPE_DIFFERS)]
+        got = native.fideduperange(s.fileno(), 0, 1 * MiB, [(d.fileno(), 0)], str(a))
+        once = native.fideduperange_once(s.fileno(), 0, 1 * MiB, [(d.fileno(), 0)], str(a))
+    assert got == once == [native.DedupeResult(0, native.DEDUPE_DIFFERS)]
     assert (digest(a), digest(b)) == (ha, hb)
     assert (fiemap(a), fiemap(b)) == (ma, mb)
     assert scan.scan([str(a), str(b)]).plan.totals.shared_bytes == 0
@@ -245,19 +248,19 @@ def test_dedupe_many_destinations_in_one_call(reflink_dir):
     fds = [os.open(p, os.O_RDONLY) for p in (src, same0, differs, same_at, unaligned)]
     try:
         dests = [(fds[1], 0), (fds[2], 0), (fds[3], 64 * KiB), (fds[4], 100)]
-        got = ioctl.fideduperange_once(fds[0], 0, n, dests, str(src))
-        assert got == [ioctl.DedupeResult(n, ioctl.DEDUPE_SAME),
-                       ioctl.DedupeResult(0, ioctl.DEDUPE_DIFFERS),
-                       ioctl.DedupeResult(n, ioctl.DEDUPE_SAME),
-                       ioctl.DedupeResult(0, -errno.EINVAL)]
+        got = native.fideduperange_once(fds[0], 0, n, dests, str(src))
+        assert got == [native.DedupeResult(n, native.DEDUPE_SAME),
+                       native.DedupeResult(0, native.DEDUPE_DIFFERS),
+                       native.DedupeResult(n, native.DEDUPE_SAME),
+                       native.DedupeResult(0, -errno.EINVAL)]
         # the looping wrapper gives the same answers (dedupe is idempotent)
-        assert ioctl.fideduperange(fds[0], 0, n, dests, str(src)) == got
+        assert native.fideduperange(fds[0], 0, n, dests, str(src)) == got
         # a range past the source's EOF fails the whole call
         with pytest.raises(OSError) as ei:
-            ioctl.fideduperange(fds[0], 0, n + 8192, dests[:1], str(src))
+            native.fideduperange(fds[0], 0, n + 8192, dests[:1], str(src))
         assert (ei.value.errno, ei.value.filename) == (errno.EINVAL, str(src))
         with pytest.raises(ValueError):
-            ioctl.fideduperange_once(fds[0], 0, n, [], str(src))
+            native.fideduperange_once(fds[0], 0, n, [], str(src))
     finally:
         for fd in fds:
             os.close(fd)
@@ -276,7 +279,7 @@ def test_dedupe_many_destinations_in_one_call(reflink_dir):
     assert pieces(plan, 4) == [(4, 0, n, 0, 0)]
     assert [f.tolist() for f in plan.families()] == [[0, 2, 4]]
     assert plan.totals.external_shared_bytes == 0
-    assert extents.FE_SHARED == ioctl.FE_SHARED
+    assert fl.FE_SHARED == fl.FE_SHARED
 
 
 def test_dedupe_unaligned_length_shares_whole_blocks_only(reflink_dir, record_property):
@@ -290,12 +293,12 @@ def test_dedupe_unaligned_length_shares_whole_blocks_only(reflink_dir, record_pr
         write_random(a, 1 * MiB, n)
         write_random(b, 1 * MiB, n)
         with open(a, "rb") as s, open(b, "rb") as d:
-            (got,) = ioctl.fideduperange(s.fileno(), 0, n, [(d.fileno(), 0)], str(a))
-        assert got.status == ioctl.DEDUPE_SAME
+            (got,) = native.fideduperange(s.fileno(), 0, n, [(d.fileno(), 0)], str(a))
+        assert got.status == native.DEDUPE_SAME
         assert got.bytes_deduped in (n, n // 4096 * 4096)
         seen[n] = got.bytes_deduped
         whole = n // 4096 * 4096
-        shared = [(e.logical, e.length) for e in fiemap(b) if e.flags & ioctl.FE_SHARED]
+        shared = [(e.logical, e.length) for e in fiemap(b) if e.flags & fl.FE_SHARED]
         assert shared == ([(0, whole)] if whole else [])
         assert scan.scan([str(a), str(b)]).plan.totals.shared_bytes == 2 * whole
     record_property("bytes_deduped", seen)

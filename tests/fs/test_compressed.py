@@ -16,8 +16,9 @@ import pytest
 from fsutil import as_tuples, compressible, write_at
 from treeutil import KiB, MiB, Snapshot, assert_same_tree, backup_json, cli_json, restore_json
 
-from cloneaware import ioctl
-from cloneaware.scan import extent_map
+from cloneaware import native
+from cloneaware.index import flags as fl
+from cloneaware.source.mapping import extent_map
 from cloneaware.testing import reflink_copy
 
 pytestmark = pytest.mark.root
@@ -33,7 +34,7 @@ def fiemap(path):
 
 def clone_range(src, dst, src_off, length, dst_off) -> None:
     with open(src, "rb") as s, open(dst, "r+b" if os.path.exists(dst) else "w+b") as d:
-        ioctl.ficlonerange(d.fileno(), s.fileno(), src_off, length, dst_off, str(dst))
+        native.ficlonerange(d.fileno(), s.fileno(), src_off, length, dst_off, str(dst))
 
 
 def block_map(path, block: int = 4 * KiB) -> dict[int, int]:
@@ -41,7 +42,7 @@ def block_map(path, block: int = 4 * KiB) -> dict[int, int]:
     filesystems: the restore targets)."""
     out = {}
     for e in as_tuples(fiemap(path)):
-        assert not e.flags & ioctl.FE_ENCODED
+        assert not e.flags & fl.FE_ENCODED
         for off in range(0, e.length, block):
             out[e.logical + off] = e.physical + off
     return out
@@ -71,7 +72,7 @@ def test_snapshot_of_compressed_subvolume_is_stored_once(request, zbtrfs, dst_ki
     write_at(snap / "var" / "log.txt", 1 * MiB, compressible(64 * KiB, seed=9))
     os.sync()
     log = as_tuples(fiemap(vol / "var" / "log.txt"))
-    assert all(e.flags & ioctl.FE_ENCODED for e in log)
+    assert all(e.flags & fl.FE_ENCODED for e in log)
 
     scan = cli_json("scan", "--json", vol, snap)
     t = scan["totals"]

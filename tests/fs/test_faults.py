@@ -475,7 +475,8 @@ class _Mutator:
 
 @pytest.mark.parametrize("action", ["rewrite", "truncate", "grow", "delete"])
 def test_file_changes_while_backed_up(btrfs_dir, action):
-    from cloneaware.backup import Backup
+    from cloneaware.backup import ArchiveSink, Backup
+    from cloneaware.backup.sinks import file_output
 
     fam = btrfs_dir / "src" / "fam"
     (fam / "z_other").mkdir(parents=True)
@@ -488,7 +489,8 @@ def test_file_changes_while_backed_up(btrfs_dir, action):
     os.symlink("b_clone_src.bin", fam / "d_sym")
     arch = btrfs_dir / "a.cla"
     mut = _Mutator(victim, action)
-    s = Backup([str(fam)], str(arch), compress="none", progress=mut).run()
+    sink = ArchiveSink(file_output(str(arch)), str(arch))
+    s = Backup([str(fam)], sink, compress="none", progress=mut).run()
     assert mut.done
     changed = [p for p, _why in s.changed]
     assert any(p.endswith("a_victim.bin") for p in changed), s.changed

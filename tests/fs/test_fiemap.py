@@ -1,4 +1,4 @@
-"""ioctl.fiemap on real Btrfs, XFS, ext4 and tmpfs, cross-checked against
+"""mapping.fiemap on real Btrfs, XFS, ext4 and tmpfs, cross-checked against
 ``xfs_io -c 'fiemap -v'`` and ``filefrag -v``, and the KERNEL.md facts about
 maps that the index relies on."""
 from __future__ import annotations
@@ -10,27 +10,30 @@ import numpy as np
 import pytest
 from fsutil import Ext, as_tuples, compressible, filefrag, write_at, xfs_io_fiemap
 
-from cloneaware import ioctl, probe, scan
+from cloneaware import fsinfo, native
+from cloneaware.index import flags as fl
+from cloneaware.index import scan
+from cloneaware.source import mapping
 from cloneaware.testing import reflink_copy, write_random
 
 KiB, MiB = 1 << 10, 1 << 20
 
 
 def fs_type(path) -> str:
-    return probe.fs_info_path(str(path)).type
+    return fsinfo.fs_info_path(str(path)).type
 
 
 def fiemap(path) -> np.ndarray:
     fd = os.open(path, os.O_RDONLY)
     try:
-        return ioctl.fiemap(fd, str(path))
+        return mapping.fiemap(fd, str(path))
     finally:
         os.close(fd)
 
 
 def clone_range(src, dst, src_off, length, dst_off) -> None:
     with open(src, "rb") as s, open(dst, "r+b" if os.path.exists(dst) else "w+b") as d:
-        ioctl.ficlonerange(d.fileno(), s.fileno(), src_off, length, dst_off, str(dst))
+        native.ficlonerange(d.fileno(), s.fileno(), src_off, length, dst_off, str(dst))
 
 
 def make_zoo(d) -> dict:
@@ -78,21 +81,21 @@ def test_fiemap_matches_xfs_io_and_filefrag(reflink_dir):
         for a, b in zip(ours, ours[1:], strict=False):
             assert a.logical + a.length <= b.logical, name
         if ours:
-            assert ours[-1].flags & ioctl.FE_LAST, name
-            assert not any(e.flags & ioctl.FE_LAST for e in ours[:-1]), name
+            assert ours[-1].flags & fl.FE_LAST, name
+            assert not any(e.flags & fl.FE_LAST for e in ours[:-1]), name
     assert as_tuples(fiemap(z["empty"])) == []
     # holes are not reported; fallocated space is UNWRITTEN
     sparse = as_tuples(fiemap(z["sparse"]))
     assert [(e.logical, e.length) for e in sparse] == [(1 * MiB, 64 * KiB), (3 * MiB, 64 * KiB)]
     fa = as_tuples(fiemap(z["falloc"]))
-    written = [e for e in fa if not e.flags & ioctl.FE_UNWRITTEN]
+    written = [e for e in fa if not e.flags & fl.FE_UNWRITTEN]
     assert [(e.logical, e.length) for e in written] == [(256 * KiB, 64 * KiB)]
     assert sum(e.length for e in fa) == 1 * MiB
     # a whole-file reflink maps the same physical ranges, all SHARED
     a, b = as_tuples(fiemap(z["plain"])), as_tuples(fiemap(z["reflink"]))
     assert [(e.logical, e.physical, e.length) for e in a] == \
         [(e.logical, e.physical, e.length) for e in b]
-    assert all(e.flags & ioctl.FE_SHARED for e in a + b)
+    assert all(e.flags & fl.FE_SHARED for e in a + b)
 
 
 @pytest.mark.vm
@@ -108,12 +111,12 @@ def test_partial_clone_maps_as_kernel_md_says(reflink_dir):
     P = before[0].physical
     clone_range(src, dst, 448 * KiB, 128 * KiB, 128 * KiB)
     s, d = as_tuples(fiemap(src)), as_tuples(fiemap(dst))
-    F = ioctl.FE_SHARED
+    F = fl.FE_SHARED
     if fs_type(reflink_dir) == "btrfs":
-        assert s == [Ext(0, P, 1 * MiB, F | ioctl.FE_LAST)]
+        assert s == [Ext(0, P, 1 * MiB, F | fl.FE_LAST)]
     else:
         assert s == [Ext(0, P, 448 * KiB, 0), Ext(448 * KiB, P + 448 * KiB, 128 * KiB, F),
-                     Ext(576 * KiB, P + 576 * KiB, 448 * KiB, ioctl.FE_LAST)]
+                     Ext(576 * KiB, P + 576 * KiB, 448 * KiB, fl.FE_LAST)]
     mid = [e for e in d if e.logical == 128 * KiB]
     assert mid == [Ext(128 * KiB, P + 448 * KiB, 128 * KiB, F)]
     assert [(e.logical, e.length) for e in d] == [(0, 128 * KiB), (128 * KiB, 128 * KiB),
@@ -130,15 +133,15 @@ def test_small_file_maps(reflink_dir):
     os.sync()
     e = as_tuples(fiemap(p))
     if fs_type(reflink_dir) == "btrfs":
-        assert e == [Ext(0, 0, 4096, ioctl.FE_LAST | ioctl.FE_NOT_ALIGNED | ioctl.FE_DATA_INLINE)]
+        assert e == [Ext(0, 0, 4096, fl.FE_LAST | fl.FE_NOT_ALIGNED | fl.FE_DATA_INLINE)]
     else:
         assert len(e) == 1 and e[0].length == 4096 and e[0].physical > 0
-        assert e[0].flags == ioctl.FE_LAST
+        assert e[0].flags == fl.FE_LAST
 
 
 def test_fiemap_100000_extents_in_one_call(xfs_dir):
     """Clone one block to every other block of a file: 100,000 extents.  One
-    ioctl.fiemap call returns them all, as filefrag sees them."""
+    mapping.fiemap call returns them all, as filefrag sees them."""
     n = 100_000
     src, dst = xfs_dir / "block", xfs_dir / "striped"
     write_random(src, 4096, 5)
@@ -146,8 +149,8 @@ def test_fiemap_100000_extents_in_one_call(xfs_dir):
     d = os.open(dst, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         for i in range(n):
-            ioctl.ficlonerange(d, s, 0, 4096, 2 * 4096 * i)
-        ext = ioctl.fiemap(d)
+            native.ficlonerange(d, s, 0, 4096, 2 * 4096 * i)
+        ext = mapping.fiemap(d)
     finally:
         os.close(s)
         os.close(d)
@@ -158,8 +161,8 @@ def test_fiemap_100000_extents_in_one_call(xfs_dir):
     assert (ext["logical"] == np.arange(n, dtype=np.uint64) * 8192).all()
     assert (ext["physical"] == P).all()
     assert (ext["length"] == 4096).all()
-    assert (ext["flags"][:-1] == ioctl.FE_SHARED).all()
-    assert ext["flags"][-1] == ioctl.FE_SHARED | ioctl.FE_LAST
+    assert (ext["flags"][:-1] == fl.FE_SHARED).all()
+    assert ext["flags"][-1] == fl.FE_SHARED | fl.FE_LAST
     assert as_tuples(ext) == ff
     # and the index puts 100,001 places on one physical block
     res = scan.scan([str(xfs_dir)])
@@ -180,7 +183,7 @@ def test_btrfs_compressed_maps(loopfs):
     src.write_bytes(compressible(512 * KiB))
     os.sync()
     s = as_tuples(fiemap(src))
-    assert all(e.flags & ioctl.FE_ENCODED for e in s)
+    assert all(e.flags & fl.FE_ENCODED for e in s)
     assert s[0].length == 128 * KiB  # btrfs compresses in 128 KiB extents
     # compressed extents lie closer together on disk than their logical length
     assert s[1].physical - s[0].physical < s[0].length
@@ -189,7 +192,7 @@ def test_btrfs_compressed_maps(loopfs):
         clone_range(src, part, off, 64 * KiB, 0)
         p = as_tuples(fiemap(part))
         assert [(e.logical, e.physical, e.length) for e in p] == [(0, s[0].physical, 64 * KiB)]
-        assert p[0].flags & ioctl.FE_ENCODED and p[0].flags & ioctl.FE_SHARED
+        assert p[0].flags & fl.FE_ENCODED and p[0].flags & fl.FE_SHARED
         assert part.read_bytes() == src.read_bytes()[off:off + 64 * KiB]
     assert as_tuples(fiemap(src)) == xfs_io_fiemap(src) == filefrag(src)[1]
 
@@ -200,7 +203,7 @@ def test_fiemap_on_ext4(ext4_dir):
     write_random(p, 256 * KiB, 7)
     e = as_tuples(fiemap(p))
     assert sum(x.length for x in e) == 256 * KiB
-    assert all(x.physical > 0 and not x.flags & ioctl.FE_SHARED for x in e)
+    assert all(x.physical > 0 and not x.flags & fl.FE_SHARED for x in e)
     assert e == xfs_io_fiemap(p) == filefrag(p)[1]
 
 
@@ -214,14 +217,14 @@ def test_tmpfs_has_no_fiemap_and_scan_uses_seek_data(tmpfs_dir):
     fd = os.open(p, os.O_RDONLY)
     try:
         with pytest.raises(OSError) as ei:
-            ioctl.fiemap(fd, str(p))
+            mapping.fiemap(fd, str(p))
         assert ei.value.errno == errno.EOPNOTSUPP
         assert ei.value.filename == str(p)
-        m = scan.extent_map(fd, 1 * MiB, str(p))
+        m = mapping.extent_map(fd, 1 * MiB, str(p))
     finally:
         os.close(fd)
-    assert as_tuples(m) == [Ext(256 * KiB, 0, 8 * KiB, ioctl.FE_UNKNOWN),
-                            Ext(768 * KiB, 0, 4 * KiB, ioctl.FE_UNKNOWN)]
+    assert as_tuples(m) == [Ext(256 * KiB, 0, 8 * KiB, fl.FE_UNKNOWN),
+                            Ext(768 * KiB, 0, 4 * KiB, fl.FE_UNKNOWN)]
     reflink_copy_failed = False
     try:
         reflink_copy(p, tmpfs_dir / "copy")
@@ -241,6 +244,6 @@ def test_tmpfs_has_no_fiemap_and_scan_uses_seek_data(tmpfs_dir):
 def test_fiemap_error_names_the_path(tmp_path):
     p = tmp_path / "f"
     with pytest.raises(OSError) as ei:
-        ioctl.fiemap(-1, str(p))
+        mapping.fiemap(-1, str(p))
     assert ei.value.errno == errno.EBADF
     assert ei.value.filename == str(p)

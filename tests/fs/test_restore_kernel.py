@@ -17,7 +17,8 @@ import pytest
 from fsutil import as_tuples, digest, tmpfs_takes_user_xattrs
 from treeutil import backup_json, cli, cli_json, restore_json
 
-from cloneaware import ioctl
+from cloneaware.index import flags as fl
+from cloneaware.source import mapping
 from cloneaware.testing import make_family, reflink_copy, rewrite_blocks, write_random
 
 pytestmark = [pytest.mark.root, pytest.mark.vm]
@@ -29,7 +30,7 @@ SIZE = 4 * MiB
 def extents(path):
     fd = os.open(path, os.O_RDONLY)
     try:
-        return as_tuples(ioctl.fiemap(fd, str(path)))
+        return as_tuples(mapping.fiemap(fd, str(path)))
     finally:
         os.close(fd)
 
@@ -77,7 +78,7 @@ def test_thin_restore_reflinks_from_the_base(reflink_dir, tmp_path):
     assert r["verified_bytes"] == SIZE - changed, r   # cloned, then hashed
     # the kernel's view: the restored clone sits on the base's blocks
     assert bytes_shared(base, out) == SIZE - changed
-    assert sum(e.length for e in extents(out) if e.flags & ioctl.FE_SHARED) == SIZE - changed
+    assert sum(e.length for e in extents(out) if e.flags & fl.FE_SHARED) == SIZE - changed
 
     # the sparse form: the clone's own data at its offsets, holes elsewhere
     sparse = reflink_dir / "guest.thin"

@@ -20,8 +20,11 @@ from fsutil import (
     write_at,
 )
 
-from cloneaware import extents as ex
-from cloneaware import ioctl, probe, scan
+from cloneaware import fsinfo, native
+from cloneaware.index import flags as fl
+from cloneaware.index import plan as ex
+from cloneaware.index import scan
+from cloneaware.source import mapping
 from cloneaware.testing import make_family, reflink_copy, write_random
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -30,7 +33,7 @@ KiB, MiB = 1 << 10, 1 << 20
 def fiemap(path):
     fd = os.open(path, os.O_RDONLY)
     try:
-        return as_tuples(ioctl.fiemap(fd, str(path)))
+        return as_tuples(mapping.fiemap(fd, str(path)))
     finally:
         os.close(fd)
 
@@ -38,7 +41,7 @@ def fiemap(path):
 def fsid_of(path) -> str:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        return ioctl.btrfs_fsid(fd, str(path)).hex()
+        return native.btrfs_fsid(fd, str(path)).hex()
     finally:
         os.close(fd)
 
@@ -53,13 +56,13 @@ def filefrag_totals(files) -> dict:
     for p in files:
         size = p.stat().st_size
         for e in filefrag(p)[1]:
-            if e.flags & ex.FE_UNWRITTEN or e.logical >= size:
+            if e.flags & fl.FE_UNWRITTEN or e.logical >= size:
                 continue
             n = min(e.length, size - e.logical)
             data += n
-            if e.flags & ex.FE_ENCODED and e.physical:
+            if e.flags & fl.FE_ENCODED and e.physical:
                 encoded[e.physical] = max(encoded.get(e.physical, 0), n)
-            elif e.flags & ex.OWN_FLAGS or e.physical == 0:
+            elif e.flags & fl.OWN_FLAGS or e.physical == 0:
                 own += n
             else:
                 ranges.append((e.physical, e.physical + n))
@@ -93,7 +96,7 @@ def test_scan_json_of_a_clone_family(reflink_dir):
     assert t["shared_bytes"] == ref["shared"] > 4 * MiB
     assert t["encoded_bytes"] == 0 and t["external_shared_bytes"] == 0
     assert out["saving"] == pytest.approx(t["logical_bytes"] / t["physical_bytes"])
-    kind = probe.fs_info_path(str(reflink_dir)).type
+    kind = fsinfo.fs_info_path(str(reflink_dir)).type
     assert [f["type"] for f in out["filesystems"]] == [kind]
     fams = out["families"]
     assert len(fams) == 1
@@ -140,13 +143,13 @@ def test_btrfs_compressed_family_is_never_shared_on_overlap(loopfs):
     # a partial clone of a compressed extent, and incompressible data (which
     # btrfs stores plainly even with compress-force) with a reflink of it
     with open(d / "base.txt", "rb") as s, open(d / "part.txt", "wb") as t:
-        ioctl.ficlonerange(t.fileno(), s.fileno(), 32 * KiB, 64 * KiB, 0)
+        native.ficlonerange(t.fileno(), s.fileno(), 32 * KiB, 64 * KiB, 0)
     write_random(d / "random.bin", 512 * KiB, 41)
     reflink_copy(d / "random.bin", d / "random2.bin")
     os.sync()
     files = regular_files(d)
-    assert any(e.flags & ex.FE_ENCODED for e in fiemap(d / "base.txt"))
-    assert not any(e.flags & ex.FE_ENCODED for e in fiemap(d / "random.bin"))
+    assert any(e.flags & fl.FE_ENCODED for e in fiemap(d / "base.txt"))
+    assert not any(e.flags & fl.FE_ENCODED for e in fiemap(d / "random.bin"))
 
     res = scan.scan([str(d)])
     t = res.plan.totals
@@ -160,7 +163,7 @@ def test_btrfs_compressed_family_is_never_shared_on_overlap(loopfs):
     enc = {}
     for i, node in enumerate(res.files):
         enc[i] = [(e.logical, e.logical + e.length) for e in fiemap(node.src)
-                  if e.flags & ex.FE_ENCODED]
+                  if e.flags & fl.FE_ENCODED]
     pieces = res.plan.pieces
     refs = pieces[(pieces["ref_file"] >= 0) & (pieces["check"] == ex.CHECK_NONE)]
     assert len(refs) == 1
@@ -196,10 +199,10 @@ def test_btrfs_inline_files_are_own(btrfs_dir):
     os.sync()
     reflink_copy(small, btrfs_dir / "small2")       # btrfs copies inline data
     e = fiemap(small)
-    assert len(e) == 1 and e[0].flags & ex.FE_DATA_INLINE and e[0].physical == 0
+    assert len(e) == 1 and e[0].flags & fl.FE_DATA_INLINE and e[0].physical == 0
     assert e[0].flags == 0x301
-    assert fiemap(btrfs_dir / "small2")[0].flags & ex.FE_DATA_INLINE
-    assert not fiemap(btrfs_dir / "mid")[0].flags & ex.FE_DATA_INLINE
+    assert fiemap(btrfs_dir / "small2")[0].flags & fl.FE_DATA_INLINE
+    assert not fiemap(btrfs_dir / "mid")[0].flags & fl.FE_DATA_INLINE
     t = scan_json(btrfs_dir)["totals"]
     assert t["inline_bytes"] == 200
     assert t["shared_bytes"] == 0
@@ -237,7 +240,7 @@ def test_sparse_and_fallocated_files(reflink_dir):
     os.pwrite(fd, os.urandom(64 * KiB), 512 * KiB)
     os.fsync(fd)
     os.close(fd)
-    assert any(e.flags & ex.FE_UNWRITTEN for e in fiemap(fa))
+    assert any(e.flags & fl.FE_UNWRITTEN for e in fiemap(fa))
     t = scan_json(reflink_dir)["totals"]
     assert t["logical_bytes"] == 5 * MiB
     assert t["data_bytes"] == t["physical_bytes"] == 192 * KiB
@@ -248,7 +251,7 @@ def test_sparse_and_fallocated_files(reflink_dir):
 
 @pytest.mark.vm
 def test_scan_on_every_filesystem(any_dir):
-    kind = probe.fs_info_path(str(any_dir)).type
+    kind = fsinfo.fs_info_path(str(any_dir)).type
     write_random(any_dir / "a", 256 * KiB, 42)
     with open(any_dir / "b", "wb") as f:
         f.truncate(1 * MiB)

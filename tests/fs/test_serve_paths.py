@@ -14,7 +14,8 @@ import os
 import pytest
 
 from cloneaware.backup import backup
-from cloneaware.remote import PROTOCOL, Server
+from cloneaware.remote.client import PROTOCOL
+from cloneaware.remote.server import Server
 
 
 @pytest.fixture

@@ -18,6 +18,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from cloneaware import native
+from cloneaware.archive.events import EntryEvent
+from cloneaware.archive.reader import Stream
 from cloneaware.testing import make_family, reflink_copy, rewrite_blocks, write_random  # noqa: F401
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
@@ -86,7 +89,7 @@ def pipe_backup_restore(paths, dest, compress: str = "zstd") -> tuple[int, int, 
 def physical_bytes(path) -> int:
     """Physical usage of a tree: the union of its files' physical extents, as
     ``cloneaware scan`` counts it (in-process: a CLI start costs a second)."""
-    from cloneaware.scan import scan
+    from cloneaware.index.scan import scan
 
     res = scan([os.fsencode(path)])
     assert not res.skipped, res.skipped
@@ -172,9 +175,8 @@ def build_tree(top: Path, *, base_size: int = 8 * MiB, clones: int = 3, seed: in
     selfc = data / "selfclone.img"
     write_random(selfc, 1 * MiB, seed + 7)
     with open(selfc, "r+b") as f:
-        from cloneaware import ioctl
         f.truncate(2 * MiB)
-        ioctl.ficlonerange(f.fileno(), f.fileno(), 0, 1 * MiB, 1 * MiB, str(selfc))
+        native.ficlonerange(f.fileno(), f.fileno(), 0, 1 * MiB, 1 * MiB, str(selfc))
 
     # symlinks: relative, absolute, dangling, to a directory
     links = data / "links"
@@ -474,7 +476,5 @@ def read_listing(archive):
 def read_whole(archive) -> int:
     """Read every record and check every hash, as verify does; the number of
     entries."""
-    from cloneaware.archive.reader import Stream
-
     with open(archive, "rb") as f:
-        return sum(1 for ev in Stream(f).events() if ev[0] == "entry")
+        return sum(1 for ev in Stream(f).events() if isinstance(ev, EntryEvent))

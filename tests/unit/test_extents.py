@@ -2,17 +2,20 @@
 plan's pieces and totals for the cases the kernel produces, families()."""
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from cloneaware import extents as ex
-from cloneaware import ioctl
+from cloneaware.index import flags as fl
+from cloneaware.index import plan as ex
 
 K = 4096
 
 
 def emap(*rows) -> np.ndarray:
-    a = np.zeros(len(rows), dtype=ex.EXTENT_DTYPE)
+    a = np.zeros(len(rows), dtype=fl.EXTENT_DTYPE)
     for i, r in enumerate(rows):
         a[i] = tuple(r) + (0,) * (5 - len(r))
     return a
@@ -23,54 +26,62 @@ def rows(a: np.ndarray) -> list[tuple]:
             for r in a]
 
 
-def test_dtypes_and_flags_agree_with_native_layer():
-    assert ex.EXTENT_DTYPE == ioctl.EXTENT_DTYPE
-    assert ex.EXTENT_DTYPE.itemsize == 32
-    for name in ("FE_LAST", "FE_UNKNOWN", "FE_DELALLOC", "FE_ENCODED", "FE_DATA_ENCRYPTED",
-                 "FE_NOT_ALIGNED", "FE_DATA_INLINE", "FE_DATA_TAIL", "FE_UNWRITTEN",
-                 "FE_SHARED"):
-        assert getattr(ex, name) == getattr(ioctl, name), name
+def test_dtype_matches_native_layer():
+    from cloneaware import native
+
+    assert fl.EXTENT_DTYPE.itemsize == native.EXTENT_SIZE == 32
+
+
+def test_flags_match_kernel_header():
+    """Each FE_* is FIEMAP_EXTENT_* of <linux/fiemap.h> (where installed)."""
+    header = Path("/usr/include/linux/fiemap.h")
+    if not header.exists():
+        pytest.skip("no <linux/fiemap.h> on this machine")
+    kernel = {m.group(1): int(m.group(2), 16) for m in re.finditer(
+        r"#define\s+FIEMAP_EXTENT_(\w+)\s+0x([0-9a-fA-F]+)", header.read_text())}
+    ours = {n[3:]: v for n, v in vars(fl).items() if n.startswith("FE_")}
+    assert ours and all(kernel[n] == v for n, v in ours.items()), (ours, kernel)
 
 
 # --- data_ranges ----------------------------------------------------------
 
 def test_data_ranges_clamps_xfs_whole_block_to_size():
     # XFS: a 5-byte file reports one 4096-byte extent
-    d = ex.data_ranges(emap((0, 40960, K, ex.FE_LAST)), 5)
-    assert rows(d) == [(0, 40960, 5, ex.FE_LAST)]
+    d = ex.data_ranges(emap((0, 40960, K, fl.FE_LAST)), 5)
+    assert rows(d) == [(0, 40960, 5, fl.FE_LAST)]
 
 
 def test_data_ranges_clamps_last_and_drops_past_eof():
-    m = emap((0, 100 * K, 4 * K), (4 * K, 200 * K, 4 * K), (8 * K, 300 * K, 4 * K, ex.FE_LAST))
+    m = emap((0, 100 * K, 4 * K), (4 * K, 200 * K, 4 * K), (8 * K, 300 * K, 4 * K, fl.FE_LAST))
     assert rows(ex.data_ranges(m, 6 * K + 1)) == [(0, 100 * K, 4 * K, 0),
                                                   (4 * K, 200 * K, 2 * K + 1, 0)]
     # an extent that starts exactly at EOF is not data
     assert rows(ex.data_ranges(m, 8 * K)) == [(0, 100 * K, 4 * K, 0), (4 * K, 200 * K, 4 * K, 0)]
     assert rows(ex.data_ranges(m, 0)) == []
     # past the last extent the file is a hole: nothing is stretched
-    assert rows(ex.data_ranges(m, 64 * K))[-1] == (8 * K, 300 * K, 4 * K, ex.FE_LAST)
+    assert rows(ex.data_ranges(m, 64 * K))[-1] == (8 * K, 300 * K, 4 * K, fl.FE_LAST)
 
 
 def test_data_ranges_drops_unwritten_and_empty():
-    m = emap((0, 100 * K, 4 * K, ex.FE_UNWRITTEN),
+    m = emap((0, 100 * K, 4 * K, fl.FE_UNWRITTEN),
              (4 * K, 104 * K, 4 * K, 0),
              (8 * K, 108 * K, 0, 0),
-             (12 * K, 112 * K, 4 * K, ex.FE_UNWRITTEN | ex.FE_SHARED | ex.FE_LAST))
+             (12 * K, 112 * K, 4 * K, fl.FE_UNWRITTEN | fl.FE_SHARED | fl.FE_LAST))
     assert rows(ex.data_ranges(m, 16 * K)) == [(4 * K, 104 * K, 4 * K, 0)]
 
 
 def test_data_ranges_keeps_input_untouched_and_handles_empty():
-    m = emap((0, 100 * K, 8 * K, ex.FE_LAST))
+    m = emap((0, 100 * K, 8 * K, fl.FE_LAST))
     ex.data_ranges(m, 10)
-    assert rows(m) == [(0, 100 * K, 8 * K, ex.FE_LAST)]
-    e = ex.data_ranges(np.zeros(0, dtype=ex.EXTENT_DTYPE), 100)
-    assert len(e) == 0 and e.dtype == ex.EXTENT_DTYPE
+    assert rows(m) == [(0, 100 * K, 8 * K, fl.FE_LAST)]
+    e = ex.data_ranges(np.zeros(0, dtype=fl.EXTENT_DTYPE), 100)
+    assert len(e) == 0 and e.dtype == fl.EXTENT_DTYPE
 
 
 def test_is_own():
-    flags = np.array([0, ex.FE_SHARED, ex.FE_LAST, ex.FE_ENCODED, ex.FE_DATA_INLINE,
-                      ex.FE_DELALLOC, ex.FE_UNKNOWN, ex.FE_DATA_ENCRYPTED, ex.FE_DATA_TAIL,
-                      ex.FE_NOT_ALIGNED, 0], dtype=np.uint32)
+    flags = np.array([0, fl.FE_SHARED, fl.FE_LAST, fl.FE_ENCODED, fl.FE_DATA_INLINE,
+                      fl.FE_DELALLOC, fl.FE_UNKNOWN, fl.FE_DATA_ENCRYPTED, fl.FE_DATA_TAIL,
+                      fl.FE_NOT_ALIGNED, 0], dtype=np.uint32)
     phys = np.array([K] * 10 + [0], dtype=np.uint64)
     assert ex.is_own(flags, phys).tolist() == [False, False, False] + [True] * 8
 
@@ -99,9 +110,9 @@ def test_partial_clone_btrfs_shape():
     """KERNEL.md: on Btrfs the source keeps one 1 MiB extent at P, the clone of
     128 KiB from 448 KiB reports P + 448 KiB."""
     P = 13631488
-    src = emap((0, P, 1 << 20, ex.FE_SHARED | ex.FE_LAST))
-    dst = emap((0, 50 << 20, 128 << 10), (128 << 10, P + (448 << 10), 128 << 10, ex.FE_SHARED),
-               (256 << 10, 60 << 20, 768 << 10, ex.FE_LAST))
+    src = emap((0, P, 1 << 20, fl.FE_SHARED | fl.FE_LAST))
+    dst = emap((0, 50 << 20, 128 << 10), (128 << 10, P + (448 << 10), 128 << 10, fl.FE_SHARED),
+               (256 << 10, 60 << 20, 768 << 10, fl.FE_LAST))
     p = build((0, 1 << 20, src), (0, 1 << 20, dst))
     assert p.file_pieces(0).tolist() == [(0, 0, 1 << 20, -1, 0, 0)]
     assert p.file_pieces(1).tolist() == [(1, 0, 128 << 10, -1, 0, 0),
@@ -118,8 +129,8 @@ def test_partial_clone_btrfs_shape():
 
 def test_walk_order_decides_the_owner():
     """The same two maps in the other order: the other file stores the bytes."""
-    a = emap((0, 10 * K, 4 * K, ex.FE_LAST))
-    b = emap((0, 8 * K, 4 * K, ex.FE_LAST))       # overlaps a's first 2 blocks
+    a = emap((0, 10 * K, 4 * K, fl.FE_LAST))
+    b = emap((0, 8 * K, 4 * K, fl.FE_LAST))       # overlaps a's first 2 blocks
     p = build((0, 4 * K, a), (0, 4 * K, b))
     assert p.file_pieces(1).tolist() == [(1, 0, 2 * K, -1, 0, 0), (1, 2 * K, 2 * K, 0, 0, 0)]
     p = build((0, 4 * K, b), (0, 4 * K, a))
@@ -127,7 +138,7 @@ def test_walk_order_decides_the_owner():
 
 
 def test_same_physical_on_two_filesystems_is_not_shared():
-    m = emap((0, 13631488, 1 << 20, ex.FE_LAST))
+    m = emap((0, 13631488, 1 << 20, fl.FE_LAST))
     p = build((0, 1 << 20, m), (1, 1 << 20, m))
     assert p.totals.shared_bytes == 0
     assert p.totals.physical_bytes == 2 << 20
@@ -139,7 +150,7 @@ def test_same_physical_on_two_filesystems_is_not_shared():
 
 def test_inline_is_own_and_clamped():
     """KERNEL.md: Btrfs inline: flags 0x301, physical 0, length one block."""
-    inline = emap((0, 0, K, ex.FE_LAST | ex.FE_NOT_ALIGNED | ex.FE_DATA_INLINE))
+    inline = emap((0, 0, K, fl.FE_LAST | fl.FE_NOT_ALIGNED | fl.FE_DATA_INLINE))
     p = build((0, 100, inline), (0, 100, inline.copy()))
     t = p.totals
     assert t.inline_bytes == t.data_bytes == t.physical_bytes == 200
@@ -149,10 +160,10 @@ def test_inline_is_own_and_clamped():
 def test_encoded_windows_are_own_and_counted_once():
     """KERNEL.md: a file referencing part of a compressed extent reports the
     same physical start with a shorter length; never shared on overlap."""
-    E = ex.FE_ENCODED
-    full = emap((0, 1 << 30, 128 << 10, E | ex.FE_SHARED),
-                (128 << 10, (1 << 30) + K, 128 << 10, E | ex.FE_SHARED | ex.FE_LAST))
-    part = emap((0, 1 << 30, 64 << 10, E | ex.FE_SHARED | ex.FE_LAST))
+    E = fl.FE_ENCODED
+    full = emap((0, 1 << 30, 128 << 10, E | fl.FE_SHARED),
+                (128 << 10, (1 << 30) + K, 128 << 10, E | fl.FE_SHARED | fl.FE_LAST))
+    part = emap((0, 1 << 30, 64 << 10, E | fl.FE_SHARED | fl.FE_LAST))
     p = build((0, 256 << 10, full), (0, 256 << 10, full.copy()), (0, 64 << 10, part))
     t = p.totals
     assert t.shared_bytes == 0 and p.referenced_bytes() == 0
@@ -176,8 +187,8 @@ def test_encoded_windows_are_own_and_counted_once():
 
 def test_fiemap_physical_zero_is_never_swept():
     # delalloc (unsynced) ranges report physical 0: they must not all "share" byte 0
-    m = emap((0, 0, 8 * K, ex.FE_DELALLOC | ex.FE_UNKNOWN | ex.FE_LAST))
-    plain0 = emap((0, 0, 8 * K, ex.FE_LAST))
+    m = emap((0, 0, 8 * K, fl.FE_DELALLOC | fl.FE_UNKNOWN | fl.FE_LAST))
+    plain0 = emap((0, 0, 8 * K, fl.FE_LAST))
     p = build((0, 8 * K, m), (0, 8 * K, m.copy()), (0, 8 * K, plain0), (0, 8 * K, plain0))
     assert p.totals.shared_bytes == 0
     assert p.totals.physical_bytes == 32 * K
@@ -186,8 +197,8 @@ def test_fiemap_physical_zero_is_never_swept():
 def test_self_sharing_file():
     """FICLONERANGE within one file: [512K, 768K) is a clone of [0, 256K)."""
     P = 14680064
-    m = emap((0, P, 512 << 10, ex.FE_SHARED), (512 << 10, P, 256 << 10, ex.FE_SHARED),
-             (768 << 10, P + (768 << 10), 256 << 10, ex.FE_LAST))
+    m = emap((0, P, 512 << 10, fl.FE_SHARED), (512 << 10, P, 256 << 10, fl.FE_SHARED),
+             (768 << 10, P + (768 << 10), 256 << 10, fl.FE_LAST))
     p = build((0, 1 << 20, m))
     assert p.file_pieces(0).tolist() == [(0, 0, 512 << 10, -1, 0, 0),
                                          (0, 512 << 10, 256 << 10, 0, 0, 0),
@@ -198,10 +209,10 @@ def test_self_sharing_file():
 
 
 def test_unwritten_and_holes_are_not_data():
-    m = emap((0, 100 * K, 64 * K, ex.FE_UNWRITTEN),
+    m = emap((0, 100 * K, 64 * K, fl.FE_UNWRITTEN),
              (64 * K, 164 * K, 16 * K, 0),
-             (80 * K, 180 * K, 176 * K, ex.FE_UNWRITTEN | ex.FE_LAST))
-    sparse = emap((256 * K, 900 * K, 16 * K), (768 * K, 916 * K, 16 * K, ex.FE_LAST))
+             (80 * K, 180 * K, 176 * K, fl.FE_UNWRITTEN | fl.FE_LAST))
+    sparse = emap((256 * K, 900 * K, 16 * K), (768 * K, 916 * K, 16 * K, fl.FE_LAST))
     p = build((0, 256 * K, m), (0, 1024 * K, sparse))
     assert p.totals.data_bytes == 48 * K
     assert p.totals.physical_bytes == 48 * K
@@ -213,8 +224,8 @@ def test_unwritten_and_holes_are_not_data():
 
 def test_extent_count_counts_raw_extents():
     b = ex.IndexBuilder()
-    b.add(0, 10, emap((0, 100 * K, K), (K, 101 * K, K, ex.FE_UNWRITTEN),
-                      (2 * K, 102 * K, K, ex.FE_LAST)))
+    b.add(0, 10, emap((0, 100 * K, K), (K, 101 * K, K, fl.FE_UNWRITTEN),
+                      (2 * K, 102 * K, K, fl.FE_LAST)))
     assert b.extent_count == 3
     assert b.build().totals.extents == 3
 
@@ -223,17 +234,17 @@ def test_extent_count_counts_raw_extents():
 
 def test_families_connected_components_largest_first():
     K2 = 8 * K
-    base = emap((0, 100 * K, K2, ex.FE_LAST))
-    other = emap((0, 500 * K, 4 * K, ex.FE_LAST))
-    alone = emap((0, 900 * K, K2, ex.FE_LAST))
+    base = emap((0, 100 * K, K2, fl.FE_LAST))
+    other = emap((0, 500 * K, 4 * K, fl.FE_LAST))
+    alone = emap((0, 900 * K, K2, fl.FE_LAST))
     files = [
         (0, K2, base),                                   # 0: family A
         (0, 4 * K, other),                               # 1: family B
-        (0, K2, emap((0, 100 * K, K2, ex.FE_LAST))),     # 2: clone of 0
+        (0, K2, emap((0, 100 * K, K2, fl.FE_LAST))),     # 2: clone of 0
         (0, K2, alone),                                  # 3: no sharing
-        (0, 4 * K, emap((0, 500 * K, 4 * K, ex.FE_LAST))),  # 4: clone of 1
-        (0, K2, emap((0, 104 * K, 4 * K), (4 * K, 700 * K, 4 * K, ex.FE_LAST))),  # 5: part of 0
-        (0, K2, emap((0, 700 * K, 4 * K, ex.FE_LAST))),  # 6: shares with 5 only
+        (0, 4 * K, emap((0, 500 * K, 4 * K, fl.FE_LAST))),  # 4: clone of 1
+        (0, K2, emap((0, 104 * K, 4 * K), (4 * K, 700 * K, 4 * K, fl.FE_LAST))),  # 5: part of 0
+        (0, K2, emap((0, 700 * K, 4 * K, fl.FE_LAST))),  # 6: shares with 5 only
         (1, K2, base),                                   # 7: same physical, other fs
     ]
     p = build(*files)
@@ -243,14 +254,14 @@ def test_families_connected_components_largest_first():
 
 
 def test_families_order_breaks_ties_by_first_file():
-    m1 = emap((0, 100 * K, K, ex.FE_LAST))
-    m2 = emap((0, 200 * K, K, ex.FE_LAST))
+    m1 = emap((0, 100 * K, K, fl.FE_LAST))
+    m2 = emap((0, 200 * K, K, fl.FE_LAST))
     p = build((0, K, m2), (0, K, m1), (0, K, m2), (0, K, m1))
     assert [f.tolist() for f in p.families()] == [[0, 2], [1, 3]]
 
 
 def test_totals_as_dict_is_plain_ints():
-    p = build((0, 100, emap((0, K, K, ex.FE_LAST))))
+    p = build((0, 100, emap((0, K, K, fl.FE_LAST))))
     d = p.totals.as_dict()
     assert d["files"] == 1 and d["physical_bytes"] == 100
     assert all(type(v) is int for v in d.values())
@@ -261,7 +272,7 @@ def test_totals_as_dict_is_plain_ints():
 
 @pytest.mark.parametrize("n", [1, 2, 3, 1000])
 def test_many_clones_of_one_block(n):
-    m = emap((0, 100 * K, K, ex.FE_LAST))
+    m = emap((0, 100 * K, K, fl.FE_LAST))
     p = build(*[(0, K, m)] * n)
     assert p.totals.physical_bytes == K
     assert p.totals.shared_bytes == (n * K if n > 1 else 0)

@@ -15,6 +15,13 @@ from pathlib import Path
 import pytest
 
 from cloneaware.archive import format as fmt
+from cloneaware.archive.events import (
+    DataEvent,
+    EndEvent,
+    EntryEvent,
+    FooterEvent,
+    RefEvent,
+)
 from cloneaware.archive.reader import Stream, read_index
 from cloneaware.archive.writer import Writer
 from cloneaware.errors import ArchiveError, TruncatedArchive
@@ -326,13 +333,14 @@ def test_writer_reader_round_trip(ancillary):
     raw = _sample_archive(ancillary)
     assert raw.startswith(fmt.MAGIC)
     events = list(Stream(io.BytesIO(raw)).events())
-    kinds = [ev[0] for ev in events]
-    assert kinds == ["entry", "entry", "data", "ref", "end", "entry", "ref", "end", "entry",
-                     "entry", "footer"]
-    assert events[1][1].path == b"top/a" and events[1][1].size == 3 * 8192
-    assert events[2][3] == bytes(range(256)) * 32
-    assert events[3][2:6:3] == (8192, 0) and events[3][4].path == b"top/a"
-    assert events[6][4].path == b"top/a"
+    kinds = [type(ev) for ev in events]
+    assert kinds == [EntryEvent, EntryEvent, DataEvent, RefEvent, EndEvent, EntryEvent,
+                     RefEvent, EndEvent, EntryEvent, EntryEvent, FooterEvent]
+    assert events[1].entry.path == b"top/a" and events[1].entry.size == 3 * 8192
+    assert events[2].data == bytes(range(256)) * 32
+    assert (events[3].offset, events[3].source_offset) == (8192, 0)
+    assert events[3].source.path == b"top/a"
+    assert events[6].source.path == b"top/a"
     header, items, footer = _index(raw)
     assert [i.path for i in items] == [b"top", b"top/a", b"top/b", b"top/c", b"top/s"]
     assert [(i.stored_bytes, i.ref_bytes) for i in items[1:3]] == [(8192, 8192), (0, 8192)]

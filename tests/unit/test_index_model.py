@@ -12,22 +12,23 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cloneaware import extents as ex
+from cloneaware.index import flags
+from cloneaware.index import plan as ex
 
 # Flags drawn for synthetic extents, plain data most often.
 FLAG_CHOICES = (
     [0] * 8
-    + [ex.FE_SHARED] * 3
-    + [ex.FE_LAST,
-       ex.FE_ENCODED,
-       ex.FE_ENCODED | ex.FE_SHARED,
-       ex.FE_DATA_INLINE | ex.FE_NOT_ALIGNED | ex.FE_LAST,
-       ex.FE_UNWRITTEN,
-       ex.FE_UNWRITTEN | ex.FE_SHARED,
-       ex.FE_DELALLOC | ex.FE_UNKNOWN,
-       ex.FE_UNKNOWN,
-       ex.FE_DATA_ENCRYPTED,
-       ex.FE_DATA_TAIL | ex.FE_NOT_ALIGNED,
+    + [flags.FE_SHARED] * 3
+    + [flags.FE_LAST,
+       flags.FE_ENCODED,
+       flags.FE_ENCODED | flags.FE_SHARED,
+       flags.FE_DATA_INLINE | flags.FE_NOT_ALIGNED | flags.FE_LAST,
+       flags.FE_UNWRITTEN,
+       flags.FE_UNWRITTEN | flags.FE_SHARED,
+       flags.FE_DELALLOC | flags.FE_UNKNOWN,
+       flags.FE_UNKNOWN,
+       flags.FE_DATA_ENCRYPTED,
+       flags.FE_DATA_TAIL | flags.FE_NOT_ALIGNED,
        0x1000]  # MERGED: not an own flag, the range is swept
 )
 
@@ -59,7 +60,7 @@ def file_sets(draw, max_files: int = 5, max_extents: int = 6, max_phys: int = 40
 
 
 def to_array(rows) -> np.ndarray:
-    a = np.zeros(len(rows), dtype=ex.EXTENT_DTYPE)
+    a = np.zeros(len(rows), dtype=flags.EXTENT_DTYPE)
     for i, (lg, ph, ln, fl) in enumerate(rows):
         a[i] = (lg, ph, ln, fl, 0)
     return a
@@ -91,16 +92,16 @@ class Model:
         t.logical_bytes = sum(s for _, s, _ in files)
         for f, (fs, size, rows) in enumerate(files):
             for lg, ph, ln, fl in rows:
-                if fl & ex.FE_UNWRITTEN:
+                if fl & flags.FE_UNWRITTEN:
                     continue  # reads as zeros: a hole
-                own = bool(fl & ex.OWN_FLAGS) or ph == 0
+                own = bool(fl & flags.OWN_FLAGS) or ph == 0
                 clamped = max(0, min(lg + ln, size) - lg)
                 cand_of = None
                 if own and clamped:
-                    if fl & ex.FE_ENCODED and ph != 0:
+                    if fl & flags.FE_ENCODED and ph != 0:
                         key = (fs, ph)
                         encoded_windows[key] = max(encoded_windows.get(key, 0), clamped)
-                        if not fl & ex.NOT_CANDIDATE:
+                        if not fl & flags.NOT_CANDIDATE:
                             first = first_window.setdefault((fs, ph, clamped), (f, lg))
                             if first != (f, lg):
                                 cand_of = first
@@ -115,11 +116,11 @@ class Model:
                     if own:
                         self.places[place] = (("cand", (cand_of[0], cand_of[1] + b))
                                               if cand_of else ("own", (f, lg)))
-                        if fl & ex.FE_SHARED:
+                        if fl & flags.FE_SHARED:
                             t.external_shared_bytes += 1
-                        if fl & ex.FE_ENCODED:
+                        if fl & flags.FE_ENCODED:
                             t.encoded_bytes += 1
-                        if fl & ex.FE_DATA_INLINE:
+                        if fl & flags.FE_DATA_INLINE:
                             t.inline_bytes += 1
                     else:
                         key = (fs, ph + b)
@@ -131,7 +132,7 @@ class Model:
         t.shared_bytes = sum(c for c in self.count.values() if c >= 2)
         t.external_shared_bytes += sum(
             1 for key, c in self.count.items()
-            if c == 1 and self.flags_of[self.first[key]] & ex.FE_SHARED)
+            if c == 1 and self.flags_of[self.first[key]] & flags.FE_SHARED)
         self.totals = t
 
 
@@ -260,8 +261,8 @@ def test_plan_matches_byte_model_dense_self_sharing(files):
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(file_sets(max_files=4, max_extents=6, max_phys=6, max_length=4,
-                 flag_choices=[ex.FE_ENCODED] * 4 + [ex.FE_ENCODED | ex.FE_SHARED,
-                                                     ex.FE_ENCODED | ex.FE_DELALLOC, 0]))
+                 flag_choices=[flags.FE_ENCODED] * 4 + [flags.FE_ENCODED | flags.FE_SHARED,
+                                                     flags.FE_ENCODED | flags.FE_DELALLOC, 0]))
 def test_plan_matches_byte_model_compressed(files):
     """Mostly compressed ranges on few extent starts: many candidates, some in
     the same file, some with other flags that rule them out."""
@@ -309,7 +310,7 @@ def test_min_cover_brute_force(ranges, extra):
 def test_build_plan_direct_matches_builder():
     """build_plan on hand-made data ranges, without IndexBuilder."""
     files = [(0, 40, [(0, 100, 20, 0), (24, 110, 10, 0)]),   # self-sharing 110..120
-             (0, 30, [(0, 105, 30, ex.FE_SHARED)])]
+             (0, 30, [(0, 105, 30, flags.FE_SHARED)])]
     ext = np.concatenate([to_array(r) for _, _, r in files])
     fl = np.array([0, 0, 1], dtype=np.int64)
     fs = np.zeros(3, dtype=np.int32)

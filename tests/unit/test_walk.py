@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from cloneaware import probe
+from cloneaware import fsinfo
 from cloneaware.errors import EXIT_USAGE, UsageError
-from cloneaware.walk import root_names, walk
+from cloneaware.source.walk import root_names, walk
 
 
 def collect(paths, one_file_system=True):
@@ -91,7 +91,7 @@ def test_root_names_refusals(tree, tmp_path):
 
 
 def test_fs_info_of_the_test_directory(tmp_path):
-    info = probe.fs_info_path(str(tmp_path))
+    info = fsinfo.fs_info_path(str(tmp_path))
     st = os.stat(tmp_path)
     if info.type == "btrfs":
         assert info.key.startswith("btrfs:")
@@ -103,14 +103,14 @@ def test_fs_info_of_the_test_directory(tmp_path):
 def test_probe_forget_drops_cached_identities(tmp_path):
     """st_dev numbers are reused after an unmount; walk() starts afresh."""
     st = os.stat(tmp_path)
-    probe._cache[st.st_dev] = probe.FsInfo("stale", "stale", 1)
+    fsinfo._cache[st.st_dev] = fsinfo.FsInfo("stale", "stale", 1)
     try:
         nodes, errors = collect([tmp_path])
         assert errors == []
-        assert probe._cache[st.st_dev].key != "stale"
+        assert fsinfo._cache[st.st_dev].key != "stale"
     finally:
-        probe.forget()
-    assert probe._cache == {}
+        fsinfo.forget()
+    assert fsinfo._cache == {}
 
 
 def scan_cli(*args):
@@ -128,8 +128,8 @@ def test_cli_scan_missing_path_is_a_usage_error(tmp_path):
 
 def test_probe_errno_reason():
     import errno
-    assert probe.errno_reason(errno.EXDEV) == "different filesystems"
-    assert probe.errno_reason(errno.EOPNOTSUPP) == "filesystem cannot reflink"
-    assert probe.errno_reason(errno.ENOTTY) == "filesystem cannot reflink"
-    assert "alignment" in probe.errno_reason(errno.EINVAL)
-    assert probe.errno_reason(errno.EIO) == os.strerror(errno.EIO)
+    assert fsinfo.errno_reason(errno.EXDEV) == "different filesystems"
+    assert fsinfo.errno_reason(errno.EOPNOTSUPP) == "filesystem cannot reflink"
+    assert fsinfo.errno_reason(errno.ENOTTY) == "filesystem cannot reflink"
+    assert "alignment" in fsinfo.errno_reason(errno.EINVAL)
+    assert fsinfo.errno_reason(errno.EIO) == os.strerror(errno.EIO)

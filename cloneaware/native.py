@@ -1,15 +1,17 @@
-"""The only importer of the compiled extension.
+"""The only importer of the compiled extension (cloneaware._native).
 
-Each function calls one ioctl (or one batched loop of it, in C) and turns a
-negative errno into ``OSError(errno, strerror, path)``.  No policy lives here.
+Each function calls one system call or ioctl (or one batched loop of it, in
+C) and turns a negative errno into ``OSError(errno, strerror, path)``.  No
+policy lives here, and nothing heavier than cffi is imported: restore and
+``cloneaware serve`` load this module, and numpy would double their start-up.
+Extent maps cross as packed bytes; ``cloneaware.source.mapping`` views them
+as numpy arrays.
 """
 from __future__ import annotations
 
 import errno as _errno
 import os
 from typing import NamedTuple
-
-import numpy as np
 
 from cloneaware._version import __version__
 
@@ -28,30 +30,19 @@ if _built_for != __version__:  # pragma: no cover - stale build
         f"code is {__version__}; rebuild with 'pip install .'"
     )
 
-# FIEMAP extent flags (<linux/fiemap.h>).
-FE_LAST = 0x1
-FE_UNKNOWN = 0x2
-FE_DELALLOC = 0x4
-FE_ENCODED = 0x8
-FE_DATA_ENCRYPTED = 0x80
-FE_NOT_ALIGNED = 0x100
-FE_DATA_INLINE = 0x200
-FE_DATA_TAIL = 0x400
-FE_UNWRITTEN = 0x800
-FE_MERGED = 0x1000
-FE_SHARED = 0x2000
-
 RENAME_NOREPLACE = lib.RENAME_NOREPLACE
 
-#: One extent: the layout of ``struct ca_extent`` (32 bytes).
-EXTENT_DTYPE = np.dtype(
-    [("logical", "<u8"), ("physical", "<u8"), ("length", "<u8"),
-     ("flags", "<u4"), ("reserved", "<u4")]
-)
-assert EXTENT_DTYPE.itemsize == ffi.sizeof("struct ca_extent")
+#: Bytes per extent in what fiemap() returns: ``struct ca_extent``
+#: (u64 logical, u64 physical, u64 length, u32 flags, u32 reserved).
+EXTENT_SIZE = ffi.sizeof("struct ca_extent")
 
 DEDUPE_SAME = 0
 DEDUPE_DIFFERS = 1
+
+#: errnos with which a filesystem or a range says "cannot clone or dedupe
+#: this" (xfstests' common/reflink treats them alike).
+NOT_SUPPORTED = frozenset({_errno.EOPNOTSUPP, _errno.ENOTTY, _errno.EINVAL,
+                           _errno.EXDEV, _errno.ENOSYS})
 
 
 def _fd(f) -> int:
@@ -63,10 +54,10 @@ def _raise(neg: int, path) -> None:
     raise OSError(err, os.strerror(err), path)
 
 
-def fiemap(fd, path=None) -> np.ndarray:
+def fiemap(fd, path=None) -> bytes:
     """Call FS_IOC_FIEMAP (with FIEMAP_FLAG_SYNC) for the whole file.
 
-    Returns a structured array of EXTENT_DTYPE, in logical order.
+    Returns the extents in logical order, packed, EXTENT_SIZE bytes each.
     """
     out = ffi.new("struct ca_extent **")
     count = ffi.new("size_t *")
@@ -75,10 +66,7 @@ def fiemap(fd, path=None) -> np.ndarray:
         _raise(rc, path)
     try:
         n = count[0]
-        if n == 0:
-            return np.zeros(0, dtype=EXTENT_DTYPE)
-        buf = ffi.buffer(out[0], n * EXTENT_DTYPE.itemsize)
-        return np.frombuffer(buf, dtype=EXTENT_DTYPE).copy()
+        return bytes(ffi.buffer(out[0], n * EXTENT_SIZE)) if n else b""
     finally:
         lib.ca_free(out[0])
 
@@ -128,7 +116,8 @@ def fideduperange(src_fd, src_offset: int, length: int,
     bytes_deduped == length: a kernel that stops making progress leaves a
     SAME with a shorter count.  A destination that answers DIFFERS or an
     error is not retried.  (Linux 6.18 dedupes 40 MiB in one call and
-    reports an unaligned length as deduped while sharing only whole blocks.)
+    reports an unaligned length as deduped while sharing only whole blocks:
+    docs/KERNEL.md.)
     """
     results = [DedupeResult(0, DEDUPE_SAME) for _ in dests]
     pending = list(range(len(dests)))
@@ -148,7 +137,7 @@ def fideduperange(src_fd, src_offset: int, length: int,
                 continue
             still.append(i)
             step = a.bytes_deduped if step is None else min(step, a.bytes_deduped)
-        if not still:
+        if not still or step is None:
             break
         # Destinations advance together; any that got ahead is re-asked from
         # the common position, which the kernel answers idempotently.
@@ -168,15 +157,6 @@ def btrfs_fsid(fd, path=None) -> bytes:
     return bytes(ffi.buffer(buf, rc))
 
 
-def getfsuuid(fd, path=None) -> bytes:
-    """Call FS_IOC_GETFSUUID and return the filesystem's UUID."""
-    buf = ffi.new("uint8_t[16]")
-    rc = lib.ca_getfsuuid(_fd(fd), buf)
-    if rc < 0:
-        _raise(rc, path)
-    return bytes(ffi.buffer(buf, rc))
-
-
 def fstatfs(fd, path=None) -> tuple[int, int]:
     """Call fstatfs(2); return (filesystem magic, block size)."""
     t = ffi.new("uint64_t *")
@@ -188,13 +168,26 @@ def fstatfs(fd, path=None) -> tuple[int, int]:
 
 
 def renameat2(src_dir_fd: int, src: bytes, dst_dir_fd: int, dst: bytes,
-              noreplace: bool = True) -> None:
-    """Call renameat2(2); with noreplace, EEXIST if dst exists."""
+              noreplace: bool = True, path=None) -> None:
+    """Call renameat2(2); with noreplace, EEXIST if dst exists.  ``path``
+    names dst in errors (default: dst itself)."""
     rc = lib.ca_renameat2(src_dir_fd, src, dst_dir_fd, dst,
                           RENAME_NOREPLACE if noreplace else 0)
     if rc < 0:
-        _raise(rc, dst)
+        _raise(rc, dst if path is None else path)
 
 
-NOT_SUPPORTED = frozenset({_errno.EOPNOTSUPP, _errno.ENOTTY, _errno.EINVAL,
-                           _errno.EXDEV, _errno.ENOSYS})
+def syncfs(fd, path=None) -> None:
+    """Call syncfs(2): write out the filesystem fd is on.  It reports a
+    writeback error seen since fd was opened, once."""
+    rc = lib.ca_syncfs(_fd(fd))
+    if rc < 0:
+        _raise(rc, path)
+
+
+def sync_file_range_write(fd, offset: int, length: int, path=None) -> None:
+    """Call sync_file_range(SYNC_FILE_RANGE_WRITE): queue the range for
+    writeback without waiting for it."""
+    rc = lib.ca_sync_file_range(_fd(fd), offset, length)
+    if rc < 0:
+        _raise(rc, path)

@@ -6,7 +6,7 @@ A file's extent map (EXTENT_DTYPE rows from FIEMAP) is first reduced to its
 
 - *sweepable*: a plain extent whose physical address locates its bytes, or
 - *own*: inline, encoded (compressed), delalloc, unknown or encrypted data,
-  whose physical address does not locate bytes (KERNEL.md), so it is never
+  whose physical address does not locate bytes (docs/KERNEL.md), so it is never
   treated as shared on physical overlap.
 
 The index takes every sweepable range of the backup set, keyed by the
@@ -26,24 +26,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-FE_LAST = 0x1
-FE_UNKNOWN = 0x2
-FE_DELALLOC = 0x4
-FE_ENCODED = 0x8
-FE_DATA_ENCRYPTED = 0x80
-FE_NOT_ALIGNED = 0x100
-FE_DATA_INLINE = 0x200
-FE_DATA_TAIL = 0x400
-FE_UNWRITTEN = 0x800
-FE_SHARED = 0x2000
-
-#: Flags whose physical address does not locate the file's bytes.
-OWN_FLAGS = (FE_UNKNOWN | FE_DELALLOC | FE_ENCODED | FE_DATA_ENCRYPTED
-             | FE_NOT_ALIGNED | FE_DATA_INLINE | FE_DATA_TAIL)
-
-EXTENT_DTYPE = np.dtype(
-    [("logical", "<u8"), ("physical", "<u8"), ("length", "<u8"),
-     ("flags", "<u4"), ("reserved", "<u4")]
+from cloneaware.index.flags import (
+    EXTENT_DTYPE,
+    FE_DATA_INLINE,
+    FE_ENCODED,
+    FE_SHARED,
+    FE_UNWRITTEN,
+    NOT_CANDIDATE,
+    OWN_FLAGS,
 )
 
 #: A piece of a file in the plan.  ``ref_file`` is -1 for stored data.
@@ -56,11 +46,6 @@ PIECE_DTYPE = np.dtype(
      ("ref_file", "<i8"), ("ref_logical", "<u8"), ("check", "u1")]
 )
 CHECK_NONE, CHECK_CANDIDATE, CHECK_HASHED = 0, 1, 2
-
-#: Flags that keep an encoded range from being a candidate: its bytes are
-#: not in a compressed extent on disk yet, or not as the file reads them.
-NOT_CANDIDATE = (FE_UNKNOWN | FE_DELALLOC | FE_DATA_ENCRYPTED | FE_DATA_INLINE
-                 | FE_DATA_TAIL)
 
 
 def data_ranges(ext: np.ndarray, size: int) -> np.ndarray:

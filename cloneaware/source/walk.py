@@ -1,7 +1,7 @@
 """Walk source trees: iterative (no recursion limit), sorted by name, never
 following symlinks, staying on one filesystem unless told otherwise.
 
-"One filesystem" is a filesystem identity (probe.FsInfo.key), so Btrfs
+"One filesystem" is a filesystem identity (fsinfo.FsInfo.key), so Btrfs
 subvolumes and snapshots inside the tree are included: they are where the
 sharing is.
 """
@@ -13,7 +13,7 @@ import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from cloneaware import probe
+from cloneaware import fsinfo
 from cloneaware.errors import UsageError
 
 OnError = Callable[[bytes, str], None]
@@ -61,7 +61,7 @@ def root_names(paths: list, unique_names: bool = True) -> list[tuple[bytes, byte
 def _fs_key(path: bytes, st: os.stat_result) -> str:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
-        return probe.fs_info(fd, st.st_dev, path).key
+        return fsinfo.fs_info(fd, st.st_dev, path).key
     finally:
         os.close(fd)
 
@@ -69,7 +69,7 @@ def _fs_key(path: bytes, st: os.stat_result) -> str:
 def walk(paths: list, on_error: OnError, one_file_system: bool = True,
          unique_names: bool = True) -> Iterator[Node]:
     """Yield a Node per entry, parents before children, in sorted name order."""
-    probe.forget()  # st_dev numbers may have been reused since the last walk
+    fsinfo.forget()  # st_dev numbers may have been reused since the last walk
     for name, src in root_names(paths, unique_names):
         try:
             st = os.lstat(src)

@@ -8,7 +8,7 @@ import os
 import secrets
 from dataclasses import dataclass
 
-from cloneaware import ioctl
+from cloneaware import native
 
 BTRFS_MAGIC = 0x9123683E
 FS_NAMES = {
@@ -32,9 +32,9 @@ def fs_type_name(magic: int) -> str:
 @dataclass(frozen=True)
 class FsInfo:
     """Identity of a filesystem: physical addresses are only comparable
-    between files with the same ``key`` (KERNEL.md: on Btrfs, subvolumes and
-    snapshots have different st_dev but one address space, so the key is the
-    fsid; elsewhere st_dev is the filesystem)."""
+    between files with the same ``key`` (docs/KERNEL.md: on Btrfs, subvolumes
+    and snapshots have different st_dev but one address space, so the key is
+    the fsid; elsewhere st_dev is the filesystem)."""
 
     key: str
     type: str
@@ -57,9 +57,9 @@ def fs_info(fd: int, st_dev: int, path=None) -> FsInfo:
     got = _cache.get(st_dev)
     if got is not None:
         return got
-    magic, bsize = ioctl.fstatfs(fd, path)
+    magic, bsize = native.fstatfs(fd, path)
     if magic == BTRFS_MAGIC:
-        key = "btrfs:" + ioctl.btrfs_fsid(fd, path).hex()
+        key = "btrfs:" + native.btrfs_fsid(fd, path).hex()
     else:
         key = f"dev:{os.major(st_dev)}:{os.minor(st_dev)}"
     info = FsInfo(key=key, type=fs_type_name(magic), block_size=int(bsize))
@@ -87,9 +87,9 @@ def reflink_support(dir_fd: int, block_size: int = 4096) -> tuple[bool, str]:
         os.pwrite(fds[0], b"\xa5" * block_size, 0)
         os.fsync(fds[0])
         try:
-            ioctl.ficlonerange(fds[1], fds[0], 0, block_size, 0)
+            native.ficlonerange(fds[1], fds[0], 0, block_size, 0)
         except OSError as e:
-            if e.errno in ioctl.NOT_SUPPORTED:
+            if e.errno in native.NOT_SUPPORTED:
                 return False, os.strerror(e.errno)
             raise
         return True, "reflink"

@@ -1,0 +1,78 @@
+"""What a backup records of an entry besides its data: kind, mode, owner,
+times, xattrs; and the comparisons that say a file did not change."""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+import numpy as np
+
+from cloneaware.archive import format as fmt
+from cloneaware.source.walk import Node
+
+#: XFS's private copies of the POSIX ACLs that listxattr also returns as
+#: system.posix_acl_* (docs/KERNEL.md): storing both would plant a stray
+#: xattr on any other filesystem.
+XATTR_SKIP = {b"trusted.SGI_ACL_FILE", b"trusted.SGI_ACL_DEFAULT"}
+
+
+def read_xattrs(target: bytes | int, follow: bool = False) -> list[tuple[bytes, bytes]]:
+    """The xattrs of a path (not following a symlink) or an open fd, sorted."""
+    try:
+        names = os.listxattr(target) if isinstance(target, int) \
+            else os.listxattr(target, follow_symlinks=follow)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.ENOSYS, errno.EPERM):
+            return []
+        raise
+    out = []
+    for n in sorted(names):
+        bn = n.encode("utf-8", "surrogateescape")
+        if bn in XATTR_SKIP:
+            continue
+        try:
+            v = os.getxattr(target, n) if isinstance(target, int) \
+                else os.getxattr(target, n, follow_symlinks=follow)
+        except OSError as e:
+            if e.errno in (errno.ENODATA, errno.ENOTSUP):
+                continue
+            raise
+        out.append((bn, v))
+    return out
+
+
+def entry_for(node: Node, kind: int, st: os.stat_result) -> fmt.Entry:
+    """An Entry with the metadata of ``st`` (its id is set by the writer)."""
+    return fmt.Entry(
+        id=0, kind=kind, path=node.name, mode=stat.S_IMODE(st.st_mode),
+        uid=st.st_uid, gid=st.st_gid, atime_ns=st.st_atime_ns, mtime_ns=st.st_mtime_ns,
+    )
+
+
+def kind_of(mode: int) -> int | None:
+    """The archive kind of a non-regular file, or None if it has none."""
+    if stat.S_ISDIR(mode):
+        return fmt.K_DIR
+    if stat.S_ISLNK(mode):
+        return fmt.K_SYMLINK
+    if stat.S_ISFIFO(mode):
+        return fmt.K_FIFO
+    if stat.S_ISCHR(mode):
+        return fmt.K_CHR
+    if stat.S_ISBLK(mode):
+        return fmt.K_BLK
+    return None
+
+
+def same_stat(a: os.stat_result, b: os.stat_result) -> bool:
+    """Inode, size, mtime and ctime all equal: the metadata rule."""
+    return (a.st_ino == b.st_ino and a.st_size == b.st_size
+            and a.st_mtime_ns == b.st_mtime_ns and a.st_ctime_ns == b.st_ctime_ns)
+
+
+def same_map(a: np.ndarray, b: np.ndarray) -> bool:
+    """Two extent maps with the same logical, physical and length columns."""
+    if len(a) != len(b):
+        return False
+    return all(np.array_equal(a[k], b[k]) for k in ("logical", "physical", "length"))

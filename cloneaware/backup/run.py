@@ -1,0 +1,535 @@
+"""Backup: walk -> map -> index -> write, into a sink (backup/sinks.py).
+
+Every file is mapped first (one FIEMAP call each) so that sharing is known
+across the whole set; then each file is written in walk order: the pieces it
+owns as stored data (read once, hashed, compressed on worker threads), every
+later place that shares them as a reference.  A file that changes between
+mapping and reading, or while it is read, is detected and reported, and
+nothing else trusts its sharing from then on.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+
+from cloneaware.archive import format as fmt
+from cloneaware.archive.writer import Writer
+from cloneaware.backup.meta import entry_for, kind_of, read_xattrs, same_map, same_stat
+from cloneaware.backup.sinks import Sink
+from cloneaware.backup.workers import BaseCheck, Chunk, Workers, parse_compress
+from cloneaware.errors import UsageError
+from cloneaware.index.plan import (
+    CHECK_CANDIDATE,
+    CHECK_HASHED,
+    PIECE_DTYPE,
+    IndexBuilder,
+    Plan,
+    data_ranges,
+)
+from cloneaware.source.mapping import (
+    FsTable,
+    Mapped,
+    Skipped,
+    extent_map,
+    map_tree,
+    open_source,
+)
+from cloneaware.source.walk import Node
+
+
+@dataclass
+class Summary:
+    base: str | None = None
+    base_referenced_bytes: int = 0
+    files: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+    hardlinks: int = 0
+    specials: int = 0
+    logical_bytes: int = 0
+    stored_bytes: int = 0
+    referenced_bytes: int = 0
+    #: of referenced_bytes: compressed ranges referenced after their content
+    #: hash matched the place they name
+    checked_bytes: int = 0
+    #: compressed ranges that named the same extent as an earlier place but
+    #: held other bytes (part of an extent): stored
+    check_mismatch_bytes: int = 0
+    hole_bytes: int = 0
+    bytes_read: int = 0
+    physical_bytes: int = 0
+    archive_bytes: int = 0
+    seconds: float = 0.0
+    changed: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+# --- what the walk found ------------------------------------------------------
+
+@dataclass(slots=True)
+class _File:
+    node: Node
+    fileno: int  # number in the sharing index; -1: not mapped (plan unusable)
+    ext: np.ndarray | None
+
+
+@dataclass(slots=True)
+class _Link:
+    node: Node
+    first: int  # walk item number of the inode's first name
+
+
+@dataclass(slots=True)
+class _Other:
+    node: Node
+
+
+@dataclass(slots=True)
+class _BaseFile:
+    rel: bytes  # path inside the base ('' when the base is a file)
+    src: bytes
+    st: os.stat_result
+
+
+# --- what one file's pieces become, in file order ------------------------------
+
+class _Store(NamedTuple):
+    """Read and store; ``key`` (fileno, logical): remember its hash, a candidate names it."""
+
+    offset: int
+    length: int
+    key: tuple[int, int] | None = None
+
+
+class _Ref(NamedTuple):
+    offset: int
+    length: int
+    source: int  # entry id
+    source_offset: int
+
+
+class _BaseRef(NamedTuple):
+    offset: int
+    length: int
+    base: int  # base file number
+    base_offset: int
+
+
+class _CheckRef(NamedTuple):
+    """A compressed candidate: a REF only if its hash equals that stored at ``key``."""
+
+    offset: int
+    length: int
+    source: int
+    source_offset: int
+    key: tuple[int, int]
+
+
+class _CheckBase(NamedTuple):
+    """A compressed candidate into the base: a BASEREF only if both hash alike."""
+
+    offset: int
+    length: int
+    base: int
+    base_offset: int
+
+
+_Op = _Store | _Ref | _BaseRef | _CheckRef | _CheckBase
+
+
+def _chunks(offset: int, length: int):
+    end = offset + length
+    while offset < end:
+        n = min(fmt.CHUNK_MAX, end - offset)
+        yield offset, n
+        offset += n
+
+
+class Backup:
+    """Back up ``paths`` into ``sink``.  ``base``: a thin backup relative to
+    this file or directory: ranges the clones share with it become BASEREF
+    records (offset, length, SHA-256) instead of data."""
+
+    #: chunks in flight on the workers (each up to CHUNK_MAX bytes)
+    DEPTH = 8
+
+    def __init__(self, paths: list, sink: Sink, compress: str = "zstd",
+                 one_file_system: bool = True, progress=None, warn=None,
+                 base: str | None = None):
+        self.paths = paths
+        self.sink = sink
+        self.codec, self.level = parse_compress(compress)
+        self.one_file_system = one_file_system
+        self.progress = progress
+        self.warn = warn or (lambda msg: None)
+        self.summary = Summary()
+        self.base = base
+        self.base_files: dict[int, _BaseFile] = {}  # fileno -> base file
+        self.base_kind = fmt.BASE_FILE
+        self.used_base: set[int] = set()  # base filenos a BASEREF may name
+        #: (fileno, logical) -> SHA-256 of stored data that a candidate names
+        self._hashes: dict[tuple[int, int], bytes] = {}
+        self.entry_of_file: dict[int, int] = {}  # fileno -> entry id
+        self.invalid: set[int] = set()  # filenos whose bytes no reference may trust
+
+    def _skip(self, path: bytes, reason: str) -> None:
+        self.summary.skipped.append((os.fsdecode(path), reason))
+        self.warn(f"skipped {os.fsdecode(path)}: {reason}")
+
+    def _changed(self, path: bytes, reason: str) -> None:
+        self.summary.changed.append((os.fsdecode(path), reason))
+        self.warn(f"{os.fsdecode(path)}: {reason}")
+
+    def run(self) -> Summary:
+        t0 = time.monotonic()
+        items, plan = self._map()
+        s = self.summary
+        s.physical_bytes = plan.totals.physical_bytes
+        s.base = self.base
+        if self.progress:
+            self.progress.set_total(plan.stored_bytes())
+        first_size = next((i.node.st.st_size for i in items if isinstance(i, _File)), 0)
+        workers = Workers(self.codec, self.level)
+        ok = False
+        try:
+            w = self.sink.open(first_size, self._base_record(plan))
+            self._write(w, items, plan, workers)
+            w.finish()
+            self._check_base_unchanged()
+            self.sink.commit()
+            s.archive_bytes = self.sink.size()
+            ok = True
+        except BaseException:
+            self.sink.abort()
+            raise
+        finally:
+            workers.close(wait=ok)
+        s.seconds = time.monotonic() - t0
+        return s
+
+    def _base_record(self, plan: Plan) -> fmt.Base | None:
+        if self.base is None:
+            return None
+        used = set(np.unique(plan.pieces["ref_file"]).tolist()) & set(self.base_files)
+        b = fmt.Base(os.fsencode(self.base), self.base_kind)
+        for n in sorted(used):
+            bf = self.base_files[n]
+            b.files.append(fmt.BaseFile(n, bf.st.st_size, bf.rel))
+        self.used_base = used
+        return b
+
+    def _check_base_unchanged(self) -> None:
+        for n in sorted(self.used_base):
+            bf = self.base_files[n]
+            try:
+                now = os.stat(bf.src, follow_symlinks=False)
+            except OSError:
+                now = None
+            if now is None or not same_stat(now, bf.st):
+                self._changed(bf.src, "base file changed during the backup; a restore "
+                              "will find the ranges that differ and refuse them")
+
+    # -- phase 1: walk and map -------------------------------------------
+
+    def _map(self) -> tuple[list[_File | _Link | _Other], Plan]:
+        fstab = FsTable()
+        builder = IndexBuilder()
+        items: list[_File | _Link | _Other] = []
+        inodes: dict[tuple[int, int], int] = {}
+        if self.base is not None:
+            self._map_base(fstab, builder)
+        for it in map_tree(self.paths, self.one_file_system):
+            if isinstance(it, Skipped):
+                self._skip(it.path, it.reason)
+            elif isinstance(it, Mapped):
+                node = it.node
+                key = (node.st.st_dev, node.st.st_ino)
+                if node.st.st_nlink > 1 and key in inodes:
+                    items.append(_Link(node, inodes[key]))
+                    continue
+                if node.st.st_nlink > 1:
+                    inodes[key] = len(items)
+                fileno = builder.add(fstab.number(it.fs), node.st.st_size, it.ext)
+                items.append(_File(node, fileno, it.ext))
+            elif stat.S_ISSOCK(it.node.st.st_mode):
+                self._skip(it.node.src, "socket ignored")
+            else:
+                items.append(_Other(it.node))
+        return items, builder.build()
+
+    def _map_base(self, fstab: FsTable, builder: IndexBuilder) -> None:
+        """Map the base first, so that it owns every range it shares."""
+        assert self.base is not None
+        base = os.fsencode(self.base)
+        try:
+            bst = os.stat(base)
+        except OSError as e:
+            raise UsageError(f"base {self.base}: {e.strerror}") from None
+        if stat.S_ISDIR(bst.st_mode):
+            self.base_kind = fmt.BASE_DIR
+        elif not stat.S_ISREG(bst.st_mode):
+            raise UsageError(f"base {self.base} is neither a file nor a directory")
+        base = os.path.realpath(base)
+        for it in map_tree([base], self.one_file_system):
+            if isinstance(it, Skipped):
+                self._skip(it.path, f"base file not usable: {it.reason}")
+            elif isinstance(it, Mapped):
+                node = it.node
+                rel = node.name.partition(b"/")[2] if self.base_kind == fmt.BASE_DIR else b""
+                fileno = builder.add(fstab.number(it.fs), node.st.st_size, it.ext)
+                self.base_files[fileno] = _BaseFile(rel, node.src, node.st)
+        if not self.base_files:
+            raise UsageError(f"base {self.base} holds no regular file")
+
+    # -- phase 2: write ----------------------------------------------------
+
+    def _write(self, w: Writer, items: list[_File | _Link | _Other], plan: Plan,
+               workers: Workers) -> None:
+        refs = plan.pieces["ref_file"]
+        referenced = set(np.unique(refs[refs >= 0]).tolist())
+        entry_of_item: dict[int, int] = {}  # walk item -> entry id
+        for n, item in enumerate(items):
+            if isinstance(item, _Other):
+                e = self._other_entry(item.node)
+                if e is not None:
+                    w.entry(e)
+                    entry_of_item[n] = e.id
+                continue
+            if isinstance(item, _Link):
+                target = entry_of_item.get(item.first)
+                if target is not None:
+                    e = entry_for(item.node, fmt.K_HARDLINK, item.node.st)
+                    e.link = target
+                    w.entry(e)
+                    entry_of_item[n] = e.id
+                    self.summary.hardlinks += 1
+                    continue
+                # the first name vanished: store this name as a file of its own
+                item = _File(item.node, -1, None)
+            eid = self._file(w, item, plan, workers, referenced)
+            if eid is not None:
+                entry_of_item[n] = eid
+
+    def _other_entry(self, node: Node) -> fmt.Entry | None:
+        st = node.st
+        s = self.summary
+        kind = kind_of(st.st_mode)
+        if kind is None:
+            self._skip(node.src, "unsupported file type")
+            return None
+        if kind == fmt.K_DIR:
+            s.dirs += 1
+        e = entry_for(node, kind, st)
+        try:
+            if kind == fmt.K_SYMLINK:
+                e.target = os.readlink(node.src)
+                s.symlinks += 1
+            if kind in (fmt.K_CHR, fmt.K_BLK):
+                e.rdev = st.st_rdev
+            if kind in (fmt.K_FIFO, fmt.K_CHR, fmt.K_BLK):
+                s.specials += 1
+            e.xattrs = read_xattrs(node.src)
+        except FileNotFoundError:
+            self._changed(node.src, "vanished before it was read")
+            return None
+        except OSError as ex:
+            self._skip(node.src, ex.strerror or str(ex))
+            return None
+        return e
+
+    def _invalidate(self, item: _File) -> None:
+        if item.fileno >= 0:
+            self.invalid.add(item.fileno)
+
+    def _file(self, w: Writer, item: _File, plan: Plan, workers: Workers,
+              referenced: set[int]) -> int | None:
+        s = self.summary
+        node = item.node
+        try:
+            fd = open_source(node.src)
+        except FileNotFoundError:
+            self._changed(node.src, "vanished before it was read")
+            self._invalidate(item)
+            return None
+        except OSError as ex:
+            self._skip(node.src, ex.strerror or str(ex))
+            self._invalidate(item)
+            return None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                self._changed(node.src, "replaced by another kind of file")
+                self._invalidate(item)
+                return None
+            stale_plan = item.fileno < 0 or item.ext is None or not same_stat(st, node.st)
+            if stale_plan:
+                # Changed since it was mapped: its sharing plan is stale.  Store
+                # all of its data itself, and let nothing refer to it.
+                if item.fileno >= 0:
+                    self._changed(node.src, "changed between scan and read; stored whole")
+                    self.invalid.add(item.fileno)
+                before = extent_map(fd, st.st_size, node.src)
+                d = data_ranges(before, st.st_size)
+                p = np.zeros(len(d), dtype=PIECE_DTYPE)
+                p["logical"], p["length"], p["ref_file"] = d["logical"], d["length"], -1
+            else:
+                assert item.ext is not None
+                before = item.ext
+                p = plan.file_pieces(item.fileno)
+            data_bytes = int(p["length"].sum()) if len(p) else 0
+            e = entry_for(node, fmt.K_REG, st)
+            e.size = st.st_size
+            e.xattrs = read_xattrs(fd)
+            if item.fileno in referenced and not stale_plan:
+                e.eflags |= fmt.EF_REFERENCED
+            w.entry(e)
+            if item.fileno >= 0:
+                self.entry_of_file[item.fileno] = e.id
+            # after the entry is known: a file may share with itself
+            ops = self._ops(fd, item.fileno, p)
+            short = self._write_ops(w, fd, ops, workers, node.src)
+            w.end()
+            s.files += 1
+            s.logical_bytes += st.st_size
+            s.hole_bytes += st.st_size - data_bytes
+            after = os.fstat(fd)
+            if short or not same_stat(after, st) or not same_map(
+                    before, extent_map(fd, after.st_size, node.src)):
+                self._changed(node.src, "file changed as we read it")
+                self._invalidate(item)
+            return e.id
+        except OSError as ex:
+            # Archive writes carry the archive's name; what has none came from
+            # this file (fstat, xattrs, reads on the workers).
+            if ex.filename is None:
+                raise OSError(ex.errno, ex.strerror, os.fsdecode(node.src)) from None
+            raise
+        finally:
+            os.close(fd)
+
+    def _ops(self, fd: int, fileno: int, pieces: np.ndarray) -> list[_Op]:
+        """What each piece of the plan becomes, in file order.
+
+        A candidate piece (a compressed range naming the same extent and
+        length as an earlier place, CHECK_CANDIDATE) is hashed first and
+        becomes a reference only if its hash equals the one recorded when
+        the place it names was stored (or, for a base, read now)."""
+        ops: list[_Op] = []
+        for logical, length, ref_file, ref_logical, check in zip(
+                pieces["logical"].tolist(), pieces["length"].tolist(),
+                pieces["ref_file"].tolist(), pieces["ref_logical"].tolist(),
+                pieces["check"].tolist()):
+            if check == CHECK_CANDIDATE:
+                if length <= fmt.CHUNK_MAX and ref_file not in self.invalid:
+                    if ref_file in self.base_files:
+                        ops.append(_CheckBase(logical, length, ref_file, ref_logical))
+                        continue
+                    src = self.entry_of_file.get(ref_file)
+                    if src is not None:
+                        ops.append(_CheckRef(logical, length, src, ref_logical,
+                                             (ref_file, ref_logical)))
+                        continue
+            elif ref_file in self.base_files:
+                ops += [_BaseRef(o, n, ref_file, ref_logical + (o - logical))
+                        for o, n in _chunks(logical, length)]
+                continue
+            elif ref_file >= 0 and ref_file not in self.invalid \
+                    and self.entry_of_file.get(ref_file) is not None:
+                ops.append(_Ref(logical, length, self.entry_of_file[ref_file], ref_logical))
+                continue
+            # stored data
+            os.posix_fadvise(fd, logical, length, os.POSIX_FADV_WILLNEED)
+            if check == CHECK_HASHED and length <= fmt.CHUNK_MAX:
+                ops.append(_Store(logical, length, (fileno, logical)))
+            else:
+                ops += [_Store(o, n) for o, n in _chunks(logical, length)]
+        return ops
+
+    def _write_ops(self, w: Writer, fd: int, ops: list[_Op], workers: Workers,
+                   path: bytes) -> bool:
+        """Write one file's records, in order, with up to DEPTH chunks read
+        ahead across references; True on a short read."""
+        s = self.summary
+        data_job = self.sink.data_job(workers)
+
+        def result(fut):
+            """A worker's result; its read errors name the file read."""
+            try:
+                return fut.result()
+            except OSError as e:
+                if e.filename is None:
+                    raise OSError(e.errno, e.strerror, os.fsdecode(path)) from None
+                raise
+
+        def submit(op: _Op):
+            if isinstance(op, _Store):
+                return workers.submit(data_job, fd, op.offset, op.length)
+            if isinstance(op, (_BaseRef, _CheckRef)):
+                return workers.submit(workers.hash_job, fd, op.offset, op.length)
+            if isinstance(op, _CheckBase):
+                return workers.submit(workers.base_check_job, fd, op.offset, op.length,
+                                      self.base_files[op.base].src, op.base_offset)
+            return None
+
+        short = False
+        pending: collections.deque = collections.deque()
+        nxt = 0
+        while nxt < len(ops) or pending:
+            while nxt < len(ops) and len(pending) < self.DEPTH:
+                pending.append((ops[nxt], submit(ops[nxt])))
+                nxt += 1
+            op, fut = pending.popleft()
+            if isinstance(op, _Ref):
+                w.ref(op.offset, op.length, op.source, op.source_offset)
+                s.referenced_bytes += op.length
+            elif isinstance(op, _BaseRef):
+                chunk: Chunk = result(fut)
+                w.baseref(op.offset, op.length, op.base, op.base_offset, chunk.sha256)
+                s.base_referenced_bytes += op.length
+                s.bytes_read += chunk.got
+                short |= chunk.got < op.length
+            elif isinstance(op, _Store):
+                chunk = result(fut)
+                short |= self._emit_data(fd, op.offset, op.length, chunk)
+                if op.key is not None:
+                    self._hashes[op.key] = chunk.sha256
+            else:  # a candidate: use it only if the content matches
+                got: Chunk | BaseCheck = result(fut)
+                s.bytes_read += got.got
+                short |= got.got < op.length
+                whole = got.got == op.length
+                if whole and isinstance(op, _CheckRef) \
+                        and self._hashes.get(op.key) == got.sha256:
+                    w.ref(op.offset, op.length, op.source, op.source_offset)
+                    s.referenced_bytes += op.length
+                    s.checked_bytes += op.length
+                elif whole and isinstance(got, BaseCheck) and isinstance(op, _CheckBase) \
+                        and got.base_sha256 == got.sha256:
+                    w.baseref(op.offset, op.length, op.base, op.base_offset, got.sha256)
+                    s.base_referenced_bytes += op.length
+                    s.checked_bytes += op.length
+                else:
+                    s.check_mismatch_bytes += op.length
+                    s.bytes_read -= got.got  # read again, as data
+                    chunk = result(workers.submit(data_job, fd, op.offset, op.length))
+                    short |= self._emit_data(fd, op.offset, op.length, chunk)
+        return short
+
+    def _emit_data(self, fd: int, offset: int, length: int, chunk: Chunk) -> bool:
+        """Hand a stored chunk to the sink; True if the file was short."""
+        self.sink.emit_data(fd, offset, length, chunk)
+        s = self.summary
+        s.stored_bytes += length
+        s.bytes_read += chunk.got
+        if self.progress:
+            self.progress.advance(length)
+        return chunk.got < length

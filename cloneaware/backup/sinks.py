@@ -1,0 +1,192 @@
+"""Where a backup's records and data go.
+
+- ``ArchiveSink``: one archive (docs/FORMAT.md) written to a file (under a
+  temporary name, renamed when whole), to standard output, or to anything
+  with write/flush/commit/abort (an ssh:// target, remote/client.py);
+- ``SparseSink``: the sparse form of a thin backup: derivative data in a
+  sparse file at its own offsets, described by a manifest archive of
+  EXTERNAL records (archive/manifest.py).
+
+A sink is made before the walk (so that a bad target fails at once) and
+opened after it; it chooses the worker job for stored data and turns each
+finished chunk into records.
+"""
+from __future__ import annotations
+
+import errno
+import io
+import os
+import stat
+import sys
+from collections.abc import Callable
+from typing import Protocol
+
+from cloneaware.archive import format as fmt
+from cloneaware.archive import manifest
+from cloneaware.archive.writer import Writer
+from cloneaware.backup.workers import Chunk, Workers
+from cloneaware.errors import UsageError
+from cloneaware.safeio import AtomicFile
+
+
+class Output(Protocol):
+    """A byte stream an archive is written to."""
+
+    def write(self, b) -> int: ...
+    def flush(self) -> None: ...
+    def commit(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+class _Stdout:
+    def __init__(self) -> None:
+        if sys.stdout.isatty():
+            raise UsageError("refusing to write an archive to a terminal; "
+                             "use -o FILE or redirect standard output")
+        self.f = sys.stdout.buffer
+
+    def write(self, b) -> int:
+        return self.f.write(b)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def commit(self) -> None:
+        self.f.flush()
+
+    def abort(self) -> None:
+        pass
+
+
+def _check_target(target: str, force: bool) -> None:
+    """Refuse before any work a target that cannot be written."""
+    if os.path.lexists(target) and not force:
+        raise UsageError(f"{target} exists; use --force to overwrite it")
+    if os.path.isdir(target):
+        raise UsageError(f"{target} is a directory")
+    d = os.path.dirname(os.path.abspath(target))
+    if not os.path.isdir(d):
+        raise UsageError(f"{d}: no such directory")
+
+
+def file_output(target: str, force: bool = False) -> Callable[[], Output]:
+    """An opener for ARCHIVE: '-' is standard output, else a file written
+    under a temporary name and renamed into place when whole."""
+    if target == "-":
+        return _Stdout
+    _check_target(target, force)
+    return lambda: AtomicFile(target, replace=force)
+
+
+class ArchiveSink:
+    def __init__(self, opener: Callable[[], Output], name: str):
+        self.opener = opener
+        self.name = name  # the archive's name, for errors
+        self.out: Output | None = None
+        self.writer: Writer | None = None
+
+    def open(self, size_hint: int, base: fmt.Base | None) -> Writer:
+        """Open the output and start the archive.  ``size_hint``: the size of
+        the first regular file (unused here)."""
+        self.out = self.opener()
+        self.writer = Writer(self.out, base, self.name)
+        return self.writer
+
+    def data_job(self, workers: Workers):
+        return workers.data_job
+
+    def emit_data(self, fd: int, offset: int, length: int, chunk: Chunk) -> None:
+        assert self.writer is not None and chunk.record is not None
+        self.writer.data_record(chunk.record, length)
+
+    def commit(self) -> None:
+        assert self.out is not None
+        self.out.commit()
+
+    def abort(self) -> None:
+        if self.out is not None:
+            self.out.abort()
+
+    def size(self) -> int:
+        assert self.writer is not None
+        return self.writer.offset
+
+
+class SparseSink:
+    """``backup --base BASE --sparse -o OUT CLONE``."""
+
+    def __init__(self, target: str, paths: list, base: str | None, force: bool = False):
+        if base is None:
+            raise UsageError("--sparse needs --base")
+        if len(paths) != 1:
+            raise UsageError("--sparse takes exactly one clone file")
+        try:
+            st = os.stat(paths[0], follow_symlinks=False)
+        except OSError as e:
+            raise UsageError(f"{paths[0]}: {e.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"--sparse takes a regular file; {paths[0]} is not one")
+        if target == "-":
+            raise UsageError("--sparse writes a file; it cannot go to standard output")
+        _check_target(target, force)
+        self.target = target
+        self.force = force
+        self.file: AtomicFile | None = None
+        self.manifest = io.BytesIO()
+        self.sidecar = False
+        self.writer: Writer | None = None
+
+    def open(self, size_hint: int, base: fmt.Base | None) -> Writer:
+        self.file = AtomicFile(self.target, replace=self.force)
+        os.ftruncate(self.file.fd, size_hint)
+        self.writer = Writer(self.manifest, base, self.target)
+        return self.writer
+
+    def data_job(self, workers: Workers):
+        return workers.hash_job
+
+    def emit_data(self, fd: int, offset: int, length: int, chunk: Chunk) -> None:
+        """Put derivative data into the sparse file at its own offset (reflinked
+        by copy_file_range where the filesystem can) and describe it by an
+        EXTERNAL record with its hash."""
+        assert self.file is not None and self.writer is not None
+        out = self.file.fd
+        done = 0
+        while done < chunk.got:
+            n = os.copy_file_range(fd, out, chunk.got - done, offset + done, offset + done)
+            if n == 0:
+                break
+            done += n
+        self.writer.external(offset, length, chunk.sha256)
+
+    def commit(self) -> None:
+        assert self.file is not None
+        data = self.manifest.getvalue()
+        side = self.target + manifest.SIDECAR
+        self.sidecar = True
+        if len(data) <= manifest.XATTR_MAX:
+            try:
+                os.setxattr(self.file.fd, manifest.XATTR, data)
+                self.sidecar = False
+            except OSError as e:
+                if e.errno not in (errno.E2BIG, errno.ENOSPC, errno.ERANGE, errno.ENOTSUP,
+                                   errno.EPERM):
+                    raise
+        if self.sidecar:
+            with AtomicFile(side, replace=True) as f:
+                f.write(data)
+                f.commit(0o644)
+        elif os.path.lexists(side):
+            os.unlink(side)  # a stale sidecar of an older backup would confuse a reader
+        self.file.commit(0o644)
+
+    def abort(self) -> None:
+        if self.file is not None:
+            self.file.abort()
+
+    def size(self) -> int:
+        st = os.stat(self.target)
+        return st.st_blocks * 512 + (len(self.manifest.getvalue()) if self.sidecar else 0)
+
+
+Sink = ArchiveSink | SparseSink

@@ -1,0 +1,124 @@
+"""The worker threads of a backup: read, hash, compress and frame chunks
+(os.pread, hashlib, zstandard and zlib.crc32 release the GIL), so that the
+main thread only writes finished records, in order."""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import NamedTuple
+
+import zstandard
+
+from cloneaware.archive import format as fmt
+from cloneaware.errors import UsageError
+from cloneaware.source.mapping import open_source
+
+
+class Chunk(NamedTuple):
+    """A chunk a worker read: its SHA-256, the bytes actually read (fewer if
+    the file shrank: the rest was zeros), and, for a data job, the parts of
+    a whole DATA record (None for a hash job)."""
+
+    sha256: bytes
+    got: int
+    record: list | None
+
+
+class BaseCheck(NamedTuple):
+    """A candidate range hashed here and in the base file it names (the base's
+    hash is None when the base could not be read whole)."""
+
+    sha256: bytes
+    got: int
+    base_sha256: bytes | None
+
+
+def parse_compress(spec: str) -> tuple[int, int]:
+    """'none' | 'zstd' | 'zstd:LEVEL' -> (codec, level)."""
+    if spec == "none":
+        return fmt.CODEC_NONE, 0
+    name, _, level = spec.partition(":")
+    if name != "zstd":
+        raise UsageError(f"unknown compression {spec!r}; use none, zstd or zstd:LEVEL")
+    try:
+        lv = int(level) if level else 3
+    except ValueError:
+        raise UsageError(f"bad zstd level {level!r}") from None
+    if not 1 <= lv <= 22:
+        raise UsageError(f"zstd level {lv} outside 1..22")
+    return fmt.CODEC_ZSTD, lv
+
+
+class Workers:
+    #: Try zstd on this much of a chunk first; store the chunk raw if that
+    #: sample does not shrink (random or already compressed data).
+    SAMPLE = 64 << 10
+
+    def __init__(self, codec: int, level: int, workers: int = 3):
+        self.codec = codec
+        self.level = level
+        self.pool = ThreadPoolExecutor(max_workers=workers)
+        self.local = threading.local()
+
+    @staticmethod
+    def read(fd: int, offset: int, length: int) -> tuple[bytes, int]:
+        data = os.pread(fd, length, offset)
+        got = len(data)
+        if got < length:  # the file shrank while we read it
+            data += bytes(length - got)
+        return data, got
+
+    def compress(self, data: bytes) -> bytes | None:
+        """zstd of data, or None when it would not be smaller."""
+        c = getattr(self.local, "c", None)
+        if c is None:
+            c = self.local.c = zstandard.ZstdCompressor(level=self.level)
+        if len(data) > 2 * self.SAMPLE and \
+                len(c.compress(data[:self.SAMPLE])) > self.SAMPLE * 0.97:
+            return None
+        z = c.compress(data)
+        return z if len(z) < len(data) else None
+
+    def data_job(self, fd: int, offset: int, length: int) -> Chunk:
+        """Read, hash, compress and frame one DATA record."""
+        data, got = self.read(fd, offset, length)
+        sha = hashlib.sha256(data).digest()
+        codec, payload = fmt.CODEC_NONE, data
+        if self.codec == fmt.CODEC_ZSTD:
+            z = self.compress(data)
+            if z is not None:
+                codec, payload = fmt.CODEC_ZSTD, z
+        head = fmt.encode_data_head(offset, length, codec, sha)
+        return Chunk(sha, got, fmt.frame_parts(fmt.T_DATA, head, payload))
+
+    def hash_job(self, fd: int, offset: int, length: int) -> Chunk:
+        """Read and hash."""
+        data, got = self.read(fd, offset, length)
+        return Chunk(hashlib.sha256(data).digest(), got, None)
+
+    def base_check_job(self, fd: int, offset: int, length: int, base: bytes,
+                       base_offset: int) -> BaseCheck:
+        """Hash our range and the base's range it is believed to equal."""
+        mine = self.hash_job(fd, offset, length)
+        try:  # the base unreadable: store the range rather than fail the backup
+            bfd = open_source(base)
+        except OSError:
+            return BaseCheck(mine.sha256, mine.got, None)
+        try:
+            theirs = self.hash_job(bfd, base_offset, length)
+        except OSError:
+            return BaseCheck(mine.sha256, mine.got, None)
+        finally:
+            os.close(bfd)
+        return BaseCheck(mine.sha256, mine.got,
+                         theirs.sha256 if theirs.got == length else None)
+
+    def submit(self, fn, *args) -> Future:
+        return self.pool.submit(fn, *args)
+
+    def close(self, wait: bool = True) -> None:
+        """Stop the workers; on an error or a signal, do not wait for the
+        chunks they are compressing (zstd -19 takes seconds per chunk)."""
+        self.pool.shutdown(wait=wait, cancel_futures=True)

@@ -1,0 +1,1 @@
+"""The sharing index: extent flags, the plan (pure numpy), and ``scan``."""

@@ -1,0 +1,2 @@
+"""ssh:// targets: the client (remote/client.py) and ``cloneaware serve``
+(remote/server.py)."""

@@ -1,0 +1,80 @@
+"""The base of a thin restore: found and checked before anything is written,
+and the bytes cloned from it (or from a sparse file) hashed after the clone
+(clone, then verify: a base written concurrently cannot slip wrong bytes in)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+
+from cloneaware.archive import format as fmt
+from cloneaware.errors import BaseMismatch
+from cloneaware.safeio import open_beneath
+
+
+def sha256_range(fd: int, offset: int, length: int) -> bytes:
+    h = hashlib.sha256()
+    pos = offset
+    end = offset + length
+    while pos < end:
+        b = os.pread(fd, min(4 << 20, end - pos), pos)
+        if not b:
+            break
+        h.update(b)
+        pos += len(b)
+    return h.digest()
+
+
+def open_base(base: fmt.Base, given: str | None) -> dict[int, int]:
+    """Descriptors of every base file the archive references, by number,
+    each checked to be a regular file of the size it had at backup time.
+    ``given``: where the user says the base is (--base)."""
+    need = os.fsdecode(base.path)
+    if given is None:
+        raise BaseMismatch(f"this is a thin backup made against the base {need!r}; "
+                           "restore it with --base PATH")
+    try:
+        bfd = os.open(given, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise BaseMismatch(f"base {given}: {e.strerror} (the archive needs {need!r})") from None
+    fds: dict[int, int] = {}
+    try:
+        is_dir = stat.S_ISDIR(os.fstat(bfd).st_mode)
+        if is_dir != (base.kind == fmt.BASE_DIR):
+            raise BaseMismatch(f"base {given} should be a "
+                               f"{'directory' if base.kind == fmt.BASE_DIR else 'file'}, "
+                               f"like {need!r} was at backup time")
+        for bf in base.files:
+            where = os.path.join(given, os.fsdecode(bf.path)) if bf.path else given
+            try:
+                fd = open_beneath(bfd, fmt.check_path(bf.path), os.O_RDONLY | os.O_CLOEXEC) \
+                    if bf.path else os.dup(bfd)
+            except OSError as e:
+                raise BaseMismatch(f"base file {where} is needed: {e.strerror}") from None
+            fds[bf.number] = fd
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise BaseMismatch(f"base file {where} is not a regular file")
+            if st.st_size != bf.size:
+                raise BaseMismatch(f"base file {where} has {st.st_size} bytes; the backup "
+                                   f"was made against {bf.size} bytes")
+    except BaseException:
+        for fd in fds.values():
+            os.close(fd)
+        raise
+    finally:
+        os.close(bfd)
+    return fds
+
+
+def verify_ranges(fd: int, ranges: list[tuple[int, int, bytes]], where: str) -> int:
+    """Hash each (offset, length, sha256) range now in fd; BaseMismatch on the
+    first that differs.  Returns the bytes verified."""
+    n = 0
+    for off, length, sha in ranges:
+        n += length
+        if sha256_range(fd, off, length) != sha:
+            raise BaseMismatch(
+                f"{where}: bytes {off}-{off + length} differ from the backup "
+                "(the base or the sparse file changed since); the file was not restored")
+    return n

@@ -1,0 +1,401 @@
+"""Restore: read events -> create entries -> write data, clone references ->
+verify -> apply metadata -> rename into place (in batches, after a syncfs).
+
+One method per event type (archive/events.py), as ``btrfs receive`` has one
+callback per command.  The pieces it drives: ``Tree`` (directory
+descriptors beneath DEST), ``Placer`` (renames only for data on disk),
+``Cloner`` (clone or copy), ``Meta`` (owner, mode, xattrs, times) and the
+thin base (restore/base.py).
+"""
+from __future__ import annotations
+
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+
+from cloneaware import native
+from cloneaware.archive import format as fmt
+from cloneaware.archive.events import (
+    BaseRefEvent,
+    DataEvent,
+    EndEvent,
+    EntryEvent,
+    ExternalEvent,
+    FileState,
+    FooterEvent,
+    RefEvent,
+)
+from cloneaware.archive.manifest import open_manifest
+from cloneaware.archive.reader import Stream, open_archive, read_index
+from cloneaware.errors import ArchiveError, UsageError
+from cloneaware.restore.base import open_base, verify_ranges
+from cloneaware.restore.cloner import Cloner, Counts
+from cloneaware.restore.durable import Placer
+from cloneaware.restore.meta import Meta
+from cloneaware.restore.tree import FdCache, Tree, remove_stale_temps, temp_name
+from cloneaware.safeio import DIR_FLAGS
+
+
+@dataclass
+class RestoreSummary:
+    files: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+    hardlinks: int = 0
+    specials: int = 0
+    logical_bytes: int = 0
+    written_bytes: int = 0
+    reflinked_bytes: int = 0
+    copied_bytes: int = 0
+    base_bytes: int = 0
+    verified_bytes: int = 0
+    hole_bytes: int = 0
+    seconds: float = 0.0
+    copy_reasons: dict[str, int] = field(default_factory=dict)
+    owners_skipped: bool = False
+    not_exact: list[tuple[str, str]] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass(slots=True)
+class _Open:
+    """The regular file being written: its descriptor and temporary name."""
+
+    entry: fmt.Entry
+    fd: int
+    pfd: int
+    tmp: bytes
+    where: str
+    filled_at_start: int
+
+
+class Restore:
+    """``base``: where the base of a thin archive is on this host.
+    ``trust_base``: do not hash the bytes cloned from the base (faster; a
+    base changed since the backup then goes unnoticed).  ``open_dest``:
+    returns a descriptor of DEST, created if missing (cloneaware serve opens
+    it beneath its allowed root); default: by path."""
+
+    def __init__(self, archive, dest: str, force: bool = False, progress=None, warn=None,
+                 base: str | None = None, trust_base: bool = False, open_dest=None):
+        self.archive = archive
+        self.dest = dest
+        self.open_dest = open_dest
+        self.force = force
+        self.base = base
+        self.trust_base = trust_base
+        self.progress = progress
+        self.warn = warn or (lambda msg: None)
+        self.s = RestoreSummary()
+        self.counts = Counts(copy_reasons=self.s.copy_reasons)
+        self.tree = Tree(dest)
+        self.placer = Placer(self.tree, force)
+        self.cloner = Cloner(self.counts)
+        self.meta = Meta(self._not_exact, self.warn)
+        self.srcs = FdCache(256)  # entry id -> descriptor of a restored file
+        self.base_fds: dict[int, int] = {}
+        self.external_fd: int | None = None
+        self.dir_meta: list[fmt.Entry] = []
+        self.cur: _Open | None = None
+        self.stream: Stream | None = None
+        self._handlers = {
+            EntryEvent: self.on_entry, DataEvent: self.on_data, RefEvent: self.on_ref,
+            BaseRefEvent: self.on_baseref, ExternalEvent: self.on_external,
+            EndEvent: self.on_end, FooterEvent: self.on_footer,
+        }
+
+    # -- run -------------------------------------------------------------------
+
+    def run(self) -> RestoreSummary:
+        t0 = time.monotonic()
+        given = not isinstance(self.archive, str)  # a file object: read it, do not close it
+        path = None if given else self.archive
+        sparse = open_manifest(path) if path not in (None, "-") else None
+        if given:
+            f = self.archive
+        elif sparse is not None:
+            f, self.external_fd = sparse
+        else:
+            f = open_archive(path)
+        try:
+            if path not in (None, "-"):
+                self._precheck(f)
+            try:
+                self.stream = Stream(f)
+                for ev in self.stream.events():
+                    self._handlers[type(ev)](ev)
+                self.placer.flush()
+                self._dir_metadata()
+                if self.tree.root is not None:
+                    native.syncfs(self.tree.root, "syncfs")
+            except BaseException:
+                self.placer.salvage()
+                raise
+            finally:
+                self._cleanup()
+        finally:
+            if path not in (None, "-"):
+                f.close()
+            for fd in [*self.base_fds.values(), self.external_fd, self.tree.root]:
+                if fd is not None:
+                    os.close(fd)
+        s = self.s
+        s.written_bytes = self.counts.written_bytes
+        s.reflinked_bytes = self.counts.reflinked_bytes
+        s.copied_bytes = self.counts.copied_bytes
+        s.owners_skipped = self.meta.owners_skipped
+        s.seconds = time.monotonic() - t0
+        return s
+
+    def _precheck(self, f) -> None:
+        """On a seekable archive, refuse before writing anything if a
+        top-level entry already exists in DEST."""
+        try:
+            if not f.seekable():
+                return
+            listing = read_index(f)
+            items = listing.items
+            if listing.base is not None:
+                self.base_fds = open_base(listing.base, self.base)
+        except (ArchiveError, OSError):
+            return  # the full read will report it with the offset
+        finally:
+            try:
+                f.seek(0)
+            except OSError:
+                pass
+        if self.force:
+            return
+        for it in items:
+            if b"/" not in it.path and os.path.lexists(os.path.join(os.fsencode(self.dest),
+                                                                    it.path)):
+                raise UsageError(f"{self.tree.where(it.path)} exists; "
+                                 "use --force to overwrite it")
+
+    def _open_dest(self) -> None:
+        """Create DEST only when there is something to restore into it."""
+        if self.open_dest is not None:
+            root = self.open_dest()
+        else:
+            os.makedirs(self.dest, exist_ok=True)
+            root = os.open(self.dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.tree.root = root
+        self.placer.note_fs(root)
+        if self.force:
+            remove_stale_temps(root, self.dest, self.warn)
+        self.cloner.block = native.fstatfs(root, self.dest)[1] or 4096
+
+    def _cleanup(self) -> None:
+        if self.cur is not None:
+            os.close(self.cur.fd)
+            try:
+                os.unlink(self.cur.tmp, dir_fd=self.cur.pfd)
+            except OSError:
+                pass
+            self.cur = None
+        self.srcs.close()
+        self.tree.close()
+        self.placer.close()
+
+    def _not_exact(self, e: fmt.Entry, why: str) -> None:
+        self.s.not_exact.append((os.fsdecode(e.path), why))
+        self.warn(f"{self.tree.where(e.path)}: {why}")
+
+    # -- events ------------------------------------------------------------------
+
+    def on_entry(self, ev: EntryEvent) -> None:
+        e = ev.entry
+        if self.tree.root is None:
+            assert self.stream is not None
+            base = self.stream.base
+            if base is not None and not self.base_fds:
+                self.base_fds = open_base(base, self.base)
+            elif base is None and self.base is not None:
+                self.warn("--base given, but this archive is not a thin backup")
+            self._open_dest()
+        parent, _, name = e.path.rpartition(b"/")
+        pfd = self.tree.dir(parent)
+        if e.kind == fmt.K_DIR:
+            self._mkdir(e, pfd, name)
+        elif e.kind == fmt.K_REG:
+            self._open_file(e, pfd)
+        elif e.kind == fmt.K_HARDLINK:
+            self._hardlink(e, parent, pfd, name)
+        else:
+            self._special(e, pfd, name)
+
+    def on_data(self, ev: DataEvent) -> None:
+        cur = self._current()
+        self.cloner.write(cur.fd, ev.data, ev.offset, cur.where)
+        if self.progress:
+            self.progress.advance(len(ev.data))
+
+    def on_ref(self, ev: RefEvent) -> None:
+        cur = self._current()
+        src = ev.source
+        sfd = cur.fd if src.id == cur.entry.id else self._src_fd(src)
+        self.cloner.clone_or_copy(cur.fd, sfd, ev.source_offset, ev.length, ev.offset,
+                                  src.size, cur.entry.size, cur.where, "archive")
+
+    def on_baseref(self, ev: BaseRefEvent) -> None:
+        cur = self._current()
+        self.cloner.clone_or_copy(cur.fd, self.base_fds[ev.base_file.number], ev.base_offset,
+                                  ev.length, ev.offset, ev.base_file.size, cur.entry.size,
+                                  cur.where, "base")
+        self.s.base_bytes += ev.length
+
+    def on_external(self, ev: ExternalEvent) -> None:
+        cur = self._current()
+        if self.external_fd is None:
+            raise ArchiveError("EXTERNAL record in an archive that is not a "
+                               "sparse thin backup", ev.record)
+        size = os.fstat(self.external_fd).st_size
+        self.cloner.clone_or_copy(cur.fd, self.external_fd, ev.offset, ev.length, ev.offset,
+                                  size, cur.entry.size, cur.where, "sparse")
+
+    def on_end(self, ev: EndEvent) -> None:
+        self._verify(ev.file)
+        self._finish_file()
+
+    def on_footer(self, ev: FooterEvent) -> None:
+        pass
+
+    # -- entries -----------------------------------------------------------------
+
+    def _current(self) -> _Open:
+        assert self.cur is not None
+        return self.cur
+
+    def _mkdir(self, e: fmt.Entry, pfd: int, name: bytes) -> None:
+        full = self.tree.where(e.path)
+        try:
+            os.mkdir(name, 0o700, dir_fd=pfd)
+        except FileExistsError:
+            if not self.force:
+                raise UsageError(f"{full} exists; use --force to merge into it") from None
+            try:
+                dfd = os.open(name, DIR_FLAGS, dir_fd=pfd)
+            except OSError:
+                raise UsageError(f"{full} exists and is not a directory") from None
+            try:
+                remove_stale_temps(dfd, full, self.warn)
+            finally:
+                os.close(dfd)
+        self.dir_meta.append(e)
+        self.s.dirs += 1
+
+    def _open_file(self, e: fmt.Entry, pfd: int) -> None:
+        self.placer.note_fs(pfd)
+        tmp = temp_name(e.id)
+        where = self.tree.where(e.path)
+        # O_NOATIME: later copies read from this file, after its times are set
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+                     | os.O_NOATIME, 0o600, dir_fd=pfd)
+        self.cur = _Open(e, fd, pfd, tmp, where, self.counts.filled())
+        try:
+            os.ftruncate(fd, e.size)
+        except OSError as ex:
+            raise OSError(ex.errno, ex.strerror, where) from None
+
+    def _hardlink(self, e: fmt.Entry, parent: bytes, pfd: int, name: bytes) -> None:
+        tmp = temp_name(e.id)
+        tparent, tname = self.placer.placed[e.link]
+        tfd = self.tree.dir(tparent)
+        pfd = self.tree.dir(parent)
+        os.link(tname, tmp, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
+        if e.link in self.placer.pending_ids:  # its data is not on disk yet
+            self.placer.defer(parent, tmp, name, e.path, e.id, 0)
+        else:
+            try:
+                self.placer.place(pfd, tmp, name, e.path)
+            except BaseException:
+                try:
+                    os.unlink(tmp, dir_fd=pfd)
+                except OSError:
+                    pass
+                raise
+            self.placer.placed[e.id] = (parent, name)
+        self.s.hardlinks += 1
+
+    def _special(self, e: fmt.Entry, pfd: int, name: bytes) -> None:
+        tmp = temp_name(e.id)
+        if e.kind == fmt.K_SYMLINK:
+            os.symlink(e.target, tmp, dir_fd=pfd)
+            self.s.symlinks += 1
+        else:
+            ftype = {fmt.K_FIFO: stat.S_IFIFO, fmt.K_CHR: stat.S_IFCHR,
+                     fmt.K_BLK: stat.S_IFBLK}[e.kind]
+            try:
+                os.mknod(tmp, ftype | 0o600, e.rdev, dir_fd=pfd)
+            except PermissionError:
+                self._not_exact(e, "creating device nodes needs root")
+                return
+            self.s.specials += 1
+        try:
+            self.meta.apply(e, None, pfd, tmp)
+            self.placer.place(pfd, tmp, name, e.path)
+        except BaseException:
+            try:
+                os.unlink(tmp, dir_fd=pfd)
+            except OSError:
+                pass
+            raise
+
+    # -- data ----------------------------------------------------------------------
+
+    def _src_fd(self, src: fmt.Entry) -> int:
+        fd = self.srcs.get(src.id)
+        if fd is not None:
+            return fd
+        parent, name = self.placer.placed[src.id]
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:  # reading must not change the atime we restored
+            fd = os.open(name, flags | os.O_NOATIME, dir_fd=self.tree.dir(parent))
+        except PermissionError:
+            fd = os.open(name, flags, dir_fd=self.tree.dir(parent))
+        self.srcs.put(src.id, fd)
+        return fd
+
+    def _verify(self, st: FileState) -> None:
+        """Hash the bytes now in the restored file where they came from the
+        base (unless --trust-base) or the sparse file, and compare."""
+        ranges = [] if self.trust_base else list(st.base_ranges)
+        ranges += st.external_ranges
+        if ranges:
+            cur = self._current()
+            self.s.verified_bytes += verify_ranges(cur.fd, ranges, cur.where)
+
+    def _finish_file(self) -> None:
+        cur = self._current()
+        e = cur.entry
+        parent, _, name = e.path.rpartition(b"/")
+        self.meta.apply(e, cur.fd, cur.pfd, cur.tmp)
+        self.cur = None
+        if e.eflags & fmt.EF_REFERENCED:
+            self.srcs.put(e.id, cur.fd)
+        else:
+            os.close(cur.fd)
+        s = self.s
+        s.files += 1
+        s.logical_bytes += e.size
+        s.hole_bytes += e.size - (self.counts.filled() - cur.filled_at_start)
+        self.placer.defer(parent, cur.tmp, name, e.path, e.id, e.size)
+
+    # -- metadata ------------------------------------------------------------------
+
+    def _dir_metadata(self) -> None:
+        for e in reversed(self.dir_meta):  # children before parents
+            parent, _, name = e.path.rpartition(b"/")
+            pfd = self.tree.dir(parent)
+            fd = os.open(name, DIR_FLAGS, dir_fd=pfd)
+            try:
+                self.meta.apply(e, fd, pfd, name)
+            finally:
+                os.close(fd)
+
+
+def restore(archive, dest: str, **kw) -> RestoreSummary:
+    return Restore(archive, dest, **kw).run()

@@ -1,0 +1,1 @@
+"""The source side of a backup: walking trees and mapping files."""
