@@ -10,7 +10,7 @@ import os
 import shutil
 
 import pytest
-from treeutil import (
+from helpers.treeutil import (
     MiB,
     Snapshot,
     assert_same_tree,

@@ -7,7 +7,7 @@ import errno
 import os
 
 import pytest
-from fsutil import as_tuples, digest, write_at
+from helpers.fsutil import as_tuples, digest, write_at
 
 from cloneaware import fsinfo, native
 from cloneaware.index import flags as fl

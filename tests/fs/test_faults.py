@@ -38,10 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from archivecraft import (  # noqa: E402
+from helpers.archivecraft import (
     Result,
     assert_one_line_error,
     cli_cmd,
@@ -52,14 +49,14 @@ from archivecraft import (  # noqa: E402
     tree_state,
 )
 
-from cloneaware.testing import (  # noqa: E402,I001
+from cloneaware.testing import (
     make_loopfs,
     reflink_copy,
     rewrite_blocks,
     write_letters,
     write_random,
 )
-from cloneaware.testing import timeout as scaled  # noqa: E402
+from cloneaware.testing import timeout as scaled
 
 pytestmark = pytest.mark.root
 

@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 import pytest
-from fsutil import Ext, as_tuples, compressible, filefrag, write_at, xfs_io_fiemap
+from helpers.fsutil import Ext, as_tuples, compressible, filefrag, write_at, xfs_io_fiemap
 
 from cloneaware import fsinfo, native
 from cloneaware.index import flags as fl

@@ -1,6 +1,6 @@
 """Hostile and damaged archives (issue 6): restore, ls and verify.
 
-Each hostile archive is built record by record (tests/archivecraft.py) so
+Each hostile archive is built record by record (tests/helpers/archivecraft.py) so
 that it breaks one rule of docs/FORMAT.md and nothing else, then given to
 ``cloneaware restore ARCHIVE DEST``, ``verify`` and ``ls`` as separate
 processes.  Every one must give one line on stderr, no traceback and a
@@ -27,16 +27,12 @@ import random
 import secrets
 import stat
 import struct
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from archivecraft import (  # noqa: E402
+from helpers.archivecraft import (
     CliServer,
     Craft,
     assert_one_line_error,
@@ -51,8 +47,8 @@ from archivecraft import (  # noqa: E402
     tree_state,
 )
 
-from cloneaware.archive import format as fmt  # noqa: E402
-from cloneaware.testing import reflink_copy, write_random  # noqa: E402
+from cloneaware.archive import format as fmt
+from cloneaware.testing import reflink_copy, write_random
 
 pytestmark = pytest.mark.root
 

@@ -1,6 +1,6 @@
 """ssh:// targets over a real network path: two network namespaces joined by a
 veth pair (pyroute2), a real OpenSSH sshd in one, the system ssh client and
-``cloneaware`` in the other (netns.py).  Both namespaces share the mount
+``cloneaware`` in the other (tests/helpers/netns.py).  Both namespaces share the mount
 namespace, so the loopback Btrfs and XFS are visible to both sides: the
 client reads and restores on them, ``cloneaware serve`` (behind sshd) writes
 archives and push-restores on them.
@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 import pytest
-from fsutil import digest, scan_json
-from netns import cloneaware_command, sshnet_fixture, sshnet_session_fixture  # noqa: F401
-from treeutil import (
+from helpers.fsutil import digest, scan_json
+from helpers.netns import cloneaware_command
+from helpers.treeutil import (
     MiB,
     Snapshot,
     assert_close,

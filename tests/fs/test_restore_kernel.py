@@ -14,8 +14,8 @@ import os
 import platform
 
 import pytest
-from fsutil import as_tuples, digest, tmpfs_takes_user_xattrs
-from treeutil import backup_json, cli, cli_json, restore_json
+from helpers.fsutil import as_tuples, digest, tmpfs_takes_user_xattrs
+from helpers.treeutil import backup_json, cli, cli_json, restore_json
 
 from cloneaware.index import flags as fl
 from cloneaware.source import mapping

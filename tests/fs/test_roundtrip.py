@@ -13,8 +13,8 @@ import os
 import stat
 
 import pytest
-from fsutil import tmpfs_takes_user_xattrs
-from treeutil import (
+from helpers.fsutil import tmpfs_takes_user_xattrs
+from helpers.treeutil import (
     KiB,
     MiB,
     Snapshot,
@@ -247,7 +247,7 @@ def test_backup_json_accounting(reflink_dir, tmp_path):
 def test_hard_links_counted_once(reflink_dir, tmp_path):
     """A file with several names occupies its blocks once: backup reads and
     stores it once, and scan and backup agree on the physical bytes."""
-    from treeutil import write_random
+    from helpers.treeutil import write_random
 
     d = reflink_dir / "links"
     d.mkdir()

@@ -9,7 +9,7 @@ import shutil
 import subprocess
 
 import pytest
-from fsutil import (
+from helpers.fsutil import (
     as_tuples,
     compressible,
     coverage,

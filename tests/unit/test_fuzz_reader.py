@@ -26,21 +26,16 @@ import hashlib
 import io
 import os
 import struct
-import sys
-from pathlib import Path
 
 import pytest
+from helpers.archivecraft import records, reframe
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from archivecraft import records, reframe  # noqa: E402
-
-from cloneaware.archive import format as fmt  # noqa: E402
-from cloneaware.archive.reader import Stream, read_index  # noqa: E402
-from cloneaware.archive.writer import Writer  # noqa: E402
-from cloneaware.errors import ArchiveError  # noqa: E402
+from cloneaware.archive import format as fmt
+from cloneaware.archive.reader import Stream, read_index
+from cloneaware.archive.writer import Writer
+from cloneaware.errors import ArchiveError
 
 EXAMPLES = int(os.environ.get("CLONEAWARE_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,

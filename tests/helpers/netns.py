@@ -3,9 +3,9 @@ one of them: the network path the ssh:// tests run over.
 
 ``ssh_network()`` builds it and tears it down (sshd and every process left in
 the namespaces killed, namespaces deleted) even when a test fails; the
-``sshnet_session`` fixture keeps one per pytest-xdist worker (the names hold
-the worker's pid) and ``sshnet`` hands it to one test and puts the link back
-as it found it (up, no rate limit) afterwards.
+``sshnet_session`` fixture (tests/conftest.py) keeps one per pytest-xdist
+worker (the names hold the worker's pid) and ``sshnet`` hands it to one test
+and puts the link back as it found it (up, no rate limit) afterwards.
 
 Links, addresses and qdiscs are set with pyroute2; processes are put in a
 namespace with ``nsenter --net`` only, so they all share the test's mount
@@ -336,22 +336,3 @@ def ssh_network(tmp: Path) -> Iterator[SshNet]:
         yield net
     finally:
         net.close()
-
-
-# Registered under the names ``sshnet_session`` and ``sshnet``; the functions
-# have other names so that a test module can import them (which makes them
-# its fixtures) without its test parameters shadowing the import.
-@pytest.fixture(scope="session", name="sshnet_session")
-def sshnet_session_fixture(tmp_path_factory) -> Iterator[SshNet]:
-    """One ssh network per pytest-xdist worker."""
-    with ssh_network(tmp_path_factory.mktemp("sshnet")) as net:
-        yield net
-
-
-@pytest.fixture(name="sshnet")
-def sshnet_fixture(sshnet_session) -> Iterator[SshNet]:
-    """The worker's ssh network; the link is up and unlimited again after
-    the test, whatever it did."""
-    sshnet_session.reset()
-    yield sshnet_session
-    sshnet_session.reset()
