@@ -10,16 +10,8 @@ import os
 import shutil
 
 import pytest
-from helpers.treeutil import (
-    MiB,
-    Snapshot,
-    assert_same_tree,
-    cli,
-    cli_json,
-    read_listing,
-    read_whole,
-    write_random,
-)
+from helpers.cli import cli, cli_json
+from helpers.treeutil import MiB, Snapshot, assert_same_tree, read_listing, read_whole, write_random
 
 from cloneaware import __version__
 from cloneaware.archive import format as fmt

@@ -13,16 +13,9 @@ import os
 import subprocess
 
 import pytest
+from helpers.cli import cli_json
 from helpers.fsutil import as_tuples, compressible, write_at
-from helpers.treeutil import (
-    KiB,
-    MiB,
-    Snapshot,
-    assert_same_tree,
-    backup_json,
-    cli_json,
-    restore_json,
-)
+from helpers.treeutil import KiB, MiB, Snapshot, assert_same_tree, backup_json, restore_json
 
 from cloneaware import native
 from cloneaware.index import flags as fl

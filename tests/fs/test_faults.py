@@ -38,16 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers.archivecraft import (
-    Result,
-    assert_one_line_error,
-    cli_cmd,
-    diff_states,
-    file_sha,
-    run_cli,
-    temp_files,
-    tree_state,
-)
+from helpers.archivecraft import diff_states, file_sha, temp_files, tree_state
+from helpers.cli import Result, assert_one_line_error, cli, cli_popen, finished
 
 from cloneaware.testing import (
     make_loopfs,
@@ -120,7 +112,7 @@ def family_archive(loopfs_session):
     try:
         fam = _small_family(top / "src")
         arch = top / "fam.cla"
-        r = run_cli("backup", "--compress", "none", "-o", arch, fam)
+        r = cli("backup", "--compress", "none", "-o", arch, fam)
         assert r.returncode == 0, str(r)
         yield fam, arch
     finally:
@@ -128,7 +120,7 @@ def family_archive(loopfs_session):
 
 
 def _restore_until_full(fam: Path, arch: Path, dest: Path) -> None:
-    r = run_cli("restore", arch, dest)
+    r = cli("restore", arch, dest)
     line = assert_one_line_error(r, EXIT_RESTORE)
     assert "No space left" in line, line
     assert os.fsdecode(dest) in line and ".bin" in line, f"the file is not named: {line}"
@@ -144,7 +136,7 @@ def test_enospc_restore_tmpfs_then_remount_and_rerun(family_archive, loopfs):
     dest = fs.path / "dest"
     _restore_until_full(fam, arch, dest)
     subprocess.run(["mount", "-o", "remount,size=256M", str(fs.path)], check=True)
-    r = run_cli("restore", "--force", arch, dest)
+    r = cli("restore", "--force", arch, dest)
     assert r.returncode == 0, str(r)
     _assert_same(fam, dest / "fam")
     assert not temp_files(dest)
@@ -163,7 +155,7 @@ def test_enospc_restore_ext4_then_free_space_and_rerun(family_archive, loopfs):
     dest = fs.path / "dest"
     _restore_until_full(fam, arch, dest)
     ballast.unlink()
-    r = run_cli("restore", "--force", arch, dest)
+    r = cli("restore", "--force", arch, dest)
     assert r.returncode == 0, str(r)
     _assert_same(fam, dest / "fam")
     assert not temp_files(dest)
@@ -176,7 +168,7 @@ def test_enospc_writing_the_archive(btrfs_dir, loopfs):
     (src / "small").write_bytes(b"small\n")
     fs = loopfs("tmpfs", size=4 * MiB)
     out = fs.path / "out.cla"
-    r = run_cli("backup", "--compress", "none", "-o", out, src)
+    r = cli("backup", "--compress", "none", "-o", out, src)
     line = assert_one_line_error(r, EXIT_RESTORE)
     assert "No space left" in line, line
     assert os.listdir(fs.path) == [], f"left behind: {os.listdir(fs.path)}"
@@ -198,8 +190,7 @@ def _remount(fs) -> None:
 
 
 def _backup_until(src: Path, out: Path, cond, what: str) -> subprocess.Popen:
-    p = subprocess.Popen(cli_cmd() + ["backup", "--compress", "zstd:12", "-o", str(out),
-                                      str(src)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = cli_popen("backup", "--compress", "zstd:12", "-o", out, src)
     try:
         _wait_for(cond, 120, what, p)
     except BaseException:
@@ -207,16 +198,6 @@ def _backup_until(src: Path, out: Path, cond, what: str) -> subprocess.Popen:
         p.wait()
         raise
     return p
-
-
-def _finish(p: subprocess.Popen, args) -> Result:
-    try:
-        out, err = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    return Result(args, p.returncode, out, err)
 
 
 def test_eio_writing_the_archive(slow_source, loopfs):
@@ -229,12 +210,12 @@ def test_eio_writing_the_archive(slow_source, loopfs):
     p = _backup_until(src, out, lambda: any((fs.path / n).stat().st_size > 0
                                              for n in _partials(fs.path)), "archive bytes")
     _shutdown(fs)
-    line = assert_one_line_error(_finish(p, ["backup"]), EXIT_RESTORE)
+    line = assert_one_line_error(finished(p, ["backup"]), EXIT_RESTORE)
     assert "Input/output error" in line and os.fsdecode(out) in line, line
     _remount(fs)
     assert not out.exists()
     for name in _partials(fs.path):  # empty, or a torso: never taken for an archive
-        line = assert_one_line_error(run_cli("verify", fs.path / name), EXIT_ARCHIVE)
+        line = assert_one_line_error(cli("verify", fs.path / name), EXIT_ARCHIVE)
         assert "truncated" in line or "empty file" in line, line
 
 
@@ -250,7 +231,7 @@ def test_eio_reading_the_source(slow_source, loopfs, tmp_path):
     p = _backup_until(src, out, lambda: any((tmp_path / n).stat().st_size > 0
                                              for n in _partials(tmp_path)), "archive bytes")
     _shutdown(fs)
-    line = assert_one_line_error(_finish(p, ["backup"]), EXIT_RESTORE)
+    line = assert_one_line_error(finished(p, ["backup"]), EXIT_RESTORE)
     assert "Input/output error" in line, line
     assert line.startswith(f"cloneaware: {src}/f"), f"the source file is not named: {line}"
     assert os.listdir(tmp_path) == []
@@ -264,8 +245,7 @@ def test_eio_during_restore(family_archive, loopfs):
     fs = loopfs("xfs", size=300 * MiB)
     dest = fs.path / "dest"
     data = arch.read_bytes()
-    p = subprocess.Popen(cli_cmd() + ["restore", "-", str(dest)], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = cli_popen("restore", "-", dest, stdin=subprocess.PIPE)
     try:
         cut = len(data) * 3 // 5   # past the small files, inside the big ones
         p.stdin.write(data[:cut])
@@ -280,7 +260,7 @@ def test_eio_during_restore(family_archive, loopfs):
             p.stdin.close()
         except BrokenPipeError:
             pass
-        r = _finish(p, ["restore"])
+        r = finished(p, ["restore"])
     finally:
         if p.poll() is None:
             p.kill()
@@ -294,7 +274,7 @@ def test_eio_during_restore(family_archive, loopfs):
     stale = temp_files(dest)
     (dest / "fam").mkdir(parents=True, exist_ok=True)
     _assert_final_files_correct(fam, dest / "fam", allow_temp=True)
-    r = run_cli("restore", "--force", arch, dest)
+    r = cli("restore", "--force", arch, dest)
     assert r.returncode == 0, str(r)
     _assert_same(fam, dest / "fam")
     assert not temp_files(dest)
@@ -344,8 +324,7 @@ def test_signal_during_backup(slow_source, sig):
     # level 19 takes seconds per 4 MiB chunk (a user's Ctrl-C lands while
     # workers compress); SIGKILL waits for bytes on disk, level 12 gets there sooner
     level = "zstd:12" if sig == signal.SIGKILL else "zstd:19"
-    p = subprocess.Popen(cli_cmd() + ["backup", "--compress", level, "-o", str(out),
-                                      str(src)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = cli_popen("backup", "--compress", level, "-o", out, src)
     def started():
         # SIGKILL: wait until bytes reach the disk, so that a real torso is left
         return any(sig != signal.SIGKILL or (outdir / n).stat().st_size > 0
@@ -372,10 +351,10 @@ def test_signal_during_backup(slow_source, sig):
         # nothing could be cleaned up: what is left must never pass for whole
         assert _partials(outdir), "SIGKILL left no partial archive to check"
         for name in _partials(outdir):
-            r = run_cli("verify", outdir / name)
+            r = cli("verify", outdir / name)
             line = assert_one_line_error(r, EXIT_ARCHIVE)
             assert "truncated" in line, line
-            r = run_cli("restore", outdir / name, outdir / "dest")
+            r = cli("restore", outdir / name, outdir / "dest")
             line = assert_one_line_error(r, EXIT_ARCHIVE)
             assert "truncated" in line, line
         return
@@ -393,8 +372,7 @@ def test_signal_during_restore(family_archive, ext4_dir, sig):
     fam, arch = family_archive
     data = arch.read_bytes()
     dest = ext4_dir / "dest"
-    p = subprocess.Popen(cli_cmd() + ["restore", "-", str(dest)], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = cli_popen("restore", "-", dest, stdin=subprocess.PIPE)
     try:
         half = len(data) * 6 // 10
         p.stdin.write(data[:half])
@@ -493,7 +471,7 @@ def test_file_changes_while_backed_up(btrfs_dir, action):
     assert any(p.endswith("a_victim.bin") for p in changed), s.changed
     assert len(changed) == 1, s.changed
     dest = btrfs_dir / "dest"
-    r = run_cli("restore", arch, dest)
+    r = cli("restore", arch, dest)
     assert r.returncode == 0, str(r)
     want = tree_state(fam, root_meta=action != "delete")
     got = tree_state(dest / "fam", root_meta=action != "delete")
@@ -528,7 +506,7 @@ def test_file_changes_while_backed_up_cli_exit_1(btrfs_dir):
     try:
         time.sleep(0.05)
         arch = btrfs_dir / "a.cla"
-        r = run_cli("backup", "--compress", "zstd:3", "-o", arch, fam)
+        r = cli("backup", "--compress", "zstd:3", "-o", arch, fam)
     finally:
         stop.set()
         th.join()
@@ -536,7 +514,7 @@ def test_file_changes_while_backed_up_cli_exit_1(btrfs_dir):
     assert r.returncode == EXIT_WARNINGS, str(r)
     assert "busy.bin" in r.err, str(r)
     dest = btrfs_dir / "dest"
-    r2 = run_cli("restore", arch, dest)
+    r2 = cli("restore", arch, dest)
     assert r2.returncode == 0, str(r2)
     want, got = tree_state(fam), tree_state(dest / "fam")
     for t in (want, got):
@@ -554,13 +532,10 @@ class Nobody:
     site: str
 
     def run(self, *args, timeout: float = 120) -> Result:
-        launch = ("import site, sys; site.addsitedir(sys.argv.pop(1)); "
-                  "sys.argv[0] = 'cloneaware'; from cloneaware.cli import main; main()")
-        cmd = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-               self.python, "-P", "-c", launch, self.site, *map(os.fspath, args)]
-        r = subprocess.run(cmd, capture_output=True, timeout=timeout, cwd="/",
-                           env={"PATH": "/usr/bin:/bin", "HOME": "/", "LANG": "C.UTF-8"})
-        return Result(list(args), r.returncode, r.stdout, r.stderr)
+        return cli(*args, prefix=["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}",
+                                  "--clear-groups"],
+                   python=self.python, site=self.site, timeout=timeout, cwd="/",
+                   env={"PATH": "/usr/bin:/bin", "HOME": "/", "LANG": "C.UTF-8"})
 
 
 @pytest.fixture
@@ -617,7 +592,7 @@ def test_unreadable_source_files_as_non_root(nobody):
     assert "secret" in r.err and "Permission denied" in r.err, str(r)
     assert "closed" in r.err, str(r)
     dest = nobody.root / "dest"
-    r = run_cli("restore", arch, dest)
+    r = cli("restore", arch, dest)
     assert r.returncode == 0, str(r)
     want = tree_state(fam)  # as root: the closed directory can be listed
     got = tree_state(dest / "fam")
@@ -644,7 +619,7 @@ def test_restore_as_non_root_skips_owners_once(nobody):
     os.chmod(fam / "ro", 0o555)
     os.chown(fam, 1234, 1234)
     arch = nobody.root / "a.cla"
-    r = run_cli("backup", "-o", arch, fam)
+    r = cli("backup", "-o", arch, fam)
     assert r.returncode == 0, str(r)
     os.chmod(arch, 0o644)
     destdir = nobody.root / "restore"
@@ -700,7 +675,7 @@ def test_fifo_never_opened_and_socket_skipped(btrfs_dir):
     th.start()
     try:
         arch = btrfs_dir / "a.cla"
-        r = run_cli("backup", "-o", arch, fam, timeout=60)
+        r = cli("backup", "-o", arch, fam, timeout=60)
     finally:
         stop.set()
         th.join()
@@ -710,7 +685,7 @@ def test_fifo_never_opened_and_socket_skipped(btrfs_dir):
     assert not opened, "the backup opened the FIFO for reading"
     assert "sock" in r.err and "socket" in r.err, f"the socket was not mentioned: {r}"
     dest = btrfs_dir / "dest"
-    r = run_cli("restore", arch, dest, timeout=60)
+    r = cli("restore", arch, dest, timeout=60)
     assert r.returncode == 0, str(r)
     st = os.lstat(dest / "fam" / "fifo")
     assert stat.S_ISFIFO(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o640
@@ -754,12 +729,12 @@ def _very_deep_tree(btrfs_dir):
     bottom = b"deep" + b"/a" * DEPTH + b"/bottom"
     assert len(bottom) < 4096
     arch = btrfs_dir / "deep.cla"
-    r = run_cli("backup", "-o", arch, fam)
+    r = cli("backup", "-o", arch, fam)
     assert r.returncode == 0, str(r)
-    r = run_cli("ls", arch)
+    r = cli("ls", arch)
     assert r.returncode == 0 and bottom in r.stdout, str(r)[:2000]
     dest = btrfs_dir / "dest"
-    r = run_cli("restore", arch, dest)
+    r = cli("restore", arch, dest)
     assert r.returncode == 0, str(r)
     want, got = tree_state(fam), tree_state(dest / "deep")
     assert len(want) == DEPTH + 2 + DEPTH // 100
@@ -769,10 +744,8 @@ def _very_deep_tree(btrfs_dir):
 def _peak_rss_kib(*args) -> tuple[Result, int]:
     """Run the CLI under GNU time; its peak resident set size in KiB."""
     with tempfile.NamedTemporaryFile("r") as t:
-        r = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", t.name] + cli_cmd()
-                           + [os.fspath(a) for a in args], capture_output=True,
-                           timeout=scaled(900))
-        return Result(list(args), r.returncode, r.stdout, r.stderr), int(t.read().split()[-1])
+        r = cli(*args, prefix=["/usr/bin/time", "-f", "%M", "-o", t.name], timeout=scaled(900))
+        return r, int(t.read().split()[-1])
 
 
 @pytest.mark.slow

@@ -33,19 +33,17 @@ from pathlib import Path
 
 import pytest
 from helpers.archivecraft import (
-    CliServer,
     Craft,
-    assert_one_line_error,
     diff_states,
     entry_payload,
     find_name,
     path_parents,
     records,
-    run_cli,
     sandbox_state,
     temp_files,
     tree_state,
 )
+from helpers.cli import CliServer, assert_one_line_error, cli
 
 from cloneaware.archive import format as fmt
 from cloneaware.testing import reflink_copy, write_random
@@ -1164,7 +1162,7 @@ def test_real_entry_point_agrees(ctx, server, btrfs_dir):
     for name in ("symlink_to_outside_then_child", "zstd_frame_claims_8mib_in_4kib_record"):
         _write_archive(ctx, CASES[name])
         before = sandbox_state(ctx.sandbox, ctx.dest)
-        a = run_cli("restore", ctx.archive, ctx.dest / "a", cwd=ctx.cwd)
+        a = cli("restore", ctx.archive, ctx.dest / "a", cwd=ctx.cwd)
         b = server.run("restore", ctx.archive, ctx.dest / "b", cwd=ctx.cwd)
         assert (a.returncode, a.err.replace("/a/", "/b/")) == (b.returncode, b.err), \
             f"{a}\n{b}"
@@ -1288,7 +1286,7 @@ def real_archive(loopfs_session):
         os.setxattr(src / "sub" / "text.txt", "user.note", b"hello")
         fs.sync()
         arch = top / "fam.cla"
-        r = run_cli("backup", "--compress", "zstd", "-o", arch, src)
+        r = cli("backup", "--compress", "zstd", "-o", arch, src)
         assert r.returncode == 0, str(r)
         data = arch.read_bytes()
         recs = records(data)

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers.fsutil import digest, scan_json
-from helpers.netns import cloneaware_command
+from helpers.cli import cli, cli_command, cli_json
+from helpers.fsutil import digest
 from helpers.treeutil import (
     MiB,
     Snapshot,
@@ -30,7 +30,6 @@ from helpers.treeutil import (
     assert_same_tree,
     backup_json,
     build_tree,
-    cli,
     getfacl,
 )
 
@@ -44,7 +43,7 @@ OUTSIDE = "outside the paths this server may use"
 
 def _phys(path) -> int:
     """Physical bytes of a tree as ``cloneaware scan --json`` reports them."""
-    return int(scan_json(path)["totals"]["physical_bytes"])
+    return int(cli_json("scan", "--json", path)["totals"]["physical_bytes"])
 
 
 def _lines(r) -> list[str]:
@@ -64,7 +63,7 @@ def _forced(net, restrict: Path, allow: str | None = None):
     """``cloneaware ...`` on the client, logging in with a new key whose
     authorized_keys line forces ``cloneaware serve``, as the README tells
     users to write it."""
-    cmd = [*cloneaware_command(), "serve", "--restrict-to-path", str(restrict)]
+    cmd = [*cli_command(), "serve", "--restrict-to-path", str(restrict)]
     if allow:
         cmd += ["--allow", allow]
     key = net.new_key(f'command="{shlex.join(cmd)}",restrict')

@@ -14,8 +14,9 @@ import os
 import platform
 
 import pytest
+from helpers.cli import cli, cli_json
 from helpers.fsutil import as_tuples, digest, tmpfs_takes_user_xattrs
-from helpers.treeutil import backup_json, cli, cli_json, restore_json
+from helpers.treeutil import backup_json, restore_json
 
 from cloneaware.index import flags as fl
 from cloneaware.source import mapping

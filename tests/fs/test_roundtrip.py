@@ -13,6 +13,7 @@ import os
 import stat
 
 import pytest
+from helpers.cli import cli, cli_json
 from helpers.fsutil import tmpfs_takes_user_xattrs
 from helpers.treeutil import (
     KiB,
@@ -23,8 +24,6 @@ from helpers.treeutil import (
     assert_same_tree,
     backup_json,
     build_tree,
-    cli,
-    cli_json,
     getfacl,
     physical_bytes,
     pipe_backup_restore,

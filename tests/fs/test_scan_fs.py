@@ -3,20 +3,18 @@ measures (filefrag), compressed and inline data, holes, unreadable paths,
 symlinks, and the filesystem identity that keys physical addresses."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 
 import pytest
+from helpers.cli import cli, cli_json
 from helpers.fsutil import (
     as_tuples,
     compressible,
     coverage,
     filefrag,
     regular_files,
-    scan_cli,
-    scan_json,
     write_at,
 )
 
@@ -80,7 +78,7 @@ def test_scan_json_of_a_clone_family(reflink_dir):
     os.sync()
     files = regular_files(reflink_dir / "fam")
     ref = filefrag_totals(files)
-    out = scan_json("--families", "3", reflink_dir / "fam")
+    out = cli_json("scan", "--json", "--families", "3", reflink_dir / "fam")
     t = out["totals"]
     assert out["skipped"] == []
     assert t["files"] == len(files) == 1 + 4 + 20 + 1
@@ -107,9 +105,9 @@ def test_scan_json_of_a_clone_family(reflink_dir):
     assert fam["base"].exists()
 
     # the human-readable form says the same
-    r = scan_cli("--families", "1", reflink_dir / "fam", check_rc=0)
-    assert "clone families" in r.stdout and "fam/images/base.img" in r.stdout
-    assert f"{t['logical_bytes'] / t['physical_bytes']:.2f}x" in r.stdout
+    r = cli("scan", "--families", "1", reflink_dir / "fam", check_rc=0)
+    assert "clone families" in r.out and "fam/images/base.img" in r.out
+    assert f"{t['logical_bytes'] / t['physical_bytes']:.2f}x" in r.out
 
 
 def test_shared_bytes_of_a_family_are_exact(reflink_dir):
@@ -119,7 +117,7 @@ def test_shared_bytes_of_a_family_are_exact(reflink_dir):
     for i in range(3):
         reflink_copy(d / "base", d / f"clone{i}")
         write_at(d / f"clone{i}", (i + 1) * 256 * KiB, os.urandom(64 * KiB))
-    t = scan_json(d)["totals"]
+    t = cli_json("scan", "--json", d)["totals"]
     # each rewritten block leaves three other copies of its original sharing
     assert t["physical_bytes"] == 2 * MiB + 3 * 64 * KiB
     assert t["shared_bytes"] == 4 * 2 * MiB - 3 * 64 * KiB
@@ -188,7 +186,7 @@ def test_btrfs_compressed_family_is_never_shared_on_overlap(loopfs):
             assert lg + n <= a or b <= lg
         for a, b in enc[rf]:
             assert rl + n <= a or b <= rl
-    out = scan_json(d)
+    out = cli_json("scan", "--json", d)
     assert out["totals"] == t.as_dict()
 
 
@@ -203,7 +201,7 @@ def test_btrfs_inline_files_are_own(btrfs_dir):
     assert e[0].flags == 0x301
     assert fiemap(btrfs_dir / "small2")[0].flags & fl.FE_DATA_INLINE
     assert not fiemap(btrfs_dir / "mid")[0].flags & fl.FE_DATA_INLINE
-    t = scan_json(btrfs_dir)["totals"]
+    t = cli_json("scan", "--json", btrfs_dir)["totals"]
     assert t["inline_bytes"] == 200
     assert t["shared_bytes"] == 0
     assert t["data_bytes"] == t["logical_bytes"] == 3200
@@ -241,7 +239,7 @@ def test_sparse_and_fallocated_files(reflink_dir):
     os.fsync(fd)
     os.close(fd)
     assert any(e.flags & fl.FE_UNWRITTEN for e in fiemap(fa))
-    t = scan_json(reflink_dir)["totals"]
+    t = cli_json("scan", "--json", reflink_dir)["totals"]
     assert t["logical_bytes"] == 5 * MiB
     assert t["data_bytes"] == t["physical_bytes"] == 192 * KiB
     assert t["shared_bytes"] == 0
@@ -256,7 +254,7 @@ def test_scan_on_every_filesystem(any_dir):
     with open(any_dir / "b", "wb") as f:
         f.truncate(1 * MiB)
     write_at(any_dir / "b", 512 * KiB, os.urandom(4 * KiB))
-    out = scan_json(any_dir)
+    out = cli_json("scan", "--json", any_dir)
     t = out["totals"]
     assert t["files"] == 2 and t["logical_bytes"] == 256 * KiB + 1 * MiB
     assert t["data_bytes"] == t["physical_bytes"] == 260 * KiB
@@ -287,21 +285,19 @@ def test_unreadable_paths_are_reported_and_exit_1(btrfs_dir):
     drop = ("setpriv", "--inh-caps=-dac_override,-dac_read_search",
             "--bounding-set=-dac_override,-dac_read_search")
     try:
-        r = scan_cli("--json", tree, prefix=drop)
-        r_text = scan_cli(tree, prefix=drop)
+        r = cli("scan", "--json", tree, prefix=drop, check_rc=1)
+        r_text = cli("scan", tree, prefix=drop, check_rc=1)
     finally:
         os.chmod(tree / "locked", 0o755)
-    assert r.returncode == 1, r.stderr
-    out = json.loads(r.stdout)
+    out = r.json()
     assert out["totals"]["files"] == 1
     assert out["totals"]["logical_bytes"] == 64 * KiB
     assert {(s["path"], s["reason"]) for s in out["skipped"]} == {
         (str(tree / "locked"), os.strerror(13)), (str(tree / "noread.bin"), os.strerror(13))}
-    assert f"skipped {tree / 'locked'}: Permission denied" in r.stderr
-    assert f"skipped {tree / 'noread.bin'}: Permission denied" in r.stderr
+    assert f"skipped {tree / 'locked'}: Permission denied" in r.err
+    assert f"skipped {tree / 'noread.bin'}: Permission denied" in r.err
     # text mode: totals printed, then exit 1
-    assert r_text.returncode == 1
-    assert "logical" in r_text.stdout and "64.0 KiB" in r_text.stdout
+    assert "logical" in r_text.out and "64.0 KiB" in r_text.out
     # as full root everything is readable
     assert scan.scan([str(tree)]).plan.totals.files == 3
 
@@ -316,14 +312,14 @@ def test_symlinks_are_not_followed(btrfs_dir):
     os.symlink("../outside/big.bin", tree / "link-file")
     os.symlink("../outside", tree / "link-dir")
     os.symlink(btrfs_dir / "nowhere", tree / "dangling")
-    t = scan_json(tree)["totals"]
+    t = cli_json("scan", "--json", tree)["totals"]
     assert t["files"] == 1 and t["logical_bytes"] == 64 * KiB
     # a symlink given as an argument is an entry too, not its target
     for arg in (tree / "link-dir", tree / "link-file", tree / "dangling"):
         res = scan.scan([str(arg)])
         assert res.plan.totals.files == 0 and res.plan.totals.logical_bytes == 0
         assert res.skipped == []
-    out = scan_json(tree / "dangling", tree / "link-dir")
+    out = cli_json("scan", "--json", tree / "dangling", tree / "link-dir")
     assert out["totals"]["files"] == 0 and out["skipped"] == []
 
 
@@ -346,7 +342,7 @@ def test_btrfs_snapshot_shares_with_its_subvolume(btrfs_dir):
         assert len(devs) == 3          # KERNEL.md: a st_dev per subvolume
         one = scan.scan([str(sv)]).plan.totals.as_dict()
         assert one["physical_bytes"] == 4 * MiB + 4
-        both = scan_json(btrfs_dir)
+        both = cli_json("scan", "--json", btrfs_dir)
         t = both["totals"]
         assert len(both["filesystems"]) == 1
         assert both["filesystems"][0]["key"] == "btrfs:" + fsid_of(btrfs_dir)
@@ -374,7 +370,7 @@ def test_two_btrfs_filesystems_do_not_share_addresses(loopfs):
     ea, eb = fiemap(a.path / "fa"), fiemap(b.path / "fb")
     # KERNEL.md: fresh filesystems place their first data at the same address
     assert [(e.physical, e.length) for e in ea] == [(e.physical, e.length) for e in eb]
-    out = scan_json(a.path / "fa", b.path / "fb")
+    out = cli_json("scan", "--json", a.path / "fa", b.path / "fb")
     t = out["totals"]
     assert t["files"] == 2
     assert t["shared_bytes"] == 0
@@ -404,7 +400,7 @@ def test_identity_is_not_stale_after_a_remount(loopfs):
 def test_scan_paths_on_two_filesystems(btrfs_dir, xfs_dir):
     write_random(btrfs_dir / "a", 128 * KiB, 52)
     write_random(xfs_dir / "b", 128 * KiB, 52)
-    out = scan_json(btrfs_dir, xfs_dir)
+    out = cli_json("scan", "--json", btrfs_dir, xfs_dir)
     assert sorted(f["type"] for f in out["filesystems"]) == ["btrfs", "xfs"]
     assert out["totals"]["physical_bytes"] == 256 * KiB
     assert out["totals"]["shared_bytes"] == 0

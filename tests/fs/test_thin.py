@@ -1,30 +1,18 @@
 """Thin backups relative to a base (issue 4): only the derivative data is
 stored, the rest is reflinked from the base at restore and then verified."""
 import hashlib
-import json
 import os
-import subprocess
-import sys
 
 import pytest
+from helpers.cli import cli, cli_json
 
 from cloneaware.testing import reflink_copy, rewrite_blocks, write_random
 
 MiB = 1 << 20
 
 
-def cli(*args, ok=True):
-    r = subprocess.run([sys.executable, "-P", "-m", "cloneaware.cli", *map(str, args)],
-                       capture_output=True, text=True)
-    assert "Traceback" not in r.stderr, r.stderr
-    if ok:
-        assert r.returncode == 0, r.stderr
-    return r
-
-
 def physical(*paths) -> int:
-    r = cli("scan", "--json", *paths)
-    return json.loads(r.stdout)["totals"]["physical_bytes"]
+    return cli_json("scan", "--json", *paths)["totals"]["physical_bytes"]
 
 
 def sha(path) -> str:
@@ -55,20 +43,20 @@ def clone_family(reflink_dir):
 def test_thin_archive_is_derivative_data_and_restores_by_reflink(clone_family):
     d, base, clone = clone_family
     arch = d / "guest.caw"
-    b = json.loads(cli("backup", "--json", "--base", base, "-o", arch, clone).stdout)
+    b = cli_json("backup", "--json", "--base", base, "-o", arch, clone)
     size = clone.stat().st_size
     assert arch.stat().st_size < 0.10 * size
     assert b["base_referenced_bytes"] > 0.9 * size
-    ls = json.loads(cli("ls", "--json", arch).stdout)
+    ls = cli_json("ls", "--json", arch)
     assert ls["base"]["path"] == str(base)
     assert ls["base"]["files"] == [{"path": "", "size": size}]
-    assert "thin backup" in cli("verify", arch).stdout
+    assert "thin backup" in cli("verify", arch, check_rc=0).out
 
     out = d / "out"
     restored = {}
 
     def restore():
-        restored.update(json.loads(cli("restore", "--json", "--base", base, arch, out).stdout))
+        restored.update(cli_json("restore", "--json", "--base", base, arch, out))
     added = usage_delta(d, restore)
     assert sha(out / "guest.img") == sha(clone)
     assert restored["reflinked_bytes"] >= b["base_referenced_bytes"]
@@ -80,24 +68,23 @@ def test_thin_archive_is_derivative_data_and_restores_by_reflink(clone_family):
 def test_thin_restore_needs_the_base_before_writing_anything(clone_family):
     d, base, clone = clone_family
     arch = d / "g.caw"
-    cli("backup", "--base", base, "-o", arch, clone)
-    r = cli("restore", arch, d / "out", ok=False)
-    assert r.returncode == 5 and "--base" in r.stderr
+    cli("backup", "--base", base, "-o", arch, clone, check_rc=0)
+    r = cli("restore", arch, d / "out", check_rc=5)
+    assert "--base" in r.err
     assert not (d / "out").exists()
-    r = cli("restore", "--base", d / "nothere.img", arch, d / "out", ok=False)
-    assert r.returncode == 5 and "nothere.img" in r.stderr
+    r = cli("restore", "--base", d / "nothere.img", arch, d / "out", check_rc=5)
+    assert "nothere.img" in r.err
     assert not (d / "out").exists()
     # from a pipe too: the BASE records come before any entry
     with open(arch, "rb") as f:
-        r = subprocess.run([sys.executable, "-P", "-m", "cloneaware.cli", "restore", "-",
-                            str(d / "out2")], stdin=f, capture_output=True, text=True)
-    assert r.returncode == 5 and not (d / "out2").exists()
+        cli("restore", "-", d / "out2", stdin=f, check_rc=5)
+    assert not (d / "out2").exists()
 
 
 def test_changed_base_block_fails_and_leaves_no_wrong_file(clone_family):
     d, base, clone = clone_family
     arch = d / "g.caw"
-    cli("backup", "--base", base, "-o", arch, clone)
+    cli("backup", "--base", base, "-o", arch, clone, check_rc=0)
     with open(base, "r+b") as f:  # one block the clone still shares
         f.seek(100 * 4096)
         f.write(b"\xff" * 4096)
@@ -107,14 +94,13 @@ def test_changed_base_block_fails_and_leaves_no_wrong_file(clone_family):
         b_.seek(100 * 4096)
         assert a.read(4096) != b_.read(4096)
     out = d / "out"
-    r = cli("restore", "--base", base, arch, out, ok=False)
-    assert r.returncode == 5
-    assert "guest.img" in r.stderr and "differ" in r.stderr
-    assert r.stderr.count("\n") == 1
+    r = cli("restore", "--base", base, arch, out, check_rc=5)
+    assert "guest.img" in r.err and "differ" in r.err
+    assert r.err.count("\n") == 1
     left = [p for p in out.rglob("*")] if out.exists() else []
     assert left == [], left  # no file, no temporary
     # --trust-base skips the check: documented, and the file is then wrong
-    r = cli("restore", "--trust-base", "--base", base, arch, d / "trusting")
+    cli("restore", "--trust-base", "--base", base, arch, d / "trusting", check_rc=0)
     assert sha(d / "trusting" / "guest.img") != sha(clone)
 
 
@@ -133,26 +119,26 @@ def test_directory_base_with_clones_of_several_images(reflink_dir):
     rewrite_blocks(clones / "b1.img", 0.05, seed=34)
     reflink_copy(clones / "b1.img", clones / "b2.img")  # shares b1's own data too
     arch = d / "c.caw"
-    b = json.loads(cli("backup", "--json", "--base", base, "-o", arch, clones).stdout)
+    b = cli_json("backup", "--json", "--base", base, "-o", arch, clones)
     assert arch.stat().st_size < 0.2 * 48 * MiB
     assert b["referenced_bytes"] > 0  # b2 refers to b1 inside the archive
-    ls = json.loads(cli("ls", "--json", arch).stdout)
+    ls = cli_json("ls", "--json", arch)
     assert sorted(f["path"] for f in ls["base"]["files"]) == ["a.img", "sub/b.img"]
     out = d / "out"
-    cli("restore", "--base", base, arch, out)
+    cli("restore", "--base", base, arch, out, check_rc=0)
     for n in ("a1.img", "b1.img", "b2.img"):
         assert sha(out / "clones" / n) == sha(clones / n)
     # a base missing one of its files is refused before anything is written
     os.rename(base / "sub" / "b.img", base / "sub" / "gone.img")
-    r = cli("restore", "--base", base, arch, d / "out2", ok=False)
-    assert r.returncode == 5 and "sub/b.img" in r.stderr
+    r = cli("restore", "--base", base, arch, d / "out2", check_rc=5)
+    assert "sub/b.img" in r.err
     assert not (d / "out2").exists()
 
 
 def test_sparse_form_costs_the_derivative_data_and_restores_without_copies(clone_family):
     d, base, clone = clone_family
     thin = d / "guest.thin"
-    cli("backup", "--base", base, "--sparse", "-o", thin, clone)
+    cli("backup", "--base", base, "--sparse", "-o", thin, clone, check_rc=0)
     size = clone.stat().st_size
     assert thin.stat().st_size == size  # a sparse file of the clone's size
     du = thin.stat().st_blocks * 512
@@ -173,7 +159,7 @@ def test_sparse_form_costs_the_derivative_data_and_restores_without_copies(clone
             if cb != bb:
                 assert tb == cb, off
     out = d / "out"
-    r = json.loads(cli("restore", "--json", "--base", base, thin, out).stdout)
+    r = cli_json("restore", "--json", "--base", base, thin, out)
     assert sha(out / "guest.img") == sha(clone)
     assert r["copied_bytes"] == 0 and r["written_bytes"] == 0
     assert r["reflinked_bytes"] == size

@@ -1,4 +1,4 @@
-"""Build malformed and hostile archives for tests, and run the CLI fast.
+"""Build malformed and hostile archives for tests, and describe trees.
 
 ``Craft`` writes an archive record by record with cloneaware.archive.format
 (frame(), Entry(...).encode(), encode_data_head, encode_ref, End(...).encode(),
@@ -17,12 +17,8 @@ Every method takes overrides for the fields a hostile archive lies about
 its records (for truncating at record boundaries or re-framing a mutated
 payload with a correct CRC).
 
-``CliServer`` runs ``cloneaware ARGS`` in a forked child of a process that
-has already imported cloneaware.cli, so that hundreds of hostile and damaged
-archives can be restored as separate processes in seconds instead of paying
-the interpreter's start-up each time.  The child runs cloneaware.cli.main()
-exactly as the ``cloneaware`` console script does; an exception escaping it
-prints a traceback, as the interpreter would.
+(The fast way to run the CLI on hundreds of such archives, ``CliServer``,
+is in helpers/cli.py with every other way of running it.)
 
 Also: ``tree_state`` (an independent description of a tree: types, modes,
 owners, times, content hashes, link targets, hard-link groups, xattrs) and
@@ -30,14 +26,10 @@ owners, times, content hashes, link targets, hard-link groups, xattrs) and
 """
 from __future__ import annotations
 
-import base64
 import hashlib
-import json
 import os
 import stat
 import struct
-import subprocess
-import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,8 +47,8 @@ from cloneaware.archive.format import (
     frame,
 )
 
-__all__ = ["Craft", "records", "reframe", "CliServer", "cli_cmd", "tree_state",
-           "diff_states", "sandbox_state", "temp_files", "MAGIC"]
+__all__ = ["Craft", "records", "reframe", "tree_state", "diff_states", "sandbox_state",
+           "temp_files", "MAGIC"]
 
 
 def _frame_raw(rtype: int, payload: bytes, flags: int = 0, length: int | None = None,
@@ -287,204 +279,6 @@ def reframe(data: bytes, rec: Rec, payload: bytes) -> bytes:
     """``data`` with record ``rec`` replaced by ``payload`` under a correct
     header length and CRC (to get a mutation past the CRC check)."""
     return data[:rec.offset] + frame(rec.type, payload) + data[rec.end:]
-
-
-# --- running the CLI --------------------------------------------------------------
-
-def cli_cmd() -> list[str]:
-    """The CLI as a user runs it, with the interpreter running the tests (so
-    the cloneaware under test is the one imported here)."""
-    return [sys.executable, "-P", "-m", "cloneaware.cli"]
-
-
-_SERVER = r"""
-import base64, json, os, sys, tempfile, time, traceback
-import importlib
-import cloneaware.cli
-
-# what the commands import lazily, imported once here instead of per child
-for _m in ("numpy", "zstandard", "cloneaware.restore", "cloneaware.backup",
-           "cloneaware.archive.manifest", "cloneaware.archive.reader", "cloneaware.progress",
-           "cloneaware.fsinfo", "cloneaware.index.scan"):
-    try:
-        importlib.import_module(_m)
-    except ImportError:
-        pass
-
-proto_in = os.fdopen(os.dup(0), "rb", buffering=0)
-proto_out = os.dup(1)
-devnull = os.open(os.devnull, os.O_RDONLY)
-
-# warm up (typer builds its command tree and imports more on first use)
-_save = os.dup(2), os.dup(1)
-_null = os.open(os.devnull, os.O_WRONLY)
-os.dup2(_null, 1)
-os.dup2(_null, 2)
-for _argv in (["ls", "/nonexistent/archive"], ["verify", "/nonexistent/archive"],
-              ["restore", "/nonexistent/archive", "/nonexistent/dest"]):
-    sys.argv = ["cloneaware"] + _argv
-    try:
-        cloneaware.cli.main()
-    except BaseException:
-        pass
-sys.stdout.flush()
-sys.stderr.flush()
-os.dup2(_save[0], 2)
-os.dup2(_save[1], 1)
-
-def readline():
-    buf = bytearray()
-    while True:
-        c = proto_in.read(1)
-        if not c:
-            return None
-        if c == b"\n":
-            return bytes(buf)
-        buf += c
-
-while True:
-    line = readline()
-    if line is None:
-        break
-    req = json.loads(line)
-    out = tempfile.TemporaryFile()
-    err = tempfile.TemporaryFile()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.dup2(devnull, 0)
-            os.dup2(out.fileno(), 1)
-            os.dup2(err.fileno(), 2)
-            sys.stdin = open(os.devnull)
-            os.chdir(req["cwd"])
-            sys.argv = ["cloneaware"] + [os.fsdecode(base64.b64decode(a))
-                                         for a in req["args"]]
-            try:
-                cloneaware.cli.main()
-                code = 0
-            except SystemExit as e:
-                if e.code is None:
-                    code = 0
-                elif isinstance(e.code, int):
-                    code = e.code
-                else:
-                    print(e.code, file=sys.stderr)
-                    code = 1
-            except BaseException:
-                traceback.print_exc()
-                code = 1
-            try:
-                sys.stdout.flush()
-                sys.stderr.flush()
-            except BaseException:
-                pass
-        finally:
-            os._exit(code)
-    deadline = time.monotonic() + req["timeout"]
-    timed_out = False
-    maxrss = 0
-    while True:
-        p, status, ru = os.wait4(pid, os.WNOHANG)
-        if p:
-            maxrss = ru.ru_maxrss
-            break
-        if time.monotonic() > deadline:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-            status, timed_out = 9, True
-            break
-        time.sleep(0.002)
-    rc = os.waitstatus_to_exitcode(status)
-    res = []
-    for f in (out, err):
-        f.seek(0)
-        res.append(base64.b64encode(f.read()).decode())
-        f.close()
-    os.write(proto_out, json.dumps({"rc": rc, "out": res[0], "err": res[1],
-                                    "timed_out": timed_out, "maxrss": maxrss}
-                                   ).encode() + b"\n")
-"""
-
-
-@dataclass
-class Result:
-    args: list
-    returncode: int
-    stdout: bytes
-    stderr: bytes
-    #: peak resident set size in KiB (CliServer only)
-    maxrss_kib: int | None = None
-
-    @property
-    def err(self) -> str:
-        return self.stderr.decode(errors="replace")
-
-    def __str__(self) -> str:
-        return (f"cloneaware {' '.join(os.fsdecode(a) for a in self.args)}: exit "
-                f"{self.returncode}\nstdout: {self.stdout.decode(errors='replace')[-2000:]}"
-                f"\nstderr: {self.err[-4000:]}")
-
-
-class CliServer:
-    """``cloneaware ARGS`` in a forked child of a process that imported the
-    CLI once.  Use as a context manager; ``run(*args)`` returns a Result."""
-
-    def __init__(self):
-        self.p = subprocess.Popen([sys.executable, "-P", "-c", _SERVER],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-
-    def run(self, *args, cwd: str | os.PathLike = "/", timeout: float = 120) -> Result:
-        enc = [base64.b64encode(os.fsencode(a)).decode() for a in args]
-        req = {"args": enc, "cwd": os.fspath(cwd), "timeout": timeout}
-        self.p.stdin.write(json.dumps(req).encode() + b"\n")
-        self.p.stdin.flush()
-        line = self.p.stdout.readline()
-        if not line:
-            raise RuntimeError("the CLI server died")
-        res = json.loads(line)
-        if res["timed_out"]:
-            raise TimeoutError(f"cloneaware {args} ran for more than {timeout} s")
-        return Result(list(args), res["rc"], base64.b64decode(res["out"]),
-                      base64.b64decode(res["err"]), res["maxrss"])
-
-    def close(self) -> None:
-        if self.p.poll() is None:
-            self.p.stdin.close()
-            try:
-                self.p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait()
-
-    def __enter__(self) -> CliServer:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def run_cli(*args, timeout: float = 300, **kw) -> Result:
-    """``cloneaware ARGS`` as a fresh process (the real entry point)."""
-    r = subprocess.run(cli_cmd() + [os.fsencode(a) if not isinstance(a, bytes) else a
-                                    for a in args],
-                       capture_output=True, timeout=timeout, **kw)
-    return Result(list(args), r.returncode, r.stdout, r.stderr)
-
-
-def assert_one_line_error(r: Result, rc: int | tuple | None = None) -> str:
-    """A failed command: non-zero exit (``rc`` if given), exactly one line on
-    stderr, no traceback.  Returns that line."""
-    err = r.err
-    assert "Traceback" not in err, str(r)
-    assert r.returncode != 0, str(r)
-    if rc is not None:
-        ok = rc if isinstance(rc, tuple) else (rc,)
-        assert r.returncode in ok, f"expected exit {rc}\n{r}"
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, f"expected one line on stderr\n{r}"
-    assert lines[0].startswith("cloneaware: "), str(r)
-    return lines[0]
 
 
 # --- describing trees -----------------------------------------------------------

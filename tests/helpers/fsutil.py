@@ -1,14 +1,12 @@
 """Helpers for the filesystem tests: independent views of a file's extents
-(``filefrag -v``, ``xfs_io -c 'fiemap -v'``), the CLI as a user runs it, and
-small file builders.  Nothing here calls cloneaware's own FIEMAP code."""
+(``filefrag -v``, ``xfs_io -c 'fiemap -v'``) and small file builders.
+Nothing here calls cloneaware's own FIEMAP code."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -118,21 +116,6 @@ def regular_files(root) -> list[Path]:
             if p.is_file() and not p.is_symlink():
                 out.append(p)
     return out
-
-
-def scan_cli(*args, prefix=(), check_rc=None):
-    """Run ``cloneaware scan`` in a subprocess, as a user would."""
-    cmd = [*prefix, sys.executable, "-P", "-m", "cloneaware.cli", "scan", *map(str, args)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert "Traceback" not in r.stderr, r.stderr
-    if check_rc is not None:
-        assert r.returncode == check_rc, (r.returncode, r.stdout, r.stderr)
-    return r
-
-
-def scan_json(*args, check_rc=0) -> dict:
-    r = scan_cli("--json", *args, check_rc=check_rc)
-    return json.loads(r.stdout)
 
 
 def digest(path) -> str:

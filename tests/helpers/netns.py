@@ -18,7 +18,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from cloneaware.testing import timeout as scaled
+from helpers.cli import Result, cli, cli_argv, cli_command
 
 SSHD = "/usr/sbin/sshd"
 SERVER_IP, CLIENT_IP, PREFIX = "10.201.0.1", "10.201.0.2", 30
@@ -46,16 +46,6 @@ def missing_capability() -> str | None:
         if shutil.which(tool) is None:
             return f"{tool} is not installed"
     return None
-
-
-def cloneaware_command() -> list[str]:
-    """The cloneaware under test, as an absolute command: the console script
-    installed next to this interpreter, else this interpreter with -m (a
-    ``cloneaware`` found on PATH may be a pyenv shim or another install)."""
-    script = Path(sys.executable).with_name("cloneaware")
-    if script.is_file() and os.access(script, os.X_OK):
-        return [str(script)]
-    return [sys.executable, "-P", "-m", "cloneaware.cli"]
 
 
 class SshNet:
@@ -184,7 +174,7 @@ class SshNet:
     # -- running things ------------------------------------------------------------
 
     @staticmethod
-    def in_ns(ns: str, argv: list[str]) -> list[str]:
+    def in_ns(ns: str, argv: list) -> list:
         return ["nsenter", f"--net=/run/netns/{ns}", "--", *argv]
 
     def ssh_options(self, key: Path | None = None) -> list[str]:
@@ -217,7 +207,8 @@ class SshNet:
 
     def client_env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env["CLONEAWARE_REMOTE_COMMAND"] = shlex.join(cloneaware_command())
+        # what ssh runs on the server: the cloneaware under test (helpers/cli.py)
+        env["CLONEAWARE_REMOTE_COMMAND"] = shlex.join(cli_command())
         env.pop("CLONEAWARE_RSH", None)
         return env
 
@@ -227,30 +218,21 @@ class SshNet:
         return subprocess.run(self.in_ns(self.client_ns, argv), capture_output=True,
                               timeout=timeout, env=env or self.client_env(), **kw)
 
-    def client_popen(self, argv: list[str], env: dict | None = None) -> subprocess.Popen:
+    def client_popen(self, argv: list, env: dict | None = None) -> subprocess.Popen:
         return subprocess.Popen(self.in_ns(self.client_ns, argv), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, env=env or self.client_env())
 
-    def cloneaware_argv(self, *args, key: Path | None = None) -> list[str]:
+    def cloneaware_argv(self, *args, key: Path | None = None) -> list[bytes]:
         """``cloneaware ARGS --rsh ...`` as run on the client."""
-        return [sys.executable, "-P", "-m", "cloneaware.cli", *map(str, args),
-                "--rsh", self.rsh(key)]
+        return cli_argv(*args, "--rsh", self.rsh(key))
 
     def cloneaware(self, *args, key: Path | None = None, timeout: float = scaled(300),
-                   check_rc: int | None = None, env: dict | None = None
-                   ) -> subprocess.CompletedProcess:
+                   check_rc: int | None = None, env: dict | None = None) -> Result:
         """``cloneaware ARGS`` in the client namespace, logging in with KEY;
-        ENV is added to the client's environment."""
-        r = self.client(self.cloneaware_argv(*args, key=key), timeout=timeout,
-                        env=dict(self.client_env(), **(env or {})))
-        err = r.stderr.decode(errors="replace")
-        assert "Traceback" not in err, err
-        if check_rc is not None:
-            assert r.returncode == check_rc, (
-                f"cloneaware {' '.join(map(str, args))}: exit {r.returncode}, expected "
-                f"{check_rc}\nstdout: {r.stdout.decode(errors='replace')}\nstderr: {err}\n"
-                f"{self.log()}")
-        return r
+        ENV is added to the client's environment.  Never a traceback."""
+        return cli(*args, "--rsh", self.rsh(key), prefix=self.in_ns(self.client_ns, []),
+                   env=dict(self.client_env(), **(env or {})), timeout=timeout,
+                   check_rc=check_rc, explain=self.log)
 
     def connect_seconds(self, tries: int = 3) -> float:
         """The best time of ``ssh host true``: connection and login."""

@@ -1,7 +1,7 @@
 """Helpers for the backup/restore tests: build a tree with every kind of
 entry and metadata the archive claims to keep, take an independent snapshot
 of a tree (os.lstat, xattrs, sparse-aware content hashes, hard-link groups,
-``getfacl``), compare two snapshots, and run the CLI as a user does.
+``getfacl``), compare two snapshots, and back up and restore through the CLI.
 
 Nothing here uses cloneaware's own walking, hashing or metadata code: the
 snapshot is the yardstick the restore is measured against."""
@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import os
 import stat
 import struct
 import subprocess
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from cloneaware import native
 from cloneaware.archive.events import EntryEvent
 from cloneaware.archive.reader import Stream
 from cloneaware.testing import make_family, reflink_copy, rewrite_blocks, write_random  # noqa: F401
+from helpers.cli import cli, cli_json, cli_popen, finished
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 
@@ -32,33 +31,7 @@ ODD_NAMES = [b"bad\xff\xfename", b"new\nline", b"with space", b"-leading-dash",
              b"tab\there", b"\xe9t\xe9 latin-1", b"--", b"*?[glob]"]
 
 
-# --- running the CLI --------------------------------------------------------
-
-def _cli_cmd() -> list[str]:
-    # The interpreter running the tests, so the cloneaware under test is the
-    # one imported here (``cloneaware`` on PATH may belong to another install).
-    return [sys.executable, "-P", "-m", "cloneaware.cli"]
-
-
-def cli(*args, input: bytes | None = None, check_rc: int | None = None,
-        timeout: float = 300, cwd=None) -> subprocess.CompletedProcess:
-    """Run ``cloneaware ARGS`` (bytes output).  Never a traceback."""
-    r = subprocess.run(_cli_cmd() + [a if isinstance(a, bytes) else str(a) for a in args],
-                       input=input, capture_output=True, timeout=timeout, cwd=cwd)
-    err = r.stderr.decode(errors="replace")
-    assert "Traceback" not in err, err
-    if check_rc is not None:
-        assert r.returncode == check_rc, (
-            f"cloneaware {' '.join(map(str, args))}: exit {r.returncode}, "
-            f"expected {check_rc}\nstdout: {r.stdout.decode(errors='replace')}\n"
-            f"stderr: {err}")
-    return r
-
-
-def cli_json(*args, check_rc: int = 0, timeout: float = 300) -> dict:
-    r = cli(*args, check_rc=check_rc, timeout=timeout)
-    return json.loads(r.stdout)
-
+# --- running the CLI (helpers/cli.py) ----------------------------------------
 
 def backup_json(archive, *paths, compress: str = "none", extra=()) -> dict:
     return cli_json("backup", "--json", "--compress", compress, *extra, "-o", archive, *paths)
@@ -66,24 +39,21 @@ def backup_json(archive, *paths, compress: str = "none", extra=()) -> dict:
 
 def restore_json(archive, dest, extra=(), timeout: float = 300) -> tuple[dict, str]:
     r = cli("restore", "--json", *extra, archive, dest, check_rc=0, timeout=timeout)
-    return json.loads(r.stdout), r.stderr.decode(errors="replace")
+    return r.json(), r.err
 
 
 def pipe_backup_restore(paths, dest, compress: str = "zstd") -> tuple[int, int, str, str]:
     """``cloneaware backup -o - PATHS | cloneaware restore - DEST``; returns both
-    exit codes and both stderrs."""
-    b = subprocess.Popen(_cli_cmd() + ["backup", "--compress", compress, "-o", "-",
-                                       *map(str, paths)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    r = subprocess.Popen(_cli_cmd() + ["restore", "-", str(dest)], stdin=b.stdout,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    exit codes and both stderrs (neither with a traceback)."""
+    b = cli_popen("backup", "--compress", compress, "-o", "-", *paths)
+    r = cli_popen("restore", "-", dest, stdin=b.stdout)
     b.stdout.close()  # restore holds the only read end now
-    r_out, r_err = r.communicate(timeout=300)
+    rr = finished(r, ["restore", "-", dest], timeout=300)
     b_err = b.stderr.read()
     b.stderr.close()
     b.wait(timeout=60)
-    return b.returncode, r.returncode, b_err.decode(errors="replace"), \
-        r_err.decode(errors="replace")
+    assert "Traceback" not in b_err.decode(errors="replace"), b_err
+    return b.returncode, rr.returncode, b_err.decode(errors="replace"), rr.err
 
 
 def physical_bytes(path) -> int:

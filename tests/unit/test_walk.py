@@ -3,10 +3,9 @@ Runs on the test machine's own temporary directory; needs no root."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
+from helpers.cli import cli
 
 from cloneaware import fsinfo
 from cloneaware.errors import EXIT_USAGE, UsageError
@@ -113,17 +112,10 @@ def test_probe_forget_drops_cached_identities(tmp_path):
     assert fsinfo._cache == {}
 
 
-def scan_cli(*args):
-    return subprocess.run([sys.executable, "-P", "-m", "cloneaware.cli", "scan", *args],
-                          capture_output=True, text=True, timeout=120)
-
-
 def test_cli_scan_missing_path_is_a_usage_error(tmp_path):
-    r = scan_cli("--json", str(tmp_path / "missing"))
-    assert r.returncode == EXIT_USAGE
-    assert "missing" in r.stderr and "No such file" in r.stderr
-    assert "Traceback" not in r.stderr
-    assert r.stdout == ""
+    r = cli("scan", "--json", tmp_path / "missing", check_rc=EXIT_USAGE, timeout=120)
+    assert "missing" in r.err and "No such file" in r.err
+    assert r.stdout == b""
 
 
 def test_probe_errno_reason():
