@@ -6,10 +6,10 @@ sub/hard.txt, a symlink sub/link -> base.img, a 1 MiB sparse file with 3
 bytes at 512 KiB; base.img and sub dated 2020-02-02."""
 import datetime
 import hashlib
-import json
 import os
-import subprocess
 from pathlib import Path
+
+from helpers.cli import cli, cli_json
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "v1-tree.caw"
 
@@ -22,27 +22,18 @@ SHA = {
 }
 
 
-def run(*args):
-    return subprocess.run(["cloneaware", *args], capture_output=True, text=True)
-
-
 def test_v1_archive_lists_and_verifies():
-    r = run("ls", "--json", str(DATA))
-    assert r.returncode == 0, r.stderr
-    listing = json.loads(r.stdout)
+    listing = cli_json("ls", "--json", DATA)
     assert listing["version"] == 1
     kinds = {e["path"]: e["type"] for e in listing["entries"]}
     assert kinds["v1src/sub/hard.txt"] == "hardlink"
     assert kinds["v1src/sub/link"] == "symlink"
-    r = run("verify", str(DATA))
-    assert r.returncode == 0, r.stderr
+    cli("verify", DATA, check_rc=0)
 
 
 def test_v1_archive_restores_exactly(reflink_dir):
     dest = reflink_dir / "out"
-    r = run("restore", "--json", str(DATA), str(dest))
-    assert r.returncode == 0, r.stderr
-    summary = json.loads(r.stdout)
+    summary = cli_json("restore", "--json", DATA, dest)
     assert summary["reflinked_bytes"] > 0  # clone.img re-shares base.img
     root = dest / "v1src"
     for rel, sha in SHA.items():
@@ -54,6 +45,5 @@ def test_v1_archive_restores_exactly(reflink_dir):
     day = datetime.datetime.fromtimestamp((root / "sub").stat().st_mtime,
                                           datetime.UTC).date()
     assert day.isoformat() in ("2020-02-01", "2020-02-02")  # local midnight in any zone
-    scan = json.loads(run("scan", "--json", str(root / "base.img"),
-                          str(root / "clone.img")).stdout)["totals"]
+    scan = cli_json("scan", "--json", root / "base.img", root / "clone.img")["totals"]
     assert scan["shared_bytes"] >= 2 * (192 << 10)
