@@ -5,15 +5,15 @@ these tests are what keeps the generator complete as the CLI grows."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from helpers.cli import cli
 
-from cloneaware.cli import app
 from cloneaware.errors import EXIT_CODES
 
 TOP = Path(__file__).resolve().parents[2]
@@ -77,11 +77,12 @@ def test_every_option_and_argument_is_listed(page):
 
 
 def _help_options(args: list[str]) -> set[str]:
-    res = CliRunner().invoke(app, args + ["--help"], env={"COLUMNS": "250",
-                                                          "TERMINAL_WIDTH": "250"})
-    assert res.exit_code == 0, res.output
-    usage, _, rest = res.output.partition("Options")
-    return set(re.findall(r"(?<![\w-])(--?[a-z][a-z-]*)", rest.split("Commands")[0]))
+    r = cli(*args, "--help", check_rc=0,
+            env=dict(os.environ, COLUMNS="250", TERMINAL_WIDTH="250"))
+    usage, _, rest = r.out.partition("Options")
+    found = set(re.findall(r"(?<![\w-])(--?[a-z][a-z-]*)", rest.split("Commands")[0]))
+    assert "--help" in found, f"no options found in the help screen\n{r}"
+    return found
 
 
 def test_the_help_screens_show_nothing_the_page_lacks(page):
