@@ -6,7 +6,8 @@ Every test runs ``cloneaware ARGS`` through this module:
   ``Result``.  By default it fails the test if ``Traceback`` appears on
   stderr, and with ``check_rc`` if the exit code is not the one expected.
 - ``cli_json(*args, ...)``: the same, with ``--json`` output parsed.
-- ``cli_popen(*args, ...)``: a running process, for pipes and signals.
+- ``cli_popen(*args, ...)``: a running process, for pipes and signals;
+  ``finished(p, args)`` waits for it and gives its ``Result``.
 - ``cli_argv(*args, ...)`` / ``cli_command(...)``: the command line itself,
   for what runs it elsewhere (another network namespace, a forced ssh
   command, ``CLONEAWARE_REMOTE_COMMAND``).
@@ -33,7 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 __all__ = ["CliServer", "Result", "assert_one_line_error", "cli", "cli_argv", "cli_command",
-           "cli_json", "cli_popen"]
+           "cli_json", "cli_popen", "finished"]
 
 #: ``python -P -c LAUNCH SITEDIR ARGS``: SITEDIR's packages (and its .pth
 #: files) put first on sys.path, then cloneaware.cli run as ``-m`` runs it.
