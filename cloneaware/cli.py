@@ -14,9 +14,9 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -57,7 +57,7 @@ def _raise_interrupt(signum, frame):
 
 
 @contextmanager
-def _handled() -> Callable:
+def _handled() -> Iterator[None]:
     """Map exceptions to one line and an exit code."""
     old = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
@@ -385,8 +385,9 @@ def verify(
     with _handled():
         t0 = time.monotonic()
         f = open_archive(archive)
-        counts = {"entries": 0, "data_records": 0, "ref_records": 0, "stored_bytes": 0,
-                  "referenced_bytes": 0, "base_ref_records": 0, "base_referenced_bytes": 0}
+        counts: dict[str, Any] = {
+            "entries": 0, "data_records": 0, "ref_records": 0, "stored_bytes": 0,
+            "referenced_bytes": 0, "base_ref_records": 0, "base_referenced_bytes": 0}
         stream = Stream(f)
         with _progress(True, None, "verify") as prog:
             for ev in stream.events():
