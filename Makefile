@@ -26,6 +26,7 @@ bench-scale: setup
 
 lint:
 	$(PYTHON) -m ruff check cloneaware tests bench tools native/build.py
+	$(PYTHON) -m mypy
 
 install:
 	$(PYTHON) -m pip install --no-deps --root "$(if $(DESTDIR),$(DESTDIR),/)" --prefix "$(PREFIX)" .

@@ -14,9 +14,9 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -57,7 +57,7 @@ def _raise_interrupt(signum, frame):
 
 
 @contextmanager
-def _handled() -> Callable:
+def _handled() -> Iterator[None]:
     """Map exceptions to one line and an exit code."""
     old = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
@@ -213,8 +213,20 @@ def backup(
         "file of the clone's size (derivative data at its own offsets, holes elsewhere); "
         "references and hashes go in its user.cloneaware.manifest xattr, or in "
         "ARCHIVE.cloneaware when the xattr does not fit.")] = False,
+    no_pit: Annotated[bool, typer.Option(
+        "--no-point-in-time", help="Read files as they are instead of cloning each one "
+        "first (a file written during the backup is then reported as changed, and may be "
+        "torn).")] = False,
+    snapshot: Annotated[bool, typer.Option(
+        "--snapshot", help="Each PATH is a Btrfs subvolume: back it up from a read-only "
+        "snapshot taken at the start (the whole tree as of one instant), deleted at the "
+        "end.")] = False,
 ) -> None:
-    """Back up PATHs into one archive that stores each shared extent once."""
+    """Back up PATHs into one archive that stores each shared extent once.
+
+    Each file larger than 64 KiB is first cloned (a reflink, where the filesystem
+    can) and read from the clone, so a file being written is saved as one
+    instant's state."""
     from cloneaware.backup import ArchiveSink, Backup, SparseSink
     from cloneaware.backup.sinks import file_output
     from cloneaware.remote import client
@@ -230,7 +242,8 @@ def backup(
                                "standard output" if output == "-" else output)
         with _progress(True, None, "backup") as prog:
             s = Backup(paths, sink, compress=compress, base=base,
-                       one_file_system=not cross, progress=prog, warn=_err).run()
+                       one_file_system=not cross, progress=prog, warn=_err,
+                       point_in_time=not no_pit, snapshot=snapshot).run()
         d = s.as_dict()
         d["changed"] = [{"path": p, "reason": r} for p, r in s.changed]
         d["skipped"] = [{"path": p, "reason": r} for p, r in s.skipped]
@@ -244,7 +257,11 @@ def backup(
                 f"referenced {_human(s.referenced_bytes)}, "
                 + (f"in the base {_human(s.base_referenced_bytes)}, " if base else "")
                 + f"holes {_human(s.hole_bytes)}; "
-                f"archive {_human(s.archive_bytes)} in {s.seconds:.1f} s\n")
+                f"archive {_human(s.archive_bytes)} in {s.seconds:.1f} s\n"
+                f"point in time: {s.captured_by_clone} files cloned, "
+                f"{s.captured_by_snapshot} from a snapshot, {s.read_live} read live"
+                + (" (" + ", ".join(f"{n} {r}" for r, n in s.read_live_reasons.items()) + ")"
+                   if s.read_live else "") + "\n")
         if s.changed or s.skipped:
             raise typer.Exit(EXIT_WARNINGS)
 
@@ -385,8 +402,9 @@ def verify(
     with _handled():
         t0 = time.monotonic()
         f = open_archive(archive)
-        counts = {"entries": 0, "data_records": 0, "ref_records": 0, "stored_bytes": 0,
-                  "referenced_bytes": 0, "base_ref_records": 0, "base_referenced_bytes": 0}
+        counts: dict[str, Any] = {
+            "entries": 0, "data_records": 0, "ref_records": 0, "stored_bytes": 0,
+            "referenced_bytes": 0, "base_ref_records": 0, "base_referenced_bytes": 0}
         stream = Stream(f)
         with _progress(True, None, "verify") as prog:
             for ev in stream.events():

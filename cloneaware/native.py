@@ -157,6 +157,21 @@ def btrfs_fsid(fd, path=None) -> bytes:
     return bytes(ffi.buffer(buf, rc))
 
 
+def btrfs_snapshot(src_fd, dst_dir_fd, name: bytes, readonly: bool = True, path=None) -> None:
+    """Call BTRFS_IOC_SNAP_CREATE_V2: snapshot the subvolume src_fd as ``name``
+    in the directory dst_dir_fd (read-only by default)."""
+    rc = lib.ca_btrfs_snapshot(_fd(src_fd), _fd(dst_dir_fd), name, 1 if readonly else 0)
+    if rc < 0:
+        _raise(rc, path)
+
+
+def btrfs_snap_destroy(dir_fd, name: bytes, path=None) -> None:
+    """Call BTRFS_IOC_SNAP_DESTROY: delete the subvolume ``name`` in dir_fd."""
+    rc = lib.ca_btrfs_snap_destroy(_fd(dir_fd), name)
+    if rc < 0:
+        _raise(rc, path)
+
+
 def fstatfs(fd, path=None) -> tuple[int, int]:
     """Call fstatfs(2); return (filesystem magic, block size)."""
     t = ffi.new("uint64_t *")

@@ -1,5 +1,8 @@
-"""A progress bar on stderr when it is a terminal (rich), silence otherwise."""
+"""A progress bar on stderr when it is a terminal (rich), silence otherwise.
+rich is imported only when a bar is shown: it costs 40 ms of start-up."""
 from __future__ import annotations
+
+from typing import Any
 
 
 class Progress:
@@ -7,8 +10,8 @@ class Progress:
         self.enabled = enabled
         self.total = total
         self.label = label
-        self._p = None
-        self._task = None
+        self._p: Any = None
+        self._task: Any = None
 
     def __enter__(self) -> Progress:
         if self.enabled:

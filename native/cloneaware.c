@@ -185,3 +185,27 @@ int ca_sync_file_range(int fd, int64_t offset, int64_t length)
 {
     return sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE) < 0 ? -errno : 0;
 }
+
+int ca_btrfs_snapshot(int src_fd, int dst_dir_fd, const char *name, int readonly)
+{
+    struct btrfs_ioctl_vol_args_v2 args;
+
+    if (strlen(name) > BTRFS_SUBVOL_NAME_MAX)
+        return -ENAMETOOLONG;
+    memset(&args, 0, sizeof(args));
+    args.fd = src_fd;
+    args.flags = readonly ? BTRFS_SUBVOL_RDONLY : 0;
+    strcpy(args.name, name);
+    return ioctl(dst_dir_fd, BTRFS_IOC_SNAP_CREATE_V2, &args) < 0 ? -errno : 0;
+}
+
+int ca_btrfs_snap_destroy(int dir_fd, const char *name)
+{
+    struct btrfs_ioctl_vol_args args;
+
+    if (strlen(name) > BTRFS_PATH_NAME_MAX)
+        return -ENAMETOOLONG;
+    memset(&args, 0, sizeof(args));
+    strcpy(args.name, name);
+    return ioctl(dir_fd, BTRFS_IOC_SNAP_DESTROY, &args) < 0 ? -errno : 0;
+}

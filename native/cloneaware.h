@@ -44,6 +44,11 @@ int ca_fstatfs(int fd, uint64_t *fs_type, uint64_t *block_size);
 int ca_syncfs(int fd);
 /* sync_file_range(SYNC_FILE_RANGE_WRITE): start writeback, do not wait. */
 int ca_sync_file_range(int fd, int64_t offset, int64_t length);
+/* BTRFS_IOC_SNAP_CREATE_V2 on dst_dir_fd: a snapshot of the subvolume src_fd
+ * named name in that directory (read-only if readonly). */
+int ca_btrfs_snapshot(int src_fd, int dst_dir_fd, const char *name, int readonly);
+/* BTRFS_IOC_SNAP_DESTROY: delete the subvolume name in the directory dir_fd. */
+int ca_btrfs_snap_destroy(int dir_fd, const char *name);
 /* renameat2(2), for RENAME_NOREPLACE. */
 int ca_renameat2(int olddirfd, const char *oldpath, int newdirfd,
                  const char *newpath, unsigned int flags);

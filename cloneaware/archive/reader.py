@@ -201,17 +201,17 @@ class Stream:
                     raise ArchiveError("BASEREF outside a regular file", off)
                 foff, length, number, boff, sha = fmt.decode_baseref(payload, off)
                 self._check_range(cur, foff, length, off)
-                bf = self.base_files.get(number)
-                if bf is None:
+                used = self.base_files.get(number)
+                if used is None:
                     raise ArchiveError(f"reference to base file {number}, which the BASE "
                                        "does not list", off)
-                if boff + length > bf.size:
+                if boff + length > used.size:
                     raise ArchiveError("reference beyond the end of its base file", off)
                 cur.pos = foff + length
                 cur.counts[2] += 1
                 cur.counts[6] += length
                 cur.base_ranges.append((foff, length, sha))
-                yield BaseRefEvent(cur, foff, length, bf, boff, sha, off)
+                yield BaseRefEvent(cur, foff, length, used, boff, sha, off)
             elif rtype == fmt.T_EXTERNAL:
                 if cur is None:
                     raise ArchiveError("EXTERNAL outside a regular file", off)

@@ -49,44 +49,51 @@ class Writer:
             self._cur = fmt.End(e.id)
             self._cur_item = item
 
+    def _file(self) -> fmt.End:
+        """The counts of the REG entry being written."""
+        assert self._cur is not None, "record outside a regular file"
+        return self._cur
+
     def data(self, offset: int, length: int, codec: int, sha: bytes, payload) -> None:
         head = fmt.encode_data_head(offset, length, codec, sha)
-        parts = fmt.frame_parts(fmt.T_DATA, head, payload)
-        for p in parts:
-            self._write(p)
-        self._cur.data_records += 1
-        self._cur.stored_bytes += length
+        self.data_record(fmt.frame_parts(fmt.T_DATA, head, payload), length)
 
     def data_record(self, parts: list, length: int) -> None:
         """A DATA record already framed (by a worker thread) of ``length`` bytes."""
+        cur = self._file()
         for p in parts:
             self._write(p)
-        self._cur.data_records += 1
-        self._cur.stored_bytes += length
+        cur.data_records += 1
+        cur.stored_bytes += length
 
     def ref(self, offset: int, length: int, src_id: int, src_offset: int) -> None:
+        cur = self._file()
         self._write(fmt.frame(fmt.T_REF, fmt.encode_ref(offset, length, src_id, src_offset)))
-        self._cur.ref_records += 1
-        self._cur.ref_bytes += length
+        cur.ref_records += 1
+        cur.ref_bytes += length
 
     def baseref(self, offset: int, length: int, number: int, base_offset: int,
                 sha: bytes) -> None:
+        cur = self._file()
         self._write(fmt.frame(fmt.T_BASEREF,
                               fmt.encode_baseref(offset, length, number, base_offset, sha)))
-        self._cur.base_ref_records += 1
-        self._cur.base_ref_bytes += length
+        cur.base_ref_records += 1
+        cur.base_ref_bytes += length
 
     def external(self, offset: int, length: int, sha: bytes) -> None:
+        cur = self._file()
         self._write(fmt.frame(fmt.T_EXTERNAL, fmt.encode_external(offset, length, sha)))
-        self._cur.external_records += 1
-        self._cur.external_bytes += length
+        cur.external_records += 1
+        cur.external_bytes += length
 
     def end(self) -> fmt.End:
-        end, self._cur = self._cur, None
+        end, item = self._file(), self._cur_item
+        assert item is not None
+        self._cur = self._cur_item = None
         self._write(fmt.frame(fmt.T_END, end.encode()))
-        self._cur_item.stored_bytes = end.stored_bytes + end.external_bytes
-        self._cur_item.ref_bytes = end.ref_bytes
-        self._cur_item.base_ref_bytes = end.base_ref_bytes
+        item.stored_bytes = end.stored_bytes + end.external_bytes
+        item.ref_bytes = end.ref_bytes
+        item.base_ref_bytes = end.base_ref_bytes
         self.stored_bytes += end.stored_bytes + end.external_bytes
         self.ref_bytes += end.ref_bytes
         self.base_ref_bytes += end.base_ref_bytes

@@ -10,6 +10,7 @@ nothing else trusts its sharing from then on.
 from __future__ import annotations
 
 import collections
+import errno
 import os
 import stat
 import time
@@ -18,6 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from cloneaware import fsinfo
 from cloneaware.archive import format as fmt
 from cloneaware.archive.writer import Writer
 from cloneaware.backup.meta import entry_for, kind_of, read_xattrs, same_map, same_stat
@@ -32,6 +34,7 @@ from cloneaware.index.plan import (
     Plan,
     data_ranges,
 )
+from cloneaware.source.capture import Capture
 from cloneaware.source.mapping import (
     FsTable,
     Mapped,
@@ -40,6 +43,7 @@ from cloneaware.source.mapping import (
     map_tree,
     open_source,
 )
+from cloneaware.source.snapshot import Snapshots, is_nested_subvolume
 from cloneaware.source.walk import Node
 
 
@@ -66,6 +70,12 @@ class Summary:
     physical_bytes: int = 0
     archive_bytes: int = 0
     seconds: float = 0.0
+    #: regular files saved as one instant's state by a clone, from a
+    #: --snapshot, or read live (with the before/after check), and why
+    captured_by_clone: int = 0
+    captured_by_snapshot: int = 0
+    read_live: int = 0
+    read_live_reasons: dict[str, int] = field(default_factory=dict)
     changed: list[tuple[str, str]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
@@ -164,7 +174,8 @@ class Backup:
 
     def __init__(self, paths: list, sink: Sink, compress: str = "zstd",
                  one_file_system: bool = True, progress=None, warn=None,
-                 base: str | None = None):
+                 base: str | None = None, point_in_time: bool = True,
+                 snapshot: bool = False):
         self.paths = paths
         self.sink = sink
         self.codec, self.level = parse_compress(compress)
@@ -180,6 +191,9 @@ class Backup:
         self._hashes: dict[tuple[int, int], bytes] = {}
         self.entry_of_file: dict[int, int] = {}  # fileno -> entry id
         self.invalid: set[int] = set()  # filenos whose bytes no reference may trust
+        self.capture = Capture(point_in_time, self.warn)
+        self.snapshot = snapshot
+        self.redirect: dict[bytes, bytes] | None = None  # PATH -> its --snapshot
 
     def _skip(self, path: bytes, reason: str) -> None:
         self.summary.skipped.append((os.fsdecode(path), reason))
@@ -191,6 +205,13 @@ class Backup:
 
     def run(self) -> Summary:
         t0 = time.monotonic()
+        if not self.snapshot:
+            return self._run(t0)
+        with Snapshots(self.paths, self.warn) as snaps:
+            self.redirect = snaps.redirect
+            return self._run(t0)
+
+    def _run(self, t0: float) -> Summary:
         items, plan = self._map()
         s = self.summary
         s.physical_bytes = plan.totals.physical_bytes
@@ -213,6 +234,10 @@ class Backup:
             raise
         finally:
             workers.close(wait=ok)
+            self.capture.close()
+        c = self.capture.counts
+        s.captured_by_clone, s.captured_by_snapshot = c.by_clone, c.by_snapshot
+        s.read_live, s.read_live_reasons = c.read_live, c.live_reasons
         s.seconds = time.monotonic() - t0
         return s
 
@@ -247,7 +272,7 @@ class Backup:
         inodes: dict[tuple[int, int], int] = {}
         if self.base is not None:
             self._map_base(fstab, builder)
-        for it in map_tree(self.paths, self.one_file_system):
+        for it in map_tree(self.paths, self.one_file_system, redirect=self.redirect):
             if isinstance(it, Skipped):
                 self._skip(it.path, it.reason)
             elif isinstance(it, Mapped):
@@ -263,6 +288,10 @@ class Backup:
             elif stat.S_ISSOCK(it.node.st.st_mode):
                 self._skip(it.node.src, "socket ignored")
             else:
+                if self.redirect and is_nested_subvolume(it.node.st):
+                    self.warn(f"{os.fsdecode(it.node.name)}: a nested subvolume, not in the "
+                              "snapshot (stored as an empty directory); give it as a PATH "
+                              "of its own")
                 items.append(_Other(it.node))
         return items, builder.build()
 
@@ -361,51 +390,74 @@ class Backup:
             self._invalidate(item)
             return None
         except OSError as ex:
+            if ex.errno == errno.EIO:  # a failing disk ends the job
+                raise OSError(ex.errno, ex.strerror, os.fsdecode(node.src)) from None
             self._skip(node.src, ex.strerror or str(ex))
             self._invalidate(item)
             return None
+        cap: int | None = None
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 self._changed(node.src, "replaced by another kind of file")
                 self._invalidate(item)
                 return None
-            stale_plan = item.fileno < 0 or item.ext is None or not same_stat(st, node.st)
+            live = self.redirect is None
+            if not live:
+                self.capture.counts.by_snapshot += 1  # read-only: nothing writes it
+            else:
+                cap = self.capture.clone(fd, node.src, st.st_size,
+                                         fsinfo.fs_info(fd, st.st_dev, node.src))
+            size = st.st_size
+            if cap is not None:
+                # The clone is one instant's state and nobody else writes it;
+                # its map must be the one the plan was made from.
+                live = False
+                st = os.fstat(fd)
+                size = os.fstat(cap).st_size
+                before = extent_map(cap, size, node.src)
+                stale_plan = item.fileno < 0 or item.ext is None or size != node.st.st_size \
+                    or not same_map(item.ext, before)
+            else:
+                stale_plan = item.ext is None or item.fileno < 0 or not same_stat(st, node.st)
+                before = item.ext if item.ext is not None and not stale_plan \
+                    else extent_map(fd, size, node.src)
             if stale_plan:
                 # Changed since it was mapped: its sharing plan is stale.  Store
                 # all of its data itself, and let nothing refer to it.
-                if item.fileno >= 0:
+                if item.fileno >= 0 and live:
                     self._changed(node.src, "changed between scan and read; stored whole")
-                    self.invalid.add(item.fileno)
-                before = extent_map(fd, st.st_size, node.src)
-                d = data_ranges(before, st.st_size)
+                self._invalidate(item)
+                d = data_ranges(before, size)
                 p = np.zeros(len(d), dtype=PIECE_DTYPE)
                 p["logical"], p["length"], p["ref_file"] = d["logical"], d["length"], -1
             else:
-                assert item.ext is not None
-                before = item.ext
                 p = plan.file_pieces(item.fileno)
             data_bytes = int(p["length"].sum()) if len(p) else 0
             e = entry_for(node, fmt.K_REG, st)
-            e.size = st.st_size
+            e.size = size
             e.xattrs = read_xattrs(fd)
             if item.fileno in referenced and not stale_plan:
                 e.eflags |= fmt.EF_REFERENCED
             w.entry(e)
             if item.fileno >= 0:
                 self.entry_of_file[item.fileno] = e.id
+            data_fd = fd if cap is None else cap
             # after the entry is known: a file may share with itself
-            ops = self._ops(fd, item.fileno, p)
-            short = self._write_ops(w, fd, ops, workers, node.src)
+            ops = self._ops(data_fd, item.fileno, p)
+            short = self._write_ops(w, data_fd, ops, workers, node.src)
             w.end()
             s.files += 1
-            s.logical_bytes += st.st_size
-            s.hole_bytes += st.st_size - data_bytes
-            after = os.fstat(fd)
-            if short or not same_stat(after, st) or not same_map(
-                    before, extent_map(fd, after.st_size, node.src)):
-                self._changed(node.src, "file changed as we read it")
-                self._invalidate(item)
+            s.logical_bytes += size
+            s.hole_bytes += size - data_bytes
+            if live:
+                after = os.fstat(fd)
+                if short or not same_stat(after, st) or not same_map(
+                        before, extent_map(fd, after.st_size, node.src)):
+                    self._changed(node.src, "file changed as we read it")
+                    self._invalidate(item)
+            elif short:  # a clone or a snapshot cannot shrink: the disk lied
+                raise OSError(errno.EIO, "file shorter than its size", os.fsdecode(node.src))
             return e.id
         except OSError as ex:
             # Archive writes carry the archive's name; what has none came from
@@ -415,6 +467,8 @@ class Backup:
             raise
         finally:
             os.close(fd)
+            if cap is not None:
+                os.close(cap)
 
     def _ops(self, fd: int, fileno: int, pieces: np.ndarray) -> list[_Op]:
         """What each piece of the plan becomes, in file order.

@@ -313,9 +313,9 @@ def _min_cover(si: np.ndarray, ei: np.ndarray, val: np.ndarray, nseg: int) -> np
     dt = np.int32 if 2 * n < 2**31 and len(val) < 2**31 - 1 else np.int64
     big = np.iinfo(dt).max
     tree = np.full(2 * n, big, dtype=dt)
-    lo = si.astype(dt) + n
-    hi = ei.astype(dt) + n
-    v = val.astype(dt)
+    lo: np.ndarray = si.astype(dt) + n
+    hi: np.ndarray = ei.astype(dt) + n
+    v: np.ndarray = val.astype(dt)
     while True:
         act = lo < hi
         if not act.any():

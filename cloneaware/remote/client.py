@@ -32,6 +32,7 @@ import shlex
 import shutil
 import subprocess
 from dataclasses import dataclass
+from typing import IO
 
 from cloneaware.archive.reader import open_archive
 from cloneaware.errors import EXIT_IO, RemoteError, UsageError
@@ -92,14 +93,17 @@ class Channel:
             raise UsageError(f"{cmd[0]}: not found (set --rsh or CLONEAWARE_RSH)")
         self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                   bufsize=1 << 20)
+        assert self.p.stdin is not None and self.p.stdout is not None
+        self.stdin: IO[bytes] = self.p.stdin
+        self.stdout: IO[bytes] = self.p.stdout
         req = dict(request, v=PROTOCOL)
         try:
-            self.p.stdin.write(json.dumps(req).encode() + b"\n")
+            self.stdin.write(json.dumps(req).encode() + b"\n")
         except BrokenPipeError:
             self.fail()
 
     def status(self) -> dict:
-        line = self.p.stdout.readline(REQUEST_MAX)
+        line = self.stdout.readline(REQUEST_MAX)
         if not line:
             self.fail()
         try:
@@ -115,11 +119,11 @@ class Channel:
     def fail(self):
         """The channel broke: report the server's own reason if it gave one."""
         try:
-            self.p.stdin.close()
+            self.stdin.close()
         except OSError:
             pass
         try:
-            line = self.p.stdout.readline(REQUEST_MAX)
+            line = self.stdout.readline(REQUEST_MAX)
             st = json.loads(line) if line else None
         except (OSError, ValueError):
             st = None
@@ -135,7 +139,7 @@ class Channel:
         raise RemoteError(f"{self.url}: connection failed or lost (ssh exit status {rc})")
 
     def close(self) -> int:
-        for f in (self.p.stdin, self.p.stdout):
+        for f in (self.stdin, self.stdout):
             try:
                 f.close()
             except OSError:
@@ -158,25 +162,22 @@ class RemoteOutput:
         self.result: dict = {}
 
     def write(self, b) -> int:
-        assert self.ch.p.stdin is not None
         try:
-            return self.ch.p.stdin.write(b)
+            return self.ch.stdin.write(b)
         except (BrokenPipeError, ConnectionResetError):
             self.ch.fail()
             raise  # fail() always raises
 
     def flush(self) -> None:
-        assert self.ch.p.stdin is not None
         try:
-            self.ch.p.stdin.flush()
+            self.ch.stdin.flush()
         except (BrokenPipeError, ConnectionResetError):
             self.ch.fail()
 
     def commit(self) -> None:
         self.flush()
-        assert self.ch.p.stdin is not None
         try:
-            self.ch.p.stdin.close()
+            self.ch.stdin.close()
         except BrokenPipeError:
             self.ch.fail()
         self.result = self.ch.status()
@@ -193,7 +194,7 @@ def open_remote_archive(source: str, rsh: str | None = None):
     url = parse_url(source)
     ch = Channel(url, rsh, {"op": "get", "path": url.path})
     try:
-        ch.p.stdin.close()
+        ch.stdin.close()
     except OSError:
         pass
     ch.status()
@@ -205,7 +206,7 @@ class _RemoteReader:
         self.ch = ch
 
     def read(self, n: int = -1) -> bytes:
-        return self.ch.p.stdout.read(n)
+        return self.ch.stdout.read(n)
 
     def seekable(self) -> bool:
         return False
@@ -228,11 +229,11 @@ def push_restore(archive: str, dest: str, force: bool, base: str | None, trust_b
             if not b:
                 break
             try:
-                ch.p.stdin.write(b)
+                ch.stdin.write(b)
             except (BrokenPipeError, ConnectionResetError):
                 break  # the server stopped reading: its status line says why
         try:
-            ch.p.stdin.close()
+            ch.stdin.close()
         except OSError:
             pass
         return ch.status()

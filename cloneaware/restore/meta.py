@@ -34,7 +34,10 @@ class Meta:
             self.warn("not running as root: file owners are not restored")
         if not link:
             try:
-                os.chmod(target, e.mode, **({} if fd is not None else {"dir_fd": pfd}))
+                if fd is not None:
+                    os.chmod(fd, e.mode)
+                else:
+                    os.chmod(name, e.mode, dir_fd=pfd)
             except OSError as ex:
                 self.not_exact(e, f"mode not restored: {ex.strerror}")
         if e.xattrs:

@@ -12,7 +12,9 @@ from __future__ import annotations
 import os
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from cloneaware import native
 from cloneaware.archive import format as fmt
@@ -101,7 +103,7 @@ class Restore:
         self.dir_meta: list[fmt.Entry] = []
         self.cur: _Open | None = None
         self.stream: Stream | None = None
-        self._handlers = {
+        self._handlers: dict[type, Callable[[Any], None]] = {
             EntryEvent: self.on_entry, DataEvent: self.on_data, RefEvent: self.on_ref,
             BaseRefEvent: self.on_baseref, ExternalEvent: self.on_external,
             EndEvent: self.on_end, FooterEvent: self.on_footer,
@@ -111,10 +113,10 @@ class Restore:
 
     def run(self) -> RestoreSummary:
         t0 = time.monotonic()
-        given = not isinstance(self.archive, str)  # a file object: read it, do not close it
-        path = None if given else self.archive
+        # a file object: read it, do not close it
+        path: str | None = self.archive if isinstance(self.archive, str) else None
         sparse = open_manifest(path) if path not in (None, "-") else None
-        if given:
+        if path is None:
             f = self.archive
         elif sparse is not None:
             f, self.external_fd = sparse

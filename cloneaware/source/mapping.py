@@ -108,15 +108,23 @@ class Skipped:
 Item = Mapped | Other | Skipped
 
 
-def map_tree(paths: list, one_file_system: bool = True,
-             unique_names: bool = True) -> Iterator[Item]:
-    """Walk and map, yielding Mapped, Other and Skipped records in walk order."""
+def _fatal_io(e: OSError, path: bytes) -> None:
+    """An I/O error on a source (a failing disk) ends the job, naming the file;
+    anything else (permission, a file gone) skips it."""
+    if e.errno == errno.EIO:
+        raise OSError(e.errno, e.strerror, os.fsdecode(path)) from None
+
+
+def map_tree(paths: list, one_file_system: bool = True, unique_names: bool = True,
+             redirect: dict[bytes, bytes] | None = None) -> Iterator[Item]:
+    """Walk and map, yielding Mapped, Other and Skipped records in walk order
+    (``redirect``: see walk)."""
     errors: list[Skipped] = []
 
     def on_error(p: bytes, reason: str) -> None:
         errors.append(Skipped(p, reason))
 
-    for node in walk(paths, on_error, one_file_system, unique_names):
+    for node in walk(paths, on_error, one_file_system, unique_names, redirect):
         yield from errors
         errors.clear()
         if not stat.S_ISREG(node.st.st_mode):
@@ -125,6 +133,7 @@ def map_tree(paths: list, one_file_system: bool = True,
         try:
             fd = open_source(node.src)
         except OSError as e:
+            _fatal_io(e, node.src)
             yield Skipped(node.src, e.strerror or str(e))
             continue
         try:
@@ -137,6 +146,7 @@ def map_tree(paths: list, one_file_system: bool = True,
             node.st = st
             yield Mapped(node, info, ext)
         except OSError as e:
+            _fatal_io(e, node.src)
             yield Skipped(node.src, e.strerror or str(e))
         finally:
             os.close(fd)

@@ -67,10 +67,15 @@ def _fs_key(path: bytes, st: os.stat_result) -> str:
 
 
 def walk(paths: list, on_error: OnError, one_file_system: bool = True,
-         unique_names: bool = True) -> Iterator[Node]:
-    """Yield a Node per entry, parents before children, in sorted name order."""
+         unique_names: bool = True, redirect: dict[bytes, bytes] | None = None
+         ) -> Iterator[Node]:
+    """Yield a Node per entry, parents before children, in sorted name order.
+    ``redirect``: read the tree of a PATH (absolute) from another place (its
+    snapshot), naming its entries as if read from the PATH."""
     fsinfo.forget()  # st_dev numbers may have been reused since the last walk
     for name, src in root_names(paths, unique_names):
+        if redirect:
+            src = redirect.get(src, src)
         try:
             st = os.lstat(src)
         except OSError as e:

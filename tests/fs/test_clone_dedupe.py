@@ -283,7 +283,7 @@ def test_dedupe_many_destinations_in_one_call(reflink_dir):
 
 
 def test_dedupe_unaligned_length_shares_whole_blocks_only(reflink_dir, record_property):
-    """Observed on Linux 6.18 (not in KERNEL.md): with a length that is not a
+    """Observed on Linux 6.18 (docs/KERNEL.md D4): with a length that is not a
     block multiple and does not reach EOF, FIDEDUPERANGE answers SAME and
     bytes_deduped == the length asked, but shares only the whole blocks:
     bytes_deduped does not say how much became shared."""

@@ -1,6 +1,6 @@
 """Compressed (ENCODED) Btrfs extents: shared only when the content matches.
 
-KERNEL.md: FIEMAP reports an encoded extent's disk start and the length a
+docs/KERNEL.md F10: FIEMAP reports an encoded extent's disk start and the length a
 file references, not which part of the extent it references; two ranges
 with the same start and length may hold different bytes.  The index makes
 them candidates and the backup hashes them: equal hashes make a reference,
@@ -107,7 +107,7 @@ def test_snapshot_of_compressed_subvolume_is_stored_once(request, zbtrfs, dst_ki
 @pytest.mark.vm
 def test_windows_of_one_extent_with_the_same_length_are_not_confused(zbtrfs, xfs_dir):
     """Three 64 KiB clones of different parts of one compressed extent report
-    the same physical start and length (KERNEL.md) yet hold other bytes: only
+    the same physical start and length (docs/KERNEL.md F10) yet hold other bytes: only
     the clone of the same part may become a reference."""
     src = zbtrfs / "src"
     src.write_bytes(compressible(512 * KiB))

@@ -448,8 +448,11 @@ class _Mutator:
             raise ValueError(self.action)
 
 
+@pytest.mark.parametrize("pit", [False, True], ids=["live", "clone"])
 @pytest.mark.parametrize("action", ["rewrite", "truncate", "grow", "delete"])
-def test_file_changes_while_backed_up(btrfs_dir, action):
+def test_file_changes_while_backed_up(btrfs_dir, action, pit):
+    """Read live, the change is detected and reported; read from its
+    point-in-time clone, the file is stored as it was when cloned."""
     from cloneaware.backup import ArchiveSink, Backup
     from cloneaware.backup.sinks import file_output
 
@@ -463,16 +466,22 @@ def test_file_changes_while_backed_up(btrfs_dir, action):
         (fam / "z_other" / f"s{i}").write_bytes(b"other %d\n" % i * 100)
     os.symlink("b_clone_src.bin", fam / "d_sym")
     arch = btrfs_dir / "a.cla"
+    before = file_sha(victim)
     mut = _Mutator(victim, action)
     sink = ArchiveSink(file_output(str(arch)), str(arch))
-    s = Backup([str(fam)], sink, compress="none", progress=mut).run()
+    s = Backup([str(fam)], sink, compress="none", progress=mut, point_in_time=pit).run()
     assert mut.done
     changed = [p for p, _why in s.changed]
-    assert any(p.endswith("a_victim.bin") for p in changed), s.changed
-    assert len(changed) == 1, s.changed
+    if pit:
+        assert changed == [] and s.captured_by_clone == 3, (s.changed, s.captured_by_clone)
+    else:
+        assert any(p.endswith("a_victim.bin") for p in changed), s.changed
+        assert len(changed) == 1, s.changed
     dest = btrfs_dir / "dest"
     r = cli("restore", arch, dest)
     assert r.returncode == 0, str(r)
+    if pit:
+        assert file_sha(dest / "fam" / "a_victim.bin") == before
     want = tree_state(fam, root_meta=action != "delete")
     got = tree_state(dest / "fam", root_meta=action != "delete")
     for t in (want, got):
@@ -506,7 +515,7 @@ def test_file_changes_while_backed_up_cli_exit_1(btrfs_dir):
     try:
         time.sleep(0.05)
         arch = btrfs_dir / "a.cla"
-        r = cli("backup", "--compress", "zstd:3", "-o", arch, fam)
+        r = cli("backup", "--no-point-in-time", "--compress", "zstd:3", "-o", arch, fam)
     finally:
         stop.set()
         th.join()

@@ -1,5 +1,5 @@
 """mapping.fiemap on real Btrfs, XFS, ext4 and tmpfs, cross-checked against
-``xfs_io -c 'fiemap -v'`` and ``filefrag -v``, and the KERNEL.md facts about
+``xfs_io -c 'fiemap -v'`` and ``filefrag -v``, and the docs/KERNEL.md facts about
 maps that the index relies on."""
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ def test_fiemap_matches_xfs_io_and_filefrag(reflink_dir):
 
 @pytest.mark.vm
 def test_partial_clone_maps_as_kernel_md_says(reflink_dir):
-    """KERNEL.md: clone 128 KiB from offset 448 KiB of a 1 MiB extent.  Btrfs
+    """docs/KERNEL.md F4: clone 128 KiB from offset 448 KiB of a 1 MiB extent.  Btrfs
     keeps the source as one extent; XFS splits it at the share boundaries.
     Either way the physical ranges intersect exactly."""
     src, dst = reflink_dir / "src", reflink_dir / "dst"
@@ -175,7 +175,7 @@ def test_fiemap_100000_extents_in_one_call(xfs_dir):
 
 @pytest.mark.vm
 def test_btrfs_compressed_maps(loopfs):
-    """KERNEL.md: ENCODED extents report the compressed extent's disk start
+    """docs/KERNEL.md F10: ENCODED extents report the compressed extent's disk start
     and the logical length; a clone of part of one reports the same start
     with a shorter length, whatever part it takes."""
     fs = loopfs("btrfs", mount_options="compress-force=zstd")

@@ -48,7 +48,7 @@ def filefrag_totals(files) -> dict:
     """logical, data and physical bytes of a set of files on one filesystem,
     from ``filefrag -v`` alone: plain extents clamped to the file size and
     unioned; inline and other own data counted per file; compressed extents
-    counted once per physical start (KERNEL.md)."""
+    counted once per physical start (docs/KERNEL.md F11)."""
     ranges, own, data = [], 0, 0
     encoded: dict[int, int] = {}
     for p in files:
@@ -323,7 +323,7 @@ def test_symlinks_are_not_followed(btrfs_dir):
     assert out["totals"]["files"] == 0 and out["skipped"] == []
 
 
-# --- filesystem identity (DESIGN 7.6) ----------------------------------------
+# --- filesystem identity (docs/DESIGN.md, rule 6) ----------------------------
 
 def btrfs(*args):
     subprocess.run(["btrfs", *map(str, args)], check=True, capture_output=True)
@@ -339,7 +339,7 @@ def test_btrfs_snapshot_shares_with_its_subvolume(btrfs_dir):
         (sv / "etc" / "conf").write_bytes(b"k=v\n")     # inline
         btrfs("subvolume", "snapshot", sv, snap)
         devs = {os.stat(p).st_dev for p in (btrfs_dir, sv, snap)}
-        assert len(devs) == 3          # KERNEL.md: a st_dev per subvolume
+        assert len(devs) == 3          # docs/KERNEL.md F9: a st_dev per subvolume
         one = scan.scan([str(sv)]).plan.totals.as_dict()
         assert one["physical_bytes"] == 4 * MiB + 4
         both = cli_json("scan", "--json", btrfs_dir)
@@ -368,7 +368,7 @@ def test_two_btrfs_filesystems_do_not_share_addresses(loopfs):
     write_random(a.path / "fa", 1 * MiB, 49)
     write_random(b.path / "fb", 1 * MiB, 50)
     ea, eb = fiemap(a.path / "fa"), fiemap(b.path / "fb")
-    # KERNEL.md: fresh filesystems place their first data at the same address
+    # docs/KERNEL.md F8: fresh filesystems place their first data at the same address
     assert [(e.physical, e.length) for e in ea] == [(e.physical, e.length) for e in eb]
     out = cli_json("scan", "--json", a.path / "fa", b.path / "fb")
     t = out["totals"]

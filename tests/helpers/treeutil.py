@@ -24,7 +24,7 @@ from helpers.cli import cli, cli_json, cli_popen, finished
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 
-# XFS's private copy of a POSIX ACL (KERNEL.md): not part of what is compared.
+# XFS's private copy of a POSIX ACL (docs/KERNEL.md X1): not part of what is compared.
 XATTR_IGNORE = {b"trusted.SGI_ACL_FILE", b"trusted.SGI_ACL_DEFAULT"}
 
 ODD_NAMES = [b"bad\xff\xfename", b"new\nline", b"with space", b"-leading-dash",

@@ -107,7 +107,7 @@ def test_empty_set_and_empty_files():
 
 
 def test_partial_clone_btrfs_shape():
-    """KERNEL.md: on Btrfs the source keeps one 1 MiB extent at P, the clone of
+    """docs/KERNEL.md F4: on Btrfs the source keeps one 1 MiB extent at P, the clone of
     128 KiB from 448 KiB reports P + 448 KiB."""
     P = 13631488
     src = emap((0, P, 1 << 20, fl.FE_SHARED | fl.FE_LAST))
@@ -149,7 +149,7 @@ def test_same_physical_on_two_filesystems_is_not_shared():
 
 
 def test_inline_is_own_and_clamped():
-    """KERNEL.md: Btrfs inline: flags 0x301, physical 0, length one block."""
+    """docs/KERNEL.md F16: Btrfs inline: flags 0x301, physical 0, length one block."""
     inline = emap((0, 0, K, fl.FE_LAST | fl.FE_NOT_ALIGNED | fl.FE_DATA_INLINE))
     p = build((0, 100, inline), (0, 100, inline.copy()))
     t = p.totals
@@ -158,7 +158,7 @@ def test_inline_is_own_and_clamped():
 
 
 def test_encoded_windows_are_own_and_counted_once():
-    """KERNEL.md: a file referencing part of a compressed extent reports the
+    """docs/KERNEL.md F10: a file referencing part of a compressed extent reports the
     same physical start with a shorter length; never shared on overlap."""
     E = fl.FE_ENCODED
     full = emap((0, 1 << 30, 128 << 10, E | fl.FE_SHARED),
