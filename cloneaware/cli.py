@@ -184,16 +184,76 @@ def scan(
             raise typer.Exit(EXIT_WARNINGS)
 
 
+# --- repository options, shared by the commands that take one ------------------------
+
+RepoOpt = Annotated[str | None, typer.Option(
+    "-r", "--repo", help="The repository: a directory, ssh://[user@]host[:port]/path, or "
+    "s3://BUCKET/PREFIX (default: $CLONEAWARE_REPOSITORY).")]
+PasswordOpt = Annotated[str | None, typer.Option(
+    "--password-file", help="Read the repository's password from the first line of this file "
+    "(else $CLONEAWARE_PASSWORD_FILE, $CLONEAWARE_PASSWORD, or a prompt).")]
+RshOpt = Annotated[str | None, typer.Option(
+    "--rsh", help="Command to reach an ssh:// target (default: $CLONEAWARE_RSH or ssh).")]
+S3EndpointOpt = Annotated[str | None, typer.Option(
+    "--s3-endpoint", help="The S3 endpoint URL for s3:// repositories (default: "
+    "$CLONEAWARE_S3_ENDPOINT, $AWS_ENDPOINT_URL, or AWS).")]
+S3ConnOpt = Annotated[int, typer.Option(
+    "--s3-connections", min=1, max=64, help="Parallel uploads and downloads for s3:// and "
+    "ssh:// repositories.")]
+
+
+def _open_repo(url: str | None, password_file: str | None = None, rsh: str | None = None,
+               s3_endpoint: str | None = None, connections: int = 4):
+    from cloneaware.repo.backend import open_backend
+    from cloneaware.repo.repository import Password, Repository
+
+    if not url:
+        raise UsageError("no repository: give -r REPO or set CLONEAWARE_REPOSITORY")
+    backend = open_backend(url, rsh=rsh, s3={"endpoint": s3_endpoint,
+                                             "connections": connections})
+    return Repository.open(backend, Password(password_file))
+
+
+def _env_repo(repo: str | None) -> str | None:
+    """-r REPO, else $CLONEAWARE_REPOSITORY."""
+    return repo if repo else os.environ.get("CLONEAWARE_REPOSITORY") or None
+
+
+def _repo_for(args: list[str], repo: str | None) -> str | None:
+    """restore and ls: the repository if -r was given, or if
+    CLONEAWARE_REPOSITORY is set and the first argument is not an archive
+    (an existing path, '-', or ssh://); else None (an archive)."""
+    if repo:
+        return repo
+    env = os.environ.get("CLONEAWARE_REPOSITORY")
+    first = args[0] if args else ""
+    if not env or first == "-" or first.startswith("ssh://") or os.path.exists(first):
+        return None
+    return env
+
+
 def _summary_line(d: dict) -> str:
     return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in d.items())
 
 
 @app.command()
 def backup(
-    paths: Annotated[list[str], typer.Argument(help="Files and directories; each is stored "
-                                               "under its basename.")],
-    output: Annotated[str, typer.Option("-o", "--output", help="Archive file, or - for "
-                                        "standard output.")],
+    paths: Annotated[list[str] | None, typer.Argument(
+        help="Files and directories; each is stored under its basename.")] = None,
+    output: Annotated[str | None, typer.Option(
+        "-o", "--output", help="Archive file, or - for standard output.")] = None,
+    repo: RepoOpt = None,
+    host: Annotated[str | None, typer.Option(
+        "--host", help="Repository: the host name recorded in the snapshot (default: this "
+        "host's).")] = None,
+    tag: Annotated[list[str] | None, typer.Option(
+        "--tag", help="Repository: a tag for the snapshot (repeatable).")] = None,
+    from_archive: Annotated[str | None, typer.Option(
+        "--from-archive", help="Repository: make the snapshot of this archive file instead "
+        "of PATHs.")] = None,
+    password_file: PasswordOpt = None,
+    s3_endpoint: S3EndpointOpt = None,
+    connections: S3ConnOpt = 4,
     compress: Annotated[str, typer.Option("--compress", help="none, zstd or zstd:LEVEL.")]
     = "zstd",
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing archive.")]
@@ -205,9 +265,7 @@ def backup(
     base: Annotated[str | None, typer.Option(
         "--base", help="Thin backup: store only what PATHs do not share with BASE (a file or "
         "a directory), plus references into BASE with the SHA-256 of each range.")] = None,
-    rsh: Annotated[str | None, typer.Option(
-        "--rsh", help="Command to reach an ssh:// target (default: $CLONEAWARE_RSH or ssh).")]
-    = None,
+    rsh: RshOpt = None,
     sparse: Annotated[bool, typer.Option(
         "--sparse", help="With --base and one clone file: write the thin backup as a sparse "
         "file of the clone's size (derivative data at its own offsets, holes elsewhere); "
@@ -222,18 +280,34 @@ def backup(
         "snapshot taken at the start (the whole tree as of one instant), deleted at the "
         "end.")] = False,
 ) -> None:
-    """Back up PATHs into one archive that stores each shared extent once.
+    """Back up PATHs into one archive (-o) that stores each shared extent once,
+    or as a new snapshot of a repository (-r) that stores only what changed.
 
     Each file larger than 64 KiB is first cloned (a reflink, where the filesystem
     can) and read from the clone, so a file being written is saved as one
-    instant's state."""
+    instant's state; in a repository the clone is kept as the file's anchor, and
+    the next backup reads only what no longer shares its blocks with it."""
     from cloneaware.backup import ArchiveSink, Backup, SparseSink
-    from cloneaware.backup.sinks import file_output
+    from cloneaware.backup.sinks import RecordSink, file_output
     from cloneaware.remote import client
 
     with _handled():
+        if output is not None and repo:
+            raise UsageError("give -o ARCHIVE or -r REPO, not both")
+        if output is None:
+            repo = _env_repo(repo)
+            if not repo:
+                raise UsageError("give -o ARCHIVE or -r REPO (or set CLONEAWARE_REPOSITORY)")
+            _backup_repo(paths or [], repo, host, tag or [], from_archive, password_file,
+                         s3_endpoint, connections, compress, cross, as_json, base, sparse,
+                         rsh, no_pit, snapshot)
+            return
+        if from_archive is not None or host is not None or tag:
+            raise UsageError("--from-archive, --host and --tag are for repositories (-r)")
+        if not paths:
+            raise UsageError("give the PATHs to back up")
         if sparse:
-            sink: ArchiveSink | SparseSink = SparseSink(output, paths, base, force)
+            sink: RecordSink = SparseSink(output, paths, base, force)
         elif client.is_url(output):
             client.parse_url(output)
             sink = ArchiveSink(lambda: client.RemoteOutput(output, force, rsh), output)
@@ -266,11 +340,71 @@ def backup(
             raise typer.Exit(EXIT_WARNINGS)
 
 
+def _backup_repo(paths, repo, host, tags, from_archive, password_file, s3_endpoint,
+                 connections, compress, cross, as_json, base, sparse, rsh, no_pit,
+                 snapshot) -> None:
+    """backup -r REPO: a new snapshot."""
+    from cloneaware.backup import Backup
+    from cloneaware.backup.workers import parse_compress
+    from cloneaware.repo.sink import RepositorySink
+    from cloneaware.repo.transfer import import_archive
+
+    if base is not None or sparse:
+        raise UsageError("--base and --sparse make thin archives (-o), not snapshots")
+    _codec, level = parse_compress(compress)
+    r = _open_repo(repo, password_file, rsh, s3_endpoint, connections)
+    try:
+        with r.lock(False, "backup"):
+            if from_archive is not None:
+                if paths:
+                    raise UsageError("give --from-archive FILE or PATHs, not both")
+                from cloneaware.archive.reader import open_archive
+
+                with open_archive(from_archive) as f:
+                    snap, counts = import_archive(r, f, from_archive, host, tags, level,
+                                                  connections, _err)
+                d = {"snapshot": snap.id, **counts}
+                if as_json:
+                    typer.echo(json.dumps(d, indent=2))
+                else:
+                    typer.echo(f"snapshot {snap.short_id} of {from_archive}: {d['files']} "
+                               f"files, added {_human(d['added_bytes'])}")
+                return
+            if not paths:
+                raise UsageError("give the PATHs to back up")
+            sink = RepositorySink(r, paths, host, tags, level, connections, _err,
+                                  anchors=not no_pit)
+            with _progress(True, None, "backup") as prog:
+                s = Backup(paths, sink, compress=compress, one_file_system=not cross,
+                           progress=prog, warn=_err, point_in_time=not no_pit,
+                           snapshot=snapshot).run()
+    finally:
+        r.close()
+    d = s.as_dict()
+    d["changed"] = [{"path": p, "reason": r} for p, r in s.changed]
+    d["skipped"] = [{"path": p, "reason": r} for p, r in s.skipped]
+    if as_json:
+        typer.echo(json.dumps(d, indent=2))
+    else:
+        typer.echo(
+            f"snapshot {(s.snapshot or '')[:8]}: {s.files} files, {_human(s.logical_bytes)} "
+            f"logical; read {_human(s.bytes_read)}, unchanged {_human(s.unchanged_bytes)} "
+            f"(not read), added {_human(s.added_bytes)} to the repository in "
+            f"{s.seconds:.1f} s")
+    if s.changed or s.skipped:
+        raise typer.Exit(EXIT_WARNINGS)
+
+
 @app.command()
 def restore(
-    archive: Annotated[str, typer.Argument(help="Archive file, or - for standard input.")],
-    dest: Annotated[str, typer.Argument(help="Directory to restore into (created if "
-                                        "missing).")],
+    targets: Annotated[list[str], typer.Argument(
+        metavar="ARCHIVE DEST | SNAPSHOT... DEST",
+        help="An archive file (- for standard input) and the directory to restore into; "
+        "with -r, one or more snapshots (ids, unique prefixes, or latest) and DEST.")],
+    repo: RepoOpt = None,
+    password_file: PasswordOpt = None,
+    s3_endpoint: S3EndpointOpt = None,
+    connections: S3ConnOpt = 4,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing entries of the "
                                         "same name.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
@@ -282,18 +416,30 @@ def restore(
         "--trust-base", help="Skip hashing the bytes cloned from the base (saves reading "
         "them; a base changed since the backup then goes unnoticed).  Off by default.")]
     = False,
-    rsh: Annotated[str | None, typer.Option(
-        "--rsh", help="Command to reach an ssh:// archive or DEST (default: $CLONEAWARE_RSH "
-        "or ssh).")] = None,
+    rsh: RshOpt = None,
 ) -> None:
-    """Restore an archive into DEST, re-creating shared extents with reflinks.
+    """Restore an archive, or snapshots of a repository, into DEST, re-creating
+    shared extents with reflinks.
 
     ARCHIVE may be ssh://[user@]host[:port]/path (read from that host); DEST may be
-    ssh://[user@]host[:port]/path (the other host restores, with its own reflinks)."""
+    ssh://[user@]host[:port]/path (the other host restores, with its own reflinks).
+    One snapshot is restored as DEST/<name>, several as DEST/<short id>/<name>, and
+    the data they have in common is written once."""
     from cloneaware.remote import client
     from cloneaware.restore import Restore
 
     with _handled():
+        repo = _repo_for(targets, repo)
+        if repo:
+            if len(targets) < 2:
+                raise UsageError("give SNAPSHOT... DEST")
+            s = _restore_repo(targets[:-1], targets[-1], repo, password_file, s3_endpoint,
+                              connections, rsh, force, base, trust_base)
+            _restore_report(s, as_json)
+            return
+        if len(targets) != 2:
+            raise UsageError("give ARCHIVE DEST (or -r REPO SNAPSHOT... DEST)")
+        archive, dest = targets
         if client.is_url(dest):
             if client.is_url(archive):
                 raise UsageError("give a local ARCHIVE or a local DEST, not two ssh:// URLs")
@@ -317,44 +463,94 @@ def restore(
         finally:
             if not isinstance(src, str):
                 src.close()
-        d = s.as_dict()
-        d["not_exact"] = [{"path": p, "reason": r} for p, r in s.not_exact]
-        if as_json:
-            typer.echo(json.dumps(d, indent=2))
-        else:
-            typer.echo(
-                f"{s.files} files, {_human(s.logical_bytes)} logical: wrote "
-                f"{_human(s.written_bytes)}, reflinked {_human(s.reflinked_bytes)}, "
-                f"copied {_human(s.copied_bytes)}, holes {_human(s.hole_bytes)}"
-                + (f"; from the base {_human(s.base_bytes)}, verified "
-                   f"{_human(s.verified_bytes)}" if s.base_bytes else "") + " "
-                f"in {s.seconds:.1f} s")
-        if s.copied_bytes:
-            why = ", ".join(f"{_human(n)} ({r})" for r, n in s.copy_reasons.items())
-            _err(f"copied instead of reflinked: {why}")
-        if s.not_exact:
-            _err(f"{len(s.not_exact)} entries not restored exactly")
-            raise typer.Exit(EXIT_WARNINGS)
+        _restore_report(s, as_json)
+
+
+def _restore_repo(specs, dest, repo, password_file, s3_endpoint, connections, rsh, force,
+                  base, trust_base):
+    from cloneaware.repo.restore import SnapshotsRestore
+
+    if base is not None or trust_base:
+        raise UsageError("--base and --trust-base are for thin archives")
+    r = _open_repo(repo, password_file, rsh, s3_endpoint, connections)
+    try:
+        with r.lock(False, "restore"):
+            snaps = r.snapshots()
+            chosen = []
+            for spec in specs:
+                sn = r.find(spec, snaps)
+                if sn not in chosen:
+                    chosen.append(sn)
+            with _progress(True, None, "restore") as prog:
+                return SnapshotsRestore(r, chosen, dest, force=force, progress=prog,
+                                        warn=_err).run()
+    finally:
+        r.close()
+
+
+def _restore_report(s, as_json: bool) -> None:
+    d = s.as_dict()
+    d["not_exact"] = [{"path": p, "reason": r} for p, r in s.not_exact]
+    if as_json:
+        typer.echo(json.dumps(d, indent=2))
+    else:
+        typer.echo(
+            f"{s.files} files, {_human(s.logical_bytes)} logical: wrote "
+            f"{_human(s.written_bytes)}, reflinked {_human(s.reflinked_bytes)}, "
+            f"copied {_human(s.copied_bytes)}, holes {_human(s.hole_bytes)}"
+            + (f"; from the base {_human(s.base_bytes)}, verified "
+               f"{_human(s.verified_bytes)}" if s.base_bytes else "") + " "
+            f"in {s.seconds:.1f} s")
+    if s.copied_bytes:
+        why = ", ".join(f"{_human(n)} ({r})" for r, n in s.copy_reasons.items())
+        _err(f"copied instead of reflinked: {why}")
+    if s.not_exact:
+        _err(f"{len(s.not_exact)} entries not restored exactly")
+        raise typer.Exit(EXIT_WARNINGS)
 
 
 @app.command("ls")
 def ls_cmd(
-    archive: Annotated[str, typer.Argument(help="Archive file.")],
+    targets: Annotated[list[str], typer.Argument(
+        metavar="ARCHIVE | SNAPSHOT", help="An archive file, or with -r a snapshot (id, "
+        "unique prefix, or latest).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    repo: RepoOpt = None,
+    password_file: PasswordOpt = None,
+    rsh: RshOpt = None,
+    s3_endpoint: S3EndpointOpt = None,
 ) -> None:
-    """List the entries of an archive from its index, reading no file data."""
+    """List the entries of an archive from its index (reading no file data), or
+    of a repository snapshot from its manifest."""
+    import io
+
     from cloneaware.archive import format as fmt
     from cloneaware.archive.reader import open_archive, read_index
 
     with _handled():
-        f = open_archive(archive)
-        if not f.seekable():
-            raise UsageError("ls needs a seekable archive file (use verify for a pipe)")
-        with f:
-            listing = read_index(f)
+        if len(targets) != 1:
+            raise UsageError("give one ARCHIVE (or -r REPO and one SNAPSHOT)")
+        repo = _repo_for(targets, repo)
+        snap_info = None
+        if repo:
+            r = _open_repo(repo, password_file, rsh, s3_endpoint)
+            try:
+                with r.lock(False, "ls"):
+                    snap = r.find(targets[0])
+                    listing = read_index(io.BytesIO(r.manifest(snap)))
+                    snap_info = snap.to_json()
+            finally:
+                r.close()
+        else:
+            f = open_archive(targets[0])
+            if not f.seekable():
+                raise UsageError("ls needs a seekable archive file (use verify for a pipe)")
+            with f:
+                listing = read_index(f)
         items, footer, b = listing.items, listing.footer, listing.base
         if as_json:
             typer.echo(json.dumps({
+                **({"snapshot": snap_info} if snap_info else {}),
                 "version": listing.header.version,
                 "tool": listing.header.tool,
                 "base": None if b is None else {
@@ -371,6 +567,9 @@ def ls_cmd(
                 "base_referenced_bytes": footer.base_ref_bytes,
             }, indent=2))
             return
+        if snap_info:
+            typer.echo(f"snapshot {snap_info['id']} of {snap_info['hostname']} at "
+                       f"{snap_info['time'][:19]}Z: {', '.join(snap_info['paths'])}")
         if b is not None:
             typer.echo(f"thin backup: needs the base {os.fsdecode(b.path)!r} "
                        f"({len(b.files)} files)")
@@ -432,6 +631,358 @@ def verify(
                 typer.echo(f"thin backup: restoring it needs the base {counts['base']!r} "
                            f"({counts['base_files']} files); their bytes are checked at "
                            "restore")
+
+# --- repositories -----------------------------------------------------------------------
+
+@app.command()
+def init(
+    repo: RepoOpt = None,
+    encrypt: Annotated[bool, typer.Option(
+        "--encrypt", help="Encrypt everything stored (AES-256-GCM); the master key is "
+        "wrapped by a password (scrypt).")] = False,
+    password_file: PasswordOpt = None,
+    grid: Annotated[int, typer.Option(
+        "--grid", help="Blob grid in KiB: a power of two from 64 to 4096.")] = 1024,
+    pack_size: Annotated[int, typer.Option(
+        "--pack-size", help="Pack size to aim at, in MiB.")] = 16,
+    kdf_n: Annotated[int, typer.Option(
+        "--kdf-n", help="scrypt's N for the key (a power of two).")] = 1 << 17,
+    rsh: RshOpt = None,
+    s3_endpoint: S3EndpointOpt = None,
+) -> None:
+    """Make a new, empty repository (the directory or bucket prefix must be empty)."""
+    from cloneaware.repo.backend import open_backend
+    from cloneaware.repo.repository import Password, Repository
+
+    with _handled():
+        url = _env_repo(repo)
+        if not url:
+            raise UsageError("give -r REPO (or set CLONEAWARE_REPOSITORY)")
+        pw = Password(password_file, confirm=True)
+        password = pw("new password: ") if encrypt else None
+        if not encrypt and pw.given:
+            raise UsageError("a password was given, but not --encrypt")
+        backend = open_backend(url, rsh=rsh, s3={"endpoint": s3_endpoint}, create=True)
+        r = Repository.init(backend, password, grid=grid << 10, pack_size=pack_size << 20,
+                            kdf_n=kdf_n)
+        r.close()
+        typer.echo(f"made {'an encrypted' if encrypt else 'an unencrypted'} repository "
+                   f"{r.config.id[:8]} at {url}")
+
+
+@app.command()
+def snapshots(
+    repo: RepoOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+    host: Annotated[str | None, typer.Option("--host", help="Only this host's.")] = None,
+    password_file: PasswordOpt = None,
+    rsh: RshOpt = None,
+    s3_endpoint: S3EndpointOpt = None,
+) -> None:
+    """List the snapshots of a repository, oldest first."""
+    with _handled():
+        r = _open_repo(_env_repo(repo), password_file, rsh, s3_endpoint)
+        try:
+            snaps = [s for s in r.snapshots() if host is None or s.hostname == host]
+        finally:
+            r.close()
+        if as_json:
+            typer.echo(json.dumps([s.to_json() for s in snaps], indent=2))
+            return
+        enc = "encrypted" if r.crypto.encrypted else "not encrypted"
+        typer.echo(f"repository {r.config.id[:8]} ({enc}), {len(snaps)} snapshots")
+        typer.echo(f"{'id':<8}  {'time (UTC)':<19}  {'host':<16}  {'tags':<12}  paths")
+        for s in snaps:
+            typer.echo(f"{s.short_id:<8}  {s.data['time'][:19].replace('T', ' '):<19}  "
+                       f"{s.hostname:<16}  {','.join(s.tags):<12}  {', '.join(s.paths)}")
+
+
+@app.command()
+def forget(
+    repo: RepoOpt = None,
+    keep_last: Annotated[int, typer.Option("--keep-last", min=0,
+                                           help="Keep the N newest snapshots.")] = 0,
+    keep_daily: Annotated[int, typer.Option("--keep-daily", min=0,
+                                            help="Keep the newest of each of N days.")] = 0,
+    keep_weekly: Annotated[int, typer.Option("--keep-weekly", min=0,
+                                             help="Keep the newest of each of N weeks.")] = 0,
+    keep_monthly: Annotated[int, typer.Option("--keep-monthly", min=0,
+                                              help="Keep the newest of each of N months.")] = 0,
+    host: Annotated[str | None, typer.Option("--host", help="Only this host's.")] = None,
+    do_prune: Annotated[bool, typer.Option("--prune", help="Then prune.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would go; change "
+                                          "nothing.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    password_file: PasswordOpt = None,
+    rsh: RshOpt = None,
+    s3_endpoint: S3EndpointOpt = None,
+    connections: S3ConnOpt = 4,
+) -> None:
+    """Remove snapshots, keeping those the --keep options name in each group of
+    snapshots of the same host and PATHs."""
+    from cloneaware.repo import maintain
+    from cloneaware.repo.forget import Policy
+
+    with _handled():
+        policy = Policy(keep_last, keep_daily, keep_weekly, keep_monthly)
+        r = _open_repo(_env_repo(repo), password_file, rsh, s3_endpoint, connections)
+        try:
+            with r.lock(True, "forget"):
+                res = maintain.forget(r, policy, dry_run, host)
+                pr = maintain.prune(r, dry_run, connections, _err) if do_prune else None
+        finally:
+            r.close()
+        if as_json:
+            typer.echo(json.dumps({
+                "kept": [{**s.to_json(), "reasons": why} for s, why in res.kept],
+                "removed": [s.to_json() for s in res.removed],
+                "prune": None if pr is None else pr.__dict__}, indent=2))
+            return
+        verb = "would remove" if dry_run else "removed"
+        for s, why in res.kept:
+            typer.echo(f"keep   {s.short_id}  {s.data['time'][:19]}  {s.hostname}  "
+                       f"({', '.join(why)})")
+        for s in res.removed:
+            typer.echo(f"remove {s.short_id}  {s.data['time'][:19]}  {s.hostname}")
+        typer.echo(f"{verb} {len(res.removed)} snapshots, kept {len(res.kept)}")
+        if pr is not None:
+            _prune_report(pr, dry_run)
+
+
+def _prune_report(pr, dry_run: bool) -> None:
+    verb = "would delete" if dry_run else "deleted"
+    typer.echo(f"prune: {verb} {pr.packs_deleted} packs, repacked {pr.packs_repacked}; "
+               f"{_human(pr.bytes_before)} -> {_human(pr.bytes_after)}")
+
+
+@app.command()
+def prune(
+    repo: RepoOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would go; change "
+                                          "nothing.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    password_file: PasswordOpt = None,
+    rsh: RshOpt = None,
+    s3_endpoint: S3EndpointOpt = None,
+    connections: S3ConnOpt = 4,
+) -> None:
+    """Delete the data no snapshot needs (repacking packs that are partly needed)."""
+    from cloneaware.repo import maintain
+
+    with _handled():
+        r = _open_repo(_env_repo(repo), password_file, rsh, s3_endpoint, connections)
+        try:
+            with r.lock(True, "prune"):
+                pr = maintain.prune(r, dry_run, connections, _err)
+        finally:
+            r.close()
+        if as_json:
+            typer.echo(json.dumps(pr.__dict__, indent=2))
+        else:
+            _prune_report(pr, dry_run)
+
+
+@app.command()
+def check(
+    repo: RepoOpt = None,
+    read_data: Annotated[bool, typer.Option(
+        "--read-data", help="Also read every pack and check every blob against its id.")]
+    = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    password_file: PasswordOpt = None,
+    rsh: RshOpt = None,
+    s3_endpoint: S3EndpointOpt = None,
+) -> None:
+    """Check that every object is sound and every snapshot finds every blob.
+    Exit 0 if so, 3 with the problems named otherwise."""
+    from cloneaware.errors import EXIT_ARCHIVE
+    from cloneaware.repo import maintain
+
+    with _handled():
+        r = _open_repo(_env_repo(repo), password_file, rsh, s3_endpoint)
+        try:
+            with r.lock(False, "check"):
+                res = maintain.check(r, read_data)
+        finally:
+            r.close()
+        enc = r.crypto.encrypted
+        if as_json:
+            typer.echo(json.dumps({**res.__dict__, "encrypted": enc, "ok": not res.errors},
+                                  indent=2))
+        else:
+            typer.echo(f"repository {r.config.id[:8]} ({'encrypted' if enc else 'not encrypted'}"
+                       f"): {res.snapshots} snapshots, {res.packs} packs, {res.blobs} blobs"
+                       + (f", read {_human(res.read_bytes)}" if read_data else ""))
+            for w in res.warnings:
+                typer.echo(f"note: {w}")
+        for e in res.errors:
+            _err(e)
+        if res.errors:
+            _err(f"{len(res.errors)} problems found")
+            raise typer.Exit(EXIT_ARCHIVE)
+        if not as_json:
+            typer.echo("no problems found")
+
+
+@app.command()
+def unlock(
+    repo: RepoOpt = None,
+    remove_all: Annotated[bool, typer.Option(
+        "--remove-all", help="Remove every lock, live ones too (only when you know no "
+        "command is running).")] = False,
+    password_file: PasswordOpt = None,
+    rsh: RshOpt = None,
+    s3_endpoint: S3EndpointOpt = None,
+) -> None:
+    """Remove stale locks: those of processes gone from this host, and those of
+    other hosts older than 30 minutes."""
+    from cloneaware.repo.repository import read_locks
+
+    with _handled():
+        r = _open_repo(_env_repo(repo), password_file, rsh, s3_endpoint)
+        try:
+            n = 0
+            for lk in read_locks(r):
+                if lk.stale or remove_all:
+                    r.backend.delete(lk.name)
+                    n += 1
+                else:
+                    _err(f"kept {lk.describe()}")
+        finally:
+            r.close()
+        typer.echo(f"removed {n} locks")
+
+
+@app.command()
+def export(
+    snapshot: Annotated[str, typer.Argument(help="Snapshot id, unique prefix, or latest.")],
+    output: Annotated[str, typer.Option("-o", "--output", help="Archive file, or - for "
+                                        "standard output.")],
+    repo: RepoOpt = None,
+    compress: Annotated[str, typer.Option("--compress", help="none, zstd or zstd:LEVEL.")]
+    = "zstd",
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing archive.")]
+    = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
+    password_file: PasswordOpt = None,
+    rsh: RshOpt = None,
+    s3_endpoint: S3EndpointOpt = None,
+) -> None:
+    """Write a snapshot as an archive file: the portable form, with its sharing."""
+    from cloneaware.backup.sinks import file_output
+    from cloneaware.backup.workers import parse_compress
+    from cloneaware.repo.transfer import export as do_export
+
+    with _handled():
+        _codec, level = parse_compress(compress)
+        opener = file_output(output, force)
+        r = _open_repo(_env_repo(repo), password_file, rsh, s3_endpoint)
+        try:
+            with r.lock(False, "export"):
+                snap = r.find(snapshot)
+                out = opener()
+                try:
+                    d = do_export(r, snap, out, output, level)
+                    out.commit()
+                except BaseException:
+                    out.abort()
+                    raise
+        finally:
+            r.close()
+        msg = sys.stderr if output == "-" else sys.stdout
+        if as_json:
+            msg.write(json.dumps({"snapshot": snap.id, **d}, indent=2) + "\n")
+        elif output != "-":
+            msg.write(f"snapshot {snap.short_id} -> {output}: {d['entries']} entries, stored "
+                      f"{_human(d['stored_bytes'])}, referenced "
+                      f"{_human(d['referenced_bytes'])}\n")
+
+
+key_app = typer.Typer(help="Manage the passwords of an encrypted repository.",
+                      no_args_is_help=True)
+app.add_typer(key_app, name="key")
+
+
+def _key_repo(repo, password_file, rsh, s3_endpoint):
+    r = _open_repo(_env_repo(repo), password_file, rsh, s3_endpoint)
+    if not r.crypto.encrypted:
+        r.close()
+        raise UsageError(f"{r.where}: not encrypted: it has no keys")
+    return r
+
+
+@key_app.command("list")
+def key_list(repo: RepoOpt = None, password_file: PasswordOpt = None, rsh: RshOpt = None,
+             s3_endpoint: S3EndpointOpt = None) -> None:
+    """List the key objects (one per password)."""
+    from cloneaware.repo.format import decode_json
+
+    with _handled():
+        r = _key_repo(repo, password_file, rsh, s3_endpoint)
+        try:
+            for k in sorted(r.backend.listing("keys"), key=lambda k: k.mtime):
+                d = decode_json(r.backend.read(k.name), k.name)
+                mark = "*" if k.name == r.key_name else " "
+                typer.echo(f"{mark} {k.name[5:13]}  {d.get('created', '?')}  "
+                           f"{d.get('username', '?')}@{d.get('hostname', '?')}  "
+                           f"scrypt N={d.get('n')}")
+        finally:
+            r.close()
+
+
+@key_app.command("add")
+def key_add(repo: RepoOpt = None, password_file: PasswordOpt = None, rsh: RshOpt = None,
+            s3_endpoint: S3EndpointOpt = None,
+            new_password_file: Annotated[str | None, typer.Option(
+                "--new-password-file", help="The new password (else a prompt).")] = None,
+            kdf_n: Annotated[int, typer.Option("--kdf-n", help="scrypt's N for the new key.")]
+            = 1 << 17) -> None:
+    """Add a password: a new key object for the same master key."""
+    from cloneaware.repo import keys
+
+    with _handled():
+        r = _key_repo(repo, password_file, rsh, s3_endpoint)
+        try:
+            name = keys.add(r, keys.new_password(new_password_file), kdf_n)
+        finally:
+            r.close()
+        typer.echo(f"added key {name[5:13]}")
+
+
+@key_app.command("remove")
+def key_remove(key_id: Annotated[str, typer.Argument(help="The key's id (or a prefix).")],
+               repo: RepoOpt = None, password_file: PasswordOpt = None, rsh: RshOpt = None,
+               s3_endpoint: S3EndpointOpt = None) -> None:
+    """Remove a password's key object (never the one used, nor the last)."""
+    from cloneaware.repo import keys
+
+    with _handled():
+        r = _key_repo(repo, password_file, rsh, s3_endpoint)
+        try:
+            name = keys.remove(r, key_id)
+        finally:
+            r.close()
+        typer.echo(f"removed key {name[5:13]}")
+
+
+@key_app.command("passwd")
+def key_passwd(repo: RepoOpt = None, password_file: PasswordOpt = None, rsh: RshOpt = None,
+               s3_endpoint: S3EndpointOpt = None,
+               new_password_file: Annotated[str | None, typer.Option(
+                   "--new-password-file", help="The new password (else a prompt).")] = None,
+               kdf_n: Annotated[int, typer.Option("--kdf-n", help="scrypt's N.")] = 1 << 17
+               ) -> None:
+    """Change the password used: add a key for the new one, remove the old one."""
+    from cloneaware.repo import keys
+
+    with _handled():
+        r = _key_repo(repo, password_file, rsh, s3_endpoint)
+        try:
+            name = keys.passwd(r, keys.new_password(new_password_file), kdf_n)
+        finally:
+            r.close()
+        typer.echo(f"changed the password: key {name[5:13]} replaces the old one")
+
 
 
 @app.command()

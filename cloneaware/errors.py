@@ -11,15 +11,20 @@ EXIT_USAGE = 2         # bad arguments or paths (typer uses 2 as well)
 EXIT_ARCHIVE = 3       # archive damaged, truncated, hostile or of a newer version
 EXIT_IO = 4            # the job could not finish: I/O error, no space, permission denied
 EXIT_BASE = 5          # thin restore: base missing or different from the backup
+EXIT_LOCKED = 6        # the repository is locked by another command
+EXIT_KEY = 7           # wrong password, or no key in the repository opens it
 EXIT_INTERRUPTED = 130  # SIGINT or SIGTERM
 
 EXIT_CODES = {
     EXIT_OK: "success",
     EXIT_WARNINGS: "finished with warnings: files skipped, unreadable or changed while read",
     EXIT_USAGE: "bad usage: wrong arguments, missing paths, existing target without --force",
-    EXIT_ARCHIVE: "the archive is damaged, truncated, hostile or of a newer format",
+    EXIT_ARCHIVE: "the archive or repository is damaged, truncated, hostile or of a newer "
+                  "format",
     EXIT_IO: "an I/O error stopped the job (no space, permission denied, ...)",
     EXIT_BASE: "thin restore: the base is missing or differs from the backup",
+    EXIT_LOCKED: "the repository is locked by another command (see cloneaware unlock)",
+    EXIT_KEY: "wrong password: no key of the repository opens with it",
     EXIT_INTERRUPTED: "interrupted by SIGINT or SIGTERM; nothing half-written was left",
 }
 
@@ -56,6 +61,24 @@ class BaseMismatch(CloneawareError):
     """A thin restore's base is missing, or its bytes differ from the backup."""
 
     exit_code = EXIT_BASE
+
+
+class RepositoryError(CloneawareError):
+    """The repository is damaged, hostile, not a repository or of a newer format."""
+
+    exit_code = EXIT_ARCHIVE
+
+
+class RepositoryLocked(CloneawareError):
+    """Another command holds a lock that this one cannot share."""
+
+    exit_code = EXIT_LOCKED
+
+
+class WrongPassword(CloneawareError):
+    """No key object of the repository opens with the password given."""
+
+    exit_code = EXIT_KEY
 
 
 class RemoteError(CloneawareError):

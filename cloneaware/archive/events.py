@@ -19,11 +19,18 @@ class FileState:
     pos: int = 0  # next file offset allowed (ranges come in order)
     end: fmt.End | None = None
     #: records and bytes seen so far, in the order of End.counts()
-    counts: list[int] = field(default_factory=lambda: [0] * 8)
+    counts: list[int] = field(default_factory=lambda: [0] * 10)
+    #: (inode, ctime_ns) from the STAT record, if any
+    stat: tuple[int, int] | None = None
     #: BASEREF ranges to verify once the file is complete: (offset, length, sha)
     base_ranges: list[tuple[int, int, bytes]] = field(default_factory=list)
     #: EXTERNAL ranges, verified the same way
     external_ranges: list[tuple[int, int, bytes]] = field(default_factory=list)
+
+    def count(self, kind: int, length: int) -> None:
+        """One more record of ``kind`` (fmt.End.DATA, ...) of ``length`` bytes."""
+        self.counts[kind] += 1
+        self.counts[5 + kind] += length
 
 
 class EntryEvent(NamedTuple):
@@ -76,6 +83,27 @@ class ExternalEvent(NamedTuple):
     record: int
 
 
+class BlobEvent(NamedTuple):
+    """BLOB (repository manifests): ``length`` bytes at ``offset`` are those of
+    the blob ``blob_id`` from ``blob_offset``."""
+
+    file: FileState
+    offset: int
+    length: int
+    blob_id: bytes
+    blob_offset: int
+    record: int
+
+
+class StatEvent(NamedTuple):
+    """STAT: the source file's inode and ctime (for the next backup)."""
+
+    file: FileState
+    ino: int
+    ctime_ns: int
+    record: int
+
+
 class EndEvent(NamedTuple):
     """END: the file's records are complete and agree with its counts."""
 
@@ -91,4 +119,5 @@ class FooterEvent(NamedTuple):
     record: int
 
 
-Event = EntryEvent | DataEvent | RefEvent | BaseRefEvent | ExternalEvent | EndEvent | FooterEvent
+Event = (EntryEvent | DataEvent | RefEvent | BaseRefEvent | ExternalEvent | BlobEvent
+         | StatEvent | EndEvent | FooterEvent)

@@ -12,16 +12,17 @@ from dataclasses import dataclass, field
 from cloneaware.errors import ArchiveError
 
 MAGIC = b"\x89CLONEAW"
-WRITE_VERSION = 2
-READ_VERSIONS = (1, 2)
+WRITE_VERSION = 3
+READ_VERSIONS = (1, 2, 3)
 HASH_SHA256 = 1
 
 T_HEADER, T_ENTRY, T_DATA, T_REF, T_END, T_INDEX, T_FOOTER = 1, 2, 3, 4, 5, 6, 7
 T_BASE, T_BASEREF, T_EXTERNAL = 8, 9, 10  # version 2
+T_BLOB, T_STAT = 11, 12  # version 3: repository manifests
 ANCILLARY = 0x8000
 TYPE_NAMES = {T_HEADER: "HEADER", T_ENTRY: "ENTRY", T_DATA: "DATA", T_REF: "REF",
               T_END: "END", T_INDEX: "INDEX", T_FOOTER: "FOOTER", T_BASE: "BASE",
-              T_BASEREF: "BASEREF", T_EXTERNAL: "EXTERNAL"}
+              T_BASEREF: "BASEREF", T_EXTERNAL: "EXTERNAL", T_BLOB: "BLOB", T_STAT: "STAT"}
 
 CHUNK_MAX = 4 << 20
 LIMITS = {
@@ -29,23 +30,29 @@ LIMITS = {
     T_ENTRY: 1 << 20,
     T_DATA: 48 + CHUNK_MAX,
     T_REF: 32,
-    T_END: 56,
+    T_END: 68,
     T_INDEX: 16 << 20,
     T_FOOTER: 56,
     T_BASE: 16 << 20,
     T_BASEREF: 56,
     T_EXTERNAL: 44,
+    T_BLOB: 48,
+    T_STAT: 16,
 }
-#: Limits that differ in version 1.
+#: Limits that differ in older versions.
 LIMITS_V1 = {T_END: 36, T_FOOTER: 48}
+LIMITS_V2 = {T_END: 56}
 V2_TYPES = (T_BASE, T_BASEREF, T_EXTERNAL)
+V3_TYPES = (T_BLOB, T_STAT)
+#: The largest blob of a repository (docs/REPOSITORY.md)
+BLOB_MAX = 4 << 20
 ANCILLARY_LIMIT = 16 << 20
 
 FRAME = struct.Struct("<HHI")
 CRC = struct.Struct("<I")
 FRAME_OVERHEAD = FRAME.size + CRC.size
 FOOTER_SIZE = FRAME_OVERHEAD + LIMITS[T_FOOTER]
-FOOTER_SIZES = {1: FRAME_OVERHEAD + LIMITS_V1[T_FOOTER], 2: FOOTER_SIZE}
+FOOTER_SIZES = {1: FRAME_OVERHEAD + LIMITS_V1[T_FOOTER], 2: FOOTER_SIZE, 3: FOOTER_SIZE}
 
 K_REG, K_DIR, K_SYMLINK, K_HARDLINK, K_FIFO, K_CHR, K_BLK = 1, 2, 3, 4, 5, 6, 7
 KIND_NAMES = {K_REG: "file", K_DIR: "dir", K_SYMLINK: "symlink", K_HARDLINK: "hardlink",
@@ -64,7 +71,8 @@ _ENTRY = struct.Struct("<QBBHIIIqqQQQ")
 _DATA = struct.Struct("<QIB3x32s")
 _REF = struct.Struct("<QQQQ")
 _END_V1 = struct.Struct("<QIIQQ4x")
-_END = struct.Struct("<QIIQQIQIQ")
+_END_V2 = struct.Struct("<QIIQQIQIQ")
+_END = struct.Struct("<QIIQQIQIQIQ")
 _INDEX_ITEM_V1 = struct.Struct("<QBQQQQ")
 _INDEX_ITEM = struct.Struct("<QBQQQQQ")
 _FOOTER_V1 = struct.Struct("<QQQQQQ")
@@ -73,6 +81,8 @@ _BASE_HEAD = struct.Struct("<B")
 _BASE_ITEM = struct.Struct("<IQ")
 _BASEREF = struct.Struct("<QIIQ32s")
 _EXTERNAL = struct.Struct("<QI32s")
+_BLOB = struct.Struct("<QII32s")
+_STAT = struct.Struct("<Qq")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 
@@ -95,6 +105,10 @@ def check_frame_header(head: bytes, offset: int, version: int = WRITE_VERSION
                        ) -> tuple[int, int]:
     rtype, flags, length = FRAME.unpack(head)
     limit = LIMITS.get(rtype)
+    if version < 3 and rtype in V3_TYPES:
+        limit = None
+    if version == 2:
+        limit = LIMITS_V2.get(rtype, limit)
     if version == 1:
         if rtype in V2_TYPES:
             limit = None
@@ -326,21 +340,28 @@ class End:
     base_ref_bytes: int = 0
     external_records: int = 0
     external_bytes: int = 0
+    blob_records: int = 0
+    blob_bytes: int = 0
+
+    #: positions in counts()
+    DATA, REF, BASEREF, EXTERNAL, BLOB = 0, 1, 2, 3, 4
 
     def counts(self) -> list[int]:
+        """Records per kind (DATA, REF, BASEREF, EXTERNAL, BLOB), then bytes per kind."""
         return [self.data_records, self.ref_records, self.base_ref_records,
-                self.external_records, self.stored_bytes, self.ref_bytes,
-                self.base_ref_bytes, self.external_bytes]
+                self.external_records, self.blob_records, self.stored_bytes,
+                self.ref_bytes, self.base_ref_bytes, self.external_bytes, self.blob_bytes]
 
     def encode(self) -> bytes:
         return _END.pack(self.id, self.data_records, self.ref_records,
                          self.stored_bytes, self.ref_bytes, self.base_ref_records,
-                         self.base_ref_bytes, self.external_records, self.external_bytes)
+                         self.base_ref_bytes, self.external_records, self.external_bytes,
+                         self.blob_records, self.blob_bytes)
 
     @classmethod
     def decode(cls, buf, offset: int, version: int = WRITE_VERSION) -> End:
         c = _Cursor(buf, offset, "END")
-        v = c.unpack(_END_V1 if version == 1 else _END)
+        v = c.unpack({1: _END_V1, 2: _END_V2}.get(version, _END))
         c.done()
         return cls(*v)
 
@@ -499,3 +520,33 @@ def decode_external(buf, offset: int) -> tuple[int, int, bytes]:
     if off > SIZE_MAX:
         c.fail("range out of bounds")
     return off, length, sha
+
+
+# --- version 3: repository manifests ---------------------------------------------
+
+def encode_blob(offset: int, length: int, blob_offset: int, blob_id: bytes) -> bytes:
+    return _BLOB.pack(offset, length, blob_offset, blob_id)
+
+
+def decode_blob(buf, offset: int) -> tuple[int, int, int, bytes]:
+    """(file offset, length, offset in the blob, blob id)."""
+    c = _Cursor(buf, offset, "BLOB")
+    off, length, boff, bid = c.unpack(_BLOB)
+    c.done()
+    if not 0 < length <= BLOB_MAX or boff + length > BLOB_MAX:
+        c.fail(f"range of {length} bytes at {boff} outside a blob of at most {BLOB_MAX}")
+    if off > SIZE_MAX or off + length > SIZE_MAX:
+        c.fail("range out of bounds")
+    return off, length, boff, bid
+
+
+def encode_stat(ino: int, ctime_ns: int) -> bytes:
+    return _STAT.pack(ino, ctime_ns)
+
+
+def decode_stat(buf, offset: int) -> tuple[int, int]:
+    """(inode number, ctime in ns) of the source file."""
+    c = _Cursor(buf, offset, "STAT")
+    v = c.unpack(_STAT)
+    c.done()
+    return v

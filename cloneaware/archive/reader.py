@@ -20,6 +20,7 @@ import zstandard
 from cloneaware.archive import format as fmt
 from cloneaware.archive.events import (
     BaseRefEvent,
+    BlobEvent,
     DataEvent,
     EndEvent,
     EntryEvent,
@@ -28,6 +29,7 @@ from cloneaware.archive.events import (
     FileState,
     FooterEvent,
     RefEvent,
+    StatEvent,
 )
 from cloneaware.errors import ArchiveError, TruncatedArchive, UsageError
 
@@ -193,8 +195,7 @@ class Stream:
                 fut = pool.submit(self._decode, raw, codec, length, sha, off, cur.entry.path,
                                   foff)
                 cur.pos = foff + length
-                cur.counts[0] += 1
-                cur.counts[4] += length
+                cur.count(fmt.End.DATA, length)
                 yield _PendingData(cur, foff, fut, off)
             elif rtype == fmt.T_BASEREF:
                 if cur is None:
@@ -208,8 +209,7 @@ class Stream:
                 if boff + length > used.size:
                     raise ArchiveError("reference beyond the end of its base file", off)
                 cur.pos = foff + length
-                cur.counts[2] += 1
-                cur.counts[6] += length
+                cur.count(fmt.End.BASEREF, length)
                 cur.base_ranges.append((foff, length, sha))
                 yield BaseRefEvent(cur, foff, length, used, boff, sha, off)
             elif rtype == fmt.T_EXTERNAL:
@@ -218,8 +218,7 @@ class Stream:
                 foff, length, sha = fmt.decode_external(payload, off)
                 self._check_range(cur, foff, length, off)
                 cur.pos = foff + length
-                cur.counts[3] += 1
-                cur.counts[7] += length
+                cur.count(fmt.End.EXTERNAL, length)
                 cur.external_ranges.append((foff, length, sha))
                 yield ExternalEvent(cur, foff, length, sha, off)
             elif rtype == fmt.T_REF:
@@ -229,9 +228,21 @@ class Stream:
                 self._check_range(cur, foff, length, off)
                 src = self._check_ref_source(cur, foff, length, src_id, soff, off)
                 cur.pos = foff + length
-                cur.counts[1] += 1
-                cur.counts[5] += length
+                cur.count(fmt.End.REF, length)
                 yield RefEvent(cur, foff, length, src, soff, off)
+            elif rtype == fmt.T_BLOB:
+                if cur is None:
+                    raise ArchiveError("BLOB outside a regular file", off)
+                foff, length, boff, bid = fmt.decode_blob(payload, off)
+                self._check_range(cur, foff, length, off)
+                cur.pos = foff + length
+                cur.count(fmt.End.BLOB, length)
+                yield BlobEvent(cur, foff, length, bid, boff, off)
+            elif rtype == fmt.T_STAT:
+                if cur is None or cur.stat is not None or any(cur.counts):
+                    raise ArchiveError("STAT not right after the ENTRY of a regular file", off)
+                cur.stat = fmt.decode_stat(payload, off)
+                yield StatEvent(cur, cur.stat[0], cur.stat[1], off)
             elif rtype == fmt.T_END:
                 if cur is None:
                     raise ArchiveError("END outside a regular file", off)

@@ -86,15 +86,26 @@ class Writer:
         cur.external_records += 1
         cur.external_bytes += length
 
+    def blob(self, offset: int, length: int, blob_offset: int, blob_id: bytes) -> None:
+        cur = self._file()
+        self._write(fmt.frame(fmt.T_BLOB, fmt.encode_blob(offset, length, blob_offset, blob_id)))
+        cur.blob_records += 1
+        cur.blob_bytes += length
+
+    def stat(self, ino: int, ctime_ns: int) -> None:
+        """The source's inode and ctime, right after a REG entry."""
+        self._file()
+        self._write(fmt.frame(fmt.T_STAT, fmt.encode_stat(ino, ctime_ns)))
+
     def end(self) -> fmt.End:
         end, item = self._file(), self._cur_item
         assert item is not None
         self._cur = self._cur_item = None
         self._write(fmt.frame(fmt.T_END, end.encode()))
-        item.stored_bytes = end.stored_bytes + end.external_bytes
+        item.stored_bytes = end.stored_bytes + end.external_bytes + end.blob_bytes
         item.ref_bytes = end.ref_bytes
         item.base_ref_bytes = end.base_ref_bytes
-        self.stored_bytes += end.stored_bytes + end.external_bytes
+        self.stored_bytes += end.stored_bytes + end.external_bytes + end.blob_bytes
         self.ref_bytes += end.ref_bytes
         self.base_ref_bytes += end.base_ref_bytes
         return end

@@ -74,6 +74,11 @@ class Summary:
     #: --snapshot, or read live (with the before/after check), and why
     captured_by_clone: int = 0
     captured_by_snapshot: int = 0
+    #: repositories: bytes proved unchanged (by anchors, or the metadata rule)
+    #: and not read; bytes new to the repository; the snapshot made
+    unchanged_bytes: int = 0
+    added_bytes: int = 0
+    snapshot: str | None = None
     read_live: int = 0
     read_live_reasons: dict[str, int] = field(default_factory=dict)
     changed: list[tuple[str, str]] = field(default_factory=list)
@@ -144,6 +149,15 @@ class _CheckRef(NamedTuple):
     key: tuple[int, int]
 
 
+class _AnchorRef(NamedTuple):
+    """Unchanged since the last backup: the blocks are shared with the anchor."""
+
+    offset: int
+    length: int
+    anchor: int  # the anchor's file number
+    anchor_offset: int
+
+
 class _CheckBase(NamedTuple):
     """A compressed candidate into the base: a BASEREF only if both hash alike."""
 
@@ -153,7 +167,7 @@ class _CheckBase(NamedTuple):
     base_offset: int
 
 
-_Op = _Store | _Ref | _BaseRef | _CheckRef | _CheckBase
+_Op = _Store | _Ref | _BaseRef | _CheckRef | _CheckBase | _AnchorRef
 
 
 def _chunks(offset: int, length: int):
@@ -183,6 +197,7 @@ class Backup:
         self.progress = progress
         self.warn = warn or (lambda msg: None)
         self.summary = Summary()
+        sink.summary = self.summary
         self.base = base
         self.base_files: dict[int, _BaseFile] = {}  # fileno -> base file
         self.base_kind = fmt.BASE_FILE
@@ -191,7 +206,8 @@ class Backup:
         self._hashes: dict[tuple[int, int], bytes] = {}
         self.entry_of_file: dict[int, int] = {}  # fileno -> entry id
         self.invalid: set[int] = set()  # filenos whose bytes no reference may trust
-        self.capture = Capture(point_in_time, self.warn)
+        self.capture = Capture(point_in_time, self.warn, place=sink.capture_dir)
+        self.anchor_files: dict[int, object] = {}  # fileno -> anchor (repositories)
         self.snapshot = snapshot
         self.redirect: dict[bytes, bytes] | None = None  # PATH -> its --snapshot
 
@@ -270,6 +286,7 @@ class Backup:
         builder = IndexBuilder()
         items: list[_File | _Link | _Other] = []
         inodes: dict[tuple[int, int], int] = {}
+        self.anchor_files = self.sink.prepare(fstab, builder)
         if self.base is not None:
             self._map_base(fstab, builder)
         for it in map_tree(self.paths, self.one_file_system, redirect=self.redirect):
@@ -406,8 +423,25 @@ class Backup:
             if not live:
                 self.capture.counts.by_snapshot += 1  # read-only: nothing writes it
             else:
-                cap = self.capture.clone(fd, node.src, st.st_size,
+                got = self.capture.clone(fd, node.src, st.st_size,
                                          fsinfo.fs_info(fd, st.st_dev, node.src))
+                if isinstance(got, str):
+                    e = entry_for(node, fmt.K_REG, st)
+                    e.size = st.st_size
+                    e.xattrs = read_xattrs(fd)
+                    if item.fileno in referenced:
+                        e.eflags |= fmt.EF_REFERENCED
+                    if self.sink.unchanged(node, st, e):
+                        # the metadata rule: the same file as in the parent snapshot
+                        if item.fileno >= 0:
+                            self.entry_of_file[item.fileno] = e.id
+                        s.files += 1
+                        s.logical_bytes += st.st_size
+                        s.unchanged_bytes += st.st_size
+                        return e.id
+                    self.capture.counts.live(got)
+                else:
+                    cap = got
             size = st.st_size
             if cap is not None:
                 # The clone is one instant's state and nobody else writes it;
@@ -439,14 +473,14 @@ class Backup:
             e.xattrs = read_xattrs(fd)
             if item.fileno in referenced and not stale_plan:
                 e.eflags |= fmt.EF_REFERENCED
-            w.entry(e)
+            self.sink.file_entry(e, st)
             if item.fileno >= 0:
                 self.entry_of_file[item.fileno] = e.id
             data_fd = fd if cap is None else cap
             # after the entry is known: a file may share with itself
             ops = self._ops(data_fd, item.fileno, p)
             short = self._write_ops(w, data_fd, ops, workers, node.src)
-            w.end()
+            self.sink.end()
             s.files += 1
             s.logical_bytes += size
             s.hole_bytes += size - data_bytes
@@ -458,6 +492,8 @@ class Backup:
                     self._invalidate(item)
             elif short:  # a clone or a snapshot cannot shrink: the disk lied
                 raise OSError(errno.EIO, "file shorter than its size", os.fsdecode(node.src))
+            if not live and not stale_plan:
+                self.sink.keep(data_fd, cap is not None, e, node.src)
             return e.id
         except OSError as ex:
             # Archive writes carry the archive's name; what has none came from
@@ -482,7 +518,10 @@ class Backup:
                 pieces["logical"].tolist(), pieces["length"].tolist(),
                 pieces["ref_file"].tolist(), pieces["ref_logical"].tolist(),
                 pieces["check"].tolist()):
-            if check == CHECK_CANDIDATE:
+            if ref_file in self.anchor_files and check != CHECK_CANDIDATE:
+                ops.append(_AnchorRef(logical, length, ref_file, ref_logical))
+                continue
+            if check == CHECK_CANDIDATE and not self.sink.content_addressed:
                 if length <= fmt.CHUNK_MAX and ref_file not in self.invalid:
                     if ref_file in self.base_files:
                         ops.append(_CheckBase(logical, length, ref_file, ref_logical))
@@ -502,10 +541,11 @@ class Backup:
                 continue
             # stored data
             os.posix_fadvise(fd, logical, length, os.POSIX_FADV_WILLNEED)
-            if check == CHECK_HASHED and length <= fmt.CHUNK_MAX:
+            if check == CHECK_HASHED and length <= fmt.CHUNK_MAX \
+                    and not self.sink.content_addressed:
                 ops.append(_Store(logical, length, (fileno, logical)))
             else:
-                ops += [_Store(o, n) for o, n in _chunks(logical, length)]
+                ops += [_Store(o, n) for o, n in self.sink.cuts(logical, length)]
         return ops
 
     def _write_ops(self, w: Writer, fd: int, ops: list[_Op], workers: Workers,
@@ -543,8 +583,11 @@ class Backup:
                 nxt += 1
             op, fut = pending.popleft()
             if isinstance(op, _Ref):
-                w.ref(op.offset, op.length, op.source, op.source_offset)
+                self.sink.ref(op.offset, op.length, op.source, op.source_offset)
                 s.referenced_bytes += op.length
+            elif isinstance(op, _AnchorRef):
+                self.sink.anchor_ref(op.offset, op.length, op.anchor, op.anchor_offset)
+                s.unchanged_bytes += op.length
             elif isinstance(op, _BaseRef):
                 chunk: Chunk = result(fut)
                 w.baseref(op.offset, op.length, op.base, op.base_offset, chunk.sha256)
@@ -563,7 +606,7 @@ class Backup:
                 whole = got.got == op.length
                 if whole and isinstance(op, _CheckRef) \
                         and self._hashes.get(op.key) == got.sha256:
-                    w.ref(op.offset, op.length, op.source, op.source_offset)
+                    self.sink.ref(op.offset, op.length, op.source, op.source_offset)
                     s.referenced_bytes += op.length
                     s.checked_bytes += op.length
                 elif whole and isinstance(got, BaseCheck) and isinstance(op, _CheckBase) \

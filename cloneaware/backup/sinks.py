@@ -19,7 +19,7 @@ import os
 import stat
 import sys
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from cloneaware.archive import format as fmt
 from cloneaware.archive import manifest
@@ -78,7 +78,81 @@ def file_output(target: str, force: bool = False) -> Callable[[], Output]:
     return lambda: AtomicFile(target, replace=force)
 
 
-class ArchiveSink:
+class RecordSink:
+    """What every sink does the archive way: records through a Writer.  The
+    repository's sink (repo/sink.py) overrides the hooks that differ."""
+
+    writer: Writer | None = None
+    summary: Any = None  # the backup's Summary, set by Backup
+    #: identical bytes are stored once by content (repositories): compressed
+    #: candidates need no hash check, they are simply stored
+    content_addressed = False
+
+    def _w(self) -> Writer:
+        assert self.writer is not None
+        return self.writer
+
+    def open(self, size_hint: int, base: fmt.Base | None) -> Writer:
+        raise NotImplementedError
+
+    def data_job(self, workers: Workers):
+        """The worker function for stored chunks."""
+        raise NotImplementedError
+
+    def emit_data(self, fd: int, offset: int, length: int, chunk: Chunk) -> None:
+        raise NotImplementedError
+
+    def commit(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def size(self) -> int:
+        raise NotImplementedError
+
+    def prepare(self, fstab, builder) -> dict[int, object]:
+        """Before the walk: add files the plan may reference (anchors) to the
+        index builder; returns them by file number."""
+        return {}
+
+    def capture_dir(self, src: bytes) -> int | None:
+        """Where to make the point-in-time clone of ``src`` (None: its own
+        directory)."""
+        return None
+
+    def cuts(self, offset: int, length: int):
+        """How stored data is cut into chunks."""
+        end = offset + length
+        while offset < end:
+            n = min(fmt.CHUNK_MAX, end - offset)
+            yield offset, n
+            offset += n
+
+    def unchanged(self, node, st, e: fmt.Entry) -> bool:
+        """Whether the file can be written without reading it (the metadata
+        rule of repositories); if so, the sink has written entry ``e`` with
+        its data."""
+        return False
+
+    def file_entry(self, e: fmt.Entry, st) -> None:
+        self._w().entry(e)
+
+    def ref(self, offset: int, length: int, source: int, source_offset: int) -> None:
+        self._w().ref(offset, length, source, source_offset)
+
+    def anchor_ref(self, offset: int, length: int, anchor: int, anchor_offset: int) -> None:
+        raise AssertionError("only repositories have anchors")
+
+    def end(self) -> None:
+        self._w().end()
+
+    def keep(self, fd: int, captured: bool, e: fmt.Entry, src: bytes) -> None:
+        """After a regular file is written from ``fd`` (its clone if
+        ``captured``): a repository keeps it as the file's anchor."""
+
+
+class ArchiveSink(RecordSink):
     def __init__(self, opener: Callable[[], Output], name: str):
         self.opener = opener
         self.name = name  # the archive's name, for errors
@@ -112,7 +186,7 @@ class ArchiveSink:
         return self.writer.offset
 
 
-class SparseSink:
+class SparseSink(RecordSink):
     """``backup --base BASE --sparse -o OUT CLONE``."""
 
     def __init__(self, target: str, paths: list, base: str | None, force: bool = False):
@@ -189,4 +263,4 @@ class SparseSink:
         return st.st_blocks * 512 + (len(self.manifest.getvalue()) if self.sidecar else 0)
 
 
-Sink = ArchiveSink | SparseSink
+Sink = RecordSink

@@ -70,6 +70,14 @@ class Workers:
             data += bytes(length - got)
         return data, got
 
+    def zstd(self, level: int) -> zstandard.ZstdCompressor:
+        """This thread's compressor at ``level``."""
+        c = getattr(self.local, "z", None)
+        if c is None or self.local.zlevel != level:
+            c = self.local.z = zstandard.ZstdCompressor(level=level)
+            self.local.zlevel = level
+        return c
+
     def compress(self, data: bytes) -> bytes | None:
         """zstd of data, or None when it would not be smaller."""
         c = getattr(self.local, "c", None)

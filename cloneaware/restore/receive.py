@@ -20,6 +20,7 @@ from cloneaware import native
 from cloneaware.archive import format as fmt
 from cloneaware.archive.events import (
     BaseRefEvent,
+    BlobEvent,
     DataEvent,
     EndEvent,
     EntryEvent,
@@ -27,6 +28,7 @@ from cloneaware.archive.events import (
     FileState,
     FooterEvent,
     RefEvent,
+    StatEvent,
 )
 from cloneaware.archive.manifest import open_manifest
 from cloneaware.archive.reader import Stream, open_archive, read_index
@@ -106,6 +108,7 @@ class Restore:
         self._handlers: dict[type, Callable[[Any], None]] = {
             EntryEvent: self.on_entry, DataEvent: self.on_data, RefEvent: self.on_ref,
             BaseRefEvent: self.on_baseref, ExternalEvent: self.on_external,
+            BlobEvent: self.on_blob, StatEvent: self.on_stat,
             EndEvent: self.on_end, FooterEvent: self.on_footer,
         }
 
@@ -257,6 +260,15 @@ class Restore:
         size = os.fstat(self.external_fd).st_size
         self.cloner.clone_or_copy(cur.fd, self.external_fd, ev.offset, ev.length, ev.offset,
                                   size, cur.entry.size, cur.where, "sparse")
+
+    def on_blob(self, ev: BlobEvent) -> None:
+        """A plain archive has no repository to take blobs from (the
+        repository's restore overrides this)."""
+        raise ArchiveError("BLOB record in an archive file: only a repository's snapshot "
+                           "manifest may hold them", ev.record)
+
+    def on_stat(self, ev: StatEvent) -> None:
+        pass
 
     def on_end(self, ev: EndEvent) -> None:
         self._verify(ev.file)

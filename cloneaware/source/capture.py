@@ -57,10 +57,13 @@ class Capture:
     """Clones of the files of one backup, each taken just before it is read."""
 
     def __init__(self, enabled: bool = True, warn: Callable[[str], None] | None = None,
-                 small: int = SMALL):
+                 small: int = SMALL, place: Callable[[bytes], int | None] | None = None):
         self.enabled = enabled
         self.warn = warn or (lambda msg: None)
         self.small = small
+        #: a directory on the file's mount for its clone, or None (its own
+        #: directory): a repository keeps clones as anchors there
+        self.place = place
         self.counts = CaptureCounts()
         self._no_clone: dict[str, str] = {}  # filesystem key -> why not (said once)
         self._dir: tuple[bytes, int] | None = None  # the last directory opened
@@ -74,62 +77,57 @@ class Capture:
         self._dir = (d, fd)
         return fd
 
-    def _cannot(self, fs: FsInfo, src: bytes, reason: str) -> None:
+    def _cannot(self, fs: FsInfo, src: bytes, reason: str) -> str:
         if fs.key not in self._no_clone:
             self._no_clone[fs.key] = reason
             self.warn(f"{os.fsdecode(src)}: {reason} on this {fs.type} filesystem; its "
                       "files are read live and checked for changes instead")
-        self.counts.live(reason)
+        return reason
 
-    def clone(self, fd: int, src: bytes, size: int, fs: FsInfo) -> int | None:
+    def clone(self, fd: int, src: bytes, size: int, fs: FsInfo) -> int | str:
         """A descriptor of a clone of ``fd`` (the file ``src`` of ``size``
-        bytes on ``fs``), or None: read the file live."""
+        bytes on ``fs``), or why not (then the file is read live: the caller
+        counts it with ``counts.live``)."""
         if not self.enabled:
-            self.counts.live("--no-point-in-time")
-            return None
+            return "--no-point-in-time"
         if size <= self.small:
-            self.counts.live(f"small file (up to {self.small >> 10} KiB, read in one call)")
-            return None
+            return f"small file (up to {self.small >> 10} KiB, read in one call)"
         why = self._no_clone.get(fs.key)
         if why is not None:
-            self.counts.live(why)
-            return None
+            return why
+        where = self.place(src) if self.place is not None else None
         try:
             tfd = os.open(b".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600,
-                          dir_fd=self._dir_fd(src))
+                          dir_fd=self._dir_fd(src) if where is None else where)
         except OSError as e:
             if e.errno in _FS_CANNOT or e.errno == errno.EINVAL:
-                self._cannot(fs, src, "no O_TMPFILE")
-            elif e.errno == errno.EROFS:
-                self._cannot(fs, src, "read-only mount: no clone can be made")
-            elif e.errno in (errno.EACCES, errno.EPERM):
-                self._cannot(fs, src, "no write permission for a clone")
-            elif e.errno in _NO_SPACE:
-                self._no_space(src)
-            else:
-                raise OSError(e.errno, e.strerror, os.fsdecode(src)) from None
-            return None
+                return self._cannot(fs, src, "no O_TMPFILE")
+            if e.errno == errno.EROFS:
+                return self._cannot(fs, src, "read-only mount: no clone can be made")
+            if e.errno in (errno.EACCES, errno.EPERM):
+                return self._cannot(fs, src, "no write permission for a clone")
+            if e.errno in _NO_SPACE:
+                return self._no_space(src)
+            raise OSError(e.errno, e.strerror, os.fsdecode(src)) from None
         try:
             native.ficlone(tfd, fd, os.fsdecode(src))
         except OSError as e:
             os.close(tfd)
             if e.errno in _FS_CANNOT:
-                self._cannot(fs, src, "the filesystem cannot clone files")
-            elif e.errno in _NO_SPACE:
-                self._no_space(src)
-            elif e.errno in (errno.EINVAL, errno.ETXTBSY, errno.EPERM, errno.EACCES):
+                return self._cannot(fs, src, "the filesystem cannot clone files")
+            if e.errno in _NO_SPACE:
+                return self._no_space(src)
+            if e.errno in (errno.EINVAL, errno.ETXTBSY, errno.EPERM, errno.EACCES):
                 # e.g. a Btrfs NOCOW file cloned into a COW directory, a swap file
-                self.counts.live("cannot be cloned")
                 self.warn(f"{os.fsdecode(src)}: cannot be cloned ({e.strerror}); read live")
-            else:
-                raise
-            return None
+                return "cannot be cloned"
+            raise
         self.counts.by_clone += 1
         return tfd
 
-    def _no_space(self, src: bytes) -> None:
-        self.counts.live("no space for a clone")
+    def _no_space(self, src: bytes) -> str:
         self.warn(f"{os.fsdecode(src)}: no space for a point-in-time clone; read live")
+        return "no space for a clone"
 
     def close(self) -> None:
         if self._dir is not None:

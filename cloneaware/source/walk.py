@@ -18,6 +18,11 @@ from cloneaware.errors import UsageError
 
 OnError = Callable[[bytes, str], None]
 
+#: A repository's anchors (docs/REPOSITORY.md) live in this directory, marked
+#: by this file; a walk never enters it: anchors are not the user's data.
+ANCHOR_DIR = b".cloneaware-anchors"
+ANCHOR_MARKER = b"CLONEAWARE-ANCHORS"
+
 
 @dataclass(slots=True)
 class Node:
@@ -110,6 +115,9 @@ def walk(paths: list, on_error: OnError, one_file_system: bool = True,
                 except OSError as e:
                     if e.errno != errno.ENOENT:
                         on_error(csrc, e.strerror or str(e))
+                    continue
+                if c == ANCHOR_DIR and stat.S_ISDIR(cst.st_mode) \
+                        and os.path.lexists(csrc + b"/" + ANCHOR_MARKER):
                     continue
                 if stat.S_ISDIR(cst.st_mode) and root_key is not None:
                     ok = dev_ok.get(cst.st_dev)

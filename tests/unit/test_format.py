@@ -61,8 +61,9 @@ def test_crc_check_value():
 END_VECTORS = {
     1: bytes.fromhex("05000000" "24000000" + "00" * 36 + "94fd92e3"),
     2: bytes.fromhex("05000000" "38000000" + "00" * 56 + "44e9b266"),
+    3: bytes.fromhex("05000000" "44000000" + "00" * 68 + "b5edd3d9"),
 }
-END_CRCS = {1: 0xE392FD94, 2: 0x66B2E944}
+END_CRCS = {1: 0xE392FD94, 2: 0x66B2E944, 3: 0xD9D3EDB5}
 
 
 def test_end_record_vectors_are_self_consistent():

@@ -1,0 +1,244 @@
+"""Where a repository's objects live.  A backend stores whole named objects
+(docs/REPOSITORY.md, "Layout") and knows nothing of what they hold: a
+local directory here, ssh:// through ``cloneaware serve`` (repo/sshbackend.py),
+s3:// (repo/s3backend.py).  ``open_backend`` picks one from a URL.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import re
+import stat
+from dataclasses import dataclass
+from typing import Protocol
+
+from cloneaware.errors import RepositoryError, UsageError
+from cloneaware.safeio import DIR_FLAGS, AtomicFile
+
+#: The names a repository holds: config, or a directory and an id (packs
+#: under data/xx/), or a temporary file of ours (never listed).
+NAME = re.compile(r"\A(?:config|(?:keys|index|snapshots|locks)/[0-9a-f]{64}"
+                  r"|data/[0-9a-f]{2}/[0-9a-f]{64})\Z")
+DIRS = ("keys", "index", "snapshots", "locks", "data")
+
+
+def check_name(name: str) -> str:
+    if not NAME.match(name):
+        raise RepositoryError(f"not a repository object name: {name!r}")
+    if name.startswith("data/") and name[5:7] != name[8:10]:
+        raise RepositoryError(f"pack {name!r} is in the wrong directory")
+    return name
+
+
+def pack_name(pack_id: str) -> str:
+    return f"data/{pack_id[:2]}/{pack_id}"
+
+
+@dataclass(frozen=True)
+class Listed:
+    name: str
+    size: int
+    mtime: float
+
+
+class Backend(Protocol):
+    where: str  # the repository as the user named it, for messages
+
+    def read(self, name: str, offset: int = 0, length: int | None = None) -> bytes: ...
+    def write(self, name: str, data, create_only: bool = False) -> None: ...
+    def delete(self, name: str) -> None: ...
+    def listing(self, directory: str) -> list[Listed]: ...
+    def exists(self, name: str) -> bool: ...
+    def sync(self) -> None: ...
+    def is_empty(self) -> bool: ...
+    def create(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class LocalBackend:
+    """A directory.  Objects are written under a temporary name, fsynced and
+    renamed into place (create-only writes with RENAME_NOREPLACE); ``sync``
+    fsyncs the directories written to, so that the names are durable too."""
+
+    def __init__(self, path: str, where: str | None = None):
+        self.path = os.path.abspath(path)
+        self.where = where or path
+        self._dirty: set[str] = set()
+        self._dirfds: dict[str, int] = {}
+
+    def _dir(self, d: str, create: bool = False) -> int:
+        fd = self._dirfds.get(d)
+        if fd is not None:
+            return fd
+        full = os.path.join(self.path, d) if d else self.path
+        try:
+            fd = os.open(full, DIR_FLAGS)
+        except FileNotFoundError:
+            if not create:
+                raise
+            os.mkdir(full, 0o700)
+            fd = os.open(full, DIR_FLAGS)
+        self._dirfds[d] = fd
+        return fd
+
+    def _split(self, name: str) -> tuple[str, str]:
+        check_name(name)
+        d, _, base = name.rpartition("/")
+        return d, base
+
+    def read(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        d, base = self._split(name)
+        try:
+            fd = os.open(base, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._dir(d))
+        except FileNotFoundError:
+            raise RepositoryError(f"{self.where}: {name} is missing") from None
+        try:
+            if length is None:
+                length = os.fstat(fd).st_size - offset
+            out = bytearray()
+            while len(out) < length:
+                b = os.pread(fd, length - len(out), offset + len(out))
+                if not b:
+                    raise RepositoryError(f"{self.where}: {name} is shorter than expected "
+                                          f"({offset + len(out)} bytes)")
+                out += b
+            return bytes(out)
+        finally:
+            os.close(fd)
+
+    def write(self, name: str, data, create_only: bool = False) -> None:
+        d, base = self._split(name)
+        dfd = self._dir(d, create=name.startswith("data/"))
+        with AtomicFile(base, dir_fd=dfd, replace=not create_only,
+                        display=f"{self.where}/{name}") as f:
+            if isinstance(data, (bytes, bytearray, memoryview)):
+                f.write(data)
+            else:
+                for part in data:
+                    f.write(part)
+            try:
+                f.commit(0o600)
+            except UsageError:
+                raise FileExistsError(errno.EEXIST, "exists", f"{self.where}/{name}") from None
+        self._dirty.add(d)
+
+    def delete(self, name: str) -> None:
+        d, base = self._split(name)
+        try:
+            os.unlink(base, dir_fd=self._dir(d))
+        except FileNotFoundError:
+            pass
+        self._dirty.add(d)
+
+    def exists(self, name: str) -> bool:
+        d, base = self._split(name)
+        try:
+            os.stat(base, dir_fd=self._dir(d), follow_symlinks=False)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def listing(self, directory: str) -> list[Listed]:
+        """Objects under ``directory`` (one of DIRS), with sizes and times."""
+        out: list[Listed] = []
+        subdirs = [f"data/{i:02x}" for i in range(256)] if directory == "data" else [directory]
+        for d in subdirs:
+            try:
+                dfd = self._dir(d)
+            except FileNotFoundError:
+                continue
+            with os.scandir(dfd) as it:
+                for e in it:
+                    name = f"{d}/{e.name}"
+                    if not NAME.match(name):
+                        continue  # a temporary file of a writer, or a stranger
+                    st = e.stat(follow_symlinks=False)
+                    if stat.S_ISREG(st.st_mode):
+                        out.append(Listed(name, st.st_size, st.st_mtime))
+        return out
+
+    def strays(self, directory: str) -> list[Listed]:
+        """Files under ``directory`` that are not objects (temporary files left
+        by a killed writer), for prune."""
+        out = []
+        subdirs = [f"data/{i:02x}" for i in range(256)] if directory == "data" else [directory]
+        for d in subdirs:
+            try:
+                dfd = self._dir(d)
+            except FileNotFoundError:
+                continue
+            with os.scandir(dfd) as it:
+                for e in it:
+                    if not NAME.match(f"{d}/{e.name}") and e.name.endswith(".partial"):
+                        st = e.stat(follow_symlinks=False)
+                        out.append(Listed(f"{d}/{e.name}", st.st_size, st.st_mtime))
+        return out
+
+    def delete_stray(self, name: str) -> None:
+        d, _, base = name.rpartition("/")
+        try:
+            os.unlink(base, dir_fd=self._dir(d))
+        except FileNotFoundError:
+            pass
+
+    def sync(self) -> None:
+        """fsync every directory written to since the last sync."""
+        for d in sorted(self._dirty):
+            os.fsync(self._dir(d))
+        self._dirty.clear()
+
+    def is_empty(self) -> bool:
+        try:
+            return not os.listdir(self.path)
+        except FileNotFoundError:
+            return True
+
+    def create(self) -> None:
+        """Make the directory (and its parents) and the layout's directories."""
+        try:
+            os.makedirs(self.path, mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, self.where) from None
+        for d in DIRS:
+            self._dir(d, create=True)
+        for i in range(256):
+            self._dir(f"data/{i:02x}", create=True)
+        self._dirty.update(["", *DIRS, "data"])
+        self.sync()
+        for fd in list(self._dirfds.values()):
+            os.close(fd)
+        self._dirfds.clear()
+
+    def close(self) -> None:
+        for fd in self._dirfds.values():
+            os.close(fd)
+        self._dirfds.clear()
+
+
+def is_repository_url(s: str) -> bool:
+    return s.startswith(("ssh://", "s3://"))
+
+
+def open_backend(url: str, rsh: str | None = None, s3: dict | None = None,
+                 create: bool = False) -> Backend:
+    """The backend for a repository URL: a path, ssh://..., or s3://..."""
+    if not url:
+        raise UsageError("no repository given: use -r REPO or set CLONEAWARE_REPOSITORY")
+    if url.startswith("ssh://"):
+        from cloneaware.repo.sshbackend import SshBackend  # only for ssh:// repositories
+
+        return SshBackend(url, rsh, create=create)
+    if url.startswith("s3://"):
+        from cloneaware.repo.s3backend import S3Backend  # only for s3://: boto3 is optional
+
+        return S3Backend(url, **(s3 or {}))
+    if not create:
+        try:
+            st = os.stat(url)
+        except FileNotFoundError:
+            raise UsageError(f"{url}: no such repository (make one with cloneaware init)") \
+                from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise UsageError(f"{url} is not a repository directory")
+    return LocalBackend(url)
+

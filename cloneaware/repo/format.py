@@ -1,0 +1,289 @@
+"""The repository's bytes (docs/REPOSITORY.md): object envelopes, packs,
+index and snapshot payloads, lock payloads.  The only module that knows
+them besides repo/crypto.py (sealing).  Decoders never trust their input:
+every length is bounded before use and a payload must be consumed exactly.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import NamedTuple, NoReturn
+
+import zstandard
+
+from cloneaware.errors import RepositoryError
+
+VERSION = 1
+OBJECT_MAGIC = b"CAWO"
+PACK_MAGIC = b"CAWP"
+K_INDEX, K_SNAPSHOT, K_LOCK, K_TRAILER = 1, 2, 3, 4
+KIND_NAMES = {K_INDEX: "index", K_SNAPSHOT: "snapshot", K_LOCK: "lock", K_TRAILER: "pack trailer"}
+T_DATA, T_TREE = 1, 2
+CODEC_NONE, CODEC_ZSTD = 0, 1
+
+BLOB_MAX = 4 << 20
+OBJECT_MAX = 64 << 20  # an object's payload, decoded
+CONFIG_MAX = 64 << 10
+PACK_BLOBS_MAX = 1_000_000
+PACK_MAX = 4 << 30
+GRID_MIN, GRID_MAX, GRID_DEFAULT = 64 << 10, 4 << 20, 1 << 20
+PACK_SIZE_DEFAULT = 16 << 20
+
+_ENVELOPE = struct.Struct("<4sBBH")
+_BODY = struct.Struct("<BQ")
+_TRAILER_ENTRY = struct.Struct("<32sB3xII")
+_INDEX_PACK = struct.Struct("<32sI")
+_INDEX_ENTRY = struct.Struct("<32sB3xIII")
+_U32 = struct.Struct("<I")
+ENVELOPE_SIZE = _ENVELOPE.size
+TAIL = _U32.size + len(PACK_MAGIC)
+
+KINDS = ("data", "index", "snapshots", "locks", "keys")
+
+
+def object_id(data: bytes) -> str:
+    """The name of an object stored as ``data``: its SHA-256, hex."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def is_id(name: str) -> bool:
+    return len(name) == 64 and all(c in "0123456789abcdef" for c in name)
+
+
+def fail(what: str, msg: str) -> NoReturn:
+    raise RepositoryError(f"{what}: {msg}")
+
+
+# --- envelopes --------------------------------------------------------------------
+
+def envelope_header(kind: int) -> bytes:
+    return _ENVELOPE.pack(OBJECT_MAGIC, VERSION, kind, 0)
+
+
+def encode_body(payload: bytes, compress: bool = True) -> bytes:
+    """codec | raw_length | payload as coded (zstd only when smaller)."""
+    if compress and len(payload) > 64:
+        z = zstandard.ZstdCompressor(level=3).compress(payload)
+        if len(z) < len(payload):
+            return _BODY.pack(CODEC_ZSTD, len(payload)) + z
+    return _BODY.pack(CODEC_NONE, len(payload)) + payload
+
+
+def decode_body(body: bytes, what: str, limit: int = OBJECT_MAX) -> bytes:
+    if len(body) < _BODY.size:
+        fail(what, "too short for its header")
+    codec, raw = _BODY.unpack_from(body)
+    if raw > limit:
+        fail(what, f"claims {raw} bytes, more than the limit of {limit}")
+    data = memoryview(body)[_BODY.size:]
+    return decode(codec, data, raw, what)
+
+
+def decode(codec: int, data, raw: int, what: str) -> bytes:
+    """Bytes as coded -> exactly ``raw`` bytes, or RepositoryError."""
+    if codec == CODEC_NONE:
+        if len(data) != raw:
+            fail(what, f"holds {len(data)} bytes, not {raw}")
+        return bytes(data)
+    if codec != CODEC_ZSTD:
+        fail(what, f"unknown codec {codec}")
+    try:
+        params = zstandard.get_frame_parameters(data)
+        if params.content_size not in (raw, zstandard.CONTENTSIZE_UNKNOWN):
+            fail(what, f"zstd frame claims {params.content_size} bytes, not {raw}")
+        out = zstandard.ZstdDecompressor().decompress(data, max_output_size=raw)
+    except zstandard.ZstdError as e:
+        fail(what, f"bad zstd data: {e}")
+    if len(out) != raw:
+        fail(what, f"decodes to {len(out)} bytes, not {raw}")
+    return out
+
+
+def check_envelope(data: bytes, kind: int, what: str) -> bytes:
+    """The 8 header bytes of an object of ``kind`` (its associated data)."""
+    if len(data) < ENVELOPE_SIZE:
+        fail(what, "too short to be a cloneaware object")
+    magic, version, k, reserved = _ENVELOPE.unpack_from(data)
+    if magic != OBJECT_MAGIC:
+        fail(what, "not a cloneaware repository object (wrong magic)")
+    if version != VERSION:
+        fail(what, f"object version {version} is not one this cloneaware reads ({VERSION})")
+    if k != kind or reserved:
+        fail(what, f"a {KIND_NAMES.get(k, k)} object where a {KIND_NAMES[kind]} was expected")
+    return data[:ENVELOPE_SIZE]
+
+
+# --- packs --------------------------------------------------------------------------
+
+class PackEntry(NamedTuple):
+    id: bytes
+    type: int
+    raw_length: int
+    stored_length: int
+
+
+def encode_trailer_payload(entries: list[PackEntry]) -> bytes:
+    return b"".join(_TRAILER_ENTRY.pack(e.id, e.type, e.raw_length, e.stored_length)
+                    for e in entries)
+
+
+def decode_trailer_payload(payload: bytes, what: str) -> list[PackEntry]:
+    n, rest = divmod(len(payload), _TRAILER_ENTRY.size)
+    if rest or n > PACK_BLOBS_MAX:
+        fail(what, "pack trailer of a wrong size")
+    out = []
+    for i in range(n):
+        bid, t, raw, stored = _TRAILER_ENTRY.unpack_from(payload, i * _TRAILER_ENTRY.size)
+        if t not in (T_DATA, T_TREE) or not 0 < raw <= BLOB_MAX or stored == 0:
+            fail(what, f"pack trailer entry {i} is out of bounds")
+        out.append(PackEntry(bid, t, raw, stored))
+    return out
+
+
+def pack_tail(trailer: bytes) -> bytes:
+    return _U32.pack(len(trailer)) + PACK_MAGIC
+
+
+def split_pack_tail(tail: bytes, pack_size: int, what: str) -> int:
+    """The trailer's length, from the pack's last 8 bytes."""
+    if len(tail) != TAIL or tail[4:] != PACK_MAGIC:
+        fail(what, "not a cloneaware pack (no trailer magic at its end)")
+    (n,) = _U32.unpack_from(tail)
+    if n + TAIL > pack_size or n < ENVELOPE_SIZE + _BODY.size:
+        fail(what, "pack trailer length out of bounds")
+    return n
+
+
+# --- index --------------------------------------------------------------------------
+
+class IndexEntry(NamedTuple):
+    pack: bytes
+    type: int
+    offset: int
+    stored_length: int
+    raw_length: int
+
+
+@dataclass
+class IndexPack:
+    id: bytes
+    blobs: list[tuple[bytes, int, int, int, int]] = field(default_factory=list)
+    # (blob id, type, offset, stored_length, raw_length)
+
+
+def encode_index_payload(packs: list[IndexPack]) -> bytes:
+    parts = []
+    for p in packs:
+        parts.append(_INDEX_PACK.pack(p.id, len(p.blobs)))
+        parts += [_INDEX_ENTRY.pack(*b) for b in p.blobs]
+    return b"".join(parts)
+
+
+def decode_index_payload(payload: bytes, what: str) -> list[IndexPack]:
+    out = []
+    pos = 0
+    n = len(payload)
+    while pos < n:
+        if pos + _INDEX_PACK.size > n:
+            fail(what, "index record cut short")
+        pid, count = _INDEX_PACK.unpack_from(payload, pos)
+        pos += _INDEX_PACK.size
+        if count > PACK_BLOBS_MAX or pos + count * _INDEX_ENTRY.size > n:
+            fail(what, f"index record of pack {pid.hex()[:12]} has a wrong blob count")
+        pack = IndexPack(pid)
+        for _ in range(count):
+            bid, t, off, stored, raw = _INDEX_ENTRY.unpack_from(payload, pos)
+            pos += _INDEX_ENTRY.size
+            if t not in (T_DATA, T_TREE) or not 0 < raw <= BLOB_MAX or stored == 0 \
+                    or off + stored > PACK_MAX:
+                fail(what, f"index entry for blob {bid.hex()[:12]} is out of bounds")
+            pack.blobs.append((bid, t, off, stored, raw))
+        out.append(pack)
+    return out
+
+
+# --- config, snapshots, locks ---------------------------------------------------------
+
+def encode_json(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def decode_json(data: bytes, what: str) -> dict:
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        fail(what, "not valid JSON")
+    if not isinstance(obj, dict):
+        fail(what, "not a JSON object")
+    return obj
+
+
+@dataclass
+class Config:
+    id: str
+    created: str
+    grid: int = GRID_DEFAULT
+    pack_size: int = PACK_SIZE_DEFAULT
+    encryption: str = "none"
+
+    def encode(self) -> bytes:
+        return encode_json({"cloneaware_repository": VERSION, "id": self.id,
+                            "created": self.created, "grid": self.grid,
+                            "pack_size": self.pack_size, "encryption": self.encryption})
+
+    @classmethod
+    def decode(cls, data: bytes, where: str) -> Config:
+        what = f"{where}: config"
+        if len(data) > CONFIG_MAX:
+            fail(what, "too large")
+        d = decode_json(data, what)
+        v = d.get("cloneaware_repository")
+        if not isinstance(v, int):
+            fail(where, "not a cloneaware repository (its config is not one)")
+        if v > VERSION:
+            raise RepositoryError(f"{where}: repository format version {v} is newer than this "
+                                  f"cloneaware reads (up to {VERSION}); upgrade cloneaware")
+        if v != VERSION:
+            fail(what, f"unknown repository format version {v}")
+        try:
+            c = cls(id=str(d["id"]), created=str(d["created"]), grid=int(d["grid"]),
+                    pack_size=int(d["pack_size"]), encryption=str(d["encryption"]))
+        except (KeyError, TypeError, ValueError):
+            fail(what, "a field is missing or of the wrong type")
+        if not is_id(c.id):
+            fail(what, "bad repository id")
+        if c.grid & (c.grid - 1) or not GRID_MIN <= c.grid <= GRID_MAX:
+            fail(what, f"grid {c.grid} is not a power of two from 64 KiB to 4 MiB")
+        if not 1 << 20 <= c.pack_size <= 1 << 30:
+            fail(what, f"pack size {c.pack_size} out of bounds")
+        if c.encryption not in ("none", "aes-256-gcm"):
+            fail(what, f"unknown encryption {c.encryption!r}")
+        return c
+
+
+SNAPSHOT_KEYS = {"time": str, "time_ns": int, "hostname": str, "username": str,
+                 "paths": list, "tags": list, "manifest": list, "manifest_bytes": int,
+                 "parent": (str, type(None)), "program": str, "summary": dict}
+
+
+def check_snapshot(d: dict, what: str) -> dict:
+    for k, t in SNAPSHOT_KEYS.items():
+        if not isinstance(d.get(k), t):  # type: ignore[arg-type]
+            fail(what, f"field {k!r} is missing or of the wrong type")
+    if not all(isinstance(m, str) and is_id(m) for m in d["manifest"]):
+        fail(what, "bad manifest blob id")
+    if not all(isinstance(p, str) for p in d["paths"] + d["tags"]):
+        fail(what, "paths and tags must be strings")
+    if d["manifest_bytes"] > 1 << 40 or len(d["manifest"]) * BLOB_MAX < d["manifest_bytes"]:
+        fail(what, "manifest size out of bounds")
+    return d
+
+
+def check_lock(d: dict, what: str) -> dict:
+    for k, t in {"time": str, "time_ns": int, "hostname": str, "username": str, "pid": int,
+                 "exclusive": bool, "operation": str}.items():
+        if not isinstance(d.get(k), t):
+            fail(what, f"field {k!r} is missing or of the wrong type")
+    return d

@@ -1,0 +1,53 @@
+"""Passwords of an encrypted repository (``cloneaware key``): each is a key
+object wrapping the same master key (docs/REPOSITORY.md, "Keys and
+encryption")."""
+from __future__ import annotations
+
+import secrets
+
+from cloneaware.errors import UsageError
+from cloneaware.repo import crypto
+from cloneaware.repo.repository import Password, Repository
+
+
+def new_password(file: str | None) -> bytes:
+    """The new password: from ``file``, else from a prompt (twice)."""
+    if file is not None:
+        return Password(file)("")
+    p = Password(confirm=True)
+    p.file, p.env = None, None
+    return p("new password: ")
+
+
+def add(repo: Repository, password: bytes, kdf_n: int = crypto.KDF_N) -> str:
+    assert isinstance(repo.crypto, crypto.Sealed)
+    master = repo.crypto.enc_key + repo.crypto.id_key
+    name = f"keys/{secrets.token_hex(32)}"
+    repo.backend.write(name, crypto.make_key(master, repo.config.id, password, n=kdf_n),
+                       create_only=True)
+    repo.backend.sync()
+    return name
+
+
+def remove(repo: Repository, prefix: str) -> str:
+    keys = [k.name for k in repo.backend.listing("keys")]
+    found = [k for k in keys if k[5:].startswith(prefix)] if prefix else []
+    if len(found) != 1:
+        raise UsageError(f"{prefix!r} names {len(found)} keys; give a unique prefix of a key "
+                         "id (cloneaware key list)")
+    if found[0] == repo.key_name:
+        raise UsageError("that is the key this password opened; remove it with another "
+                         "password, or use cloneaware key passwd")
+    if len(keys) == 1:
+        raise UsageError("the last key cannot be removed")
+    repo.backend.delete(found[0])
+    repo.backend.sync()
+    return found[0]
+
+
+def passwd(repo: Repository, password: bytes, kdf_n: int = crypto.KDF_N) -> str:
+    name = add(repo, password, kdf_n)
+    if repo.key_name is not None:
+        repo.backend.delete(repo.key_name)
+        repo.backend.sync()
+    return name

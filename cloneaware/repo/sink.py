@@ -1,0 +1,321 @@
+"""A backup into a repository: the sink (backup/sinks.py) that turns a
+backup's pieces into blobs, BLOB records of the snapshot's manifest, and
+anchors.
+
+- Stored data is cut on the repository's grid (docs/REPOSITORY.md, "Blobs
+  and the grid"); each piece is hashed (its blob id) on a worker, and only
+  a blob the repository does not have is compressed, sealed and packed.
+- A range the plan shares with an earlier file becomes BLOB records of the
+  sub-ranges of that file's blobs; a range shared with the file's anchor
+  (the clone kept by the previous backup) becomes the previous snapshot's
+  blob ranges, and is not read.
+- A file that cannot be cloned (small, on ext4, --no-point-in-time) is
+  taken from the parent snapshot unread when its inode, size, mtime and
+  ctime are unchanged (the metadata rule); else it is read.
+"""
+from __future__ import annotations
+
+import bisect
+import io
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import zstandard
+
+from cloneaware import __version__, fsinfo
+from cloneaware.archive import format as fmt
+from cloneaware.archive.events import BlobEvent, EndEvent, EntryEvent, StatEvent
+from cloneaware.archive.reader import Stream
+from cloneaware.archive.writer import Writer
+from cloneaware.backup.sinks import RecordSink
+from cloneaware.backup.workers import Chunk, Workers
+from cloneaware.repo import crypto
+from cloneaware.repo import format as rf
+from cloneaware.repo.anchors import AnchorSets, set_key
+from cloneaware.repo.repository import Packer, Repository, Snapshot, now_rfc3339
+from cloneaware.source.mapping import extent_map
+
+
+@dataclass
+class Segments:
+    """A file's bytes as blob ranges, in file order: parallel lists."""
+
+    offsets: list[int] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+    blobs: list[bytes] = field(default_factory=list)
+    blob_offsets: list[int] = field(default_factory=list)
+
+    def add(self, offset: int, length: int, bid: bytes, boff: int) -> None:
+        self.offsets.append(offset)
+        self.lengths.append(length)
+        self.blobs.append(bid)
+        self.blob_offsets.append(boff)
+
+    def resolve(self, offset: int, length: int):
+        """(position in the range, length, blob id, offset in the blob) covering
+        [offset, offset + length); KeyError if a part is not covered."""
+        end = offset + length
+        i = bisect.bisect_right(self.offsets, offset) - 1
+        pos = offset
+        while pos < end:
+            if i < 0 or i >= len(self.offsets) or \
+                    not self.offsets[i] <= pos < self.offsets[i] + self.lengths[i]:
+                raise KeyError(pos)
+            skip = pos - self.offsets[i]
+            n = min(self.lengths[i] - skip, end - pos)
+            yield pos - offset, n, self.blobs[i], self.blob_offsets[i] + skip
+            pos += n
+            i += 1
+
+
+@dataclass
+class ParentFile:
+    entry_id: int
+    size: int
+    mtime_ns: int
+    ino: int | None
+    ctime_ns: int | None
+    segments: Segments
+
+
+def read_manifest(data: bytes) -> tuple[dict[bytes, ParentFile], dict[int, ParentFile]]:
+    """A snapshot's regular files, by path and by entry id."""
+    by_path: dict[bytes, ParentFile] = {}
+    by_id: dict[int, ParentFile] = {}
+    cur: ParentFile | None = None
+    for ev in Stream(io.BytesIO(data)).events():
+        if isinstance(ev, EntryEvent):
+            e = ev.entry
+            if e.kind == fmt.K_REG:
+                cur = ParentFile(e.id, e.size, e.mtime_ns, None, None, Segments())
+                by_path[e.path] = by_id[e.id] = cur
+        elif isinstance(ev, StatEvent) and cur is not None:
+            cur.ino, cur.ctime_ns = ev.ino, ev.ctime_ns
+        elif isinstance(ev, BlobEvent) and cur is not None:
+            cur.segments.add(ev.offset, ev.length, ev.blob_id, ev.blob_offset)
+        elif isinstance(ev, EndEvent):
+            cur = None
+    return by_path, by_id
+
+
+class ManifestOut:
+    """The manifest's bytes as the Writer writes them, cut into manifest
+    blobs of 4 MiB and handed to the packer."""
+
+    def __init__(self, repo: Repository, packer: Packer):
+        self.repo = repo
+        self.packer = packer
+        self.buf = bytearray()
+        self.ids: list[bytes] = []
+        self.total = 0
+        self.zstd = zstandard.ZstdCompressor(level=3)
+
+    def write(self, b) -> int:
+        self.buf += b
+        self.total += len(b)
+        while len(self.buf) >= rf.BLOB_MAX:
+            self._emit(bytes(self.buf[:rf.BLOB_MAX]))
+            del self.buf[:rf.BLOB_MAX]
+        return len(b)
+
+    def _emit(self, chunk: bytes) -> None:
+        bid = self.repo.crypto.blob_id(chunk)
+        self.packer.add(bid, rf.T_TREE, len(chunk),
+                        self.repo.encode_blob(rf.T_TREE, bid, chunk, self.zstd))
+        self.ids.append(bid)
+
+    def finish(self) -> None:
+        if self.buf or not self.ids:
+            self._emit(bytes(self.buf))
+            self.buf.clear()
+
+
+class RepositorySink(RecordSink):
+    content_addressed = True
+
+    def __init__(self, repo: Repository, paths: list, host: str | None = None,
+                 tags: list[str] | None = None, level: int = 3, connections: int = 2,
+                 warn: Callable[[str], None] | None = None, anchors: bool = True):
+        self.repo = repo
+        self.roots = sorted(os.path.abspath(os.fsencode(p)) for p in paths)
+        self.paths = [os.fsdecode(r) for r in self.roots]
+        self.host = host or socket.gethostname()
+        self.tags = sorted(set(tags or []))
+        self.level = level
+        self.warn = warn or (lambda m: None)
+        self.packer = Packer(repo, connections)
+        self.out = ManifestOut(repo, self.packer)
+        self.started_ns = time.time_ns()
+        self.grid = repo.config.grid
+        self.use_anchors = anchors
+        self.sets = AnchorSets(repo.config.id, set_key(self.host, self.paths), self.warn)
+        self.parent: Snapshot | None = None
+        self.parent_by_path: dict[bytes, ParentFile] = {}
+        self.anchor_segments: dict[int, Segments] = {}  # fileno -> the anchor's blobs
+        self.segments: dict[int, Segments] = {}  # entry id -> blobs (referenced files)
+        self.cur: Segments | None = None
+        self.cur_entry: fmt.Entry | None = None
+        self.snapshot: Snapshot | None = None
+        self.summary = None
+
+    # -- before the walk ----------------------------------------------------------------
+
+    def prepare(self, fstab, builder) -> dict[int, object]:
+        repo = self.repo
+        repo.load_index()
+        snaps = repo.snapshots()
+        mine = [s for s in snaps if s.hostname == self.host and sorted(s.paths) == self.paths]
+        self.parent = mine[-1] if mine else None
+        by_id: dict[int, ParentFile] = {}
+        if self.parent is not None:
+            self.parent_by_path, by_id = read_manifest(repo.manifest(self.parent))
+        if not self.use_anchors:
+            return {}
+        tops = self.sets.tops(self.roots)
+        anchors = self.sets.previous(tops, self.parent.id if self.parent else None,
+                                     {s.id for s in snaps})
+        out: dict[int, object] = {}
+        for a in anchors:
+            try:
+                pf = by_id.get(a.entry_id)
+                st = os.fstat(a.fd)
+                if pf is None or pf.size != st.st_size or not self._known(pf.segments):
+                    continue
+                ext = extent_map(a.fd, st.st_size, a.path)
+                info = fsinfo.fs_info(a.fd, st.st_dev, a.path)
+                fileno = builder.add(fstab.number(info), st.st_size, ext)
+                self.anchor_segments[fileno] = pf.segments
+                out[fileno] = a
+            finally:
+                os.close(a.fd)
+        return out
+
+    def _known(self, segs: Segments) -> bool:
+        idx = self.repo.index
+        return all(b in idx for b in segs.blobs)
+
+    def capture_dir(self, src: bytes) -> int | None:
+        if not self.use_anchors:
+            return None
+        return self.sets.staging(self.sets.mounts.top(os.path.dirname(src) or b"."))
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def open(self, size_hint: int, base: fmt.Base | None) -> Writer:
+        if base is not None:
+            raise AssertionError("thin backups go to archives")
+        self.writer = Writer(self.out, None, f"{self.repo.where} (manifest)")
+        return self.writer
+
+    def cuts(self, offset: int, length: int):
+        """At every multiple of the grid, and at the ends of the range."""
+        g = self.grid
+        end = offset + length
+        while offset < end:
+            n = min(g - offset % g, end - offset)
+            yield offset, n
+            offset += n
+
+    def data_job(self, workers: Workers):
+        repo, packer = self.repo, self.packer
+        level = self.level
+
+        def job(fd: int, offset: int, length: int) -> Chunk:
+            data, got = workers.read(fd, offset, length)
+            bid = repo.crypto.blob_id(data)
+            if packer.known(bid):
+                return Chunk(bid, got, None)
+            z = workers.zstd(level) if level else None
+            return Chunk(bid, got, [repo.encode_blob(rf.T_DATA, bid, data, z)])
+
+        return job
+
+    def _blob(self, offset: int, length: int, bid: bytes, boff: int) -> None:
+        assert self.cur is not None
+        self._w().blob(offset, length, boff, bid)
+        self.cur.add(offset, length, bid, boff)
+
+    def emit_data(self, fd: int, offset: int, length: int, chunk: Chunk) -> None:
+        if chunk.record is not None and \
+                self.packer.add(chunk.sha256, rf.T_DATA, length, chunk.record[0]):
+            if self.summary is not None:
+                self.summary.added_bytes += length
+        self._blob(offset, length, chunk.sha256, 0)
+
+    def file_entry(self, e: fmt.Entry, st) -> None:
+        w = self._w()
+        w.entry(e)
+        w.stat(st.st_ino, st.st_ctime_ns)
+        self.cur = Segments()
+        self.cur_entry = e
+
+    def _copy(self, segs: Segments, offset: int, length: int, src_offset: int) -> None:
+        for pos, n, bid, boff in segs.resolve(src_offset, length):
+            self._blob(offset + pos, n, bid, boff)
+
+    def ref(self, offset: int, length: int, source: int, source_offset: int) -> None:
+        assert self.cur_entry is not None and self.cur is not None
+        segs = self.cur if source == self.cur_entry.id else self.segments[source]
+        self._copy(segs, offset, length, source_offset)
+
+    def anchor_ref(self, offset: int, length: int, anchor: int, anchor_offset: int) -> None:
+        self._copy(self.anchor_segments[anchor], offset, length, anchor_offset)
+
+    def end(self) -> None:
+        assert self.cur_entry is not None and self.cur is not None
+        self._w().end()
+        if self.cur_entry.eflags & fmt.EF_REFERENCED:
+            self.segments[self.cur_entry.id] = self.cur
+        self.cur = self.cur_entry = None
+
+    def unchanged(self, node, st, e: fmt.Entry) -> bool:
+        pf = self.parent_by_path.get(node.name)
+        if pf is None or pf.size != st.st_size or pf.mtime_ns != st.st_mtime_ns \
+                or pf.ino != st.st_ino or pf.ctime_ns != st.st_ctime_ns \
+                or not self._known(pf.segments):
+            return False
+        self.file_entry(e, st)
+        s = pf.segments
+        for i in range(len(s.offsets)):
+            self._blob(s.offsets[i], s.lengths[i], s.blobs[i], s.blob_offsets[i])
+        self.end()
+        return True
+
+    def keep(self, fd: int, captured: bool, e: fmt.Entry, src: bytes) -> None:
+        if self.use_anchors:
+            self.sets.keep(self.sets.mounts.top(os.path.dirname(src) or b"."), e.id, fd,
+                           captured)
+
+    # -- the end -------------------------------------------------------------------------
+
+    def commit(self) -> None:
+        self.out.finish()
+        self.packer.flush()
+        s = self.summary
+        data = {
+            "time": now_rfc3339(self.started_ns), "time_ns": self.started_ns,
+            "hostname": self.host, "username": crypto.username(), "paths": self.paths,
+            "tags": self.tags, "manifest": [b.hex() for b in self.out.ids],
+            "manifest_bytes": self.out.total,
+            "parent": self.parent.id if self.parent else None,
+            "program": f"cloneaware {__version__}",
+            "summary": {} if s is None else {
+                k: getattr(s, k) for k in ("files", "dirs", "logical_bytes", "stored_bytes",
+                                           "referenced_bytes", "unchanged_bytes",
+                                           "added_bytes", "bytes_read")},
+        }
+        self.snapshot = self.repo.save_snapshot(data)
+        if s is not None:
+            s.snapshot = self.snapshot.id
+        self.sets.commit(self.snapshot.id)
+        self.packer.close()
+
+    def abort(self) -> None:
+        self.packer.close(wait=False)
+        self.sets.abort()
+
+    def size(self) -> int:
+        return self.packer.bytes_written
