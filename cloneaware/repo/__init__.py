@@ -1,0 +1,1 @@
+"""Repositories of snapshots (docs/REPOSITORY.md)."""
