@@ -168,6 +168,9 @@ def scan(
                               _human(t.encoded_candidate_bytes)))
             if t.physical_bytes:
                 rows.append(("saving", f"{t.logical_bytes / t.physical_bytes:.2f}x"))
+            if res.anchors.files:
+                rows.append(("anchors of backups (.cloneaware-anchors)",
+                             f"{res.anchors.files} files pin {_human(res.anchors.pinned_bytes)}"))
             w = max(len(k) for k, _ in rows)
             for k, v in rows:
                 typer.echo(f"{k:<{w}}  {v}")
@@ -992,7 +995,9 @@ def serve(
     = None,
     allow: Annotated[str, typer.Option(
         "--allow", help="Operations to serve, comma-separated: put (receive archives), get "
-        "(send archives), restore (restore into a directory here).")] = "put,get,restore",
+        "(send archives), restore (restore into a directory here), repo (repositories "
+        "here), repo-append (repositories, but nothing in them deleted or replaced except "
+        "locks: a client cannot destroy its backups).")] = "put,get,restore,repo",
 ) -> None:
     """The remote end of ssh:// targets; speaks on stdin/stdout.  Meant as a forced
     command: command="cloneaware serve --restrict-to-path /backups" in authorized_keys."""

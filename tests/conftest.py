@@ -15,6 +15,7 @@ installation."""
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,3 +64,24 @@ def sshnet(sshnet_session) -> Iterator[SshNet]:
     sshnet_session.reset()
     yield sshnet_session
     sshnet_session.reset()
+
+
+@pytest.fixture(autouse=True)
+def _anchors_left_by_the_test():
+    """Backups into repositories keep anchors at the top of the filesystem
+    (docs/REPOSITORY.md); on this worker's shared loopback filesystems they
+    would pin space for the rest of the session: remove the ones a test made."""
+    from cloneaware.testing import _shared
+
+    def sets() -> set[Path]:
+        out = set()
+        for fs in list(_shared.values()):
+            d = fs.path / ".cloneaware-anchors"
+            if d.is_dir():
+                out |= {p for p in d.iterdir() if p.is_dir()}
+        return out
+
+    before = sets()
+    yield
+    for p in sets() - before:
+        shutil.rmtree(p, ignore_errors=True)

@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from cloneaware import fsinfo
 from cloneaware.index.plan import CHECK_CANDIDATE, IndexBuilder, Plan
+from cloneaware.repo.anchors import Mounts
 from cloneaware.source.mapping import FsTable, Mapped, Skipped, map_tree
-from cloneaware.source.walk import Node
+from cloneaware.source.walk import ANCHOR_DIR, ANCHOR_MARKER, Node
+
+
+@dataclass
+class AnchorUsage:
+    """Anchors (docs/REPOSITORY.md) on the scanned filesystems: how many, and
+    the physical bytes only they hold (what the live files no longer share)."""
+
+    files: int = 0
+    pinned_bytes: int = 0
+    dirs: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -20,6 +31,7 @@ class ScanResult:
     files: list[Node]
     skipped: list[tuple[bytes, str]]
     filesystems: list[fsinfo.FsInfo]
+    anchors: AnchorUsage = field(default_factory=AnchorUsage)
 
     def to_json(self, families: int = 0) -> dict:
         t = self.plan.totals.as_dict()
@@ -33,6 +45,9 @@ class ScanResult:
         }
         if families:
             out["families"] = [self.family_info(f) for f in self.plan.families()[:families]]
+        out["anchors"] = {"files": self.anchors.files,
+                          "pinned_bytes": self.anchors.pinned_bytes,
+                          "dirs": self.anchors.dirs}
         return out
 
     def family_info(self, fam: np.ndarray) -> dict:
@@ -54,6 +69,8 @@ def scan(paths: list, one_file_system: bool = True,
     files: list[Node] = []
     skipped: list[tuple[bytes, str]] = []
     inodes: set[tuple[int, int]] = set()
+    anchor_dirs = find_anchor_dirs(paths)
+    maps: list[tuple[int, int, np.ndarray]] = []  # kept only when anchors are there
     # scan stores nothing: two PATHs may share a basename
     for item in map_tree(paths, one_file_system, unique_names=False):
         if isinstance(item, Mapped):
@@ -65,11 +82,45 @@ def scan(paths: list, one_file_system: bool = True,
                 if key in inodes:
                     continue
                 inodes.add(key)
-            builder.add(fstab.number(item.fs), node.st.st_size, item.ext)
+            fs = fstab.number(item.fs)
+            builder.add(fs, node.st.st_size, item.ext)
+            if anchor_dirs:
+                maps.append((fs, node.st.st_size, item.ext))
             files.append(node)
             if progress:
                 progress(node.st.st_size)
         elif isinstance(item, Skipped):
             skipped.append((item.path, item.reason))
     plan = builder.build()
-    return ScanResult(plan=plan, files=files, skipped=skipped, filesystems=fstab.infos)
+    anchors = AnchorUsage(dirs=[os.fsdecode(d) for d in anchor_dirs])
+    if anchor_dirs:
+        # Anchors after the scanned files: what an anchor still owns in this
+        # index is held by the anchors alone.
+        both = IndexBuilder()
+        for fs, size, ext in maps:
+            both.add(fs, size, ext)
+        del maps
+        for d in anchor_dirs:
+            for item in map_tree([d], unique_names=False):
+                if isinstance(item, Mapped) and item.node.name.rsplit(b"/", 1)[-1].isdigit():
+                    both.add(fstab.number(item.fs), item.node.st.st_size, item.ext)
+                    anchors.files += 1
+        p = both.build().pieces
+        own = (p["ref_file"] < 0) & (p["file"] >= len(files))
+        anchors.pinned_bytes = int(p["length"][own].sum())
+    return ScanResult(plan=plan, files=files, skipped=skipped, filesystems=fstab.infos,
+                      anchors=anchors)
+
+
+def find_anchor_dirs(paths: list) -> list[bytes]:
+    """The anchor directories at the tops of the mounts the PATHs are on."""
+    mounts = Mounts()
+    out: list[bytes] = []
+    for p in paths:
+        d = os.path.abspath(os.fsencode(p))
+        d = d if os.path.isdir(d) else os.path.dirname(d)
+        for top in [mounts.top(d), *mounts.under(d)]:
+            base = os.path.join(top, ANCHOR_DIR)
+            if base not in out and os.path.lexists(os.path.join(base, ANCHOR_MARKER)):
+                out.append(base)
+    return out

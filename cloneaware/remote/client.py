@@ -39,7 +39,7 @@ from cloneaware.errors import EXIT_IO, RemoteError, UsageError
 
 PROTOCOL = 1
 REQUEST_MAX = 64 << 10
-OPS = ("put", "get", "restore")
+OPS = ("put", "get", "restore", "repo", "repo-append")
 _URL = re.compile(r"^ssh://(?:(?P<user>[^@/]+)@)?(?P<host>\[[^\]]+\]|[^:/]+)(?::(?P<port>\d+))?"
                   r"(?P<path>/.*)$")
 
@@ -99,6 +99,7 @@ class Channel:
         req = dict(request, v=PROTOCOL)
         try:
             self.stdin.write(json.dumps(req).encode() + b"\n")
+            self.stdin.flush()  # a request/answer exchange may follow at once
         except BrokenPipeError:
             self.fail()
 

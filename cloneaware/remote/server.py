@@ -17,10 +17,12 @@ from cloneaware.errors import (
     ArchiveError,
     CloneawareError,
     Interrupted,
+    RepositoryError,
     UsageError,
     describe_oserror,
 )
 from cloneaware.remote.client import OPS, PROTOCOL, REQUEST_MAX
+from cloneaware.repo.backend import DIRS, LocalBackend
 from cloneaware.restore import Restore
 from cloneaware.safeio import DIR_FLAGS, AtomicFile, open_beneath
 
@@ -79,6 +81,8 @@ class Server:
         except (ValueError, KeyError, TypeError):
             return self._reply(stdout, False, "bad request", EXIT_USAGE)
         try:
+            if op == "repo" and op not in self.allow and "repo-append" in self.allow:
+                op = "repo-append"  # the client asks for a repository; it gets append-only
             if op not in self.allow:
                 raise UsageError(f"operation {op!r} is not allowed here")
             real = self._inside(path)
@@ -86,6 +90,8 @@ class Server:
                 return self._put(stdin, stdout, real, bool(req.get("force")))
             if op == "get":
                 return self._get(stdout, real)
+            if op in ("repo", "repo-append"):
+                return self._repo(stdin, stdout, real, bool(req.get("create")))
             return self._restore(stdin, stdout, real, req)
         except CloneawareError as e:
             return self._reply(stdout, False, str(e), e.exit_code)
@@ -142,6 +148,26 @@ class Server:
             stdout.flush()
         return 0
 
+    def _repo(self, stdin, stdout, real: str, create: bool) -> int:
+        """Serve a repository's objects (repo/sshbackend.py has the protocol)."""
+        if create:
+            parent, name = os.path.split(real)
+            pfd = self._open_dir(parent, create=True)
+            try:
+                os.mkdir(name, 0o700, dir_fd=pfd)
+            except FileExistsError:
+                pass
+            finally:
+                os.close(pfd)
+        root = self._open_dir(real)
+        backend = LocalBackend(real, real, root_fd=root,
+                               append_only="repo" not in self.allow)
+        try:
+            self._reply(stdout, True)
+            return RepoServer(backend, stdin, stdout).run()
+        finally:
+            backend.close()
+
     def _restore(self, stdin, stdout, real: str, req: dict) -> int:
         base = req.get("base")
         if base is not None:
@@ -153,6 +179,88 @@ class Server:
         d = s.as_dict()
         d["not_exact"] = [{"path": p, "reason": r} for p, r in s.not_exact]
         return self._reply(stdout, True, summary=d)
+
+
+class RepoServer:
+    """Requests on the channel, answered by a LocalBackend below the root."""
+
+    def __init__(self, backend: LocalBackend, stdin, stdout):
+        self.b = backend
+        self.stdin = stdin
+        self.stdout = stdout
+
+    def _answer(self, ans: dict, data: bytes = b"") -> None:
+        if data:
+            ans["length"] = len(data)
+        self.stdout.write(json.dumps(ans).encode() + b"\n")
+        if data:
+            self.stdout.write(data)
+        self.stdout.flush()
+
+    def run(self) -> int:
+        while True:
+            line = self.stdin.readline(REQUEST_MAX)
+            if not line:
+                return 0
+            try:
+                req = json.loads(line)
+                cmd = req["cmd"]
+            except (ValueError, KeyError, TypeError):
+                self._answer({"ok": False, "error": "bad request", "kind": "usage"})
+                return EXIT_USAGE
+            payload = b""
+            if cmd == "write":
+                n = req.get("length")
+                if not isinstance(n, int) or not 0 <= n <= (4 << 30):
+                    self._answer({"ok": False, "error": "bad length", "kind": "usage"})
+                    return EXIT_USAGE
+                payload = self.stdin.read(n)
+                if len(payload) != n:
+                    return EXIT_IO
+            try:
+                self._do(cmd, req, payload)
+            except FileExistsError:
+                self._answer({"ok": False, "error": f"{req.get('name')} exists",
+                              "kind": "exists"})
+            except RepositoryError as e:
+                self._answer({"ok": False, "error": str(e), "kind": "missing"})
+            except UsageError as e:
+                self._answer({"ok": False, "error": str(e), "kind": "usage"})
+            except OSError as e:
+                self._answer({"ok": False, "error": describe_oserror(e), "kind": "io"})
+
+    def _do(self, cmd: str, req: dict, payload: bytes) -> None:
+        b = self.b
+        if cmd == "read":
+            off, n = req.get("offset", 0), req.get("length")
+            if not isinstance(off, int) or off < 0 or (n is not None and (
+                    not isinstance(n, int) or not 0 <= n <= (1 << 30))):
+                raise UsageError("bad range")
+            self._answer({"ok": True}, b.read(req["name"], off, n))
+        elif cmd == "write":
+            b.write(req["name"], payload, bool(req.get("create_only")))
+            self._answer({"ok": True})
+        elif cmd == "delete":
+            b.delete(req["name"])
+            self._answer({"ok": True})
+        elif cmd == "list":
+            d = req.get("dir")
+            if d not in DIRS:
+                raise UsageError("bad directory")
+            self._answer({"ok": True, "items": [[o.name, o.size, o.mtime]
+                                                for o in b.listing(d)]})
+        elif cmd == "exists":
+            self._answer({"ok": True, "exists": b.exists(req["name"])})
+        elif cmd == "sync":
+            b.sync()
+            self._answer({"ok": True})
+        elif cmd == "is_empty":
+            self._answer({"ok": True, "empty": b.is_empty()})
+        elif cmd == "create":
+            b.create()
+            self._answer({"ok": True})
+        else:
+            raise UsageError(f"unknown request {cmd!r}")
 
 
 def serve(restrict: list[str], allow: list[str]) -> int:

@@ -58,26 +58,49 @@ class Backend(Protocol):
 class LocalBackend:
     """A directory.  Objects are written under a temporary name, fsynced and
     renamed into place (create-only writes with RENAME_NOREPLACE); ``sync``
-    fsyncs the directories written to, so that the names are durable too."""
+    fsyncs the directories written to, so that the names are durable too.
+    Everything is opened below the repository's directory descriptor
+    (``root_fd``, or ``path`` opened when first needed) without following
+    symlinks, so that ``cloneaware serve`` can hand it a directory opened
+    beneath its allowed root."""
 
-    def __init__(self, path: str, where: str | None = None):
+    def __init__(self, path: str, where: str | None = None, root_fd: int | None = None,
+                 append_only: bool = False):
         self.path = os.path.abspath(path)
         self.where = where or path
+        self.append_only = append_only
         self._dirty: set[str] = set()
         self._dirfds: dict[str, int] = {}
+        if root_fd is not None:
+            self._dirfds[""] = root_fd
 
     def _dir(self, d: str, create: bool = False) -> int:
         fd = self._dirfds.get(d)
         if fd is not None:
             return fd
-        full = os.path.join(self.path, d) if d else self.path
-        try:
-            fd = os.open(full, DIR_FLAGS)
-        except FileNotFoundError:
-            if not create:
-                raise
-            os.mkdir(full, 0o700)
-            fd = os.open(full, DIR_FLAGS)
+        if not d:
+            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC  # the user's own path
+            try:
+                fd = os.open(self.path, flags)
+            except FileNotFoundError:
+                if not create:
+                    raise RepositoryError(f"{self.where}: no such repository") from None
+                os.makedirs(self.path, mode=0o700, exist_ok=True)
+                fd = os.open(self.path, flags)
+        else:
+            parent, _, base = d.rpartition("/")
+            pfd = self._dir(parent, create)
+            try:
+                fd = os.open(base, DIR_FLAGS, dir_fd=pfd)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                try:
+                    os.mkdir(base, 0o700, dir_fd=pfd)
+                except FileExistsError:
+                    pass
+                self._dirty.add(parent)
+                fd = os.open(base, DIR_FLAGS, dir_fd=pfd)
         self._dirfds[d] = fd
         return fd
 
@@ -108,6 +131,8 @@ class LocalBackend:
 
     def write(self, name: str, data, create_only: bool = False) -> None:
         d, base = self._split(name)
+        if self.append_only and not name.startswith("locks/"):
+            create_only = True
         dfd = self._dir(d, create=name.startswith("data/"))
         with AtomicFile(base, dir_fd=dfd, replace=not create_only,
                         display=f"{self.where}/{name}") as f:
@@ -124,6 +149,9 @@ class LocalBackend:
 
     def delete(self, name: str) -> None:
         d, base = self._split(name)
+        if self.append_only and not name.startswith("locks/"):
+            raise UsageError(f"{self.where}: this server keeps the repository append-only: "
+                             f"{name} may not be deleted")
         try:
             os.unlink(base, dir_fd=self._dir(d))
         except FileNotFoundError:
@@ -189,25 +217,26 @@ class LocalBackend:
 
     def is_empty(self) -> bool:
         try:
-            return not os.listdir(self.path)
-        except FileNotFoundError:
+            return not os.listdir(self._dir(""))
+        except (RepositoryError, FileNotFoundError):
             return True
 
     def create(self) -> None:
         """Make the directory (and its parents) and the layout's directories."""
         try:
-            os.makedirs(self.path, mode=0o700, exist_ok=True)
+            self._dir("", create=True)
+            for d in DIRS:
+                self._dir(d, create=True)
+            for i in range(256):
+                self._dir(f"data/{i:02x}", create=True)
         except OSError as e:
             raise OSError(e.errno, e.strerror, self.where) from None
-        for d in DIRS:
-            self._dir(d, create=True)
-        for i in range(256):
-            self._dir(f"data/{i:02x}", create=True)
         self._dirty.update(["", *DIRS, "data"])
         self.sync()
-        for fd in list(self._dirfds.values()):
+        root = self._dirfds.pop("", None)
+        for fd in self._dirfds.values():
             os.close(fd)
-        self._dirfds.clear()
+        self._dirfds = {"": root} if root is not None else {}
 
     def close(self) -> None:
         for fd in self._dirfds.values():

@@ -113,7 +113,13 @@ def test_one_instant_by_clone_and_torn_without(reflink_dir, tmp_path):
     w = start_writer(img)
     try:
         s, err = backup(tmp_path / "pit.caw", img, rc=0)
-        torn, terr = backup(tmp_path / "live.caw", img, extra=["--no-point-in-time"], rc=1)
+        for attempt in range(5):  # a loaded machine may starve the writer for a while
+            torn, terr = backup(tmp_path / "live.caw", img, extra=["--no-point-in-time",
+                                                                  "--force"], rc=1)
+            restore(tmp_path / "live.caw", tmp_path / f"b{attempt}")
+            bad = stamps(tmp_path / f"b{attempt}" / "vm.img")
+            if not one_instant(bad):
+                break
     finally:
         stop(w)
     assert s["captured_by_clone"] == 1 and s["read_live"] == 0, s
@@ -122,11 +128,9 @@ def test_one_instant_by_clone_and_torn_without(reflink_dir, tmp_path):
     assert torn["read_live_reasons"] == {"--no-point-in-time": 1}
     assert {c["path"] for c in torn["changed"]} == {str(img)}, terr
     restore(tmp_path / "pit.caw", tmp_path / "a")
-    restore(tmp_path / "live.caw", tmp_path / "b")
     got = stamps(tmp_path / "a" / "vm.img")
     assert one_instant(got), got
     assert max(got) >= 2  # the writer was running when the clone was taken
-    bad = stamps(tmp_path / "b" / "vm.img")
     assert not one_instant(bad), bad  # the live read is torn: the test can fail
 
 

@@ -428,3 +428,59 @@ def test_slow_link_is_kept_full(sshnet, btrfs_dir, tmp_path, capsys, request):
                     f"{raw_stream / ideal:.2f}x the ideal {ideal:.2f} s; cloneaware took "
                     f"{stream:.2f} s, within 10% of it")
     assert abs(stream - ideal) <= 0.15 * ideal, note
+
+
+# --- repositories over ssh -------------------------------------------------------------
+
+def test_repository_over_ssh(sshnet, reflink_dir, tmp_path):
+    """init, two backups (the second reads only what changed), snapshots,
+    ls, restore with the sharing, check --read-data, forget --prune: all
+    against a repository on the other host, through cloneaware serve."""
+    src = reflink_dir / "src"
+    make_family(src, base_size=8 * MiB, clones=3, small_files=5, sparse=False)
+    srv = tmp_path / "srv"
+    srv.mkdir()
+    url = sshnet.url(srv / "repo")
+    sshnet.cloneaware("init", "-r", url, check_rc=0)
+    assert (srv / "repo" / "config").is_file()
+    r1 = json.loads(sshnet.cloneaware("backup", "--json", "-r", url, src, check_rc=0).stdout)
+    (src / "etc" / "conf000").write_bytes(b"changed\n")
+    r2 = json.loads(sshnet.cloneaware("backup", "--json", "-r", url, src, check_rc=0).stdout)
+    assert r2["bytes_read"] < 64 * 1024 and r2["unchanged_bytes"] >= 8 * MiB, r2
+    snaps = json.loads(sshnet.cloneaware("snapshots", "--json", "-r", url, check_rc=0).stdout)
+    assert [s["id"] for s in snaps] == [r1["snapshot"], r2["snapshot"]]
+    ls = json.loads(sshnet.cloneaware("ls", "--json", "-r", url, "latest", check_rc=0).stdout)
+    assert any(e["path"] == "src/etc/conf000" for e in ls["entries"])
+    dst = reflink_dir / "dst"
+    sshnet.cloneaware("restore", "-r", url, "latest", dst, check_rc=0)
+    assert_same_tree(Snapshot(src), Snapshot(dst / "src"))
+    assert_close(_phys(dst), _phys(src), 0.02, "restored from an ssh:// repository")
+    sshnet.cloneaware("check", "--read-data", "-r", url, check_rc=0)
+    sshnet.cloneaware("forget", "-r", url, "--keep-last", "1", "--prune", check_rc=0)
+    snaps = json.loads(sshnet.cloneaware("snapshots", "--json", "-r", url, check_rc=0).stdout)
+    assert [s["id"] for s in snaps] == [r2["snapshot"]]
+
+
+def test_repository_over_ssh_append_only_and_restricted(sshnet, btrfs_dir):
+    """--allow repo-append lets a host back up and restore but not forget or
+    prune (its backups cannot be destroyed from it); --restrict-to-path
+    keeps repositories inside too."""
+    allowed = btrfs_dir / "backups"
+    allowed.mkdir()
+    src = btrfs_dir / "src"
+    make_family(src, base_size=2 * MiB, clones=1, small_files=2, sparse=False)
+    full = _forced(sshnet, allowed, "repo")
+    url = sshnet.url(allowed / "repo")
+    full("init", "-r", url, check_rc=0)
+    append = _forced(sshnet, allowed, "repo-append")
+    append("backup", "-r", url, src, check_rc=0)
+    append("backup", "-r", url, src, check_rc=0)
+    append("restore", "-r", url, "latest", btrfs_dir / "dst", check_rc=0)
+    r = append("forget", "-r", url, "--keep-last", "1", check_rc=2)
+    assert "append-only" in _lines(r)[-1], _lines(r)
+    assert len(os.listdir(allowed / "repo" / "snapshots")) == 2
+    assert os.listdir(allowed / "repo" / "locks") == []
+    r = full("init", "-r", sshnet.url(btrfs_dir / "elsewhere"), check_rc=2)
+    assert OUTSIDE in _lines(r)[-1]
+    r = _forced(sshnet, allowed, "get")("snapshots", "-r", url, check_rc=2)
+    assert "not allowed" in _lines(r)[-1]
