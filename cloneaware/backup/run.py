@@ -36,6 +36,8 @@ from cloneaware.index.plan import (
 )
 from cloneaware.source.capture import Capture
 from cloneaware.source.mapping import (
+    READING_NOTE,
+    TREE_SEARCH,
     FsTable,
     Mapped,
     Skipped,
@@ -310,7 +312,11 @@ class Backup:
                               "snapshot (stored as an empty directory); give it as a PATH "
                               "of its own")
                 items.append(_Other(it.node))
-        return items, builder.build()
+        plan = builder.build()
+        t = plan.totals
+        if TREE_SEARCH.denied is not None and t.encoded_bytes > t.encoded_exact_bytes:
+            self.warn(READING_NOTE.format(why=TREE_SEARCH.denied))
+        return items, plan
 
     def _map_base(self, fstab: FsTable, builder: IndexBuilder) -> None:
         """Map the base first, so that it owns every range it shares."""

@@ -10,7 +10,14 @@ import numpy as np
 
 from cloneaware import fsinfo
 from cloneaware.index.plan import CHECK_CANDIDATE, IndexBuilder, Plan
-from cloneaware.source.mapping import FsTable, Mapped, Skipped, map_tree
+from cloneaware.source.mapping import (
+    READING_NOTE,
+    TREE_SEARCH,
+    FsTable,
+    Mapped,
+    Skipped,
+    map_tree,
+)
 from cloneaware.source.walk import Node
 
 
@@ -34,6 +41,13 @@ class ScanResult:
         if families:
             out["families"] = [self.family_info(f) for f in self.plan.families()[:families]]
         return out
+
+    def notes(self) -> list[str]:
+        """What to say once about how the totals were found."""
+        t = self.plan.totals
+        if TREE_SEARCH.denied is not None and t.encoded_bytes > t.encoded_exact_bytes:
+            return [READING_NOTE.format(why=TREE_SEARCH.denied)]
+        return []
 
     def family_info(self, fam: np.ndarray) -> dict:
         p = self.plan.pieces

@@ -267,7 +267,7 @@ def test_totals_as_dict_is_plain_ints():
     assert all(type(v) is int for v in d.values())
     assert set(d) == {"files", "extents", "logical_bytes", "data_bytes", "physical_bytes",
                       "shared_bytes", "external_shared_bytes", "encoded_bytes",
-                      "encoded_candidate_bytes", "inline_bytes"}
+                      "encoded_exact_bytes", "encoded_candidate_bytes", "inline_bytes"}
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 1000])
