@@ -702,6 +702,15 @@ def test_compressed_sharing_without_root_is_proved_by_reading(nobody):
         assert "proved by reading" not in r.err, str(r)
         d = r.json()
         assert d["checked_bytes"] == 0 and d["bytes_read"] == size, d
+        assert d["encoded_stored_bytes"] == size, d  # stored as the extents on disk
+        # a user cannot write encoded (CAP_SYS_ADMIN): the extents are
+        # decompressed and written plainly, and the restore is whole
+        os.chmod(fs.path / "root.caw", 0o644)
+        r = nobody.run("restore", "--json", fs.path / "root.caw", out / "mine")
+        assert r.returncode == 0, str(r)
+        assert r.json()["encoded_written_bytes"] == 0 and r.json()["copied_bytes"] == 0
+        want, got = tree_state(fam, owners=False), tree_state(out / "mine" / "fam", owners=False)
+        assert want == got, "\n".join(diff_states(want, got))
         dest = nobody.root / "dest"
         cli("restore", arch, dest, check_rc=0)
         want, got = tree_state(fam), tree_state(dest / "fam")
