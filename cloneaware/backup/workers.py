@@ -142,6 +142,7 @@ class Workers:
                 or enc.unencoded_offset + length > enc.unencoded_len \
                 or enc.unencoded_len > fmt.BTRFS_EXTENT_MAX:
             return None
+        d: zstandard.ZstdDecompressionObj | zlib._Decompress
         if enc.compression == fmt.BTRFS_ZSTD:
             d = zstandard.ZstdDecompressor().decompressobj()
         elif enc.compression == fmt.BTRFS_ZLIB:

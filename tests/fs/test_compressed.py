@@ -374,3 +374,49 @@ def test_compressed_farm_of_2000_clones_is_read_once(loopfs):
     before, after = compsize(farm), compsize(dst / "out")
     assert after["referenced"] == before["referenced"] == 2000 * size
     assert after["disk"] <= 1.02 * before["disk"], (before, after)
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("algo", ["zstd", "zlib", "lzo"])
+def test_encoded_read_returns_the_extent_as_stored(loopfs, algo):
+    """F26: BTRFS_IOC_ENCODED_READ gives a whole compressed extent as it is
+    on disk: its disk_num_bytes bytes (one zstd frame of window <= 128 KiB,
+    one zlib stream, or Btrfs's lzo framing: a 4-byte total length first),
+    zeros after it to the sector; the window of the file it was read at; and
+    what it decompresses to is the file's bytes."""
+    import zlib
+
+    import zstandard
+
+    fs = loopfs("btrfs", mount_options=f"compress-force={algo}").path
+    data = words(512 * KiB, 3)
+    (fs / "f").write_bytes(data)
+    os.sync()
+    it = items(fs / "f")
+    assert (it["compression"] == {"zstd": fl.BTRFS_COMPRESS_ZSTD, "zlib": fl.BTRFS_COMPRESS_ZLIB,
+                                  "lzo": fl.BTRFS_COMPRESS_LZO}[algo]).all()
+    fd = os.open(fs / "f", os.O_RDONLY)
+    try:
+        e = native.btrfs_encoded_read(fd, 160 * KiB)  # inside the second extent
+    finally:
+        os.close(fd)
+    assert len(e.data) == int(it["disk_num_bytes"][1])
+    assert (e.len, e.unencoded_len, e.unencoded_offset, e.encryption) == \
+        (96 * KiB, 128 * KiB, 32 * KiB, 0)
+    want = data[128 * KiB:256 * KiB]
+    if algo == "zstd":
+        assert e.compression == 2 and e.data[:4] == b"\x28\xb5\x2f\xfd"
+        p = zstandard.get_frame_parameters(e.data)
+        assert p.window_size <= 128 * KiB and p.content_size == 128 * KiB
+        d = zstandard.ZstdDecompressor().decompressobj()
+        assert d.decompress(e.data) == want and d.eof
+        assert set(d.unused_data) <= {0}
+    elif algo == "zlib":
+        assert e.compression == 1
+        z = zlib.decompressobj()
+        assert z.decompress(e.data) == want and z.eof
+        assert set(z.unused_data) <= {0}
+    else:  # lzo, 4 KiB sectors; its own framing, no standard lzo container
+        assert e.compression == 3
+        total = int.from_bytes(e.data[:4], "little")
+        assert total <= len(e.data) and set(e.data[total:]) <= {0}
