@@ -184,7 +184,8 @@ def physical_reads(tree: Path) -> list[tuple[Path, int, int]]:
     """(file, offset, length) reads that cover each physical byte of the tree
     once, the first place (in sorted walk order) that maps it: all of the
     base, the clones' rewritten extents, and the small files' data.
-    Inline and compressed extents are read as the file's own."""
+    Inline extents, and compressed ones whose place in their extent is not
+    known (no tree search), are read as the file's own."""
     from cloneaware.index.plan import data_ranges, is_own
     from cloneaware.source import mapping
 
@@ -220,7 +221,9 @@ def physical_reads(tree: Path) -> list[tuple[Path, int, int]]:
             p = Path(dirpath) / name
             with open(p, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
-                d = data_ranges(mapping.fiemap(f.fileno(), str(p)), size)
+                # compressed ranges with their place in the extent, where
+                # the extent items can be read (root): each byte once
+                d = data_ranges(mapping.extent_map(f.fileno(), size, str(p)), size)
             own = is_own(d["flags"], d["physical"])
             for (lg, ph, ln), o in zip(d[["logical", "physical", "length"]].tolist(),
                                        own.tolist()):

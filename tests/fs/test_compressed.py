@@ -18,7 +18,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from helpers.cli import cli_json
+from helpers.cli import cli, cli_json
 from helpers.fsutil import as_tuples, compressible, write_at
 from helpers.treeutil import KiB, MiB, Snapshot, assert_same_tree, backup_json, restore_json
 
@@ -420,3 +420,18 @@ def test_encoded_read_returns_the_extent_as_stored(loopfs, algo):
         assert e.compression == 3
         total = int.from_bytes(e.data[:4], "little")
         assert total <= len(e.data) and set(e.data[total:]) <= {0}
+
+
+def test_repository_references_compressed_ranges_unread(loopfs):
+    """The exact compressed ranges are ordinary references, so a backup
+    into a repository turns them into blob ranges of their owner without
+    reading them (the repository stores raw bytes: no encoded blobs)."""
+    src = loopfs("btrfs", mount_options="compress=zstd:1").path
+    fam = words_family(src / "fam", 8 * MiB, 3, 10)
+    scan = cli_json("scan", "--json", fam)["totals"]
+    repo = src / "repo"
+    cli("init", "-r", repo, check_rc=0)
+    b = cli_json("backup", "--json", "-r", repo, fam)
+    assert b["bytes_read"] == scan["physical_bytes"] < scan["logical_bytes"]
+    assert b["referenced_bytes"] == scan["logical_bytes"] - scan["physical_bytes"]
+    assert b["checked_bytes"] == 0
