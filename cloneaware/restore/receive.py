@@ -78,6 +78,7 @@ class _Open:
     tmp: bytes
     where: str
     filled_at_start: int
+    dirty_at_start: int  # bytes written or copied before it: writeback to wait for
 
 
 class Restore:
@@ -342,7 +343,7 @@ class Restore:
         # O_NOATIME: later copies read from this file, after its times are set
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
                      | os.O_NOATIME, 0o600, dir_fd=pfd)
-        self.cur = _Open(e, fd, pfd, tmp, where, self.counts.filled())
+        self.cur = _Open(e, fd, pfd, tmp, where, self.counts.filled(), self._dirty())
         try:
             os.ftruncate(fd, e.size)
         except OSError as ex:
@@ -430,7 +431,13 @@ class Restore:
         s.files += 1
         s.logical_bytes += e.size
         s.hole_bytes += e.size - (self.counts.filled() - cur.filled_at_start)
-        self.placer.defer(parent, cur.tmp, name, e.path, e.id, e.size)
+        # a batch is counted in bytes that wait for writeback: reflinked
+        # ranges have none, and a syncfs per GiB of clones is a commit for naught
+        self.placer.defer(parent, cur.tmp, name, e.path, e.id,
+                          self._dirty() - cur.dirty_at_start)
+
+    def _dirty(self) -> int:
+        return self.counts.written_bytes + self.counts.copied_bytes
 
     # -- metadata ------------------------------------------------------------------
 
