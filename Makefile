@@ -18,8 +18,10 @@ demo: setup
 bench: setup
 	$(PYTHON) bench/bench.py
 
+# compress-force=zstd, and Fedora's default compress=zstd:1 (a smaller family each)
 bench-compressed: setup
-	$(PYTHON) bench/bench.py --compressed
+	$(PYTHON) bench/bench.py --compressed compress-force=zstd --size 256 --clones 6
+	$(PYTHON) bench/bench.py --compressed compress=zstd:1 --size 256 --clones 6
 
 bench-scale: setup
 	$(PYTHON) bench/scale.py

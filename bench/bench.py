@@ -24,12 +24,16 @@ the others get the same for fairness).  Needs root.
     python3 bench/bench.py                         # the default family (~5 min)
     python3 bench/bench.py --size 64 --clones 3 --files 50   # a quick check
     python3 bench/bench.py --compressed            # compress-force=zstd source
+    python3 bench/bench.py --compressed compress=zstd:1   # Fedora's default
 
-With --compressed the source Btrfs is mounted with compress-force=zstd and
-the base holds letters that compress to about half, so every extent of the
-family is a compressed one: sharing can only be proved by the content check
-(README, "Compressed Btrfs").  Physical sizes are then logical sizes of the
-compressed extents (FIEMAP does not give their size on disk).
+With --compressed the source Btrfs (and the Btrfs restore target) is
+mounted with those options (compress-force=zstd by default) and the base
+holds letters that compress to about half, so the family's extents are
+compressed ones.  As root, cloneaware finds their sharing in Btrfs's file
+extent items and stores each extent as it is on disk (README, "Compressed
+Btrfs").  Disk usage on Btrfs is then counted by ``compsize`` (each extent
+once, as stored); ``btrfs send --proto 2 --compressed-data`` and its
+receive are measured beside plain send/receive.
 """
 from __future__ import annotations
 
@@ -60,6 +64,10 @@ TARGETS = {
     "usage_btrfs": 1.02,
     "usage_xfs": 1.02,
     "backup_vs_limit": 3.0,
+    "backup_vs_send_compressed": 1.0,
+    "restore_btrfs_vs_receive_compressed": 1.0,
+    "archive_vs_disk": 1.0,
+    "usage_btrfs_disk": 1.02,
 }
 
 
@@ -109,6 +117,19 @@ def timed(fn) -> dict:
     os.sync()
     t = time.monotonic() - t0
     return {"seconds": t, "cpu_seconds": (child_cpu() - c0) + (self_cpu() - s0), "out": out}
+
+
+def compsize(path: Path) -> int | None:
+    """Disk usage of a Btrfs tree by ``compsize -b`` (btrfs-compsize), each
+    extent once, as stored; None without compsize."""
+    if shutil.which("compsize") is None:
+        return None
+    r = run(["compsize", "-b", path], check=False)
+    for line in r.stdout.splitlines():
+        f = line.split()
+        if f and f[0] == "TOTAL":
+            return int(f[2])
+    return None
 
 
 def scan(path: Path) -> dict:
@@ -163,7 +184,8 @@ def physical_reads(tree: Path) -> list[tuple[Path, int, int]]:
     """(file, offset, length) reads that cover each physical byte of the tree
     once, the first place (in sorted walk order) that maps it: all of the
     base, the clones' rewritten extents, and the small files' data.
-    Inline and compressed extents are read as the file's own."""
+    Inline extents, and compressed ones whose place in their extent is not
+    known (no tree search), are read as the file's own."""
     from cloneaware.index.plan import data_ranges, is_own
     from cloneaware.source import mapping
 
@@ -199,7 +221,9 @@ def physical_reads(tree: Path) -> list[tuple[Path, int, int]]:
             p = Path(dirpath) / name
             with open(p, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
-                d = data_ranges(mapping.fiemap(f.fileno(), str(p)), size)
+                # compressed ranges with their place in the extent, where
+                # the extent items can be read (root): each byte once
+                d = data_ranges(mapping.extent_map(f.fileno(), size, str(p)), size)
             own = is_own(d["flags"], d["physical"])
             for (lg, ph, ln), o in zip(d[["logical", "physical", "length"]].tolist(),
                                        own.tolist()):
@@ -288,14 +312,14 @@ def bench(args, root: Path, mounted: list) -> dict:
             f"to {sum(sizes.values()) / GiB:.1f} GiB")
     fss = {}
     for kind in ("btrfs", "xfs", "ext4"):
-        opts = "compress-force=zstd" if kind == "btrfs" and args.compressed else ""
+        opts = args.compressed if kind == "btrfs" and args.compressed else ""
         fss[kind] = make_loopfs(root, kind, sizes[kind], mount_options=opts)
         mounted.append(fss[kind])
     bt, xf, ar = fss["btrfs"].path, fss["xfs"].path, fss["ext4"].path
 
     log(f"building the family: {args.size} MiB base, {args.clones} clones, "
         f"{args.change:.1%} rewritten, {args.files} small files"
-        + (", compressed Btrfs" if args.compressed else ""))
+        + (f", Btrfs {args.compressed}" if args.compressed else ""))
     t0 = time.monotonic()
     run(["btrfs", "subvolume", "create", bt / "src"])
     fam = build_family(bt / "src", size, args.clones, args.change, args.files, args.seed,
@@ -306,6 +330,9 @@ def bench(args, root: Path, mounted: list) -> dict:
     log(f"built in {time.monotonic() - t0:.1f} s")
     src = scan(snap)
     src_phys = src["physical_bytes"]
+    src_disk = compsize(snap) if args.compressed else None
+    if src_disk is not None:
+        src["disk_bytes"] = src_disk
     log(f"source: {src['files']} files, {src['logical_bytes'] / MiB:.1f} MiB logical, "
         f"{src_phys / MiB:.1f} MiB physical, {src['extents']} extents")
 
@@ -362,6 +389,15 @@ def bench(args, root: Path, mounted: list) -> dict:
 
     step("btrfs send", send, what="stream bytes")
 
+    zstream = ar / "snap.send2"
+    if args.compressed:
+        def send_compressed():
+            run(["btrfs", "send", "-q", "--proto", "2", "--compressed-data", "-f", zstream,
+                 snap])
+            return {"bytes": zstream.stat().st_size}
+
+        step("btrfs send --proto 2 --compressed-data", send_compressed, what="stream bytes")
+
     # restores: time, then usage (cloneaware scan) over the source's, then delete
     def restore_step(name: str, fn, dest: Path, measured: Path | None = None,
                      subvol: Path | None = None) -> None:
@@ -370,6 +406,11 @@ def bench(args, root: Path, mounted: list) -> dict:
         r["bytes"] = got["physical_bytes"]
         r["what"] = "restored physical bytes"
         r["usage_ratio"] = got["physical_bytes"] / src_phys
+        disk = compsize(measured or dest) if src_disk and str(dest).startswith(str(bt)) \
+            else None
+        if disk is not None and src_disk:
+            r["disk_bytes"] = disk
+            r["disk_ratio"] = disk / src_disk
         if (got["files"], got["logical_bytes"]) != (src["files"], src["logical_bytes"]):
             r["mismatch"] = (f"restored {got['files']} files, {got['logical_bytes']} bytes; "
                              f"source has {src['files']}, {src['logical_bytes']}")
@@ -390,6 +431,12 @@ def bench(args, root: Path, mounted: list) -> dict:
     restore_step("btrfs receive -> Btrfs",
                  lambda: run(["btrfs", "receive", "-q", "-f", stream, d]), d, d / "snap",
                  subvol=d / "snap")
+    if args.compressed:
+        d = bt / "r-receive2"
+        d.mkdir()
+        restore_step("btrfs receive (--compressed-data) -> Btrfs",
+                     lambda: run(["btrfs", "receive", "-q", "-f", zstream, d]), d, d / "snap",
+                     subvol=d / "snap")
     for fsname, base in (("Btrfs", bt), ("XFS", xf)):
         d = base / "r-tar"
         d.mkdir()
@@ -432,7 +479,7 @@ def ratios(res: dict) -> list[dict]:
 
     ca_b = sec["cloneaware backup"]
     ca_bn = sec["cloneaware backup --compress none"]
-    return [
+    out = [
         r("backup_vs_send", "cloneaware backup / btrfs send", ca_b, sec["btrfs send"]),
         r("backup_vs_tar", "cloneaware backup / tar -c", ca_b, sec["tar -c --sparse"]),
         r("backup_none_vs_send", "cloneaware backup --compress none / btrfs send", ca_bn,
@@ -462,6 +509,32 @@ def ratios(res: dict) -> list[dict]:
         r("usage_xfs", "restored usage / source usage (cloneaware -> XFS)",
           s["cloneaware restore -> XFS"]["bytes"], phys),
     ]
+    if "btrfs send --proto 2 --compressed-data" in s:
+        disk = res["source"].get("disk_bytes")
+        out += [
+            r("backup_vs_send_compressed",
+              "cloneaware backup / btrfs send --compressed-data", ca_b,
+              sec["btrfs send --proto 2 --compressed-data"]),
+            r("restore_btrfs_vs_receive_compressed",
+              "cloneaware restore / btrfs receive (compressed-data)",
+              sec["cloneaware restore -> Btrfs"],
+              sec["btrfs receive (--compressed-data) -> Btrfs"]),
+            r("send_compressed_vs_disk", "send --compressed-data stream / source disk",
+              s["btrfs send --proto 2 --compressed-data"]["bytes"], disk or 0),
+        ]
+        if disk:
+            out += [
+                r("archive_vs_disk", "archive bytes / source disk (compsize)",
+                  s["cloneaware backup"]["bytes"], disk),
+                r("usage_btrfs_disk", "restored disk / source disk (compsize, cloneaware)",
+                  s["cloneaware restore -> Btrfs"].get("disk_bytes", 0), disk),
+                r("usage_receive_disk", "restored disk / source disk (compsize, receive)",
+                  s["btrfs receive -> Btrfs"].get("disk_bytes", 0), disk),
+                r("usage_receive2_disk",
+                  "restored disk / source disk (compsize, receive compressed-data)",
+                  s["btrfs receive (--compressed-data) -> Btrfs"].get("disk_bytes", 0), disk),
+            ]
+    return out
 
 
 def table(res: dict) -> str:
@@ -470,9 +543,11 @@ def table(res: dict) -> str:
     lines = [
         f"cloneaware bench: {p['size_mib']} MiB base, {p['clones']} clones, "
         f"{p['change']:.1%} rewritten in 64 KiB blocks, {p['files']} small files"
-        + ("; source Btrfs compress-force=zstd" if p.get("compressed") else ""),
+        + (f"; source Btrfs {p['compressed']}" if p.get("compressed") else ""),
         f"source: {src['files']} files, {src['logical_bytes'] / MiB:.1f} MiB logical, "
-        f"{src['physical_bytes'] / MiB:.1f} MiB physical, {src['extents']} extents",
+        f"{src['physical_bytes'] / MiB:.1f} MiB physical, {src['extents']} extents"
+        + (f", {src['disk_bytes'] / MiB:.1f} MiB on disk (compsize)"
+           if src.get("disk_bytes") else ""),
         f"archives on: {res['layout']['archives']}; cold cache before every step",
         "load average (1 min) after each step: "
         + ", ".join(f"{s['loadavg']:.1f}" for s in res["steps"].values())
@@ -483,6 +558,8 @@ def table(res: dict) -> str:
     ]
     for name, s in res["steps"].items():
         usage = f"{s['usage_ratio']:.2f}x" if "usage_ratio" in s else ""
+        if "disk_ratio" in s:
+            usage = f"{s['disk_ratio']:.2f}x"
         mib = f"{s['bytes'] / MiB:.1f}" if "bytes" in s else ""
         what = s.get("what", "")
         if name == "physical limit (read once)":
@@ -497,6 +574,12 @@ def table(res: dict) -> str:
             lines.append(f"{'':<40} compressed ranges referenced after the content check: "
                          f"{det.get('checked_bytes', 0) / MiB:.1f} MiB, stored after a "
                          f"mismatch: {det.get('check_mismatch_bytes', 0) / MiB:.1f} MiB")
+        if det.get("encoded_stored_bytes") or det.get("encoded_written_bytes"):
+            lines.append(f"{'':<40} as Btrfs extents as they are on disk: "
+                         + (f"stored {det['encoded_stored_bytes'] / MiB:.1f} MiB "
+                            f"({det.get('encoded_extent_bytes', 0) / MiB:.1f} MiB encoded)"
+                            if det.get("encoded_stored_bytes") else
+                            f"written {det['encoded_written_bytes'] / MiB:.1f} MiB"))
         if det.get("copied_bytes"):
             lines.append(f"{'':<40} copied instead of reflinked: "
                          f"{det['copied_bytes'] / MiB:.1f} MiB {det.get('copy_reasons')}")
@@ -517,8 +600,10 @@ def main() -> int:
                     help="fraction of each clone rewritten in 64 KiB blocks (0.02)")
     ap.add_argument("--files", type=int, default=300, help="small files (300)")
     ap.add_argument("--seed", type=int, default=1, help="random seed (1)")
-    ap.add_argument("--compressed", action="store_true",
-                    help="mount the source Btrfs with compress-force=zstd, compressible base")
+    ap.add_argument("--compressed", nargs="?", const="compress-force=zstd", default="",
+                    metavar="OPTIONS",
+                    help="mount the Btrfs with these options (compress-force=zstd), "
+                         "compressible base")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     ap.add_argument("--keep", action="store_true",
                     help="leave the filesystems mounted and the images in place")

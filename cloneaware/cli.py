@@ -147,6 +147,8 @@ def scan(
             res = do_scan(paths, one_file_system=not cross, progress=prog.advance)
         for path, reason in res.skipped:
             _err(f"skipped {os.fsdecode(path)}: {reason}")
+        for note in res.notes():
+            _err(note)
         if as_json:
             typer.echo(json.dumps(res.to_json(families), indent=2))
         else:
@@ -161,7 +163,9 @@ def scan(
                 ("shared outside the set", _human(t.external_shared_bytes)),
             ]
             if t.encoded_bytes:
-                rows.append(("compressed (not counted as shared)", _human(t.encoded_bytes)))
+                rows.append(("compressed", _human(t.encoded_bytes)))
+                rows.append(("compressed, shared exactly (extent items)",
+                             _human(t.encoded_exact_bytes)))
             if t.encoded_candidate_bytes:
                 rows.append(("compressed, same extent as an earlier file "
                               "(shared if the content matches)",

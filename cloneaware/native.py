@@ -36,6 +36,15 @@ RENAME_NOREPLACE = lib.RENAME_NOREPLACE
 #: (u64 logical, u64 physical, u64 length, u32 flags, u32 reserved).
 EXTENT_SIZE = ffi.sizeof("struct ca_extent")
 
+#: Bytes per item in what btrfs_file_extents() returns: ``struct
+#: ca_file_extent`` (logical, disk_bytenr, disk_num_bytes, offset, num_bytes,
+#: ram_bytes, generation as u64; compression, type, encryption, 0 as u8; u32 0).
+FILE_EXTENT_SIZE = ffi.sizeof("struct ca_file_extent")
+
+#: The largest encoded extent BTRFS_IOC_ENCODED_READ returns (128 KiB of
+#: compressed data; docs/KERNEL.md).
+ENCODED_MAX = 128 << 10
+
 DEDUPE_SAME = 0
 DEDUPE_DIFFERS = 1
 
@@ -170,6 +179,61 @@ def btrfs_snap_destroy(dir_fd, name: bytes, path=None) -> None:
     rc = lib.ca_btrfs_snap_destroy(_fd(dir_fd), name)
     if rc < 0:
         _raise(rc, path)
+
+
+def btrfs_file_extents(fd, ino: int, path=None) -> bytes:
+    """Call BTRFS_IOC_TREE_SEARCH_V2 (looping) for the EXTENT_DATA items of
+    inode ``ino`` in the subvolume of fd.  Returns them in file order, packed,
+    FILE_EXTENT_SIZE bytes each.  Needs CAP_SYS_ADMIN (EPERM otherwise)."""
+    out = ffi.new("struct ca_file_extent **")
+    count = ffi.new("size_t *")
+    rc = lib.ca_btrfs_file_extents(_fd(fd), ino, out, count)
+    if rc < 0:
+        _raise(rc, path)
+    try:
+        n = count[0]
+        return bytes(ffi.buffer(out[0], n * FILE_EXTENT_SIZE)) if n else b""
+    finally:
+        lib.ca_free(out[0])
+
+
+class Encoded(NamedTuple):
+    """One extent as BTRFS_IOC_ENCODED_READ returns it (or as written)."""
+
+    data: bytes  # the bytes as stored (compressed), or plain
+    len: int  # bytes of the file they stand for
+    unencoded_len: int  # decompressed size of the whole extent
+    unencoded_offset: int  # where the file's bytes start in it
+    compression: int  # BTRFS_ENCODED_IO_COMPRESSION_*: 0 none, 1 zlib, 2 zstd, 3.. lzo
+    encryption: int
+
+
+def btrfs_encoded_read(fd, offset: int, buflen: int = ENCODED_MAX, path=None) -> Encoded:
+    """Call BTRFS_IOC_ENCODED_READ once at ``offset``: one extent, as stored.
+    Needs CAP_SYS_ADMIN."""
+    buf = ffi.new("uint8_t[]", buflen)
+    meta = ffi.new("struct ca_encoded *")
+    rc = lib.ca_btrfs_encoded_read(_fd(fd), offset, buf, buflen, meta)
+    if rc < 0:
+        _raise(rc, path)
+    return Encoded(bytes(ffi.buffer(buf, rc)), meta.len, meta.unencoded_len,
+                   meta.unencoded_offset, meta.compression, meta.encryption)
+
+
+def btrfs_encoded_write(fd, offset: int, data, length: int, unencoded_len: int,
+                        unencoded_offset: int, compression: int, path=None) -> int:
+    """Call BTRFS_IOC_ENCODED_WRITE once: ``data`` (compressed as
+    ``compression`` says) becomes ``length`` bytes of the file at ``offset``.
+    Returns the bytes written.  Needs CAP_SYS_ADMIN."""
+    meta = ffi.new("struct ca_encoded *")
+    meta.len, meta.unencoded_len, meta.unencoded_offset = length, unencoded_len, \
+        unencoded_offset
+    meta.compression, meta.encryption = compression, 0
+    buf = ffi.from_buffer(data)
+    rc = lib.ca_btrfs_encoded_write(_fd(fd), offset, buf, len(buf), meta)
+    if rc < 0:
+        _raise(rc, path)
+    return rc
 
 
 def fstatfs(fd, path=None) -> tuple[int, int]:

@@ -11,6 +11,8 @@
 #include <linux/fiemap.h>
 #include <linux/fs.h>
 #include <linux/btrfs.h>
+#include <linux/btrfs_tree.h>
+#include <sys/uio.h>
 
 #include "cloneaware.h"
 
@@ -208,4 +210,141 @@ int ca_btrfs_snap_destroy(int dir_fd, const char *name)
     memset(&args, 0, sizeof(args));
     strcpy(args.name, name);
     return ioctl(dir_fd, BTRFS_IOC_SNAP_DESTROY, &args) < 0 ? -errno : 0;
+}
+
+#define CA_SEARCH_BUF (64 * 1024)
+
+int ca_btrfs_file_extents(int fd, uint64_t ino, struct ca_file_extent **out,
+                          size_t *count)
+{
+    struct btrfs_ioctl_search_args_v2 *args =
+        malloc(sizeof(*args) + CA_SEARCH_BUF);
+    struct ca_file_extent *res = NULL;
+    size_t n = 0, cap = 0;
+    uint64_t start = 0;
+
+    *out = NULL;
+    *count = 0;
+    if (!args)
+        return -ENOMEM;
+    for (;;) {
+        struct btrfs_ioctl_search_key *k = &args->key;
+        size_t pos = 0;
+        uint64_t last = 0;
+
+        memset(k, 0, sizeof(*k));
+        k->tree_id = 0; /* the subvolume fd is in */
+        k->min_objectid = k->max_objectid = ino;
+        k->min_type = k->max_type = BTRFS_EXTENT_DATA_KEY;
+        k->min_offset = start;
+        k->max_offset = (uint64_t)-1;
+        k->min_transid = 0;
+        k->max_transid = (uint64_t)-1;
+        k->nr_items = (uint32_t)-1;
+        args->buf_size = CA_SEARCH_BUF;
+        if (ioctl(fd, BTRFS_IOC_TREE_SEARCH_V2, args) < 0) {
+            int err = errno;
+            free(args);
+            free(res);
+            return -err;
+        }
+        if (k->nr_items == 0)
+            break;
+        for (uint32_t i = 0; i < k->nr_items; i++) {
+            struct btrfs_ioctl_search_header sh;
+            const uint8_t *item;
+
+            if (pos + sizeof(sh) > CA_SEARCH_BUF)
+                break;
+            memcpy(&sh, args->buf + pos, sizeof(sh));
+            pos += sizeof(sh);
+            if (pos + sh.len > CA_SEARCH_BUF)
+                break;
+            item = args->buf + pos;
+            pos += sh.len;
+            last = sh.offset;
+            /* generation(8) ram_bytes(8) compression encryption other(2) type
+             * = 21 bytes, then disk_bytenr disk_num_bytes offset num_bytes */
+            if (sh.objectid != ino || sh.type != BTRFS_EXTENT_DATA_KEY || sh.len < 21)
+                continue;
+            if (n == cap) {
+                size_t ncap = cap ? cap * 2 : 256;
+                struct ca_file_extent *nres = realloc(res, ncap * sizeof(*res));
+                if (!nres) {
+                    free(args);
+                    free(res);
+                    return -ENOMEM;
+                }
+                res = nres;
+                cap = ncap;
+            }
+            {
+                struct ca_file_extent *e = &res[n++];
+                memset(e, 0, sizeof(*e));
+                e->logical = sh.offset;
+                memcpy(&e->generation, item, 8);
+                memcpy(&e->ram_bytes, item + 8, 8);
+                e->compression = item[16];
+                e->encryption = item[17];
+                e->type = item[20];
+                if (e->type != BTRFS_FILE_EXTENT_INLINE && sh.len >= 53) {
+                    memcpy(&e->disk_bytenr, item + 21, 8);
+                    memcpy(&e->disk_num_bytes, item + 29, 8);
+                    memcpy(&e->offset, item + 37, 8);
+                    memcpy(&e->num_bytes, item + 45, 8);
+                } else {
+                    e->num_bytes = e->ram_bytes;
+                }
+            }
+        }
+        if (last == (uint64_t)-1 || last < start)
+            break; /* the end of the key space, or no progress */
+        start = last + 1;
+    }
+    free(args);
+    *out = res;
+    *count = n;
+    return 0;
+}
+
+int ca_btrfs_encoded_read(int fd, uint64_t offset, void *buf, size_t buflen,
+                          struct ca_encoded *meta)
+{
+    struct iovec iov = { .iov_base = buf, .iov_len = buflen };
+    struct btrfs_ioctl_encoded_io_args a;
+    int rc;
+
+    memset(&a, 0, sizeof(a));
+    a.iov = &iov;
+    a.iovcnt = 1;
+    a.offset = (int64_t)offset;
+    rc = ioctl(fd, BTRFS_IOC_ENCODED_READ, &a);
+    if (rc < 0)
+        return -errno;
+    meta->len = a.len;
+    meta->unencoded_len = a.unencoded_len;
+    meta->unencoded_offset = a.unencoded_offset;
+    meta->compression = a.compression;
+    meta->encryption = a.encryption;
+    return rc;
+}
+
+int ca_btrfs_encoded_write(int fd, uint64_t offset, const void *buf, size_t buflen,
+                           const struct ca_encoded *meta)
+{
+    struct iovec iov = { .iov_base = (void *)buf, .iov_len = buflen };
+    struct btrfs_ioctl_encoded_io_args a;
+    int rc;
+
+    memset(&a, 0, sizeof(a));
+    a.iov = &iov;
+    a.iovcnt = 1;
+    a.offset = (int64_t)offset;
+    a.len = meta->len;
+    a.unencoded_len = meta->unencoded_len;
+    a.unencoded_offset = meta->unencoded_offset;
+    a.compression = meta->compression;
+    a.encryption = meta->encryption;
+    rc = ioctl(fd, BTRFS_IOC_ENCODED_WRITE, &a);
+    return rc < 0 ? -errno : rc;
 }

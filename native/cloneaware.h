@@ -16,6 +16,33 @@ struct ca_extent {
     uint32_t reserved;
 };
 
+/* One Btrfs file extent item (struct btrfs_file_extent_item, with its key
+ * offset) as returned to Python: 64 bytes, a numpy structured dtype. */
+struct ca_file_extent {
+    uint64_t logical;        /* the key offset: where the item starts in the file */
+    uint64_t disk_bytenr;    /* 0 for a hole and for inline data */
+    uint64_t disk_num_bytes; /* bytes on disk (compressed size, sector-aligned) */
+    uint64_t offset;         /* where the file's range starts in the (uncompressed) extent */
+    uint64_t num_bytes;      /* bytes of the file it covers (inline: ram_bytes) */
+    uint64_t ram_bytes;      /* uncompressed size of the whole extent */
+    uint64_t generation;
+    uint8_t compression;     /* BTRFS_COMPRESS_*: 0 none, 1 zlib, 2 lzo, 3 zstd */
+    uint8_t type;            /* 0 inline, 1 regular, 2 prealloc */
+    uint8_t encryption;
+    uint8_t reserved0;
+    uint32_t reserved;
+};
+
+/* The metadata of one BTRFS_IOC_ENCODED_READ or _WRITE (struct
+ * btrfs_ioctl_encoded_io_args without the iovecs). */
+struct ca_encoded {
+    uint64_t len;              /* bytes of the file */
+    uint64_t unencoded_len;    /* decompressed size of the extent */
+    uint64_t unencoded_offset; /* where the file's bytes start in it */
+    uint32_t compression;      /* BTRFS_ENCODED_IO_COMPRESSION_* */
+    uint32_t encryption;
+};
+
 /* Version of the package this object was built for. */
 const char *ca_version(void);
 
@@ -49,6 +76,21 @@ int ca_sync_file_range(int fd, int64_t offset, int64_t length);
 int ca_btrfs_snapshot(int src_fd, int dst_dir_fd, const char *name, int readonly);
 /* BTRFS_IOC_SNAP_DESTROY: delete the subvolume name in the directory dir_fd. */
 int ca_btrfs_snap_destroy(int dir_fd, const char *name);
+/* BTRFS_IOC_TREE_SEARCH_V2 over the subvolume of fd, for the EXTENT_DATA
+ * items of inode ino, looping until none is left.  On success *out is a
+ * malloc'd array of *count items in file order (free it with ca_free) and 0
+ * is returned; on failure -errno (EPERM without CAP_SYS_ADMIN). */
+int ca_btrfs_file_extents(int fd, uint64_t ino, struct ca_file_extent **out,
+                          size_t *count);
+/* BTRFS_IOC_ENCODED_READ at offset: the extent there as stored, into buf
+ * (buflen bytes), its metadata into *meta.  Returns the bytes read or -errno
+ * (ENOBUFS: buf too small). */
+int ca_btrfs_encoded_read(int fd, uint64_t offset, void *buf, size_t buflen,
+                          struct ca_encoded *meta);
+/* BTRFS_IOC_ENCODED_WRITE at offset of buflen encoded bytes described by
+ * *meta.  Returns the bytes written or -errno. */
+int ca_btrfs_encoded_write(int fd, uint64_t offset, const void *buf, size_t buflen,
+                           const struct ca_encoded *meta);
 /* renameat2(2), for RENAME_NOREPLACE. */
 int ca_renameat2(int olddirfd, const char *oldpath, int newdirfd,
                  const char *newpath, unsigned int flags);

@@ -41,12 +41,15 @@ class EntryEvent(NamedTuple):
 
 
 class DataEvent(NamedTuple):
-    """DATA: ``data`` (decompressed, its SHA-256 checked) at ``offset``."""
+    """DATA: ``data`` (decompressed, its SHA-256 checked) at ``offset``;
+    ``extent``: for a CODEC_BTRFS record, the compressed extent it came
+    from, to write as it is where the destination is Btrfs."""
 
     file: FileState
     offset: int
     data: bytes
     record: int
+    extent: fmt.BtrfsExtent | None = None
 
 
 class RefEvent(NamedTuple):

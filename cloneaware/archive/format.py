@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from cloneaware.errors import ArchiveError
 
 MAGIC = b"\x89CLONEAW"
-WRITE_VERSION = 3
-READ_VERSIONS = (1, 2, 3)
+WRITE_VERSION = 4
+READ_VERSIONS = (1, 2, 3, 4)
 HASH_SHA256 = 1
 
 T_HEADER, T_ENTRY, T_DATA, T_REF, T_END, T_INDEX, T_FOOTER = 1, 2, 3, 4, 5, 6, 7
@@ -52,7 +52,8 @@ FRAME = struct.Struct("<HHI")
 CRC = struct.Struct("<I")
 FRAME_OVERHEAD = FRAME.size + CRC.size
 FOOTER_SIZE = FRAME_OVERHEAD + LIMITS[T_FOOTER]
-FOOTER_SIZES = {1: FRAME_OVERHEAD + LIMITS_V1[T_FOOTER], 2: FOOTER_SIZE, 3: FOOTER_SIZE}
+FOOTER_SIZES = {1: FRAME_OVERHEAD + LIMITS_V1[T_FOOTER], 2: FOOTER_SIZE, 3: FOOTER_SIZE,
+                4: FOOTER_SIZE}
 
 K_REG, K_DIR, K_SYMLINK, K_HARDLINK, K_FIFO, K_CHR, K_BLK = 1, 2, 3, 4, 5, 6, 7
 KIND_NAMES = {K_REG: "file", K_DIR: "dir", K_SYMLINK: "symlink", K_HARDLINK: "hardlink",
@@ -60,6 +61,13 @@ KIND_NAMES = {K_REG: "file", K_DIR: "dir", K_SYMLINK: "symlink", K_HARDLINK: "ha
 
 EF_REFERENCED = 1
 CODEC_NONE, CODEC_ZSTD = 0, 1
+#: version 4: one Btrfs compressed extent as it is on disk (docs/FORMAT.md)
+CODEC_BTRFS = 2
+#: BTRFS_ENCODED_IO_COMPRESSION_* (<linux/btrfs.h>) an encoded DATA record
+#: may name: 1 zlib, 2 zstd, 3 to 7 lzo with 4 KiB to 64 KiB sectors
+BTRFS_ZLIB, BTRFS_ZSTD, BTRFS_LZO_4K, BTRFS_LZO_64K = 1, 2, 3, 7
+#: the most file data, and the most encoded bytes, of one extent
+BTRFS_EXTENT_MAX = 128 << 10
 
 PATH_MAX = 4096
 NAME_MAX = 255
@@ -69,6 +77,7 @@ SIZE_MAX = (1 << 63) - 1
 _HEADER = struct.Struct("<IB3xq")
 _ENTRY = struct.Struct("<QBBHIIIqqQQQ")
 _DATA = struct.Struct("<QIB3x32s")
+_ENCODED = struct.Struct("<IIB3x")
 _REF = struct.Struct("<QQQQ")
 _END_V1 = struct.Struct("<QIIQQ4x")
 _END_V2 = struct.Struct("<QIIQQIQIQ")
@@ -300,19 +309,53 @@ def encode_data_head(offset: int, length: int, codec: int, sha: bytes) -> bytes:
     return _DATA.pack(offset, length, codec, sha)
 
 
-def decode_data_head(buf, offset: int) -> tuple[int, int, int, bytes, int]:
+def decode_data_head(buf, offset: int, version: int = WRITE_VERSION
+                     ) -> tuple[int, int, int, bytes, int]:
     """(file offset, length, codec, sha256, start of coded bytes in buf)."""
     c = _Cursor(buf, offset, "DATA")
     off, length, codec, sha = c.unpack(_DATA)
     if not 0 < length <= CHUNK_MAX:
         c.fail(f"chunk length {length} outside 1..{CHUNK_MAX}")
-    if codec not in (CODEC_NONE, CODEC_ZSTD):
+    if codec not in (CODEC_NONE, CODEC_ZSTD) and not (codec == CODEC_BTRFS and version >= 4):
         c.fail(f"unknown codec {codec}")
     if codec == CODEC_NONE and len(buf) - c.pos != length:
         c.fail("stored chunk size differs from its length")
     if off > SIZE_MAX or off + length > SIZE_MAX:
         c.fail("offset out of range")
     return off, length, codec, sha, c.pos
+
+
+@dataclass(frozen=True)
+class BtrfsExtent:
+    """The coded bytes of a CODEC_BTRFS DATA record: one compressed extent
+    as Btrfs stores it, and where the record's bytes lie in it."""
+
+    unencoded_len: int  # decompressed size of the extent
+    unencoded_offset: int  # where the record's bytes start in it
+    compression: int  # BTRFS_ZLIB, BTRFS_ZSTD or an LZO value
+    data: bytes  # the encoded bytes (one zstd frame, one zlib stream, ...)
+
+
+def encode_btrfs_extent(x: BtrfsExtent) -> bytes:
+    return _ENCODED.pack(x.unencoded_len, x.unencoded_offset, x.compression) + x.data
+
+
+def decode_btrfs_extent(coded, length: int, offset: int) -> BtrfsExtent:
+    """The coded bytes of a CODEC_BTRFS DATA record of ``length`` bytes,
+    checked against the limits of BTRFS_IOC_ENCODED_WRITE."""
+    c = _Cursor(coded, offset, "DATA (Btrfs extent)")
+    ulen, uoff, comp = c.unpack(_ENCODED)
+    data = bytes(coded[c.pos:])
+    if not 0 < ulen <= BTRFS_EXTENT_MAX or uoff + length > ulen:
+        c.fail(f"{length} bytes at {uoff} outside an extent of {ulen} bytes "
+               f"(at most {BTRFS_EXTENT_MAX})")
+    if uoff % 4096:
+        c.fail(f"extent offset {uoff} is not sector-aligned")
+    if not BTRFS_ZLIB <= comp <= BTRFS_LZO_64K:
+        c.fail(f"unknown Btrfs compression {comp}")
+    if not 0 < len(data) < ulen:
+        c.fail(f"{len(data)} encoded bytes for an extent of {ulen}")
+    return BtrfsExtent(ulen, uoff, comp, data)
 
 
 def encode_ref(offset: int, length: int, src_id: int, src_offset: int) -> bytes:

@@ -10,6 +10,7 @@ import io
 import os
 import sys
 import threading
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -115,14 +116,53 @@ class Stream:
             raise ArchiveError(f"zstd data gave {len(out)} bytes, expected {length}", offset)
         return out
 
+    def _btrfs_extent(self, raw, length: int, off: int) -> tuple[bytes, fmt.BtrfsExtent]:
+        """The file's bytes of a CODEC_BTRFS record, decompressed here as
+        Btrfs would, with the extent to write as it is where DEST is Btrfs."""
+        x = fmt.decode_btrfs_extent(raw, length, off)
+        try:
+            if x.compression == fmt.BTRFS_ZSTD:
+                params = zstandard.get_frame_parameters(x.data)
+                # Btrfs decompresses frames of windowLog <= 17 only (<linux/btrfs.h>)
+                if params.window_size > fmt.BTRFS_EXTENT_MAX or \
+                        params.content_size not in range(x.unencoded_len + 1) and \
+                        params.content_size != zstandard.CONTENTSIZE_UNKNOWN:
+                    raise ArchiveError("zstd frame of a Btrfs extent exceeds its limits", off)
+                dctx = getattr(self._local, "dctx", None)
+                if dctx is None:
+                    dctx = self._local.dctx = zstandard.ZstdDecompressor()
+                out = dctx.decompress(x.data, max_output_size=x.unencoded_len,
+                                      allow_extra_data=False)
+            elif x.compression == fmt.BTRFS_ZLIB:
+                d = zlib.decompressobj()
+                out = d.decompress(x.data, x.unencoded_len)
+                if not d.eof or d.unused_data or d.unconsumed_tail:
+                    raise ArchiveError("zlib stream of a Btrfs extent is not one whole "
+                                       "stream within its size", off)
+            else:
+                raise ArchiveError(f"Btrfs compression {x.compression} (lzo) cannot be "
+                                   "checked by this cloneaware", off)
+        except (zstandard.ZstdError, zlib.error) as e:
+            raise ArchiveError(f"bad compressed Btrfs extent: {e}", off) from None
+        # shorter than the extent: Btrfs reads zeros after it (ENCODED_WRITE)
+        out = out.ljust(x.unencoded_offset + length, b"\0")
+        return out[x.unencoded_offset:x.unencoded_offset + length], x
+
     def _decode(self, raw, codec: int, length: int, sha: bytes, off: int, path: bytes,
                 foff: int):
-        """Decompress and hash-check one DATA record (on a worker thread)."""
-        data = self._decompress(raw, length, off) if codec == fmt.CODEC_ZSTD else raw
+        """Decompress and hash-check one DATA record (on a worker thread):
+        its bytes, and for CODEC_BTRFS the extent as stored."""
+        extent = None
+        if codec == fmt.CODEC_ZSTD:
+            data = self._decompress(raw, length, off)
+        elif codec == fmt.CODEC_BTRFS:
+            data, extent = self._btrfs_extent(raw, length, off)
+        else:
+            data = raw
         if self.check_hashes and hashlib.sha256(data).digest() != sha:
             raise ArchiveError(f"SHA-256 mismatch in data of {os.fsdecode(path)} "
                                f"at file offset {foff}", off)
-        return data
+        return data, extent
 
     #: DATA records decoded ahead of the consumer, on two threads
     DEPTH = 8
@@ -189,7 +229,7 @@ class Stream:
             elif rtype == fmt.T_DATA:
                 if cur is None:
                     raise ArchiveError("DATA outside a regular file", off)
-                foff, length, codec, sha, start = fmt.decode_data_head(payload, off)
+                foff, length, codec, sha, start = fmt.decode_data_head(payload, off, version)
                 self._check_range(cur, foff, length, off)
                 raw = memoryview(payload)[start:]
                 fut = pool.submit(self._decode, raw, codec, length, sha, off, cur.entry.path,
@@ -335,7 +375,8 @@ class _PendingData(NamedTuple):
 
 def _resolve(ev: Event | _PendingData) -> Event:
     if isinstance(ev, _PendingData):
-        return DataEvent(ev.file, ev.offset, ev.future.result(), ev.record)
+        data, extent = ev.future.result()
+        return DataEvent(ev.file, ev.offset, data, ev.record, extent)
     return ev
 
 

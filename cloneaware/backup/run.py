@@ -28,6 +28,7 @@ from cloneaware.backup.workers import BaseCheck, Chunk, Workers, parse_compress
 from cloneaware.errors import UsageError
 from cloneaware.index.plan import (
     CHECK_CANDIDATE,
+    CHECK_ENCODED,
     CHECK_HASHED,
     PIECE_DTYPE,
     IndexBuilder,
@@ -36,6 +37,8 @@ from cloneaware.index.plan import (
 )
 from cloneaware.source.capture import Capture
 from cloneaware.source.mapping import (
+    READING_NOTE,
+    TREE_SEARCH,
     FsTable,
     Mapped,
     Skipped,
@@ -65,6 +68,10 @@ class Summary:
     #: compressed ranges that named the same extent as an earlier place but
     #: held other bytes (part of an extent): stored
     check_mismatch_bytes: int = 0
+    #: of stored_bytes: file bytes stored as the Btrfs compressed extents
+    #: that hold them, as they are on disk (CODEC_BTRFS), and those extents' size
+    encoded_stored_bytes: int = 0
+    encoded_extent_bytes: int = 0
     hole_bytes: int = 0
     bytes_read: int = 0
     physical_bytes: int = 0
@@ -118,11 +125,13 @@ class _BaseFile:
 # --- what one file's pieces become, in file order ------------------------------
 
 class _Store(NamedTuple):
-    """Read and store; ``key`` (fileno, logical): remember its hash, a candidate names it."""
+    """Read and store; ``key`` (fileno, logical): remember its hash, a candidate names it;
+    ``encoded``: a whole window of a compressed extent, stored as it is on disk."""
 
     offset: int
     length: int
     key: tuple[int, int] | None = None
+    encoded: bool = False
 
 
 class _Ref(NamedTuple):
@@ -310,7 +319,11 @@ class Backup:
                               "snapshot (stored as an empty directory); give it as a PATH "
                               "of its own")
                 items.append(_Other(it.node))
-        return items, builder.build()
+        plan = builder.build()
+        t = plan.totals
+        if TREE_SEARCH.denied is not None and t.encoded_bytes > t.encoded_exact_bytes:
+            self.warn(READING_NOTE.format(why=TREE_SEARCH.denied))
+        return items, plan
 
     def _map_base(self, fstab: FsTable, builder: IndexBuilder) -> None:
         """Map the base first, so that it owns every range it shares."""
@@ -540,6 +553,10 @@ class Backup:
                 ops.append(_Ref(logical, length, self.entry_of_file[ref_file], ref_logical))
                 continue
             # stored data
+            if check == CHECK_ENCODED and self.sink.encoded_data \
+                    and self.codec == fmt.CODEC_ZSTD:
+                ops.append(_Store(logical, length, encoded=True))
+                continue
             os.posix_fadvise(fd, logical, length, os.POSIX_FADV_WILLNEED)
             if check == CHECK_HASHED and length <= fmt.CHUNK_MAX \
                     and not self.sink.content_addressed:
@@ -566,7 +583,8 @@ class Backup:
 
         def submit(op: _Op):
             if isinstance(op, _Store):
-                return workers.submit(data_job, fd, op.offset, op.length)
+                job = workers.encoded_job if op.encoded else data_job
+                return workers.submit(job, fd, op.offset, op.length)
             if isinstance(op, (_BaseRef, _CheckRef)):
                 return workers.submit(workers.hash_job, fd, op.offset, op.length)
             if isinstance(op, _CheckBase):
@@ -625,6 +643,10 @@ class Backup:
         """Hand a stored chunk to the sink; True if the file was short."""
         self.sink.emit_data(fd, offset, length, chunk)
         s = self.summary
+        if chunk.record is not None and len(chunk.record) == 4 \
+                and chunk.record[1][12] == fmt.CODEC_BTRFS:
+            s.encoded_stored_bytes += length
+            s.encoded_extent_bytes += len(chunk.record[2])
         s.stored_bytes += length
         s.bytes_read += chunk.got
         if self.progress:

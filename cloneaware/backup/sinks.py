@@ -87,6 +87,8 @@ class RecordSink:
     #: identical bytes are stored once by content (repositories): compressed
     #: candidates need no hash check, they are simply stored
     content_addressed = False
+    #: DATA records may hold Btrfs compressed extents as they are (CODEC_BTRFS)
+    encoded_data = False
 
     def _w(self) -> Writer:
         assert self.writer is not None
@@ -153,6 +155,8 @@ class RecordSink:
 
 
 class ArchiveSink(RecordSink):
+    encoded_data = True
+
     def __init__(self, opener: Callable[[], Output], name: str):
         self.opener = opener
         self.name = name  # the archive's name, for errors

@@ -3,14 +3,17 @@
 main thread only writes finished records, in order."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import threading
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
 
 import zstandard
 
+from cloneaware import native
 from cloneaware.archive import format as fmt
 from cloneaware.errors import UsageError
 from cloneaware.source.mapping import open_source
@@ -100,6 +103,62 @@ class Workers:
                 codec, payload = fmt.CODEC_ZSTD, z
         head = fmt.encode_data_head(offset, length, codec, sha)
         return Chunk(sha, got, fmt.frame_parts(fmt.T_DATA, head, payload))
+
+    #: encoded read refused for the whole run (no CAP_SYS_ADMIN, not Btrfs)
+    encoded_refused: str | None = None
+
+    def encoded_job(self, fd: int, offset: int, length: int) -> Chunk:
+        """One whole window of a compressed Btrfs extent (CHECK_ENCODED):
+        read it as stored (BTRFS_IOC_ENCODED_READ), decompress it here to
+        hash the file's bytes, and frame it as a CODEC_BTRFS DATA record, so
+        that nothing is compressed again and the restore can write the
+        extent as it is.  Anything else than a zstd or zlib extent of exactly
+        this window (the file changed, lzo) is stored as a data job does."""
+        if self.encoded_refused is None:
+            try:
+                enc = native.btrfs_encoded_read(fd, offset)
+            except OSError as e:
+                if e.errno in (errno.EPERM, errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL):
+                    if e.errno in (errno.EPERM, errno.ENOTTY):
+                        self.encoded_refused = os.strerror(e.errno)
+                    return self.data_job(fd, offset, length)
+                raise
+            data = self._window(enc, length)
+            if data is not None:
+                window, frame = data
+                sha = hashlib.sha256(window).digest()
+                x = fmt.BtrfsExtent(enc.unencoded_len, enc.unencoded_offset,
+                                    enc.compression, frame)
+                head = fmt.encode_data_head(offset, length, fmt.CODEC_BTRFS, sha)
+                return Chunk(sha, length, fmt.frame_parts(fmt.T_DATA, head,
+                                                          fmt.encode_btrfs_extent(x)))
+        return self.data_job(fd, offset, length)
+
+    def _window(self, enc: native.Encoded, length: int) -> tuple[bytes, bytes] | None:
+        """(the file's ``length`` bytes, the compressed stream without the
+        sector padding) of an encoded read, or None if it is not what
+        CODEC_BTRFS holds."""
+        if enc.len != length or enc.encryption or enc.unencoded_offset % 4096 \
+                or enc.unencoded_offset + length > enc.unencoded_len \
+                or enc.unencoded_len > fmt.BTRFS_EXTENT_MAX:
+            return None
+        d: zstandard.ZstdDecompressionObj | zlib._Decompress
+        if enc.compression == fmt.BTRFS_ZSTD:
+            d = zstandard.ZstdDecompressor().decompressobj()
+        elif enc.compression == fmt.BTRFS_ZLIB:
+            d = zlib.decompressobj()
+        else:
+            return None  # plain, or lzo (no checker here): stored as data
+        try:
+            out = d.decompress(enc.data)
+        except (zstandard.ZstdError, zlib.error):
+            return None
+        frame = enc.data[:len(enc.data) - len(d.unused_data)]
+        if not d.eof or not 0 < len(frame) < enc.unencoded_len \
+                or len(out) > enc.unencoded_len:
+            return None
+        out = out.ljust(enc.unencoded_offset + length, b"\0")
+        return out[enc.unencoded_offset:enc.unencoded_offset + length], frame
 
     def hash_job(self, fd: int, offset: int, length: int) -> Chunk:
         """Read and hash."""

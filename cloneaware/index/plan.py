@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cloneaware.index.flags import (
+    CA_EXACT,
+    EXACT_SHIFT,
     EXTENT_DTYPE,
     FE_DATA_INLINE,
     FE_ENCODED,
@@ -40,12 +42,15 @@ from cloneaware.index.flags import (
 #: ``check``: 0 for a piece whose sharing the physical addresses prove;
 #: 1 for a candidate reference (an encoded range), to use only if its bytes
 #: hash the same as those of the place it names; 2 for stored data that a
-#: candidate names (its hash is needed).  See the module docstring.
+#: candidate names (its hash is needed); 3 for stored data that is the whole
+#: window of a file onto one compressed extent, and the only stored piece of
+#: that extent: it may be stored as the extent's bytes as they are on disk
+#: (an encoded DATA record).  See the module docstring.
 PIECE_DTYPE = np.dtype(
     [("file", "<i8"), ("logical", "<u8"), ("length", "<u8"),
      ("ref_file", "<i8"), ("ref_logical", "<u8"), ("check", "u1")]
 )
-CHECK_NONE, CHECK_CANDIDATE, CHECK_HASHED = 0, 1, 2
+CHECK_NONE, CHECK_CANDIDATE, CHECK_HASHED, CHECK_ENCODED = 0, 1, 2, 3
 
 
 def data_ranges(ext: np.ndarray, size: int) -> np.ndarray:
@@ -64,8 +69,9 @@ def data_ranges(ext: np.ndarray, size: int) -> np.ndarray:
 
 
 def is_own(flags: np.ndarray, physical: np.ndarray) -> np.ndarray:
-    """Ranges that are the file's own data: never shared on physical overlap."""
-    return ((flags & OWN_FLAGS) != 0) | (physical == 0)
+    """Ranges that are the file's own data: never shared on physical overlap.
+    An encoded range with an exact address (CA_EXACT) is not own."""
+    return (((flags & OWN_FLAGS) != 0) & ((flags & CA_EXACT) == 0)) | (physical == 0)
 
 
 @dataclass
@@ -78,6 +84,9 @@ class Totals:
     shared_bytes: int = 0
     external_shared_bytes: int = 0
     encoded_bytes: int = 0
+    #: of encoded_bytes: ranges whose place inside their compressed extent is
+    #: known from Btrfs's file extent items (root): shared exactly, unread
+    encoded_exact_bytes: int = 0
     #: encoded bytes that name the same compressed extent and length as an
     #: earlier place: shared if their content matches (checked by backup)
     encoded_candidate_bytes: int = 0
@@ -217,16 +226,21 @@ def build_plan(ext: np.ndarray, files: np.ndarray, fs: np.ndarray,
         t.encoded_candidate_bytes = _candidates(p, ext[o], fs[o])
         parts.append(p)
         t.inline_bytes = int(length[o][(ext["flags"][o] & FE_DATA_INLINE) != 0].sum())
-        enc = (ext["flags"][o] & FE_ENCODED) != 0
-        t.encoded_bytes = int(length[o][enc].sum())
         t.physical_bytes += _encoded_physical(ext[o], fs[o])
         t.external_shared_bytes += int(length[o][(ext["flags"][o] & FE_SHARED) != 0].sum())
 
+    if len(ext):
+        enc = (ext["flags"] & FE_ENCODED) != 0
+        t.encoded_bytes = int(length[enc].sum())
+        t.encoded_exact_bytes = int(length[enc & ~own].sum())
     sweep = np.nonzero(~own)[0]
     if len(sweep):
-        for g in _unique(fs[sweep]):
-            idx = sweep[fs[sweep] == g]
-            parts.append(_sweep(ext, files, idx, t))
+        # exact compressed addresses are an address space of their own
+        space = fs[sweep].astype(np.int64) * 2 \
+            + ((ext["flags"][sweep] & CA_EXACT) != 0).astype(np.int64)
+        for g in _unique(space):
+            idx = sweep[space == g]
+            parts.append(_sweep(ext, files, idx, t, exact=bool(g & 1)))
 
     if parts:
         pieces = np.concatenate(parts)
@@ -340,8 +354,12 @@ def _min_cover(si: np.ndarray, ei: np.ndarray, val: np.ndarray, nseg: int) -> np
     return out
 
 
-def _sweep(ext: np.ndarray, files: np.ndarray, idx: np.ndarray, t: Totals) -> np.ndarray:
-    """Index the sweepable ranges ``idx`` (all on one filesystem, in walk order)."""
+def _sweep(ext: np.ndarray, files: np.ndarray, idx: np.ndarray, t: Totals,
+           exact: bool = False) -> np.ndarray:
+    """Index the sweepable ranges ``idx`` (all on one filesystem, in walk
+    order).  ``exact``: they are exact compressed addresses (CA_EXACT); an
+    owner piece that is a whole range and the only owner piece of its
+    compressed extent is marked CHECK_ENCODED."""
     ps = ext["physical"][idx]
     ln = ext["length"][idx]
     pe = ps + ln
@@ -399,6 +417,13 @@ def _sweep(ext: np.ndarray, files: np.ndarray, idx: np.ndarray, t: Totals) -> np
     is_ref = own_of != rep
     out["ref_file"] = np.where(is_ref, fl[own_of], -1)
     out["ref_logical"] = np.where(is_ref, lg[own_of] + (start - ps[own_of]), 0)
+    if exact:
+        stored = ~is_ref & (end > start)
+        whole = stored & (start == ps[rep]) & (end == pe[rep])
+        extent = ps[rep] >> np.uint64(12 + EXACT_SHIFT)
+        ks = np.sort(extent[stored])
+        n_owner = np.searchsorted(ks, extent, side="right") - np.searchsorted(ks, extent)
+        out["check"][whole & (n_owner == 1)] = CHECK_ENCODED
     return out[out["length"] > 0]
 
 

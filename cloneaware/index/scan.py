@@ -11,7 +11,14 @@ import numpy as np
 from cloneaware import fsinfo
 from cloneaware.index.plan import CHECK_CANDIDATE, IndexBuilder, Plan
 from cloneaware.repo.anchors import Mounts
-from cloneaware.source.mapping import FsTable, Mapped, Skipped, map_tree
+from cloneaware.source.mapping import (
+    READING_NOTE,
+    TREE_SEARCH,
+    FsTable,
+    Mapped,
+    Skipped,
+    map_tree,
+)
 from cloneaware.source.walk import ANCHOR_DIR, ANCHOR_MARKER, Node
 
 
@@ -49,6 +56,13 @@ class ScanResult:
                           "pinned_bytes": self.anchors.pinned_bytes,
                           "dirs": self.anchors.dirs}
         return out
+
+    def notes(self) -> list[str]:
+        """What to say once about how the totals were found."""
+        t = self.plan.totals
+        if TREE_SEARCH.denied is not None and t.encoded_bytes > t.encoded_exact_bytes:
+            return [READING_NOTE.format(why=TREE_SEARCH.denied)]
+        return []
 
     def family_info(self, fam: np.ndarray) -> dict:
         p = self.plan.pieces

@@ -26,7 +26,8 @@ class Placer:
     """Batches of renames.  ``placed`` maps an entry id to where it is now:
     (parent, temporary name) while pending, then (parent, name)."""
 
-    #: A batch ends after this many files or bytes, and at the end.
+    #: A batch ends after this many files or bytes written (not reflinked),
+    #: and at the end.
     BATCH_FILES = 4096
     BATCH_BYTES = 1 << 30
 

@@ -9,6 +9,7 @@ thin base (restore/base.py).
 """
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import time
@@ -16,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloneaware import native
+from cloneaware import fsinfo, native
 from cloneaware.archive import format as fmt
 from cloneaware.archive.events import (
     BaseRefEvent,
@@ -53,6 +54,9 @@ class RestoreSummary:
     reflinked_bytes: int = 0
     copied_bytes: int = 0
     base_bytes: int = 0
+    #: of written_bytes: written as the Btrfs compressed extents they were
+    #: stored as (BTRFS_IOC_ENCODED_WRITE), not compressed again
+    encoded_written_bytes: int = 0
     verified_bytes: int = 0
     hole_bytes: int = 0
     seconds: float = 0.0
@@ -74,6 +78,7 @@ class _Open:
     tmp: bytes
     where: str
     filled_at_start: int
+    dirty_at_start: int  # bytes written or copied before it: writeback to wait for
 
 
 class Restore:
@@ -102,6 +107,8 @@ class Restore:
         self.srcs = FdCache(256)  # entry id -> descriptor of a restored file
         self.base_fds: dict[int, int] = {}
         self.external_fd: int | None = None
+        #: why DEST does not take encoded writes (None: try them)
+        self.no_encoded: str | None = None
         self.dir_meta: list[fmt.Entry] = []
         self.cur: _Open | None = None
         self.stream: Stream | None = None
@@ -191,7 +198,10 @@ class Restore:
         self.placer.note_fs(root)
         if self.force:
             remove_stale_temps(root, self.dest, self.warn)
-        self.cloner.block = native.fstatfs(root, self.dest)[1] or 4096
+        magic, block = native.fstatfs(root, self.dest)
+        self.cloner.block = block or 4096
+        if magic != fsinfo.BTRFS_MAGIC:
+            self.no_encoded = "not Btrfs"
 
     def _cleanup(self) -> None:
         if self.cur is not None:
@@ -234,9 +244,34 @@ class Restore:
 
     def on_data(self, ev: DataEvent) -> None:
         cur = self._current()
-        self.cloner.write(cur.fd, ev.data, ev.offset, cur.where)
+        x = ev.extent
+        if x is not None and self.no_encoded is None and self._encoded_write(cur, ev, x):
+            pass
+        else:
+            self.cloner.write(cur.fd, ev.data, ev.offset, cur.where)
         if self.progress:
             self.progress.advance(len(ev.data))
+
+    def _encoded_write(self, cur: _Open, ev: DataEvent, x: fmt.BtrfsExtent) -> bool:
+        """Write a Btrfs extent as it was stored: the same compressed bytes,
+        the same window, nothing compressed again (its bytes were checked
+        against the record's SHA-256 when it was read).  False where the
+        kernel will not (no CAP_SYS_ADMIN, a nodatasum file, an unaligned
+        range): the caller writes the bytes plainly."""
+        try:
+            native.btrfs_encoded_write(cur.fd, ev.offset, x.data, len(ev.data),
+                                       x.unencoded_len, x.unencoded_offset, x.compression,
+                                       cur.where)
+        except OSError as e:
+            if e.errno in (errno.EPERM, errno.ENOTTY, errno.EOPNOTSUPP, errno.ENOSYS):
+                self.no_encoded = os.strerror(e.errno)  # not for the rest of the run
+                return False
+            if e.errno == errno.EINVAL:
+                return False
+            raise
+        self.counts.written_bytes += len(ev.data)
+        self.s.encoded_written_bytes += len(ev.data)
+        return True
 
     def on_ref(self, ev: RefEvent) -> None:
         cur = self._current()
@@ -308,7 +343,7 @@ class Restore:
         # O_NOATIME: later copies read from this file, after its times are set
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
                      | os.O_NOATIME, 0o600, dir_fd=pfd)
-        self.cur = _Open(e, fd, pfd, tmp, where, self.counts.filled())
+        self.cur = _Open(e, fd, pfd, tmp, where, self.counts.filled(), self._dirty())
         try:
             os.ftruncate(fd, e.size)
         except OSError as ex:
@@ -396,7 +431,13 @@ class Restore:
         s.files += 1
         s.logical_bytes += e.size
         s.hole_bytes += e.size - (self.counts.filled() - cur.filled_at_start)
-        self.placer.defer(parent, cur.tmp, name, e.path, e.id, e.size)
+        # a batch is counted in bytes that wait for writeback: reflinked
+        # ranges have none, and a syncfs per GiB of clones is a commit for naught
+        self.placer.defer(parent, cur.tmp, name, e.path, e.id,
+                          self._dirty() - cur.dirty_at_start)
+
+    def _dirty(self) -> int:
+        return self.counts.written_bytes + self.counts.copied_bytes
 
     # -- metadata ------------------------------------------------------------------
 

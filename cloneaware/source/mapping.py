@@ -11,10 +11,21 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cloneaware import fsinfo, native
-from cloneaware.index.flags import EXTENT_DTYPE, FE_UNKNOWN
+from cloneaware.index.flags import (
+    BTRFS_FILE_EXTENT_REG,
+    BTRFS_MAX_UNCOMPRESSED,
+    CA_EXACT,
+    EXACT_SHIFT,
+    EXTENT_DTYPE,
+    FE_ENCODED,
+    FE_UNKNOWN,
+    FILE_EXTENT_DTYPE,
+    NOT_CANDIDATE,
+)
 from cloneaware.source.walk import Node, walk
 
 assert EXTENT_DTYPE.itemsize == native.EXTENT_SIZE
+assert FILE_EXTENT_DTYPE.itemsize == native.FILE_EXTENT_SIZE
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
 
@@ -56,14 +67,120 @@ def seek_map(fd: int, size: int) -> np.ndarray:
     return np.array(rows, dtype=EXTENT_DTYPE)
 
 
-def extent_map(fd: int, size: int, path=None) -> np.ndarray:
-    """FIEMAP, or SEEK_DATA/SEEK_HOLE where the filesystem has no FIEMAP."""
+class _TreeSearch:
+    """Whether BTRFS_IOC_TREE_SEARCH_V2 may be used in this process: it needs
+    CAP_SYS_ADMIN, and the first refusal is remembered (and said once by
+    the caller), so that a non-root backup does not try once per file.
+    ``CLONEAWARE_TREE_SEARCH=0`` in the environment makes root do as a user
+    does (the tests of the content check use it)."""
+
+    def __init__(self) -> None:
+        self.denied: str | None = None
+        if os.environ.get("CLONEAWARE_TREE_SEARCH") == "0":
+            self.denied = "CLONEAWARE_TREE_SEARCH=0"
+
+
+TREE_SEARCH = _TreeSearch()
+
+#: "compressed sharing is proved by reading": what scan and backup say, once,
+#: when encoded extents were found and the tree search was refused
+READING_NOTE = ("compressed (encoded) Btrfs extents: their sharing is proved by reading "
+                "and hashing both places ({why}); as root it is read from Btrfs's file "
+                "extent items")
+
+
+def btrfs_file_extents(fd: int, ino: int, path=None) -> np.ndarray:
+    """The file extent items of inode ``ino`` (BTRFS_IOC_TREE_SEARCH_V2) as a
+    structured array of FILE_EXTENT_DTYPE, in file order."""
+    return np.frombuffer(native.btrfs_file_extents(fd, ino, path),
+                         dtype=FILE_EXTENT_DTYPE).copy()
+
+
+def exact_items(items: np.ndarray) -> np.ndarray:
+    """The items whose ranges get an exact address: regular, compressed,
+    not encrypted, on a sector of 4 KiB or coarser, within the sizes Btrfs
+    writes (anything else stays a candidate, docs/KERNEL.md F23)."""
+    d = items["disk_bytenr"]
+    ok = ((items["type"] == BTRFS_FILE_EXTENT_REG) & (items["compression"] != 0)
+          & (items["encryption"] == 0) & (d != 0) & (d % 4096 == 0)
+          & (d < np.uint64(1 << (64 - EXACT_SHIFT - 1)))
+          & (items["ram_bytes"] <= BTRFS_MAX_UNCOMPRESSED) & (items["num_bytes"] > 0)
+          & (items["offset"] + items["num_bytes"] <= items["ram_bytes"]))
+    return items[ok]
+
+
+def refine_encoded(ext: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """Replace the address of each ENCODED range of a FIEMAP map by where
+    its bytes are inside the compressed extent, from the file extent items
+    (FIEMAP gives only the extent's start, docs/KERNEL.md F10): ranges are
+    cut at item boundaries and get ``physical = disk_bytenr * 32 + offset``
+    and the CA_EXACT flag.  A range the items do not cover whole, or whose
+    first item names another extent (the file changed between the two
+    calls), is left as it was: a candidate."""
+    f = ext["flags"]
+    enc = ((f & FE_ENCODED) != 0) & ((f & NOT_CANDIDATE) == 0) & (ext["physical"] != 0)
+    it = exact_items(items)
+    if not enc.any() or len(it) == 0:
+        return ext
+    rows = ext[enc]
+    s = it["logical"]
+    e = s + it["num_bytes"]
+    a = rows["logical"]
+    b = a + rows["length"]
+    i0 = np.searchsorted(e, a, side="right")  # the first item ending after a
+    i1 = np.searchsorted(s, b, side="left")  # past the last item starting before b
+    cnt = np.maximum(i1.astype(np.int64) - i0.astype(np.int64), 0)
+    total = int(cnt.sum())
+    rep = np.repeat(np.arange(len(rows)), cnt)
+    k = np.repeat(i0, cnt) + (np.arange(total) - np.repeat(np.cumsum(cnt) - cnt, cnt))
+    lo = np.maximum(a[rep], s[k])
+    hi = np.minimum(b[rep], e[k])
+    covered = np.zeros(len(rows), dtype=np.uint64)
+    np.add.at(covered, rep, hi - lo)
+    first = np.cumsum(cnt) - cnt
+    good = (cnt > 0) & (covered == rows["length"])
+    good[cnt > 0] &= (it["disk_bytenr"][k[first[cnt > 0]]] == rows["physical"][cnt > 0]) \
+        & (s[k[first[cnt > 0]]] <= a[cnt > 0])
+    take = good[rep]
+    new = np.zeros(int(take.sum()), dtype=EXTENT_DTYPE)
+    kk, rr = k[take], rep[take]
+    new["logical"] = lo[take]
+    new["length"] = hi[take] - lo[take]
+    new["physical"] = ((it["disk_bytenr"][kk] >> np.uint64(12)) << np.uint64(12 + EXACT_SHIFT)) \
+        + it["offset"][kk] + (lo[take] - s[kk])
+    new["flags"] = rows["flags"][rr] | np.uint32(CA_EXACT)
+    keep = np.ones(len(ext), dtype=bool)
+    keep[np.nonzero(enc)[0][good]] = False
+    out = np.concatenate([ext[keep], new])
+    return out[np.argsort(out["logical"], kind="stable")]
+
+
+def extent_map(fd: int, size: int, path=None, exact: bool = True) -> np.ndarray:
+    """FIEMAP, or SEEK_DATA/SEEK_HOLE where the filesystem has no FIEMAP.
+
+    With ``exact`` (the default), a map with ENCODED ranges is refined with
+    the file's Btrfs extent items (refine_encoded), where the process may
+    search the tree (CAP_SYS_ADMIN): every caller that compares maps gets
+    the same kind."""
     try:
-        return fiemap(fd, path)
+        ext = fiemap(fd, path)
     except OSError as e:
         if e.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS):
             return seek_map(fd, size)
         raise
+    if not exact or TREE_SEARCH.denied is not None or len(ext) == 0 \
+            or not (ext["flags"] & FE_ENCODED).any():
+        return ext
+    try:
+        items = btrfs_file_extents(fd, os.fstat(fd).st_ino, path)
+    except OSError as e:
+        if e.errno in (errno.EPERM, errno.EACCES):
+            TREE_SEARCH.denied = "BTRFS_IOC_TREE_SEARCH_V2 needs CAP_SYS_ADMIN"
+            return ext
+        if e.errno in (errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            return ext  # not Btrfs (or too old a kernel): FIEMAP's answer stands
+        raise
+    return refine_encoded(ext, items)
 
 
 @dataclass

@@ -669,6 +669,56 @@ def test_restore_as_non_root_skips_owners_once(nobody):
             assert os.lstat(os.path.join(_dirpath, n)).st_uid == NOBODY
 
 
+def test_compressed_sharing_without_root_is_proved_by_reading(nobody):
+    """A user cannot search Btrfs's tree (BTRFS_IOC_TREE_SEARCH_V2 needs
+    CAP_SYS_ADMIN, docs/KERNEL.md F23): compressed clones are then shared
+    after the content check, the backup says so once, and nothing fails."""
+    fs = make_loopfs(nobody.root, "btrfs", 256 * MiB, mount_options="compress-force=zstd")
+    try:
+        os.chmod(fs.path, 0o755)
+        fam = fs.path / "fam"
+        fam.mkdir()
+        line = b"a compressible line of a golden image %d\n"
+        (fam / "golden.img").write_bytes(b"".join(line % i for i in range(40000)))
+        for name in ("vm1.img", "vm2.img", "vm3.img"):
+            reflink_copy(fam / "golden.img", fam / name)
+        os.sync()
+        size = (fam / "golden.img").stat().st_size
+        out = fs.path / "out"
+        out.mkdir()
+        os.chown(out, NOBODY, NOBODY)
+        arch = out / "a.caw"
+        r = nobody.run("backup", "--json", "-o", arch, fam)
+        assert r.returncode == 0, str(r)
+        notes = [ln for ln in r.err.splitlines() if "proved by reading" in ln]
+        assert len(notes) == 1 and "CAP_SYS_ADMIN" in notes[0], str(r)
+        d = r.json()
+        assert d["checked_bytes"] == 3 * size == d["referenced_bytes"], d
+        assert d["stored_bytes"] == size, d
+        r = nobody.run("scan", fam)
+        assert r.returncode == 0 and "proved by reading" in r.err, str(r)
+        # as root the same tree needs no reading of the clones
+        r = cli("backup", "--json", "-o", fs.path / "root.caw", fam, check_rc=0)
+        assert "proved by reading" not in r.err, str(r)
+        d = r.json()
+        assert d["checked_bytes"] == 0 and d["bytes_read"] == size, d
+        assert d["encoded_stored_bytes"] == size, d  # stored as the extents on disk
+        # a user cannot write encoded (CAP_SYS_ADMIN): the extents are
+        # decompressed and written plainly, and the restore is whole
+        os.chmod(fs.path / "root.caw", 0o644)
+        r = nobody.run("restore", "--json", fs.path / "root.caw", out / "mine")
+        assert r.returncode == 0, str(r)
+        assert r.json()["encoded_written_bytes"] == 0 and r.json()["copied_bytes"] == 0
+        want, got = tree_state(fam, owners=False), tree_state(out / "mine" / "fam", owners=False)
+        assert want == got, "\n".join(diff_states(want, got))
+        dest = nobody.root / "dest"
+        cli("restore", arch, dest, check_rc=0)
+        want, got = tree_state(fam), tree_state(dest / "fam")
+        assert want == got, "\n".join(diff_states(want, got))
+    finally:
+        fs.unmount()
+
+
 # --- odd kinds of files and odd shapes of trees ---------------------------------------------
 
 def test_fifo_never_opened_and_socket_skipped(btrfs_dir):

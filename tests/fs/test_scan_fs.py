@@ -126,10 +126,12 @@ def test_shared_bytes_of_a_family_are_exact(reflink_dir):
 
 # --- what is not shared: compressed, inline ------------------------------------
 
-def test_btrfs_compressed_family_is_never_shared_on_overlap(loopfs):
-    """Compressed ranges are never shared by physical overlap; those naming
-    the same extent with the same length are candidates only (the backup
-    checks their content: tests/fs/test_compressed.py)."""
+def test_btrfs_compressed_family_is_never_shared_on_overlap(loopfs, monkeypatch):
+    """By FIEMAP alone (a user: no tree search, F24), compressed ranges are
+    never shared by physical overlap; those naming the same extent with the
+    same length are candidates only (the backup checks their content:
+    tests/fs/test_compressed.py).  With the extent items they share exactly."""
+    monkeypatch.setattr(mapping.TREE_SEARCH, "denied", "the test")
     fs = loopfs("btrfs", mount_options="compress-force=zstd")
     d = fs.path / "fam"
     d.mkdir()
@@ -148,6 +150,18 @@ def test_btrfs_compressed_family_is_never_shared_on_overlap(loopfs):
     files = regular_files(d)
     assert any(e.flags & fl.FE_ENCODED for e in fiemap(d / "base.txt"))
     assert not any(e.flags & fl.FE_ENCODED for e in fiemap(d / "random.bin"))
+
+    monkeypatch.setattr(mapping.TREE_SEARCH, "denied", None)
+    exact = scan.scan([str(d)]).plan.totals
+    assert exact.encoded_exact_bytes == exact.encoded_bytes > 0
+    assert exact.encoded_candidate_bytes == 0
+    # each byte of base.txt counted once per place that maps it: base.txt,
+    # the clones that did not rewrite it (clone i rewrote [i*256K, +64K)),
+    # part.txt over [32K, 96K)
+    places = [1 + sum(not i * 256 <= k < i * 256 + 64 for i in range(3)) + (32 <= k < 96)
+              for k in range(0, 1024, 4)]
+    assert exact.shared_bytes == 2 * 512 * KiB + 4 * KiB * sum(n for n in places if n > 1)
+    monkeypatch.setattr(mapping.TREE_SEARCH, "denied", "the test")
 
     res = scan.scan([str(d)])
     t = res.plan.totals
@@ -186,8 +200,9 @@ def test_btrfs_compressed_family_is_never_shared_on_overlap(loopfs):
             assert lg + n <= a or b <= lg
         for a, b in enc[rf]:
             assert rl + n <= a or b <= rl
-    out = cli_json("scan", "--json", d)
+    out = cli_json("scan", "--json", d, env={**os.environ, "CLONEAWARE_TREE_SEARCH": "0"})
     assert out["totals"] == t.as_dict()
+    assert cli_json("scan", "--json", d)["totals"] == exact.as_dict()
 
 
 def test_btrfs_inline_files_are_own(btrfs_dir):

@@ -33,12 +33,13 @@ ODD_NAMES = [b"bad\xff\xfename", b"new\nline", b"with space", b"-leading-dash",
 
 # --- running the CLI (helpers/cli.py) ----------------------------------------
 
-def backup_json(archive, *paths, compress: str = "none", extra=()) -> dict:
-    return cli_json("backup", "--json", "--compress", compress, *extra, "-o", archive, *paths)
+def backup_json(archive, *paths, compress: str = "none", extra=(), env=None) -> dict:
+    return cli_json("backup", "--json", "--compress", compress, *extra, "-o", archive, *paths,
+                    env=env)
 
 
-def restore_json(archive, dest, extra=(), timeout: float = 300) -> tuple[dict, str]:
-    r = cli("restore", "--json", *extra, archive, dest, check_rc=0, timeout=timeout)
+def restore_json(archive, dest, extra=(), timeout: float = 300, env=None) -> tuple[dict, str]:
+    r = cli("restore", "--json", *extra, archive, dest, check_rc=0, timeout=timeout, env=env)
     return r.json(), r.err
 
 

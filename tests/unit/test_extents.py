@@ -267,7 +267,7 @@ def test_totals_as_dict_is_plain_ints():
     assert all(type(v) is int for v in d.values())
     assert set(d) == {"files", "extents", "logical_bytes", "data_bytes", "physical_bytes",
                       "shared_bytes", "external_shared_bytes", "encoded_bytes",
-                      "encoded_candidate_bytes", "inline_bytes"}
+                      "encoded_exact_bytes", "encoded_candidate_bytes", "inline_bytes"}
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 1000])
@@ -279,3 +279,84 @@ def test_many_clones_of_one_block(n):
     assert p.referenced_bytes() == (n - 1) * K
     refs = p.pieces[p.pieces["ref_file"] >= 0]
     assert (refs["ref_file"] == 0).all() and (refs["ref_logical"] == 0).all()
+
+
+# --- exact compressed ranges from Btrfs's file extent items ------------------------
+
+def items(*rows) -> np.ndarray:
+    """(logical, disk_bytenr, offset, num_bytes[, ram_bytes, compression, type])."""
+    a = np.zeros(len(rows), dtype=fl.FILE_EXTENT_DTYPE)
+    for i, r in enumerate(rows):
+        lg, d, off, n = r[:4]
+        ram = r[4] if len(r) > 4 else 128 * 1024
+        a[i]["logical"], a[i]["disk_bytenr"], a[i]["offset"] = lg, d, off
+        a[i]["num_bytes"], a[i]["ram_bytes"] = n, ram
+        a[i]["compression"] = r[5] if len(r) > 5 else fl.BTRFS_COMPRESS_ZSTD
+        a[i]["type"] = r[6] if len(r) > 6 else fl.BTRFS_FILE_EXTENT_REG
+        a[i]["disk_num_bytes"] = 40960
+    return a
+
+
+def test_file_extent_dtype_matches_native_layer():
+    from cloneaware import native
+
+    assert fl.FILE_EXTENT_DTYPE.itemsize == native.FILE_EXTENT_SIZE == 64
+
+
+ENC = fl.FE_ENCODED
+KiB = 1024
+
+
+def test_refine_gives_the_place_inside_the_extent():
+    from cloneaware.source.mapping import refine_encoded
+
+    D, E = 1 << 30, (1 << 30) + 40960
+    m = emap((0, D, 64 * KiB, ENC), (64 * KiB, E, 32 * KiB, ENC | fl.FE_LAST))
+    it = items((0, D, 8 * KiB, 32 * KiB), (32 * KiB, D, 0, 32 * KiB), (64 * KiB, E, 0, 32 * KiB))
+    got = rows(refine_encoded(m, it))
+    X = fl.CA_EXACT
+    assert got == [(0, D * 32 + 8 * KiB, 32 * KiB, ENC | X), (32 * KiB, D * 32, 32 * KiB, ENC | X),
+                   (64 * KiB, E * 32, 32 * KiB, ENC | fl.FE_LAST | X)]
+
+
+def test_refine_leaves_what_the_items_do_not_prove():
+    """A range the items do not cover whole, whose first item names another
+    extent (the file changed between the two calls), or whose item is not
+    compressed, stays as FIEMAP gave it: a candidate, never swept."""
+    from cloneaware.source.mapping import refine_encoded
+
+    D = 1 << 30
+    m = emap((0, D, 64 * KiB, ENC), (64 * KiB, D + 40960, 64 * KiB, ENC),
+             (128 * KiB, D + 81920, 64 * KiB, ENC), (192 * KiB, 5 * D, 64 * KiB, ENC | fl.FE_LAST))
+    it = items((0, D, 0, 32 * KiB),  # half of the first range only
+               (64 * KiB, 2 * D, 0, 64 * KiB),  # another extent than FIEMAP says
+               (128 * KiB, D + 81920, 0, 64 * KiB, 64 * KiB, fl.BTRFS_COMPRESS_NONE),
+               (192 * KiB, 5 * D, 0, 64 * KiB, 256 * KiB))  # larger than Btrfs compresses
+    out = refine_encoded(m, it)
+    assert rows(out) == rows(m)
+    assert ex.is_own(out["flags"], out["physical"]).all()
+
+
+def test_exact_ranges_share_by_overlap_and_the_sole_owner_may_be_encoded():
+    """Exact addresses sweep like plain ones: windows that overlap inside one
+    extent share exactly what overlaps; a whole range that is its extent's
+    only stored piece is CHECK_ENCODED."""
+    X = ENC | fl.CA_EXACT
+    D = (1 << 30) * 32
+    a = emap((0, D, 128 * KiB, X | fl.FE_LAST))  # the whole extent
+    b = emap((0, D + 64 * KiB, 64 * KiB, X | fl.FE_LAST))  # its second half
+    other = (1 << 31) * 32
+    c = emap((0, other, 64 * KiB, X), (64 * KiB, other + 96 * KiB, 32 * KiB, X | fl.FE_LAST))
+    p = build((0, 128 * KiB, a), (0, 64 * KiB, b), (0, 96 * KiB, c))
+    pieces = p.pieces.tolist()
+    assert (0, 0, 128 * KiB, -1, 0, ex.CHECK_ENCODED) in pieces
+    assert (1, 0, 64 * KiB, 0, 64 * KiB, ex.CHECK_NONE) in pieces
+    # c owns two windows of one extent: stored plainly
+    assert [x[5] for x in pieces if x[0] == 2] == [ex.CHECK_NONE]
+    assert p.totals.shared_bytes == 2 * 64 * KiB
+    assert p.totals.encoded_exact_bytes == p.totals.encoded_bytes == 288 * KiB
+    assert p.totals.encoded_candidate_bytes == 0
+    # exact addresses never meet the plain ones of the same filesystem
+    plain = emap((0, D + 64 * KiB, 64 * KiB, fl.FE_LAST))
+    p = build((0, 128 * KiB, a), (0, 64 * KiB, plain))
+    assert p.totals.shared_bytes == 0

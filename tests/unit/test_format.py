@@ -62,8 +62,9 @@ END_VECTORS = {
     1: bytes.fromhex("05000000" "24000000" + "00" * 36 + "94fd92e3"),
     2: bytes.fromhex("05000000" "38000000" + "00" * 56 + "44e9b266"),
     3: bytes.fromhex("05000000" "44000000" + "00" * 68 + "b5edd3d9"),
+    4: bytes.fromhex("05000000" "44000000" + "00" * 68 + "b5edd3d9"),  # END unchanged in 4
 }
-END_CRCS = {1: 0xE392FD94, 2: 0x66B2E944, 3: 0xD9D3EDB5}
+END_CRCS = {1: 0xE392FD94, 2: 0x66B2E944, 3: 0xD9D3EDB5, 4: 0xD9D3EDB5}
 
 
 def test_end_record_vectors_are_self_consistent():
@@ -385,3 +386,63 @@ def test_reader_refuses_a_forward_reference():
     w.finish()
     with pytest.raises(ArchiveError, match="forward"):
         list(Stream(io.BytesIO(buf.getvalue())).events())
+
+
+# --- version 4: DATA records holding a Btrfs compressed extent as it is on disk -----
+
+def _extent_bytes(n: int = 128 << 10) -> bytes:
+    return b"".join(b"line %d of a compressed extent\n" % i for i in range(n // 20))[:n]
+
+
+def _btrfs_archive(window: tuple[int, int] = (0, 128 << 10), version: int = 4,
+                   comp: int = fmt.BTRFS_ZSTD, frame: bytes | None = None,
+                   ulen: int = 128 << 10, sha: bytes | None = None) -> bytes:
+    import zstandard
+    from helpers.archivecraft import Craft
+
+    ext = _extent_bytes(ulen)
+    if frame is None:
+        frame = zstandard.ZstdCompressor(level=1).compress(ext) if comp == fmt.BTRFS_ZSTD \
+            else zlib.compress(ext)
+    uoff, n = window
+    c = Craft(version=version)
+    c.reg(b"f", uoff + n)
+    coded = fmt.encode_btrfs_extent(fmt.BtrfsExtent(ulen, uoff, comp, frame))
+    c.data(uoff, ext[uoff:uoff + n], codec=fmt.CODEC_BTRFS, coded=coded, sha=sha, length=n)
+    c.end()
+    return c.finish()
+
+
+def _data_events(archive: bytes) -> list[DataEvent]:
+    return [e for e in Stream(io.BytesIO(archive)).events() if isinstance(e, DataEvent)]
+
+
+@pytest.mark.parametrize("comp", [fmt.BTRFS_ZSTD, fmt.BTRFS_ZLIB])
+def test_btrfs_extent_record_gives_its_window_and_the_extent(comp):
+    (ev,) = _data_events(_btrfs_archive((64 << 10, 32 << 10), comp=comp))
+    ext = _extent_bytes()
+    assert ev.offset == 64 << 10 and ev.data == ext[64 << 10:96 << 10]
+    x = ev.extent
+    assert x is not None and (x.unencoded_len, x.unencoded_offset, x.compression) == \
+        (128 << 10, 64 << 10, comp)
+
+
+def test_btrfs_extent_records_are_refused_when_they_lie():
+    import zstandard
+
+    good = zstandard.ZstdCompressor(level=1).compress(_extent_bytes())
+    wide = zstandard.ZstdCompressor(compression_params=zstandard.ZstdCompressionParameters(
+        window_log=20, write_content_size=0)).compress(_extent_bytes(1 << 20))
+    for why, archive in [
+        ("unknown codec 2", _btrfs_archive(version=3)),  # no such codec before 4
+        ("SHA-256 mismatch", _btrfs_archive(sha=b"\1" * 32)),
+        # the padding is not stored: bytes after the frame are refused
+        ("bad compressed Btrfs extent", _btrfs_archive(frame=good + b"\0\0\0\0")),
+        ("exceeds its limits", _btrfs_archive(frame=wide)),  # Btrfs cannot read it
+        ("lzo", _btrfs_archive(comp=fmt.BTRFS_LZO_4K, frame=b"\0" * 100)),
+        ("outside an extent", _btrfs_archive(window=(96 << 10, 64 << 10))),
+        ("encoded bytes", _btrfs_archive(frame=b"z" * (128 << 10))),  # not smaller
+        ("whole stream", _btrfs_archive(comp=fmt.BTRFS_ZLIB, frame=zlib.compress(b"x" * 100)[:-3])),
+    ]:
+        with pytest.raises(ArchiveError, match=why):
+            _data_events(archive)
