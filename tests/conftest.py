@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers.ceph import Ceph
+from helpers.ceph import missing as ceph_missing
 from helpers.netns import SshNet, ssh_network
 
 
@@ -85,3 +87,30 @@ def _anchors_left_by_the_test():
     yield
     for p in sets() - before:
         shutil.rmtree(p, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ceph_session(tmp_path_factory) -> Iterator[Ceph]:
+    """This worker's Ceph cluster (a monitor, an OSD on memstore, radosgw on
+    127.0.0.1), started once and stopped at the end, even after failures."""
+    why = ceph_missing()
+    if why:
+        pytest.skip(why)
+    c = Ceph(tmp_path_factory.mktemp("ceph"))
+    try:
+        c.start()
+    except BaseException:
+        c.close()
+        raise
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def ceph(ceph_session, request) -> Iterator[Ceph]:
+    """The cluster, with radosgw running (a test that stops it gets it back)."""
+    if "rgw" not in ceph_session.procs:
+        ceph_session.start_rgw()
+    yield ceph_session
+    if "rgw" not in ceph_session.procs:
+        ceph_session.start_rgw()

@@ -7,7 +7,10 @@ PYTHON=${PYTHON:-python3}
 need=()
 for cmd in mkfs.btrfs:btrfs-progs mkfs.xfs:xfsprogs mkfs.ext4:e2fsprogs filefrag:e2fsprogs \
            xfs_io:xfsprogs setfacl:acl setfattr:attr rsync:rsync losetup:mount \
-           /usr/sbin/sshd:openssh-server ssh:openssh-client ip:iproute2 nsenter:util-linux; do
+           /usr/sbin/sshd:openssh-server ssh:openssh-client ip:iproute2 nsenter:util-linux \
+           compsize:btrfs-compsize \
+           ceph-mon:ceph-mon ceph-osd:ceph-osd radosgw:radosgw ceph:ceph-common \
+           monmaptool:ceph-common ceph-authtool:ceph-common radosgw-admin:radosgw; do
     command -v "${cmd%%:*}" >/dev/null 2>&1 || need+=("${cmd##*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -27,6 +30,6 @@ print(h.hexdigest()[:16])
 PY
 )
 if [ "$(cat build/.installed 2>/dev/null)" != "$stamp" ] || ! $PYTHON -P -c 'import cloneaware.native' 2>/dev/null; then
-    $PYTHON -m pip install -q --disable-pip-version-check ".[test]"
+    $PYTHON -m pip install -q --disable-pip-version-check ".[test,s3]"
     mkdir -p build && echo "$stamp" > build/.installed
 fi

@@ -643,10 +643,9 @@ class Backup:
         """Hand a stored chunk to the sink; True if the file was short."""
         self.sink.emit_data(fd, offset, length, chunk)
         s = self.summary
-        if chunk.record is not None and len(chunk.record) == 4 \
-                and chunk.record[1][12] == fmt.CODEC_BTRFS:
+        if chunk.encoded:
             s.encoded_stored_bytes += length
-            s.encoded_extent_bytes += len(chunk.record[2])
+            s.encoded_extent_bytes += chunk.encoded
         s.stored_bytes += length
         s.bytes_read += chunk.got
         if self.progress:

@@ -27,6 +27,8 @@ class Chunk(NamedTuple):
     sha256: bytes
     got: int
     record: list | None
+    #: a CODEC_BTRFS record: the bytes of the compressed extent it holds
+    encoded: int = 0
 
 
 class BaseCheck(NamedTuple):
@@ -131,7 +133,8 @@ class Workers:
                                     enc.compression, frame)
                 head = fmt.encode_data_head(offset, length, fmt.CODEC_BTRFS, sha)
                 return Chunk(sha, length, fmt.frame_parts(fmt.T_DATA, head,
-                                                          fmt.encode_btrfs_extent(x)))
+                                                          fmt.encode_btrfs_extent(x)),
+                             len(frame))
         return self.data_job(fd, offset, length)
 
     def _window(self, enc: native.Encoded, length: int) -> tuple[bytes, bytes] | None:
