@@ -4,7 +4,8 @@ PREFIX ?= /usr/local
 DESTDIR ?=
 JOBS ?= auto
 
-.PHONY: setup test demo bench bench-compressed bench-scale lint install clean deb deb-test vm-setup vm-test
+
+.PHONY: setup test demo bench bench-compressed bench-scale bench-incremental bench-repo lint install clean deb deb-test vm-setup vm-test
 
 setup:
 	bash tools/setup.sh
@@ -25,6 +26,16 @@ bench-compressed: setup
 
 bench-scale: setup
 	$(PYTHON) bench/scale.py
+
+# Night to night beside restic, Borg and btrfs send -p (Debian's packages).
+bench-incremental: setup
+	command -v restic >/dev/null && command -v borg >/dev/null || \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq restic borgbackup >/dev/null
+	$(PYTHON) bench/incremental.py
+
+# Local, encrypted and s3:// repositories (a Ceph gateway started for it).
+bench-repo: setup
+	$(PYTHON) bench/repos.py
 
 lint:
 	$(PYTHON) -m ruff check cloneaware tests bench tools native/build.py
