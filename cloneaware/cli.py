@@ -138,17 +138,54 @@ def scan(
                                           help="Show the N largest clone families.")] = 0,
     cross: Annotated[bool, typer.Option("--cross-filesystems",
                                         help="Descend into other mounted filesystems.")] = False,
+    save_map: Annotated[str | None, typer.Option(
+        "--save-map", metavar="MAP", help="Also write the sharing map of PATHs to MAP (- for "
+        "standard output): which ranges share with which, and no data; give it to "
+        "'cloneaware reshare --from MAP' on a copy of the tree.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing MAP.")]
+    = False,
 ) -> None:
     """Report what PATHs occupy and how much of it is shared (reads no data)."""
     from cloneaware.index.scan import scan as do_scan
 
     with _handled():
+        opener = None
+        if save_map is not None:
+            from cloneaware.backup.sinks import file_output
+
+            opener = file_output(save_map, force)  # refuse a bad MAP before scanning
+        elif force:
+            raise UsageError("--force is for --save-map")
         with _progress(not as_json, None, "scanning") as prog:
-            res = do_scan(paths, one_file_system=not cross, progress=prog.advance)
+            res = do_scan(paths, one_file_system=not cross, progress=prog.advance,
+                          tree=save_map is not None)
         for path, reason in res.skipped:
             _err(f"skipped {os.fsdecode(path)}: {reason}")
+        map_info = None
+        if opener is not None and save_map is not None:
+            from cloneaware.index.sharemap import write_map
+
+            out = opener()
+            try:
+                ms = write_map(res, out, "standard output" if save_map == "-" else save_map)
+                out.commit()
+            except BaseException:
+                out.abort()
+                raise
+            map_info = {"path": save_map, **ms.as_dict()}
+            if save_map != "-":
+                map_info["bytes"] = os.path.getsize(save_map)
+        # with the map on standard output, the report goes to standard error
+        out_f = sys.stderr if save_map == "-" else sys.stdout
+
+        def echo(msg: str = "") -> None:
+            typer.echo(msg, file=out_f)
+
         if as_json:
-            typer.echo(json.dumps(res.to_json(families), indent=2))
+            d = res.to_json(families)
+            if map_info is not None:
+                d["map"] = map_info
+            echo(json.dumps(d, indent=2))
         else:
             t = res.plan.totals
             rows = [
@@ -170,16 +207,24 @@ def scan(
                 rows.append(("saving", f"{t.logical_bytes / t.physical_bytes:.2f}x"))
             w = max(len(k) for k, _ in rows)
             for k, v in rows:
-                typer.echo(f"{k:<{w}}  {v}")
+                echo(f"{k:<{w}}  {v}")
             if families:
                 fams = res.plan.families()[:families]
                 if fams:
-                    typer.echo("\nclone families (largest first):")
+                    echo("\nclone families (largest first):")
                 for fam in fams:
                     info = res.family_info(fam)
-                    typer.echo(f"  {info['files']:>6} files  {_human(info['logical_bytes']):>10}"
-                               f" logical  {_human(info['stored_bytes']):>10} own data"
-                               f"  {info['first']} ...")
+                    echo(f"  {info['files']:>6} files  {_human(info['logical_bytes']):>10}"
+                         f" logical  {_human(info['stored_bytes']):>10} own data"
+                         f"  {info['first']} ...")
+            if map_info is not None:
+                echo(f"\nsharing map {save_map}: {map_info['files']} files, "
+                     f"{map_info['references']} references to "
+                     f"{_human(map_info['referenced_bytes'])} shared"
+                     + (f", {_human(map_info['bytes'])}" if "bytes" in map_info else "")
+                     + (f"; {_human(map_info['unproved_bytes'])} of compressed ranges "
+                        "left out (not proved shared without reading them)"
+                        if map_info["unproved_bytes"] else ""))
         if res.skipped:
             raise typer.Exit(EXIT_WARNINGS)
 
@@ -553,6 +598,7 @@ def ls_cmd(
                 **({"snapshot": snap_info} if snap_info else {}),
                 "version": listing.header.version,
                 "tool": listing.header.tool,
+                "map": listing.is_map,
                 "base": None if b is None else {
                     "path": os.fsdecode(b.path),
                     "kind": "dir" if b.kind == fmt.BASE_DIR else "file",
@@ -570,6 +616,9 @@ def ls_cmd(
         if snap_info:
             typer.echo(f"snapshot {snap_info['id']} of {snap_info['hostname']} at "
                        f"{snap_info['time'][:19]}Z: {', '.join(snap_info['paths'])}")
+        if listing.is_map:
+            typer.echo(f"sharing map: no data, {_human(footer.ref_bytes)} referenced "
+                       "(cloneaware reshare --from uses it)")
         if b is not None:
             typer.echo(f"thin backup: needs the base {os.fsdecode(b.path)!r} "
                        f"({len(b.files)} files)")
@@ -604,7 +653,7 @@ def verify(
         counts: dict[str, Any] = {
             "entries": 0, "data_records": 0, "ref_records": 0, "stored_bytes": 0,
             "referenced_bytes": 0, "base_ref_records": 0, "base_referenced_bytes": 0}
-        stream = Stream(f)
+        stream = Stream(f, maps=True)
         with _progress(True, None, "verify") as prog:
             for ev in stream.events():
                 if isinstance(ev, EntryEvent):
@@ -620,13 +669,16 @@ def verify(
                     counts["base_ref_records"] += 1
                     counts["base_referenced_bytes"] += ev.length
         counts["seconds"] = time.monotonic() - t0
+        if stream.is_map:
+            counts["map"] = True
         if stream.base is not None:
             counts["base"] = os.fsdecode(stream.base.path)
             counts["base_files"] = len(stream.base.files)
         if as_json:
             typer.echo(json.dumps(counts, indent=2))
         else:
-            typer.echo(f"archive is whole: {_summary_line(counts)}")
+            typer.echo(f"{'sharing map' if stream.is_map else 'archive'} is whole: "
+                       f"{_summary_line({k: v for k, v in counts.items() if k != 'map'})}")
             if stream.base is not None:
                 typer.echo(f"thin backup: restoring it needs the base {counts['base']!r} "
                            f"({counts['base_files']} files); their bytes are checked at "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -14,12 +14,23 @@ from cloneaware.source.mapping import FsTable, Mapped, Skipped, map_tree
 from cloneaware.source.walk import Node
 
 
+@dataclass(slots=True)
+class TreeItem:
+    """An entry of the walk, in walk order (``scan(tree=True)``)."""
+
+    node: Node
+    fileno: int = -1  # a regular file: its number in the plan
+    link: int = -1  # a further name of a file: the number of its first name
+
+
 @dataclass
 class ScanResult:
     plan: Plan
     files: list[Node]
     skipped: list[tuple[bytes, str]]
     filesystems: list[fsinfo.FsInfo]
+    #: every entry walked, with tree=True (else empty)
+    tree: list[TreeItem] = field(default_factory=list)
 
     def to_json(self, families: int = 0) -> dict:
         t = self.plan.totals.as_dict()
@@ -48,14 +59,18 @@ class ScanResult:
 
 
 def scan(paths: list, one_file_system: bool = True,
-         progress: Callable[[int], None] | None = None) -> ScanResult:
+         progress: Callable[[int], None] | None = None, tree: bool = False) -> ScanResult:
+    """``tree``: also keep every entry in walk order (for a sharing map,
+    index/sharemap.py); each PATH then needs a basename of its own, as in an
+    archive."""
     fstab = FsTable()
     builder = IndexBuilder()
     files: list[Node] = []
     skipped: list[tuple[bytes, str]] = []
-    inodes: set[tuple[int, int]] = set()
-    # scan stores nothing: two PATHs may share a basename
-    for item in map_tree(paths, one_file_system, unique_names=False):
+    inodes: dict[tuple[int, int], int] = {}
+    items: list[TreeItem] = []
+    # scan alone stores nothing: two PATHs may share a basename
+    for item in map_tree(paths, one_file_system, unique_names=tree):
         if isinstance(item, Mapped):
             node = item.node
             if node.st.st_nlink > 1:
@@ -63,13 +78,20 @@ def scan(paths: list, one_file_system: bool = True,
                 # more and shares nothing (backup stores it as a hard link)
                 key = (node.st.st_dev, node.st.st_ino)
                 if key in inodes:
+                    if tree:
+                        items.append(TreeItem(node, link=inodes[key]))
                     continue
-                inodes.add(key)
-            builder.add(fstab.number(item.fs), node.st.st_size, item.ext)
+                inodes[key] = len(files)
+            fileno = builder.add(fstab.number(item.fs), node.st.st_size, item.ext)
             files.append(node)
+            if tree:
+                items.append(TreeItem(node, fileno))
             if progress:
                 progress(node.st.st_size)
         elif isinstance(item, Skipped):
             skipped.append((item.path, item.reason))
+        elif tree:
+            items.append(TreeItem(item.node))
     plan = builder.build()
-    return ScanResult(plan=plan, files=files, skipped=skipped, filesystems=fstab.infos)
+    return ScanResult(plan=plan, files=files, skipped=skipped, filesystems=fstab.infos,
+                      tree=items)

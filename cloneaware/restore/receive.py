@@ -32,7 +32,7 @@ from cloneaware.archive.events import (
 )
 from cloneaware.archive.manifest import open_manifest
 from cloneaware.archive.reader import Stream, open_archive, read_index
-from cloneaware.errors import ArchiveError, UsageError
+from cloneaware.errors import ArchiveError, SharingMapGiven, UsageError
 from cloneaware.restore.base import open_base, verify_ranges
 from cloneaware.restore.cloner import Cloner, Counts
 from cloneaware.restore.durable import Placer
@@ -130,8 +130,12 @@ class Restore:
                 self._precheck(f)
             try:
                 self.stream = Stream(f)
-                for ev in self.stream.events():
-                    self._handlers[type(ev)](ev)
+                try:
+                    for ev in self.stream.events():
+                        self._handlers[type(ev)](ev)
+                except SharingMapGiven:
+                    raise SharingMapGiven(path if path not in (None, "-") else None) \
+                        from None
                 self.placer.flush()
                 self._dir_metadata()
                 if self.tree.root is not None:
@@ -162,6 +166,8 @@ class Restore:
             if not f.seekable():
                 return
             listing = read_index(f)
+            if listing.is_map:
+                raise SharingMapGiven(self.archive)
             items = listing.items
             if listing.base is not None:
                 self.base_fds = open_base(listing.base, self.base)
