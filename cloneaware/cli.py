@@ -404,10 +404,14 @@ def _backup_repo(paths, repo, host, tags, from_archive, password_file, s3_endpoi
                 if paths:
                     raise UsageError("give --from-archive FILE or PATHs, not both")
                 from cloneaware.archive.reader import open_archive
+                from cloneaware.errors import SharingMapGiven
 
                 with open_archive(from_archive) as f:
-                    snap, counts = import_archive(r, f, from_archive, host, tags, level,
-                                                  connections, _err)
+                    try:
+                        snap, counts = import_archive(r, f, from_archive, host, tags, level,
+                                                      connections, _err)
+                    except SharingMapGiven:
+                        raise SharingMapGiven(from_archive) from None
                 d = {"snapshot": snap.id, **counts}
                 if as_json:
                     typer.echo(json.dumps(d, indent=2))
@@ -552,6 +556,97 @@ def _restore_report(s, as_json: bool) -> None:
     if s.not_exact:
         _err(f"{len(s.not_exact)} entries not restored exactly")
         raise typer.Exit(EXIT_WARNINGS)
+
+
+@app.command()
+def reshare(
+    targets: Annotated[list[str], typer.Argument(
+        metavar="DEST | SNAPSHOT DEST",
+        help="The directory that holds the copied tree (the top-level names of the archive "
+        "under it, as restore puts them); with -r, a snapshot (id, unique prefix, or latest) "
+        "and DEST.")],
+    source: Annotated[str | None, typer.Option(
+        "--from", metavar="ARCHIVE|MAP", help="An archive, or a sharing map from 'scan "
+        "--save-map' (- for standard input); with -r, the snapshot.")] = None,
+    repo: RepoOpt = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Ask the kernel nothing: say what would be deduped.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
+    password_file: PasswordOpt = None,
+    rsh: RshOpt = None,
+    s3_endpoint: S3EndpointOpt = None,
+) -> None:
+    """Give a tree copied by another tool (rsync, tar, restic, ...) back the
+    sharing the archive, sharing map or snapshot records, with FIDEDUPERANGE.
+
+    For every shared range, the owner's bytes in DEST are deduped into the
+    sharing place's bytes in DEST.  The kernel compares them first: ranges that
+    differ (edited since) are left alone and counted.  Nothing in DEST is
+    written, and no time changes; files missing or of another size are skipped
+    and listed.  Exit 1 when files were skipped, refused or differ."""
+    from cloneaware.reshare import Reshare
+
+    with _handled():
+        if repo is None and source is None and len(targets) == 2:
+            repo = os.environ.get("CLONEAWARE_REPOSITORY") or None
+        rs: Reshare
+        if repo:
+            if source is not None and len(targets) == 1:
+                spec, dest = source, targets[0]
+            elif source is None and len(targets) == 2:
+                spec, dest = targets
+            else:
+                raise UsageError("give -r REPO SNAPSHOT DEST")
+            r = _open_repo(repo, password_file, rsh, s3_endpoint)
+            try:
+                with r.lock(False, "reshare"):
+                    snap = r.find(spec)
+                    manifest = r.manifest(snap)
+            finally:
+                r.close()
+            with _progress(True, None, "reshare") as prog:
+                rs = Reshare(dest, dry_run, prog, _err)
+                res = rs.run_manifest(manifest)
+            what = f"snapshot {snap.short_id}"
+        else:
+            if source is None or len(targets) != 1:
+                raise UsageError("give --from ARCHIVE DEST (or -r REPO SNAPSHOT DEST)")
+            from cloneaware.archive.reader import open_archive
+
+            dest = targets[0]
+            f = open_archive(source)
+            try:
+                with _progress(True, None, "reshare") as prog:
+                    rs = Reshare(dest, dry_run, prog, _err)
+                    res = rs.run_archive(f)
+            finally:
+                if f is not sys.stdin.buffer:
+                    f.close()
+            what = "standard input" if source == "-" else source
+        for path, n in res.differing:
+            _err(f"{path}: {n} bytes differ from the place they share with in the {rs.what}; "
+                 "left alone")
+        d = res.as_dict()
+        for k in ("skipped", "refused"):
+            d[k] = [{"path": p, "reason": why} for p, why in d[k]]
+        d["differing"] = [{"path": p, "bytes": n} for p, n in d["differing"]]
+        if as_json:
+            typer.echo(json.dumps(d, indent=2))
+        else:
+            verb = "would ask to dedupe" if dry_run else "shared"
+            amount = res.to_dedupe_bytes if dry_run else res.shared_bytes
+            typer.echo(
+                f"{dest} from {what}: {res.files} files, {res.references} references to "
+                f"{_human(res.referenced_bytes)}; {verb} {_human(amount)}, already shared "
+                f"{_human(res.already_shared_bytes)}"
+                + ("" if dry_run else f", differing {_human(res.differing_bytes)}")
+                + f", unaligned {_human(res.unaligned_bytes)}, skipped "
+                f"{_human(res.skipped_bytes)} ({len(res.skipped)} files skipped, "
+                f"{len(res.refused)} refused) in {res.seconds:.1f} s"
+                + (f"; {_human(res.base_bytes)} in the thin backup's base not reshared"
+                   if res.base_bytes else ""))
+        if res.skipped or res.refused or res.differing:
+            raise typer.Exit(EXIT_WARNINGS)
 
 
 @app.command("ls")

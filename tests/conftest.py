@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from helpers.netns import SshNet, ssh_network
+from helpers.nobody import nobody  # noqa: F401  (the fixture: the CLI as uid 65534)
 
 
 def _shadowed_by_source_tree(root: Path) -> str | None:
