@@ -466,6 +466,11 @@ def restore(
         "them; a base changed since the backup then goes unnoticed).  Off by default.")]
     = False,
     rsh: RshOpt = None,
+    reshare_existing: Annotated[bool, typer.Option(
+        "--reshare-existing", help="DEST already holds an older copy of the tree: clone "
+        "each stored range from the file already at its name, read it back, and write only "
+        "what differs, so identical data is neither written again nor stored twice until "
+        "the rename (implies --force).")] = False,
 ) -> None:
     """Restore an archive, or snapshots of a repository, into DEST, re-creating
     shared extents with reflinks.
@@ -483,13 +488,16 @@ def restore(
             if len(targets) < 2:
                 raise UsageError("give SNAPSHOT... DEST")
             s = _restore_repo(targets[:-1], targets[-1], repo, password_file, s3_endpoint,
-                              connections, rsh, force, base, trust_base)
+                              connections, rsh, force or reshare_existing, base, trust_base,
+                              reshare_existing)
             _restore_report(s, as_json)
             return
         if len(targets) != 2:
             raise UsageError("give ARCHIVE DEST (or -r REPO SNAPSHOT... DEST)")
         archive, dest = targets
         if client.is_url(dest):
+            if reshare_existing:
+                raise UsageError("--reshare-existing needs a local DEST")
             if client.is_url(archive):
                 raise UsageError("give a local ARCHIVE or a local DEST, not two ssh:// URLs")
             st = client.push_restore(archive, dest, force, base, trust_base, rsh)
@@ -508,7 +516,7 @@ def restore(
         try:
             with _progress(True, None, "restore") as prog:
                 s = Restore(src, dest, force=force, progress=prog, warn=_err, base=base,
-                            trust_base=trust_base).run()
+                            trust_base=trust_base, reshare_existing=reshare_existing).run()
         finally:
             if not isinstance(src, str):
                 src.close()
@@ -516,7 +524,7 @@ def restore(
 
 
 def _restore_repo(specs, dest, repo, password_file, s3_endpoint, connections, rsh, force,
-                  base, trust_base):
+                  base, trust_base, reshare_existing=False):
     from cloneaware.repo.restore import SnapshotsRestore
 
     if base is not None or trust_base:
@@ -532,7 +540,7 @@ def _restore_repo(specs, dest, repo, password_file, s3_endpoint, connections, rs
                     chosen.append(sn)
             with _progress(True, None, "restore") as prog:
                 return SnapshotsRestore(r, chosen, dest, force=force, progress=prog,
-                                        warn=_err).run()
+                                        warn=_err, reshare_existing=reshare_existing).run()
     finally:
         r.close()
 
@@ -548,7 +556,10 @@ def _restore_report(s, as_json: bool) -> None:
             f"{_human(s.written_bytes)}, reflinked {_human(s.reflinked_bytes)}, "
             f"copied {_human(s.copied_bytes)}, holes {_human(s.hole_bytes)}"
             + (f"; from the base {_human(s.base_bytes)}, verified "
-               f"{_human(s.verified_bytes)}" if s.base_bytes else "") + " "
+               f"{_human(s.verified_bytes)}" if s.base_bytes else "")
+            + (f"; reused {_human(s.reused_bytes)} of the copy already there "
+               f"({_human(s.reuse_differing_bytes)} differed, written)"
+               if s.reused_bytes or s.reuse_differing_bytes else "") + " "
             f"in {s.seconds:.1f} s")
     if s.copied_bytes:
         why = ", ".join(f"{_human(n)} ({r})" for r, n in s.copy_reasons.items())
