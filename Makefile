@@ -4,7 +4,7 @@ PREFIX ?= /usr/local
 DESTDIR ?=
 JOBS ?= auto
 
-.PHONY: setup test demo bench bench-compressed bench-scale lint install clean deb deb-test vm-setup vm-test
+.PHONY: setup test demo bench bench-compressed bench-scale bench-reuse lint install clean deb deb-test vm-setup vm-test
 
 setup:
 	bash tools/setup.sh
@@ -23,6 +23,9 @@ bench-compressed: setup
 
 bench-scale: setup
 	$(PYTHON) bench/scale.py
+
+bench-reuse: setup
+	$(PYTHON) bench/reuse.py
 
 lint:
 	$(PYTHON) -m ruff check cloneaware tests bench tools native/build.py

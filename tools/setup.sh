@@ -7,7 +7,8 @@ PYTHON=${PYTHON:-python3}
 need=()
 for cmd in mkfs.btrfs:btrfs-progs mkfs.xfs:xfsprogs mkfs.ext4:e2fsprogs filefrag:e2fsprogs \
            xfs_io:xfsprogs setfacl:acl setfattr:attr rsync:rsync losetup:mount \
-           /usr/sbin/sshd:openssh-server ssh:openssh-client ip:iproute2 nsenter:util-linux; do
+           /usr/sbin/sshd:openssh-server ssh:openssh-client ip:iproute2 nsenter:util-linux \
+           duperemove:duperemove; do
     command -v "${cmd%%:*}" >/dev/null 2>&1 || need+=("${cmd##*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then
