@@ -172,6 +172,7 @@ class Reshare:
         self.entries: list[fmt.Entry] = []
         self.root_dev = 0
         self.what = "archive"
+        self.hinted = False  # said where DEST must point
 
     # -- inputs ------------------------------------------------------------------
 
@@ -184,6 +185,7 @@ class Reshare:
                 if isinstance(ev, EntryEvent):
                     if stream.is_map:
                         self.what = "sharing map"
+                    self._top(ev.entry)
                     if ev.entry.kind == fmt.K_REG:
                         self.s.files += 1
                 elif isinstance(ev, RefEvent):
@@ -209,6 +211,7 @@ class Reshare:
         def places():
             for ev in stream.events():
                 if isinstance(ev, EntryEvent):
+                    self._top(ev.entry)
                     if ev.entry.kind == fmt.K_REG:
                         self.s.files += 1
                 elif isinstance(ev, BlobEvent):
@@ -221,6 +224,18 @@ class Reshare:
                             yield place.entry, place.base + lo, eid, base + lo, hi - lo
 
         return self._run(stream, places())
+
+    def _top(self, e: fmt.Entry) -> None:
+        """Say once, at the first top-level name DEST lacks, where DEST must point."""
+        if b"/" in e.path or self.tree.root is None or self.hinted:
+            return
+        try:
+            os.lstat(e.path, dir_fd=self.tree.root)
+        except FileNotFoundError:
+            self.hinted = True
+            name = os.fsdecode(e.path)
+            self.warn(f"{self._where(e)} is missing: DEST must hold the {self.what}'s "
+                      f"top-level names ({name}/...), as restore puts them")
 
     # -- the run -------------------------------------------------------------------
 
