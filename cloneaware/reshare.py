@@ -272,7 +272,8 @@ class Reshare:
         s.referenced_bytes += length
         if self.progress:
             self.progress.advance(length)
-        if len(self.open) + 2 > FILES or self.pieces >= WINDOW:
+        opening = (sid not in self.open) + (did not in self.open and did != sid)
+        if len(self.open) + opening > FILES or self.pieces >= WINDOW:
             self._flush()
         src, dst = self._file(sid), self._file(did)
         if src is None or dst is None:
