@@ -5,7 +5,7 @@ DESTDIR ?=
 JOBS ?= auto
 
 
-.PHONY: setup test demo bench bench-compressed bench-scale bench-incremental bench-repo lint install clean deb deb-test vm-setup vm-test
+.PHONY: setup test demo bench bench-compressed bench-scale bench-incremental bench-repo bench-reuse lint install clean deb deb-test vm-setup vm-test
 
 setup:
 	bash tools/setup.sh
@@ -36,6 +36,9 @@ bench-incremental: setup
 # Local, encrypted and s3:// repositories (a Ceph gateway started for it).
 bench-repo: setup
 	$(PYTHON) bench/repos.py
+
+bench-reuse: setup
+	$(PYTHON) bench/reuse.py
 
 lint:
 	$(PYTHON) -m ruff check cloneaware tests bench tools native/build.py

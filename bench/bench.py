@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""cloneaware beside tar, rsync, cp --reflink and btrfs send/receive, in one run.
+"""cloneaware beside tar, rsync, cp --reflink and btrfs send/receive, in one run;
+and, for a copy that rsync made, ``cloneaware reshare`` beside ``duperemove -dr``.
 
 Builds a clone family on throwaway loopback filesystems, times every tool
 from a cold page cache, and prints seconds, sizes and the ratios the project
@@ -20,6 +21,14 @@ Layout (three sparse images under a temporary directory; TMPDIR is honoured):
 Every timed step starts after ``sync`` and ``echo 3 > /proc/sys/vm/drop_caches``
 and ends after ``sync`` (cloneaware restore syncs its destination itself;
 the others get the same for fairness).  Needs root.
+
+Re-sharing a copy: the copy that the rsync row made on each filesystem is
+given its sharing back by ``cloneaware reshare --from MAP`` (the sharing
+map that ``cloneaware scan --save-map`` wrote of the source, on the
+archive disk), and another rsync copy, made the same way (not timed), is
+deduped by Debian's ``duperemove -dr`` with its defaults.  Both rows give
+the seconds and the usage that results (duperemove's row is left out, with
+a note, when it is not installed).
 
     python3 bench/bench.py                         # the default family (~5 min)
     python3 bench/bench.py --size 64 --clones 3 --files 50   # a quick check
@@ -68,6 +77,8 @@ TARGETS = {
     "restore_btrfs_vs_receive_compressed": 1.0,
     "archive_vs_disk": 1.0,
     "usage_btrfs_disk": 1.02,
+    "reshare_usage_btrfs": 1.05,
+    "reshare_usage_xfs": 1.05,
 }
 
 
@@ -398,9 +409,17 @@ def bench(args, root: Path, mounted: list) -> dict:
 
         step("btrfs send --proto 2 --compressed-data", send_compressed, what="stream bytes")
 
+    sharemap = ar / "family.map"
+
+    def save_map():
+        run(CLONEAWARE + ["scan", "--json", "--save-map", sharemap, snap])
+        return {"bytes": sharemap.stat().st_size}
+
+    step("cloneaware scan --save-map", save_map, what="sharing map bytes")
+
     # restores: time, then usage (cloneaware scan) over the source's, then delete
     def restore_step(name: str, fn, dest: Path, measured: Path | None = None,
-                     subvol: Path | None = None) -> None:
+                     subvol: Path | None = None, keep: bool = False) -> None:
         r = step(name, fn)
         got = scan(measured or dest)
         r["bytes"] = got["physical_bytes"]
@@ -415,7 +434,8 @@ def bench(args, root: Path, mounted: list) -> dict:
             r["mismatch"] = (f"restored {got['files']} files, {got['logical_bytes']} bytes; "
                              f"source has {src['files']}, {src['logical_bytes']}")
             log(f"WARNING {name}: {r['mismatch']}")
-        remove(dest, subvol)
+        if not keep:
+            remove(dest, subvol)
 
     def ca_restore(dest: Path):
         r = run(CLONEAWARE + ["restore", "--json", archive, dest])
@@ -442,10 +462,28 @@ def bench(args, root: Path, mounted: list) -> dict:
         d.mkdir()
         restore_step(f"tar -x -> {fsname}",
                      lambda d=d: run(["tar", "-x", "-f", tarfile, "-C", d]), d)
+    def ca_reshare(dest: Path):
+        r = run(CLONEAWARE + ["reshare", "--json", "--from", sharemap, dest], check=False)
+        if r.returncode not in (0, 1):
+            raise BenchError(f"cloneaware reshare exited {r.returncode}: "
+                             f"{r.stderr.strip()[-2000:]}")
+        return {"detail": json.loads(r.stdout)}
+
+    duperemove = shutil.which("duperemove")
     for fsname, base in (("Btrfs", bt), ("XFS", xf)):
         d = base / "r-rsync"
+        # into d/snap: the top-level name the sharing map gives the tree
         restore_step(f"rsync -aSH -> {fsname}",
-                     lambda d=d: run(["rsync", "-aSH", f"{snap}/", f"{d}/"]), d)
+                     lambda d=d: run(["rsync", "-aSH", snap, f"{d}/"]), d, d / "snap",
+                     keep=True)
+        restore_step(f"  then cloneaware reshare -> {fsname}", lambda d=d: ca_reshare(d), d,
+                     d / "snap")
+        if duperemove is None:
+            log("duperemove is not installed: its row is left out")
+            continue
+        run(["rsync", "-aSH", snap, f"{d}/"])  # the same copy again, not timed
+        restore_step(f"  rsync, then duperemove -dr -> {fsname}",
+                     lambda d=d: run([duperemove, "-dr", d / "snap"]), d, d / "snap")
     d = bt / "r-cp"
     restore_step("cp -a --reflink=always (same fs)",
                  lambda: run(["cp", "-a", "--reflink=always", snap, d]), d)
@@ -508,6 +546,21 @@ def ratios(res: dict) -> list[dict]:
           s["cloneaware restore -> Btrfs"]["bytes"], phys),
         r("usage_xfs", "restored usage / source usage (cloneaware -> XFS)",
           s["cloneaware restore -> XFS"]["bytes"], phys),
+        r("reshare_usage_btrfs", "rsync copy's usage after reshare / source usage (Btrfs)",
+          s["  then cloneaware reshare -> Btrfs"]["bytes"], phys),
+        r("reshare_usage_xfs", "rsync copy's usage after reshare / source usage (XFS)",
+          s["  then cloneaware reshare -> XFS"]["bytes"], phys),
+    ] + [
+        r(f"duperemove_usage_{fs.lower()}",
+          f"rsync copy's usage after duperemove -dr / source usage ({fs})",
+          s[f"  rsync, then duperemove -dr -> {fs}"]["bytes"], phys)
+        for fs in ("Btrfs", "XFS") if f"  rsync, then duperemove -dr -> {fs}" in s
+    ] + [
+        r(f"reshare_vs_duperemove_{fs.lower()}",
+          f"cloneaware reshare / duperemove -dr, seconds ({fs})",
+          sec[f"  then cloneaware reshare -> {fs}"],
+          sec[f"  rsync, then duperemove -dr -> {fs}"])
+        for fs in ("Btrfs", "XFS") if f"  rsync, then duperemove -dr -> {fs}" in s
     ]
     if "btrfs send --proto 2 --compressed-data" in s:
         disk = res["source"].get("disk_bytes")
@@ -580,6 +633,12 @@ def table(res: dict) -> str:
                             f"({det.get('encoded_extent_bytes', 0) / MiB:.1f} MiB encoded)"
                             if det.get("encoded_stored_bytes") else
                             f"written {det['encoded_written_bytes'] / MiB:.1f} MiB"))
+        if "shared_bytes" in det:  # cloneaware reshare
+            lines.append(f"{'':<40} shared {det['shared_bytes'] / MiB:.1f} MiB in "
+                         f"{det['dedupe_calls']} calls, already shared "
+                         f"{det['already_shared_bytes'] / MiB:.1f} MiB, differing "
+                         f"{det['differing_bytes'] / MiB:.1f} MiB, skipped "
+                         f"{len(det['skipped'])} files")
         if det.get("copied_bytes"):
             lines.append(f"{'':<40} copied instead of reflinked: "
                          f"{det['copied_bytes'] / MiB:.1f} MiB {det.get('copy_reasons')}")

@@ -138,19 +138,56 @@ def scan(
                                           help="Show the N largest clone families.")] = 0,
     cross: Annotated[bool, typer.Option("--cross-filesystems",
                                         help="Descend into other mounted filesystems.")] = False,
+    save_map: Annotated[str | None, typer.Option(
+        "--save-map", metavar="MAP", help="Also write the sharing map of PATHs to MAP (- for "
+        "standard output): which ranges share with which, and no data; give it to "
+        "'cloneaware reshare --from MAP' on a copy of the tree.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing MAP.")]
+    = False,
 ) -> None:
     """Report what PATHs occupy and how much of it is shared (reads no data)."""
     from cloneaware.index.scan import scan as do_scan
 
     with _handled():
+        opener = None
+        if save_map is not None:
+            from cloneaware.backup.sinks import file_output
+
+            opener = file_output(save_map, force)  # refuse a bad MAP before scanning
+        elif force:
+            raise UsageError("--force is for --save-map")
         with _progress(not as_json, None, "scanning") as prog:
-            res = do_scan(paths, one_file_system=not cross, progress=prog.advance)
+            res = do_scan(paths, one_file_system=not cross, progress=prog.advance,
+                          tree=save_map is not None)
         for path, reason in res.skipped:
             _err(f"skipped {os.fsdecode(path)}: {reason}")
         for note in res.notes():
             _err(note)
+        map_info = None
+        if opener is not None and save_map is not None:
+            from cloneaware.index.sharemap import write_map
+
+            out = opener()
+            try:
+                ms = write_map(res, out, "standard output" if save_map == "-" else save_map)
+                out.commit()
+            except BaseException:
+                out.abort()
+                raise
+            map_info = {"path": save_map, **ms.as_dict()}
+            if save_map != "-":
+                map_info["bytes"] = os.path.getsize(save_map)
+        # with the map on standard output, the report goes to standard error
+        out_f = sys.stderr if save_map == "-" else sys.stdout
+
+        def echo(msg: str = "") -> None:
+            typer.echo(msg, file=out_f)
+
         if as_json:
-            typer.echo(json.dumps(res.to_json(families), indent=2))
+            d = res.to_json(families)
+            if map_info is not None:
+                d["map"] = map_info
+            echo(json.dumps(d, indent=2))
         else:
             t = res.plan.totals
             rows = [
@@ -177,16 +214,24 @@ def scan(
                              f"{res.anchors.files} files pin {_human(res.anchors.pinned_bytes)}"))
             w = max(len(k) for k, _ in rows)
             for k, v in rows:
-                typer.echo(f"{k:<{w}}  {v}")
+                echo(f"{k:<{w}}  {v}")
             if families:
                 fams = res.plan.families()[:families]
                 if fams:
-                    typer.echo("\nclone families (largest first):")
+                    echo("\nclone families (largest first):")
                 for fam in fams:
                     info = res.family_info(fam)
-                    typer.echo(f"  {info['files']:>6} files  {_human(info['logical_bytes']):>10}"
-                               f" logical  {_human(info['stored_bytes']):>10} own data"
-                               f"  {info['first']} ...")
+                    echo(f"  {info['files']:>6} files  {_human(info['logical_bytes']):>10}"
+                         f" logical  {_human(info['stored_bytes']):>10} own data"
+                         f"  {info['first']} ...")
+            if map_info is not None:
+                echo(f"\nsharing map {save_map}: {map_info['files']} files, "
+                     f"{map_info['references']} references to "
+                     f"{_human(map_info['referenced_bytes'])} shared"
+                     + (f", {_human(map_info['bytes'])}" if "bytes" in map_info else "")
+                     + (f"; {_human(map_info['unproved_bytes'])} of compressed ranges "
+                        "left out (not proved shared without reading them)"
+                        if map_info["unproved_bytes"] else ""))
         if res.skipped:
             raise typer.Exit(EXIT_WARNINGS)
 
@@ -366,10 +411,14 @@ def _backup_repo(paths, repo, host, tags, from_archive, password_file, s3_endpoi
                 if paths:
                     raise UsageError("give --from-archive FILE or PATHs, not both")
                 from cloneaware.archive.reader import open_archive
+                from cloneaware.errors import SharingMapGiven
 
                 with open_archive(from_archive) as f:
-                    snap, counts = import_archive(r, f, from_archive, host, tags, level,
-                                                  connections, _err)
+                    try:
+                        snap, counts = import_archive(r, f, from_archive, host, tags, level,
+                                                      connections, _err)
+                    except SharingMapGiven:
+                        raise SharingMapGiven(from_archive) from None
                 d = {"snapshot": snap.id, **counts}
                 if as_json:
                     typer.echo(json.dumps(d, indent=2))
@@ -424,6 +473,11 @@ def restore(
         "them; a base changed since the backup then goes unnoticed).  Off by default.")]
     = False,
     rsh: RshOpt = None,
+    reshare_existing: Annotated[bool, typer.Option(
+        "--reshare-existing", help="DEST already holds an older copy of the tree: clone "
+        "each stored range from the file already at its name, read it back, and write only "
+        "what differs, so identical data is neither written again nor stored twice until "
+        "the rename (implies --force).")] = False,
 ) -> None:
     """Restore an archive, or snapshots of a repository, into DEST, re-creating
     shared extents with reflinks.
@@ -441,13 +495,16 @@ def restore(
             if len(targets) < 2:
                 raise UsageError("give SNAPSHOT... DEST")
             s = _restore_repo(targets[:-1], targets[-1], repo, password_file, s3_endpoint,
-                              connections, rsh, force, base, trust_base)
+                              connections, rsh, force or reshare_existing, base, trust_base,
+                              reshare_existing)
             _restore_report(s, as_json)
             return
         if len(targets) != 2:
             raise UsageError("give ARCHIVE DEST (or -r REPO SNAPSHOT... DEST)")
         archive, dest = targets
         if client.is_url(dest):
+            if reshare_existing:
+                raise UsageError("--reshare-existing needs a local DEST")
             if client.is_url(archive):
                 raise UsageError("give a local ARCHIVE or a local DEST, not two ssh:// URLs")
             st = client.push_restore(archive, dest, force, base, trust_base, rsh)
@@ -466,7 +523,7 @@ def restore(
         try:
             with _progress(True, None, "restore") as prog:
                 s = Restore(src, dest, force=force, progress=prog, warn=_err, base=base,
-                            trust_base=trust_base).run()
+                            trust_base=trust_base, reshare_existing=reshare_existing).run()
         finally:
             if not isinstance(src, str):
                 src.close()
@@ -474,7 +531,7 @@ def restore(
 
 
 def _restore_repo(specs, dest, repo, password_file, s3_endpoint, connections, rsh, force,
-                  base, trust_base):
+                  base, trust_base, reshare_existing=False):
     from cloneaware.repo.restore import SnapshotsRestore
 
     if base is not None or trust_base:
@@ -490,7 +547,7 @@ def _restore_repo(specs, dest, repo, password_file, s3_endpoint, connections, rs
                     chosen.append(sn)
             with _progress(True, None, "restore") as prog:
                 return SnapshotsRestore(r, chosen, dest, force=force, progress=prog,
-                                        warn=_err).run()
+                                        warn=_err, reshare_existing=reshare_existing).run()
     finally:
         r.close()
 
@@ -506,7 +563,10 @@ def _restore_report(s, as_json: bool) -> None:
             f"{_human(s.written_bytes)}, reflinked {_human(s.reflinked_bytes)}, "
             f"copied {_human(s.copied_bytes)}, holes {_human(s.hole_bytes)}"
             + (f"; from the base {_human(s.base_bytes)}, verified "
-               f"{_human(s.verified_bytes)}" if s.base_bytes else "") + " "
+               f"{_human(s.verified_bytes)}" if s.base_bytes else "")
+            + (f"; reused {_human(s.reused_bytes)} of the copy already there "
+               f"({_human(s.reuse_differing_bytes)} differed, written)"
+               if s.reused_bytes or s.reuse_differing_bytes else "") + " "
             f"in {s.seconds:.1f} s")
     if s.copied_bytes:
         why = ", ".join(f"{_human(n)} ({r})" for r, n in s.copy_reasons.items())
@@ -514,6 +574,97 @@ def _restore_report(s, as_json: bool) -> None:
     if s.not_exact:
         _err(f"{len(s.not_exact)} entries not restored exactly")
         raise typer.Exit(EXIT_WARNINGS)
+
+
+@app.command()
+def reshare(
+    targets: Annotated[list[str], typer.Argument(
+        metavar="DEST | SNAPSHOT DEST",
+        help="The directory that holds the copied tree (the top-level names of the archive "
+        "under it, as restore puts them); with -r, a snapshot (id, unique prefix, or latest) "
+        "and DEST.")],
+    source: Annotated[str | None, typer.Option(
+        "--from", metavar="ARCHIVE|MAP", help="An archive, or a sharing map from 'scan "
+        "--save-map' (- for standard input); with -r, the snapshot.")] = None,
+    repo: RepoOpt = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Ask the kernel nothing: say what would be deduped.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
+    password_file: PasswordOpt = None,
+    rsh: RshOpt = None,
+    s3_endpoint: S3EndpointOpt = None,
+) -> None:
+    """Give a tree copied by another tool (rsync, tar, restic, ...) back the
+    sharing the archive, sharing map or snapshot records, with FIDEDUPERANGE.
+
+    For every shared range, the owner's bytes in DEST are deduped into the
+    sharing place's bytes in DEST.  The kernel compares them first: ranges that
+    differ (edited since) are left alone and counted.  Nothing in DEST is
+    written, and no time changes; files missing or of another size are skipped
+    and listed.  Exit 1 when files were skipped, refused or differ."""
+    from cloneaware.reshare import Reshare
+
+    with _handled():
+        if repo is None and source is None and len(targets) == 2:
+            repo = os.environ.get("CLONEAWARE_REPOSITORY") or None
+        rs: Reshare
+        if repo:
+            if source is not None and len(targets) == 1:
+                spec, dest = source, targets[0]
+            elif source is None and len(targets) == 2:
+                spec, dest = targets
+            else:
+                raise UsageError("give -r REPO SNAPSHOT DEST")
+            r = _open_repo(repo, password_file, rsh, s3_endpoint)
+            try:
+                with r.lock(False, "reshare"):
+                    snap = r.find(spec)
+                    manifest = r.manifest(snap)
+            finally:
+                r.close()
+            with _progress(True, None, "reshare") as prog:
+                rs = Reshare(dest, dry_run, prog, _err)
+                res = rs.run_manifest(manifest)
+            what = f"snapshot {snap.short_id}"
+        else:
+            if source is None or len(targets) != 1:
+                raise UsageError("give --from ARCHIVE DEST (or -r REPO SNAPSHOT DEST)")
+            from cloneaware.archive.reader import open_archive
+
+            dest = targets[0]
+            f = open_archive(source)
+            try:
+                with _progress(True, None, "reshare") as prog:
+                    rs = Reshare(dest, dry_run, prog, _err)
+                    res = rs.run_archive(f)
+            finally:
+                if f is not sys.stdin.buffer:
+                    f.close()
+            what = "standard input" if source == "-" else source
+        for path, n in res.differing:
+            _err(f"{path}: {n} bytes differ from the place they share with in the {rs.what}; "
+                 "left alone")
+        d = res.as_dict()
+        for k in ("skipped", "refused"):
+            d[k] = [{"path": p, "reason": why} for p, why in d[k]]
+        d["differing"] = [{"path": p, "bytes": n} for p, n in d["differing"]]
+        if as_json:
+            typer.echo(json.dumps(d, indent=2))
+        else:
+            verb = "would ask to dedupe" if dry_run else "shared"
+            amount = res.to_dedupe_bytes if dry_run else res.shared_bytes
+            typer.echo(
+                f"{dest} from {what}: {res.files} files, {res.references} references to "
+                f"{_human(res.referenced_bytes)}; {verb} {_human(amount)}, already shared "
+                f"{_human(res.already_shared_bytes)}"
+                + ("" if dry_run else f", differing {_human(res.differing_bytes)}")
+                + f", unaligned {_human(res.unaligned_bytes)}, skipped "
+                f"{_human(res.skipped_bytes)} ({len(res.skipped)} files skipped, "
+                f"{len(res.refused)} refused) in {res.seconds:.1f} s"
+                + (f"; {_human(res.base_bytes)} in the thin backup's base not reshared"
+                   if res.base_bytes else ""))
+        if res.skipped or res.refused or res.differing:
+            raise typer.Exit(EXIT_WARNINGS)
 
 
 @app.command("ls")
@@ -560,6 +711,7 @@ def ls_cmd(
                 **({"snapshot": snap_info} if snap_info else {}),
                 "version": listing.header.version,
                 "tool": listing.header.tool,
+                "map": listing.is_map,
                 "base": None if b is None else {
                     "path": os.fsdecode(b.path),
                     "kind": "dir" if b.kind == fmt.BASE_DIR else "file",
@@ -577,6 +729,9 @@ def ls_cmd(
         if snap_info:
             typer.echo(f"snapshot {snap_info['id']} of {snap_info['hostname']} at "
                        f"{snap_info['time'][:19]}Z: {', '.join(snap_info['paths'])}")
+        if listing.is_map:
+            typer.echo(f"sharing map: no data, {_human(footer.ref_bytes)} referenced "
+                       "(cloneaware reshare --from uses it)")
         if b is not None:
             typer.echo(f"thin backup: needs the base {os.fsdecode(b.path)!r} "
                        f"({len(b.files)} files)")
@@ -611,7 +766,7 @@ def verify(
         counts: dict[str, Any] = {
             "entries": 0, "data_records": 0, "ref_records": 0, "stored_bytes": 0,
             "referenced_bytes": 0, "base_ref_records": 0, "base_referenced_bytes": 0}
-        stream = Stream(f)
+        stream = Stream(f, maps=True)
         with _progress(True, None, "verify") as prog:
             for ev in stream.events():
                 if isinstance(ev, EntryEvent):
@@ -627,13 +782,16 @@ def verify(
                     counts["base_ref_records"] += 1
                     counts["base_referenced_bytes"] += ev.length
         counts["seconds"] = time.monotonic() - t0
+        if stream.is_map:
+            counts["map"] = True
         if stream.base is not None:
             counts["base"] = os.fsdecode(stream.base.path)
             counts["base_files"] = len(stream.base.files)
         if as_json:
             typer.echo(json.dumps(counts, indent=2))
         else:
-            typer.echo(f"archive is whole: {_summary_line(counts)}")
+            typer.echo(f"{'sharing map' if stream.is_map else 'archive'} is whole: "
+                       f"{_summary_line({k: v for k, v in counts.items() if k != 'map'})}")
             if stream.base is not None:
                 typer.echo(f"thin backup: restoring it needs the base {counts['base']!r} "
                            f"({counts['base_files']} files); their bytes are checked at "

@@ -57,6 +57,17 @@ class TruncatedArchive(ArchiveError):
     """The archive ends before its footer."""
 
 
+class SharingMapGiven(UsageError):
+    """A sharing map (``scan --save-map``) was given where an archive with
+    data is needed: it holds no file data."""
+
+    def __init__(self, name: str | None = None):
+        self.name = name
+        super().__init__(f"{name + ' is' if name else 'this is'} a sharing map (written by "
+                         "cloneaware scan --save-map): it holds no file data to restore; "
+                         "give it to cloneaware reshare --from")
+
+
 class BaseMismatch(CloneawareError):
     """A thin restore's base is missing, or its bytes differ from the backup."""
 

@@ -103,6 +103,24 @@ def reflink_support(dir_fd: int, block_size: int = 4096) -> tuple[bool, str]:
                 pass
 
 
+def dedupe_support(fd: int, size: int, block_size: int = 4096) -> bool | None:
+    """Whether the filesystem of the regular file ``fd`` (``size`` bytes) can
+    dedupe, asked without changing anything: FIDEDUPERANGE of the file's first
+    block onto itself.  A filesystem that can dedupe refuses that overlap
+    (EINVAL); one that cannot answers EOPNOTSUPP (docs/KERNEL.md D9).  None
+    for an empty file, which cannot be asked."""
+    n = min(size, block_size)
+    if n <= 0:
+        return None
+    try:
+        (got,) = native.fideduperange_once(fd, 0, n, [(fd, 0)])
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS):
+            return False
+        raise
+    return -got.status not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS)
+
+
 def errno_reason(err: int) -> str:
     if err == errno.EXDEV:
         return "different filesystems"

@@ -10,7 +10,8 @@ for cmd in mkfs.btrfs:btrfs-progs mkfs.xfs:xfsprogs mkfs.ext4:e2fsprogs filefrag
            /usr/sbin/sshd:openssh-server ssh:openssh-client ip:iproute2 nsenter:util-linux \
            compsize:btrfs-compsize \
            ceph-mon:ceph-mon ceph-osd:ceph-osd radosgw:radosgw ceph:ceph-common \
-           monmaptool:ceph-common ceph-authtool:ceph-common radosgw-admin:radosgw; do
+           monmaptool:ceph-common ceph-authtool:ceph-common radosgw-admin:radosgw \
+           duperemove:duperemove; do
     command -v "${cmd%%:*}" >/dev/null 2>&1 || need+=("${cmd##*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from cloneaware.errors import ArchiveError
 
 MAGIC = b"\x89CLONEAW"
+#: A sharing map (``scan --save-map``): archive records that hold no data
+MAP_MAGIC = b"\x89CLONEAM"
 WRITE_VERSION = 4
 READ_VERSIONS = (1, 2, 3, 4)
 HASH_SHA256 = 1
@@ -20,6 +22,8 @@ T_HEADER, T_ENTRY, T_DATA, T_REF, T_END, T_INDEX, T_FOOTER = 1, 2, 3, 4, 5, 6, 7
 T_BASE, T_BASEREF, T_EXTERNAL = 8, 9, 10  # version 2
 T_BLOB, T_STAT = 11, 12  # version 3: repository manifests
 ANCILLARY = 0x8000
+#: Record types a sharing map may not hold: it holds no data and has no base
+NOT_IN_MAP = (T_DATA, T_BASE, T_BASEREF, T_EXTERNAL, T_BLOB, T_STAT)
 TYPE_NAMES = {T_HEADER: "HEADER", T_ENTRY: "ENTRY", T_DATA: "DATA", T_REF: "REF",
               T_END: "END", T_INDEX: "INDEX", T_FOOTER: "FOOTER", T_BASE: "BASE",
               T_BASEREF: "BASEREF", T_EXTERNAL: "EXTERNAL", T_BLOB: "BLOB", T_STAT: "STAT"}

@@ -35,7 +35,7 @@ def open_manifest(path: str) -> tuple[io.BytesIO, int] | None:
         return None
     try:
         head = os.pread(fd, len(fmt.MAGIC), 0)
-        if head == fmt.MAGIC:
+        if head in (fmt.MAGIC, fmt.MAP_MAGIC):
             os.close(fd)
             return None
         try:

@@ -32,7 +32,7 @@ from cloneaware.archive.events import (
     RefEvent,
     StatEvent,
 )
-from cloneaware.errors import ArchiveError, TruncatedArchive, UsageError
+from cloneaware.errors import ArchiveError, SharingMapGiven, TruncatedArchive, UsageError
 
 
 class RecordReader:
@@ -42,6 +42,7 @@ class RecordReader:
         self.f = f
         self.offset = 0
         self.version = fmt.WRITE_VERSION
+        self.is_map = False  # the magic said: a sharing map
 
     def _read(self, n: int, what: str) -> bytes:
         b = self.f.read(n)
@@ -56,13 +57,15 @@ class RecordReader:
         return b
 
     def magic(self) -> None:
+        """An archive's magic, or a sharing map's (then ``is_map``)."""
         b = self.f.read(len(fmt.MAGIC)) or b""
         if not b:
             raise ArchiveError("empty file: not a cloneaware archive")
-        if b != fmt.MAGIC[:len(b)] or len(b) < len(fmt.MAGIC):
-            if b == fmt.MAGIC[:len(b)]:
+        if b not in (fmt.MAGIC, fmt.MAP_MAGIC):
+            if fmt.MAGIC.startswith(b) or fmt.MAP_MAGIC.startswith(b):
                 raise TruncatedArchive("archive is truncated inside the magic", len(b))
             raise ArchiveError("not a cloneaware archive (wrong magic)", 0)
+        self.is_map = b == fmt.MAP_MAGIC
         self.offset = len(b)
 
     def records(self) -> Iterator[tuple[int, bytes, int]]:
@@ -87,11 +90,21 @@ class Stream:
     """Structural checks over the records; yields the typed events of
     cloneaware.archive.events, in archive order, each checked before it is
     yielded (DATA decompressed and hash-checked).  A thin archive's BASE is
-    known (``self.base``) before the first EntryEvent."""
+    known (``self.base``) before the first EntryEvent.
 
-    def __init__(self, f, check_hashes: bool = True):
+    ``maps``: also read a sharing map (docs/FORMAT.md; ``self.is_map`` says
+    which it was); otherwise a map is refused before any event with
+    SharingMapGiven.  ``decode=False``: DATA records are framed, CRC- and
+    range-checked but not decompressed nor hashed, and yield no event (for
+    readers that need only the sharing)."""
+
+    def __init__(self, f, check_hashes: bool = True, maps: bool = False,
+                 decode: bool = True):
         self.r = RecordReader(f)
         self.check_hashes = check_hashes
+        self.maps = maps
+        self.decode = decode
+        self.is_map = False
         self.header: fmt.Header | None = None
         self.entries: list[fmt.Entry] = []
         self.by_path: dict[bytes, int] = {}
@@ -185,6 +198,9 @@ class Stream:
     def _events(self, pool: ThreadPoolExecutor) -> Iterator[Event | _PendingData]:
         r = self.r
         r.magic()
+        self.is_map = r.is_map
+        if self.is_map and not self.maps:
+            raise SharingMapGiven()
         recs = r.records()
         first = next(recs, None)
         if first is None:
@@ -203,6 +219,9 @@ class Stream:
                 raise ArchiveError("data after the FOOTER", off)
             if index_start is not None and rtype not in (fmt.T_INDEX, fmt.T_FOOTER):
                 raise ArchiveError(f"{fmt.TYPE_NAMES.get(rtype)} record after the INDEX", off)
+            if self.is_map and rtype in fmt.NOT_IN_MAP:
+                raise ArchiveError(f"{fmt.TYPE_NAMES[rtype]} record in a sharing map, which "
+                                   "holds no data", off)
             if rtype == fmt.T_BASE:
                 if self.entries or index_start is not None:
                     raise ArchiveError("BASE record after the first entry", off)
@@ -231,11 +250,13 @@ class Stream:
                     raise ArchiveError("DATA outside a regular file", off)
                 foff, length, codec, sha, start = fmt.decode_data_head(payload, off, version)
                 self._check_range(cur, foff, length, off)
+                cur.pos = foff + length
+                cur.count(fmt.End.DATA, length)
+                if not self.decode:
+                    continue
                 raw = memoryview(payload)[start:]
                 fut = pool.submit(self._decode, raw, codec, length, sha, off, cur.entry.path,
                                   foff)
-                cur.pos = foff + length
-                cur.count(fmt.End.DATA, length)
                 yield _PendingData(cur, foff, fut, off)
             elif rtype == fmt.T_BASEREF:
                 if cur is None:
@@ -403,6 +424,7 @@ def read_index(f) -> Listing:
         raise ArchiveError("no HEADER after the magic", len(fmt.MAGIC))
     header = fmt.Header.decode(first[1], first[2])
     version = header.version
+    is_map = rr.is_map
     base = None
     rr.version = version
     for rtype, payload, off in recs:  # BASE records, if any, follow the header
@@ -446,7 +468,9 @@ def read_index(f) -> Listing:
     if len(items) != footer.entries:
         raise ArchiveError("index and footer disagree on the number of entries", foff)
     check_index_items(items, footer.index_offset)
-    return Listing(header, items, footer, base)
+    if is_map and (base is not None or footer.stored_bytes or footer.base_ref_bytes):
+        raise ArchiveError("a sharing map that says it holds data", foff)
+    return Listing(header, items, footer, base, is_map)
 
 
 def check_index_items(items: list[fmt.IndexItem], offset: int) -> None:
@@ -477,3 +501,4 @@ class Listing:
     items: list[fmt.IndexItem]
     footer: fmt.Footer
     base: fmt.Base | None
+    is_map: bool = False  # a sharing map: entries and references, no data

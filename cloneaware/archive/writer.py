@@ -11,9 +11,11 @@ from cloneaware.archive import format as fmt
 
 class Writer:
     """The records of one archive, in order; ``name`` names the archive in
-    errors raised by ``f.write``."""
+    errors raised by ``f.write``.  ``magic``: fmt.MAP_MAGIC for a sharing map
+    (records without data, docs/FORMAT.md)."""
 
-    def __init__(self, f, base: fmt.Base | None = None, name: str | None = None):
+    def __init__(self, f, base: fmt.Base | None = None, name: str | None = None,
+                 magic: bytes = fmt.MAGIC):
         self.f = f
         self.name = name  # the archive's name, for errors
         self.offset = 0
@@ -23,7 +25,7 @@ class Writer:
         self.base_ref_bytes = 0
         self._cur: fmt.End | None = None
         self._cur_item: fmt.IndexItem | None = None
-        self._write(fmt.MAGIC)
+        self._write(magic)
         hdr = fmt.Header(created_ns=time.time_ns(), tool=f"cloneaware {__version__}")
         self._write(fmt.frame(fmt.T_HEADER, hdr.encode()))
         if base is not None:

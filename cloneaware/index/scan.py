@@ -32,6 +32,15 @@ class AnchorUsage:
     dirs: list[str] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class TreeItem:
+    """An entry of the walk, in walk order (``scan(tree=True)``)."""
+
+    node: Node
+    fileno: int = -1  # a regular file: its number in the plan
+    link: int = -1  # a further name of a file: the number of its first name
+
+
 @dataclass
 class ScanResult:
     plan: Plan
@@ -39,6 +48,8 @@ class ScanResult:
     skipped: list[tuple[bytes, str]]
     filesystems: list[fsinfo.FsInfo]
     anchors: AnchorUsage = field(default_factory=AnchorUsage)
+    #: every entry walked, with tree=True (else empty)
+    tree: list[TreeItem] = field(default_factory=list)
 
     def to_json(self, families: int = 0) -> dict:
         t = self.plan.totals.as_dict()
@@ -77,16 +88,20 @@ class ScanResult:
 
 
 def scan(paths: list, one_file_system: bool = True,
-         progress: Callable[[int], None] | None = None) -> ScanResult:
+         progress: Callable[[int], None] | None = None, tree: bool = False) -> ScanResult:
+    """``tree``: also keep every entry in walk order (for a sharing map,
+    index/sharemap.py); each PATH then needs a basename of its own, as in an
+    archive."""
     fstab = FsTable()
     builder = IndexBuilder()
     files: list[Node] = []
     skipped: list[tuple[bytes, str]] = []
-    inodes: set[tuple[int, int]] = set()
+    inodes: dict[tuple[int, int], int] = {}
+    items: list[TreeItem] = []
     anchor_dirs = find_anchor_dirs(paths)
     maps: list[tuple[int, int, np.ndarray]] = []  # kept only when anchors are there
-    # scan stores nothing: two PATHs may share a basename
-    for item in map_tree(paths, one_file_system, unique_names=False):
+    # scan alone stores nothing: two PATHs may share a basename
+    for item in map_tree(paths, one_file_system, unique_names=tree):
         if isinstance(item, Mapped):
             node = item.node
             if node.st.st_nlink > 1:
@@ -94,17 +109,23 @@ def scan(paths: list, one_file_system: bool = True,
                 # more and shares nothing (backup stores it as a hard link)
                 key = (node.st.st_dev, node.st.st_ino)
                 if key in inodes:
+                    if tree:
+                        items.append(TreeItem(node, link=inodes[key]))
                     continue
-                inodes.add(key)
+                inodes[key] = len(files)
             fs = fstab.number(item.fs)
-            builder.add(fs, node.st.st_size, item.ext)
+            fileno = builder.add(fs, node.st.st_size, item.ext)
             if anchor_dirs:
                 maps.append((fs, node.st.st_size, item.ext))
             files.append(node)
+            if tree:
+                items.append(TreeItem(node, fileno))
             if progress:
                 progress(node.st.st_size)
         elif isinstance(item, Skipped):
             skipped.append((item.path, item.reason))
+        elif tree:
+            items.append(TreeItem(item.node))
     plan = builder.build()
     anchors = AnchorUsage(dirs=[os.fsdecode(d) for d in anchor_dirs])
     if anchor_dirs:
@@ -115,15 +136,15 @@ def scan(paths: list, one_file_system: bool = True,
             both.add(fs, size, ext)
         del maps
         for d in anchor_dirs:
-            for item in map_tree([d], unique_names=False):
-                if isinstance(item, Mapped) and item.node.name.rsplit(b"/", 1)[-1].isdigit():
-                    both.add(fstab.number(item.fs), item.node.st.st_size, item.ext)
+            for it in map_tree([d], unique_names=False):
+                if isinstance(it, Mapped) and it.node.name.rsplit(b"/", 1)[-1].isdigit():
+                    both.add(fstab.number(it.fs), it.node.st.st_size, it.ext)
                     anchors.files += 1
         p = both.build().pieces
         own = (p["ref_file"] < 0) & (p["file"] >= len(files))
         anchors.pinned_bytes = int(p["length"][own].sum())
     return ScanResult(plan=plan, files=files, skipped=skipped, filesystems=fstab.infos,
-                      anchors=anchors)
+                      anchors=anchors, tree=items)
 
 
 def find_anchor_dirs(paths: list) -> list[bytes]:

@@ -229,7 +229,7 @@ class _Receiver(Restore):
             if len(data) != entry.raw_length:
                 raise RepositoryError(f"{sh.repo.where}: blob {ev.blob_id.hex()} has "
                                       f"{len(data)} bytes, its index says {entry.raw_length}")
-            self.cloner.write(cur.fd, memoryview(data)[lo:hi], base + lo, cur.where)
+            self._put(cur, memoryview(data)[lo:hi], base + lo)
             sh.cov.add(ev.blob_id, Place(self.owner, cur.entry.id, base, lo, hi))
             if self.progress:
                 self.progress.advance(hi - lo)

@@ -19,9 +19,11 @@ class Counts:
     reflinked_bytes: int = 0
     copied_bytes: int = 0
     copy_reasons: dict[str, int] = field(default_factory=dict)
+    #: stored bytes cloned from the copy already in DEST and read back equal
+    reused_bytes: int = 0
 
     def filled(self) -> int:
-        return self.written_bytes + self.reflinked_bytes + self.copied_bytes
+        return self.written_bytes + self.reflinked_bytes + self.copied_bytes + self.reused_bytes
 
 
 class Cloner:

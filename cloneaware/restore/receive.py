@@ -33,13 +33,18 @@ from cloneaware.archive.events import (
 )
 from cloneaware.archive.manifest import open_manifest
 from cloneaware.archive.reader import Stream, open_archive, read_index
-from cloneaware.errors import ArchiveError, UsageError
+from cloneaware.errors import ArchiveError, SharingMapGiven, UsageError
+from cloneaware.fsinfo import errno_reason
 from cloneaware.restore.base import open_base, verify_ranges
 from cloneaware.restore.cloner import Cloner, Counts
 from cloneaware.restore.durable import Placer
 from cloneaware.restore.meta import Meta
 from cloneaware.restore.tree import FdCache, Tree, remove_stale_temps, temp_name
 from cloneaware.safeio import DIR_FLAGS
+
+#: --reshare-existing compares what it cloned from the old copy in slices of
+#: this size, and writes the slices that differ
+REUSE_SLICE = 64 << 10
 
 
 @dataclass
@@ -58,6 +63,10 @@ class RestoreSummary:
     #: stored as (BTRFS_IOC_ENCODED_WRITE), not compressed again
     encoded_written_bytes: int = 0
     verified_bytes: int = 0
+    #: --reshare-existing: stored bytes cloned from the copy already in DEST
+    #: and read back equal (not written); cloned, found to differ, written
+    reused_bytes: int = 0
+    reuse_differing_bytes: int = 0
     hole_bytes: int = 0
     seconds: float = 0.0
     copy_reasons: dict[str, int] = field(default_factory=dict)
@@ -79,6 +88,9 @@ class _Open:
     where: str
     filled_at_start: int
     dirty_at_start: int  # bytes written or copied before it: writeback to wait for
+    #: --reshare-existing: the file already at this name, and its size
+    old_fd: int | None = None
+    old_size: int = 0
 
 
 class Restore:
@@ -86,14 +98,22 @@ class Restore:
     ``trust_base``: do not hash the bytes cloned from the base (faster; a
     base changed since the backup then goes unnoticed).  ``open_dest``:
     returns a descriptor of DEST, created if missing (cloneaware serve opens
-    it beneath its allowed root); default: by path."""
+    it beneath its allowed root); default: by path.  ``reshare_existing``:
+    DEST holds an older copy of the tree (implies ``force``); stored bytes
+    are cloned from the file already at an entry's name and read back, and
+    written only where they differ, so identical data is not written again
+    (see ``_put``)."""
 
     def __init__(self, archive, dest: str, force: bool = False, progress=None, warn=None,
-                 base: str | None = None, trust_base: bool = False, open_dest=None):
+                 base: str | None = None, trust_base: bool = False, open_dest=None,
+                 reshare_existing: bool = False):
         self.archive = archive
         self.dest = dest
         self.open_dest = open_dest
+        self.reshare_existing = reshare_existing
+        force = force or reshare_existing
         self.force = force
+        self.reuse_off: str | None = None  # why cloning from old copies stopped
         self.base = base
         self.trust_base = trust_base
         self.progress = progress
@@ -137,8 +157,12 @@ class Restore:
                 self._precheck(f)
             try:
                 self.stream = Stream(f)
-                for ev in self.stream.events():
-                    self._handlers[type(ev)](ev)
+                try:
+                    for ev in self.stream.events():
+                        self._handlers[type(ev)](ev)
+                except SharingMapGiven:
+                    raise SharingMapGiven(path if path not in (None, "-") else None) \
+                        from None
                 self.placer.flush()
                 self._dir_metadata()
                 if self.tree.root is not None:
@@ -158,6 +182,7 @@ class Restore:
         s.written_bytes = self.counts.written_bytes
         s.reflinked_bytes = self.counts.reflinked_bytes
         s.copied_bytes = self.counts.copied_bytes
+        s.reused_bytes = self.counts.reused_bytes
         s.owners_skipped = self.meta.owners_skipped
         s.seconds = time.monotonic() - t0
         return s
@@ -169,6 +194,8 @@ class Restore:
             if not f.seekable():
                 return
             listing = read_index(f)
+            if listing.is_map:
+                raise SharingMapGiven(self.archive)
             items = listing.items
             if listing.base is not None:
                 self.base_fds = open_base(listing.base, self.base)
@@ -205,6 +232,8 @@ class Restore:
 
     def _cleanup(self) -> None:
         if self.cur is not None:
+            if self.cur.old_fd is not None:
+                os.close(self.cur.old_fd)
             os.close(self.cur.fd)
             try:
                 os.unlink(self.cur.tmp, dir_fd=self.cur.pfd)
@@ -248,7 +277,7 @@ class Restore:
         if x is not None and self.no_encoded is None and self._encoded_write(cur, ev, x):
             pass
         else:
-            self.cloner.write(cur.fd, ev.data, ev.offset, cur.where)
+            self._put(cur, ev.data, ev.offset)
         if self.progress:
             self.progress.advance(len(ev.data))
 
@@ -272,6 +301,49 @@ class Restore:
         self.counts.written_bytes += len(ev.data)
         self.s.encoded_written_bytes += len(ev.data)
         return True
+
+    def _put(self, cur: _Open, data, off: int) -> None:
+        """Stored bytes (checked against their SHA-256 by the reader) at
+        ``off``.  With --reshare-existing, the range is first cloned from the
+        file already at this name, then read back from the new file and
+        compared (clone, then verify: the old copy may be written meanwhile,
+        the new file is ours); only a range that differs is written.  Offsets
+        and lengths the kernel would not clone (docs/KERNEL.md C1-C3) are
+        written."""
+        n = len(data)
+        if cur.old_fd is not None and self.reuse_off is None and n \
+                and off + n <= cur.old_size:
+            bs = self.cloner.block
+            end = off + n
+            clen = n if (n % bs == 0 or end == cur.old_size == cur.entry.size) \
+                else n - n % bs
+            if off % bs == 0 and clen > 0:
+                try:
+                    native.ficlonerange(cur.fd, cur.old_fd, off, clen, off, cur.where)
+                except OSError as ex:
+                    if ex.errno not in native.NOT_SUPPORTED:
+                        raise
+                    if ex.errno != errno.EINVAL:
+                        self.reuse_off = errno_reason(ex.errno)
+                        self.warn(f"{self.dest}: not reusing the files already there: "
+                                  f"{self.reuse_off}")
+                    clen = 0
+                if clen:
+                    mv = memoryview(data)
+                    got = memoryview(_pread_all(cur.fd, clen, off, cur.where))
+                    # compared in slices: a chunk of 4 MiB with one edited block
+                    # costs that block, not the chunk
+                    for lo in range(0, clen, REUSE_SLICE):
+                        hi = min(lo + REUSE_SLICE, clen)
+                        if got[lo:hi] == mv[lo:hi]:
+                            self.counts.reused_bytes += hi - lo
+                        else:
+                            self.s.reuse_differing_bytes += hi - lo
+                            self.cloner.write(cur.fd, mv[lo:hi], off + lo, cur.where)
+                    if clen < n:
+                        self.cloner.write(cur.fd, mv[clen:], off + clen, cur.where)
+                    return
+        self.cloner.write(cur.fd, data, off, cur.where)
 
     def on_ref(self, ev: RefEvent) -> None:
         cur = self._current()
@@ -348,6 +420,24 @@ class Restore:
             os.ftruncate(fd, e.size)
         except OSError as ex:
             raise OSError(ex.errno, ex.strerror, where) from None
+        if self.reshare_existing and self.reuse_off is None:
+            self._open_old(self.cur, pfd, e.path.rpartition(b"/")[2])
+
+    def _open_old(self, cur: _Open, pfd: int, name: bytes) -> None:
+        """The regular file already at ``name``, if any, to clone from."""
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            try:
+                fd = os.open(name, flags | os.O_NOATIME, dir_fd=pfd)
+            except PermissionError:
+                fd = os.open(name, flags, dir_fd=pfd)
+        except OSError:
+            return  # nothing there, or nothing this user may read: restored as usual
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or not st.st_size:
+            os.close(fd)
+            return
+        cur.old_fd, cur.old_size = fd, st.st_size
 
     def _hardlink(self, e: fmt.Entry, parent: bytes, pfd: int, name: bytes) -> None:
         tmp = temp_name(e.id)
@@ -423,6 +513,8 @@ class Restore:
         parent, _, name = e.path.rpartition(b"/")
         self.meta.apply(e, cur.fd, cur.pfd, cur.tmp)
         self.cur = None
+        if cur.old_fd is not None:
+            os.close(cur.old_fd)
         if e.eflags & fmt.EF_REFERENCED:
             self.srcs.put(e.id, cur.fd)
         else:
@@ -450,6 +542,21 @@ class Restore:
                 self.meta.apply(e, fd, pfd, name)
             finally:
                 os.close(fd)
+
+
+def _pread_all(fd: int, n: int, off: int, where: str) -> bytes:
+    out = []
+    while n > 0:
+        try:
+            b = os.pread(fd, n, off)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, where) from None
+        if not b:
+            break
+        out.append(b)
+        n -= len(b)
+        off += len(b)
+    return b"".join(out)
 
 
 def restore(archive, dest: str, **kw) -> RestoreSummary:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 
 import pytest
 from helpers.fsutil import as_tuples, digest, write_at
@@ -302,3 +303,181 @@ def test_dedupe_unaligned_length_shares_whole_blocks_only(reflink_dir, record_pr
         assert shared == ([(0, whole)] if whole else [])
         assert scan.scan([str(a), str(b)]).plan.totals.shared_bytes == 2 * whole
     record_property("bytes_deduped", seen)
+
+
+def test_dedupe_tail_is_shared_only_when_it_ends_both_files(reflink_dir):
+    """An unaligned tail that ends both files is deduped with its last,
+    partial block; ending before the destination's EOF it is cut to whole
+    blocks, though bytes_deduped says the full length (docs/KERNEL.md D4)."""
+    a, b, longer = reflink_dir / "a", reflink_dir / "b", reflink_dir / "longer"
+    write_random(a, 10000, 40)
+    write_random(b, 10000, 40)
+    longer.write_bytes(a.read_bytes() + os.urandom(5000))
+    with open(a, "rb") as s, open(b, "rb") as d, open(longer, "rb") as e:
+        got = native.fideduperange(s.fileno(), 0, 10000, [(d.fileno(), 0), (e.fileno(), 0)],
+                                   str(a))
+    assert got == [native.DedupeResult(10000, native.DEDUPE_SAME)] * 2
+    pa = {e.logical: e.physical for e in fiemap(a)}
+    assert [(x.logical, x.physical) for x in fiemap(b)] == sorted(pa.items())
+    shared = [(x.logical, x.length) for x in fiemap(longer) if x.physical in pa.values()]
+    assert shared and sum(n for _, n in shared) == 8192, fiemap(longer)
+    assert scan.scan([str(a), str(b)]).plan.totals.physical_bytes == 10000
+
+
+def test_dedupe_changes_no_times(reflink_dir):
+    """FIDEDUPERANGE moves no time of either file: not the atime (it reads
+    both files, opened here without O_NOATIME, whose atimes relatime would
+    update), not the mtime, not the ctime (docs/KERNEL.md D8)."""
+    a, b = reflink_dir / "a", reflink_dir / "b"
+    write_random(a, 4 * MiB, 41)
+    write_random(b, 4 * MiB, 41)
+    old = 1_500_000_000_123_456_789
+    for p in (a, b):
+        os.utime(p, ns=(old, old + 1000))
+    before = [os.stat(p) for p in (a, b)]
+    with open(a, "rb") as s, open(b, "rb") as d:
+        got = native.fideduperange(s.fileno(), 0, 4 * MiB, [(d.fileno(), 0)], str(a))
+    assert got == [native.DedupeResult(4 * MiB, native.DEDUPE_SAME)]
+    assert scan.scan([str(a), str(b)]).plan.totals.physical_bytes == 4 * MiB
+    after = [os.stat(p) for p in (a, b)]
+    for x, y in zip(before, after):
+        assert (x.st_atime_ns, x.st_mtime_ns, x.st_ctime_ns) == \
+            (y.st_atime_ns, y.st_mtime_ns, y.st_ctime_ns)
+
+
+def _as_user(uid: int, fn):
+    """fn() in a forked child that dropped to uid/gid ``uid`` (no groups, no
+    capabilities); returns its result (descriptors opened before are kept)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            out = repr(fn())
+        except BaseException as e:
+            out = "error " + repr(e)
+        os.write(w, out.encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = f.read().decode()
+    os.waitpid(pid, 0)
+    return out
+
+
+def test_dedupe_permission_rules_for_other_users(reflink_dir):
+    """As a user without CAP_SYS_ADMIN, a destination open read-only may be
+    deduped into when the user owns it or may write it, and answers EPERM
+    (that destination only) otherwise (docs/KERNEL.md D6).  Descriptors are
+    opened by root and the ioctl made after dropping to uid 65534: the rule
+    is the caller's at the ioctl, not at open."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop to another user")
+    src = reflink_dir / "src"
+    write_random(src, 256 * KiB, 42)
+    cases = {"own_readonly": (65534, 0o444), "other_readonly": (1234, 0o444),
+             "other_writable": (1234, 0o666)}
+    fds = [os.open(src, os.O_RDONLY)]
+    for name, (owner, mode) in cases.items():
+        p = reflink_dir / name
+        write_random(p, 256 * KiB, 42)
+        os.chown(p, owner, owner)
+        os.chmod(p, mode)
+        fds.append(os.open(p, os.O_RDONLY))
+    try:
+        got = _as_user(65534, lambda: native.fideduperange_once(
+            fds[0], 0, 256 * KiB, [(fd, 0) for fd in fds[1:]], str(src)))
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert got == repr([native.DedupeResult(256 * KiB, native.DEDUPE_SAME),
+                        native.DedupeResult(0, -errno.EPERM),
+                        native.DedupeResult(256 * KiB, native.DEDUPE_SAME)]), got
+
+
+def test_dedupe_at_most_127_destinations(reflink_dir):
+    """24 + 32 x count bytes must fit in a 4 KiB page: 127 destinations are
+    taken, 128 fail the whole call with ENOMEM (docs/KERNEL.md D7)."""
+    src, dst = reflink_dir / "src", reflink_dir / "dst"
+    write_random(src, 64 * KiB, 43)
+    write_random(dst, 64 * KiB, 43)
+    s = os.open(src, os.O_RDONLY)
+    fds = [os.open(dst, os.O_RDONLY) for _ in range(128)]
+    try:
+        got = native.fideduperange_once(s, 0, 64 * KiB, [(fd, 0) for fd in fds[:127]], str(src))
+        assert got == [native.DedupeResult(64 * KiB, native.DEDUPE_SAME)] * 127
+        with pytest.raises(OSError) as ei:
+            native.fideduperange_once(s, 0, 64 * KiB, [(fd, 0) for fd in fds], str(src))
+        assert (ei.value.errno, ei.value.filename) == (errno.ENOMEM, str(src))
+    finally:
+        for fd in [s, *fds]:
+            os.close(fd)
+
+
+def test_dedupe_64_mib_in_one_call(reflink_dir):
+    """One call dedupes 64 MiB whole: the kernel's cap is 1 GiB
+    (docs/KERNEL.md D5)."""
+    a, b = reflink_dir / "a", reflink_dir / "b"
+    write_random(a, 64 * MiB, 44)
+    write_random(b, 64 * MiB, 44)
+    with open(a, "rb") as s, open(b, "rb") as d:
+        got = native.fideduperange_once(s.fileno(), 0, 64 * MiB, [(d.fileno(), 0)], str(a))
+    assert got == [native.DedupeResult(64 * MiB, native.DEDUPE_SAME)]
+    assert scan.scan([str(a), str(b)]).plan.totals.physical_bytes == 64 * MiB
+
+
+def test_dedupe_probe_asks_without_changing_anything(reflink_dir, tmp_path, request):
+    """fsinfo.dedupe_support: a file's first block deduped onto itself is an
+    overlap, refused with EINVAL where the filesystem can dedupe, and
+    EOPNOTSUPP where it cannot: XFS without reflink says so per destination,
+    ext4 and tmpfs fail the call (docs/KERNEL.md D9).  Nothing changes."""
+    def probe(d):
+        p = d / "probe"
+        write_random(p, 64 * KiB, 45)
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            (raw,) = native.fideduperange_once(fd, 0, 4096, [(fd, 0)], str(p))
+            assert raw == native.DedupeResult(0, -errno.EINVAL), raw
+        except OSError as e:
+            assert e.errno == errno.EOPNOTSUPP, e
+        try:
+            return fsinfo.dedupe_support(fd, 64 * KiB)
+        finally:
+            os.close(fd)
+
+    p = reflink_dir / "probe"
+    state = lambda: (digest(p), fiemap(p), os.stat(p).st_mtime_ns,  # noqa: E731
+                     os.stat(p).st_ctime_ns)
+    assert probe(reflink_dir) is True
+    before = state()
+    with open(p, "rb") as f:
+        assert fsinfo.dedupe_support(f.fileno(), 64 * KiB) is True
+    assert state() == before
+    for kind in ("ext4", "tmpfs"):
+        assert probe(request.getfixturevalue(f"{kind}_dir")) is False
+    # an XFS made without reflink (the fixtures' XFS has it)
+    image, mnt = tmp_path / "noreflink.img", tmp_path / "noreflink"
+    with open(image, "wb") as f:
+        f.truncate(320 * MiB)
+    subprocess.run(["mkfs.xfs", "-q", "-f", "-m", "reflink=0", str(image)], check=True)
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
+    try:
+        p = mnt / "probe"
+        write_random(p, 64 * KiB, 45)
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            (raw,) = native.fideduperange_once(fd, 0, 4096, [(fd, 0)], str(p))
+            assert raw == native.DedupeResult(0, -errno.EOPNOTSUPP)
+            assert fsinfo.dedupe_support(fd, 64 * KiB) is False
+        finally:
+            os.close(fd)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    empty = reflink_dir / "empty"
+    empty.write_bytes(b"")
+    with open(empty, "rb") as f:
+        assert fsinfo.dedupe_support(f.fileno(), 0) is None
