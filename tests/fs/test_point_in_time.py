@@ -355,3 +355,20 @@ def test_snapshot_reports_nested_subvolumes(btrfs_dir, tmp_path):
     restore(tmp_path / "n.caw", tmp_path / "r")
     assert (tmp_path / "r" / "vol" / "g").read_bytes() == b"outside"
     assert list((tmp_path / "r" / "vol" / "inner").iterdir()) == []
+
+
+def test_a_clone_taken_to_read_does_not_make_the_plan_stale(reflink_dir, tmp_path):
+    """XFS splits a file's map where the sharing of its blocks changes; the
+    clone taken to read a file shares all of them, so its map has fewer,
+    longer extents for the same blocks.  That is the same layout, and the
+    plan still holds: nothing is stored twice."""
+    from cloneaware.testing import make_family
+
+    fam = make_family(reflink_dir / "fam", base_size=8 * MiB, clones=3, small_files=3,
+                      sparse=False)
+    clone = fam["clones"][2]
+    os.truncate(clone, clone.stat().st_size - 3_000_000)  # half of it unshared now
+    os.sync()
+    s, _ = backup(tmp_path / "t.caw", reflink_dir / "fam", rc=0)
+    assert s["captured_by_clone"] == 4
+    assert s["stored_bytes"] <= s["physical_bytes"] * 1.01, s
