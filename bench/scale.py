@@ -227,7 +227,9 @@ def run_scale(args, root: Path, mounted: list) -> dict:
     blocks = int(args.extents / per_block + 0.5)
     blocks += blocks % 2
     size = blocks * BLOCK
-    fs = make_loopfs(root, args.fs, int(2.3 * size) + GiB)
+    # room for the archive and for the point-in-time clone of each file, whose
+    # metadata (an extent tree of the same million extents) is not small
+    fs = make_loopfs(root, args.fs, int(3.5 * size) + 2 * GiB)
     mounted.append(fs)
     work = root / "work"
     work.mkdir()

@@ -8,6 +8,7 @@ import collections
 import hashlib
 import io
 import os
+import queue
 import sys
 import threading
 import zlib
@@ -179,6 +180,8 @@ class Stream:
 
     #: DATA records decoded ahead of the consumer, on two threads
     DEPTH = 8
+    #: records read and CRC-checked ahead of the structural checks
+    PREFETCH = 16
 
     def events(self) -> Iterator[Event]:
         """The events, in archive order.  DATA records are decompressed and
@@ -209,6 +212,10 @@ class Stream:
             raise ArchiveError("first record is not a HEADER", first[2])
         self.header = fmt.Header.decode(first[1], first[2])
         version = r.version = self.header.version
+        # The rest is read and CRC-checked on a thread of its own, ahead of
+        # the checks here: the archive's reads (disk or pipe) overlap the
+        # restore's writes and clones.
+        recs = _prefetched(recs, self.PREFETCH)
         cur: FileState | None = None
         index_items: list[fmt.IndexItem] = []
         index_start = None
@@ -383,6 +390,54 @@ class Stream:
         for it, e in zip(items, self.entries):
             if it.id != e.id or it.path != e.path or it.kind != e.kind or it.size != e.size:
                 raise ArchiveError(f"index item {it.id} does not match its entry", off)
+
+
+_DONE = object()
+
+
+def _prefetched(it: Iterator, depth: int) -> Iterator:
+    """The items of ``it``, produced by a thread of their own up to ``depth``
+    ahead; an exception it raises comes out in its place, in order.  Closing
+    the returned generator stops the thread."""
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in it:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            item = _DONE
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            item = e
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    t = threading.Thread(target=produce, daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        # not forever: a read it is blocked in (a stalled pipe) ends with the
+        # process; the thread is a daemon
+        t.join(timeout=2)
 
 
 class _PendingData(NamedTuple):
