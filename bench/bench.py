@@ -18,6 +18,11 @@ Layout (three sparse images under a temporary directory; TMPDIR is honoured):
   btrfs send stream are written here, and restores read them from here, so
   every tool reads from one filesystem and writes to another.
 
+Many clones: a subvolume with one 4 MiB image and 2,000 reflink clones of
+it (--many-clones), backed up and sent, then restored by both tools into
+the Btrfs.  btrfs send stops looking for clone sources past a limit of
+references per extent, so its stream, and its receive, hold every copy.
+
 Every timed step starts after ``sync`` and ``echo 3 > /proc/sys/vm/drop_caches``
 and ends after ``sync`` (cloneaware restore syncs its destination itself;
 the others get the same for fairness).  Needs root.
@@ -79,6 +84,8 @@ TARGETS = {
     "usage_btrfs_disk": 1.02,
     "reshare_usage_btrfs": 1.05,
     "reshare_usage_xfs": 1.05,
+    "restore_many_vs_receive": 0.5,
+    "usage_many": 1.02,
 }
 
 
@@ -313,9 +320,11 @@ def bench(args, root: Path, mounted: list) -> dict:
     sizes = {
         # family + one logical restore at a time + the small restores, with room
         # for Btrfs metadata (DUP) and space freed only at the next commit
-        "btrfs": int(1.5 * logical + 3 * physical) + GiB,
+        "btrfs": int(1.5 * logical + 3 * physical) + GiB
+        + int(1.3 * args.many_clones * MANY_SIZE),  # btrfs receive writes every copy
         "xfs": int(1.3 * logical + 2 * physical) + GiB // 2,
-        "ext4": int(1.1 * logical + 4 * physical) + GiB // 2,
+        "ext4": int(1.1 * logical + 4 * physical) + GiB // 2
+        + int(1.1 * args.many_clones * MANY_SIZE),  # and its send stream holds them
     }
     free = shutil.disk_usage(root).free
     if free < sum(sizes.values()):
@@ -487,6 +496,8 @@ def bench(args, root: Path, mounted: list) -> dict:
     d = bt / "r-cp"
     restore_step("cp -a --reflink=always (same fs)",
                  lambda: run(["cp", "-a", "--reflink=always", snap, d]), d)
+    if args.many_clones:
+        many_clones(args.many_clones, bt, ar, step, steps)
 
     return {"params": {"size_mib": args.size, "clones": args.clones, "change": args.change,
                        "files": args.files, "seed": args.seed, "compressed": args.compressed},
@@ -498,6 +509,59 @@ def bench(args, root: Path, mounted: list) -> dict:
             "family": {"rewritten_bytes": fam["rewritten_bytes"],
                        "small_bytes": fam["small_bytes"]},
             "source": src, "steps": steps}
+
+
+MANY_SIZE = 4 * MiB
+
+
+def many_clones(n: int, bt: Path, ar: Path, step, steps: dict) -> None:
+    """One 4 MiB image and ``n`` reflink clones of it: cloneaware restores
+    one copy of the data and ``n`` clone calls; btrfs send gives up on
+    sharing past its limit of references per extent and its receive writes
+    every copy.  Both restores are timed until synced, from a cold cache."""
+    from cloneaware import native
+
+    log(f"building {n} reflink clones of one {MANY_SIZE // MiB} MiB image")
+    run(["btrfs", "subvolume", "create", bt / "many-src"])
+    img = bt / "many-src" / "image"
+    img.write_bytes(random.Random(7).randbytes(MANY_SIZE))
+    with open(img, "rb") as src:
+        for i in range(n):
+            with open(bt / "many-src" / f"clone-{i:05d}", "wb") as dst:
+                native.ficlone(dst.fileno(), src.fileno())
+    snap = bt / "many"
+    run(["btrfs", "subvolume", "snapshot", "-r", bt / "many-src", snap])
+    os.sync()
+    archive, stream = ar / "many.ca", ar / "many.send"
+
+    def send():
+        run(["btrfs", "send", "-q", "-f", stream, snap])
+        return {"bytes": stream.stat().st_size}
+
+    step(f"{n} clones: cloneaware backup",
+         lambda: run(CLONEAWARE + ["backup", "-o", archive, snap]) and
+         {"bytes": archive.stat().st_size}, what="archive bytes")
+    step(f"{n} clones: btrfs send", send, what="stream bytes")
+    for name, fn, dest, subvol in (
+            (f"{n} clones: cloneaware restore -> Btrfs",
+             lambda: run(CLONEAWARE + ["restore", archive, bt / "m-ca"]),
+             bt / "m-ca", None),
+            (f"{n} clones: btrfs receive -> Btrfs",
+             lambda: (bt / "m-rcv").mkdir() or run(["btrfs", "receive", "-q", "-f", stream,
+                                                    bt / "m-rcv"]),
+             bt / "m-rcv", bt / "m-rcv" / "many")):
+        r = step(name, fn)
+        got = scan(dest / "many")
+        r["bytes"] = got["physical_bytes"]
+        r["what"] = "restored physical bytes"
+        r["usage_ratio"] = got["physical_bytes"] / MANY_SIZE
+        if got["files"] != n + 1:
+            r["mismatch"] = f"restored {got['files']} files of {n + 1}"
+            log(f"WARNING {name}: {r['mismatch']}")
+        remove(dest, subvol)
+    archive.unlink()
+    stream.unlink()
+    run(["btrfs", "subvolume", "delete", "-c", snap, bt / "many-src"])
 
 
 # --- report -----------------------------------------------------------------------
@@ -562,6 +626,15 @@ def ratios(res: dict) -> list[dict]:
           sec[f"  rsync, then duperemove -dr -> {fs}"])
         for fs in ("Btrfs", "XFS") if f"  rsync, then duperemove -dr -> {fs}" in s
     ]
+    many = [k for k in s if k.endswith("clones: cloneaware restore -> Btrfs")]
+    if many:
+        n = many[0].split()[0]
+        out += [
+            r("restore_many_vs_receive", f"{n} clones: cloneaware restore / btrfs receive",
+              sec[many[0]], sec[f"{n} clones: btrfs receive -> Btrfs"]),
+            r("usage_many", f"{n} clones: restored usage / one image",
+              s[many[0]]["bytes"], MANY_SIZE),
+        ]
     if "btrfs send --proto 2 --compressed-data" in s:
         disk = res["source"].get("disk_bytes")
         out += [
@@ -659,6 +732,8 @@ def main() -> int:
                     help="fraction of each clone rewritten in 64 KiB blocks (0.02)")
     ap.add_argument("--files", type=int, default=300, help="small files (300)")
     ap.add_argument("--seed", type=int, default=1, help="random seed (1)")
+    ap.add_argument("--many-clones", type=int, default=2000, metavar="N",
+                    help="also restore N reflink clones of one 4 MiB image (2000; 0: no)")
     ap.add_argument("--compressed", nargs="?", const="compress-force=zstd", default="",
                     metavar="OPTIONS",
                     help="mount the Btrfs with these options (compress-force=zstd), "
@@ -667,8 +742,10 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true",
                     help="leave the filesystems mounted and the images in place")
     args = ap.parse_args()
-    if args.size < 1 or args.clones < 1 or not 0 <= args.change <= 1 or args.files < 0:
-        ap.error("need --size >= 1, --clones >= 1, 0 <= --change <= 1, --files >= 0")
+    if args.size < 1 or args.clones < 1 or not 0 <= args.change <= 1 or args.files < 0 \
+            or args.many_clones < 0:
+        ap.error("need --size >= 1, --clones >= 1, 0 <= --change <= 1, --files >= 0, "
+                 "--many-clones >= 0")
 
     signal.signal(signal.SIGTERM, _on_term)
     mounted: list = []
