@@ -161,8 +161,11 @@ class Plan:
 class IndexBuilder:
     """Collects extent maps in walk order, then builds the plan.
 
-    Memory is a few flat arrays per file appended to lists and concatenated
-    once; a per-file Python object is not kept.
+    Memory is the data ranges of each file (32 bytes each) with their file
+    and filesystem numbers (4 bytes each), appended to lists and
+    concatenated when the plan is built; a per-file Python object is not
+    kept.  build() may be called again after more add() calls: that plan
+    covers every file added (scan adds the anchors after the scanned files).
     """
 
     def __init__(self) -> None:
@@ -187,15 +190,21 @@ class IndexBuilder:
     def build(self) -> Plan:
         sizes = np.array(self._sizes, dtype=np.uint64)
         if self._maps:
-            ext = np.concatenate(self._maps)
-            files = np.concatenate(self._files)
-            fs = np.concatenate(self._fs)
+            # one array each from now on (the lists' arrays go as each is joined)
+            ext, files, fs = (_join(parts) for parts in (self._maps, self._files, self._fs))
+            self._maps, self._files, self._fs = [ext], [files], [fs]
         else:
             ext = np.zeros(0, dtype=EXTENT_DTYPE)
             files = np.zeros(0, dtype=np.int64)
             fs = np.zeros(0, dtype=np.int32)
-        self._maps, self._files, self._fs = [], [], []
         return build_plan(ext, files, fs, sizes, self.extent_count)
+
+
+def _join(parts: list[np.ndarray]) -> np.ndarray:
+    """Concatenate and empty ``parts``."""
+    out = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    parts.clear()
+    return out
 
 
 def build_plan(ext: np.ndarray, files: np.ndarray, fs: np.ndarray,
