@@ -541,6 +541,6 @@ def _merge(p: np.ndarray) -> np.ndarray:
     start = np.ones(len(p), dtype=bool)
     start[1:] = ~same
     firsts = np.nonzero(start)[0]
-    out = p[firsts].copy()
+    out = p[firsts]  # fancy indexing: already a copy
     out["length"] = np.add.reduceat(p["length"], firsts)
     return out
