@@ -22,7 +22,7 @@ import numpy as np
 from cloneaware import fsinfo
 from cloneaware.archive import format as fmt
 from cloneaware.archive.writer import Writer
-from cloneaware.backup.meta import entry_for, kind_of, read_xattrs, same_map, same_stat
+from cloneaware.backup.meta import entry_for, kind_of, map_digest, read_xattrs, same_stat
 from cloneaware.backup.sinks import Sink
 from cloneaware.backup.workers import BaseCheck, Chunk, Workers, parse_compress
 from cloneaware.errors import UsageError
@@ -101,7 +101,9 @@ class Summary:
 class _File:
     node: Node
     fileno: int  # number in the sharing index; -1: not mapped (plan unusable)
-    ext: np.ndarray | None
+    #: map_digest of the map the plan was made from (None: not mapped); the
+    #: map itself is not kept, the index has what it needs
+    digest: bytes | None
 
 
 @dataclass(slots=True)
@@ -310,7 +312,7 @@ class Backup:
                 if node.st.st_nlink > 1:
                     inodes[key] = len(items)
                 fileno = builder.add(fstab.number(it.fs), node.st.st_size, it.ext)
-                items.append(_File(node, fileno, it.ext))
+                items.append(_File(node, fileno, map_digest(it.ext)))
             elif stat.S_ISSOCK(it.node.st.st_mode):
                 self._skip(it.node.src, "socket ignored")
             else:
@@ -456,6 +458,8 @@ class Backup:
                 else:
                     cap = got
             size = st.st_size
+            before: np.ndarray | None = None  # a map taken now, if one is
+            before_digest: bytes | None  # the layout the reads are checked against
             if cap is not None:
                 # The clone is one instant's state and nobody else writes it;
                 # its map must be the one the plan was made from.
@@ -463,13 +467,17 @@ class Backup:
                 st = os.fstat(fd)
                 size = os.fstat(cap).st_size
                 before = extent_map(cap, size, node.src)
-                stale_plan = item.fileno < 0 or item.ext is None or size != node.st.st_size \
-                    or not same_map(item.ext, before)
+                before_digest = map_digest(before)
+                stale_plan = item.fileno < 0 or item.digest is None \
+                    or size != node.st.st_size or before_digest != item.digest
             else:
-                stale_plan = item.ext is None or item.fileno < 0 or not same_stat(st, node.st)
-                before = item.ext if item.ext is not None and not stale_plan \
-                    else extent_map(fd, size, node.src)
+                stale_plan = item.digest is None or item.fileno < 0 \
+                    or not same_stat(st, node.st)
+                if stale_plan:
+                    before = extent_map(fd, size, node.src)
+                before_digest = map_digest(before) if before is not None else item.digest
             if stale_plan:
+                assert before is not None
                 # Changed since it was mapped: its sharing plan is stale.  Store
                 # all of its data itself, and let nothing refer to it.
                 if item.fileno >= 0 and live:
@@ -499,8 +507,8 @@ class Backup:
             s.hole_bytes += size - data_bytes
             if live:
                 after = os.fstat(fd)
-                if short or not same_stat(after, st) or not same_map(
-                        before, extent_map(fd, after.st_size, node.src)):
+                if short or not same_stat(after, st) or before_digest != map_digest(
+                        extent_map(fd, after.st_size, node.src)):
                     self._changed(node.src, "file changed as we read it")
                     self._invalidate(item)
             elif short:  # a clone or a snapshot cannot shrink: the disk lied

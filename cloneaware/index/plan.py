@@ -161,8 +161,11 @@ class Plan:
 class IndexBuilder:
     """Collects extent maps in walk order, then builds the plan.
 
-    Memory is a few flat arrays per file appended to lists and concatenated
-    once; a per-file Python object is not kept.
+    Memory is the data ranges of each file (32 bytes each) with their file
+    and filesystem numbers (4 bytes each), appended to lists and
+    concatenated when the plan is built; a per-file Python object is not
+    kept.  build() may be called again after more add() calls: that plan
+    covers every file added (scan adds the anchors after the scanned files).
     """
 
     def __init__(self) -> None:
@@ -187,15 +190,21 @@ class IndexBuilder:
     def build(self) -> Plan:
         sizes = np.array(self._sizes, dtype=np.uint64)
         if self._maps:
-            ext = np.concatenate(self._maps)
-            files = np.concatenate(self._files)
-            fs = np.concatenate(self._fs)
+            # one array each from now on (the lists' arrays go as each is joined)
+            ext, files, fs = (_join(parts) for parts in (self._maps, self._files, self._fs))
+            self._maps, self._files, self._fs = [ext], [files], [fs]
         else:
             ext = np.zeros(0, dtype=EXTENT_DTYPE)
             files = np.zeros(0, dtype=np.int64)
             fs = np.zeros(0, dtype=np.int32)
-        self._maps, self._files, self._fs = [], [], []
         return build_plan(ext, files, fs, sizes, self.extent_count)
+
+
+def _join(parts: list[np.ndarray]) -> np.ndarray:
+    """Concatenate and empty ``parts``."""
+    out = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    parts.clear()
+    return out
 
 
 def build_plan(ext: np.ndarray, files: np.ndarray, fs: np.ndarray,
@@ -205,6 +214,9 @@ def build_plan(ext: np.ndarray, files: np.ndarray, fs: np.ndarray,
     ``ext`` holds data ranges (see data_ranges) of all files, grouped by file
     in walk order and sorted by logical offset inside each file; ``files``
     and ``fs`` give each range's file number and filesystem number.
+
+    Memory: the pieces (PIECE_DTYPE, 41 bytes each) and a few arrays per
+    range; _sweep keeps its temporaries short-lived (module docstring).
     """
     t = Totals()
     t.files = len(sizes)
@@ -228,28 +240,55 @@ def build_plan(ext: np.ndarray, files: np.ndarray, fs: np.ndarray,
         t.inline_bytes = int(length[o][(ext["flags"][o] & FE_DATA_INLINE) != 0].sum())
         t.physical_bytes += _encoded_physical(ext[o], fs[o])
         t.external_shared_bytes += int(length[o][(ext["flags"][o] & FE_SHARED) != 0].sum())
+        del o, p
 
     if len(ext):
         enc = (ext["flags"] & FE_ENCODED) != 0
         t.encoded_bytes = int(length[enc].sum())
         t.encoded_exact_bytes = int(length[enc & ~own].sum())
+        del enc
     sweep = np.nonzero(~own)[0]
+    del own
     if len(sweep):
         # exact compressed addresses are an address space of their own
         space = fs[sweep].astype(np.int64) * 2 \
             + ((ext["flags"][sweep] & CA_EXACT) != 0).astype(np.int64)
-        for g in _unique(space):
-            idx = sweep[space == g]
-            parts.append(_sweep(ext, files, idx, t, exact=bool(g & 1)))
+        groups = _unique(space)
+        if len(groups) == 1 and len(sweep) == len(ext):
+            # the common case, one filesystem and nothing own: no copy of the input
+            del sweep, space
+            parts.append(_sweep(ext, files, t, exact=bool(groups[0] & 1)))
+        else:
+            for g in groups:
+                idx = sweep[space == g]
+                parts.append(_sweep(ext[idx], files[idx], t, exact=bool(g & 1)))
+                del idx
+            del sweep, space
 
-    if parts:
+    if len(parts) == 1:
+        pieces = parts.pop()
+    elif parts:
         pieces = np.concatenate(parts)
-        pieces = pieces[np.lexsort((pieces["logical"], pieces["file"]))]
-        pieces = _merge(pieces)
+        del parts
     else:
         pieces = np.zeros(0, dtype=PIECE_DTYPE)
+    if not _sorted_by_file(pieces):
+        pieces = pieces[np.lexsort((pieces["logical"], pieces["file"]))]
+    pieces = _merge(pieces)
     file_start = np.searchsorted(pieces["file"], np.arange(len(sizes) + 1))
     return Plan(totals=t, pieces=pieces, file_start=file_start, sizes=sizes)
+
+
+def _sorted_by_file(p: np.ndarray) -> bool:
+    """Whether pieces are already in (file, logical) order, as one address
+    space's pieces come out of _sweep: then no sort (and no copy) is needed.
+    (A stable sort of sorted pieces would leave them as they are.)"""
+    if len(p) < 2:
+        return True
+    f, lg = p["file"], p["logical"]
+    up = f[1:] > f[:-1]
+    up |= (f[1:] == f[:-1]) & (lg[1:] >= lg[:-1])
+    return bool(up.all())
 
 
 def _encoded_physical(ext: np.ndarray, fs: np.ndarray) -> int:
@@ -307,16 +346,24 @@ def _unique(a: np.ndarray) -> np.ndarray:
     np.unique is many times slower than a sort on millions of values)."""
     if len(a) == 0:
         return a
-    a = np.sort(a)
+    return _distinct_sorted(np.sort(a))
+
+
+def _distinct_sorted(a: np.ndarray) -> np.ndarray:
+    """The distinct values of a sorted array."""
+    if len(a) == 0:
+        return a
     keep = np.empty(len(a), dtype=bool)
     keep[0] = True
     np.not_equal(a[1:], a[:-1], out=keep[1:])
     return a[keep]
 
 
-def _min_cover(si: np.ndarray, ei: np.ndarray, val: np.ndarray, nseg: int) -> np.ndarray:
+def _min_cover(si: np.ndarray, ei: np.ndarray, val: np.ndarray | None,
+               nseg: int) -> np.ndarray:
     """For each segment j in [0, nseg), the minimum val[r] over ranges with
-    si[r] <= j < ei[r]; -1 where no range covers j.
+    si[r] <= j < ei[r]; -1 where no range covers j.  ``val`` None: each
+    range's own number r.  The result is int32 when the values fit.
 
     A bottom-up segment tree whose range updates are applied for all ranges
     at once, one tree level per step, then pushed down level by level.
@@ -324,12 +371,16 @@ def _min_cover(si: np.ndarray, ei: np.ndarray, val: np.ndarray, nseg: int) -> np
     n = 1
     while n < max(nseg, 1):
         n *= 2
-    dt = np.int32 if 2 * n < 2**31 and len(val) < 2**31 - 1 else np.int64
+    r = len(si)
+    dt = np.int32 if 2 * n < 2**31 and r < 2**31 - 1 else np.int64
+    if val is not None and len(val) and (val.min() < np.iinfo(dt).min
+                                          or val.max() >= np.iinfo(dt).max):
+        dt = np.int64
     big = np.iinfo(dt).max
     tree = np.full(2 * n, big, dtype=dt)
     lo: np.ndarray = si.astype(dt) + n
     hi: np.ndarray = ei.astype(dt) + n
-    v: np.ndarray = val.astype(dt)
+    v: np.ndarray = np.arange(r, dtype=dt) if val is None else val.astype(dt)
     while True:
         act = lo < hi
         if not act.any():
@@ -342,89 +393,137 @@ def _min_cover(si: np.ndarray, ei: np.ndarray, val: np.ndarray, nseg: int) -> np
         np.minimum.at(tree, hi[m], v[m])
         keep = lo < hi
         lo, hi, v = lo[keep] >> 1, hi[keep] >> 1, v[keep]
+    del lo, hi, v
     k = 1
     while k < n:
         parent = tree[k:2 * k]
         np.minimum(tree[2 * k:4 * k:2], parent, out=tree[2 * k:4 * k:2])
         np.minimum(tree[2 * k + 1:4 * k:2], parent, out=tree[2 * k + 1:4 * k:2])
         k *= 2
-    out = tree[n:n + nseg].astype(np.int64)  # a copy: the tree can go
+    out = tree[n:n + nseg].copy()  # the tree can go
     del tree
     out[out == big] = -1
     return out
 
 
-def _sweep(ext: np.ndarray, files: np.ndarray, idx: np.ndarray, t: Totals,
-           exact: bool = False) -> np.ndarray:
-    """Index the sweepable ranges ``idx`` (all on one filesystem, in walk
-    order).  ``exact``: they are exact compressed addresses (CA_EXACT); an
-    owner piece that is a whole range and the only owner piece of its
-    compressed extent is marked CHECK_ENCODED."""
-    ps = ext["physical"][idx]
-    ln = ext["length"][idx]
-    pe = ps + ln
-    flags = ext["flags"][idx]
-    lg = ext["logical"][idx]
-    fl = files[idx]
-    r = len(idx)
-    order = np.arange(r, dtype=np.int64)  # idx is in walk order
+#: Pieces made per step of _sweep's expansion: bounds its temporaries (a
+#: few arrays of this length) whatever the number of pieces.
+EXPAND_STEP = 1 << 17
 
-    points = _unique(np.concatenate([ps, pe]))
+
+def _sweep(ext: np.ndarray, files: np.ndarray, t: Totals, exact: bool = False) -> np.ndarray:
+    """Index sweepable ranges ``ext`` (all on one filesystem, in walk order;
+    ``files``: the file number of each).  ``exact``: they are exact
+    compressed addresses (CA_EXACT); an owner piece that is a whole range
+    and the only owner piece of its compressed extent is marked
+    CHECK_ENCODED.
+
+    The physical addresses where ranges start or end cut the address space
+    into elementary segments; each segment's owner is the first range (in
+    walk order) covering it, and consecutive segments with the same owner
+    form a run.  A range becomes one piece per run it crosses: a stored
+    piece where it is the run's owner, else a reference to the owner's
+    place.  Temporaries are freed as soon as they are used, and the pieces
+    are made EXPAND_STEP at a time into the output: the peak is the output
+    plus a few arrays per range.
+    """
+    ps = ext["physical"]
+    ln = ext["length"]
+    r = len(ext)
+
+    pe = ps + ln
+    points = np.concatenate([ps, pe])
+    points.sort()
+    points = _distinct_sorted(points)
     idx_t = np.int32 if len(points) < 2**31 else np.int64
     si = np.searchsorted(points, ps).astype(idx_t)
     ei = np.searchsorted(points, pe).astype(idx_t)
+    del pe
     nseg = len(points) - 1
+
+    # Totals, from how many ranges cover each segment.
+    cover = np.bincount(si, minlength=nseg + 1)
+    cover -= np.bincount(ei, minlength=nseg + 1)
+    np.cumsum(cover, out=cover)
+    cover = cover[:nseg]
+    owner = _min_cover(si, ei, None, nseg)
     seglen = (points[1:] - points[:-1]).astype(np.uint64)
-
-    cover = np.cumsum(np.bincount(si, minlength=nseg + 1)
-                      - np.bincount(ei, minlength=nseg + 1))[:nseg]
-    owner = _min_cover(si, ei, order, nseg)
-
-    used = cover > 0
-    t.physical_bytes += int(seglen[used].sum())
+    t.physical_bytes += int(seglen[cover > 0].sum())
     multi = cover >= 2
     t.shared_bytes += int((seglen[multi] * cover[multi].astype(np.uint64)).sum())
+    del multi
     single = np.nonzero(cover == 1)[0]
-    ext_shared = (flags[owner[single]] & FE_SHARED) != 0
+    del cover
+    ext_shared = (ext["flags"][owner[single]] & FE_SHARED) != 0
     t.external_shared_bytes += int(seglen[single][ext_shared].sum())
+    del single, ext_shared, seglen
 
     # Runs of consecutive segments with the same owner.
     new_run = np.ones(nseg, dtype=bool)
-    new_run[1:] = owner[1:] != owner[:-1]
-    run_id = np.cumsum(new_run) - 1
+    np.not_equal(owner[1:], owner[:-1], out=new_run[1:])
+    run_id: np.ndarray = np.cumsum(new_run, dtype=idx_t)
+    run_id -= 1
     run_first = np.nonzero(new_run)[0]
+    del new_run
     run_owner = owner[run_first]
+    del owner
     run_pstart = points[run_first]
-    run_last = np.append(run_first[1:], nseg) - 1
-    run_pend = points[run_last + 1]
+    run_pend = points[np.append(run_first[1:], nseg)]
+    del run_first, points
 
+    # The runs each range crosses: k0 .. k0 + count - 1.
     k0 = run_id[si]
-    k1 = run_id[ei - 1]
-    count = (k1 - k0 + 1).astype(np.int64)
-    total = int(count.sum())
-    rep = np.repeat(order, count)
-    first = np.repeat(np.cumsum(count) - count, count)
-    k = np.repeat(k0, count) + (np.arange(total, dtype=np.int64) - first)
+    count = run_id[ei - 1].astype(np.int64)
+    del run_id, si, ei
+    count -= k0
+    count += 1
+    end_at = np.cumsum(count)  # pieces of range i end at end_at[i]
+    total = int(end_at[-1]) if r else 0
+    # k of piece j of range i is k0[i] + j - (end_at[i] - count[i])
+    k_shift = k0 - (end_at - count)
+    del k0
 
-    start = np.maximum(ps[rep], run_pstart[k])
-    end = np.minimum(pe[rep], run_pend[k])
-    own_of = run_owner[k]
-
+    lg = ext["logical"]
     out = np.zeros(total, dtype=PIECE_DTYPE)
-    out["file"] = fl[rep]
-    out["logical"] = lg[rep] + (start - ps[rep])
-    out["length"] = end - start
-    is_ref = own_of != rep
-    out["ref_file"] = np.where(is_ref, fl[own_of], -1)
-    out["ref_logical"] = np.where(is_ref, lg[own_of] + (start - ps[own_of]), 0)
     if exact:
-        stored = ~is_ref & (end > start)
-        whole = stored & (start == ps[rep]) & (end == pe[rep])
-        extent = ps[rep] >> np.uint64(12 + EXACT_SHIFT)
-        ks = np.sort(extent[stored])
-        n_owner = np.searchsorted(ks, extent, side="right") - np.searchsorted(ks, extent)
+        extent_of = np.empty(total, dtype=np.uint64)
+        whole = np.empty(total, dtype=bool)
+    r0 = 0
+    while r0 < r:
+        p0 = int(end_at[r0] - count[r0])
+        r1 = max(int(np.searchsorted(end_at, p0 + EXPAND_STEP, side="right")), r0 + 1)
+        p1 = int(end_at[r1 - 1])
+        rep = np.repeat(np.arange(r0, r1, dtype=np.int64), count[r0:r1])
+        k = np.arange(p0, p1, dtype=np.int64)
+        k += np.repeat(k_shift[r0:r1], count[r0:r1])
+        p_rep = ps[rep]
+        start = np.maximum(p_rep, run_pstart[k])
+        end = np.minimum(p_rep + ln[rep], run_pend[k])
+        own_of = run_owner[k]
+        del k
+        o = out[p0:p1]
+        o["file"] = files[rep]
+        o["logical"] = lg[rep] + (start - p_rep)
+        o["length"] = end - start
+        is_ref = own_of != rep
+        o["ref_file"] = np.where(is_ref, files[own_of], -1)
+        o["ref_logical"] = np.where(is_ref, lg[own_of] + (start - ps[own_of]), 0)
+        if exact:
+            whole[p0:p1] = ~is_ref & (end > start) & (start == p_rep) \
+                & (end == p_rep + ln[rep])
+            extent_of[p0:p1] = p_rep >> np.uint64(12 + EXACT_SHIFT)
+        del rep, p_rep, start, end, own_of, is_ref, o
+        r0 = r1
+    if exact:
+        # how many stored pieces each compressed extent has
+        stored = (out["ref_file"] < 0) & (out["length"] > 0)
+        ks = np.sort(extent_of[stored])
+        del stored
+        n_owner = np.searchsorted(ks, extent_of, side="right") \
+            - np.searchsorted(ks, extent_of)
         out["check"][whole & (n_owner == 1)] = CHECK_ENCODED
-    return out[out["length"] > 0]
+    keep = out["length"] > 0
+    return out if keep.all() else out[keep]
 
 
 def _merge(p: np.ndarray) -> np.ndarray:
@@ -442,6 +541,6 @@ def _merge(p: np.ndarray) -> np.ndarray:
     start = np.ones(len(p), dtype=bool)
     start[1:] = ~same
     firsts = np.nonzero(start)[0]
-    out = p[firsts].copy()
+    out = p[firsts]  # fancy indexing: already a copy
     out["length"] = np.add.reduceat(p["length"], firsts)
     return out

@@ -99,7 +99,6 @@ def scan(paths: list, one_file_system: bool = True,
     inodes: dict[tuple[int, int], int] = {}
     items: list[TreeItem] = []
     anchor_dirs = find_anchor_dirs(paths)
-    maps: list[tuple[int, int, np.ndarray]] = []  # kept only when anchors are there
     # scan alone stores nothing: two PATHs may share a basename
     for item in map_tree(paths, one_file_system, unique_names=tree):
         if isinstance(item, Mapped):
@@ -115,8 +114,6 @@ def scan(paths: list, one_file_system: bool = True,
                 inodes[key] = len(files)
             fs = fstab.number(item.fs)
             fileno = builder.add(fs, node.st.st_size, item.ext)
-            if anchor_dirs:
-                maps.append((fs, node.st.st_size, item.ext))
             files.append(node)
             if tree:
                 items.append(TreeItem(node, fileno))
@@ -129,18 +126,14 @@ def scan(paths: list, one_file_system: bool = True,
     plan = builder.build()
     anchors = AnchorUsage(dirs=[os.fsdecode(d) for d in anchor_dirs])
     if anchor_dirs:
-        # Anchors after the scanned files: what an anchor still owns in this
-        # index is held by the anchors alone.
-        both = IndexBuilder()
-        for fs, size, ext in maps:
-            both.add(fs, size, ext)
-        del maps
+        # Anchors after the scanned files (the same builder goes on): what an
+        # anchor still owns in this index is held by the anchors alone.
         for d in anchor_dirs:
             for it in map_tree([d], unique_names=False):
                 if isinstance(it, Mapped) and it.node.name.rsplit(b"/", 1)[-1].isdigit():
-                    both.add(fstab.number(it.fs), it.node.st.st_size, it.ext)
+                    builder.add(fstab.number(it.fs), it.node.st.st_size, it.ext)
                     anchors.files += 1
-        p = both.build().pieces
+        p = builder.build().pieces
         own = (p["ref_file"] < 0) & (p["file"] >= len(files))
         anchors.pinned_bytes = int(p["length"][own].sum())
     return ScanResult(plan=plan, files=files, skipped=skipped, filesystems=fstab.infos,
