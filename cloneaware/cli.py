@@ -211,7 +211,7 @@ S3ConnOpt = Annotated[int, typer.Option(
 
 def _open_repo(url: str | None, password_file: str | None = None, rsh: str | None = None,
                s3_endpoint: str | None = None, connections: int = 4):
-    from cloneaware.repo.backend import open_backend
+    from cloneaware.repo.connect import open_backend
     from cloneaware.repo.repository import Password, Repository
 
     if not url:
@@ -658,7 +658,7 @@ def init(
     s3_endpoint: S3EndpointOpt = None,
 ) -> None:
     """Make a new, empty repository (the directory or bucket prefix must be empty)."""
-    from cloneaware.repo.backend import open_backend
+    from cloneaware.repo.connect import open_backend
     from cloneaware.repo.repository import Password, Repository
 
     with _handled():

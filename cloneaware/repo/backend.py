@@ -1,7 +1,7 @@
 """Where a repository's objects live.  A backend stores whole named objects
 (docs/REPOSITORY.md, "Layout") and knows nothing of what they hold: a
 local directory here, ssh:// through ``cloneaware serve`` (repo/sshbackend.py),
-s3:// (repo/s3backend.py).  ``open_backend`` picks one from a URL.
+s3:// (repo/s3backend.py).  ``repo/connect.py`` picks one from a URL.
 """
 from __future__ import annotations
 
@@ -242,32 +242,3 @@ class LocalBackend:
         for fd in self._dirfds.values():
             os.close(fd)
         self._dirfds.clear()
-
-
-def is_repository_url(s: str) -> bool:
-    return s.startswith(("ssh://", "s3://"))
-
-
-def open_backend(url: str, rsh: str | None = None, s3: dict | None = None,
-                 create: bool = False) -> Backend:
-    """The backend for a repository URL: a path, ssh://..., or s3://..."""
-    if not url:
-        raise UsageError("no repository given: use -r REPO or set CLONEAWARE_REPOSITORY")
-    if url.startswith("ssh://"):
-        from cloneaware.repo.sshbackend import SshBackend  # only for ssh:// repositories
-
-        return SshBackend(url, rsh, create=create)
-    if url.startswith("s3://"):
-        from cloneaware.repo.s3backend import S3Backend  # only for s3://: boto3 is optional
-
-        return S3Backend(url, **(s3 or {}))
-    if not create:
-        try:
-            st = os.stat(url)
-        except FileNotFoundError:
-            raise UsageError(f"{url}: no such repository (make one with cloneaware init)") \
-                from None
-        if not stat.S_ISDIR(st.st_mode):
-            raise UsageError(f"{url} is not a repository directory")
-    return LocalBackend(url)
-
