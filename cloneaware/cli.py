@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand
 
 from cloneaware import __version__
 from cloneaware.errors import (
@@ -36,6 +37,52 @@ from cloneaware.errors import (
 
 EXIT_HELP = "Exit codes: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items()) + "."
 
+def _arg_usage(p) -> str:
+    """An argument as the usage line and the help show it: the metavar it
+    was given (every argument here has one), never a type or braces."""
+    if p.metavar:
+        return p.metavar
+    name = p.name.upper() + ("..." if p.nargs != 1 else "")
+    return name if p.required else f"[{name}]"
+
+
+def help_records(cmd, ctx) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(arguments, options) of a command as (term, text), as --help and the
+    man page (tools/gen_manpage.py) show them: an option with its metavar
+    (none for a flag), an argument by its metavar; no types."""
+    args, opts = [], []
+    for p in cmd.get_params(ctx):
+        if getattr(p, "hidden", False):
+            continue
+        if p.param_type_name == "argument":
+            args.append((_arg_usage(p), (p.help or "") + ("  [required]" if p.required
+                                                         else "")))
+        else:
+            rec = p.get_help_record(ctx)
+            if rec is not None:
+                opts.append(rec)
+    return args, opts
+
+
+class _Command(TyperCommand):
+    """Plain help (defect 16 of issue 21): the usage line and the arguments
+    by their metavars, not typer's ``{paths}...`` and ``<list[str]>``."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        rv = [self.options_metavar] if self.options_metavar else []
+        rv += [_arg_usage(p) for p in self.get_params(ctx) if p.param_type_name == "argument"]
+        return rv
+
+    def format_options(self, ctx, formatter) -> None:
+        args, opts = help_records(self, ctx)
+        if args:
+            with formatter.section("Arguments"):
+                formatter.write_dl(args)
+        if opts:
+            with formatter.section("Options"):
+                formatter.write_dl(opts)
+
+
 app = typer.Typer(
     name="cloneaware",
     help="Clone-aware backup and restore for reflink filesystems (Btrfs, XFS).\n\n"
@@ -43,6 +90,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
+    # plain click help: no rich panels, no markup eating "[user@]", paragraphs
+    # rewrapped to the terminal instead of broken where the docstring was
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -130,11 +180,12 @@ def _main(
     pass
 
 
-@app.command()
+@app.command(cls=_Command)
 def scan(
-    paths: Annotated[list[str], typer.Argument(help="Files and directories to scan.")],
+    paths: Annotated[list[str], typer.Argument(metavar="PATH...",
+                                                help="Files and directories to scan.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object.")] = False,
-    families: Annotated[int, typer.Option("--families", min=0,
+    families: Annotated[int, typer.Option("--families", min=0, metavar="N",
                                           help="Show the N largest clone families.")] = 0,
     cross: Annotated[bool, typer.Option("--cross-filesystems",
                                         help="Descend into other mounted filesystems.")] = False,
@@ -194,18 +245,22 @@ def scan(
 # --- repository options, shared by the commands that take one ------------------------
 
 RepoOpt = Annotated[str | None, typer.Option(
-    "-r", "--repo", help="The repository: a directory, ssh://[user@]host[:port]/path, or "
+    "-r", "--repo", metavar="REPO",
+    help="The repository: a directory, ssh://[user@]host[:port]/path, or "
     "s3://BUCKET/PREFIX (default: $CLONEAWARE_REPOSITORY).")]
 PasswordOpt = Annotated[str | None, typer.Option(
-    "--password-file", help="Read the repository's password from the first line of this file "
+    "--password-file", metavar="FILE",
+    help="Read the repository's password from the first line of this file "
     "(else $CLONEAWARE_PASSWORD_FILE, $CLONEAWARE_PASSWORD, or a prompt).")]
 RshOpt = Annotated[str | None, typer.Option(
-    "--rsh", help="Command to reach an ssh:// target (default: $CLONEAWARE_RSH or ssh).")]
+    "--rsh", metavar="CMD",
+    help="Command to reach an ssh:// target (default: $CLONEAWARE_RSH or ssh).")]
 S3EndpointOpt = Annotated[str | None, typer.Option(
-    "--s3-endpoint", help="The S3 endpoint URL for s3:// repositories (default: "
+    "--s3-endpoint", metavar="URL", help="The S3 endpoint URL for s3:// repositories (default: "
     "$CLONEAWARE_S3_ENDPOINT, $AWS_ENDPOINT_URL, or AWS).")]
 S3ConnOpt = Annotated[int, typer.Option(
-    "--s3-connections", min=1, max=64, help="Parallel uploads and downloads for s3:// and "
+    "--s3-connections", min=1, max=64, metavar="N",
+    help="Parallel uploads and downloads for s3:// and "
     "ssh:// repositories.")]
 
 
@@ -243,25 +298,30 @@ def _summary_line(d: dict) -> str:
     return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in d.items())
 
 
-@app.command()
+@app.command(cls=_Command)
 def backup(
     paths: Annotated[list[str] | None, typer.Argument(
+        metavar="[PATH]...",
         help="Files and directories; each is stored under its basename.")] = None,
     output: Annotated[str | None, typer.Option(
-        "-o", "--output", help="Archive file, or - for standard output.")] = None,
+        "-o", "--output", metavar="ARCHIVE",
+        help="Archive file, or - for standard output.")] = None,
     repo: RepoOpt = None,
     host: Annotated[str | None, typer.Option(
-        "--host", help="Repository: the host name recorded in the snapshot (default: this "
+        "--host", metavar="NAME",
+        help="Repository: the host name recorded in the snapshot (default: this "
         "host's).")] = None,
     tag: Annotated[list[str] | None, typer.Option(
-        "--tag", help="Repository: a tag for the snapshot (repeatable).")] = None,
+        "--tag", metavar="TAG", help="Repository: a tag for the snapshot (repeatable).")] = None,
     from_archive: Annotated[str | None, typer.Option(
-        "--from-archive", help="Repository: make the snapshot of this archive file instead "
+        "--from-archive", metavar="ARCHIVE",
+        help="Repository: make the snapshot of this archive file instead "
         "of PATHs.")] = None,
     password_file: PasswordOpt = None,
     s3_endpoint: S3EndpointOpt = None,
     connections: S3ConnOpt = 4,
-    compress: Annotated[str, typer.Option("--compress", help="none, zstd or zstd:LEVEL.")]
+    compress: Annotated[str, typer.Option("--compress", metavar="SPEC",
+                                          help="none, zstd or zstd:LEVEL.")]
     = "zstd",
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing archive.")]
     = False,
@@ -270,7 +330,8 @@ def backup(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout "
                                           "(stderr when the archive goes to stdout).")] = False,
     base: Annotated[str | None, typer.Option(
-        "--base", help="Thin backup: store only what PATHs do not share with BASE (a file or "
+        "--base", metavar="BASE",
+        help="Thin backup: store only what PATHs do not share with BASE (a file or "
         "a directory), plus references into BASE with the SHA-256 of each range.")] = None,
     rsh: RshOpt = None,
     sparse: Annotated[bool, typer.Option(
@@ -402,7 +463,7 @@ def _backup_repo(paths, repo, host, tags, from_archive, password_file, s3_endpoi
         raise typer.Exit(EXIT_WARNINGS)
 
 
-@app.command()
+@app.command(cls=_Command)
 def restore(
     targets: Annotated[list[str], typer.Argument(
         metavar="ARCHIVE DEST | SNAPSHOT... DEST",
@@ -416,7 +477,8 @@ def restore(
                                         "same name.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
     base: Annotated[str | None, typer.Option(
-        "--base", help="Where the base of a thin backup is.  Its ranges are reflinked when "
+        "--base", metavar="BASE",
+        help="Where the base of a thin backup is.  Its ranges are reflinked when "
         "BASE and DEST share a filesystem, copied otherwise, and then hashed in the restored "
         "file and compared with the archive.")] = None,
     trust_base: Annotated[bool, typer.Option(
@@ -516,7 +578,7 @@ def _restore_report(s, as_json: bool) -> None:
         raise typer.Exit(EXIT_WARNINGS)
 
 
-@app.command("ls")
+@app.command("ls", cls=_Command)
 def ls_cmd(
     targets: Annotated[list[str], typer.Argument(
         metavar="ARCHIVE | SNAPSHOT", help="An archive file, or with -r a snapshot (id, "
@@ -593,9 +655,10 @@ def ls_cmd(
                        + (f"{i.base_ref_bytes:>14} " if b is not None else "") + f" {p}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def verify(
-    archive: Annotated[str, typer.Argument(help="Archive file, or - for standard input.")],
+    archive: Annotated[str, typer.Argument(metavar="ARCHIVE",
+                                           help="Archive file, or - for standard input.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
 ) -> None:
     """Check every record and every data hash; write nothing.  Exit 0 only if
@@ -641,7 +704,7 @@ def verify(
 
 # --- repositories -----------------------------------------------------------------------
 
-@app.command()
+@app.command(cls=_Command)
 def init(
     repo: RepoOpt = None,
     encrypt: Annotated[bool, typer.Option(
@@ -649,11 +712,11 @@ def init(
         "wrapped by a password (scrypt).")] = False,
     password_file: PasswordOpt = None,
     grid: Annotated[int, typer.Option(
-        "--grid", help="Blob grid in KiB: a power of two from 64 to 4096.")] = 1024,
+        "--grid", metavar="KIB", help="Blob grid in KiB: a power of two from 64 to 4096.")] = 1024,
     pack_size: Annotated[int, typer.Option(
-        "--pack-size", help="Pack size to aim at, in MiB.")] = 16,
+        "--pack-size", metavar="MIB", help="Pack size to aim at, in MiB.")] = 16,
     kdf_n: Annotated[int, typer.Option(
-        "--kdf-n", help="scrypt's N for the key (a power of two).")] = 1 << 17,
+        "--kdf-n", metavar="N", help="scrypt's N for the key (a power of two).")] = 1 << 17,
     rsh: RshOpt = None,
     s3_endpoint: S3EndpointOpt = None,
 ) -> None:
@@ -677,11 +740,12 @@ def init(
                    f"{r.config.id[:8]} at {url}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def snapshots(
     repo: RepoOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
-    host: Annotated[str | None, typer.Option("--host", help="Only this host's.")] = None,
+    host: Annotated[str | None, typer.Option("--host", metavar="NAME",
+                                                           help="Only this host's.")] = None,
     password_file: PasswordOpt = None,
     rsh: RshOpt = None,
     s3_endpoint: S3EndpointOpt = None,
@@ -704,18 +768,19 @@ def snapshots(
                        f"{s.hostname:<16}  {','.join(s.tags):<12}  {', '.join(s.paths)}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def forget(
     repo: RepoOpt = None,
-    keep_last: Annotated[int, typer.Option("--keep-last", min=0,
+    keep_last: Annotated[int, typer.Option("--keep-last", min=0, metavar="N",
                                            help="Keep the N newest snapshots.")] = 0,
-    keep_daily: Annotated[int, typer.Option("--keep-daily", min=0,
+    keep_daily: Annotated[int, typer.Option("--keep-daily", min=0, metavar="N",
                                             help="Keep the newest of each of N days.")] = 0,
-    keep_weekly: Annotated[int, typer.Option("--keep-weekly", min=0,
+    keep_weekly: Annotated[int, typer.Option("--keep-weekly", min=0, metavar="N",
                                              help="Keep the newest of each of N weeks.")] = 0,
-    keep_monthly: Annotated[int, typer.Option("--keep-monthly", min=0,
+    keep_monthly: Annotated[int, typer.Option("--keep-monthly", min=0, metavar="N",
                                               help="Keep the newest of each of N months.")] = 0,
-    host: Annotated[str | None, typer.Option("--host", help="Only this host's.")] = None,
+    host: Annotated[str | None, typer.Option("--host", metavar="NAME",
+                                                           help="Only this host's.")] = None,
     do_prune: Annotated[bool, typer.Option("--prune", help="Then prune.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would go; change "
                                           "nothing.")] = False,
@@ -762,7 +827,7 @@ def _prune_report(pr, dry_run: bool) -> None:
                f"{_human(pr.bytes_before)} -> {_human(pr.bytes_after)}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def prune(
     repo: RepoOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would go; change "
@@ -789,7 +854,7 @@ def prune(
             _prune_report(pr, dry_run)
 
 
-@app.command()
+@app.command(cls=_Command)
 def check(
     repo: RepoOpt = None,
     read_data: Annotated[bool, typer.Option(
@@ -831,7 +896,7 @@ def check(
             typer.echo("no problems found")
 
 
-@app.command()
+@app.command(cls=_Command)
 def unlock(
     repo: RepoOpt = None,
     remove_all: Annotated[bool, typer.Option(
@@ -860,13 +925,16 @@ def unlock(
         typer.echo(f"removed {n} locks")
 
 
-@app.command()
+@app.command(cls=_Command)
 def export(
-    snapshot: Annotated[str, typer.Argument(help="Snapshot id, unique prefix, or latest.")],
-    output: Annotated[str, typer.Option("-o", "--output", help="Archive file, or - for "
+    snapshot: Annotated[str, typer.Argument(metavar="SNAPSHOT",
+                                            help="Snapshot id, unique prefix, or latest.")],
+    output: Annotated[str, typer.Option("-o", "--output", metavar="ARCHIVE",
+                                        help="Archive file, or - for "
                                         "standard output.")],
     repo: RepoOpt = None,
-    compress: Annotated[str, typer.Option("--compress", help="none, zstd or zstd:LEVEL.")]
+    compress: Annotated[str, typer.Option("--compress", metavar="SPEC",
+                                          help="none, zstd or zstd:LEVEL.")]
     = "zstd",
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing archive.")]
     = False,
@@ -906,6 +974,7 @@ def export(
 
 
 key_app = typer.Typer(help="Manage the passwords of an encrypted repository.",
+                      rich_markup_mode=None,
                       no_args_is_help=True)
 app.add_typer(key_app, name="key")
 
@@ -918,7 +987,7 @@ def _key_repo(repo, password_file, rsh, s3_endpoint):
     return r
 
 
-@key_app.command("list")
+@key_app.command("list", cls=_Command)
 def key_list(repo: RepoOpt = None, password_file: PasswordOpt = None, rsh: RshOpt = None,
              s3_endpoint: S3EndpointOpt = None) -> None:
     """List the key objects (one per password)."""
@@ -937,12 +1006,14 @@ def key_list(repo: RepoOpt = None, password_file: PasswordOpt = None, rsh: RshOp
             r.close()
 
 
-@key_app.command("add")
+@key_app.command("add", cls=_Command)
 def key_add(repo: RepoOpt = None, password_file: PasswordOpt = None, rsh: RshOpt = None,
             s3_endpoint: S3EndpointOpt = None,
             new_password_file: Annotated[str | None, typer.Option(
-                "--new-password-file", help="The new password (else a prompt).")] = None,
-            kdf_n: Annotated[int, typer.Option("--kdf-n", help="scrypt's N for the new key.")]
+                "--new-password-file", metavar="FILE",
+                help="The new password (else a prompt).")] = None,
+            kdf_n: Annotated[int, typer.Option("--kdf-n", metavar="N",
+                                               help="scrypt's N for the new key.")]
             = 1 << 17) -> None:
     """Add a password: a new key object for the same master key."""
     from cloneaware.repo import keys
@@ -956,8 +1027,9 @@ def key_add(repo: RepoOpt = None, password_file: PasswordOpt = None, rsh: RshOpt
         typer.echo(f"added key {name[5:13]}")
 
 
-@key_app.command("remove")
-def key_remove(key_id: Annotated[str, typer.Argument(help="The key's id (or a prefix).")],
+@key_app.command("remove", cls=_Command)
+def key_remove(key_id: Annotated[str, typer.Argument(metavar="KEY_ID",
+                                                     help="The key's id (or a prefix).")],
                repo: RepoOpt = None, password_file: PasswordOpt = None, rsh: RshOpt = None,
                s3_endpoint: S3EndpointOpt = None) -> None:
     """Remove a password's key object (never the one used, nor the last)."""
@@ -972,12 +1044,14 @@ def key_remove(key_id: Annotated[str, typer.Argument(help="The key's id (or a pr
         typer.echo(f"removed key {name[5:13]}")
 
 
-@key_app.command("passwd")
+@key_app.command("passwd", cls=_Command)
 def key_passwd(repo: RepoOpt = None, password_file: PasswordOpt = None, rsh: RshOpt = None,
                s3_endpoint: S3EndpointOpt = None,
                new_password_file: Annotated[str | None, typer.Option(
-                   "--new-password-file", help="The new password (else a prompt).")] = None,
-               kdf_n: Annotated[int, typer.Option("--kdf-n", help="scrypt's N.")] = 1 << 17
+                   "--new-password-file", metavar="FILE",
+                   help="The new password (else a prompt).")] = None,
+               kdf_n: Annotated[int, typer.Option("--kdf-n", metavar="N",
+                                                              help="scrypt's N.")] = 1 << 17
                ) -> None:
     """Change the password used: add a key for the new one, remove the old one."""
     from cloneaware.repo import keys
@@ -992,13 +1066,15 @@ def key_passwd(repo: RepoOpt = None, password_file: PasswordOpt = None, rsh: Rsh
 
 
 
-@app.command()
+@app.command(cls=_Command)
 def serve(
     restrict: Annotated[list[str] | None, typer.Option(
-        "--restrict-to-path", help="Serve only paths under this directory (repeatable).")]
+        "--restrict-to-path", metavar="DIR",
+        help="Serve only paths under this directory (repeatable).")]
     = None,
     allow: Annotated[str, typer.Option(
-        "--allow", help="Operations to serve, comma-separated: put (receive archives), get "
+        "--allow", metavar="OPS",
+        help="Operations to serve, comma-separated: put (receive archives), get "
         "(send archives), restore (restore into a directory here), repo (repositories "
         "here), repo-append (repositories, but nothing in them deleted or replaced except "
         "locks: a client cannot destroy its backups).")] = "put,get,restore,repo",
