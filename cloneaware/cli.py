@@ -108,8 +108,9 @@ def _raise_interrupt(signum, frame):
 
 @contextmanager
 def _handled() -> Iterator[None]:
-    """Map exceptions to one line and an exit code."""
-    old = signal.signal(signal.SIGTERM, _raise_interrupt)
+    """Map exceptions to one line and an exit code.  SIGINT and SIGTERM
+    arrive as Interrupted (main installs the handlers), never as a
+    KeyboardInterrupt that typer would turn into a silent exit."""
     try:
         yield
     except Interrupted as e:
@@ -131,8 +132,6 @@ def _handled() -> Iterator[None]:
     except OSError as e:
         _err(describe_oserror(e))
         raise typer.Exit(EXIT_IO) from None
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 def _exit_now(code: int) -> None:
@@ -1094,13 +1093,17 @@ def serve(
 
 
 def main() -> None:
+    """The command line.  From here on SIGINT and SIGTERM raise Interrupted,
+    which every command turns into one line and exit 130 (with its temporary
+    files removed on the way out); outside a command (parsing, the imports a
+    command makes first) the same line and code come from here."""
+    signal.signal(signal.SIGINT, _raise_interrupt)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         app()
-    except KeyboardInterrupt:
-        _err("interrupted by SIGINT")
-        sys.exit(EXIT_INTERRUPTED)
-    except SystemExit:
-        raise
+    except (Interrupted, KeyboardInterrupt) as e:
+        _err(str(e) if isinstance(e, Interrupted) else "interrupted by SIGINT")
+        _exit_now(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,70 @@
+"""How the command line fails, as a new user meets it (issue 21): signals
+at any moment, a closed stderr, unreadable and empty paths, a directory
+given as an archive, --json on failure, and messages that name the user's
+paths, never cloneaware's temporary files.  Each case is run as a user runs
+it, on a real filesystem."""
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+from helpers.cli import cli_popen, finished
+
+pytestmark = pytest.mark.root
+
+
+def _caught(pid: int) -> int:
+    """The signals process PID catches (SigCgt of /proc/PID/status)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return int(line.split()[1], 16)
+    except FileNotFoundError:
+        pass
+    return 0
+
+
+def _many_files(top, n: int = 30000) -> None:
+    for d in range(n // 100):
+        sub = top / f"d{d:03d}"
+        sub.mkdir(parents=True)
+        for i in range(100):
+            (sub / f"f{i:03d}").write_bytes(b"x" * (i + 1))
+
+
+def _interrupt(args: list, delay: float, after_handler: bool):
+    """Start ``cloneaware ARGS``, send SIGINT DELAY seconds after it was
+    spawned, or (after_handler) after cloneaware's first code installed its
+    handlers (SIGTERM caught, which the interpreter alone does not do)."""
+    p = cli_popen(*args)
+    t0 = time.monotonic()
+    if after_handler:
+        while not _caught(p.pid) & (1 << (signal.SIGTERM - 1)):
+            assert time.monotonic() - t0 < 30 and p.poll() is None, "cloneaware never started"
+            time.sleep(0.001)
+        t0 = time.monotonic()
+    time.sleep(max(0.0, delay - (time.monotonic() - t0)))
+    p.send_signal(signal.SIGINT)
+    return finished(p, args, timeout=60)
+
+
+def test_defect_6_sigint_at_any_moment_of_scan_is_one_line_and_130(btrfs_dir):
+    """Defect 6: SIGINT at 0.05 s gave a 16-line traceback (typer's import),
+    later rc 130 with no message (typer's own KeyboardInterrupt handler).
+    Now every moment, from the first line of cloneaware that runs to the
+    walk and the map, gives the same one line and 130."""
+    _many_files(btrfs_dir / "tree")
+    args = ["scan", btrfs_dir / "tree"]
+    t = time.monotonic()
+    r = finished(cli_popen(*args), args, check_rc=0, timeout=120)
+    whole = time.monotonic() - t
+    assert whole > 0.8, f"the scan took {whole:.2f} s: too fast to interrupt in its middle"
+    cases = [(0.05, False)] + [(d, True) for d in (0, 0.005, 0.02, 0.05, 0.1, 0.2)] \
+        + [(whole * f, True) for f in (0.3, 0.5, 0.7)]
+    for delay, after in cases:
+        r = _interrupt(args, delay, after)
+        where = f"SIGINT {delay:.3f} s after {'the handlers' if after else 'spawn'}"
+        assert r.returncode == 130, f"{where}\n{r}"
+        assert r.err == "cloneaware: interrupted by SIGINT\n", f"{where}\n{r}"
