@@ -97,9 +97,30 @@ app = typer.Typer(
 )
 
 
+def _write(stream_name: str, text: str) -> None:
+    """Write to sys.stdout or sys.stderr, best effort: a reader that went
+    away (``2>&1 | head -3``) or a closed descriptor must not stop a job
+    that is still running or has already committed (defect 7 of issue 21);
+    the stream is replaced by /dev/null and the job goes on."""
+    stream = getattr(sys, stream_name)
+    try:
+        stream.write(text)
+        stream.flush()
+    except (OSError, ValueError):
+        try:
+            setattr(sys, stream_name, open(os.devnull, "w"))
+        except OSError:
+            pass
+
+
 def _err(msg: str) -> None:
-    sys.stderr.write(f"cloneaware: {msg}\n")
-    sys.stderr.flush()
+    _write("stderr", f"cloneaware: {msg}\n")
+
+
+def _say(text: str, to_stderr: bool = False) -> None:
+    """A line of a job's report: on stdout (stderr when stdout carries the
+    archive), best effort like _err."""
+    _write("stderr" if to_stderr else "stdout", text + "\n")
 
 
 def _raise_interrupt(signum, frame):
@@ -388,11 +409,10 @@ def backup(
         d = s.as_dict()
         d["changed"] = [{"path": p, "reason": r} for p, r in s.changed]
         d["skipped"] = [{"path": p, "reason": r} for p, r in s.skipped]
-        out = sys.stderr if output == "-" else sys.stdout
         if as_json:
-            out.write(json.dumps(d, indent=2) + "\n")
+            _say(json.dumps(d, indent=2), to_stderr=output == "-")
         elif output != "-":
-            out.write(
+            _say(
                 f"{s.files} files, {_human(s.logical_bytes)} logical, "
                 f"{_human(s.physical_bytes)} physical; stored {_human(s.stored_bytes)}, "
                 f"referenced {_human(s.referenced_bytes)}, "
@@ -402,7 +422,7 @@ def backup(
                 f"point in time: {s.captured_by_clone} files cloned, "
                 f"{s.captured_by_snapshot} from a snapshot, {s.read_live} read live"
                 + (" (" + ", ".join(f"{n} {r}" for r, n in s.read_live_reasons.items()) + ")"
-                   if s.read_live else "") + "\n")
+                   if s.read_live else ""))
         if s.changed or s.skipped:
             raise typer.Exit(EXIT_WARNINGS)
 
@@ -432,10 +452,10 @@ def _backup_repo(paths, repo, host, tags, from_archive, password_file, s3_endpoi
                                                   connections, _err)
                 d = {"snapshot": snap.id, **counts}
                 if as_json:
-                    typer.echo(json.dumps(d, indent=2))
+                    _say(json.dumps(d, indent=2))
                 else:
-                    typer.echo(f"snapshot {snap.short_id} of {from_archive}: {d['files']} "
-                               f"files, added {_human(d['added_bytes'])}")
+                    _say(f"snapshot {snap.short_id} of {from_archive}: {d['files']} "
+                         f"files, added {_human(d['added_bytes'])}")
                 return
             if not paths:
                 raise UsageError("give the PATHs to back up")
@@ -451,9 +471,9 @@ def _backup_repo(paths, repo, host, tags, from_archive, password_file, s3_endpoi
     d["changed"] = [{"path": p, "reason": r} for p, r in s.changed]
     d["skipped"] = [{"path": p, "reason": r} for p, r in s.skipped]
     if as_json:
-        typer.echo(json.dumps(d, indent=2))
+        _say(json.dumps(d, indent=2))
     else:
-        typer.echo(
+        _say(
             f"snapshot {(s.snapshot or '')[:8]}: {s.files} files, {_human(s.logical_bytes)} "
             f"logical; read {_human(s.bytes_read)}, unchanged {_human(s.unchanged_bytes)} "
             f"(not read), added {_human(s.added_bytes)} to the repository in "
@@ -514,12 +534,12 @@ def restore(
             st = client.push_restore(archive, dest, force, base, trust_base, rsh)
             d = st.get("summary", {})
             if as_json:
-                typer.echo(json.dumps(d, indent=2))
+                _say(json.dumps(d, indent=2))
             else:
-                typer.echo(f"{dest}: {d.get('files', 0)} files, wrote "
-                           f"{_human(d.get('written_bytes', 0))}, reflinked "
-                           f"{_human(d.get('reflinked_bytes', 0))}, copied "
-                           f"{_human(d.get('copied_bytes', 0))} on the remote host")
+                _say(f"{dest}: {d.get('files', 0)} files, wrote "
+                     f"{_human(d.get('written_bytes', 0))}, reflinked "
+                     f"{_human(d.get('reflinked_bytes', 0))}, copied "
+                     f"{_human(d.get('copied_bytes', 0))} on the remote host")
             if d.get("not_exact"):
                 raise typer.Exit(EXIT_WARNINGS)
             return
@@ -560,9 +580,9 @@ def _restore_report(s, as_json: bool) -> None:
     d = s.as_dict()
     d["not_exact"] = [{"path": p, "reason": r} for p, r in s.not_exact]
     if as_json:
-        typer.echo(json.dumps(d, indent=2))
+        _say(json.dumps(d, indent=2))
     else:
-        typer.echo(
+        _say(
             f"{s.files} files, {_human(s.logical_bytes)} logical: wrote "
             f"{_human(s.written_bytes)}, reflinked {_human(s.reflinked_bytes)}, "
             f"copied {_human(s.copied_bytes)}, holes {_human(s.hole_bytes)}"
@@ -963,13 +983,12 @@ def export(
                     raise
         finally:
             r.close()
-        msg = sys.stderr if output == "-" else sys.stdout
         if as_json:
-            msg.write(json.dumps({"snapshot": snap.id, **d}, indent=2) + "\n")
+            _say(json.dumps({"snapshot": snap.id, **d}, indent=2), to_stderr=output == "-")
         elif output != "-":
-            msg.write(f"snapshot {snap.short_id} -> {output}: {d['entries']} entries, stored "
-                      f"{_human(d['stored_bytes'])}, referenced "
-                      f"{_human(d['referenced_bytes'])}\n")
+            _say(f"snapshot {snap.short_id} -> {output}: {d['entries']} entries, stored "
+                 f"{_human(d['stored_bytes'])}, referenced "
+                 f"{_human(d['referenced_bytes'])}")
 
 
 key_app = typer.Typer(help="Manage the passwords of an encrypted repository.",
