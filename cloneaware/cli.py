@@ -73,6 +73,17 @@ class _Command(TyperCommand):
         rv += [_arg_usage(p) for p in self.get_params(ctx) if p.param_type_name == "argument"]
         return rv
 
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        """A usage error found by click itself (a missing argument, a bad
+        value) gets the --json error object too."""
+        given = list(args)  # click's parser consumes the list
+        try:
+            return super().parse_args(ctx, args)
+        except Exception as e:
+            if "--json" in given and hasattr(e, "format_message") and hasattr(e, "exit_code"):
+                _json_error(e.format_message(), e.exit_code)
+            raise
+
     def format_options(self, ctx, formatter) -> None:
         args, opts = help_records(self, ctx)
         if args:
@@ -127,21 +138,34 @@ def _raise_interrupt(signum, frame):
     raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
 
 
+def _json_error(message: str, code: int, to_stderr: bool = False) -> None:
+    """--json on failure (defect 13 of issue 21): an object a program can
+    tell from a summary, on stdout (stderr when stdout carries the archive)."""
+    _say(json.dumps({"ok": False, "error": message, "exit": code}), to_stderr)
+
+
 @contextmanager
-def _handled() -> Iterator[None]:
-    """Map exceptions to one line and an exit code.  SIGINT and SIGTERM
-    arrive as Interrupted (main installs the handlers), never as a
-    KeyboardInterrupt that typer would turn into a silent exit."""
+def _handled(as_json: bool = False, to_stderr: bool = False) -> Iterator[None]:
+    """Map exceptions to one line and an exit code, and with ``as_json`` an
+    error object too.  SIGINT and SIGTERM arrive as Interrupted (main
+    installs the handlers), never as a KeyboardInterrupt that typer would
+    turn into a silent exit."""
+
+    def fail(message: str, code: int) -> None:
+        _err(message)
+        if as_json:
+            _json_error(message, code, to_stderr)
+
     try:
         yield
     except Interrupted as e:
-        _err(str(e))
+        fail(str(e), EXIT_INTERRUPTED)
         _exit_now(EXIT_INTERRUPTED)
     except CloneawareError as e:
-        _err(str(e))
+        fail(str(e), e.exit_code)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
-        _err("interrupted by SIGINT")
+        fail("interrupted by SIGINT", EXIT_INTERRUPTED)
         _exit_now(EXIT_INTERRUPTED)
     except BrokenPipeError:
         # the reader went away (e.g. `| head`): not our error to report twice
@@ -151,7 +175,7 @@ def _handled() -> Iterator[None]:
             pass
         raise typer.Exit(EXIT_IO) from None
     except OSError as e:
-        _err(describe_oserror(e))
+        fail(describe_oserror(e), EXIT_IO)
         raise typer.Exit(EXIT_IO) from None
 
 
@@ -213,7 +237,7 @@ def scan(
     """Report what PATHs occupy and how much of it is shared (reads no data)."""
     from cloneaware.index.scan import scan as do_scan
 
-    with _handled():
+    with _handled(as_json):
         with _progress(not as_json, None, "scanning") as prog:
             res = do_scan(paths, one_file_system=not cross, progress=prog.advance)
         for path, reason in res.skipped:
@@ -379,7 +403,7 @@ def backup(
     from cloneaware.backup.sinks import RecordSink, file_output
     from cloneaware.remote import client
 
-    with _handled():
+    with _handled(as_json, to_stderr=output == "-"):
         if output is not None and repo:
             raise UsageError("give -o ARCHIVE or -r REPO, not both")
         if output is None:
@@ -516,7 +540,7 @@ def restore(
     from cloneaware.remote import client
     from cloneaware.restore import Restore
 
-    with _handled():
+    with _handled(as_json):
         repo = _repo_for(targets, repo)
         if repo:
             if len(targets) < 2:
@@ -615,7 +639,7 @@ def ls_cmd(
     from cloneaware.archive import format as fmt
     from cloneaware.archive.reader import open_archive, read_index
 
-    with _handled():
+    with _handled(as_json):
         if len(targets) != 1:
             raise UsageError("give one ARCHIVE (or -r REPO and one SNAPSHOT)")
         repo = _repo_for(targets, repo)
@@ -687,7 +711,7 @@ def verify(
     from cloneaware.archive.events import BaseRefEvent, DataEvent, EntryEvent, RefEvent
     from cloneaware.archive.reader import Stream, open_archive
 
-    with _handled():
+    with _handled(as_json):
         t0 = time.monotonic()
         f = open_archive(archive)
         counts: dict[str, Any] = {
@@ -770,7 +794,7 @@ def snapshots(
     s3_endpoint: S3EndpointOpt = None,
 ) -> None:
     """List the snapshots of a repository, oldest first."""
-    with _handled():
+    with _handled(as_json):
         r = _open_repo(_env_repo(repo), password_file, rsh, s3_endpoint)
         try:
             snaps = [s for s in r.snapshots() if host is None or s.hostname == host]
@@ -814,7 +838,7 @@ def forget(
     from cloneaware.repo import maintain
     from cloneaware.repo.forget import Policy
 
-    with _handled():
+    with _handled(as_json):
         policy = Policy(keep_last, keep_daily, keep_weekly, keep_monthly)
         r = _open_repo(_env_repo(repo), password_file, rsh, s3_endpoint, connections)
         try:
@@ -860,7 +884,7 @@ def prune(
     """Delete the data no snapshot needs (repacking packs that are partly needed)."""
     from cloneaware.repo import maintain
 
-    with _handled():
+    with _handled(as_json):
         r = _open_repo(_env_repo(repo), password_file, rsh, s3_endpoint, connections)
         try:
             with r.lock(True, "prune"):
@@ -889,7 +913,7 @@ def check(
     from cloneaware.errors import EXIT_ARCHIVE
     from cloneaware.repo import maintain
 
-    with _handled():
+    with _handled(as_json):
         r = _open_repo(_env_repo(repo), password_file, rsh, s3_endpoint)
         try:
             with r.lock(False, "check"):
@@ -967,7 +991,7 @@ def export(
     from cloneaware.backup.workers import parse_compress
     from cloneaware.repo.transfer import export as do_export
 
-    with _handled():
+    with _handled(as_json, to_stderr=output == "-"):
         _codec, level = parse_compress(compress)
         opener = file_output(output, force)
         r = _open_repo(_env_repo(repo), password_file, rsh, s3_endpoint)
@@ -1121,7 +1145,10 @@ def main() -> None:
     try:
         app()
     except (Interrupted, KeyboardInterrupt) as e:
-        _err(str(e) if isinstance(e, Interrupted) else "interrupted by SIGINT")
+        msg = str(e) if isinstance(e, Interrupted) else "interrupted by SIGINT"
+        _err(msg)
+        if "--json" in sys.argv[1:]:
+            _json_error(msg, EXIT_INTERRUPTED)
         _exit_now(EXIT_INTERRUPTED)
 
 

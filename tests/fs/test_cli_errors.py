@@ -5,16 +5,17 @@ paths, never cloneaware's temporary files.  Each case is run as a user runs
 it, on a real filesystem."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import time
 
 import pytest
-from helpers.cli import cli_popen, finished
+from helpers.cli import assert_one_line_error, cli, cli_popen, finished
 from helpers.treeutil import read_whole
 
-from cloneaware.errors import EXIT_WARNINGS
+from cloneaware.errors import EXIT_ARCHIVE, EXIT_USAGE, EXIT_WARNINGS
 
 pytestmark = pytest.mark.root
 
@@ -123,3 +124,51 @@ def test_defect_7_b_backup_piped_into_head(btrfs_dir, tmp_path):
     p.wait(timeout=120)
     assert p.returncode == EXIT_WARNINGS
     assert read_whole(arch) == 1 + 20
+
+
+def test_defect_13_json_on_failure_is_an_error_object(btrfs_dir, tmp_path):
+    """Defect 13: --json printed nothing on stdout when a command failed.
+    Now every command with --json prints {"ok": false, "error", "exit"},
+    for cloneaware's own errors and for click's usage errors alike; the
+    error also stays on stderr as one line."""
+    tree = btrfs_dir / "tree"
+    tree.mkdir()
+    (tree / "f").write_bytes(b"data\n" * 1000)
+    good = tmp_path / "good.caw"
+    cli("backup", "-o", good, tree, check_rc=0)
+    truncated = tmp_path / "truncated.caw"
+    truncated.write_bytes(good.read_bytes()[:-100])
+    damaged = tmp_path / "damaged.caw"
+    b = bytearray(good.read_bytes())
+    b[len(b) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(b))
+    missing = btrfs_dir / "missing"
+    cases = [
+        (["scan", "--json", missing], EXIT_USAGE),
+        (["backup", "--json", "-o", tmp_path / "x.caw", missing], EXIT_USAGE),
+        (["backup", "--json", "-r", missing, tree], EXIT_USAGE),
+        (["restore", "--json", missing, tmp_path / "d1"], EXIT_USAGE),
+        (["restore", "--json", truncated, tmp_path / "d2"], EXIT_ARCHIVE),
+        (["ls", "--json", truncated], EXIT_ARCHIVE),
+        (["verify", "--json", damaged], EXIT_ARCHIVE),
+        (["snapshots", "--json", "-r", missing], EXIT_USAGE),
+        (["forget", "--json", "-r", missing, "--keep-last", "1"], EXIT_USAGE),
+        (["prune", "--json", "-r", missing], EXIT_USAGE),
+        (["check", "--json", "-r", missing], EXIT_USAGE),
+        (["export", "--json", "-r", missing, "latest", "-o", tmp_path / "e.caw"], EXIT_USAGE),
+        (["ls", "--json"], EXIT_USAGE),  # click: a missing argument
+        (["scan", "--json", "--families", "-1", tree], EXIT_USAGE),  # click: a bad value
+    ]
+    for args, rc in cases:
+        r = cli(*args)
+        assert r.returncode == rc, str(r)
+        obj = json.loads(r.stdout)
+        assert set(obj) == {"ok", "error", "exit"} and obj["ok"] is False, str(r)
+        assert obj["exit"] == rc and obj["error"], str(r)
+        if args[1:] not in (["--json"],) and "--families" not in args:
+            assert_one_line_error(r, rc)
+            assert r.err.strip() == f"cloneaware: {obj['error']}", str(r)
+    # with the archive on stdout, the error object goes where the summary goes
+    r = cli("backup", "--json", "-o", "-", missing)
+    assert r.returncode == EXIT_USAGE and r.stdout == b"", str(r)
+    assert json.loads(r.err.splitlines()[-1])["exit"] == EXIT_USAGE
