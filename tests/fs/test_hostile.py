@@ -25,6 +25,7 @@ name, never a leftover temporary file.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import secrets
@@ -1274,7 +1275,11 @@ def test_hostile_ls(name, ctx, server):
     if isinstance(want, Refused):
         for r in (plain, js):
             line = assert_one_line_error(r, EXIT_ARCHIVE)
-            assert r.stdout == b"", f"ls printed a listing and refused it\n{r}"
+            # no listing: with --json, only the error object (issue 21, defect 13)
+            want_out = b"" if r is plain else (json.dumps(
+                {"ok": False, "error": line[len("cloneaware: "):], "exit": EXIT_ARCHIVE})
+                + "\n").encode()
+            assert r.stdout == want_out, f"ls printed a listing and refused it\n{r}"
             for w in want.words:
                 assert w.format(**subst) in line, f"{w.format(**subst)!r} not in {line!r}"
             if want.offset:
