@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 
 from cloneaware.archive import format as fmt
 from cloneaware.errors import ArchiveError
@@ -34,6 +35,9 @@ def open_manifest(path: str) -> tuple[io.BytesIO, int] | None:
     except OSError:
         return None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a directory, a device: not ours
+            os.close(fd)
+            return None
         head = os.pread(fd, len(fmt.MAGIC), 0)
         if head == fmt.MAGIC:
             os.close(fd)

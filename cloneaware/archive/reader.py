@@ -384,11 +384,13 @@ def open_archive(path: str):
     """A binary file object for ARCHIVE ('-' is standard input)."""
     if path == "-":
         return sys.stdin.buffer
+    if not path:
+        raise UsageError("an empty path was given as the archive")
     try:
         return open(path, "rb", buffering=1 << 20)
     except IsADirectoryError:
-        raise ArchiveError(f"{path} is a directory, not an archive") from None
-    except FileNotFoundError:
+        raise UsageError(f"{path}: is a directory, not an archive") from None
+    except (FileNotFoundError, NotADirectoryError):
         raise UsageError(f"{path}: no such archive") from None
 
 

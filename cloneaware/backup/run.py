@@ -328,6 +328,8 @@ class Backup:
     def _map_base(self, fstab: FsTable, builder: IndexBuilder) -> None:
         """Map the base first, so that it owns every range it shares."""
         assert self.base is not None
+        if not self.base:
+            raise UsageError("an empty path was given as --base")
         base = os.fsencode(self.base)
         try:
             bst = os.stat(base)

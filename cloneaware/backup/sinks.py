@@ -74,6 +74,8 @@ def file_output(target: str, force: bool = False) -> Callable[[], Output]:
     under a temporary name and renamed into place when whole."""
     if target == "-":
         return _Stdout
+    if not target:
+        raise UsageError("an empty path was given as the archive (-o)")
     _check_target(target, force)
     return lambda: AtomicFile(target, replace=force)
 
@@ -206,6 +208,8 @@ class SparseSink(RecordSink):
             raise UsageError(f"--sparse takes a regular file; {paths[0]} is not one")
         if target == "-":
             raise UsageError("--sparse writes a file; it cannot go to standard output")
+        if not target:
+            raise UsageError("an empty path was given as the archive (-o)")
         _check_target(target, force)
         self.target = target
         self.force = force
@@ -216,7 +220,10 @@ class SparseSink(RecordSink):
 
     def open(self, size_hint: int, base: fmt.Base | None) -> Writer:
         self.file = AtomicFile(self.target, replace=self.force)
-        os.ftruncate(self.file.fd, size_hint)
+        try:
+            os.ftruncate(self.file.fd, size_hint)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, self.target) from None
         self.writer = Writer(self.manifest, base, self.target)
         return self.writer
 

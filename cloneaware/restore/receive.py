@@ -123,6 +123,8 @@ class Restore:
 
     def run(self) -> RestoreSummary:
         t0 = time.monotonic()
+        if self.open_dest is None:
+            check_dest(self.dest)
         # a file object: read it, do not close it
         path: str | None = self.archive if isinstance(self.archive, str) else None
         sparse = open_manifest(path) if path not in (None, "-") else None
@@ -192,8 +194,14 @@ class Restore:
         if self.open_dest is not None:
             root = self.open_dest()
         else:
-            os.makedirs(self.dest, exist_ok=True)
-            root = os.open(self.dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.makedirs(self.dest, exist_ok=True)
+                root = os.open(self.dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except (FileExistsError, NotADirectoryError):
+                raise UsageError(f"{self.dest}: not a directory (or a component of it is "
+                                 "not)") from None
+            except OSError as e:
+                raise OSError(e.errno, e.strerror, self.dest) from None
         self.tree.root = root
         self.placer.note_fs(root)
         if self.force:
@@ -215,6 +223,14 @@ class Restore:
         self.tree.close()
         self.placer.close()
 
+    def _named(self, ex: OSError, path: bytes) -> OSError:
+        """``ex`` naming the entry as the user knows it (DEST/path), not by
+        a temporary name or a bare component (defect 10 of issue 21)."""
+        if isinstance(ex.filename, str) and (ex.filename == self.dest or ex.filename.startswith(
+                os.path.join(self.dest, ""))):
+            return ex
+        return OSError(ex.errno, ex.strerror, self.tree.where(path))
+
     def _not_exact(self, e: fmt.Entry, why: str) -> None:
         self.s.not_exact.append((os.fsdecode(e.path), why))
         self.warn(f"{self.tree.where(e.path)}: {why}")
@@ -232,15 +248,18 @@ class Restore:
                 self.warn("--base given, but this archive is not a thin backup")
             self._open_dest()
         parent, _, name = e.path.rpartition(b"/")
-        pfd = self.tree.dir(parent)
-        if e.kind == fmt.K_DIR:
-            self._mkdir(e, pfd, name)
-        elif e.kind == fmt.K_REG:
-            self._open_file(e, pfd)
-        elif e.kind == fmt.K_HARDLINK:
-            self._hardlink(e, parent, pfd, name)
-        else:
-            self._special(e, pfd, name)
+        try:
+            pfd = self.tree.dir(parent)
+            if e.kind == fmt.K_DIR:
+                self._mkdir(e, pfd, name)
+            elif e.kind == fmt.K_REG:
+                self._open_file(e, pfd)
+            elif e.kind == fmt.K_HARDLINK:
+                self._hardlink(e, parent, pfd, name)
+            else:
+                self._special(e, pfd, name)
+        except OSError as ex:
+            raise self._named(ex, e.path) from None
 
     def on_data(self, ev: DataEvent) -> None:
         cur = self._current()
@@ -401,10 +420,13 @@ class Restore:
             return fd
         parent, name = self.placer.placed[src.id]
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:  # reading must not change the atime we restored
-            fd = os.open(name, flags | os.O_NOATIME, dir_fd=self.tree.dir(parent))
-        except PermissionError:
-            fd = os.open(name, flags, dir_fd=self.tree.dir(parent))
+        try:
+            try:  # reading must not change the atime we restored
+                fd = os.open(name, flags | os.O_NOATIME, dir_fd=self.tree.dir(parent))
+            except PermissionError:
+                fd = os.open(name, flags, dir_fd=self.tree.dir(parent))
+        except OSError as ex:
+            raise self._named(ex, src.path) from None
         self.srcs.put(src.id, fd)
         return fd
 
@@ -444,12 +466,23 @@ class Restore:
     def _dir_metadata(self) -> None:
         for e in reversed(self.dir_meta):  # children before parents
             parent, _, name = e.path.rpartition(b"/")
-            pfd = self.tree.dir(parent)
-            fd = os.open(name, DIR_FLAGS, dir_fd=pfd)
             try:
-                self.meta.apply(e, fd, pfd, name)
+                fd = os.open(name, DIR_FLAGS, dir_fd=self.tree.dir(parent))
+            except OSError as ex:
+                raise self._named(ex, e.path) from None
+            try:
+                self.meta.apply(e, fd, self.tree.dir(parent), name)
             finally:
                 os.close(fd)
+
+
+def check_dest(dest: str) -> None:
+    """Refuse a DEST that cannot be one before anything is read: an empty
+    path, or something that is not a directory."""
+    if not dest:
+        raise UsageError("an empty path was given as DEST")
+    if os.path.lexists(dest) and not os.path.isdir(dest):
+        raise UsageError(f"{dest}: exists and is not a directory")
 
 
 def restore(archive, dest: str, **kw) -> RestoreSummary:

@@ -41,6 +41,8 @@ def root_names(paths: list, unique_names: bool = True) -> list[tuple[bytes, byte
     seen_real: set[bytes] = set()
     names: dict[bytes, bytes] = {}
     for p in paths:
+        if not os.fsencode(p):
+            raise UsageError("an empty PATH was given")
         src = os.path.abspath(os.fsencode(p))
         try:
             os.lstat(src)

@@ -13,9 +13,11 @@ import time
 
 import pytest
 from helpers.cli import assert_one_line_error, cli, cli_popen, finished
+from helpers.nobody import NOBODY
 from helpers.treeutil import read_whole
 
-from cloneaware.errors import EXIT_ARCHIVE, EXIT_USAGE, EXIT_WARNINGS
+from cloneaware.errors import EXIT_ARCHIVE, EXIT_IO, EXIT_USAGE, EXIT_WARNINGS
+from cloneaware.testing import make_loopfs
 
 pytestmark = pytest.mark.root
 
@@ -172,3 +174,87 @@ def test_defect_13_json_on_failure_is_an_error_object(btrfs_dir, tmp_path):
     r = cli("backup", "--json", "-o", "-", missing)
     assert r.returncode == EXIT_USAGE and r.stdout == b"", str(r)
     assert json.loads(r.err.splitlines()[-1])["exit"] == EXIT_USAGE
+
+
+@pytest.fixture
+def small_archive(btrfs_dir, tmp_path):
+    src = btrfs_dir / "tree"
+    (src / "sub").mkdir(parents=True)
+    (src / "f").write_bytes(b"x" * 100000)
+    (src / "sub" / "g").write_bytes(b"g\n")
+    os.symlink("f", src / "link")
+    a = tmp_path / "a.caw"
+    cli("backup", "-o", a, src, check_rc=0)
+    return src, a
+
+
+def test_defect_9_misuse_is_a_usage_error_naming_the_path(small_archive, tmp_path):
+    """Defect 9: a directory as the archive was exit 4 for restore and 3 for
+    ls; a file as DEST was "File exists", exit 4; empty paths gave messages
+    without one.  Now all are exit 2 and one line naming what was given."""
+    src, a = small_archive
+    d = tmp_path / "dest"
+    cases = [
+        (["restore", "/tmp", d], "/tmp: is a directory, not an archive"),
+        (["ls", "/tmp"], "/tmp: is a directory, not an archive"),
+        (["verify", "/tmp"], "/tmp: is a directory, not an archive"),
+        (["restore", a, "/etc/passwd"], "/etc/passwd: exists and is not a directory"),
+        (["restore", a, "/etc/passwd/x"], "/etc/passwd/x: not a directory"),
+        (["restore", a, ""], "an empty path was given as DEST"),
+        (["restore", "", d], "an empty path was given as the archive"),
+        (["ls", ""], "an empty path was given as the archive"),
+        (["backup", "-o", "", src], "an empty path was given as the archive (-o)"),
+        (["backup", "-o", tmp_path / "x.caw", ""], "an empty PATH was given"),
+        (["scan", ""], "an empty PATH was given"),
+        (["backup", "--base", "", "-o", tmp_path / "y.caw", src],
+         "an empty path was given as --base"),
+    ]
+    for args, msg in cases:
+        r = cli(*args)
+        line = assert_one_line_error(r, EXIT_USAGE)
+        assert line == f"cloneaware: {msg}" or line.startswith(f"cloneaware: {msg}"), str(r)
+    assert not d.exists() and sorted(os.listdir(tmp_path)) == ["a.caw"]
+
+
+def test_defect_10_messages_name_the_users_paths_not_temporary_files(small_archive, tmp_path,
+                                                                       nobody):
+    """Defect 10: a restore onto a read-only filesystem said
+    ".cloneaware-0-cf963c48.tmp: Read-only file system"; a backup to a
+    directory the user may not write to named the archive's temporary file.
+    Now every message names DEST/... or the archive as the user gave them."""
+    src, a = small_archive
+    rofs = make_loopfs(tmp_path, "tmpfs", 1 << 20, mount_options="ro")
+    try:
+        closed = nobody.root / "closed"
+        closed.mkdir()
+        os.chmod(closed, 0o555)
+        mine = nobody.root / "mine"
+        mine.mkdir()
+        os.chown(mine, NOBODY, NOBODY)
+        nsrc = mine / "src"
+        nsrc.mkdir()
+        os.chown(nsrc, NOBODY, NOBODY)
+        (nsrc / "f").write_bytes(b"y" * 100000)
+        na = mine / "a.caw"
+        cli("backup", "-o", na, nsrc, check_rc=0)
+        os.chmod(na, 0o644)
+        cases = [
+            (cli, ["restore", a, rofs.path], f"{rofs.path}/tree: Read-only file system"),
+            (cli, ["restore", a, rofs.path / "sub"], f"{rofs.path}/sub: Read-only file system"),
+            (cli, ["backup", "-o", rofs.path / "x.caw", src],
+             f"{rofs.path}/x.caw: Read-only file system"),
+            (cli, ["backup", "--base", src / "f", "--sparse", "-o", rofs.path / "x.thin",
+                   src / "f"], f"{rofs.path}/x.thin: Read-only file system"),
+            (nobody.run, ["backup", "-o", closed / "cant.caw", nsrc],
+             f"{closed}/cant.caw: Permission denied"),
+            (nobody.run, ["restore", na, closed], f"{closed}/src: Permission denied"),
+            (nobody.run, ["restore", na, closed / "d"], f"{closed}/d: Permission denied"),
+        ]
+        for run, args, msg in cases:
+            r = run(*args)
+            line = assert_one_line_error(r, EXIT_IO)
+            assert line == f"cloneaware: {msg}", str(r)
+            assert ".partial" not in line and ".cloneaware-" not in line
+        assert sorted(os.listdir(closed)) == [] and os.listdir(rofs.path) == []
+    finally:
+        rofs.unmount()
