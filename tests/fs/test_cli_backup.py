@@ -274,7 +274,7 @@ def test_ls_reads_no_data_and_refuses_truncated(tmp_path, btrfs_dir):
     os.truncate(cut, size - 1000)
     r = cli("ls", "--json", cut, check_rc=EXIT_ARCHIVE)
     one_line_error(r, "truncated")
-    assert r.stdout == b""
+    assert r.json()["ok"] is False  # the error object, no listing (issue 21, defect 13)
 
 
 # --- verify ------------------------------------------------------------------------------
