@@ -206,7 +206,7 @@ class Stream:
             if rtype == fmt.T_BASE:
                 if self.entries or index_start is not None:
                     raise ArchiveError("BASE record after the first entry", off)
-                b = fmt.Base.decode(payload, off)
+                b = fmt.Base.decode(payload, off, version)
                 if self.base is None:
                     self.base = fmt.Base(b.path, b.kind)
                 elif (b.path, b.kind) != (self.base.path, self.base.kind):
@@ -219,7 +219,7 @@ class Stream:
             elif rtype == fmt.T_ENTRY:
                 if cur is not None:
                     raise ArchiveError("ENTRY before the END of the previous file", off)
-                e = fmt.Entry.decode(payload, off)
+                e = fmt.Entry.decode(payload, off, version)
                 self._check_entry(e, off)
                 self.entries.append(e)
                 self.by_path[e.path] = e.id
@@ -325,6 +325,9 @@ class Stream:
             if pid is None or self.entries[pid].kind != fmt.K_DIR:
                 raise ArchiveError(f"parent of {os.fsdecode(e.path)!r} is not a directory "
                                    "earlier in the archive", off)
+        if e.subvol & fmt.SV_SNAPSHOT and not self.entries[e.origin].subvol & fmt.SV_SUBVOLUME:
+            raise ArchiveError(f"{os.fsdecode(e.path)!r} is a snapshot of entry {e.origin}, "
+                               "which is not a subvolume", off)
         if e.kind == fmt.K_HARDLINK:
             if e.link >= e.id or self.entries[e.link].kind != fmt.K_REG \
                     or e.link not in self.complete:
@@ -410,7 +413,7 @@ def read_index(f) -> Listing:
     for rtype, payload, off in recs:  # BASE records, if any, follow the header
         if rtype != fmt.T_BASE:
             break
-        b = fmt.Base.decode(payload, off)
+        b = fmt.Base.decode(payload, off, version)
         if base is None:
             base = b
         else:
@@ -447,11 +450,12 @@ def read_index(f) -> Listing:
         items.extend(fmt.decode_index(rec[1], rec[2], version))
     if len(items) != footer.entries:
         raise ArchiveError("index and footer disagree on the number of entries", foff)
-    check_index_items(items, footer.index_offset)
+    check_index_items(items, footer.index_offset, version)
     return Listing(header, items, footer, base)
 
 
-def check_index_items(items: list[fmt.IndexItem], offset: int) -> None:
+def check_index_items(items: list[fmt.IndexItem], offset: int,
+                      version: int = fmt.WRITE_VERSION) -> None:
     """The rules ENTRY records obey, applied to the index, so that ``ls``
     shows nothing a restore would refuse: ids in sequence, clean and unique
     paths, parents that are directories earlier in the index."""
@@ -459,7 +463,7 @@ def check_index_items(items: list[fmt.IndexItem], offset: int) -> None:
     for n, it in enumerate(items):
         if it.id != n:
             raise ArchiveError(f"index item {it.id} out of sequence (expected {n})", offset)
-        fmt.check_path(it.path, offset)
+        fmt.check_path(it.path, offset, version)
         if it.path in kinds:
             raise ArchiveError(f"duplicate entry {os.fsdecode(it.path)!r} in the index", offset)
         parent = it.path.rpartition(b"/")[0]
