@@ -47,7 +47,7 @@ from cloneaware.source.mapping import (
     open_source,
 )
 from cloneaware.source.snapshot import Snapshots, is_nested_subvolume
-from cloneaware.source.walk import Node
+from cloneaware.source.walk import Dirs, Node
 
 
 @dataclass
@@ -118,8 +118,12 @@ class _Other:
 @dataclass(slots=True)
 class _BaseFile:
     rel: bytes  # path inside the base ('' when the base is a file)
-    src: bytes
+    node: Node
     st: os.stat_result
+
+    @property
+    def src(self) -> bytes:
+        return self.node.src
 
 
 # --- what one file's pieces become, in file order ------------------------------
@@ -219,6 +223,8 @@ class Backup:
         self.anchor_files: dict[int, object] = {}  # fileno -> anchor (repositories)
         self.snapshot = snapshot
         self.redirect: dict[bytes, bytes] | None = None  # PATH -> its --snapshot
+        #: the walk's directory descriptors, kept until the files are read
+        self.dirs = Dirs()
 
     def _skip(self, path: bytes, reason: str) -> None:
         self.summary.skipped.append((os.fsdecode(path), reason))
@@ -230,11 +236,14 @@ class Backup:
 
     def run(self) -> Summary:
         t0 = time.monotonic()
-        if not self.snapshot:
-            return self._run(t0)
-        with Snapshots(self.paths, self.warn) as snaps:
-            self.redirect = snaps.redirect
-            return self._run(t0)
+        try:
+            if not self.snapshot:
+                return self._run(t0)
+            with Snapshots(self.paths, self.warn) as snaps:
+                self.redirect = snaps.redirect
+                return self._run(t0)
+        finally:
+            self.dirs.close()
 
     def _run(self, t0: float) -> Summary:
         items, plan = self._map()
@@ -281,7 +290,7 @@ class Backup:
         for n in sorted(self.used_base):
             bf = self.base_files[n]
             try:
-                now = os.stat(bf.src, follow_symlinks=False)
+                now = bf.node.lstat()
             except OSError:
                 now = None
             if now is None or not same_stat(now, bf.st):
@@ -298,7 +307,8 @@ class Backup:
         self.anchor_files = self.sink.prepare(fstab, builder)
         if self.base is not None:
             self._map_base(fstab, builder)
-        for it in map_tree(self.paths, self.one_file_system, redirect=self.redirect):
+        for it in map_tree(self.paths, self.one_file_system, redirect=self.redirect,
+                           dirs=self.dirs):
             if isinstance(it, Skipped):
                 self._skip(it.path, it.reason)
             elif isinstance(it, Mapped):
@@ -340,14 +350,14 @@ class Backup:
         elif not stat.S_ISREG(bst.st_mode):
             raise UsageError(f"base {self.base} is neither a file nor a directory")
         base = os.path.realpath(base)
-        for it in map_tree([base], self.one_file_system):
+        for it in map_tree([base], self.one_file_system, dirs=self.dirs):
             if isinstance(it, Skipped):
                 self._skip(it.path, f"base file not usable: {it.reason}")
             elif isinstance(it, Mapped):
                 node = it.node
                 rel = node.name.partition(b"/")[2] if self.base_kind == fmt.BASE_DIR else b""
                 fileno = builder.add(fstab.number(it.fs), node.st.st_size, it.ext)
-                self.base_files[fileno] = _BaseFile(rel, node.src, node.st)
+                self.base_files[fileno] = _BaseFile(rel, node, node.st)
         if not self.base_files:
             raise UsageError(f"base {self.base} holds no regular file")
 
@@ -392,13 +402,13 @@ class Backup:
         e = entry_for(node, kind, st)
         try:
             if kind == fmt.K_SYMLINK:
-                e.target = os.readlink(node.src)
+                e.target = node.readlink()
                 s.symlinks += 1
             if kind in (fmt.K_CHR, fmt.K_BLK):
                 e.rdev = st.st_rdev
             if kind in (fmt.K_FIFO, fmt.K_CHR, fmt.K_BLK):
                 s.specials += 1
-            e.xattrs = read_xattrs(node.src)
+            e.xattrs = read_xattrs(node.proc_path())
         except FileNotFoundError:
             self._changed(node.src, "vanished before it was read")
             return None
@@ -416,7 +426,7 @@ class Backup:
         s = self.summary
         node = item.node
         try:
-            fd = open_source(node.src)
+            fd = open_source(node)
         except FileNotFoundError:
             self._changed(node.src, "vanished before it was read")
             self._invalidate(item)
@@ -439,7 +449,8 @@ class Backup:
                 self.capture.counts.by_snapshot += 1  # read-only: nothing writes it
             else:
                 got = self.capture.clone(fd, node.src, st.st_size,
-                                         fsinfo.fs_info(fd, st.st_dev, node.src))
+                                         fsinfo.fs_info(fd, st.st_dev, node.src),
+                                         dir_fd=node.dir_fd())
                 if isinstance(got, str):
                     e = entry_for(node, fmt.K_REG, st)
                     e.size = st.st_size
@@ -590,8 +601,12 @@ class Backup:
             if isinstance(op, (_BaseRef, _CheckRef)):
                 return workers.submit(workers.hash_job, fd, op.offset, op.length)
             if isinstance(op, _CheckBase):
+                try:  # here, not on a worker: the walk's descriptors are not shared
+                    bfd: int | None = open_source(self.base_files[op.base].node)
+                except OSError:
+                    bfd = None  # unreadable: the range is stored rather than fail the backup
                 return workers.submit(workers.base_check_job, fd, op.offset, op.length,
-                                      self.base_files[op.base].src, op.base_offset)
+                                      bfd, op.base_offset)
             return None
 
         short = False

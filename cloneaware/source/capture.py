@@ -84,10 +84,13 @@ class Capture:
                       "files are read live and checked for changes instead")
         return reason
 
-    def clone(self, fd: int, src: bytes, size: int, fs: FsInfo) -> int | str:
+    def clone(self, fd: int, src: bytes, size: int, fs: FsInfo,
+              dir_fd: int | None = None) -> int | str:
         """A descriptor of a clone of ``fd`` (the file ``src`` of ``size``
         bytes on ``fs``), or why not (then the file is read live: the caller
-        counts it with ``counts.live``)."""
+        counts it with ``counts.live``).  ``dir_fd``: the file's directory
+        (the walk's descriptor, borrowed): else it is opened by ``src``,
+        which a tree deeper than PATH_MAX does not allow."""
         if not self.enabled:
             return "--no-point-in-time"
         if size <= self.small:
@@ -97,8 +100,9 @@ class Capture:
             return why
         where = self.place(src) if self.place is not None else None
         try:
-            tfd = os.open(b".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600,
-                          dir_fd=self._dir_fd(src) if where is None else where)
+            if where is None:
+                where = dir_fd if dir_fd is not None else self._dir_fd(src)
+            tfd = os.open(b".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=where)
         except OSError as e:
             if e.errno in _FS_CANNOT or e.errno == errno.EINVAL:
                 return self._cannot(fs, src, "no O_TMPFILE")
