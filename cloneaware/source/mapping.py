@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cloneaware import fsinfo, native
+from cloneaware.errors import UsageError
 from cloneaware.index.flags import (
     BTRFS_FILE_EXTENT_REG,
     BTRFS_MAX_UNCOMPRESSED,
@@ -256,6 +257,9 @@ def map_tree(paths: list, one_file_system: bool = True, unique_names: bool = Tru
             fd = open_source(node)
         except OSError as e:
             _fatal_io(e, node.src)
+            if b"/" not in node.name:  # a PATH itself: issue 21, defect 8
+                raise UsageError(f"{os.fsdecode(node.src)}: {e.strerror or e} (a PATH that "
+                                 "cannot be read at all)") from None
             yield Skipped(node.src, e.strerror or str(e))
             continue
         try:

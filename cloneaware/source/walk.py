@@ -198,8 +198,7 @@ def _walk(paths: list, on_error: OnError, one_file_system: bool, unique_names: b
         try:
             st = os.lstat(src)
         except OSError as e:
-            on_error(src, e.strerror or str(e))
-            continue
+            raise _unreadable(src, e) from None
         yield Node(name, src, st, parent, leaf, dirs)
         if not stat.S_ISDIR(st.st_mode):
             continue
@@ -208,8 +207,7 @@ def _walk(paths: list, on_error: OnError, one_file_system: bool, unique_names: b
             try:
                 root_key = _fs_key(dirs.fd(parent), leaf, st, src)
             except OSError as e:
-                on_error(src, e.strerror or str(e))
-                continue
+                raise _unreadable(src, e) from None
         dev_ok = {st.st_dev: True}
         stack: list[tuple[bytes, bytes]] = [(name, src)]
         while stack:
@@ -218,6 +216,8 @@ def _walk(paths: list, on_error: OnError, one_file_system: bool, unique_names: b
                 with os.scandir(dirs.fd(dsrc)) as it:
                     children = sorted(os.fsencode(e.name) for e in it)
             except OSError as e:
+                if dsrc == src:
+                    raise _unreadable(src, e) from None
                 on_error(dsrc, e.strerror or str(e))
                 continue
             subdirs = []
@@ -250,6 +250,17 @@ def _walk(paths: list, on_error: OnError, one_file_system: bool, unique_names: b
                 if stat.S_ISDIR(cst.st_mode):
                     subdirs.append((cname, csrc))
             stack.extend(reversed(subdirs))
+
+
+def _unreadable(src: bytes, e: OSError) -> Exception:
+    """A PATH that cannot be read at all is a usage error (exit 2), as a
+    missing one is (issue 21, defect 8): a backup of nothing is no backup.
+    What cannot be read below a PATH is skipped and reported (exit 1); a
+    failing disk is an I/O error either way."""
+    if e.errno == errno.EIO:
+        return OSError(e.errno, e.strerror, os.fsdecode(src))
+    return UsageError(f"{os.fsdecode(src)}: {e.strerror or e} (a PATH that cannot be read "
+                      "at all)")
 
 
 def _lexists(dfd: int, rel: bytes) -> bool:

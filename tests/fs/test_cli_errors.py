@@ -258,3 +258,39 @@ def test_defect_10_messages_name_the_users_paths_not_temporary_files(small_archi
         assert sorted(os.listdir(closed)) == [] and os.listdir(rofs.path) == []
     finally:
         rofs.unmount()
+
+
+def test_defect_8_a_path_that_cannot_be_read_at_all_is_fatal(nobody):
+    """Defect 8: ``backup -o X /root`` as nobody said "skipped /root:
+    Permission denied", wrote an empty archive and exited 1.  Now a PATH
+    that cannot be read at all is exit 2, as a missing one is, and nothing
+    is written; what cannot be read below a PATH is still skipped (exit 1)."""
+    closed = nobody.root / "closed"  # like /root: 0700, root's
+    (closed / "inside").mkdir(parents=True)
+    (closed / "inside" / "f").write_bytes(b"secret\n")
+    os.chmod(closed, 0o700)
+    secret = nobody.root / "secret.txt"
+    secret.write_bytes(b"secret\n")
+    os.chmod(secret, 0o600)
+    out = nobody.root / "out"
+    out.mkdir()
+    os.chown(out, NOBODY, NOBODY)
+    for path in (closed, secret):
+        for cmd in (["backup", "-o", out / "x.caw", path], ["scan", path]):
+            r = nobody.run(*cmd)
+            line = assert_one_line_error(r, EXIT_USAGE)
+            assert line == f"cloneaware: {path}: Permission denied (a PATH that cannot be read " \
+                           "at all)", str(r)
+    assert os.listdir(out) == []
+    # one PATH readable, one not: still refused, nothing written
+    ok = nobody.root / "ok"
+    ok.mkdir()
+    (ok / "f").write_bytes(b"fine\n")
+    r = nobody.run("backup", "-o", out / "x.caw", ok, closed)
+    assert_one_line_error(r, EXIT_USAGE)
+    assert os.listdir(out) == []
+    # below a readable PATH, the unreadable is skipped, as before
+    os.rename(closed, ok / "closed")
+    r = nobody.run("backup", "-o", out / "x.caw", ok)
+    assert r.returncode == EXIT_WARNINGS and "skipped" in r.err, str(r)
+    assert os.listdir(out) == ["x.caw"]
