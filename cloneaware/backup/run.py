@@ -22,7 +22,14 @@ import numpy as np
 from cloneaware import fsinfo
 from cloneaware.archive import format as fmt
 from cloneaware.archive.writer import Writer
-from cloneaware.backup.meta import entry_for, kind_of, read_xattrs, same_map, same_stat
+from cloneaware.backup.meta import (
+    entry_for,
+    kind_of,
+    read_iflags,
+    read_xattrs,
+    same_map,
+    same_stat,
+)
 from cloneaware.backup.sinks import Sink
 from cloneaware.backup.workers import BaseCheck, Chunk, Workers, parse_compress
 from cloneaware.errors import UsageError
@@ -409,6 +416,8 @@ class Backup:
             if kind in (fmt.K_FIFO, fmt.K_CHR, fmt.K_BLK):
                 s.specials += 1
             e.xattrs = read_xattrs(node.proc_path())
+            if kind == fmt.K_DIR:
+                self._dir_info(node, e)
         except FileNotFoundError:
             self._changed(node.src, "vanished before it was read")
             return None
@@ -416,6 +425,18 @@ class Backup:
             self._skip(node.src, ex.strerror or str(ex))
             return None
         return e
+
+    def _dir_info(self, node: Node, e: fmt.Entry) -> None:
+        """What only a descriptor of the directory tells: its inode flags.  A
+        directory that cannot be opened (no read permission) has none stored."""
+        try:
+            fd = node.open(os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except PermissionError:
+            return
+        try:
+            e.iflags = read_iflags(fd)
+        finally:
+            os.close(fd)
 
     def _invalidate(self, item: _File) -> None:
         if item.fileno >= 0:
@@ -455,6 +476,7 @@ class Backup:
                     e = entry_for(node, fmt.K_REG, st)
                     e.size = st.st_size
                     e.xattrs = read_xattrs(fd)
+                    e.iflags = read_iflags(fd)
                     if item.fileno in referenced:
                         e.eflags |= fmt.EF_REFERENCED
                     if self.sink.unchanged(node, st, e):
@@ -497,6 +519,7 @@ class Backup:
             e = entry_for(node, fmt.K_REG, st)
             e.size = size
             e.xattrs = read_xattrs(fd)
+            e.iflags = read_iflags(fd)
             if item.fileno in referenced and not stale_plan:
                 e.eflags |= fmt.EF_REFERENCED
             self.sink.file_entry(e, st)

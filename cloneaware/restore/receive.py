@@ -110,6 +110,10 @@ class Restore:
         #: why DEST does not take encoded writes (None: try them)
         self.no_encoded: str | None = None
         self.dir_meta: list[fmt.Entry] = []
+        #: directory path -> the flags that its new children inherit (C, c, m
+        #: set on it first); entries that get i or a at the very end
+        self.dir_first: dict[bytes, int] = {}
+        self.last_flags: list[fmt.Entry] = []
         self.cur: _Open | None = None
         self.stream: Stream | None = None
         self._handlers: dict[type, Callable[[Any], None]] = {
@@ -143,6 +147,7 @@ class Restore:
                     self._handlers[type(ev)](ev)
                 self.placer.flush()
                 self._dir_metadata()
+                self._last_flags()
                 if self.tree.root is not None:
                     native.syncfs(self.tree.root, "syncfs")
             except BaseException:
@@ -352,6 +357,18 @@ class Restore:
                 remove_stale_temps(dfd, full, self.warn)
             finally:
                 os.close(dfd)
+        parent = e.path.rpartition(b"/")[0]
+        inherited = self.dir_first.get(parent, 0)
+        if e.iflags & fmt.IFLAGS_FIRST or inherited:
+            dfd = os.open(name, DIR_FLAGS, dir_fd=pfd)
+            try:  # before its children are made: they inherit them
+                got = self.meta.iflags.set(dfd, e, fmt.IFLAGS_FIRST, inherited & ~e.iflags)
+            finally:
+                os.close(dfd)
+            if got & fmt.IFLAGS_FIRST:
+                self.dir_first[e.path] = got & fmt.IFLAGS_FIRST
+        if e.iflags & fmt.IFLAGS_LAST:
+            self.last_flags.append(e)
         self.dir_meta.append(e)
         self.s.dirs += 1
 
@@ -363,6 +380,12 @@ class Restore:
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
                      | os.O_NOATIME, 0o600, dir_fd=pfd)
         self.cur = _Open(e, fd, pfd, tmp, where, self.counts.filled(), self._dirty())
+        inherited = self.dir_first.get(e.path.rpartition(b"/")[0], 0)
+        if e.iflags & fmt.IFLAGS_FIRST or inherited:
+            # before the file holds data: Btrfs takes C only on an empty file
+            self.meta.iflags.set(fd, e, fmt.IFLAGS_FIRST, inherited & ~e.iflags)
+        if e.iflags & fmt.IFLAGS_LAST:
+            self.last_flags.append(e)
         try:
             os.ftruncate(fd, e.size)
         except OSError as ex:
@@ -472,6 +495,27 @@ class Restore:
                 raise self._named(ex, e.path) from None
             try:
                 self.meta.apply(e, fd, self.tree.dir(parent), name)
+            finally:
+                os.close(fd)
+
+
+    def _last_flags(self) -> None:
+        """i and a, after everything else: nothing can be written, renamed,
+        linked or given times once they are set."""
+        for e in self.last_flags:
+            parent, _, name = e.path.rpartition(b"/")
+            if e.kind == fmt.K_REG:
+                if e.id not in self.placer.placed:
+                    continue  # not restored (its data failed, or it was left out)
+                parent, name = self.placer.placed[e.id]
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC \
+                | (os.O_DIRECTORY if e.kind == fmt.K_DIR else 0)
+            try:
+                fd = os.open(name, flags, dir_fd=self.tree.dir(parent))
+            except OSError as ex:
+                raise self._named(ex, e.path) from None
+            try:
+                self.meta.iflags.set(fd, e, fmt.IFLAGS_LAST)
             finally:
                 os.close(fd)
 
