@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from cloneaware import fsinfo
+from cloneaware import fsinfo, native
 from cloneaware.archive import format as fmt
 from cloneaware.archive.writer import Writer
 from cloneaware.backup.meta import (
@@ -53,7 +53,7 @@ from cloneaware.source.mapping import (
     map_tree,
     open_source,
 )
-from cloneaware.source.snapshot import Snapshots, is_nested_subvolume
+from cloneaware.source.snapshot import SUBVOL_ROOT_INO, Snapshots, is_nested_subvolume
 from cloneaware.source.walk import Dirs, Node
 
 
@@ -232,6 +232,14 @@ class Backup:
         self.redirect: dict[bytes, bytes] | None = None  # PATH -> its --snapshot
         #: the walk's directory descriptors, kept until the files are read
         self.dirs = Dirs()
+        #: subvolumes stored so far, by UUID (a later snapshot of one names it)
+        self._subvol_ids: dict[bytes, int] = {}
+        self._uuid: bytes | None = None  # of the directory _dir_info looked at last
+
+    @property
+    def _unredirect(self) -> dict[bytes, bytes]:
+        """--snapshot: each snapshot's path -> the PATH it was taken of."""
+        return {v: k for k, v in (self.redirect or {}).items()}
 
     def _skip(self, path: bytes, reason: str) -> None:
         self.summary.skipped.append((os.fsdecode(path), reason))
@@ -381,6 +389,8 @@ class Backup:
                 if e is not None:
                     w.entry(e)
                     entry_of_item[n] = e.id
+                    if e.subvol and self._uuid is not None:
+                        self._subvol_ids[self._uuid] = e.id
                 continue
             if isinstance(item, _Link):
                 target = entry_of_item.get(item.first)
@@ -427,16 +437,43 @@ class Backup:
         return e
 
     def _dir_info(self, node: Node, e: fmt.Entry) -> None:
-        """What only a descriptor of the directory tells: its inode flags.  A
-        directory that cannot be opened (no read permission) has none stored."""
+        """What only a descriptor of the directory tells: its inode flags, and
+        whether it is a Btrfs subvolume (read-only? a snapshot of one stored
+        earlier?).  A directory that cannot be opened (no read permission)
+        has none stored."""
+        self._uuid = None
         try:
             fd = node.open(os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except PermissionError:
             return
         try:
             e.iflags = read_iflags(fd)
+            if node.st.st_ino != SUBVOL_ROOT_INO:
+                return
+            orig = self._unredirect.get(node.src)
+            try:
+                if orig is not None:  # --snapshot: say what the PATH is, not its snapshot
+                    ofd = os.open(orig, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                    try:
+                        info = native.btrfs_subvol_info(ofd, node.src)
+                    finally:
+                        os.close(ofd)
+                else:
+                    info = native.btrfs_subvol_info(fd, node.src)
+            except OSError as ex:
+                if ex.errno in (errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM):
+                    return  # inode 256 of another filesystem, or an old kernel
+                raise
         finally:
             os.close(fd)
+        e.subvol = fmt.SV_SUBVOLUME
+        if info.flags & native.BTRFS_ROOT_SUBVOL_RDONLY:
+            e.subvol |= fmt.SV_READONLY
+        origin = self._subvol_ids.get(info.parent_uuid) if any(info.parent_uuid) else None
+        if origin is not None:
+            e.subvol |= fmt.SV_SNAPSHOT
+            e.origin = origin
+        self._uuid = info.uuid
 
     def _invalidate(self, item: _File) -> None:
         if item.fileno >= 0:

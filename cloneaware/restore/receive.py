@@ -38,6 +38,7 @@ from cloneaware.restore.base import open_base, verify_ranges
 from cloneaware.restore.cloner import Cloner, Counts
 from cloneaware.restore.durable import Placer
 from cloneaware.restore.meta import Meta
+from cloneaware.restore.subvol import Subvolumes
 from cloneaware.restore.tree import FdCache, Tree, remove_stale_temps, temp_name
 from cloneaware.safeio import DIR_FLAGS
 
@@ -49,6 +50,8 @@ class RestoreSummary:
     symlinks: int = 0
     hardlinks: int = 0
     specials: int = 0
+    #: Btrfs subvolumes (and snapshots) made again
+    subvolumes: int = 0
     logical_bytes: int = 0
     written_bytes: int = 0
     reflinked_bytes: int = 0
@@ -114,6 +117,8 @@ class Restore:
         #: set on it first); entries that get i or a at the very end
         self.dir_first: dict[bytes, int] = {}
         self.last_flags: list[fmt.Entry] = []
+        self.subvols = Subvolumes(self.tree, self._not_exact)
+        self.placer.replaces = lambda path: self.subvols.inside_snapshot(path) is not None
         self.cur: _Open | None = None
         self.stream: Stream | None = None
         self._handlers: dict[type, Callable[[Any], None]] = {
@@ -146,8 +151,10 @@ class Restore:
                 for ev in self.stream.events():
                     self._handlers[type(ev)](ev)
                 self.placer.flush()
+                self.subvols.prune()
                 self._dir_metadata()
                 self._last_flags()
+                self.subvols.make_readonly()
                 if self.tree.root is not None:
                     native.syncfs(self.tree.root, "syncfs")
             except BaseException:
@@ -166,6 +173,7 @@ class Restore:
         s.reflinked_bytes = self.counts.reflinked_bytes
         s.copied_bytes = self.counts.copied_bytes
         s.owners_skipped = self.meta.owners_skipped
+        s.subvolumes = self.subvols.count
         s.seconds = time.monotonic() - t0
         return s
 
@@ -253,8 +261,11 @@ class Restore:
                 self.warn("--base given, but this archive is not a thin backup")
             self._open_dest()
         parent, _, name = e.path.rpartition(b"/")
+        self.subvols.note(e.path)
         try:
             pfd = self.tree.dir(parent)
+            if self.subvols.snapshots and self.subvols.inside_snapshot(e.path) is not None:
+                self.subvols.clear_for(pfd, name, e.kind)
             if e.kind == fmt.K_DIR:
                 self._mkdir(e, pfd, name)
             elif e.kind == fmt.K_REG:
@@ -338,6 +349,10 @@ class Restore:
 
     # -- entries -----------------------------------------------------------------
 
+    def _path_of(self, eid: int) -> bytes:
+        assert self.stream is not None
+        return self.stream.entries[eid].path
+
     def _current(self) -> _Open:
         assert self.cur is not None
         return self.cur
@@ -345,18 +360,21 @@ class Restore:
     def _mkdir(self, e: fmt.Entry, pfd: int, name: bytes) -> None:
         full = self.tree.where(e.path)
         try:
-            os.mkdir(name, 0o700, dir_fd=pfd)
+            if not (e.subvol and self.subvols.make(e, pfd, name, self._path_of)):
+                os.mkdir(name, 0o700, dir_fd=pfd)
         except FileExistsError:
-            if not self.force:
-                raise UsageError(f"{full} exists; use --force to merge into it") from None
-            try:
-                dfd = os.open(name, DIR_FLAGS, dir_fd=pfd)
-            except OSError:
-                raise UsageError(f"{full} exists and is not a directory") from None
-            try:
-                remove_stale_temps(dfd, full, self.warn)
-            finally:
-                os.close(dfd)
+            # in a subvolume restored as a snapshot: a directory of its origin, merged into
+            if self.subvols.inside_snapshot(e.path) is None:
+                if not self.force:
+                    raise UsageError(f"{full} exists; use --force to merge into it") from None
+                try:
+                    dfd = os.open(name, DIR_FLAGS, dir_fd=pfd)
+                except OSError:
+                    raise UsageError(f"{full} exists and is not a directory") from None
+                try:
+                    remove_stale_temps(dfd, full, self.warn)
+                finally:
+                    os.close(dfd)
         parent = e.path.rpartition(b"/")[0]
         inherited = self.dir_first.get(parent, 0)
         if e.iflags & fmt.IFLAGS_FIRST or inherited:

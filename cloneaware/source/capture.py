@@ -34,6 +34,8 @@ from cloneaware.fsinfo import FsInfo
 
 #: Files up to this size are read with one read call instead of cloned.
 SMALL = 64 << 10
+#: why a file on a read-only mount or subvolume is read as it is
+READ_ONLY = "read-only: nothing can write it"
 
 #: errnos that say the filesystem cannot give us a clone at all
 _FS_CANNOT = {errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS, errno.EXDEV, errno.EISDIR}
@@ -66,6 +68,7 @@ class Capture:
         self.place = place
         self.counts = CaptureCounts()
         self._no_clone: dict[str, str] = {}  # filesystem key -> why not (said once)
+        self._readonly: set[int] = set()  # st_dev of read-only mounts and subvolumes
         self._dir: tuple[bytes, int] | None = None  # the last directory opened
 
     def _dir_fd(self, src: bytes) -> int:
@@ -98,6 +101,8 @@ class Capture:
         why = self._no_clone.get(fs.key)
         if why is not None:
             return why
+        if self._readonly and os.fstat(fd).st_dev in self._readonly:
+            return READ_ONLY
         where = self.place(src) if self.place is not None else None
         try:
             if where is None:
@@ -107,7 +112,11 @@ class Capture:
             if e.errno in _FS_CANNOT or e.errno == errno.EINVAL:
                 return self._cannot(fs, src, "no O_TMPFILE")
             if e.errno == errno.EROFS:
-                return self._cannot(fs, src, "read-only mount: no clone can be made")
+                # A read-only mount, or a read-only Btrfs subvolume (a snapshot)
+                # inside a writable one: nothing can write its files while they
+                # are read, and the filesystem's other subvolumes can still clone.
+                self._readonly.add(os.fstat(fd).st_dev)
+                return READ_ONLY
             if e.errno in (errno.EACCES, errno.EPERM):
                 return self._cannot(fs, src, "no write permission for a clone")
             if e.errno in _NO_SPACE:
