@@ -34,6 +34,7 @@ from cloneaware.archive.events import (
 from cloneaware.archive.manifest import open_manifest
 from cloneaware.archive.reader import Stream, open_archive, read_index
 from cloneaware.errors import ArchiveError, UsageError
+from cloneaware.restore import partial
 from cloneaware.restore.base import open_base, verify_ranges
 from cloneaware.restore.cloner import Cloner, Counts
 from cloneaware.restore.durable import Placer
@@ -118,7 +119,12 @@ class Restore:
         self.dir_first: dict[bytes, int] = {}
         self.last_flags: list[fmt.Entry] = []
         self.subvols = Subvolumes(self.tree, self._not_exact)
-        self.placer.replaces = lambda path: self.subvols.inside_snapshot(path) is not None
+        #: top-level entries a failed restore left in DEST (restore/partial.py),
+        #: gone over as --force would; those this run made
+        self.leftover: set[bytes] = set()
+        self.top_seen: set[bytes] = set()
+        self.partial: partial.Partial | None = None
+        self.placer.replaces = self._replaces
         self.cur: _Open | None = None
         self.stream: Stream | None = None
         self._handlers: dict[type, Callable[[Any], None]] = {
@@ -151,6 +157,9 @@ class Restore:
                 for ev in self.stream.events():
                     self._handlers[type(ev)](ev)
                 self.placer.flush()
+                if self.partial is not None:
+                    # the leftovers this run went over are whole now
+                    self.partial.done(self.leftover - self.top_seen)
                 self.subvols.prune()
                 self._dir_metadata()
                 self._last_flags()
@@ -159,6 +168,7 @@ class Restore:
                     native.syncfs(self.tree.root, "syncfs")
             except BaseException:
                 self.placer.salvage()
+                self._leave_partial()
                 raise
             finally:
                 self._cleanup()
@@ -196,9 +206,10 @@ class Restore:
                 pass
         if self.force:
             return
+        left = partial.read(dest=self.dest)
         for it in items:
-            if b"/" not in it.path and os.path.lexists(os.path.join(os.fsencode(self.dest),
-                                                                    it.path)):
+            if b"/" not in it.path and it.path not in left and os.path.lexists(
+                    os.path.join(os.fsencode(self.dest), it.path)):
                 raise UsageError(f"{self.tree.where(it.path)} exists; "
                                  "use --force to overwrite it")
 
@@ -217,7 +228,9 @@ class Restore:
                 raise OSError(e.errno, e.strerror, self.dest) from None
         self.tree.root = root
         self.placer.note_fs(root)
-        if self.force:
+        self.leftover = partial.read(root)
+        self.partial = partial.Partial(root, self.leftover)
+        if self.force or self.leftover:
             remove_stale_temps(root, self.dest, self.warn)
         magic, block = native.fstatfs(root, self.dest)
         self.cloner.block = block or 4096
@@ -235,6 +248,8 @@ class Restore:
         self.srcs.close()
         self.tree.close()
         self.placer.close()
+        if self.partial is not None:
+            self.partial.close()
 
     def _named(self, ex: OSError, path: bytes) -> OSError:
         """``ex`` naming the entry as the user knows it (DEST/path), not by
@@ -262,6 +277,11 @@ class Restore:
             self._open_dest()
         parent, _, name = e.path.rpartition(b"/")
         self.subvols.note(e.path)
+        new_top = False
+        if not parent:
+            self.top_seen.add(e.path)
+            assert self.tree.root is not None
+            new_top = not _lexists(self.tree.root, name)
         try:
             pfd = self.tree.dir(parent)
             if self.subvols.snapshots and self.subvols.inside_snapshot(e.path) is not None:
@@ -276,6 +296,8 @@ class Restore:
                 self._special(e, pfd, name)
         except OSError as ex:
             raise self._named(ex, e.path) from None
+        if new_top:
+            self._made_top(name)
 
     def on_data(self, ev: DataEvent) -> None:
         cur = self._current()
@@ -349,6 +371,28 @@ class Restore:
 
     # -- entries -----------------------------------------------------------------
 
+    def _replaces(self, path: bytes) -> bool:
+        """May ``path`` replace what is there without --force?"""
+        return path.partition(b"/")[0] in self.leftover or \
+            self.subvols.inside_snapshot(path) is not None
+
+    def _made_top(self, name: bytes) -> None:
+        """A top-level entry made by this run: listed while it runs."""
+        if self.partial is not None:
+            self.partial.add(name)
+
+    def _leave_partial(self) -> None:
+        """The run failed: list the top-level entries it made (with those a
+        run before it left), so that a plain retry can go on over them."""
+        root = self.tree.root
+        if root is None or self.partial is None:
+            return
+        try:
+            made = {n for n in self.partial.names if _lexists(root, n)}
+        except OSError:
+            made = self.partial.names
+        self.partial.keep(made)
+
     def _path_of(self, eid: int) -> bytes:
         assert self.stream is not None
         return self.stream.entries[eid].path
@@ -365,7 +409,7 @@ class Restore:
         except FileExistsError:
             # in a subvolume restored as a snapshot: a directory of its origin, merged into
             if self.subvols.inside_snapshot(e.path) is None:
-                if not self.force:
+                if not (self.force or self._replaces(e.path)):
                     raise UsageError(f"{full} exists; use --force to merge into it") from None
                 try:
                     dfd = os.open(name, DIR_FLAGS, dir_fd=pfd)
@@ -536,6 +580,14 @@ class Restore:
                 self.meta.iflags.set(fd, e, fmt.IFLAGS_LAST)
             finally:
                 os.close(fd)
+
+
+def _lexists(dfd: int, name: bytes) -> bool:
+    try:
+        os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        return True
+    except FileNotFoundError:
+        return False
 
 
 def check_dest(dest: str) -> None:

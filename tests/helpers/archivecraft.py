@@ -372,12 +372,13 @@ def diff_states(a: dict, b: dict, limit: int = 20) -> list[str]:
 
 
 def temp_files(root) -> list[bytes]:
-    """Restore's temporary files (.cloneaware-*) anywhere under root."""
+    """Restore's temporary files (.cloneaware-*) anywhere under root (not
+    the list of what a failed restore made, .cloneaware-partial)."""
     root = os.fsencode(root)
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         for n in filenames + dirnames:
-            if n.startswith(b".cloneaware-"):
+            if n.startswith(b".cloneaware-") and n != b".cloneaware-partial":
                 found.append(os.path.join(dirpath, n))
     return found
 
