@@ -24,6 +24,7 @@ from cloneaware.errors import RepositoryError, UsageError
 from cloneaware.repo import format as rf
 from cloneaware.repo.backend import pack_name
 from cloneaware.repo.repository import Repository, Snapshot
+from cloneaware.restore import partial
 from cloneaware.restore.receive import Restore, RestoreSummary
 from cloneaware.safeio import open_beneath
 
@@ -266,8 +267,9 @@ class SnapshotsRestore:
                  for s in self.snaps]
         if not self.kw.get("force"):
             for m, d in zip(manifests, dests):
+                left = partial.read(dest=d)  # what a failed restore left: gone over
                 for it in read_index(io.BytesIO(m)).items:
-                    if b"/" not in it.path and os.path.lexists(
+                    if b"/" not in it.path and it.path not in left and os.path.lexists(
                             os.path.join(os.fsencode(d), it.path)):
                         raise UsageError(f"{os.path.join(d, os.fsdecode(it.path))} exists; "
                                          "use --force to overwrite it")
