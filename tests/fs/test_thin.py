@@ -190,3 +190,35 @@ def test_defect_1_sparse_output_on_another_filesystem(btrfs_dir, xfs_dir, ext4_d
         dest = where / "r"
         cli("restore", "--base", g, out, dest, check_rc=0)
         assert sha(dest / "clone.img") == sha(c)
+
+
+def test_defect_2_ls_and_verify_read_a_sparse_thin_backup(btrfs_dir, xfs_dir):
+    """Defect 2: ls and verify of a --sparse thin file said "wrong magic".
+    Now they read its manifest, from the xattr or from the sidecar file;
+    verify hashes the file's own data and finds a changed byte."""
+    from cloneaware.errors import EXIT_ARCHIVE
+
+    g, c = _golden_and_clone(btrfs_dir)
+    out = xfs_dir / "clone.thin"
+    cli("backup", "--base", g, "--sparse", "-o", out, c, check_rc=0)
+    for form in ("xattr", "sidecar"):
+        if form == "sidecar":  # as a filesystem that does not take the xattr has it
+            (xfs_dir / "clone.thin.cloneaware").write_bytes(
+                os.getxattr(out, "user.cloneaware.manifest"))
+            os.removexattr(out, "user.cloneaware.manifest")
+        listing = cli_json("ls", "--json", out)
+        (e,) = listing["entries"]
+        assert e["path"] == "clone.img" and e["size"] == c.stat().st_size, listing
+        assert e["base_referenced_bytes"] > 7 << 20 and listing["base"]["path"] == str(g)
+        v = cli_json("verify", "--json", out)
+        assert v["sparse_bytes"] == e["stored_bytes"] > 0 and v["sparse_ranges"] >= 1, v
+    # a byte of the clone's own data changed in the sparse file: verify says where
+    fd = os.open(out, os.O_RDWR)
+    try:
+        pos = os.lseek(fd, 0, os.SEEK_DATA)
+        b = os.pread(fd, 1, pos)
+        os.pwrite(fd, bytes([b[0] ^ 1]), pos)
+    finally:
+        os.close(fd)
+    r = cli("verify", out, check_rc=EXIT_ARCHIVE)
+    assert f"cloneaware: {out}: bytes " in r.err and "differ" in r.err, str(r)
