@@ -689,7 +689,9 @@ def ls_cmd(
             typer.echo(f"thin backup: needs the base {os.fsdecode(b.path)!r} "
                        f"({len(b.files)} files)")
             for x in b.files:
-                typer.echo(f"  base file {os.fsdecode(x.path) or '.'} ({x.size} bytes)")
+                name = os.path.join(os.fsdecode(b.path), os.fsdecode(x.path)) if x.path \
+                    else os.fsdecode(b.path)
+                typer.echo(f"  base file {name} ({_human(x.size)}, {x.size} bytes)")
         typer.echo(f"{'type':<8} {'size':>14} {'stored':>14} {'referenced':>14} "
                    + (f"{'in base':>14} " if b is not None else "") + " path")
         for i in items:
@@ -757,7 +759,7 @@ def verify(
                     prog.advance(ev.length)
         if sparse_fd is not None:
             os.close(sparse_fd)
-        counts["seconds"] = time.monotonic() - t0
+        counts["seconds"] = round(time.monotonic() - t0, 2)
         if stream.base is not None:
             counts["base"] = os.fsdecode(stream.base.path)
             counts["base_files"] = len(stream.base.files)

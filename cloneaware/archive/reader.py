@@ -430,8 +430,9 @@ def read_index(f) -> Listing:
     try:
         rtype, payload, off = next(it)
     except ArchiveError as e:
-        raise TruncatedArchive(f"archive is truncated or damaged: no valid footer ({e})",
-                               size) from None
+        # one offset in the message: the footer's (issue 21, defect 17)
+        raise TruncatedArchive(f"archive is truncated or damaged: no valid footer "
+                               f"({e.reason})", size) from None
     except StopIteration:
         raise TruncatedArchive("archive is truncated: no footer", size) from None
     if rtype != fmt.T_FOOTER:

@@ -99,7 +99,7 @@ class Summary:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {**self.__dict__, "seconds": round(self.seconds, 3)}
 
 
 # --- what the walk found ------------------------------------------------------

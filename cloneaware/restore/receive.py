@@ -69,7 +69,7 @@ class RestoreSummary:
     not_exact: list[tuple[str, str]] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {**self.__dict__, "seconds": round(self.seconds, 3)}
 
 
 @dataclass(slots=True)

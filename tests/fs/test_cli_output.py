@@ -1,0 +1,47 @@
+"""What the command line prints, as a new user reads it (issue 21): numbers
+rounded, the base named, one offset per message, names that cannot be
+misread, scan's ratio without the holes, known progress totals in one unit
+system.  Run as a user runs it, on real filesystems."""
+from __future__ import annotations
+
+import re
+
+import pytest
+from helpers.cli import assert_one_line_error, cli, cli_json
+
+from cloneaware.errors import EXIT_ARCHIVE
+from cloneaware.testing import reflink_copy, rewrite_blocks, write_random
+
+pytestmark = pytest.mark.root
+
+
+def test_defect_17_rounded_seconds_the_bases_name_one_offset(btrfs_dir, tmp_path):
+    """Defect 17: verify printed "seconds 0.1482089540000402"; ls of a thin
+    backup said "base file . (67108864 bytes)"; a truncated archive's
+    message nested two offsets."""
+    g = btrfs_dir / "golden.img"
+    write_random(g, 4 << 20, 1)
+    c = btrfs_dir / "clone.img"
+    reflink_copy(g, c)
+    rewrite_blocks(c, 0.1, 2)
+    thin = tmp_path / "thin.caw"
+    cli("backup", "--base", g, "-o", thin, c, check_rc=0)
+    out = cli("verify", thin, check_rc=0).out
+    m = re.search(r"seconds (\d+(?:\.\d+)?)", out)
+    assert m and len(m.group(1).partition(".")[2]) <= 2, out
+    v = cli_json("verify", "--json", thin)
+    assert round(v["seconds"], 2) == v["seconds"], v
+    for cmd in (["backup", "--json", "-o", tmp_path / "x.caw", c], ["restore", "--json", thin,
+                                                                     tmp_path / "d",
+                                                                     "--base", g]):
+        s = cli_json(*cmd)
+        assert round(s["seconds"], 3) == s["seconds"], s
+    listing = cli("ls", thin, check_rc=0).out
+    assert f"  base file {g} (4.0 MiB, 4194304 bytes)" in listing.splitlines(), listing
+    assert "base file . " not in listing
+    cut = tmp_path / "cut.caw"
+    data = thin.read_bytes()
+    cut.write_bytes(data[:-30])
+    for cmd in ("ls", "verify"):
+        line = assert_one_line_error(cli(cmd, cut), EXIT_ARCHIVE)
+        assert line.count("archive offset") == 1, line
