@@ -252,6 +252,7 @@ def scan(
                 ("files", f"{t.files}"),
                 ("extents", f"{t.extents}"),
                 ("logical", _human(t.logical_bytes)),
+                ("holes", _human(t.logical_bytes - t.data_bytes)),
                 ("data", _human(t.data_bytes)),
                 ("physical", _human(t.physical_bytes)),
                 ("shared", _human(t.shared_bytes)),
@@ -266,7 +267,8 @@ def scan(
                               "(shared if the content matches)",
                               _human(t.encoded_candidate_bytes)))
             if t.physical_bytes:
-                rows.append(("saving", f"{t.logical_bytes / t.physical_bytes:.2f}x"))
+                rows.append(("saving (data / physical)",
+                             f"{t.data_bytes / t.physical_bytes:.2f}x"))
             if res.anchors.files:
                 rows.append(("anchors of backups (.cloneaware-anchors)",
                              f"{res.anchors.files} files pin {_human(res.anchors.pinned_bytes)}"))

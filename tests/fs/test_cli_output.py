@@ -45,3 +45,30 @@ def test_defect_17_rounded_seconds_the_bases_name_one_offset(btrfs_dir, tmp_path
     for cmd in ("ls", "verify"):
         line = assert_one_line_error(cli(cmd, cut), EXIT_ARCHIVE)
         assert line.count("archive offset") == 1, line
+
+
+def test_defect_15_scan_does_not_count_holes_as_a_saving(btrfs_dir):
+    """Defect 15: scan of sparse images said "saving 1966x", holes counted
+    as saved.  Now the saving is data bytes over physical bytes (1.00x for
+    sparse images that share nothing), and the holes are shown apart; a
+    clone family still shows its real saving."""
+    imgs = btrfs_dir / "imgs"
+    imgs.mkdir()
+    for i in range(4):
+        with open(imgs / f"disk{i}.img", "wb") as f:
+            f.truncate(1 << 30)  # 1 GiB
+            f.seek(i << 20)
+            f.write(write_bytes := bytes([i + 1]) * (128 << 10))
+    del write_bytes
+    s = cli_json("scan", "--json", imgs)
+    assert s["saving"] == pytest.approx(1.0, abs=0.01), s
+    assert s["hole_bytes"] == 4 * ((1 << 30) - (128 << 10))
+    out = cli("scan", imgs, check_rc=0).out
+    rows = dict(re.split(r"\s{2,}", ln.strip(), maxsplit=1) for ln in out.splitlines() if ln)
+    assert rows["holes"] == "4.0 GiB" and rows["saving (data / physical)"] == "1.00x", out
+    fam = btrfs_dir / "fam"
+    fam.mkdir()
+    write_random(fam / "base.img", 8 << 20, 3)
+    for i in range(3):
+        reflink_copy(fam / "base.img", fam / f"clone{i}.img")
+    assert cli_json("scan", "--json", fam)["saving"] == pytest.approx(4.0, rel=0.02)
