@@ -58,8 +58,7 @@ def test_defect_15_scan_does_not_count_holes_as_a_saving(btrfs_dir):
         with open(imgs / f"disk{i}.img", "wb") as f:
             f.truncate(1 << 30)  # 1 GiB
             f.seek(i << 20)
-            f.write(write_bytes := bytes([i + 1]) * (128 << 10))
-    del write_bytes
+            f.write(bytes([i + 1]) * (128 << 10))
     s = cli_json("scan", "--json", imgs)
     assert s["saving"] == pytest.approx(1.0, abs=0.01), s
     assert s["hole_bytes"] == 4 * ((1 << 30) - (128 << 10))
