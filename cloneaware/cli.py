@@ -736,7 +736,16 @@ def verify(
         if sparse_fd is not None:
             counts.update(sparse_ranges=0, sparse_bytes=0)
         stream = Stream(f)
-        with _progress(True, None, "verify") as prog:
+        total = None
+        if f.seekable():
+            from cloneaware.archive.reader import read_index
+
+            try:
+                total = read_index(f).footer.stored_bytes
+            except (ArchiveError, OSError):
+                pass  # the full read says what is wrong, with the offset
+            f.seek(0)
+        with _progress(True, total, "verify") as prog:
             for ev in stream.events():
                 if isinstance(ev, EntryEvent):
                     counts["entries"] += 1

@@ -225,6 +225,7 @@ class _Receiver(Restore):
                 sfd, size = sh.source(place, self)
                 self.cloner.clone_or_copy(cur.fd, sfd, place.base + lo, hi - lo, base + lo,
                                           size, cur.entry.size, cur.where, "archive")
+                self._advance(hi - lo)
                 continue
             data = sh.fetcher.get(ev.blob_id)
             if len(data) != entry.raw_length:
@@ -232,8 +233,7 @@ class _Receiver(Restore):
                                       f"{len(data)} bytes, its index says {entry.raw_length}")
             self.cloner.write(cur.fd, memoryview(data)[lo:hi], base + lo, cur.where)
             sh.cov.add(ev.blob_id, Place(self.owner, cur.entry.id, base, lo, hi))
-            if self.progress:
-                self.progress.advance(hi - lo)
+            self._advance(hi - lo)
 
     def source(self, entry: int) -> tuple[int, int]:
         """A descriptor and the size of entry ``entry`` of this restore."""
@@ -273,6 +273,10 @@ class SnapshotsRestore:
                             os.path.join(os.fsencode(d), it.path)):
                         raise UsageError(f"{os.path.join(d, os.fsdecode(it.path))} exists; "
                                          "use --force to overwrite it")
+        progress = self.kw.get("progress")
+        if progress:
+            progress.set_total(sum(read_index(io.BytesIO(m)).footer.stored_bytes
+                                   for m in manifests))
         self.fetcher = Fetcher(self.repo, plan_fetches(self.repo, manifests))
         total = RestoreSummary()
         try:

@@ -195,6 +195,9 @@ class Restore:
                 return
             listing = read_index(f)
             items = listing.items
+            if self.progress:  # what the bar counts: every byte put in a file
+                ft = listing.footer
+                self.progress.set_total(ft.stored_bytes + ft.ref_bytes + ft.base_ref_bytes)
             if listing.base is not None:
                 self.base_fds = open_base(listing.base, self.base)
         except (ArchiveError, OSError):
@@ -306,8 +309,11 @@ class Restore:
             pass
         else:
             self.cloner.write(cur.fd, ev.data, ev.offset, cur.where)
+        self._advance(len(ev.data))
+
+    def _advance(self, n: int) -> None:
         if self.progress:
-            self.progress.advance(len(ev.data))
+            self.progress.advance(n)
 
     def _encoded_write(self, cur: _Open, ev: DataEvent, x: fmt.BtrfsExtent) -> bool:
         """Write a Btrfs extent as it was stored: the same compressed bytes,
@@ -336,6 +342,7 @@ class Restore:
         sfd = cur.fd if src.id == cur.entry.id else self._src_fd(src)
         self.cloner.clone_or_copy(cur.fd, sfd, ev.source_offset, ev.length, ev.offset,
                                   src.size, cur.entry.size, cur.where, "archive")
+        self._advance(ev.length)
 
     def on_baseref(self, ev: BaseRefEvent) -> None:
         cur = self._current()
@@ -343,6 +350,7 @@ class Restore:
                                   ev.length, ev.offset, ev.base_file.size, cur.entry.size,
                                   cur.where, "base")
         self.s.base_bytes += ev.length
+        self._advance(ev.length)
 
     def on_external(self, ev: ExternalEvent) -> None:
         cur = self._current()
@@ -352,6 +360,7 @@ class Restore:
         size = os.fstat(self.external_fd).st_size
         self.cloner.clone_or_copy(cur.fd, self.external_fd, ev.offset, ev.length, ev.offset,
                                   size, cur.entry.size, cur.where, "sparse")
+        self._advance(ev.length)
 
     def on_blob(self, ev: BlobEvent) -> None:
         """A plain archive has no repository to take blobs from (the

@@ -71,3 +71,59 @@ def test_defect_15_scan_does_not_count_holes_as_a_saving(btrfs_dir):
     for i in range(3):
         reflink_copy(fam / "base.img", fam / f"clone{i}.img")
     assert cli_json("scan", "--json", fam)["saving"] == pytest.approx(4.0, rel=0.02)
+
+
+def _on_a_terminal(args: list, timeout: float = 120) -> str:
+    """Run ``cloneaware ARGS`` with its stderr on a pseudo-terminal (so the
+    progress bar is drawn); everything drawn there, escape codes removed."""
+    import os
+    import pty
+    import select
+    import time
+
+    from helpers.cli import cli_popen
+
+    master, slave = pty.openpty()
+    env = dict(os.environ, TERM="xterm", COLUMNS="160")
+    p = cli_popen(*args, stderr=slave, env=env)
+    os.close(slave)
+    got = bytearray()
+    end = time.monotonic() + timeout
+    try:
+        while time.monotonic() < end:
+            r, _, _ = select.select([master], [], [], 0.1)
+            if r:
+                try:
+                    b = os.read(master, 65536)
+                except OSError:  # EIO: the terminal's other side is closed
+                    break
+                if not b:
+                    break
+                got += b
+            elif p.poll() is not None:
+                break
+        p.wait(timeout=30)
+    finally:
+        os.close(master)
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0, got.decode(errors="replace")
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", got.decode(errors="replace"))
+
+
+def test_defect_18_progress_knows_the_total_and_speaks_binary_units(btrfs_dir, xfs_dir):
+    """Defect 18: the bar of a restore from a file showed "65.5/? MiB" though
+    the index knows the total, and its speed was in MB/s beside MiB."""
+    src = btrfs_dir / "src"
+    src.mkdir()
+    for i in range(6):
+        write_random(src / f"f{i}", 48 << 20, i)
+    arch = btrfs_dir / "a.caw"
+    cli("backup", "--compress", "none", "-o", arch, src, check_rc=0)
+    for args, total in ((["restore", arch, xfs_dir / "d"], "288.0 MiB"),
+                        (["verify", arch], "288.0 MiB")):
+        drawn = _on_a_terminal(args)
+        assert f"of {total}" in drawn, drawn[-2000:]
+        assert "/?" not in drawn and "MB/s" not in drawn and "kB/s" not in drawn, drawn[-2000:]
+        assert re.search(r"\d+\.\d (KiB|MiB|GiB)/s", drawn), drawn[-2000:]
