@@ -626,8 +626,14 @@ def _restore_report(s, as_json: bool) -> None:
 @app.command("ls", cls=_Command)
 def ls_cmd(
     targets: Annotated[list[str], typer.Argument(
-        metavar="ARCHIVE | SNAPSHOT", help="An archive file, or with -r a snapshot (id, "
-        "unique prefix, or latest).")],
+        metavar="ARCHIVE [PATH] | SNAPSHOT [PATH]",
+        help="An archive file (- for standard input, or ssh://[user@]host[:port]/path), or "
+        "with -r a snapshot (id, unique prefix, or latest); PATH: only that entry and "
+        "what is below it, named as ls shows it.")],
+    long: Annotated[bool, typer.Option(
+        "-l", "--long", help="Mode, owner and group (numbers, as stored), size, mtime (UTC), "
+        "and what a link points at, as ls -l shows them (read from each entry's record: "
+        "still no file data).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     repo: RepoOpt = None,
     password_file: PasswordOpt = None,
@@ -635,53 +641,57 @@ def ls_cmd(
     s3_endpoint: S3EndpointOpt = None,
 ) -> None:
     """List the entries of an archive from its index (reading no file data), or
-    of a repository snapshot from its manifest."""
+    of a repository snapshot from its manifest.  An archive that cannot be
+    sought (standard input, ssh://) is read whole.
+
+    Names are shown so that they cannot be misread: bytes that are not UTF-8
+    as \\xHH, other characters that are not printable as \\uXXXX, a
+    backslash as \\\\; --json gives that as "path" and the bytes themselves,
+    base64, as "path_b64"."""
     import io
 
+    from cloneaware import display
     from cloneaware.archive import format as fmt
-    from cloneaware.archive.manifest import open_any
-    from cloneaware.archive.reader import read_index
+    from cloneaware.listing import long_line, read_contents, row_json
 
     with _handled(as_json):
-        if len(targets) != 1:
-            raise UsageError("give one ARCHIVE (or -r REPO and one SNAPSHOT)")
+        if not 1 <= len(targets) <= 2:
+            raise UsageError("give one ARCHIVE and at most one PATH (or -r REPO, one "
+                             "SNAPSHOT and at most one PATH)")
         repo = _repo_for(targets, repo)
+        sub = targets[1] if len(targets) == 2 else None
         snap_info = None
         if repo:
             r = _open_repo(repo, password_file, rsh, s3_endpoint)
             try:
                 with r.lock(False, "ls"):
                     snap = r.find(targets[0])
-                    listing = read_index(io.BytesIO(r.manifest(snap)))
+                    c = read_contents(io.BytesIO(r.manifest(snap)), long)
                     snap_info = snap.to_json()
             finally:
                 r.close()
         else:
-            f, sparse_fd = open_any(targets[0])
-            if sparse_fd is not None:
-                os.close(sparse_fd)
-            if not f.seekable():
-                raise UsageError("ls needs a seekable archive file (use verify for a pipe)")
-            with f:
-                listing = read_index(f)
-        items, footer, b = listing.items, listing.footer, listing.base
+            f = _open_archive_any(targets[0], rsh)
+            try:
+                c = read_contents(f, long)
+            finally:
+                f.close()
+        rows = c.under(sub)
+        b = c.base
         if as_json:
             typer.echo(json.dumps({
                 **({"snapshot": snap_info} if snap_info else {}),
-                "version": listing.header.version,
-                "tool": listing.header.tool,
+                "version": c.header.version,
+                "tool": c.header.tool,
                 "base": None if b is None else {
-                    "path": os.fsdecode(b.path),
+                    "path": display.show(b.path),
                     "kind": "dir" if b.kind == fmt.BASE_DIR else "file",
-                    "files": [{"path": os.fsdecode(x.path), "size": x.size} for x in b.files]},
-                "entries": [{"id": i.id, "type": fmt.KIND_NAMES[i.kind],
-                             "path": os.fsdecode(i.path), "size": i.size,
-                             "stored_bytes": i.stored_bytes, "referenced_bytes": i.ref_bytes,
-                             "base_referenced_bytes": i.base_ref_bytes}
-                            for i in items],
-                "stored_bytes": footer.stored_bytes,
-                "referenced_bytes": footer.ref_bytes,
-                "base_referenced_bytes": footer.base_ref_bytes,
+                    "files": [{"path": display.show(x.path), "size": x.size}
+                              for x in b.files]},
+                "entries": [row_json(x, c, long) for x in rows],
+                "stored_bytes": c.stored_bytes,
+                "referenced_bytes": c.ref_bytes,
+                "base_referenced_bytes": c.base_ref_bytes,
             }, indent=2))
             return
         if snap_info:
@@ -690,29 +700,48 @@ def ls_cmd(
         if b is not None:
             typer.echo(f"thin backup: needs the base {os.fsdecode(b.path)!r} "
                        f"({len(b.files)} files)")
-            for x in b.files:
-                name = os.path.join(os.fsdecode(b.path), os.fsdecode(x.path)) if x.path \
-                    else os.fsdecode(b.path)
-                typer.echo(f"  base file {name} ({_human(x.size)}, {x.size} bytes)")
+            for bf in b.files:
+                name = display.show(os.path.join(b.path, bf.path) if bf.path else b.path)
+                typer.echo(f"  base file {name} ({_human(bf.size)}, {bf.size} bytes)")
+        if long:
+            for x in rows:
+                typer.echo(long_line(x, c))
+            return
         typer.echo(f"{'type':<8} {'size':>14} {'stored':>14} {'referenced':>14} "
                    + (f"{'in base':>14} " if b is not None else "") + " path")
-        for i in items:
-            p = os.fsdecode(i.path)
-            if not p.isprintable():
-                p = repr(p)
-            typer.echo(f"{fmt.KIND_NAMES[i.kind]:<8} {i.size:>14} {i.stored_bytes:>14} "
-                       f"{i.ref_bytes:>14} "
-                       + (f"{i.base_ref_bytes:>14} " if b is not None else "") + f" {p}")
+        for x in rows:
+            typer.echo(f"{fmt.KIND_NAMES[x.kind]:<8} {x.size:>14} {x.stored_bytes:>14} "
+                       f"{x.ref_bytes:>14} "
+                       + (f"{x.base_ref_bytes:>14} " if b is not None else "")
+                       + f" {display.show(x.path)}")
+
+
+def _open_archive_any(where: str, rsh: str | None):
+    """A readable file object of ARCHIVE for ls, verify and diff: a file (or
+    the manifest of a sparse thin backup), standard input, or ssh:// (read
+    whole from the other host: issue 21, defect 14)."""
+    from cloneaware.archive.manifest import open_any
+    from cloneaware.remote import client
+
+    if client.is_url(where):
+        return client.open_remote_archive(where, rsh)
+    f, sparse_fd = open_any(where)
+    if sparse_fd is not None:
+        os.close(sparse_fd)
+    return f
 
 
 @app.command(cls=_Command)
 def verify(
     archive: Annotated[str, typer.Argument(metavar="ARCHIVE",
-                                           help="Archive file, or - for standard input.")],
+                                           help="Archive file, - for standard input, or "
+                                           "ssh://[user@]host[:port]/path.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
+    rsh: RshOpt = None,
 ) -> None:
     """Check every record and every data hash; write nothing.  Exit 0 only if
-    the archive is whole."""
+    the archive is whole.  ARCHIVE may be ssh://[user@]host[:port]/path: it is
+    read from that host."""
     import time
 
     from cloneaware.archive.events import (
@@ -725,11 +754,15 @@ def verify(
     from cloneaware.archive.manifest import open_any
     from cloneaware.archive.reader import Stream
     from cloneaware.errors import ArchiveError
+    from cloneaware.remote import client
     from cloneaware.restore.base import sha256_range
 
     with _handled(as_json):
         t0 = time.monotonic()
-        f, sparse_fd = open_any(archive)
+        if client.is_url(archive):  # read whole from the other host (issue 21, defect 14)
+            f, sparse_fd = client.open_remote_archive(archive, rsh), None
+        else:
+            f, sparse_fd = open_any(archive)
         counts: dict[str, Any] = {
             "entries": 0, "data_records": 0, "ref_records": 0, "stored_bytes": 0,
             "referenced_bytes": 0, "base_ref_records": 0, "base_referenced_bytes": 0}

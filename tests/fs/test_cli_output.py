@@ -127,3 +127,46 @@ def test_defect_18_progress_knows_the_total_and_speaks_binary_units(btrfs_dir, x
         assert f"of {total}" in drawn, drawn[-2000:]
         assert "/?" not in drawn and "MB/s" not in drawn and "kB/s" not in drawn, drawn[-2000:]
         assert re.search(r"\d+\.\d (KiB|MiB|GiB)/s", drawn), drawn[-2000:]
+
+
+ODD = [b"bad\xff\xfename", b"new\nline", b"back\\slash", "caf\u00e9".encode(), b"\x01ctl",
+       b"tab\there", "zero\u200bwidth".encode()]
+
+
+def test_defect_11_names_that_are_not_utf8_are_shown_losslessly(btrfs_dir, tmp_path):
+    """Defect 11: ls printed surrogates for the bytes \\xff\\xfe, and ls --json
+    emitted lone surrogates that JSON tools turn into U+FFFD.  Now both show
+    an escaped form that maps back to the bytes, and --json adds the bytes
+    themselves in base64."""
+    import base64
+    import os
+
+    from cloneaware.display import show, unshow
+
+    top = btrfs_dir / "odd"
+    top.mkdir()
+    for n in ODD:
+        with open(os.path.join(os.fsencode(top), n), "wb") as f:
+            f.write(n)
+    os.symlink(b"bad\xff\xfename", os.path.join(os.fsencode(top), b"link\xfe"))
+    arch = tmp_path / "odd.caw"
+    cli("backup", "-o", arch, top, check_rc=0)
+    r = cli("ls", "--json", arch, check_rc=0)
+    assert b"\\ud" not in r.stdout.lower() and b"\\ufffd" not in r.stdout.lower()
+    r.stdout.decode("ascii")  # plain ASCII JSON, nothing a tool could mangle
+    got = {base64.b64decode(e["path_b64"]): e["path"] for e in r.json()["entries"]}
+    for n in ODD + [b"link\xfe"]:
+        p = b"odd/" + n
+        assert got[p] == show(p) and unshow(got[p]) == p, (p, got.get(p))
+    assert got[b"odd/bad\xff\xfename"] == "odd/bad\\xff\\xfename"
+    assert got[b"odd/new\nline"] == "odd/new\\nline"
+    assert got[b"odd/back\\slash"] == "odd/back\\\\slash"
+    assert got["odd/caf\u00e9".encode()] == "odd/caf\u00e9"
+    assert got[b"odd/\x01ctl"] == "odd/\\u0001ctl"
+    text = cli("ls", arch, check_rc=0).out
+    lines = text.splitlines()
+    assert len(lines) == 1 + 1 + len(ODD) + 1, text  # header, odd/, the names, the link
+    for n in ODD:
+        assert any(ln.endswith(" " + show(b"odd/" + n)) for ln in lines), (n, text)
+    long = cli("ls", "-l", arch, check_rc=0).out
+    assert "odd/link\\xfe -> bad\\xff\\xfename" in long, long
