@@ -18,13 +18,13 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+import cloneaware.restore.partial as partial
 from cloneaware.archive.events import BlobEvent, EntryEvent
 from cloneaware.archive.reader import Stream, read_index
 from cloneaware.errors import RepositoryError, UsageError
 from cloneaware.repo import format as rf
 from cloneaware.repo.backend import pack_name
 from cloneaware.repo.repository import Repository, Snapshot
-from cloneaware.restore import partial
 from cloneaware.restore.receive import Restore, RestoreSummary
 from cloneaware.safeio import open_beneath
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import cloneaware.restore.partial as partial
 from cloneaware import fsinfo, native
 from cloneaware.archive import format as fmt
 from cloneaware.archive.events import (
@@ -34,7 +35,6 @@ from cloneaware.archive.events import (
 from cloneaware.archive.manifest import open_manifest
 from cloneaware.archive.reader import Stream, open_archive, read_index
 from cloneaware.errors import ArchiveError, UsageError
-from cloneaware.restore import partial
 from cloneaware.restore.base import open_base, verify_ranges
 from cloneaware.restore.cloner import Cloner, Counts
 from cloneaware.restore.durable import Placer
