@@ -231,15 +231,17 @@ def scan(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object.")] = False,
     families: Annotated[int, typer.Option("--families", min=0, metavar="N",
                                           help="Show the N largest clone families.")] = 0,
-    cross: Annotated[bool, typer.Option("--cross-filesystems",
-                                        help="Descend into other mounted filesystems.")] = False,
+    one_fs: Annotated[bool, typer.Option(
+        "--one-file-system/--cross-filesystems",
+        help="Stay on the filesystem of each PATH (the default), or descend into other "
+        "mounted filesystems.")] = True,
 ) -> None:
     """Report what PATHs occupy and how much of it is shared (reads no data)."""
     from cloneaware.index.scan import scan as do_scan
 
     with _handled(as_json):
         with _progress(not as_json, None, "scanning") as prog:
-            res = do_scan(paths, one_file_system=not cross, progress=prog.advance)
+            res = do_scan(paths, one_file_system=one_fs, progress=prog.advance)
         for path, reason in res.skipped:
             _err(f"skipped {os.fsdecode(path)}: {reason}")
         for note in res.notes():
@@ -371,8 +373,28 @@ def backup(
     = "zstd",
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing archive.")]
     = False,
-    cross: Annotated[bool, typer.Option("--cross-filesystems",
-                                        help="Descend into other mounted filesystems.")] = False,
+    one_fs: Annotated[bool, typer.Option(
+        "--one-file-system/--cross-filesystems",
+        help="Stay on the filesystem of each PATH (the default: a mount point inside is "
+        "stored, not what is mounted there; Btrfs subvolumes and snapshots of the same "
+        "filesystem are always included), or descend into other mounted filesystems.")]
+    = True,
+    exclude: Annotated[list[str] | None, typer.Option(
+        "--exclude", metavar="PATTERN",
+        help="Leave out what matches (repeatable), gitignore-style: a name at any depth "
+        "(cache, *.tmp), a path as ls shows it (tree/vm/*.img), or an absolute path on this "
+        "host (/home/u/Downloads); a trailing / matches only directories.")] = None,
+    exclude_from: Annotated[list[str] | None, typer.Option(
+        "--exclude-from", metavar="FILE",
+        help="Read --exclude patterns from FILE, one a line ('#' starts a comment line); "
+        "repeatable.")] = None,
+    files_from: Annotated[list[str] | None, typer.Option(
+        "--files-from", metavar="FILE",
+        help="Read more PATHs from FILE ('-': standard input), one a line; repeatable.")]
+    = None,
+    exclude_caches: Annotated[bool, typer.Option(
+        "--exclude-caches", help="Leave out the content of directories that hold a "
+        "CACHEDIR.TAG file (the directory and the tag are kept).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout "
                                           "(stderr when the archive goes to stdout).")] = False,
     base: Annotated[str | None, typer.Option(
@@ -403,18 +425,28 @@ def backup(
     the next backup reads only what no longer shares its blocks with it."""
     from cloneaware.backup import ArchiveSink, Backup, SparseSink
     from cloneaware.backup.sinks import RecordSink, file_output
+    from cloneaware.patterns import Exclusions, read_list
     from cloneaware.remote import client
 
     with _handled(as_json, to_stderr=output == "-"):
         if output is not None and repo:
             raise UsageError("give -o ARCHIVE or -r REPO, not both")
+        paths = list(paths or [])
+        for fl in files_from or []:
+            paths += read_list(fl, "--files-from")
+        patterns = list(exclude or [])
+        for fl in exclude_from or []:
+            patterns += read_list(fl, "--exclude-from")
+        common: dict[str, Any] = dict(compress=compress, one_file_system=one_fs, warn=_err,
+                      point_in_time=not no_pit, snapshot=snapshot,
+                      exclude=Exclusions(patterns, exclude_caches))
         if output is None:
             repo = _env_repo(repo)
             if not repo:
                 raise UsageError("give -o ARCHIVE or -r REPO (or set CLONEAWARE_REPOSITORY)")
-            _backup_repo(paths or [], repo, host, tag or [], from_archive, password_file,
-                         s3_endpoint, connections, compress, cross, as_json, base, sparse,
-                         rsh, no_pit, snapshot)
+            _backup_repo(paths, repo, host, tag or [], from_archive, password_file,
+                         s3_endpoint, connections, compress, as_json, base, sparse,
+                         rsh, no_pit, common)
             return
         if from_archive is not None or host is not None or tag:
             raise UsageError("--from-archive, --host and --tag are for repositories (-r)")
@@ -429,9 +461,7 @@ def backup(
             sink = ArchiveSink(file_output(output, force),
                                "standard output" if output == "-" else output)
         with _progress(True, None, "backup") as prog:
-            s = Backup(paths, sink, compress=compress, base=base,
-                       one_file_system=not cross, progress=prog, warn=_err,
-                       point_in_time=not no_pit, snapshot=snapshot).run()
+            s = Backup(paths, sink, base=base, progress=prog, **common).run()
         d = s.as_dict()
         d["changed"] = [{"path": p, "reason": r} for p, r in s.changed]
         d["skipped"] = [{"path": p, "reason": r} for p, r in s.skipped]
@@ -444,7 +474,8 @@ def backup(
                 f"referenced {_human(s.referenced_bytes)}, "
                 + (f"in the base {_human(s.base_referenced_bytes)}, " if base else "")
                 + f"holes {_human(s.hole_bytes)}; "
-                f"archive {_human(s.archive_bytes)} in {s.seconds:.1f} s\n"
+                + (f"{s.excluded} entries excluded; " if s.excluded else "")
+                + f"archive {_human(s.archive_bytes)} in {s.seconds:.1f} s\n"
                 f"point in time: {s.captured_by_clone} files cloned, "
                 f"{s.captured_by_snapshot} from a snapshot, {s.read_live} read live"
                 + (" (" + ", ".join(f"{n} {r}" for r, n in s.read_live_reasons.items()) + ")"
@@ -454,8 +485,7 @@ def backup(
 
 
 def _backup_repo(paths, repo, host, tags, from_archive, password_file, s3_endpoint,
-                 connections, compress, cross, as_json, base, sparse, rsh, no_pit,
-                 snapshot) -> None:
+                 connections, compress, as_json, base, sparse, rsh, no_pit, common) -> None:
     """backup -r REPO: a new snapshot."""
     from cloneaware.backup import Backup
     from cloneaware.backup.workers import parse_compress
@@ -488,9 +518,7 @@ def _backup_repo(paths, repo, host, tags, from_archive, password_file, s3_endpoi
             sink = RepositorySink(r, paths, host, tags, level, connections, _err,
                                   anchors=not no_pit)
             with _progress(True, None, "backup") as prog:
-                s = Backup(paths, sink, compress=compress, one_file_system=not cross,
-                           progress=prog, warn=_err, point_in_time=not no_pit,
-                           snapshot=snapshot).run()
+                s = Backup(paths, sink, progress=prog, **common).run()
     finally:
         r.close()
     d = s.as_dict()

@@ -42,6 +42,7 @@ from cloneaware.index.plan import (
     Plan,
     data_ranges,
 )
+from cloneaware.patterns import Exclusions
 from cloneaware.source.capture import Capture
 from cloneaware.source.mapping import (
     READING_NOTE,
@@ -66,6 +67,8 @@ class Summary:
     symlinks: int = 0
     hardlinks: int = 0
     specials: int = 0
+    #: entries left out by --exclude and --exclude-caches
+    excluded: int = 0
     logical_bytes: int = 0
     stored_bytes: int = 0
     referenced_bytes: int = 0
@@ -209,7 +212,7 @@ class Backup:
     def __init__(self, paths: list, sink: Sink, compress: str = "zstd",
                  one_file_system: bool = True, progress=None, warn=None,
                  base: str | None = None, point_in_time: bool = True,
-                 snapshot: bool = False):
+                 snapshot: bool = False, exclude: Exclusions | None = None):
         self.paths = paths
         self.sink = sink
         self.codec, self.level = parse_compress(compress)
@@ -229,6 +232,7 @@ class Backup:
         self.capture = Capture(point_in_time, self.warn, place=sink.capture_dir)
         self.anchor_files: dict[int, object] = {}  # fileno -> anchor (repositories)
         self.snapshot = snapshot
+        self.exclude = exclude or Exclusions()
         self.redirect: dict[bytes, bytes] | None = None  # PATH -> its --snapshot
         #: the walk's directory descriptors, kept until the files are read
         self.dirs = Dirs()
@@ -323,7 +327,7 @@ class Backup:
         if self.base is not None:
             self._map_base(fstab, builder)
         for it in map_tree(self.paths, self.one_file_system, redirect=self.redirect,
-                           dirs=self.dirs):
+                           dirs=self.dirs, exclude=self.exclude):
             if isinstance(it, Skipped):
                 self._skip(it.path, it.reason)
             elif isinstance(it, Mapped):
@@ -344,6 +348,7 @@ class Backup:
                               "snapshot (stored as an empty directory); give it as a PATH "
                               "of its own")
                 items.append(_Other(it.node))
+        self.summary.excluded = self.exclude.count
         plan = builder.build()
         t = plan.totals
         if TREE_SEARCH.denied is not None and t.encoded_bytes > t.encoded_exact_bytes:

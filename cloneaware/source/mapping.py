@@ -23,6 +23,7 @@ from cloneaware.index.flags import (
     FILE_EXTENT_DTYPE,
     NOT_CANDIDATE,
 )
+from cloneaware.patterns import Exclusions
 from cloneaware.source.walk import Dirs, Node, walk
 
 assert EXTENT_DTYPE.itemsize == native.EXTENT_SIZE
@@ -238,16 +239,16 @@ def _fatal_io(e: OSError, path: bytes) -> None:
 
 
 def map_tree(paths: list, one_file_system: bool = True, unique_names: bool = True,
-             redirect: dict[bytes, bytes] | None = None, dirs: Dirs | None = None
-             ) -> Iterator[Item]:
+             redirect: dict[bytes, bytes] | None = None, dirs: Dirs | None = None,
+             exclude: Exclusions | None = None) -> Iterator[Item]:
     """Walk and map, yielding Mapped, Other and Skipped records in walk order
-    (``redirect``, ``dirs``: see walk)."""
+    (``redirect``, ``dirs``, ``exclude``: see walk)."""
     errors: list[Skipped] = []
 
     def on_error(p: bytes, reason: str) -> None:
         errors.append(Skipped(p, reason))
 
-    for node in walk(paths, on_error, one_file_system, unique_names, redirect, dirs):
+    for node in walk(paths, on_error, one_file_system, unique_names, redirect, dirs, exclude):
         yield from errors
         errors.clear()
         if not stat.S_ISREG(node.st.st_mode):

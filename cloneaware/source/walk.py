@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from cloneaware import fsinfo
 from cloneaware.errors import UsageError
+from cloneaware.patterns import Exclusions
 
 OnError = Callable[[bytes, str], None]
 
@@ -172,25 +173,29 @@ def _fs_key(dfd: int, name: bytes, st: os.stat_result, shown: bytes) -> str:
 
 def walk(paths: list, on_error: OnError, one_file_system: bool = True,
          unique_names: bool = True, redirect: dict[bytes, bytes] | None = None,
-         dirs: Dirs | None = None) -> Iterator[Node]:
+         dirs: Dirs | None = None, exclude: Exclusions | None = None) -> Iterator[Node]:
     """Yield a Node per entry, parents before children, in sorted name order.
     ``redirect``: read the tree of a PATH (absolute) from another place (its
     snapshot), naming its entries as if read from the PATH.  ``dirs``: the
     descriptors to walk with (the caller keeps them open to reach the nodes
-    later); by default the walk's own, closed at its end."""
+    later); by default the walk's own, closed at its end.  ``exclude``: what
+    to leave out (patterns.py); an excluded directory is not entered."""
     fsinfo.forget()  # st_dev numbers may have been reused since the last walk
     own = dirs is None
     d = Dirs() if dirs is None else dirs
     try:
-        yield from _walk(paths, on_error, one_file_system, unique_names, redirect, d)
+        yield from _walk(paths, on_error, one_file_system, unique_names, redirect, d,
+                         exclude or Exclusions())
     finally:
         if own:
             d.close()
 
 
 def _walk(paths: list, on_error: OnError, one_file_system: bool, unique_names: bool,
-          redirect: dict[bytes, bytes] | None, dirs: Dirs) -> Iterator[Node]:
+          redirect: dict[bytes, bytes] | None, dirs: Dirs, exclude: Exclusions
+          ) -> Iterator[Node]:
     for name, src in root_names(paths, unique_names):
+        shown = src  # the PATH on this host, which an absolute pattern names
         if redirect:
             src = redirect.get(src, src)
         parent, leaf = os.path.split(src)
@@ -199,6 +204,8 @@ def _walk(paths: list, on_error: OnError, one_file_system: bool, unique_names: b
             st = os.lstat(src)
         except OSError as e:
             raise _unreadable(src, e) from None
+        if exclude and exclude.skip(name, shown, stat.S_ISDIR(st.st_mode)):
+            continue
         yield Node(name, src, st, parent, leaf, dirs)
         if not stat.S_ISDIR(st.st_mode):
             continue
@@ -209,12 +216,14 @@ def _walk(paths: list, on_error: OnError, one_file_system: bool, unique_names: b
             except OSError as e:
                 raise _unreadable(src, e) from None
         dev_ok = {st.st_dev: True}
-        stack: list[tuple[bytes, bytes]] = [(name, src)]
+        stack: list[tuple[bytes, bytes, bytes]] = [(name, src, shown)]
         while stack:
-            dname, dsrc = stack.pop()
+            dname, dsrc, dshown = stack.pop()
             try:
                 with os.scandir(dirs.fd(dsrc)) as it:
                     children = sorted(os.fsencode(e.name) for e in it)
+                if exclude:
+                    children = exclude.cache_children(dirs.fd(dsrc), children)
             except OSError as e:
                 if dsrc == src:
                     raise _unreadable(src, e) from None
@@ -224,6 +233,7 @@ def _walk(paths: list, on_error: OnError, one_file_system: bool, unique_names: b
             for c in children:
                 csrc = dsrc + b"/" + c
                 cname = dname + b"/" + c
+                cshown = dshown + b"/" + c
                 try:
                     dfd = dirs.fd(dsrc)
                     cst = os.stat(c, dir_fd=dfd, follow_symlinks=False)
@@ -233,6 +243,8 @@ def _walk(paths: list, on_error: OnError, one_file_system: bool, unique_names: b
                     continue
                 if c == ANCHOR_DIR and stat.S_ISDIR(cst.st_mode) and _lexists(
                         dfd, ANCHOR_DIR + b"/" + ANCHOR_MARKER):
+                    continue
+                if exclude and exclude.skip(cname, cshown, stat.S_ISDIR(cst.st_mode)):
                     continue
                 if stat.S_ISDIR(cst.st_mode) and root_key is not None:
                     ok = dev_ok.get(cst.st_dev)
@@ -248,7 +260,7 @@ def _walk(paths: list, on_error: OnError, one_file_system: bool, unique_names: b
                         continue
                 yield Node(cname, csrc, cst, dsrc, c, dirs)
                 if stat.S_ISDIR(cst.st_mode):
-                    subdirs.append((cname, csrc))
+                    subdirs.append((cname, csrc, cshown))
             stack.extend(reversed(subdirs))
 
 
