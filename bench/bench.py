@@ -67,7 +67,7 @@ from pathlib import Path
 
 MiB = 1 << 20
 GiB = 1 << 30
-CLONEAWARE = [sys.executable, "-P", "-m", "cloneaware.cli"]
+CLONEAWARE = [sys.executable, "-P", "-m", "cloneaware"]
 
 # Targets from issue 5: ratio name -> upper bound.
 TARGETS = {

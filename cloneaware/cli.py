@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand
 
 from cloneaware import __version__
 from cloneaware.errors import (
@@ -36,6 +37,63 @@ from cloneaware.errors import (
 
 EXIT_HELP = "Exit codes: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items()) + "."
 
+def _arg_usage(p) -> str:
+    """An argument as the usage line and the help show it: the metavar it
+    was given (every argument here has one), never a type or braces."""
+    if p.metavar:
+        return p.metavar
+    name = p.name.upper() + ("..." if p.nargs != 1 else "")
+    return name if p.required else f"[{name}]"
+
+
+def help_records(cmd, ctx) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(arguments, options) of a command as (term, text), as --help and the
+    man page (tools/gen_manpage.py) show them: an option with its metavar
+    (none for a flag), an argument by its metavar; no types."""
+    args, opts = [], []
+    for p in cmd.get_params(ctx):
+        if getattr(p, "hidden", False):
+            continue
+        if p.param_type_name == "argument":
+            args.append((_arg_usage(p), (p.help or "") + ("  [required]" if p.required
+                                                         else "")))
+        else:
+            rec = p.get_help_record(ctx)
+            if rec is not None:
+                opts.append(rec)
+    return args, opts
+
+
+class _Command(TyperCommand):
+    """Plain help (defect 16 of issue 21): the usage line and the arguments
+    by their metavars, not typer's ``{paths}...`` and ``<list[str]>``."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        rv = [self.options_metavar] if self.options_metavar else []
+        rv += [_arg_usage(p) for p in self.get_params(ctx) if p.param_type_name == "argument"]
+        return rv
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        """A usage error found by click itself (a missing argument, a bad
+        value) gets the --json error object too."""
+        given = list(args)  # click's parser consumes the list
+        try:
+            return super().parse_args(ctx, args)
+        except Exception as e:
+            if "--json" in given and hasattr(e, "format_message") and hasattr(e, "exit_code"):
+                _json_error(e.format_message(), e.exit_code)
+            raise
+
+    def format_options(self, ctx, formatter) -> None:
+        args, opts = help_records(self, ctx)
+        if args:
+            with formatter.section("Arguments"):
+                formatter.write_dl(args)
+        if opts:
+            with formatter.section("Options"):
+                formatter.write_dl(opts)
+
+
 app = typer.Typer(
     name="cloneaware",
     help="Clone-aware backup and restore for reflink filesystems (Btrfs, XFS).\n\n"
@@ -43,33 +101,71 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
+    # plain click help: no rich panels, no markup eating "[user@]", paragraphs
+    # rewrapped to the terminal instead of broken where the docstring was
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
+def _write(stream_name: str, text: str) -> None:
+    """Write to sys.stdout or sys.stderr, best effort: a reader that went
+    away (``2>&1 | head -3``) or a closed descriptor must not stop a job
+    that is still running or has already committed (defect 7 of issue 21);
+    the stream is replaced by /dev/null and the job goes on."""
+    stream = getattr(sys, stream_name)
+    try:
+        stream.write(text)
+        stream.flush()
+    except (OSError, ValueError):
+        try:
+            setattr(sys, stream_name, open(os.devnull, "w"))
+        except OSError:
+            pass
+
+
 def _err(msg: str) -> None:
-    sys.stderr.write(f"cloneaware: {msg}\n")
-    sys.stderr.flush()
+    _write("stderr", f"cloneaware: {msg}\n")
+
+
+def _say(text: str, to_stderr: bool = False) -> None:
+    """A line of a job's report: on stdout (stderr when stdout carries the
+    archive), best effort like _err."""
+    _write("stderr" if to_stderr else "stdout", text + "\n")
 
 
 def _raise_interrupt(signum, frame):
     raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
 
 
+def _json_error(message: str, code: int, to_stderr: bool = False) -> None:
+    """--json on failure (defect 13 of issue 21): an object a program can
+    tell from a summary, on stdout (stderr when stdout carries the archive)."""
+    _say(json.dumps({"ok": False, "error": message, "exit": code}), to_stderr)
+
+
 @contextmanager
-def _handled() -> Iterator[None]:
-    """Map exceptions to one line and an exit code."""
-    old = signal.signal(signal.SIGTERM, _raise_interrupt)
+def _handled(as_json: bool = False, to_stderr: bool = False) -> Iterator[None]:
+    """Map exceptions to one line and an exit code, and with ``as_json`` an
+    error object too.  SIGINT and SIGTERM arrive as Interrupted (main
+    installs the handlers), never as a KeyboardInterrupt that typer would
+    turn into a silent exit."""
+
+    def fail(message: str, code: int) -> None:
+        _err(message)
+        if as_json:
+            _json_error(message, code, to_stderr)
+
     try:
         yield
     except Interrupted as e:
-        _err(str(e))
+        fail(str(e), EXIT_INTERRUPTED)
         _exit_now(EXIT_INTERRUPTED)
     except CloneawareError as e:
-        _err(str(e))
+        fail(str(e), e.exit_code)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
-        _err("interrupted by SIGINT")
+        fail("interrupted by SIGINT", EXIT_INTERRUPTED)
         _exit_now(EXIT_INTERRUPTED)
     except BrokenPipeError:
         # the reader went away (e.g. `| head`): not our error to report twice
@@ -79,10 +175,8 @@ def _handled() -> Iterator[None]:
             pass
         raise typer.Exit(EXIT_IO) from None
     except OSError as e:
-        _err(describe_oserror(e))
+        fail(describe_oserror(e), EXIT_IO)
         raise typer.Exit(EXIT_IO) from None
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 def _exit_now(code: int) -> None:
@@ -130,14 +224,17 @@ def _main(
     pass
 
 
-@app.command()
+@app.command(cls=_Command)
 def scan(
-    paths: Annotated[list[str], typer.Argument(help="Files and directories to scan.")],
+    paths: Annotated[list[str], typer.Argument(metavar="PATH...",
+                                                help="Files and directories to scan.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object.")] = False,
-    families: Annotated[int, typer.Option("--families", min=0,
+    families: Annotated[int, typer.Option("--families", min=0, metavar="N",
                                           help="Show the N largest clone families.")] = 0,
-    cross: Annotated[bool, typer.Option("--cross-filesystems",
-                                        help="Descend into other mounted filesystems.")] = False,
+    one_fs: Annotated[bool, typer.Option(
+        "--one-file-system/--cross-filesystems",
+        help="Stay on the filesystem of each PATH (the default), or descend into other "
+        "mounted filesystems.")] = True,
     save_map: Annotated[str | None, typer.Option(
         "--save-map", metavar="MAP", help="Also write the sharing map of PATHs to MAP (- for "
         "standard output): which ranges share with which, and no data; give it to "
@@ -148,7 +245,7 @@ def scan(
     """Report what PATHs occupy and how much of it is shared (reads no data)."""
     from cloneaware.index.scan import scan as do_scan
 
-    with _handled():
+    with _handled(as_json, to_stderr=save_map == "-"):
         opener = None
         if save_map is not None:
             from cloneaware.backup.sinks import file_output
@@ -157,7 +254,7 @@ def scan(
         elif force:
             raise UsageError("--force is for --save-map")
         with _progress(not as_json, None, "scanning") as prog:
-            res = do_scan(paths, one_file_system=not cross, progress=prog.advance,
+            res = do_scan(paths, one_file_system=one_fs, progress=prog.advance,
                           tree=save_map is not None)
         for path, reason in res.skipped:
             _err(f"skipped {os.fsdecode(path)}: {reason}")
@@ -194,6 +291,7 @@ def scan(
                 ("files", f"{t.files}"),
                 ("extents", f"{t.extents}"),
                 ("logical", _human(t.logical_bytes)),
+                ("holes", _human(t.logical_bytes - t.data_bytes)),
                 ("data", _human(t.data_bytes)),
                 ("physical", _human(t.physical_bytes)),
                 ("shared", _human(t.shared_bytes)),
@@ -208,7 +306,8 @@ def scan(
                               "(shared if the content matches)",
                               _human(t.encoded_candidate_bytes)))
             if t.physical_bytes:
-                rows.append(("saving", f"{t.logical_bytes / t.physical_bytes:.2f}x"))
+                rows.append(("saving (data / physical)",
+                             f"{t.data_bytes / t.physical_bytes:.2f}x"))
             if res.anchors.files:
                 rows.append(("anchors of backups (.cloneaware-anchors)",
                              f"{res.anchors.files} files pin {_human(res.anchors.pinned_bytes)}"))
@@ -239,24 +338,28 @@ def scan(
 # --- repository options, shared by the commands that take one ------------------------
 
 RepoOpt = Annotated[str | None, typer.Option(
-    "-r", "--repo", help="The repository: a directory, ssh://[user@]host[:port]/path, or "
+    "-r", "--repo", metavar="REPO",
+    help="The repository: a directory, ssh://[user@]host[:port]/path, or "
     "s3://BUCKET/PREFIX (default: $CLONEAWARE_REPOSITORY).")]
 PasswordOpt = Annotated[str | None, typer.Option(
-    "--password-file", help="Read the repository's password from the first line of this file "
+    "--password-file", metavar="FILE",
+    help="Read the repository's password from the first line of this file "
     "(else $CLONEAWARE_PASSWORD_FILE, $CLONEAWARE_PASSWORD, or a prompt).")]
 RshOpt = Annotated[str | None, typer.Option(
-    "--rsh", help="Command to reach an ssh:// target (default: $CLONEAWARE_RSH or ssh).")]
+    "--rsh", metavar="CMD",
+    help="Command to reach an ssh:// target (default: $CLONEAWARE_RSH or ssh).")]
 S3EndpointOpt = Annotated[str | None, typer.Option(
-    "--s3-endpoint", help="The S3 endpoint URL for s3:// repositories (default: "
+    "--s3-endpoint", metavar="URL", help="The S3 endpoint URL for s3:// repositories (default: "
     "$CLONEAWARE_S3_ENDPOINT, $AWS_ENDPOINT_URL, or AWS).")]
 S3ConnOpt = Annotated[int, typer.Option(
-    "--s3-connections", min=1, max=64, help="Parallel uploads and downloads for s3:// and "
+    "--s3-connections", min=1, max=64, metavar="N",
+    help="Parallel uploads and downloads for s3:// and "
     "ssh:// repositories.")]
 
 
 def _open_repo(url: str | None, password_file: str | None = None, rsh: str | None = None,
                s3_endpoint: str | None = None, connections: int = 4):
-    from cloneaware.repo.location import open_backend
+    from cloneaware.repo.connect import open_backend
     from cloneaware.repo.repository import Password, Repository
 
     if not url:
@@ -288,34 +391,60 @@ def _summary_line(d: dict) -> str:
     return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in d.items())
 
 
-@app.command()
+@app.command(cls=_Command)
 def backup(
     paths: Annotated[list[str] | None, typer.Argument(
+        metavar="[PATH]...",
         help="Files and directories; each is stored under its basename.")] = None,
     output: Annotated[str | None, typer.Option(
-        "-o", "--output", help="Archive file, or - for standard output.")] = None,
+        "-o", "--output", metavar="ARCHIVE",
+        help="Archive file, or - for standard output.")] = None,
     repo: RepoOpt = None,
     host: Annotated[str | None, typer.Option(
-        "--host", help="Repository: the host name recorded in the snapshot (default: this "
+        "--host", metavar="NAME",
+        help="Repository: the host name recorded in the snapshot (default: this "
         "host's).")] = None,
     tag: Annotated[list[str] | None, typer.Option(
-        "--tag", help="Repository: a tag for the snapshot (repeatable).")] = None,
+        "--tag", metavar="TAG", help="Repository: a tag for the snapshot (repeatable).")] = None,
     from_archive: Annotated[str | None, typer.Option(
-        "--from-archive", help="Repository: make the snapshot of this archive file instead "
+        "--from-archive", metavar="ARCHIVE",
+        help="Repository: make the snapshot of this archive file instead "
         "of PATHs.")] = None,
     password_file: PasswordOpt = None,
     s3_endpoint: S3EndpointOpt = None,
     connections: S3ConnOpt = 4,
-    compress: Annotated[str, typer.Option("--compress", help="none, zstd or zstd:LEVEL.")]
+    compress: Annotated[str, typer.Option("--compress", metavar="SPEC",
+                                          help="none, zstd or zstd:LEVEL.")]
     = "zstd",
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing archive.")]
     = False,
-    cross: Annotated[bool, typer.Option("--cross-filesystems",
-                                        help="Descend into other mounted filesystems.")] = False,
+    one_fs: Annotated[bool, typer.Option(
+        "--one-file-system/--cross-filesystems",
+        help="Stay on the filesystem of each PATH (the default: a mount point inside is "
+        "stored, not what is mounted there; Btrfs subvolumes and snapshots of the same "
+        "filesystem are always included), or descend into other mounted filesystems.")]
+    = True,
+    exclude: Annotated[list[str] | None, typer.Option(
+        "--exclude", metavar="PATTERN",
+        help="Leave out what matches (repeatable), gitignore-style: a name at any depth "
+        "(cache, *.tmp), a path as ls shows it (tree/vm/*.img), or an absolute path on this "
+        "host (/home/u/Downloads); a trailing / matches only directories.")] = None,
+    exclude_from: Annotated[list[str] | None, typer.Option(
+        "--exclude-from", metavar="FILE",
+        help="Read --exclude patterns from FILE, one a line ('#' starts a comment line); "
+        "repeatable.")] = None,
+    files_from: Annotated[list[str] | None, typer.Option(
+        "--files-from", metavar="FILE",
+        help="Read more PATHs from FILE ('-': standard input), one a line; repeatable.")]
+    = None,
+    exclude_caches: Annotated[bool, typer.Option(
+        "--exclude-caches", help="Leave out the content of directories that hold a "
+        "CACHEDIR.TAG file (the directory and the tag are kept).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout "
                                           "(stderr when the archive goes to stdout).")] = False,
     base: Annotated[str | None, typer.Option(
-        "--base", help="Thin backup: store only what PATHs do not share with BASE (a file or "
+        "--base", metavar="BASE",
+        help="Thin backup: store only what PATHs do not share with BASE (a file or "
         "a directory), plus references into BASE with the SHA-256 of each range.")] = None,
     rsh: RshOpt = None,
     sparse: Annotated[bool, typer.Option(
@@ -341,18 +470,28 @@ def backup(
     the next backup reads only what no longer shares its blocks with it."""
     from cloneaware.backup import ArchiveSink, Backup, SparseSink
     from cloneaware.backup.sinks import RecordSink, file_output
+    from cloneaware.patterns import Exclusions, read_list
     from cloneaware.remote import client
 
-    with _handled():
+    with _handled(as_json, to_stderr=output == "-"):
         if output is not None and repo:
             raise UsageError("give -o ARCHIVE or -r REPO, not both")
+        paths = list(paths or [])
+        for fl in files_from or []:
+            paths += read_list(fl, "--files-from")
+        patterns = list(exclude or [])
+        for fl in exclude_from or []:
+            patterns += read_list(fl, "--exclude-from")
+        common: dict[str, Any] = dict(compress=compress, one_file_system=one_fs, warn=_err,
+                      point_in_time=not no_pit, snapshot=snapshot,
+                      exclude=Exclusions(patterns, exclude_caches))
         if output is None:
             repo = _env_repo(repo)
             if not repo:
                 raise UsageError("give -o ARCHIVE or -r REPO (or set CLONEAWARE_REPOSITORY)")
-            _backup_repo(paths or [], repo, host, tag or [], from_archive, password_file,
-                         s3_endpoint, connections, compress, cross, as_json, base, sparse,
-                         rsh, no_pit, snapshot)
+            _backup_repo(paths, repo, host, tag or [], from_archive, password_file,
+                         s3_endpoint, connections, compress, as_json, base, sparse,
+                         rsh, no_pit, common)
             return
         if from_archive is not None or host is not None or tag:
             raise UsageError("--from-archive, --host and --tag are for repositories (-r)")
@@ -367,34 +506,31 @@ def backup(
             sink = ArchiveSink(file_output(output, force),
                                "standard output" if output == "-" else output)
         with _progress(True, None, "backup") as prog:
-            s = Backup(paths, sink, compress=compress, base=base,
-                       one_file_system=not cross, progress=prog, warn=_err,
-                       point_in_time=not no_pit, snapshot=snapshot).run()
+            s = Backup(paths, sink, base=base, progress=prog, **common).run()
         d = s.as_dict()
         d["changed"] = [{"path": p, "reason": r} for p, r in s.changed]
         d["skipped"] = [{"path": p, "reason": r} for p, r in s.skipped]
-        out = sys.stderr if output == "-" else sys.stdout
         if as_json:
-            out.write(json.dumps(d, indent=2) + "\n")
+            _say(json.dumps(d, indent=2), to_stderr=output == "-")
         elif output != "-":
-            out.write(
+            _say(
                 f"{s.files} files, {_human(s.logical_bytes)} logical, "
                 f"{_human(s.physical_bytes)} physical; stored {_human(s.stored_bytes)}, "
                 f"referenced {_human(s.referenced_bytes)}, "
                 + (f"in the base {_human(s.base_referenced_bytes)}, " if base else "")
                 + f"holes {_human(s.hole_bytes)}; "
-                f"archive {_human(s.archive_bytes)} in {s.seconds:.1f} s\n"
+                + (f"{s.excluded} entries excluded; " if s.excluded else "")
+                + f"archive {_human(s.archive_bytes)} in {s.seconds:.1f} s\n"
                 f"point in time: {s.captured_by_clone} files cloned, "
                 f"{s.captured_by_snapshot} from a snapshot, {s.read_live} read live"
                 + (" (" + ", ".join(f"{n} {r}" for r, n in s.read_live_reasons.items()) + ")"
-                   if s.read_live else "") + "\n")
+                   if s.read_live else ""))
         if s.changed or s.skipped:
             raise typer.Exit(EXIT_WARNINGS)
 
 
 def _backup_repo(paths, repo, host, tags, from_archive, password_file, s3_endpoint,
-                 connections, compress, cross, as_json, base, sparse, rsh, no_pit,
-                 snapshot) -> None:
+                 connections, compress, as_json, base, sparse, rsh, no_pit, common) -> None:
     """backup -r REPO: a new snapshot."""
     from cloneaware.backup import Backup
     from cloneaware.backup.workers import parse_compress
@@ -421,28 +557,26 @@ def _backup_repo(paths, repo, host, tags, from_archive, password_file, s3_endpoi
                         raise SharingMapGiven(from_archive) from None
                 d = {"snapshot": snap.id, **counts}
                 if as_json:
-                    typer.echo(json.dumps(d, indent=2))
+                    _say(json.dumps(d, indent=2))
                 else:
-                    typer.echo(f"snapshot {snap.short_id} of {from_archive}: {d['files']} "
-                               f"files, added {_human(d['added_bytes'])}")
+                    _say(f"snapshot {snap.short_id} of {from_archive}: {d['files']} "
+                         f"files, added {_human(d['added_bytes'])}")
                 return
             if not paths:
                 raise UsageError("give the PATHs to back up")
             sink = RepositorySink(r, paths, host, tags, level, connections, _err,
                                   anchors=not no_pit)
             with _progress(True, None, "backup") as prog:
-                s = Backup(paths, sink, compress=compress, one_file_system=not cross,
-                           progress=prog, warn=_err, point_in_time=not no_pit,
-                           snapshot=snapshot).run()
+                s = Backup(paths, sink, progress=prog, **common).run()
     finally:
         r.close()
     d = s.as_dict()
     d["changed"] = [{"path": p, "reason": r} for p, r in s.changed]
     d["skipped"] = [{"path": p, "reason": r} for p, r in s.skipped]
     if as_json:
-        typer.echo(json.dumps(d, indent=2))
+        _say(json.dumps(d, indent=2))
     else:
-        typer.echo(
+        _say(
             f"snapshot {(s.snapshot or '')[:8]}: {s.files} files, {_human(s.logical_bytes)} "
             f"logical; read {_human(s.bytes_read)}, unchanged {_human(s.unchanged_bytes)} "
             f"(not read), added {_human(s.added_bytes)} to the repository in "
@@ -451,7 +585,7 @@ def _backup_repo(paths, repo, host, tags, from_archive, password_file, s3_endpoi
         raise typer.Exit(EXIT_WARNINGS)
 
 
-@app.command()
+@app.command(cls=_Command)
 def restore(
     targets: Annotated[list[str], typer.Argument(
         metavar="ARCHIVE DEST | SNAPSHOT... DEST",
@@ -465,7 +599,8 @@ def restore(
                                         "same name.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
     base: Annotated[str | None, typer.Option(
-        "--base", help="Where the base of a thin backup is.  Its ranges are reflinked when "
+        "--base", metavar="BASE",
+        help="Where the base of a thin backup is.  Its ranges are reflinked when "
         "BASE and DEST share a filesystem, copied otherwise, and then hashed in the restored "
         "file and compared with the archive.")] = None,
     trust_base: Annotated[bool, typer.Option(
@@ -489,7 +624,7 @@ def restore(
     from cloneaware.remote import client
     from cloneaware.restore import Restore
 
-    with _handled():
+    with _handled(as_json):
         repo = _repo_for(targets, repo)
         if repo:
             if len(targets) < 2:
@@ -510,12 +645,12 @@ def restore(
             st = client.push_restore(archive, dest, force, base, trust_base, rsh)
             d = st.get("summary", {})
             if as_json:
-                typer.echo(json.dumps(d, indent=2))
+                _say(json.dumps(d, indent=2))
             else:
-                typer.echo(f"{dest}: {d.get('files', 0)} files, wrote "
-                           f"{_human(d.get('written_bytes', 0))}, reflinked "
-                           f"{_human(d.get('reflinked_bytes', 0))}, copied "
-                           f"{_human(d.get('copied_bytes', 0))} on the remote host")
+                _say(f"{dest}: {d.get('files', 0)} files, wrote "
+                     f"{_human(d.get('written_bytes', 0))}, reflinked "
+                     f"{_human(d.get('reflinked_bytes', 0))}, copied "
+                     f"{_human(d.get('copied_bytes', 0))} on the remote host")
             if d.get("not_exact"):
                 raise typer.Exit(EXIT_WARNINGS)
             return
@@ -556,9 +691,9 @@ def _restore_report(s, as_json: bool) -> None:
     d = s.as_dict()
     d["not_exact"] = [{"path": p, "reason": r} for p, r in s.not_exact]
     if as_json:
-        typer.echo(json.dumps(d, indent=2))
+        _say(json.dumps(d, indent=2))
     else:
-        typer.echo(
+        _say(
             f"{s.files} files, {_human(s.logical_bytes)} logical: wrote "
             f"{_human(s.written_bytes)}, reflinked {_human(s.reflinked_bytes)}, "
             f"copied {_human(s.copied_bytes)}, holes {_human(s.hole_bytes)}"
@@ -576,7 +711,7 @@ def _restore_report(s, as_json: bool) -> None:
         raise typer.Exit(EXIT_WARNINGS)
 
 
-@app.command()
+@app.command(cls=_Command)
 def reshare(
     targets: Annotated[list[str], typer.Argument(
         metavar="DEST | SNAPSHOT DEST",
@@ -604,7 +739,7 @@ def reshare(
     and listed.  Exit 1 when files were skipped, refused or differ."""
     from cloneaware.reshare import Reshare
 
-    with _handled():
+    with _handled(as_json):
         if repo is None and source is None and len(targets) == 2:
             repo = os.environ.get("CLONEAWARE_REPOSITORY") or None
         rs: Reshare
@@ -667,11 +802,17 @@ def reshare(
             raise typer.Exit(EXIT_WARNINGS)
 
 
-@app.command("ls")
+@app.command("ls", cls=_Command)
 def ls_cmd(
     targets: Annotated[list[str], typer.Argument(
-        metavar="ARCHIVE | SNAPSHOT", help="An archive file, or with -r a snapshot (id, "
-        "unique prefix, or latest).")],
+        metavar="ARCHIVE [PATH] | SNAPSHOT [PATH]",
+        help="An archive file (- for standard input, or ssh://[user@]host[:port]/path), or "
+        "with -r a snapshot (id, unique prefix, or latest); PATH: only that entry and "
+        "what is below it, named as ls shows it.")],
+    long: Annotated[bool, typer.Option(
+        "-l", "--long", help="Mode, owner and group (numbers, as stored), size, mtime (UTC), "
+        "and what a link points at, as ls -l shows them (read from each entry's record: "
+        "still no file data).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     repo: RepoOpt = None,
     password_file: PasswordOpt = None,
@@ -679,95 +820,148 @@ def ls_cmd(
     s3_endpoint: S3EndpointOpt = None,
 ) -> None:
     """List the entries of an archive from its index (reading no file data), or
-    of a repository snapshot from its manifest."""
+    of a repository snapshot from its manifest.  An archive that cannot be
+    sought (standard input, ssh://) is read whole.
+
+    Names are shown so that they cannot be misread: bytes that are not UTF-8
+    as \\xHH, other characters that are not printable as \\uXXXX, a
+    backslash as \\\\; --json gives that as "path" and the bytes themselves,
+    base64, as "path_b64"."""
     import io
 
+    from cloneaware import display
     from cloneaware.archive import format as fmt
-    from cloneaware.archive.reader import open_archive, read_index
+    from cloneaware.listing import long_line, read_contents, row_json
 
-    with _handled():
-        if len(targets) != 1:
-            raise UsageError("give one ARCHIVE (or -r REPO and one SNAPSHOT)")
+    with _handled(as_json):
+        if not 1 <= len(targets) <= 2:
+            raise UsageError("give one ARCHIVE and at most one PATH (or -r REPO, one "
+                             "SNAPSHOT and at most one PATH)")
         repo = _repo_for(targets, repo)
+        sub = targets[1] if len(targets) == 2 else None
         snap_info = None
         if repo:
             r = _open_repo(repo, password_file, rsh, s3_endpoint)
             try:
                 with r.lock(False, "ls"):
                     snap = r.find(targets[0])
-                    listing = read_index(io.BytesIO(r.manifest(snap)))
+                    c = read_contents(io.BytesIO(r.manifest(snap)), long)
                     snap_info = snap.to_json()
             finally:
                 r.close()
         else:
-            f = open_archive(targets[0])
-            if not f.seekable():
-                raise UsageError("ls needs a seekable archive file (use verify for a pipe)")
-            with f:
-                listing = read_index(f)
-        items, footer, b = listing.items, listing.footer, listing.base
+            f = _open_archive_any(targets[0], rsh)
+            try:
+                c = read_contents(f, long)
+            finally:
+                f.close()
+        rows = c.under(sub)
+        b = c.base
         if as_json:
             typer.echo(json.dumps({
                 **({"snapshot": snap_info} if snap_info else {}),
-                "version": listing.header.version,
-                "tool": listing.header.tool,
-                "map": listing.is_map,
+                "version": c.header.version,
+                "tool": c.header.tool,
+                "map": c.is_map,
                 "base": None if b is None else {
-                    "path": os.fsdecode(b.path),
+                    "path": display.show(b.path),
                     "kind": "dir" if b.kind == fmt.BASE_DIR else "file",
-                    "files": [{"path": os.fsdecode(x.path), "size": x.size} for x in b.files]},
-                "entries": [{"id": i.id, "type": fmt.KIND_NAMES[i.kind],
-                             "path": os.fsdecode(i.path), "size": i.size,
-                             "stored_bytes": i.stored_bytes, "referenced_bytes": i.ref_bytes,
-                             "base_referenced_bytes": i.base_ref_bytes}
-                            for i in items],
-                "stored_bytes": footer.stored_bytes,
-                "referenced_bytes": footer.ref_bytes,
-                "base_referenced_bytes": footer.base_ref_bytes,
+                    "files": [{"path": display.show(x.path), "size": x.size}
+                              for x in b.files]},
+                "entries": [row_json(x, c, long) for x in rows],
+                "stored_bytes": c.stored_bytes,
+                "referenced_bytes": c.ref_bytes,
+                "base_referenced_bytes": c.base_ref_bytes,
             }, indent=2))
             return
         if snap_info:
             typer.echo(f"snapshot {snap_info['id']} of {snap_info['hostname']} at "
                        f"{snap_info['time'][:19]}Z: {', '.join(snap_info['paths'])}")
-        if listing.is_map:
-            typer.echo(f"sharing map: no data, {_human(footer.ref_bytes)} referenced "
+        if c.is_map:
+            typer.echo(f"sharing map: no data, {_human(c.ref_bytes)} referenced "
                        "(cloneaware reshare --from uses it)")
         if b is not None:
             typer.echo(f"thin backup: needs the base {os.fsdecode(b.path)!r} "
                        f"({len(b.files)} files)")
-            for x in b.files:
-                typer.echo(f"  base file {os.fsdecode(x.path) or '.'} ({x.size} bytes)")
+            for bf in b.files:
+                name = display.show(os.path.join(b.path, bf.path) if bf.path else b.path)
+                typer.echo(f"  base file {name} ({_human(bf.size)}, {bf.size} bytes)")
+        if long:
+            for x in rows:
+                typer.echo(long_line(x, c))
+            return
         typer.echo(f"{'type':<8} {'size':>14} {'stored':>14} {'referenced':>14} "
                    + (f"{'in base':>14} " if b is not None else "") + " path")
-        for i in items:
-            p = os.fsdecode(i.path)
-            if not p.isprintable():
-                p = repr(p)
-            typer.echo(f"{fmt.KIND_NAMES[i.kind]:<8} {i.size:>14} {i.stored_bytes:>14} "
-                       f"{i.ref_bytes:>14} "
-                       + (f"{i.base_ref_bytes:>14} " if b is not None else "") + f" {p}")
+        for x in rows:
+            typer.echo(f"{fmt.KIND_NAMES[x.kind]:<8} {x.size:>14} {x.stored_bytes:>14} "
+                       f"{x.ref_bytes:>14} "
+                       + (f"{x.base_ref_bytes:>14} " if b is not None else "")
+                       + f" {display.show(x.path)}")
 
 
-@app.command()
+def _open_archive_any(where: str, rsh: str | None):
+    """A readable file object of ARCHIVE for ls, verify and diff: a file (or
+    the manifest of a sparse thin backup), standard input, or ssh:// (read
+    whole from the other host: issue 21, defect 14)."""
+    from cloneaware.archive.manifest import open_any
+    from cloneaware.remote import client
+
+    if client.is_url(where):
+        return client.open_remote_archive(where, rsh)
+    f, sparse_fd = open_any(where)
+    if sparse_fd is not None:
+        os.close(sparse_fd)
+    return f
+
+
+@app.command(cls=_Command)
 def verify(
-    archive: Annotated[str, typer.Argument(help="Archive file, or - for standard input.")],
+    archive: Annotated[str, typer.Argument(metavar="ARCHIVE",
+                                           help="Archive file, - for standard input, or "
+                                           "ssh://[user@]host[:port]/path.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
+    rsh: RshOpt = None,
 ) -> None:
     """Check every record and every data hash; write nothing.  Exit 0 only if
-    the archive is whole."""
+    the archive is whole.  ARCHIVE may be ssh://[user@]host[:port]/path: it is
+    read from that host."""
     import time
 
-    from cloneaware.archive.events import BaseRefEvent, DataEvent, EntryEvent, RefEvent
-    from cloneaware.archive.reader import Stream, open_archive
+    from cloneaware.archive.events import (
+        BaseRefEvent,
+        DataEvent,
+        EntryEvent,
+        ExternalEvent,
+        RefEvent,
+    )
+    from cloneaware.archive.manifest import open_any
+    from cloneaware.archive.reader import Stream
+    from cloneaware.errors import ArchiveError
+    from cloneaware.remote import client
+    from cloneaware.restore.base import sha256_range
 
-    with _handled():
+    with _handled(as_json):
         t0 = time.monotonic()
-        f = open_archive(archive)
+        if client.is_url(archive):  # read whole from the other host (issue 21, defect 14)
+            f, sparse_fd = client.open_remote_archive(archive, rsh), None
+        else:
+            f, sparse_fd = open_any(archive)
         counts: dict[str, Any] = {
             "entries": 0, "data_records": 0, "ref_records": 0, "stored_bytes": 0,
             "referenced_bytes": 0, "base_ref_records": 0, "base_referenced_bytes": 0}
+        if sparse_fd is not None:
+            counts.update(sparse_ranges=0, sparse_bytes=0)
         stream = Stream(f, maps=True)
-        with _progress(True, None, "verify") as prog:
+        total = None
+        if f.seekable():
+            from cloneaware.archive.reader import read_index
+
+            try:
+                total = read_index(f).footer.stored_bytes
+            except (ArchiveError, OSError):
+                pass  # the full read says what is wrong, with the offset
+            f.seek(0)
+        with _progress(True, total, "verify") as prog:
             for ev in stream.events():
                 if isinstance(ev, EntryEvent):
                     counts["entries"] += 1
@@ -781,7 +975,18 @@ def verify(
                 elif isinstance(ev, BaseRefEvent):
                     counts["base_ref_records"] += 1
                     counts["base_referenced_bytes"] += ev.length
-        counts["seconds"] = time.monotonic() - t0
+                elif isinstance(ev, ExternalEvent) and sparse_fd is not None:
+                    # a sparse thin backup: its own data is in the file, hashed here
+                    if sha256_range(sparse_fd, ev.offset, ev.length) != ev.sha256:
+                        raise ArchiveError(f"{archive}: bytes {ev.offset}-"
+                                           f"{ev.offset + ev.length} differ from the "
+                                           "manifest's SHA-256")
+                    counts["sparse_ranges"] += 1
+                    counts["sparse_bytes"] += ev.length
+                    prog.advance(ev.length)
+        if sparse_fd is not None:
+            os.close(sparse_fd)
+        counts["seconds"] = round(time.monotonic() - t0, 2)
         if stream.is_map:
             counts["map"] = True
         if stream.base is not None:
@@ -792,6 +997,9 @@ def verify(
         else:
             typer.echo(f"{'sharing map' if stream.is_map else 'archive'} is whole: "
                        f"{_summary_line({k: v for k, v in counts.items() if k != 'map'})}")
+            if sparse_fd is not None:
+                typer.echo(f"sparse thin backup: {counts['sparse_ranges']} ranges of its own "
+                           f"data ({_human(counts['sparse_bytes'])}) checked in {archive}")
             if stream.base is not None:
                 typer.echo(f"thin backup: restoring it needs the base {counts['base']!r} "
                            f"({counts['base_files']} files); their bytes are checked at "
@@ -799,7 +1007,7 @@ def verify(
 
 # --- repositories -----------------------------------------------------------------------
 
-@app.command()
+@app.command(cls=_Command)
 def init(
     repo: RepoOpt = None,
     encrypt: Annotated[bool, typer.Option(
@@ -807,16 +1015,16 @@ def init(
         "wrapped by a password (scrypt).")] = False,
     password_file: PasswordOpt = None,
     grid: Annotated[int, typer.Option(
-        "--grid", help="Blob grid in KiB: a power of two from 64 to 4096.")] = 1024,
+        "--grid", metavar="KIB", help="Blob grid in KiB: a power of two from 64 to 4096.")] = 1024,
     pack_size: Annotated[int, typer.Option(
-        "--pack-size", help="Pack size to aim at, in MiB.")] = 16,
+        "--pack-size", metavar="MIB", help="Pack size to aim at, in MiB.")] = 16,
     kdf_n: Annotated[int, typer.Option(
-        "--kdf-n", help="scrypt's N for the key (a power of two).")] = 1 << 17,
+        "--kdf-n", metavar="N", help="scrypt's N for the key (a power of two).")] = 1 << 17,
     rsh: RshOpt = None,
     s3_endpoint: S3EndpointOpt = None,
 ) -> None:
     """Make a new, empty repository (the directory or bucket prefix must be empty)."""
-    from cloneaware.repo.location import open_backend
+    from cloneaware.repo.connect import open_backend
     from cloneaware.repo.repository import Password, Repository
 
     with _handled():
@@ -835,17 +1043,18 @@ def init(
                    f"{r.config.id[:8]} at {url}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def snapshots(
     repo: RepoOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
-    host: Annotated[str | None, typer.Option("--host", help="Only this host's.")] = None,
+    host: Annotated[str | None, typer.Option("--host", metavar="NAME",
+                                                           help="Only this host's.")] = None,
     password_file: PasswordOpt = None,
     rsh: RshOpt = None,
     s3_endpoint: S3EndpointOpt = None,
 ) -> None:
     """List the snapshots of a repository, oldest first."""
-    with _handled():
+    with _handled(as_json):
         r = _open_repo(_env_repo(repo), password_file, rsh, s3_endpoint)
         try:
             snaps = [s for s in r.snapshots() if host is None or s.hostname == host]
@@ -862,18 +1071,19 @@ def snapshots(
                        f"{s.hostname:<16}  {','.join(s.tags):<12}  {', '.join(s.paths)}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def forget(
     repo: RepoOpt = None,
-    keep_last: Annotated[int, typer.Option("--keep-last", min=0,
+    keep_last: Annotated[int, typer.Option("--keep-last", min=0, metavar="N",
                                            help="Keep the N newest snapshots.")] = 0,
-    keep_daily: Annotated[int, typer.Option("--keep-daily", min=0,
+    keep_daily: Annotated[int, typer.Option("--keep-daily", min=0, metavar="N",
                                             help="Keep the newest of each of N days.")] = 0,
-    keep_weekly: Annotated[int, typer.Option("--keep-weekly", min=0,
+    keep_weekly: Annotated[int, typer.Option("--keep-weekly", min=0, metavar="N",
                                              help="Keep the newest of each of N weeks.")] = 0,
-    keep_monthly: Annotated[int, typer.Option("--keep-monthly", min=0,
+    keep_monthly: Annotated[int, typer.Option("--keep-monthly", min=0, metavar="N",
                                               help="Keep the newest of each of N months.")] = 0,
-    host: Annotated[str | None, typer.Option("--host", help="Only this host's.")] = None,
+    host: Annotated[str | None, typer.Option("--host", metavar="NAME",
+                                                           help="Only this host's.")] = None,
     do_prune: Annotated[bool, typer.Option("--prune", help="Then prune.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would go; change "
                                           "nothing.")] = False,
@@ -888,7 +1098,7 @@ def forget(
     from cloneaware.repo import maintain
     from cloneaware.repo.forget import Policy
 
-    with _handled():
+    with _handled(as_json):
         policy = Policy(keep_last, keep_daily, keep_weekly, keep_monthly)
         r = _open_repo(_env_repo(repo), password_file, rsh, s3_endpoint, connections)
         try:
@@ -920,7 +1130,7 @@ def _prune_report(pr, dry_run: bool) -> None:
                f"{_human(pr.bytes_before)} -> {_human(pr.bytes_after)}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def prune(
     repo: RepoOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would go; change "
@@ -934,7 +1144,7 @@ def prune(
     """Delete the data no snapshot needs (repacking packs that are partly needed)."""
     from cloneaware.repo import maintain
 
-    with _handled():
+    with _handled(as_json):
         r = _open_repo(_env_repo(repo), password_file, rsh, s3_endpoint, connections)
         try:
             with r.lock(True, "prune"):
@@ -947,7 +1157,7 @@ def prune(
             _prune_report(pr, dry_run)
 
 
-@app.command()
+@app.command(cls=_Command)
 def check(
     repo: RepoOpt = None,
     read_data: Annotated[bool, typer.Option(
@@ -963,7 +1173,7 @@ def check(
     from cloneaware.errors import EXIT_ARCHIVE
     from cloneaware.repo import maintain
 
-    with _handled():
+    with _handled(as_json):
         r = _open_repo(_env_repo(repo), password_file, rsh, s3_endpoint)
         try:
             with r.lock(False, "check"):
@@ -989,7 +1199,7 @@ def check(
             typer.echo("no problems found")
 
 
-@app.command()
+@app.command(cls=_Command)
 def unlock(
     repo: RepoOpt = None,
     remove_all: Annotated[bool, typer.Option(
@@ -1018,13 +1228,16 @@ def unlock(
         typer.echo(f"removed {n} locks")
 
 
-@app.command()
+@app.command(cls=_Command)
 def export(
-    snapshot: Annotated[str, typer.Argument(help="Snapshot id, unique prefix, or latest.")],
-    output: Annotated[str, typer.Option("-o", "--output", help="Archive file, or - for "
+    snapshot: Annotated[str, typer.Argument(metavar="SNAPSHOT",
+                                            help="Snapshot id, unique prefix, or latest.")],
+    output: Annotated[str, typer.Option("-o", "--output", metavar="ARCHIVE",
+                                        help="Archive file, or - for "
                                         "standard output.")],
     repo: RepoOpt = None,
-    compress: Annotated[str, typer.Option("--compress", help="none, zstd or zstd:LEVEL.")]
+    compress: Annotated[str, typer.Option("--compress", metavar="SPEC",
+                                          help="none, zstd or zstd:LEVEL.")]
     = "zstd",
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing archive.")]
     = False,
@@ -1038,7 +1251,7 @@ def export(
     from cloneaware.backup.workers import parse_compress
     from cloneaware.repo.transfer import export as do_export
 
-    with _handled():
+    with _handled(as_json, to_stderr=output == "-"):
         _codec, level = parse_compress(compress)
         opener = file_output(output, force)
         r = _open_repo(_env_repo(repo), password_file, rsh, s3_endpoint)
@@ -1054,16 +1267,16 @@ def export(
                     raise
         finally:
             r.close()
-        msg = sys.stderr if output == "-" else sys.stdout
         if as_json:
-            msg.write(json.dumps({"snapshot": snap.id, **d}, indent=2) + "\n")
+            _say(json.dumps({"snapshot": snap.id, **d}, indent=2), to_stderr=output == "-")
         elif output != "-":
-            msg.write(f"snapshot {snap.short_id} -> {output}: {d['entries']} entries, stored "
-                      f"{_human(d['stored_bytes'])}, referenced "
-                      f"{_human(d['referenced_bytes'])}\n")
+            _say(f"snapshot {snap.short_id} -> {output}: {d['entries']} entries, stored "
+                 f"{_human(d['stored_bytes'])}, referenced "
+                 f"{_human(d['referenced_bytes'])}")
 
 
 key_app = typer.Typer(help="Manage the passwords of an encrypted repository.",
+                      rich_markup_mode=None,
                       no_args_is_help=True)
 app.add_typer(key_app, name="key")
 
@@ -1076,7 +1289,7 @@ def _key_repo(repo, password_file, rsh, s3_endpoint):
     return r
 
 
-@key_app.command("list")
+@key_app.command("list", cls=_Command)
 def key_list(repo: RepoOpt = None, password_file: PasswordOpt = None, rsh: RshOpt = None,
              s3_endpoint: S3EndpointOpt = None) -> None:
     """List the key objects (one per password)."""
@@ -1095,12 +1308,14 @@ def key_list(repo: RepoOpt = None, password_file: PasswordOpt = None, rsh: RshOp
             r.close()
 
 
-@key_app.command("add")
+@key_app.command("add", cls=_Command)
 def key_add(repo: RepoOpt = None, password_file: PasswordOpt = None, rsh: RshOpt = None,
             s3_endpoint: S3EndpointOpt = None,
             new_password_file: Annotated[str | None, typer.Option(
-                "--new-password-file", help="The new password (else a prompt).")] = None,
-            kdf_n: Annotated[int, typer.Option("--kdf-n", help="scrypt's N for the new key.")]
+                "--new-password-file", metavar="FILE",
+                help="The new password (else a prompt).")] = None,
+            kdf_n: Annotated[int, typer.Option("--kdf-n", metavar="N",
+                                               help="scrypt's N for the new key.")]
             = 1 << 17) -> None:
     """Add a password: a new key object for the same master key."""
     from cloneaware.repo import keys
@@ -1114,8 +1329,9 @@ def key_add(repo: RepoOpt = None, password_file: PasswordOpt = None, rsh: RshOpt
         typer.echo(f"added key {name[5:13]}")
 
 
-@key_app.command("remove")
-def key_remove(key_id: Annotated[str, typer.Argument(help="The key's id (or a prefix).")],
+@key_app.command("remove", cls=_Command)
+def key_remove(key_id: Annotated[str, typer.Argument(metavar="KEY_ID",
+                                                     help="The key's id (or a prefix).")],
                repo: RepoOpt = None, password_file: PasswordOpt = None, rsh: RshOpt = None,
                s3_endpoint: S3EndpointOpt = None) -> None:
     """Remove a password's key object (never the one used, nor the last)."""
@@ -1130,12 +1346,14 @@ def key_remove(key_id: Annotated[str, typer.Argument(help="The key's id (or a pr
         typer.echo(f"removed key {name[5:13]}")
 
 
-@key_app.command("passwd")
+@key_app.command("passwd", cls=_Command)
 def key_passwd(repo: RepoOpt = None, password_file: PasswordOpt = None, rsh: RshOpt = None,
                s3_endpoint: S3EndpointOpt = None,
                new_password_file: Annotated[str | None, typer.Option(
-                   "--new-password-file", help="The new password (else a prompt).")] = None,
-               kdf_n: Annotated[int, typer.Option("--kdf-n", help="scrypt's N.")] = 1 << 17
+                   "--new-password-file", metavar="FILE",
+                   help="The new password (else a prompt).")] = None,
+               kdf_n: Annotated[int, typer.Option("--kdf-n", metavar="N",
+                                                              help="scrypt's N.")] = 1 << 17
                ) -> None:
     """Change the password used: add a key for the new one, remove the old one."""
     from cloneaware.repo import keys
@@ -1150,13 +1368,15 @@ def key_passwd(repo: RepoOpt = None, password_file: PasswordOpt = None, rsh: Rsh
 
 
 
-@app.command()
+@app.command(cls=_Command)
 def serve(
     restrict: Annotated[list[str] | None, typer.Option(
-        "--restrict-to-path", help="Serve only paths under this directory (repeatable).")]
+        "--restrict-to-path", metavar="DIR",
+        help="Serve only paths under this directory (repeatable).")]
     = None,
     allow: Annotated[str, typer.Option(
-        "--allow", help="Operations to serve, comma-separated: put (receive archives), get "
+        "--allow", metavar="OPS",
+        help="Operations to serve, comma-separated: put (receive archives), get "
         "(send archives), restore (restore into a directory here), repo (repositories "
         "here), repo-append (repositories, but nothing in them deleted or replaced except "
         "locks: a client cannot destroy its backups).")] = "put,get,restore,repo",
@@ -1176,13 +1396,20 @@ def serve(
 
 
 def main() -> None:
+    """The command line.  From here on SIGINT and SIGTERM raise Interrupted,
+    which every command turns into one line and exit 130 (with its temporary
+    files removed on the way out); outside a command (parsing, the imports a
+    command makes first) the same line and code come from here."""
+    signal.signal(signal.SIGINT, _raise_interrupt)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         app()
-    except KeyboardInterrupt:
-        _err("interrupted by SIGINT")
-        sys.exit(EXIT_INTERRUPTED)
-    except SystemExit:
-        raise
+    except (Interrupted, KeyboardInterrupt) as e:
+        msg = str(e) if isinstance(e, Interrupted) else "interrupted by SIGINT"
+        _err(msg)
+        if "--json" in sys.argv[1:]:
+            _json_error(msg, EXIT_INTERRUPTED)
+        _exit_now(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

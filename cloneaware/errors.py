@@ -48,6 +48,8 @@ class ArchiveError(CloneawareError):
 
     def __init__(self, message: str, offset: int | None = None):
         self.offset = offset
+        #: the message without its offset (to quote inside another one)
+        self.reason = message
         if offset is not None:
             message = f"{message} (at archive offset {offset})"
         super().__init__(message)

@@ -181,6 +181,59 @@ def btrfs_snap_destroy(dir_fd, name: bytes, path=None) -> None:
         _raise(rc, path)
 
 
+def getflags(fd, path=None) -> int:
+    """Call FS_IOC_GETFLAGS: the inode flags of fd."""
+    out = ffi.new("uint32_t *")
+    rc = lib.ca_getflags(_fd(fd), out)
+    if rc < 0:
+        _raise(rc, path)
+    return int(out[0])
+
+
+def setflags(fd, flags: int, path=None) -> None:
+    """Call FS_IOC_SETFLAGS: set the inode flags of fd (all of them)."""
+    rc = lib.ca_setflags(_fd(fd), flags)
+    if rc < 0:
+        _raise(rc, path)
+
+
+#: the read-only flag as SUBVOL_SETFLAGS takes it (1 << 1) ...
+BTRFS_SUBVOL_RDONLY = lib.BTRFS_SUBVOL_RDONLY
+#: ... and as GET_SUBVOL_INFO reports it: the root item's flags (1 << 0)
+BTRFS_ROOT_SUBVOL_RDONLY = lib.BTRFS_ROOT_SUBVOL_RDONLY
+
+
+class SubvolInfo(NamedTuple):
+    uuid: bytes
+    parent_uuid: bytes  # zeros: not a snapshot
+    flags: int  # the root item's: BTRFS_ROOT_SUBVOL_RDONLY
+
+
+def btrfs_subvol_create(dir_fd, name: bytes, path=None) -> None:
+    """Call BTRFS_IOC_SUBVOL_CREATE_V2: a new subvolume ``name`` in dir_fd."""
+    rc = lib.ca_btrfs_subvol_create(_fd(dir_fd), name)
+    if rc < 0:
+        _raise(rc, path)
+
+
+def btrfs_subvol_info(fd, path=None) -> SubvolInfo:
+    """Call BTRFS_IOC_GET_SUBVOL_INFO on a file of a subvolume."""
+    u = ffi.new("uint8_t[16]")
+    pu = ffi.new("uint8_t[16]")
+    fl = ffi.new("uint64_t *")
+    rc = lib.ca_btrfs_subvol_info(_fd(fd), u, pu, fl)
+    if rc < 0:
+        _raise(rc, path)
+    return SubvolInfo(bytes(ffi.buffer(u, 16)), bytes(ffi.buffer(pu, 16)), int(fl[0]))
+
+
+def btrfs_subvol_setflags(fd, flags: int, path=None) -> None:
+    """Call BTRFS_IOC_SUBVOL_SETFLAGS on a subvolume's root directory."""
+    rc = lib.ca_btrfs_subvol_setflags(_fd(fd), flags)
+    if rc < 0:
+        _raise(rc, path)
+
+
 def btrfs_file_extents(fd, ino: int, path=None) -> bytes:
     """Call BTRFS_IOC_TREE_SEARCH_V2 (looping) for the EXTENT_DATA items of
     inode ``ino`` in the subvolume of fd.  Returns them in file order, packed,

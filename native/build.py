@@ -25,7 +25,8 @@ ffibuilder = FFI()
 ffibuilder.cdef(_read("cloneaware.cdef"))
 ffibuilder.set_source(
     "cloneaware._native",
-    '#include "cloneaware.h"\n#include <fcntl.h>\n#include <linux/fiemap.h>\n',
+    '#include "cloneaware.h"\n#include <fcntl.h>\n#include <linux/fiemap.h>\n'
+    '#include <linux/btrfs.h>\n#include <linux/btrfs_tree.h>\n',
     sources=[os.path.relpath(os.path.join(HERE, "cloneaware.c"))],
     include_dirs=[os.path.relpath(HERE)],
     define_macros=[("CA_VERSION", f'"{_version()}"')],

@@ -212,6 +212,52 @@ int ca_btrfs_snap_destroy(int dir_fd, const char *name)
     return ioctl(dir_fd, BTRFS_IOC_SNAP_DESTROY, &args) < 0 ? -errno : 0;
 }
 
+int ca_getflags(int fd, uint32_t *flags)
+{
+    int f = 0;
+
+    if (ioctl(fd, FS_IOC_GETFLAGS, &f) < 0)
+        return -errno;
+    *flags = (uint32_t)f;
+    return 0;
+}
+
+int ca_setflags(int fd, uint32_t flags)
+{
+    int f = (int)flags;
+
+    return ioctl(fd, FS_IOC_SETFLAGS, &f) < 0 ? -errno : 0;
+}
+
+int ca_btrfs_subvol_create(int dir_fd, const char *name)
+{
+    struct btrfs_ioctl_vol_args_v2 args;
+
+    if (strlen(name) > BTRFS_SUBVOL_NAME_MAX)
+        return -ENAMETOOLONG;
+    memset(&args, 0, sizeof(args));
+    strcpy(args.name, name);
+    return ioctl(dir_fd, BTRFS_IOC_SUBVOL_CREATE_V2, &args) < 0 ? -errno : 0;
+}
+
+int ca_btrfs_subvol_info(int fd, uint8_t *uuid16, uint8_t *parent_uuid16, uint64_t *flags)
+{
+    struct btrfs_ioctl_get_subvol_info_args args;
+
+    memset(&args, 0, sizeof(args));
+    if (ioctl(fd, BTRFS_IOC_GET_SUBVOL_INFO, &args) < 0)
+        return -errno;
+    memcpy(uuid16, args.uuid, 16);
+    memcpy(parent_uuid16, args.parent_uuid, 16);
+    *flags = args.flags;
+    return 0;
+}
+
+int ca_btrfs_subvol_setflags(int fd, uint64_t flags)
+{
+    return ioctl(fd, BTRFS_IOC_SUBVOL_SETFLAGS, &flags) < 0 ? -errno : 0;
+}
+
 #define CA_SEARCH_BUF (64 * 1024)
 
 int ca_btrfs_file_extents(int fd, uint64_t ino, struct ca_file_extent **out,

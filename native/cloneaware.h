@@ -91,6 +91,19 @@ int ca_btrfs_encoded_read(int fd, uint64_t offset, void *buf, size_t buflen,
  * *meta.  Returns the bytes written or -errno. */
 int ca_btrfs_encoded_write(int fd, uint64_t offset, const void *buf, size_t buflen,
                            const struct ca_encoded *meta);
+/* FS_IOC_GETFLAGS: the inode flags of fd (an int, whatever <linux/fs.h>
+ * says of its size: the kernel reads and writes an int). */
+int ca_getflags(int fd, uint32_t *flags);
+/* FS_IOC_SETFLAGS: set the inode flags of fd to flags. */
+int ca_setflags(int fd, uint32_t flags);
+/* BTRFS_IOC_SUBVOL_CREATE_V2 on dir_fd: a new, empty subvolume named name. */
+int ca_btrfs_subvol_create(int dir_fd, const char *name);
+/* BTRFS_IOC_GET_SUBVOL_INFO on fd (any file of the subvolume): its UUID, its
+ * parent UUID (the subvolume it is a snapshot of; zeros if none) and its
+ * root item's flags (BTRFS_ROOT_SUBVOL_RDONLY, not BTRFS_SUBVOL_RDONLY). */
+int ca_btrfs_subvol_info(int fd, uint8_t *uuid16, uint8_t *parent_uuid16, uint64_t *flags);
+/* BTRFS_IOC_SUBVOL_SETFLAGS on fd (the subvolume's root): its flags. */
+int ca_btrfs_subvol_setflags(int fd, uint64_t flags);
 /* renameat2(2), for RENAME_NOREPLACE. */
 int ca_renameat2(int olddirfd, const char *oldpath, int newdirfd,
                  const char *newpath, unsigned int flags);

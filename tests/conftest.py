@@ -23,7 +23,7 @@ import pytest
 from helpers.ceph import Ceph
 from helpers.ceph import missing as ceph_missing
 from helpers.netns import SshNet, ssh_network
-from helpers.nobody import nobody  # noqa: F401  (the fixture: the CLI as uid 65534)
+from helpers.nobody import nobody  # noqa: F401 - the fixture, for every test module
 
 
 def _shadowed_by_source_tree(root: Path) -> str | None:

@@ -175,21 +175,11 @@ def option_names(cmd, ctx) -> set[str]:
 
 
 def help_records(cmd, ctx):
-    """(arguments, options): lists of (term, help) as --help shows them."""
-    args, opts = [], []
-    for p in cmd.get_params(ctx):
-        if getattr(p, "hidden", False):
-            continue
-        rec = p.get_help_record(ctx)
-        if rec is not None:   # typer with rich escapes "[" in "[default: ...]" as markup
-            rec = (rec[0], rec[1].replace("\\[", "["))
-        if is_argument(p):
-            if rec is None:
-                rec = (p.human_readable_name, "")
-            args.append(rec)
-        elif rec is not None:
-            opts.append(rec)
-    return args, opts
+    """(arguments, options): lists of (term, help) as --help shows them
+    (cloneaware.cli.help_records: metavars, no types)."""
+    from cloneaware.cli import help_records as cli_records
+
+    return cli_records(cmd, ctx)
 
 
 def check_examples(root, ctx) -> None:

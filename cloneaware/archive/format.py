@@ -14,8 +14,8 @@ from cloneaware.errors import ArchiveError
 MAGIC = b"\x89CLONEAW"
 #: A sharing map (``scan --save-map``): archive records that hold no data
 MAP_MAGIC = b"\x89CLONEAM"
-WRITE_VERSION = 4
-READ_VERSIONS = (1, 2, 3, 4)
+WRITE_VERSION = 5
+READ_VERSIONS = (1, 2, 3, 4, 5)
 HASH_SHA256 = 1
 
 T_HEADER, T_ENTRY, T_DATA, T_REF, T_END, T_INDEX, T_FOOTER = 1, 2, 3, 4, 5, 6, 7
@@ -57,13 +57,39 @@ CRC = struct.Struct("<I")
 FRAME_OVERHEAD = FRAME.size + CRC.size
 FOOTER_SIZE = FRAME_OVERHEAD + LIMITS[T_FOOTER]
 FOOTER_SIZES = {1: FRAME_OVERHEAD + LIMITS_V1[T_FOOTER], 2: FOOTER_SIZE, 3: FOOTER_SIZE,
-                4: FOOTER_SIZE}
+                4: FOOTER_SIZE, 5: FOOTER_SIZE}
 
 K_REG, K_DIR, K_SYMLINK, K_HARDLINK, K_FIFO, K_CHR, K_BLK = 1, 2, 3, 4, 5, 6, 7
 KIND_NAMES = {K_REG: "file", K_DIR: "dir", K_SYMLINK: "symlink", K_HARDLINK: "hardlink",
               K_FIFO: "fifo", K_CHR: "chardev", K_BLK: "blockdev"}
 
 EF_REFERENCED = 1
+
+#: version 5: the inode flags an ENTRY may carry (FS_IOC_GETFLAGS, <linux/fs.h>),
+#: with chattr's letter for each.  Flags a filesystem keeps for itself
+#: (extents, encryption, verity, inline data, casefold, ...) are not stored.
+IFLAG_LETTERS = {
+    0x00000001: "s", 0x00000002: "u", 0x00000004: "c", 0x00000008: "S", 0x00000010: "i",
+    0x00000020: "a", 0x00000040: "d", 0x00000080: "A", 0x00000400: "m", 0x00004000: "j",
+    0x00008000: "t", 0x00010000: "D", 0x00020000: "T", 0x00800000: "C", 0x02000000: "x",
+    0x20000000: "P",
+}
+IFLAGS_STORED = sum(IFLAG_LETTERS)
+FS_COMPR_FL, FS_IMMUTABLE_FL, FS_APPEND_FL = 0x4, 0x10, 0x20
+FS_NOCOMP_FL, FS_NOCOW_FL, FS_DAX_FL = 0x400, 0x00800000, 0x02000000
+#: set before the file holds data (Btrfs takes C only on an empty file) ...
+IFLAGS_FIRST = FS_NOCOW_FL | FS_COMPR_FL | FS_NOCOMP_FL | FS_DAX_FL
+#: ... and after everything else (nothing can be written, renamed or linked then)
+IFLAGS_LAST = FS_IMMUTABLE_FL | FS_APPEND_FL
+
+
+def iflag_letters(flags: int) -> str:
+    """chattr's letters for inode flags, in chattr's order of the table."""
+    return "".join(ch for bit, ch in IFLAG_LETTERS.items() if flags & bit)
+
+
+#: version 5: what a DIR entry says of a Btrfs subvolume
+SV_SUBVOLUME, SV_READONLY, SV_SNAPSHOT = 1, 2, 4
 CODEC_NONE, CODEC_ZSTD = 0, 1
 #: version 4: one Btrfs compressed extent as it is on disk (docs/FORMAT.md)
 CODEC_BTRFS = 2
@@ -73,13 +99,18 @@ BTRFS_ZLIB, BTRFS_ZSTD, BTRFS_LZO_4K, BTRFS_LZO_64K = 1, 2, 3, 7
 #: the most file data, and the most encoded bytes, of one extent
 BTRFS_EXTENT_MAX = 128 << 10
 
-PATH_MAX = 4096
+#: the longest path in an archive: 65535 bytes from version 5 on (a tree may
+#: be deeper than the kernel's PATH_MAX; it is walked and restored by
+#: directory descriptor), 4096 before
+PATH_MAX = 65535
+PATH_MAX_V4 = 4096
 NAME_MAX = 255
 XATTR_VALUE_MAX = 64 << 10
 SIZE_MAX = (1 << 63) - 1
 
 _HEADER = struct.Struct("<IB3xq")
-_ENTRY = struct.Struct("<QBBHIIIqqQQQ")
+_ENTRY_V4 = struct.Struct("<QBBHIIIqqQQQ")
+_ENTRY = struct.Struct("<QBBHIIIqqQQQIB3xQ")
 _DATA = struct.Struct("<QIB3x32s")
 _ENCODED = struct.Struct("<IIB3x")
 _REF = struct.Struct("<QQQQ")
@@ -235,11 +266,19 @@ class Entry:
     target: bytes = b""
     xattrs: list[tuple[bytes, bytes]] = field(default_factory=list)
     eflags: int = 0
+    #: version 5: inode flags (IFLAGS_STORED bits), REG and DIR only
+    iflags: int = 0
+    #: version 5: SV_* bits of a DIR that is a Btrfs subvolume, and with
+    #: SV_SNAPSHOT the id of the earlier subvolume entry it is a snapshot of
+    subvol: int = 0
+    origin: int = 0
 
-    def encode(self) -> bytes:
+    def encode(self, version: int = WRITE_VERSION) -> bytes:
+        fixed = (self.id, self.kind, self.eflags, 0, self.mode, self.uid, self.gid,
+                 self.atime_ns, self.mtime_ns, self.size, self.rdev, self.link)
         parts = [
-            _ENTRY.pack(self.id, self.kind, self.eflags, 0, self.mode, self.uid, self.gid,
-                        self.atime_ns, self.mtime_ns, self.size, self.rdev, self.link),
+            _ENTRY.pack(*fixed, self.iflags, self.subvol, self.origin) if version >= 5
+            else _ENTRY_V4.pack(*fixed),
             _U16.pack(len(self.path)), self.path,
             _U16.pack(len(self.target)), self.target,
             _U32.pack(len(self.xattrs)),
@@ -249,10 +288,27 @@ class Entry:
         return b"".join(parts)
 
     @classmethod
-    def decode(cls, buf, offset: int) -> Entry:
+    def decode(cls, buf, offset: int, version: int = WRITE_VERSION) -> Entry:
         c = _Cursor(buf, offset, "ENTRY")
-        (eid, kind, eflags, _r, mode, uid, gid, atime, mtime, size, rdev,
-         link) = c.unpack(_ENTRY)
+        iflags = subvol = origin = 0
+        if version >= 5:
+            (eid, kind, eflags, _r, mode, uid, gid, atime, mtime, size, rdev,
+             link, iflags, subvol, origin) = c.unpack(_ENTRY)
+        else:
+            (eid, kind, eflags, _r, mode, uid, gid, atime, mtime, size, rdev,
+             link) = c.unpack(_ENTRY_V4)
+        if iflags & ~IFLAGS_STORED:
+            c.fail(f"inode flags {iflags & ~IFLAGS_STORED:#x} are not defined")
+        if iflags and kind not in (K_REG, K_DIR):
+            c.fail("only regular files and directories have inode flags")
+        if subvol:
+            if kind != K_DIR or subvol & ~(SV_SUBVOLUME | SV_READONLY | SV_SNAPSHOT) \
+                    or not subvol & SV_SUBVOLUME:
+                c.fail(f"subvolume bits {subvol:#x} are not those of a subvolume directory")
+            if subvol & SV_SNAPSHOT and origin >= eid:
+                c.fail(f"a snapshot of entry {origin}, which does not come before it")
+        if origin and not subvol & SV_SNAPSHOT:
+            c.fail("an origin without the snapshot bit")
         if kind not in KIND_NAMES:
             c.fail(f"unknown entry kind {kind}")
         if mode > 0o7777:
@@ -261,9 +317,9 @@ class Entry:
             c.fail(f"size {size} is too large")
         if kind != K_REG and size:
             c.fail("only regular files have a size")
-        path = c.bytes16(PATH_MAX)
-        check_path(path, offset)
-        target = c.bytes16(PATH_MAX)
+        path = c.bytes16(path_max(version))
+        check_path(path, offset, version)
+        target = c.bytes16(PATH_MAX_V4)
         if kind == K_SYMLINK and (not target or b"\0" in target):
             c.fail("symlink target is empty or holds NUL")
         if kind != K_SYMLINK and target:
@@ -284,15 +340,22 @@ class Entry:
             xattrs.append((name, c.take(vlen)))
         c.done()
         return cls(eid, kind, path, mode, uid, gid, atime, mtime, size, rdev, link,
-                   target, xattrs, eflags)
+                   target, xattrs, eflags, iflags, subvol, origin)
 
 
-def check_path(path: bytes, offset: int | None = None) -> list[bytes]:
+def path_max(version: int) -> int:
+    """The longest path an archive of this version holds."""
+    return PATH_MAX if version >= 5 else PATH_MAX_V4
+
+
+def check_path(path: bytes, offset: int | None = None, version: int = WRITE_VERSION
+               ) -> list[bytes]:
     """Components of an archive path, or ArchiveError if it is not a clean
-    relative path (absolute, '..', '.', empty components, NUL, too long)."""
+    relative path (absolute, '..', '.', empty components, NUL, too long for
+    the archive's version)."""
     if not path:
         raise ArchiveError("empty path", offset)
-    if len(path) > PATH_MAX:
+    if len(path) > path_max(version):
         raise ArchiveError("path too long", offset)
     if b"\0" in path:
         raise ArchiveError(f"path {path!r} contains NUL", offset)
@@ -433,6 +496,7 @@ class IndexItem:
 
 
 def decode_index(buf, offset: int, version: int = WRITE_VERSION) -> list[IndexItem]:
+    """The items of an INDEX record (their paths are checked by the caller)."""
     c = _Cursor(buf, offset, "INDEX")
     items = []
     while c.pos < len(buf):
@@ -441,7 +505,7 @@ def decode_index(buf, offset: int, version: int = WRITE_VERSION) -> list[IndexIt
             v = (i, k, size, stored, ref, 0, off)
         else:
             v = c.unpack(_INDEX_ITEM)
-        path = c.bytes16(PATH_MAX)
+        path = c.bytes16(path_max(version))
         if v[1] not in KIND_NAMES:
             c.fail(f"unknown entry kind {v[1]}")
         items.append(IndexItem(*v, path))
@@ -516,7 +580,7 @@ class Base:
         return out
 
     @classmethod
-    def decode(cls, buf, offset: int) -> Base:
+    def decode(cls, buf, offset: int, version: int = WRITE_VERSION) -> Base:
         c = _Cursor(buf, offset, "BASE")
         path = c.bytes16(PATH_MAX)
         if not path or b"\0" in path:
@@ -527,9 +591,9 @@ class Base:
         b = cls(path, kind)
         while c.pos < len(buf):
             number, size = c.unpack(_BASE_ITEM)
-            rel = c.bytes16(PATH_MAX)
+            rel = c.bytes16(path_max(version))
             if kind == BASE_DIR:
-                check_path(rel, offset)
+                check_path(rel, offset, version)
             elif rel:
                 c.fail("a file base has no relative paths")
             if size > SIZE_MAX:

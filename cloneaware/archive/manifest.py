@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 
 from cloneaware.archive import format as fmt
 from cloneaware.errors import ArchiveError
@@ -34,6 +35,9 @@ def open_manifest(path: str) -> tuple[io.BytesIO, int] | None:
     except OSError:
         return None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a directory, a device: not ours
+            os.close(fd)
+            return None
         head = os.pread(fd, len(fmt.MAGIC), 0)
         if head in (fmt.MAGIC, fmt.MAP_MAGIC):
             os.close(fd)
@@ -58,3 +62,16 @@ def open_manifest(path: str) -> tuple[io.BytesIO, int] | None:
         except OSError:
             pass
         raise
+
+
+def open_any(path: str):
+    """(a file object of ARCHIVE, a descriptor of the sparse file or None):
+    the archive itself, or the manifest of a sparse thin backup (for ls and
+    verify, which read it as they read any archive)."""
+    from cloneaware.archive.reader import open_archive
+
+    if path not in ("", "-"):
+        got = open_manifest(path)
+        if got is not None:
+            return got
+    return open_archive(path), None

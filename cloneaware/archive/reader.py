@@ -232,7 +232,7 @@ class Stream:
             if rtype == fmt.T_BASE:
                 if self.entries or index_start is not None:
                     raise ArchiveError("BASE record after the first entry", off)
-                b = fmt.Base.decode(payload, off)
+                b = fmt.Base.decode(payload, off, version)
                 if self.base is None:
                     self.base = fmt.Base(b.path, b.kind)
                 elif (b.path, b.kind) != (self.base.path, self.base.kind):
@@ -245,7 +245,7 @@ class Stream:
             elif rtype == fmt.T_ENTRY:
                 if cur is not None:
                     raise ArchiveError("ENTRY before the END of the previous file", off)
-                e = fmt.Entry.decode(payload, off)
+                e = fmt.Entry.decode(payload, off, version)
                 self._check_entry(e, off)
                 self.entries.append(e)
                 self.by_path[e.path] = e.id
@@ -353,6 +353,9 @@ class Stream:
             if pid is None or self.entries[pid].kind != fmt.K_DIR:
                 raise ArchiveError(f"parent of {os.fsdecode(e.path)!r} is not a directory "
                                    "earlier in the archive", off)
+        if e.subvol & fmt.SV_SNAPSHOT and not self.entries[e.origin].subvol & fmt.SV_SUBVOLUME:
+            raise ArchiveError(f"{os.fsdecode(e.path)!r} is a snapshot of entry {e.origin}, "
+                               "which is not a subvolume", off)
         if e.kind == fmt.K_HARDLINK:
             if e.link >= e.id or self.entries[e.link].kind != fmt.K_REG \
                     or e.link not in self.complete:
@@ -460,11 +463,13 @@ def open_archive(path: str):
     """A binary file object for ARCHIVE ('-' is standard input)."""
     if path == "-":
         return sys.stdin.buffer
+    if not path:
+        raise UsageError("an empty path was given as the archive")
     try:
         return open(path, "rb", buffering=1 << 20)
     except IsADirectoryError:
-        raise ArchiveError(f"{path} is a directory, not an archive") from None
-    except FileNotFoundError:
+        raise UsageError(f"{path}: is a directory, not an archive") from None
+    except (FileNotFoundError, NotADirectoryError):
         raise UsageError(f"{path}: no such archive") from None
 
 
@@ -485,7 +490,7 @@ def read_index(f) -> Listing:
     for rtype, payload, off in recs:  # BASE records, if any, follow the header
         if rtype != fmt.T_BASE:
             break
-        b = fmt.Base.decode(payload, off)
+        b = fmt.Base.decode(payload, off, version)
         if base is None:
             base = b
         else:
@@ -502,8 +507,9 @@ def read_index(f) -> Listing:
     try:
         rtype, payload, off = next(it)
     except ArchiveError as e:
-        raise TruncatedArchive(f"archive is truncated or damaged: no valid footer ({e})",
-                               size) from None
+        # one offset in the message: the footer's (issue 21, defect 17)
+        raise TruncatedArchive(f"archive is truncated or damaged: no valid footer "
+                               f"({e.reason})", size) from None
     except StopIteration:
         raise TruncatedArchive("archive is truncated: no footer", size) from None
     if rtype != fmt.T_FOOTER:
@@ -522,13 +528,14 @@ def read_index(f) -> Listing:
         items.extend(fmt.decode_index(rec[1], rec[2], version))
     if len(items) != footer.entries:
         raise ArchiveError("index and footer disagree on the number of entries", foff)
-    check_index_items(items, footer.index_offset)
+    check_index_items(items, footer.index_offset, version)
     if is_map and (base is not None or footer.stored_bytes or footer.base_ref_bytes):
         raise ArchiveError("a sharing map that says it holds data", foff)
     return Listing(header, items, footer, base, is_map)
 
 
-def check_index_items(items: list[fmt.IndexItem], offset: int) -> None:
+def check_index_items(items: list[fmt.IndexItem], offset: int,
+                      version: int = fmt.WRITE_VERSION) -> None:
     """The rules ENTRY records obey, applied to the index, so that ``ls``
     shows nothing a restore would refuse: ids in sequence, clean and unique
     paths, parents that are directories earlier in the index."""
@@ -536,7 +543,7 @@ def check_index_items(items: list[fmt.IndexItem], offset: int) -> None:
     for n, it in enumerate(items):
         if it.id != n:
             raise ArchiveError(f"index item {it.id} out of sequence (expected {n})", offset)
-        fmt.check_path(it.path, offset)
+        fmt.check_path(it.path, offset, version)
         if it.path in kinds:
             raise ArchiveError(f"duplicate entry {os.fsdecode(it.path)!r} in the index", offset)
         parent = it.path.rpartition(b"/")[0]

@@ -9,6 +9,7 @@ import stat
 
 import numpy as np
 
+from cloneaware import native
 from cloneaware.archive import format as fmt
 from cloneaware.source.walk import Node
 
@@ -41,6 +42,18 @@ def read_xattrs(target: bytes | int, follow: bool = False) -> list[tuple[bytes, 
             raise
         out.append((bn, v))
     return out
+
+
+def read_iflags(fd: int) -> int:
+    """The inode flags of fd that an archive stores (docs/FORMAT.md, "Inode
+    flags"); 0 where the filesystem has none (FS_IOC_GETFLAGS refused)."""
+    try:
+        return native.getflags(fd) & fmt.IFLAGS_STORED
+    except OSError as e:
+        if e.errno in (errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS,
+                       errno.EPERM, errno.EACCES):
+            return 0
+        raise
 
 
 def entry_for(node: Node, kind: int, st: os.stat_result) -> fmt.Entry:

@@ -19,10 +19,17 @@ from typing import NamedTuple
 
 import numpy as np
 
-from cloneaware import fsinfo
+from cloneaware import fsinfo, native
 from cloneaware.archive import format as fmt
 from cloneaware.archive.writer import Writer
-from cloneaware.backup.meta import entry_for, kind_of, map_digest, read_xattrs, same_stat
+from cloneaware.backup.meta import (
+    entry_for,
+    kind_of,
+    map_digest,
+    read_iflags,
+    read_xattrs,
+    same_stat,
+)
 from cloneaware.backup.sinks import Sink
 from cloneaware.backup.workers import BaseCheck, Chunk, Workers, parse_compress
 from cloneaware.errors import UsageError
@@ -35,6 +42,7 @@ from cloneaware.index.plan import (
     Plan,
     data_ranges,
 )
+from cloneaware.patterns import Exclusions
 from cloneaware.source.capture import Capture
 from cloneaware.source.mapping import (
     READING_NOTE,
@@ -46,8 +54,8 @@ from cloneaware.source.mapping import (
     map_tree,
     open_source,
 )
-from cloneaware.source.snapshot import Snapshots, is_nested_subvolume
-from cloneaware.source.walk import Node
+from cloneaware.source.snapshot import SUBVOL_ROOT_INO, Snapshots, is_nested_subvolume
+from cloneaware.source.walk import Dirs, Node
 
 
 @dataclass
@@ -59,6 +67,8 @@ class Summary:
     symlinks: int = 0
     hardlinks: int = 0
     specials: int = 0
+    #: entries left out by --exclude and --exclude-caches
+    excluded: int = 0
     logical_bytes: int = 0
     stored_bytes: int = 0
     referenced_bytes: int = 0
@@ -92,7 +102,7 @@ class Summary:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {**self.__dict__, "seconds": round(self.seconds, 3)}
 
 
 # --- what the walk found ------------------------------------------------------
@@ -120,8 +130,12 @@ class _Other:
 @dataclass(slots=True)
 class _BaseFile:
     rel: bytes  # path inside the base ('' when the base is a file)
-    src: bytes
+    node: Node
     st: os.stat_result
+
+    @property
+    def src(self) -> bytes:
+        return self.node.src
 
 
 # --- what one file's pieces become, in file order ------------------------------
@@ -200,7 +214,7 @@ class Backup:
     def __init__(self, paths: list, sink: Sink, compress: str = "zstd",
                  one_file_system: bool = True, progress=None, warn=None,
                  base: str | None = None, point_in_time: bool = True,
-                 snapshot: bool = False):
+                 snapshot: bool = False, exclude: Exclusions | None = None):
         self.paths = paths
         self.sink = sink
         self.codec, self.level = parse_compress(compress)
@@ -220,7 +234,18 @@ class Backup:
         self.capture = Capture(point_in_time, self.warn, place=sink.capture_dir)
         self.anchor_files: dict[int, object] = {}  # fileno -> anchor (repositories)
         self.snapshot = snapshot
+        self.exclude = exclude or Exclusions()
         self.redirect: dict[bytes, bytes] | None = None  # PATH -> its --snapshot
+        #: the walk's directory descriptors, kept until the files are read
+        self.dirs = Dirs()
+        #: subvolumes stored so far, by UUID (a later snapshot of one names it)
+        self._subvol_ids: dict[bytes, int] = {}
+        self._uuid: bytes | None = None  # of the directory _dir_info looked at last
+
+    @property
+    def _unredirect(self) -> dict[bytes, bytes]:
+        """--snapshot: each snapshot's path -> the PATH it was taken of."""
+        return {v: k for k, v in (self.redirect or {}).items()}
 
     def _skip(self, path: bytes, reason: str) -> None:
         self.summary.skipped.append((os.fsdecode(path), reason))
@@ -232,11 +257,14 @@ class Backup:
 
     def run(self) -> Summary:
         t0 = time.monotonic()
-        if not self.snapshot:
-            return self._run(t0)
-        with Snapshots(self.paths, self.warn) as snaps:
-            self.redirect = snaps.redirect
-            return self._run(t0)
+        try:
+            if not self.snapshot:
+                return self._run(t0)
+            with Snapshots(self.paths, self.warn) as snaps:
+                self.redirect = snaps.redirect
+                return self._run(t0)
+        finally:
+            self.dirs.close()
 
     def _run(self, t0: float) -> Summary:
         items, plan = self._map()
@@ -283,7 +311,7 @@ class Backup:
         for n in sorted(self.used_base):
             bf = self.base_files[n]
             try:
-                now = os.stat(bf.src, follow_symlinks=False)
+                now = bf.node.lstat()
             except OSError:
                 now = None
             if now is None or not same_stat(now, bf.st):
@@ -300,7 +328,8 @@ class Backup:
         self.anchor_files = self.sink.prepare(fstab, builder)
         if self.base is not None:
             self._map_base(fstab, builder)
-        for it in map_tree(self.paths, self.one_file_system, redirect=self.redirect):
+        for it in map_tree(self.paths, self.one_file_system, redirect=self.redirect,
+                           dirs=self.dirs, exclude=self.exclude):
             if isinstance(it, Skipped):
                 self._skip(it.path, it.reason)
             elif isinstance(it, Mapped):
@@ -321,6 +350,7 @@ class Backup:
                               "snapshot (stored as an empty directory); give it as a PATH "
                               "of its own")
                 items.append(_Other(it.node))
+        self.summary.excluded = self.exclude.count
         plan = builder.build()
         t = plan.totals
         if TREE_SEARCH.denied is not None and t.encoded_bytes > t.encoded_exact_bytes:
@@ -330,6 +360,8 @@ class Backup:
     def _map_base(self, fstab: FsTable, builder: IndexBuilder) -> None:
         """Map the base first, so that it owns every range it shares."""
         assert self.base is not None
+        if not self.base:
+            raise UsageError("an empty path was given as --base")
         base = os.fsencode(self.base)
         try:
             bst = os.stat(base)
@@ -340,14 +372,14 @@ class Backup:
         elif not stat.S_ISREG(bst.st_mode):
             raise UsageError(f"base {self.base} is neither a file nor a directory")
         base = os.path.realpath(base)
-        for it in map_tree([base], self.one_file_system):
+        for it in map_tree([base], self.one_file_system, dirs=self.dirs):
             if isinstance(it, Skipped):
                 self._skip(it.path, f"base file not usable: {it.reason}")
             elif isinstance(it, Mapped):
                 node = it.node
                 rel = node.name.partition(b"/")[2] if self.base_kind == fmt.BASE_DIR else b""
                 fileno = builder.add(fstab.number(it.fs), node.st.st_size, it.ext)
-                self.base_files[fileno] = _BaseFile(rel, node.src, node.st)
+                self.base_files[fileno] = _BaseFile(rel, node, node.st)
         if not self.base_files:
             raise UsageError(f"base {self.base} holds no regular file")
 
@@ -364,6 +396,8 @@ class Backup:
                 if e is not None:
                     w.entry(e)
                     entry_of_item[n] = e.id
+                    if e.subvol and self._uuid is not None:
+                        self._subvol_ids[self._uuid] = e.id
                 continue
             if isinstance(item, _Link):
                 target = entry_of_item.get(item.first)
@@ -392,13 +426,15 @@ class Backup:
         e = entry_for(node, kind, st)
         try:
             if kind == fmt.K_SYMLINK:
-                e.target = os.readlink(node.src)
+                e.target = node.readlink()
                 s.symlinks += 1
             if kind in (fmt.K_CHR, fmt.K_BLK):
                 e.rdev = st.st_rdev
             if kind in (fmt.K_FIFO, fmt.K_CHR, fmt.K_BLK):
                 s.specials += 1
-            e.xattrs = read_xattrs(node.src)
+            e.xattrs = read_xattrs(node.proc_path())
+            if kind == fmt.K_DIR:
+                self._dir_info(node, e)
         except FileNotFoundError:
             self._changed(node.src, "vanished before it was read")
             return None
@@ -406,6 +442,45 @@ class Backup:
             self._skip(node.src, ex.strerror or str(ex))
             return None
         return e
+
+    def _dir_info(self, node: Node, e: fmt.Entry) -> None:
+        """What only a descriptor of the directory tells: its inode flags, and
+        whether it is a Btrfs subvolume (read-only? a snapshot of one stored
+        earlier?).  A directory that cannot be opened (no read permission)
+        has none stored."""
+        self._uuid = None
+        try:
+            fd = node.open(os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except PermissionError:
+            return
+        try:
+            e.iflags = read_iflags(fd)
+            if node.st.st_ino != SUBVOL_ROOT_INO:
+                return
+            orig = self._unredirect.get(node.src)
+            try:
+                if orig is not None:  # --snapshot: say what the PATH is, not its snapshot
+                    ofd = os.open(orig, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                    try:
+                        info = native.btrfs_subvol_info(ofd, node.src)
+                    finally:
+                        os.close(ofd)
+                else:
+                    info = native.btrfs_subvol_info(fd, node.src)
+            except OSError as ex:
+                if ex.errno in (errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM):
+                    return  # inode 256 of another filesystem, or an old kernel
+                raise
+        finally:
+            os.close(fd)
+        e.subvol = fmt.SV_SUBVOLUME
+        if info.flags & native.BTRFS_ROOT_SUBVOL_RDONLY:
+            e.subvol |= fmt.SV_READONLY
+        origin = self._subvol_ids.get(info.parent_uuid) if any(info.parent_uuid) else None
+        if origin is not None:
+            e.subvol |= fmt.SV_SNAPSHOT
+            e.origin = origin
+        self._uuid = info.uuid
 
     def _invalidate(self, item: _File) -> None:
         if item.fileno >= 0:
@@ -416,7 +491,7 @@ class Backup:
         s = self.summary
         node = item.node
         try:
-            fd = open_source(node.src)
+            fd = open_source(node)
         except FileNotFoundError:
             self._changed(node.src, "vanished before it was read")
             self._invalidate(item)
@@ -439,11 +514,13 @@ class Backup:
                 self.capture.counts.by_snapshot += 1  # read-only: nothing writes it
             else:
                 got = self.capture.clone(fd, node.src, st.st_size,
-                                         fsinfo.fs_info(fd, st.st_dev, node.src))
+                                         fsinfo.fs_info(fd, st.st_dev, node.src),
+                                         dir_fd=node.dir_fd())
                 if isinstance(got, str):
                     e = entry_for(node, fmt.K_REG, st)
                     e.size = st.st_size
                     e.xattrs = read_xattrs(fd)
+                    e.iflags = read_iflags(fd)
                     if item.fileno in referenced:
                         e.eflags |= fmt.EF_REFERENCED
                     if self.sink.unchanged(node, st, e):
@@ -492,6 +569,7 @@ class Backup:
             e = entry_for(node, fmt.K_REG, st)
             e.size = size
             e.xattrs = read_xattrs(fd)
+            e.iflags = read_iflags(fd)
             if item.fileno in referenced and not stale_plan:
                 e.eflags |= fmt.EF_REFERENCED
             self.sink.file_entry(e, st)
@@ -596,8 +674,12 @@ class Backup:
             if isinstance(op, (_BaseRef, _CheckRef)):
                 return workers.submit(workers.hash_job, fd, op.offset, op.length)
             if isinstance(op, _CheckBase):
+                try:  # here, not on a worker: the walk's descriptors are not shared
+                    bfd: int | None = open_source(self.base_files[op.base].node)
+                except OSError:
+                    bfd = None  # unreadable: the range is stored rather than fail the backup
                 return workers.submit(workers.base_check_job, fd, op.offset, op.length,
-                                      self.base_files[op.base].src, op.base_offset)
+                                      bfd, op.base_offset)
             return None
 
         short = False

@@ -74,6 +74,8 @@ def file_output(target: str, force: bool = False) -> Callable[[], Output]:
     under a temporary name and renamed into place when whole."""
     if target == "-":
         return _Stdout
+    if not target:
+        raise UsageError("an empty path was given as the archive (-o)")
     _check_target(target, force)
     return lambda: AtomicFile(target, replace=force)
 
@@ -206,17 +208,24 @@ class SparseSink(RecordSink):
             raise UsageError(f"--sparse takes a regular file; {paths[0]} is not one")
         if target == "-":
             raise UsageError("--sparse writes a file; it cannot go to standard output")
+        if not target:
+            raise UsageError("an empty path was given as the archive (-o)")
         _check_target(target, force)
         self.target = target
         self.force = force
         self.file: AtomicFile | None = None
         self.manifest = io.BytesIO()
         self.sidecar = False
+        #: OUT is not on the clone's filesystem: its bytes are copied, not reflinked
+        self.copying = False
         self.writer: Writer | None = None
 
     def open(self, size_hint: int, base: fmt.Base | None) -> Writer:
         self.file = AtomicFile(self.target, replace=self.force)
-        os.ftruncate(self.file.fd, size_hint)
+        try:
+            os.ftruncate(self.file.fd, size_hint)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, self.target) from None
         self.writer = Writer(self.manifest, base, self.target)
         return self.writer
 
@@ -231,9 +240,25 @@ class SparseSink(RecordSink):
         out = self.file.fd
         done = 0
         while done < chunk.got:
-            n = os.copy_file_range(fd, out, chunk.got - done, offset + done, offset + done)
-            if n == 0:
-                break
+            n = 0
+            if not self.copying:
+                try:
+                    n = os.copy_file_range(fd, out, chunk.got - done, offset + done,
+                                           offset + done)
+                except OSError as e:
+                    # another filesystem (EXDEV since Linux 5.19), or none that does it
+                    if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS,
+                                       errno.EOPNOTSUPP):
+                        raise OSError(e.errno, e.strerror, self.target) from None
+                    self.copying = True
+            if n == 0:  # copy: read here, write there
+                b = os.pread(fd, min(chunk.got - done, fmt.CHUNK_MAX), offset + done)
+                if not b:
+                    break
+                try:
+                    n = os.pwrite(out, b, offset + done)
+                except OSError as e:
+                    raise OSError(e.errno, e.strerror, self.target) from None
             done += n
         self.writer.external(offset, length, chunk.sha256)
 

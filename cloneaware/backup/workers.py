@@ -16,7 +16,6 @@ import zstandard
 from cloneaware import native
 from cloneaware.archive import format as fmt
 from cloneaware.errors import UsageError
-from cloneaware.source.mapping import open_source
 
 
 class Chunk(NamedTuple):
@@ -168,13 +167,17 @@ class Workers:
         data, got = self.read(fd, offset, length)
         return Chunk(hashlib.sha256(data).digest(), got, None)
 
-    def base_check_job(self, fd: int, offset: int, length: int, base: bytes,
+    def base_check_job(self, fd: int, offset: int, length: int, bfd: int | None,
                        base_offset: int) -> BaseCheck:
-        """Hash our range and the base's range it is believed to equal."""
-        mine = self.hash_job(fd, offset, length)
-        try:  # the base unreadable: store the range rather than fail the backup
-            bfd = open_source(base)
-        except OSError:
+        """Hash our range and the base's range it is believed to equal
+        (``bfd``: the base file, closed here; None: it could not be opened)."""
+        try:
+            mine = self.hash_job(fd, offset, length)
+        except BaseException:
+            if bfd is not None:
+                os.close(bfd)
+            raise
+        if bfd is None:  # the base unreadable: store the range rather than fail the backup
             return BaseCheck(mine.sha256, mine.got, None)
         try:
             theirs = self.hash_job(bfd, base_offset, length)

@@ -56,7 +56,9 @@ class ScanResult:
         phys = t["physical_bytes"]
         out = {
             "totals": t,
-            "saving": (t["logical_bytes"] / phys) if phys else None,
+            # holes are not a saving: every tool keeps them (issue 21, defect 15)
+            "hole_bytes": t["logical_bytes"] - t["data_bytes"],
+            "saving": (t["data_bytes"] / phys) if phys else None,
             "skipped": [{"path": os.fsdecode(p), "reason": r} for p, r in self.skipped],
             "filesystems": [{"key": i.key, "type": i.type, "block_size": i.block_size}
                             for i in self.filesystems],

@@ -1,7 +1,7 @@
 """Where a repository's objects live.  A backend stores whole named objects
 (docs/REPOSITORY.md, "Layout") and knows nothing of what they hold: a
 local directory here, ssh:// through ``cloneaware serve`` (repo/sshbackend.py),
-s3:// (repo/s3backend.py).  ``repo/location.py`` picks one from a URL.
+s3:// (repo/s3backend.py).  ``repo/connect.py`` picks one from a URL.
 """
 from __future__ import annotations
 

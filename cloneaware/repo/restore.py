@@ -18,6 +18,7 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+import cloneaware.restore.partial as partial
 from cloneaware.archive.events import BlobEvent, EntryEvent
 from cloneaware.archive.reader import Stream, read_index
 from cloneaware.errors import RepositoryError, UsageError
@@ -224,6 +225,7 @@ class _Receiver(Restore):
                 sfd, size = sh.source(place, self)
                 self.cloner.clone_or_copy(cur.fd, sfd, place.base + lo, hi - lo, base + lo,
                                           size, cur.entry.size, cur.where, "archive")
+                self._advance(hi - lo)
                 continue
             data = sh.fetcher.get(ev.blob_id)
             if len(data) != entry.raw_length:
@@ -231,8 +233,7 @@ class _Receiver(Restore):
                                       f"{len(data)} bytes, its index says {entry.raw_length}")
             self._put(cur, memoryview(data)[lo:hi], base + lo)
             sh.cov.add(ev.blob_id, Place(self.owner, cur.entry.id, base, lo, hi))
-            if self.progress:
-                self.progress.advance(hi - lo)
+            self._advance(hi - lo)
 
     def source(self, entry: int) -> tuple[int, int]:
         """A descriptor and the size of entry ``entry`` of this restore."""
@@ -266,11 +267,16 @@ class SnapshotsRestore:
                  for s in self.snaps]
         if not self.kw.get("force"):
             for m, d in zip(manifests, dests):
+                left = partial.read(dest=d)  # what a failed restore left: gone over
                 for it in read_index(io.BytesIO(m)).items:
-                    if b"/" not in it.path and os.path.lexists(
+                    if b"/" not in it.path and it.path not in left and os.path.lexists(
                             os.path.join(os.fsencode(d), it.path)):
                         raise UsageError(f"{os.path.join(d, os.fsdecode(it.path))} exists; "
                                          "use --force to overwrite it")
+        progress = self.kw.get("progress")
+        if progress:
+            progress.set_total(sum(read_index(io.BytesIO(m)).footer.stored_bytes
+                                   for m in manifests))
         self.fetcher = Fetcher(self.repo, plan_fetches(self.repo, manifests))
         total = RestoreSummary()
         try:

@@ -8,7 +8,7 @@ import os
 import stat
 
 from cloneaware.archive import format as fmt
-from cloneaware.errors import BaseMismatch
+from cloneaware.errors import BaseMismatch, UsageError
 from cloneaware.safeio import open_beneath
 
 
@@ -33,6 +33,8 @@ def open_base(base: fmt.Base, given: str | None) -> dict[int, int]:
     if given is None:
         raise BaseMismatch(f"this is a thin backup made against the base {need!r}; "
                            "restore it with --base PATH")
+    if not given:
+        raise UsageError("an empty path was given as --base")
     try:
         bfd = os.open(given, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:

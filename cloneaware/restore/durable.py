@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cloneaware import native
 from cloneaware.errors import UsageError
-from cloneaware.restore.tree import Tree
+from cloneaware.restore.tree import Tree, remove_tree
 
 
 @dataclass(slots=True)
@@ -34,6 +35,9 @@ class Placer:
     def __init__(self, tree: Tree, force: bool):
         self.tree = tree
         self.force = force
+        #: whether an entry may replace what is there without --force (the
+        #: entries of a subvolume restored as a snapshot: restore/subvol.py)
+        self.replaces: Callable[[bytes], bool] = lambda path: False
         self.placed: dict[int, tuple[bytes, bytes]] = {}
         self.pending: list[_Pending] = []
         self.pending_ids: set[int] = set()
@@ -52,8 +56,16 @@ class Placer:
 
     def place(self, pfd: int, tmp: bytes, name: bytes, path: bytes) -> None:
         """Rename now (never over an existing entry unless --force)."""
+        replace = self.force or self.replaces(path)
         try:
-            native.renameat2(pfd, tmp, pfd, name, noreplace=not self.force)
+            try:
+                native.renameat2(pfd, tmp, pfd, name, noreplace=not replace)
+            except OSError as e:
+                if not (replace and self.replaces(path)) or e.errno not in (
+                        errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                    raise
+                remove_tree(pfd, name)  # a directory of the snapshot's origin: not ours
+                native.renameat2(pfd, tmp, pfd, name, noreplace=True)
         except OSError as e:
             if e.errno == errno.EEXIST:
                 raise UsageError(f"{self.tree.where(path)} exists; "

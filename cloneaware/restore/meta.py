@@ -1,11 +1,69 @@
-"""Metadata of restored entries: owner (as root), mode, xattrs and times.
-Whatever cannot be applied is reported, never silently dropped."""
+"""Metadata of restored entries: owner (as root), mode, xattrs, inode flags
+and times.  Whatever cannot be applied is reported, never silently dropped."""
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable
 
+from cloneaware import native
 from cloneaware.archive import format as fmt
+
+#: the inode flags applied with the rest of the metadata (not first, not last)
+IFLAGS_MIDDLE = fmt.IFLAGS_STORED & ~fmt.IFLAGS_FIRST & ~fmt.IFLAGS_LAST
+
+
+class IFlags:
+    """Inode flags (docs/FORMAT.md, "Inode flags"): ``set`` makes the bits of
+    ``mask`` that the entry has, and clears those of ``clear`` (inherited
+    from a directory restored with them), keeping every other flag the
+    target has; each wanted flag the target does not take, refused or
+    dropped silently (read back), is reported as not restored."""
+
+    def __init__(self, not_exact: Callable[[fmt.Entry, str], None]):
+        self.not_exact = not_exact
+
+    def set(self, fd: int, e: fmt.Entry, mask: int, clear: int = 0) -> int:
+        """The flags fd has afterwards (0 when they cannot be read)."""
+        want = e.iflags & mask
+        manage = mask & (want | clear)
+        if not manage:
+            return 0
+        try:
+            cur = native.getflags(fd)
+        except OSError as ex:
+            if want:
+                self._missing(e, want, ex.strerror or str(ex))
+            return 0
+        new = (cur & ~manage) | want
+        why = "the filesystem does not keep it"
+        if new != cur:
+            try:
+                native.setflags(fd, new)
+            except OSError as ex:
+                if ex.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOTTY, errno.EPERM,
+                                    errno.EACCES):
+                    raise
+                why = ex.strerror or str(ex)
+                have = cur
+                for bit in fmt.IFLAG_LETTERS:  # one at a time: which does it take?
+                    if (have ^ new) & bit:
+                        try:
+                            native.setflags(fd, have ^ bit)
+                            have ^= bit
+                        except OSError:
+                            pass
+            try:
+                cur = native.getflags(fd)
+            except OSError as ex:
+                self._missing(e, want, ex.strerror or str(ex))
+                return 0
+        if want & ~cur:
+            self._missing(e, want & ~cur, why)
+        return cur
+
+    def _missing(self, e: fmt.Entry, bits: int, why: str) -> None:
+        self.not_exact(e, f"inode flags +{fmt.iflag_letters(bits)} not restored: {why}")
 
 
 class Meta:
@@ -15,6 +73,7 @@ class Meta:
                  warn: Callable[[str], None]):
         self.not_exact = not_exact
         self.warn = warn
+        self.iflags = IFlags(not_exact)
         self.root = os.geteuid() == 0
         self.owners_skipped = False
 
@@ -50,6 +109,8 @@ class Meta:
                         os.setxattr(xt, xn, xv, follow_symlinks=False)
                 except OSError as ex:
                     self.not_exact(e, f"xattr {os.fsdecode(xn)} not restored: {ex.strerror}")
+        if fd is not None and e.iflags & IFLAGS_MIDDLE:
+            self.iflags.set(fd, e, IFLAGS_MIDDLE)
         try:
             os.utime(target, ns=(e.atime_ns, e.mtime_ns), **kw)
         except OSError as ex:

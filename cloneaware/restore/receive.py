@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import cloneaware.restore.partial as partial
 from cloneaware import fsinfo, native
 from cloneaware.archive import format as fmt
 from cloneaware.archive.events import (
@@ -39,6 +40,7 @@ from cloneaware.restore.base import open_base, verify_ranges
 from cloneaware.restore.cloner import Cloner, Counts
 from cloneaware.restore.durable import Placer
 from cloneaware.restore.meta import Meta
+from cloneaware.restore.subvol import Subvolumes
 from cloneaware.restore.tree import FdCache, Tree, remove_stale_temps, temp_name
 from cloneaware.safeio import DIR_FLAGS
 
@@ -54,6 +56,8 @@ class RestoreSummary:
     symlinks: int = 0
     hardlinks: int = 0
     specials: int = 0
+    #: Btrfs subvolumes (and snapshots) made again
+    subvolumes: int = 0
     logical_bytes: int = 0
     written_bytes: int = 0
     reflinked_bytes: int = 0
@@ -74,7 +78,7 @@ class RestoreSummary:
     not_exact: list[tuple[str, str]] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {**self.__dict__, "seconds": round(self.seconds, 3)}
 
 
 @dataclass(slots=True)
@@ -130,6 +134,17 @@ class Restore:
         #: why DEST does not take encoded writes (None: try them)
         self.no_encoded: str | None = None
         self.dir_meta: list[fmt.Entry] = []
+        #: directory path -> the flags that its new children inherit (C, c, m
+        #: set on it first); entries that get i or a at the very end
+        self.dir_first: dict[bytes, int] = {}
+        self.last_flags: list[fmt.Entry] = []
+        self.subvols = Subvolumes(self.tree, self._not_exact)
+        #: top-level entries a failed restore left in DEST (restore/partial.py),
+        #: gone over as --force would; those this run made
+        self.leftover: set[bytes] = set()
+        self.top_seen: set[bytes] = set()
+        self.partial: partial.Partial | None = None
+        self.placer.replaces = self._replaces
         self.cur: _Open | None = None
         self.stream: Stream | None = None
         self._handlers: dict[type, Callable[[Any], None]] = {
@@ -143,6 +158,8 @@ class Restore:
 
     def run(self) -> RestoreSummary:
         t0 = time.monotonic()
+        if self.open_dest is None:
+            check_dest(self.dest)
         # a file object: read it, do not close it
         path: str | None = self.archive if isinstance(self.archive, str) else None
         sparse = open_manifest(path) if path not in (None, "-") else None
@@ -164,11 +181,18 @@ class Restore:
                     raise SharingMapGiven(path if path not in (None, "-") else None) \
                         from None
                 self.placer.flush()
+                if self.partial is not None:
+                    # the leftovers this run went over are whole now
+                    self.partial.done(self.leftover - self.top_seen)
+                self.subvols.prune()
                 self._dir_metadata()
+                self._last_flags()
+                self.subvols.make_readonly()
                 if self.tree.root is not None:
                     native.syncfs(self.tree.root, "syncfs")
             except BaseException:
                 self.placer.salvage()
+                self._leave_partial()
                 raise
             finally:
                 self._cleanup()
@@ -184,6 +208,7 @@ class Restore:
         s.copied_bytes = self.counts.copied_bytes
         s.reused_bytes = self.counts.reused_bytes
         s.owners_skipped = self.meta.owners_skipped
+        s.subvolumes = self.subvols.count
         s.seconds = time.monotonic() - t0
         return s
 
@@ -197,6 +222,9 @@ class Restore:
             if listing.is_map:
                 raise SharingMapGiven(self.archive)
             items = listing.items
+            if self.progress:  # what the bar counts: every byte put in a file
+                ft = listing.footer
+                self.progress.set_total(ft.stored_bytes + ft.ref_bytes + ft.base_ref_bytes)
             if listing.base is not None:
                 self.base_fds = open_base(listing.base, self.base)
         except (ArchiveError, OSError):
@@ -208,9 +236,10 @@ class Restore:
                 pass
         if self.force:
             return
+        left = partial.read(dest=self.dest)
         for it in items:
-            if b"/" not in it.path and os.path.lexists(os.path.join(os.fsencode(self.dest),
-                                                                    it.path)):
+            if b"/" not in it.path and it.path not in left and os.path.lexists(
+                    os.path.join(os.fsencode(self.dest), it.path)):
                 raise UsageError(f"{self.tree.where(it.path)} exists; "
                                  "use --force to overwrite it")
 
@@ -219,11 +248,19 @@ class Restore:
         if self.open_dest is not None:
             root = self.open_dest()
         else:
-            os.makedirs(self.dest, exist_ok=True)
-            root = os.open(self.dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.makedirs(self.dest, exist_ok=True)
+                root = os.open(self.dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except (FileExistsError, NotADirectoryError):
+                raise UsageError(f"{self.dest}: not a directory (or a component of it is "
+                                 "not)") from None
+            except OSError as e:
+                raise OSError(e.errno, e.strerror, self.dest) from None
         self.tree.root = root
         self.placer.note_fs(root)
-        if self.force:
+        self.leftover = partial.read(root)
+        self.partial = partial.Partial(root, self.leftover)
+        if self.force or self.leftover:
             remove_stale_temps(root, self.dest, self.warn)
         magic, block = native.fstatfs(root, self.dest)
         self.cloner.block = block or 4096
@@ -243,6 +280,16 @@ class Restore:
         self.srcs.close()
         self.tree.close()
         self.placer.close()
+        if self.partial is not None:
+            self.partial.close()
+
+    def _named(self, ex: OSError, path: bytes) -> OSError:
+        """``ex`` naming the entry as the user knows it (DEST/path), not by
+        a temporary name or a bare component (defect 10 of issue 21)."""
+        if isinstance(ex.filename, str) and (ex.filename == self.dest or ex.filename.startswith(
+                os.path.join(self.dest, ""))):
+            return ex
+        return OSError(ex.errno, ex.strerror, self.tree.where(path))
 
     def _not_exact(self, e: fmt.Entry, why: str) -> None:
         self.s.not_exact.append((os.fsdecode(e.path), why))
@@ -261,15 +308,28 @@ class Restore:
                 self.warn("--base given, but this archive is not a thin backup")
             self._open_dest()
         parent, _, name = e.path.rpartition(b"/")
-        pfd = self.tree.dir(parent)
-        if e.kind == fmt.K_DIR:
-            self._mkdir(e, pfd, name)
-        elif e.kind == fmt.K_REG:
-            self._open_file(e, pfd)
-        elif e.kind == fmt.K_HARDLINK:
-            self._hardlink(e, parent, pfd, name)
-        else:
-            self._special(e, pfd, name)
+        self.subvols.note(e.path)
+        new_top = False
+        if not parent:
+            self.top_seen.add(e.path)
+            assert self.tree.root is not None
+            new_top = not _lexists(self.tree.root, name)
+        try:
+            pfd = self.tree.dir(parent)
+            if self.subvols.snapshots and self.subvols.inside_snapshot(e.path) is not None:
+                self.subvols.clear_for(pfd, name, e.kind)
+            if e.kind == fmt.K_DIR:
+                self._mkdir(e, pfd, name)
+            elif e.kind == fmt.K_REG:
+                self._open_file(e, pfd)
+            elif e.kind == fmt.K_HARDLINK:
+                self._hardlink(e, parent, pfd, name)
+            else:
+                self._special(e, pfd, name)
+        except OSError as ex:
+            raise self._named(ex, e.path) from None
+        if new_top:
+            self._made_top(name)
 
     def on_data(self, ev: DataEvent) -> None:
         cur = self._current()
@@ -278,8 +338,11 @@ class Restore:
             pass
         else:
             self._put(cur, ev.data, ev.offset)
+        self._advance(len(ev.data))
+
+    def _advance(self, n: int) -> None:
         if self.progress:
-            self.progress.advance(len(ev.data))
+            self.progress.advance(n)
 
     def _encoded_write(self, cur: _Open, ev: DataEvent, x: fmt.BtrfsExtent) -> bool:
         """Write a Btrfs extent as it was stored: the same compressed bytes,
@@ -351,6 +414,7 @@ class Restore:
         sfd = cur.fd if src.id == cur.entry.id else self._src_fd(src)
         self.cloner.clone_or_copy(cur.fd, sfd, ev.source_offset, ev.length, ev.offset,
                                   src.size, cur.entry.size, cur.where, "archive")
+        self._advance(ev.length)
 
     def on_baseref(self, ev: BaseRefEvent) -> None:
         cur = self._current()
@@ -358,6 +422,7 @@ class Restore:
                                   ev.length, ev.offset, ev.base_file.size, cur.entry.size,
                                   cur.where, "base")
         self.s.base_bytes += ev.length
+        self._advance(ev.length)
 
     def on_external(self, ev: ExternalEvent) -> None:
         cur = self._current()
@@ -367,6 +432,7 @@ class Restore:
         size = os.fstat(self.external_fd).st_size
         self.cloner.clone_or_copy(cur.fd, self.external_fd, ev.offset, ev.length, ev.offset,
                                   size, cur.entry.size, cur.where, "sparse")
+        self._advance(ev.length)
 
     def on_blob(self, ev: BlobEvent) -> None:
         """A plain archive has no repository to take blobs from (the
@@ -386,6 +452,32 @@ class Restore:
 
     # -- entries -----------------------------------------------------------------
 
+    def _replaces(self, path: bytes) -> bool:
+        """May ``path`` replace what is there without --force?"""
+        return path.partition(b"/")[0] in self.leftover or \
+            self.subvols.inside_snapshot(path) is not None
+
+    def _made_top(self, name: bytes) -> None:
+        """A top-level entry made by this run: listed while it runs."""
+        if self.partial is not None:
+            self.partial.add(name)
+
+    def _leave_partial(self) -> None:
+        """The run failed: list the top-level entries it made (with those a
+        run before it left), so that a plain retry can go on over them."""
+        root = self.tree.root
+        if root is None or self.partial is None:
+            return
+        try:
+            made = {n for n in self.partial.names if _lexists(root, n)}
+        except OSError:
+            made = self.partial.names
+        self.partial.keep(made)
+
+    def _path_of(self, eid: int) -> bytes:
+        assert self.stream is not None
+        return self.stream.entries[eid].path
+
     def _current(self) -> _Open:
         assert self.cur is not None
         return self.cur
@@ -393,18 +485,33 @@ class Restore:
     def _mkdir(self, e: fmt.Entry, pfd: int, name: bytes) -> None:
         full = self.tree.where(e.path)
         try:
-            os.mkdir(name, 0o700, dir_fd=pfd)
+            if not (e.subvol and self.subvols.make(e, pfd, name, self._path_of)):
+                os.mkdir(name, 0o700, dir_fd=pfd)
         except FileExistsError:
-            if not self.force:
-                raise UsageError(f"{full} exists; use --force to merge into it") from None
-            try:
-                dfd = os.open(name, DIR_FLAGS, dir_fd=pfd)
-            except OSError:
-                raise UsageError(f"{full} exists and is not a directory") from None
-            try:
-                remove_stale_temps(dfd, full, self.warn)
+            # in a subvolume restored as a snapshot: a directory of its origin, merged into
+            if self.subvols.inside_snapshot(e.path) is None:
+                if not (self.force or self._replaces(e.path)):
+                    raise UsageError(f"{full} exists; use --force to merge into it") from None
+                try:
+                    dfd = os.open(name, DIR_FLAGS, dir_fd=pfd)
+                except OSError:
+                    raise UsageError(f"{full} exists and is not a directory") from None
+                try:
+                    remove_stale_temps(dfd, full, self.warn)
+                finally:
+                    os.close(dfd)
+        parent = e.path.rpartition(b"/")[0]
+        inherited = self.dir_first.get(parent, 0)
+        if e.iflags & fmt.IFLAGS_FIRST or inherited:
+            dfd = os.open(name, DIR_FLAGS, dir_fd=pfd)
+            try:  # before its children are made: they inherit them
+                got = self.meta.iflags.set(dfd, e, fmt.IFLAGS_FIRST, inherited & ~e.iflags)
             finally:
                 os.close(dfd)
+            if got & fmt.IFLAGS_FIRST:
+                self.dir_first[e.path] = got & fmt.IFLAGS_FIRST
+        if e.iflags & fmt.IFLAGS_LAST:
+            self.last_flags.append(e)
         self.dir_meta.append(e)
         self.s.dirs += 1
 
@@ -416,6 +523,12 @@ class Restore:
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
                      | os.O_NOATIME, 0o600, dir_fd=pfd)
         self.cur = _Open(e, fd, pfd, tmp, where, self.counts.filled(), self._dirty())
+        inherited = self.dir_first.get(e.path.rpartition(b"/")[0], 0)
+        if e.iflags & fmt.IFLAGS_FIRST or inherited:
+            # before the file holds data: Btrfs takes C only on an empty file
+            self.meta.iflags.set(fd, e, fmt.IFLAGS_FIRST, inherited & ~e.iflags)
+        if e.iflags & fmt.IFLAGS_LAST:
+            self.last_flags.append(e)
         try:
             os.ftruncate(fd, e.size)
         except OSError as ex:
@@ -491,10 +604,13 @@ class Restore:
             return fd
         parent, name = self.placer.placed[src.id]
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:  # reading must not change the atime we restored
-            fd = os.open(name, flags | os.O_NOATIME, dir_fd=self.tree.dir(parent))
-        except PermissionError:
-            fd = os.open(name, flags, dir_fd=self.tree.dir(parent))
+        try:
+            try:  # reading must not change the atime we restored
+                fd = os.open(name, flags | os.O_NOATIME, dir_fd=self.tree.dir(parent))
+            except PermissionError:
+                fd = os.open(name, flags, dir_fd=self.tree.dir(parent))
+        except OSError as ex:
+            raise self._named(ex, src.path) from None
         self.srcs.put(src.id, fd)
         return fd
 
@@ -536,12 +652,36 @@ class Restore:
     def _dir_metadata(self) -> None:
         for e in reversed(self.dir_meta):  # children before parents
             parent, _, name = e.path.rpartition(b"/")
-            pfd = self.tree.dir(parent)
-            fd = os.open(name, DIR_FLAGS, dir_fd=pfd)
             try:
-                self.meta.apply(e, fd, pfd, name)
+                fd = os.open(name, DIR_FLAGS, dir_fd=self.tree.dir(parent))
+            except OSError as ex:
+                raise self._named(ex, e.path) from None
+            try:
+                self.meta.apply(e, fd, self.tree.dir(parent), name)
             finally:
                 os.close(fd)
+
+
+    def _last_flags(self) -> None:
+        """i and a, after everything else: nothing can be written, renamed,
+        linked or given times once they are set."""
+        for e in self.last_flags:
+            parent, _, name = e.path.rpartition(b"/")
+            if e.kind == fmt.K_REG:
+                if e.id not in self.placer.placed:
+                    continue  # not restored (its data failed, or it was left out)
+                parent, name = self.placer.placed[e.id]
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC \
+                | (os.O_DIRECTORY if e.kind == fmt.K_DIR else 0)
+            try:
+                fd = os.open(name, flags, dir_fd=self.tree.dir(parent))
+            except OSError as ex:
+                raise self._named(ex, e.path) from None
+            try:
+                self.meta.iflags.set(fd, e, fmt.IFLAGS_LAST)
+            finally:
+                os.close(fd)
+
 
 
 def _pread_all(fd: int, n: int, off: int, where: str) -> bytes:
@@ -557,6 +697,24 @@ def _pread_all(fd: int, n: int, off: int, where: str) -> bytes:
         n -= len(b)
         off += len(b)
     return b"".join(out)
+
+
+
+def _lexists(dfd: int, name: bytes) -> bool:
+    try:
+        os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def check_dest(dest: str) -> None:
+    """Refuse a DEST that cannot be one before anything is read: an empty
+    path, or something that is not a directory."""
+    if not dest:
+        raise UsageError("an empty path was given as DEST")
+    if os.path.lexists(dest) and not os.path.isdir(dest):
+        raise UsageError(f"{dest}: exists and is not a directory")
 
 
 def restore(archive, dest: str, **kw) -> RestoreSummary:

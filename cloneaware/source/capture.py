@@ -34,6 +34,8 @@ from cloneaware.fsinfo import FsInfo
 
 #: Files up to this size are read with one read call instead of cloned.
 SMALL = 64 << 10
+#: why a file on a read-only mount or subvolume is read as it is
+READ_ONLY = "read-only: nothing can write it"
 
 #: errnos that say the filesystem cannot give us a clone at all
 _FS_CANNOT = {errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS, errno.EXDEV, errno.EISDIR}
@@ -66,6 +68,7 @@ class Capture:
         self.place = place
         self.counts = CaptureCounts()
         self._no_clone: dict[str, str] = {}  # filesystem key -> why not (said once)
+        self._readonly: set[int] = set()  # st_dev of read-only mounts and subvolumes
         self._dir: tuple[bytes, int] | None = None  # the last directory opened
 
     def _dir_fd(self, src: bytes) -> int:
@@ -84,10 +87,13 @@ class Capture:
                       "files are read live and checked for changes instead")
         return reason
 
-    def clone(self, fd: int, src: bytes, size: int, fs: FsInfo) -> int | str:
+    def clone(self, fd: int, src: bytes, size: int, fs: FsInfo,
+              dir_fd: int | None = None) -> int | str:
         """A descriptor of a clone of ``fd`` (the file ``src`` of ``size``
         bytes on ``fs``), or why not (then the file is read live: the caller
-        counts it with ``counts.live``)."""
+        counts it with ``counts.live``).  ``dir_fd``: the file's directory
+        (the walk's descriptor, borrowed): else it is opened by ``src``,
+        which a tree deeper than PATH_MAX does not allow."""
         if not self.enabled:
             return "--no-point-in-time"
         if size <= self.small:
@@ -95,15 +101,22 @@ class Capture:
         why = self._no_clone.get(fs.key)
         if why is not None:
             return why
+        if self._readonly and os.fstat(fd).st_dev in self._readonly:
+            return READ_ONLY
         where = self.place(src) if self.place is not None else None
         try:
-            tfd = os.open(b".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600,
-                          dir_fd=self._dir_fd(src) if where is None else where)
+            if where is None:
+                where = dir_fd if dir_fd is not None else self._dir_fd(src)
+            tfd = os.open(b".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=where)
         except OSError as e:
             if e.errno in _FS_CANNOT or e.errno == errno.EINVAL:
                 return self._cannot(fs, src, "no O_TMPFILE")
             if e.errno == errno.EROFS:
-                return self._cannot(fs, src, "read-only mount: no clone can be made")
+                # A read-only mount, or a read-only Btrfs subvolume (a snapshot)
+                # inside a writable one: nothing can write its files while they
+                # are read, and the filesystem's other subvolumes can still clone.
+                self._readonly.add(os.fstat(fd).st_dev)
+                return READ_ONLY
             if e.errno in (errno.EACCES, errno.EPERM):
                 return self._cannot(fs, src, "no write permission for a clone")
             if e.errno in _NO_SPACE:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cloneaware import fsinfo, native
+from cloneaware.errors import UsageError
 from cloneaware.index.flags import (
     BTRFS_FILE_EXTENT_REG,
     BTRFS_MAX_UNCOMPRESSED,
@@ -22,7 +23,8 @@ from cloneaware.index.flags import (
     FILE_EXTENT_DTYPE,
     NOT_CANDIDATE,
 )
-from cloneaware.source.walk import Node, walk
+from cloneaware.patterns import Exclusions
+from cloneaware.source.walk import Dirs, Node, walk
 
 assert EXTENT_DTYPE.itemsize == native.EXTENT_SIZE
 assert FILE_EXTENT_DTYPE.itemsize == native.FILE_EXTENT_SIZE
@@ -30,14 +32,18 @@ assert FILE_EXTENT_DTYPE.itemsize == native.FILE_EXTENT_SIZE
 _OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
 
 
-def open_source(path: bytes) -> int:
+def open_source(where: bytes | Node) -> int:
     """Open a regular file for reading without following symlinks, without
     blocking on a FIFO swapped in by a race, and without touching atime when
-    allowed."""
+    allowed: a walk's node beneath its directory's descriptor (any depth),
+    or a path."""
+    def op(flags: int) -> int:
+        return where.open(flags) if isinstance(where, Node) else os.open(where, flags)
+
     try:
-        return os.open(path, _OPEN_FLAGS | os.O_NOATIME)
+        return op(_OPEN_FLAGS | os.O_NOATIME)
     except PermissionError:
-        return os.open(path, _OPEN_FLAGS)
+        return op(_OPEN_FLAGS)
 
 
 def fiemap(fd: int, path=None) -> np.ndarray:
@@ -233,24 +239,28 @@ def _fatal_io(e: OSError, path: bytes) -> None:
 
 
 def map_tree(paths: list, one_file_system: bool = True, unique_names: bool = True,
-             redirect: dict[bytes, bytes] | None = None) -> Iterator[Item]:
+             redirect: dict[bytes, bytes] | None = None, dirs: Dirs | None = None,
+             exclude: Exclusions | None = None) -> Iterator[Item]:
     """Walk and map, yielding Mapped, Other and Skipped records in walk order
-    (``redirect``: see walk)."""
+    (``redirect``, ``dirs``, ``exclude``: see walk)."""
     errors: list[Skipped] = []
 
     def on_error(p: bytes, reason: str) -> None:
         errors.append(Skipped(p, reason))
 
-    for node in walk(paths, on_error, one_file_system, unique_names, redirect):
+    for node in walk(paths, on_error, one_file_system, unique_names, redirect, dirs, exclude):
         yield from errors
         errors.clear()
         if not stat.S_ISREG(node.st.st_mode):
             yield Other(node)
             continue
         try:
-            fd = open_source(node.src)
+            fd = open_source(node)
         except OSError as e:
             _fatal_io(e, node.src)
+            if b"/" not in node.name:  # a PATH itself: issue 21, defect 8
+                raise UsageError(f"{os.fsdecode(node.src)}: {e.strerror or e} (a PATH that "
+                                 "cannot be read at all)") from None
             yield Skipped(node.src, e.strerror or str(e))
             continue
         try:

@@ -4,9 +4,17 @@ following symlinks, staying on one filesystem unless told otherwise.
 "One filesystem" is a filesystem identity (fsinfo.FsInfo.key), so Btrfs
 subvolumes and snapshots inside the tree are included: they are where the
 sharing is.
+
+The walk goes by directory descriptor (``Dirs``): each directory is opened
+from its parent's descriptor, one component at a time with O_NOFOLLOW, and
+its entries are listed and stat'ed through that descriptor, so a tree deeper
+than PATH_MAX is walked whole (issue 21, defect 4).  ``Node.src`` is the
+entry's path for messages (it may be longer than any system call takes);
+``Node.open`` and ``Node.at`` are how the entry is reached.
 """
 from __future__ import annotations
 
+import collections
 import errno
 import os
 import stat
@@ -15,6 +23,7 @@ from dataclasses import dataclass
 
 from cloneaware import fsinfo
 from cloneaware.errors import UsageError
+from cloneaware.patterns import Exclusions
 
 OnError = Callable[[bytes, str], None]
 
@@ -23,14 +32,103 @@ OnError = Callable[[bytes, str], None]
 ANCHOR_DIR = b".cloneaware-anchors"
 ANCHOR_MARKER = b"CLONEAWARE-ANCHORS"
 
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+class Dirs:
+    """Descriptors of a walk's source directories, by source path, in a small
+    LRU.  A directory is opened from the nearest cached ancestor (or from its
+    root, opened by the path the user gave) one component at a time with
+    O_NOFOLLOW.  A descriptor handed out stays valid until the next call."""
+
+    def __init__(self, cap: int = 64):
+        self.cap = cap
+        self.cache: collections.OrderedDict[bytes, int] = collections.OrderedDict()
+        self.roots: set[bytes] = set()
+
+    def root(self, path: bytes) -> None:
+        """A directory opened by its path (what the user named, or its parent)."""
+        self.roots.add(path)
+
+    def _put(self, path: bytes, fd: int) -> None:
+        self.cache[path] = fd
+        while len(self.cache) > self.cap:
+            os.close(self.cache.popitem(last=False)[1])
+
+    def fd(self, path: bytes) -> int:
+        got = self.cache.get(path)
+        if got is not None:
+            self.cache.move_to_end(path)
+            return got
+        rest: list[bytes] = []
+        p = path
+        while p not in self.cache and p not in self.roots:
+            parent, _, comp = p.rpartition(b"/")
+            if not parent or not comp:
+                break
+            rest.append(comp)
+            p = parent
+        try:
+            cur = self.cache.get(p)
+            if cur is None:
+                cur = os.open(p, _DIR)
+                self._put(p, cur)
+            else:
+                self.cache.move_to_end(p)
+            for comp in reversed(rest):
+                p = p + b"/" + comp
+                nfd = os.open(comp, _DIR | os.O_NOFOLLOW, dir_fd=cur)
+                self._put(p, nfd)
+                cur = nfd
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, os.fsdecode(p)) from None
+        return cur
+
+    def close(self) -> None:
+        while self.cache:
+            os.close(self.cache.popitem()[1])
+
 
 @dataclass(slots=True)
 class Node:
     #: archive path: relative, '/'-separated bytes, starting with the root's basename
     name: bytes
-    #: source path on this host
+    #: source path on this host, for messages (system calls go through ``dirs``)
     src: bytes
     st: os.stat_result
+    #: the directory that holds it (its source path) and its name there
+    parent: bytes = b""
+    leaf: bytes = b""
+    dirs: Dirs | None = None
+
+    def dir_fd(self) -> int | None:
+        """A descriptor of its directory (valid until the next call on the
+        same Dirs), or None for a node made by hand (reached by path)."""
+        return None if self.dirs is None else self.dirs.fd(self.parent)
+
+    def open(self, flags: int) -> int:
+        """Open it beneath its directory's descriptor (O_NOFOLLOW added)."""
+        if self.dirs is None:
+            return os.open(self.src, flags | os.O_NOFOLLOW)
+        return os.open(self.leaf, flags | os.O_NOFOLLOW, dir_fd=self.dirs.fd(self.parent))
+
+    def lstat(self) -> os.stat_result:
+        if self.dirs is None:
+            return os.lstat(self.src)
+        return os.stat(self.leaf, dir_fd=self.dirs.fd(self.parent), follow_symlinks=False)
+
+    def readlink(self) -> bytes:
+        if self.dirs is None:
+            return os.readlink(self.src)
+        return os.readlink(self.leaf, dir_fd=self.dirs.fd(self.parent))
+
+    def proc_path(self) -> bytes:
+        """A short path that names it without following it, for the calls
+        that take no descriptor (lgetxattr on a symlink): /proc/self/fd/N/leaf.
+        Valid until the next call on the same Dirs."""
+        if self.dirs is None:
+            return self.src
+        return b"/proc/self/fd/%d/%s" % (self.dirs.fd(self.parent), self.leaf)
 
 
 def root_names(paths: list, unique_names: bool = True) -> list[tuple[bytes, bytes]]:
@@ -41,6 +139,8 @@ def root_names(paths: list, unique_names: bool = True) -> list[tuple[bytes, byte
     seen_real: set[bytes] = set()
     names: dict[bytes, bytes] = {}
     for p in paths:
+        if not os.fsencode(p):
+            raise UsageError("an empty PATH was given")
         src = os.path.abspath(os.fsencode(p))
         try:
             os.lstat(src)
@@ -63,75 +163,121 @@ def root_names(paths: list, unique_names: bool = True) -> list[tuple[bytes, byte
     return out
 
 
-def _fs_key(path: bytes, st: os.stat_result) -> str:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY | os.O_NOFOLLOW)
+def _fs_key(dfd: int, name: bytes, st: os.stat_result, shown: bytes) -> str:
+    fd = os.open(name, _DIR | os.O_NOFOLLOW, dir_fd=dfd)
     try:
-        return fsinfo.fs_info(fd, st.st_dev, path).key
+        return fsinfo.fs_info(fd, st.st_dev, shown).key
     finally:
         os.close(fd)
 
 
 def walk(paths: list, on_error: OnError, one_file_system: bool = True,
-         unique_names: bool = True, redirect: dict[bytes, bytes] | None = None
-         ) -> Iterator[Node]:
+         unique_names: bool = True, redirect: dict[bytes, bytes] | None = None,
+         dirs: Dirs | None = None, exclude: Exclusions | None = None) -> Iterator[Node]:
     """Yield a Node per entry, parents before children, in sorted name order.
     ``redirect``: read the tree of a PATH (absolute) from another place (its
-    snapshot), naming its entries as if read from the PATH."""
+    snapshot), naming its entries as if read from the PATH.  ``dirs``: the
+    descriptors to walk with (the caller keeps them open to reach the nodes
+    later); by default the walk's own, closed at its end.  ``exclude``: what
+    to leave out (patterns.py); an excluded directory is not entered."""
     fsinfo.forget()  # st_dev numbers may have been reused since the last walk
+    own = dirs is None
+    d = Dirs() if dirs is None else dirs
+    try:
+        yield from _walk(paths, on_error, one_file_system, unique_names, redirect, d,
+                         exclude or Exclusions())
+    finally:
+        if own:
+            d.close()
+
+
+def _walk(paths: list, on_error: OnError, one_file_system: bool, unique_names: bool,
+          redirect: dict[bytes, bytes] | None, dirs: Dirs, exclude: Exclusions
+          ) -> Iterator[Node]:
     for name, src in root_names(paths, unique_names):
+        shown = src  # the PATH on this host, which an absolute pattern names
         if redirect:
             src = redirect.get(src, src)
+        parent, leaf = os.path.split(src)
+        dirs.root(parent)
         try:
             st = os.lstat(src)
         except OSError as e:
-            on_error(src, e.strerror or str(e))
+            raise _unreadable(src, e) from None
+        if exclude and exclude.skip(name, shown, stat.S_ISDIR(st.st_mode)):
             continue
-        yield Node(name, src, st)
+        yield Node(name, src, st, parent, leaf, dirs)
         if not stat.S_ISDIR(st.st_mode):
             continue
         root_key = None
         if one_file_system:
             try:
-                root_key = _fs_key(src, st)
+                root_key = _fs_key(dirs.fd(parent), leaf, st, src)
             except OSError as e:
-                on_error(src, e.strerror or str(e))
-                continue
+                raise _unreadable(src, e) from None
         dev_ok = {st.st_dev: True}
-        stack: list[tuple[bytes, bytes]] = [(name, src)]
+        stack: list[tuple[bytes, bytes, bytes]] = [(name, src, shown)]
         while stack:
-            dname, dsrc = stack.pop()
+            dname, dsrc, dshown = stack.pop()
             try:
-                with os.scandir(dsrc) as it:
-                    children = sorted(e.name for e in it)
+                with os.scandir(dirs.fd(dsrc)) as it:
+                    children = sorted(os.fsencode(e.name) for e in it)
+                if exclude:
+                    children = exclude.cache_children(dirs.fd(dsrc), children)
             except OSError as e:
+                if dsrc == src:
+                    raise _unreadable(src, e) from None
                 on_error(dsrc, e.strerror or str(e))
                 continue
             subdirs = []
             for c in children:
                 csrc = dsrc + b"/" + c
                 cname = dname + b"/" + c
+                cshown = dshown + b"/" + c
                 try:
-                    cst = os.lstat(csrc)
+                    dfd = dirs.fd(dsrc)
+                    cst = os.stat(c, dir_fd=dfd, follow_symlinks=False)
                 except OSError as e:
                     if e.errno != errno.ENOENT:
                         on_error(csrc, e.strerror or str(e))
                     continue
-                if c == ANCHOR_DIR and stat.S_ISDIR(cst.st_mode) \
-                        and os.path.lexists(csrc + b"/" + ANCHOR_MARKER):
+                if c == ANCHOR_DIR and stat.S_ISDIR(cst.st_mode) and _lexists(
+                        dfd, ANCHOR_DIR + b"/" + ANCHOR_MARKER):
+                    continue
+                if exclude and exclude.skip(cname, cshown, stat.S_ISDIR(cst.st_mode)):
                     continue
                 if stat.S_ISDIR(cst.st_mode) and root_key is not None:
                     ok = dev_ok.get(cst.st_dev)
                     if ok is None:
                         try:
-                            ok = _fs_key(csrc, cst) == root_key
+                            ok = _fs_key(dfd, c, cst, csrc) == root_key
                         except OSError:
                             ok = False
                         dev_ok[cst.st_dev] = ok
                     if not ok:
                         # the mount point itself is kept, as tar does; not its content
-                        yield Node(cname, csrc, cst)
+                        yield Node(cname, csrc, cst, dsrc, c, dirs)
                         continue
-                yield Node(cname, csrc, cst)
+                yield Node(cname, csrc, cst, dsrc, c, dirs)
                 if stat.S_ISDIR(cst.st_mode):
-                    subdirs.append((cname, csrc))
+                    subdirs.append((cname, csrc, cshown))
             stack.extend(reversed(subdirs))
+
+
+def _unreadable(src: bytes, e: OSError) -> Exception:
+    """A PATH that cannot be read at all is a usage error (exit 2), as a
+    missing one is (issue 21, defect 8): a backup of nothing is no backup.
+    What cannot be read below a PATH is skipped and reported (exit 1); a
+    failing disk is an I/O error either way."""
+    if e.errno == errno.EIO:
+        return OSError(e.errno, e.strerror, os.fsdecode(src))
+    return UsageError(f"{os.fsdecode(src)}: {e.strerror or e} (a PATH that cannot be read "
+                      "at all)")
+
+
+def _lexists(dfd: int, rel: bytes) -> bool:
+    try:
+        os.stat(rel, dir_fd=dfd, follow_symlinks=False)
+        return True
+    except OSError:
+        return False

@@ -533,7 +533,7 @@ def test_file_changes_while_backed_up_cli_exit_1(btrfs_dir):
     assert want == got, "\n".join(diff_states(want, got))
 
 
-# --- running as a user other than root: helpers/nobody.py ------------------------------
+# --- running as a user other than root (the fixture: helpers/nobody.py) ---------------
 
 def test_unreadable_source_files_as_non_root(nobody):
     fam = nobody.root / "src" / "fam"
@@ -795,3 +795,90 @@ def test_100k_files_memory(loopfs):
     assert count == n
     for rss in (rss_b, rss_r):
         assert rss < 512 * 1024, f"peak RSS {rss / 1024:.0f} MiB for 100,000 files"
+
+
+# --- a plain retry after a failed restore (issue 21, defect 5) ---------------------------
+
+def _retry_plain(fam: Path, arch: Path, dest: Path, *extra) -> None:
+    """The retry needs no --force: it goes on over what the failed run left
+    (listed in DEST/.cloneaware-partial), and removes the list."""
+    assert (dest / ".cloneaware-partial").exists(), os.listdir(dest)
+    r = cli("restore", *extra, arch, dest)
+    assert r.returncode == 0, str(r)
+    _assert_same(fam, dest / "fam")
+    assert not temp_files(dest) and sorted(os.listdir(dest)) == ["fam"]
+
+
+def test_defect_5_retry_after_a_truncated_archive(family_archive, btrfs_dir):
+    """Defect 5: a failed restore left its directories (drwx------) and a
+    plain retry refused: "DEST/fam exists; use --force"."""
+    fam, arch = family_archive
+    dest = btrfs_dir / "dest"
+    data = arch.read_bytes()
+    r = cli("restore", "-", dest, input=data[:len(data) * 3 // 5])
+    assert_one_line_error(r, EXIT_ARCHIVE)
+    assert _assert_final_files_correct(fam, dest / "fam") >= 20
+    _retry_plain(fam, arch, dest)
+
+
+def test_defect_5_retry_after_enospc_without_force(family_archive, loopfs):
+    fam, arch = family_archive
+    fs = loopfs("tmpfs", size=12 * MiB)
+    dest = fs.path / "dest"
+    _restore_until_full(fam, arch, dest)
+    subprocess.run(["mount", "-o", "remount,size=256M", str(fs.path)], check=True)
+    _retry_plain(fam, arch, dest)
+
+
+def test_defect_5_retry_after_sigint(family_archive, ext4_dir):
+    fam, arch = family_archive
+    data = arch.read_bytes()
+    dest = ext4_dir / "dest"
+    p = cli_popen("restore", "-", dest, stdin=subprocess.PIPE)
+    try:
+        p.stdin.write(data[:len(data) * 6 // 10])
+        p.stdin.flush()
+        _wait_for(lambda: any(os.path.getsize(t) > 0 for t in temp_files(dest)
+                              if os.path.exists(t)), 60, "a temporary file", p)
+        p.send_signal(signal.SIGINT)
+        r = finished(p, ["restore", "-"], timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert_one_line_error(r, EXIT_INTERRUPTED)
+    _retry_plain(fam, arch, dest)
+
+
+def test_defect_5_retry_after_a_wrong_base(btrfs_dir):
+    """A thin archive restored against a base that changed since: exit 5;
+    with the right base, a plain retry."""
+    fam = _small_family(btrfs_dir / "src")
+    base = btrfs_dir / "golden.bin"
+    reflink_copy(fam / "big1.bin", base)
+    arch = btrfs_dir / "thin.caw"
+    r = cli("backup", "--base", base, "-o", arch, fam)
+    assert r.returncode == 0, str(r)
+    wrong = btrfs_dir / "wrong.bin"
+    write_random(wrong, base.stat().st_size, 99)
+    dest = btrfs_dir / "dest"
+    r = cli("restore", "--base", wrong, arch, dest)
+    assert_one_line_error(r, 5)
+    _retry_plain(fam, arch, dest, "--base", base)
+
+
+def test_defect_5_what_a_failed_run_did_not_make_is_still_refused(family_archive, btrfs_dir):
+    """Only the failed run's own entries are gone over: a fam that was in
+    DEST before is refused without --force, as ever, and stays."""
+    fam, arch = family_archive
+    dest = btrfs_dir / "dest"
+    (dest / "fam").mkdir(parents=True)
+    (dest / "fam" / "mine").write_bytes(b"the user's\n")
+    data = arch.read_bytes()
+    r = cli("restore", "-", dest, input=data[:len(data) // 2])
+    line = assert_one_line_error(r, 2)
+    assert "fam exists; use --force" in line
+    assert not (dest / ".cloneaware-partial").exists()
+    r = cli("restore", arch, dest)
+    assert_one_line_error(r, 2)
+    assert os.listdir(dest / "fam") == ["mine"]

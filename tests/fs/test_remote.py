@@ -484,3 +484,31 @@ def test_repository_over_ssh_append_only_and_restricted(sshnet, btrfs_dir):
     assert OUTSIDE in _lines(r)[-1]
     r = _forced(sshnet, allowed, "get")("snapshots", "-r", url, check_rc=2)
     assert "not allowed" in _lines(r)[-1]
+
+
+def test_defect_14_ls_and_verify_over_ssh(sshnet, btrfs_dir, tmp_path):
+    """Defect 14: ls ssh://host/x.caw and verify ssh://... said "no such
+    archive".  Now both read it from the other host (whole: the stream has
+    no index to seek to), with the answers they give for the file itself,
+    including a damaged archive's exit 3."""
+    fam = make_family(btrfs_dir / "fam", base_size=2 * MiB, clones=2, small_files=3, seed=41)
+    srv = tmp_path / "srv"
+    srv.mkdir()
+    archive = srv / "fam.caw"
+    cli("backup", "-o", archive, fam["root"], check_rc=0)
+    url = sshnet.url(archive)
+    local = cli_json("ls", "--json", archive)
+    remote = json.loads(sshnet.cloneaware("ls", "--json", url, check_rc=0).stdout)
+    assert remote["entries"] == local["entries"] and len(local["entries"]) > 5
+    r = sshnet.cloneaware("ls", "-l", url, "fam/etc", check_rc=0)
+    assert r.stdout.decode().splitlines() == cli("ls", "-l", archive, "fam/etc",
+                                                  check_rc=0).out.splitlines()
+    v = json.loads(sshnet.cloneaware("verify", "--json", url, check_rc=0).stdout)
+    assert v["entries"] == len(local["entries"])
+    bad = srv / "bad.caw"
+    data = bytearray(archive.read_bytes())
+    data[len(data) // 2] ^= 1
+    bad.write_bytes(bytes(data))
+    for cmd in ("ls", "verify"):
+        r = sshnet.cloneaware(cmd, sshnet.url(bad))
+        assert r.returncode == 3 and "archive offset" in _lines(r)[-1], str(r)

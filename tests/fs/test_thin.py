@@ -164,3 +164,61 @@ def test_sparse_form_costs_the_derivative_data_and_restores_without_copies(clone
     assert r["copied_bytes"] == 0 and r["written_bytes"] == 0
     assert r["reflinked_bytes"] == size
     assert physical(out / "guest.img", base, clone) == physical(base, clone)
+
+
+def _golden_and_clone(d):
+    g = d / "golden.img"
+    write_random(g, 8 << 20, 11)
+    c = d / "clone.img"
+    reflink_copy(g, c)
+    rewrite_blocks(c, 0.05, 12)
+    return g, c
+
+
+def test_defect_1_sparse_output_on_another_filesystem(btrfs_dir, xfs_dir, ext4_dir):
+    """Defect 1: ``--sparse -o OUT`` with OUT on another filesystem failed
+    with "Invalid cross-device link" (exit 4).  Now the derivative data is
+    copied there (reflinked only where OUT shares the clone's filesystem),
+    OUT is a sparse file of the clone's size, and it restores exactly."""
+    g, c = _golden_and_clone(btrfs_dir)
+    for where in (xfs_dir, ext4_dir):
+        out = where / "clone.thin"
+        s = cli_json("backup", "--json", "--base", g, "--sparse", "-o", out, c)
+        assert s["base_referenced_bytes"] > 7 << 20 and s["stored_bytes"] < 1 << 20, s
+        st = os.stat(out)
+        assert st.st_size == c.stat().st_size and st.st_blocks * 512 < 2 << 20
+        dest = where / "r"
+        cli("restore", "--base", g, out, dest, check_rc=0)
+        assert sha(dest / "clone.img") == sha(c)
+
+
+def test_defect_2_ls_and_verify_read_a_sparse_thin_backup(btrfs_dir, xfs_dir):
+    """Defect 2: ls and verify of a --sparse thin file said "wrong magic".
+    Now they read its manifest, from the xattr or from the sidecar file;
+    verify hashes the file's own data and finds a changed byte."""
+    from cloneaware.errors import EXIT_ARCHIVE
+
+    g, c = _golden_and_clone(btrfs_dir)
+    out = xfs_dir / "clone.thin"
+    cli("backup", "--base", g, "--sparse", "-o", out, c, check_rc=0)
+    for form in ("xattr", "sidecar"):
+        if form == "sidecar":  # as a filesystem that does not take the xattr has it
+            (xfs_dir / "clone.thin.cloneaware").write_bytes(
+                os.getxattr(out, "user.cloneaware.manifest"))
+            os.removexattr(out, "user.cloneaware.manifest")
+        listing = cli_json("ls", "--json", out)
+        (e,) = listing["entries"]
+        assert e["path"] == "clone.img" and e["size"] == c.stat().st_size, listing
+        assert e["base_referenced_bytes"] > 7 << 20 and listing["base"]["path"] == str(g)
+        v = cli_json("verify", "--json", out)
+        assert v["sparse_bytes"] == e["stored_bytes"] > 0 and v["sparse_ranges"] >= 1, v
+    # a byte of the clone's own data changed in the sparse file: verify says where
+    fd = os.open(out, os.O_RDWR)
+    try:
+        pos = os.lseek(fd, 0, os.SEEK_DATA)
+        b = os.pread(fd, 1, pos)
+        os.pwrite(fd, bytes([b[0] ^ 1]), pos)
+    finally:
+        os.close(fd)
+    r = cli("verify", out, check_rc=EXIT_ARCHIVE)
+    assert f"cloneaware: {out}: bytes " in r.err and "differ" in r.err, str(r)

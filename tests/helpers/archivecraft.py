@@ -64,10 +64,10 @@ def _frame_raw(rtype: int, payload: bytes, flags: int = 0, length: int | None = 
 
 
 def entry_payload(e: Entry, path_len: int | None = None, target_len: int | None = None,
-                  xattr_count: int | None = None) -> bytes:
-    """Entry.encode(), with the length fields optionally lying."""
-    b = bytearray(e.encode())
-    pos = fmt._ENTRY.size
+                  xattr_count: int | None = None, version: int = fmt.WRITE_VERSION) -> bytes:
+    """Entry.encode(version), with the length fields optionally lying."""
+    b = bytearray(e.encode(version))
+    pos = (fmt._ENTRY if version >= 5 else fmt._ENTRY_V4).size
     if path_len is not None:
         struct.pack_into("<H", b, pos, path_len)
     pos += 2 + len(e.path)
@@ -128,7 +128,8 @@ class Craft:
                   atime_ns=mtime_ns, size=size, rdev=rdev, link=link, target=target,
                   xattrs=list(xattrs), eflags=eflags)
         off = self.offset
-        self.record(fmt.T_ENTRY, e.encode() if payload is None else payload, **lie)
+        self.record(fmt.T_ENTRY, e.encode(self.version) if payload is None else payload,
+                    **lie)
         item = IndexItem(eid, kind, size, 0, 0, 0, off, path)
         if index:
             self.items.append(item)
@@ -371,12 +372,13 @@ def diff_states(a: dict, b: dict, limit: int = 20) -> list[str]:
 
 
 def temp_files(root) -> list[bytes]:
-    """Restore's temporary files (.cloneaware-*) anywhere under root."""
+    """Restore's temporary files (.cloneaware-*) anywhere under root (not
+    the list of what a failed restore made, .cloneaware-partial)."""
     root = os.fsencode(root)
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         for n in filenames + dirnames:
-            if n.startswith(b".cloneaware-"):
+            if n.startswith(b".cloneaware-") and n != b".cloneaware-partial":
                 found.append(os.path.join(dirpath, n))
     return found
 

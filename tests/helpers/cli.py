@@ -15,7 +15,8 @@ Every test runs ``cloneaware ARGS`` through this module:
   has already imported the CLI, for the hundreds of hostile archives; same
   ``Result``, same checks.
 
-The command is ``[sys.executable, "-P", "-m", "cloneaware.cli", ...]``: the
+The command is ``[sys.executable, "-P", "-m", "cloneaware", ...]`` (what the
+``cloneaware`` console script runs: cloneaware/__main__.py): the
 interpreter running the tests, so the cloneaware under test is the one
 these tests import (``cloneaware`` on PATH may be another installation), and
 ``-P`` so that the working directory (the source tree, say) is not put
@@ -37,21 +38,21 @@ __all__ = ["CliServer", "Result", "assert_one_line_error", "cli", "cli_argv", "c
            "cli_json", "cli_popen", "finished"]
 
 #: ``python -P -c LAUNCH SITEDIR ARGS``: SITEDIR's packages (and its .pth
-#: files) put first on sys.path, then cloneaware.cli run as ``-m`` runs it.
+#: files) put first on sys.path, then cloneaware run as ``-m`` runs it.
 _LAUNCH_WITH_SITE = (
     "import runpy, site, sys\n"
     "d = sys.argv.pop(1)\n"
     "old = list(sys.path)\n"
     "site.addsitedir(d)\n"
     "sys.path[:] = [p for p in sys.path if p not in old] + old\n"
-    "runpy.run_module('cloneaware.cli', run_name='__main__', alter_sys=True)\n")
+    "runpy.run_module('cloneaware', run_name='__main__', alter_sys=True)\n")
 
 
 def cli_command(python: str | None = None, site: str | None = None) -> list[str]:
     """The command that runs the cloneaware under test (its arguments follow)."""
     py = sys.executable if python is None else python
     if site is None:
-        return [py, "-P", "-m", "cloneaware.cli"]
+        return [py, "-P", "-m", "cloneaware"]
     return [py, "-P", "-c", _LAUNCH_WITH_SITE, site]
 
 

@@ -63,8 +63,48 @@ END_VECTORS = {
     2: bytes.fromhex("05000000" "38000000" + "00" * 56 + "44e9b266"),
     3: bytes.fromhex("05000000" "44000000" + "00" * 68 + "b5edd3d9"),
     4: bytes.fromhex("05000000" "44000000" + "00" * 68 + "b5edd3d9"),  # END unchanged in 4
+    5: bytes.fromhex("05000000" "44000000" + "00" * 68 + "b5edd3d9"),  # and in 5
 }
-END_CRCS = {1: 0xE392FD94, 2: 0x66B2E944, 3: 0xD9D3EDB5, 4: 0xD9D3EDB5}
+END_CRCS = {1: 0xE392FD94, 2: 0x66B2E944, 3: 0xD9D3EDB5, 4: 0xD9D3EDB5, 5: 0xD9D3EDB5}
+
+#: Version 5's ENTRY as FORMAT.md gives it: the directory "d" (id 0, mode
+#: 0755), a read-only Btrfs subvolume with the inode flag C (no copy on write).
+ENTRY_V5_VECTOR = bytes.fromhex(
+    "02000000" "59000000" "0000000000000000" "02" "00" "0000" "ed010000" + "00" * 48
+    + "00008000" "03" "000000" "0000000000000000" "0100" "64" "0000" "00000000" "d0b4ef53")
+
+
+def test_version_5_entry_vector():
+    e = fmt.Entry(0, fmt.K_DIR, b"d", mode=0o755, iflags=fmt.FS_NOCOW_FL,
+                  subvol=fmt.SV_SUBVOLUME | fmt.SV_READONLY)
+    assert fmt.frame(fmt.T_ENTRY, e.encode()) == ENTRY_V5_VECTOR
+    assert fmt.Entry.decode(ENTRY_V5_VECTOR[8:-4], 0, version=5) == e
+    assert int.from_bytes(ENTRY_V5_VECTOR[-4:], "little") == 0x53EFB4D0
+    text = spec_text().lower()
+    assert "0x53efb4d0" in text and "d0 b4 ef 53" in text
+    # version 4 has none of the new fields: the same entry is 16 bytes shorter
+    assert len(e.encode(4)) == len(e.encode()) - 16
+    assert fmt.Entry.decode(e.encode(4), 0, version=4) == dataclasses.replace(
+        e, iflags=0, subvol=0)
+
+
+def test_version_5_entry_fields_are_checked():
+    good = fmt.Entry(3, fmt.K_DIR, b"s", subvol=fmt.SV_SUBVOLUME | fmt.SV_SNAPSHOT, origin=1)
+    assert fmt.Entry.decode(good.encode(), 0) == good
+    bad = [
+        dataclasses.replace(good, iflags=0x80000),  # e: ext4's own, not stored
+        fmt.Entry(0, fmt.K_SYMLINK, b"l", target=b"x", iflags=fmt.FS_IMMUTABLE_FL),
+        fmt.Entry(0, fmt.K_REG, b"f", subvol=fmt.SV_SUBVOLUME),  # only directories
+        dataclasses.replace(good, subvol=fmt.SV_READONLY),  # read-only but no subvolume
+        dataclasses.replace(good, subvol=8 | fmt.SV_SUBVOLUME),
+        dataclasses.replace(good, origin=3),  # a snapshot of itself
+        dataclasses.replace(good, origin=7),  # of a later entry
+        dataclasses.replace(good, subvol=fmt.SV_SUBVOLUME),  # an origin without the bit
+    ]
+    for e in bad:
+        with pytest.raises(ArchiveError):
+            fmt.Entry.decode(e.encode(), 0)
+    assert fmt.iflag_letters(fmt.FS_NOCOW_FL | fmt.FS_IMMUTABLE_FL | 0x40) == "idC"
 
 
 def test_end_record_vectors_are_self_consistent():
@@ -300,12 +340,31 @@ def test_check_path_accepts(path):
 
 @pytest.mark.parametrize("path", [
     b"", b"/", b"/abs", b"/a/b", b"..", b"a/..", b"../a", b"a/../b", b".", b"./a", b"a/.",
-    b"a//b", b"a/", b"a\0b", b"\0", b"n" * 256, b"a/" + b"n" * 256, b"a/" * 2048 + b"a",
+    b"a//b", b"a/", b"a\0b", b"\0", b"n" * 256, b"a/" + b"n" * 256, b"a/" * 32768 + b"a",
     b"d/" * 2048,
 ])
 def test_check_path_refuses(path):
     with pytest.raises(ArchiveError):
         fmt.check_path(path, 77)
+
+
+def test_paths_deeper_than_path_max_from_version_5_on():
+    """60 directories of 100 bytes (issue 21, defect 4): 6059 bytes, refused
+    in versions 1 to 4, a path like any other in 5; 65535 bytes at most."""
+    deep = b"/".join([b"%02d" % i + b"x" * 98 for i in range(60)])
+    assert len(deep) == 6059
+    assert fmt.check_path(deep, 0, 5) == deep.split(b"/")
+    for v in (1, 2, 3, 4):
+        with pytest.raises(ArchiveError, match="too long"):
+            fmt.check_path(deep, 0, v)
+    longest = b"/".join([b"n" * 255] * 256)[:65535].rstrip(b"/")
+    assert len(fmt.check_path(longest, 0, 5)) == 256
+    with pytest.raises(ArchiveError, match="too long"):
+        fmt.check_path(longest + b"/x" * 300, 0, 5)
+    e = fmt.Entry(0, fmt.K_REG, deep)
+    assert fmt.Entry.decode(e.encode(), 0, version=5) == e
+    with pytest.raises(ArchiveError):
+        fmt.Entry.decode(e.encode(4), 0, version=4)
 
 
 # --- writer and reader together, in memory --------------------------------------------------

@@ -95,6 +95,44 @@ def test_the_help_screens_show_nothing_the_page_lacks(page):
             assert gen.esc(opt) in page, f"cloneaware {' '.join(path)} --help shows {opt}"
 
 
+#: what typer shows when left alone (issue 21, defect 16): types and braces
+TYPER_NOISE = re.compile(r"<(?:str|bool|int|float|path|list\[|int range|float range)[^>]*>"
+                         r"|\{[A-Za-z_ .|]+\}")
+
+
+def _help(args: list[str], columns: int = 250) -> str:
+    return cli(*args, "--help", check_rc=0,
+               env=dict(os.environ, COLUMNS=str(columns), TERMINAL_WIDTH=str(columns))).out
+
+
+def test_no_types_or_braces_in_the_page_or_the_help_screens(page):
+    assert TYPER_NOISE.search("Usage: x [OPTIONS] {paths}... <list[str]> --n <int range>")
+    found = TYPER_NOISE.findall(page)
+    assert not found, found
+    _, _, commands = _commands()
+    for path in [[]] + [p for p, _, _ in commands]:
+        text = _help(path)
+        found = TYPER_NOISE.findall(text)
+        assert not found, f"cloneaware {' '.join(path)} --help: {found}\n{text}"
+        assert "╭" not in text and "│" not in text, text  # no rich panels
+
+
+def test_help_paragraphs_are_not_broken_where_the_docstring_was(page):
+    """Each paragraph of a command's text is filled to the width click
+    formats for (78 columns): no line ends early where the docstring had a
+    newline; and no markup eats bracketed words like [user@]."""
+    _, _, commands = _commands()
+    for path, _cmd, _ in commands:
+        text = _help(path)
+        body = text.split("\n\n", 1)[1].split("\nArguments:")[0].split("\nOptions:")[0]
+        for block in body.split("\n\n"):
+            lines = [ln for ln in block.splitlines() if ln.strip()]
+            for line, nxt in zip(lines, lines[1:]):
+                assert len(line) + 1 + len(nxt.split()[0]) > 78, \
+                    f"cloneaware {' '.join(path)} --help: a line ends early: {line!r}\n{text}"
+    assert "ssh://[user@]host[:port]/path" in _help(["restore"])
+
+
 def test_exit_codes(page):
     status = _section(page, "EXIT STATUS")
     for code in EXIT_CODES:

@@ -11,6 +11,7 @@ EXEMPT = {TESTS / "helpers" / "cli.py", Path(__file__).resolve()}
 
 # the command itself, or the module imported to run it in-process
 RUNS_THE_CLI = re.compile(r"""["']cloneaware\.cli["']|\b(from|import)\s+cloneaware\.cli\b"""
+                          r"""|["']-m["']\s*,\s*["']cloneaware["']|\bcloneaware\.__main__\b"""
                           r"""|\[\s*["']cloneaware["']\s*,|CliRunner""")
 EDITS_SYS_PATH = re.compile(r"sys\.path\.(insert|append|extend)\b|sys\.path\s*(\[.*\])?\s*\+?=")
 
@@ -32,6 +33,8 @@ def test_no_test_edits_sys_path():
 
 def test_the_rules_see_what_they_forbid():
     for line in ('cmd = [sys.executable, "-P", "-m", "cloneaware.cli"]',
+                 'cmd = [sys.executable, "-P", "-m", "cloneaware"]',
+                 "from cloneaware.__main__ import main",
                  "from cloneaware.cli import app", 'subprocess.run(["cloneaware", "ls"])',
                  "launch = 'import sys; from cloneaware.cli import main; main()'"):
         assert RUNS_THE_CLI.search(line), line

@@ -115,7 +115,8 @@ def test_probe_forget_drops_cached_identities(tmp_path):
 def test_cli_scan_missing_path_is_a_usage_error(tmp_path):
     r = cli("scan", "--json", tmp_path / "missing", check_rc=EXIT_USAGE, timeout=120)
     assert "missing" in r.err and "No such file" in r.err
-    assert r.stdout == b""
+    assert r.json() == {"ok": False, "error": r.err.strip()[len("cloneaware: "):],
+                        "exit": EXIT_USAGE}
 
 
 def test_probe_errno_reason():

@@ -1,4 +1,7 @@
-"""Which backend a repository URL names: a path, ssh://..., or s3://..."""
+"""Open the backend for a repository URL: a directory, ssh://... (through
+``cloneaware serve``) or s3://... (boto3).  Apart from repo/backend.py so
+that the local backend, which the ssh and S3 backends build on, does not
+import them back."""
 from __future__ import annotations
 
 import os
@@ -18,7 +21,7 @@ def open_backend(url: str, rsh: str | None = None, s3: dict | None = None,
     if not url:
         raise UsageError("no repository given: use -r REPO or set CLONEAWARE_REPOSITORY")
     if url.startswith("ssh://"):
-        from cloneaware.repo.sshbackend import SshBackend  # spawns ssh: only when asked
+        from cloneaware.repo.sshbackend import SshBackend  # only for ssh:// repositories
 
         return SshBackend(url, rsh, create=create)
     if url.startswith("s3://"):

