@@ -10,21 +10,23 @@ answered by Python.)
 """
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found]  # not signal: its enums take ms to build
 import os
-import signal
+
+_NAMES = {_signal.SIGINT: b"SIGINT", _signal.SIGTERM: b"SIGTERM"}
 
 
 def _while_starting(signum: int, frame: object) -> None:
     try:
-        os.write(2, b"cloneaware: interrupted by %s\n" % signal.Signals(signum).name.encode())
+        os.write(2, b"cloneaware: interrupted by %s\n" % _NAMES.get(signum, b"a signal"))
     except OSError:
         pass
     os._exit(130)
 
 
 def main() -> None:
-    signal.signal(signal.SIGINT, _while_starting)
-    signal.signal(signal.SIGTERM, _while_starting)
+    _signal.signal(_signal.SIGINT, _while_starting)
+    _signal.signal(_signal.SIGTERM, _while_starting)
     from cloneaware.cli import main as cli_main  # the slow import, covered by the handler
 
     cli_main()

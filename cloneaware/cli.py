@@ -613,6 +613,14 @@ def restore(
         "each stored range from the file already at its name, read it back, and write only "
         "what differs, so identical data is neither written again nor stored twice until "
         "the rename (implies --force).")] = False,
+    include: Annotated[list[str] | None, typer.Option(
+        "--include", metavar="PATTERN", help="Restore only the entries PATTERN matches "
+        "(repeatable; a directory comes whole), matched against the paths as ls shows them: "
+        "tree/keep.txt, tree/vm, *.img.  The directories above them are made too, and the "
+        "restored files still share what they shared.")] = None,
+    strip: Annotated[int, typer.Option(
+        "--strip-components", min=0, metavar="N", help="Drop the first N components of "
+        "each path, as tar does; an entry with no more than N is not made.")] = 0,
 ) -> None:
     """Restore an archive, or snapshots of a repository, into DEST, re-creating
     shared extents with reflinks.
@@ -623,15 +631,17 @@ def restore(
     the data they have in common is written once."""
     from cloneaware.remote import client
     from cloneaware.restore import Restore
+    from cloneaware.restore.select import Selection
 
     with _handled(as_json):
+        select = Selection(include or [], strip)
         repo = _repo_for(targets, repo)
         if repo:
             if len(targets) < 2:
                 raise UsageError("give SNAPSHOT... DEST")
             s = _restore_repo(targets[:-1], targets[-1], repo, password_file, s3_endpoint,
                               connections, rsh, force or reshare_existing, base, trust_base,
-                              reshare_existing)
+                              reshare_existing, select)
             _restore_report(s, as_json)
             return
         if len(targets) != 2:
@@ -642,6 +652,8 @@ def restore(
                 raise UsageError("--reshare-existing needs a local DEST")
             if client.is_url(archive):
                 raise UsageError("give a local ARCHIVE or a local DEST, not two ssh:// URLs")
+            if select:
+                raise UsageError("--include and --strip-components need a local DEST")
             st = client.push_restore(archive, dest, force, base, trust_base, rsh)
             d = st.get("summary", {})
             if as_json:
@@ -658,7 +670,8 @@ def restore(
         try:
             with _progress(True, None, "restore") as prog:
                 s = Restore(src, dest, force=force, progress=prog, warn=_err, base=base,
-                            trust_base=trust_base, reshare_existing=reshare_existing).run()
+                            trust_base=trust_base, reshare_existing=reshare_existing,
+                            select=select).run()
         finally:
             if not isinstance(src, str):
                 src.close()
@@ -666,7 +679,7 @@ def restore(
 
 
 def _restore_repo(specs, dest, repo, password_file, s3_endpoint, connections, rsh, force,
-                  base, trust_base, reshare_existing=False):
+                  base, trust_base, reshare_existing=False, select=None):
     from cloneaware.repo.restore import SnapshotsRestore
 
     if base is not None or trust_base:
@@ -682,7 +695,8 @@ def _restore_repo(specs, dest, repo, password_file, s3_endpoint, connections, rs
                     chosen.append(sn)
             with _progress(True, None, "restore") as prog:
                 return SnapshotsRestore(r, chosen, dest, force=force, progress=prog,
-                                        warn=_err, reshare_existing=reshare_existing).run()
+                                        warn=_err, reshare_existing=reshare_existing,
+                                        select=select).run()
     finally:
         r.close()
 
@@ -701,7 +715,8 @@ def _restore_report(s, as_json: bool) -> None:
                f"{_human(s.verified_bytes)}" if s.base_bytes else "")
             + (f"; reused {_human(s.reused_bytes)} of the copy already there "
                f"({_human(s.reuse_differing_bytes)} differed, written)"
-               if s.reused_bytes or s.reuse_differing_bytes else "") + " "
+               if s.reused_bytes or s.reuse_differing_bytes else "")
+            + (f"; left out {s.left_out} entries" if s.left_out else "") + " "
             f"in {s.seconds:.1f} s")
     if s.copied_bytes:
         why = ", ".join(f"{_human(n)} ({r})" for r, n in s.copy_reasons.items())

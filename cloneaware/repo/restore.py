@@ -26,6 +26,7 @@ from cloneaware.repo import format as rf
 from cloneaware.repo.backend import pack_name
 from cloneaware.repo.repository import Repository, Snapshot
 from cloneaware.restore.receive import Restore, RestoreSummary
+from cloneaware.restore.select import Selection, plan, with_data
 from cloneaware.safeio import open_beneath
 
 READ_MAX = 8 << 20  # one ranged read covers adjacent blobs up to this much
@@ -106,17 +107,23 @@ class BlobCache:
             self.size -= old if isinstance(old, int) else len(old)
 
 
-def plan_fetches(repo: Repository, manifests: list[bytes]) -> list[bytes]:
-    """The blob ids the restore will fetch, in the order it will fetch them."""
+def plan_fetches(repo: Repository, manifests: list[bytes],
+                 select: Selection | None = None) -> list[bytes]:
+    """The blob ids the restore will fetch, in the order it will fetch them
+    (with ``select``: for the files restore --include restores)."""
     cov = Coverage()
     cache = BlobCache()
     order: list[bytes] = []
     for owner, m in enumerate(manifests):
         entry = -1
+        wanted = None
+        if select:
+            wanted = with_data(select, [ev.entry for ev in Stream(io.BytesIO(m)).events()
+                                        if isinstance(ev, EntryEvent)])
         for ev in Stream(io.BytesIO(m), check_hashes=False).events():
             if isinstance(ev, EntryEvent):
                 entry = ev.entry.id
-            elif isinstance(ev, BlobEvent):
+            elif isinstance(ev, BlobEvent) and (wanted is None or entry in wanted):
                 for lo, hi, place in cov.split(ev.blob_id, ev.blob_offset, ev.length):
                     if place is not None:
                         continue
@@ -202,6 +209,8 @@ class Fetcher:
 class _Receiver(Restore):
     """The archive receiver, with BLOB records served by the repository."""
 
+    stage_referenced = False  # the blobs come from the repository, not from a file
+
     def __init__(self, shared: SnapshotsRestore, owner: int, manifest: bytes, dest: str,
                  **kw):
         super().__init__(io.BytesIO(manifest), dest, **kw)
@@ -209,6 +218,8 @@ class _Receiver(Restore):
         self.owner = owner
 
     def on_blob(self, ev: BlobEvent) -> None:
+        if self.skipping:  # a file restore --include leaves out
+            return
         cur = self._current()
         sh = self.shared
         entry = sh.repo.index.get(ev.blob_id)
@@ -265,23 +276,36 @@ class SnapshotsRestore:
         several = len(self.snaps) > 1
         dests = [os.path.join(self.dest, s.short_id) if several else self.dest
                  for s in self.snaps]
+        select = self.kw.get("select") or Selection()
+        all_tops = []
+        for m in manifests:
+            if select:
+                tops, _ = plan(select, [ev.entry for ev in Stream(io.BytesIO(m)).events()
+                                        if isinstance(ev, EntryEvent)])
+            else:
+                tops = {it.path for it in read_index(io.BytesIO(m)).items
+                        if b"/" not in it.path}
+            all_tops.append(tops)
+        if select and not any(all_tops):
+            raise UsageError(f"{select.what()} leaves nothing of the "
+                             f"snapshot{'s' if several else ''} to restore")
         if not self.kw.get("force"):
-            for m, d in zip(manifests, dests):
+            for tops, d in zip(all_tops, dests):
                 left = partial.read(dest=d)  # what a failed restore left: gone over
-                for it in read_index(io.BytesIO(m)).items:
-                    if b"/" not in it.path and it.path not in left and os.path.lexists(
-                            os.path.join(os.fsencode(d), it.path)):
-                        raise UsageError(f"{os.path.join(d, os.fsdecode(it.path))} exists; "
+                for top in sorted(tops - left):
+                    if os.path.lexists(os.path.join(os.fsencode(d), top)):
+                        raise UsageError(f"{os.path.join(d, os.fsdecode(top))} exists; "
                                          "use --force to overwrite it")
         progress = self.kw.get("progress")
         if progress:
             progress.set_total(sum(read_index(io.BytesIO(m)).footer.stored_bytes
                                    for m in manifests))
-        self.fetcher = Fetcher(self.repo, plan_fetches(self.repo, manifests))
+        self.fetcher = Fetcher(self.repo, plan_fetches(self.repo, manifests, select))
         total = RestoreSummary()
         try:
             for owner, (m, d) in enumerate(zip(manifests, dests)):
-                r = _Receiver(self, owner, m, d, **self.kw)
+                kw = {**self.kw, "select": select.fresh()}  # each has its own walk state
+                r = _Receiver(self, owner, m, d, **kw)
                 self.receivers.append(r)
                 s = r.run()
                 for k, v in s.as_dict().items():

@@ -9,8 +9,10 @@ thin base (restore/base.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
+import secrets
 import stat
 import time
 from collections.abc import Callable
@@ -40,8 +42,9 @@ from cloneaware.restore.base import open_base, verify_ranges
 from cloneaware.restore.cloner import Cloner, Counts
 from cloneaware.restore.durable import Placer
 from cloneaware.restore.meta import Meta
+from cloneaware.restore.select import STAGING, Selection
 from cloneaware.restore.subvol import Subvolumes
-from cloneaware.restore.tree import FdCache, Tree, remove_stale_temps, temp_name
+from cloneaware.restore.tree import FdCache, Tree, remove_stale_temps, remove_tree, temp_name
 from cloneaware.safeio import DIR_FLAGS
 
 #: --reshare-existing compares what it cloned from the old copy in slices of
@@ -58,6 +61,8 @@ class RestoreSummary:
     specials: int = 0
     #: Btrfs subvolumes (and snapshots) made again
     subvolumes: int = 0
+    #: entries --include and --strip-components left out
+    left_out: int = 0
     logical_bytes: int = 0
     written_bytes: int = 0
     reflinked_bytes: int = 0
@@ -108,9 +113,14 @@ class Restore:
     written only where they differ, so identical data is not written again
     (see ``_put``)."""
 
+    #: a file left out by --include whose bytes restored files share is
+    #: restored, staged, to clone from (a repository serves them itself, and
+    #: says itself when --include leaves nothing of its snapshots)
+    stage_referenced = True
+
     def __init__(self, archive, dest: str, force: bool = False, progress=None, warn=None,
                  base: str | None = None, trust_base: bool = False, open_dest=None,
-                 reshare_existing: bool = False):
+                 reshare_existing: bool = False, select: Selection | None = None):
         self.archive = archive
         self.dest = dest
         self.open_dest = open_dest
@@ -139,6 +149,16 @@ class Restore:
         self.dir_first: dict[bytes, int] = {}
         self.last_flags: list[fmt.Entry] = []
         self.subvols = Subvolumes(self.tree, self._not_exact)
+        #: restore --include and --strip-components (restore/select.py): the
+        #: directories seen but not made (yet), the files restored only to be
+        #: cloned or linked from, in the staging directory, and those to stage
+        self.select = select or Selection()
+        self.unmade_dirs: dict[bytes, fmt.Entry] = {}
+        self.staging: bytes | None = None
+        self.staged: set[int] = set()
+        self.stage_ids: set[int] = set()
+        self.skipping = False
+        self.took_any = False
         #: top-level entries a failed restore left in DEST (restore/partial.py),
         #: gone over as --force would; those this run made
         self.leftover: set[bytes] = set()
@@ -172,6 +192,8 @@ class Restore:
         try:
             if path not in (None, "-"):
                 self._precheck(f)
+            elif self.select and f.seekable():  # a repository's manifest
+                self._plan_selection(f)
             try:
                 self.stream = Stream(f)
                 try:
@@ -180,6 +202,9 @@ class Restore:
                 except SharingMapGiven:
                     raise SharingMapGiven(path if path not in (None, "-") else None) \
                         from None
+                if self.select and not self.took_any and self.stage_referenced:
+                    raise UsageError(f"{self.select.what()} leaves nothing of the archive "
+                                     "to restore")
                 self.placer.flush()
                 if self.partial is not None:
                     # the leftovers this run went over are whole now
@@ -234,14 +259,35 @@ class Restore:
                 f.seek(0)
             except OSError:
                 pass
+        tops = {it.path for it in items if b"/" not in it.path}
+        if self.select:
+            tops = self._plan_selection(f)
+            if not tops:
+                raise UsageError(f"{self.select.what()} leaves nothing of the archive to "
+                                 "restore")
         if self.force:
             return
         left = partial.read(dest=self.dest)
-        for it in items:
-            if b"/" not in it.path and it.path not in left and os.path.lexists(
-                    os.path.join(os.fsencode(self.dest), it.path)):
-                raise UsageError(f"{self.tree.where(it.path)} exists; "
+        for top in sorted(tops - left):
+            if os.path.lexists(os.path.join(os.fsencode(self.dest), top)):
+                raise UsageError(f"{self.tree.where(top)} exists; "
                                  "use --force to overwrite it")
+
+    def _plan_selection(self, f) -> set[bytes]:
+        """--include and --strip-components on a seekable archive: read its
+        entries (no data) to know what is made at the top of DEST and which
+        files left out a restored hard link needs."""
+        from cloneaware.listing import read_contents
+        from cloneaware.restore.select import plan
+
+        try:
+            rows = read_contents(f, full=True).rows
+        except (ArchiveError, OSError):
+            return set()  # the full read will report it with the offset
+        finally:
+            f.seek(0)
+        tops, self.stage_ids = plan(self.select, [r.entry for r in rows if r.entry])
+        return tops
 
     def _open_dest(self) -> None:
         """Create DEST only when there is something to restore into it."""
@@ -262,6 +308,10 @@ class Restore:
         self.partial = partial.Partial(root, self.leftover)
         if self.force or self.leftover:
             remove_stale_temps(root, self.dest, self.warn)
+        for n in os.listdir(root):  # staging directories of killed restores
+            m = STAGING.match(os.fsencode(n))
+            if m and not _pid_alive(int(m.group(1))):
+                remove_tree(root, os.fsencode(n))
         magic, block = native.fstatfs(root, self.dest)
         self.cloner.block = block or 4096
         if magic != fsinfo.BTRFS_MAGIC:
@@ -278,6 +328,11 @@ class Restore:
                 pass
             self.cur = None
         self.srcs.close()
+        if self.staging is not None and self.tree.root is not None:
+            try:  # the files staged for --include: cloned and linked from, not kept
+                remove_tree(self.tree.root, self.staging)
+            except OSError:
+                pass
         self.tree.close()
         self.placer.close()
         if self.partial is not None:
@@ -307,6 +362,64 @@ class Restore:
             elif base is None and self.base is not None:
                 self.warn("--base given, but this archive is not a thin backup")
             self._open_dest()
+        if self.select:
+            to = self.select.mapped(e.path) if self.select.take(e.path, e.kind) else None
+            if to is None:
+                self._not_taken(e)
+                return
+            self.took_any = True
+            if e.kind == fmt.K_HARDLINK and e.link not in self.placer.placed:
+                # its file was left out and not staged: only a seekable
+                # archive says beforehand which files a chosen link needs
+                self.s.left_out += 1
+                self._not_exact(e, "not restored: the file it is a hard link to was left "
+                                "out (from a pipe; restore from the archive file to get it)")
+                return
+            self._make_ancestors(e.path)
+            if to != e.path:
+                e = dataclasses.replace(e, path=to)
+        self._make(e)
+
+    def _not_taken(self, e: fmt.Entry) -> None:
+        """An entry restore --include or --strip-components leaves out: a
+        directory is remembered (it is made if something below it is); a file
+        that restored files may share with or link to is staged."""
+        self.s.left_out += 1
+        if e.kind == fmt.K_DIR:
+            self.unmade_dirs[e.path] = e
+        elif e.kind == fmt.K_REG:
+            if (e.eflags & fmt.EF_REFERENCED and self.stage_referenced) \
+                    or e.id in self.stage_ids:
+                self._stage(e)
+            else:
+                self.skipping = True
+
+    def _make_ancestors(self, path: bytes) -> None:
+        """The directories above a chosen entry that were left out: made now."""
+        up = path.rpartition(b"/")[0]
+        chain = []
+        while up and up in self.unmade_dirs:
+            chain.append(up)
+            up = up.rpartition(b"/")[0]
+        for a in reversed(chain):
+            d = self.unmade_dirs.pop(a)
+            to = self.select.mapped(a)
+            if to is not None:
+                self.s.left_out -= 1
+                self._make(d if to == a else dataclasses.replace(d, path=to))
+
+    def _stage(self, e: fmt.Entry) -> None:
+        assert self.tree.root is not None
+        if self.staging is None:
+            name = b".cloneaware-staging-%d-%s" % (os.getpid(), secrets.token_hex(4).encode())
+            os.mkdir(name, 0o700, dir_fd=self.tree.root)
+            self.staging = name
+        self.staged.add(e.id)
+        staged = dataclasses.replace(e, path=self.staging + b"/%d" % e.id, iflags=e.iflags
+                                     & ~fmt.IFLAGS_LAST)
+        self._open_file(staged, self.tree.dir(self.staging))
+
+    def _make(self, e: fmt.Entry) -> None:
         parent, _, name = e.path.rpartition(b"/")
         self.subvols.note(e.path)
         new_top = False
@@ -332,6 +445,8 @@ class Restore:
             self._made_top(name)
 
     def on_data(self, ev: DataEvent) -> None:
+        if self.skipping:
+            return
         cur = self._current()
         x = ev.extent
         if x is not None and self.no_encoded is None and self._encoded_write(cur, ev, x):
@@ -409,6 +524,8 @@ class Restore:
         self.cloner.write(cur.fd, data, off, cur.where)
 
     def on_ref(self, ev: RefEvent) -> None:
+        if self.skipping:
+            return
         cur = self._current()
         src = ev.source
         sfd = cur.fd if src.id == cur.entry.id else self._src_fd(src)
@@ -417,6 +534,8 @@ class Restore:
         self._advance(ev.length)
 
     def on_baseref(self, ev: BaseRefEvent) -> None:
+        if self.skipping:
+            return
         cur = self._current()
         self.cloner.clone_or_copy(cur.fd, self.base_fds[ev.base_file.number], ev.base_offset,
                                   ev.length, ev.offset, ev.base_file.size, cur.entry.size,
@@ -425,6 +544,8 @@ class Restore:
         self._advance(ev.length)
 
     def on_external(self, ev: ExternalEvent) -> None:
+        if self.skipping:
+            return
         cur = self._current()
         if self.external_fd is None:
             raise ArchiveError("EXTERNAL record in an archive that is not a "
@@ -444,6 +565,9 @@ class Restore:
         pass
 
     def on_end(self, ev: EndEvent) -> None:
+        if self.skipping:
+            self.skipping = False
+            return
         self._verify(ev.file)
         self._finish_file()
 
@@ -527,7 +651,7 @@ class Restore:
         if e.iflags & fmt.IFLAGS_FIRST or inherited:
             # before the file holds data: Btrfs takes C only on an empty file
             self.meta.iflags.set(fd, e, fmt.IFLAGS_FIRST, inherited & ~e.iflags)
-        if e.iflags & fmt.IFLAGS_LAST:
+        if e.iflags & fmt.IFLAGS_LAST and e.id not in self.staged:
             self.last_flags.append(e)
         try:
             os.ftruncate(fd, e.size)
@@ -558,7 +682,7 @@ class Restore:
         tfd = self.tree.dir(tparent)
         pfd = self.tree.dir(parent)
         os.link(tname, tmp, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
-        if e.link in self.placer.pending_ids:  # its data is not on disk yet
+        if e.link in self.placer.pending_ids or e.link in self.staged:  # not on disk yet
             self.placer.defer(parent, tmp, name, e.path, e.id, 0)
         else:
             try:
@@ -631,6 +755,10 @@ class Restore:
         self.cur = None
         if cur.old_fd is not None:
             os.close(cur.old_fd)
+        if e.id in self.staged:  # only to clone or link from: kept open, unnamed
+            self.srcs.put(e.id, cur.fd)
+            self.placer.placed[e.id] = (parent, cur.tmp)
+            return
         if e.eflags & fmt.EF_REFERENCED:
             self.srcs.put(e.id, cur.fd)
         else:
@@ -697,6 +825,16 @@ def _pread_all(fd: int, n: int, off: int, where: str) -> bytes:
         n -= len(b)
         off += len(b)
     return b"".join(out)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 

@@ -345,7 +345,7 @@ def test_bad_inputs_are_one_line_errors(btrfs_dir, tmp_path):
         (("reshare", "--from", m), 2, "Missing argument"),
         (("reshare", "--from", m, dest, dest), 2, "give --from ARCHIVE DEST"),
         (("reshare", "--from", tmp_path / "none.map", dest), 2, "no such archive"),
-        (("reshare", "--from", tmp_path, dest), 3, "is a directory, not an archive"),
+        (("reshare", "--from", tmp_path, dest), 2, "is a directory, not an archive"),
         (("reshare", "--from", m, btrfs_dir / "nodest"), 2, "no such directory"),
         (("reshare", "--from", m, m), 2, "is not a directory"),
         (("reshare", "--from", tmp_path / "text", dest), 3, "wrong magic"),
