@@ -191,18 +191,27 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
+_show_progress = True  # --no-progress clears it
+
+
+def _no_progress_cb(value: bool) -> bool:
+    global _show_progress
+    if value:
+        _show_progress = False
+    return value
+
+
 def _progress(enabled: bool, total: int | None, label: str):
     from cloneaware.progress import Progress
 
-    return Progress(enabled=enabled and sys.stderr.isatty(), total=total, label=label)
+    return Progress(enabled=enabled and _show_progress and sys.stderr.isatty(), total=total,
+                    label=label)
 
 
 def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(n) < 1024 or unit == "PiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+    from cloneaware.display import human
+
+    return human(n)
 
 
 def _version_cb(value: bool) -> None:
@@ -241,6 +250,7 @@ def scan(
         "'cloneaware reshare --from MAP' on a copy of the tree.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing MAP.")]
     = False,
+    no_progress: NoProgressOpt = False,
 ) -> None:
     """Report what PATHs occupy and how much of it is shared (reads no data)."""
     from cloneaware.index.scan import scan as do_scan
@@ -345,6 +355,9 @@ PasswordOpt = Annotated[str | None, typer.Option(
     "--password-file", metavar="FILE",
     help="Read the repository's password from the first line of this file "
     "(else $CLONEAWARE_PASSWORD_FILE, $CLONEAWARE_PASSWORD, or a prompt).")]
+NoProgressOpt = Annotated[bool, typer.Option(
+    "--no-progress", callback=_no_progress_cb,
+    help="No progress bar on standard error (there is one only on a terminal).")]
 RshOpt = Annotated[str | None, typer.Option(
     "--rsh", metavar="CMD",
     help="Command to reach an ssh:// target (default: $CLONEAWARE_RSH or ssh).")]
@@ -460,6 +473,7 @@ def backup(
         "--snapshot", help="Each PATH is a Btrfs subvolume: back it up from a read-only "
         "snapshot taken at the start (the whole tree as of one instant), deleted at the "
         "end.")] = False,
+    no_progress: NoProgressOpt = False,
 ) -> None:
     """Back up PATHs into one archive (-o) that stores each shared extent once,
     or as a new snapshot of a repository (-r) that stores only what changed.
@@ -621,6 +635,10 @@ def restore(
     strip: Annotated[int, typer.Option(
         "--strip-components", min=0, metavar="N", help="Drop the first N components of "
         "each path, as tar does; an entry with no more than N is not made.")] = 0,
+    no_progress: NoProgressOpt = False,
+    numeric_owner: Annotated[bool, typer.Option(
+        "--numeric-owner", help="Owners and groups by their numbers, as stored (the "
+        "default and the only way: archives hold numbers, not names).")] = True,
 ) -> None:
     """Restore an archive, or snapshots of a repository, into DEST, re-creating
     shared extents with reflinks.
@@ -743,6 +761,7 @@ def reshare(
     password_file: PasswordOpt = None,
     rsh: RshOpt = None,
     s3_endpoint: S3EndpointOpt = None,
+    no_progress: NoProgressOpt = False,
 ) -> None:
     """Give a tree copied by another tool (rsync, tar, restic, ...) back the
     sharing the archive, sharing map or snapshot records, with FIDEDUPERANGE.
@@ -1024,6 +1043,7 @@ def verify(
                                            "ssh://[user@]host[:port]/path.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
     rsh: RshOpt = None,
+    no_progress: NoProgressOpt = False,
 ) -> None:
     """Check every record and every data hash; write nothing.  Exit 0 only if
     the archive is whole.  ARCHIVE may be ssh://[user@]host[:port]/path: it is

@@ -205,3 +205,15 @@ def open_beneath(root_fd: int, parts: list[bytes], flags: int = DIR_FLAGS,
         if cur != root_fd:
             os.close(cur)
         raise
+
+
+def pid_alive(pid: int) -> bool:
+    """Is process PID (on this host) still there?  For the names and lock
+    files that carry the PID of the run that made them."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cloneaware import native
-from cloneaware.safeio import DIR_FLAGS
+from cloneaware.safeio import DIR_FLAGS, pid_alive
 from cloneaware.source.walk import ANCHOR_DIR, ANCHOR_MARKER
 
 DIRNAME = ANCHOR_DIR
@@ -89,16 +89,6 @@ class Anchor:
     path: bytes
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class AnchorSets:
     """The anchors of one backup set on this host: those of the parent
     snapshot (to prove), and those being made (to keep)."""
@@ -141,7 +131,7 @@ class AnchorSets:
             for n in sorted(os.fsdecode(x) for x in names):
                 full = os.path.join(d, os.fsencode(n))
                 m = STAGING.match(n)
-                if m and not _pid_alive(int(m.group(1))):
+                if m and not pid_alive(int(m.group(1))):
                     shutil.rmtree(full, ignore_errors=True)
                 elif SNAP.match(n) and n != parent and n not in alive:
                     shutil.rmtree(full, ignore_errors=True)  # its snapshot was forgotten

@@ -22,6 +22,7 @@ from cloneaware.errors import RepositoryError, RepositoryLocked, UsageError, Wro
 from cloneaware.repo import crypto
 from cloneaware.repo import format as rf
 from cloneaware.repo.backend import Backend, pack_name
+from cloneaware.safeio import pid_alive
 
 STALE_AFTER = 30 * 60  # seconds: a lock of another host older than this is stale
 REFRESH_EVERY = 5 * 60
@@ -446,16 +447,6 @@ class LockInfo:
                 f"{self.data.get('hostname')} pid {self.data.get('pid')}, {age} s old")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def read_locks(repo: Repository) -> list[LockInfo]:
     """Every lock, each marked stale or live (docs/REPOSITORY.md, "Locks")."""
     out = []
@@ -470,7 +461,7 @@ def read_locks(repo: Repository) -> list[LockInfo]:
                 raise
             continue  # removed while we listed
         if d["hostname"] == host:
-            stale = not _pid_alive(d["pid"])
+            stale = not pid_alive(d["pid"])
         else:
             stale = now - d["time_ns"] > STALE_AFTER * 1_000_000_000
         out.append(LockInfo(obj.name, d, stale))

@@ -45,7 +45,7 @@ from cloneaware.restore.meta import Meta
 from cloneaware.restore.select import STAGING, Selection
 from cloneaware.restore.subvol import Subvolumes
 from cloneaware.restore.tree import FdCache, Tree, remove_stale_temps, remove_tree, temp_name
-from cloneaware.safeio import DIR_FLAGS
+from cloneaware.safeio import DIR_FLAGS, pid_alive
 
 #: --reshare-existing compares what it cloned from the old copy in slices of
 #: this size, and writes the slices that differ
@@ -310,7 +310,7 @@ class Restore:
             remove_stale_temps(root, self.dest, self.warn)
         for n in os.listdir(root):  # staging directories of killed restores
             m = STAGING.match(os.fsencode(n))
-            if m and not _pid_alive(int(m.group(1))):
+            if m and not pid_alive(int(m.group(1))):
                 remove_tree(root, os.fsencode(n))
         magic, block = native.fstatfs(root, self.dest)
         self.cloner.block = block or 4096
@@ -811,7 +811,6 @@ class Restore:
                 os.close(fd)
 
 
-
 def _pread_all(fd: int, n: int, off: int, where: str) -> bytes:
     out = []
     while n > 0:
@@ -825,17 +824,6 @@ def _pread_all(fd: int, n: int, off: int, where: str) -> bytes:
         n -= len(b)
         off += len(b)
     return b"".join(out)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
 
 
 def _lexists(dfd: int, name: bytes) -> bool:

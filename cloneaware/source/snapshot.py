@@ -24,22 +24,13 @@ from collections.abc import Callable
 from cloneaware import native
 from cloneaware.errors import UsageError
 from cloneaware.fsinfo import BTRFS_MAGIC
+from cloneaware.safeio import pid_alive
 
 #: The inode number of a Btrfs subvolume's root directory, and of the empty
 #: directory that stands for a nested subvolume inside a snapshot.
 SUBVOL_ROOT_INO = 256
 EMPTY_SUBVOL_INO = 2
 NAME = re.compile(rb"\.cloneaware-snapshot-(\d+)-[0-9a-f]{8}\Z")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _fsid(fd: int, path: str) -> bytes | None:
@@ -130,7 +121,7 @@ class Snapshots:
         for entry in os.scandir(dfd):
             name = os.fsencode(entry.name)
             m = NAME.match(name)
-            if m and not _pid_alive(int(m.group(1))) and entry.is_dir(follow_symlinks=False):
+            if m and not pid_alive(int(m.group(1))) and entry.is_dir(follow_symlinks=False):
                 try:
                     native.btrfs_snap_destroy(dfd, name)
                 except OSError as e:

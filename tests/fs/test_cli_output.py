@@ -4,6 +4,7 @@ misread, scan's ratio without the holes, known progress totals in one unit
 system.  Run as a user runs it, on real filesystems."""
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -127,6 +128,27 @@ def test_defect_18_progress_knows_the_total_and_speaks_binary_units(btrfs_dir, x
         assert f"of {total}" in drawn, drawn[-2000:]
         assert "/?" not in drawn and "MB/s" not in drawn and "kB/s" not in drawn, drawn[-2000:]
         assert re.search(r"\d+\.\d (KiB|MiB|GiB)/s", drawn), drawn[-2000:]
+
+
+def test_no_progress_and_numeric_owner(btrfs_dir, xfs_dir):
+    """--no-progress: no bar even on a terminal (a log of a cron job run under
+    script(1), say); restore --numeric-owner is accepted and is what restore
+    does anyway (archives hold numbers)."""
+    src = btrfs_dir / "src"
+    src.mkdir()
+    write_random(src / "f", 96 << 20, 1)
+    os.chown(src / "f", 4321, 8765)
+    arch = btrfs_dir / "a.caw"
+    cli("backup", "--compress", "none", "-o", arch, src, check_rc=0)
+    drawn = _on_a_terminal(["verify", arch])
+    assert "of 96.0 MiB" in drawn, drawn[-2000:]
+    quiet = _on_a_terminal(["verify", "--no-progress", arch])
+    assert quiet == "", quiet[-2000:]  # stderr (the terminal) stays empty
+    quiet = _on_a_terminal(["restore", "--no-progress", "--numeric-owner", arch,
+                            xfs_dir / "d"])
+    assert quiet == "", quiet[-2000:]
+    st = os.stat(xfs_dir / "d" / "src" / "f")
+    assert (st.st_uid, st.st_gid) == (4321, 8765)
 
 
 ODD = [b"bad\xff\xfename", b"new\nline", b"back\\slash", "caf\u00e9".encode(), b"\x01ctl",
