@@ -26,7 +26,7 @@ from cloneaware.repo import format as rf
 from cloneaware.repo.backend import pack_name
 from cloneaware.repo.repository import Repository, Snapshot
 from cloneaware.restore.receive import Restore, RestoreSummary
-from cloneaware.restore.select import Selection, plan, with_data
+from cloneaware.restore.select import Selection, plan
 from cloneaware.safeio import open_beneath
 
 READ_MAX = 8 << 20  # one ranged read covers adjacent blobs up to this much
@@ -108,22 +108,20 @@ class BlobCache:
 
 
 def plan_fetches(repo: Repository, manifests: list[bytes],
-                 select: Selection | None = None) -> list[bytes]:
+                 wanted: list[set[int]] | None = None) -> list[bytes]:
     """The blob ids the restore will fetch, in the order it will fetch them
-    (with ``select``: for the files restore --include restores)."""
+    (with ``wanted``: only for those files of each manifest, as restore
+    --include chose them)."""
     cov = Coverage()
     cache = BlobCache()
     order: list[bytes] = []
     for owner, m in enumerate(manifests):
         entry = -1
-        wanted = None
-        if select:
-            wanted = with_data(select, [ev.entry for ev in Stream(io.BytesIO(m)).events()
-                                        if isinstance(ev, EntryEvent)])
+        files = wanted[owner] if wanted is not None else None
         for ev in Stream(io.BytesIO(m), check_hashes=False).events():
             if isinstance(ev, EntryEvent):
                 entry = ev.entry.id
-            elif isinstance(ev, BlobEvent) and (wanted is None or entry in wanted):
+            elif isinstance(ev, BlobEvent) and (files is None or entry in files):
                 for lo, hi, place in cov.split(ev.blob_id, ev.blob_offset, ev.length):
                     if place is not None:
                         continue
@@ -278,10 +276,13 @@ class SnapshotsRestore:
                  for s in self.snaps]
         select = self.kw.get("select") or Selection()
         all_tops = []
+        wanted: list[set[int]] | None = [] if select else None
         for m in manifests:
-            if select:
-                tops, _ = plan(select, [ev.entry for ev in Stream(io.BytesIO(m)).events()
-                                        if isinstance(ev, EntryEvent)])
+            if wanted is not None:  # one pass over each manifest's entries
+                got = plan(select, [ev.entry for ev in Stream(io.BytesIO(m)).events()
+                                    if isinstance(ev, EntryEvent)])
+                tops = got.tops
+                wanted.append(got.with_data)
             else:
                 tops = {it.path for it in read_index(io.BytesIO(m)).items
                         if b"/" not in it.path}
@@ -300,7 +301,7 @@ class SnapshotsRestore:
         if progress:
             progress.set_total(sum(read_index(io.BytesIO(m)).footer.stored_bytes
                                    for m in manifests))
-        self.fetcher = Fetcher(self.repo, plan_fetches(self.repo, manifests, select))
+        self.fetcher = Fetcher(self.repo, plan_fetches(self.repo, manifests, wanted))
         total = RestoreSummary()
         try:
             for owner, (m, d) in enumerate(zip(manifests, dests)):

@@ -286,8 +286,9 @@ class Restore:
             return set()  # the full read will report it with the offset
         finally:
             f.seek(0)
-        tops, self.stage_ids = plan(self.select, [r.entry for r in rows if r.entry])
-        return tops
+        got = plan(self.select, [r.entry for r in rows if r.entry])
+        self.stage_ids = got.stage
+        return got.tops
 
     def _open_dest(self) -> None:
         """Create DEST only when there is something to restore into it."""

@@ -15,6 +15,7 @@ the next one into the same DEST."""
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 from cloneaware.archive import format as fmt
 from cloneaware.patterns import Patterns
@@ -62,23 +63,24 @@ class Selection:
         return b"/".join(parts[self.strip:]) if len(parts) > self.strip else None
 
 
-def plan(select: Selection, entries: list[fmt.Entry]) -> tuple[set[bytes], set[int]]:
-    """From the whole list of entries (a seekable archive, a manifest): the
-    top-level names the restore makes below DEST, and the files left out
-    that a restored hard link names (staged, so that the link has data)."""
-    tops, _taken, stage = _plan(select, entries)
-    return tops, stage
+class Plan(NamedTuple):
+    """What a restore with a Selection makes, from the whole list of entries
+    (a seekable archive, a manifest)."""
+
+    tops: set[bytes]  # the top-level names it makes below DEST
+    taken: set[int]  # the ids of the entries chosen
+    stage: set[int]  # files left out that a chosen hard link names (staged)
+
+    @property
+    def with_data(self) -> set[int]:
+        """The files whose data a restore of a repository's manifest writes
+        (a manifest has no REF records: what they share comes from blobs)."""
+        return self.taken | self.stage
 
 
-def with_data(select: Selection, entries: list[fmt.Entry]) -> set[int]:
-    """The ids of the files whose data a restore of a repository's manifest
-    writes: those chosen, and those staged for a hard link.  (A manifest has
-    no REF records: the files it shares with come from the repository.)"""
-    _tops, taken, stage = _plan(select, entries)
-    return taken | stage
-
-
-def _plan(select: Selection, entries: list[fmt.Entry]) -> tuple[set[bytes], set[int], set[int]]:
+def plan(select: Selection, entries: list[fmt.Entry]) -> Plan:
+    """The choice applied to every entry, in archive order (a fresh walk
+    state: ``select`` itself is left as it was)."""
     sel = select.fresh()
     taken: set[int] = set()
     tops: set[bytes] = set()
@@ -90,4 +92,4 @@ def _plan(select: Selection, entries: list[fmt.Entry]) -> tuple[set[bytes], set[
                 tops.add(to.partition(b"/")[0])
     stage = {e.link for e in entries if e.kind == fmt.K_HARDLINK and e.id in taken
              and e.link not in taken}
-    return tops, taken, stage
+    return Plan(tops, taken, stage)
