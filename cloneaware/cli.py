@@ -191,7 +191,8 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
-_show_progress = True  # --no-progress clears it
+_show_progress = True  # --no-progress and -q clear it
+_quiet = False  # -q: no report of a job that went well
 
 
 def _no_progress_cb(value: bool) -> bool:
@@ -199,6 +200,33 @@ def _no_progress_cb(value: bool) -> bool:
     if value:
         _show_progress = False
     return value
+
+
+def _quiet_cb(value: bool) -> bool:
+    global _quiet, _show_progress
+    if value:
+        _quiet = True
+        _show_progress = False
+    return value
+
+
+def _report(text: str, to_stderr: bool = False) -> None:
+    """A job's human summary (not its --json, not a warning): left out by -q."""
+    if not _quiet:
+        _say(text, to_stderr)
+
+
+def _lister(verbose: bool, quiet: bool, to_stderr: bool):
+    """-v: a callback printing each entry's path as ls shows it, on stdout
+    (stderr when stdout carries the archive or JSON)."""
+    if not verbose:
+        return None
+    if quiet:
+        raise UsageError("give -q or -v, not both")
+    from cloneaware.display import show
+
+    return lambda path, replaces=False: _say(
+        show(path) + ("  (replaces what is there)" if replaces else ""), to_stderr)
 
 
 def _progress(enabled: bool, total: int | None, label: str):
@@ -230,7 +258,8 @@ def _main(
                                           help="Print the version and the archive "
                                           "format versions, then exit.")] = False,
 ) -> None:
-    pass
+    global _show_progress, _quiet
+    _show_progress, _quiet = True, False  # each invocation starts from the defaults
 
 
 @app.command(cls=_Command)
@@ -358,6 +387,10 @@ PasswordOpt = Annotated[str | None, typer.Option(
 NoProgressOpt = Annotated[bool, typer.Option(
     "--no-progress", callback=_no_progress_cb,
     help="No progress bar on standard error (there is one only on a terminal).")]
+QuietOpt = Annotated[bool, typer.Option(
+    "-q", "--quiet", callback=_quiet_cb,
+    help="Print no summary and no progress bar; warnings and errors still go to "
+    "standard error, and the exit code says how it went.")]
 RshOpt = Annotated[str | None, typer.Option(
     "--rsh", metavar="CMD",
     help="Command to reach an ssh:// target (default: $CLONEAWARE_RSH or ssh).")]
@@ -474,6 +507,15 @@ def backup(
         "snapshot taken at the start (the whole tree as of one instant), deleted at the "
         "end.")] = False,
     no_progress: NoProgressOpt = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Read, hash and compress as a backup would, and report what it "
+        "would store; write no archive, and nothing to a repository (no blob, snapshot or "
+        "anchor: only the shared lock every reading command takes).")] = False,
+    quiet: QuietOpt = False,
+    verbose: Annotated[bool, typer.Option(
+        "-v", "--verbose", help="Print the path of each entry as it is stored, as ls "
+        "prints it, on standard output (standard error when standard output carries the "
+        "archive or --json).")] = False,
 ) -> None:
     """Back up PATHs into one archive (-o) that stores each shared extent once,
     or as a new snapshot of a repository (-r) that stores only what changed.
@@ -483,7 +525,7 @@ def backup(
     instant's state; in a repository the clone is kept as the file's anchor, and
     the next backup reads only what no longer shares its blocks with it."""
     from cloneaware.backup import ArchiveSink, Backup, SparseSink
-    from cloneaware.backup.sinks import RecordSink, file_output
+    from cloneaware.backup.sinks import Discard, RecordSink, file_output
     from cloneaware.patterns import Exclusions, read_list
     from cloneaware.remote import client
 
@@ -496,45 +538,54 @@ def backup(
         patterns = list(exclude or [])
         for fl in exclude_from or []:
             patterns += read_list(fl, "--exclude-from")
+        on_stdout = output == "-" and not dry_run  # the archive
         common: dict[str, Any] = dict(compress=compress, one_file_system=one_fs, warn=_err,
                       point_in_time=not no_pit, snapshot=snapshot,
-                      exclude=Exclusions(patterns, exclude_caches))
+                      exclude=Exclusions(patterns, exclude_caches),
+                      listed=_lister(verbose, quiet, on_stdout or as_json))
         if output is None:
             repo = _env_repo(repo)
             if not repo:
                 raise UsageError("give -o ARCHIVE or -r REPO (or set CLONEAWARE_REPOSITORY)")
             _backup_repo(paths, repo, host, tag or [], from_archive, password_file,
                          s3_endpoint, connections, compress, as_json, base, sparse,
-                         rsh, no_pit, common)
+                         rsh, no_pit, common, dry_run)
             return
         if from_archive is not None or host is not None or tag:
             raise UsageError("--from-archive, --host and --tag are for repositories (-r)")
         if not paths:
             raise UsageError("give the PATHs to back up")
         if sparse:
+            if dry_run:
+                raise UsageError("--dry-run does not take --sparse (it writes its file as it "
+                                 "goes); try it without --sparse")
             sink: RecordSink = SparseSink(output, paths, base, force)
         elif client.is_url(output):
             client.parse_url(output)
-            sink = ArchiveSink(lambda: client.RemoteOutput(output, force, rsh), output)
+            sink = ArchiveSink(Discard if dry_run else
+                               lambda: client.RemoteOutput(output, force, rsh), output)
         else:
-            sink = ArchiveSink(file_output(output, force),
+            sink = ArchiveSink(file_output(output, force, dry_run),
                                "standard output" if output == "-" else output)
         with _progress(True, None, "backup") as prog:
             s = Backup(paths, sink, base=base, progress=prog, **common).run()
         d = s.as_dict()
         d["changed"] = [{"path": p, "reason": r} for p, r in s.changed]
         d["skipped"] = [{"path": p, "reason": r} for p, r in s.skipped]
+        d["dry_run"] = dry_run
         if as_json:
-            _say(json.dumps(d, indent=2), to_stderr=output == "-")
-        elif output != "-":
-            _say(
-                f"{s.files} files, {_human(s.logical_bytes)} logical, "
+            _say(json.dumps(d, indent=2), to_stderr=on_stdout)
+        elif not on_stdout:
+            _report(
+                ("dry run, nothing written: " if dry_run else "")
+                + f"{s.files} files, {_human(s.logical_bytes)} logical, "
                 f"{_human(s.physical_bytes)} physical; stored {_human(s.stored_bytes)}, "
                 f"referenced {_human(s.referenced_bytes)}, "
                 + (f"in the base {_human(s.base_referenced_bytes)}, " if base else "")
                 + f"holes {_human(s.hole_bytes)}; "
                 + (f"{s.excluded} entries excluded; " if s.excluded else "")
-                + f"archive {_human(s.archive_bytes)} in {s.seconds:.1f} s\n"
+                + f"archive {'would be ' if dry_run else ''}{_human(s.archive_bytes)} in "
+                f"{s.seconds:.1f} s\n"
                 f"point in time: {s.captured_by_clone} files cloned, "
                 f"{s.captured_by_snapshot} from a snapshot, {s.read_live} read live"
                 + (" (" + ", ".join(f"{n} {r}" for r, n in s.read_live_reasons.items()) + ")"
@@ -544,7 +595,8 @@ def backup(
 
 
 def _backup_repo(paths, repo, host, tags, from_archive, password_file, s3_endpoint,
-                 connections, compress, as_json, base, sparse, rsh, no_pit, common) -> None:
+                 connections, compress, as_json, base, sparse, rsh, no_pit, common,
+                 dry_run) -> None:
     """backup -r REPO: a new snapshot."""
     from cloneaware.backup import Backup
     from cloneaware.backup.workers import parse_compress
@@ -560,6 +612,8 @@ def _backup_repo(paths, repo, host, tags, from_archive, password_file, s3_endpoi
             if from_archive is not None:
                 if paths:
                     raise UsageError("give --from-archive FILE or PATHs, not both")
+                if dry_run:
+                    raise UsageError("--dry-run is for PATHs, not --from-archive")
                 from cloneaware.archive.reader import open_archive
                 from cloneaware.errors import SharingMapGiven
 
@@ -573,13 +627,13 @@ def _backup_repo(paths, repo, host, tags, from_archive, password_file, s3_endpoi
                 if as_json:
                     _say(json.dumps(d, indent=2))
                 else:
-                    _say(f"snapshot {snap.short_id} of {from_archive}: {d['files']} "
+                    _report(f"snapshot {snap.short_id} of {from_archive}: {d['files']} "
                          f"files, added {_human(d['added_bytes'])}")
                 return
             if not paths:
                 raise UsageError("give the PATHs to back up")
             sink = RepositorySink(r, paths, host, tags, level, connections, _err,
-                                  anchors=not no_pit)
+                                  anchors=not no_pit, dry_run=dry_run)
             with _progress(True, None, "backup") as prog:
                 s = Backup(paths, sink, progress=prog, **common).run()
     finally:
@@ -587,14 +641,16 @@ def _backup_repo(paths, repo, host, tags, from_archive, password_file, s3_endpoi
     d = s.as_dict()
     d["changed"] = [{"path": p, "reason": r} for p, r in s.changed]
     d["skipped"] = [{"path": p, "reason": r} for p, r in s.skipped]
+    d["dry_run"] = dry_run
     if as_json:
         _say(json.dumps(d, indent=2))
     else:
-        _say(
-            f"snapshot {(s.snapshot or '')[:8]}: {s.files} files, {_human(s.logical_bytes)} "
+        _report(
+            ("dry run, nothing written: " if dry_run else f"snapshot {(s.snapshot or '')[:8]}: ")
+            + f"{s.files} files, {_human(s.logical_bytes)} "
             f"logical; read {_human(s.bytes_read)}, unchanged {_human(s.unchanged_bytes)} "
-            f"(not read), added {_human(s.added_bytes)} to the repository in "
-            f"{s.seconds:.1f} s")
+            f"(not read), {'would add' if dry_run else 'added'} {_human(s.added_bytes)} to "
+            f"the repository in {s.seconds:.1f} s")
     if s.changed or s.skipped:
         raise typer.Exit(EXIT_WARNINGS)
 
@@ -639,6 +695,16 @@ def restore(
     numeric_owner: Annotated[bool, typer.Option(
         "--numeric-owner", help="Owners and groups by their numbers, as stored (the "
         "default and the only way: archives hold numbers, not names).")] = True,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Report what the restore would make and how its bytes would get "
+        "there (written, reflinked, holes), from the entries alone (an archive file's "
+        "index; a pipe is read whole; no blob is fetched); make and change nothing, not "
+        "even DEST.  The checks of DEST are those of a restore.")] = False,
+    quiet: QuietOpt = False,
+    verbose: Annotated[bool, typer.Option(
+        "-v", "--verbose", help="Print the path below DEST of each entry as it is made "
+        "(with --dry-run: as it would be, and whether it replaces what is there), on "
+        "standard output (standard error with --json).")] = False,
 ) -> None:
     """Restore an archive, or snapshots of a repository, into DEST, re-creating
     shared extents with reflinks.
@@ -653,19 +719,26 @@ def restore(
 
     with _handled(as_json):
         select = Selection(include or [], strip)
+        listed = _lister(verbose, quiet, as_json)
         repo = _repo_for(targets, repo)
         if repo:
             if len(targets) < 2:
                 raise UsageError("give SNAPSHOT... DEST")
             s = _restore_repo(targets[:-1], targets[-1], repo, password_file, s3_endpoint,
                               connections, rsh, force or reshare_existing, base, trust_base,
-                              reshare_existing, select)
-            _restore_report(s, as_json)
+                              reshare_existing, select, listed, dry_run)
+            _restore_report(s, as_json, dry_run)
             return
         if len(targets) != 2:
             raise UsageError("give ARCHIVE DEST (or -r REPO SNAPSHOT... DEST)")
         archive, dest = targets
+        if dry_run:
+            _restore_dry_run(archive, dest, rsh, base, force or reshare_existing, select,
+                             listed, as_json)
+            return
         if client.is_url(dest):
+            if verbose:
+                raise UsageError("-v needs a local DEST")
             if reshare_existing:
                 raise UsageError("--reshare-existing needs a local DEST")
             if client.is_url(archive):
@@ -677,7 +750,7 @@ def restore(
             if as_json:
                 _say(json.dumps(d, indent=2))
             else:
-                _say(f"{dest}: {d.get('files', 0)} files, wrote "
+                _report(f"{dest}: {d.get('files', 0)} files, wrote "
                      f"{_human(d.get('written_bytes', 0))}, reflinked "
                      f"{_human(d.get('reflinked_bytes', 0))}, copied "
                      f"{_human(d.get('copied_bytes', 0))} on the remote host")
@@ -689,16 +762,33 @@ def restore(
             with _progress(True, None, "restore") as prog:
                 s = Restore(src, dest, force=force, progress=prog, warn=_err, base=base,
                             trust_base=trust_base, reshare_existing=reshare_existing,
-                            select=select).run()
+                            select=select, listed=listed).run()
         finally:
             if not isinstance(src, str):
                 src.close()
         _restore_report(s, as_json)
 
 
+def _restore_dry_run(archive, dest, rsh, base, force, select, listed, as_json) -> None:
+    from cloneaware.remote import client
+    from cloneaware.restore import dryrun
+
+    if client.is_url(dest):
+        raise UsageError("--dry-run needs a local DEST")
+    src = client.open_remote_archive(archive, rsh) if client.is_url(archive) else archive
+    try:
+        source = dryrun.archive_source(src, dest, base, _err)
+    finally:
+        if not isinstance(src, str):
+            src.close()
+    _restore_report(dryrun.dry_run([source], select, force, listed), as_json, True)
+
+
 def _restore_repo(specs, dest, repo, password_file, s3_endpoint, connections, rsh, force,
-                  base, trust_base, reshare_existing=False, select=None):
+                  base, trust_base, reshare_existing=False, select=None, listed=None,
+                  dry_run=False):
     from cloneaware.repo.restore import SnapshotsRestore
+    from cloneaware.restore import dryrun
 
     if base is not None or trust_base:
         raise UsageError("--base and --trust-base are for thin archives")
@@ -711,21 +801,35 @@ def _restore_repo(specs, dest, repo, password_file, s3_endpoint, connections, rs
                 sn = r.find(spec, snaps)
                 if sn not in chosen:
                     chosen.append(sn)
+            if dry_run:
+                return dryrun.dry_run(dryrun.snapshot_sources(r, chosen, dest, select),
+                                      select, force, listed)
             with _progress(True, None, "restore") as prog:
                 return SnapshotsRestore(r, chosen, dest, force=force, progress=prog,
                                         warn=_err, reshare_existing=reshare_existing,
-                                        select=select).run()
+                                        select=select, listed=listed).run()
     finally:
         r.close()
 
 
-def _restore_report(s, as_json: bool) -> None:
+def _restore_report(s, as_json: bool, dry_run: bool = False) -> None:
     d = s.as_dict()
     d["not_exact"] = [{"path": p, "reason": r} for p, r in s.not_exact]
+    if dry_run:
+        d["dry_run"] = True
+        for p, r in s.not_exact:  # a restore says these as it goes
+            _err(f"{p}: {r}")
     if as_json:
         _say(json.dumps(d, indent=2))
+    elif dry_run:
+        _report(
+            f"dry run, nothing written: {s.files} files, {_human(s.logical_bytes)} logical: "
+            f"would write {_human(s.written_bytes)}, reflink {_human(s.reflinked_bytes)} "
+            f"(or copy, where DEST cannot clone), holes {_human(s.hole_bytes)}"
+            + (f"; from the base {_human(s.base_bytes)}" if s.base_bytes else "")
+            + (f"; left out {s.left_out} entries" if s.left_out else ""))
     else:
-        _say(
+        _report(
             f"{s.files} files, {_human(s.logical_bytes)} logical: wrote "
             f"{_human(s.written_bytes)}, reflinked {_human(s.reflinked_bytes)}, "
             f"copied {_human(s.copied_bytes)}, holes {_human(s.hole_bytes)}"
@@ -762,6 +866,7 @@ def reshare(
     rsh: RshOpt = None,
     s3_endpoint: S3EndpointOpt = None,
     no_progress: NoProgressOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Give a tree copied by another tool (rsync, tar, restic, ...) back the
     sharing the archive, sharing map or snapshot records, with FIDEDUPERANGE.
@@ -822,7 +927,7 @@ def reshare(
         else:
             verb = "would ask to dedupe" if dry_run else "shared"
             amount = res.to_dedupe_bytes if dry_run else res.shared_bytes
-            typer.echo(
+            _report(
                 f"{dest} from {what}: {res.files} files, {res.references} references to "
                 f"{_human(res.referenced_bytes)}; {verb} {_human(amount)}, already shared "
                 f"{_human(res.already_shared_bytes)}"
@@ -1044,6 +1149,7 @@ def verify(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
     rsh: RshOpt = None,
     no_progress: NoProgressOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Check every record and every data hash; write nothing.  Exit 0 only if
     the archive is whole.  ARCHIVE may be ssh://[user@]host[:port]/path: it is
@@ -1118,15 +1224,15 @@ def verify(
         if as_json:
             typer.echo(json.dumps(counts, indent=2))
         else:
-            typer.echo(f"{'sharing map' if stream.is_map else 'archive'} is whole: "
-                       f"{_summary_line({k: v for k, v in counts.items() if k != 'map'})}")
+            _report(f"{'sharing map' if stream.is_map else 'archive'} is whole: "
+                    f"{_summary_line({k: v for k, v in counts.items() if k != 'map'})}")
             if sparse_fd is not None:
-                typer.echo(f"sparse thin backup: {counts['sparse_ranges']} ranges of its own "
-                           f"data ({_human(counts['sparse_bytes'])}) checked in {archive}")
+                _report(f"sparse thin backup: {counts['sparse_ranges']} ranges of its own "
+                        f"data ({_human(counts['sparse_bytes'])}) checked in {archive}")
             if stream.base is not None:
-                typer.echo(f"thin backup: restoring it needs the base {counts['base']!r} "
-                           f"({counts['base_files']} files); their bytes are checked at "
-                           "restore")
+                _report(f"thin backup: restoring it needs the base {counts['base']!r} "
+                        f"({counts['base_files']} files); their bytes are checked at "
+                        "restore")
 
 # --- repositories -----------------------------------------------------------------------
 
@@ -1215,6 +1321,7 @@ def forget(
     rsh: RshOpt = None,
     s3_endpoint: S3EndpointOpt = None,
     connections: S3ConnOpt = 4,
+    quiet: QuietOpt = False,
 ) -> None:
     """Remove snapshots, keeping those the --keep options name in each group of
     snapshots of the same host and PATHs."""
@@ -1238,19 +1345,19 @@ def forget(
             return
         verb = "would remove" if dry_run else "removed"
         for s, why in res.kept:
-            typer.echo(f"keep   {s.short_id}  {s.data['time'][:19]}  {s.hostname}  "
-                       f"({', '.join(why)})")
+            _report(f"keep   {s.short_id}  {s.data['time'][:19]}  {s.hostname}  "
+                    f"({', '.join(why)})")
         for s in res.removed:
-            typer.echo(f"remove {s.short_id}  {s.data['time'][:19]}  {s.hostname}")
-        typer.echo(f"{verb} {len(res.removed)} snapshots, kept {len(res.kept)}")
+            _report(f"remove {s.short_id}  {s.data['time'][:19]}  {s.hostname}")
+        _report(f"{verb} {len(res.removed)} snapshots, kept {len(res.kept)}")
         if pr is not None:
             _prune_report(pr, dry_run)
 
 
 def _prune_report(pr, dry_run: bool) -> None:
     verb = "would delete" if dry_run else "deleted"
-    typer.echo(f"prune: {verb} {pr.packs_deleted} packs, repacked {pr.packs_repacked}; "
-               f"{_human(pr.bytes_before)} -> {_human(pr.bytes_after)}")
+    _report(f"prune: {verb} {pr.packs_deleted} packs, repacked {pr.packs_repacked}; "
+            f"{_human(pr.bytes_before)} -> {_human(pr.bytes_after)}")
 
 
 @app.command(cls=_Command)
@@ -1263,6 +1370,7 @@ def prune(
     rsh: RshOpt = None,
     s3_endpoint: S3EndpointOpt = None,
     connections: S3ConnOpt = 4,
+    quiet: QuietOpt = False,
 ) -> None:
     """Delete the data no snapshot needs (repacking packs that are partly needed)."""
     from cloneaware.repo import maintain
@@ -1290,6 +1398,7 @@ def check(
     password_file: PasswordOpt = None,
     rsh: RshOpt = None,
     s3_endpoint: S3EndpointOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
     """Check that every object is sound and every snapshot finds every blob.
     Exit 0 if so, 3 with the problems named otherwise."""
@@ -1308,18 +1417,18 @@ def check(
             typer.echo(json.dumps({**res.__dict__, "encrypted": enc, "ok": not res.errors},
                                   indent=2))
         else:
-            typer.echo(f"repository {r.config.id[:8]} ({'encrypted' if enc else 'not encrypted'}"
-                       f"): {res.snapshots} snapshots, {res.packs} packs, {res.blobs} blobs"
-                       + (f", read {_human(res.read_bytes)}" if read_data else ""))
+            _report(f"repository {r.config.id[:8]} ({'encrypted' if enc else 'not encrypted'}"
+                    f"): {res.snapshots} snapshots, {res.packs} packs, {res.blobs} blobs"
+                    + (f", read {_human(res.read_bytes)}" if read_data else ""))
             for w in res.warnings:
-                typer.echo(f"note: {w}")
+                _report(f"note: {w}")
         for e in res.errors:
             _err(e)
         if res.errors:
             _err(f"{len(res.errors)} problems found")
             raise typer.Exit(EXIT_ARCHIVE)
         if not as_json:
-            typer.echo("no problems found")
+            _report("no problems found")
 
 
 @app.command(cls=_Command)

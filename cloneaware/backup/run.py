@@ -14,6 +14,7 @@ import errno
 import os
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -214,8 +215,11 @@ class Backup:
     def __init__(self, paths: list, sink: Sink, compress: str = "zstd",
                  one_file_system: bool = True, progress=None, warn=None,
                  base: str | None = None, point_in_time: bool = True,
-                 snapshot: bool = False, exclude: Exclusions | None = None):
+                 snapshot: bool = False, exclude: Exclusions | None = None,
+                 listed: Callable[[bytes], None] | None = None):
         self.paths = paths
+        #: -v: called with each entry's path (as ls shows it) once it is stored
+        self.listed = listed or (lambda path: None)
         self.sink = sink
         self.codec, self.level = parse_compress(compress)
         self.one_file_system = one_file_system
@@ -396,6 +400,7 @@ class Backup:
                 if e is not None:
                     w.entry(e)
                     entry_of_item[n] = e.id
+                    self.listed(e.path)
                     if e.subvol and self._uuid is not None:
                         self._subvol_ids[self._uuid] = e.id
                 continue
@@ -407,12 +412,14 @@ class Backup:
                     w.entry(e)
                     entry_of_item[n] = e.id
                     self.summary.hardlinks += 1
+                    self.listed(e.path)
                     continue
                 # the first name vanished: store this name as a file of its own
                 item = _File(item.node, -1, None)
             eid = self._file(w, item, plan, workers, referenced)
             if eid is not None:
                 entry_of_item[n] = eid
+                self.listed(item.node.name)
 
     def _other_entry(self, node: Node) -> fmt.Entry | None:
         st = node.st

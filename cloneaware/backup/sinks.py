@@ -58,6 +58,28 @@ class _Stdout:
         pass
 
 
+class Discard:
+    """backup --dry-run: an output that counts what would be written and
+    keeps none of it."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def write(self, b) -> int:
+        n = memoryview(b).nbytes
+        self.count += n
+        return n
+
+    def flush(self) -> None:
+        pass
+
+    def commit(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
 def _check_target(target: str, force: bool) -> None:
     """Refuse before any work a target that cannot be written."""
     if os.path.lexists(target) and not force:
@@ -69,15 +91,17 @@ def _check_target(target: str, force: bool) -> None:
         raise UsageError(f"{d}: no such directory")
 
 
-def file_output(target: str, force: bool = False) -> Callable[[], Output]:
+def file_output(target: str, force: bool = False, dry_run: bool = False
+                ) -> Callable[[], Output]:
     """An opener for ARCHIVE: '-' is standard output, else a file written
-    under a temporary name and renamed into place when whole."""
+    under a temporary name and renamed into place when whole.  ``dry_run``:
+    the target is checked as for a backup, and nothing is written."""
     if target == "-":
-        return _Stdout
+        return Discard if dry_run else _Stdout
     if not target:
         raise UsageError("an empty path was given as the archive (-o)")
     _check_target(target, force)
-    return lambda: AtomicFile(target, replace=force)
+    return Discard if dry_run else lambda: AtomicFile(target, replace=force)
 
 
 class RecordSink:

@@ -116,11 +116,11 @@ class AnchorSets:
 
     # -- the parent's anchors ---------------------------------------------------------
 
-    def previous(self, tops: list[bytes], parent: str | None, alive: set[str]
-                 ) -> list[Anchor]:
-        """Open the anchors of snapshot ``parent`` that are untouched; delete
-        what is left of killed backups and of snapshots no longer in the
-        repository (``alive``: its snapshot ids)."""
+    def previous(self, tops: list[bytes], parent: str | None, alive: set[str],
+                 tidy: bool = True) -> list[Anchor]:
+        """Open the anchors of snapshot ``parent`` that are untouched; with
+        ``tidy``, delete what is left of killed backups and of snapshots no
+        longer in the repository (``alive``: its snapshot ids)."""
         out: list[Anchor] = []
         for top in tops:
             d = self.set_dir(top)
@@ -131,6 +131,8 @@ class AnchorSets:
             for n in sorted(os.fsdecode(x) for x in names):
                 full = os.path.join(d, os.fsencode(n))
                 m = STAGING.match(n)
+                if not tidy and n != parent:
+                    continue
                 if m and not pid_alive(int(m.group(1))):
                     shutil.rmtree(full, ignore_errors=True)
                 elif SNAP.match(n) and n != parent and n not in alive:

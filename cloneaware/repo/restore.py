@@ -306,6 +306,9 @@ class SnapshotsRestore:
         try:
             for owner, (m, d) in enumerate(zip(manifests, dests)):
                 kw = {**self.kw, "select": select.fresh()}  # each has its own walk state
+                if several and kw.get("listed") is not None:
+                    kw["listed"] = lambda p, f=kw["listed"], at=self.snaps[owner].short_id: \
+                        f(at.encode() + b"/" + p)
                 r = _Receiver(self, owner, m, d, **kw)
                 self.receivers.append(r)
                 s = r.run()

@@ -101,6 +101,20 @@ def read_manifest(data: bytes) -> tuple[dict[bytes, ParentFile], dict[int, Paren
     return by_path, by_id
 
 
+class DryPacker(Packer):
+    """backup --dry-run: which blobs the backup would add, and nothing
+    sealed, packed or uploaded."""
+
+    def add(self, bid: bytes, btype: int, raw_length: int, stored: bytes) -> bool:
+        if self.known(bid):
+            return False
+        self.pending[bid] = btype
+        return True
+
+    def flush(self) -> None:
+        pass
+
+
 class ManifestOut:
     """The manifest's bytes as the Writer writes them, cut into manifest
     blobs of 4 MiB and handed to the packer."""
@@ -108,6 +122,7 @@ class ManifestOut:
     def __init__(self, repo: Repository, packer: Packer):
         self.repo = repo
         self.packer = packer
+        self.dry_run = isinstance(packer, DryPacker)
         self.buf = bytearray()
         self.ids: list[bytes] = []
         self.total = 0
@@ -123,7 +138,7 @@ class ManifestOut:
 
     def _emit(self, chunk: bytes) -> None:
         bid = self.repo.crypto.blob_id(chunk)
-        self.packer.add(bid, rf.T_TREE, len(chunk),
+        self.packer.add(bid, rf.T_TREE, len(chunk), b"" if self.dry_run else
                         self.repo.encode_blob(rf.T_TREE, bid, chunk, self.zstd))
         self.ids.append(bid)
 
@@ -138,15 +153,20 @@ class RepositorySink(RecordSink):
 
     def __init__(self, repo: Repository, paths: list, host: str | None = None,
                  tags: list[str] | None = None, level: int = 3, connections: int = 2,
-                 warn: Callable[[str], None] | None = None, anchors: bool = True):
+                 warn: Callable[[str], None] | None = None, anchors: bool = True,
+                 dry_run: bool = False):
+        """``dry_run``: read and hash as a backup does, and count what it
+        would add; write nothing to the repository (no blob, manifest or
+        snapshot) and keep no anchor."""
         self.repo = repo
+        self.dry_run = dry_run
         self.roots = sorted(os.path.abspath(os.fsencode(p)) for p in paths)
         self.paths = [os.fsdecode(r) for r in self.roots]
         self.host = host or socket.gethostname()
         self.tags = sorted(set(tags or []))
         self.level = level
         self.warn = warn or (lambda m: None)
-        self.packer = Packer(repo, connections)
+        self.packer = (DryPacker if dry_run else Packer)(repo, connections)
         self.out = ManifestOut(repo, self.packer)
         self.started_ns = time.time_ns()
         self.grid = repo.config.grid
@@ -176,7 +196,7 @@ class RepositorySink(RecordSink):
             return {}
         tops = self.sets.tops(self.roots)
         anchors = self.sets.previous(tops, self.parent.id if self.parent else None,
-                                     {s.id for s in snaps})
+                                     {s.id for s in snaps}, tidy=not self.dry_run)
         out: dict[int, object] = {}
         for a in anchors:
             try:
@@ -198,7 +218,7 @@ class RepositorySink(RecordSink):
         return all(b in idx for b in segs.blobs)
 
     def capture_dir(self, src: bytes) -> int | None:
-        if not self.use_anchors:
+        if not self.use_anchors or self.dry_run:
             return None
         return self.sets.staging(self.sets.mounts.top(os.path.dirname(src) or b"."))
 
@@ -222,12 +242,15 @@ class RepositorySink(RecordSink):
     def data_job(self, workers: Workers):
         repo, packer = self.repo, self.packer
         level = self.level
+        dry_run = self.dry_run
 
         def job(fd: int, offset: int, length: int) -> Chunk:
             data, got = workers.read(fd, offset, length)
             bid = repo.crypto.blob_id(data)
             if packer.known(bid):
                 return Chunk(bid, got, None)
+            if dry_run:
+                return Chunk(bid, got, [b""])
             z = workers.zstd(level) if level else None
             return Chunk(bid, got, [repo.encode_blob(rf.T_DATA, bid, data, z)])
 
@@ -285,7 +308,7 @@ class RepositorySink(RecordSink):
         return True
 
     def keep(self, fd: int, captured: bool, e: fmt.Entry, src: bytes) -> None:
-        if self.use_anchors:
+        if self.use_anchors and not self.dry_run:
             self.sets.keep(self.sets.mounts.top(os.path.dirname(src) or b"."), e.id, fd,
                            captured)
 
@@ -294,6 +317,9 @@ class RepositorySink(RecordSink):
     def commit(self) -> None:
         self.out.finish()
         self.packer.flush()
+        if self.dry_run:
+            self.packer.close()
+            return
         s = self.summary
         data = {
             "time": now_rfc3339(self.started_ns), "time_ns": self.started_ns,

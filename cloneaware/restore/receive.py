@@ -111,7 +111,8 @@ class Restore:
     DEST holds an older copy of the tree (implies ``force``); stored bytes
     are cloned from the file already at an entry's name and read back, and
     written only where they differ, so identical data is not written again
-    (see ``_put``)."""
+    (see ``_put``).  ``listed``: called with each entry's path below DEST
+    as it is made (-v)."""
 
     #: a file left out by --include whose bytes restored files share is
     #: restored, staged, to clone from (a repository serves them itself, and
@@ -120,8 +121,11 @@ class Restore:
 
     def __init__(self, archive, dest: str, force: bool = False, progress=None, warn=None,
                  base: str | None = None, trust_base: bool = False, open_dest=None,
-                 reshare_existing: bool = False, select: Selection | None = None):
+                 reshare_existing: bool = False, select: Selection | None = None,
+                 listed: Callable[[bytes], None] | None = None):
         self.archive = archive
+        #: -v: called with the path below DEST of each entry as it is made
+        self.listed = listed or (lambda path: None)
         self.dest = dest
         self.open_dest = open_dest
         self.reshare_existing = reshare_existing
@@ -444,6 +448,7 @@ class Restore:
             raise self._named(ex, e.path) from None
         if new_top:
             self._made_top(name)
+        self.listed(e.path)
 
     def on_data(self, ev: DataEvent) -> None:
         if self.skipping:
