@@ -34,11 +34,14 @@ BLOCK = 1 * MiB
 
 #: Stamp every block of PATH with the pass number, pass after pass, block by
 #: block in order, until killed; announce on stdout once two passes are done.
-#: ``--pair A B`` writes pass p to all of A, then all of B, in lock step.
+#: With several PATHs, pass p goes to all of the first, then all of the next,
+#: in lock step; with FSYNC 1, each file is fsync'd after its part of a pass
+#: (the order a power cut, or a snapshot, must keep).
 WRITER = r"""
 import os, struct, sys
 args = sys.argv[1:]
 block = int(args.pop(0))
+sync = args.pop(0) == "1"
 paths = args
 fds = [os.open(p, os.O_RDWR) for p in paths]
 nblocks = [os.fstat(fd).st_size // block for fd in fds]
@@ -49,14 +52,17 @@ while True:
     for fd, n in zip(fds, nblocks):
         for i in range(n):
             os.pwrite(fd, stamp, i * block)
+        if sync:
+            os.fsync(fd)
     if p == 2:
         sys.stdout.write("going\n")
         sys.stdout.flush()
 """
 
 
-def start_writer(*paths: Path, block: int = BLOCK) -> subprocess.Popen:
-    w = subprocess.Popen([sys.executable, "-c", WRITER, str(block), *map(str, paths)],
+def start_writer(*paths: Path, block: int = BLOCK, fsync: bool = False) -> subprocess.Popen:
+    w = subprocess.Popen([sys.executable, "-c", WRITER, str(block), "1" if fsync else "0",
+                          *map(str, paths)],
                          stdout=subprocess.PIPE, text=True)
     assert w.stdout is not None
     assert w.stdout.readline() == "going\n"
@@ -266,16 +272,22 @@ def _leftovers(where: Path) -> list[str]:
 
 
 def test_snapshot_saves_files_from_one_instant(btrfs_dir, tmp_path):
-    """a.img and z.img are written in lock step (pass p to all of a, then all
-    of z); between them in walk order lies a large file, so that per-file
-    clones happen many passes apart while a snapshot holds one instant:
-    z's pass is a's or one less."""
+    """a.img and z.img are written in lock step (pass p to all of a, fsync,
+    then all of z, fsync); between them in walk order lies a large file, so
+    that per-file clones happen many passes apart while a snapshot holds one
+    instant as a power cut would: z's pass is a's or one less.
+
+    The fsyncs are what make the order one a power cut keeps.  Without them
+    a snapshot can hold z newer than a (seen: a at pass 216, z at 218, on a
+    loaded machine): Btrfs writes each file's dirty pages out in turn before
+    it commits the snapshot while the writer goes on, as writeback before a
+    power cut would (docs/KERNEL.md P6)."""
     vol = btrfs_dir / "vol"
     _subvolume(vol)
     make_image(vol / "a.img", 2)
     write_random(vol / "m-big.img", 256 * MiB, 5)
     make_image(vol / "z.img", 2)
-    w = start_writer(vol / "a.img", vol / "z.img")
+    w = start_writer(vol / "a.img", vol / "z.img", fsync=True)
     try:
         snap, serr = backup(tmp_path / "snap.caw", vol, extra=["--snapshot"], rc=0)
         per_file, _ = backup(tmp_path / "clones.caw", vol, rc=0)
@@ -294,7 +306,8 @@ def test_snapshot_saves_files_from_one_instant(btrfs_dir, tmp_path):
 
     # A snapshot is an instant as a power cut is: a write(2) in flight may be
     # in it in part (seen: a 1 MiB pwrite half in), so compare pages; the
-    # pages of a and then z are p+1 up to some page and p after it.
+    # pages of a and then z are p+1 up to some page and p after it (what was
+    # fsync'd before a later write is in the snapshot if that write is).
     a, z = passes(tmp_path / "s", PAGE)
     assert one_instant(a + z) and max(a) >= 2, (a, z)
     # per-file clones: each file is one instant (whole write calls), but z's
