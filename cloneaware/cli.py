@@ -529,7 +529,7 @@ def backup(
     from cloneaware.patterns import Exclusions, read_list
     from cloneaware.remote import client
 
-    with _handled(as_json, to_stderr=output == "-"):
+    with _handled(as_json, to_stderr=output == "-" and not dry_run):
         if output is not None and repo:
             raise UsageError("give -o ARCHIVE or -r REPO, not both")
         paths = list(paths or [])
@@ -542,7 +542,7 @@ def backup(
         common: dict[str, Any] = dict(compress=compress, one_file_system=one_fs, warn=_err,
                       point_in_time=not no_pit, snapshot=snapshot,
                       exclude=Exclusions(patterns, exclude_caches),
-                      listed=_lister(verbose, quiet, on_stdout or as_json))
+                      listed=_lister(verbose, quiet, on_stdout or as_json), dry_run=dry_run)
         if output is None:
             repo = _env_repo(repo)
             if not repo:
@@ -1420,8 +1420,11 @@ def check(
             _report(f"repository {r.config.id[:8]} ({'encrypted' if enc else 'not encrypted'}"
                     f"): {res.snapshots} snapshots, {res.packs} packs, {res.blobs} blobs"
                     + (f", read {_human(res.read_bytes)}" if read_data else ""))
-            for w in res.warnings:
-                _report(f"note: {w}")
+            for w in res.warnings:  # with -q, on stderr: a note may want doing
+                if _quiet:
+                    _err(f"note: {w}")
+                else:
+                    _report(f"note: {w}")
         for e in res.errors:
             _err(e)
         if res.errors:

@@ -216,8 +216,9 @@ class Backup:
                  one_file_system: bool = True, progress=None, warn=None,
                  base: str | None = None, point_in_time: bool = True,
                  snapshot: bool = False, exclude: Exclusions | None = None,
-                 listed: Callable[[bytes], None] | None = None):
+                 listed: Callable[[bytes], None] | None = None, dry_run: bool = False):
         self.paths = paths
+        self.dry_run = dry_run  # --dry-run: leave what killed backups left for a real run
         #: -v: called with each entry's path (as ls shows it) once it is stored
         self.listed = listed or (lambda path: None)
         self.sink = sink
@@ -264,7 +265,7 @@ class Backup:
         try:
             if not self.snapshot:
                 return self._run(t0)
-            with Snapshots(self.paths, self.warn) as snaps:
+            with Snapshots(self.paths, self.warn, tidy=not self.dry_run) as snaps:
                 self.redirect = snaps.redirect
                 return self._run(t0)
         finally:

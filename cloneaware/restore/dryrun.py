@@ -18,17 +18,20 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import cloneaware.restore.partial as partial
+from cloneaware import native
 from cloneaware.archive import format as fmt
 from cloneaware.archive.events import BlobEvent, EntryEvent
 from cloneaware.archive.manifest import open_manifest
 from cloneaware.archive.reader import Stream, open_archive
 from cloneaware.errors import SharingMapGiven, UsageError
+from cloneaware.fsinfo import BTRFS_MAGIC
 from cloneaware.listing import Contents, read_contents
 from cloneaware.repo.repository import Repository, Snapshot
 from cloneaware.repo.restore import Coverage, Place
 from cloneaware.restore.base import open_base
 from cloneaware.restore.receive import RestoreSummary, check_dest
 from cloneaware.restore.select import Plan, Selection, plan
+from cloneaware.restore.subvol import describe
 
 #: (written, reflinked, from the base) bytes of one file, by entry id
 Bytes = dict[int, tuple[int, int, int]]
@@ -57,7 +60,7 @@ def archive_source(archive, dest: str, base: str | None,
     """An archive file (a path, '-', a sparse thin backup) or an open
     stream (ssh://), read as restore would read it before writing."""
     path: str | None = archive if isinstance(archive, str) else None
-    check_dest(dest)
+    _check_dest(dest)
     ext_fd = None
     if path is None:
         f = archive
@@ -82,8 +85,11 @@ def archive_source(archive, dest: str, base: str | None,
             os.close(fd)
     elif base is not None:
         warn("--base given, but this archive is not a thin backup")
+    got = archive_bytes(c)
+    if ext_fd is not None:  # a sparse thin backup: its own ranges are cloned from it
+        got = {k: (0, w + r, b) for k, (w, r, b) in got.items()}
     return Source(dest, b"", [r.entry for r in c.rows if r.entry is not None],
-                  archive_bytes(c), True, seekable)
+                  got, True, seekable)
 
 
 def snapshot_sources(repo: Repository, snaps: list[Snapshot], dest: str,
@@ -140,7 +146,7 @@ def dry_run(sources: list[Source], select: Selection, force: bool,
     s = RestoreSummary()
     plans = []
     for src in sources:
-        check_dest(src.dest)
+        _check_dest(src.dest)
         got = plan(select, src.entries)
         if not src.seekable:
             got = got._replace(stage=set())  # a pipe cannot say it beforehand
@@ -162,11 +168,39 @@ def dry_run(sources: list[Source], select: Selection, force: bool,
     return s
 
 
+def _check_dest(dest: str) -> None:
+    """What a restore refuses before it writes, and what it would fail on
+    when it makes DEST: a component that is not a directory."""
+    check_dest(dest)
+    p = os.path.abspath(dest)
+    while not os.path.lexists(p):
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        raise UsageError(f"{dest}: not a directory (or a component of it is not)")
+
+
+def _on_btrfs(dest: str) -> bool:
+    """Whether DEST (or, if it is not there yet, where it would be made) is
+    on Btrfs: there a subvolume is made again, elsewhere a directory."""
+    p = os.path.abspath(dest)
+    while not os.path.isdir(p):
+        p = os.path.dirname(p)
+    fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return native.fstatfs(fd, p)[0] == BTRFS_MAGIC
+    finally:
+        os.close(fd)
+
+
 def _walk(s: RestoreSummary, src: Source, got: Plan, sel: Selection,
           listed: Callable[[bytes, bool], None] | None) -> None:
     """One source's entries, in order, as Restore.on_entry takes them."""
     made: set[int] = set()
+    staged: set[int] = set()  # left out, restored to clone or link from
     unmade: dict[bytes, fmt.Entry] = {}  # directories left out, made if needed below
+    paths = {e.id: e.path for e in src.entries}
+    btrfs = _on_btrfs(src.dest)
+    subvols: set[int] = set()  # subvolumes made again (Btrfs)
 
     def make(e: fmt.Entry, to: bytes) -> None:
         made.add(e.id)
@@ -175,6 +209,18 @@ def _walk(s: RestoreSummary, src: Source, got: Plan, sel: Selection,
             _data(s, e, src.bytes_of)
         elif e.kind == fmt.K_DIR:
             s.dirs += 1
+            if e.subvol:
+                what = describe(e, paths.__getitem__)
+                if not btrfs:
+                    s.not_exact.append((os.fsdecode(to), f"{what}: restored as a plain "
+                                        "directory (the destination is not Btrfs)"))
+                else:
+                    s.subvolumes += 1
+                    subvols.add(e.id)
+                    if e.subvol & fmt.SV_SNAPSHOT and e.origin not in subvols:
+                        s.not_exact.append((os.fsdecode(to), f"{what}: restored as a "
+                                            "subvolume of its own, not as a snapshot (its "
+                                            "origin was not restored before it)"))
         elif e.kind == fmt.K_SYMLINK:
             s.symlinks += 1
         elif e.kind == fmt.K_HARDLINK:
@@ -196,8 +242,9 @@ def _walk(s: RestoreSummary, src: Source, got: Plan, sel: Selection,
             elif e.kind == fmt.K_REG and (e.id in got.stage or (
                     src.stage_referenced and e.eflags & fmt.EF_REFERENCED)):
                 _data(s, e, src.bytes_of, staged=True)  # to clone from, then removed
+                staged.add(e.id)
             continue
-        if e.kind == fmt.K_HARDLINK and e.link not in made and e.link not in got.stage:
+        if e.kind == fmt.K_HARDLINK and e.link not in made and e.link not in staged:
             s.left_out += 1
             s.not_exact.append((os.fsdecode(to), "not restored: the file it is a hard "
                                 "link to was left out (from a pipe; restore from the "
@@ -220,7 +267,7 @@ def _walk(s: RestoreSummary, src: Source, got: Plan, sel: Selection,
 def _data(s: RestoreSummary, e: fmt.Entry, bytes_of: Bytes, staged: bool = False) -> None:
     w, r, b = bytes_of.get(e.id, (0, 0, 0))
     s.written_bytes += w
-    s.reflinked_bytes += r
+    s.reflinked_bytes += r + b  # a base's ranges are cloned too (copied off its fs)
     s.base_bytes += b
     if not staged:
         s.logical_bytes += e.size

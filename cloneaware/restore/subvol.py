@@ -28,6 +28,15 @@ _REFUSED = (errno.EPERM, errno.EACCES, errno.ENOTTY, errno.EOPNOTSUPP, errno.EIN
             errno.EXDEV, errno.ENOSYS)
 
 
+def describe(e: fmt.Entry, paths: Callable[[int], bytes]) -> str:
+    """A subvolume entry as messages name it (``paths``: entry id -> path)."""
+    what = "a read-only Btrfs subvolume" if e.subvol & fmt.SV_READONLY \
+        else "a Btrfs subvolume"
+    if e.subvol & fmt.SV_SNAPSHOT:
+        what += f" (a snapshot of {os.fsdecode(paths(e.origin))})"
+    return what
+
+
 class Subvolumes:
     def __init__(self, tree: Tree, not_exact: Callable[[fmt.Entry, str], None]):
         self.tree = tree
@@ -64,18 +73,11 @@ class Subvolumes:
             if kept is not None:
                 kept.add(path)
 
-    def describe(self, e: fmt.Entry, paths: Callable[[int], bytes]) -> str:
-        what = "a read-only Btrfs subvolume" if e.subvol & fmt.SV_READONLY \
-            else "a Btrfs subvolume"
-        if e.subvol & fmt.SV_SNAPSHOT:
-            what += f" (a snapshot of {os.fsdecode(paths(e.origin))})"
-        return what
-
     def make(self, e: fmt.Entry, pfd: int, name: bytes, paths: Callable[[int], bytes]) -> bool:
         """Make the subvolume entry ``e`` as ``name`` in ``pfd``: True if it is
         a subvolume now; False if the caller is to make a directory (said as
         not exact).  FileExistsError when something is there."""
-        what = self.describe(e, paths)
+        what = describe(e, paths)
         if not self._is_btrfs(pfd):
             self.not_exact(e, f"{what}: restored as a plain directory (the destination is "
                            "not Btrfs)")

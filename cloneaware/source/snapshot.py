@@ -42,9 +42,11 @@ class Snapshots:
     """Read-only snapshots of the PATHs of one backup (a context manager).
     ``redirect`` maps each PATH (absolute, bytes) to its snapshot."""
 
-    def __init__(self, paths: list, warn: Callable[[str], None]):
+    def __init__(self, paths: list, warn: Callable[[str], None], tidy: bool = True):
+        """``tidy``: delete snapshots left by killed backups (not in a dry run)."""
         self.paths = paths
         self.warn = warn
+        self.tidy = tidy
         self.redirect: dict[bytes, bytes] = {}
         self._made: list[tuple[int, bytes, bytes]] = []  # (dir fd, name, path)
 
@@ -81,7 +83,8 @@ class Snapshots:
             where = self._place(src, fsid)
             dfd = os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
-                self._remove_stale(dfd, where)
+                if self.tidy:
+                    self._remove_stale(dfd, where)
                 name = b".cloneaware-snapshot-%d-%s" % (os.getpid(),
                                                           secrets.token_hex(4).encode())
                 path = os.path.join(where, name)

@@ -6,6 +6,7 @@ same command does without --dry-run."""
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -266,3 +267,65 @@ def test_verbose_lists_each_entry_as_it_is_stored_and_made(tree, btrfs_dir):
     cli("init", "-r", repo, check_rc=0)
     r = cli("backup", "-v", "-r", repo, tree, check_rc=0)
     assert r.stdout.decode().splitlines()[:-1] == want, str(r)
+
+
+def test_restore_dry_run_agrees_on_thin_sparse_links_and_subvolumes(btrfs_dir, xfs_dir):
+    """The cases a restore handles apart: a thin backup (its base's ranges are
+    cloned), the sparse form (its own ranges are cloned from it), a hard link
+    to a file left out that a chosen clone shares with (staged, from a pipe
+    too), Btrfs subvolumes (made again on Btrfs, directories elsewhere), and
+    a DEST below a file."""
+    t = btrfs_dir / "t"
+    for d in ("a", "b", "c"):
+        (t / d).mkdir(parents=True)
+    write_random(t / "a" / "golden.img", 2 << 20, 1)
+    reflink_copy(t / "a" / "golden.img", t / "b" / "guest.img")
+    rewrite_blocks(t / "b" / "guest.img", 0.2, 2)
+    os.link(t / "a" / "golden.img", t / "c" / "link")
+    subprocess.run(["btrfs", "-q", "subvolume", "create", str(t / "vol")], check=True)
+    (t / "vol" / "f").write_bytes(b"in a subvolume\n")
+    arch = btrfs_dir / "t.caw"
+    cli("backup", "-o", arch, t, check_rc=0)
+
+    def both(args: list, dest: Path, input=None, rc=0) -> None:
+        dry = cli("restore", "--dry-run", "--json", *args, dest, input=input, check_rc=rc)
+        assert not os.path.lexists(dest)
+        real = cli("restore", "--json", *args, dest, input=input, check_rc=rc)
+        assert_same_plan(dry.json(), real.json())
+        for k in ("base_bytes", "subvolumes", "not_exact"):
+            assert dry.json()[k] == real.json()[k], (k, dry.json(), real.json())
+
+    both([arch], btrfs_dir / "d1")  # the subvolume made again
+    both([arch], xfs_dir / "d2", rc=1)  # a directory, said
+    sel = ["--include", "t/b", "--include", "t/c"]
+    both([*sel, "-"], btrfs_dir / "d3", input=arch.read_bytes())
+    both([*sel, arch], btrfs_dir / "d4")
+    g, c = t / "a" / "golden.img", t / "b" / "guest.img"
+    thin = btrfs_dir / "thin.caw"
+    cli("backup", "--base", g, "-o", thin, c, check_rc=0)
+    both(["--base", g, thin], btrfs_dir / "d5")
+    both(["--base", g, thin], xfs_dir / "d6")
+    sparse = btrfs_dir / "guest.thin"
+    cli("backup", "--base", g, "--sparse", "-o", sparse, c, check_rc=0)
+    both(["--base", g, sparse], btrfs_dir / "d7")
+    (btrfs_dir / "file").write_bytes(b"")
+    for dry in (["--dry-run"], []):
+        line = assert_one_line_error(cli("restore", *dry, arch, btrfs_dir / "file" / "sub"),
+                                     EXIT_USAGE)
+        assert "not a directory (or a component of it is not)" in line, line
+
+
+def test_backup_dry_run_snapshot_leaves_what_a_killed_backup_left(btrfs_dir):
+    """A real backup --snapshot deletes the snapshot a killed one left; a dry
+    run leaves it for the next real run."""
+    vol = btrfs_dir / "vol"
+    subprocess.run(["btrfs", "-q", "subvolume", "create", str(vol)], check=True)
+    write_random(vol / "f", 1 << 20, 3)
+    stale = btrfs_dir / ".cloneaware-snapshot-999999-deadbeef"
+    subprocess.run(["btrfs", "-q", "subvolume", "snapshot", "-r", str(vol), str(stale)],
+                   check=True)
+    s = cli_json("backup", "--dry-run", "--json", "--snapshot", "-o", btrfs_dir / "a.caw", vol)
+    assert s["captured_by_snapshot"] == 1 and stale.exists()
+    assert not (btrfs_dir / "a.caw").exists()
+    cli("backup", "--snapshot", "-o", btrfs_dir / "a.caw", vol, check_rc=0)
+    assert not stale.exists()
