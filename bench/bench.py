@@ -63,6 +63,7 @@ import sys
 import tempfile
 import time
 from bisect import bisect_left
+from collections.abc import Callable
 from pathlib import Path
 
 MiB = 1 << 20
@@ -100,6 +101,35 @@ def _on_term(signum, frame):
 def log(msg: str) -> None:
     sys.stderr.write(f"bench: {msg}\n")
     sys.stderr.flush()
+
+
+def guarded(body: Callable[[], None], root: Path, mounted: list, keep: bool = False,
+            errors: tuple[type[Exception], ...] = (BenchError,),
+            say: Callable[[str], None] = log, close: Callable[[], None] | None = None) -> int:
+    """What every bench's main does around its work: run ``body``; exit 1
+    with one line for an error of ``errors``, 130 on SIGINT or SIGTERM; then,
+    unless ``keep``, ``close`` what the body started and unmount the loopback
+    filesystems and remove ROOT, with SIGINT ignored so the clean-up finishes."""
+    signal.signal(signal.SIGTERM, _on_term)
+    try:
+        body()
+        return 0
+    except errors as e:
+        say(f"error: {e}")
+        return 1
+    except KeyboardInterrupt:
+        say("interrupted; cleaning up")
+        return 130
+    finally:
+        if keep:
+            say(f"kept: {', '.join(str(m.path) for m in mounted)} (images in {root})")
+        else:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            if close is not None:
+                close()
+            for m in reversed(mounted):
+                m.unmount()
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def run(cmd: list, check: bool = True, **kw) -> subprocess.CompletedProcess:
@@ -753,11 +783,11 @@ def main() -> int:
         ap.error("need --size >= 1, --clones >= 1, 0 <= --change <= 1, --files >= 0, "
                  "--many-clones >= 0")
 
-    signal.signal(signal.SIGTERM, _on_term)
     mounted: list = []
     root = Path(tempfile.mkdtemp(prefix="cloneaware-bench-"))
     t0 = time.monotonic()
-    try:
+
+    def body() -> None:
         check_tools()
         res = bench(args, root, mounted)
         res["ratios"] = ratios(res)
@@ -767,21 +797,8 @@ def main() -> int:
         else:
             print(table(res))
             print(f"\n(total {res['total_seconds']:.0f} s)")
-        return 0
-    except BenchError as e:
-        log(f"error: {e}")
-        return 1
-    except KeyboardInterrupt:
-        log("interrupted; cleaning up")
-        return 130
-    finally:
-        if args.keep:
-            log(f"kept: {', '.join(str(m.path) for m in mounted)} (images in {root})")
-        else:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the clean-up finish
-            for m in reversed(mounted):
-                m.unmount()
-            shutil.rmtree(root, ignore_errors=True)
+
+    return guarded(body, root, mounted, keep=args.keep)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -197,27 +196,17 @@ def main() -> int:
         if shutil.which(tool) is None:
             b.log(f"error: {tool} is not installed (make bench-incremental installs it)")
             return 1
-    signal.signal(signal.SIGTERM, b._on_term)
     mounted: list = []
     root = Path(tempfile.mkdtemp(prefix="cloneaware-bench-inc-"))
     t0 = time.monotonic()
-    try:
+
+    def body() -> None:
         b.check_tools()
         res = run_bench(args, root, mounted)
         res["total_seconds"] = time.monotonic() - t0
         print(json.dumps(res, indent=2, default=str) if args.json else table(res))
-        return 0
-    except b.BenchError as e:
-        b.log(f"error: {e}")
-        return 1
-    except KeyboardInterrupt:
-        b.log("interrupted; cleaning up")
-        return 130
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        for m in reversed(mounted):
-            m.unmount()
-        shutil.rmtree(root, ignore_errors=True)
+
+    return b.guarded(body, root, mounted)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -116,11 +115,11 @@ def main() -> int:
     ap.add_argument("--no-s3", action="store_true", help="local repositories only")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    signal.signal(signal.SIGTERM, b._on_term)
     mounted: list = []
     root = Path(tempfile.mkdtemp(prefix="cloneaware-bench-repo-"))
-    ceph = None
-    try:
+    started: list[Ceph] = []  # the cluster, once it runs
+
+    def body() -> None:
         b.check_tools()
         if not args.no_s3:
             why = ceph_missing()
@@ -128,23 +127,15 @@ def main() -> int:
                 b.log(f"no s3:// rows: {why}")
             else:
                 (root / "ceph").mkdir()
-                ceph = Ceph(root / "ceph").start()
-        res = run_bench(args, root, mounted, ceph)
+                started.append(Ceph(root / "ceph").start())
+        res = run_bench(args, root, mounted, started[0] if started else None)
         print(json.dumps(res, indent=2) if args.json else table(res))
-        return 0
-    except b.BenchError as e:
-        b.log(f"error: {e}")
-        return 1
-    except KeyboardInterrupt:
-        b.log("interrupted; cleaning up")
-        return 130
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        if ceph is not None:
-            ceph.close()
-        for m in reversed(mounted):
-            m.unmount()
-        shutil.rmtree(root, ignore_errors=True)
+
+    def close() -> None:
+        for c in started:
+            c.close()
+
+    return b.guarded(body, root, mounted, close=close)
 
 
 if __name__ == "__main__":

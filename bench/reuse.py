@@ -28,6 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench as b  # noqa: E402  (bench/bench.py: the shared helpers)
+
 MiB = 1 << 20
 GiB = 1 << 30
 CLONEAWARE = [sys.executable, "-P", "-m", "cloneaware.cli"]
@@ -146,14 +149,12 @@ def main() -> int:
         return 1
     mounted: list = []
     root = Path(tempfile.mkdtemp(prefix="cloneaware-reuse-"))
-    try:
+
+    def body() -> None:
         rows = bench(args, root, mounted)
         print(json.dumps(rows, indent=2) if args.json else table(args, rows))
-        return 0
-    finally:
-        for m in reversed(mounted):
-            m.unmount()
-        shutil.rmtree(root, ignore_errors=True)
+
+    return b.guarded(body, root, mounted, errors=(), say=log)
 
 
 if __name__ == "__main__":

@@ -33,13 +33,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench as b  # noqa: E402  (bench/bench.py: the shared helpers)
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -56,10 +57,6 @@ class ScaleError(Exception):
 def log(msg: str) -> None:
     sys.stderr.write(f"scale: {msg}\n")
     sys.stderr.flush()
-
-
-def _on_term(signum, frame):
-    raise KeyboardInterrupt
 
 
 def drop_caches() -> None:
@@ -363,28 +360,14 @@ def main() -> int:
         args.clones = 2 if args.fs == "xfs" else 4
     if args.extents < 1000 or args.clones < 1:
         ap.error("need --extents >= 1000 and --clones >= 1")
-    signal.signal(signal.SIGTERM, _on_term)
     mounted: list = []
     root = Path(tempfile.mkdtemp(prefix="cloneaware-scale-"))
-    try:
+
+    def body() -> None:
         res = run_scale(args, root, mounted)
         print(json.dumps(res, indent=2) if args.json else report(res))
-        return 0
-    except ScaleError as e:
-        log(f"error: {e}")
-        return 1
-    except KeyboardInterrupt:
-        log("interrupted; cleaning up")
-        return 130
-    finally:
-        if args.keep:
-            log(f"kept: {', '.join(str(m.path) for m in mounted)} (image in {root})")
-        else:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            for m in reversed(mounted):
-                m.unmount()
-            shutil.rmtree(root, ignore_errors=True)
 
+    return b.guarded(body, root, mounted, keep=args.keep, errors=(ScaleError,), say=log)
 
 if __name__ == "__main__":
     sys.exit(main())
