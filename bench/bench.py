@@ -29,12 +29,13 @@ the others get the same for fairness).  A deleted Btrfs subvolume is
 cleaned up (``btrfs subvolume sync``) before the next step, so that no step
 pays for the cleaning of another's restore.  Needs root.
 
-The four steps of the targets against btrfs send and receive (cloneaware
-backup and btrfs send; cloneaware restore and btrfs receive, to Btrfs) are
-timed --rounds times (3), the two tools of each pair taking turns, and
-their rows give the median, with every sample beside it.  On this
-project's shared 2-core machine one cold sample of the same command varies
-by a factor of up to 1.7 within minutes (the virtual disk, the kernel's
+The steps of the targets against btrfs send and receive (cloneaware
+backup and btrfs send; cloneaware restore and btrfs receive, to Btrfs; with
+--compressed also send --compressed-data and its receive) are timed
+--rounds times (3), the tools taking turns, and their rows give the
+median, with every sample beside it.  On this project's shared 2-core
+machine one cold sample of the same command varies by a factor of up to
+1.9 within minutes (the virtual disk, the kernel's
 writeback workers), so a ratio of single samples says more about the noise
 than about the tools.
 
@@ -516,7 +517,7 @@ def bench(args, root: Path, mounted: list) -> dict:
         restore_step("btrfs receive (--compressed-data) -> Btrfs",
                      lambda: run(["btrfs", "receive", "-q", "-f", zstream, d]), d, d / "snap",
                      subvol=d / "snap")
-    # more samples of the four steps the send/receive targets compare,
+    # more samples of the steps the send/receive targets compare,
     # taking turns; each of their rows becomes the median
     def again(name: str, fn, after: Callable[[], None]) -> None:
         r = timed(fn)
@@ -529,7 +530,7 @@ def bench(args, root: Path, mounted: list) -> dict:
         log(f"{name}, again: {r['seconds']:.2f} s")
 
     extra_archive, extra_stream = ar / "again.ca", ar / "again.send"
-    d_ca, d_rcv = bt / "r-cloneaware", bt / "r-receive"
+    d_ca, d_rcv, d_rcv2 = bt / "r-cloneaware", bt / "r-receive", bt / "r-receive2"
     for _ in range(args.rounds - 1):
         again("cloneaware backup", lambda: ca_backup(extra_archive, None),
               extra_archive.unlink)
@@ -541,6 +542,15 @@ def bench(args, root: Path, mounted: list) -> dict:
         again("btrfs receive -> Btrfs",
               lambda: d_rcv.mkdir() or run(["btrfs", "receive", "-q", "-f", stream, d_rcv]),
               lambda: remove(d_rcv, d_rcv / "snap"))
+        if args.compressed:  # the pair the compressed ratios compare with, likewise
+            again("btrfs send --proto 2 --compressed-data",
+                  lambda: run(["btrfs", "send", "-q", "--proto", "2", "--compressed-data",
+                               "-f", extra_stream, snap]),
+                  extra_stream.unlink)
+            again("btrfs receive (--compressed-data) -> Btrfs",
+                  lambda: d_rcv2.mkdir() or run(["btrfs", "receive", "-q", "-f", zstream,
+                                                 d_rcv2]),
+                  lambda: remove(d_rcv2, d_rcv2 / "snap"))
 
     for fsname, base in (("Btrfs", bt), ("XFS", xf)):
         d = base / "r-tar"
@@ -819,8 +829,8 @@ def main() -> int:
                     help="mount the Btrfs with these options (compress-force=zstd), "
                          "compressible base")
     ap.add_argument("--rounds", type=int, default=3,
-                    help="samples of backup, send, restore and receive, in turns; their "
-                         "rows give the median (3)")
+                    help="samples of backup, send, restore and receive (and of the "
+                         "--compressed-data pair), in turns; their rows give the median (3)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     ap.add_argument("--keep", action="store_true",
                     help="leave the filesystems mounted and the images in place")
