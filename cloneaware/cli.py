@@ -1180,7 +1180,7 @@ def verify(
             "referenced_bytes": 0, "base_ref_records": 0, "base_referenced_bytes": 0}
         if sparse_fd is not None:
             counts.update(sparse_ranges=0, sparse_bytes=0)
-        stream = Stream(f, maps=True)
+        stream = Stream(f, maps=True, reuse_buffers=True)
         total = None
         if f.seekable():
             from cloneaware.archive.reader import read_index

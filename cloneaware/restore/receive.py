@@ -199,7 +199,7 @@ class Restore:
             elif self.select and f.seekable():  # a repository's manifest
                 self._plan_selection(f)
             try:
-                self.stream = Stream(f)
+                self.stream = Stream(f, reuse_buffers=True)
                 try:
                     for ev in self.stream.events():
                         self._handlers[type(ev)](ev)

@@ -505,3 +505,74 @@ def test_btrfs_extent_records_are_refused_when_they_lie():
     ]:
         with pytest.raises(ArchiveError, match=why):
             _data_events(archive)
+
+
+# --- reused buffers (restore, verify) -------------------------------------------------------
+
+def _big_archive(chunks: int, size: int = 256 << 10, compress: bool = False) -> tuple[bytes, list]:
+    """One file of ``chunks`` DATA records of ``size`` distinct bytes each
+    (every other one zstd when ``compress``)."""
+    import zstandard
+
+    buf = io.BytesIO()
+    w = Writer(buf)
+    w.entry(fmt.Entry(0, fmt.K_REG, b"f", size=chunks * size))
+    pieces = []
+    for i in range(chunks):
+        piece = hashlib.sha256(b"%d" % i).digest() * (size // 32)
+        pieces.append(piece)
+        if compress and i % 2:
+            w.data(i * size, size, fmt.CODEC_ZSTD, hashlib.sha256(piece).digest(),
+                   zstandard.ZstdCompressor().compress(piece))
+        else:
+            w.data(i * size, size, fmt.CODEC_NONE, hashlib.sha256(piece).digest(), piece)
+    w.end()
+    w.finish()
+    return buf.getvalue(), pieces
+
+
+def test_reused_buffers_are_read_into_again_and_hold_each_record_while_it_is_handled():
+    import time
+
+    chunks = 60
+    raw, pieces = _big_archive(chunks)
+    stream = Stream(io.BytesIO(raw), reuse_buffers=True)
+    seen, n = set(), 0
+    for ev in stream.events():
+        if isinstance(ev, DataEvent):
+            assert isinstance(ev.data, memoryview)
+            seen.add(id(ev.data.obj))
+            time.sleep(0.002)  # the reader and the workers run on meanwhile
+            # intact until the next event is asked for: not yet read into again
+            assert ev.data == pieces[n], n
+            n += 1
+    assert n == chunks
+    # the buffers in flight, not one per record
+    assert len(seen) <= Stream.PREFETCH + Stream.DEPTH + 3 < chunks
+    # without reuse_buffers every record is its own object, kept as long as wanted
+    kept = [ev.data for ev in Stream(io.BytesIO(raw)).events() if isinstance(ev, DataEvent)]
+    assert [bytes(d) for d in kept] == pieces
+
+
+def test_reused_buffers_with_compressed_records_and_a_small_one():
+    raw, pieces = _big_archive(12, compress=True)
+    got = [bytes(ev.data) for ev in Stream(io.BytesIO(raw), reuse_buffers=True).events()
+           if isinstance(ev, DataEvent)]
+    assert got == pieces
+    raw, pieces = _big_archive(3, size=4096)  # below Buffers.MIN: read as bytes
+    got = [ev.data for ev in Stream(io.BytesIO(raw), reuse_buffers=True).events()
+           if isinstance(ev, DataEvent)]
+    assert [bytes(d) for d in got] == pieces
+    assert not any(isinstance(getattr(d, "obj", d), bytearray) for d in got)
+
+
+def test_truncation_inside_a_reused_buffer_is_reported_as_without_one():
+    raw, _ = _big_archive(3)
+    for cut in (len(raw) // 2, len(raw) // 3 + 5):
+        errs = []
+        for reuse in (False, True):
+            with pytest.raises(TruncatedArchive) as ei:
+                for _ in Stream(io.BytesIO(raw[:cut]), reuse_buffers=reuse).events():
+                    pass
+            errs.append((str(ei.value), ei.value.offset))
+        assert errs[0] == errs[1] and "DATA payload cut short" in errs[0][0], errs
