@@ -713,6 +713,7 @@ class Backup:
             elif isinstance(op, _Store):
                 chunk = result(fut)
                 short |= self._emit_data(fd, op.offset, op.length, chunk)
+                workers.give_back(chunk)  # written: its buffer is free
                 if op.key is not None:
                     self._hashes[op.key] = chunk.sha256
             else:  # a candidate: use it only if the content matches
@@ -735,6 +736,7 @@ class Backup:
                     s.bytes_read -= got.got  # read again, as data
                     chunk = result(workers.submit(data_job, fd, op.offset, op.length))
                     short |= self._emit_data(fd, op.offset, op.length, chunk)
+                    workers.give_back(chunk)
         return short
 
     def _emit_data(self, fd: int, offset: int, length: int, chunk: Chunk) -> bool:
