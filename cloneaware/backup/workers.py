@@ -15,7 +15,7 @@ import zstandard
 
 from cloneaware import native
 from cloneaware.archive import format as fmt
-from cloneaware.archive.reader import Buffers
+from cloneaware.archive.reader import Buffers, background_thread
 from cloneaware.errors import UsageError
 
 
@@ -67,7 +67,7 @@ class Workers:
     def __init__(self, codec: int, level: int, workers: int = 3):
         self.codec = codec
         self.level = level
-        self.pool = ThreadPoolExecutor(max_workers=workers)
+        self.pool = ThreadPoolExecutor(max_workers=workers, initializer=background_thread)
         self.local = threading.local()
         #: what chunks are read into: a new bytes object for each 4 MiB read
         #: faults in 1,024 fresh pages, the most of a backup's page faults

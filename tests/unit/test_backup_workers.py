@@ -70,3 +70,14 @@ def test_compressed_chunks_hold_no_buffer(tmp_path):
     finally:
         os.close(fd)
         w.close()
+
+
+def test_the_workers_yield_to_the_thread_that_writes():
+    """Backup workers are SCHED_BATCH: waking with a chunk done, they do not
+    preempt the main thread, which writes the records in order."""
+    w = Workers(fmt.CODEC_NONE, 0)
+    try:
+        assert w.pool.submit(os.sched_getscheduler, 0).result() == os.SCHED_BATCH
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER
+    finally:
+        w.close()
