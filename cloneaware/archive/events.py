@@ -1,11 +1,17 @@
-"""Typed events between an archive reader and its consumers (restore,
-verify, export).  The reader has checked everything an event says before it
-yields it (docs/FORMAT.md); a consumer dispatches on the event's type, one
-method per type, as ``btrfs receive`` has one callback per command."""
+"""The event protocol between an archive reader and its consumers.
+
+The reader (archive/reader.py) has checked everything an event says before
+it yields it (docs/FORMAT.md).  Every consumer is a ``Handler``: one method
+per event type, as ``btrfs receive`` and ``receive --dump`` are two
+implementations of one send-stream ops table.  Restore into a directory and
+its dry run, verify, ls, diff, export, import, reshare, the fetch planner of
+a repository restore, check and prune are all handlers, fed by ``dispatch``
+(events one at a time, or in batches)."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from cloneaware.archive import format as fmt
 
@@ -41,14 +47,17 @@ class EntryEvent(NamedTuple):
 
 
 class DataEvent(NamedTuple):
-    """DATA: ``data`` (decompressed, its SHA-256 checked) at ``offset``;
-    ``extent``: for a CODEC_BTRFS record, the compressed extent it came
-    from, to write as it is where the destination is Btrfs."""
+    """DATA: ``length`` bytes at ``offset``; ``data``: those bytes
+    (decompressed, their SHA-256 checked), or None where the reader was
+    asked not to decode them (``Stream(decode=False)``: readers that need
+    only the layout); ``extent``: for a CODEC_BTRFS record, the compressed
+    extent it came from, to write as it is where the destination is Btrfs."""
 
     file: FileState
     offset: int
-    data: bytes
+    data: Any  # bytes, a memoryview of a reused buffer, or None
     record: int
+    length: int
     extent: fmt.BtrfsExtent | None = None
 
 
@@ -124,3 +133,65 @@ class FooterEvent(NamedTuple):
 
 Event = (EntryEvent | DataEvent | RefEvent | BaseRefEvent | ExternalEvent | BlobEvent
          | StatEvent | EndEvent | FooterEvent)
+
+
+Batch = list[Event]
+
+
+class Handler:
+    """A consumer of the event stream: one method per event type.  Each
+    does nothing by default, so a handler writes only those it needs.
+    ``on_batch`` takes a run of events in archive order; by default it
+    hands each to its method (a handler that gains from seeing many
+    records at once overrides it)."""
+
+    def on_entry(self, ev: EntryEvent) -> None:
+        pass
+
+    def on_data(self, ev: DataEvent) -> None:
+        pass
+
+    def on_ref(self, ev: RefEvent) -> None:
+        pass
+
+    def on_baseref(self, ev: BaseRefEvent) -> None:
+        pass
+
+    def on_external(self, ev: ExternalEvent) -> None:
+        pass
+
+    def on_blob(self, ev: BlobEvent) -> None:
+        pass
+
+    def on_stat(self, ev: StatEvent) -> None:
+        pass
+
+    def on_end(self, ev: EndEvent) -> None:
+        pass
+
+    def on_footer(self, ev: FooterEvent) -> None:
+        pass
+
+    def on_batch(self, events: Batch) -> None:
+        table = methods(self)
+        for ev in events:
+            table[type(ev)](ev)
+
+
+def methods(h: Handler) -> dict[type, Callable[[Any], None]]:
+    """The handler's method for each event type."""
+    return {EntryEvent: h.on_entry, DataEvent: h.on_data, RefEvent: h.on_ref,
+            BaseRefEvent: h.on_baseref, ExternalEvent: h.on_external,
+            BlobEvent: h.on_blob, StatEvent: h.on_stat, EndEvent: h.on_end,
+            FooterEvent: h.on_footer}
+
+
+def dispatch(handler: Handler, events: Iterable[Event | Batch]) -> None:
+    """Feed ``events`` to ``handler``: each event to its method, each batch
+    (a list of events) to ``on_batch``."""
+    table = methods(handler)
+    for ev in events:
+        if isinstance(ev, list):
+            handler.on_batch(ev)
+        else:
+            table[type(ev)](ev)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from cloneaware.errors import ArchiveError
 
@@ -112,6 +113,8 @@ _HEADER = struct.Struct("<IB3xq")
 _ENTRY_V4 = struct.Struct("<QBBHIIIqqQQQ")
 _ENTRY = struct.Struct("<QBBHIIIqqQQQIB3xQ")
 _DATA = struct.Struct("<QIB3x32s")
+#: the fixed fields at the start of a DATA payload
+DATA_HEAD = _DATA.size
 _ENCODED = struct.Struct("<IIB3x")
 _REF = struct.Struct("<QQQQ")
 _END_V1 = struct.Struct("<QIIQQ4x")
@@ -376,16 +379,28 @@ def encode_data_head(offset: int, length: int, codec: int, sha: bytes) -> bytes:
     return _DATA.pack(offset, length, codec, sha)
 
 
+class SkippedPayload(NamedTuple):
+    """A DATA payload the reader did not read: its head (DATA_HEAD bytes)
+    and its whole length (archive/reader.py, ``skip_data``)."""
+
+    head: bytes
+    length: int
+
+
 def decode_data_head(buf, offset: int, version: int = WRITE_VERSION
                      ) -> tuple[int, int, int, bytes, int]:
-    """(file offset, length, codec, sha256, start of coded bytes in buf)."""
+    """(file offset, length, codec, sha256, start of coded bytes in buf);
+    ``buf`` may be a SkippedPayload (the head only is decoded)."""
+    total = len(buf) if not isinstance(buf, SkippedPayload) else buf.length
+    if isinstance(buf, SkippedPayload):
+        buf = buf.head
     c = _Cursor(buf, offset, "DATA")
     off, length, codec, sha = c.unpack(_DATA)
     if not 0 < length <= CHUNK_MAX:
         c.fail(f"chunk length {length} outside 1..{CHUNK_MAX}")
     if codec not in (CODEC_NONE, CODEC_ZSTD) and not (codec == CODEC_BTRFS and version >= 4):
         c.fail(f"unknown codec {codec}")
-    if codec == CODEC_NONE and len(buf) - c.pos != length:
+    if codec == CODEC_NONE and total - c.pos != length:
         c.fail("stored chunk size differs from its length")
     if off > SIZE_MAX or off + length > SIZE_MAX:
         c.fail("offset out of range")

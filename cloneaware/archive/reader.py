@@ -89,12 +89,15 @@ class RecordReader:
     with ``buffers`` a fourth item: the buffer that a large DATA payload (a
     memoryview) was read into, or None, for the consumer to give back."""
 
-    def __init__(self, f, buffers: Buffers | None = None):
+    def __init__(self, f, buffers: Buffers | None = None, skip_data: bool = False):
         self.f = f
         self.offset = 0
         self.version = fmt.WRITE_VERSION
         self.is_map = False  # the magic said: a sharing map
         self.buffers = buffers if getattr(f, "readinto", None) is not None else None
+        #: DATA payloads are not read (nor CRC-checked) past their head:
+        #: the file is sought over them (readers that need only the layout)
+        self.skip_data = skip_data and _seekable(f)
 
     def _read_into(self, buf: bytearray, n: int, what: str) -> memoryview:
         mv = memoryview(buf)[:n]
@@ -119,6 +122,17 @@ class RecordReader:
                                    self.offset + len(b))
         self.offset += n
         return b
+
+    def _skip(self, length: int, what: str) -> fmt.SkippedPayload:
+        """The head of a DATA payload; the rest and the CRC sought over
+        (a cut inside them is found by the seek past the end)."""
+        head = self._read(fmt.DATA_HEAD, what)
+        end = self.offset + length - fmt.DATA_HEAD + fmt.CRC.size
+        if self.f.seek(end) != end or self.f.seek(0, io.SEEK_END) < end:
+            raise TruncatedArchive(f"archive is truncated: {what} cut short", self.offset)
+        self.f.seek(end)
+        self.offset = end
+        return fmt.SkippedPayload(head, length)
 
     def magic(self) -> None:
         """An archive's magic, or a sharing map's (then ``is_map``)."""
@@ -150,6 +164,9 @@ class RecordReader:
             rtype, length = fmt.check_frame_header(head, start, self.version)
             what = f"{fmt.TYPE_NAMES.get(rtype, 'record')} payload"
             buf = None
+            if self.skip_data and rtype == fmt.T_DATA and length > fmt.DATA_HEAD:
+                yield rtype, self._skip(length, what), start, None
+                continue
             if pool is not None and rtype == fmt.T_DATA and length >= pool.MIN:
                 buf = pool.get(length)
                 payload: Any = self._read_into(buf, length, what)
@@ -171,15 +188,18 @@ class Stream:
     ``maps``: also read a sharing map (docs/FORMAT.md; ``self.is_map`` says
     which it was); otherwise a map is refused before any event with
     SharingMapGiven.  ``decode=False``: DATA records are framed, CRC- and
-    range-checked but not decompressed nor hashed, and yield no event (for
-    readers that need only the sharing).  ``reuse_buffers``: a DataEvent's
+    range-checked but not decompressed nor hashed: their events carry no
+    bytes (for readers that need only the layout); with ``skip_data`` too,
+    a seekable file is sought over their payloads, which are then not even
+    read.  ``reuse_buffers``: a DataEvent's
     ``data`` may be a view of a buffer that is read into again once the
     next event is asked for: for a consumer that writes the bytes out and
     keeps no reference to them (restore)."""
 
     def __init__(self, f, check_hashes: bool = True, maps: bool = False,
-                 decode: bool = True, reuse_buffers: bool = False):
-        self.r = RecordReader(f, Buffers() if reuse_buffers else None)
+                 decode: bool = True, reuse_buffers: bool = False, skip_data: bool = False):
+        self.r = RecordReader(f, Buffers() if reuse_buffers else None,
+                              skip_data=skip_data and not decode)
         self.check_hashes = check_hashes
         self.maps = maps
         self.decode = decode
@@ -310,6 +330,7 @@ class Stream:
         # restore's writes and clones.
         recs = _prefetched(recs, self.PREFETCH)
         cur: FileState | None = None
+        bases = BaseRecords(version, self.base_files)
         index_items: list[fmt.IndexItem] = []
         index_start = None
         index_records = 0
@@ -325,16 +346,7 @@ class Stream:
             if rtype == fmt.T_BASE:
                 if self.entries or index_start is not None:
                     raise ArchiveError("BASE record after the first entry", off)
-                b = fmt.Base.decode(payload, off, version)
-                if self.base is None:
-                    self.base = fmt.Base(b.path, b.kind)
-                elif (b.path, b.kind) != (self.base.path, self.base.kind):
-                    raise ArchiveError("BASE records disagree on the base", off)
-                for bf in b.files:
-                    if bf.number in self.base_files:
-                        raise ArchiveError(f"base file {bf.number} listed twice", off)
-                    self.base_files[bf.number] = bf
-                    self.base.files.append(bf)
+                self.base = bases.add(payload, off)
             elif rtype == fmt.T_ENTRY:
                 if cur is not None:
                     raise ArchiveError("ENTRY before the END of the previous file", off)
@@ -355,11 +367,12 @@ class Stream:
                 if not self.decode:
                     if buf is not None:
                         r.buffers.put(buf)  # type: ignore[union-attr]
+                    yield DataEvent(cur, foff, None, off, length)
                     continue
                 raw = memoryview(payload)[start:]
                 fut = pool.submit(self._decode, raw, codec, length, sha, off, cur.entry.path,
                                   foff)
-                yield _PendingData(cur, foff, fut, off, buf)
+                yield _PendingData(cur, foff, fut, off, length, buf)
             elif rtype == fmt.T_BASEREF:
                 if cur is None:
                     raise ArchiveError("BASEREF outside a regular file", off)
@@ -429,7 +442,10 @@ class Stream:
                 if index_start is None:
                     raise ArchiveError("FOOTER without an INDEX", off)
                 footer = fmt.Footer.decode(payload, off, version)
-                self._check_index(index_items, footer, index_start, index_records, off)
+                if footer.index_offset != index_start or footer.index_records != index_records:
+                    raise ArchiveError("footer does not point at the index", off)
+                check_index(index_items, footer, self.base, self.is_map, off, version)
+                self._check_index_entries(index_items, off)
                 yield FooterEvent(footer, off)
             else:
                 raise ArchiveError(f"unexpected {fmt.TYPE_NAMES.get(rtype, rtype)} record", off)
@@ -480,10 +496,9 @@ class Stream:
             raise ArchiveError("reference to an incomplete file", off)
         return src
 
-    def _check_index(self, items, footer: fmt.Footer, start, count, off) -> None:
-        if footer.index_offset != start or footer.index_records != count:
-            raise ArchiveError("footer does not point at the index", off)
-        if footer.entries != len(self.entries) or len(items) != len(self.entries):
+    def _check_index_entries(self, items: list[fmt.IndexItem], off: int) -> None:
+        """The index describes the entries read, byte counts included."""
+        if len(items) != len(self.entries):
             raise ArchiveError("index and footer do not match the entries", off)
         for it, e in zip(items, self.entries):
             if it.id != e.id or it.path != e.path or it.kind != e.kind or it.size != e.size:
@@ -546,6 +561,7 @@ class _PendingData(NamedTuple):
     offset: int
     future: Future
     record: int
+    length: int
     #: the Buffers buffer its payload is in, if any
     buf: bytearray | None = None
 
@@ -553,8 +569,15 @@ class _PendingData(NamedTuple):
 def _resolve(ev: Event | _PendingData) -> Event:
     if isinstance(ev, _PendingData):
         data, extent = ev.future.result()
-        return DataEvent(ev.file, ev.offset, data, ev.record, extent)
+        return DataEvent(ev.file, ev.offset, data, ev.record, ev.length, extent)
     return ev
+
+
+def _seekable(f) -> bool:
+    try:
+        return bool(f.seekable())
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 def open_archive(path: str):
@@ -571,8 +594,35 @@ def open_archive(path: str):
         raise UsageError(f"{path}: no such archive") from None
 
 
+class BaseRecords:
+    """The BASE records of a thin archive, as every reader checks them:
+    each repeats the same base path and kind, and no base file number is
+    listed twice (docs/FORMAT.md)."""
+
+    def __init__(self, version: int, files: dict[int, fmt.BaseFile] | None = None):
+        self.version = version
+        self.base: fmt.Base | None = None
+        #: base file number -> the file
+        self.files = files if files is not None else {}
+
+    def add(self, payload, off: int) -> fmt.Base:
+        b = fmt.Base.decode(payload, off, self.version)
+        if self.base is None:
+            self.base = fmt.Base(b.path, b.kind)
+        elif (b.path, b.kind) != (self.base.path, self.base.kind):
+            raise ArchiveError("BASE records disagree on the base", off)
+        for bf in b.files:
+            if bf.number in self.files:
+                raise ArchiveError(f"base file {bf.number} listed twice", off)
+            self.files[bf.number] = bf
+            self.base.files.append(bf)
+        return self.base
+
+
 def read_index(f) -> Listing:
-    """Header, index and footer of a seekable archive, reading no file data."""
+    """Header, index and footer of a seekable archive, reading no file data.
+    The rules are those the full read applies to the same records
+    (BaseRecords, check_index), so nothing is listed that a restore refuses."""
     f.seek(0)
     rr = RecordReader(f)
     rr.magic()
@@ -583,16 +633,15 @@ def read_index(f) -> Listing:
     header = fmt.Header.decode(first[1], first[2])
     version = header.version
     is_map = rr.is_map
-    base = None
     rr.version = version
+    bases = BaseRecords(version)
     for rtype, payload, off in recs:  # BASE records, if any, follow the header
+        if rtype == fmt.T_HEADER:
+            raise ArchiveError("a second HEADER record", off)
         if rtype != fmt.T_BASE:
             break
-        b = fmt.Base.decode(payload, off, version)
-        if base is None:
-            base = b
-        else:
-            base.files.extend(b.files)
+        bases.add(payload, off)
+    base = bases.base
     size = f.seek(0, io.SEEK_END)
     foff = size - fmt.FOOTER_SIZES[version]
     if foff < rr.offset:
@@ -624,20 +673,21 @@ def read_index(f) -> Listing:
         if rec is None or rec[0] != fmt.T_INDEX:
             raise ArchiveError("footer does not point at the index", footer.index_offset)
         items.extend(fmt.decode_index(rec[1], rec[2], version))
-    if len(items) != footer.entries:
-        raise ArchiveError("index and footer disagree on the number of entries", foff)
-    check_index_items(items, footer.index_offset, version)
-    if is_map and (base is not None or footer.stored_bytes or footer.base_ref_bytes):
-        raise ArchiveError("a sharing map that says it holds data", foff)
+    check_index(items, footer, base, is_map, footer.index_offset, version)
     return Listing(header, items, footer, base, is_map)
 
 
-def check_index_items(items: list[fmt.IndexItem], offset: int,
-                      version: int = fmt.WRITE_VERSION) -> None:
-    """The rules ENTRY records obey, applied to the index, so that ``ls``
-    shows nothing a restore would refuse: ids in sequence, clean and unique
-    paths, parents that are directories earlier in the index."""
+def check_index(items: list[fmt.IndexItem], footer: fmt.Footer, base: fmt.Base | None,
+                is_map: bool, offset: int, version: int = fmt.WRITE_VERSION) -> None:
+    """The rules an archive's INDEX and FOOTER obey, checked by every reader
+    (the full read, and ``ls`` from the index): one item per entry, ids in
+    sequence, clean and unique paths, parents that are directories earlier,
+    sizes in range, no more bytes stored and referenced than a file holds,
+    bytes from a base only where there is one, totals that add up."""
+    if len(items) != footer.entries:
+        raise ArchiveError("index and footer disagree on the number of entries", offset)
     kinds: dict[bytes, int] = {}
+    stored = ref = base_ref = 0
     for n, it in enumerate(items):
         if it.id != n:
             raise ArchiveError(f"index item {it.id} out of sequence (expected {n})", offset)
@@ -652,7 +702,24 @@ def check_index_items(items: list[fmt.IndexItem], offset: int,
                                      or it.base_ref_bytes):
             raise ArchiveError(f"index item {it.id} has data but is not a regular file",
                                offset)
+        if it.size > fmt.SIZE_MAX:
+            raise ArchiveError(f"index item {it.id}: size {it.size} beyond the largest a "
+                               "file can have", offset)
+        if it.stored_bytes + it.ref_bytes + it.base_ref_bytes > it.size:
+            raise ArchiveError(f"index item {it.id}: more bytes stored and referenced "
+                               f"than {os.fsdecode(it.path)!r} holds", offset)
+        if it.base_ref_bytes and base is None:
+            raise ArchiveError(f"index item {it.id}: bytes from a base, but the archive "
+                               "names no base", offset)
         kinds[it.path] = it.kind
+        stored += it.stored_bytes
+        ref += it.ref_bytes
+        base_ref += it.base_ref_bytes
+    if (stored, ref, base_ref) != (footer.stored_bytes, footer.ref_bytes,
+                                   footer.base_ref_bytes):
+        raise ArchiveError("the footer's byte counts are not those of the index", offset)
+    if is_map and (base is not None or footer.stored_bytes or footer.base_ref_bytes):
+        raise ArchiveError("a sharing map that says it holds data", offset)
 
 
 @dataclass

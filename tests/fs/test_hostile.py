@@ -169,32 +169,12 @@ def H(path: str) -> tuple:
 PW = "{pw}"
 BASEFILE = ("basefile", "file", (("", 4096),))
 
-# Outcomes of ls that look wrong: the case states what ls should do, and is
-# marked xfail(strict=True) with one of these reasons until ls does it.
-LS_READS_BASE = ("ls reads the BASE records after the HEADER and lists them, but does not "
-                 "check the rules FORMAT.md gives them (every BASE repeats the same path "
-                 "and kind; numbers are unique), which restore refuses")
-LS_SIZE_RANGE = ("the INDEX item's size is 2^64-1, beyond the 2^63-1 FORMAT.md allows a "
-                 "file; restore refuses it, ls lists it")
-LS_TWO_HEADERS = ("ls reads the record after the HEADER (looking for BASE records); a second "
-                  "HEADER there breaks 'exactly once, right after the magic', and ls lists "
-                  "the archive anyway")
-LS_NO_BASE = ("the INDEX and FOOTER count base-referenced bytes but the archive has no BASE "
-              "record (ls looks for them), so no base to take them from; restore refuses it, "
-              "ls lists it (and its table, without an 'in base' column, hides those bytes)")
-LS_OVER_SIZE = ("the INDEX item counts more stored and referenced bytes than the file's size, "
-                "which DATA and REF ranges (inside the file, never overlapping) cannot add "
-                "up to; restore refuses it, ls lists it")
-
-
 @dataclass
 class Case:
     build: Callable[[Ctx], bytes]
     rc: int | tuple = EXIT_ARCHIVE  # restore's exit code
     #: what ls must do (the fault is in what ls reads, or it is not)
     ls: Lists | Refused | None = None
-    #: why ls does not do that yet (the case is xfail until it does)
-    ls_bug: str | None = None
     #: verify must fail (False where verify cannot know: EXTERNAL records)
     verify_fails: bool = True
     args: Callable[[Ctx], list] = field(default=lambda c: [])
@@ -585,7 +565,7 @@ def _(x):
     return c.finish()
 
 
-@case("ref_beyond_own_size", ls=refused(), ls_bug=LS_OVER_SIZE)
+@case("ref_beyond_own_size", ls=refused())
 def _(x):
     c = Craft()
     c.file(b"src", BLK * 4)
@@ -606,7 +586,7 @@ def _(x):
     return c.finish()
 
 
-@case("ref_overlapping_data", ls=refused(), ls_bug=LS_OVER_SIZE)
+@case("ref_overlapping_data", ls=refused())
 def _(x):
     c = Craft()
     c.file(b"src", BLK)
@@ -784,7 +764,7 @@ def _(x):
     return c.finish()
 
 
-@case("entry_size_over_2_63", ls=refused(), ls_bug=LS_SIZE_RANGE)
+@case("entry_size_over_2_63", ls=refused())
 def _(x):
     c = Craft()
     c.reg(x.pw, (1 << 64) - 1)
@@ -974,7 +954,7 @@ def _(x):
     return c.finish()
 
 
-@case("two_headers", ls=refused(), ls_bug=LS_TWO_HEADERS)
+@case("two_headers", ls=refused())
 def _(x):
     c = Craft()
     c.record(fmt.T_HEADER, fmt.Header(created_ns=1).encode())
@@ -1050,7 +1030,7 @@ def _basefile(x: Ctx) -> None:
     (x.sandbox / "basefile").write_bytes(BLK)
 
 
-@case("baseref_without_base", ls=refused(), ls_bug=LS_NO_BASE)
+@case("baseref_without_base", ls=refused())
 def _(x):
     c = Craft()
     c.reg(x.pw, 4096)
@@ -1113,7 +1093,7 @@ def _(x):
 
 @case("base_number_listed_twice", setup=_basefile,
       args=lambda x: ["--base", x.sandbox / "basefile"],
-      ls=refused(), ls_bug=LS_READS_BASE)
+      ls=refused())
 def _(x):
     c = Craft()
     c.base(b"basefile", fmt.BASE_FILE, [(0, 4096, b""), (0, 4096, b"")])
@@ -1124,7 +1104,7 @@ def _(x):
 
 
 @case("base_records_disagree", setup=_basefile, args=lambda x: ["--base", x.sandbox / "basefile"],
-      ls=refused(), ls_bug=LS_READS_BASE)
+      ls=refused())
 def _(x):
     c = Craft()
     c.base(b"basefile", fmt.BASE_FILE, [(0, 4096, b"")])
@@ -1237,10 +1217,6 @@ def test_hostile_verify(name, ctx, server):
     assert r.maxrss_kib < MAX_RSS_KIB, f"peak RSS {r.maxrss_kib} KiB\n{r}"
 
 
-LS_NAMES = [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=CASES[n].ls_bug))
-            if CASES[n].ls_bug else n for n in NAMES]
-
-
 def _plain_listing(out: str, base: bool) -> tuple[list[str], list[tuple]]:
     """``ls`` (not --json): the lines before the column header, and the rows
     as (type, path, size, stored, referenced, base-referenced)."""
@@ -1257,7 +1233,7 @@ def _plain_listing(out: str, base: bool) -> tuple[list[str], list[tuple]]:
     return lines[:head], rows
 
 
-@pytest.mark.parametrize("name", LS_NAMES)
+@pytest.mark.parametrize("name", NAMES)
 def test_hostile_ls(name, ctx, server):
     """Each case's exact ls outcome (the table above): the same with and
     without --json, exit 3 and one line naming the fault where the fault
