@@ -732,11 +732,9 @@ def restore(
         if len(targets) != 2:
             raise UsageError("give ARCHIVE DEST (or -r REPO SNAPSHOT... DEST)")
         archive, dest = targets
-        if dry_run:
-            _restore_dry_run(archive, dest, rsh, base, force or reshare_existing, select,
-                             listed, as_json)
-            return
         if client.is_url(dest):
+            if dry_run:
+                raise UsageError("--dry-run needs a local DEST")
             if verbose:
                 raise UsageError("-v needs a local DEST")
             if reshare_existing:
@@ -759,36 +757,20 @@ def restore(
             return
         src = client.open_remote_archive(archive, rsh) if client.is_url(archive) else archive
         try:
-            with _progress(True, None, "restore") as prog:
+            with _progress(not dry_run, None, "restore") as prog:
                 s = Restore(src, dest, force=force, progress=prog, warn=_err, base=base,
                             trust_base=trust_base, reshare_existing=reshare_existing,
-                            select=select, listed=listed).run()
+                            select=select, listed=listed, dry_run=dry_run).run()
         finally:
             if not isinstance(src, str):
                 src.close()
-        _restore_report(s, as_json)
-
-
-def _restore_dry_run(archive, dest, rsh, base, force, select, listed, as_json) -> None:
-    from cloneaware.remote import client
-    from cloneaware.restore import dryrun
-
-    if client.is_url(dest):
-        raise UsageError("--dry-run needs a local DEST")
-    src = client.open_remote_archive(archive, rsh) if client.is_url(archive) else archive
-    try:
-        source = dryrun.archive_source(src, dest, base, _err)
-    finally:
-        if not isinstance(src, str):
-            src.close()
-    _restore_report(dryrun.dry_run([source], select, force, listed), as_json, True)
+        _restore_report(s, as_json, dry_run)
 
 
 def _restore_repo(specs, dest, repo, password_file, s3_endpoint, connections, rsh, force,
                   base, trust_base, reshare_existing=False, select=None, listed=None,
                   dry_run=False):
-    from cloneaware.repo.restore import SnapshotsRestore
-    from cloneaware.restore import dryrun
+    from cloneaware.repo.restore import restore_snapshots
 
     if base is not None or trust_base:
         raise UsageError("--base and --trust-base are for thin archives")
@@ -801,13 +783,11 @@ def _restore_repo(specs, dest, repo, password_file, s3_endpoint, connections, rs
                 sn = r.find(spec, snaps)
                 if sn not in chosen:
                     chosen.append(sn)
-            if dry_run:
-                return dryrun.dry_run(dryrun.snapshot_sources(r, chosen, dest, select),
-                                      select, force, listed)
-            with _progress(True, None, "restore") as prog:
-                return SnapshotsRestore(r, chosen, dest, force=force, progress=prog,
-                                        warn=_err, reshare_existing=reshare_existing,
-                                        select=select, listed=listed).run()
+            with _progress(not dry_run, None, "restore") as prog:
+                return restore_snapshots(r, chosen, dest, dry_run=dry_run, force=force,
+                                         progress=prog, warn=_err,
+                                         reshare_existing=reshare_existing, select=select,
+                                         listed=listed)
     finally:
         r.close()
 

@@ -5,8 +5,8 @@ back, with FIDEDUPERANGE.
 The input says which places share: the REF records of an archive or a
 sharing map ("these bytes of B are those of A", docs/FORMAT.md), or, in a
 repository snapshot's manifest, the BLOB ranges that name blob bytes seen
-earlier in it (``repo.restore.Coverage``, the rule a repository restore
-clones by).  For each such place, the owner's range in DEST is deduped into
+earlier in it (``archive/blobs.py`` Coverage, the rule a repository
+restore clones by).  For each such place, the owner's range in DEST is deduped into
 the place's range in DEST.  The kernel compares the bytes and shares them
 only if they are identical (docs/KERNEL.md D1), so a file edited since the
 copy keeps its edit and is counted as differing.
@@ -43,12 +43,20 @@ import os
 import stat
 import time
 from bisect import bisect_right
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cloneaware import fsinfo, native
 from cloneaware.archive import format as fmt
-from cloneaware.archive.events import BaseRefEvent, BlobEvent, EntryEvent, RefEvent
+from cloneaware.archive.blobs import Coverage, Place
+from cloneaware.archive.events import (
+    BaseRefEvent,
+    BlobEvent,
+    EntryEvent,
+    Handler,
+    RefEvent,
+    dispatch,
+)
 from cloneaware.archive.reader import Stream
 from cloneaware.errors import ArchiveError, UsageError
 from cloneaware.index.plan import data_ranges, is_own
@@ -178,52 +186,22 @@ class Reshare:
 
     def run_archive(self, f) -> ReshareSummary:
         """An archive or a sharing map (a binary file object, read front to back)."""
-        stream = Stream(f, maps=True, decode=False)
-
-        def places():
-            for ev in stream.events():
-                if isinstance(ev, EntryEvent):
-                    if stream.is_map:
-                        self.what = "sharing map"
-                    self._top(ev.entry)
-                    if ev.entry.kind == fmt.K_REG:
-                        self.s.files += 1
-                elif isinstance(ev, RefEvent):
-                    yield ev.source.id, ev.source_offset, ev.file.entry.id, ev.offset, \
-                        ev.length
-                elif isinstance(ev, BaseRefEvent):
-                    self.s.base_bytes += ev.length
-                elif isinstance(ev, BlobEvent):
-                    raise ArchiveError("BLOB record in an archive file: only a repository's "
-                                       "snapshot manifest may hold them", ev.record)
-
-        return self._run(stream, places())
+        stream = Stream(f, maps=True, decode=False, skip_data=True)
+        return self._run(stream, _ArchivePlaces(self, stream))
 
     def run_manifest(self, manifest: bytes) -> ReshareSummary:
         """A repository snapshot's manifest: a BLOB range whose blob bytes an
-        earlier range of the manifest holds shares with that range."""
-        from cloneaware.repo.restore import Coverage, Place
-
+        earlier range of the manifest holds shares with that range (the rule
+        of archive/blobs.py's Coverage, by which a restore clones)."""
         self.what = "snapshot"
         stream = Stream(io.BytesIO(manifest), check_hashes=False)
-        cov = Coverage()
+        return self._run(stream, _ManifestPlaces(self))
 
-        def places():
-            for ev in stream.events():
-                if isinstance(ev, EntryEvent):
-                    self._top(ev.entry)
-                    if ev.entry.kind == fmt.K_REG:
-                        self.s.files += 1
-                elif isinstance(ev, BlobEvent):
-                    eid = ev.file.entry.id
-                    base = ev.offset - ev.blob_offset  # the blob's byte 0 in this file
-                    for lo, hi, place in cov.split(ev.blob_id, ev.blob_offset, ev.length):
-                        if place is None:
-                            cov.add(ev.blob_id, Place(0, eid, base, lo, hi))
-                        else:
-                            yield place.entry, place.base + lo, eid, base + lo, hi - lo
-
-        return self._run(stream, places())
+    def entry(self, e: fmt.Entry) -> None:
+        """An entry of the input: a regular file is counted; DEST checked."""
+        self._top(e)
+        if e.kind == fmt.K_REG:
+            self.s.files += 1
 
     def _top(self, e: fmt.Entry) -> None:
         """Say once, at the first top-level name DEST lacks, where DEST must point."""
@@ -239,8 +217,7 @@ class Reshare:
 
     # -- the run -------------------------------------------------------------------
 
-    def _run(self, stream: Stream, places: Iterable[tuple[int, int, int, int, int]]
-             ) -> ReshareSummary:
+    def _run(self, stream: Stream, places: Handler) -> ReshareSummary:
         t0 = time.monotonic()
         fsinfo.forget()
         self.entries = stream.entries
@@ -253,8 +230,7 @@ class Reshare:
         self.tree.root = root
         self.root_dev = os.fstat(root).st_dev
         try:
-            for sid, soff, did, doff, length in places:
-                self._place(sid, soff, did, doff, length)
+            dispatch(places, stream.events())
             self._flush()
         finally:
             self._close_all()
@@ -265,7 +241,7 @@ class Reshare:
         s.seconds = time.monotonic() - t0
         return s
 
-    def _place(self, sid: int, soff: int, did: int, doff: int, length: int) -> None:
+    def place(self, sid: int, soff: int, did: int, doff: int, length: int) -> None:
         """B (``did`` at ``doff``) shares ``length`` bytes with A (``sid`` at ``soff``)."""
         s = self.s
         s.references += 1
@@ -541,3 +517,47 @@ class Reshare:
                     sub.append((dst, doff + off, pre))
             if sub:
                 self._call(src, soff + off, m, sub)
+
+
+class _ArchivePlaces(Handler):
+    """The shared places of an archive or a sharing map: its REF records."""
+
+    def __init__(self, rs: Reshare, stream: Stream):
+        self.rs = rs
+        self.stream = stream
+
+    def on_entry(self, ev: EntryEvent) -> None:
+        if self.stream.is_map:
+            self.rs.what = "sharing map"
+        self.rs.entry(ev.entry)
+
+    def on_ref(self, ev: RefEvent) -> None:
+        self.rs.place(ev.source.id, ev.source_offset, ev.file.entry.id, ev.offset, ev.length)
+
+    def on_baseref(self, ev: BaseRefEvent) -> None:
+        self.rs.s.base_bytes += ev.length
+
+    def on_blob(self, ev: BlobEvent) -> None:
+        raise ArchiveError("BLOB record in an archive file: only a repository's snapshot "
+                           "manifest may hold them", ev.record)
+
+
+class _ManifestPlaces(Handler):
+    """The shared places of a manifest: BLOB ranges whose bytes an earlier
+    range holds."""
+
+    def __init__(self, rs: Reshare):
+        self.rs = rs
+        self.cov = Coverage()
+
+    def on_entry(self, ev: EntryEvent) -> None:
+        self.rs.entry(ev.entry)
+
+    def on_blob(self, ev: BlobEvent) -> None:
+        eid = ev.file.entry.id
+        base = ev.offset - ev.blob_offset  # the blob's byte 0 in this file
+        for lo, hi, place in self.cov.split(ev.blob_id, ev.blob_offset, ev.length):
+            if place is None:
+                self.cov.add(ev.blob_id, Place(0, eid, base, lo, hi))
+            else:
+                self.rs.place(place.entry, place.base + lo, eid, base + lo, hi - lo)

@@ -16,6 +16,7 @@ import zstandard
 
 from cloneaware import __version__
 from cloneaware.archive import format as fmt
+from cloneaware.archive.blobs import BlobCache, Coverage, Place
 from cloneaware.archive.events import (
     BaseRefEvent,
     BlobEvent,
@@ -23,7 +24,9 @@ from cloneaware.archive.events import (
     EndEvent,
     EntryEvent,
     ExternalEvent,
+    Handler,
     RefEvent,
+    dispatch,
 )
 from cloneaware.archive.reader import Stream
 from cloneaware.archive.writer import Writer
@@ -31,25 +34,78 @@ from cloneaware.errors import UsageError
 from cloneaware.repo import crypto
 from cloneaware.repo import format as rf
 from cloneaware.repo.repository import Packer, Repository, Snapshot, now_rfc3339
-from cloneaware.repo.restore import BlobCache, Coverage, Place
 from cloneaware.repo.sink import ManifestOut, Segments
 
 
-def _referenced(manifest: bytes) -> set[int]:
-    """Entries a later range of the export will name in a REF."""
-    cov = Coverage()
-    out: set[int] = set()
-    entry = -1
-    for ev in Stream(io.BytesIO(manifest), check_hashes=False).events():
-        if isinstance(ev, EntryEvent):
-            entry = ev.entry.id
-        elif isinstance(ev, BlobEvent):
-            for lo, hi, p in cov.split(ev.blob_id, ev.blob_offset, ev.length):
-                if p is None:
-                    cov.add(ev.blob_id, Place(0, entry, ev.offset - ev.blob_offset, lo, hi))
-                else:
-                    out.add(p.entry)
-    return out
+class _Referenced(Handler):
+    """The entries a later range of the export will name in a REF: those
+    holding bytes of a blob that a later range uses again."""
+
+    def __init__(self) -> None:
+        self.cov = Coverage()
+        self.out: set[int] = set()
+
+    def on_blob(self, ev: BlobEvent) -> None:
+        entry = ev.file.entry.id
+        for lo, hi, p in self.cov.split(ev.blob_id, ev.blob_offset, ev.length):
+            if p is None:
+                self.cov.add(ev.blob_id, Place(0, entry, ev.offset - ev.blob_offset, lo, hi))
+            else:
+                self.out.add(p.entry)
+
+
+class _Exporter(Handler):
+    """A manifest's events written as an archive: a blob range whose bytes
+    were written earlier becomes a REF to that place, the others DATA."""
+
+    def __init__(self, repo: Repository, snap: Snapshot, w: Writer, referenced: set[int],
+                 level: int, progress) -> None:
+        self.repo = repo
+        self.snap = snap
+        self.w = w
+        self.referenced = referenced
+        self.cov = Coverage()
+        self.cache = BlobCache()
+        self.z = zstandard.ZstdCompressor(level=level) if level else None
+        self.progress = progress
+        self.counts = {"entries": 0, "stored_bytes": 0, "referenced_bytes": 0}
+
+    def on_entry(self, ev: EntryEvent) -> None:
+        e = ev.entry
+        if e.id in self.referenced:
+            e.eflags |= fmt.EF_REFERENCED
+        self.w.entry(e)
+        self.counts["entries"] += 1
+
+    def on_blob(self, ev: BlobEvent) -> None:
+        w, counts = self.w, self.counts
+        cur = ev.file.entry.id
+        base = ev.offset - ev.blob_offset
+        for lo, hi, p in self.cov.split(ev.blob_id, ev.blob_offset, ev.length):
+            if p is not None:  # written earlier (a place is always before us)
+                w.ref(base + lo, hi - lo, p.entry, p.base + lo)
+                counts["referenced_bytes"] += hi - lo
+                continue
+            data = self.cache.get(ev.blob_id)
+            if not isinstance(data, bytes):
+                data = self.repo.read_blob(ev.blob_id)
+                self.cache.put(ev.blob_id, data)
+            if hi > len(data):
+                raise UsageError(f"snapshot {self.snap.short_id}: a range beyond its blob")
+            piece = data[lo:hi]
+            codec, payload = fmt.CODEC_NONE, piece
+            if self.z is not None:
+                c = self.z.compress(piece)
+                if len(c) < len(piece):
+                    codec, payload = fmt.CODEC_ZSTD, c
+            w.data(base + lo, hi - lo, codec, hashlib.sha256(piece).digest(), payload)
+            self.cov.add(ev.blob_id, Place(0, cur, base, lo, hi))
+            counts["stored_bytes"] += hi - lo
+            if self.progress:
+                self.progress.advance(hi - lo)
+
+    def on_end(self, ev: EndEvent) -> None:
+        self.w.end()
 
 
 def export(repo: Repository, snap: Snapshot, out, name: str, level: int = 3,
@@ -57,49 +113,14 @@ def export(repo: Repository, snap: Snapshot, out, name: str, level: int = 3,
     """Write ``snap`` as an archive to ``out`` (an Output of backup/sinks.py)."""
     repo.load_index()
     manifest = repo.manifest(snap)
-    referenced = _referenced(manifest)
+    ref = _Referenced()
+    dispatch(ref, Stream(io.BytesIO(manifest), check_hashes=False).events())
     w = Writer(out, None, name)
-    cov = Coverage()
-    cache = BlobCache()
-    z = zstandard.ZstdCompressor(level=level) if level else None
-    counts = {"entries": 0, "stored_bytes": 0, "referenced_bytes": 0}
-    for ev in Stream(io.BytesIO(manifest)).events():
-        if isinstance(ev, EntryEvent):
-            e = ev.entry
-            if e.id in referenced:
-                e.eflags |= fmt.EF_REFERENCED
-            w.entry(e)
-            counts["entries"] += 1
-        elif isinstance(ev, BlobEvent):
-            cur = ev.file.entry.id
-            base = ev.offset - ev.blob_offset
-            for lo, hi, p in cov.split(ev.blob_id, ev.blob_offset, ev.length):
-                if p is not None:  # written earlier (a place is always before us)
-                    w.ref(base + lo, hi - lo, p.entry, p.base + lo)
-                    counts["referenced_bytes"] += hi - lo
-                    continue
-                data = cache.get(ev.blob_id)
-                if not isinstance(data, bytes):
-                    data = repo.read_blob(ev.blob_id)
-                    cache.put(ev.blob_id, data)
-                if hi > len(data):
-                    raise UsageError(f"snapshot {snap.short_id}: a range beyond its blob")
-                piece = data[lo:hi]
-                codec, payload = fmt.CODEC_NONE, piece
-                if z is not None:
-                    c = z.compress(piece)
-                    if len(c) < len(piece):
-                        codec, payload = fmt.CODEC_ZSTD, c
-                w.data(base + lo, hi - lo, codec, hashlib.sha256(piece).digest(), payload)
-                cov.add(ev.blob_id, Place(0, cur, base, lo, hi))
-                counts["stored_bytes"] += hi - lo
-                if progress:
-                    progress.advance(hi - lo)
-        elif isinstance(ev, EndEvent):
-            w.end()
+    ex = _Exporter(repo, snap, w, ref.out, level, progress)
+    dispatch(ex, Stream(io.BytesIO(manifest)).events())
     w.finish()
-    counts["archive_bytes"] = w.offset
-    return counts
+    ex.counts["archive_bytes"] = w.offset
+    return ex.counts
 
 
 def import_archive(repo: Repository, f, name: str, host: str | None = None,

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from cloneaware.archive import format as fmt
+from cloneaware.archive.blobs import Coverage, Place
 from cloneaware.archive.events import BlobEvent, StatEvent
 from cloneaware.archive.reader import Stream
 from cloneaware.archive.writer import Writer
@@ -21,7 +22,6 @@ from cloneaware.errors import ArchiveError, RepositoryError, UsageError
 from cloneaware.repo import crypto
 from cloneaware.repo import format as rf
 from cloneaware.repo.forget import Policy, keep
-from cloneaware.repo.restore import Coverage, Place
 
 SPEC = Path(__file__).resolve().parents[2] / "docs" / "REPOSITORY.md"
 ENC = bytes(range(32))

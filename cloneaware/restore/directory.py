@@ -1,0 +1,388 @@
+"""The restore's output into a directory: entries made beneath DEST
+through directory descriptors (restore/tree.py), each file under a
+temporary name until it is complete, verified and on disk
+(restore/durable.py), its bytes written or cloned (restore/filedata.py),
+metadata applied children before parents (restore/meta.py), Btrfs
+subvolumes made again (restore/subvol.py), and what a failed run made kept
+for a retry (restore/partial.py)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+from collections.abc import Callable
+
+import cloneaware.restore.partial as partial
+from cloneaware import fsinfo, native
+from cloneaware.archive import format as fmt
+from cloneaware.archive.blobs import Place
+from cloneaware.archive.events import FileState
+from cloneaware.errors import ArchiveError, UsageError
+from cloneaware.restore.base import open_base
+from cloneaware.restore.cloner import Counts
+from cloneaware.restore.durable import Placer
+from cloneaware.restore.entries import Entries
+from cloneaware.restore.filedata import FileData, OpenFile
+from cloneaware.restore.meta import Meta
+from cloneaware.restore.output import RestoreSummary
+from cloneaware.restore.select import STAGING
+from cloneaware.restore.subvol import Subvolumes
+from cloneaware.restore.tree import FdCache, Tree, remove_stale_temps, remove_tree, temp_name
+from cloneaware.safeio import open_beneath, pid_alive
+
+
+class Places:
+    """The outputs of the manifests restored in one run, so that a blob
+    range can be cloned from wherever it was written first, in whichever
+    snapshot (archive/blobs.py ``Place``)."""
+
+    def __init__(self) -> None:
+        self.outputs: list[DirectoryOutput] = []
+        self.done_fds: dict[tuple[int, int], int] = {}
+
+    def source(self, place: Place, asking: DirectoryOutput) -> tuple[int, int]:
+        """A descriptor and the size of the file that holds ``place``."""
+        out = self.outputs[place.owner]
+        if out is asking:
+            return out.source_fd(place.entry)
+        key = (place.owner, place.entry)
+        fd = self.done_fds.get(key)
+        if fd is None:  # a file of a manifest restored earlier in this run, in place now
+            fd = self.done_fds[key] = out.reopen(place.entry)
+        return fd, out.entries[place.entry].size
+
+    def close(self) -> None:
+        for fd in self.done_fds.values():
+            os.close(fd)
+        self.done_fds.clear()
+
+
+class DirectoryOutput:
+    """Make the entries in DEST.  ``base``: where the base of a thin
+    archive is on this host; ``trust_base``: do not hash the bytes cloned
+    from it.  ``open_dest``: returns a descriptor of DEST, created if missing
+    (``cloneaware serve`` opens it beneath its allowed root); default: by
+    path.  ``reshare_existing``: DEST holds an older copy of the tree
+    (implies ``force``).  ``external_fd``: the sparse file of a sparse thin
+    backup.  ``places``: shared by the manifests restored together."""
+
+    def __init__(self, dest: str, summary: RestoreSummary | None = None,
+                 force: bool = False, warn: Callable[[str], None] | None = None,
+                 base: str | None = None, trust_base: bool = False, open_dest=None,
+                 reshare_existing: bool = False, external_fd: int | None = None,
+                 places: Places | None = None):
+        self.s = summary if summary is not None else RestoreSummary()
+        self.dest = dest
+        self.warn = warn or (lambda msg: None)
+        self.force = force or reshare_existing
+        self.base = base
+        self.trust_base = trust_base
+        self.open_dest = open_dest
+        self.external_fd = external_fd
+        self.base_fds: dict[int, int] = {}
+        self.counts = Counts(copy_reasons=self.s.copy_reasons)
+        self.tree = Tree(dest)
+        self.placer = Placer(self.tree, self.force)
+        self.data = FileData(self.counts, self.warn, dest, reshare_existing)
+        self.meta = Meta(self.not_exact, self.warn)
+        self.subvols = Subvolumes(self.tree, self.not_exact)
+        self.entries: list[fmt.Entry] = []
+        self.made_here = Entries(self)
+        self.srcs = FdCache(256)  # entry id -> descriptor of a restored file
+        self.cur: OpenFile | None = None
+        self.staging: bytes | None = None
+        self.staged: set[int] = set()
+        #: top-level entries a failed restore left in DEST (restore/partial.py),
+        #: gone over as --force would; those this run made
+        self.leftover: set[bytes] = set()
+        self.top_seen: set[bytes] = set()
+        self.partial: partial.Partial | None = None
+        self.placer.replaces = self._replaces
+        self.places = places if places is not None else Places()
+        self.places.outputs.append(self)
+
+    # -- the run ----------------------------------------------------------------------
+
+    def use_base(self, base: fmt.Base | None) -> None:
+        """Open the thin archive's base files (checked against the archive)."""
+        if base is not None and not self.base_fds:
+            self.base_fds = open_base(base, self.base)
+
+    def begin(self, base: fmt.Base | None, entries: list[fmt.Entry]) -> None:
+        self.entries = entries
+        if base is not None:
+            self.use_base(base)
+        elif self.base is not None:
+            self.warn("--base given, but this archive is not a thin backup")
+        self._open_dest()
+
+    def _open_dest(self) -> None:
+        """Create DEST only when there is something to restore into it."""
+        if self.open_dest is not None:
+            root = self.open_dest()
+        else:
+            try:
+                os.makedirs(self.dest, exist_ok=True)
+                root = os.open(self.dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except (FileExistsError, NotADirectoryError):
+                raise UsageError(f"{self.dest}: not a directory (or a component of it is "
+                                 "not)") from None
+            except OSError as e:
+                raise OSError(e.errno, e.strerror, self.dest) from None
+        self.tree.root = root
+        self.placer.note_fs(root)
+        self.leftover = partial.read(root)
+        self.partial = partial.Partial(root, self.leftover)
+        if self.force or self.leftover:
+            remove_stale_temps(root, self.dest, self.warn)
+        for n in os.listdir(root):  # staging directories of killed restores
+            m = STAGING.match(os.fsencode(n))
+            if m and not pid_alive(int(m.group(1))):
+                remove_tree(root, os.fsencode(n))
+        magic, block = native.fstatfs(root, self.dest)
+        self.data.cloner.block = block or 4096
+        if magic != fsinfo.BTRFS_MAGIC:
+            self.data.no_encoded = "not Btrfs"
+
+    def finish(self) -> None:
+        if self.tree.root is None:
+            return  # nothing was restored: DEST was never made
+        self.placer.flush()
+        if self.partial is not None:
+            # the leftovers this run went over are whole now
+            self.partial.done(self.leftover - self.top_seen)
+        self.subvols.prune()
+        self.made_here.dir_metadata()
+        self.made_here.last_flags()
+        self.subvols.make_readonly()
+        native.syncfs(self.tree.root, "syncfs")
+        self._totals()
+
+    def _totals(self) -> None:
+        s, c = self.s, self.counts
+        s.written_bytes += c.written_bytes
+        s.reflinked_bytes += c.reflinked_bytes
+        s.copied_bytes += c.copied_bytes
+        s.reused_bytes += c.reused_bytes
+        s.encoded_written_bytes += self.data.encoded_written
+        s.reuse_differing_bytes += self.data.reuse_differing
+        s.owners_skipped = s.owners_skipped or self.meta.owners_skipped
+        s.subvolumes += self.subvols.count
+
+    def fail(self) -> None:
+        """The run failed: rename what is complete, and list the top-level
+        entries it made (with those a run before it left), so that a plain
+        retry can go on over them."""
+        self.placer.salvage()
+        root = self.tree.root
+        if root is None or self.partial is None:
+            return
+        try:
+            made = {n for n in self.partial.names if _lexists(root, n)}
+        except OSError:
+            made = self.partial.names
+        self.partial.keep(made)
+
+    def close(self) -> None:
+        if self.cur is not None:
+            cur, self.cur = self.cur, None
+            cur.close()
+            os.close(cur.fd)
+            try:
+                os.unlink(cur.tmp, dir_fd=cur.pfd)
+            except OSError:
+                pass
+        self.srcs.close()
+        if self.staging is not None and self.tree.root is not None:
+            try:  # the files staged for --include: cloned and linked from, not kept
+                remove_tree(self.tree.root, self.staging)
+            except OSError:
+                pass
+        self.tree.close()
+        self.placer.close()
+        if self.partial is not None:
+            self.partial.close()
+        for fd in [*self.base_fds.values(), self.tree.root]:
+            if fd is not None:
+                os.close(fd)
+        self.base_fds = {}
+        self.tree.root = None
+
+    # -- entries ------------------------------------------------------------------------
+
+    def made(self, eid: int) -> bool:
+        return eid in self.placer.placed
+
+    def replaces(self, e: fmt.Entry) -> bool:
+        return False  # said only by a dry run
+
+    def where(self, path: bytes) -> str:
+        return self.tree.where(path)
+
+    def named(self, ex: OSError, path: bytes) -> OSError:
+        """``ex`` naming the entry as the user knows it (DEST/path), not by
+        a temporary name or a bare component (defect 10 of issue 21)."""
+        if isinstance(ex.filename, str) and (ex.filename == self.dest or ex.filename.startswith(
+                os.path.join(self.dest, ""))):
+            return ex
+        return OSError(ex.errno, ex.strerror, self.tree.where(path))
+
+    def not_exact(self, e: fmt.Entry, why: str) -> None:
+        self.s.not_exact.append((os.fsdecode(e.path), why))
+        self.warn(f"{self.tree.where(e.path)}: {why}")
+
+    def _replaces(self, path: bytes) -> bool:
+        """May ``path`` replace what is there without --force?"""
+        return path.partition(b"/")[0] in self.leftover or \
+            self.subvols.inside_snapshot(path) is not None
+
+    def _top(self, path: bytes) -> bool:
+        """A top-level entry about to be made: True if it is new in DEST."""
+        if b"/" in path:
+            return False
+        self.top_seen.add(path)
+        assert self.tree.root is not None
+        return not _lexists(self.tree.root, path)
+
+    def _made_top(self, name: bytes) -> None:
+        if self.partial is not None:
+            self.partial.add(name)
+
+    def mkdir(self, e: fmt.Entry) -> None:
+        self.made_here.make(e, self.made_here.mkdir)
+
+    def hardlink(self, e: fmt.Entry) -> None:
+        self.made_here.make(e, self.made_here.hardlink)
+
+    def special(self, e: fmt.Entry) -> bool:
+        return self.made_here.make(e, self.made_here.special)
+
+    # -- files ---------------------------------------------------------------------------
+
+    def open_file(self, e: fmt.Entry, staged: bool) -> None:
+        if staged:
+            self._stage(e)
+        else:
+            self.made_here.make(e, self._open)
+
+    def _stage(self, e: fmt.Entry) -> None:
+        """A file left out by --include that chosen files clone or link
+        from: restored in the staging directory, removed at the end."""
+        assert self.tree.root is not None
+        if self.staging is None:
+            name = b".cloneaware-staging-%d-%s" % (os.getpid(), secrets.token_hex(4).encode())
+            os.mkdir(name, 0o700, dir_fd=self.tree.root)
+            self.staging = name
+        self.staged.add(e.id)
+        staged = dataclasses.replace(e, path=self.staging + b"/%d" % e.id,
+                                     iflags=e.iflags & ~fmt.IFLAGS_LAST)
+        self._open(staged, self.tree.dir(self.staging), b"", staged=True)
+
+    def _open(self, e: fmt.Entry, pfd: int, name: bytes, staged: bool = False) -> bool:
+        self.placer.note_fs(pfd)
+        tmp = temp_name(e.id)
+        where = self.tree.where(e.path)
+        # O_NOATIME: later copies read from this file, after its times are set
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+                     | os.O_NOATIME, 0o600, dir_fd=pfd)
+        self.cur = cur = OpenFile(e, fd, pfd, tmp, where, self.data.dirty(), staged)
+        self.made_here.first_flags(fd, e, staged)
+        try:
+            os.ftruncate(fd, e.size)
+        except OSError as ex:
+            raise OSError(ex.errno, ex.strerror, where) from None
+        if not staged:
+            self.data.open_old(cur, e.path.rpartition(b"/")[2])
+        return True
+
+    def _current(self) -> OpenFile:
+        assert self.cur is not None
+        return self.cur
+
+    def write(self, offset: int, length: int, data, extent=None) -> None:
+        self.data.write(self._current(), offset, data, extent)
+
+    def clone_entry(self, src: fmt.Entry, src_offset: int, length: int, offset: int) -> None:
+        cur = self._current()
+        sfd = cur.fd if src.id == cur.entry.id else self._src_fd(src.id)
+        self.data.clone(cur, sfd, src_offset, length, offset, src.size, "archive")
+
+    def clone_place(self, place: Place, src_offset: int, length: int, offset: int) -> None:
+        sfd, size = self.places.source(place, self)
+        self.data.clone(self._current(), sfd, src_offset, length, offset, size, "archive")
+
+    def clone_base(self, bf: fmt.BaseFile, base_offset: int, length: int, offset: int
+                   ) -> None:
+        self.data.clone(self._current(), self.base_fds[bf.number], base_offset, length, offset,
+                        bf.size, "base")
+
+    def clone_external(self, offset: int, length: int, record: int) -> None:
+        if self.external_fd is None:
+            raise ArchiveError("EXTERNAL record in an archive that is not a "
+                               "sparse thin backup", record)
+        size = os.fstat(self.external_fd).st_size
+        self.data.clone(self._current(), self.external_fd, offset, length, offset, size,
+                        "sparse")
+
+    def end_file(self, st: FileState) -> None:
+        cur = self._current()
+        self.s.verified_bytes += self.data.verify(cur, st, self.trust_base)
+        e = cur.entry
+        self.meta.apply(e, cur.fd, cur.pfd, cur.tmp)
+        self.cur = None
+        cur.close()
+        if cur.staged:  # only to clone or link from: kept open, unnamed
+            self.srcs.put(e.id, cur.fd)
+            self.placer.placed[e.id] = (e.path.rpartition(b"/")[0], cur.tmp)
+            return
+        if e.eflags & fmt.EF_REFERENCED:
+            self.srcs.put(e.id, cur.fd)
+        else:
+            os.close(cur.fd)
+        parent, _, name = e.path.rpartition(b"/")
+        # a batch is counted in bytes that wait for writeback: reflinked
+        # ranges have none, and a syncfs per GiB of clones is a commit for naught
+        self.placer.defer(parent, cur.tmp, name, e.path, e.id,
+                          self.data.dirty() - cur.dirty_at_start)
+
+    def source_fd(self, eid: int) -> tuple[int, int]:
+        """A descriptor and the size of entry ``eid`` of this restore."""
+        cur = self._current()
+        if eid == cur.entry.id:
+            return cur.fd, cur.entry.size
+        return self._src_fd(eid), self.entries[eid].size
+
+    def _src_fd(self, eid: int) -> int:
+        fd = self.srcs.get(eid)
+        if fd is not None:
+            return fd
+        parent, name = self.placer.placed[eid]
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            try:  # reading must not change the atime we restored
+                fd = os.open(name, flags | os.O_NOATIME, dir_fd=self.tree.dir(parent))
+            except PermissionError:
+                fd = os.open(name, flags, dir_fd=self.tree.dir(parent))
+        except OSError as ex:
+            raise self.named(ex, self.entries[eid].path) from None
+        self.srcs.put(eid, fd)
+        return fd
+
+    def reopen(self, eid: int) -> int:
+        """A descriptor of entry ``eid``, after this output has finished
+        (its file is in place now, beneath DEST)."""
+        parent, name = self.placer.placed[eid]
+        root = os.open(self.dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            parts = [*(parent.split(b"/") if parent else []), name]
+            return open_beneath(root, parts, os.O_RDONLY | os.O_CLOEXEC)
+        finally:
+            os.close(root)
+
+
+def _lexists(dfd: int, name: bytes) -> bool:
+    try:
+        os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        return True
+    except FileNotFoundError:
+        return False
