@@ -163,7 +163,7 @@ def synthetic(E: int):
     extents rewritten (unique).  Same construction as the project's notes."""
     import numpy as np
 
-    from cloneaware.index.flags import EXTENT_DTYPE
+    from cloneaware.source.flags import EXTENT_DTYPE
 
     rng = np.random.default_rng(1)
     F = 1000 if E >= 1000 else 1

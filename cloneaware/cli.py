@@ -282,7 +282,7 @@ def scan(
     no_progress: NoProgressOpt = False,
 ) -> None:
     """Report what PATHs occupy and how much of it is shared (reads no data)."""
-    from cloneaware.index.scan import scan as do_scan
+    from cloneaware.scan import scan as do_scan
 
     with _handled(as_json, to_stderr=save_map == "-"):
         opener = None
@@ -301,7 +301,7 @@ def scan(
             _err(note)
         map_info = None
         if opener is not None and save_map is not None:
-            from cloneaware.index.sharemap import write_map
+            from cloneaware.scan.sharemap import write_map
 
             out = opener()
             try:
@@ -1598,7 +1598,8 @@ def serve(
 ) -> None:
     """The remote end of ssh:// targets; speaks on stdin/stdout.  Meant as a forced
     command: command="cloneaware serve --restrict-to-path /backups" in authorized_keys."""
-    from cloneaware.remote import client, server
+    from cloneaware import serve as server
+    from cloneaware.remote import client
 
     ops = [o.strip() for o in allow.split(",") if o.strip()]
     bad = [o for o in ops if o not in client.OPS]

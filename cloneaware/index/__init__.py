@@ -1,1 +1,2 @@
-"""The sharing index: extent flags, the plan (pure numpy), and ``scan``."""
+"""The sharing index: the plan (index/plan.py, pure numpy) over the extent
+maps of source/mapping.py."""

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cloneaware.index.flags import (
+from cloneaware.source.flags import (
     CA_EXACT,
     EXACT_SHIFT,
     EXTENT_DTYPE,

@@ -1,2 +1,2 @@
-"""ssh:// targets: the client (remote/client.py) and ``cloneaware serve``
-(remote/server.py)."""
+"""ssh:// targets: the client (remote/client.py), which runs the system's
+ssh with ``cloneaware serve`` (cloneaware/serve.py) at the other end."""

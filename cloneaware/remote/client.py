@@ -1,7 +1,7 @@
 """ssh:// targets, the client side: spawn the system's OpenSSH client (or
 --rsh / CLONEAWARE_RSH) running ``cloneaware serve`` on the other host, and
 stream the archive through it.  No ssh is reimplemented here.  The server
-side is remote/server.py.
+side is serve.py.
 
 Protocol, over the ssh channel (stdin/stdout of ``cloneaware serve``):
 

@@ -14,10 +14,10 @@ from cloneaware.archive.events import BlobEvent
 from cloneaware.archive.reader import Stream
 from cloneaware.errors import ArchiveError, RepositoryError
 from cloneaware.repo import format as rf
-from cloneaware.repo.anchors import Mounts, drop_snapshots
 from cloneaware.repo.backend import pack_name
 from cloneaware.repo.forget import Policy, keep
 from cloneaware.repo.repository import Packer, Repository, Snapshot
+from cloneaware.source.anchors import Mounts, drop_snapshots
 
 ORPHAN_GRACE = 3600  # seconds: packs no index lists are kept this long
 

@@ -34,8 +34,8 @@ from cloneaware.backup.sinks import RecordSink
 from cloneaware.backup.workers import Chunk, Workers
 from cloneaware.repo import crypto
 from cloneaware.repo import format as rf
-from cloneaware.repo.anchors import AnchorSets, set_key
 from cloneaware.repo.repository import Packer, Repository, Snapshot, now_rfc3339
+from cloneaware.source.anchors import AnchorSets, set_key
 from cloneaware.source.mapping import extent_map
 
 

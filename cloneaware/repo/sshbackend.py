@@ -1,5 +1,5 @@
 """ssh:// repositories: the objects of a repository on another host, through
-``cloneaware serve`` (remote/server.py) over the system's ssh client.
+``cloneaware serve`` (serve.py) over the system's ssh client.
 
 After the request line ``{"v": 1, "op": "repo", "path": ..., "create": bool}``
 and the server's status line, the channel carries requests and answers in

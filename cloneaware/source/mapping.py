@@ -12,7 +12,8 @@ import numpy as np
 
 from cloneaware import fsinfo, native
 from cloneaware.errors import UsageError
-from cloneaware.index.flags import (
+from cloneaware.patterns import Exclusions
+from cloneaware.source.flags import (
     BTRFS_FILE_EXTENT_REG,
     BTRFS_MAX_UNCOMPRESSED,
     CA_EXACT,
@@ -23,7 +24,6 @@ from cloneaware.index.flags import (
     FILE_EXTENT_DTYPE,
     NOT_CANDIDATE,
 )
-from cloneaware.patterns import Exclusions
 from cloneaware.source.walk import Dirs, Node, walk
 
 assert EXTENT_DTYPE.itemsize == native.EXTENT_SIZE

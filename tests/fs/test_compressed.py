@@ -23,7 +23,7 @@ from helpers.fsutil import as_tuples, compressible, write_at
 from helpers.treeutil import KiB, MiB, Snapshot, assert_same_tree, backup_json, restore_json
 
 from cloneaware import native
-from cloneaware.index import flags as fl
+from cloneaware.source import flags as fl
 from cloneaware.source.mapping import btrfs_file_extents, extent_map
 from cloneaware.testing import reflink_copy, write_letters
 

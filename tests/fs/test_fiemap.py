@@ -11,8 +11,8 @@ import pytest
 from helpers.fsutil import Ext, as_tuples, compressible, filefrag, write_at, xfs_io_fiemap
 
 from cloneaware import fsinfo, native
-from cloneaware.index import flags as fl
-from cloneaware.index import scan
+from cloneaware.scan import report as scan
+from cloneaware.source import flags as fl
 from cloneaware.source import mapping
 from cloneaware.testing import reflink_copy, write_random
 

@@ -55,7 +55,7 @@ def device_reads(path: Path) -> int:
     """Bytes the filesystem holding ``path`` has read from its block device
     (/sys/block/DEV/stat), metadata and readahead included: what a backup
     of it really cost in reads, whatever the interpreter maps."""
-    from cloneaware.repo.anchors import Mounts
+    from cloneaware.source.anchors import Mounts
 
     top = Mounts().top(os.fsencode(path))
     for line in open("/proc/self/mountinfo"):

@@ -33,7 +33,7 @@ KiB, MiB = 1 << 10, 1 << 20
 
 def physical_bytes(*paths) -> int:
     """The union of the files' physical extents (cloneaware scan, in-process)."""
-    from cloneaware.index.scan import scan
+    from cloneaware.scan import scan
 
     res = scan([os.fsencode(p) for p in paths])
     assert not res.skipped, res.skipped

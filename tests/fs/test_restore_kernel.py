@@ -18,7 +18,7 @@ from helpers.cli import cli, cli_json
 from helpers.fsutil import as_tuples, digest, tmpfs_takes_user_xattrs
 from helpers.treeutil import backup_json, restore_json
 
-from cloneaware.index import flags as fl
+from cloneaware.source import flags as fl
 from cloneaware.source import mapping
 from cloneaware.testing import make_family, reflink_copy, rewrite_blocks, write_random
 

@@ -19,9 +19,9 @@ from helpers.fsutil import (
 )
 
 from cloneaware import fsinfo, native
-from cloneaware.index import flags as fl
 from cloneaware.index import plan as ex
-from cloneaware.index import scan
+from cloneaware.scan import report as scan
+from cloneaware.source import flags as fl
 from cloneaware.source import mapping
 from cloneaware.testing import make_family, reflink_copy, write_random
 

@@ -15,7 +15,7 @@ import pytest
 
 from cloneaware.backup import backup
 from cloneaware.remote.client import PROTOCOL
-from cloneaware.remote.server import Server
+from cloneaware.serve import Server
 
 
 @pytest.fixture

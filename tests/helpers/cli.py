@@ -175,7 +175,7 @@ import cloneaware.cli
 # what the commands import lazily, imported once here instead of per child
 for _m in ("numpy", "zstandard", "cloneaware.restore", "cloneaware.backup",
            "cloneaware.archive.manifest", "cloneaware.archive.reader", "cloneaware.progress",
-           "cloneaware.fsinfo", "cloneaware.index.scan"):
+           "cloneaware.fsinfo", "cloneaware.scan.report"):
     try:
         importlib.import_module(_m)
     except ImportError:

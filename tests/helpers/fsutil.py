@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 from typing import NamedTuple
 
-from cloneaware.index import flags as fl
+from cloneaware.source import flags as fl
 
 
 class Ext(NamedTuple):

@@ -60,7 +60,7 @@ def pipe_backup_restore(paths, dest, compress: str = "zstd") -> tuple[int, int, 
 def physical_bytes(path) -> int:
     """Physical usage of a tree: the union of its files' physical extents, as
     ``cloneaware scan`` counts it (in-process: a CLI start costs a second)."""
-    from cloneaware.index.scan import scan
+    from cloneaware.scan import scan
 
     res = scan([os.fsencode(path)])
     assert not res.skipped, res.skipped

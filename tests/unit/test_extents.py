@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cloneaware.index import flags as fl
 from cloneaware.index import plan as ex
+from cloneaware.source import flags as fl
 
 K = 4096
 

@@ -12,8 +12,8 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cloneaware.index import flags
 from cloneaware.index import plan as ex
+from cloneaware.source import flags
 
 # Flags drawn for synthetic extents, plain data most often.
 FLAG_CHOICES = (

@@ -10,7 +10,7 @@ import numpy as np
 
 from cloneaware import fsinfo
 from cloneaware.index.plan import CHECK_CANDIDATE, IndexBuilder, Plan
-from cloneaware.repo.anchors import Mounts
+from cloneaware.source.anchors import Mounts
 from cloneaware.source.mapping import (
     READING_NOTE,
     TREE_SEARCH,
@@ -92,7 +92,7 @@ class ScanResult:
 def scan(paths: list, one_file_system: bool = True,
          progress: Callable[[int], None] | None = None, tree: bool = False) -> ScanResult:
     """``tree``: also keep every entry in walk order (for a sharing map,
-    index/sharemap.py); each PATH then needs a basename of its own, as in an
+    scan/sharemap.py); each PATH then needs a basename of its own, as in an
     archive."""
     fstab = FsTable()
     builder = IndexBuilder()

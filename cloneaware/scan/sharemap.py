@@ -24,7 +24,7 @@ import numpy as np
 from cloneaware.archive import format as fmt
 from cloneaware.archive.writer import Writer
 from cloneaware.index.plan import CHECK_CANDIDATE
-from cloneaware.index.scan import ScanResult
+from cloneaware.scan.report import ScanResult
 
 
 @dataclass
