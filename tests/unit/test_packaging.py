@@ -43,3 +43,21 @@ def test_defect_19_this_installation_has_it():
     assert any(f.endswith("share/man/man1/cloneaware.1") for f in files), files[:20]
     page = Path(sys.prefix) / "share" / "man" / "man1" / "cloneaware.1"
     assert page.is_file() and ".SH EXIT STATUS" in page.read_text()
+
+
+def test_the_wheel_carries_every_package(tmp_path):
+    """Every directory of cloneaware/ with an __init__.py is in the wheel (a
+    package left out of a hand-kept list installs a cloneaware that fails
+    at its first import of it)."""
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
+                        str(tmp_path), str(TOP)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (wheel,) = tmp_path.glob("cloneaware-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+    for init in (TOP / "cloneaware").rglob("__init__.py"):
+        rel = init.relative_to(TOP).as_posix()
+        assert rel in names, f"{rel} is not in the wheel"
+    for mod in (TOP / "cloneaware").rglob("*.py"):
+        rel = mod.relative_to(TOP).as_posix()
+        assert rel in names, f"{rel} is not in the wheel"
