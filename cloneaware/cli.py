@@ -525,7 +525,7 @@ def backup(
     instant's state; in a repository the clone is kept as the file's anchor, and
     the next backup reads only what no longer shares its blocks with it."""
     from cloneaware.backup import ArchiveSink, Backup, SparseSink
-    from cloneaware.backup.sinks import Discard, RecordSink, file_output
+    from cloneaware.backup.sinks import Discard, Sink, file_output
     from cloneaware.patterns import Exclusions, read_list
     from cloneaware.remote import client
 
@@ -559,7 +559,7 @@ def backup(
             if dry_run:
                 raise UsageError("--dry-run does not take --sparse (it writes its file as it "
                                  "goes); try it without --sparse")
-            sink: RecordSink = SparseSink(output, paths, base, force)
+            sink: Sink = SparseSink(output, paths, base, force)
         elif client.is_url(output):
             client.parse_url(output)
             sink = ArchiveSink(Discard if dry_run else
@@ -1147,7 +1147,7 @@ def verify(
     from cloneaware.archive.reader import Stream
     from cloneaware.errors import ArchiveError
     from cloneaware.remote import client
-    from cloneaware.restore.base import sha256_range
+    from cloneaware.safeio import sha256_range
 
     with _handled(as_json):
         t0 = time.monotonic()

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import secrets
 
@@ -205,6 +206,21 @@ def open_beneath(root_fd: int, parts: list[bytes], flags: int = DIR_FLAGS,
         if cur != root_fd:
             os.close(cur)
         raise
+
+
+def sha256_range(fd: int, offset: int, length: int) -> bytes:
+    """The SHA-256 of [offset, offset+length) of ``fd`` (fewer bytes if the
+    file ends before)."""
+    h = hashlib.sha256()
+    pos = offset
+    end = offset + length
+    while pos < end:
+        b = os.pread(fd, min(4 << 20, end - pos), pos)
+        if not b:
+            break
+        h.update(b)
+        pos += len(b)
+    return h.digest()
 
 
 def pid_alive(pid: int) -> bool:

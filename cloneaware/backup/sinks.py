@@ -19,14 +19,14 @@ import os
 import stat
 import sys
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from cloneaware.archive import format as fmt
 from cloneaware.archive import manifest
 from cloneaware.archive.writer import Writer
 from cloneaware.backup.workers import Chunk, Workers
 from cloneaware.errors import UsageError
-from cloneaware.safeio import AtomicFile
+from cloneaware.safeio import AtomicFile, sha256_range
 
 
 class Output(Protocol):
@@ -104,33 +104,51 @@ def file_output(target: str, force: bool = False, dry_run: bool = False
     return Discard if dry_run else lambda: AtomicFile(target, replace=force)
 
 
-class RecordSink:
-    """What every sink does the archive way: records through a Writer.  The
-    repository's sink (repo/sink.py) overrides the hooks that differ."""
+class Prior(NamedTuple):
+    """A file in the sharing index that is not an entry of this backup: a
+    place a range can be "the same bytes as" though the backup does not
+    store it (a repository's anchor of the last backup, repo/sink.py).
+    ``fileno``: its number in the index."""
 
-    writer: Writer | None = None
+    fileno: int
+
+
+class Sink:
+    """Where a backup's entries and data go.  What Backup says to a sink is
+    narrow: an entry; for a regular file, its ranges, each "store these
+    bytes", "these bytes are those of that earlier place" (an entry of this
+    backup, or a Prior) or, for thin archives, "these bytes are the base's";
+    then its end.  A repository's sink also knows the last backup (its
+    anchors are Priors, and ``unchanged`` is its metadata rule).
+
+    ``content_addressed``: identical bytes are stored once by content
+    (repositories), so compressed candidates are stored rather than checked
+    by hash; ``encoded_data``: stored bytes may be Btrfs compressed extents
+    as they are on disk."""
+
     summary: Any = None  # the backup's Summary, set by Backup
-    #: identical bytes are stored once by content (repositories): compressed
-    #: candidates need no hash check, they are simply stored
     content_addressed = False
-    #: DATA records may hold Btrfs compressed extents as they are (CODEC_BTRFS)
     encoded_data = False
+    writer: Writer | None = None
 
     def _w(self) -> Writer:
         assert self.writer is not None
         return self.writer
 
-    def open(self, size_hint: int, base: fmt.Base | None) -> Writer:
-        raise NotImplementedError
+    # -- the run ---------------------------------------------------------------------
 
-    def data_job(self, workers: Workers):
-        """The worker function for stored chunks."""
-        raise NotImplementedError
+    def prepare(self, fstab, builder) -> dict[int, Prior]:
+        """Before the walk: add the files the plan may share with to the
+        index builder; returns them by file number."""
+        return {}
 
-    def emit_data(self, fd: int, offset: int, length: int, chunk: Chunk) -> None:
+    def open(self, size_hint: int, base: fmt.Base | None) -> None:
+        """After the walk: the output opened.  ``size_hint``: the size of
+        the first regular file; ``base``: a thin archive's base."""
         raise NotImplementedError
 
     def commit(self) -> None:
+        """Every entry is in: the output made whole and durable."""
         raise NotImplementedError
 
     def abort(self) -> None:
@@ -139,15 +157,29 @@ class RecordSink:
     def size(self) -> int:
         raise NotImplementedError
 
-    def prepare(self, fstab, builder) -> dict[int, object]:
-        """Before the walk: add files the plan may reference (anchors) to the
-        index builder; returns them by file number."""
-        return {}
+    # -- entries -----------------------------------------------------------------------
+
+    def entry(self, e: fmt.Entry, st: os.stat_result | None = None) -> None:
+        """An entry; a regular file's ranges follow, then ``end``.  ``st``:
+        the file's stat (its inode and ctime, for the next backup)."""
+        self._w().entry(e)
+
+    def unchanged(self, node, st: os.stat_result, e: fmt.Entry) -> bool:
+        """The metadata rule: whether regular file ``e`` is the same as in
+        the last backup, taken from it unread; if so the sink has written
+        it whole (entry, data and end)."""
+        return False
 
     def capture_dir(self, src: bytes) -> int | None:
         """Where to make the point-in-time clone of ``src`` (None: its own
         directory)."""
         return None
+
+    def keep(self, fd: int, captured: bool, e: fmt.Entry, src: bytes) -> None:
+        """After a regular file is written from ``fd`` (its clone if
+        ``captured``): a repository keeps it as the file's anchor."""
+
+    # -- a regular file's ranges ----------------------------------------------------
 
     def cuts(self, offset: int, length: int):
         """How stored data is cut into chunks."""
@@ -157,30 +189,30 @@ class RecordSink:
             yield offset, n
             offset += n
 
-    def unchanged(self, node, st, e: fmt.Entry) -> bool:
-        """Whether the file can be written without reading it (the metadata
-        rule of repositories); if so, the sink has written entry ``e`` with
-        its data."""
-        return False
+    def data_job(self, workers: Workers):
+        """The worker function that reads a stored chunk (and prepares it)."""
+        raise NotImplementedError
 
-    def file_entry(self, e: fmt.Entry, st) -> None:
-        self._w().entry(e)
+    def store(self, fd: int, offset: int, length: int, chunk: Chunk) -> None:
+        """Stored bytes, as the worker made them."""
+        raise NotImplementedError
 
-    def ref(self, offset: int, length: int, source: int, source_offset: int) -> None:
+    def ref(self, offset: int, length: int, source: int | Prior, source_offset: int) -> None:
+        """The bytes at ``offset`` are those of ``source`` (an entry id, or a
+        Prior) at ``source_offset``."""
+        assert not isinstance(source, Prior), "only repositories have priors"
         self._w().ref(offset, length, source, source_offset)
 
-    def anchor_ref(self, offset: int, length: int, anchor: int, anchor_offset: int) -> None:
-        raise AssertionError("only repositories have anchors")
+    def baseref(self, offset: int, length: int, base: int, base_offset: int,
+                sha256: bytes) -> None:
+        """The bytes are those of the thin backup's base file ``base``."""
+        self._w().baseref(offset, length, base, base_offset, sha256)
 
     def end(self) -> None:
         self._w().end()
 
-    def keep(self, fd: int, captured: bool, e: fmt.Entry, src: bytes) -> None:
-        """After a regular file is written from ``fd`` (its clone if
-        ``captured``): a repository keeps it as the file's anchor."""
 
-
-class ArchiveSink(RecordSink):
+class ArchiveSink(Sink):
     encoded_data = True
 
     def __init__(self, opener: Callable[[], Output], name: str):
@@ -189,22 +221,21 @@ class ArchiveSink(RecordSink):
         self.out: Output | None = None
         self.writer: Writer | None = None
 
-    def open(self, size_hint: int, base: fmt.Base | None) -> Writer:
-        """Open the output and start the archive.  ``size_hint``: the size of
-        the first regular file (unused here)."""
+    def open(self, size_hint: int, base: fmt.Base | None) -> None:
+        """Open the output and start the archive (``size_hint`` unused)."""
         self.out = self.opener()
         self.writer = Writer(self.out, base, self.name)
-        return self.writer
 
     def data_job(self, workers: Workers):
         return workers.data_job
 
-    def emit_data(self, fd: int, offset: int, length: int, chunk: Chunk) -> None:
+    def store(self, fd: int, offset: int, length: int, chunk: Chunk) -> None:
         assert self.writer is not None and chunk.record is not None
         self.writer.data_record(chunk.record, length)
 
     def commit(self) -> None:
         assert self.out is not None
+        self._w().finish()
         self.out.commit()
 
     def abort(self) -> None:
@@ -216,7 +247,7 @@ class ArchiveSink(RecordSink):
         return self.writer.offset
 
 
-class SparseSink(RecordSink):
+class SparseSink(Sink):
     """``backup --base BASE --sparse -o OUT CLONE``."""
 
     def __init__(self, target: str, paths: list, base: str | None, force: bool = False):
@@ -244,30 +275,39 @@ class SparseSink(RecordSink):
         self.copying = False
         self.writer: Writer | None = None
 
-    def open(self, size_hint: int, base: fmt.Base | None) -> Writer:
-        self.file = AtomicFile(self.target, replace=self.force)
+    def open(self, size_hint: int, base: fmt.Base | None) -> None:
+        # read too: each range is hashed as it is in the file once copied
+        self.file = AtomicFile(self.target, replace=self.force, read=True)
         try:
             os.ftruncate(self.file.fd, size_hint)
         except OSError as e:
             raise OSError(e.errno, e.strerror, self.target) from None
         self.writer = Writer(self.manifest, base, self.target)
-        return self.writer
 
     def data_job(self, workers: Workers):
-        return workers.hash_job
+        """Put derivative data into the sparse file at its own offset
+        (reflinked by copy_file_range where the filesystem can, else
+        copied), then hash what the sparse file now holds there: the
+        EXTERNAL record's SHA-256 describes the bytes a restore will find,
+        even if the clone was written while it was copied (a live file read
+        with --no-point-in-time; it is then reported as changed)."""
 
-    def emit_data(self, fd: int, offset: int, length: int, chunk: Chunk) -> None:
-        """Put derivative data into the sparse file at its own offset (reflinked
-        by copy_file_range where the filesystem can) and describe it by an
-        EXTERNAL record with its hash."""
-        assert self.file is not None and self.writer is not None
-        out = self.file.fd
+        def job(fd: int, offset: int, length: int) -> Chunk:
+            assert self.file is not None
+            got = self._copy(fd, self.file.fd, offset, length)
+            return Chunk(sha256_range(self.file.fd, offset, length), got, None)
+
+        return job
+
+    def _copy(self, fd: int, out: int, offset: int, length: int) -> int:
+        """Copy [offset, offset+length) of ``fd`` to the same place in
+        ``out``; the bytes there were (fewer if the file shrank)."""
         done = 0
-        while done < chunk.got:
+        while done < length:
             n = 0
             if not self.copying:
                 try:
-                    n = os.copy_file_range(fd, out, chunk.got - done, offset + done,
+                    n = os.copy_file_range(fd, out, length - done, offset + done,
                                            offset + done)
                 except OSError as e:
                     # another filesystem (EXDEV since Linux 5.19), or none that does it
@@ -276,7 +316,7 @@ class SparseSink(RecordSink):
                         raise OSError(e.errno, e.strerror, self.target) from None
                     self.copying = True
             if n == 0:  # copy: read here, write there
-                b = os.pread(fd, min(chunk.got - done, fmt.CHUNK_MAX), offset + done)
+                b = os.pread(fd, min(length - done, fmt.CHUNK_MAX), offset + done)
                 if not b:
                     break
                 try:
@@ -284,10 +324,16 @@ class SparseSink(RecordSink):
                 except OSError as e:
                     raise OSError(e.errno, e.strerror, self.target) from None
             done += n
-        self.writer.external(offset, length, chunk.sha256)
+        return done
+
+    def store(self, fd: int, offset: int, length: int, chunk: Chunk) -> None:
+        """Describe the derivative data the job put in the sparse file by an
+        EXTERNAL record with its hash."""
+        self._w().external(offset, length, chunk.sha256)
 
     def commit(self) -> None:
         assert self.file is not None
+        self._w().finish()
         data = self.manifest.getvalue()
         side = self.target + manifest.SIDECAR
         self.sidecar = True
@@ -315,5 +361,3 @@ class SparseSink(RecordSink):
         st = os.stat(self.target)
         return st.st_blocks * 512 + (len(self.manifest.getvalue()) if self.sidecar else 0)
 
-
-Sink = RecordSink

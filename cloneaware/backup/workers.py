@@ -36,7 +36,8 @@ class Chunk(NamedTuple):
 
 class BaseCheck(NamedTuple):
     """A candidate range hashed here and in the base file it names (the base's
-    hash is None when the base could not be read whole)."""
+    hash is None when the base could not be opened or read, empty when it
+    ends before the range)."""
 
     sha256: bytes
     got: int
@@ -217,7 +218,7 @@ class Workers:
         finally:
             os.close(bfd)
         return BaseCheck(mine.sha256, mine.got,
-                         theirs.sha256 if theirs.got == length else None)
+                         theirs.sha256 if theirs.got == length else b"")
 
     def submit(self, fn, *args) -> Future:
         return self.pool.submit(fn, *args)

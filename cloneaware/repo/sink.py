@@ -30,7 +30,7 @@ from cloneaware.archive import format as fmt
 from cloneaware.archive.events import BlobEvent, EndEvent, EntryEvent, StatEvent
 from cloneaware.archive.reader import Stream
 from cloneaware.archive.writer import Writer
-from cloneaware.backup.sinks import RecordSink
+from cloneaware.backup.sinks import Prior, Sink
 from cloneaware.backup.workers import Chunk, Workers
 from cloneaware.repo import crypto
 from cloneaware.repo import format as rf
@@ -148,20 +148,30 @@ class ManifestOut:
             self.buf.clear()
 
 
-class RepositorySink(RecordSink):
+class RepositorySink(Sink):
+    """Backs up into a repository as a new snapshot (or, for import_archive,
+    takes an archive's entries and bytes).  The last snapshot of the same
+    host and PATHs is the parent: its files' anchors become priors in the
+    sharing index (a range still sharing blocks with its anchor is the
+    parent's blob ranges, unread), and a file its metadata says is the
+    parent's is taken unread (``unchanged``)."""
+
     content_addressed = True
 
     def __init__(self, repo: Repository, paths: list, host: str | None = None,
                  tags: list[str] | None = None, level: int = 3, connections: int = 2,
                  warn: Callable[[str], None] | None = None, anchors: bool = True,
-                 dry_run: bool = False):
+                 dry_run: bool = False, parent: bool = True, keep_all: bool = False):
         """``dry_run``: read and hash as a backup does, and count what it
         would add; write nothing to the repository (no blob, manifest or
-        snapshot) and keep no anchor."""
+        snapshot) and keep no anchor.  ``parent``: look for a parent
+        snapshot (an import has none).  ``keep_all``: every file's blob
+        ranges are kept for later REFs, not only those the archive marks
+        as referenced (an archive of another origin may not mark them)."""
         self.repo = repo
         self.dry_run = dry_run
         self.roots = sorted(os.path.abspath(os.fsencode(p)) for p in paths)
-        self.paths = [os.fsdecode(r) for r in self.roots]
+        self.paths = [os.fsdecode(r) for r in self.roots] if parent else list(paths)
         self.host = host or socket.gethostname()
         self.tags = sorted(set(tags or []))
         self.level = level
@@ -171,6 +181,8 @@ class RepositorySink(RecordSink):
         self.started_ns = time.time_ns()
         self.grid = repo.config.grid
         self.use_anchors = anchors
+        self.use_parent = parent
+        self.keep_all = keep_all
         self.sets = AnchorSets(repo.config.id, set_key(self.host, self.paths), self.warn)
         self.parent: Snapshot | None = None
         self.parent_by_path: dict[bytes, ParentFile] = {}
@@ -180,12 +192,15 @@ class RepositorySink(RecordSink):
         self.cur_entry: fmt.Entry | None = None
         self.snapshot: Snapshot | None = None
         self.summary = None
+        self._zstd = zstandard.ZstdCompressor(level=level) if level else None
 
     # -- before the walk ----------------------------------------------------------------
 
-    def prepare(self, fstab, builder) -> dict[int, object]:
+    def prepare(self, fstab, builder) -> dict[int, Prior]:
         repo = self.repo
         repo.load_index()
+        if not self.use_parent:
+            return {}
         snaps = repo.snapshots()
         mine = [s for s in snaps if s.hostname == self.host and sorted(s.paths) == self.paths]
         self.parent = mine[-1] if mine else None
@@ -197,7 +212,7 @@ class RepositorySink(RecordSink):
         tops = self.sets.tops(self.roots)
         anchors = self.sets.previous(tops, self.parent.id if self.parent else None,
                                      {s.id for s in snaps}, tidy=not self.dry_run)
-        out: dict[int, object] = {}
+        out: dict[int, Prior] = {}
         for a in anchors:
             try:
                 pf = by_id.get(a.entry_id)
@@ -208,7 +223,7 @@ class RepositorySink(RecordSink):
                 info = fsinfo.fs_info(a.fd, st.st_dev, a.path)
                 fileno = builder.add(fstab.number(info), st.st_size, ext)
                 self.anchor_segments[fileno] = pf.segments
-                out[fileno] = a
+                out[fileno] = Prior(fileno)
             finally:
                 os.close(a.fd)
         return out
@@ -222,85 +237,13 @@ class RepositorySink(RecordSink):
             return None
         return self.sets.staging(self.sets.mounts.top(os.path.dirname(src) or b"."))
 
-    # -- writing ---------------------------------------------------------------------------
-
-    def open(self, size_hint: int, base: fmt.Base | None) -> Writer:
-        if base is not None:
-            raise AssertionError("thin backups go to archives")
-        self.writer = Writer(self.out, None, f"{self.repo.where} (manifest)")
-        return self.writer
-
-    def cuts(self, offset: int, length: int):
-        """At every multiple of the grid, and at the ends of the range."""
-        g = self.grid
-        end = offset + length
-        while offset < end:
-            n = min(g - offset % g, end - offset)
-            yield offset, n
-            offset += n
-
-    def data_job(self, workers: Workers):
-        repo, packer = self.repo, self.packer
-        level = self.level
-        dry_run = self.dry_run
-
-        def job(fd: int, offset: int, length: int) -> Chunk:
-            data, got = workers.read(fd, offset, length)
-            bid = repo.crypto.blob_id(data)
-            if packer.known(bid):
-                return Chunk(bid, got, None)
-            if dry_run:
-                return Chunk(bid, got, [b""])
-            z = workers.zstd(level) if level else None
-            return Chunk(bid, got, [repo.encode_blob(rf.T_DATA, bid, data, z)])
-
-        return job
-
-    def _blob(self, offset: int, length: int, bid: bytes, boff: int) -> None:
-        assert self.cur is not None
-        self._w().blob(offset, length, boff, bid)
-        self.cur.add(offset, length, bid, boff)
-
-    def emit_data(self, fd: int, offset: int, length: int, chunk: Chunk) -> None:
-        if chunk.record is not None and \
-                self.packer.add(chunk.sha256, rf.T_DATA, length, chunk.record[0]):
-            if self.summary is not None:
-                self.summary.added_bytes += length
-        self._blob(offset, length, chunk.sha256, 0)
-
-    def file_entry(self, e: fmt.Entry, st) -> None:
-        w = self._w()
-        w.entry(e)
-        w.stat(st.st_ino, st.st_ctime_ns)
-        self.cur = Segments()
-        self.cur_entry = e
-
-    def _copy(self, segs: Segments, offset: int, length: int, src_offset: int) -> None:
-        for pos, n, bid, boff in segs.resolve(src_offset, length):
-            self._blob(offset + pos, n, bid, boff)
-
-    def ref(self, offset: int, length: int, source: int, source_offset: int) -> None:
-        assert self.cur_entry is not None and self.cur is not None
-        segs = self.cur if source == self.cur_entry.id else self.segments[source]
-        self._copy(segs, offset, length, source_offset)
-
-    def anchor_ref(self, offset: int, length: int, anchor: int, anchor_offset: int) -> None:
-        self._copy(self.anchor_segments[anchor], offset, length, anchor_offset)
-
-    def end(self) -> None:
-        assert self.cur_entry is not None and self.cur is not None
-        self._w().end()
-        if self.cur_entry.eflags & fmt.EF_REFERENCED:
-            self.segments[self.cur_entry.id] = self.cur
-        self.cur = self.cur_entry = None
-
     def unchanged(self, node, st, e: fmt.Entry) -> bool:
         pf = self.parent_by_path.get(node.name)
         if pf is None or pf.size != st.st_size or pf.mtime_ns != st.st_mtime_ns \
                 or pf.ino != st.st_ino or pf.ctime_ns != st.st_ctime_ns \
                 or not self._known(pf.segments):
             return False
-        self.file_entry(e, st)
+        self.entry(e, st)
         s = pf.segments
         for i in range(len(s.offsets)):
             self._blob(s.offsets[i], s.lengths[i], s.blobs[i], s.blob_offsets[i])
@@ -312,9 +255,84 @@ class RepositorySink(RecordSink):
             self.sets.keep(self.sets.mounts.top(os.path.dirname(src) or b"."), e.id, fd,
                            captured)
 
+    # -- writing ---------------------------------------------------------------------------
+
+    def open(self, size_hint: int, base: fmt.Base | None) -> None:
+        if base is not None:
+            raise AssertionError("thin backups go to archives")
+        self.writer = Writer(self.out, None, f"{self.repo.where} (manifest)")
+
+    def entry(self, e: fmt.Entry, st: os.stat_result | None = None) -> None:
+        w = self._w()
+        w.entry(e)
+        if e.kind != fmt.K_REG:
+            return
+        if st is not None:
+            w.stat(st.st_ino, st.st_ctime_ns)
+        self.cur = Segments()
+        self.cur_entry = e
+
+    def cuts(self, offset: int, length: int):
+        """At every multiple of the grid, and at the ends of the range."""
+        g = self.grid
+        end = offset + length
+        while offset < end:
+            n = min(g - offset % g, end - offset)
+            yield offset, n
+            offset += n
+
+    def chunk(self, data, got: int, z) -> Chunk:
+        """A stored chunk of ``data``: its blob id, and the sealed blob if
+        the repository does not have it (on a worker, or in import_archive)."""
+        repo = self.repo
+        bid = repo.crypto.blob_id(data)
+        if self.packer.known(bid):
+            return Chunk(bid, got, None)
+        if self.dry_run:
+            return Chunk(bid, got, [b""])
+        return Chunk(bid, got, [repo.encode_blob(rf.T_DATA, bid, data, z)])
+
+    def data_job(self, workers: Workers):
+        level = self.level
+
+        def job(fd: int, offset: int, length: int) -> Chunk:
+            data, got = workers.read(fd, offset, length)
+            return self.chunk(data, got, workers.zstd(level) if level else None)
+
+        return job
+
+    def _blob(self, offset: int, length: int, bid: bytes, boff: int) -> None:
+        assert self.cur is not None
+        self._w().blob(offset, length, boff, bid)
+        self.cur.add(offset, length, bid, boff)
+
+    def store(self, fd: int, offset: int, length: int, chunk: Chunk) -> None:
+        if chunk.record is not None and \
+                self.packer.add(chunk.sha256, rf.T_DATA, length, chunk.record[0]):
+            if self.summary is not None:
+                self.summary.added_bytes += length
+        self._blob(offset, length, chunk.sha256, 0)
+
+    def ref(self, offset: int, length: int, source: int | Prior, source_offset: int) -> None:
+        assert self.cur_entry is not None and self.cur is not None
+        if isinstance(source, Prior):  # unchanged since the last backup
+            segs = self.anchor_segments[source.fileno]
+        else:
+            segs = self.cur if source == self.cur_entry.id else self.segments[source]
+        for pos, n, bid, boff in segs.resolve(source_offset, length):
+            self._blob(offset + pos, n, bid, boff)
+
+    def end(self) -> None:
+        assert self.cur_entry is not None and self.cur is not None
+        self._w().end()
+        if self.keep_all or self.cur_entry.eflags & fmt.EF_REFERENCED:
+            self.segments[self.cur_entry.id] = self.cur
+        self.cur = self.cur_entry = None
+
     # -- the end -------------------------------------------------------------------------
 
     def commit(self) -> None:
+        self._w().finish()
         self.out.finish()
         self.packer.flush()
         if self.dry_run:

@@ -8,13 +8,10 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import socket
-import time
 from collections.abc import Callable
 
 import zstandard
 
-from cloneaware import __version__
 from cloneaware.archive import format as fmt
 from cloneaware.archive.blobs import BlobCache, Coverage, Place
 from cloneaware.archive.events import (
@@ -30,11 +27,10 @@ from cloneaware.archive.events import (
 )
 from cloneaware.archive.reader import Stream
 from cloneaware.archive.writer import Writer
+from cloneaware.backup.summary import Summary
 from cloneaware.errors import UsageError
-from cloneaware.repo import crypto
-from cloneaware.repo import format as rf
-from cloneaware.repo.repository import Packer, Repository, Snapshot, now_rfc3339
-from cloneaware.repo.sink import ManifestOut, Segments
+from cloneaware.repo.repository import Repository, Snapshot
+from cloneaware.repo.sink import RepositorySink
 
 
 class _Referenced(Handler):
@@ -123,102 +119,97 @@ def export(repo: Repository, snap: Snapshot, out, name: str, level: int = 3,
     return ex.counts
 
 
+class _Importer(Handler):
+    """An archive's events fed to a repository's sink, as a backup feeds it:
+    entries as they are, stored bytes cut on the repository's grid into
+    blobs, a REF as the blob ranges of the place it names."""
+
+    def __init__(self, sink: RepositorySink, stream: Stream, name: str, level: int):
+        self.sink = sink
+        self.stream = stream
+        self.name = name
+        self.z = zstandard.ZstdCompressor(level=level) if level else None
+        self.s = sink.summary
+        self.run_start = 0
+        self.run = bytearray()
+
+    def _thin(self) -> UsageError:
+        return UsageError(f"{self.name} is a thin backup: restore it next to its base and "
+                          "back up the result instead")
+
+    def on_entry(self, ev: EntryEvent) -> None:
+        if self.stream.base is not None:
+            raise self._thin()
+        e = ev.entry
+        self.sink.entry(e)
+        if e.kind == fmt.K_REG:
+            self.s.files += 1
+            self.s.logical_bytes += e.size
+        elif e.kind == fmt.K_DIR:
+            self.s.dirs += 1
+
+    def on_data(self, ev: DataEvent) -> None:
+        grid = self.sink.grid
+        if self.run and ev.offset != self.run_start + len(self.run):
+            self._flush()
+        if not self.run:
+            self.run_start = ev.offset
+        self.run += ev.data
+        cut = (self.run_start + len(self.run)) // grid * grid  # the last grid line in the run
+        if cut - self.run_start >= 4 * grid:  # emit whole cells, keep memory bounded
+            n = cut - self.run_start
+            self._store(self.run_start, memoryview(self.run)[:n])
+            del self.run[:n]
+            self.run_start = cut
+
+    def _store(self, start: int, data) -> None:
+        """Cut a run of stored bytes on the grid into blobs."""
+        for pos, n in self.sink.cuts(start, len(data)):
+            piece = bytes(data[pos - start:pos - start + n])
+            self.sink.store(-1, pos, n, self.sink.chunk(piece, n, self.z))
+            self.s.stored_bytes += n
+
+    def _flush(self) -> None:
+        if self.run:
+            self._store(self.run_start, self.run)
+            self.run = bytearray()
+
+    def on_ref(self, ev: RefEvent) -> None:
+        self._flush()
+        self.sink.ref(ev.offset, ev.length, ev.source.id, ev.source_offset)
+        self.s.referenced_bytes += ev.length
+
+    def on_baseref(self, ev: BaseRefEvent) -> None:
+        raise self._thin()
+
+    def on_external(self, ev: ExternalEvent) -> None:
+        raise self._thin()
+
+    def on_end(self, ev: EndEvent) -> None:
+        self._flush()
+        self.sink.end()
+
+
 def import_archive(repo: Repository, f, name: str, host: str | None = None,
                    tags: list[str] | None = None, level: int = 3, connections: int = 2,
                    warn: Callable[[str], None] | None = None) -> tuple[Snapshot, dict]:
-    """A snapshot of the archive read from ``f``."""
-    repo.load_index()
-    packer = Packer(repo, connections)
-    mout = ManifestOut(repo, packer)
-    w = Writer(mout, None, f"{repo.where} (manifest)")
-    z = zstandard.ZstdCompressor(level=level) if level else None
-    grid = repo.config.grid
-    segments: dict[int, Segments] = {}
-    counts = {"files": 0, "logical_bytes": 0, "stored_bytes": 0, "referenced_bytes": 0,
-              "added_bytes": 0}
-    started = time.time_ns()
-    cur: Segments | None = None
-    cur_entry: fmt.Entry | None = None
-    run_start = 0
-    run = bytearray()
-
-    def blob(offset: int, length: int, bid: bytes, boff: int) -> None:
-        assert cur is not None
-        w.blob(offset, length, boff, bid)
-        cur.add(offset, length, bid, boff)
-
-    def emit(start: int, data_run) -> None:
-        """Cut a run of stored bytes on the grid into blobs."""
-        pos = start
-        view = memoryview(data_run)
-        while view:
-            n = min(grid - pos % grid, len(view))
-            data = bytes(view[:n])
-            bid = repo.crypto.blob_id(data)
-            if not packer.known(bid):
-                packer.add(bid, rf.T_DATA, n, repo.encode_blob(rf.T_DATA, bid, data, z))
-                counts["added_bytes"] += n
-            blob(pos, n, bid, 0)
-            counts["stored_bytes"] += n
-            pos += n
-            view = view[n:]
-
-    def flush_run() -> None:
-        nonlocal run
-        emit(run_start, run)
-        run = bytearray()
-
+    """A snapshot of the archive read from ``f``: the archive is a source
+    for the repository's backup sink (repo/sink.py), as a tree is."""
+    sink = RepositorySink(repo, [f"archive:{os.path.basename(name)}"], host, tags, level,
+                          connections, warn, anchors=False, parent=False, keep_all=True)
+    s = sink.summary = Summary()
+    sink.prepare(None, None)
+    sink.open(0, None)
     try:
         stream = Stream(f)
-        for ev in stream.events():
-            if isinstance(ev, EntryEvent):
-                if stream.base is not None:
-                    raise UsageError(f"{name} is a thin backup: restore it next to its base and "
-                                     "back up the result instead")
-                w.entry(ev.entry)
-                if ev.entry.kind == fmt.K_REG:
-                    cur, cur_entry, run = Segments(), ev.entry, bytearray()
-                    counts["files"] += 1
-                    counts["logical_bytes"] += ev.entry.size
-            elif isinstance(ev, DataEvent):
-                if run and ev.offset != run_start + len(run):
-                    flush_run()
-                if not run:
-                    run_start = ev.offset
-                run += ev.data
-                cut = (run_start + len(run)) // grid * grid  # the last grid line in the run
-                if cut - run_start >= 4 * grid:  # emit whole cells, keep memory bounded
-                    emit(run_start, run[:cut - run_start])
-                    del run[:cut - run_start]
-                    run_start = cut
-            elif isinstance(ev, RefEvent):
-                flush_run()
-                assert cur is not None and cur_entry is not None
-                segs = cur if ev.source.id == cur_entry.id else segments[ev.source.id]
-                for pos, n, bid, boff in segs.resolve(ev.source_offset, ev.length):
-                    blob(ev.offset + pos, n, bid, boff)
-                counts["referenced_bytes"] += ev.length
-            elif isinstance(ev, (BaseRefEvent, ExternalEvent)):
-                raise UsageError(f"{name} is a thin backup: restore it next to its base and "
-                                 "back up the result instead")
-            elif isinstance(ev, EndEvent):
-                flush_run()
-                assert cur is not None and cur_entry is not None
-                w.end()
-                segments[cur_entry.id] = cur  # any later REF may name it
-                cur = cur_entry = None
-        w.finish()
-        mout.finish()
-        packer.flush()
-    finally:
-        packer.close()
-    data = {
-        "time": now_rfc3339(started), "time_ns": started,
-        "hostname": host or socket.gethostname(), "username": crypto.username(),
-        "paths": [f"archive:{os.path.basename(name)}"], "tags": sorted(set(tags or [])),
-        "manifest": [b.hex() for b in mout.ids], "manifest_bytes": mout.total,
-        "parent": None, "program": f"cloneaware {__version__}", "summary": dict(counts),
-    }
-    if warn and counts["files"] == 0:
+        dispatch(_Importer(sink, stream, name, level), stream.events())
+        sink.commit()
+    except BaseException:
+        sink.abort()
+        raise
+    assert sink.snapshot is not None
+    if warn and s.files == 0:
         warn(f"{name}: no regular file in the archive")
-    return repo.save_snapshot(data), counts
+    counts = {k: getattr(s, k) for k in ("files", "logical_bytes", "stored_bytes",
+                                         "referenced_bytes", "added_bytes")}
+    return sink.snapshot, counts

@@ -3,26 +3,12 @@ and the bytes cloned from it (or from a sparse file) hashed after the clone
 (clone, then verify: a base written concurrently cannot slip wrong bytes in)."""
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 
 from cloneaware.archive import format as fmt
 from cloneaware.errors import BaseMismatch, UsageError
-from cloneaware.safeio import open_beneath
-
-
-def sha256_range(fd: int, offset: int, length: int) -> bytes:
-    h = hashlib.sha256()
-    pos = offset
-    end = offset + length
-    while pos < end:
-        b = os.pread(fd, min(4 << 20, end - pos), pos)
-        if not b:
-            break
-        h.update(b)
-        pos += len(b)
-    return h.digest()
+from cloneaware.safeio import open_beneath, sha256_range
 
 
 def open_base(base: fmt.Base, given: str | None) -> dict[int, int]:

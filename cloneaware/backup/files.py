@@ -1,0 +1,203 @@
+"""One regular file of a backup, from its walk record to its records in
+the sink: opened; cloned for its point in time (or read from a snapshot,
+or live); taken unread where the sink's metadata rule says it did not
+change; its plan checked against the map of what is read (a stale plan
+stores the file whole and lets nothing refer to it); its ranges written
+(backup/ops.py); checked for changes while it was read; kept as an anchor
+where the sink keeps them."""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from cloneaware import fsinfo
+from cloneaware.archive import format as fmt
+from cloneaware.backup.meta import entry_for, map_digest, read_iflags, read_xattrs, same_stat
+from cloneaware.backup.ops import Known, OpWriter, plan_ops
+from cloneaware.backup.sinks import Sink
+from cloneaware.backup.summary import Summary
+from cloneaware.index.plan import PIECE_DTYPE, Plan, data_ranges
+from cloneaware.source.capture import Capture
+from cloneaware.source.mapping import extent_map, open_source
+from cloneaware.source.walk import Node
+
+
+@dataclass(slots=True)
+class WalkedFile:
+    """A regular file the walk found and mapped."""
+
+    node: Node
+    fileno: int  # number in the sharing index; -1: not mapped (plan unusable)
+    #: map_digest of the map the plan was made from (None: not mapped); the
+    #: map itself is not kept, the index has what it needs
+    digest: bytes | None
+
+
+class FileWriter:
+    """Writes regular files into ``sink``.  ``live``: files are read where
+    they are (not from a --snapshot), so each is cloned for its point in
+    time where it can be; ``changed(path, why)`` and ``skip(path, why)``
+    report."""
+
+    def __init__(self, sink: Sink, summary: Summary, capture: Capture, plan: Plan,
+                 known: Known, ops: OpWriter, encoded: bool, live: bool,
+                 changed: Callable[[bytes, str], None], skip: Callable[[bytes, str], None]):
+        self.sink = sink
+        self.s = summary
+        self.capture = capture
+        self.plan = plan
+        self.known = known
+        self.ops = ops
+        self.encoded = encoded
+        self.live = live
+        self.changed = changed
+        self.skip = skip
+        refs = plan.pieces["ref_file"]
+        #: file numbers that later places reference
+        self.referenced = set(np.unique(refs[refs >= 0]).tolist())
+
+    def invalidate(self, item: WalkedFile) -> None:
+        """Nothing may take this file's bytes as those of a place again."""
+        if item.fileno >= 0:
+            self.known.invalid.add(item.fileno)
+
+    def write(self, item: WalkedFile) -> int | None:
+        """The file's entry id, or None if it was not stored."""
+        node = item.node
+        try:
+            fd = open_source(node)
+        except FileNotFoundError:
+            self.changed(node.src, "vanished before it was read")
+            self.invalidate(item)
+            return None
+        except OSError as ex:
+            if ex.errno == errno.EIO:  # a failing disk ends the job
+                raise OSError(ex.errno, ex.strerror, os.fsdecode(node.src)) from None
+            self.skip(node.src, ex.strerror or str(ex))
+            self.invalidate(item)
+            return None
+        cap: int | None = None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                self.changed(node.src, "replaced by another kind of file")
+                self.invalidate(item)
+                return None
+            if not self.live:
+                self.capture.counts.by_snapshot += 1  # read-only: nothing writes it
+            else:
+                got = self.capture.clone(fd, node.src, st.st_size,
+                                         fsinfo.fs_info(fd, st.st_dev, node.src),
+                                         dir_fd=node.dir_fd())
+                if isinstance(got, str):  # no clone: read live
+                    eid = self._unchanged(item, fd, st)
+                    if eid is not None:
+                        return eid
+                    self.capture.counts.live(got)
+                else:
+                    cap = got
+            return self._write(item, fd, cap, st)
+        except OSError as ex:
+            # Archive writes carry the archive's name; what has none came from
+            # this file (fstat, xattrs, reads on the workers).
+            if ex.filename is None:
+                raise OSError(ex.errno, ex.strerror, os.fsdecode(node.src)) from None
+            raise
+        finally:
+            os.close(fd)
+            if cap is not None:
+                os.close(cap)
+
+    def _entry(self, item: WalkedFile, fd: int, st: os.stat_result, size: int,
+               referenced: bool) -> fmt.Entry:
+        e = entry_for(item.node, fmt.K_REG, st)
+        e.size = size
+        e.xattrs = read_xattrs(fd)
+        e.iflags = read_iflags(fd)
+        if referenced:
+            e.eflags |= fmt.EF_REFERENCED
+        return e
+
+    def _unchanged(self, item: WalkedFile, fd: int, st: os.stat_result) -> int | None:
+        """The sink's metadata rule: the same file as in the last backup,
+        written by the sink unread.  Its entry id, or None."""
+        e = self._entry(item, fd, st, st.st_size, item.fileno in self.referenced)
+        if not self.sink.unchanged(item.node, st, e):
+            return None
+        if item.fileno >= 0:
+            self.known.entry_of_file[item.fileno] = e.id
+        s = self.s
+        s.files += 1
+        s.logical_bytes += st.st_size
+        s.unchanged_bytes += st.st_size
+        return e.id
+
+    def _write(self, item: WalkedFile, fd: int, cap: int | None, st: os.stat_result) -> int:
+        node = item.node
+        live = cap is None and self.live
+        if cap is not None:
+            st = os.fstat(fd)  # the metadata as near the clone's instant as can be
+        pieces, stale, size, before = self._pieces(item, fd, cap, st)
+        data_bytes = int(pieces["length"].sum()) if len(pieces) else 0
+        e = self._entry(item, fd, st, size, item.fileno in self.referenced and not stale)
+        self.sink.entry(e, st)
+        if item.fileno >= 0:
+            self.known.entry_of_file[item.fileno] = e.id
+        data_fd = fd if cap is None else cap
+        # after the entry is known: a file may share with itself
+        ops = plan_ops(data_fd, item.fileno, pieces, self.known, self.sink, self.encoded)
+        short = self.ops.write(data_fd, ops, node.src)
+        self.sink.end()
+        s = self.s
+        s.files += 1
+        s.logical_bytes += size
+        s.hole_bytes += size - data_bytes
+        if live:
+            after = os.fstat(fd)
+            if short or not same_stat(after, st) or before != map_digest(
+                    extent_map(fd, after.st_size, node.src)):
+                self.changed(node.src, "file changed as we read it")
+                self.invalidate(item)
+        elif short:  # a clone or a snapshot cannot shrink: the disk lied
+            raise OSError(errno.EIO, "file shorter than its size", os.fsdecode(node.src))
+        if not live and not stale:
+            self.sink.keep(data_fd, cap is not None, e, node.src)
+        return e.id
+
+    def _pieces(self, item: WalkedFile, fd: int, cap: int | None, st: os.stat_result
+                ) -> tuple[np.ndarray, bool, int, bytes | None]:
+        """(the pieces to write, whether the plan was stale, the size, the
+        digest of the layout the reads are checked against)."""
+        node = item.node
+        size = st.st_size
+        before: np.ndarray | None = None  # a map taken now, if one is
+        if cap is not None:
+            # The clone is one instant's state and nobody else writes it;
+            # its map must be the one the plan was made from.
+            size = os.fstat(cap).st_size
+            before = extent_map(cap, size, node.src)
+            digest: bytes | None = map_digest(before)
+            stale = item.fileno < 0 or item.digest is None or size != node.st.st_size \
+                or digest != item.digest
+        else:
+            stale = item.digest is None or item.fileno < 0 or not same_stat(st, node.st)
+            if stale:
+                before = extent_map(fd, size, node.src)
+            digest = map_digest(before) if before is not None else item.digest
+        if not stale:
+            return self.plan.file_pieces(item.fileno), False, size, digest
+        assert before is not None
+        # Changed since it was mapped: its sharing plan is stale.  Store all
+        # of its data itself, and let nothing refer to it.
+        if item.fileno >= 0 and cap is None and self.live:
+            self.changed(node.src, "changed between scan and read; stored whole")
+        self.invalidate(item)
+        d = data_ranges(before, size)
+        p = np.zeros(len(d), dtype=PIECE_DTYPE)
+        p["logical"], p["length"], p["ref_file"] = d["logical"], d["length"], -1
+        return p, True, size, digest
