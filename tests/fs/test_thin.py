@@ -254,7 +254,7 @@ def test_sparse_form_hashes_the_bytes_it_holds(btrfs_dir):
     try:
         out = btrfs_dir / "guest.thin"
         runs = []
-        for n in range(3):
+        for _ in range(3):
             r = cli("backup", "--force", "--no-point-in-time", "--base", base, "--sparse",
                     "-o", out, clone)
             assert r.returncode in (0, 1), str(r)
