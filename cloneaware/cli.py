@@ -1134,82 +1134,33 @@ def verify(
     """Check every record and every data hash; write nothing.  Exit 0 only if
     the archive is whole.  ARCHIVE may be ssh://[user@]host[:port]/path: it is
     read from that host."""
-    import time
-
-    from cloneaware.archive.events import (
-        BaseRefEvent,
-        DataEvent,
-        EntryEvent,
-        ExternalEvent,
-        RefEvent,
-    )
     from cloneaware.archive.manifest import open_any
-    from cloneaware.archive.reader import Stream
-    from cloneaware.errors import ArchiveError
+    from cloneaware.archive.verify import stored_total
+    from cloneaware.archive.verify import verify as check_all
     from cloneaware.remote import client
-    from cloneaware.safeio import sha256_range
 
     with _handled(as_json):
-        t0 = time.monotonic()
         if client.is_url(archive):  # read whole from the other host (issue 21, defect 14)
             f, sparse_fd = client.open_remote_archive(archive, rsh), None
         else:
             f, sparse_fd = open_any(archive)
-        counts: dict[str, Any] = {
-            "entries": 0, "data_records": 0, "ref_records": 0, "stored_bytes": 0,
-            "referenced_bytes": 0, "base_ref_records": 0, "base_referenced_bytes": 0}
-        if sparse_fd is not None:
-            counts.update(sparse_ranges=0, sparse_bytes=0)
-        stream = Stream(f, maps=True, reuse_buffers=True)
-        total = None
-        if f.seekable():
-            from cloneaware.archive.reader import read_index
-
-            try:
-                total = read_index(f).footer.stored_bytes
-            except (ArchiveError, OSError):
-                pass  # the full read says what is wrong, with the offset
-            f.seek(0)
-        with _progress(True, total, "verify") as prog:
-            for ev in stream.events():
-                if isinstance(ev, EntryEvent):
-                    counts["entries"] += 1
-                elif isinstance(ev, DataEvent):
-                    counts["data_records"] += 1
-                    counts["stored_bytes"] += len(ev.data)
-                    prog.advance(len(ev.data))
-                elif isinstance(ev, RefEvent):
-                    counts["ref_records"] += 1
-                    counts["referenced_bytes"] += ev.length
-                elif isinstance(ev, BaseRefEvent):
-                    counts["base_ref_records"] += 1
-                    counts["base_referenced_bytes"] += ev.length
-                elif isinstance(ev, ExternalEvent) and sparse_fd is not None:
-                    # a sparse thin backup: its own data is in the file, hashed here
-                    if sha256_range(sparse_fd, ev.offset, ev.length) != ev.sha256:
-                        raise ArchiveError(f"{archive}: bytes {ev.offset}-"
-                                           f"{ev.offset + ev.length} differ from the "
-                                           "manifest's SHA-256")
-                    counts["sparse_ranges"] += 1
-                    counts["sparse_bytes"] += ev.length
-                    prog.advance(ev.length)
-        if sparse_fd is not None:
-            os.close(sparse_fd)
-        counts["seconds"] = round(time.monotonic() - t0, 2)
-        if stream.is_map:
-            counts["map"] = True
-        if stream.base is not None:
-            counts["base"] = os.fsdecode(stream.base.path)
-            counts["base_files"] = len(stream.base.files)
+        try:
+            with _progress(True, stored_total(f), "verify") as prog:
+                counts = check_all(f, archive, sparse_fd, prog)
+        finally:
+            f.close()
+            if sparse_fd is not None:
+                os.close(sparse_fd)
+        is_map = counts.get("map", False)
         if as_json:
             typer.echo(json.dumps(counts, indent=2))
         else:
-            _report(f"{'sharing map' if stream.is_map else 'archive'} is whole: "
+            _report(f"{'sharing map' if is_map else 'archive'} is whole: "
                     f"{_summary_line({k: v for k, v in counts.items() if k != 'map'})}")
             if sparse_fd is not None:
                 _report(f"sparse thin backup: {counts['sparse_ranges']} ranges of its own "
                         f"data ({_human(counts['sparse_bytes'])}) checked in {archive}")
-            if stream.base is not None:
+            if "base" in counts:
                 _report(f"thin backup: restoring it needs the base {counts['base']!r} "
                         f"({counts['base_files']} files); their bytes are checked at "
                         "restore")

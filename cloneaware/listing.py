@@ -10,9 +10,17 @@ import hashlib
 import os
 import stat
 from dataclasses import dataclass, field
+from typing import Any
 
 from cloneaware.archive import format as fmt
-from cloneaware.archive.events import BlobEvent, EndEvent, EntryEvent, FooterEvent
+from cloneaware.archive.events import (
+    BlobEvent,
+    EndEvent,
+    EntryEvent,
+    FooterEvent,
+    Handler,
+    dispatch,
+)
 from cloneaware.archive.reader import RecordReader, Stream, read_index
 from cloneaware.display import b64, show, when, when_rfc3339
 from cloneaware.errors import ArchiveError, UsageError
@@ -87,30 +95,46 @@ def read_contents(f, full: bool = False, blobs: bool = False) -> Contents:
         return Contents(listing.header, rows, listing.base, ft.stored_bytes, ft.ref_bytes,
                         ft.base_ref_bytes, is_map=listing.is_map)
     # a full read: every record checked, as restore checks them
-    stream = Stream(f, check_hashes=False, maps=True)
-    rows = []
-    digest = None
-    footer = None
-    for ev in stream.events():
-        if isinstance(ev, EntryEvent):
-            e = ev.entry
-            rows.append(Row(e.id, e.kind, e.path, e.size, 0, 0, 0, e))
-            digest = hashlib.sha256() if blobs and e.kind == fmt.K_REG else None
-        elif isinstance(ev, BlobEvent) and digest is not None:
-            digest.update(b"%d %d %d " % (ev.offset, ev.length, ev.blob_offset) + ev.blob_id)
-        elif isinstance(ev, EndEvent):
-            r = rows[-1]
-            end = ev.end
-            r.stored_bytes = end.stored_bytes + end.external_bytes + end.blob_bytes
-            r.ref_bytes, r.base_ref_bytes = end.ref_bytes, end.base_ref_bytes
-            if digest is not None:
-                r.content = digest.digest()
-                digest = None
-        elif isinstance(ev, FooterEvent):
-            footer = ev.footer
+    stream = Stream(f, check_hashes=False, maps=True, decode=False, skip_data=True)
+    rows_of = _Rows(blobs)
+    dispatch(rows_of, stream.events())
+    footer = rows_of.footer
     assert stream.header is not None and footer is not None
-    return Contents(stream.header, rows, stream.base, footer.stored_bytes, footer.ref_bytes,
-                    footer.base_ref_bytes, is_map=stream.is_map)
+    return Contents(stream.header, rows_of.rows, stream.base, footer.stored_bytes,
+                    footer.ref_bytes, footer.base_ref_bytes, is_map=stream.is_map)
+
+
+class _Rows(Handler):
+    """The rows of a full read: each entry, with its byte counts from its
+    END, and with ``blobs`` a digest of each file's blob ranges."""
+
+    def __init__(self, blobs: bool):
+        self.blobs = blobs
+        self.rows: list[Row] = []
+        self.digest: Any = None  # a hashlib object while a file's blobs are read
+        self.footer: fmt.Footer | None = None
+
+    def on_entry(self, ev: EntryEvent) -> None:
+        e = ev.entry
+        self.rows.append(Row(e.id, e.kind, e.path, e.size, 0, 0, 0, e))
+        self.digest = hashlib.sha256() if self.blobs and e.kind == fmt.K_REG else None
+
+    def on_blob(self, ev: BlobEvent) -> None:
+        if self.digest is not None:
+            self.digest.update(b"%d %d %d " % (ev.offset, ev.length, ev.blob_offset)
+                               + ev.blob_id)
+
+    def on_end(self, ev: EndEvent) -> None:
+        r = self.rows[-1]
+        end = ev.end
+        r.stored_bytes = end.stored_bytes + end.external_bytes + end.blob_bytes
+        r.ref_bytes, r.base_ref_bytes = end.ref_bytes, end.base_ref_bytes
+        if self.digest is not None:
+            r.content = self.digest.digest()
+            self.digest = None
+
+    def on_footer(self, ev: FooterEvent) -> None:
+        self.footer = ev.footer
 
 
 FILE_TYPE = {fmt.K_REG: stat.S_IFREG, fmt.K_DIR: stat.S_IFDIR, fmt.K_SYMLINK: stat.S_IFLNK,

@@ -27,7 +27,14 @@ import zstandard
 
 from cloneaware import __version__, fsinfo
 from cloneaware.archive import format as fmt
-from cloneaware.archive.events import BlobEvent, EndEvent, EntryEvent, StatEvent
+from cloneaware.archive.events import (
+    BlobEvent,
+    EndEvent,
+    EntryEvent,
+    Handler,
+    StatEvent,
+    dispatch,
+)
 from cloneaware.archive.reader import Stream
 from cloneaware.archive.writer import Writer
 from cloneaware.backup.sinks import Prior, Sink
@@ -81,24 +88,37 @@ class ParentFile:
     segments: Segments
 
 
+class _ParentFiles(Handler):
+    """A snapshot's regular files, by path and by entry id."""
+
+    def __init__(self) -> None:
+        self.by_path: dict[bytes, ParentFile] = {}
+        self.by_id: dict[int, ParentFile] = {}
+        self.cur: ParentFile | None = None
+
+    def on_entry(self, ev: EntryEvent) -> None:
+        e = ev.entry
+        if e.kind == fmt.K_REG:
+            self.cur = ParentFile(e.id, e.size, e.mtime_ns, None, None, Segments())
+            self.by_path[e.path] = self.by_id[e.id] = self.cur
+
+    def on_stat(self, ev: StatEvent) -> None:
+        if self.cur is not None:
+            self.cur.ino, self.cur.ctime_ns = ev.ino, ev.ctime_ns
+
+    def on_blob(self, ev: BlobEvent) -> None:
+        if self.cur is not None:
+            self.cur.segments.add(ev.offset, ev.length, ev.blob_id, ev.blob_offset)
+
+    def on_end(self, ev: EndEvent) -> None:
+        self.cur = None
+
+
 def read_manifest(data: bytes) -> tuple[dict[bytes, ParentFile], dict[int, ParentFile]]:
     """A snapshot's regular files, by path and by entry id."""
-    by_path: dict[bytes, ParentFile] = {}
-    by_id: dict[int, ParentFile] = {}
-    cur: ParentFile | None = None
-    for ev in Stream(io.BytesIO(data)).events():
-        if isinstance(ev, EntryEvent):
-            e = ev.entry
-            if e.kind == fmt.K_REG:
-                cur = ParentFile(e.id, e.size, e.mtime_ns, None, None, Segments())
-                by_path[e.path] = by_id[e.id] = cur
-        elif isinstance(ev, StatEvent) and cur is not None:
-            cur.ino, cur.ctime_ns = ev.ino, ev.ctime_ns
-        elif isinstance(ev, BlobEvent) and cur is not None:
-            cur.segments.add(ev.offset, ev.length, ev.blob_id, ev.blob_offset)
-        elif isinstance(ev, EndEvent):
-            cur = None
-    return by_path, by_id
+    got = _ParentFiles()
+    dispatch(got, Stream(io.BytesIO(data)).events())
+    return got.by_path, got.by_id
 
 
 class DryPacker(Packer):
