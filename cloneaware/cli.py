@@ -295,8 +295,8 @@ def scan(
         with _progress(not as_json, None, "scanning") as prog:
             res = do_scan(paths, one_file_system=one_fs, progress=prog.advance,
                           tree=save_map is not None)
-        for path, reason in res.skipped:
-            _err(f"skipped {os.fsdecode(path)}: {reason}")
+        for w in res.skipped:
+            _err(str(w))
         for note in res.notes():
             _err(note)
         map_info = None
@@ -370,8 +370,8 @@ def scan(
                      + (f"; {_human(map_info['unproved_bytes'])} of compressed ranges "
                         "left out (not proved shared without reading them)"
                         if map_info["unproved_bytes"] else ""))
-        if res.skipped:
-            raise typer.Exit(EXIT_WARNINGS)
+        if res.skipped.exit_code():
+            raise typer.Exit(res.skipped.exit_code())
 
 
 # --- repository options, shared by the commands that take one ------------------------
@@ -570,8 +570,6 @@ def backup(
         with _progress(True, None, "backup") as prog:
             s = Backup(paths, sink, base=base, progress=prog, **common).run()
         d = s.as_dict()
-        d["changed"] = [{"path": p, "reason": r} for p, r in s.changed]
-        d["skipped"] = [{"path": p, "reason": r} for p, r in s.skipped]
         d["dry_run"] = dry_run
         if as_json:
             _say(json.dumps(d, indent=2), to_stderr=on_stdout)
@@ -590,8 +588,8 @@ def backup(
                 f"{s.captured_by_snapshot} from a snapshot, {s.read_live} read live"
                 + (" (" + ", ".join(f"{n} {r}" for r, n in s.read_live_reasons.items()) + ")"
                    if s.read_live else ""))
-        if s.changed or s.skipped:
-            raise typer.Exit(EXIT_WARNINGS)
+        if s.warnings.exit_code():
+            raise typer.Exit(s.warnings.exit_code())
 
 
 def _backup_repo(paths, repo, host, tags, from_archive, password_file, s3_endpoint,
@@ -639,8 +637,6 @@ def _backup_repo(paths, repo, host, tags, from_archive, password_file, s3_endpoi
     finally:
         r.close()
     d = s.as_dict()
-    d["changed"] = [{"path": p, "reason": r} for p, r in s.changed]
-    d["skipped"] = [{"path": p, "reason": r} for p, r in s.skipped]
     d["dry_run"] = dry_run
     if as_json:
         _say(json.dumps(d, indent=2))
@@ -651,8 +647,8 @@ def _backup_repo(paths, repo, host, tags, from_archive, password_file, s3_endpoi
             f"logical; read {_human(s.bytes_read)}, unchanged {_human(s.unchanged_bytes)} "
             f"(not read), {'would add' if dry_run else 'added'} {_human(s.added_bytes)} to "
             f"the repository in {s.seconds:.1f} s")
-    if s.changed or s.skipped:
-        raise typer.Exit(EXIT_WARNINGS)
+    if s.warnings.exit_code():
+        raise typer.Exit(s.warnings.exit_code())
 
 
 @app.command(cls=_Command)
@@ -794,11 +790,10 @@ def _restore_repo(specs, dest, repo, password_file, s3_endpoint, connections, rs
 
 def _restore_report(s, as_json: bool, dry_run: bool = False) -> None:
     d = s.as_dict()
-    d["not_exact"] = [{"path": p, "reason": r} for p, r in s.not_exact]
     if dry_run:
         d["dry_run"] = True
-        for p, r in s.not_exact:  # a restore says these as it goes
-            _err(f"{p}: {r}")
+        for w in s.not_exact:  # a restore says these as it goes
+            _err(str(w))
     if as_json:
         _say(json.dumps(d, indent=2))
     elif dry_run:
@@ -825,7 +820,8 @@ def _restore_report(s, as_json: bool, dry_run: bool = False) -> None:
         _err(f"copied instead of reflinked: {why}")
     if s.not_exact:
         _err(f"{len(s.not_exact)} entries not restored exactly")
-        raise typer.Exit(EXIT_WARNINGS)
+    if s.warnings.exit_code():
+        raise typer.Exit(s.warnings.exit_code())
 
 
 @app.command(cls=_Command)
@@ -895,13 +891,10 @@ def reshare(
                 if f is not sys.stdin.buffer:
                     f.close()
             what = "standard input" if source == "-" else source
-        for path, n in res.differing:
-            _err(f"{path}: {n} bytes differ from the place they share with in the {rs.what}; "
-                 "left alone")
+        for w in res.differing:
+            _err(f"{w.path}: {w.nbytes} bytes differ from the place they share with in the "
+                 f"{rs.what}; left alone")
         d = res.as_dict()
-        for k in ("skipped", "refused"):
-            d[k] = [{"path": p, "reason": why} for p, why in d[k]]
-        d["differing"] = [{"path": p, "bytes": n} for p, n in d["differing"]]
         if as_json:
             typer.echo(json.dumps(d, indent=2))
         else:
@@ -917,8 +910,8 @@ def reshare(
                 f"{len(res.refused)} refused) in {res.seconds:.1f} s"
                 + (f"; {_human(res.base_bytes)} in the thin backup's base not reshared"
                    if res.base_bytes else ""))
-        if res.skipped or res.refused or res.differing:
-            raise typer.Exit(EXIT_WARNINGS)
+        if res.warnings.exit_code():
+            raise typer.Exit(res.warnings.exit_code())
 
 
 @app.command("ls", cls=_Command)

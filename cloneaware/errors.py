@@ -2,8 +2,16 @@
 operation that fails decides which to raise; the CLI turns each into one
 line on stderr and its exit code, and the Python API raises them as they
 are.  An ``OSError`` that reaches the CLI is an I/O failure (exit 4) and is
-printed with its path."""
+printed with its path.
+
+Conditions a job goes on after are warnings, typed the same way (Borg's
+helpers/errors.py has both): one class per condition, each with its exit
+code and the summary list it is reported under, collected in a
+``Warnings``; a job's exit status is the highest code among them."""
 from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import ClassVar
 
 EXIT_OK = 0
 EXIT_WARNINGS = 1      # finished, but files were skipped, changed while read, not exact
@@ -115,3 +123,114 @@ def describe_oserror(e: OSError) -> str:
         name = name.decode("utf-8", "backslashreplace")
     msg = e.strerror or str(e)
     return f"{name}: {msg}" if name else msg
+
+
+# --- warnings: what a job went on after -------------------------------------------
+
+class JobWarning:
+    """Something about one path that a job reported and went on after."""
+
+    exit_code: ClassVar[int] = EXIT_WARNINGS
+    #: the list of the summary (and of --json) it is reported under
+    key: ClassVar[str] = "warnings"
+    __slots__ = ("path", "reason")
+
+    def __init__(self, path: str, reason: str):
+        self.path = path
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.path!r}, {self.reason!r})"
+
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self) and (other.path, other.reason) == (self.path,
+                                                                            self.reason)
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.path, self.reason))
+
+    def __iter__(self) -> Iterator:
+        """(path, reason), as the lists of pairs these replace were read."""
+        return iter((self.path, self.reason))
+
+    def as_dict(self) -> dict:
+        return {"path": self.path, "reason": self.reason}
+
+
+class FileSkipped(JobWarning):
+    """A file or directory not backed up (unreadable, of no kind an archive
+    holds, excluded by an error)."""
+
+    key = "skipped"
+
+    def __str__(self) -> str:
+        return f"skipped {self.path}: {self.reason}"
+
+
+class FileChanged(JobWarning):
+    """A file that changed (or vanished) while the backup read it: stored as
+    read, and nothing else shares from it."""
+
+    key = "changed"
+
+
+class NotExact(JobWarning):
+    """An entry restored, but not exactly (an owner, xattr, flag, device,
+    subvolume), or not restored at all, said why."""
+
+    key = "not_exact"
+
+
+class ReshareSkipped(JobWarning):
+    """A file reshare could not use (missing, of another size or kind)."""
+
+    key = "skipped"
+
+    def __str__(self) -> str:
+        return f"{self.path}: skipped: {self.reason}"
+
+
+class DedupeRefused(JobWarning):
+    """A file the kernel would not dedupe into or from."""
+
+    key = "refused"
+
+    def __str__(self) -> str:
+        return f"{self.path}: not reshared: {self.reason}"
+
+
+class BytesDiffer(JobWarning):
+    """Bytes of a file that differ from the place they were to share with
+    (edited since the copy): left alone.  ``reason`` is how many."""
+
+    key = "differing"
+
+    def __init__(self, path: str, nbytes: int):
+        super().__init__(path, f"{nbytes} bytes differ from the place they share with; "
+                         "left alone")
+        self.nbytes = nbytes
+
+    def as_dict(self) -> dict:
+        return {"path": self.path, "bytes": self.nbytes}
+
+    def __iter__(self) -> Iterator:
+        return iter((self.path, self.nbytes))
+
+
+class Warnings(list):
+    """The warnings of one job, in the order they came."""
+
+    def of(self, cls: type[JobWarning]) -> list:
+        return [w for w in self if isinstance(w, cls)]
+
+    def exit_code(self) -> int:
+        """The job's exit status from its warnings (0 if none)."""
+        return max((w.exit_code for w in self), default=EXIT_OK)
+
+    def as_json(self, *classes: type[JobWarning]) -> dict[str, list[dict]]:
+        """Each of ``classes``' list, by its key, for --json (present even
+        when empty)."""
+        return {c.key: [w.as_dict() for w in self.of(c)] for c in classes}

@@ -58,7 +58,14 @@ from cloneaware.archive.events import (
     dispatch,
 )
 from cloneaware.archive.reader import Stream
-from cloneaware.errors import ArchiveError, UsageError
+from cloneaware.errors import (
+    ArchiveError,
+    BytesDiffer,
+    DedupeRefused,
+    ReshareSkipped,
+    UsageError,
+    Warnings,
+)
 from cloneaware.index.plan import data_ranges, is_own
 from cloneaware.restore.tree import Tree
 from cloneaware.source.mapping import extent_map
@@ -105,14 +112,26 @@ class ReshareSummary:
     times_restored: int = 0
     seconds: float = 0.0
     #: files not used: missing, of another size or kind, not readable
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    #: files the kernel would not dedupe into or from, and why
-    refused: list[tuple[str, str]] = field(default_factory=list)
-    #: files with bytes that differ from their source, and how many
-    differing: list[tuple[str, int]] = field(default_factory=list)
+    #: (ReshareSkipped); files the kernel would not dedupe into or from
+    #: (DedupeRefused); files with bytes that differ from their source, and
+    #: how many (BytesDiffer)
+    warnings: Warnings = field(default_factory=Warnings)
+
+    @property
+    def skipped(self) -> list[ReshareSkipped]:
+        return self.warnings.of(ReshareSkipped)
+
+    @property
+    def refused(self) -> list[DedupeRefused]:
+        return self.warnings.of(DedupeRefused)
+
+    @property
+    def differing(self) -> list[BytesDiffer]:
+        return self.warnings.of(BytesDiffer)
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        d = {k: v for k, v in self.__dict__.items() if k != "warnings"}
+        return {**d, **self.warnings.as_json(ReshareSkipped, DedupeRefused, BytesDiffer)}
 
 
 class _Ext:
@@ -237,7 +256,7 @@ class Reshare:
             self.tree.close()
             os.close(root)
         s = self.s
-        s.differing = sorted(self.differing.items())
+        s.warnings += [BytesDiffer(p, n) for p, n in sorted(self.differing.items())]
         s.seconds = time.monotonic() - t0
         return s
 
@@ -278,9 +297,9 @@ class Reshare:
 
     def _skip(self, e: fmt.Entry, reason: str) -> None:
         self.unusable.add(e.id)
-        where = self._where(e)
-        self.s.skipped.append((where, reason))
-        self.warn(f"{where}: skipped: {reason}")
+        w = ReshareSkipped(self._where(e), reason)
+        self.s.warnings.append(w)
+        self.warn(str(w))
 
     def _refuse(self, f: _Open, err: int) -> None:
         """The kernel said no for this file (its other files go on)."""
@@ -301,8 +320,9 @@ class Reshare:
             why = "refused as an invalid range (did the file change since it was checked?)"
         else:
             why = os.strerror(err)
-        self.s.refused.append((f.where, why))
-        self.warn(f"{f.where}: not reshared: {why}")
+        w = DedupeRefused(f.where, why)
+        self.s.warnings.append(w)
+        self.warn(str(w))
 
     def _file(self, eid: int) -> _Open | None:
         f = self.open.get(eid)

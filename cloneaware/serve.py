@@ -177,7 +177,6 @@ class Server:
                     warn=lambda m: sys.stderr.write(f"cloneaware serve: {m}\n"),
                     open_dest=lambda: self._open_dir(real, create=True)).run()
         d = s.as_dict()
-        d["not_exact"] = [{"path": p, "reason": r} for p, r in s.not_exact]
         return self._reply(stdout, True, summary=d)
 
 

@@ -27,7 +27,7 @@ from cloneaware.backup.others import Others
 from cloneaware.backup.sinks import Sink
 from cloneaware.backup.summary import Summary
 from cloneaware.backup.workers import Workers, parse_compress
-from cloneaware.errors import UsageError
+from cloneaware.errors import FileChanged, FileSkipped, JobWarning, UsageError
 from cloneaware.index.plan import IndexBuilder, Plan
 from cloneaware.patterns import Exclusions
 from cloneaware.source.capture import Capture
@@ -99,13 +99,15 @@ class Backup:
         #: the walk's directory descriptors, kept until the files are read
         self.dirs = Dirs()
 
+    def _report(self, w: JobWarning) -> None:
+        self.summary.warnings.append(w)
+        self.warn(str(w))
+
     def _skip(self, path: bytes, reason: str) -> None:
-        self.summary.skipped.append((os.fsdecode(path), reason))
-        self.warn(f"skipped {os.fsdecode(path)}: {reason}")
+        self._report(FileSkipped(os.fsdecode(path), reason))
 
     def _changed(self, path: bytes, reason: str) -> None:
-        self.summary.changed.append((os.fsdecode(path), reason))
-        self.warn(f"{os.fsdecode(path)}: {reason}")
+        self._report(FileChanged(os.fsdecode(path), reason))
 
     def run(self) -> Summary:
         t0 = time.monotonic()

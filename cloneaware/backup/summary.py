@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cloneaware.errors import FileChanged, FileSkipped, Warnings
+
 
 @dataclass
 class Summary:
@@ -48,8 +50,18 @@ class Summary:
     snapshot: str | None = None
     read_live: int = 0
     read_live_reasons: dict[str, int] = field(default_factory=dict)
-    changed: list[tuple[str, str]] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
+    #: files skipped (FileSkipped), changed while read (FileChanged)
+    warnings: Warnings = field(default_factory=Warnings)
+
+    @property
+    def changed(self) -> list[FileChanged]:
+        return self.warnings.of(FileChanged)
+
+    @property
+    def skipped(self) -> list[FileSkipped]:
+        return self.warnings.of(FileSkipped)
 
     def as_dict(self) -> dict:
-        return {**self.__dict__, "seconds": round(self.seconds, 3)}
+        d = {k: v for k, v in self.__dict__.items() if k != "warnings"}
+        return {**d, "seconds": round(self.seconds, 3),
+                **self.warnings.as_json(FileChanged, FileSkipped)}

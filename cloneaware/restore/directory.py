@@ -17,7 +17,7 @@ from cloneaware import fsinfo, native
 from cloneaware.archive import format as fmt
 from cloneaware.archive.blobs import Place
 from cloneaware.archive.events import FileState
-from cloneaware.errors import ArchiveError, UsageError
+from cloneaware.errors import ArchiveError, NotExact, UsageError
 from cloneaware.restore.base import open_base
 from cloneaware.restore.cloner import Counts
 from cloneaware.restore.durable import Placer
@@ -228,7 +228,7 @@ class DirectoryOutput:
         return OSError(ex.errno, ex.strerror, self.tree.where(path))
 
     def not_exact(self, e: fmt.Entry, why: str) -> None:
-        self.s.not_exact.append((os.fsdecode(e.path), why))
+        self.s.warnings.append(NotExact(os.fsdecode(e.path), why))
         self.warn(f"{self.tree.where(e.path)}: {why}")
 
     def _replaces(self, path: bytes) -> bool:

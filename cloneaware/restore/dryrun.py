@@ -17,6 +17,7 @@ from cloneaware import native
 from cloneaware.archive import format as fmt
 from cloneaware.archive.blobs import Place
 from cloneaware.archive.events import FileState
+from cloneaware.errors import NotExact
 from cloneaware.fsinfo import BTRFS_MAGIC
 from cloneaware.restore.base import open_base
 from cloneaware.restore.output import RestoreSummary
@@ -58,7 +59,7 @@ class RecordingOutput:
         return os.path.lexists(where) and not (e.kind == fmt.K_DIR and os.path.isdir(where))
 
     def not_exact(self, e: fmt.Entry, why: str) -> None:
-        self.s.not_exact.append((os.fsdecode(e.path), why))
+        self.s.warnings.append(NotExact(os.fsdecode(e.path), why))
 
     def mkdir(self, e: fmt.Entry) -> None:
         self.made_ids.add(e.id)

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from cloneaware.archive import format as fmt
 from cloneaware.archive.blobs import Place
 from cloneaware.archive.events import FileState
+from cloneaware.errors import NotExact, Warnings
 
 
 @dataclass
@@ -46,10 +47,16 @@ class RestoreSummary:
     seconds: float = 0.0
     copy_reasons: dict[str, int] = field(default_factory=dict)
     owners_skipped: bool = False
-    not_exact: list[tuple[str, str]] = field(default_factory=list)
+    #: entries not restored exactly (NotExact)
+    warnings: Warnings = field(default_factory=Warnings)
+
+    @property
+    def not_exact(self) -> list[NotExact]:
+        return self.warnings.of(NotExact)
 
     def as_dict(self) -> dict:
-        return {**self.__dict__, "seconds": round(self.seconds, 3)}
+        d = {k: v for k, v in self.__dict__.items() if k != "warnings"}
+        return {**d, "seconds": round(self.seconds, 3), **self.warnings.as_json(NotExact)}
 
     def add(self, other: RestoreSummary) -> None:
         """Sum ``other`` into this one (several snapshots restored in one run)."""

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cloneaware import fsinfo
+from cloneaware.errors import FileSkipped, Warnings
 from cloneaware.index.plan import CHECK_CANDIDATE, IndexBuilder, Plan
 from cloneaware.source.anchors import Mounts
 from cloneaware.source.mapping import (
@@ -45,7 +46,8 @@ class TreeItem:
 class ScanResult:
     plan: Plan
     files: list[Node]
-    skipped: list[tuple[bytes, str]]
+    #: what could not be mapped (FileSkipped)
+    skipped: Warnings
     filesystems: list[fsinfo.FsInfo]
     anchors: AnchorUsage = field(default_factory=AnchorUsage)
     #: every entry walked, with tree=True (else empty)
@@ -59,7 +61,7 @@ class ScanResult:
             # holes are not a saving: every tool keeps them (issue 21, defect 15)
             "hole_bytes": t["logical_bytes"] - t["data_bytes"],
             "saving": (t["data_bytes"] / phys) if phys else None,
-            "skipped": [{"path": os.fsdecode(p), "reason": r} for p, r in self.skipped],
+            **self.skipped.as_json(FileSkipped),
             "filesystems": [{"key": i.key, "type": i.type, "block_size": i.block_size}
                             for i in self.filesystems],
         }
@@ -97,7 +99,7 @@ def scan(paths: list, one_file_system: bool = True,
     fstab = FsTable()
     builder = IndexBuilder()
     files: list[Node] = []
-    skipped: list[tuple[bytes, str]] = []
+    skipped = Warnings()
     inodes: dict[tuple[int, int], int] = {}
     items: list[TreeItem] = []
     anchor_dirs = find_anchor_dirs(paths)
@@ -122,7 +124,7 @@ def scan(paths: list, one_file_system: bool = True,
             if progress:
                 progress(node.st.st_size)
         elif isinstance(item, Skipped):
-            skipped.append((item.path, item.reason))
+            skipped.append(FileSkipped(os.fsdecode(item.path), item.reason))
         elif tree:
             items.append(TreeItem(item.node))
     plan = builder.build()
