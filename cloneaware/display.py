@@ -33,30 +33,6 @@ def show(name: bytes) -> str:
     return "".join(out)
 
 
-def unshow(text: str) -> bytes:
-    """The bytes ``show`` was given (for tests and tools)."""
-    out = bytearray()
-    i = 0
-    while i < len(text):
-        ch = text[i]
-        if ch != "\\":
-            out += ch.encode()
-            i += 1
-            continue
-        kind = text[i + 1]
-        if kind == "x":
-            out.append(int(text[i + 2:i + 4], 16))
-            i += 4
-        elif kind in "uU":
-            n = 4 if kind == "u" else 8
-            out += chr(int(text[i + 2:i + 2 + n], 16)).encode("utf-8", "surrogatepass")
-            i += 2 + n
-        else:
-            out += {"\\": b"\\", "n": b"\n", "t": b"\t", "r": b"\r"}[kind]
-            i += 2
-    return bytes(out)
-
-
 def b64(name: bytes) -> str:
     return base64.b64encode(name).decode()
 

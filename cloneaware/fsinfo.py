@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 from dataclasses import dataclass
 
 from cloneaware import native
@@ -65,42 +64,6 @@ def fs_info(fd: int, st_dev: int, path=None) -> FsInfo:
     info = FsInfo(key=key, type=fs_type_name(magic), block_size=int(bsize))
     _cache[st_dev] = info
     return info
-
-
-def fs_info_path(path) -> FsInfo:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    try:
-        return fs_info(fd, os.fstat(fd).st_dev, path)
-    finally:
-        os.close(fd)
-
-
-def reflink_support(dir_fd: int, block_size: int = 4096) -> tuple[bool, str]:
-    """Try a real FICLONERANGE of one block between two temporary files made
-    in the directory ``dir_fd``.  Returns (supported, reason)."""
-    names = [b".cloneaware-probe-" + secrets.token_hex(6).encode() for _ in range(2)]
-    fds = []
-    try:
-        for n in names:
-            fds.append(os.open(n, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                               0o600, dir_fd=dir_fd))
-        os.pwrite(fds[0], b"\xa5" * block_size, 0)
-        os.fsync(fds[0])
-        try:
-            native.ficlonerange(fds[1], fds[0], 0, block_size, 0)
-        except OSError as e:
-            if e.errno in native.NOT_SUPPORTED:
-                return False, os.strerror(e.errno)
-            raise
-        return True, "reflink"
-    finally:
-        for fd in fds:
-            os.close(fd)
-        for n in names:
-            try:
-                os.unlink(n, dir_fd=dir_fd)
-            except FileNotFoundError:
-                pass
 
 
 def dedupe_support(fd: int, size: int, block_size: int = 4096) -> bool | None:

@@ -104,17 +104,11 @@ def layout(ext: np.ndarray) -> np.ndarray:
     return out
 
 
-def same_map(a: np.ndarray, b: np.ndarray) -> bool:
-    """Two extent maps that put the same bytes in the same physical places
-    (flags aside; runs split differently by the filesystem compare equal)."""
-    la, lb = layout(a), layout(b)
-    return la.shape == lb.shape and bool(np.array_equal(la, lb))
-
-
 def map_digest(ext: np.ndarray) -> bytes:
     """16 bytes that stand for a map's layout: two maps have the same digest
-    when same_map says they are the same (and, but for a 2**-128 chance,
-    only then).  A backup keeps this of each file from the walk to compare
+    when they put the same bytes in the same physical places, flags aside
+    and runs split differently by the filesystem alike (and, but for a
+    2**-128 chance, only then).  A backup keeps this of each file from the walk to compare
     with the map of the file's clone (or of the file after it is read),
     instead of the map itself: 32 bytes per extent for the whole backup."""
     return hashlib.blake2b(np.ascontiguousarray(layout(ext)).tobytes(),

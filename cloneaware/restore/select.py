@@ -71,12 +71,6 @@ class Plan(NamedTuple):
     taken: set[int]  # the ids of the entries chosen
     stage: set[int]  # files left out that a chosen hard link names (staged)
 
-    @property
-    def with_data(self) -> set[int]:
-        """The files whose data a restore of a repository's manifest writes
-        (a manifest has no REF records: what they share comes from blobs)."""
-        return self.taken | self.stage
-
 
 def plan(select: Selection, entries: list[fmt.Entry]) -> Plan:
     """The choice applied to every entry, in archive order (a fresh walk

@@ -163,7 +163,7 @@ def test_defect_11_names_that_are_not_utf8_are_shown_losslessly(btrfs_dir, tmp_p
     import base64
     import os
 
-    from cloneaware.display import show, unshow
+    from cloneaware.display import show
 
     top = btrfs_dir / "odd"
     top.mkdir()
@@ -192,3 +192,28 @@ def test_defect_11_names_that_are_not_utf8_are_shown_losslessly(btrfs_dir, tmp_p
         assert any(ln.endswith(" " + show(b"odd/" + n)) for ln in lines), (n, text)
     long = cli("ls", "-l", arch, check_rc=0).out
     assert "odd/link\\xfe -> bad\\xff\\xfename" in long, long
+
+
+def unshow(text: str) -> bytes:
+    """The bytes ``show`` was given: the inverse of display.show, which the
+    test checks it is."""
+    out = bytearray()
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch != "\\":
+            out += ch.encode()
+            i += 1
+            continue
+        kind = text[i + 1]
+        if kind == "x":
+            out.append(int(text[i + 2:i + 4], 16))
+            i += 4
+        elif kind in "uU":
+            n = 4 if kind == "u" else 8
+            out += chr(int(text[i + 2:i + 2 + n], 16)).encode("utf-8", "surrogatepass")
+            i += 2 + n
+        else:
+            out += {"\\": b"\\", "n": b"\n", "t": b"\t", "r": b"\r"}[kind]
+            i += 2
+    return bytes(out)

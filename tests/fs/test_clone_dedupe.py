@@ -8,7 +8,7 @@ import os
 import subprocess
 
 import pytest
-from helpers.fsutil import as_tuples, digest, write_at
+from helpers.fsutil import as_tuples, digest, reflink_support, write_at
 
 from cloneaware import fsinfo, native
 from cloneaware.scan import report as scan
@@ -156,7 +156,7 @@ def test_ficlone_whole_file_and_probe(reflink_dir):
     assert plan.referenced_bytes() == 300 * KiB + 17
     fd = os.open(reflink_dir, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        assert fsinfo.reflink_support(fd) == (True, "reflink")
+        assert reflink_support(fd) == (True, "reflink")
     finally:
         os.close(fd)
     assert not [n for n in os.listdir(reflink_dir) if n.startswith(".cloneaware-probe")]
@@ -187,7 +187,7 @@ def test_no_reflink_on_ext4_and_tmpfs(kind, request, record_property):
     assert digest(dst) != digest(src)
     fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        ok, reason = fsinfo.reflink_support(fd)
+        ok, reason = reflink_support(fd)
     finally:
         os.close(fd)
     assert not ok and reason == os.strerror(seen["FICLONERANGE"])

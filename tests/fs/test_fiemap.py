@@ -8,9 +8,17 @@ import os
 
 import numpy as np
 import pytest
-from helpers.fsutil import Ext, as_tuples, compressible, filefrag, write_at, xfs_io_fiemap
+from helpers.fsutil import (
+    Ext,
+    as_tuples,
+    compressible,
+    filefrag,
+    fs_info_path,
+    write_at,
+    xfs_io_fiemap,
+)
 
-from cloneaware import fsinfo, native
+from cloneaware import native
 from cloneaware.scan import report as scan
 from cloneaware.source import flags as fl
 from cloneaware.source import mapping
@@ -20,7 +28,7 @@ KiB, MiB = 1 << 10, 1 << 20
 
 
 def fs_type(path) -> str:
-    return fsinfo.fs_info_path(str(path)).type
+    return fs_info_path(str(path)).type
 
 
 def fiemap(path) -> np.ndarray:

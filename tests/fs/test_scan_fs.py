@@ -14,11 +14,12 @@ from helpers.fsutil import (
     compressible,
     coverage,
     filefrag,
+    fs_info_path,
     regular_files,
     write_at,
 )
 
-from cloneaware import fsinfo, native
+from cloneaware import native
 from cloneaware.index import plan as ex
 from cloneaware.scan import report as scan
 from cloneaware.source import flags as fl
@@ -96,7 +97,7 @@ def test_scan_json_of_a_clone_family(reflink_dir):
     # the ratio of data to physical bytes; the holes apart (issue 21, defect 15)
     assert out["saving"] == pytest.approx(t["data_bytes"] / t["physical_bytes"])
     assert out["hole_bytes"] == t["logical_bytes"] - t["data_bytes"] > 60 * MiB
-    kind = fsinfo.fs_info_path(str(reflink_dir)).type
+    kind = fs_info_path(str(reflink_dir)).type
     assert [f["type"] for f in out["filesystems"]] == [kind]
     fams = out["families"]
     assert len(fams) == 1
@@ -266,7 +267,7 @@ def test_sparse_and_fallocated_files(reflink_dir):
 
 @pytest.mark.vm
 def test_scan_on_every_filesystem(any_dir):
-    kind = fsinfo.fs_info_path(str(any_dir)).type
+    kind = fs_info_path(str(any_dir)).type
     write_random(any_dir / "a", 256 * KiB, 42)
     with open(any_dir / "b", "wb") as f:
         f.truncate(1 * MiB)

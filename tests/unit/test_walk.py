@@ -6,6 +6,7 @@ import os
 
 import pytest
 from helpers.cli import cli
+from helpers.fsutil import fs_info_path
 
 from cloneaware import fsinfo
 from cloneaware.errors import EXIT_USAGE, UsageError
@@ -90,7 +91,7 @@ def test_root_names_refusals(tree, tmp_path):
 
 
 def test_fs_info_of_the_test_directory(tmp_path):
-    info = fsinfo.fs_info_path(str(tmp_path))
+    info = fs_info_path(str(tmp_path))
     st = os.stat(tmp_path)
     if info.type == "btrfs":
         assert info.key.startswith("btrfs:")
