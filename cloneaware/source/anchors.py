@@ -145,7 +145,10 @@ class AnchorSets:
         try:
             with open(os.path.join(d, RECORD.encode())) as f:
                 lines = f.read(64 << 20).splitlines()
-        except OSError:
+        except (OSError, UnicodeDecodeError) as e:
+            why = e.strerror if isinstance(e, OSError) else "not text"
+            self.warn(f"{os.fsdecode(d)}: its {RECORD} record cannot be read ({why}); the "
+                      "files of the last backup are read again")
             return []
         out = []
         bad = 0

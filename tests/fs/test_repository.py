@@ -280,6 +280,25 @@ def test_anchors_are_replaced_tampered_ones_distrusted_and_scan_reports_them(
     assert (btrfs_dir / "d" / "src" / "a.img").read_bytes() == (src / "a.img").read_bytes()
 
 
+def test_an_unreadable_anchors_record_is_said(btrfs_dir, tmp_path):
+    """Issue 29: an ANCHORS record that could not be read was dropped without
+    a word, and the next backup read every file again without saying why.
+    Now it says so (and still reads the files: nothing unproved is trusted)."""
+    repo = tmp_path / "repo"
+    init(repo)
+    src = btrfs_dir / "src"
+    src.mkdir()
+    write_random(src / "a.img", 4 * MiB, 3)
+    s1 = backup(repo, src)
+    (rec,) = (btrfs_dir.parent / ".cloneaware-anchors").glob(f"*/*/{s1['snapshot']}/ANCHORS")
+    rec.unlink()
+    rec.mkdir()  # there, but not a record anyone can read
+    r = cli("backup", "--json", "-r", repo, src, timeout=timeout(300))
+    assert r.returncode == 0, str(r)
+    assert r.json()["bytes_read"] == 4 * MiB
+    assert "ANCHORS" in r.err and "read again" in r.err, str(r)
+
+
 # --- forget, prune, check, kills, concurrency ----------------------------------------------
 
 def test_forget_prune_shrink_and_keep_the_rest_exact(btrfs_dir, tmp_path):
