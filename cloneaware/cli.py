@@ -689,8 +689,9 @@ def restore(
         "each path, as tar does; an entry with no more than N is not made.")] = 0,
     no_progress: NoProgressOpt = False,
     numeric_owner: Annotated[bool, typer.Option(
-        "--numeric-owner", help="Owners and groups by their numbers, as stored (the "
-        "default and the only way: archives hold numbers, not names).")] = True,
+        "--numeric-owner", hidden=True,
+        help="Accepted for tar's sake and ignored: owners are always restored by "
+        "their numbers, which is all an archive holds.")] = False,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Report what the restore would make and how its bytes would get "
         "there (written, reflinked, holes), from the entries alone (an archive file's "
