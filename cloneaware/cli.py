@@ -944,6 +944,7 @@ def ls_cmd(
 
     from cloneaware import display
     from cloneaware.archive import format as fmt
+    from cloneaware.archive import thin
     from cloneaware.listing import long_line, read_contents, row_json
 
     with _handled(as_json):
@@ -978,7 +979,7 @@ def ls_cmd(
                 "map": c.is_map,
                 "base": None if b is None else {
                     "path": display.show(b.path),
-                    "kind": "dir" if b.kind == fmt.BASE_DIR else "file",
+                    "kind": "dir" if b.kind == thin.BASE_DIR else "file",
                     "files": [{"path": display.show(x.path), "size": x.size}
                               for x in b.files]},
                 "entries": [row_json(x, c, long) for x in rows],

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cloneaware.archive import format as fmt
+from cloneaware.archive import thin
 from cloneaware.archive.events import (
     BlobEvent,
     EndEvent,
@@ -43,7 +44,7 @@ class Row:
 class Contents:
     header: fmt.Header
     rows: list[Row]
-    base: fmt.Base | None
+    base: thin.Base | None
     stored_bytes: int = 0
     ref_bytes: int = 0
     base_ref_bytes: int = 0

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from cloneaware.archive import format as fmt
+from cloneaware.archive import thin
 
 
 @dataclass
@@ -79,7 +80,7 @@ class BaseRefEvent(NamedTuple):
     file: FileState
     offset: int
     length: int
-    base_file: fmt.BaseFile
+    base_file: thin.BaseFile
     base_offset: int
     sha256: bytes
     record: int

@@ -124,13 +124,9 @@ _INDEX_ITEM_V1 = struct.Struct("<QBQQQQ")
 _INDEX_ITEM = struct.Struct("<QBQQQQQ")
 _FOOTER_V1 = struct.Struct("<QQQQQQ")
 _FOOTER = struct.Struct("<QQQQQQQ")
-_BASE_HEAD = struct.Struct("<B")
-_BASE_ITEM = struct.Struct("<IQ")
-_BASEREF = struct.Struct("<QIIQ32s")
-_EXTERNAL = struct.Struct("<QI32s")
 _BLOB = struct.Struct("<QII32s")
 _STAT = struct.Struct("<Qq")
-_U16 = struct.Struct("<H")
+U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 
 
@@ -182,7 +178,7 @@ def check_crc(head: bytes, payload, crc_bytes: bytes, offset: int) -> None:
         raise ArchiveError(f"CRC mismatch in {TYPE_NAMES.get(rtype, rtype)} record", offset)
 
 
-class _Cursor:
+class Cursor:
     """Reads fields from a payload; any overrun is an ArchiveError."""
 
     __slots__ = ("buf", "pos", "offset", "what")
@@ -211,7 +207,7 @@ class _Cursor:
         return v
 
     def bytes16(self, limit: int) -> bytes:
-        (n,) = self.unpack(_U16)
+        (n,) = self.unpack(U16)
         if n > limit:
             self.fail(f"a field of {n} bytes exceeds its limit of {limit}")
         return self.take(n)
@@ -232,11 +228,11 @@ class Header:
 
     def encode(self) -> bytes:
         t = self.tool.encode()[:1024]
-        return _HEADER.pack(self.version, self.hash, self.created_ns) + _U16.pack(len(t)) + t
+        return _HEADER.pack(self.version, self.hash, self.created_ns) + U16.pack(len(t)) + t
 
     @classmethod
     def decode(cls, buf, offset: int) -> Header:
-        c = _Cursor(buf, offset, "HEADER")
+        c = Cursor(buf, offset, "HEADER")
         version, h, created = c.unpack(_HEADER)
         if version not in READ_VERSIONS:
             if version > max(READ_VERSIONS):
@@ -282,8 +278,8 @@ class Entry:
         parts = [
             _ENTRY.pack(*fixed, self.iflags, self.subvol, self.origin) if version >= 5
             else _ENTRY_V4.pack(*fixed),
-            _U16.pack(len(self.path)), self.path,
-            _U16.pack(len(self.target)), self.target,
+            U16.pack(len(self.path)), self.path,
+            U16.pack(len(self.target)), self.target,
             _U32.pack(len(self.xattrs)),
         ]
         for name, value in self.xattrs:
@@ -292,7 +288,7 @@ class Entry:
 
     @classmethod
     def decode(cls, buf, offset: int, version: int = WRITE_VERSION) -> Entry:
-        c = _Cursor(buf, offset, "ENTRY")
+        c = Cursor(buf, offset, "ENTRY")
         iflags = subvol = origin = 0
         if version >= 5:
             (eid, kind, eflags, _r, mode, uid, gid, atime, mtime, size, rdev,
@@ -394,7 +390,7 @@ def decode_data_head(buf, offset: int, version: int = WRITE_VERSION
     total = len(buf) if not isinstance(buf, SkippedPayload) else buf.length
     if isinstance(buf, SkippedPayload):
         buf = buf.head
-    c = _Cursor(buf, offset, "DATA")
+    c = Cursor(buf, offset, "DATA")
     off, length, codec, sha = c.unpack(_DATA)
     if not 0 < length <= CHUNK_MAX:
         c.fail(f"chunk length {length} outside 1..{CHUNK_MAX}")
@@ -425,7 +421,7 @@ def encode_btrfs_extent(x: BtrfsExtent) -> bytes:
 def decode_btrfs_extent(coded, length: int, offset: int) -> BtrfsExtent:
     """The coded bytes of a CODEC_BTRFS DATA record of ``length`` bytes,
     checked against the limits of BTRFS_IOC_ENCODED_WRITE."""
-    c = _Cursor(coded, offset, "DATA (Btrfs extent)")
+    c = Cursor(coded, offset, "DATA (Btrfs extent)")
     ulen, uoff, comp = c.unpack(_ENCODED)
     data = bytes(coded[c.pos:])
     if not 0 < ulen <= BTRFS_EXTENT_MAX or uoff + length > ulen:
@@ -445,7 +441,7 @@ def encode_ref(offset: int, length: int, src_id: int, src_offset: int) -> bytes:
 
 
 def decode_ref(buf, offset: int) -> tuple[int, int, int, int]:
-    c = _Cursor(buf, offset, "REF")
+    c = Cursor(buf, offset, "REF")
     v = c.unpack(_REF)
     c.done()
     off, length, src, soff = v
@@ -485,7 +481,7 @@ class End:
 
     @classmethod
     def decode(cls, buf, offset: int, version: int = WRITE_VERSION) -> End:
-        c = _Cursor(buf, offset, "END")
+        c = Cursor(buf, offset, "END")
         v = c.unpack({1: _END_V1, 2: _END_V2}.get(version, _END))
         c.done()
         return cls(*v)
@@ -507,12 +503,12 @@ class IndexItem:
     def encode(self) -> bytes:
         return (_INDEX_ITEM.pack(self.id, self.kind, self.size, self.stored_bytes,
                                  self.ref_bytes, self.base_ref_bytes, self.offset)
-                + _U16.pack(len(self.path)) + self.path)
+                + U16.pack(len(self.path)) + self.path)
 
 
 def decode_index(buf, offset: int, version: int = WRITE_VERSION) -> list[IndexItem]:
     """The items of an INDEX record (their paths are checked by the caller)."""
-    c = _Cursor(buf, offset, "INDEX")
+    c = Cursor(buf, offset, "INDEX")
     items = []
     while c.pos < len(buf):
         if version == 1:
@@ -544,7 +540,7 @@ class Footer:
 
     @classmethod
     def decode(cls, buf, offset: int, version: int = WRITE_VERSION) -> Footer:
-        c = _Cursor(buf, offset, "FOOTER")
+        c = Cursor(buf, offset, "FOOTER")
         if version == 1:
             io_, ir, en, st, rb, fo = c.unpack(_FOOTER_V1)
             v = (io_, ir, en, st, rb, 0, fo)
@@ -559,95 +555,6 @@ class Footer:
         return f
 
 
-# --- version 2: thin backups ------------------------------------------------
-
-BASE_FILE, BASE_DIR = 1, 2
-
-
-@dataclass
-class BaseFile:
-    number: int
-    size: int
-    path: bytes  # relative to the base directory; empty when the base is a file
-
-
-@dataclass
-class Base:
-    """What a thin archive needs at restore: the base as the user named it at
-    backup time, and each base file it references with its size."""
-
-    path: bytes
-    kind: int
-    files: list[BaseFile] = field(default_factory=list)
-
-    def encode_records(self, limit: int = LIMITS[T_BASE]) -> list[bytes]:
-        head = _U16.pack(len(self.path)) + self.path + _BASE_HEAD.pack(self.kind)
-        out, cur = [], [head]
-        size = len(head)
-        for f in self.files:
-            item = _BASE_ITEM.pack(f.number, f.size) + _U16.pack(len(f.path)) + f.path
-            if size + len(item) > limit:
-                out.append(b"".join(cur))
-                cur, size = [head], len(head)
-            cur.append(item)
-            size += len(item)
-        out.append(b"".join(cur))
-        return out
-
-    @classmethod
-    def decode(cls, buf, offset: int, version: int = WRITE_VERSION) -> Base:
-        c = _Cursor(buf, offset, "BASE")
-        path = c.bytes16(PATH_MAX)
-        if not path or b"\0" in path:
-            c.fail("empty base path or NUL in it")
-        (kind,) = c.unpack(_BASE_HEAD)
-        if kind not in (BASE_FILE, BASE_DIR):
-            c.fail(f"unknown base kind {kind}")
-        b = cls(path, kind)
-        while c.pos < len(buf):
-            number, size = c.unpack(_BASE_ITEM)
-            rel = c.bytes16(path_max(version))
-            if kind == BASE_DIR:
-                check_path(rel, offset, version)
-            elif rel:
-                c.fail("a file base has no relative paths")
-            if size > SIZE_MAX:
-                c.fail("base file size out of range")
-            b.files.append(BaseFile(number, size, rel))
-        return b
-
-
-def encode_baseref(offset: int, length: int, number: int, base_offset: int,
-                   sha: bytes) -> bytes:
-    return _BASEREF.pack(offset, length, number, base_offset, sha)
-
-
-def decode_baseref(buf, offset: int) -> tuple[int, int, int, int, bytes]:
-    c = _Cursor(buf, offset, "BASEREF")
-    off, length, number, boff, sha = c.unpack(_BASEREF)
-    c.done()
-    if not 0 < length <= CHUNK_MAX:
-        c.fail(f"range length {length} outside 1..{CHUNK_MAX}")
-    if off > SIZE_MAX or boff > SIZE_MAX:
-        c.fail("range out of bounds")
-    return off, length, number, boff, sha
-
-
-def encode_external(offset: int, length: int, sha: bytes) -> bytes:
-    return _EXTERNAL.pack(offset, length, sha)
-
-
-def decode_external(buf, offset: int) -> tuple[int, int, bytes]:
-    c = _Cursor(buf, offset, "EXTERNAL")
-    off, length, sha = c.unpack(_EXTERNAL)
-    c.done()
-    if not 0 < length <= CHUNK_MAX:
-        c.fail(f"range length {length} outside 1..{CHUNK_MAX}")
-    if off > SIZE_MAX:
-        c.fail("range out of bounds")
-    return off, length, sha
-
-
 # --- version 3: repository manifests ---------------------------------------------
 
 def encode_blob(offset: int, length: int, blob_offset: int, blob_id: bytes) -> bytes:
@@ -656,7 +563,7 @@ def encode_blob(offset: int, length: int, blob_offset: int, blob_id: bytes) -> b
 
 def decode_blob(buf, offset: int) -> tuple[int, int, int, bytes]:
     """(file offset, length, offset in the blob, blob id)."""
-    c = _Cursor(buf, offset, "BLOB")
+    c = Cursor(buf, offset, "BLOB")
     off, length, boff, bid = c.unpack(_BLOB)
     c.done()
     if not 0 < length <= BLOB_MAX or boff + length > BLOB_MAX:
@@ -672,7 +579,7 @@ def encode_stat(ino: int, ctime_ns: int) -> bytes:
 
 def decode_stat(buf, offset: int) -> tuple[int, int]:
     """(inode number, ctime in ns) of the source file."""
-    c = _Cursor(buf, offset, "STAT")
+    c = Cursor(buf, offset, "STAT")
     v = c.unpack(_STAT)
     c.done()
     return v

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import zstandard
 
 from cloneaware.archive import format as fmt
+from cloneaware.archive import thin
 from cloneaware.archive.events import (
     BaseRefEvent,
     BlobEvent,
@@ -208,8 +209,8 @@ class Stream:
         self.entries: list[fmt.Entry] = []
         self.by_path: dict[bytes, int] = {}
         self.complete: set[int] = set()  # REG entries whose END was read
-        self.base: fmt.Base | None = None
-        self.base_files: dict[int, fmt.BaseFile] = {}
+        self.base: thin.Base | None = None
+        self.base_files: dict[int, thin.BaseFile] = {}
         self._local = threading.local()
 
     def _decompress(self, data, length: int, offset: int) -> bytes:
@@ -376,7 +377,7 @@ class Stream:
             elif rtype == fmt.T_BASEREF:
                 if cur is None:
                     raise ArchiveError("BASEREF outside a regular file", off)
-                foff, length, number, boff, sha = fmt.decode_baseref(payload, off)
+                foff, length, number, boff, sha = thin.decode_baseref(payload, off)
                 self._check_range(cur, foff, length, off)
                 used = self.base_files.get(number)
                 if used is None:
@@ -391,7 +392,7 @@ class Stream:
             elif rtype == fmt.T_EXTERNAL:
                 if cur is None:
                     raise ArchiveError("EXTERNAL outside a regular file", off)
-                foff, length, sha = fmt.decode_external(payload, off)
+                foff, length, sha = thin.decode_external(payload, off)
                 self._check_range(cur, foff, length, off)
                 cur.pos = foff + length
                 cur.count(fmt.End.EXTERNAL, length)
@@ -599,16 +600,16 @@ class BaseRecords:
     each repeats the same base path and kind, and no base file number is
     listed twice (docs/FORMAT.md)."""
 
-    def __init__(self, version: int, files: dict[int, fmt.BaseFile] | None = None):
+    def __init__(self, version: int, files: dict[int, thin.BaseFile] | None = None):
         self.version = version
-        self.base: fmt.Base | None = None
+        self.base: thin.Base | None = None
         #: base file number -> the file
         self.files = files if files is not None else {}
 
-    def add(self, payload, off: int) -> fmt.Base:
-        b = fmt.Base.decode(payload, off, self.version)
+    def add(self, payload, off: int) -> thin.Base:
+        b = thin.Base.decode(payload, off, self.version)
         if self.base is None:
-            self.base = fmt.Base(b.path, b.kind)
+            self.base = thin.Base(b.path, b.kind)
         elif (b.path, b.kind) != (self.base.path, self.base.kind):
             raise ArchiveError("BASE records disagree on the base", off)
         for bf in b.files:
@@ -677,7 +678,7 @@ def read_index(f) -> Listing:
     return Listing(header, items, footer, base, is_map)
 
 
-def check_index(items: list[fmt.IndexItem], footer: fmt.Footer, base: fmt.Base | None,
+def check_index(items: list[fmt.IndexItem], footer: fmt.Footer, base: thin.Base | None,
                 is_map: bool, offset: int, version: int = fmt.WRITE_VERSION) -> None:
     """The rules an archive's INDEX and FOOTER obey, checked by every reader
     (the full read, and ``ls`` from the index): one item per entry, ids in
@@ -727,5 +728,5 @@ class Listing:
     header: fmt.Header
     items: list[fmt.IndexItem]
     footer: fmt.Footer
-    base: fmt.Base | None
+    base: thin.Base | None
     is_map: bool = False  # a sharing map: entries and references, no data

@@ -7,6 +7,7 @@ import time
 
 from cloneaware import __version__
 from cloneaware.archive import format as fmt
+from cloneaware.archive import thin
 
 
 class Writer:
@@ -14,7 +15,7 @@ class Writer:
     errors raised by ``f.write``.  ``magic``: fmt.MAP_MAGIC for a sharing map
     (records without data, docs/FORMAT.md)."""
 
-    def __init__(self, f, base: fmt.Base | None = None, name: str | None = None,
+    def __init__(self, f, base: thin.Base | None = None, name: str | None = None,
                  magic: bytes = fmt.MAGIC):
         self.f = f
         self.name = name  # the archive's name, for errors
@@ -78,13 +79,13 @@ class Writer:
                 sha: bytes) -> None:
         cur = self._file()
         self._write(fmt.frame(fmt.T_BASEREF,
-                              fmt.encode_baseref(offset, length, number, base_offset, sha)))
+                              thin.encode_baseref(offset, length, number, base_offset, sha)))
         cur.base_ref_records += 1
         cur.base_ref_bytes += length
 
     def external(self, offset: int, length: int, sha: bytes) -> None:
         cur = self._file()
-        self._write(fmt.frame(fmt.T_EXTERNAL, fmt.encode_external(offset, length, sha)))
+        self._write(fmt.frame(fmt.T_EXTERNAL, thin.encode_external(offset, length, sha)))
         cur.external_records += 1
         cur.external_bytes += length
 

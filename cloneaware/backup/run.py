@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cloneaware.archive import format as fmt
+from cloneaware.archive import thin
 from cloneaware.backup.files import FileWriter, WalkedFile
 from cloneaware.backup.meta import entry_for, map_digest, same_stat
 from cloneaware.backup.ops import Known, OpWriter
@@ -89,7 +90,7 @@ class Backup:
         sink.summary = self.summary
         self.base = base
         self.base_files: dict[int, _BaseFile] = {}  # fileno -> base file
-        self.base_kind = fmt.BASE_FILE
+        self.base_kind = thin.BASE_FILE
         self.used_base: set[int] = set()  # base filenos a BASEREF may name
         self.known = Known({}, set(), set(), {})
         self.capture = Capture(point_in_time, self.warn, place=sink.capture_dir)
@@ -152,14 +153,14 @@ class Backup:
         s.seconds = time.monotonic() - t0
         return s
 
-    def _base_record(self, plan: Plan) -> fmt.Base | None:
+    def _base_record(self, plan: Plan) -> thin.Base | None:
         if self.base is None:
             return None
         used = set(np.unique(plan.pieces["ref_file"]).tolist()) & set(self.base_files)
-        b = fmt.Base(os.fsencode(self.base), self.base_kind)
+        b = thin.Base(os.fsencode(self.base), self.base_kind)
         for n in sorted(used):
             bf = self.base_files[n]
-            b.files.append(fmt.BaseFile(n, bf.st.st_size, bf.rel))
+            b.files.append(thin.BaseFile(n, bf.st.st_size, bf.rel))
         self.used_base = used
         return b
 
@@ -232,7 +233,7 @@ class Backup:
         except OSError as e:
             raise UsageError(f"base {self.base}: {e.strerror}") from None
         if stat.S_ISDIR(bst.st_mode):
-            self.base_kind = fmt.BASE_DIR
+            self.base_kind = thin.BASE_DIR
         elif not stat.S_ISREG(bst.st_mode):
             raise UsageError(f"base {self.base} is neither a file nor a directory")
         base = os.path.realpath(base)
@@ -241,7 +242,7 @@ class Backup:
                 self._skip(it.path, f"base file not usable: {it.reason}")
             elif isinstance(it, Mapped):
                 node = it.node
-                rel = node.name.partition(b"/")[2] if self.base_kind == fmt.BASE_DIR else b""
+                rel = node.name.partition(b"/")[2] if self.base_kind == thin.BASE_DIR else b""
                 fileno = builder.add(fstab.number(it.fs), node.st.st_size, it.ext)
                 self.base_files[fileno] = _BaseFile(rel, node, node.st)
         if not self.base_files:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 from cloneaware.archive import format as fmt
-from cloneaware.archive import manifest
+from cloneaware.archive import manifest, thin
 from cloneaware.archive.writer import Writer
 from cloneaware.backup.workers import Chunk, Workers
 from cloneaware.errors import UsageError
@@ -142,7 +142,7 @@ class Sink:
         index builder; returns them by file number."""
         return {}
 
-    def open(self, size_hint: int, base: fmt.Base | None) -> None:
+    def open(self, size_hint: int, base: thin.Base | None) -> None:
         """After the walk: the output opened.  ``size_hint``: the size of
         the first regular file; ``base``: a thin archive's base."""
         raise NotImplementedError
@@ -221,7 +221,7 @@ class ArchiveSink(Sink):
         self.out: Output | None = None
         self.writer: Writer | None = None
 
-    def open(self, size_hint: int, base: fmt.Base | None) -> None:
+    def open(self, size_hint: int, base: thin.Base | None) -> None:
         """Open the output and start the archive (``size_hint`` unused)."""
         self.out = self.opener()
         self.writer = Writer(self.out, base, self.name)
@@ -275,7 +275,7 @@ class SparseSink(Sink):
         self.copying = False
         self.writer: Writer | None = None
 
-    def open(self, size_hint: int, base: fmt.Base | None) -> None:
+    def open(self, size_hint: int, base: thin.Base | None) -> None:
         # read too: each range is hashed as it is in the file once copied
         self.file = AtomicFile(self.target, replace=self.force, read=True)
         try:

@@ -27,6 +27,7 @@ import zstandard
 
 from cloneaware import __version__, fsinfo
 from cloneaware.archive import format as fmt
+from cloneaware.archive import thin
 from cloneaware.archive.events import (
     BlobEvent,
     EndEvent,
@@ -277,7 +278,7 @@ class RepositorySink(Sink):
 
     # -- writing ---------------------------------------------------------------------------
 
-    def open(self, size_hint: int, base: fmt.Base | None) -> None:
+    def open(self, size_hint: int, base: thin.Base | None) -> None:
         if base is not None:
             raise AssertionError("thin backups go to archives")
         self.writer = Writer(self.out, None, f"{self.repo.where} (manifest)")

@@ -7,11 +7,12 @@ import os
 import stat
 
 from cloneaware.archive import format as fmt
+from cloneaware.archive import thin
 from cloneaware.errors import BaseMismatch, UsageError
 from cloneaware.safeio import open_beneath, sha256_range
 
 
-def open_base(base: fmt.Base, given: str | None) -> dict[int, int]:
+def open_base(base: thin.Base, given: str | None) -> dict[int, int]:
     """Descriptors of every base file the archive references, by number,
     each checked to be a regular file of the size it had at backup time.
     ``given``: where the user says the base is (--base)."""
@@ -28,9 +29,9 @@ def open_base(base: fmt.Base, given: str | None) -> dict[int, int]:
     fds: dict[int, int] = {}
     try:
         is_dir = stat.S_ISDIR(os.fstat(bfd).st_mode)
-        if is_dir != (base.kind == fmt.BASE_DIR):
+        if is_dir != (base.kind == thin.BASE_DIR):
             raise BaseMismatch(f"base {given} should be a "
-                               f"{'directory' if base.kind == fmt.BASE_DIR else 'file'}, "
+                               f"{'directory' if base.kind == thin.BASE_DIR else 'file'}, "
                                f"like {need!r} was at backup time")
         for bf in base.files:
             where = os.path.join(given, os.fsdecode(bf.path)) if bf.path else given

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import cloneaware.restore.partial as partial
 from cloneaware import fsinfo, native
 from cloneaware.archive import format as fmt
+from cloneaware.archive import thin
 from cloneaware.archive.blobs import Place
 from cloneaware.archive.events import FileState
 from cloneaware.errors import ArchiveError, NotExact, UsageError
@@ -103,12 +104,12 @@ class DirectoryOutput:
 
     # -- the run ----------------------------------------------------------------------
 
-    def use_base(self, base: fmt.Base | None) -> None:
+    def use_base(self, base: thin.Base | None) -> None:
         """Open the thin archive's base files (checked against the archive)."""
         if base is not None and not self.base_fds:
             self.base_fds = open_base(base, self.base)
 
-    def begin(self, base: fmt.Base | None, entries: list[fmt.Entry]) -> None:
+    def begin(self, base: thin.Base | None, entries: list[fmt.Entry]) -> None:
         self.entries = entries
         if base is not None:
             self.use_base(base)
@@ -311,7 +312,7 @@ class DirectoryOutput:
         sfd, size = self.places.source(place, self)
         self.data.clone(self._current(), sfd, src_offset, length, offset, size, "archive")
 
-    def clone_base(self, bf: fmt.BaseFile, base_offset: int, length: int, offset: int
+    def clone_base(self, bf: thin.BaseFile, base_offset: int, length: int, offset: int
                    ) -> None:
         self.data.clone(self._current(), self.base_fds[bf.number], base_offset, length, offset,
                         bf.size, "base")

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from cloneaware import native
 from cloneaware.archive import format as fmt
+from cloneaware.archive import thin
 from cloneaware.archive.blobs import Place
 from cloneaware.archive.events import FileState
 from cloneaware.errors import NotExact
@@ -42,7 +43,7 @@ class RecordingOutput:
         self.subvols: set[int] = set()  # subvolumes made again (Btrfs)
         self.btrfs = False
 
-    def begin(self, base: fmt.Base | None, entries: list[fmt.Entry]) -> None:
+    def begin(self, base: thin.Base | None, entries: list[fmt.Entry]) -> None:
         self.entries = entries
         if base is not None:
             for fd in open_base(base, self.base).values():  # there, and of the sizes it had
@@ -88,7 +89,7 @@ class RecordingOutput:
     def clone_place(self, place: Place, src_offset: int, length: int, offset: int) -> None:
         self.s.reflinked_bytes += length
 
-    def clone_base(self, bf: fmt.BaseFile, base_offset: int, length: int, offset: int
+    def clone_base(self, bf: thin.BaseFile, base_offset: int, length: int, offset: int
                    ) -> None:
         self.s.reflinked_bytes += length  # copied where the base is on another filesystem
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from cloneaware.archive import format as fmt
+from cloneaware.archive import thin
 from cloneaware.archive.blobs import Place
 from cloneaware.archive.events import FileState
 from cloneaware.errors import NotExact, Warnings
@@ -81,7 +82,7 @@ class Output(Protocol):
     #: the summary the output adds its counts to (shared with the receiver)
     s: RestoreSummary
 
-    def begin(self, base: fmt.Base | None, entries: list[fmt.Entry]) -> None:
+    def begin(self, base: thin.Base | None, entries: list[fmt.Entry]) -> None:
         """Before the first entry: DEST (and a thin archive's base) opened
         or checked.  ``entries``: the archive's entries so far, by id (the
         list grows as the archive is read)."""
@@ -110,7 +111,7 @@ class Output(Protocol):
         """Bytes written earlier at a blob's place (possibly in another
         snapshot restored in the same run)."""
 
-    def clone_base(self, bf: fmt.BaseFile, base_offset: int, length: int, offset: int
+    def clone_base(self, bf: thin.BaseFile, base_offset: int, length: int, offset: int
                    ) -> None: ...
 
     def clone_external(self, offset: int, length: int, record: int) -> None:

@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 
 from cloneaware.archive import format as fmt
+from cloneaware.archive import thin
 from cloneaware.archive.blobs import BlobSource, Coverage, Place
 from cloneaware.archive.events import (
     BaseRefEvent,
@@ -40,7 +41,7 @@ class Receiver(Handler):
     by the manifests restored together); ``owner``: this manifest's number
     among them.  ``listed(path, replaces)``: -v, each path as it is made."""
 
-    def __init__(self, out: Output, entries: list[fmt.Entry], base: Callable[[], fmt.Base | None],
+    def __init__(self, out: Output, entries: list[fmt.Entry], base: Callable[[], thin.Base | None],
                  select: Selection | None = None, stage_ids: set[int] | None = None,
                  stage_referenced: bool = True, progress=None,
                  listed: Callable[[bytes, bool], None] | None = None,

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from cloneaware.archive import format as fmt
+from cloneaware.archive import thin
 from cloneaware.archive.blobs import BlobSource, Coverage
 from cloneaware.archive.events import EntryEvent, dispatch
 from cloneaware.archive.reader import Stream, read_index
@@ -129,7 +129,7 @@ class ManifestsRestore:
         return total
 
 
-def _base_of(stream: Stream) -> Callable[[], fmt.Base | None]:
+def _base_of(stream: Stream) -> Callable[[], thin.Base | None]:
     """A manifest has no base; if a hostile one names one, the output says
     that the base is missing, as for a thin archive."""
     return lambda: stream.base

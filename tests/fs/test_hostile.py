@@ -50,6 +50,7 @@ from helpers.archivecraft import (
 from helpers.cli import CliServer, assert_one_line_error, cli
 
 from cloneaware.archive import format as fmt
+from cloneaware.archive import thin
 from cloneaware.testing import reflink_copy, write_random
 
 pytestmark = pytest.mark.root
@@ -1043,14 +1044,14 @@ def _(x):
 def _(x):
     c = Craft()
     c.dir(b"d")
-    c.base(b"basefile", fmt.BASE_FILE, [(0, 4096, b"")])
+    c.base(b"basefile", thin.BASE_FILE, [(0, 4096, b"")])
     return c.finish()
 
 
 @case("base_rel_path_dotdot", rc=(EXIT_ARCHIVE,), ls=refused("../outside/victim", "'..' component"))
 def _(x):
     c = Craft()
-    c.base(b"base", fmt.BASE_DIR, [(0, 24, b"../outside/victim")])
+    c.base(b"base", thin.BASE_DIR, [(0, 24, b"../outside/victim")])
     c.reg(x.pw, 24)
     c.baseref(0, 24, 0, 0)
     c.end()
@@ -1060,7 +1061,7 @@ def _(x):
 @case("base_rel_path_absolute", ls=refused("absolute path", "{out}/victim"))
 def _(x):
     c = Craft()
-    c.base(b"base", fmt.BASE_DIR, [(0, 24, x.out + b"/victim")])
+    c.base(b"base", thin.BASE_DIR, [(0, 24, x.out + b"/victim")])
     c.reg(x.pw, 24)
     c.baseref(0, 24, 0, 0)
     c.end()
@@ -1072,7 +1073,7 @@ def _(x):
       ls=lists(F(PW, 4096, 0, base=4096), base=BASEFILE))
 def _(x):
     c = Craft()
-    c.base(b"basefile", fmt.BASE_FILE, [(0, 4096, b"")])
+    c.base(b"basefile", thin.BASE_FILE, [(0, 4096, b"")])
     c.reg(x.pw, 4096)
     c.baseref(0, 4096, 1, 0, hashlib.sha256(BLK).digest())
     c.end()
@@ -1084,7 +1085,7 @@ def _(x):
       ls=lists(F(PW, 8192, 0, base=8192), base=BASEFILE))
 def _(x):
     c = Craft()
-    c.base(b"basefile", fmt.BASE_FILE, [(0, 4096, b"")])
+    c.base(b"basefile", thin.BASE_FILE, [(0, 4096, b"")])
     c.reg(x.pw, 8192)
     c.baseref(0, 8192, 0, 0, hashlib.sha256(BLK + BLK).digest())
     c.end()
@@ -1096,7 +1097,7 @@ def _(x):
       ls=refused())
 def _(x):
     c = Craft()
-    c.base(b"basefile", fmt.BASE_FILE, [(0, 4096, b""), (0, 4096, b"")])
+    c.base(b"basefile", thin.BASE_FILE, [(0, 4096, b""), (0, 4096, b"")])
     c.reg(x.pw, 4096)
     c.baseref(0, 4096, 0, 0, hashlib.sha256(BLK).digest())
     c.end()
@@ -1107,8 +1108,8 @@ def _(x):
       ls=refused())
 def _(x):
     c = Craft()
-    c.base(b"basefile", fmt.BASE_FILE, [(0, 4096, b"")])
-    c.base(b"otherfile", fmt.BASE_FILE, [(1, 4096, b"")])
+    c.base(b"basefile", thin.BASE_FILE, [(0, 4096, b"")])
+    c.base(b"otherfile", thin.BASE_FILE, [(1, 4096, b"")])
     c.reg(x.pw, 4096)
     c.baseref(0, 4096, 0, 0, hashlib.sha256(BLK).digest())
     c.end()
@@ -1120,7 +1121,7 @@ def _(x):
       ls=lists(F(PW, 4096, 0, base=4096), base=BASEFILE))
 def _(x):
     c = Craft()
-    c.base(b"basefile", fmt.BASE_FILE, [(0, 4096, b"")])
+    c.base(b"basefile", thin.BASE_FILE, [(0, 4096, b"")])
     c.reg(x.pw, 4096)
     c.baseref(0, 4096, 0, 0, hashlib.sha256(b"something else").digest())
     c.end()

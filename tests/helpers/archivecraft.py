@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cloneaware.archive import format as fmt
+from cloneaware.archive import thin
 from cloneaware.archive.format import (
     MAGIC,
     End,
@@ -196,18 +197,18 @@ class Craft:
             self.cur.base_ref_records += 1
             self.cur.base_ref_bytes += length
         return self.record(fmt.T_BASEREF,
-                           fmt.encode_baseref(offset, length, number, base_offset, sha), **lie)
+                           thin.encode_baseref(offset, length, number, base_offset, sha), **lie)
 
     def external(self, offset: int, length: int, sha: bytes = b"\0" * 32,
                  count: bool = True, **lie) -> int:
         if count and self.cur is not None:
             self.cur.external_records += 1
             self.cur.external_bytes += length
-        return self.record(fmt.T_EXTERNAL, fmt.encode_external(offset, length, sha), **lie)
+        return self.record(fmt.T_EXTERNAL, thin.encode_external(offset, length, sha), **lie)
 
     def base(self, path: bytes, kind: int, files=(), **lie) -> int:
         """A BASE record; ``files`` are (number, size, rel) tuples."""
-        b = fmt.Base(path, kind, [fmt.BaseFile(n, s, r) for n, s, r in files])
+        b = thin.Base(path, kind, [thin.BaseFile(n, s, r) for n, s, r in files])
         return self.record(fmt.T_BASE, b.encode_records()[0], **lie)
 
     def end(self, **override) -> int:

@@ -33,6 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cloneaware.archive import format as fmt
+from cloneaware.archive import thin
 from cloneaware.archive.reader import Stream, read_index
 from cloneaware.archive.writer import Writer
 from cloneaware.errors import ArchiveError
@@ -89,8 +90,8 @@ def _plain_seed() -> bytes:
 
 def _thin_seed() -> bytes:
     f = io.BytesIO()
-    base = fmt.Base(b"/srv/base", fmt.BASE_DIR,
-                    [fmt.BaseFile(0, 8192, b"img/base.img"), fmt.BaseFile(3, 4096, b"x")])
+    base = thin.Base(b"/srv/base", thin.BASE_DIR,
+                    [thin.BaseFile(0, 8192, b"img/base.img"), thin.BaseFile(3, 4096, b"x")])
     w = Writer(f, base)
     E = fmt.Entry
     w.entry(E(0, fmt.K_DIR, b"clone"))
