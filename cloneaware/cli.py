@@ -612,7 +612,7 @@ def _backup_repo(paths, repo, host, tags, from_archive, password_file, s3_endpoi
                     raise UsageError("give --from-archive FILE or PATHs, not both")
                 if dry_run:
                     raise UsageError("--dry-run is for PATHs, not --from-archive")
-                from cloneaware.archive.reader import open_archive
+                from cloneaware.archive.records import open_archive
                 from cloneaware.errors import SharingMapGiven
 
                 with open_archive(from_archive) as f:
@@ -880,7 +880,7 @@ def reshare(
         else:
             if source is None or len(targets) != 1:
                 raise UsageError("give --from ARCHIVE DEST (or -r REPO SNAPSHOT DEST)")
-            from cloneaware.archive.reader import open_archive
+            from cloneaware.archive.records import open_archive
 
             dest = targets[0]
             f = open_archive(source)

@@ -14,6 +14,7 @@ from typing import Any
 
 from cloneaware.archive import format as fmt
 from cloneaware.archive import thin
+from cloneaware.archive.catalog import read_index
 from cloneaware.archive.events import (
     BlobEvent,
     EndEvent,
@@ -22,7 +23,8 @@ from cloneaware.archive.events import (
     Handler,
     dispatch,
 )
-from cloneaware.archive.reader import RecordReader, Stream, read_index
+from cloneaware.archive.reader import Stream
+from cloneaware.archive.records import RecordReader
 from cloneaware.display import b64, show, when, when_rfc3339
 from cloneaware.errors import ArchiveError, UsageError
 

@@ -10,7 +10,7 @@ import shutil
 import signal
 import sys
 
-from cloneaware.archive.reader import read_index
+from cloneaware.archive.catalog import read_index
 from cloneaware.errors import (
     EXIT_IO,
     EXIT_USAGE,

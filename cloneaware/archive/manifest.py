@@ -68,7 +68,7 @@ def open_any(path: str):
     """(a file object of ARCHIVE, a descriptor of the sparse file or None):
     the archive itself, or the manifest of a sparse thin backup (for ls and
     verify, which read it as they read any archive)."""
-    from cloneaware.archive.reader import open_archive
+    from cloneaware.archive.records import open_archive
 
     if path not in ("", "-"):
         got = open_manifest(path)

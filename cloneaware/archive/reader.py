@@ -1,26 +1,24 @@
-"""Read an archive, front to back (a pipe is enough) or, for listing, from
-the footer.  Nothing read is trusted: framing, CRCs, structure, references
-and data hashes are all checked here, so restore and verify share one set of
-rules."""
+"""Read an archive front to back (a pipe is enough) as typed events
+(archive/events.py).  Nothing read is trusted: the records' framing and
+CRCs (archive/records.py), their structure, references and data hashes are
+all checked here, with the index rules of archive/catalog.py, so that every
+reader (restore, verify, ls, export, reshare, ...) shares one set of rules."""
 from __future__ import annotations
 
 import collections
 import hashlib
-import io
 import os
-import queue
-import sys
 import threading
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import zstandard
 
 from cloneaware.archive import format as fmt
 from cloneaware.archive import thin
+from cloneaware.archive.catalog import BaseRecords, check_index
 from cloneaware.archive.events import (
     BaseRefEvent,
     BlobEvent,
@@ -34,150 +32,13 @@ from cloneaware.archive.events import (
     RefEvent,
     StatEvent,
 )
-from cloneaware.errors import ArchiveError, SharingMapGiven, TruncatedArchive, UsageError
-
-
-def background_thread() -> None:
-    """Make the calling thread SCHED_BATCH: one that does not preempt
-    others when it wakes.  For the helper threads of restore and backup
-    (reading ahead, hashing, compressing), so that the thread that writes
-    the output in order, which the whole run waits on, keeps its core: in a
-    restore on 2 cores it was preempted about 2,000 times by its own
-    helpers (perf sched_switch).  Unprivileged; where refused, nothing
-    changes."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-    except (OSError, AttributeError):
-        pass
-
-
-class Buffers:
-    """Reused buffers for the payloads of large DATA records.  A 4 MiB read
-    into a new bytes object faults in 1,024 fresh pages (kernel zeroing
-    them, then copying over them): half the page faults of a restore.  A
-    buffer comes back (``put``) once its event has been handled; the free
-    ones are kept by size, a few per size."""
-
-    #: payloads smaller than this are read as bytes, as before
-    MIN = 64 << 10
-    #: buffer sizes are multiples of this
-    STEP = 64 << 10
-    #: free buffers kept per size (the most in flight is about PREFETCH +
-    #: DEPTH + 2)
-    KEEP = 32
-
-    def __init__(self) -> None:
-        self.free: dict[int, list[bytearray]] = {}
-        self.lock = threading.Lock()
-
-    def get(self, n: int) -> bytearray:
-        size = -(-n // self.STEP) * self.STEP
-        with self.lock:
-            got = self.free.get(size)
-            if got:
-                return got.pop()
-        return bytearray(size)
-
-    def put(self, buf: bytearray) -> None:
-        with self.lock:
-            got = self.free.setdefault(len(buf), [])
-            if len(got) < self.KEEP:
-                got.append(buf)
-
-
-class RecordReader:
-    """Frames and CRCs.  Yields (type, payload, offset of the record), and
-    with ``buffers`` a fourth item: the buffer that a large DATA payload (a
-    memoryview) was read into, or None, for the consumer to give back."""
-
-    def __init__(self, f, buffers: Buffers | None = None, skip_data: bool = False):
-        self.f = f
-        self.offset = 0
-        self.version = fmt.WRITE_VERSION
-        self.is_map = False  # the magic said: a sharing map
-        self.buffers = buffers if getattr(f, "readinto", None) is not None else None
-        #: DATA payloads are not read (nor CRC-checked) past their head:
-        #: the file is sought over them (readers that need only the layout)
-        self.skip_data = skip_data and _seekable(f)
-
-    def _read_into(self, buf: bytearray, n: int, what: str) -> memoryview:
-        mv = memoryview(buf)[:n]
-        got = 0
-        while got < n:
-            k = self.f.readinto(mv[got:])
-            if not k:
-                raise TruncatedArchive(f"archive is truncated: {what} cut short",
-                                       self.offset + got)
-            got += k
-        self.offset += n
-        return mv
-
-    def _read(self, n: int, what: str) -> bytes:
-        b = self.f.read(n)
-        if b is None:
-            b = b""
-        if len(b) < n:
-            if self.offset == 0 and not b:
-                raise ArchiveError("empty file: not a cloneaware archive")
-            raise TruncatedArchive(f"archive is truncated: {what} cut short",
-                                   self.offset + len(b))
-        self.offset += n
-        return b
-
-    def _skip(self, length: int, what: str) -> fmt.SkippedPayload:
-        """The head of a DATA payload; the rest and the CRC sought over
-        (a cut inside them is found by the seek past the end)."""
-        head = self._read(fmt.DATA_HEAD, what)
-        end = self.offset + length - fmt.DATA_HEAD + fmt.CRC.size
-        if self.f.seek(end) != end or self.f.seek(0, io.SEEK_END) < end:
-            raise TruncatedArchive(f"archive is truncated: {what} cut short", self.offset)
-        self.f.seek(end)
-        self.offset = end
-        return fmt.SkippedPayload(head, length)
-
-    def magic(self) -> None:
-        """An archive's magic, or a sharing map's (then ``is_map``)."""
-        b = self.f.read(len(fmt.MAGIC)) or b""
-        if not b:
-            raise ArchiveError("empty file: not a cloneaware archive")
-        if b not in (fmt.MAGIC, fmt.MAP_MAGIC):
-            if fmt.MAGIC.startswith(b) or fmt.MAP_MAGIC.startswith(b):
-                raise TruncatedArchive("archive is truncated inside the magic", len(b))
-            raise ArchiveError("not a cloneaware archive (wrong magic)", 0)
-        self.is_map = b == fmt.MAP_MAGIC
-        self.offset = len(b)
-
-    def records(self) -> Iterator[tuple[int, bytes, int]]:
-        for rtype, payload, start, _ in self.records_in():
-            yield rtype, payload, start
-
-    def records_in(self) -> Iterator[tuple[int, Any, int, bytearray | None]]:
-        """The records, a large DATA payload in a buffer of ``buffers``."""
-        pool = self.buffers
-        while True:
-            start = self.offset
-            head = self.f.read(fmt.FRAME.size) or b""
-            if not head:
-                return
-            if len(head) < fmt.FRAME.size:
-                raise TruncatedArchive("archive is truncated inside a record header", start)
-            self.offset += len(head)
-            rtype, length = fmt.check_frame_header(head, start, self.version)
-            what = f"{fmt.TYPE_NAMES.get(rtype, 'record')} payload"
-            buf = None
-            if self.skip_data and rtype == fmt.T_DATA and length > fmt.DATA_HEAD:
-                yield rtype, self._skip(length, what), start, None
-                continue
-            if pool is not None and rtype == fmt.T_DATA and length >= pool.MIN:
-                buf = pool.get(length)
-                payload: Any = self._read_into(buf, length, what)
-            else:
-                payload = self._read(length, what)
-            crc = self._read(fmt.CRC.size, "record CRC")
-            fmt.check_crc(head, payload, crc, start)
-            if rtype & fmt.ANCILLARY:
-                continue
-            yield rtype, payload, start, buf
+from cloneaware.archive.records import (
+    Buffers,
+    RecordReader,
+    background_thread,
+    prefetched,
+)
+from cloneaware.errors import ArchiveError, SharingMapGiven, TruncatedArchive
 
 
 class Stream:
@@ -329,7 +190,7 @@ class Stream:
         # The rest is read and CRC-checked on a thread of its own, ahead of
         # the checks here: the archive's reads (disk or pipe) overlap the
         # restore's writes and clones.
-        recs = _prefetched(recs, self.PREFETCH)
+        recs = prefetched(recs, self.PREFETCH)
         cur: FileState | None = None
         bases = BaseRecords(version, self.base_files)
         index_items: list[fmt.IndexItem] = []
@@ -506,55 +367,6 @@ class Stream:
                 raise ArchiveError(f"index item {it.id} does not match its entry", off)
 
 
-_DONE = object()
-
-
-def _prefetched(it: Iterator, depth: int) -> Iterator:
-    """The items of ``it``, produced by a thread of their own up to ``depth``
-    ahead; an exception it raises comes out in its place, in order.  Closing
-    the returned generator stops the thread."""
-    q: queue.Queue = queue.Queue(depth)
-    stop = threading.Event()
-
-    def produce() -> None:
-        background_thread()
-        try:
-            for item in it:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            item = _DONE
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            item = e
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    t = threading.Thread(target=produce, daemon=True)
-    t.start()
-    try:
-        while True:
-            item = q.get()
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        # not forever: a read it is blocked in (a stalled pipe) ends with the
-        # process; the thread is a daemon
-        t.join(timeout=2)
-
-
 class _PendingData(NamedTuple):
     """A DATA record being decoded on a worker."""
 
@@ -574,159 +386,3 @@ def _resolve(ev: Event | _PendingData) -> Event:
     return ev
 
 
-def _seekable(f) -> bool:
-    try:
-        return bool(f.seekable())
-    except (AttributeError, OSError, ValueError):
-        return False
-
-
-def open_archive(path: str):
-    """A binary file object for ARCHIVE ('-' is standard input)."""
-    if path == "-":
-        return sys.stdin.buffer
-    if not path:
-        raise UsageError("an empty path was given as the archive")
-    try:
-        return open(path, "rb", buffering=1 << 20)
-    except IsADirectoryError:
-        raise UsageError(f"{path}: is a directory, not an archive") from None
-    except (FileNotFoundError, NotADirectoryError):
-        raise UsageError(f"{path}: no such archive") from None
-
-
-class BaseRecords:
-    """The BASE records of a thin archive, as every reader checks them:
-    each repeats the same base path and kind, and no base file number is
-    listed twice (docs/FORMAT.md)."""
-
-    def __init__(self, version: int, files: dict[int, thin.BaseFile] | None = None):
-        self.version = version
-        self.base: thin.Base | None = None
-        #: base file number -> the file
-        self.files = files if files is not None else {}
-
-    def add(self, payload, off: int) -> thin.Base:
-        b = thin.Base.decode(payload, off, self.version)
-        if self.base is None:
-            self.base = thin.Base(b.path, b.kind)
-        elif (b.path, b.kind) != (self.base.path, self.base.kind):
-            raise ArchiveError("BASE records disagree on the base", off)
-        for bf in b.files:
-            if bf.number in self.files:
-                raise ArchiveError(f"base file {bf.number} listed twice", off)
-            self.files[bf.number] = bf
-            self.base.files.append(bf)
-        return self.base
-
-
-def read_index(f) -> Listing:
-    """Header, index and footer of a seekable archive, reading no file data.
-    The rules are those the full read applies to the same records
-    (BaseRecords, check_index), so nothing is listed that a restore refuses."""
-    f.seek(0)
-    rr = RecordReader(f)
-    rr.magic()
-    recs = rr.records()
-    first = next(recs, None)
-    if first is None or first[0] != fmt.T_HEADER:
-        raise ArchiveError("no HEADER after the magic", len(fmt.MAGIC))
-    header = fmt.Header.decode(first[1], first[2])
-    version = header.version
-    is_map = rr.is_map
-    rr.version = version
-    bases = BaseRecords(version)
-    for rtype, payload, off in recs:  # BASE records, if any, follow the header
-        if rtype == fmt.T_HEADER:
-            raise ArchiveError("a second HEADER record", off)
-        if rtype != fmt.T_BASE:
-            break
-        bases.add(payload, off)
-    base = bases.base
-    size = f.seek(0, io.SEEK_END)
-    foff = size - fmt.FOOTER_SIZES[version]
-    if foff < rr.offset:
-        raise TruncatedArchive("archive is truncated: no footer", size)
-    f.seek(foff)
-    rr2 = RecordReader(f)
-    rr2.offset = foff
-    rr2.version = version
-    it = rr2.records()
-    try:
-        rtype, payload, off = next(it)
-    except ArchiveError as e:
-        # one offset in the message: the footer's (issue 21, defect 17)
-        raise TruncatedArchive(f"archive is truncated or damaged: no valid footer "
-                               f"({e.reason})", size) from None
-    except StopIteration:
-        raise TruncatedArchive("archive is truncated: no footer", size) from None
-    if rtype != fmt.T_FOOTER:
-        raise TruncatedArchive("archive is truncated: no footer", size)
-    footer = fmt.Footer.decode(payload, off, version)
-    f.seek(footer.index_offset)
-    rr3 = RecordReader(f)
-    rr3.offset = footer.index_offset
-    rr3.version = version
-    items: list[fmt.IndexItem] = []
-    it = rr3.records()
-    for _ in range(footer.index_records):
-        rec = next(it, None)
-        if rec is None or rec[0] != fmt.T_INDEX:
-            raise ArchiveError("footer does not point at the index", footer.index_offset)
-        items.extend(fmt.decode_index(rec[1], rec[2], version))
-    check_index(items, footer, base, is_map, footer.index_offset, version)
-    return Listing(header, items, footer, base, is_map)
-
-
-def check_index(items: list[fmt.IndexItem], footer: fmt.Footer, base: thin.Base | None,
-                is_map: bool, offset: int, version: int = fmt.WRITE_VERSION) -> None:
-    """The rules an archive's INDEX and FOOTER obey, checked by every reader
-    (the full read, and ``ls`` from the index): one item per entry, ids in
-    sequence, clean and unique paths, parents that are directories earlier,
-    sizes in range, no more bytes stored and referenced than a file holds,
-    bytes from a base only where there is one, totals that add up."""
-    if len(items) != footer.entries:
-        raise ArchiveError("index and footer disagree on the number of entries", offset)
-    kinds: dict[bytes, int] = {}
-    stored = ref = base_ref = 0
-    for n, it in enumerate(items):
-        if it.id != n:
-            raise ArchiveError(f"index item {it.id} out of sequence (expected {n})", offset)
-        fmt.check_path(it.path, offset, version)
-        if it.path in kinds:
-            raise ArchiveError(f"duplicate entry {os.fsdecode(it.path)!r} in the index", offset)
-        parent = it.path.rpartition(b"/")[0]
-        if parent and kinds.get(parent) != fmt.K_DIR:
-            raise ArchiveError(f"parent of {os.fsdecode(it.path)!r} is not a directory "
-                               "earlier in the index", offset)
-        if it.kind != fmt.K_REG and (it.size or it.stored_bytes or it.ref_bytes
-                                     or it.base_ref_bytes):
-            raise ArchiveError(f"index item {it.id} has data but is not a regular file",
-                               offset)
-        if it.size > fmt.SIZE_MAX:
-            raise ArchiveError(f"index item {it.id}: size {it.size} beyond the largest a "
-                               "file can have", offset)
-        if it.stored_bytes + it.ref_bytes + it.base_ref_bytes > it.size:
-            raise ArchiveError(f"index item {it.id}: more bytes stored and referenced "
-                               f"than {os.fsdecode(it.path)!r} holds", offset)
-        if it.base_ref_bytes and base is None:
-            raise ArchiveError(f"index item {it.id}: bytes from a base, but the archive "
-                               "names no base", offset)
-        kinds[it.path] = it.kind
-        stored += it.stored_bytes
-        ref += it.ref_bytes
-        base_ref += it.base_ref_bytes
-    if (stored, ref, base_ref) != (footer.stored_bytes, footer.ref_bytes,
-                                   footer.base_ref_bytes):
-        raise ArchiveError("the footer's byte counts are not those of the index", offset)
-    if is_map and (base is not None or footer.stored_bytes or footer.base_ref_bytes):
-        raise ArchiveError("a sharing map that says it holds data", offset)
-
-
-@dataclass
-class Listing:
-    header: fmt.Header
-    items: list[fmt.IndexItem]
-    footer: fmt.Footer
-    base: thin.Base | None
-    is_map: bool = False  # a sharing map: entries and references, no data

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import time
 
+from cloneaware.archive.catalog import read_index
 from cloneaware.archive.events import (
     BaseRefEvent,
     DataEvent,
@@ -17,7 +18,7 @@ from cloneaware.archive.events import (
     RefEvent,
     dispatch,
 )
-from cloneaware.archive.reader import Stream, read_index
+from cloneaware.archive.reader import Stream
 from cloneaware.errors import ArchiveError
 from cloneaware.safeio import sha256_range
 

@@ -15,7 +15,7 @@ import zstandard
 
 from cloneaware import native
 from cloneaware.archive import format as fmt
-from cloneaware.archive.reader import Buffers, background_thread
+from cloneaware.archive.records import Buffers, background_thread
 from cloneaware.errors import UsageError
 
 

@@ -34,7 +34,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import IO
 
-from cloneaware.archive.reader import open_archive
+from cloneaware.archive.records import open_archive
 from cloneaware.errors import EXIT_IO, RemoteError, UsageError
 
 PROTOCOL = 1

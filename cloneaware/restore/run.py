@@ -10,9 +10,11 @@ import time
 from collections.abc import Callable
 
 import cloneaware.restore.partial as partial
+from cloneaware.archive.catalog import read_index
 from cloneaware.archive.events import dispatch
 from cloneaware.archive.manifest import open_manifest
-from cloneaware.archive.reader import Stream, open_archive, read_index
+from cloneaware.archive.reader import Stream
+from cloneaware.archive.records import open_archive
 from cloneaware.errors import ArchiveError, SharingMapGiven, UsageError
 from cloneaware.listing import read_contents
 from cloneaware.restore.directory import DirectoryOutput

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 
 from cloneaware.archive import thin
 from cloneaware.archive.blobs import BlobSource, Coverage
+from cloneaware.archive.catalog import read_index
 from cloneaware.archive.events import EntryEvent, dispatch
-from cloneaware.archive.reader import Stream, read_index
+from cloneaware.archive.reader import Stream
 from cloneaware.errors import UsageError
 from cloneaware.restore.directory import DirectoryOutput, Places
 from cloneaware.restore.dryrun import RecordingOutput

@@ -435,7 +435,7 @@ def getfacl(root) -> dict[bytes, bytes]:
 
 def read_listing(archive):
     """(index items, footer) of an archive, from its index."""
-    from cloneaware.archive.reader import read_index
+    from cloneaware.archive.catalog import read_index
 
     with open(archive, "rb") as f:
         r = read_index(f)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from cloneaware.archive import format as fmt
+from cloneaware.archive.catalog import read_index
 from cloneaware.archive.events import (
     DataEvent,
     EndEvent,
@@ -23,7 +24,7 @@ from cloneaware.archive.events import (
     FooterEvent,
     RefEvent,
 )
-from cloneaware.archive.reader import Stream, read_index
+from cloneaware.archive.reader import Stream
 from cloneaware.archive.writer import Writer
 from cloneaware.errors import ArchiveError, TruncatedArchive
 

@@ -34,7 +34,8 @@ from hypothesis import strategies as st
 
 from cloneaware.archive import format as fmt
 from cloneaware.archive import thin
-from cloneaware.archive.reader import Stream, read_index
+from cloneaware.archive.catalog import read_index
+from cloneaware.archive.reader import Stream
 from cloneaware.archive.writer import Writer
 from cloneaware.errors import ArchiveError
 

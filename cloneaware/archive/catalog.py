@@ -1,0 +1,152 @@
+"""An archive's catalog: its header, BASE records, index and footer, read
+from a seekable file without its data (``ls``, the checks before a
+restore), with the rules the full read applies to the same records
+(``BaseRecords``, ``check_index``, used by archive/reader.py too), so that
+nothing is listed that a restore refuses."""
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+
+from cloneaware.archive import format as fmt
+from cloneaware.archive import thin
+from cloneaware.archive.records import RecordReader
+from cloneaware.errors import ArchiveError, TruncatedArchive
+
+
+class BaseRecords:
+    """The BASE records of a thin archive, as every reader checks them:
+    each repeats the same base path and kind, and no base file number is
+    listed twice (docs/FORMAT.md)."""
+
+    def __init__(self, version: int, files: dict[int, thin.BaseFile] | None = None):
+        self.version = version
+        self.base: thin.Base | None = None
+        #: base file number -> the file
+        self.files = files if files is not None else {}
+
+    def add(self, payload, off: int) -> thin.Base:
+        b = thin.Base.decode(payload, off, self.version)
+        if self.base is None:
+            self.base = thin.Base(b.path, b.kind)
+        elif (b.path, b.kind) != (self.base.path, self.base.kind):
+            raise ArchiveError("BASE records disagree on the base", off)
+        for bf in b.files:
+            if bf.number in self.files:
+                raise ArchiveError(f"base file {bf.number} listed twice", off)
+            self.files[bf.number] = bf
+            self.base.files.append(bf)
+        return self.base
+
+
+def read_index(f) -> Listing:
+    """Header, index and footer of a seekable archive, reading no file data.
+    The rules are those the full read applies to the same records
+    (BaseRecords, check_index), so nothing is listed that a restore refuses."""
+    f.seek(0)
+    rr = RecordReader(f)
+    rr.magic()
+    recs = rr.records()
+    first = next(recs, None)
+    if first is None or first[0] != fmt.T_HEADER:
+        raise ArchiveError("no HEADER after the magic", len(fmt.MAGIC))
+    header = fmt.Header.decode(first[1], first[2])
+    version = header.version
+    is_map = rr.is_map
+    rr.version = version
+    bases = BaseRecords(version)
+    for rtype, payload, off in recs:  # BASE records, if any, follow the header
+        if rtype == fmt.T_HEADER:
+            raise ArchiveError("a second HEADER record", off)
+        if rtype != fmt.T_BASE:
+            break
+        bases.add(payload, off)
+    base = bases.base
+    size = f.seek(0, io.SEEK_END)
+    foff = size - fmt.FOOTER_SIZES[version]
+    if foff < rr.offset:
+        raise TruncatedArchive("archive is truncated: no footer", size)
+    f.seek(foff)
+    rr2 = RecordReader(f)
+    rr2.offset = foff
+    rr2.version = version
+    it = rr2.records()
+    try:
+        rtype, payload, off = next(it)
+    except ArchiveError as e:
+        # one offset in the message: the footer's (issue 21, defect 17)
+        raise TruncatedArchive(f"archive is truncated or damaged: no valid footer "
+                               f"({e.reason})", size) from None
+    except StopIteration:
+        raise TruncatedArchive("archive is truncated: no footer", size) from None
+    if rtype != fmt.T_FOOTER:
+        raise TruncatedArchive("archive is truncated: no footer", size)
+    footer = fmt.Footer.decode(payload, off, version)
+    f.seek(footer.index_offset)
+    rr3 = RecordReader(f)
+    rr3.offset = footer.index_offset
+    rr3.version = version
+    items: list[fmt.IndexItem] = []
+    it = rr3.records()
+    for _ in range(footer.index_records):
+        rec = next(it, None)
+        if rec is None or rec[0] != fmt.T_INDEX:
+            raise ArchiveError("footer does not point at the index", footer.index_offset)
+        items.extend(fmt.decode_index(rec[1], rec[2], version))
+    check_index(items, footer, base, is_map, footer.index_offset, version)
+    return Listing(header, items, footer, base, is_map)
+
+
+def check_index(items: list[fmt.IndexItem], footer: fmt.Footer, base: thin.Base | None,
+                is_map: bool, offset: int, version: int = fmt.WRITE_VERSION) -> None:
+    """The rules an archive's INDEX and FOOTER obey, checked by every reader
+    (the full read, and ``ls`` from the index): one item per entry, ids in
+    sequence, clean and unique paths, parents that are directories earlier,
+    sizes in range, no more bytes stored and referenced than a file holds,
+    bytes from a base only where there is one, totals that add up."""
+    if len(items) != footer.entries:
+        raise ArchiveError("index and footer disagree on the number of entries", offset)
+    kinds: dict[bytes, int] = {}
+    stored = ref = base_ref = 0
+    for n, it in enumerate(items):
+        if it.id != n:
+            raise ArchiveError(f"index item {it.id} out of sequence (expected {n})", offset)
+        fmt.check_path(it.path, offset, version)
+        if it.path in kinds:
+            raise ArchiveError(f"duplicate entry {os.fsdecode(it.path)!r} in the index", offset)
+        parent = it.path.rpartition(b"/")[0]
+        if parent and kinds.get(parent) != fmt.K_DIR:
+            raise ArchiveError(f"parent of {os.fsdecode(it.path)!r} is not a directory "
+                               "earlier in the index", offset)
+        if it.kind != fmt.K_REG and (it.size or it.stored_bytes or it.ref_bytes
+                                     or it.base_ref_bytes):
+            raise ArchiveError(f"index item {it.id} has data but is not a regular file",
+                               offset)
+        if it.size > fmt.SIZE_MAX:
+            raise ArchiveError(f"index item {it.id}: size {it.size} beyond the largest a "
+                               "file can have", offset)
+        if it.stored_bytes + it.ref_bytes + it.base_ref_bytes > it.size:
+            raise ArchiveError(f"index item {it.id}: more bytes stored and referenced "
+                               f"than {os.fsdecode(it.path)!r} holds", offset)
+        if it.base_ref_bytes and base is None:
+            raise ArchiveError(f"index item {it.id}: bytes from a base, but the archive "
+                               "names no base", offset)
+        kinds[it.path] = it.kind
+        stored += it.stored_bytes
+        ref += it.ref_bytes
+        base_ref += it.base_ref_bytes
+    if (stored, ref, base_ref) != (footer.stored_bytes, footer.ref_bytes,
+                                   footer.base_ref_bytes):
+        raise ArchiveError("the footer's byte counts are not those of the index", offset)
+    if is_map and (base is not None or footer.stored_bytes or footer.base_ref_bytes):
+        raise ArchiveError("a sharing map that says it holds data", offset)
+
+
+@dataclass
+class Listing:
+    header: fmt.Header
+    items: list[fmt.IndexItem]
+    footer: fmt.Footer
+    base: thin.Base | None
+    is_map: bool = False  # a sharing map: entries and references, no data
