@@ -415,7 +415,7 @@ def test_times_that_moved_are_set_back(reflink_dir, tmp_path, monkeypatch):
     """No kernel here moves a time on dedupe (docs/KERNEL.md D8); a kernel
     that did is stood in for by a wrapper that stamps each destination's
     times after the real call: reshare sets atime and mtime back."""
-    from cloneaware import reshare
+    from cloneaware.reshare import run as reshare
 
     fam = family(reflink_dir / "src", base_size=2 * MiB, clones=2)
     m = tmp_path / "fam.map"
@@ -517,7 +517,7 @@ def test_memory_is_bounded_on_a_million_references(btrfs_dir, tmp_path):
 def test_small_windows_give_the_same_result(reflink_dir, tmp_path, monkeypatch):
     """Windows of 5 pieces and 4 open files (flushed, closed and reopened
     all the time) share what the default window shares."""
-    from cloneaware import reshare
+    from cloneaware.reshare import run as reshare
 
     fam = family(reflink_dir / "src", base_size=20 * MiB, clones=4)
     m = tmp_path / "fam.map"
