@@ -7,9 +7,7 @@ subvolumes made again (restore/subvol.py), and what a failed run made kept
 for a retry (restore/partial.py)."""
 from __future__ import annotations
 
-import dataclasses
 import os
-import secrets
 from collections.abc import Callable
 
 import cloneaware.restore.partial as partial
@@ -28,7 +26,7 @@ from cloneaware.restore.meta import Meta
 from cloneaware.restore.output import RestoreSummary
 from cloneaware.restore.select import STAGING
 from cloneaware.restore.subvol import Subvolumes
-from cloneaware.restore.tree import FdCache, Tree, remove_stale_temps, remove_tree, temp_name
+from cloneaware.restore.tree import FdCache, Tree, remove_stale_temps, remove_tree
 from cloneaware.safeio import open_beneath, pid_alive
 
 
@@ -262,39 +260,9 @@ class DirectoryOutput:
 
     def open_file(self, e: fmt.Entry, staged: bool) -> None:
         if staged:
-            self._stage(e)
+            self.made_here.stage(e)
         else:
-            self.made_here.make(e, self._open)
-
-    def _stage(self, e: fmt.Entry) -> None:
-        """A file left out by --include that chosen files clone or link
-        from: restored in the staging directory, removed at the end."""
-        assert self.tree.root is not None
-        if self.staging is None:
-            name = b".cloneaware-staging-%d-%s" % (os.getpid(), secrets.token_hex(4).encode())
-            os.mkdir(name, 0o700, dir_fd=self.tree.root)
-            self.staging = name
-        self.staged.add(e.id)
-        staged = dataclasses.replace(e, path=self.staging + b"/%d" % e.id,
-                                     iflags=e.iflags & ~fmt.IFLAGS_LAST)
-        self._open(staged, self.tree.dir(self.staging), b"", staged=True)
-
-    def _open(self, e: fmt.Entry, pfd: int, name: bytes, staged: bool = False) -> bool:
-        self.placer.note_fs(pfd)
-        tmp = temp_name(e.id)
-        where = self.tree.where(e.path)
-        # O_NOATIME: later copies read from this file, after its times are set
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-                     | os.O_NOATIME, 0o600, dir_fd=pfd)
-        self.cur = cur = OpenFile(e, fd, pfd, tmp, where, self.data.dirty(), staged)
-        self.made_here.first_flags(fd, e, staged)
-        try:
-            os.ftruncate(fd, e.size)
-        except OSError as ex:
-            raise OSError(ex.errno, ex.strerror, where) from None
-        if not staged:
-            self.data.open_old(cur, e.path.rpartition(b"/")[2])
-        return True
+            self.made_here.make(e, self.made_here.open_file)
 
     def _current(self) -> OpenFile:
         assert self.cur is not None

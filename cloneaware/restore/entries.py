@@ -1,18 +1,22 @@
 """Entries made beneath DEST for ``DirectoryOutput`` (restore/directory.py):
-directories, hard links, symlinks, FIFOs and devices, each reached from its
+directories, regular files (and the files --include stages to clone or
+link from), hard links, symlinks, FIFOs and devices, each reached from its
 parent's descriptor and made under a temporary name where it can be; the
 inode flags that must come first (before a directory's children, before a
 file's data) and last (immutable, append-only); directory metadata,
 children before parents."""
 from __future__ import annotations
 
+import dataclasses
 import os
+import secrets
 import stat
 from collections.abc import Callable
 from typing import Any
 
 from cloneaware.archive import format as fmt
 from cloneaware.errors import UsageError
+from cloneaware.restore.filedata import OpenFile
 from cloneaware.restore.tree import remove_stale_temps, temp_name
 from cloneaware.safeio import DIR_FLAGS
 
@@ -88,6 +92,40 @@ class Entries:
             self.out.meta.iflags.set(fd, e, fmt.IFLAGS_FIRST, inherited & ~e.iflags)
         if e.iflags & fmt.IFLAGS_LAST and not staged:
             self.last.append(e)
+
+    def stage(self, e: fmt.Entry) -> None:
+        """A file left out by --include that chosen files clone or link
+        from: restored in the staging directory, removed at the end."""
+        out = self.out
+        assert out.tree.root is not None
+        if out.staging is None:
+            name = b".cloneaware-staging-%d-%s" % (os.getpid(), secrets.token_hex(4).encode())
+            os.mkdir(name, 0o700, dir_fd=out.tree.root)
+            out.staging = name
+        out.staged.add(e.id)
+        staged = dataclasses.replace(e, path=out.staging + b"/%d" % e.id,
+                                     iflags=e.iflags & ~fmt.IFLAGS_LAST)
+        self.open_file(staged, out.tree.dir(out.staging), b"", staged=True)
+
+    def open_file(self, e: fmt.Entry, pfd: int, name: bytes, staged: bool = False) -> bool:
+        """A regular file made under a temporary name, sized, with the flags
+        that must come before its data; the output's current file."""
+        out = self.out
+        out.placer.note_fs(pfd)
+        tmp = temp_name(e.id)
+        where = out.tree.where(e.path)
+        # O_NOATIME: later copies read from this file, after its times are set
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+                     | os.O_NOATIME, 0o600, dir_fd=pfd)
+        out.cur = cur = OpenFile(e, fd, pfd, tmp, where, out.data.dirty(), staged)
+        self.first_flags(fd, e, staged)
+        try:
+            os.ftruncate(fd, e.size)
+        except OSError as ex:
+            raise OSError(ex.errno, ex.strerror, where) from None
+        if not staged:
+            out.data.open_old(cur, e.path.rpartition(b"/")[2])
+        return True
 
     def hardlink(self, e: fmt.Entry, pfd: int, name: bytes) -> None:
         out = self.out
