@@ -406,7 +406,8 @@ S3ConnOpt = Annotated[int, typer.Option(
 def _open_repo(url: str | None, password_file: str | None = None, rsh: str | None = None,
                s3_endpoint: str | None = None, connections: int = 4):
     from cloneaware.repo.connect import open_backend
-    from cloneaware.repo.repository import Password, Repository
+    from cloneaware.repo.keys import Password
+    from cloneaware.repo.repository import Repository
 
     if not url:
         raise UsageError("no repository: give -r REPO or set CLONEAWARE_REPOSITORY")
@@ -1254,7 +1255,8 @@ def init(
 ) -> None:
     """Make a new, empty repository (the directory or bucket prefix must be empty)."""
     from cloneaware.repo.connect import open_backend
-    from cloneaware.repo.repository import Password, Repository
+    from cloneaware.repo.keys import Password
+    from cloneaware.repo.repository import Repository
 
     with _handled():
         url = _env_repo(repo)
@@ -1325,16 +1327,17 @@ def forget(
 ) -> None:
     """Remove snapshots, keeping those the --keep options name in each group of
     snapshots of the same host and PATHs."""
-    from cloneaware.repo import maintain
     from cloneaware.repo.forget import Policy
+    from cloneaware.repo.forget import forget as forget_snapshots
+    from cloneaware.repo.prune import prune as prune_repo
 
     with _handled(as_json):
         policy = Policy(keep_last, keep_daily, keep_weekly, keep_monthly)
         r = _open_repo(_env_repo(repo), password_file, rsh, s3_endpoint, connections)
         try:
             with r.lock(True, "forget"):
-                res = maintain.forget(r, policy, dry_run, host)
-                pr = maintain.prune(r, dry_run, connections, _err) if do_prune else None
+                res = forget_snapshots(r, policy, dry_run, host)
+                pr = prune_repo(r, dry_run, connections, _err) if do_prune else None
         finally:
             r.close()
         if as_json:
@@ -1373,13 +1376,13 @@ def prune(
     quiet: QuietOpt = False,
 ) -> None:
     """Delete the data no snapshot needs (repacking packs that are partly needed)."""
-    from cloneaware.repo import maintain
+    from cloneaware.repo.prune import prune as prune_repo
 
     with _handled(as_json):
         r = _open_repo(_env_repo(repo), password_file, rsh, s3_endpoint, connections)
         try:
             with r.lock(True, "prune"):
-                pr = maintain.prune(r, dry_run, connections, _err)
+                pr = prune_repo(r, dry_run, connections, _err)
         finally:
             r.close()
         if as_json:
@@ -1403,13 +1406,13 @@ def check(
     """Check that every object is sound and every snapshot finds every blob.
     Exit 0 if so, 3 with the problems named otherwise."""
     from cloneaware.errors import EXIT_ARCHIVE
-    from cloneaware.repo import maintain
+    from cloneaware.repo.check import check as check_repo
 
     with _handled(as_json):
         r = _open_repo(_env_repo(repo), password_file, rsh, s3_endpoint)
         try:
             with r.lock(False, "check"):
-                res = maintain.check(r, read_data)
+                res = check_repo(r, read_data)
         finally:
             r.close()
         enc = r.crypto.encrypted
@@ -1446,7 +1449,7 @@ def unlock(
 ) -> None:
     """Remove stale locks: those of processes gone from this host, and those of
     other hosts older than 30 minutes."""
-    from cloneaware.repo.repository import read_locks
+    from cloneaware.repo.lock import read_locks
 
     with _handled():
         r = _open_repo(_env_repo(repo), password_file, rsh, s3_endpoint)

@@ -24,7 +24,8 @@ from cloneaware.archive.reader import Stream, read_index
 from cloneaware.errors import RepositoryError, UsageError
 from cloneaware.repo import format as rf
 from cloneaware.repo.backend import pack_name
-from cloneaware.repo.repository import Repository, Snapshot
+from cloneaware.repo.repository import Repository
+from cloneaware.repo.snapshots import Snapshot
 from cloneaware.restore.receive import Restore, RestoreSummary
 from cloneaware.restore.select import Selection, plan
 from cloneaware.safeio import open_beneath

@@ -35,7 +35,9 @@ from cloneaware.backup.workers import Chunk, Workers
 from cloneaware.repo import crypto
 from cloneaware.repo import format as rf
 from cloneaware.repo.anchors import AnchorSets, set_key
-from cloneaware.repo.repository import Packer, Repository, Snapshot, now_rfc3339
+from cloneaware.repo.packer import DryPacker, Packer
+from cloneaware.repo.repository import Repository
+from cloneaware.repo.snapshots import Snapshot, now_rfc3339
 from cloneaware.source.mapping import extent_map
 
 
@@ -99,20 +101,6 @@ def read_manifest(data: bytes) -> tuple[dict[bytes, ParentFile], dict[int, Paren
         elif isinstance(ev, EndEvent):
             cur = None
     return by_path, by_id
-
-
-class DryPacker(Packer):
-    """backup --dry-run: which blobs the backup would add, and nothing
-    sealed, packed or uploaded."""
-
-    def add(self, bid: bytes, btype: int, raw_length: int, stored: bytes) -> bool:
-        if self.known(bid):
-            return False
-        self.pending[bid] = btype
-        return True
-
-    def flush(self) -> None:
-        pass
 
 
 class ManifestOut:

@@ -30,9 +30,11 @@ from cloneaware.archive.writer import Writer
 from cloneaware.errors import UsageError
 from cloneaware.repo import crypto
 from cloneaware.repo import format as rf
-from cloneaware.repo.repository import Packer, Repository, Snapshot, now_rfc3339
+from cloneaware.repo.packer import Packer
+from cloneaware.repo.repository import Repository
 from cloneaware.repo.restore import BlobCache, Coverage, Place
 from cloneaware.repo.sink import ManifestOut, Segments
+from cloneaware.repo.snapshots import Snapshot, now_rfc3339
 
 
 def _referenced(manifest: bytes) -> set[int]:

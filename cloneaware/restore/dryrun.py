@@ -26,8 +26,9 @@ from cloneaware.archive.reader import Stream, open_archive
 from cloneaware.errors import SharingMapGiven, UsageError
 from cloneaware.fsinfo import BTRFS_MAGIC
 from cloneaware.listing import Contents, read_contents
-from cloneaware.repo.repository import Repository, Snapshot
+from cloneaware.repo.repository import Repository
 from cloneaware.repo.restore import Coverage, Place
+from cloneaware.repo.snapshots import Snapshot
 from cloneaware.restore.base import open_base
 from cloneaware.restore.receive import RestoreSummary, check_dest
 from cloneaware.restore.select import Plan, Selection, plan
