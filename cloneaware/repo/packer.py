@@ -92,11 +92,14 @@ class Packer:
                 still.append(f)
         self.inflight = still
         if len(self.done) >= INDEX_EVERY:
-            self._write_index()
+            self._index(self._take_done())
 
-    def _write_index(self) -> None:
+    def _take_done(self) -> list[rf.IndexPack]:
         with self.lock:
             packs, self.done = self.done, []
+        return packs
+
+    def _index(self, packs: list[rf.IndexPack]) -> None:
         if not packs:
             return
         self.repo.backend.sync()  # the packs' names are durable before an index names them
@@ -106,13 +109,18 @@ class Packer:
             for b in p.blobs:
                 self.pending.pop(b[0], None)
 
-    def flush(self) -> None:
-        """Write the last pack, wait for every upload, and index them all."""
+    def finish_packs(self) -> list[rf.IndexPack]:
+        """Write the last pack and wait for every upload; the packs written
+        and not yet in an index object (prune indexes them with the rest)."""
         self._close_pack()
         for f in self.inflight:
             f.result()
         self.inflight = []
-        self._write_index()
+        return self._take_done()
+
+    def flush(self) -> None:
+        """Write the last pack, wait for every upload, and index them all."""
+        self._index(self.finish_packs())
 
     def close(self, wait: bool = True) -> None:
         self.pool.shutdown(wait=wait, cancel_futures=True)
@@ -127,6 +135,9 @@ class DryPacker(Packer):
             return False
         self.pending[bid] = btype
         return True
+
+    def finish_packs(self) -> list[rf.IndexPack]:
+        return []
 
     def flush(self) -> None:
         pass

@@ -108,15 +108,12 @@ def prune(repo: Repository, dry_run: bool = False, connections: int = 2,
             for bid, t, off, stored, raw in wanted:
                 data = repo.backend.read(pack_name(pid.hex()), off, stored)
                 packer.add(bid, t, raw, data)
-        packer._close_pack()
-        for f in packer.inflight:
-            f.result()
-        packer.inflight = []
+        written = packer.finish_packs()
     finally:
         packer.close()
     res.packs_written = packer.packs_written
     # 2. one index for everything kept, durable before anything is deleted
-    new_names = repo.write_index(keep_whole + packer.done)
+    new_names = repo.write_index(keep_whole + written)
     # 3. the old index objects, then the packs no longer needed
     for obj in index_objs:
         if obj.name not in new_names:
