@@ -1449,21 +1449,17 @@ def unlock(
 ) -> None:
     """Remove stale locks: those of processes gone from this host, and those of
     other hosts older than 30 minutes."""
-    from cloneaware.repo.lock import read_locks
+    from cloneaware.repo.lock import unlock as do_unlock
 
     with _handled():
         r = _open_repo(_env_repo(repo), password_file, rsh, s3_endpoint)
         try:
-            n = 0
-            for lk in read_locks(r):
-                if lk.stale or remove_all:
-                    r.backend.delete(lk.name)
-                    n += 1
-                else:
-                    _err(f"kept {lk.describe()}")
+            res = do_unlock(r, remove_all)
         finally:
             r.close()
-        typer.echo(f"removed {n} locks")
+        for lk in res.kept:
+            _err(f"kept {lk.describe()}")
+        typer.echo(f"removed {len(res.removed)} locks")
 
 
 @app.command(cls=_Command)
@@ -1531,19 +1527,17 @@ def _key_repo(repo, password_file, rsh, s3_endpoint):
 def key_list(repo: RepoOpt = None, password_file: PasswordOpt = None, rsh: RshOpt = None,
              s3_endpoint: S3EndpointOpt = None) -> None:
     """List the key objects (one per password)."""
-    from cloneaware.repo.format import decode_json
+    from cloneaware.repo.keys import key_list as list_keys
 
     with _handled():
         r = _key_repo(repo, password_file, rsh, s3_endpoint)
         try:
-            for k in sorted(r.backend.listing("keys"), key=lambda k: k.mtime):
-                d = decode_json(r.backend.read(k.name), k.name)
-                mark = "*" if k.name == r.key_name else " "
-                typer.echo(f"{mark} {k.name[5:13]}  {d.get('created', '?')}  "
-                           f"{d.get('username', '?')}@{d.get('hostname', '?')}  "
-                           f"scrypt N={d.get('n')}")
+            found = list_keys(r)
         finally:
             r.close()
+        for k in found:
+            typer.echo(f"{'*' if k.current else ' '} {k.short_id}  {k.created}  "
+                       f"{k.username}@{k.hostname}  scrypt N={k.n}")
 
 
 @key_app.command("add", cls=_Command)

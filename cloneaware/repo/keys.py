@@ -6,9 +6,11 @@ from __future__ import annotations
 import os
 import secrets
 import sys
+from dataclasses import dataclass
 
 from cloneaware.errors import UsageError
 from cloneaware.repo import crypto
+from cloneaware.repo.format import decode_json
 from cloneaware.repo.repository import Repository
 
 
@@ -55,6 +57,32 @@ def new_password(file: str | None) -> bytes:
     p = Password(confirm=True)
     p.file, p.env = None, None
     return p("new password: ")
+
+
+@dataclass
+class KeyInfo:
+    """A key object as ``key list`` shows it (its informational fields)."""
+
+    name: str  # keys/<id>
+    created: str
+    username: str
+    hostname: str
+    n: int | None  # scrypt's N
+    current: bool  # the key the password given opened
+
+    @property
+    def short_id(self) -> str:
+        return self.name[5:13]
+
+
+def key_list(repo: Repository) -> list[KeyInfo]:
+    """Every key object, oldest first."""
+    out = []
+    for k in sorted(repo.backend.listing("keys"), key=lambda k: k.mtime):
+        d = decode_json(repo.backend.read(k.name), k.name)
+        out.append(KeyInfo(k.name, d.get("created", "?"), d.get("username", "?"),
+                           d.get("hostname", "?"), d.get("n"), k.name == repo.key_name))
+    return out
 
 
 def add(repo: Repository, password: bytes, kdf_n: int = crypto.KDF_N) -> str:

@@ -1,6 +1,6 @@
 """Locks (docs/REPOSITORY.md, "Locks"): one object in ``locks/`` per running
 command, shared or exclusive, refreshed while the command runs; which locks
-are stale."""
+are stale; ``cloneaware unlock``."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,7 @@ import secrets
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from cloneaware.errors import RepositoryError, RepositoryLocked
@@ -134,4 +134,23 @@ def read_locks(repo: LockedRepository) -> list[LockInfo]:
         else:
             stale = now - d["time_ns"] > STALE_AFTER * 1_000_000_000
         out.append(LockInfo(obj.name, d, stale))
+    return out
+
+
+@dataclass
+class Unlocked:
+    removed: list[LockInfo] = field(default_factory=list)
+    kept: list[LockInfo] = field(default_factory=list)
+
+
+def unlock(repo: LockedRepository, remove_all: bool = False) -> Unlocked:
+    """``cloneaware unlock``: remove the stale locks (every lock with
+    ``remove_all``); the live ones are kept, and returned to be named."""
+    out = Unlocked()
+    for lk in read_locks(repo):
+        if lk.stale or remove_all:
+            repo.backend.delete(lk.name)
+            out.removed.append(lk)
+        else:
+            out.kept.append(lk)
     return out
