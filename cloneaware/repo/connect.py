@@ -11,10 +11,6 @@ from cloneaware.errors import UsageError
 from cloneaware.repo.backend import Backend, LocalBackend
 
 
-def is_repository_url(s: str) -> bool:
-    return s.startswith(("ssh://", "s3://"))
-
-
 def open_backend(url: str, rsh: str | None = None, s3: dict | None = None,
                  create: bool = False) -> Backend:
     """The backend for a repository URL: a path, ssh://..., or s3://..."""

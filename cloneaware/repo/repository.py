@@ -10,7 +10,6 @@ written (packer.py), choosing snapshots (snapshots.py), passwords and keys
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterable
 from typing import Protocol
 
 import zstandard
@@ -252,7 +251,3 @@ class Repository:
 
     def close(self) -> None:
         self.backend.close()
-
-
-def iter_packs(repo: Repository) -> Iterable[str]:
-    return (o.name for o in repo.backend.listing("data"))
