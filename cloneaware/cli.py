@@ -403,17 +403,14 @@ S3ConnOpt = Annotated[int, typer.Option(
     "ssh:// repositories.")]
 
 
-def _open_repo(url: str | None, password_file: str | None = None, rsh: str | None = None,
-               s3_endpoint: str | None = None, connections: int = 4):
-    from cloneaware.repo.connect import open_backend
-    from cloneaware.repo.keys import Password
-    from cloneaware.repo.repository import Repository
+def _opened(url: str | None, password_file: str | None = None, rsh: str | None = None,
+            s3_endpoint: str | None = None, connections: int = 4, lock: str | None = None,
+            operation: str = ""):
+    """The repository, opened, locked (``lock``: None, "shared" or
+    "exclusive") and closed by repo/connect.py ``opened``."""
+    from cloneaware.repo.connect import opened
 
-    if not url:
-        raise UsageError("no repository: give -r REPO or set CLONEAWARE_REPOSITORY")
-    backend = open_backend(url, rsh=rsh, s3={"endpoint": s3_endpoint,
-                                             "connections": connections})
-    return Repository.open(backend, Password(password_file))
+    return opened(url, password_file, rsh, s3_endpoint, connections, lock, operation)
 
 
 def _env_repo(repo: str | None) -> str | None:
@@ -607,38 +604,35 @@ def _backup_repo(paths, repo, host, tags, from_archive, password_file, s3_endpoi
     if base is not None or sparse:
         raise UsageError("--base and --sparse make thin archives (-o), not snapshots")
     _codec, level = parse_compress(compress)
-    r = _open_repo(repo, password_file, rsh, s3_endpoint, connections)
-    try:
-        with r.lock(False, "backup"):
-            if from_archive is not None:
-                if paths:
-                    raise UsageError("give --from-archive FILE or PATHs, not both")
-                if dry_run:
-                    raise UsageError("--dry-run is for PATHs, not --from-archive")
-                from cloneaware.archive.reader import open_archive
-                from cloneaware.errors import SharingMapGiven
+    with _opened(repo, password_file, rsh, s3_endpoint, connections,
+                 lock="shared", operation="backup") as r:
+        if from_archive is not None:
+            if paths:
+                raise UsageError("give --from-archive FILE or PATHs, not both")
+            if dry_run:
+                raise UsageError("--dry-run is for PATHs, not --from-archive")
+            from cloneaware.archive.reader import open_archive
+            from cloneaware.errors import SharingMapGiven
 
-                with open_archive(from_archive) as f:
-                    try:
-                        snap, counts = import_archive(r, f, from_archive, host, tags, level,
-                                                      connections, _err)
-                    except SharingMapGiven:
-                        raise SharingMapGiven(from_archive) from None
-                d = {"snapshot": snap.id, **counts}
-                if as_json:
-                    _say(json.dumps(d, indent=2))
-                else:
-                    _report(f"snapshot {snap.short_id} of {from_archive}: {d['files']} "
-                         f"files, added {_human(d['added_bytes'])}")
-                return
-            if not paths:
-                raise UsageError("give the PATHs to back up")
-            sink = RepositorySink(r, paths, host, tags, level, connections, _err,
-                                  anchors=not no_pit, dry_run=dry_run)
-            with _progress(True, None, "backup") as prog:
-                s = Backup(paths, sink, progress=prog, **common).run()
-    finally:
-        r.close()
+            with open_archive(from_archive) as f:
+                try:
+                    snap, counts = import_archive(r, f, from_archive, host, tags, level,
+                                                  connections, _err)
+                except SharingMapGiven:
+                    raise SharingMapGiven(from_archive) from None
+            d = {"snapshot": snap.id, **counts}
+            if as_json:
+                _say(json.dumps(d, indent=2))
+            else:
+                _report(f"snapshot {snap.short_id} of {from_archive}: {d['files']} "
+                     f"files, added {_human(d['added_bytes'])}")
+            return
+        if not paths:
+            raise UsageError("give the PATHs to back up")
+        sink = RepositorySink(r, paths, host, tags, level, connections, _err,
+                              anchors=not no_pit, dry_run=dry_run)
+        with _progress(True, None, "backup") as prog:
+            s = Backup(paths, sink, progress=prog, **common).run()
     d = s.as_dict()
     d["changed"] = [{"path": p, "reason": r} for p, r in s.changed]
     d["skipped"] = [{"path": p, "reason": r} for p, r in s.skipped]
@@ -793,24 +787,21 @@ def _restore_repo(specs, dest, repo, password_file, s3_endpoint, connections, rs
 
     if base is not None or trust_base:
         raise UsageError("--base and --trust-base are for thin archives")
-    r = _open_repo(repo, password_file, rsh, s3_endpoint, connections)
-    try:
-        with r.lock(False, "restore"):
-            snaps = r.snapshots()
-            chosen = []
-            for spec in specs:
-                sn = r.find(spec, snaps)
-                if sn not in chosen:
-                    chosen.append(sn)
-            if dry_run:
-                return dryrun.dry_run(dryrun.snapshot_sources(r, chosen, dest, select),
-                                      select, force, listed)
-            with _progress(True, None, "restore") as prog:
-                return SnapshotsRestore(r, chosen, dest, force=force, progress=prog,
-                                        warn=_err, reshare_existing=reshare_existing,
-                                        select=select, listed=listed).run()
-    finally:
-        r.close()
+    with _opened(repo, password_file, rsh, s3_endpoint, connections,
+                 lock="shared", operation="restore") as r:
+        snaps = r.snapshots()
+        chosen = []
+        for spec in specs:
+            sn = r.find(spec, snaps)
+            if sn not in chosen:
+                chosen.append(sn)
+        if dry_run:
+            return dryrun.dry_run(dryrun.snapshot_sources(r, chosen, dest, select),
+                                  select, force, listed)
+        with _progress(True, None, "restore") as prog:
+            return SnapshotsRestore(r, chosen, dest, force=force, progress=prog,
+                                    warn=_err, reshare_existing=reshare_existing,
+                                    select=select, listed=listed).run()
 
 
 def _restore_report(s, as_json: bool, dry_run: bool = False) -> None:
@@ -890,13 +881,10 @@ def reshare(
                 spec, dest = targets
             else:
                 raise UsageError("give -r REPO SNAPSHOT DEST")
-            r = _open_repo(repo, password_file, rsh, s3_endpoint)
-            try:
-                with r.lock(False, "reshare"):
-                    snap = r.find(spec)
-                    manifest = r.manifest(snap)
-            finally:
-                r.close()
+            with _opened(repo, password_file, rsh, s3_endpoint,
+                         lock="shared", operation="reshare") as r:
+                snap = r.find(spec)
+                manifest = r.manifest(snap)
             with _progress(True, None, "reshare") as prog:
                 rs = Reshare(dest, dry_run, prog, _err)
                 res = rs.run_manifest(manifest)
@@ -981,14 +969,11 @@ def ls_cmd(
         sub = targets[1] if len(targets) == 2 else None
         snap_info = None
         if repo:
-            r = _open_repo(repo, password_file, rsh, s3_endpoint)
-            try:
-                with r.lock(False, "ls"):
-                    snap = r.find(targets[0])
-                    c = read_contents(io.BytesIO(r.manifest(snap)), long)
-                    snap_info = snap.to_json()
-            finally:
-                r.close()
+            with _opened(repo, password_file, rsh, s3_endpoint,
+                         lock="shared", operation="ls") as r:
+                snap = r.find(targets[0])
+                c = read_contents(io.BytesIO(r.manifest(snap)), long)
+                snap_info = snap.to_json()
         else:
             f = _open_archive_any(targets[0], rsh)
             try:
@@ -1070,14 +1055,11 @@ def diff(
             raise UsageError("only one of the two can be standard input")
         repo = _repo_for(targets, repo)
         if repo:
-            r = _open_repo(repo, password_file, rsh, s3_endpoint)
-            try:
-                with r.lock(False, "diff"):
-                    snaps = r.snapshots()
-                    a, b = (read_contents(io.BytesIO(r.manifest(r.find(t, snaps))), True,
-                                          blobs=True) for t in targets)
-            finally:
-                r.close()
+            with _opened(repo, password_file, rsh, s3_endpoint,
+                         lock="shared", operation="diff") as r:
+                snaps = r.snapshots()
+                a, b = (read_contents(io.BytesIO(r.manifest(r.find(t, snaps))), True,
+                                      blobs=True) for t in targets)
         else:
             got = []
             for t in targets:
@@ -1286,11 +1268,8 @@ def snapshots(
 ) -> None:
     """List the snapshots of a repository, oldest first."""
     with _handled(as_json):
-        r = _open_repo(_env_repo(repo), password_file, rsh, s3_endpoint)
-        try:
+        with _opened(_env_repo(repo), password_file, rsh, s3_endpoint) as r:
             snaps = [s for s in r.snapshots() if host is None or s.hostname == host]
-        finally:
-            r.close()
         if as_json:
             typer.echo(json.dumps([s.to_json() for s in snaps], indent=2))
             return
@@ -1333,13 +1312,10 @@ def forget(
 
     with _handled(as_json):
         policy = Policy(keep_last, keep_daily, keep_weekly, keep_monthly)
-        r = _open_repo(_env_repo(repo), password_file, rsh, s3_endpoint, connections)
-        try:
-            with r.lock(True, "forget"):
-                res = forget_snapshots(r, policy, dry_run, host)
-                pr = prune_repo(r, dry_run, connections, _err) if do_prune else None
-        finally:
-            r.close()
+        with _opened(_env_repo(repo), password_file, rsh, s3_endpoint, connections,
+                     lock="exclusive", operation="forget") as r:
+            res = forget_snapshots(r, policy, dry_run, host)
+            pr = prune_repo(r, dry_run, connections, _err) if do_prune else None
         if as_json:
             typer.echo(json.dumps({
                 "kept": [{**s.to_json(), "reasons": why} for s, why in res.kept],
@@ -1379,12 +1355,9 @@ def prune(
     from cloneaware.repo.prune import prune as prune_repo
 
     with _handled(as_json):
-        r = _open_repo(_env_repo(repo), password_file, rsh, s3_endpoint, connections)
-        try:
-            with r.lock(True, "prune"):
-                pr = prune_repo(r, dry_run, connections, _err)
-        finally:
-            r.close()
+        with _opened(_env_repo(repo), password_file, rsh, s3_endpoint, connections,
+                     lock="exclusive", operation="prune") as r:
+            pr = prune_repo(r, dry_run, connections, _err)
         if as_json:
             typer.echo(json.dumps(pr.__dict__, indent=2))
         else:
@@ -1409,12 +1382,9 @@ def check(
     from cloneaware.repo.check import check as check_repo
 
     with _handled(as_json):
-        r = _open_repo(_env_repo(repo), password_file, rsh, s3_endpoint)
-        try:
-            with r.lock(False, "check"):
-                res = check_repo(r, read_data)
-        finally:
-            r.close()
+        with _opened(_env_repo(repo), password_file, rsh, s3_endpoint,
+                     lock="shared", operation="check") as r:
+            res = check_repo(r, read_data)
         enc = r.crypto.encrypted
         if as_json:
             typer.echo(json.dumps({**res.__dict__, "encrypted": enc, "ok": not res.errors},
@@ -1452,11 +1422,8 @@ def unlock(
     from cloneaware.repo.lock import unlock as do_unlock
 
     with _handled():
-        r = _open_repo(_env_repo(repo), password_file, rsh, s3_endpoint)
-        try:
+        with _opened(_env_repo(repo), password_file, rsh, s3_endpoint) as r:
             res = do_unlock(r, remove_all)
-        finally:
-            r.close()
         for lk in res.kept:
             _err(f"kept {lk.describe()}")
         typer.echo(f"removed {len(res.removed)} locks")
@@ -1488,19 +1455,16 @@ def export(
     with _handled(as_json, to_stderr=output == "-"):
         _codec, level = parse_compress(compress)
         opener = file_output(output, force)
-        r = _open_repo(_env_repo(repo), password_file, rsh, s3_endpoint)
-        try:
-            with r.lock(False, "export"):
-                snap = r.find(snapshot)
-                out = opener()
-                try:
-                    d = do_export(r, snap, out, output, level)
-                    out.commit()
-                except BaseException:
-                    out.abort()
-                    raise
-        finally:
-            r.close()
+        with _opened(_env_repo(repo), password_file, rsh, s3_endpoint,
+                     lock="shared", operation="export") as r:
+            snap = r.find(snapshot)
+            out = opener()
+            try:
+                d = do_export(r, snap, out, output, level)
+                out.commit()
+            except BaseException:
+                out.abort()
+                raise
         if as_json:
             _say(json.dumps({"snapshot": snap.id, **d}, indent=2), to_stderr=output == "-")
         elif output != "-":
@@ -1515,12 +1479,12 @@ key_app = typer.Typer(help="Manage the passwords of an encrypted repository.",
 app.add_typer(key_app, name="key")
 
 
+@contextmanager
 def _key_repo(repo, password_file, rsh, s3_endpoint):
-    r = _open_repo(_env_repo(repo), password_file, rsh, s3_endpoint)
-    if not r.crypto.encrypted:
-        r.close()
-        raise UsageError(f"{r.where}: not encrypted: it has no keys")
-    return r
+    with _opened(_env_repo(repo), password_file, rsh, s3_endpoint) as r:
+        if not r.crypto.encrypted:
+            raise UsageError(f"{r.where}: not encrypted: it has no keys")
+        yield r
 
 
 @key_app.command("list", cls=_Command)
@@ -1530,11 +1494,8 @@ def key_list(repo: RepoOpt = None, password_file: PasswordOpt = None, rsh: RshOp
     from cloneaware.repo.keys import key_list as list_keys
 
     with _handled():
-        r = _key_repo(repo, password_file, rsh, s3_endpoint)
-        try:
+        with _key_repo(repo, password_file, rsh, s3_endpoint) as r:
             found = list_keys(r)
-        finally:
-            r.close()
         for k in found:
             typer.echo(f"{'*' if k.current else ' '} {k.short_id}  {k.created}  "
                        f"{k.username}@{k.hostname}  scrypt N={k.n}")
@@ -1553,11 +1514,8 @@ def key_add(repo: RepoOpt = None, password_file: PasswordOpt = None, rsh: RshOpt
     from cloneaware.repo import keys
 
     with _handled():
-        r = _key_repo(repo, password_file, rsh, s3_endpoint)
-        try:
+        with _key_repo(repo, password_file, rsh, s3_endpoint) as r:
             name = keys.add(r, keys.new_password(new_password_file), kdf_n)
-        finally:
-            r.close()
         typer.echo(f"added key {name[5:13]}")
 
 
@@ -1570,11 +1528,8 @@ def key_remove(key_id: Annotated[str, typer.Argument(metavar="KEY_ID",
     from cloneaware.repo import keys
 
     with _handled():
-        r = _key_repo(repo, password_file, rsh, s3_endpoint)
-        try:
+        with _key_repo(repo, password_file, rsh, s3_endpoint) as r:
             name = keys.remove(r, key_id)
-        finally:
-            r.close()
         typer.echo(f"removed key {name[5:13]}")
 
 
@@ -1591,11 +1546,8 @@ def key_passwd(repo: RepoOpt = None, password_file: PasswordOpt = None, rsh: Rsh
     from cloneaware.repo import keys
 
     with _handled():
-        r = _key_repo(repo, password_file, rsh, s3_endpoint)
-        try:
+        with _key_repo(repo, password_file, rsh, s3_endpoint) as r:
             name = keys.passwd(r, keys.new_password(new_password_file), kdf_n)
-        finally:
-            r.close()
         typer.echo(f"changed the password: key {name[5:13]} replaces the old one")
 
 
