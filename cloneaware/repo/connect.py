@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from cloneaware.errors import UsageError
+from cloneaware.errors import LockLost, UsageError
 from cloneaware.repo.backend import Backend, LocalBackend
 from cloneaware.repo.keys import Password
 from cloneaware.repo.repository import Repository
@@ -46,11 +46,12 @@ def open_backend(url: str, rsh: str | None = None, s3: dict | None = None,
 @contextmanager
 def opened(url: str | None, password_file: str | None = None, rsh: str | None = None,
            s3_endpoint: str | None = None, connections: int = 4, lock: str | None = None,
-           operation: str = "") -> Iterator[Repository]:
+           operation: str = "", on_lost: Callable[[LockLost], None] | None = None,
+           warn: Callable[[str], None] | None = None) -> Iterator[Repository]:
     """The repository at ``url``, opened with the password from
     ``password_file`` (keys.Password), held under a ``lock`` ("shared",
     "exclusive" or None) for ``operation``, and closed at the end whatever
-    happens."""
+    happens.  ``on_lost`` and ``warn`` go to the lock (lock.Lock)."""
     if lock not in LOCKS:
         raise ValueError(f"lock={lock!r}: one of {LOCKS}")
     if not url:
@@ -66,7 +67,7 @@ def opened(url: str | None, password_file: str | None = None, rsh: str | None = 
         if lock is None:
             yield repo
         else:
-            with repo.lock(lock == "exclusive", operation):
+            with repo.lock(lock == "exclusive", operation, on_lost, warn):
                 yield repo
     finally:
         repo.close()

@@ -87,6 +87,7 @@ def forget(repo: Repository, policy: Policy, dry_run: bool = False,
                 out.removed.append(s)
     if not dry_run:
         for s in out.removed:
+            repo.check_lock()
             repo.delete_snapshot(s)
         repo.backend.sync()
         out.anchors_dropped = drop_snapshots(repo.config.id, Mounts().points,

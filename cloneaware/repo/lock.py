@@ -1,17 +1,36 @@
 """Locks (docs/REPOSITORY.md, "Locks"): one object in ``locks/`` per running
-command, shared or exclusive, refreshed while the command runs; which locks
-are stale; ``cloneaware unlock``."""
+command, shared or exclusive, kept fresh while the command runs; which
+locks are stale; ``cloneaware unlock``.
+
+A lock is only as good as its freshness: another host takes a lock older
+than ``stale`` seconds as stale, and its prune may then delete packs this
+command relies on.  So a running lock is rewritten every ``refresh``
+seconds (every ``retry`` seconds after a failure), and once no write has
+succeeded for ``lost_after`` = ``stale`` - 2 ``refresh`` seconds the lock
+is *lost*: ``check()`` raises LockLost, and ``on_lost`` is called (from a
+thread of its own, so a refresh hung in a write does not delay it), so the
+command stops before anyone could take its lock as stale (restic's
+internal/repository/lock.go does the same).
+"""
 from __future__ import annotations
 
 import os
 import secrets
 import socket
+import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from cloneaware.errors import RepositoryError, RepositoryLocked
+from cloneaware.errors import (
+    LockLost,
+    RepositoryError,
+    RepositoryLocked,
+    UsageError,
+    describe_oserror,
+)
 from cloneaware.repo import crypto
 from cloneaware.repo import format as rf
 from cloneaware.repo.backend import Backend
@@ -19,7 +38,49 @@ from cloneaware.repo.snapshots import now_rfc3339
 from cloneaware.safeio import pid_alive
 
 STALE_AFTER = 30 * 60  # seconds: a lock of another host older than this is stale
-REFRESH_EVERY = 5 * 60
+REFRESH_EVERY = 5 * 60  # seconds between the writes of a live lock
+RETRY_EVERY = 30  # seconds: after a failed write, the next try comes sooner
+EXIT_WAIT = 10  # seconds the end of a command waits for a lock write under way
+
+
+@dataclass(frozen=True)
+class Timings:
+    """How often a lock is rewritten, and when it counts as stale or lost.
+    ``from_env`` lets tests shorten them: CLONEAWARE_LOCK_REFRESH and
+    CLONEAWARE_LOCK_STALE, in seconds."""
+
+    refresh: float = REFRESH_EVERY
+    stale: float = STALE_AFTER
+    retry: float = RETRY_EVERY
+
+    @property
+    def lost_after(self) -> float:
+        """No successful write for this long: stop, two refreshes before
+        another host may take the lock as stale."""
+        return self.stale - 2 * self.refresh
+
+    @classmethod
+    def from_env(cls) -> Timings:
+        refresh = _seconds("CLONEAWARE_LOCK_REFRESH", REFRESH_EVERY)
+        stale = _seconds("CLONEAWARE_LOCK_STALE", STALE_AFTER)
+        t = cls(refresh, stale, min(RETRY_EVERY, refresh))
+        if t.lost_after <= t.refresh:
+            raise UsageError(f"CLONEAWARE_LOCK_STALE ({stale:g} s) must be more than three "
+                             f"times CLONEAWARE_LOCK_REFRESH ({refresh:g} s)")
+        return t
+
+
+def _seconds(var: str, default: float) -> float:
+    v = os.environ.get(var)
+    if not v:
+        return default
+    try:
+        s = float(v)
+    except ValueError:
+        s = 0.0
+    if not s > 0:
+        raise UsageError(f"{var}={v!r}: give a number of seconds above 0")
+    return s
 
 
 class LockedRepository(Protocol):
@@ -33,17 +94,39 @@ class LockedRepository(Protocol):
     def load_object(self, name: str, kind: int) -> bytes: ...
 
 
-class Lock:
-    """A lock object, held while a command runs (a context manager)."""
+def _describe(e: Exception) -> str:
+    return describe_oserror(e) if isinstance(e, OSError) else str(e)
 
-    def __init__(self, repo: LockedRepository, exclusive: bool, operation: str):
+
+def _stderr(msg: str) -> None:
+    print(f"cloneaware: {msg}", file=sys.stderr)
+
+
+class Lock:
+    """A lock object, held while a command runs (a context manager).
+
+    ``on_lost(error)``: called once, from the lock's monitor thread, when
+    the lock is lost.  ``warn``: where to say that the lock could not be
+    removed at the end (default: standard error); a lost lock is not
+    reported again there, its LockLost says it."""
+
+    def __init__(self, repo: LockedRepository, exclusive: bool, operation: str,
+                 on_lost: Callable[[LockLost], None] | None = None,
+                 warn: Callable[[str], None] | None = None, timings: Timings | None = None):
         self.repo = repo
         self.exclusive = exclusive
         self.operation = operation
+        self.on_lost = on_lost
+        self.warn = warn or _stderr
+        self.timings = timings or Timings.from_env()
         self.name: str | None = None
+        self.lost: str | None = None  # why, once lost
+        self.last_ok = 0.0  # time.monotonic() at the start of the last successful write
+        self.last_error: str | None = None  # of the last failed refresh
+        self._old: list[str] = []  # earlier objects of ours that could not be deleted
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._mutex = threading.Lock()
+        self._refresher: threading.Thread | None = None
 
     def _payload(self) -> bytes:
         ns = time.time_ns()
@@ -59,9 +142,10 @@ class Lock:
         return name
 
     def __enter__(self) -> Lock:
+        started = time.monotonic()
         self.name = self._write()
         try:
-            for other in read_locks(self.repo):
+            for other in read_locks(self.repo, self.timings.stale):
                 if other.name == self.name or other.stale:
                     continue
                 if self.exclusive or other.exclusive:
@@ -72,31 +156,111 @@ class Lock:
             self.repo.backend.delete(self.name)
             self.name = None
             raise
-        self._thread = threading.Thread(target=self._refresh, daemon=True)
-        self._thread.start()
+        self.last_ok = started
+        self._refresher = threading.Thread(target=self._refresh, daemon=True,
+                                           name=f"lock of {self.operation}: refresh")
+        self._refresher.start()
+        threading.Thread(target=self._monitor, daemon=True,
+                         name=f"lock of {self.operation}: monitor").start()
         return self
 
+    # -- while held ------------------------------------------------------------------------
+
     def _refresh(self) -> None:
-        while not self._stop.wait(REFRESH_EVERY):
+        """Write a new lock object, then delete the old one; sooner again
+        after a failure.  Stops once the lock is released or lost."""
+        wait = self.timings.refresh
+        while not self._stop.wait(wait) and self.lost is None:
+            started = time.monotonic()
             try:
+                new = self._write()
+            except Exception as e:  # noqa: BLE001 - counted: the monitor acts on it
                 with self._mutex:
-                    if self.name is None:
-                        return
-                    new = self._write()
-                    old, self.name = self.name, new
-                self.repo.backend.delete(old)
-            except Exception:  # noqa: BLE001 - a failed refresh is retried next time
-                pass
+                    self.last_error = _describe(e)
+                wait = self.timings.retry
+                continue
+            with self._mutex:
+                released = self.name is None
+                old, self.name = self.name, (None if released else new)
+                if not released:
+                    self.last_ok = started
+                    self.last_error = None
+            wait = self.timings.refresh
+            if released:  # __exit__ ran meanwhile: this one is ours to remove
+                self._say_left(self._delete([new]))
+            else:
+                self._delete([old, *self._take_old()])
+
+    def _take_old(self) -> list[str]:
+        with self._mutex:
+            old, self._old = self._old, []
+        return old
+
+    def _delete(self, names: list[str | None]) -> list[tuple[str, str]]:
+        """Delete our objects; those that fail are kept to try again, and returned."""
+        failed = []
+        for n in names:
+            if n is None:
+                continue
+            try:
+                self.repo.backend.delete(n)
+            except Exception as e:  # noqa: BLE001 - tried again, and said at the end
+                failed.append((n, _describe(e)))
+        with self._mutex:
+            self._old += [n for n, _ in failed]
+        return failed
+
+    def _monitor(self) -> None:
+        """Wake when the lock would be lost, unless a refresh moved that on."""
+        while True:
+            with self._mutex:
+                due = self.last_ok + self.timings.lost_after
+            if self._stop.wait(max(0.0, due - time.monotonic())):
+                return
+            if self._lose():
+                if self.on_lost is not None:
+                    self.on_lost(LockLost(self.lost or ""))
+                return
+            if self.lost is not None:
+                return
+
+    def _lose(self) -> bool:
+        """Mark the lock lost if it is due; True if this call did."""
+        with self._mutex:
+            if self.lost is not None or self.name is None:
+                return False
+            age = time.monotonic() - self.last_ok
+            if age < self.timings.lost_after:
+                return False
+            why = f"; the last try: {self.last_error}" if self.last_error else ""
+            self.lost = (f"{self.repo.where}: the lock of {self.operation} could not be "
+                         f"refreshed for {age:.0f} s{why}; stopped before another command "
+                         "could take it as stale")
+            return True
+
+    def check(self) -> None:
+        """Raise LockLost if the lock is lost (or due to be): called before
+        anything is written or deleted that another command could be
+        relying on this lock to protect."""
+        self._lose()
+        if self.lost is not None:
+            raise LockLost(self.lost)
+
+    # -- the end ---------------------------------------------------------------------------
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
+        if self._refresher is not None:  # a write under way ends first, not killed at exit
+            self._refresher.join(EXIT_WAIT)
         with self._mutex:
             name, self.name = self.name, None
-        if name is not None:
-            try:
-                self.repo.backend.delete(name)
-            except Exception:  # noqa: BLE001 - a lock left behind goes stale
-                pass
+        self._say_left(self._delete([name, *self._take_old()]))
+
+    def _say_left(self, failed: list[tuple[str, str]]) -> None:
+        if self.lost is None:
+            for n, why in failed:
+                self.warn(f"could not remove the lock {self.repo.where}/{n} ({why}); it goes "
+                          "stale (cloneaware unlock removes it then)")
 
 
 @dataclass
@@ -116,8 +280,10 @@ class LockInfo:
                 f"{self.data.get('hostname')} pid {self.data.get('pid')}, {age} s old")
 
 
-def read_locks(repo: LockedRepository) -> list[LockInfo]:
-    """Every lock, each marked stale or live (docs/REPOSITORY.md, "Locks")."""
+def read_locks(repo: LockedRepository, stale_after: float | None = None) -> list[LockInfo]:
+    """Every lock, each marked stale or live (docs/REPOSITORY.md, "Locks"):
+    on this host, by its pid; of another host, by its age."""
+    stale_ns = (Timings.from_env().stale if stale_after is None else stale_after) * 1e9
     out = []
     host = socket.gethostname()
     now = time.time_ns()
@@ -132,7 +298,7 @@ def read_locks(repo: LockedRepository) -> list[LockInfo]:
         if d["hostname"] == host:
             stale = not pid_alive(d["pid"])
         else:
-            stale = now - d["time_ns"] > STALE_AFTER * 1_000_000_000
+            stale = now - d["time_ns"] > stale_ns
         out.append(LockInfo(obj.name, d, stale))
     return out
 

@@ -19,7 +19,8 @@ class Packer:
     """Gathers stored blobs into packs of about ``pack_size`` bytes, written
     by ``connections`` uploader threads (at most that many packs, plus the
     one being filled, in memory).  Blobs are in the index once ``flush``
-    returns (or every INDEX_EVERY packs)."""
+    returns (or every INDEX_EVERY packs).  Every pack and index is written
+    only while the repository's lock holds (``Repository.check_lock``)."""
 
     def __init__(self, repo: Repository, connections: int = 2):
         self.repo = repo
@@ -67,6 +68,7 @@ class Packer:
 
     def _upload(self, entries: list[rf.PackEntry], parts: list[bytes]) -> None:
         try:
+            self.repo.check_lock()
             data = b"".join(parts)
             pid = rf.object_id(data)
             self.repo.backend.write(pack_name(pid), data)

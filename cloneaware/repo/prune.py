@@ -1,6 +1,7 @@
 """``prune``: drop what no snapshot needs, repack the rest.  The order of
 its writes keeps every snapshot restorable if it is killed at any moment
-(docs/REPOSITORY.md, "Crash safety and concurrency")."""
+(docs/REPOSITORY.md, "Crash safety and concurrency"), and nothing is
+deleted once its lock is lost (another command may then be writing)."""
 from __future__ import annotations
 
 import io
@@ -117,18 +118,19 @@ def prune(repo: Repository, dry_run: bool = False, connections: int = 2,
     # 3. the old index objects, then the packs no longer needed
     for obj in index_objs:
         if obj.name not in new_names:
-            repo.backend.delete(obj.name)
+            _delete(repo, obj.name)
     repo.backend.sync()
     for pid in delete + [p for p, _ in repack]:
-        repo.backend.delete(pack_name(pid.hex()))
+        _delete(repo, pack_name(pid.hex()))
     for o in old_orphans:
-        repo.backend.delete(o.name)
+        _delete(repo, o.name)
     res.orphans_deleted = len(old_orphans)
     strays = getattr(repo.backend, "strays", None)
     if strays is not None:
         for d in ("data", "index", "snapshots", "locks"):
             for o in strays(d):
                 if now - o.mtime > ORPHAN_GRACE:
+                    repo.check_lock()
                     repo.backend.delete_stray(o.name)  # type: ignore[attr-defined]
                     res.strays_deleted += 1
     repo.backend.sync()
@@ -137,3 +139,8 @@ def prune(repo: Repository, dry_run: bool = False, connections: int = 2,
         say(f"{res.orphans_kept} packs that no index lists were kept: younger than an hour, "
             "they may belong to a backup still running; a later prune removes them")
     return res
+
+
+def _delete(repo: Repository, name: str) -> None:
+    repo.check_lock()
+    repo.backend.delete(name)

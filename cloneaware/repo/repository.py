@@ -10,17 +10,18 @@ written (packer.py), choosing snapshots (snapshots.py), passwords and keys
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from typing import Protocol
 
 import zstandard
 
-from cloneaware.errors import RepositoryError, UsageError, WrongPassword
+from cloneaware.errors import LockLost, RepositoryError, UsageError, WrongPassword
 from cloneaware.repo import crypto
 from cloneaware.repo import format as rf
 from cloneaware.repo import snapshots as sn
 from cloneaware.repo.backend import Backend, pack_name
 from cloneaware.repo.blobindex import BlobIndex
-from cloneaware.repo.lock import Lock
+from cloneaware.repo.lock import Lock, Timings
 from cloneaware.repo.snapshots import Snapshot, now_rfc3339
 
 
@@ -43,6 +44,7 @@ class Repository:
         self.key_name = key_name
         self.index = BlobIndex()
         self._index_loaded = False
+        self._locks: list[Lock] = []
 
     # -- opening -------------------------------------------------------------------
 
@@ -163,6 +165,7 @@ class Repository:
                 self.index.loaded.add(f"index/{oid}")
             batch, count = [], 0
 
+        self.check_lock()
         for p in packs:
             if count + len(p.blobs) > per:
                 emit()
@@ -228,6 +231,7 @@ class Repository:
 
     def save_snapshot(self, data: dict) -> Snapshot:
         rf.check_snapshot(data, "new snapshot")
+        self.check_lock()
         sid = self.save_object(rf.K_SNAPSHOT, rf.encode_json(data), "snapshots")
         self.backend.sync()
         return Snapshot(sid, data)
@@ -246,8 +250,21 @@ class Repository:
 
     # -- locks -----------------------------------------------------------------------------
 
-    def lock(self, exclusive: bool, operation: str) -> Lock:
-        return Lock(self, exclusive, operation)
+    def lock(self, exclusive: bool, operation: str,
+             on_lost: Callable[[LockLost], None] | None = None,
+             warn: Callable[[str], None] | None = None,
+             timings: Timings | None = None) -> Lock:
+        """A lock to hold while ``operation`` runs (lock.py); ``check_lock``
+        then raises once it is lost."""
+        lk = Lock(self, exclusive, operation, on_lost, warn, timings)
+        self._locks.append(lk)
+        return lk
+
+    def check_lock(self) -> None:
+        """Raise LockLost if a lock taken here was lost: before a pack, an
+        index or a snapshot is written, or anything deleted."""
+        for lk in self._locks:
+            lk.check()
 
     def close(self) -> None:
         self.backend.close()
