@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any
@@ -407,10 +408,30 @@ def _opened(url: str | None, password_file: str | None = None, rsh: str | None =
             s3_endpoint: str | None = None, connections: int = 4, lock: str | None = None,
             operation: str = ""):
     """The repository, opened, locked (``lock``: None, "shared" or
-    "exclusive") and closed by repo/connect.py ``opened``."""
+    "exclusive") and closed by repo/connect.py ``opened``; a lost lock stops
+    the main thread wherever it is (_on_lock_lost), and a lock left behind
+    is said on stderr."""
     from cloneaware.repo.connect import opened
 
-    return opened(url, password_file, rsh, s3_endpoint, connections, lock, operation)
+    return opened(url, password_file, rsh, s3_endpoint, connections, lock, operation,
+                  on_lost=_on_lock_lost, warn=_err)
+
+
+#: the LockLost that SIGUSR1 raises in the main thread (set by _on_lock_lost)
+_lock_lost: list[Exception] = []
+
+
+def _on_lock_lost(error: Exception) -> None:
+    """Called on the lock's monitor thread: the main thread may be blocked in
+    a read or a wait, so it is sent SIGUSR1, whose handler raises the error
+    there."""
+    _lock_lost[:] = [error]
+    signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR1)
+
+
+def _raise_lock_lost(signum, frame):
+    if _lock_lost:
+        raise _lock_lost.pop()
 
 
 def _env_repo(repo: str | None) -> str | None:
@@ -1586,6 +1607,7 @@ def main() -> None:
     command makes first) the same line and code come from here."""
     signal.signal(signal.SIGINT, _raise_interrupt)
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGUSR1, _raise_lock_lost)
     try:
         app()
     except (Interrupted, KeyboardInterrupt) as e:

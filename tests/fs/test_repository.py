@@ -23,10 +23,16 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers.cli import cli, cli_json, cli_popen, finished
+from helpers.cli import assert_one_line_error, cli, cli_json, cli_popen, finished
 from helpers.treeutil import MiB, Snapshot, assert_close, assert_same_tree, physical_bytes
 
-from cloneaware.testing import reflink_copy, rewrite_blocks, timeout, write_random
+from cloneaware.testing import (
+    reflink_copy,
+    rewrite_blocks,
+    timeout,
+    write_letters,
+    write_random,
+)
 
 pytestmark = pytest.mark.root
 
@@ -446,6 +452,61 @@ def test_locks(btrfs_dir, tmp_path):
     assert b"removed 2 locks" in out.stdout, out
     assert list((repo / "locks").iterdir()) == []
     r.close()
+
+
+#: a lock rewritten every 0.1 s, stale after 1.5 s: lost after 1.3 s without a write
+#: (a margin a lock write slowed by a busy test machine still fits in)
+REFRESH, STALE = 0.1, 1.5
+LOST = STALE - 2 * REFRESH
+SHORT_LOCKS = {"CLONEAWARE_LOCK_REFRESH": str(REFRESH), "CLONEAWARE_LOCK_STALE": str(STALE)}
+
+
+def test_a_backup_whose_lock_cannot_be_refreshed_stops_before_it_could_go_stale(btrfs_dir):
+    """The locks directory made unwritable (chattr +i) while a backup runs:
+    once its lock could go stale for another host, the backup stops with
+    one line and exit 6, long before it would have finished, and writes no
+    snapshot.  The same backup with the directory writable runs for many
+    times the margin and lands: refreshing keeps the lock."""
+    src = btrfs_dir / "src"
+    src.mkdir()
+    write_letters(src / "slow.txt", 24 * MiB, 1)  # seconds of zstd:19 on the workers
+    env = {**os.environ, **SHORT_LOCKS}
+    ok_repo, repo = btrfs_dir / "ok", btrfs_dir / "repo"
+    init(ok_repo, "--grid", "128")  # small blobs: little work under way when it stops
+    init(repo, "--grid", "128")
+    t0 = time.monotonic()
+    cli("backup", "-r", ok_repo, "--compress", "zstd:19", src, env=env, check_rc=0,
+        timeout=timeout(120))
+    full = time.monotonic() - t0
+    assert full > 3 * LOST, full  # the lock outlived its margin several times over
+    assert len(list((ok_repo / "snapshots").iterdir())) == 1
+    assert list((ok_repo / "locks").iterdir()) == []
+
+    p = cli_popen("backup", "-r", repo, "--compress", "zstd:19", src, env=env)
+    locks = repo / "locks"
+    try:
+        deadline = time.monotonic() + timeout(30)
+        while not [f for f in locks.iterdir() if len(f.name) == 64]:  # not a .partial
+            assert p.poll() is None and time.monotonic() < deadline, "no lock taken"
+            time.sleep(0.005)
+        subprocess.run(["chattr", "+i", locks], check=True)
+        t0 = time.monotonic()
+        r = finished(p, ["backup"], timeout=timeout(120))
+        took = time.monotonic() - t0
+    finally:
+        subprocess.run(["chattr", "-i", locks], check=True)
+    line = assert_one_line_error(r, rc=6)
+    assert "the lock of backup could not be refreshed for" in line, line
+    assert "Operation not permitted" in line, line
+    assert "stopped before another command could take it as stale" in line, line
+    # not at the first failed write, but once the lock was lost (LOST after the last
+    # write that worked), mid-backup, not at its end
+    assert LOST - REFRESH < took < full / 2, (took, full)
+    assert list((repo / "snapshots").iterdir()) == []
+    left = [f for f in locks.iterdir() if len(f.name) == 64]
+    assert left  # it could not be removed; stale, now that its process is gone
+    out = cli("unlock", "-r", repo, check_rc=0).stdout
+    assert f"removed {len(left)} locks".encode() in out, out
 
 
 # --- restore, export, import ----------------------------------------------------------------
