@@ -152,7 +152,9 @@ def _handled(as_json: bool = False, to_stderr: bool = False) -> Iterator[None]:
     installs the handlers), never as a KeyboardInterrupt that typer would
     turn into a silent exit."""
 
-    def fail(message: str, code: int) -> None:
+    def fail(message: str, code: int, e: BaseException | None = None) -> None:
+        for note in getattr(e, "__notes__", ()):  # what else it left (a lock, say)
+            message += f"; {note}"
         _err(message)
         if as_json:
             _json_error(message, code, to_stderr)
@@ -160,13 +162,13 @@ def _handled(as_json: bool = False, to_stderr: bool = False) -> Iterator[None]:
     try:
         yield
     except Interrupted as e:
-        fail(str(e), EXIT_INTERRUPTED)
+        fail(str(e), EXIT_INTERRUPTED, e)
         _exit_now(EXIT_INTERRUPTED)
     except CloneawareError as e:
-        fail(str(e), e.exit_code)
+        fail(str(e), e.exit_code, e)
         raise typer.Exit(e.exit_code) from None
-    except KeyboardInterrupt:
-        fail("interrupted by SIGINT", EXIT_INTERRUPTED)
+    except KeyboardInterrupt as e:
+        fail("interrupted by SIGINT", EXIT_INTERRUPTED, e)
         _exit_now(EXIT_INTERRUPTED)
     except BrokenPipeError:
         # the reader went away (e.g. `| head`): not our error to report twice
@@ -176,7 +178,7 @@ def _handled(as_json: bool = False, to_stderr: bool = False) -> Iterator[None]:
             pass
         raise typer.Exit(EXIT_IO) from None
     except OSError as e:
-        fail(describe_oserror(e), EXIT_IO)
+        fail(describe_oserror(e), EXIT_IO, e)
         raise typer.Exit(EXIT_IO) from None
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from cloneaware.errors import (
+    CloneawareError,
     LockLost,
     RepositoryError,
     RepositoryLocked,
@@ -107,8 +108,7 @@ class Lock:
 
     ``on_lost(error)``: called once, from the lock's monitor thread, when
     the lock is lost.  ``warn``: where to say that the lock could not be
-    removed at the end (default: standard error); a lost lock is not
-    reported again there, its LockLost says it."""
+    removed at the end (default: standard error)."""
 
     def __init__(self, repo: LockedRepository, exclusive: bool, operation: str,
                  on_lost: Callable[[LockLost], None] | None = None,
@@ -248,19 +248,27 @@ class Lock:
 
     # -- the end ---------------------------------------------------------------------------
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         self._stop.set()
         if self._refresher is not None:  # a write under way ends first, not killed at exit
             self._refresher.join(EXIT_WAIT)
         with self._mutex:
             name, self.name = self.name, None
-        self._say_left(self._delete([name, *self._take_old()]))
+        self._say_left(self._delete([name, *self._take_old()]), exc)
 
-    def _say_left(self, failed: list[tuple[str, str]]) -> None:
-        if self.lost is None:
-            for n, why in failed:
-                self.warn(f"could not remove the lock {self.repo.where}/{n} ({why}); it goes "
-                          "stale (cloneaware unlock removes it then)")
+    def _say_left(self, failed: list[tuple[str, str]], exc: BaseException | None = None
+                  ) -> None:
+        """A lock we could not remove goes stale; say so.  When the command
+        is failing with an error it reports in one line (its cause is most
+        likely the same), as a note on that error, so that it stays one."""
+        if not failed:
+            return
+        if isinstance(exc, (CloneawareError, OSError, KeyboardInterrupt)):
+            exc.add_note("its lock was left behind (cloneaware unlock removes it once stale)")
+            return
+        for n, why in failed:
+            self.warn(f"could not remove the lock {self.repo.where}/{n} ({why}); it goes "
+                      "stale (cloneaware unlock removes it then)")
 
 
 @dataclass

@@ -499,6 +499,8 @@ def test_a_backup_whose_lock_cannot_be_refreshed_stops_before_it_could_go_stale(
     assert "the lock of backup could not be refreshed for" in line, line
     assert "Operation not permitted" in line, line
     assert "stopped before another command could take it as stale" in line, line
+    assert line.endswith("; its lock was left behind (cloneaware unlock removes it once "
+                         "stale)"), line
     # not at the first failed write, but once the lock was lost (LOST after the last
     # write that worked), mid-backup, not at its end
     assert LOST - REFRESH < took < full / 2, (took, full)

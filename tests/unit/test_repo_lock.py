@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from cloneaware.errors import LockLost, RepositoryLocked, UsageError
+from cloneaware.errors import LockLost, RepositoryError, RepositoryLocked, UsageError
 from cloneaware.repo import format as rf
 from cloneaware.repo.backend import LocalBackend
 from cloneaware.repo.lock import Lock, Timings, read_locks, unlock
@@ -221,6 +221,18 @@ def test_a_lock_left_behind_is_said(repo):
     assert len(said) == 1 and name in said[0] and "goes stale" in said[0]
     repo.backend.failing = False
     assert locks(repo) == [name]
+
+
+def test_a_lock_left_behind_by_a_failing_command_is_a_note_on_its_error(repo):
+    """The error is the one line a user sees: the lock is said there."""
+    said: list[str] = []
+    with pytest.raises(RepositoryError, match="the command failed") as failed:
+        with held(repo, warn=said.append):
+            repo.backend.failing = True
+            raise RepositoryError("the command failed")
+    assert said == []
+    assert failed.value.__notes__ == ["its lock was left behind (cloneaware unlock removes "
+                                      "it once stale)"]
 
 
 # --- timings from the environment ------------------------------------------------------------
