@@ -464,25 +464,23 @@ SHORT_LOCKS = {"CLONEAWARE_LOCK_REFRESH": str(REFRESH), "CLONEAWARE_LOCK_STALE":
 def test_a_backup_whose_lock_cannot_be_refreshed_stops_before_it_could_go_stale(btrfs_dir):
     """The locks directory made unwritable (chattr +i) while a backup runs:
     once its lock could go stale for another host, the backup stops with
-    one line and exit 6, long before it would have finished, and writes no
-    snapshot.  The same backup with the directory writable runs for many
-    times the margin and lands: refreshing keeps the lock."""
+    one line and exit 6, wherever it is (not at its next pack, which is far
+    off), and writes no snapshot.  The same backup, run beside it with its
+    locks directory writable, lasts well over the margin and lands:
+    refreshing keeps the lock.  Run side by side, the two see the same load.
+    (That it does not stop at the first failed write is tested with exact
+    timings in tests/unit/test_repo_lock.py.)"""
     src = btrfs_dir / "src"
     src.mkdir()
-    write_letters(src / "slow.txt", 24 * MiB, 1)  # seconds of zstd:19 on the workers
+    write_letters(src / "slow.txt", 80 * MiB, 1)  # seconds of zstd:19 on the workers
     env = {**os.environ, **SHORT_LOCKS}
     ok_repo, repo = btrfs_dir / "ok", btrfs_dir / "repo"
     init(ok_repo, "--grid", "128")  # small blobs: little work under way when it stops
     init(repo, "--grid", "128")
+    args = ("backup", "--compress", "zstd:19", src)
     t0 = time.monotonic()
-    cli("backup", "-r", ok_repo, "--compress", "zstd:19", src, env=env, check_rc=0,
-        timeout=timeout(120))
-    full = time.monotonic() - t0
-    assert full > 3 * LOST, full  # the lock outlived its margin several times over
-    assert len(list((ok_repo / "snapshots").iterdir())) == 1
-    assert list((ok_repo / "locks").iterdir()) == []
-
-    p = cli_popen("backup", "-r", repo, "--compress", "zstd:19", src, env=env)
+    ok = cli_popen(*args, "-r", ok_repo, env=env)
+    p = cli_popen(*args, "-r", repo, env=env)
     locks = repo / "locks"
     try:
         deadline = time.monotonic() + timeout(30)
@@ -490,9 +488,9 @@ def test_a_backup_whose_lock_cannot_be_refreshed_stops_before_it_could_go_stale(
             assert p.poll() is None and time.monotonic() < deadline, "no lock taken"
             time.sleep(0.005)
         subprocess.run(["chattr", "+i", locks], check=True)
-        t0 = time.monotonic()
+        t1 = time.monotonic()
         r = finished(p, ["backup"], timeout=timeout(120))
-        took = time.monotonic() - t0
+        took = time.monotonic() - t1
     finally:
         subprocess.run(["chattr", "-i", locks], check=True)
     line = assert_one_line_error(r, rc=6)
@@ -501,14 +499,20 @@ def test_a_backup_whose_lock_cannot_be_refreshed_stops_before_it_could_go_stale(
     assert "stopped before another command could take it as stale" in line, line
     assert line.endswith("; its lock was left behind (cloneaware unlock removes it once "
                          "stale)"), line
-    # not at the first failed write, but once the lock was lost (LOST after the last
-    # write that worked), mid-backup, not at its end
-    assert LOST - REFRESH < took < full / 2, (took, full)
     assert list((repo / "snapshots").iterdir()) == []
     left = [f for f in locks.iterdir() if len(f.name) == 64]
     assert left  # it could not be removed; stale, now that its process is gone
     out = cli("unlock", "-r", repo, check_rc=0).stdout
     assert f"removed {len(left)} locks".encode() in out, out
+
+    finished(ok, ["backup"], check_rc=0, timeout=timeout(120))
+    full = time.monotonic() - t0
+    assert full > 2 * LOST, full  # the lock outlived its margin, more than once
+    assert len(list((ok_repo / "snapshots").iterdir())) == 1
+    assert list((ok_repo / "locks").iterdir()) == []
+    # stopped a lock's margin after the directory froze, not at its first pack (16 MiB
+    # of about 40 stored: well past a third of the way) nor at its end
+    assert took < full / 3, (took, full)
 
 
 # --- restore, export, import ----------------------------------------------------------------
