@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any
@@ -151,7 +152,9 @@ def _handled(as_json: bool = False, to_stderr: bool = False) -> Iterator[None]:
     installs the handlers), never as a KeyboardInterrupt that typer would
     turn into a silent exit."""
 
-    def fail(message: str, code: int) -> None:
+    def fail(message: str, code: int, e: BaseException | None = None) -> None:
+        for note in getattr(e, "__notes__", ()):  # what else it left (a lock, say)
+            message += f"; {note}"
         _err(message)
         if as_json:
             _json_error(message, code, to_stderr)
@@ -159,13 +162,13 @@ def _handled(as_json: bool = False, to_stderr: bool = False) -> Iterator[None]:
     try:
         yield
     except Interrupted as e:
-        fail(str(e), EXIT_INTERRUPTED)
+        fail(str(e), EXIT_INTERRUPTED, e)
         _exit_now(EXIT_INTERRUPTED)
     except CloneawareError as e:
-        fail(str(e), e.exit_code)
+        fail(str(e), e.exit_code, e)
         raise typer.Exit(e.exit_code) from None
-    except KeyboardInterrupt:
-        fail("interrupted by SIGINT", EXIT_INTERRUPTED)
+    except KeyboardInterrupt as e:
+        fail("interrupted by SIGINT", EXIT_INTERRUPTED, e)
         _exit_now(EXIT_INTERRUPTED)
     except BrokenPipeError:
         # the reader went away (e.g. `| head`): not our error to report twice
@@ -175,7 +178,7 @@ def _handled(as_json: bool = False, to_stderr: bool = False) -> Iterator[None]:
             pass
         raise typer.Exit(EXIT_IO) from None
     except OSError as e:
-        fail(describe_oserror(e), EXIT_IO)
+        fail(describe_oserror(e), EXIT_IO, e)
         raise typer.Exit(EXIT_IO) from None
 
 
@@ -403,16 +406,34 @@ S3ConnOpt = Annotated[int, typer.Option(
     "ssh:// repositories.")]
 
 
-def _open_repo(url: str | None, password_file: str | None = None, rsh: str | None = None,
-               s3_endpoint: str | None = None, connections: int = 4):
-    from cloneaware.repo.connect import open_backend
-    from cloneaware.repo.repository import Password, Repository
+def _opened(url: str | None, password_file: str | None = None, rsh: str | None = None,
+            s3_endpoint: str | None = None, connections: int = 4, lock: str | None = None,
+            operation: str = ""):
+    """The repository, opened, locked (``lock``: None, "shared" or
+    "exclusive") and closed by repo/connect.py ``opened``; a lost lock stops
+    the main thread wherever it is (_on_lock_lost), and a lock left behind
+    is said on stderr."""
+    from cloneaware.repo.connect import opened
 
-    if not url:
-        raise UsageError("no repository: give -r REPO or set CLONEAWARE_REPOSITORY")
-    backend = open_backend(url, rsh=rsh, s3={"endpoint": s3_endpoint,
-                                             "connections": connections})
-    return Repository.open(backend, Password(password_file))
+    return opened(url, password_file, rsh, s3_endpoint, connections, lock, operation,
+                  on_lost=_on_lock_lost, warn=_err)
+
+
+#: the LockLost that SIGUSR1 raises in the main thread (set by _on_lock_lost)
+_lock_lost: list[Exception] = []
+
+
+def _on_lock_lost(error: Exception) -> None:
+    """Called on the lock's monitor thread: the main thread may be blocked in
+    a read or a wait, so it is sent SIGUSR1, whose handler raises the error
+    there."""
+    _lock_lost[:] = [error]
+    signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR1)
+
+
+def _raise_lock_lost(signum, frame):
+    if _lock_lost:
+        raise _lock_lost.pop()
 
 
 def _env_repo(repo: str | None) -> str | None:
@@ -604,38 +625,35 @@ def _backup_repo(paths, repo, host, tags, from_archive, password_file, s3_endpoi
     if base is not None or sparse:
         raise UsageError("--base and --sparse make thin archives (-o), not snapshots")
     _codec, level = parse_compress(compress)
-    r = _open_repo(repo, password_file, rsh, s3_endpoint, connections)
-    try:
-        with r.lock(False, "backup"):
-            if from_archive is not None:
-                if paths:
-                    raise UsageError("give --from-archive FILE or PATHs, not both")
-                if dry_run:
-                    raise UsageError("--dry-run is for PATHs, not --from-archive")
-                from cloneaware.archive.records import open_archive
-                from cloneaware.errors import SharingMapGiven
+    with _opened(repo, password_file, rsh, s3_endpoint, connections,
+                 lock="shared", operation="backup") as r:
+        if from_archive is not None:
+            if paths:
+                raise UsageError("give --from-archive FILE or PATHs, not both")
+            if dry_run:
+                raise UsageError("--dry-run is for PATHs, not --from-archive")
+            from cloneaware.archive.records import open_archive
+            from cloneaware.errors import SharingMapGiven
 
-                with open_archive(from_archive) as f:
-                    try:
-                        snap, counts = import_archive(r, f, from_archive, host, tags, level,
-                                                      connections, _err)
-                    except SharingMapGiven:
-                        raise SharingMapGiven(from_archive) from None
-                d = {"snapshot": snap.id, **counts}
-                if as_json:
-                    _say(json.dumps(d, indent=2))
-                else:
-                    _report(f"snapshot {snap.short_id} of {from_archive}: {d['files']} "
-                         f"files, added {_human(d['added_bytes'])}")
-                return
-            if not paths:
-                raise UsageError("give the PATHs to back up")
-            sink = RepositorySink(r, paths, host, tags, level, connections, _err,
-                                  anchors=not no_pit, dry_run=dry_run)
-            with _progress(True, None, "backup") as prog:
-                s = Backup(paths, sink, progress=prog, **common).run()
-    finally:
-        r.close()
+            with open_archive(from_archive) as f:
+                try:
+                    snap, counts = import_archive(r, f, from_archive, host, tags, level,
+                                                  connections, _err)
+                except SharingMapGiven:
+                    raise SharingMapGiven(from_archive) from None
+            d = {"snapshot": snap.id, **counts}
+            if as_json:
+                _say(json.dumps(d, indent=2))
+            else:
+                _report(f"snapshot {snap.short_id} of {from_archive}: {d['files']} "
+                     f"files, added {_human(d['added_bytes'])}")
+            return
+        if not paths:
+            raise UsageError("give the PATHs to back up")
+        sink = RepositorySink(r, paths, host, tags, level, connections, _err,
+                              anchors=not no_pit, dry_run=dry_run)
+        with _progress(True, None, "backup") as prog:
+            s = Backup(paths, sink, progress=prog, **common).run()
     d = s.as_dict()
     d["dry_run"] = dry_run
     if as_json:
@@ -771,22 +789,19 @@ def _restore_repo(specs, dest, repo, password_file, s3_endpoint, connections, rs
 
     if base is not None or trust_base:
         raise UsageError("--base and --trust-base are for thin archives")
-    r = _open_repo(repo, password_file, rsh, s3_endpoint, connections)
-    try:
-        with r.lock(False, "restore"):
-            snaps = r.snapshots()
-            chosen = []
-            for spec in specs:
-                sn = r.find(spec, snaps)
-                if sn not in chosen:
-                    chosen.append(sn)
-            with _progress(not dry_run, None, "restore") as prog:
-                return restore_snapshots(r, chosen, dest, dry_run=dry_run, force=force,
-                                         progress=prog, warn=_err,
-                                         reshare_existing=reshare_existing, select=select,
-                                         listed=listed)
-    finally:
-        r.close()
+    with _opened(repo, password_file, rsh, s3_endpoint, connections,
+                 lock="shared", operation="restore") as r:
+        snaps = r.snapshots()
+        chosen = []
+        for spec in specs:
+            sn = r.find(spec, snaps)
+            if sn not in chosen:
+                chosen.append(sn)
+        with _progress(not dry_run, None, "restore") as prog:
+            return restore_snapshots(r, chosen, dest, dry_run=dry_run, force=force,
+                                     progress=prog, warn=_err,
+                                     reshare_existing=reshare_existing, select=select,
+                                     listed=listed)
 
 
 def _restore_report(s, as_json: bool, dry_run: bool = False) -> None:
@@ -866,13 +881,10 @@ def reshare(
                 spec, dest = targets
             else:
                 raise UsageError("give -r REPO SNAPSHOT DEST")
-            r = _open_repo(repo, password_file, rsh, s3_endpoint)
-            try:
-                with r.lock(False, "reshare"):
-                    snap = r.find(spec)
-                    manifest = r.manifest(snap)
-            finally:
-                r.close()
+            with _opened(repo, password_file, rsh, s3_endpoint,
+                         lock="shared", operation="reshare") as r:
+                snap = r.find(spec)
+                manifest = r.manifest(snap)
             with _progress(True, None, "reshare") as prog:
                 rs = Reshare(dest, dry_run, prog, _err)
                 res = rs.run_manifest(manifest)
@@ -955,14 +967,11 @@ def ls_cmd(
         sub = targets[1] if len(targets) == 2 else None
         snap_info = None
         if repo:
-            r = _open_repo(repo, password_file, rsh, s3_endpoint)
-            try:
-                with r.lock(False, "ls"):
-                    snap = r.find(targets[0])
-                    c = read_contents(io.BytesIO(r.manifest(snap)), long)
-                    snap_info = snap.to_json()
-            finally:
-                r.close()
+            with _opened(repo, password_file, rsh, s3_endpoint,
+                         lock="shared", operation="ls") as r:
+                snap = r.find(targets[0])
+                c = read_contents(io.BytesIO(r.manifest(snap)), long)
+                snap_info = snap.to_json()
         else:
             f = _open_archive_any(targets[0], rsh)
             try:
@@ -1044,14 +1053,11 @@ def diff(
             raise UsageError("only one of the two can be standard input")
         repo = _repo_for(targets, repo)
         if repo:
-            r = _open_repo(repo, password_file, rsh, s3_endpoint)
-            try:
-                with r.lock(False, "diff"):
-                    snaps = r.snapshots()
-                    a, b = (read_contents(io.BytesIO(r.manifest(r.find(t, snaps))), True,
-                                          blobs=True) for t in targets)
-            finally:
-                r.close()
+            with _opened(repo, password_file, rsh, s3_endpoint,
+                         lock="shared", operation="diff") as r:
+                snaps = r.snapshots()
+                a, b = (read_contents(io.BytesIO(r.manifest(r.find(t, snaps))), True,
+                                      blobs=True) for t in targets)
         else:
             got = []
             for t in targets:
@@ -1180,7 +1186,8 @@ def init(
 ) -> None:
     """Make a new, empty repository (the directory or bucket prefix must be empty)."""
     from cloneaware.repo.connect import open_backend
-    from cloneaware.repo.repository import Password, Repository
+    from cloneaware.repo.keys import Password
+    from cloneaware.repo.repository import Repository
 
     with _handled():
         url = _env_repo(repo)
@@ -1210,11 +1217,8 @@ def snapshots(
 ) -> None:
     """List the snapshots of a repository, oldest first."""
     with _handled(as_json):
-        r = _open_repo(_env_repo(repo), password_file, rsh, s3_endpoint)
-        try:
+        with _opened(_env_repo(repo), password_file, rsh, s3_endpoint) as r:
             snaps = [s for s in r.snapshots() if host is None or s.hostname == host]
-        finally:
-            r.close()
         if as_json:
             typer.echo(json.dumps([s.to_json() for s in snaps], indent=2))
             return
@@ -1251,18 +1255,16 @@ def forget(
 ) -> None:
     """Remove snapshots, keeping those the --keep options name in each group of
     snapshots of the same host and PATHs."""
-    from cloneaware.repo import maintain
     from cloneaware.repo.forget import Policy
+    from cloneaware.repo.forget import forget as forget_snapshots
+    from cloneaware.repo.prune import prune as prune_repo
 
     with _handled(as_json):
         policy = Policy(keep_last, keep_daily, keep_weekly, keep_monthly)
-        r = _open_repo(_env_repo(repo), password_file, rsh, s3_endpoint, connections)
-        try:
-            with r.lock(True, "forget"):
-                res = maintain.forget(r, policy, dry_run, host)
-                pr = maintain.prune(r, dry_run, connections, _err) if do_prune else None
-        finally:
-            r.close()
+        with _opened(_env_repo(repo), password_file, rsh, s3_endpoint, connections,
+                     lock="exclusive", operation="forget") as r:
+            res = forget_snapshots(r, policy, dry_run, host)
+            pr = prune_repo(r, dry_run, connections, _err) if do_prune else None
         if as_json:
             typer.echo(json.dumps({
                 "kept": [{**s.to_json(), "reasons": why} for s, why in res.kept],
@@ -1299,15 +1301,12 @@ def prune(
     quiet: QuietOpt = False,
 ) -> None:
     """Delete the data no snapshot needs (repacking packs that are partly needed)."""
-    from cloneaware.repo import maintain
+    from cloneaware.repo.prune import prune as prune_repo
 
     with _handled(as_json):
-        r = _open_repo(_env_repo(repo), password_file, rsh, s3_endpoint, connections)
-        try:
-            with r.lock(True, "prune"):
-                pr = maintain.prune(r, dry_run, connections, _err)
-        finally:
-            r.close()
+        with _opened(_env_repo(repo), password_file, rsh, s3_endpoint, connections,
+                     lock="exclusive", operation="prune") as r:
+            pr = prune_repo(r, dry_run, connections, _err)
         if as_json:
             typer.echo(json.dumps(pr.__dict__, indent=2))
         else:
@@ -1329,15 +1328,12 @@ def check(
     """Check that every object is sound and every snapshot finds every blob.
     Exit 0 if so, 3 with the problems named otherwise."""
     from cloneaware.errors import EXIT_ARCHIVE
-    from cloneaware.repo import maintain
+    from cloneaware.repo.check import check as check_repo
 
     with _handled(as_json):
-        r = _open_repo(_env_repo(repo), password_file, rsh, s3_endpoint)
-        try:
-            with r.lock(False, "check"):
-                res = maintain.check(r, read_data)
-        finally:
-            r.close()
+        with _opened(_env_repo(repo), password_file, rsh, s3_endpoint,
+                     lock="shared", operation="check") as r:
+            res = check_repo(r, read_data)
         enc = r.crypto.encrypted
         if as_json:
             typer.echo(json.dumps({**res.__dict__, "encrypted": enc, "ok": not res.errors},
@@ -1372,21 +1368,14 @@ def unlock(
 ) -> None:
     """Remove stale locks: those of processes gone from this host, and those of
     other hosts older than 30 minutes."""
-    from cloneaware.repo.repository import read_locks
+    from cloneaware.repo.lock import unlock as do_unlock
 
     with _handled():
-        r = _open_repo(_env_repo(repo), password_file, rsh, s3_endpoint)
-        try:
-            n = 0
-            for lk in read_locks(r):
-                if lk.stale or remove_all:
-                    r.backend.delete(lk.name)
-                    n += 1
-                else:
-                    _err(f"kept {lk.describe()}")
-        finally:
-            r.close()
-        typer.echo(f"removed {n} locks")
+        with _opened(_env_repo(repo), password_file, rsh, s3_endpoint) as r:
+            res = do_unlock(r, remove_all)
+        for lk in res.kept:
+            _err(f"kept {lk.describe()}")
+        typer.echo(f"removed {len(res.removed)} locks")
 
 
 @app.command(cls=_Command)
@@ -1415,19 +1404,16 @@ def export(
     with _handled(as_json, to_stderr=output == "-"):
         _codec, level = parse_compress(compress)
         opener = file_output(output, force)
-        r = _open_repo(_env_repo(repo), password_file, rsh, s3_endpoint)
-        try:
-            with r.lock(False, "export"):
-                snap = r.find(snapshot)
-                out = opener()
-                try:
-                    d = do_export(r, snap, out, output, level)
-                    out.commit()
-                except BaseException:
-                    out.abort()
-                    raise
-        finally:
-            r.close()
+        with _opened(_env_repo(repo), password_file, rsh, s3_endpoint,
+                     lock="shared", operation="export") as r:
+            snap = r.find(snapshot)
+            out = opener()
+            try:
+                d = do_export(r, snap, out, output, level)
+                out.commit()
+            except BaseException:
+                out.abort()
+                raise
         if as_json:
             _say(json.dumps({"snapshot": snap.id, **d}, indent=2), to_stderr=output == "-")
         elif output != "-":
@@ -1442,31 +1428,26 @@ key_app = typer.Typer(help="Manage the passwords of an encrypted repository.",
 app.add_typer(key_app, name="key")
 
 
+@contextmanager
 def _key_repo(repo, password_file, rsh, s3_endpoint):
-    r = _open_repo(_env_repo(repo), password_file, rsh, s3_endpoint)
-    if not r.crypto.encrypted:
-        r.close()
-        raise UsageError(f"{r.where}: not encrypted: it has no keys")
-    return r
+    with _opened(_env_repo(repo), password_file, rsh, s3_endpoint) as r:
+        if not r.crypto.encrypted:
+            raise UsageError(f"{r.where}: not encrypted: it has no keys")
+        yield r
 
 
 @key_app.command("list", cls=_Command)
 def key_list(repo: RepoOpt = None, password_file: PasswordOpt = None, rsh: RshOpt = None,
              s3_endpoint: S3EndpointOpt = None) -> None:
     """List the key objects (one per password)."""
-    from cloneaware.repo.format import decode_json
+    from cloneaware.repo.keys import key_list as list_keys
 
     with _handled():
-        r = _key_repo(repo, password_file, rsh, s3_endpoint)
-        try:
-            for k in sorted(r.backend.listing("keys"), key=lambda k: k.mtime):
-                d = decode_json(r.backend.read(k.name), k.name)
-                mark = "*" if k.name == r.key_name else " "
-                typer.echo(f"{mark} {k.name[5:13]}  {d.get('created', '?')}  "
-                           f"{d.get('username', '?')}@{d.get('hostname', '?')}  "
-                           f"scrypt N={d.get('n')}")
-        finally:
-            r.close()
+        with _key_repo(repo, password_file, rsh, s3_endpoint) as r:
+            found = list_keys(r)
+        for k in found:
+            typer.echo(f"{'*' if k.current else ' '} {k.short_id}  {k.created}  "
+                       f"{k.username}@{k.hostname}  scrypt N={k.n}")
 
 
 @key_app.command("add", cls=_Command)
@@ -1482,11 +1463,8 @@ def key_add(repo: RepoOpt = None, password_file: PasswordOpt = None, rsh: RshOpt
     from cloneaware.repo import keys
 
     with _handled():
-        r = _key_repo(repo, password_file, rsh, s3_endpoint)
-        try:
+        with _key_repo(repo, password_file, rsh, s3_endpoint) as r:
             name = keys.add(r, keys.new_password(new_password_file), kdf_n)
-        finally:
-            r.close()
         typer.echo(f"added key {name[5:13]}")
 
 
@@ -1499,11 +1477,8 @@ def key_remove(key_id: Annotated[str, typer.Argument(metavar="KEY_ID",
     from cloneaware.repo import keys
 
     with _handled():
-        r = _key_repo(repo, password_file, rsh, s3_endpoint)
-        try:
+        with _key_repo(repo, password_file, rsh, s3_endpoint) as r:
             name = keys.remove(r, key_id)
-        finally:
-            r.close()
         typer.echo(f"removed key {name[5:13]}")
 
 
@@ -1520,11 +1495,8 @@ def key_passwd(repo: RepoOpt = None, password_file: PasswordOpt = None, rsh: Rsh
     from cloneaware.repo import keys
 
     with _handled():
-        r = _key_repo(repo, password_file, rsh, s3_endpoint)
-        try:
+        with _key_repo(repo, password_file, rsh, s3_endpoint) as r:
             name = keys.passwd(r, keys.new_password(new_password_file), kdf_n)
-        finally:
-            r.close()
         typer.echo(f"changed the password: key {name[5:13]} replaces the old one")
 
 
@@ -1564,6 +1536,7 @@ def main() -> None:
     command makes first) the same line and code come from here."""
     signal.signal(signal.SIGINT, _raise_interrupt)
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGUSR1, _raise_lock_lost)
     try:
         app()
     except (Interrupted, KeyboardInterrupt) as e:

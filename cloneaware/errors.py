@@ -19,7 +19,7 @@ EXIT_USAGE = 2         # bad arguments or paths (typer uses 2 as well)
 EXIT_ARCHIVE = 3       # archive damaged, truncated, hostile or of a newer version
 EXIT_IO = 4            # the job could not finish: I/O error, no space, permission denied
 EXIT_BASE = 5          # thin restore: base missing or different from the backup
-EXIT_LOCKED = 6        # the repository is locked by another command
+EXIT_LOCKED = 6        # the repository is locked by another command, or our lock was lost
 EXIT_KEY = 7           # wrong password, or no key in the repository opens it
 EXIT_INTERRUPTED = 130  # SIGINT or SIGTERM
 
@@ -31,7 +31,8 @@ EXIT_CODES = {
                   "format",
     EXIT_IO: "an I/O error stopped the job (no space, permission denied, ...)",
     EXIT_BASE: "thin restore: the base is missing or differs from the backup",
-    EXIT_LOCKED: "the repository is locked by another command (see cloneaware unlock)",
+    EXIT_LOCKED: "the repository is locked by another command (see cloneaware unlock), or "
+                 "this command's lock could not be refreshed and it stopped",
     EXIT_KEY: "wrong password: no key of the repository opens with it",
     EXIT_INTERRUPTED: "interrupted by SIGINT or SIGTERM; nothing half-written was left",
 }
@@ -92,6 +93,14 @@ class RepositoryError(CloneawareError):
 
 class RepositoryLocked(CloneawareError):
     """Another command holds a lock that this one cannot share."""
+
+    exit_code = EXIT_LOCKED
+
+
+class LockLost(CloneawareError):
+    """This command's lock could not be refreshed for so long that another
+    command could soon take it as stale: the command stopped before it
+    wrote or deleted anything more (docs/REPOSITORY.md, "Locks")."""
 
     exit_code = EXIT_LOCKED
 

@@ -1,18 +1,22 @@
-"""Open the backend for a repository URL: a directory, ssh://... (through
-``cloneaware serve``) or s3://... (boto3).  Apart from repo/backend.py so
-that the local backend, which the ssh and S3 backends build on, does not
-import them back."""
+"""Open a repository from its URL: a directory, ssh://... (through
+``cloneaware serve``) or s3://... (boto3).  ``open_backend`` is apart from
+repo/backend.py so that the local backend, which the ssh and S3 backends
+build on, does not import them back; ``opened`` is what every command on a
+repository does around its work (open, lock, close), written once as
+Borg's ``with_repository`` is."""
 from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
-from cloneaware.errors import UsageError
+from cloneaware.errors import LockLost, UsageError
 from cloneaware.repo.backend import Backend, LocalBackend
+from cloneaware.repo.keys import Password
+from cloneaware.repo.repository import Repository
 
-
-def is_repository_url(s: str) -> bool:
-    return s.startswith(("ssh://", "s3://"))
+LOCKS = (None, "shared", "exclusive")
 
 
 def open_backend(url: str, rsh: str | None = None, s3: dict | None = None,
@@ -38,3 +42,32 @@ def open_backend(url: str, rsh: str | None = None, s3: dict | None = None,
             raise UsageError(f"{url} is not a repository directory")
     return LocalBackend(url)
 
+
+@contextmanager
+def opened(url: str | None, password_file: str | None = None, rsh: str | None = None,
+           s3_endpoint: str | None = None, connections: int = 4, lock: str | None = None,
+           operation: str = "", on_lost: Callable[[LockLost], None] | None = None,
+           warn: Callable[[str], None] | None = None) -> Iterator[Repository]:
+    """The repository at ``url``, opened with the password from
+    ``password_file`` (keys.Password), held under a ``lock`` ("shared",
+    "exclusive" or None) for ``operation``, and closed at the end whatever
+    happens.  ``on_lost`` and ``warn`` go to the lock (lock.Lock)."""
+    if lock not in LOCKS:
+        raise ValueError(f"lock={lock!r}: one of {LOCKS}")
+    if not url:
+        raise UsageError("no repository: give -r REPO or set CLONEAWARE_REPOSITORY")
+    backend = open_backend(url, rsh=rsh, s3={"endpoint": s3_endpoint,
+                                             "connections": connections})
+    try:
+        repo = Repository.open(backend, Password(password_file))
+    except BaseException:
+        backend.close()
+        raise
+    try:
+        if lock is None:
+            yield repo
+        else:
+            with repo.lock(lock == "exclusive", operation, on_lost, warn):
+                yield repo
+    finally:
+        repo.close()

@@ -1,15 +1,19 @@
-"""Which snapshots ``forget`` keeps: per group of snapshots of the same host
-and PATHs, the union of --keep-last N (the N newest), --keep-daily N (the
-newest of each of the N newest days that have one), --keep-weekly N (ISO
-weeks) and --keep-monthly N, as restic and Borg count them.  Days, weeks
-and months are in UTC.  Pure logic: tested without a repository.
+"""``forget``: which snapshots it keeps, and removing the others.  Per group
+of snapshots of the same host and PATHs, the union of --keep-last N (the N
+newest), --keep-daily N (the newest of each of the N newest days that have
+one), --keep-weekly N (ISO weeks) and --keep-monthly N, as restic and Borg
+count them.  Days, weeks and months are in UTC.  The policy (``keep``) is
+pure logic, tested without a repository; ``forget`` applies it to one.
 """
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cloneaware.errors import UsageError
+from cloneaware.repo.repository import Repository
+from cloneaware.repo.snapshots import Snapshot
+from cloneaware.source.anchors import Mounts, drop_snapshots
 
 
 @dataclass(frozen=True)
@@ -52,3 +56,40 @@ def keep(times: list[tuple[str, int]], policy: Policy) -> dict[str, list[str]]:
             seen.add(b)
             reasons.setdefault(sid, []).append(name)
     return reasons
+
+
+def group_key(s: Snapshot) -> tuple:
+    return (s.hostname, tuple(sorted(s.paths)))
+
+
+@dataclass
+class ForgetResult:
+    kept: list[tuple[Snapshot, list[str]]] = field(default_factory=list)
+    removed: list[Snapshot] = field(default_factory=list)
+    anchors_dropped: int = 0
+
+
+def forget(repo: Repository, policy: Policy, dry_run: bool = False,
+           host: str | None = None) -> ForgetResult:
+    """Remove the snapshots the policy does not keep, per group of host and
+    PATHs (and, on this host, their anchors)."""
+    out = ForgetResult()
+    groups: dict[tuple, list[Snapshot]] = {}
+    for s in repo.snapshots():
+        if host is None or s.hostname == host:
+            groups.setdefault(group_key(s), []).append(s)
+    for snaps in groups.values():
+        reasons = keep([(s.id, s.time_ns) for s in snaps], policy)
+        for s in snaps:
+            if s.id in reasons:
+                out.kept.append((s, reasons[s.id]))
+            else:
+                out.removed.append(s)
+    if not dry_run:
+        for s in out.removed:
+            repo.check_lock()
+            repo.delete_snapshot(s)
+        repo.backend.sync()
+        out.anchors_dropped = drop_snapshots(repo.config.id, Mounts().points,
+                                             {s.id for s in out.removed})
+    return out

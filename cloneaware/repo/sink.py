@@ -42,7 +42,9 @@ from cloneaware.backup.sinks import Prior, Sink
 from cloneaware.backup.workers import Chunk, Workers
 from cloneaware.repo import crypto
 from cloneaware.repo import format as rf
-from cloneaware.repo.repository import Packer, Repository, Snapshot, now_rfc3339
+from cloneaware.repo.packer import DryPacker, Packer
+from cloneaware.repo.repository import Repository
+from cloneaware.repo.snapshots import Snapshot, now_rfc3339
 from cloneaware.source.anchors import AnchorSets, set_key
 from cloneaware.source.mapping import extent_map
 
@@ -120,20 +122,6 @@ def read_manifest(data: bytes) -> tuple[dict[bytes, ParentFile], dict[int, Paren
     got = _ParentFiles()
     dispatch(got, Stream(io.BytesIO(data)).events())
     return got.by_path, got.by_id
-
-
-class DryPacker(Packer):
-    """backup --dry-run: which blobs the backup would add, and nothing
-    sealed, packed or uploaded."""
-
-    def add(self, bid: bytes, btype: int, raw_length: int, stored: bytes) -> bool:
-        if self.known(bid):
-            return False
-        self.pending[bid] = btype
-        return True
-
-    def flush(self) -> None:
-        pass
 
 
 class ManifestOut:

@@ -29,8 +29,9 @@ from cloneaware.archive.reader import Stream
 from cloneaware.archive.writer import Writer
 from cloneaware.backup.summary import Summary
 from cloneaware.errors import UsageError
-from cloneaware.repo.repository import Repository, Snapshot
+from cloneaware.repo.repository import Repository
 from cloneaware.repo.sink import RepositorySink
+from cloneaware.repo.snapshots import Snapshot
 
 
 class _Referenced(Handler):

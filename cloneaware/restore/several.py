@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from cloneaware.archive import thin
 from cloneaware.archive.blobs import BlobSource, Coverage
 from cloneaware.archive.catalog import read_index
-from cloneaware.archive.events import EntryEvent, dispatch
+from cloneaware.archive.events import dispatch
 from cloneaware.archive.reader import Stream
 from cloneaware.errors import UsageError
+from cloneaware.listing import read_contents
 from cloneaware.restore.directory import DirectoryOutput, Places
 from cloneaware.restore.dryrun import RecordingOutput
 from cloneaware.restore.output import RestoreSummary
@@ -72,8 +73,8 @@ class ManifestsRestore:
         select = self.select
         for it in self.items:
             if select:  # one pass over each manifest's entries
-                got = plan(select, [ev.entry for ev in Stream(io.BytesIO(it.data)).events()
-                                    if isinstance(ev, EntryEvent)])
+                rows = read_contents(io.BytesIO(it.data), full=True).rows
+                got = plan(select, [r.entry for r in rows if r.entry is not None])
                 it.tops, it.stage = got.tops, got.stage
             else:
                 it.tops = {i.path for i in read_index(io.BytesIO(it.data)).items

@@ -23,10 +23,16 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers.cli import cli, cli_json, cli_popen, finished
+from helpers.cli import assert_one_line_error, cli, cli_json, cli_popen, finished
 from helpers.treeutil import MiB, Snapshot, assert_close, assert_same_tree, physical_bytes
 
-from cloneaware.testing import reflink_copy, rewrite_blocks, timeout, write_random
+from cloneaware.testing import (
+    reflink_copy,
+    rewrite_blocks,
+    timeout,
+    write_letters,
+    write_random,
+)
 
 pytestmark = pytest.mark.root
 
@@ -465,6 +471,67 @@ def test_locks(btrfs_dir, tmp_path):
     assert b"removed 2 locks" in out.stdout, out
     assert list((repo / "locks").iterdir()) == []
     r.close()
+
+
+#: a lock rewritten every 0.1 s, stale after 1.5 s: lost after 1.3 s without a write
+#: (a margin a lock write slowed by a busy test machine still fits in)
+REFRESH, STALE = 0.1, 1.5
+LOST = STALE - 2 * REFRESH
+SHORT_LOCKS = {"CLONEAWARE_LOCK_REFRESH": str(REFRESH), "CLONEAWARE_LOCK_STALE": str(STALE)}
+
+
+def test_a_backup_whose_lock_cannot_be_refreshed_stops_before_it_could_go_stale(btrfs_dir):
+    """The locks directory made unwritable (chattr +i) while a backup runs:
+    once its lock could go stale for another host, the backup stops with
+    one line and exit 6, wherever it is (not at its next pack, which is far
+    off), and writes no snapshot.  The same backup, run beside it with its
+    locks directory writable, lasts well over the margin and lands:
+    refreshing keeps the lock.  Run side by side, the two see the same load.
+    (That it does not stop at the first failed write is tested with exact
+    timings in tests/unit/test_repo_lock.py.)"""
+    src = btrfs_dir / "src"
+    src.mkdir()
+    write_letters(src / "slow.txt", 80 * MiB, 1)  # seconds of zstd:19 on the workers
+    env = {**os.environ, **SHORT_LOCKS}
+    ok_repo, repo = btrfs_dir / "ok", btrfs_dir / "repo"
+    init(ok_repo, "--grid", "128")  # small blobs: little work under way when it stops
+    init(repo, "--grid", "128")
+    args = ("backup", "--compress", "zstd:19", src)
+    t0 = time.monotonic()
+    ok = cli_popen(*args, "-r", ok_repo, env=env)
+    p = cli_popen(*args, "-r", repo, env=env)
+    locks = repo / "locks"
+    try:
+        deadline = time.monotonic() + timeout(30)
+        while not [f for f in locks.iterdir() if len(f.name) == 64]:  # not a .partial
+            assert p.poll() is None and time.monotonic() < deadline, "no lock taken"
+            time.sleep(0.005)
+        subprocess.run(["chattr", "+i", locks], check=True)
+        t1 = time.monotonic()
+        r = finished(p, ["backup"], timeout=timeout(120))
+        took = time.monotonic() - t1
+    finally:
+        subprocess.run(["chattr", "-i", locks], check=True)
+    line = assert_one_line_error(r, rc=6)
+    assert "the lock of backup could not be refreshed for" in line, line
+    assert "Operation not permitted" in line, line
+    assert "stopped before another command could take it as stale" in line, line
+    assert line.endswith("; its lock was left behind (cloneaware unlock removes it once "
+                         "stale)"), line
+    assert list((repo / "snapshots").iterdir()) == []
+    left = [f for f in locks.iterdir() if len(f.name) == 64]
+    assert left  # it could not be removed; stale, now that its process is gone
+    out = cli("unlock", "-r", repo, check_rc=0).stdout
+    assert f"removed {len(left)} locks".encode() in out, out
+
+    finished(ok, ["backup"], check_rc=0, timeout=timeout(120))
+    full = time.monotonic() - t0
+    assert full > 2 * LOST, full  # the lock outlived its margin, more than once
+    assert len(list((ok_repo / "snapshots").iterdir())) == 1
+    assert list((ok_repo / "locks").iterdir()) == []
+    # stopped a lock's margin after the directory froze, not at its first pack (16 MiB
+    # of about 40 stored: well past a third of the way) nor at its end
+    assert took < full / 3, (took, full)
 
 
 # --- restore, export, import ----------------------------------------------------------------

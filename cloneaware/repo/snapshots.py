@@ -1,0 +1,79 @@
+"""Snapshots as the commands see them: one object of ``snapshots/``
+(docs/REPOSITORY.md, "Snapshots") with its id, and the choice of one by
+what a user types (an id, a unique prefix of one, or ``latest``, for a host
+or any).  Choosing is a function over a list, so that it is tested without
+a repository, and so that a command choosing several snapshots lists them
+once."""
+from __future__ import annotations
+
+import datetime
+import time
+from dataclasses import dataclass
+
+from cloneaware.errors import UsageError
+
+
+def now_rfc3339(ns: int | None = None) -> str:
+    ns = time.time_ns() if ns is None else ns
+    dt = datetime.datetime.fromtimestamp(ns // 1_000_000_000, datetime.UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S") + f".{ns % 1_000_000_000:09d}Z"
+
+
+@dataclass
+class Snapshot:
+    id: str
+    data: dict
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:8]
+
+    @property
+    def time_ns(self) -> int:
+        return int(self.data["time_ns"])
+
+    @property
+    def hostname(self) -> str:
+        return self.data["hostname"]
+
+    @property
+    def paths(self) -> list[str]:
+        return self.data["paths"]
+
+    @property
+    def tags(self) -> list[str]:
+        return self.data["tags"]
+
+    @property
+    def manifest(self) -> list[bytes]:
+        return [bytes.fromhex(m) for m in self.data["manifest"]]
+
+    def to_json(self) -> dict:
+        d = {k: self.data[k] for k in ("time", "hostname", "username", "paths", "tags",
+                                       "parent", "program", "summary")}
+        return {"id": self.id, "short_id": self.short_id, **d}
+
+
+def of_host(snaps: list[Snapshot], host: str | None) -> list[Snapshot]:
+    """The snapshots of ``host`` (all of them for None), in their order."""
+    return list(snaps) if host is None else [s for s in snaps if s.hostname == host]
+
+
+def find(snaps: list[Snapshot], spec: str, host: str | None = None,
+         where: str = "the repository") -> Snapshot:
+    """The snapshot ``spec`` names among ``snaps`` (oldest first): 'latest'
+    (the last one), a whole id, or a prefix of exactly one id.  ``where``
+    names the repository in the errors."""
+    snaps = of_host(snaps, host)
+    if spec == "latest":
+        if not snaps:
+            raise UsageError(f"{where}: no snapshot yet" + (f" of host {host}" if host else ""))
+        return snaps[-1]
+    if not spec or any(c not in "0123456789abcdef" for c in spec):
+        raise UsageError(f"{spec!r} is not a snapshot id (hex digits, or 'latest')")
+    found = [s for s in snaps if s.id.startswith(spec)]
+    if not found:
+        raise UsageError(f"{where}: no snapshot {spec}")
+    if len(found) > 1:
+        raise UsageError(f"{where}: {spec} names {len(found)} snapshots; give more digits")
+    return found[0]
