@@ -135,8 +135,18 @@ def _say(text: str, to_stderr: bool = False) -> None:
     _write("stderr" if to_stderr else "stdout", text + "\n")
 
 
+#: the interruption a signal asked for, kept in case the exception its
+#: handler raised never reaches a command: CPython discards an exception
+#: raised while it runs certain callbacks (a weakref callback of the import
+#: machinery, seen here once in about 30 SIGINTs during start-up), and the
+#: job would then finish as if no signal had come
+_signalled: str | None = None
+
+
 def _raise_interrupt(signum, frame):
-    raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
+    global _signalled
+    _signalled = f"interrupted by {signal.Signals(signum).name}"
+    raise Interrupted(_signalled)
 
 
 def _json_error(message: str, code: int, to_stderr: bool = False) -> None:
@@ -1538,7 +1548,12 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGUSR1, _raise_lock_lost)
     try:
-        app()
+        try:
+            app()
+        except SystemExit:
+            if _signalled is not None:  # its exception was lost on the way: honour it now
+                raise Interrupted(_signalled) from None
+            raise
     except (Interrupted, KeyboardInterrupt) as e:
         msg = str(e) if isinstance(e, Interrupted) else "interrupted by SIGINT"
         _err(msg)
