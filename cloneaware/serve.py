@@ -161,7 +161,7 @@ class Server:
                 os.close(pfd)
         root = self._open_dir(real)
         backend = LocalBackend(real, real, root_fd=root,
-                               append_only="repo" not in self.allow)
+                               append_only="repo" not in self.allow, check_names=True)
         try:
             self._reply(stdout, True)
             return RepoServer(backend, stdin, stdout).run()

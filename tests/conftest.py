@@ -70,6 +70,13 @@ def sshnet(sshnet_session) -> Iterator[SshNet]:
 
 
 @pytest.fixture(autouse=True)
+def _client_state(tmp_path_factory, monkeypatch):
+    """What a host remembers of repositories (cloneaware/repo/state.py): a
+    directory of each test's own, not the user's ~/.local/state."""
+    monkeypatch.setenv("CLONEAWARE_STATE_DIR", str(tmp_path_factory.mktemp("state")))
+
+
+@pytest.fixture(autouse=True)
 def _anchors_left_by_the_test():
     """Backups into repositories keep anchors at the top of the filesystem
     (docs/REPOSITORY.md); on this worker's shared loopback filesystems they

@@ -6,6 +6,7 @@ s3:// (repo/s3backend.py).  ``repo/connect.py`` picks one from a URL.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import re
 import stat
@@ -28,6 +29,19 @@ def check_name(name: str) -> str:
     if name.startswith("data/") and name[5:7] != name[8:10]:
         raise RepositoryError(f"pack {name!r} is in the wrong directory")
     return name
+
+
+def check_content(name: str, data) -> None:
+    """A pack, index or snapshot object must be stored under the SHA-256 of
+    its bytes (docs/REPOSITORY.md, "Layout")."""
+    h = hashlib.sha256()
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        h.update(data)
+    else:
+        for part in data:
+            h.update(part)
+    if h.hexdigest() != name.rpartition("/")[2]:
+        raise UsageError(f"{name}: its bytes do not hash to its name; refused")
 
 
 def pack_name(pack_id: str) -> str:
@@ -65,10 +79,19 @@ class LocalBackend:
     beneath its allowed root."""
 
     def __init__(self, path: str, where: str | None = None, root_fd: int | None = None,
-                 append_only: bool = False):
+                 append_only: bool = False, check_names: bool = False):
+        """``append_only`` (``serve --allow repo-append``): nothing but this
+        client's own locks is deleted or replaced, and only objects whose
+        names say what they hold are written: a pack, index or snapshot
+        under the SHA-256 of its bytes, a lock (keys and config, whose names
+        prove nothing, are refused).  ``check_names``: objects named by
+        their hash are checked so without append_only too (``serve``)."""
         self.path = os.path.abspath(path)
         self.where = where or path
         self.append_only = append_only
+        self.check_names = check_names or append_only
+        #: the locks this backend wrote (an append-only client may delete those)
+        self.own_locks: set[str] = set()
         self._dirty: set[str] = set()
         self._dirfds: dict[str, int] = {}
         if root_fd is not None:
@@ -133,6 +156,13 @@ class LocalBackend:
         d, base = self._split(name)
         if self.append_only and not name.startswith("locks/"):
             create_only = True
+            if d == "keys" or name == "config":
+                raise UsageError(f"{self.where}: this server keeps the repository append-only: "
+                                 f"{name} cannot be checked by its name and is not written")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            data = list(data)  # read twice: hashed, then written
+        if self.check_names and d not in ("keys", "locks", ""):
+            check_content(name, data)
         dfd = self._dir(d, create=name.startswith("data/"))
         with AtomicFile(base, dir_fd=dfd, replace=not create_only,
                         display=f"{self.where}/{name}") as f:
@@ -146,12 +176,15 @@ class LocalBackend:
             except UsageError:
                 raise FileExistsError(errno.EEXIST, "exists", f"{self.where}/{name}") from None
         self._dirty.add(d)
+        if d == "locks":
+            self.own_locks.add(name)
 
     def delete(self, name: str) -> None:
         d, base = self._split(name)
-        if self.append_only and not name.startswith("locks/"):
+        if self.append_only and name not in self.own_locks:
             raise UsageError(f"{self.where}: this server keeps the repository append-only: "
-                             f"{name} may not be deleted")
+                             f"{name} may not be deleted"
+                             + (" (a lock another command wrote)" if d == "locks" else ""))
         try:
             os.unlink(base, dir_fd=self._dir(d))
         except FileNotFoundError:

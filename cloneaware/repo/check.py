@@ -15,6 +15,7 @@ from cloneaware.repo import format as rf
 from cloneaware.repo.backend import pack_name
 from cloneaware.repo.repository import Repository
 from cloneaware.repo.snapshots import Snapshot
+from cloneaware.repo.survey import survey
 
 
 @dataclass
@@ -34,52 +35,47 @@ def check(repo: Repository, read_data: bool = False) -> CheckResult:
     def error(msg: str) -> None:
         res.errors.append(msg)
 
-    index_objs = repo.backend.listing("index")
-    packs_listed = {o.name.rpartition("/")[2]: o for o in repo.backend.listing("data")}
-    per_pack: dict[bytes, list] = {}
-    for obj in index_objs:
-        try:
-            payload = repo.load_object(obj.name, rf.K_INDEX)
-            for p in rf.decode_index_payload(payload, f"{repo.where}: {obj.name}"):
-                if p.id in per_pack:
-                    if sorted(per_pack[p.id]) != sorted(p.blobs):
-                        error(f"pack {p.id.hex()}: two indexes disagree on its blobs")
-                    continue
-                per_pack[p.id] = list(p.blobs)
-                repo.index.add(p)
-        except RepositoryError as e:
-            error(str(e))
+    sv = survey(repo)
+    for msg in sv.problems:
+        error(msg)
+    # the index a restore would use: the records the packs' trailers agree with
+    repo.index.clear()
+    for bid, locs in sv.locations.items():
+        for e in locs:
+            repo.index.add_location(bid, e)
+    repo.index.loaded.update(sv.index_objects)
     repo._index_loaded = True
     res.blobs = len(repo.index.blobs)
-    for pid, blobs in per_pack.items():
-        o = packs_listed.get(pid.hex())
-        if o is None:
-            error(f"pack {pid.hex()}: listed in an index, but missing")
-            continue
-        end = max((off + stored for _, _, off, stored, _ in blobs), default=0)
-        if end > o.size:
-            error(f"pack {pid.hex()}: shorter ({o.size} bytes) than its index says ({end})")
-    orphans = [n for n in packs_listed if bytes.fromhex(n) not in per_pack]
-    if orphans:
-        res.warnings.append(f"{len(orphans)} packs are in no index (left by an interrupted "
-                            "backup or prune); prune removes them")
-    res.packs = len(packs_listed)
-    try:
-        snaps = repo.snapshots()
-    except RepositoryError as e:
-        error(str(e))
-        snaps = []
+    res.packs = len(sv.listed)
+    problems: list[str] = []
+    snaps = repo.snapshots(problems)
+    for msg in problems:
+        error(msg)
     res.snapshots = len(snaps)
+    missing = 0
     for s in snaps:
+        found = _BlobsFound(repo, s, error)
         try:
-            dispatch(_BlobsFound(repo, s, error),
-                     Stream(io.BytesIO(repo.manifest(s)), check_hashes=False).events())
+            dispatch(found, Stream(io.BytesIO(repo.manifest(s)), check_hashes=False).events())
         except (RepositoryError, ArchiveError) as e:
             error(f"snapshot {s.short_id}: {e}")
+            missing += 1
+        missing += found.missing
+    orphans = [n for n in sv.listed if bytes.fromhex(n) not in sv.claims]
+    if orphans:
+        if missing:
+            res.warnings.append(f"{len(orphans)} packs are in no index, and snapshots miss "
+                                "blobs: those packs may hold them.  Do not prune: rebuild the "
+                                "index from the packs first (cloneaware repair index)")
+        else:
+            res.warnings.append(f"{len(orphans)} packs are in no index (left by an "
+                                "interrupted backup or prune); prune removes them once they "
+                                "are an hour old")
     if read_data:
-        for name, o in sorted(packs_listed.items()):
+        for name, o in sorted(sv.listed.items()):
             res.read_bytes += o.size
-            for msg in check_pack(repo, name, per_pack.get(bytes.fromhex(name))):
+            claims = sv.claims.get(bytes.fromhex(name))
+            for msg in check_pack(repo, name, sorted(claims) if claims is not None else None):
                 error(msg)
     return res
 
@@ -121,11 +117,13 @@ class _BlobsFound(Handler):
         self.repo = repo
         self.snap = snap
         self.error = error
+        self.missing = 0  # blobs in no index
 
     def on_blob(self, ev: BlobEvent) -> None:
         ie = self.repo.index.get(ev.blob_id)
         sid = self.snap.short_id
         if ie is None:
+            self.missing += 1
             self.error(f"snapshot {sid}: blob {ev.blob_id.hex()} of "
                        f"{ev.file.entry.path.decode(errors='replace')} is in no index")
         elif ev.blob_offset + ev.length > ie.raw_length:

@@ -59,10 +59,12 @@ def opened(url: str | None, password_file: str | None = None, rsh: str | None = 
     backend = open_backend(url, rsh=rsh, s3={"endpoint": s3_endpoint,
                                              "connections": connections})
     try:
-        repo = Repository.open(backend, Password(password_file))
+        repo = Repository.open(backend, Password(password_file), warn)
     except BaseException:
         backend.close()
         raise
+    if warn is not None:
+        repo.warn = warn
     try:
         if lock is None:
             yield repo

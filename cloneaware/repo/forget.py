@@ -8,12 +8,14 @@ pure logic, tested without a repository; ``forget`` applies it to one.
 from __future__ import annotations
 
 import datetime
+import time
 from dataclasses import dataclass, field
 
 from cloneaware.errors import UsageError
 from cloneaware.repo.repository import Repository
 from cloneaware.repo.snapshots import Snapshot
-from cloneaware.source.anchors import Mounts, drop_snapshots
+from cloneaware.repo.state import ClientState
+from cloneaware.source.anchors import Mounts, drop_snapshots, set_key
 
 
 @dataclass(frozen=True)
@@ -69,15 +71,56 @@ class ForgetResult:
     anchors_dropped: int = 0
 
 
+#: a snapshot dated later than now by more than this has a time that is not
+#: believed (clocks of hosts differ by less)
+SKEW_NS = 5 * 60 * 1_000_000_000
+
+
+def untrusted_times(snaps: list[Snapshot], state: ClientState | None,
+                    now_ns: int | None = None) -> dict[str, str]:
+    """The snapshots whose own time a policy must not believe, and why.  A
+    time is only what the writer said: anyone who can add a snapshot (an
+    append-only client, the store) can date it in the future, and a policy
+    that believed it would count it as the newest and push real ones out.
+    Such a snapshot is kept and counts for nothing: one dated after now,
+    or, of a backup set this host backs up, one newer than the last backup
+    this host made of it and not that backup."""
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    out: dict[str, str] = {}
+    mine: dict[str, tuple[str | None, int]] = {}
+    if state is not None:
+        for key, v in state.data["sets"].items():
+            if isinstance(v, dict) and isinstance(v.get("time_ns"), int):
+                mine[key] = (v.get("snapshot"), v["time_ns"])
+    for s in snaps:
+        if s.time_ns > now_ns + SKEW_NS:
+            out[s.id] = "dated in the future: its time is not believed"
+            continue
+        last = mine.get(set_key(s.hostname, sorted(s.paths)))
+        if last is not None and s.time_ns > last[1] and s.id != last[0]:
+            out[s.id] = ("newer than the last backup this host made of its set, which it "
+                         "is not: its time is not believed")
+    return out
+
+
 def forget(repo: Repository, policy: Policy, dry_run: bool = False,
-           host: str | None = None) -> ForgetResult:
+           host: str | None = None, state: ClientState | None = None) -> ForgetResult:
     """Remove the snapshots the policy does not keep, per group of host and
-    PATHs (and, on this host, their anchors)."""
+    PATHs (and, on this host, their anchors).  A snapshot whose time is not
+    believed (untrusted_times) is kept and not counted."""
     out = ForgetResult()
     groups: dict[tuple, list[Snapshot]] = {}
-    for s in repo.snapshots():
-        if host is None or s.hostname == host:
-            groups.setdefault(group_key(s), []).append(s)
+    all_snaps = repo.snapshots()
+    if state is None:
+        state = ClientState(repo.config.id, repo.warn)
+    doubtful = untrusted_times(all_snaps, state)
+    for s in all_snaps:
+        if host is not None and s.hostname != host:
+            continue
+        if s.id in doubtful:
+            out.kept.append((s, [doubtful[s.id]]))
+            continue
+        groups.setdefault(group_key(s), []).append(s)
     for snaps in groups.values():
         reasons = keep([(s.id, s.time_ns) for s in snaps], policy)
         for s in snaps:

@@ -17,6 +17,7 @@ from cloneaware.repo.backend import pack_name
 from cloneaware.repo.packer import Packer
 from cloneaware.repo.repository import Repository
 from cloneaware.repo.snapshots import Snapshot
+from cloneaware.repo.survey import Record, survey
 
 ORPHAN_GRACE = 3600  # seconds: packs no index lists are kept this long
 
@@ -56,64 +57,69 @@ class PruneResult:
 def prune(repo: Repository, dry_run: bool = False, connections: int = 2,
           say: Callable[[str], None] | None = None) -> PruneResult:
     """Delete packs no snapshot needs, repack those partly needed (or holding
-    a blob twice), write one index for what is kept."""
+    a blob twice), write one index for what is kept.
+
+    Nothing is decided on an index record alone (repo/survey.py): a record
+    counts only where its pack's trailer agrees, a blob held twice keeps the
+    copy that was read back and found to be the blob, and every blob copied
+    into a new pack is read and checked first.  A pack an index names whose
+    trailer cannot be read is never deleted."""
     say = say or (lambda m: None)
     res = PruneResult()
     snaps = repo.snapshots()
-    index_objs = repo.backend.listing("index")
-    packs_listed = {o.name.rpartition("/")[2]: o for o in repo.backend.listing("data")}
-    per_pack: dict[bytes, list[tuple[bytes, int, int, int, int]]] = {}
-    for obj in index_objs:
-        payload = repo.load_object(obj.name, rf.K_INDEX)
-        for p in rf.decode_index_payload(payload, f"{repo.where}: {obj.name}"):
-            per_pack.setdefault(p.id, list(p.blobs))
+    sv = survey(repo)
+    for msg in sv.problems:
+        say(msg)
     used = used_blobs(repo, snaps)
-    res.packs_before = len(packs_listed)
-    res.bytes_before = sum(o.size for o in packs_listed.values())
-    seen: set[bytes] = set()
+    res.packs_before = len(sv.listed)
+    res.bytes_before = sum(o.size for o in sv.listed.values())
+    missing = used - set(sv.locations)
+    if missing:
+        raise RepositoryError(f"{repo.where}: {len(missing)} blobs that snapshots need are in no "
+                              "pack that holds them; run cloneaware check (prune stops: it "
+                              "would lose data)")
+    keep = {bid: _copy_to_keep(repo, bid, sv.locations[bid], say) for bid in used}
     keep_whole: list[rf.IndexPack] = []
-    repack: list[tuple[bytes, list]] = []
+    repack: list[tuple[bytes, list[Record]]] = []
     delete: list[bytes] = []
-    for pid, blobs in sorted(per_pack.items()):
-        if pid.hex() not in packs_listed:
-            raise RepositoryError(f"{repo.where}: pack {pid.hex()} is in an index but missing; "
-                                  "run cloneaware check (prune stops: it would lose data)")
-        wanted = []
-        for b in blobs:
-            if b[0] in used and b[0] not in seen:
-                wanted.append(b)
-                seen.add(b[0])
-            elif b[0] in used:
+    for pid in sorted(sv.indexed()):
+        held = sv.trailers.get(pid)
+        if pid.hex() not in sv.listed or held is None:
+            continue  # gone, or unreadable: nothing to decide on, nothing deleted
+        # a used blob no copy of which read back as itself keeps every copy
+        wanted = [r for r in held if r[0] in used and (keep[r[0]] is None
+                                                       or _kept(keep[r[0]], pid, r))]
+        for r in held:
+            if r[0] in used and r not in wanted:
                 res.duplicates_removed += 1
-            else:
+            elif r[0] not in used:
                 res.blobs_removed += 1
-        if len(wanted) == len(blobs):
-            keep_whole.append(rf.IndexPack(pid, blobs))
+        if len(wanted) == len(held):
+            keep_whole.append(rf.IndexPack(pid, list(held)))
         elif wanted:
             repack.append((pid, wanted))
         else:
             delete.append(pid)
-    missing = used - seen
-    if missing:
-        raise RepositoryError(f"{repo.where}: {len(missing)} blobs that snapshots need are in "
-                              "no index; run cloneaware check (prune stops: it would lose data)")
     now = time.time()
-    indexed = {p.hex() for p in per_pack}
-    orphans = [o for n, o in packs_listed.items() if n not in indexed]
+    indexed = {p.hex() for p in sv.indexed()}
+    orphans = [o for n, o in sv.listed.items() if n not in indexed]
     old_orphans = [o for o in orphans if now - o.mtime > ORPHAN_GRACE]
     res.orphans_kept = len(orphans) - len(old_orphans)
     res.packs_deleted = len(delete)
     res.packs_repacked = len(repack)
     if dry_run:
-        res.bytes_after = res.bytes_before - sum(packs_listed[p.hex()].size for p in delete)
+        res.bytes_after = res.bytes_before - sum(sv.listed[p.hex()].size for p in delete)
         return res
-    # 1. new packs for the blobs of partly used packs
-    repo.index.blobs.clear()
+    # 1. new packs for the blobs of partly used packs, each read and checked first
+    repo.index.clear()
     packer = Packer(repo, connections)
     try:
         for pid, wanted in repack:
             for bid, t, off, stored, raw in wanted:
+                entry = rf.IndexEntry(pid, t, off, stored, raw)
                 data = repo.backend.read(pack_name(pid.hex()), off, stored)
+                repo.decode_blob(bid, entry, data, f"{repo.where}: blob {bid.hex()[:16]} in "
+                                 f"pack {pid.hex()[:16]}")
                 packer.add(bid, t, raw, data)
         written = packer.finish_packs()
     finally:
@@ -122,9 +128,9 @@ def prune(repo: Repository, dry_run: bool = False, connections: int = 2,
     # 2. one index for everything kept, durable before anything is deleted
     new_names = repo.write_index(keep_whole + written)
     # 3. the old index objects, then the packs no longer needed
-    for obj in index_objs:
-        if obj.name not in new_names:
-            _delete(repo, obj.name)
+    for name in sv.index_objects + sv.bad_index:
+        if name not in new_names:
+            _delete(repo, name)
     repo.backend.sync()
     for pid in delete + [p for p, _ in repack]:
         _delete(repo, pack_name(pid.hex()))
@@ -145,6 +151,31 @@ def prune(repo: Repository, dry_run: bool = False, connections: int = 2,
         say(f"{res.orphans_kept} packs that no index lists were kept: younger than an hour, "
             "they may belong to a backup still running; a later prune removes them")
     return res
+
+
+def _kept(entry: rf.IndexEntry | None, pid: bytes, r: Record) -> bool:
+    return entry is not None and entry == rf.IndexEntry(pid, r[1], r[2], r[3], r[4])
+
+
+def _copy_to_keep(repo: Repository, bid: bytes, locs: list[rf.IndexEntry],
+                  say: Callable[[str], None]) -> rf.IndexEntry | None:
+    """The location of ``bid`` to keep.  With one, that one (nothing else is
+    deleted for it).  With several, the first whose bytes are read back and
+    are the blob: only then are the others dropped.  None (keep them all)
+    if none is."""
+    if len(locs) == 1:
+        return locs[0]
+    for e in locs:
+        what = f"{repo.where}: blob {bid.hex()[:16]} in pack {e.pack.hex()[:16]}"
+        try:
+            repo.decode_blob(bid, e, repo.backend.read(pack_name(e.pack.hex()), e.offset,
+                                                       e.stored_length), what)
+            return e
+        except RepositoryError as err:
+            say(f"{err}; another copy is kept")
+    say(f"{repo.where}: no copy of blob {bid.hex()[:16]} reads back as the blob; all "
+        f"{len(locs)} are kept (run cloneaware check --read-data)")
+    return None
 
 
 def _delete(repo: Repository, name: str) -> None:

@@ -23,6 +23,7 @@ from cloneaware.repo.backend import Backend, pack_name
 from cloneaware.repo.blobindex import BlobIndex
 from cloneaware.repo.lock import Lock, Timings
 from cloneaware.repo.snapshots import Snapshot, now_rfc3339
+from cloneaware.repo.state import ClientState
 
 
 class PasswordSource(Protocol):
@@ -45,6 +46,12 @@ class Repository:
         self.index = BlobIndex()
         self._index_loaded = False
         self._locks: list[Lock] = []
+        #: the snapshot objects the last snapshots() passed over: id -> why
+        self.damaged: dict[str, str] = {}
+        #: says what was passed over: an object that does not decode (named),
+        #: index records for packs that are gone; the command goes on with
+        #: what is sound (the CLI sets it to print a line each)
+        self.warn: Callable[[str], None] = lambda msg: None
 
     # -- opening -------------------------------------------------------------------
 
@@ -73,18 +80,35 @@ class Repository:
         except FileExistsError:
             raise UsageError(f"{backend.where}: a repository exists here already") from None
         backend.sync()
+        state = ClientState(cfg.id)
+        state.note_encryption(password is not None)
+        state.save()
         return cls(backend, cfg, keys, key_name)
 
     @classmethod
-    def open(cls, backend: Backend, password: PasswordSource | None = None) -> Repository:
+    def open(cls, backend: Backend, password: PasswordSource | None = None,
+             warn: Callable[[str], None] | None = None) -> Repository:
         """The repository in ``backend``; ``password`` (keys.Password) opens
-        it if it is encrypted: None is no password."""
+        it if it is encrypted: None is no password.  A repository this host
+        has used encrypted is refused if its config now says it is not (the
+        config cannot be sealed: it says whether anything is; repo/state.py
+        remembers instead)."""
         try:
             raw = backend.read("config")
         except RepositoryError:
             raise RepositoryError(f"{backend.where}: not a cloneaware repository (no config; "
                                   "make one with cloneaware init)") from None
         cfg = rf.Config.decode(raw, backend.where)
+        state = ClientState(cfg.id, warn)
+        if state.encrypted and cfg.encryption == "none":
+            raise RepositoryError(
+                f"{backend.where}: this host has used this repository encrypted, and its "
+                "config now says it is not: refused, so that nothing is read or written in "
+                "the clear (a store can rewrite the config; if you made a new repository "
+                f"with the same id on purpose, remove {state.path})")
+        if state.encrypted is None:
+            state.note_encryption(cfg.encryption != "none")
+            state.save()
         if cfg.encryption == "none":
             if password is not None and password.given:
                 raise RepositoryError(f"{backend.where}: this repository is not encrypted, but "
@@ -137,16 +161,37 @@ class Repository:
 
     # -- the index -----------------------------------------------------------------------
 
-    def load_index(self) -> BlobIndex:
-        """Load the index objects not loaded yet (all of them the first time)."""
+    def load_index(self, check_packs: bool = False) -> BlobIndex:
+        """Load the index objects not loaded yet (all of them the first time).
+        One that does not decode is named and passed over: the others serve.
+        ``check_packs`` (a backup, which will take blobs as present on the
+        index's word): locations in packs the store does not list are
+        forgotten, so that an index replayed from before a prune, or forged,
+        cannot make a new snapshot name blobs that are gone."""
         for obj in sorted(self.backend.listing("index"), key=lambda o: o.name):
             if obj.name in self.index.loaded:
                 continue
-            payload = self.load_object(obj.name, rf.K_INDEX)
-            for pack in rf.decode_index_payload(payload, f"{self.where}: {obj.name}"):
+            try:
+                payload = self.load_object(obj.name, rf.K_INDEX)
+                packs = rf.decode_index_payload(payload, f"{self.where}: {obj.name}")
+            except RepositoryError as e:
+                self.warn(f"{e}; that index object is passed over (cloneaware check names it, "
+                          "cloneaware repair index rebuilds the index)")
+                self.index.loaded.add(obj.name)
+                continue
+            for pack in packs:
                 self.index.add(pack)
             self.index.loaded.add(obj.name)
         self._index_loaded = True
+        if check_packs:
+            listed = {bytes.fromhex(o.name.rpartition("/")[2])
+                      for o in self.backend.listing("data")}
+            gone = self.index.packs - listed
+            if gone:
+                n = self.index.drop_packs(gone)
+                self.warn(f"{self.where}: the index lists {len(gone)} packs that are not in the "
+                          f"store ({n} blob locations): their blobs are stored again if needed "
+                          "(a damaged or rolled-back repository; run cloneaware check)")
         return self.index
 
     def write_index(self, packs: list[rf.IndexPack]) -> list[str]:
@@ -199,35 +244,72 @@ class Repository:
             raise RepositoryError(f"{what}: its bytes do not match its id (damaged)")
         return data
 
-    def read_blob(self, bid: bytes) -> bytes:
+    def read_blob(self, bid: bytes, skip: rf.IndexEntry | None = None) -> bytes:
+        """A blob's bytes from the first of its locations that decodes to
+        them (``skip``: one already found wanting)."""
         if not self._index_loaded:
             self.load_index()
-        entry = self.index.get(bid)
-        if entry is None:
+        locs = [e for e in self.index.locations(bid) if e != skip]
+        if not locs:
+            if skip is not None:
+                raise RepositoryError(f"{self.where}: blob {bid.hex()[:16]} in pack "
+                                      f"{skip.pack.hex()[:16]} does not decode, and no index "
+                                      "lists another copy (run cloneaware check)")
             raise RepositoryError(f"{self.where}: blob {bid.hex()} is in no index "
                                   "(the repository is damaged; run cloneaware check)")
-        pid = entry.pack.hex()
-        stored = self.backend.read(pack_name(pid), entry.offset, entry.stored_length)
-        return self.decode_blob(bid, entry, stored,
-                                f"{self.where}: blob {bid.hex()[:16]} in pack {pid[:16]}")
+        first: RepositoryError | None = None
+        for entry in locs:  # the first that decodes; the first error if none does
+            pid = entry.pack.hex()
+            what = f"{self.where}: blob {bid.hex()[:16]} in pack {pid[:16]}"
+            try:
+                stored = self.backend.read(pack_name(pid), entry.offset, entry.stored_length)
+                return self.decode_blob(bid, entry, stored, what)
+            except RepositoryError as e:
+                first = first or e
+                if len(locs) > 1:
+                    self.warn(f"{e}; trying another copy")
+        assert first is not None
+        raise first
 
     # -- snapshots -------------------------------------------------------------------------
 
-    def snapshots(self) -> list[Snapshot]:
-        """Every snapshot, oldest first."""
+    def snapshots(self, problems: list[str] | None = None) -> list[Snapshot]:
+        """Every snapshot that decodes, oldest first.  One that does not (a
+        damaged object, or junk a store or an append-only client put there)
+        is passed over, never stopping the command: said through ``warn``,
+        or added to ``problems``."""
         out = []
+        self.damaged = {}
         for obj in self.backend.listing("snapshots"):
             what = f"{self.where}: {obj.name}"
-            d = rf.check_snapshot(rf.decode_json(self.load_object(obj.name, rf.K_SNAPSHOT),
-                                                 what), what)
+            try:
+                d = rf.check_snapshot(rf.decode_json(self.load_object(obj.name, rf.K_SNAPSHOT),
+                                                     what), what)
+            except RepositoryError as e:
+                self.damaged[obj.name.rpartition("/")[2]] = str(e)
+                if problems is not None:
+                    problems.append(str(e))
+                else:
+                    self.warn(f"{e}; that snapshot object is passed over")
+                continue
             out.append(Snapshot(obj.name.rpartition("/")[2], d))
         out.sort(key=lambda s: (s.time_ns, s.id))
         return out
 
     def find(self, spec: str, snaps: list[Snapshot] | None = None,
              host: str | None = None) -> Snapshot:
-        """A snapshot by id, unique id prefix, or 'latest' (snapshots.find)."""
-        return sn.find(self.snapshots() if snaps is None else snaps, spec, host, self.where)
+        """A snapshot by id, unique id prefix, or 'latest' (snapshots.find).
+        Where none is found and a snapshot object that does not decode could
+        have been it, that is the error (the repository is damaged)."""
+        try:
+            return sn.find(self.snapshots() if snaps is None else snaps, spec, host,
+                           self.where)
+        except UsageError:
+            near = [sid for sid in self.damaged if spec == "latest" or sid.startswith(spec)]
+            if near:
+                raise RepositoryError(f"{self.damaged[near[0]]} (no snapshot that decodes "
+                                      f"answers {spec!r})") from None
+            raise
 
     def save_snapshot(self, data: dict) -> Snapshot:
         rf.check_snapshot(data, "new snapshot")

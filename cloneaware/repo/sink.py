@@ -45,6 +45,7 @@ from cloneaware.repo import format as rf
 from cloneaware.repo.packer import DryPacker, Packer
 from cloneaware.repo.repository import Repository
 from cloneaware.repo.snapshots import Snapshot, now_rfc3339
+from cloneaware.repo.state import ClientState
 from cloneaware.source.anchors import AnchorSets, set_key
 from cloneaware.source.mapping import extent_map
 
@@ -207,12 +208,12 @@ class RepositorySink(Sink):
 
     def prepare(self, fstab, builder) -> dict[int, Prior]:
         repo = self.repo
-        repo.load_index()
+        # blobs are taken as present on the index's word: only in packs there
+        repo.load_index(check_packs=True)
         if not self.use_parent:
             return {}
         snaps = repo.snapshots()
-        mine = [s for s in snaps if s.hostname == self.host and sorted(s.paths) == self.paths]
-        self.parent = mine[-1] if mine else None
+        self.parent = self._parent(snaps)
         by_id: dict[int, ParentFile] = {}
         if self.parent is not None:
             self.parent_by_path, by_id = read_manifest(repo.manifest(self.parent))
@@ -236,6 +237,29 @@ class RepositorySink(Sink):
             finally:
                 os.close(a.fd)
         return out
+
+    def _parent(self, snaps: list[Snapshot]) -> Snapshot | None:
+        """The last snapshot this host wrote of the set (repo/state.py), if it
+        is still there; never merely the newest one of the same host and
+        PATHs, which anyone who may add snapshots could have written (a
+        forged parent would have files taken unread with its blob ranges).
+        Without one, every file is read: slower, never wrong."""
+        self.state = ClientState(self.repo.config.id, self.warn)
+        want = self.state.parent(self.sets.key)
+        parent = next((s for s in snaps if s.id == want), None) if want else None
+        mine = [s for s in snaps if s.hostname == self.host and sorted(s.paths) == self.paths]
+        if want is not None and parent is None:
+            self.warn(f"{self.repo.where}: the snapshot this host wrote last of these paths "
+                      f"({want[:8]}) is gone; every file is read")
+        elif want is None and mine:
+            self.warn(f"{self.repo.where}: this host has no record of writing any of the "
+                      f"snapshots of these paths (say {mine[-1].short_id}): none is taken as "
+                      "the parent, and every file is read once")
+        newer = [s for s in mine if parent is None or s.time_ns > parent.time_ns]
+        if parent is not None and newer:
+            self.warn(f"{self.repo.where}: snapshot {newer[-1].short_id} of these paths is newer "
+                      "than the last one this host wrote, and not taken as the parent")
+        return parent
 
     def _known(self, segs: Segments) -> bool:
         idx = self.repo.index
@@ -363,6 +387,9 @@ class RepositorySink(Sink):
         self.snapshot = self.repo.save_snapshot(data)
         if s is not None:
             s.snapshot = self.snapshot.id
+        if self.use_parent:
+            self.state.wrote(self.sets.key, self.snapshot.id, self.started_ns)
+            self.state.save()
         self.sets.commit(self.snapshot.id)
         self.packer.close()
 

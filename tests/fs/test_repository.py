@@ -642,7 +642,10 @@ def test_damaged_objects_are_refused_in_one_line(btrfs_dir, tmp_path, what):
         data = bytearray(target.read_bytes())
         data[len(data) // 2] ^= 0x01
         target.write_bytes(bytes(data))
-    cmd = {"config": ("snapshots",), "index": ("check",), "snapshot": ("snapshots",),
+    # a damaged snapshot object is passed over by a listing (issue 35), so
+    # the only one's damage is the error of a restore that needs it
+    cmd = {"config": ("snapshots",), "index": ("check",),
+           "snapshot": ("restore", "latest", tmp_path / "dest"),
            "key-less pack": ("check", "--read-data"), "lock": ("backup", src)}[what]
     r = cli(cmd[0], "-r", repo, *cmd[1:], check_rc=3)
     lines = [ln for ln in r.stderr.decode().splitlines() if ln]
