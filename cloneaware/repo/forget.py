@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from cloneaware.errors import UsageError
 from cloneaware.repo.repository import Repository
 from cloneaware.repo.snapshots import Snapshot
-from cloneaware.repo.state import ClientState
+from cloneaware.repo.state import SKEW_NS, ClientState
 from cloneaware.source.anchors import Mounts, drop_snapshots, set_key
 
 
@@ -71,11 +71,6 @@ class ForgetResult:
     anchors_dropped: int = 0
 
 
-#: a snapshot dated later than now by more than this has a time that is not
-#: believed (clocks of hosts differ by less)
-SKEW_NS = 5 * 60 * 1_000_000_000
-
-
 def untrusted_times(snaps: list[Snapshot], state: ClientState | None,
                     now_ns: int | None = None) -> dict[str, str]:
     """The snapshots whose own time a policy must not believe, and why.  A
@@ -112,7 +107,7 @@ def forget(repo: Repository, policy: Policy, dry_run: bool = False,
     groups: dict[tuple, list[Snapshot]] = {}
     all_snaps = repo.snapshots()
     if state is None:
-        state = ClientState(repo.config.id, repo.warn)
+        state = repo.state or ClientState(repo.config.id, repo.warn)
     doubtful = untrusted_times(all_snaps, state)
     for s in all_snaps:
         if host is not None and s.hostname != host:

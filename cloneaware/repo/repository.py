@@ -10,6 +10,7 @@ written (packer.py), choosing snapshots (snapshots.py), passwords and keys
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -23,7 +24,7 @@ from cloneaware.repo.backend import Backend, pack_name
 from cloneaware.repo.blobindex import BlobIndex
 from cloneaware.repo.lock import Lock, Timings
 from cloneaware.repo.snapshots import Snapshot, now_rfc3339
-from cloneaware.repo.state import ClientState
+from cloneaware.repo.state import SKEW_NS, ClientState
 
 
 class PasswordSource(Protocol):
@@ -48,6 +49,8 @@ class Repository:
         self._locks: list[Lock] = []
         #: the snapshot objects the last snapshots() passed over: id -> why
         self.damaged: dict[str, str] = {}
+        #: what this host remembers of the repository (set by open)
+        self.state: ClientState | None = None
         #: says what was passed over: an object that does not decode (named),
         #: index records for packs that are gone; the command goes on with
         #: what is sound (the CLI sets it to print a line each)
@@ -109,6 +112,13 @@ class Repository:
         if state.encrypted is None:
             state.note_encryption(cfg.encryption != "none")
             state.save()
+        repo = cls._open(backend, cfg, password)
+        repo.state = state
+        return repo
+
+    @classmethod
+    def _open(cls, backend: Backend, cfg: rf.Config, password: PasswordSource | None
+              ) -> Repository:
         if cfg.encryption == "none":
             if password is not None and password.given:
                 raise RepositoryError(f"{backend.where}: this repository is not encrypted, but "
@@ -294,7 +304,30 @@ class Repository:
                 continue
             out.append(Snapshot(obj.name.rpartition("/")[2], d))
         out.sort(key=lambda s: (s.time_ns, s.id))
+        self._went_back(out)
         return out
+
+    def _went_back(self, snaps: list[Snapshot]) -> None:
+        """Say so when the newest snapshot this host has seen is gone and
+        nothing as new is there: a store serving an older state of the
+        repository (or that snapshot forgotten elsewhere).  Then remember
+        the newest one now (not one dated in the future)."""
+        st = self.state
+        if st is None:
+            return
+        seen = st.newest_seen()
+        ids = {s.id for s in snaps}
+        if seen is not None and seen[0] not in ids and \
+                not any(s.time_ns >= seen[1] for s in snaps):
+            self.warn(f"{self.where}: snapshot {seen[0][:8]}, the newest this host had seen, "
+                      "is gone and nothing as new is there: the repository may have been "
+                      "rolled back to an older state (or the snapshot was forgotten elsewhere)")
+            st.forget_seen()
+        limit = time.time_ns() + SKEW_NS
+        ok = [s for s in snaps if s.time_ns <= limit]
+        if ok and (seen is None or seen[0] not in ids or ok[-1].time_ns > seen[1]):
+            st.seen(ok[-1].id, ok[-1].time_ns)
+            st.save()
 
     def find(self, spec: str, snaps: list[Snapshot] | None = None,
              host: str | None = None) -> Snapshot:

@@ -244,7 +244,7 @@ class RepositorySink(Sink):
         PATHs, which anyone who may add snapshots could have written (a
         forged parent would have files taken unread with its blob ranges).
         Without one, every file is read: slower, never wrong."""
-        self.state = ClientState(self.repo.config.id, self.warn)
+        self.state = self.repo.state or ClientState(self.repo.config.id, self.warn)
         want = self.state.parent(self.sets.key)
         parent = next((s for s in snaps if s.id == want), None) if want else None
         mine = [s for s in snaps if s.hostname == self.host and sorted(s.paths) == self.paths]

@@ -26,6 +26,9 @@ from cloneaware.safeio import AtomicFile
 
 VERSION = 1
 SIZE_MAX = 1 << 20
+#: a snapshot dated later than now by more than this has a time that is not
+#: believed (clocks of hosts differ by less)
+SKEW_NS = 5 * 60 * 1_000_000_000
 
 
 def state_dir() -> str:
@@ -119,6 +122,13 @@ class ClientState:
         n = self.newest_seen()
         if n is None or time_ns > n[1]:
             self.data["newest"] = {"id": snapshot_id, "time_ns": time_ns}
+
+    def seen(self, snapshot_id: str, time_ns: int) -> None:
+        """The newest snapshot the repository holds now."""
+        self.data["newest"] = {"id": snapshot_id, "time_ns": time_ns}
+
+    def forget_seen(self) -> None:
+        self.data.pop("newest", None)
 
     def note_encryption(self, encrypted: bool) -> None:
         self.data["encrypted"] = encrypted

@@ -1,0 +1,335 @@
+"""Issue 35: trust no one who holds the storage.  Each test plays an attacker
+who holds append-only credentials (``cloneaware serve --allow repo-append``,
+run here as the forced command of an ssh login would run it) and uses them
+against the owner's repository; afterwards the owner's commands must give
+back every byte and delete nothing real.
+
+The attacker speaks the real protocol through the client's own backend
+(repo/sshbackend.py) with an --rsh that starts ``serve`` on this host, so
+every request meets the same server checks a remote attacker meets."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shlex
+import time
+from pathlib import Path
+
+import pytest
+from helpers.cli import cli, cli_command, cli_json
+from helpers.treeutil import MiB, Snapshot, assert_same_tree
+
+from cloneaware.archive import format as fmt
+from cloneaware.archive.events import BlobEvent, EndEvent, EntryEvent, StatEvent
+from cloneaware.archive.reader import Stream
+from cloneaware.archive.writer import Writer
+from cloneaware.errors import UsageError
+from cloneaware.repo import format as rf
+from cloneaware.repo.backend import LocalBackend, pack_name
+from cloneaware.repo.packer import Packer
+from cloneaware.repo.repository import Repository
+from cloneaware.repo.sink import ManifestOut
+from cloneaware.repo.sshbackend import SshBackend
+from cloneaware.testing import write_random
+
+pytestmark = pytest.mark.root
+
+
+def append_rsh(root: Path) -> str:
+    """An --rsh that runs ``cloneaware serve --allow repo-append`` for ROOT
+    here, whatever host and command the client names."""
+    serve = [*cli_command(), "serve", "--allow", "repo-append", "--restrict-to-path",
+             str(root)]
+    return f"sh -c {shlex.quote('exec ' + shlex.join(serve))} x"
+
+
+class World:
+    """The owner's repository (a path: full rights), a client that reaches it
+    append-only over the channel, and the attacker's own connection."""
+
+    def __init__(self, tmp: Path, src: Path):
+        self.root = tmp / "srv"
+        self.root.mkdir()
+        self.repo = self.root / "repo"
+        self.src = src
+        cli("init", "-r", self.repo, check_rc=0)
+        self.rsh = append_rsh(self.root)
+        self.url = f"ssh://localhost{self.repo}"
+
+    def client(self, *args, rc=0):
+        """The backed-up host, through the append-only channel."""
+        return cli(*args[:1], "-r", self.url, "--rsh", self.rsh, *args[1:], check_rc=rc)
+
+    def backup(self, rc=0) -> dict:
+        return self.client("backup", "--json", self.src, rc=rc).json()
+
+    def attacker(self) -> Repository:
+        return Repository.open(SshBackend(self.url, self.rsh))
+
+
+def _tree(top: Path) -> Path:
+    top.mkdir()
+    write_random(top / "a.bin", 3 * MiB, 1)
+    write_random(top / "b.bin", 3 * MiB, 2)
+    (top / "small.txt").write_bytes(b"hello\n")
+    return top
+
+
+@pytest.fixture
+def world(btrfs_dir, tmp_path) -> World:
+    return World(tmp_path, _tree(btrfs_dir / "src"))
+
+
+def _sorting_first(make) -> tuple[str, bytes]:
+    """An object whose name (its SHA-256) sorts before the others': ``make(n)``
+    gives its bytes for nonce n (an attacker grinds as long as it likes)."""
+    n = 0
+    while True:
+        data = make(n)
+        oid = rf.object_id(data)
+        if oid.startswith("00"):
+            return oid, data
+        n += 1
+
+
+def test_junk_under_names_the_server_cannot_check_is_refused(world):
+    """The server takes a pack, index or snapshot only under the SHA-256 of
+    its bytes, and keys or config not at all from an append-only client."""
+    world.backup()
+    att = world.attacker()
+    b = att.backend
+    for name in ("data/00/" + "0" * 64, "index/" + "1" * 64, "snapshots/" + "2" * 64,
+                 "keys/" + "3" * 64, "config"):
+        with pytest.raises(UsageError):
+            b.write(name, b"junk", create_only=True)
+    assert not (world.repo / "data" / "00" / ("0" * 64)).exists()
+    b.close()
+
+
+def test_forged_index_and_junk_pack_make_prune_delete_nothing_real(world, btrfs_dir):
+    """A junk pack under its own hash, with a trailer and an index that say
+    it holds every blob the real packs hold (the index sorting first, so that
+    a prune taking the first record would take it): prune keeps the real
+    packs, and every byte restores.  check names the forged records; with
+    --read-data, the junk pack."""
+    s1 = world.backup()
+    write_random(world.src / "b.bin", 3 * MiB, 3)
+    world.backup()
+    want = Snapshot(world.src)
+    real_packs = {p.name for p in (world.repo / "data").rglob("*") if p.is_file()}
+    att = world.attacker()
+    idx = att.load_index()
+    blobs = sorted(idx.blobs.items())
+    entries = [rf.PackEntry(bid, e.type, e.raw_length, e.stored_length) for bid, e in blobs]
+    trailer = att.encode_object(rf.K_TRAILER, rf.encode_trailer_payload(entries))
+    junk = b"".join(os.urandom(e.stored_length) for e in entries)
+    pack = junk + trailer + rf.pack_tail(trailer)
+    pid = rf.object_id(pack)
+    att.backend.write(pack_name(pid), pack)
+    ip = rf.IndexPack(bytes.fromhex(pid))
+    off = 0
+    for bid, e in blobs:
+        ip.blobs.append((bid, e.type, off, e.stored_length, e.raw_length))
+        off += e.stored_length
+    # and one that lies even about the junk pack's own trailer
+    lie = rf.IndexPack(bytes.fromhex(pid), [(bid, e.type, 7, e.stored_length, e.raw_length)
+                                            for bid, e in blobs])
+
+    def index_object(n: int) -> bytes:
+        nonce = rf.IndexPack(hashlib.sha256(b"%d" % n).digest())  # a pack of no blobs
+        return att.encode_object(rf.K_INDEX, rf.encode_index_payload([ip, lie, nonce]))
+
+    oid, data = _sorting_first(index_object)
+    att.backend.write(f"index/{oid}", data)
+    att.close()
+    r = cli("check", "-r", world.repo, check_rc=3)
+    assert "index records name blobs its trailer does not hold" in r.err, r.err
+    pr = cli_json("prune", "--json", "-r", world.repo)
+    left = {p.name for p in (world.repo / "data").rglob("*") if p.is_file()}
+    assert real_packs <= left, f"a real pack was deleted: {pr}"
+    assert pr["packs_deleted"] <= 1, pr  # the junk pack: its copies did not read back
+    dest = btrfs_dir / "dest"
+    cli("restore", "-r", world.repo, "latest", dest, check_rc=0)
+    assert_same_tree(want, Snapshot(dest / "src"))
+    cli("check", "--read-data", "-r", world.repo, check_rc=0)  # the junk is gone
+    cli("restore", "-r", world.repo, s1["snapshot"][:8], btrfs_dir / "old", check_rc=0)
+
+
+def test_a_junk_snapshot_object_stops_no_command(world, btrfs_dir):
+    """Junk under a valid hash name in snapshots/ is named and passed over:
+    snapshots, backup, prune and restore of what is sound all go on."""
+    world.backup()
+    att = world.attacker()
+    junk = b"CAWO\x01\x02\x00\x00" + os.urandom(200)
+    oid = rf.object_id(junk)
+    att.backend.write(f"snapshots/{oid}", junk)
+    att.close()
+    r = cli("snapshots", "--json", "-r", world.repo)
+    assert r.returncode in (0, 1), str(r)
+    assert len(json.loads(r.stdout)) == 1 and oid[:16] in r.err, str(r)
+    world.src.joinpath("new.txt").write_bytes(b"x")
+    r = world.client("backup", "--json", world.src, rc=None)
+    assert r.returncode in (0, 1) and r.json()["snapshot"], str(r)
+    r = cli("forget", "-r", world.repo, "--keep-last", "1", "--prune")
+    assert r.returncode in (0, 1), str(r)
+    dest = btrfs_dir / "dest"
+    r = cli("restore", "-r", world.repo, "latest", dest)
+    assert r.returncode in (0, 1), str(r)
+    assert_same_tree(Snapshot(world.src), Snapshot(dest / "src"))
+
+
+def test_an_append_only_client_deletes_only_its_own_locks(world):
+    """The owner's lock (an exclusive one, as prune takes) cannot be deleted
+    by the append-only client; the client's own locks still go at the end of
+    each of its commands."""
+    world.backup()
+    owner = Repository.open(LocalBackend(str(world.repo)))
+    with owner.lock(True, "prune"):
+        (name,) = [f"locks/{p.name}" for p in (world.repo / "locks").iterdir()]
+        att = world.attacker()
+        with pytest.raises(UsageError, match="another command wrote"):
+            att.backend.delete(name)
+        att.close()
+        assert (world.repo / name).exists()
+    owner.close()
+    assert list((world.repo / "locks").iterdir()) == []
+
+
+def _forged_snapshot(att: Repository, like: dict, **changes) -> str:
+    d = dict(like, **changes)
+    return att.save_snapshot(d).id
+
+
+def test_future_dated_snapshots_push_no_real_one_out(world):
+    """Snapshots of the same host and PATHs dated in the future would be the
+    'last' ones of a --keep-last policy; they are kept and counted for
+    nothing, and the real ones stay."""
+    real = [world.backup()["snapshot"] for _ in range(3)]
+    att = world.attacker()
+    like = next(s for s in att.snapshots() if s.id == real[-1]).data
+    future = time.time_ns() + 10 * 24 * 3600 * 10**9
+    forged = [_forged_snapshot(att, like, time_ns=future + i, time=like["time"],
+                               tags=[f"f{i}"]) for i in range(3)]
+    att.close()
+    out = cli_json("forget", "--json", "-r", world.repo, "--keep-last", "2")
+    removed = {s["id"] for s in out["removed"]}
+    assert removed == {real[0]}, (removed, real, forged)
+    kept = {s["id"] for s in out["kept"]}
+    assert set(real[1:]) | set(forged) <= kept
+
+
+def test_a_forged_parent_is_not_trusted(world, btrfs_dir):
+    """A newer snapshot of the same host and PATHs, whose manifest says
+    c.txt is as it was (same inode, size, mtime, ctime) but gives it d.txt's
+    blob ranges: the next backup does not take it as its parent (the host
+    remembers the snapshot it wrote), so c.txt is read, not taken over by
+    the metadata rule (which applies to files not cloned: small ones, and
+    all of them with --no-point-in-time)."""
+    (world.src / "c.txt").write_bytes(b"c" * 20000)
+    (world.src / "d.txt").write_bytes(b"d" * 20000)
+    world.backup()
+    att = world.attacker()
+    att.load_index()
+    snap = att.snapshots()[-1]
+    manifest = att.manifest(snap)
+    forged = _swap_blobs(manifest, b"src/c.txt", b"src/d.txt")
+    packer = Packer(att, 1)
+    mout = ManifestOut(att, packer)
+    mout.write(forged)
+    mout.finish()
+    packer.flush()
+    packer.close()
+    d = dict(snap.data, manifest=[b.hex() for b in mout.ids], manifest_bytes=mout.total,
+             time_ns=snap.time_ns + 10**9, parent=None)
+    att.save_snapshot(d)
+    att.close()
+    r = world.client("backup", "--json", world.src, rc=None)
+    assert r.returncode in (0, 1), str(r)
+    assert "not taken as the parent" in r.err, r.err
+    dest = btrfs_dir / "dest"
+    cli("restore", "-r", world.repo, r.json()["snapshot"], dest, check_rc=0)
+    assert (dest / "src" / "c.txt").read_bytes() == b"c" * 20000
+    assert (dest / "src" / "d.txt").read_bytes() == b"d" * 20000
+
+
+def _swap_blobs(manifest: bytes, victim: bytes, donor: bytes) -> bytes:
+    """The manifest again, ``victim``'s BLOB records replaced by ``donor``'s."""
+    events = list(Stream(io.BytesIO(manifest)).events())
+    ranges: dict[bytes, list] = {}
+    cur = None
+    for ev in events:
+        if isinstance(ev, EntryEvent):
+            cur = ev.entry.path
+        elif isinstance(ev, BlobEvent):
+            ranges.setdefault(cur, []).append(ev)
+    out = io.BytesIO()
+    w = Writer(out, None, "forged")
+    for ev in events:
+        if isinstance(ev, EntryEvent):
+            cur = ev.entry.path
+            w.entry(ev.entry)
+        elif isinstance(ev, StatEvent):
+            w.stat(ev.ino, ev.ctime_ns)
+        elif isinstance(ev, BlobEvent):
+            src = ranges[donor] if cur == victim else None
+            if src is None:
+                w.blob(ev.offset, ev.length, ev.blob_offset, ev.blob_id)
+        elif isinstance(ev, EndEvent):
+            if cur == victim:
+                for b in ranges[donor]:
+                    w.blob(b.offset, b.length, b.blob_offset, b.blob_id)
+            w.end()
+    w.finish()
+    assert fmt.MAGIC in out.getvalue()[:16]
+    return out.getvalue()
+
+
+def test_a_downgraded_config_is_refused(btrfs_dir, tmp_path):
+    """A store that serves a config saying "none" for a repository this host
+    has used encrypted would get its next backup in the clear (no password
+    asked for); the host remembers, and refuses."""
+    repo = tmp_path / "repo"
+    pw = tmp_path / "pw"
+    pw.write_bytes(b"correct horse\n")
+    cli("init", "--encrypt", "--password-file", pw, "-r", repo, check_rc=0)
+    src = _tree(btrfs_dir / "src")
+    cli("backup", "--password-file", pw, "-r", repo, src, check_rc=0)
+    cfg = json.loads((repo / "config").read_bytes())
+    cfg["encryption"] = "none"
+    (repo / "config").write_bytes(json.dumps(cfg).encode())
+    before = {p.name for p in repo.rglob("*") if p.is_file()}
+    r = cli("backup", "-r", repo, src, check_rc=3)
+    assert "encrypted" in r.err and "refused" in r.err, r.err
+    assert {p.name for p in repo.rglob("*") if p.is_file()} == before
+
+
+def test_a_rolled_back_store_is_noticed_and_costs_no_data(btrfs_dir, tmp_path):
+    """The store serves an older state: the newest snapshot gone, and the
+    index from before a prune (naming a pack the prune deleted).  The host
+    says the repository went back; its next backup stores again what the
+    replayed index claims is in the gone pack, so its snapshot restores."""
+    repo = tmp_path / "repo"
+    cli("init", "-r", repo, check_rc=0)
+    src = btrfs_dir / "src"
+    src.mkdir()
+    write_random(src / "old.bin", 2 * MiB, 11)
+    write_random(src / "keep.bin", 2 * MiB, 12)
+    cli("backup", "-r", repo, src, check_rc=0)
+    old = (src / "old.bin").read_bytes()
+    (src / "old.bin").unlink()
+    s2 = cli_json("backup", "--json", "-r", repo, src)["snapshot"]
+    replay = {p.name: p.read_bytes() for p in (repo / "index").iterdir()}
+    cli("forget", "-r", repo, "--keep-last", "1", "--prune", check_rc=0)
+    for name, data in replay.items():  # the index of before the prune, served again
+        (repo / "index" / name).write_bytes(data)
+    (repo / "snapshots" / s2).unlink()  # and the newest snapshot gone
+    r = cli("snapshots", "-r", repo)
+    assert "rolled back" in r.err, str(r)
+    (src / "old.bin").write_bytes(old)  # the file comes back
+    r = cli("backup", "--json", "-r", repo, src)
+    assert r.returncode in (0, 1) and "not in the store" in r.err, str(r)
+    dest = btrfs_dir / "dest"
+    cli("restore", "-r", repo, r.json()["snapshot"], dest, check_rc=0)
+    assert (dest / "src" / "old.bin").read_bytes() == old
