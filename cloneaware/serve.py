@@ -64,6 +64,15 @@ class Server:
         finally:
             os.close(fd)
 
+    def _open_beneath(self, real: str) -> int:
+        """A descriptor of the file or directory ``real``, reached from the
+        allowed root one component at a time with O_NOFOLLOW."""
+        dfd, name = self._open_parent(real)
+        try:
+            return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        finally:
+            os.close(dfd)
+
     def _open_parent(self, real: str) -> tuple[int, str]:
         """(fd of real's directory, real's name), opened as _open_dir does."""
         d, name = os.path.split(real)
@@ -169,13 +178,20 @@ class Server:
             backend.close()
 
     def _restore(self, stdin, stdout, real: str, req: dict) -> int:
+        """Restore the stream into ``real``.  The base of a thin archive is
+        opened beneath the allowed root without following symlinks (a path
+        checked as a string could be swapped for a symlink before it is
+        opened), and every byte cloned from it is hashed: --trust-base is
+        the user's choice on their own host, never a remote client's."""
         base = req.get("base")
         if base is not None:
+            if not isinstance(base, str):
+                raise UsageError("bad base path")
             base = self._inside(base)
-        s = Restore(stdin, real, force=bool(req.get("force")), base=base,
-                    trust_base=bool(req.get("trust_base")),
+        s = Restore(stdin, real, force=bool(req.get("force")), base=base, trust_base=False,
                     warn=lambda m: sys.stderr.write(f"cloneaware serve: {m}\n"),
-                    open_dest=lambda: self._open_dir(real, create=True)).run()
+                    open_dest=lambda: self._open_dir(real, create=True),
+                    open_base_at=self._open_beneath).run()
         d = s.as_dict()
         return self._reply(stdout, True, summary=d)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 
 from cloneaware.archive import format as fmt
 from cloneaware.archive import thin
@@ -12,10 +13,14 @@ from cloneaware.errors import BaseMismatch, UsageError
 from cloneaware.safeio import open_beneath, sha256_range
 
 
-def open_base(base: thin.Base, given: str | None) -> dict[int, int]:
+def open_base(base: thin.Base, given: str | None,
+              opener: Callable[[str], int] | None = None) -> dict[int, int]:
     """Descriptors of every base file the archive references, by number,
     each checked to be a regular file of the size it had at backup time.
-    ``given``: where the user says the base is (--base)."""
+    ``given``: where the user says the base is (--base); ``opener``: how to
+    open it (``cloneaware serve`` opens it beneath its allowed root without
+    following symlinks); the files below a directory base are opened
+    beneath it the same way."""
     need = os.fsdecode(base.path)
     if given is None:
         raise BaseMismatch(f"this is a thin backup made against the base {need!r}; "
@@ -23,7 +28,8 @@ def open_base(base: thin.Base, given: str | None) -> dict[int, int]:
     if not given:
         raise UsageError("an empty path was given as --base")
     try:
-        bfd = os.open(given, os.O_RDONLY | os.O_CLOEXEC)
+        bfd = opener(given) if opener is not None else os.open(given,
+                                                                os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
         raise BaseMismatch(f"base {given}: {e.strerror} (the archive needs {need!r})") from None
     fds: dict[int, int] = {}

@@ -61,15 +61,16 @@ class DirectoryOutput:
     archive is on this host; ``trust_base``: do not hash the bytes cloned
     from it.  ``open_dest``: returns a descriptor of DEST, created if missing
     (``cloneaware serve`` opens it beneath its allowed root); default: by
-    path.  ``reshare_existing``: DEST holds an older copy of the tree
-    (implies ``force``).  ``external_fd``: the sparse file of a sparse thin
-    backup.  ``places``: shared by the manifests restored together."""
+    path; ``open_base_at`` the same for --base.  ``reshare_existing``: DEST
+    holds an older copy of the tree (implies ``force``).  ``external_fd``:
+    the sparse file of a sparse thin backup.  ``places``: shared by the
+    manifests restored together."""
 
     def __init__(self, dest: str, summary: RestoreSummary | None = None,
                  force: bool = False, warn: Callable[[str], None] | None = None,
                  base: str | None = None, trust_base: bool = False, open_dest=None,
                  reshare_existing: bool = False, external_fd: int | None = None,
-                 places: Places | None = None):
+                 places: Places | None = None, open_base_at=None):
         self.s = summary if summary is not None else RestoreSummary()
         self.dest = dest
         self.warn = warn or (lambda msg: None)
@@ -77,6 +78,7 @@ class DirectoryOutput:
         self.base = base
         self.trust_base = trust_base
         self.open_dest = open_dest
+        self.open_base_at = open_base_at  # opens --base (serve: beneath its root)
         self.external_fd = external_fd
         self.base_fds: dict[int, int] = {}
         self.counts = Counts(copy_reasons=self.s.copy_reasons)
@@ -105,7 +107,7 @@ class DirectoryOutput:
     def use_base(self, base: thin.Base | None) -> None:
         """Open the thin archive's base files (checked against the archive)."""
         if base is not None and not self.base_fds:
-            self.base_fds = open_base(base, self.base)
+            self.base_fds = open_base(base, self.base, self.open_base_at)
 
     def begin(self, base: thin.Base | None, entries: list[fmt.Entry]) -> None:
         self.entries = entries

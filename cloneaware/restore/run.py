@@ -33,7 +33,8 @@ class Restore:
     def __init__(self, archive, dest: str, force: bool = False, progress=None, warn=None,
                  base: str | None = None, trust_base: bool = False, open_dest=None,
                  reshare_existing: bool = False, select: Selection | None = None,
-                 listed: Callable[[bytes, bool], None] | None = None, dry_run: bool = False):
+                 listed: Callable[[bytes, bool], None] | None = None, dry_run: bool = False,
+                 open_base_at=None):
         self.archive = archive
         self.dest = dest
         self.force = force or reshare_existing
@@ -42,6 +43,7 @@ class Restore:
         self.base = base
         self.trust_base = trust_base
         self.open_dest = open_dest
+        self.open_base_at = open_base_at
         self.reshare_existing = reshare_existing
         self.select = select or Selection()
         self.listed = listed
@@ -87,7 +89,7 @@ class Restore:
                                    sparse=external_fd is not None)
         return DirectoryOutput(self.dest, self.s, self.force, self.warn, self.base,
                                self.trust_base, self.open_dest, self.reshare_existing,
-                               external_fd)
+                               external_fd, open_base_at=self.open_base_at)
 
     def _receive(self, f, out, name: str | None) -> None:
         if self.dry_run:  # the layout only: DATA records are sought over where they can be
