@@ -251,7 +251,10 @@ class RepoServer:
             if not isinstance(off, int) or off < 0 or (n is not None and (
                     not isinstance(n, int) or not 0 <= n <= (1 << 30))):
                 raise UsageError("bad range")
-            self._answer({"ok": True}, b.read(req["name"], off, n))
+            name = req.get("name")
+            if not isinstance(name, str):
+                raise UsageError("bad name")
+            self._answer({"ok": True}, b.read(name, off, n))
         elif cmd == "write":
             b.write(req["name"], payload, bool(req.get("create_only")))
             self._answer({"ok": True})

@@ -55,10 +55,24 @@ class Listed:
     mtime: float
 
 
+#: the most a read of a whole object may bring (an object, or a pack that
+#: check --read-data reads whole, is far smaller; a store that serves more
+#: is refused before the bytes are taken)
+WHOLE_MAX = 1 << 30
+
+
+def too_large(where: str, name: str, size: int, limit: int) -> RepositoryError:
+    return RepositoryError(f"{where}: {name} is {size} bytes, more than any such object can "
+                           f"be ({limit}): damaged or hostile")
+
+
 class Backend(Protocol):
     where: str  # the repository as the user named it, for messages
 
-    def read(self, name: str, offset: int = 0, length: int | None = None) -> bytes: ...
+    def read(self, name: str, offset: int = 0, length: int | None = None,
+             limit: int = WHOLE_MAX) -> bytes:
+        """Bytes of object ``name``; ``length`` None: to its end, refused if
+        that is more than ``limit``."""
     def write(self, name: str, data, create_only: bool = False) -> None: ...
     def delete(self, name: str) -> None: ...
     def listing(self, directory: str) -> list[Listed]: ...
@@ -132,15 +146,22 @@ class LocalBackend:
         d, _, base = name.rpartition("/")
         return d, base
 
-    def read(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+    def read(self, name: str, offset: int = 0, length: int | None = None,
+             limit: int = WHOLE_MAX) -> bytes:
         d, base = self._split(name)
         try:
-            fd = os.open(base, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._dir(d))
+            fd = os.open(base, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=self._dir(d))
         except FileNotFoundError:
             raise RepositoryError(f"{self.where}: {name} is missing") from None
         try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise RepositoryError(f"{self.where}: {name} is not a regular file")
             if length is None:
-                length = os.fstat(fd).st_size - offset
+                length = st.st_size - offset
+                if length > limit:
+                    raise too_large(self.where, name, length, limit)
             out = bytearray()
             while len(out) < length:
                 b = os.pread(fd, length - len(out), offset + len(out))

@@ -16,7 +16,6 @@ import hashlib
 import hmac
 import os
 import secrets
-import socket
 import time
 from typing import Protocol
 
@@ -32,6 +31,11 @@ KDF_N, KDF_R, KDF_P = 1 << 17, 8, 1
 #: scrypt parameters a key file may ask for (bounded: a hostile key file
 #: must not make us allocate gigabytes)
 KDF_N_MAX, KDF_R_MAX, KDF_P_MAX = 1 << 22, 32, 16
+#: the memory scrypt may be asked for by a key object (128 * N * r bytes): a
+#: key a store planted cannot make unlocking take 16 GiB
+KDF_MEMORY_MAX = 1 << 30
+#: a key object is a small JSON object
+KEY_OBJECT_MAX = 64 << 10
 
 
 class Crypto(Protocol):
@@ -129,16 +133,15 @@ def make_key(master: bytes, repo_id: str, password: bytes, n: int = KDF_N, r: in
     """A key object: the master key wrapped by ``password``."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-    if n & (n - 1) or not 1 << 14 <= n <= KDF_N_MAX:
-        raise UsageError(f"scrypt N={n} must be a power of two from 16384 to {KDF_N_MAX}")
+    if n & (n - 1) or not 1 << 14 <= n <= KDF_N_MAX or 128 * n * r > KDF_MEMORY_MAX:
+        raise UsageError(f"scrypt N={n} must be a power of two from 16384 to "
+                         f"{KDF_MEMORY_MAX // (128 * r)}")
     salt, nonce = secrets.token_bytes(32), secrets.token_bytes(NONCE)
     wrap = _scrypt(password, salt, n, r, p)
     data = AESGCM(wrap).encrypt(nonce, master + bytes.fromhex(repo_id), KEY_AAD)
     return encode_json({"kdf": "scrypt", "n": n, "r": r, "p": p, "salt": _b64(salt),
                         "nonce": _b64(nonce), "data": _b64(data),
-                        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                        "hostname": socket.gethostname(),
-                        "username": _username()})
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
 
 
 def unwrap_key(obj: bytes, password: bytes, repo_id: str, what: str) -> bytes | None:
@@ -155,8 +158,10 @@ def unwrap_key(obj: bytes, password: bytes, repo_id: str, what: str) -> bytes | 
     except (KeyError, TypeError, ValueError):
         raise RepositoryError(f"{what}: not a key object") from None
     if n & (n - 1) or not 2 <= n <= KDF_N_MAX or not 0 < r <= KDF_R_MAX \
-            or not 0 < p <= KDF_P_MAX or len(nonce) != NONCE:
-        raise RepositoryError(f"{what}: key parameters out of bounds")
+            or not 0 < p <= KDF_P_MAX or len(nonce) != NONCE \
+            or 128 * n * r > KDF_MEMORY_MAX:
+        raise RepositoryError(f"{what}: key parameters out of bounds (scrypt N={n}, r={r}, "
+                              f"p={p}: at most {KDF_MEMORY_MAX >> 20} MiB)")
     wrap = _scrypt(password, salt, n, r, p)
     try:
         plain = AESGCM(wrap).decrypt(nonce, data, KEY_AAD)

@@ -210,14 +210,43 @@ def encode_json(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
+#: how deep the JSON of an object may nest (ours nest 2 levels)
+JSON_DEPTH = 16
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number")
+
+
 def decode_json(data: bytes, what: str) -> dict:
+    """A JSON object, as strict as ours are written: no NaN or Infinity,
+    nesting bounded (a deeper one would cost the parser its stack)."""
     try:
-        obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+        obj = json.loads(data, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError):
         fail(what, "not valid JSON")
     if not isinstance(obj, dict):
         fail(what, "not a JSON object")
+    if _depth(obj) > JSON_DEPTH:
+        fail(what, "JSON nested too deeply")
     return obj
+
+
+def _depth(obj, level: int = 0) -> int:
+    if level > JSON_DEPTH:
+        return level
+    if isinstance(obj, dict):
+        return max((_depth(v, level + 1) for v in obj.values()), default=level + 1)
+    if isinstance(obj, list):
+        return max((_depth(v, level + 1) for v in obj), default=level + 1)
+    return level
+
+
+#: times a snapshot or lock may carry: from 1970 to 2262 (the range of a
+#: signed 64-bit count of nanoseconds, which dates can be made of)
+TIME_NS_MAX = (1 << 63) - 1
+#: the largest manifest a snapshot may claim: it is read whole into memory
+MANIFEST_MAX = 4 << 30
 
 
 @dataclass
@@ -276,8 +305,11 @@ def check_snapshot(d: dict, what: str) -> dict:
         fail(what, "bad manifest blob id")
     if not all(isinstance(p, str) for p in d["paths"] + d["tags"]):
         fail(what, "paths and tags must be strings")
-    if d["manifest_bytes"] > 1 << 40 or len(d["manifest"]) * BLOB_MAX < d["manifest_bytes"]:
+    if not 0 <= d["manifest_bytes"] <= MANIFEST_MAX or \
+            len(d["manifest"]) * BLOB_MAX < d["manifest_bytes"]:
         fail(what, "manifest size out of bounds")
+    if not 0 <= d["time_ns"] <= TIME_NS_MAX:
+        fail(what, "time out of range")
     return d
 
 
@@ -286,4 +318,6 @@ def check_lock(d: dict, what: str) -> dict:
                  "exclusive": bool, "operation": str}.items():
         if not isinstance(d.get(k), t):
             fail(what, f"field {k!r} is missing or of the wrong type")
+    if not 0 <= d["time_ns"] <= TIME_NS_MAX or not 0 < d["pid"] < 1 << 31:
+        fail(what, "time or pid out of range")
     return d

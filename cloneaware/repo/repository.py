@@ -97,8 +97,10 @@ class Repository:
         config cannot be sealed: it says whether anything is; repo/state.py
         remembers instead)."""
         try:
-            raw = backend.read("config")
-        except RepositoryError:
+            raw = backend.read("config", limit=rf.CONFIG_MAX)
+        except RepositoryError as e:
+            if "more than any such object" in str(e):
+                raise
             raise RepositoryError(f"{backend.where}: not a cloneaware repository (no config; "
                                   "make one with cloneaware init)") from None
         cfg = rf.Config.decode(raw, backend.where)
@@ -135,12 +137,23 @@ class Repository:
         keys = backend.listing("keys")
         if not keys:
             raise RepositoryError(f"{backend.where}: encrypted, but it holds no key")
+        bad: list[str] = []
         for k in sorted(keys, key=lambda k: k.mtime):
-            master = crypto.unwrap_key(backend.read(k.name), pw, cfg.id,
-                                       f"{backend.where}: {k.name}")
+            what = f"{backend.where}: {k.name}"
+            try:  # one key object that is not one (damaged, planted) stops no other
+                master = crypto.unwrap_key(backend.read(k.name, limit=crypto.KEY_OBJECT_MAX),
+                                           pw, cfg.id, what)
+            except RepositoryError as e:
+                bad.append(str(e))
+                continue
             if master is not None:
                 return master, k.name
-        raise WrongPassword(f"{backend.where}: wrong password (no key opens with it)")
+        if bad and len(bad) == len(keys):
+            raise RepositoryError(f"no key object of the repository can be read: {bad[0]}"
+                                  + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+        raise WrongPassword(f"{backend.where}: wrong password (no key opens with it)"
+                            + (f"; {len(bad)} key objects could not be read ({bad[0]})"
+                               if bad else ""))
 
     # -- objects -----------------------------------------------------------------------
 
@@ -160,10 +173,8 @@ class Repository:
         return oid
 
     def load_object(self, name: str, kind: int) -> bytes:
-        data = self.backend.read(name)
+        data = self.backend.read(name, limit=rf.OBJECT_MAX + 1024)
         what = f"{self.where}: {name}"
-        if len(data) > rf.OBJECT_MAX + 1024:
-            raise RepositoryError(f"{what}: larger than any object can be")
         oid = name.rpartition("/")[2]
         if kind != rf.K_LOCK and rf.object_id(data) != oid:
             raise RepositoryError(f"{what}: its contents do not match its name (damaged)")

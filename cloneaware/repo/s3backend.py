@@ -29,7 +29,7 @@ import time
 from datetime import datetime
 
 from cloneaware.errors import CloneawareError, RepositoryError, UsageError
-from cloneaware.repo.backend import DIRS, Listed, check_name
+from cloneaware.repo.backend import DIRS, WHOLE_MAX, Listed, check_name, too_large
 
 PART = 8 << 20
 _URL = re.compile(r"\As3://(?P<bucket>[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])(?:/(?P<prefix>.*))?\Z")
@@ -134,7 +134,8 @@ class S3Backend:
 
     # -- the backend --------------------------------------------------------------------
 
-    def read(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+    def read(self, name: str, offset: int = 0, length: int | None = None,
+             limit: int = WHOLE_MAX) -> bytes:
         check_name(name)
         kw = {"Bucket": self.bucket, "Key": self._key(name)}
         if offset or length is not None:
@@ -144,7 +145,13 @@ class S3Backend:
             return b""
 
         def get() -> bytes:
-            return self.s3.get_object(**kw)["Body"].read()
+            resp = self.s3.get_object(**kw)
+            n = resp.get("ContentLength")
+            want = limit if length is None else length
+            if not isinstance(n, int) or n > want:
+                resp["Body"].close()
+                raise too_large(self.where, name, n if isinstance(n, int) else -1, want)
+            return resp["Body"].read(n)
 
         try:
             data = self._call(get)

@@ -17,7 +17,7 @@ import threading
 
 from cloneaware.errors import RemoteError, RepositoryError, UsageError
 from cloneaware.remote.client import REQUEST_MAX, Channel, parse_url
-from cloneaware.repo.backend import Listed, check_name
+from cloneaware.repo.backend import WHOLE_MAX, Listed, check_name
 
 #: error kinds the server sends, as the exceptions a backend raises
 KINDS = {"missing": RepositoryError, "usage": UsageError, "repository": RepositoryError}
@@ -32,7 +32,10 @@ class SshBackend:
         self.ch.status()
         self.lock = threading.Lock()
 
-    def _call(self, req: dict, payload=b"") -> tuple[dict, bytes]:
+    def _call(self, req: dict, payload=b"", limit: int = 64 << 10) -> tuple[dict, bytes]:
+        """One request and its answer; the answer's bytes may be at most
+        ``limit`` (the other end says how many: that is checked, not
+        trusted, before they are read)."""
         with self.lock:
             try:
                 self.ch.stdin.write(json.dumps(req).encode() + b"\n")
@@ -50,7 +53,11 @@ class SshBackend:
                 raise RemoteError(f"{self.where}: garbled answer from cloneaware serve") \
                     from None
             data = b""
-            n = ans.get("length", 0) if ans.get("ok") else 0
+            n = ans.get("length", 0) if isinstance(ans, dict) and ans.get("ok") else 0
+            if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= limit:
+                self.ch.close()
+                raise RemoteError(f"{self.where}: cloneaware serve announced {n!r} bytes, "
+                                  f"not 0 to {limit}")
             if n:
                 data = self.ch.stdout.read(n)
                 if len(data) != n:
@@ -62,10 +69,14 @@ class SshBackend:
             raise KINDS.get(kind, RemoteError)(f"{self.where}: {ans.get('error')}")
         return ans, data
 
-    def read(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+    def read(self, name: str, offset: int = 0, length: int | None = None,
+             limit: int = WHOLE_MAX) -> bytes:
         check_name(name)
-        return self._call({"cmd": "read", "name": name, "offset": offset,
-                           "length": length})[1]
+        data = self._call({"cmd": "read", "name": name, "offset": offset, "length": length},
+                          limit=limit if length is None else length)[1]
+        if length is not None and len(data) != length:
+            raise RepositoryError(f"{self.where}/{name} is shorter than expected")
+        return data
 
     def write(self, name: str, data, create_only: bool = False) -> None:
         check_name(name)

@@ -333,3 +333,112 @@ def test_a_rolled_back_store_is_noticed_and_costs_no_data(btrfs_dir, tmp_path):
     dest = btrfs_dir / "dest"
     cli("restore", "-r", repo, r.json()["snapshot"], dest, check_rc=0)
     assert (dest / "src" / "old.bin").read_bytes() == old
+
+
+# --- a hostile store against the client: every input bounded, no traceback ----------------
+
+AS_LIMIT = ["prlimit", "--as=4294967296", "--"]  # a client that allocated on a store's word dies
+
+
+def _plain_repo(tmp_path, btrfs_dir) -> tuple[Path, Path]:
+    repo = tmp_path / "repo"
+    cli("init", "-r", repo, check_rc=0)
+    src = _tree(btrfs_dir / "src")
+    cli("backup", "-r", repo, src, check_rc=0)
+    return repo, src
+
+
+@pytest.mark.parametrize("value", ["Infinity", "NaN", "-Infinity"])
+def test_a_config_with_infinity_is_refused_in_one_line(tmp_path, btrfs_dir, value):
+    repo, _src = _plain_repo(tmp_path, btrfs_dir)
+    import re
+
+    cfg = (repo / "config").read_bytes().decode()
+    bad = re.sub(r'"grid":\s*\d+', f'"grid": {value}', cfg)
+    assert bad != cfg
+    (repo / "config").write_bytes(bad.encode())
+    r = cli("snapshots", "-r", repo, check_rc=3)
+    assert r.err.count("\n") == 1 and "JSON" in r.err, r.err
+
+
+def _plant_snapshot(repo: Path, payload: bytes) -> str:
+    """An unencrypted snapshot object holding ``payload``, under its hash."""
+    att = Repository.open(LocalBackend(str(repo)))
+    data = att.encode_object(rf.K_SNAPSHOT, payload)
+    oid = rf.object_id(data)
+    (repo / "snapshots" / oid).write_bytes(data)
+    att.close()
+    return oid
+
+
+@pytest.mark.parametrize("how", ["deep", "time", "terabyte", "huge"])
+def test_hostile_snapshot_objects_are_passed_over(tmp_path, btrfs_dir, how):
+    """Deeply nested JSON, a time past 2262, a manifest said to be a TiB, an
+    object of 80 MiB: each named and passed over, under a 4 GiB address
+    space, and the sound snapshot still restores."""
+    repo, src = _plain_repo(tmp_path, btrfs_dir)
+    good = json.loads(Repository.open(LocalBackend(str(repo))).load_object(
+        f"snapshots/{next((repo / 'snapshots').iterdir()).name}", rf.K_SNAPSHOT))
+    if how == "deep":
+        payload = b"[" * 100000 + b"]" * 100000
+        oid = _plant_snapshot(repo, payload)
+    elif how == "time":
+        oid = _plant_snapshot(repo, json.dumps(dict(good, time_ns=10**30)).encode())
+    elif how == "terabyte":
+        oid = _plant_snapshot(repo, json.dumps(dict(good, manifest_bytes=1 << 40,
+                                                    manifest=good["manifest"] * 262144))
+                              .encode())
+    else:
+        junk = os.urandom(80 << 20)
+        oid = hashlib.sha256(junk).hexdigest()
+        (repo / "snapshots" / oid).write_bytes(junk)
+    r = cli("snapshots", "--json", "-r", repo, prefix=AS_LIMIT)
+    assert r.returncode in (0, 1) and len(json.loads(r.stdout)) == 1, str(r)
+    assert oid[:16] in r.err, r.err
+    dest = btrfs_dir / "dest"
+    r = cli("restore", "-r", repo, "latest", dest, prefix=AS_LIMIT)
+    assert r.returncode in (0, 1), str(r)
+    assert_same_tree(Snapshot(src), Snapshot(dest / "src"))
+
+
+def test_key_objects_a_store_planted_stop_no_unlocking(tmp_path, btrfs_dir):
+    """A key object asking scrypt for 16 GiB, one that is not JSON, one with
+    Infinity: each is passed over (not allocated for) and the password
+    still opens the repository with its real key."""
+    repo = tmp_path / "repo"
+    pw = tmp_path / "pw"
+    pw.write_bytes(b"pass phrase\n")
+    cli("init", "--encrypt", "--password-file", pw, "-r", repo, check_rc=0)
+    real = json.loads(next((repo / "keys").iterdir()).read_bytes())
+    planted = [json.dumps(dict(real, n=1 << 22, r=32)).encode(), b"\x00not json",
+               json.dumps(real).replace('"n": 131072', '"n": Infinity').encode()]
+    for i, data in enumerate(planted):
+        p = repo / "keys" / hashlib.sha256(data).hexdigest()
+        p.write_bytes(data)
+        t = time.time() - 3600 * (i + 1)  # older: tried first
+        os.utime(p, (t, t))
+    src = _tree(btrfs_dir / "src")
+    t0 = time.monotonic()
+    r = cli("backup", "--password-file", pw, "-r", repo, src, prefix=AS_LIMIT)
+    assert r.returncode == 0, str(r)
+    assert time.monotonic() - t0 < 60
+    (pw).write_bytes(b"wrong\n")
+    r = cli("snapshots", "--password-file", pw, "-r", repo, prefix=AS_LIMIT, check_rc=7)
+    assert "could not be read" in r.err, r.err
+
+
+def test_a_server_announcing_a_huge_answer_is_refused(tmp_path):
+    """The ssh channel's answer says how many bytes follow; a length beyond
+    what was asked for (or negative) is refused before anything is read."""
+    fake = tmp_path / "fake-serve"
+    fake.write_text(
+        "#!/usr/bin/env python3\n"
+        "import sys, json\n"
+        "sys.stdin.readline()\n"
+        "print(json.dumps({'ok': True}), flush=True)\n"
+        "for line in sys.stdin:\n"
+        "    print(json.dumps({'ok': True, 'length': 1 << 40}), flush=True)\n")
+    fake.chmod(0o755)
+    rsh = f"sh -c {shlex.quote('exec ' + str(fake))} x"
+    r = cli("snapshots", "-r", "ssh://localhost/x", "--rsh", rsh, prefix=AS_LIMIT)
+    assert r.returncode in (3, 4) and "announced" in r.err, str(r)
