@@ -81,9 +81,10 @@ class AtomicFile:
     """
 
     def __init__(self, name, dir_fd: int | None = None, replace: bool = False,
-                 display: str | None = None, read: bool = False):
+                 display: str | None = None, read: bool = False, mode: int | None = None):
         self.display = display if display is not None else os.fsdecode(name)
         self.replace = replace
+        self.mode = mode  # what commit() gives it when not told
         if dir_fd is None:
             path = os.fsencode(os.path.abspath(os.fsencode(name)))
             d, base = os.path.split(path)
@@ -125,7 +126,9 @@ class AtomicFile:
 
     def commit(self, mode: int | None = None) -> None:
         """Make the file durable and give it its name.  ``mode``: its final
-        permissions (default 0o666 less the umask, as for any new file)."""
+        permissions (default: the one given when it was made, else 0o666
+        less the umask, as for any new file)."""
+        mode = self.mode if mode is None else mode
         if self.tmp is None:
             return
         try:

@@ -140,7 +140,7 @@ class Server:
                     except ArchiveError as e:
                         raise ArchiveError(f"the stream ended without a whole archive ({e}); "
                                            "nothing was kept") from None
-                out.commit(0o644)
+                out.commit(0o600)
             return self._reply(stdout, True, bytes=total, path=real)
         finally:
             os.close(dfd)

@@ -101,7 +101,9 @@ def file_output(target: str, force: bool = False, dry_run: bool = False
     if not target:
         raise UsageError("an empty path was given as the archive (-o)")
     _check_target(target, force)
-    return Discard if dry_run else lambda: AtomicFile(target, replace=force)
+    # the owner's alone: an archive holds every file's bytes, whatever their
+    # modes were (an export of an encrypted repository is not encrypted)
+    return Discard if dry_run else lambda: AtomicFile(target, replace=force, mode=0o600)
 
 
 class Prior(NamedTuple):
@@ -348,10 +350,10 @@ class SparseSink(Sink):
         if self.sidecar:
             with AtomicFile(side, replace=True) as f:
                 f.write(data)
-                f.commit(0o644)
+                f.commit(0o600)
         elif os.path.lexists(side):
             os.unlink(side)  # a stale sidecar of an older backup would confuse a reader
-        self.file.commit(0o644)
+        self.file.commit(0o600)
 
     def abort(self) -> None:
         if self.file is not None:

@@ -91,8 +91,12 @@ class Channel:
         cmd = _rsh_command(url, rsh)
         if shutil.which(cmd[0]) is None:
             raise UsageError(f"{cmd[0]}: not found (set --rsh or CLONEAWARE_RSH)")
+        # the password stays here: ssh and an --rsh command (and whatever they
+        # run) are not given it
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("CLONEAWARE_PASSWORD", "CLONEAWARE_PASSWORD_FILE")}
         self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  bufsize=1 << 20)
+                                  bufsize=1 << 20, env=env)
         assert self.p.stdin is not None and self.p.stdout is not None
         self.stdin: IO[bytes] = self.p.stdin
         self.stdout: IO[bytes] = self.p.stdout

@@ -442,3 +442,43 @@ def test_a_server_announcing_a_huge_answer_is_refused(tmp_path):
     rsh = f"sh -c {shlex.quote('exec ' + str(fake))} x"
     r = cli("snapshots", "-r", "ssh://localhost/x", "--rsh", rsh, prefix=AS_LIMIT)
     assert r.returncode in (3, 4) and "announced" in r.err, str(r)
+
+
+def test_the_password_is_not_given_to_ssh_or_rsh(tmp_path, btrfs_dir):
+    """CLONEAWARE_PASSWORD (and the password file's name) stay with the
+    client: the ssh or --rsh command it starts does not inherit them."""
+    root = tmp_path / "srv"
+    root.mkdir()
+    repo = root / "repo"
+    pw = tmp_path / "pw"
+    pw.write_bytes(b"secret words\n")
+    cli("init", "--encrypt", "--password-file", pw, "-r", repo, check_rc=0)
+    seen = tmp_path / "env"
+    serve = [*cli_command(), "serve", "--allow", "repo", "--restrict-to-path", str(root)]
+    script = f"env > {shlex.quote(str(seen))}; exec {shlex.join(serve)}"
+    rsh = f"sh -c {shlex.quote(script)} x"
+    env = dict(os.environ, CLONEAWARE_PASSWORD="secret words",
+               CLONEAWARE_PASSWORD_FILE=str(pw))
+    cli("snapshots", "-r", f"ssh://localhost{repo}", "--rsh", rsh, env=env, check_rc=0)
+    got = seen.read_text()
+    assert "CLONEAWARE_PASSWORD" not in got and "secret words" not in got, got
+
+
+def test_archives_and_outputs_are_the_owners_alone(btrfs_dir, tmp_path):
+    """An archive holds every file's bytes whatever their modes: backup -o,
+    export -o, the sparse form and its manifest, and serve's put are 0600
+    whatever the umask."""
+    src = _tree(btrfs_dir / "src")
+    out = btrfs_dir / "a.caw"
+    cli("backup", "-o", out, src, check_rc=0)
+    repo = tmp_path / "repo"
+    cli("init", "-r", repo, check_rc=0)
+    cli("backup", "-r", repo, src, check_rc=0)
+    exp = btrfs_dir / "e.caw"
+    cli("export", "-r", repo, "latest", "-o", exp, check_rc=0)
+    clone = btrfs_dir / "clone.img"
+    clone.write_bytes((src / "a.bin").read_bytes())
+    thin = btrfs_dir / "clone.thin"
+    cli("backup", "--base", src / "a.bin", "--sparse", "-o", thin, clone, check_rc=0)
+    for p in (out, exp, thin):
+        assert oct(p.stat().st_mode & 0o777) == oct(0o600), p

@@ -94,7 +94,7 @@ def test_backup_restore_and_push_restore(sshnet, reflink_dir, tmp_path):
     assert b["referenced_bytes"] > 3 * 7 * MiB  # the clones were referenced, not sent
     assert os.listdir(srv) == ["tree.caw"]  # no temporary file left beside it
     assert b["archive_bytes"] == archive.stat().st_size
-    assert oct(archive.stat().st_mode & 0o777) == oct(0o644)
+    assert oct(archive.stat().st_mode & 0o777) == oct(0o600)  # the owner's alone (issue 35)
     cli("verify", archive, check_rc=0)
 
     dst = reflink_dir / "dst"
