@@ -26,8 +26,8 @@ from cloneaware.restore.meta import Meta
 from cloneaware.restore.output import RestoreSummary
 from cloneaware.restore.select import STAGING
 from cloneaware.restore.subvol import Subvolumes
-from cloneaware.restore.tree import FdCache, Tree, remove_stale_temps, remove_tree
-from cloneaware.safeio import open_beneath, pid_alive
+from cloneaware.restore.tree import FdCache, Tree, remove_stale_temps
+from cloneaware.safeio import open_beneath, pid_alive, remove_tree
 
 
 class Places:

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 from cloneaware import native
 from cloneaware.errors import UsageError
-from cloneaware.restore.tree import Tree, remove_tree
+from cloneaware.restore.tree import Tree
+from cloneaware.safeio import remove_tree
 
 
 @dataclass(slots=True)

@@ -19,7 +19,8 @@ from collections.abc import Callable
 from cloneaware import native
 from cloneaware.archive import format as fmt
 from cloneaware.fsinfo import BTRFS_MAGIC
-from cloneaware.restore.tree import Tree, remove_tree
+from cloneaware.restore.tree import Tree
+from cloneaware.safeio import remove_tree
 
 #: the inode number of the stub a nested subvolume leaves in a snapshot
 EMPTY_SUBVOL_INO = 2

@@ -96,46 +96,6 @@ class Tree:
         self.dirs.close()
 
 
-def _unlink_or_dir(dfd: int, name: bytes) -> bool:
-    """Unlink ``name``; False if it is a directory (left for the caller)."""
-    try:
-        os.unlink(name, dir_fd=dfd)
-        return True
-    except IsADirectoryError:
-        return False
-    except OSError as e:
-        if e.errno == errno.EPERM and os.path.isdir(f"/proc/self/fd/{dfd}/{os.fsdecode(name)}"):
-            return False  # some filesystems say EPERM for a directory
-        raise
-
-
-def remove_tree(dfd: int, name: bytes) -> None:
-    """Remove ``name`` in ``dfd`` and, if it is a directory, everything in
-    it, by descriptor and without recursion (any depth; symlinks are removed,
-    not followed)."""
-    if _unlink_or_dir(dfd, name):
-        return
-    # (parent descriptor, name, own descriptor, names still to remove)
-    stack: list[tuple[int, bytes, int, list[bytes]]] = []
-    fd = os.open(name, DIR_FLAGS, dir_fd=dfd)
-    stack.append((dfd, name, fd, [os.fsencode(n) for n in os.listdir(fd)]))
-    try:
-        while stack:
-            pfd, pname, fd, todo = stack[-1]
-            if not todo:
-                stack.pop()
-                os.close(fd)
-                os.rmdir(pname, dir_fd=pfd)
-                continue
-            n = todo.pop()
-            if not _unlink_or_dir(fd, n):
-                sub = os.open(n, DIR_FLAGS, dir_fd=fd)
-                stack.append((fd, n, sub, [os.fsencode(x) for x in os.listdir(sub)]))
-    finally:
-        for _, _, fd, _ in stack:
-            os.close(fd)
-
-
 def remove_stale_temps(dfd: int, where: str, warn: Callable[[str], None]) -> None:
     """--force into an existing directory: remove the temporary files a
     restore that crashed or lost its filesystem left there (names only

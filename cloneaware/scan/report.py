@@ -11,7 +11,7 @@ import numpy as np
 from cloneaware import fsinfo
 from cloneaware.errors import FileSkipped, Warnings
 from cloneaware.index.plan import CHECK_CANDIDATE, IndexBuilder, Plan
-from cloneaware.source.anchors import Mounts
+from cloneaware.source.anchors import DIRNAME, Mounts, open_anchor_dir
 from cloneaware.source.mapping import (
     READING_NOTE,
     TREE_SEARCH,
@@ -20,7 +20,7 @@ from cloneaware.source.mapping import (
     Skipped,
     map_tree,
 )
-from cloneaware.source.walk import ANCHOR_DIR, ANCHOR_MARKER, Node
+from cloneaware.source.walk import Node
 
 
 @dataclass
@@ -152,7 +152,11 @@ def find_anchor_dirs(paths: list) -> list[bytes]:
         d = os.path.abspath(os.fsencode(p))
         d = d if os.path.isdir(d) else os.path.dirname(d)
         for top in [mounts.top(d), *mounts.under(d)]:
-            base = os.path.join(top, ANCHOR_DIR)
-            if base not in out and os.path.lexists(os.path.join(base, ANCHOR_MARKER)):
+            base = os.path.join(top, DIRNAME)
+            if base in out:
+                continue
+            fd, _why = open_anchor_dir(top)  # only this host's: ours, marked
+            if fd is not None:
+                os.close(fd)
                 out.append(base)
     return out

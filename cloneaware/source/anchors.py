@@ -9,6 +9,16 @@ filesystems so that the next backup can prove what did not change
 
 An anchor is trusted only while its inode, size, mtime and ctime are those
 recorded in ANCHORS when it was linked: any write to it changes its ctime.
+
+The directory may sit on a filesystem other users can write to (a per-user
+mount, a shared scratch filesystem).  So every step is taken through
+directory descriptors without following symlinks, and the anchor directory,
+its marker, each set's directories, records and anchors are used only if
+they are owned by the user running the backup and writable by no one else
+(said once, else); anchors are opened O_NONBLOCK and must be regular files
+of one link.  The walk skips ``.cloneaware-anchors`` only at the top of a
+mount, and only when it is such a directory: a user cannot hide data from
+root's backups by naming a directory so.
 """
 from __future__ import annotations
 
@@ -18,16 +28,19 @@ import json
 import os
 import re
 import secrets
-import shutil
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from cloneaware import native
-from cloneaware.safeio import DIR_FLAGS, pid_alive
-from cloneaware.source.walk import ANCHOR_DIR, ANCHOR_MARKER
+from cloneaware.safeio import pid_alive, remove_tree
 
-DIRNAME = ANCHOR_DIR
-MARKER = ANCHOR_MARKER
+#: A repository's anchors (docs/REPOSITORY.md) live in this directory at the
+#: top of a mount, marked by this file; a walk never enters it there.
+DIRNAME = b".cloneaware-anchors"
+MARKER = b"CLONEAWARE-ANCHORS"
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 MARKER_TEXT = (b"This directory holds cloneaware's anchors: point-in-time clones of backed-up\n"
                b"files, kept so that the next backup reads only what changed.  They share\n"
                b"their blocks with the live files and cost about what changed since the last\n"
@@ -60,6 +73,7 @@ class Mounts:
         except OSError:
             points = [b"/"]
         self.points = sorted(set(points), key=len, reverse=True)
+        self.point_set = set(self.points)
         self._cache: dict[bytes, bytes] = {}
 
     def top(self, directory: bytes) -> bytes:
@@ -82,6 +96,122 @@ class Mounts:
         return [p for p in self.points if (p.rstrip(b"/") + b"/").startswith(real)]
 
 
+def ours(st: os.stat_result) -> bool:
+    """Owned by the user running cloneaware, and writable by no one else."""
+    return st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
+def open_dir(pfd: int, name: bytes, create: bool = False) -> int | None:
+    """Directory ``name`` in ``pfd``, opened without following a symlink (made
+    0700 if missing and ``create``), and only if it is ours: else None.
+    FileNotFoundError if it is missing (and not ``create``)."""
+    try:
+        fd = os.open(name, _DIR, dir_fd=pfd)
+    except FileNotFoundError:
+        if not create:
+            raise
+        try:
+            os.mkdir(name, 0o700, dir_fd=pfd)
+        except FileExistsError:
+            pass
+        fd = os.open(name, _DIR, dir_fd=pfd)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            return None  # a symlink or a file where a directory of ours should be
+        raise
+    if not ours(os.fstat(fd)):
+        os.close(fd)
+        return None
+    return fd
+
+
+def _our_file(dfd: int, name: bytes | str) -> int | None:
+    """A regular file of ours, of one link, in ``dfd``, opened read-only
+    without following a symlink or blocking on a FIFO; else None."""
+    try:
+        fd = os.open(name, _FILE, dir_fd=dfd)
+    except OSError:
+        return None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or not ours(st):
+        os.close(fd)
+        return None
+    return fd
+
+
+def open_anchor_dir(top: bytes, create: bool = False) -> tuple[int | None, str | None]:
+    """(descriptor of TOP/.cloneaware-anchors, None), or (None, why it is not
+    usable: it is not ours), or (None, None) where there is none (and
+    ``create`` is false).  ``create`` makes it, with its marker."""
+    try:
+        tfd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        return None, e.strerror
+    try:
+        try:
+            fd = open_dir(tfd, DIRNAME, create)
+        except FileNotFoundError:
+            return None, None
+        if fd is None:
+            return None, ("not a directory of this user's that no one else may write "
+                          "(a symlink, or another owner or mode)")
+    finally:
+        os.close(tfd)
+    mfd = _our_file(fd, MARKER)
+    if mfd is not None:
+        os.close(mfd)
+        return fd, None
+    if _lexists(fd, MARKER):  # there, but a symlink, a FIFO, another's
+        os.close(fd)
+        return None, "its marker is not a regular file of this user's"
+    if not create:
+        os.close(fd)
+        return None, None
+    try:
+        wfd = os.open(MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                      | os.O_CLOEXEC, 0o600, dir_fd=fd)
+        try:
+            os.write(wfd, MARKER_TEXT)
+        finally:
+            os.close(wfd)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd, None
+
+
+def is_anchor_dir(pfd: int, parent: bytes, st: os.stat_result, mounts: Mounts) -> bool:
+    """Whether ``.cloneaware-anchors`` in directory ``pfd`` (the path
+    ``parent``) is the anchors of this host, which a walk skips: at the top
+    of a mount, ours, with our marker.  Anywhere else it is a user's data."""
+    if not stat.S_ISDIR(st.st_mode) or not ours(st):
+        return False
+    if os.path.realpath(parent) not in mounts.point_set:
+        return False
+    try:
+        fd = open_dir(pfd, DIRNAME)
+    except FileNotFoundError:
+        return False
+    if fd is None:
+        return False
+    try:
+        mfd = _our_file(fd, MARKER)
+        if mfd is None:
+            return False
+        os.close(mfd)
+        return True
+    finally:
+        os.close(fd)
+
+
+def _lexists(dfd: int, name: bytes) -> bool:
+    try:
+        os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        return True
+    except FileNotFoundError:
+        return False
+
+
 @dataclass
 class Anchor:
     entry_id: int
@@ -98,10 +228,14 @@ class AnchorSets:
         self.key = key
         self.warn = warn
         self.mounts = Mounts()
-        self._staging: dict[bytes, tuple[int, bytes, list[str]]] = {}  # top -> (fd, path, records)
+        #: top -> (descriptor of the set's directory, name of the one being
+        #: made, its descriptor, its records)
+        self._staging: dict[bytes, tuple[int, bytes, int, list[str]]] = {}
         self._unusable: set[bytes] = set()  # tops where no anchor can be made
+        self._said: set[bytes] = set()
 
     def set_dir(self, top: bytes) -> bytes:
+        """The set's directory on mount ``top`` (for messages)."""
         return os.path.join(top, DIRNAME, self.repo_id.encode(), self.key.encode())
 
     def tops(self, roots: list[bytes]) -> list[bytes]:
@@ -114,6 +248,41 @@ class AnchorSets:
                     out.append(t)
         return out
 
+    def _set_fd(self, top: bytes, create: bool) -> int | None:
+        """The set's directory on mount ``top``, every step ours (else None,
+        said once)."""
+        afd, why = open_anchor_dir(top, create)
+        if afd is None:
+            if why is not None and top not in self._said:
+                self._said.add(top)
+                self.warn(f"{os.fsdecode(os.path.join(top, DIRNAME))}: {why}; anchors are "
+                          "neither used nor kept there (its files are read in full)")
+            return None
+        try:
+            rfd = open_dir(afd, self.repo_id.encode(), create)
+        except FileNotFoundError:
+            return None  # no anchors of this repository there yet
+        finally:
+            os.close(afd)
+        if rfd is None:
+            self._refused(top)
+            return None
+        try:
+            sfd = open_dir(rfd, self.key.encode(), create)
+        except FileNotFoundError:
+            return None
+        finally:
+            os.close(rfd)
+        if sfd is None:
+            self._refused(top)
+        return sfd
+
+    def _refused(self, top: bytes) -> None:
+        if top not in self._said:
+            self._said.add(top)
+            self.warn(f"{os.fsdecode(self.set_dir(top))}: not a directory of this user's "
+                      "that no one else may write; anchors are neither used nor kept there")
+
     # -- the parent's anchors ---------------------------------------------------------
 
     def previous(self, tops: list[bytes], parent: str | None, alive: set[str],
@@ -123,31 +292,52 @@ class AnchorSets:
         longer in the repository (``alive``: its snapshot ids)."""
         out: list[Anchor] = []
         for top in tops:
-            d = self.set_dir(top)
-            try:
-                names = os.listdir(d)
-            except OSError:
+            sfd = self._set_fd(top, create=False)
+            if sfd is None:
                 continue
-            for n in sorted(os.fsdecode(x) for x in names):
-                full = os.path.join(d, os.fsencode(n))
-                m = STAGING.match(n)
-                if not tidy and n != parent:
-                    continue
-                if m and not pid_alive(int(m.group(1))):
-                    shutil.rmtree(full, ignore_errors=True)
-                elif SNAP.match(n) and n != parent and n not in alive:
-                    shutil.rmtree(full, ignore_errors=True)  # its snapshot was forgotten
-                elif n == parent:
-                    out += self._open(full)
+            try:
+                for n in sorted(os.fsdecode(x) for x in os.listdir(sfd)):
+                    m = STAGING.match(n)
+                    if not tidy and n != parent:
+                        continue
+                    if m and not pid_alive(int(m.group(1))):
+                        _remove(sfd, n)
+                    elif SNAP.match(n) and n != parent and n not in alive:
+                        _remove(sfd, n)  # its snapshot was forgotten
+                    elif n == parent:
+                        out += self._open(sfd, n, os.path.join(self.set_dir(top),
+                                                               n.encode()))
+            finally:
+                os.close(sfd)
         return out
 
-    def _open(self, d: bytes) -> list[Anchor]:
+    def _open(self, sfd: int, name: str, path: bytes) -> list[Anchor]:
         try:
-            with open(os.path.join(d, RECORD.encode())) as f:
-                lines = f.read(64 << 20).splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            why = e.strerror if isinstance(e, OSError) else "not text"
-            self.warn(f"{os.fsdecode(d)}: its {RECORD} record cannot be read ({why}); the "
+            dfd = open_dir(sfd, name.encode())
+        except FileNotFoundError:
+            return []
+        if dfd is None:
+            self.warn(f"{os.fsdecode(path)}: not a directory of this user's; the files of "
+                      "the last backup are read again")
+            return []
+        try:
+            return self._anchors(dfd, path)
+        finally:
+            os.close(dfd)
+
+    def _anchors(self, dfd: int, path: bytes) -> list[Anchor]:
+        rfd = _our_file(dfd, RECORD)
+        lines: list[str] = []
+        why: str | None = "not a regular file of this user's"
+        if rfd is not None:
+            try:
+                with os.fdopen(rfd, "rb") as f:
+                    lines = f.read(64 << 20).decode().splitlines()
+                why = ""
+            except (OSError, UnicodeDecodeError) as e:
+                why = e.strerror if isinstance(e, OSError) else "not text"
+        if why:
+            self.warn(f"{os.fsdecode(path)}: its {RECORD} record cannot be read ({why}); the "
                       "files of the last backup are read again")
             return []
         out = []
@@ -158,10 +348,8 @@ class AnchorSets:
             except ValueError:
                 bad += 1
                 continue
-            p = os.path.join(d, str(eid).encode())
-            try:
-                fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOATIME)
-            except OSError:
+            fd = _our_file(dfd, str(eid).encode())
+            if fd is None:
                 bad += 1
                 continue
             st = os.fstat(fd)
@@ -170,9 +358,9 @@ class AnchorSets:
                 os.close(fd)
                 bad += 1  # written since it was made: it proves nothing
                 continue
-            out.append(Anchor(eid, fd, p))
+            out.append(Anchor(eid, fd, os.path.join(path, str(eid).encode())))
         if bad:
-            self.warn(f"{os.fsdecode(d)}: {bad} anchor{'s' if bad > 1 else ''} changed or "
+            self.warn(f"{os.fsdecode(path)}: {bad} anchor{'s' if bad > 1 else ''} changed or "
                       "missing since the last backup; those files are read again")
         return out
 
@@ -182,26 +370,24 @@ class AnchorSets:
         """A directory on mount ``top`` where clones to keep are made."""
         got = self._staging.get(top)
         if got is not None:
-            return got[0]
+            return got[2]
         if top in self._unusable:
             return None
-        base = os.path.join(top, DIRNAME)
         try:
-            os.makedirs(self.set_dir(top), mode=0o700, exist_ok=True)
-            marker = os.path.join(base, MARKER)
-            if not os.path.exists(marker):
-                with open(marker, "wb") as f:
-                    f.write(MARKER_TEXT)
-            path = os.path.join(self.set_dir(top),
-                                b"new-%d-%s" % (os.getpid(), secrets.token_hex(4).encode()))
-            os.mkdir(path, 0o700)
-            fd = os.open(path, DIR_FLAGS)
+            sfd = self._set_fd(top, create=True)
+            if sfd is None:
+                self._unusable.add(top)
+                return None
+            name = b"new-%d-%s" % (os.getpid(), secrets.token_hex(4).encode())
+            os.mkdir(name, 0o700, dir_fd=sfd)
+            fd = os.open(name, _DIR, dir_fd=sfd)
         except OSError as e:
             self._unusable.add(top)
-            self.warn(f"{os.fsdecode(base)}: cannot keep anchors there ({e.strerror}); the "
-                      "next backup of its files falls back to the metadata rule")
+            self.warn(f"{os.fsdecode(os.path.join(top, DIRNAME))}: cannot keep anchors there "
+                      f"({e.strerror}); the next backup of its files falls back to the "
+                      "metadata rule")
             return None
-        self._staging[top] = (fd, path, [])
+        self._staging[top] = (sfd, name, fd, [])
         return fd
 
     def keep(self, top: bytes, entry_id: int, fd: int, captured: bool) -> bool:
@@ -228,50 +414,78 @@ class AnchorSets:
         finally:
             if tfd is not None:
                 os.close(tfd)
-        self._staging[top][2].append(
+        self._staging[top][3].append(
             f"{entry_id} {st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}")
         return True
 
     def commit(self, snapshot_id: str) -> None:
         """The snapshot is written: its anchors take its name and replace the
         set's older ones."""
-        for top, (fd, path, records) in self._staging.items():
-            rec = os.open(RECORD, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
-                          dir_fd=fd)
+        for sfd, name, fd, records in self._staging.values():
             try:
-                os.write(rec, ("\n".join(records) + "\n").encode())
-                os.fsync(rec)
+                rec = os.open(RECORD, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                              | os.O_CLOEXEC, 0o600, dir_fd=fd)
+                try:
+                    os.write(rec, ("\n".join(records) + "\n").encode())
+                    os.fsync(rec)
+                finally:
+                    os.close(rec)
+                os.fsync(fd)
+                os.rename(name, snapshot_id.encode(), src_dir_fd=sfd, dst_dir_fd=sfd)
+                os.fsync(sfd)
+                for n in os.listdir(sfd):
+                    if SNAP.match(os.fsdecode(n)) and os.fsdecode(n) != snapshot_id:
+                        _remove(sfd, n)
             finally:
-                os.close(rec)
-            os.fsync(fd)
-            os.close(fd)
-            final = os.path.join(self.set_dir(top), snapshot_id.encode())
-            os.rename(path, final)
-            for n in os.listdir(self.set_dir(top)):
-                if SNAP.match(os.fsdecode(n)) and os.fsdecode(n) != snapshot_id:
-                    shutil.rmtree(os.path.join(self.set_dir(top), n), ignore_errors=True)
+                os.close(fd)
+                os.close(sfd)
         self._staging.clear()
 
     def abort(self) -> None:
-        for _fd, path, _r in self._staging.values():
-            os.close(_fd)
-            shutil.rmtree(path, ignore_errors=True)
+        for sfd, name, fd, _r in self._staging.values():
+            os.close(fd)
+            _remove(sfd, name)
+            os.close(sfd)
         self._staging.clear()
+
+
+def _remove(dfd: int, name: str | bytes) -> None:
+    try:
+        remove_tree(dfd, os.fsencode(name))
+    except OSError:
+        pass
 
 
 def drop_snapshots(repo_id: str, tops: list[bytes], snapshot_ids: set[str]) -> int:
     """Delete the anchors of these snapshots on these mounts (forget)."""
     n = 0
     for top in tops:
-        base = os.path.join(top, DIRNAME, repo_id.encode())
-        try:
-            sets = os.listdir(base)
-        except OSError:
+        afd, _why = open_anchor_dir(top)
+        if afd is None:
             continue
-        for s in sets:
-            for sid in snapshot_ids:
-                d = os.path.join(base, s, sid.encode())
-                if os.path.isdir(d):
-                    shutil.rmtree(d, ignore_errors=True)
-                    n += 1
+        try:
+            rfd = open_dir(afd, repo_id.encode())
+        except FileNotFoundError:
+            rfd = None
+        finally:
+            os.close(afd)
+        if rfd is None:
+            continue
+        try:
+            for s in os.listdir(rfd):
+                try:
+                    sfd = open_dir(rfd, os.fsencode(s))
+                except FileNotFoundError:
+                    sfd = None
+                if sfd is None:
+                    continue
+                try:
+                    for sid in snapshot_ids:
+                        if _lexists(sfd, sid.encode()):
+                            _remove(sfd, sid)
+                            n += 1
+                finally:
+                    os.close(sfd)
+        finally:
+            os.close(rfd)
     return n

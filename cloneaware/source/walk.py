@@ -24,13 +24,11 @@ from dataclasses import dataclass
 from cloneaware import fsinfo
 from cloneaware.errors import UsageError
 from cloneaware.patterns import Exclusions
+from cloneaware.source import anchors
 
 OnError = Callable[[bytes, str], None]
 
-#: A repository's anchors (docs/REPOSITORY.md) live in this directory, marked
-#: by this file; a walk never enters it: anchors are not the user's data.
-ANCHOR_DIR = b".cloneaware-anchors"
-ANCHOR_MARKER = b"CLONEAWARE-ANCHORS"
+ANCHOR_DIR = anchors.DIRNAME
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
@@ -216,6 +214,7 @@ def _walk(paths: list, on_error: OnError, one_file_system: bool, unique_names: b
             except OSError as e:
                 raise _unreadable(src, e) from None
         dev_ok = {st.st_dev: True}
+        mounts: anchors.Mounts | None = None
         stack: list[tuple[bytes, bytes, bytes]] = [(name, src, shown)]
         while stack:
             dname, dsrc, dshown = stack.pop()
@@ -241,9 +240,11 @@ def _walk(paths: list, on_error: OnError, one_file_system: bool, unique_names: b
                     if e.errno != errno.ENOENT:
                         on_error(csrc, e.strerror or str(e))
                     continue
-                if c == ANCHOR_DIR and stat.S_ISDIR(cst.st_mode) and _lexists(
-                        dfd, ANCHOR_DIR + b"/" + ANCHOR_MARKER):
-                    continue
+                if c == ANCHOR_DIR:
+                    if mounts is None:
+                        mounts = anchors.Mounts()
+                    if anchors.is_anchor_dir(dfd, dshown, cst, mounts):
+                        continue  # the anchors at the top of a mount: not the user's data
                 if exclude and exclude.skip(cname, cshown, stat.S_ISDIR(cst.st_mode)):
                     continue
                 if stat.S_ISDIR(cst.st_mode) and root_key is not None:

@@ -482,3 +482,83 @@ def test_archives_and_outputs_are_the_owners_alone(btrfs_dir, tmp_path):
     cli("backup", "--base", src / "a.bin", "--sparse", "-o", thin, clone, check_rc=0)
     for p in (out, exp, thin):
         assert oct(p.stat().st_mode & 0o777) == oct(0o600), p
+
+
+# --- anchors under a directory users can write --------------------------------------------
+
+def _anchored(tmp_path, btrfs_dir) -> tuple[Path, Path, Path]:
+    """A repository, a tree backed up into it once, and the anchor
+    directory at the top of the tree's mount."""
+    repo = tmp_path / "repo"
+    cli("init", "-r", repo, check_rc=0)
+    src = _tree(btrfs_dir / "src")
+    s = cli_json("backup", "--json", "-r", repo, src)
+    anchors = btrfs_dir.parent / ".cloneaware-anchors"
+    assert (anchors / "CLONEAWARE-ANCHORS").is_file() and s["bytes_read"] > 0
+    return repo, src, anchors
+
+
+def test_a_symlinked_marker_disables_the_anchors(tmp_path, btrfs_dir):
+    """The marker replaced by a symlink (someone's bait): the directory is
+    not taken as ours; the next backup says so once and reads every file."""
+    repo, src, anchors = _anchored(tmp_path, btrfs_dir)
+    marker = anchors / "CLONEAWARE-ANCHORS"
+    text = marker.read_bytes()
+    marker.unlink()
+    marker.symlink_to("/etc/hostname")
+    try:
+        r = cli("backup", "--json", "-r", repo, src)
+        assert r.returncode in (0, 1), str(r)
+        assert r.json()["bytes_read"] >= 6 * MiB and "marker" in r.err, str(r)
+        assert r.err.count("marker") == 1, r.err
+    finally:  # the mount's anchor directory serves the tests after this one
+        marker.unlink()
+        marker.write_bytes(text)
+        marker.chmod(0o600)
+
+
+def test_a_fifo_for_an_anchor_does_not_hang_the_backup(tmp_path, btrfs_dir):
+    """An anchor replaced by a FIFO: opened without blocking, refused as not
+    a regular file, its file read again."""
+    repo, src, anchors = _anchored(tmp_path, btrfs_dir)
+    found = sorted(p for p in anchors.rglob("*") if p.name.isdigit())
+    assert found, sorted(anchors.rglob("*"))
+    anchor = found[0]
+    anchor.unlink()
+    os.mkfifo(anchor, 0o400)
+    r = cli("backup", "--json", "-r", repo, src, timeout=60)
+    assert r.returncode in (0, 1), str(r)
+    assert r.json()["bytes_read"] >= 3 * MiB, str(r)
+
+
+def test_anchors_another_user_could_write_are_not_used(tmp_path, btrfs_dir):
+    """The anchor directory owned by someone else (a per-user mount, say):
+    whatever its ANCHORS record says, nothing of it is trusted, and the
+    next backup reads every file (and says why)."""
+    repo, src, anchors = _anchored(tmp_path, btrfs_dir)
+    (rec,) = anchors.glob("*/*/*/ANCHORS")
+    os.chown(anchors, 65534, 65534)
+    try:
+        r = cli("backup", "--json", "-r", repo, src)
+        assert r.returncode in (0, 1), str(r)
+        assert r.json()["bytes_read"] >= 6 * MiB and "this user's" in r.err, str(r)
+    finally:
+        os.chown(anchors, 0, 0)
+    os.chmod(rec.parent, 0o777)  # a set directory anyone may write into: the same
+    r = cli("backup", "--json", "-r", repo, src)
+    assert r.json()["bytes_read"] >= 6 * MiB, str(r)
+
+
+def test_a_nested_anchor_directory_is_backed_up(tmp_path, btrfs_dir):
+    """A directory named .cloneaware-anchors with a marker, below the top of
+    the mount (a user's, say), is a user's data: backed up, not skipped."""
+    repo = tmp_path / "repo"
+    cli("init", "-r", repo, check_rc=0)
+    src = _tree(btrfs_dir / "src")
+    hide = src / "home" / ".cloneaware-anchors"
+    hide.mkdir(parents=True)
+    (hide / "CLONEAWARE-ANCHORS").write_bytes(b"x")
+    (hide / "secret.txt").write_bytes(b"not hidden from backups\n")
+    cli("backup", "-r", repo, src, check_rc=0)
+    names = [e["path"] for e in cli_json("ls", "--json", "-r", repo, "latest")["entries"]]
+    assert "src/home/.cloneaware-anchors/secret.txt" in names, names

@@ -448,6 +448,7 @@ def test_as_another_user_files_it_may_not_dedupe_into_are_reported(nobody):
         fam = family(fs.path / "src", base_size=2 * MiB, clones=3)
         m = fs.path / "fam.map"
         cli("scan", "--save-map", m, fam["root"], check_rc=0)
+        os.chmod(m, 0o644)  # root's file, 0600 as every output: handed over to nobody
         dest = fs.path / "dest"
         rsync(fam["root"], dest)
         img = dest / "fam" / "images"
