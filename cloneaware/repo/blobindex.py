@@ -7,6 +7,7 @@ forged).  Apart from the Repository that loads it, so that what a lookup
 answers can be tested without one."""
 from __future__ import annotations
 
+from cloneaware.errors import RepositoryError
 from cloneaware.repo import format as rf
 
 
@@ -78,3 +79,61 @@ class BlobIndex:
 
     def __contains__(self, bid: bytes) -> bool:
         return bid in self.blobs
+
+
+def load_into(repo, check_packs: bool = False) -> None:
+    """Into ``repo.index`` (a repository.Repository), load the index objects
+    not loaded yet (all of them the first time).  One that does not decode is named and passed over: the others serve.
+    ``check_packs`` (a backup, which will take blobs as present on the
+    index's word): locations in packs the store does not list are
+    forgotten, so that an index replayed from before a prune, or forged,
+    cannot make a new snapshot name blobs that are gone."""
+    for obj in sorted(repo.backend.listing("index"), key=lambda o: o.name):
+        if obj.name in repo.index.loaded:
+            continue
+        try:
+            payload = repo.load_object(obj.name, rf.K_INDEX)
+            packs = rf.decode_index_payload(payload, f"{repo.where}: {obj.name}")
+        except RepositoryError as e:
+            repo.warn(f"{e}; that index object is passed over (cloneaware check names it, "
+                      "cloneaware repair index rebuilds the index)")
+            repo.index.loaded.add(obj.name)
+            continue
+        for pack in packs:
+            repo.index.add(pack)
+        repo.index.loaded.add(obj.name)
+    if check_packs:
+        listed = {bytes.fromhex(o.name.rpartition("/")[2])
+                  for o in repo.backend.listing("data")}
+        gone = repo.index.packs - listed
+        if gone:
+            n = repo.index.drop_packs(gone)
+            repo.warn(f"{repo.where}: the index lists {len(gone)} packs that are not in the "
+                      f"store ({n} blob locations): their blobs are stored again if needed "
+                      "(a damaged or rolled-back repository; run cloneaware check)")
+
+
+def write(repo, packs: list[rf.IndexPack]) -> list[str]:
+    """Index objects in ``repo`` for ``packs`` (already durable), split so that each
+    stays well under the object limit.  Returns their names."""
+    names = []
+    per = (rf.OBJECT_MAX // 2) // 48
+    batch: list[rf.IndexPack] = []
+    count = 0
+
+    def emit() -> None:
+        nonlocal batch, count
+        if batch:
+            oid = repo.save_object(rf.K_INDEX, rf.encode_index_payload(batch), "index")
+            names.append(f"index/{oid}")
+            repo.index.loaded.add(f"index/{oid}")
+        batch, count = [], 0
+
+    for p in packs:
+        if count + len(p.blobs) > per:
+            emit()
+        batch.append(p)
+        count += len(p.blobs)
+    emit()
+    repo.backend.sync()
+    return names

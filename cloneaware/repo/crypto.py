@@ -184,3 +184,30 @@ def _username() -> str:
 
 
 username = _username
+
+
+def unlock(backend, repo_id: str, pw: bytes) -> tuple[bytes, str]:
+    """(the master key, the name of the key object) that ``pw`` opens among
+    the repository's key objects, oldest first.  A key object that is not
+    one (damaged, or planted by a store) stops no other from being tried."""
+    from cloneaware.errors import WrongPassword
+
+    keys = backend.listing("keys")
+    if not keys:
+        raise RepositoryError(f"{backend.where}: encrypted, but it holds no key")
+    bad: list[str] = []
+    for k in sorted(keys, key=lambda k: k.mtime):
+        what = f"{backend.where}: {k.name}"
+        try:
+            master = unwrap_key(backend.read(k.name, limit=KEY_OBJECT_MAX), pw, repo_id, what)
+        except RepositoryError as e:
+            bad.append(str(e))
+            continue
+        if master is not None:
+            return master, k.name
+    if len(bad) == len(keys):
+        raise RepositoryError(f"no key object of the repository can be read: {bad[0]}"
+                              + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+    raise WrongPassword(f"{backend.where}: wrong password (no key opens with it)"
+                        + (f"; {len(bad)} key objects could not be read ({bad[0]})"
+                           if bad else ""))

@@ -10,21 +10,20 @@ written (packer.py), choosing snapshots (snapshots.py), passwords and keys
 from __future__ import annotations
 
 import secrets
-import time
 from collections.abc import Callable
 from typing import Protocol
 
 import zstandard
 
-from cloneaware.errors import LockLost, RepositoryError, UsageError, WrongPassword
+from cloneaware.errors import LockLost, RepositoryError, UsageError
 from cloneaware.repo import crypto
 from cloneaware.repo import format as rf
 from cloneaware.repo import snapshots as sn
 from cloneaware.repo.backend import Backend, pack_name
-from cloneaware.repo.blobindex import BlobIndex
+from cloneaware.repo.blobindex import BlobIndex, load_into, write
 from cloneaware.repo.lock import Lock, Timings
 from cloneaware.repo.snapshots import Snapshot, now_rfc3339
-from cloneaware.repo.state import SKEW_NS, ClientState
+from cloneaware.repo.state import ClientState
 
 
 class PasswordSource(Protocol):
@@ -129,31 +128,9 @@ class Repository:
             return cls(backend, cfg, crypto.Plain())
         if password is None:
             raise UsageError(f"{backend.where}: the repository is encrypted: give its password")
-        master, name = cls._unlock(backend, cfg, password(f"password for {backend.where}: "))
+        master, name = crypto.unlock(backend, cfg.id,
+                                     password(f"password for {backend.where}: "))
         return cls(backend, cfg, crypto.Sealed(master), name)
-
-    @staticmethod
-    def _unlock(backend: Backend, cfg: rf.Config, pw: bytes) -> tuple[bytes, str]:
-        keys = backend.listing("keys")
-        if not keys:
-            raise RepositoryError(f"{backend.where}: encrypted, but it holds no key")
-        bad: list[str] = []
-        for k in sorted(keys, key=lambda k: k.mtime):
-            what = f"{backend.where}: {k.name}"
-            try:  # one key object that is not one (damaged, planted) stops no other
-                master = crypto.unwrap_key(backend.read(k.name, limit=crypto.KEY_OBJECT_MAX),
-                                           pw, cfg.id, what)
-            except RepositoryError as e:
-                bad.append(str(e))
-                continue
-            if master is not None:
-                return master, k.name
-        if bad and len(bad) == len(keys):
-            raise RepositoryError(f"no key object of the repository can be read: {bad[0]}"
-                                  + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
-        raise WrongPassword(f"{backend.where}: wrong password (no key opens with it)"
-                            + (f"; {len(bad)} key objects could not be read ({bad[0]})"
-                               if bad else ""))
 
     # -- objects -----------------------------------------------------------------------
 
@@ -183,63 +160,15 @@ class Repository:
     # -- the index -----------------------------------------------------------------------
 
     def load_index(self, check_packs: bool = False) -> BlobIndex:
-        """Load the index objects not loaded yet (all of them the first time).
-        One that does not decode is named and passed over: the others serve.
-        ``check_packs`` (a backup, which will take blobs as present on the
-        index's word): locations in packs the store does not list are
-        forgotten, so that an index replayed from before a prune, or forged,
-        cannot make a new snapshot name blobs that are gone."""
-        for obj in sorted(self.backend.listing("index"), key=lambda o: o.name):
-            if obj.name in self.index.loaded:
-                continue
-            try:
-                payload = self.load_object(obj.name, rf.K_INDEX)
-                packs = rf.decode_index_payload(payload, f"{self.where}: {obj.name}")
-            except RepositoryError as e:
-                self.warn(f"{e}; that index object is passed over (cloneaware check names it, "
-                          "cloneaware repair index rebuilds the index)")
-                self.index.loaded.add(obj.name)
-                continue
-            for pack in packs:
-                self.index.add(pack)
-            self.index.loaded.add(obj.name)
+        """Load the index objects not loaded yet (blobindex.load_into)."""
+        load_into(self, check_packs)
         self._index_loaded = True
-        if check_packs:
-            listed = {bytes.fromhex(o.name.rpartition("/")[2])
-                      for o in self.backend.listing("data")}
-            gone = self.index.packs - listed
-            if gone:
-                n = self.index.drop_packs(gone)
-                self.warn(f"{self.where}: the index lists {len(gone)} packs that are not in the "
-                          f"store ({n} blob locations): their blobs are stored again if needed "
-                          "(a damaged or rolled-back repository; run cloneaware check)")
         return self.index
 
     def write_index(self, packs: list[rf.IndexPack]) -> list[str]:
-        """Index objects for ``packs`` (already durable), split so that each
-        stays well under the object limit.  Returns their names."""
-        names = []
-        per = (rf.OBJECT_MAX // 2) // 48
-        batch: list[rf.IndexPack] = []
-        count = 0
-
-        def emit() -> None:
-            nonlocal batch, count
-            if batch:
-                oid = self.save_object(rf.K_INDEX, rf.encode_index_payload(batch), "index")
-                names.append(f"index/{oid}")
-                self.index.loaded.add(f"index/{oid}")
-            batch, count = [], 0
-
+        """Index objects for ``packs`` (already durable): blobindex.write."""
         self.check_lock()
-        for p in packs:
-            if count + len(p.blobs) > per:
-                emit()
-            batch.append(p)
-            count += len(p.blobs)
-        emit()
-        self.backend.sync()
-        return names
+        return write(self, packs)
 
     # -- blobs ---------------------------------------------------------------------------
 
@@ -315,30 +244,9 @@ class Repository:
                 continue
             out.append(Snapshot(obj.name.rpartition("/")[2], d))
         out.sort(key=lambda s: (s.time_ns, s.id))
-        self._went_back(out)
+        if self.state is not None:
+            self.state.went_back(out, self.where, self.warn)
         return out
-
-    def _went_back(self, snaps: list[Snapshot]) -> None:
-        """Say so when the newest snapshot this host has seen is gone and
-        nothing as new is there: a store serving an older state of the
-        repository (or that snapshot forgotten elsewhere).  Then remember
-        the newest one now (not one dated in the future)."""
-        st = self.state
-        if st is None:
-            return
-        seen = st.newest_seen()
-        ids = {s.id for s in snaps}
-        if seen is not None and seen[0] not in ids and \
-                not any(s.time_ns >= seen[1] for s in snaps):
-            self.warn(f"{self.where}: snapshot {seen[0][:8]}, the newest this host had seen, "
-                      "is gone and nothing as new is there: the repository may have been "
-                      "rolled back to an older state (or the snapshot was forgotten elsewhere)")
-            st.forget_seen()
-        limit = time.time_ns() + SKEW_NS
-        ok = [s for s in snaps if s.time_ns <= limit]
-        if ok and (seen is None or seen[0] not in ids or ok[-1].time_ns > seen[1]):
-            st.seen(ok[-1].id, ok[-1].time_ns)
-            st.save()
 
     def find(self, spec: str, snaps: list[Snapshot] | None = None,
              host: str | None = None) -> Snapshot:

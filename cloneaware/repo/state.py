@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable
 
 from cloneaware.safeio import AtomicFile
@@ -132,6 +133,26 @@ class ClientState:
 
     def note_encryption(self, encrypted: bool) -> None:
         self.data["encrypted"] = encrypted
+
+
+    def went_back(self, snaps: list, where: str, warn: Callable[[str], None]) -> None:
+        """Say so when the newest snapshot this host has seen is gone and
+        nothing as new is there: a store serving an older state of the
+        repository (or that snapshot forgotten elsewhere).  Then remember
+        the newest one now (not one dated in the future)."""
+        seen = self.newest_seen()
+        ids = {s.id for s in snaps}
+        if seen is not None and seen[0] not in ids and \
+                not any(s.time_ns >= seen[1] for s in snaps):
+            warn(f"{where}: snapshot {seen[0][:8]}, the newest this host had seen, is gone and "
+                 "nothing as new is there: the repository may have been rolled back to an "
+                 "older state (or the snapshot was forgotten elsewhere)")
+            self.forget_seen()
+        limit = time.time_ns() + SKEW_NS
+        ok = [s for s in snaps if s.time_ns <= limit]
+        if ok and (seen is None or seen[0] not in ids or ok[-1].time_ns > seen[1]):
+            self.seen(ok[-1].id, ok[-1].time_ns)
+            self.save()
 
 
 def _no_constant(name: str):
