@@ -796,17 +796,13 @@ def _restore_repo(specs, dest, repo, password_file, s3_endpoint, connections, rs
                   base, trust_base, reshare_existing=False, select=None, listed=None,
                   dry_run=False):
     from cloneaware.repo.restore import restore_snapshots
+    from cloneaware.repo.snapshots import find_all
 
     if base is not None or trust_base:
         raise UsageError("--base and --trust-base are for thin archives")
     with _opened(repo, password_file, rsh, s3_endpoint, connections,
                  lock="shared", operation="restore") as r:
-        snaps = r.snapshots()
-        chosen = []
-        for spec in specs:
-            sn = r.find(spec, snaps)
-            if sn not in chosen:
-                chosen.append(sn)
+        chosen = find_all(r.snapshots(), specs, where=r.where)
         with _progress(not dry_run, None, "restore") as prog:
             return restore_snapshots(r, chosen, dest, dry_run=dry_run, force=force,
                                      progress=prog, warn=_err,
@@ -966,8 +962,7 @@ def ls_cmd(
 
     from cloneaware import display
     from cloneaware.archive import format as fmt
-    from cloneaware.archive import thin
-    from cloneaware.listing import long_line, read_contents, row_json
+    from cloneaware.listing import contents_json, long_line, read_contents
 
     with _handled(as_json):
         if not 1 <= len(targets) <= 2:
@@ -991,21 +986,8 @@ def ls_cmd(
         rows = c.under(sub)
         b = c.base
         if as_json:
-            typer.echo(json.dumps({
-                **({"snapshot": snap_info} if snap_info else {}),
-                "version": c.header.version,
-                "tool": c.header.tool,
-                "map": c.is_map,
-                "base": None if b is None else {
-                    "path": display.show(b.path),
-                    "kind": "dir" if b.kind == thin.BASE_DIR else "file",
-                    "files": [{"path": display.show(x.path), "size": x.size}
-                              for x in b.files]},
-                "entries": [row_json(x, c, long) for x in rows],
-                "stored_bytes": c.stored_bytes,
-                "referenced_bytes": c.ref_bytes,
-                "base_referenced_bytes": c.base_ref_bytes,
-            }, indent=2))
+            typer.echo(json.dumps({**({"snapshot": snap_info} if snap_info else {}),
+                                   **contents_json(c, rows, long)}, indent=2))
             return
         if snap_info:
             typer.echo(f"snapshot {snap_info['id']} of {snap_info['hostname']} at "
@@ -1054,7 +1036,7 @@ def diff(
 
     from cloneaware import display
     from cloneaware.archive import format as fmt
-    from cloneaware.listing import compare, read_contents
+    from cloneaware.listing import compare, diff_json, read_contents, tally
 
     with _handled(as_json):
         if len(targets) != 2:
@@ -1078,25 +1060,12 @@ def diff(
                     f.close()
             a, b = got
         changes = compare(a, b)
-        added = [c for c in changes if c.old is None]
-        removed = [c for c in changes if c.new is None]
-        changed = [c for c in changes if c.old is not None and c.new is not None]
         if as_json:
-            def side(x):
-                return None if x is None else {"type": _kind_name(x.kind), "size": x.size}
-
-            typer.echo(json.dumps({
-                "changes": [{"path": display.show(c.path), "path_b64": display.b64(c.path),
-                             "change": "added" if c.old is None else "removed"
-                             if c.new is None else "changed", "what": c.what,
-                             "old": side(c.old), "new": side(c.new)} for c in changes],
-                "added": len(added), "removed": len(removed), "changed": len(changed),
-                "added_bytes": sum(c.new.size for c in added if c.new is not None),
-                "removed_bytes": sum(c.old.size for c in removed if c.old is not None),
-            }, indent=2))
+            typer.echo(json.dumps(diff_json(changes), indent=2))
             return
+
         def size(x) -> str:  # a file's size; what anything else is
-            return _human(x.size) if x.kind == fmt.K_REG else _kind_name(x.kind)
+            return _human(x.size) if x.kind == fmt.K_REG else fmt.KIND_NAMES[x.kind]
 
         for c in changes:
             if c.old is None:
@@ -1108,13 +1077,8 @@ def diff(
                 sizes = (f"{size(c.old)} -> {size(c.new)}" if size(c.old) != size(c.new)
                          else size(c.new))
                 typer.echo(f"M {display.show(c.path)} ({sizes}; {', '.join(c.what)})")
-        typer.echo(f"{len(added)} added, {len(removed)} removed, {len(changed)} changed")
-
-
-def _kind_name(kind: int) -> str:
-    from cloneaware.archive import format as fmt
-
-    return fmt.KIND_NAMES[kind]
+        n = tally(changes)
+        typer.echo(f"{n['added']} added, {n['removed']} removed, {n['changed']} changed")
 
 
 def _open_archive_any(where: str, rsh: str | None):
@@ -1195,9 +1159,8 @@ def init(
     s3_endpoint: S3EndpointOpt = None,
 ) -> None:
     """Make a new, empty repository (the directory or bucket prefix must be empty)."""
-    from cloneaware.repo.connect import open_backend
+    from cloneaware.repo.connect import create
     from cloneaware.repo.keys import Password
-    from cloneaware.repo.repository import Repository
 
     with _handled():
         url = _env_repo(repo)
@@ -1207,12 +1170,10 @@ def init(
         password = pw("new password: ") if encrypt else None
         if not encrypt and pw.given:
             raise UsageError("a password was given, but not --encrypt")
-        backend = open_backend(url, rsh=rsh, s3={"endpoint": s3_endpoint}, create=True)
-        r = Repository.init(backend, password, grid=grid << 10, pack_size=pack_size << 20,
-                            kdf_n=kdf_n)
-        r.close()
+        config = create(url, password, rsh, s3_endpoint, grid=grid << 10,
+                        pack_size=pack_size << 20, kdf_n=kdf_n)
         typer.echo(f"made {'an encrypted' if encrypt else 'an unencrypted'} repository "
-                   f"{r.config.id[:8]} at {url}")
+                   f"{config.id[:8]} at {url}")
 
 
 @app.command(cls=_Command)
@@ -1226,9 +1187,11 @@ def snapshots(
     s3_endpoint: S3EndpointOpt = None,
 ) -> None:
     """List the snapshots of a repository, oldest first."""
+    from cloneaware.repo.snapshots import of_host
+
     with _handled(as_json):
         with _opened(_env_repo(repo), password_file, rsh, s3_endpoint) as r:
-            snaps = [s for s in r.snapshots() if host is None or s.hostname == host]
+            snaps = of_host(r.snapshots(), host)
         if as_json:
             typer.echo(json.dumps([s.to_json() for s in snaps], indent=2))
             return
@@ -1276,10 +1239,8 @@ def forget(
             res = forget_snapshots(r, policy, dry_run, host)
             pr = prune_repo(r, dry_run, connections, _err) if do_prune else None
         if as_json:
-            typer.echo(json.dumps({
-                "kept": [{**s.to_json(), "reasons": why} for s, why in res.kept],
-                "removed": [s.to_json() for s in res.removed],
-                "prune": None if pr is None else pr.__dict__}, indent=2))
+            typer.echo(json.dumps({**res.to_json(),
+                                   "prune": None if pr is None else pr.__dict__}, indent=2))
             return
         verb = "would remove" if dry_run else "removed"
         for s, why in res.kept:
@@ -1440,9 +1401,12 @@ app.add_typer(key_app, name="key")
 
 @contextmanager
 def _key_repo(repo, password_file, rsh, s3_endpoint):
+    """The repository, refused before any new password is asked for if it
+    has no keys."""
+    from cloneaware.repo.keys import require_encrypted
+
     with _opened(_env_repo(repo), password_file, rsh, s3_endpoint) as r:
-        if not r.crypto.encrypted:
-            raise UsageError(f"{r.where}: not encrypted: it has no keys")
+        require_encrypted(r)
         yield r
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from cloneaware.errors import UsageError
 from cloneaware.repo.repository import Repository
-from cloneaware.repo.snapshots import Snapshot
+from cloneaware.repo.snapshots import Snapshot, of_host
 from cloneaware.source.anchors import Mounts, drop_snapshots
 
 
@@ -68,6 +68,12 @@ class ForgetResult:
     removed: list[Snapshot] = field(default_factory=list)
     anchors_dropped: int = 0
 
+    def to_json(self) -> dict:
+        """``forget --json`` (without its prune): each snapshot kept, with
+        the --keep rules that keep it, and each removed."""
+        return {"kept": [{**s.to_json(), "reasons": why} for s, why in self.kept],
+                "removed": [s.to_json() for s in self.removed]}
+
 
 def forget(repo: Repository, policy: Policy, dry_run: bool = False,
            host: str | None = None) -> ForgetResult:
@@ -75,9 +81,8 @@ def forget(repo: Repository, policy: Policy, dry_run: bool = False,
     PATHs (and, on this host, their anchors)."""
     out = ForgetResult()
     groups: dict[tuple, list[Snapshot]] = {}
-    for s in repo.snapshots():
-        if host is None or s.hostname == host:
-            groups.setdefault(group_key(s), []).append(s)
+    for s in of_host(repo.snapshots(), host):
+        groups.setdefault(group_key(s), []).append(s)
     for snaps in groups.values():
         reasons = keep([(s.id, s.time_ns) for s in snaps], policy)
         for s in snaps:

@@ -11,7 +11,7 @@ import pytest
 from cloneaware.errors import UsageError
 from cloneaware.repo.backend import LocalBackend
 from cloneaware.repo.repository import Repository
-from cloneaware.repo.snapshots import Snapshot, find, now_rfc3339, of_host
+from cloneaware.repo.snapshots import Snapshot, find, find_all, now_rfc3339, of_host
 
 
 def snap(sid: str, host: str, t: int) -> Snapshot:
@@ -39,6 +39,13 @@ def test_the_host_filter_applies_to_ids_too():
         find(SNAPS, "cc", host="b", where="R")
     assert of_host(SNAPS, "a") == [SNAPS[0], SNAPS[2]]
     assert of_host(SNAPS, None) == SNAPS
+
+
+def test_find_all_names_each_snapshot_once_in_the_order_first_named():
+    assert find_all(SNAPS, ["cc", "latest", "cc33", "aa"]) == [SNAPS[2], SNAPS[3], SNAPS[0]]
+    assert find_all(SNAPS, ["latest", "a"], host="b") == [SNAPS[3], SNAPS[1]]
+    with pytest.raises(UsageError, match="R: no snapshot ee"):
+        find_all(SNAPS, ["cc", "ee"], where="R")
 
 
 def test_an_ambiguous_prefix_is_refused_with_the_count():
