@@ -1524,7 +1524,3 @@ def main() -> None:
         if "--json" in sys.argv[1:]:
             _json_error(msg, EXIT_INTERRUPTED)
         _exit_now(EXIT_INTERRUPTED)
-
-
-if __name__ == "__main__":
-    main()
