@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from cloneaware.errors import UsageError
 from cloneaware.repo.repository import Repository
-from cloneaware.repo.snapshots import Snapshot, of_host
+from cloneaware.repo.snapshots import Snapshot
 from cloneaware.source.anchors import Mounts, drop_snapshots
 
 
@@ -81,8 +81,9 @@ def forget(repo: Repository, policy: Policy, dry_run: bool = False,
     PATHs (and, on this host, their anchors)."""
     out = ForgetResult()
     groups: dict[tuple, list[Snapshot]] = {}
-    for s in of_host(repo.snapshots(), host):
-        groups.setdefault(group_key(s), []).append(s)
+    for s in repo.snapshots():
+        if host is None or s.hostname == host:
+            groups.setdefault(group_key(s), []).append(s)
     for snaps in groups.values():
         reasons = keep([(s.id, s.time_ns) for s in snaps], policy)
         for s in snaps:
