@@ -140,13 +140,12 @@ def _restore_repo(specs, dest, repo, password_file, s3_endpoint, connections, rs
                   base, trust_base, reshare_existing=False, select=None, listed=None,
                   dry_run=False):
     from cloneaware.repo.restore import restore_snapshots
-    from cloneaware.repo.snapshots import find_all
 
     if base is not None or trust_base:
         raise UsageError("--base and --trust-base are for thin archives")
     with opened(repo, password_file, rsh, s3_endpoint, connections,
                 lock="shared", operation="restore") as r:
-        chosen = find_all(r.snapshots(), specs, where=r.where)
+        chosen = r.find_all(specs)
         with progress(not dry_run, None, "restore") as prog:
             return restore_snapshots(r, chosen, dest, dry_run=dry_run, force=force,
                                      progress=prog, warn=err,

@@ -77,15 +77,3 @@ def find(snaps: list[Snapshot], spec: str, host: str | None = None,
     if len(found) > 1:
         raise UsageError(f"{where}: {spec} names {len(found)} snapshots; give more digits")
     return found[0]
-
-
-def find_all(snaps: list[Snapshot], specs: list[str], host: str | None = None,
-             where: str = "the repository") -> list[Snapshot]:
-    """The snapshots ``specs`` name (each as ``find`` chooses it), each one
-    once, in the order first named: what ``restore -r`` makes."""
-    chosen: list[Snapshot] = []
-    for spec in specs:
-        s = find(snaps, spec, host, where)
-        if s not in chosen:
-            chosen.append(s)
-    return chosen

@@ -11,7 +11,7 @@ import pytest
 from cloneaware.errors import UsageError
 from cloneaware.repo.backend import LocalBackend
 from cloneaware.repo.repository import Repository
-from cloneaware.repo.snapshots import Snapshot, find, find_all, now_rfc3339, of_host
+from cloneaware.repo.snapshots import Snapshot, find, now_rfc3339, of_host
 
 
 def snap(sid: str, host: str, t: int) -> Snapshot:
@@ -39,13 +39,6 @@ def test_the_host_filter_applies_to_ids_too():
         find(SNAPS, "cc", host="b", where="R")
     assert of_host(SNAPS, "a") == [SNAPS[0], SNAPS[2]]
     assert of_host(SNAPS, None) == SNAPS
-
-
-def test_find_all_names_each_snapshot_once_in_the_order_first_named():
-    assert find_all(SNAPS, ["cc", "latest", "cc33", "aa"]) == [SNAPS[2], SNAPS[3], SNAPS[0]]
-    assert find_all(SNAPS, ["latest", "a"], host="b") == [SNAPS[3], SNAPS[1]]
-    with pytest.raises(UsageError, match="R: no snapshot ee"):
-        find_all(SNAPS, ["cc", "ee"], where="R")
 
 
 def test_an_ambiguous_prefix_is_refused_with_the_count():
@@ -90,6 +83,12 @@ def test_repository_lists_oldest_first_and_finds_among_them(tmp_path):
     assert repo.find("latest", host="a").time_ns == 20
     assert repo.find(saved[1].id[:12]).id == saved[1].id
     assert repo.find("latest", snaps=listed[:1]).time_ns == 10  # among those given
+    # several, each once, in the order first named (restore -r)
+    assert repo.find_all([listed[2].id[:12], "latest", listed[0].id, listed[2].id]) == \
+        [listed[2], listed[0]]
+    assert repo.find_all(["latest"], snaps=listed[:2]) == [listed[1]]
+    with pytest.raises(UsageError, match=re.escape(f"{repo.where}: no snapshot ee")):
+        repo.find_all(["latest", "ee"])
     with pytest.raises(UsageError, match=re.escape(f"{repo.where}: no snapshot yet of host c")):
         repo.find("latest", host="c")
     repo.close()
