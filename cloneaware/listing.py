@@ -199,6 +199,26 @@ def row_json(r: Row, c: Contents, full: bool) -> dict:
     return d
 
 
+def contents_json(c: Contents, rows: list[Row], full: bool) -> dict:
+    """``ls --json``: ROWS of C (``Contents.under``), with what C says of
+    itself: its format version, whether it is a sharing map, the base of a
+    thin backup, and its byte counts."""
+    b = c.base
+    return {
+        "version": c.header.version,
+        "tool": c.header.tool,
+        "map": c.is_map,
+        "base": None if b is None else {
+            "path": show(b.path),
+            "kind": "dir" if b.kind == thin.BASE_DIR else "file",
+            "files": [{"path": show(x.path), "size": x.size} for x in b.files]},
+        "entries": [row_json(x, c, full) for x in rows],
+        "stored_bytes": c.stored_bytes,
+        "referenced_bytes": c.ref_bytes,
+        "base_referenced_bytes": c.base_ref_bytes,
+    }
+
+
 # --- diff ------------------------------------------------------------------------------
 
 @dataclass
@@ -252,3 +272,29 @@ def compare(a: Contents, b: Contents) -> list[Change]:
         if what:
             out.append(Change(p, ra, rb, what))
     return out
+
+
+def tally(changes: list[Change]) -> dict[str, int]:
+    """How many entries were added, removed and changed, and the bytes of
+    the files added and removed."""
+    added = [c.new for c in changes if c.old is None and c.new is not None]
+    removed = [c.old for c in changes if c.new is None and c.old is not None]
+    return {"added": len(added), "removed": len(removed),
+            "changed": sum(c.old is not None and c.new is not None for c in changes),
+            "added_bytes": sum(r.size for r in added),
+            "removed_bytes": sum(r.size for r in removed)}
+
+
+def diff_json(changes: list[Change]) -> dict:
+    """``diff --json``: each change with its path, what changed and the
+    type and size of each side, then the ``tally``."""
+    def side(r: Row | None) -> dict | None:
+        return None if r is None else {"type": fmt.KIND_NAMES[r.kind], "size": r.size}
+
+    return {
+        "changes": [{"path": show(c.path), "path_b64": b64(c.path),
+                     "change": "added" if c.old is None else "removed"
+                     if c.new is None else "changed", "what": c.what,
+                     "old": side(c.old), "new": side(c.new)} for c in changes],
+        **tally(changes),
+    }

@@ -3,7 +3,7 @@
 repo/backend.py so that the local backend, which the ssh and S3 backends
 build on, does not import them back; ``opened`` is what every command on a
 repository does around its work (open, lock, close), written once as
-Borg's ``with_repository`` is."""
+Borg's ``with_repository`` is; ``create`` is ``cloneaware init``."""
 from __future__ import annotations
 
 import os
@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from cloneaware.errors import LockLost, UsageError
+from cloneaware.repo import crypto
+from cloneaware.repo import format as rf
 from cloneaware.repo.backend import Backend, LocalBackend
 from cloneaware.repo.keys import Password
 from cloneaware.repo.repository import Repository
@@ -41,6 +43,20 @@ def open_backend(url: str, rsh: str | None = None, s3: dict | None = None,
         if not stat.S_ISDIR(st.st_mode):
             raise UsageError(f"{url} is not a repository directory")
     return LocalBackend(url)
+
+
+def create(url: str, password: bytes | None = None, rsh: str | None = None,
+           s3_endpoint: str | None = None, grid: int = rf.GRID_DEFAULT,
+           pack_size: int = rf.PACK_SIZE_DEFAULT, kdf_n: int = crypto.KDF_N) -> rf.Config:
+    """Make a new, empty repository at ``url`` (its directory or bucket prefix
+    must be empty), encrypted when a ``password`` is given, and close it
+    again: its config (``.id`` names it)."""
+    backend = open_backend(url, rsh=rsh, s3={"endpoint": s3_endpoint}, create=True)
+    try:
+        return Repository.init(backend, password, grid=grid, pack_size=pack_size,
+                               kdf_n=kdf_n).config
+    finally:
+        backend.close()
 
 
 @contextmanager

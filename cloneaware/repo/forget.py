@@ -70,6 +70,12 @@ class ForgetResult:
     removed: list[Snapshot] = field(default_factory=list)
     anchors_dropped: int = 0
 
+    def to_json(self) -> dict:
+        """``forget --json`` (without its prune): each snapshot kept, with
+        the --keep rules that keep it, and each removed."""
+        return {"kept": [{**s.to_json(), "reasons": why} for s, why in self.kept],
+                "removed": [s.to_json() for s in self.removed]}
+
 
 def untrusted_times(snaps: list[Snapshot], state: ClientState | None,
                     now_ns: int | None = None) -> dict[str, str]:

@@ -75,8 +75,16 @@ class KeyInfo:
         return self.name[5:13]
 
 
+def require_encrypted(repo: Repository) -> None:
+    """Refuse a repository that is not encrypted: it has no key objects
+    (every function below calls this first)."""
+    if not repo.crypto.encrypted:
+        raise UsageError(f"{repo.where}: not encrypted: it has no keys")
+
+
 def key_list(repo: Repository) -> list[KeyInfo]:
     """Every key object, oldest first."""
+    require_encrypted(repo)
     out = []
     for k in sorted(repo.backend.listing("keys"), key=lambda k: k.mtime):
         d = decode_json(repo.backend.read(k.name), k.name)
@@ -86,6 +94,7 @@ def key_list(repo: Repository) -> list[KeyInfo]:
 
 
 def add(repo: Repository, password: bytes, kdf_n: int = crypto.KDF_N) -> str:
+    require_encrypted(repo)
     assert isinstance(repo.crypto, crypto.Sealed)
     master = repo.crypto.enc_key + repo.crypto.id_key
     name = f"keys/{secrets.token_hex(32)}"
@@ -96,6 +105,7 @@ def add(repo: Repository, password: bytes, kdf_n: int = crypto.KDF_N) -> str:
 
 
 def remove(repo: Repository, prefix: str) -> str:
+    require_encrypted(repo)
     keys = [k.name for k in repo.backend.listing("keys")]
     found = [k for k in keys if k[5:].startswith(prefix)] if prefix else []
     if len(found) != 1:

@@ -273,6 +273,17 @@ class Repository:
     def delete_snapshot(self, snap: Snapshot) -> None:
         self.backend.delete(f"snapshots/{snap.id}")
 
+    def find_all(self, specs: list[str], snaps: list[Snapshot] | None = None) -> list[Snapshot]:
+        """The snapshots ``specs`` name, each chosen as ``find`` chooses it
+        and listed once, in the order first named (``restore -r``)."""
+        snaps = self.snapshots() if snaps is None else snaps
+        chosen: list[Snapshot] = []
+        for spec in specs:
+            s = self.find(spec, snaps)
+            if s not in chosen:
+                chosen.append(s)
+        return chosen
+
     def manifest(self, snap: Snapshot) -> bytes:
         """The snapshot's manifest (an archive of docs/FORMAT.md version 3)."""
         parts = [self.read_blob(b) for b in snap.manifest]

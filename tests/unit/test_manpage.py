@@ -56,6 +56,16 @@ def test_every_command_has_its_own_subsection(page):
             assert f".B cloneaware {' '.join(path)}\n" in synopsis
 
 
+def test_the_commands_come_in_the_order_of_a_job():
+    """The order of ``--help`` and of the page: cloneaware/cli/__init__.py
+    imports the command modules in it (a group comes after the commands)."""
+    _, _, commands = _commands()
+    assert [" ".join(p) for p, _, _ in commands] == [
+        "scan", "backup", "restore", "reshare", "ls", "diff", "verify", "init", "snapshots",
+        "forget", "prune", "check", "unlock", "export", "serve",
+        "key", "key list", "key add", "key remove", "key passwd"]
+
+
 def test_every_option_and_argument_is_listed(page):
     root, ctx, commands = _commands()
     sections = {(): _section(page, "OPTIONS")}

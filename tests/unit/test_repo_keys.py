@@ -1,6 +1,7 @@
 """Passwords and keys (repo/keys.py), on repositories in a temporary
 directory: where a password comes from (a file, the environment, nowhere),
-and key add, list, remove and passwd as ``cloneaware key`` runs them."""
+a repository made with one (connect.create, ``cloneaware init``), and key
+add, list, remove and passwd as ``cloneaware key`` runs them."""
 from __future__ import annotations
 
 import pytest
@@ -8,6 +9,7 @@ import pytest
 from cloneaware.errors import RepositoryError, UsageError, WrongPassword
 from cloneaware.repo import keys
 from cloneaware.repo.backend import LocalBackend
+from cloneaware.repo.connect import create
 from cloneaware.repo.keys import Password
 from cloneaware.repo.repository import Repository
 
@@ -59,12 +61,34 @@ def test_a_missing_or_empty_password_file_is_refused(tmp_path):
         Password(str(tmp_path / "empty"))("")
 
 
+def test_an_unencrypted_repository_has_no_keys_to_manage(tmp_path):
+    r = Repository.init(LocalBackend(str(tmp_path / "repo")))
+    for call in (lambda: keys.key_list(r), lambda: keys.add(r, b"x", kdf_n=N),
+                 lambda: keys.remove(r, "ab"), lambda: keys.passwd(r, b"x", kdf_n=N)):
+        with pytest.raises(UsageError, match=r"repo: not encrypted: it has no keys\Z"):
+            call()
+    assert list(r.backend.listing("keys")) == []
+    r.close()
+
+
 def test_open_refuses_a_password_for_an_unencrypted_repository(tmp_path, monkeypatch):
     Repository.init(LocalBackend(str(tmp_path / "repo"))).close()
     monkeypatch.setenv("CLONEAWARE_PASSWORD", "x")
     with pytest.raises(RepositoryError, match="not encrypted, but a password was given"):
         Repository.open(LocalBackend(str(tmp_path / "repo")), Password())
     Repository.open(LocalBackend(str(tmp_path / "repo")), None).close()
+
+
+def test_create_makes_a_repository_that_opens_with_its_password(tmp_path, monkeypatch):
+    p = str(tmp_path / "repo")
+    config = create(p, b"one", kdf_n=N, grid=64 << 10)
+    assert config.encryption == "aes-256-gcm" and config.grid == 64 << 10
+    monkeypatch.setenv("CLONEAWARE_PASSWORD", "one")
+    r = Repository.open(LocalBackend(p), Password())
+    assert r.config.id == config.id
+    r.close()
+    with pytest.raises(UsageError, match="not empty"):
+        create(p)
 
 
 # --- cloneaware key -------------------------------------------------------------------------

@@ -83,6 +83,12 @@ def test_repository_lists_oldest_first_and_finds_among_them(tmp_path):
     assert repo.find("latest", host="a").time_ns == 20
     assert repo.find(saved[1].id[:12]).id == saved[1].id
     assert repo.find("latest", snaps=listed[:1]).time_ns == 10  # among those given
+    # several, each once, in the order first named (restore -r)
+    assert repo.find_all([listed[2].id[:12], "latest", listed[0].id, listed[2].id]) == \
+        [listed[2], listed[0]]
+    assert repo.find_all(["latest"], snaps=listed[:2]) == [listed[1]]
+    with pytest.raises(UsageError, match=re.escape(f"{repo.where}: no snapshot ee")):
+        repo.find_all(["latest", "ee"])
     with pytest.raises(UsageError, match=re.escape(f"{repo.where}: no snapshot yet of host c")):
         repo.find("latest", host="c")
     repo.close()

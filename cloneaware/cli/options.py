@@ -1,0 +1,69 @@
+"""The options several commands take, written once (-r, --password-file,
+--rsh, --s3-endpoint, --s3-connections, -q, --no-progress), and the
+repository they name: ``env_repo`` and ``repo_for`` choose it, ``opened``
+opens, locks and closes it for every command that works on one."""
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import typer
+
+from cloneaware.cli.common import err, no_progress_cb, on_lock_lost, quiet_cb
+
+RepoOpt = Annotated[str | None, typer.Option(
+    "-r", "--repo", metavar="REPO",
+    help="The repository: a directory, ssh://[user@]host[:port]/path, or "
+    "s3://BUCKET/PREFIX (default: $CLONEAWARE_REPOSITORY).")]
+PasswordOpt = Annotated[str | None, typer.Option(
+    "--password-file", metavar="FILE",
+    help="Read the repository's password from the first line of this file "
+    "(else $CLONEAWARE_PASSWORD_FILE, $CLONEAWARE_PASSWORD, or a prompt).")]
+NoProgressOpt = Annotated[bool, typer.Option(
+    "--no-progress", callback=no_progress_cb,
+    help="No progress bar on standard error (there is one only on a terminal).")]
+QuietOpt = Annotated[bool, typer.Option(
+    "-q", "--quiet", callback=quiet_cb,
+    help="Print no summary and no progress bar; warnings and errors still go to "
+    "standard error, and the exit code says how it went.")]
+RshOpt = Annotated[str | None, typer.Option(
+    "--rsh", metavar="CMD",
+    help="Command to reach an ssh:// target (default: $CLONEAWARE_RSH or ssh).")]
+S3EndpointOpt = Annotated[str | None, typer.Option(
+    "--s3-endpoint", metavar="URL", help="The S3 endpoint URL for s3:// repositories (default: "
+    "$CLONEAWARE_S3_ENDPOINT, $AWS_ENDPOINT_URL, or AWS).")]
+S3ConnOpt = Annotated[int, typer.Option(
+    "--s3-connections", min=1, max=64, metavar="N",
+    help="Parallel uploads and downloads for s3:// and "
+    "ssh:// repositories.")]
+
+
+def opened(url: str | None, password_file: str | None = None, rsh: str | None = None,
+           s3_endpoint: str | None = None, connections: int = 4, lock: str | None = None,
+           operation: str = ""):
+    """The repository, opened, locked (``lock``: None, "shared" or
+    "exclusive") and closed by repo/connect.py ``opened``; a lost lock stops
+    the main thread wherever it is (common.on_lock_lost), and a lock left
+    behind is said on stderr."""
+    from cloneaware.repo import connect
+
+    return connect.opened(url, password_file, rsh, s3_endpoint, connections, lock, operation,
+                          on_lost=on_lock_lost, warn=err)
+
+
+def env_repo(repo: str | None) -> str | None:
+    """-r REPO, else $CLONEAWARE_REPOSITORY."""
+    return repo if repo else os.environ.get("CLONEAWARE_REPOSITORY") or None
+
+
+def repo_for(args: list[str], repo: str | None) -> str | None:
+    """restore and ls: the repository if -r was given, or if
+    CLONEAWARE_REPOSITORY is set and the first argument is not an archive
+    (an existing path, '-', or ssh://); else None (an archive)."""
+    if repo:
+        return repo
+    env = os.environ.get("CLONEAWARE_REPOSITORY")
+    first = args[0] if args else ""
+    if not env or first == "-" or first.startswith("ssh://") or os.path.exists(first):
+        return None
+    return env

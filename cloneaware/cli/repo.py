@@ -1,0 +1,272 @@
+"""The commands on a repository as a whole: ``init``, ``snapshots``,
+``forget``, ``prune``, ``check``, ``unlock`` and ``export``."""
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from cloneaware.cli.common import Command, app, err, flags, handled, human, report, say
+from cloneaware.cli.options import (
+    PasswordOpt,
+    QuietOpt,
+    RepoOpt,
+    RshOpt,
+    S3ConnOpt,
+    S3EndpointOpt,
+    env_repo,
+    opened,
+)
+from cloneaware.errors import UsageError
+
+
+@app.command(cls=Command)
+def init(
+    repo: RepoOpt = None,
+    encrypt: Annotated[bool, typer.Option(
+        "--encrypt", help="Encrypt everything stored (AES-256-GCM); the master key is "
+        "wrapped by a password (scrypt).")] = False,
+    password_file: PasswordOpt = None,
+    grid: Annotated[int, typer.Option(
+        "--grid", metavar="KIB", help="Blob grid in KiB: a power of two from 64 to 4096.")] = 1024,
+    pack_size: Annotated[int, typer.Option(
+        "--pack-size", metavar="MIB", help="Pack size to aim at, in MiB.")] = 16,
+    kdf_n: Annotated[int, typer.Option(
+        "--kdf-n", metavar="N", help="scrypt's N for the key (a power of two).")] = 1 << 17,
+    rsh: RshOpt = None,
+    s3_endpoint: S3EndpointOpt = None,
+) -> None:
+    """Make a new, empty repository (the directory or bucket prefix must be empty)."""
+    from cloneaware.repo.connect import create
+    from cloneaware.repo.keys import Password
+
+    with handled():
+        url = env_repo(repo)
+        if not url:
+            raise UsageError("give -r REPO (or set CLONEAWARE_REPOSITORY)")
+        pw = Password(password_file, confirm=True)
+        password = pw("new password: ") if encrypt else None
+        if not encrypt and pw.given:
+            raise UsageError("a password was given, but not --encrypt")
+        config = create(url, password, rsh, s3_endpoint, grid=grid << 10,
+                        pack_size=pack_size << 20, kdf_n=kdf_n)
+        typer.echo(f"made {'an encrypted' if encrypt else 'an unencrypted'} repository "
+                   f"{config.id[:8]} at {url}")
+
+
+@app.command(cls=Command)
+def snapshots(
+    repo: RepoOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+    host: Annotated[str | None, typer.Option("--host", metavar="NAME",
+                                                           help="Only this host's.")] = None,
+    password_file: PasswordOpt = None,
+    rsh: RshOpt = None,
+    s3_endpoint: S3EndpointOpt = None,
+) -> None:
+    """List the snapshots of a repository, oldest first."""
+    from cloneaware.repo.snapshots import of_host
+
+    with handled(as_json):
+        with opened(env_repo(repo), password_file, rsh, s3_endpoint) as r:
+            snaps = of_host(r.snapshots(), host)
+        if as_json:
+            typer.echo(json.dumps([s.to_json() for s in snaps], indent=2))
+            return
+        enc = "encrypted" if r.crypto.encrypted else "not encrypted"
+        typer.echo(f"repository {r.config.id[:8]} ({enc}), {len(snaps)} snapshots")
+        typer.echo(f"{'id':<8}  {'time (UTC)':<19}  {'host':<16}  {'tags':<12}  paths")
+        for s in snaps:
+            typer.echo(f"{s.short_id:<8}  {s.data['time'][:19].replace('T', ' '):<19}  "
+                       f"{s.hostname:<16}  {','.join(s.tags):<12}  {', '.join(s.paths)}")
+
+
+@app.command(cls=Command)
+def forget(
+    repo: RepoOpt = None,
+    keep_last: Annotated[int, typer.Option("--keep-last", min=0, metavar="N",
+                                           help="Keep the N newest snapshots.")] = 0,
+    keep_daily: Annotated[int, typer.Option("--keep-daily", min=0, metavar="N",
+                                            help="Keep the newest of each of N days.")] = 0,
+    keep_weekly: Annotated[int, typer.Option("--keep-weekly", min=0, metavar="N",
+                                             help="Keep the newest of each of N weeks.")] = 0,
+    keep_monthly: Annotated[int, typer.Option("--keep-monthly", min=0, metavar="N",
+                                              help="Keep the newest of each of N months.")] = 0,
+    host: Annotated[str | None, typer.Option("--host", metavar="NAME",
+                                                           help="Only this host's.")] = None,
+    do_prune: Annotated[bool, typer.Option("--prune", help="Then prune.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would go; change "
+                                          "nothing.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    password_file: PasswordOpt = None,
+    rsh: RshOpt = None,
+    s3_endpoint: S3EndpointOpt = None,
+    connections: S3ConnOpt = 4,
+    quiet: QuietOpt = False,
+) -> None:
+    """Remove snapshots, keeping those the --keep options name in each group of
+    snapshots of the same host and PATHs."""
+    from cloneaware.repo.forget import Policy
+    from cloneaware.repo.forget import forget as forget_snapshots
+    from cloneaware.repo.prune import prune as prune_repo
+
+    with handled(as_json):
+        policy = Policy(keep_last, keep_daily, keep_weekly, keep_monthly)
+        with opened(env_repo(repo), password_file, rsh, s3_endpoint, connections,
+                    lock="exclusive", operation="forget") as r:
+            res = forget_snapshots(r, policy, dry_run, host)
+            pr = prune_repo(r, dry_run, connections, err) if do_prune else None
+        if as_json:
+            typer.echo(json.dumps({**res.to_json(),
+                                   "prune": None if pr is None else pr.__dict__}, indent=2))
+            return
+        verb = "would remove" if dry_run else "removed"
+        for s, why in res.kept:
+            report(f"keep   {s.short_id}  {s.data['time'][:19]}  {s.hostname}  "
+                   f"({', '.join(why)})")
+        for s in res.removed:
+            report(f"remove {s.short_id}  {s.data['time'][:19]}  {s.hostname}")
+        report(f"{verb} {len(res.removed)} snapshots, kept {len(res.kept)}")
+        if pr is not None:
+            _prune_report(pr, dry_run)
+
+
+def _prune_report(pr, dry_run: bool) -> None:
+    verb = "would delete" if dry_run else "deleted"
+    report(f"prune: {verb} {pr.packs_deleted} packs, repacked {pr.packs_repacked}; "
+           f"{human(pr.bytes_before)} -> {human(pr.bytes_after)}")
+
+
+@app.command(cls=Command)
+def prune(
+    repo: RepoOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would go; change "
+                                          "nothing.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    password_file: PasswordOpt = None,
+    rsh: RshOpt = None,
+    s3_endpoint: S3EndpointOpt = None,
+    connections: S3ConnOpt = 4,
+    quiet: QuietOpt = False,
+) -> None:
+    """Delete the data no snapshot needs (repacking packs that are partly needed)."""
+    from cloneaware.repo.prune import prune as prune_repo
+
+    with handled(as_json):
+        with opened(env_repo(repo), password_file, rsh, s3_endpoint, connections,
+                    lock="exclusive", operation="prune") as r:
+            pr = prune_repo(r, dry_run, connections, err)
+        if as_json:
+            typer.echo(json.dumps(pr.__dict__, indent=2))
+        else:
+            _prune_report(pr, dry_run)
+
+
+@app.command(cls=Command)
+def check(
+    repo: RepoOpt = None,
+    read_data: Annotated[bool, typer.Option(
+        "--read-data", help="Also read every pack and check every blob against its id.")]
+    = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    password_file: PasswordOpt = None,
+    rsh: RshOpt = None,
+    s3_endpoint: S3EndpointOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Check that every object is sound and every snapshot finds every blob.
+    Exit 0 if so, 3 with the problems named otherwise."""
+    from cloneaware.errors import EXIT_ARCHIVE
+    from cloneaware.repo.check import check as check_repo
+
+    with handled(as_json):
+        with opened(env_repo(repo), password_file, rsh, s3_endpoint,
+                    lock="shared", operation="check") as r:
+            res = check_repo(r, read_data)
+        enc = r.crypto.encrypted
+        if as_json:
+            typer.echo(json.dumps({**res.__dict__, "encrypted": enc, "ok": not res.errors},
+                                  indent=2))
+        else:
+            report(f"repository {r.config.id[:8]} ({'encrypted' if enc else 'not encrypted'}"
+                   f"): {res.snapshots} snapshots, {res.packs} packs, {res.blobs} blobs"
+                   + (f", read {human(res.read_bytes)}" if read_data else ""))
+            for w in res.warnings:  # with -q, on stderr: a note may want doing
+                if flags.quiet:
+                    err(f"note: {w}")
+                else:
+                    report(f"note: {w}")
+        for e in res.errors:
+            err(e)
+        if res.errors:
+            err(f"{len(res.errors)} problems found")
+            raise typer.Exit(EXIT_ARCHIVE)
+        if not as_json:
+            report("no problems found")
+
+
+@app.command(cls=Command)
+def unlock(
+    repo: RepoOpt = None,
+    remove_all: Annotated[bool, typer.Option(
+        "--remove-all", help="Remove every lock, live ones too (only when you know no "
+        "command is running).")] = False,
+    password_file: PasswordOpt = None,
+    rsh: RshOpt = None,
+    s3_endpoint: S3EndpointOpt = None,
+) -> None:
+    """Remove stale locks: those of processes gone from this host, and those of
+    other hosts older than 30 minutes."""
+    from cloneaware.repo.lock import unlock as do_unlock
+
+    with handled():
+        with opened(env_repo(repo), password_file, rsh, s3_endpoint) as r:
+            res = do_unlock(r, remove_all)
+        for lk in res.kept:
+            err(f"kept {lk.describe()}")
+        typer.echo(f"removed {len(res.removed)} locks")
+
+
+@app.command(cls=Command)
+def export(
+    snapshot: Annotated[str, typer.Argument(metavar="SNAPSHOT",
+                                            help="Snapshot id, unique prefix, or latest.")],
+    output: Annotated[str, typer.Option("-o", "--output", metavar="ARCHIVE",
+                                        help="Archive file, or - for "
+                                        "standard output.")],
+    repo: RepoOpt = None,
+    compress: Annotated[str, typer.Option("--compress", metavar="SPEC",
+                                          help="none, zstd or zstd:LEVEL.")]
+    = "zstd",
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing archive.")]
+    = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
+    password_file: PasswordOpt = None,
+    rsh: RshOpt = None,
+    s3_endpoint: S3EndpointOpt = None,
+) -> None:
+    """Write a snapshot as an archive file: the portable form, with its sharing."""
+    from cloneaware.backup.sinks import file_output
+    from cloneaware.backup.workers import parse_compress
+    from cloneaware.repo.transfer import export as do_export
+
+    with handled(as_json, to_stderr=output == "-"):
+        _codec, level = parse_compress(compress)
+        opener = file_output(output, force)
+        with opened(env_repo(repo), password_file, rsh, s3_endpoint,
+                    lock="shared", operation="export") as r:
+            snap = r.find(snapshot)
+            out = opener()
+            try:
+                d = do_export(r, snap, out, output, level)
+                out.commit()
+            except BaseException:
+                out.abort()
+                raise
+        if as_json:
+            say(json.dumps({"snapshot": snap.id, **d}, indent=2), to_stderr=output == "-")
+        elif output != "-":
+            say(f"snapshot {snap.short_id} -> {output}: {d['entries']} entries, stored "
+                f"{human(d['stored_bytes'])}, referenced "
+                f"{human(d['referenced_bytes'])}")
