@@ -83,11 +83,12 @@ class BlobIndex:
 
 def load_into(repo, check_packs: bool = False) -> None:
     """Into ``repo.index`` (a repository.Repository), load the index objects
-    not loaded yet (all of them the first time).  One that does not decode is named and passed over: the others serve.
-    ``check_packs`` (a backup, which will take blobs as present on the
-    index's word): locations in packs the store does not list are
-    forgotten, so that an index replayed from before a prune, or forged,
-    cannot make a new snapshot name blobs that are gone."""
+    not loaded yet (all of them the first time).  One that does not decode
+    is named and passed over: the others serve.  ``check_packs`` (a backup,
+    which takes blobs as present on the index's word): locations in packs
+    the store does not list are forgotten, so that an index replayed from
+    before a prune, or forged, cannot make a new snapshot name blobs that
+    are gone."""
     for obj in sorted(repo.backend.listing("index"), key=lambda o: o.name):
         if obj.name in repo.index.loaded:
             continue
