@@ -5,6 +5,7 @@ archive import and prune's repacking; ``DryPacker`` is backup --dry-run's,
 which writes nothing."""
 from __future__ import annotations
 
+import secrets
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -56,6 +57,14 @@ class Packer:
             return
         entries, blobs = self.entries, self.cur
         self.cur, self.entries, self.size = [], [], 0
+        if self.repo.crypto.encrypted:
+            # blobs in the order they came would let a store that sees the
+            # sizes of the stored blobs, in order, recognise a known file
+            # (its chunks are cut on a fixed grid); restic does the same
+            order = list(range(len(entries)))
+            secrets.SystemRandom().shuffle(order)
+            entries = [entries[i] for i in order]
+            blobs = [blobs[i] for i in order]
         trailer = self.repo.encode_object(rf.K_TRAILER, rf.encode_trailer_payload(entries))
         parts = [*blobs, trailer, rf.pack_tail(trailer)]
         self._reap()

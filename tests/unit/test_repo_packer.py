@@ -117,3 +117,33 @@ def test_the_dry_packer_writes_nothing(repo):
     p.close()
     assert p.packs_written == 0 and p.bytes_written == 0
     assert listing(repo, "data") == set() and listing(repo, "index") == set()
+
+
+def _trailer_order(repo: Repository) -> list[bytes]:
+    from cloneaware.repo.survey import read_trailer
+
+    (pack,) = repo.backend.listing("data")
+    return [r[0] for r in read_trailer(repo, pack.name.rpartition("/")[2], pack.size)]
+
+
+def test_an_encrypted_pack_holds_its_blobs_in_random_order(tmp_path):
+    """Issue 35: in the order they came, the sizes of the blobs a store
+    sees would let it recognise a known file (cut on a fixed grid); in an
+    encrypted repository they are shuffled.  Unencrypted, the order stays
+    (nothing to hide, and adjacent blobs are read together)."""
+    small = [bytes([i]) * (1000 + i) for i in range(40)]
+    for encrypted in (False, True):
+        r = Repository.init(LocalBackend(str(tmp_path / f"r{encrypted}")),
+                            password=b"pw" if encrypted else None, kdf_n=1 << 14)
+        p = Packer(r, connections=1)
+        ids = []
+        for data in small:
+            bid = r.crypto.blob_id(data)
+            ids.append(bid)
+            p.add(bid, rf.T_DATA, len(data), r.encode_blob(rf.T_DATA, bid, data, None))
+        p.flush()
+        p.close()
+        got = _trailer_order(r)
+        assert sorted(got) == sorted(ids)
+        assert (got != ids) is encrypted, encrypted
+        r.close()
