@@ -38,6 +38,11 @@ def backup(
         "host's).")] = None,
     tag: Annotated[list[str] | None, typer.Option(
         "--tag", metavar="TAG", help="Repository: a tag for the snapshot (repeatable).")] = None,
+    parent: Annotated[str | None, typer.Option(
+        "--parent", metavar="SNAPSHOT",
+        help="Repository: take this snapshot (id, unique prefix, or latest) as the one to "
+        "compare with, instead of the one this host wrote last of these PATHs (which is "
+        "all a backup trusts by itself).")] = None,
     from_archive: Annotated[str | None, typer.Option(
         "--from-archive", metavar="ARCHIVE",
         help="Repository: make the snapshot of this archive file instead "
@@ -135,9 +140,9 @@ def backup(
                 raise UsageError("give -o ARCHIVE or -r REPO (or set CLONEAWARE_REPOSITORY)")
             _backup_repo(paths, repo, host, tag or [], from_archive, password_file,
                          s3_endpoint, connections, compress, as_json, base, sparse,
-                         rsh, no_pit, common, dry_run)
+                         rsh, no_pit, common, dry_run, parent)
             return
-        if from_archive is not None or host is not None or tag:
+        if from_archive is not None or host is not None or tag or parent is not None:
             raise UsageError("--from-archive, --host and --tag are for repositories (-r)")
         if not paths:
             raise UsageError("give the PATHs to back up")
@@ -180,7 +185,7 @@ def backup(
 
 def _backup_repo(paths, repo, host, tags, from_archive, password_file, s3_endpoint,
                  connections, compress, as_json, base, sparse, rsh, no_pit, common,
-                 dry_run) -> None:
+                 dry_run, parent=None) -> None:
     """backup -r REPO: a new snapshot."""
     from cloneaware.backup import Backup
     from cloneaware.backup.workers import parse_compress
@@ -216,7 +221,7 @@ def _backup_repo(paths, repo, host, tags, from_archive, password_file, s3_endpoi
         if not paths:
             raise UsageError("give the PATHs to back up")
         sink = RepositorySink(r, paths, host, tags, level, connections, err,
-                              anchors=not no_pit, dry_run=dry_run)
+                              anchors=not no_pit, dry_run=dry_run, parent_spec=parent)
         with progress(True, None, "backup") as prog:
             s = Backup(paths, sink, progress=prog, **common).run()
     d = s.as_dict()

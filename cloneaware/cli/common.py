@@ -31,6 +31,7 @@ from cloneaware.errors import (
     EXIT_INTERRUPTED,
     EXIT_IO,
     EXIT_OK,
+    EXIT_WARNINGS,
     CloneawareError,
     Interrupted,
     UsageError,
@@ -228,6 +229,17 @@ def json_error(message: str, code: int, to_stderr: bool = False) -> None:
     say(json.dumps({"ok": False, "error": message, "exit": code}), to_stderr)
 
 
+#: the repository warned (it passed over a damaged object, a lock was left
+#: behind...): a command that otherwise went well ends with exit 1
+_repository_warned = False
+
+
+def repository_warning(msg: str) -> None:
+    global _repository_warned
+    _repository_warned = True
+    err(msg)
+
+
 @contextmanager
 def handled(as_json: bool = False, to_stderr: bool = False) -> Iterator[None]:
     """Map exceptions to one line and an exit code, and with ``as_json`` an
@@ -244,6 +256,8 @@ def handled(as_json: bool = False, to_stderr: bool = False) -> Iterator[None]:
 
     try:
         yield
+        if _repository_warned:
+            raise typer.Exit(EXIT_WARNINGS)
     except Interrupted as e:
         fail(str(e), EXIT_INTERRUPTED, e)
         exit_now(EXIT_INTERRUPTED)

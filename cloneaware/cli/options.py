@@ -9,7 +9,12 @@ from typing import Annotated
 
 import typer
 
-from cloneaware.cli.common import err, no_progress_cb, on_lock_lost, quiet_cb
+from cloneaware.cli.common import (
+    no_progress_cb,
+    on_lock_lost,
+    quiet_cb,
+    repository_warning,
+)
 
 RepoOpt = Annotated[str | None, typer.Option(
     "-r", "--repo", metavar="REPO",
@@ -43,12 +48,13 @@ def opened(url: str | None, password_file: str | None = None, rsh: str | None = 
            operation: str = ""):
     """The repository, opened, locked (``lock``: None, "shared" or
     "exclusive") and closed by repo/connect.py ``opened``; a lost lock stops
-    the main thread wherever it is (common.on_lock_lost), and a lock left
-    behind is said on stderr."""
+    the main thread wherever it is (common.on_lock_lost); what it passes over
+    (an object that does not decode, a lock left behind, ...) is said on
+    stderr and makes the command's exit status 1 (common.repository_warning)."""
     from cloneaware.repo import connect
 
     return connect.opened(url, password_file, rsh, s3_endpoint, connections, lock, operation,
-                          on_lost=on_lock_lost, warn=err)
+                          on_lost=on_lock_lost, warn=repository_warning)
 
 
 def env_repo(repo: str | None) -> str | None:

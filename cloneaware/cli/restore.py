@@ -112,7 +112,10 @@ def restore(
                 raise UsageError("give a local ARCHIVE or a local DEST, not two ssh:// URLs")
             if select:
                 raise UsageError("--include and --strip-components need a local DEST")
-            st = client.push_restore(archive, dest, force, base, trust_base, rsh)
+            if trust_base:
+                raise UsageError("--trust-base needs a local DEST: the other host hashes "
+                                 "every byte it clones from its base")
+            st = client.push_restore(archive, dest, force, base, False, rsh)
             d = st.get("summary", {})
             if as_json:
                 say(json.dumps(d, indent=2))

@@ -171,13 +171,16 @@ class RepositorySink(Sink):
     def __init__(self, repo: Repository, paths: list, host: str | None = None,
                  tags: list[str] | None = None, level: int = 3, connections: int = 2,
                  warn: Callable[[str], None] | None = None, anchors: bool = True,
-                 dry_run: bool = False, parent: bool = True, keep_all: bool = False):
+                 dry_run: bool = False, parent: bool = True, keep_all: bool = False,
+                 parent_spec: str | None = None):
         """``dry_run``: read and hash as a backup does, and count what it
         would add; write nothing to the repository (no blob, manifest or
         snapshot) and keep no anchor.  ``parent``: look for a parent
         snapshot (an import has none).  ``keep_all``: every file's blob
         ranges are kept for later REFs, not only those the archive marks
-        as referenced (an archive of another origin may not mark them)."""
+        as referenced (an archive of another origin may not mark them).
+        ``parent_spec``: the snapshot the owner names as the parent
+        (backup --parent), instead of the one this host wrote last."""
         self.repo = repo
         self.dry_run = dry_run
         self.roots = sorted(os.path.abspath(os.fsencode(p)) for p in paths)
@@ -193,6 +196,7 @@ class RepositorySink(Sink):
         self.use_anchors = anchors
         self.use_parent = parent
         self.keep_all = keep_all
+        self.parent_spec = parent_spec
         self.sets = AnchorSets(repo.config.id, set_key(self.host, self.paths), self.warn)
         self.parent: Snapshot | None = None
         self.parent_by_path: dict[bytes, ParentFile] = {}
@@ -245,6 +249,8 @@ class RepositorySink(Sink):
         forged parent would have files taken unread with its blob ranges).
         Without one, every file is read: slower, never wrong."""
         self.state = self.repo.state or ClientState(self.repo.config.id, self.warn)
+        if self.parent_spec is not None:  # the owner says which: taken as it is
+            return self.repo.find(self.parent_spec, snaps)
         want = self.state.parent(self.sets.key)
         parent = next((s for s in snaps if s.id == want), None) if want else None
         mine = [s for s in snaps if s.hostname == self.host and sorted(s.paths) == self.paths]
