@@ -161,7 +161,7 @@ def restore_snapshots(repo: Repository, snaps: list[Snapshot], dest: str,
     """Restore ``snaps`` into ``dest`` (one as DEST/<name>, several as
     DEST/<short id>/<name>); options as for ManifestsRestore."""
     t0 = time.monotonic()
-    repo.load_index()
+    repo.load_index(check_packs=True)  # a pack gone is said once, not at each blob
     mr = ManifestsRestore([(repo.manifest(s), s.short_id) for s in snaps], dest,
                           dry_run=dry_run, warn=warn, **kw)
     mr.check()
