@@ -207,6 +207,7 @@ class SubvolInfo(NamedTuple):
     uuid: bytes
     parent_uuid: bytes  # zeros: not a snapshot
     flags: int  # the root item's: BTRFS_ROOT_SUBVOL_RDONLY
+    tree_id: int  # the subvolume's tree (the root btrfs_logical_ino names)
 
 
 def btrfs_subvol_create(dir_fd, name: bytes, path=None) -> None:
@@ -221,10 +222,12 @@ def btrfs_subvol_info(fd, path=None) -> SubvolInfo:
     u = ffi.new("uint8_t[16]")
     pu = ffi.new("uint8_t[16]")
     fl = ffi.new("uint64_t *")
-    rc = lib.ca_btrfs_subvol_info(_fd(fd), u, pu, fl)
+    tid = ffi.new("uint64_t *")
+    rc = lib.ca_btrfs_subvol_info(_fd(fd), u, pu, fl, tid)
     if rc < 0:
         _raise(rc, path)
-    return SubvolInfo(bytes(ffi.buffer(u, 16)), bytes(ffi.buffer(pu, 16)), int(fl[0]))
+    return SubvolInfo(bytes(ffi.buffer(u, 16)), bytes(ffi.buffer(pu, 16)), int(fl[0]),
+                      int(tid[0]))
 
 
 def btrfs_subvol_setflags(fd, flags: int, path=None) -> None:
@@ -234,18 +237,35 @@ def btrfs_subvol_setflags(fd, flags: int, path=None) -> None:
         _raise(rc, path)
 
 
-def btrfs_file_extents(fd, ino: int, path=None) -> bytes:
+def btrfs_file_extents(fd, ino: int, path=None, tree_id: int = 0) -> bytes:
     """Call BTRFS_IOC_TREE_SEARCH_V2 (looping) for the EXTENT_DATA items of
-    inode ``ino`` in the subvolume of fd.  Returns them in file order, packed,
-    FILE_EXTENT_SIZE bytes each.  Needs CAP_SYS_ADMIN (EPERM otherwise)."""
+    inode ``ino`` in subvolume tree ``tree_id`` (0: the one fd is in).
+    Returns them in file order, packed, FILE_EXTENT_SIZE bytes each.  Needs
+    CAP_SYS_ADMIN (EPERM otherwise)."""
     out = ffi.new("struct ca_file_extent **")
     count = ffi.new("size_t *")
-    rc = lib.ca_btrfs_file_extents(_fd(fd), ino, out, count)
+    rc = lib.ca_btrfs_file_extents(_fd(fd), tree_id, ino, out, count)
     if rc < 0:
         _raise(rc, path)
     try:
         n = count[0]
         return bytes(ffi.buffer(out[0], n * FILE_EXTENT_SIZE)) if n else b""
+    finally:
+        lib.ca_free(out[0])
+
+
+def btrfs_logical_ino(fd, logical: int, path=None) -> list[tuple[int, int, int]]:
+    """Call BTRFS_IOC_LOGICAL_INO_V2 (ignoring offsets) on the filesystem of
+    fd: every file extent item that refers to the extent at disk address
+    ``logical``, as (inode, offset, root) triples.  Needs CAP_SYS_ADMIN."""
+    out = ffi.new("uint64_t **")
+    count = ffi.new("size_t *")
+    rc = lib.ca_btrfs_logical_ino(_fd(fd), logical, out, count)
+    if rc < 0:
+        _raise(rc, path)
+    try:
+        v = ffi.unpack(out[0], count[0] * 3) if count[0] else []
+        return [(v[i], v[i + 1], v[i + 2]) for i in range(0, len(v), 3)]
     finally:
         lib.ca_free(out[0])
 

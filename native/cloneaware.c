@@ -240,7 +240,8 @@ int ca_btrfs_subvol_create(int dir_fd, const char *name)
     return ioctl(dir_fd, BTRFS_IOC_SUBVOL_CREATE_V2, &args) < 0 ? -errno : 0;
 }
 
-int ca_btrfs_subvol_info(int fd, uint8_t *uuid16, uint8_t *parent_uuid16, uint64_t *flags)
+int ca_btrfs_subvol_info(int fd, uint8_t *uuid16, uint8_t *parent_uuid16, uint64_t *flags,
+                         uint64_t *tree_id)
 {
     struct btrfs_ioctl_get_subvol_info_args args;
 
@@ -250,6 +251,7 @@ int ca_btrfs_subvol_info(int fd, uint8_t *uuid16, uint8_t *parent_uuid16, uint64
     memcpy(uuid16, args.uuid, 16);
     memcpy(parent_uuid16, args.parent_uuid, 16);
     *flags = args.flags;
+    *tree_id = args.treeid;
     return 0;
 }
 
@@ -260,8 +262,8 @@ int ca_btrfs_subvol_setflags(int fd, uint64_t flags)
 
 #define CA_SEARCH_BUF (64 * 1024)
 
-int ca_btrfs_file_extents(int fd, uint64_t ino, struct ca_file_extent **out,
-                          size_t *count)
+int ca_btrfs_file_extents(int fd, uint64_t tree_id, uint64_t ino,
+                          struct ca_file_extent **out, size_t *count)
 {
     struct btrfs_ioctl_search_args_v2 *args =
         malloc(sizeof(*args) + CA_SEARCH_BUF);
@@ -279,7 +281,7 @@ int ca_btrfs_file_extents(int fd, uint64_t ino, struct ca_file_extent **out,
         uint64_t last = 0;
 
         memset(k, 0, sizeof(*k));
-        k->tree_id = 0; /* the subvolume fd is in */
+        k->tree_id = tree_id; /* 0: the subvolume fd is in */
         k->min_objectid = k->max_objectid = ino;
         k->min_type = k->max_type = BTRFS_EXTENT_DATA_KEY;
         k->min_offset = start;
@@ -351,6 +353,55 @@ int ca_btrfs_file_extents(int fd, uint64_t ino, struct ca_file_extent **out,
     *out = res;
     *count = n;
     return 0;
+}
+
+int ca_btrfs_logical_ino(int fd, uint64_t logical, uint64_t **out, size_t *count)
+{
+    /* the kernel caps the container at 16 MiB (SZ_16M for version 2) */
+    size_t size = 64 * 1024;
+
+    *out = NULL;
+    *count = 0;
+    for (;;) {
+        struct btrfs_ioctl_logical_ino_args a;
+        struct btrfs_data_container *c = calloc(1, size);
+
+        if (!c)
+            return -ENOMEM;
+        memset(&a, 0, sizeof(a));
+        a.logical = logical;
+        a.size = size;
+        a.flags = BTRFS_LOGICAL_INO_ARGS_IGNORE_OFFSET;
+        a.inodes = (uintptr_t)c;
+        if (ioctl(fd, BTRFS_IOC_LOGICAL_INO_V2, &a) < 0) {
+            int err = errno;
+            free(c);
+            return err == ENOENT ? 0 : -err; /* ENOENT: nothing refers to it */
+        }
+        if (c->bytes_missing && size < 16 * 1024 * 1024) {
+            size_t want = size + c->bytes_missing;
+            free(c);
+            size = want < 16 * 1024 * 1024 ? want : 16 * 1024 * 1024;
+            continue;
+        }
+        if (c->elem_missed) {
+            free(c);
+            return -EOVERFLOW; /* more references than 16 MiB holds */
+        }
+        {
+            size_t n = c->elem_cnt / 3;
+            uint64_t *res = malloc((n ? n : 1) * 3 * sizeof(uint64_t));
+            if (!res) {
+                free(c);
+                return -ENOMEM;
+            }
+            memcpy(res, c->val, n * 3 * sizeof(uint64_t));
+            free(c);
+            *out = res;
+            *count = n;
+            return 0;
+        }
+    }
 }
 
 int ca_btrfs_encoded_read(int fd, uint64_t offset, void *buf, size_t buflen,

@@ -76,15 +76,21 @@ int ca_sync_file_range(int fd, int64_t offset, int64_t length);
 int ca_btrfs_snapshot(int src_fd, int dst_dir_fd, const char *name, int readonly);
 /* BTRFS_IOC_SNAP_DESTROY: delete the subvolume name in the directory dir_fd. */
 int ca_btrfs_snap_destroy(int dir_fd, const char *name);
-/* BTRFS_IOC_TREE_SEARCH_V2 over the subvolume of fd, for the EXTENT_DATA
- * items of inode ino, looping until none is left.  On success *out is a
+/* BTRFS_IOC_TREE_SEARCH_V2 over the subvolume tree tree_id (0: the one fd
+ * is in), for the EXTENT_DATA items of inode ino, looping until none is left.  On success *out is a
  * malloc'd array of *count items in file order (free it with ca_free) and 0
  * is returned; on failure -errno (EPERM without CAP_SYS_ADMIN). */
-int ca_btrfs_file_extents(int fd, uint64_t ino, struct ca_file_extent **out,
-                          size_t *count);
+int ca_btrfs_file_extents(int fd, uint64_t tree_id, uint64_t ino,
+                          struct ca_file_extent **out, size_t *count);
 /* BTRFS_IOC_ENCODED_READ at offset: the extent there as stored, into buf
  * (buflen bytes), its metadata into *meta.  Returns the bytes read or -errno
  * (ENOBUFS: buf too small). */
+/* BTRFS_IOC_LOGICAL_INO_V2 with BTRFS_LOGICAL_INO_ARGS_IGNORE_OFFSET: every
+ * file extent item that refers to the extent at disk address logical, as
+ * *count (inode, offset, root) triples in a malloc'd *out (free it with
+ * ca_free).  An extent nothing refers to gives none.  -errno on failure
+ * (EPERM without CAP_SYS_ADMIN, EOVERFLOW past 16 MiB of answers). */
+int ca_btrfs_logical_ino(int fd, uint64_t logical, uint64_t **out, size_t *count);
 int ca_btrfs_encoded_read(int fd, uint64_t offset, void *buf, size_t buflen,
                           struct ca_encoded *meta);
 /* BTRFS_IOC_ENCODED_WRITE at offset of buflen encoded bytes described by
@@ -100,8 +106,10 @@ int ca_setflags(int fd, uint32_t flags);
 int ca_btrfs_subvol_create(int dir_fd, const char *name);
 /* BTRFS_IOC_GET_SUBVOL_INFO on fd (any file of the subvolume): its UUID, its
  * parent UUID (the subvolume it is a snapshot of; zeros if none) and its
- * root item's flags (BTRFS_ROOT_SUBVOL_RDONLY, not BTRFS_SUBVOL_RDONLY). */
-int ca_btrfs_subvol_info(int fd, uint8_t *uuid16, uint8_t *parent_uuid16, uint64_t *flags);
+ * root item's flags (BTRFS_ROOT_SUBVOL_RDONLY, not BTRFS_SUBVOL_RDONLY) and
+ * its tree id (the root that LOGICAL_INO names). */
+int ca_btrfs_subvol_info(int fd, uint8_t *uuid16, uint8_t *parent_uuid16, uint64_t *flags,
+                         uint64_t *tree_id);
 /* BTRFS_IOC_SUBVOL_SETFLAGS on fd (the subvolume's root): its flags. */
 int ca_btrfs_subvol_setflags(int fd, uint64_t flags);
 /* renameat2(2), for RENAME_NOREPLACE. */

@@ -95,10 +95,11 @@ READING_NOTE = ("compressed (encoded) Btrfs extents: their sharing is proved by 
                 "extent items")
 
 
-def btrfs_file_extents(fd: int, ino: int, path=None) -> np.ndarray:
-    """The file extent items of inode ``ino`` (BTRFS_IOC_TREE_SEARCH_V2) as a
-    structured array of FILE_EXTENT_DTYPE, in file order."""
-    return np.frombuffer(native.btrfs_file_extents(fd, ino, path),
+def btrfs_file_extents(fd: int, ino: int, path=None, tree_id: int = 0) -> np.ndarray:
+    """The file extent items of inode ``ino`` (BTRFS_IOC_TREE_SEARCH_V2) in
+    subvolume tree ``tree_id`` (0: fd's) as a structured array of
+    FILE_EXTENT_DTYPE, in file order."""
+    return np.frombuffer(native.btrfs_file_extents(fd, ino, path, tree_id),
                          dtype=FILE_EXTENT_DTYPE).copy()
 
 

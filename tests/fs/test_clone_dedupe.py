@@ -345,6 +345,44 @@ def test_dedupe_changes_no_times(reflink_dir):
             (y.st_atime_ns, y.st_mtime_ns, y.st_ctime_ns)
 
 
+def test_btrfs_releases_an_extent_only_when_no_block_of_it_is_referenced(loopfs):
+    """docs/KERNEL.md D12 and I14, by statfs on a fresh Btrfs: b, a plain
+    copy of a (each one 8 MiB extent), deduplicated into a for its first
+    7 MiB, still takes its whole extent (FIEMAP calls those 7 MiB shared;
+    df does not move); LOGICAL_INO_V2 names both inodes for a's extent and
+    b alone for b's; once b's last MiB is deduplicated too, b's extent is
+    released: 8 MiB back.  TREE_SEARCH's items say which part of b's
+    extent b still refers to."""
+    from helpers.space import used
+
+    fs = loopfs("btrfs", 512 * MiB)
+    a, b = fs.path / "a", fs.path / "b"
+    write_random(a, 8 * MiB, 51)
+    write_random(b, 8 * MiB, 51)
+    start = used(fs.path)
+    with open(a, "rb") as s, open(b, "rb") as d:
+        ia, ib = os.fstat(s.fileno()).st_ino, os.fstat(d.fileno()).st_ino
+        old = mapping.btrfs_file_extents(d.fileno(), ib)
+        assert len(old) == 1 and old["num_bytes"][0] == old["disk_num_bytes"][0] == 8 * MiB
+        got = native.fideduperange(s.fileno(), 0, 7 * MiB, [(d.fileno(), 0)])
+        assert got[0].status == native.DEDUPE_SAME
+        assert used(fs.path) - start > -512 * KiB  # nothing released
+        items = mapping.btrfs_file_extents(d.fileno(), ib)
+        mine = items[items["disk_bytenr"] == old["disk_bytenr"][0]]
+        assert [(int(x["logical"]), int(x["offset"]), int(x["num_bytes"])) for x in mine] \
+            == [(7 * MiB, 7 * MiB, MiB)]  # a bookend: 1 MiB of an 8 MiB extent
+        tree = native.btrfs_subvol_info(s.fileno()).tree_id
+        of_a = native.btrfs_logical_ino(s.fileno(), int(items["disk_bytenr"][0]))
+        assert {(ino, root) for ino, _, root in of_a} == {(ia, tree), (ib, tree)}
+        of_b = native.btrfs_logical_ino(s.fileno(), int(old["disk_bytenr"][0]))
+        assert {(ino, root) for ino, _, root in of_b} == {(ib, tree)}
+        native.fideduperange(s.fileno(), 7 * MiB, MiB, [(d.fileno(), 7 * MiB)])
+    freed = start - used(fs.path)
+    assert 8 * MiB - 256 * KiB <= freed <= 8 * MiB + 256 * KiB, freed
+    with open(a, "rb") as s:
+        assert native.btrfs_logical_ino(s.fileno(), int(old["disk_bytenr"][0])) == []
+
+
 def _as_user(uid: int, fn):
     """fn() in a forked child that dropped to uid/gid ``uid`` (no groups, no
     capabilities); returns its result (descriptors opened before are kept)."""
