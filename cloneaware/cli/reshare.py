@@ -22,6 +22,27 @@ from cloneaware.cli.options import (
 from cloneaware.errors import UsageError
 
 
+def space_lines(res) -> list[str]:
+    """What the filesystem gave back: the extents rewritten, those kept and
+    why, and the used space as statfs (df) counts it."""
+    b = res.bookends
+    out = []
+    if b.extents_rewritten:
+        out.append(f"rewrote {human(b.rewritten_bytes)} still referenced in "
+                   f"{b.extents_rewritten} partly shared extents, releasing "
+                   f"{human(b.released_bytes)}")
+    for why, n in sorted(b.kept.items()):
+        out.append(f"kept {human(n)} of partly shared extents: {why}")
+    if b.unchecked:
+        out.append(f"partly shared extents not looked for: {b.unchecked}; df may show "
+                   "less freed than was shared")
+    if res.freed_bytes is not None:
+        verb = "fell" if res.freed_bytes >= 0 else "rose"
+        out.append(f"the filesystem's used space {verb} by {human(abs(res.freed_bytes))} "
+                   "(statfs, as df shows it)")
+    return out
+
+
 @app.command(cls=Command)
 def reshare(
     targets: Annotated[list[str], typer.Argument(
@@ -47,9 +68,12 @@ def reshare(
 
     For every shared range, the owner's bytes in DEST are deduped into the
     sharing place's bytes in DEST.  The kernel compares them first: ranges that
-    differ (edited since) are left alone and counted.  Nothing in DEST is
-    written, and no time changes; files missing or of another size are skipped
-    and listed.  Exit 1 when files were skipped, refused or differ."""
+    differ (edited since) are left alone and counted.  No file's contents or
+    times change; files missing or of another size are skipped and listed.
+    On Btrfs (as root), an extent left referenced only in part is rewritten
+    where that frees more than it writes, so that the space is released; the
+    summary says what the filesystem's used space fell by.  Exit 1 when files
+    were skipped, refused or differ."""
     from cloneaware.reshare import Reshare
 
     with handled(as_json):
@@ -105,5 +129,7 @@ def reshare(
                 f"{len(res.refused)} refused) in {res.seconds:.1f} s"
                 + (f"; {human(res.base_bytes)} in the thin backup's base not reshared"
                    if res.base_bytes else ""))
+            for line in space_lines(res):
+                report(line)
         if res.warnings.exit_code():
             raise typer.Exit(res.warnings.exit_code())

@@ -181,6 +181,9 @@ def _restore_report(s, as_json: bool, dry_run: bool = False) -> None:
             + (f"; reused {human(s.reused_bytes)} of the copy already there "
                f"({human(s.reuse_differing_bytes)} differed, written)"
                if s.reused_bytes or s.reuse_differing_bytes else "")
+            + (f"; rewrote {human(s.bookend_rewritten_bytes)} of the old copy's partly "
+               f"used extents, releasing {human(s.bookend_released_bytes)}"
+               if s.bookend_released_bytes else "")
             + (f"; left out {s.left_out} entries" if s.left_out else "") + " "
             f"in {s.seconds:.1f} s")
     if s.copied_bytes:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from cloneaware import fsinfo
 from cloneaware.archive import format as fmt
+from cloneaware.bookends import BookendCounts, Bookends
 from cloneaware.errors import (
     ArchiveError,
     BytesDiffer,
@@ -50,7 +51,13 @@ class ReshareSummary:
     #: references into the base of a thin archive (outside DEST): not reshared
     base_bytes: int = 0
     dedupe_calls: int = 0
-    times_restored: int = 0
+    times_restored: int = 0  # files whose times were set back
+    #: extents the dedupe left partly referenced (Btrfs), and what was
+    #: rewritten so that they are released (cloneaware/bookends.py)
+    bookends: BookendCounts = field(default_factory=BookendCounts)
+    #: what the filesystem's used space fell by (statfs before and after, as
+    #: df shows it; other writers count too); None on a dry run
+    freed_bytes: int | None = None
     seconds: float = 0.0
     #: files not used: missing, of another size or kind, not readable
     #: (ReshareSkipped); files the kernel would not dedupe into or from
@@ -71,8 +78,9 @@ class ReshareSummary:
         return self.warnings.of(BytesDiffer)
 
     def as_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if k != "warnings"}
-        return {**d, **self.warnings.as_json(ReshareSkipped, DedupeRefused, BytesDiffer)}
+        d = {k: v for k, v in self.__dict__.items() if k not in ("warnings", "bookends")}
+        return {**d, "bookends": self.bookends.as_dict(),
+                **self.warnings.as_json(ReshareSkipped, DedupeRefused, BytesDiffer)}
 
 
 class Ext:
@@ -112,6 +120,7 @@ class Open:
     st: os.stat_result  # when opened: the times to keep
     block: int
     where: str
+    fs_type: str
     ext: Ext | None = None
     dirty: bool = False  # deduped into since ext was taken
     refused: bool = False
@@ -134,6 +143,8 @@ class DestFiles:
         self.entries: list[fmt.Entry] = []
         self.root_dev = 0
         self.what = "archive"
+        self.bookends = Bookends(summary.bookends, warn)
+        self.times_set: set[int] = set()  # entry ids whose times were set back
 
     def where(self, e: fmt.Entry) -> str:
         return self.tree.where(e.path)
@@ -212,8 +223,9 @@ class DestFiles:
             if not self._can_dedupe(fd, st, info, where):
                 self.skip(e, f"its filesystem ({info.type}) cannot dedupe")
                 return None
-            f = Open(e, fd, st, info.block_size or 4096, where)
+            f = Open(e, fd, st, info.block_size or 4096, where, info.type)
             self.open[eid] = f
+            self.bookends.add(fd, st, eid, False, info.type)
             ok = True
             return f
         finally:
@@ -249,12 +261,24 @@ class DestFiles:
             f.dirty = False
         return f.ext
 
+    def deduped_into(self, f: Open) -> None:
+        """The kernel moved some of f's references."""
+        f.dirty = True
+        self.touched(f)
+
+    def touched(self, f: Open) -> None:
+        """f shares (now, or since an earlier run) with another place: its
+        own extents may be referred to in part."""
+        self.bookends.add(f.fd, f.st, f.entry.id, True, f.fs_type)
+
     def close(self, f: Open) -> None:
         try:
             now = os.fstat(f.fd)
             if (now.st_atime_ns, now.st_mtime_ns) != (f.st.st_atime_ns, f.st.st_mtime_ns):
                 os.utime(f.fd, ns=(f.st.st_atime_ns, f.st.st_mtime_ns))
-                self.s.times_restored += 1
+                if f.entry.id not in self.times_set:
+                    self.times_set.add(f.entry.id)
+                    self.s.times_restored += 1
         except OSError as ex:
             self.warn(f"{f.where}: times not checked or not set back: {ex.strerror}")
         finally:

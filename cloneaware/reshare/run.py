@@ -22,6 +22,7 @@ from cloneaware.archive.events import (
     dispatch,
 )
 from cloneaware.archive.reader import Stream
+from cloneaware.bookends import used_bytes
 from cloneaware.errors import ArchiveError, BytesDiffer, UsageError
 from cloneaware.reshare.files import DestFiles, Open, ReshareSummary, shared_length
 
@@ -113,8 +114,13 @@ class Reshare:
         self.files.tree.root = root
         self.files.root_dev = os.fstat(root).st_dev
         try:
+            before = None if self.dry_run else used_bytes(root, self.dest)
             dispatch(places, stream.events())
             self._flush()
+            if not self.dry_run:
+                self._bookends(root)
+            if before is not None:
+                self.s.freed_bytes = before - used_bytes(root, self.dest)
         finally:
             self.files.close_all()
             self.files.tree.close()
@@ -123,6 +129,20 @@ class Reshare:
         s.warnings += [BytesDiffer(p, n) for p, n in sorted(self.differing.items())]
         s.seconds = time.monotonic() - t0
         return s
+
+    def _bookends(self, root: int) -> None:
+        """Rewrite what the dedupe left partly referenced, where that frees
+        space (Btrfs; cloneaware/bookends.py)."""
+        def open_file(eid) -> int | None:
+            f = self.files.get(eid)
+            return None if f is None or f.refused else f.fd
+
+        def release() -> None:
+            if len(self.files.open) > FILES:
+                self.files.close_all()
+
+        self.files.bookends.run(open_file, root, release)
+        self.files.close_all()
 
     def place(self, sid: int, soff: int, did: int, doff: int, length: int) -> None:
         """B (``did`` at ``doff``) shares ``length`` bytes with A (``sid`` at ``soff``)."""
@@ -201,6 +221,8 @@ class Reshare:
                 continue
             pre = shared_length(self.files.ext(src, True), soff, self.files.ext(dst, False),
                                 doff, n)
+            if pre:
+                self.files.touched(dst)
             if pre == n:
                 s.already_shared_bytes += n
                 continue
@@ -239,14 +261,14 @@ class Reshare:
             if r.status == native.DEDUPE_SAME and r.bytes_deduped >= n:
                 s.shared_bytes += n - pre
                 s.already_shared_bytes += pre
-                dst.dirty = True
+                self.files.deduped_into(dst)
             elif r.status == native.DEDUPE_DIFFERS:
                 differ.append((dst, doff, pre))
             elif r.status == native.DEDUPE_SAME:  # the kernel stopped short
                 s.shared_bytes += max(r.bytes_deduped - pre, 0)
                 s.skipped_bytes += n - max(r.bytes_deduped, pre)
                 s.already_shared_bytes += pre
-                dst.dirty = True
+                self.files.deduped_into(dst)
             else:
                 self.files.refuse(dst, -r.status)
                 s.skipped_bytes += n - pre

@@ -16,6 +16,7 @@ from cloneaware.archive import format as fmt
 from cloneaware.archive import thin
 from cloneaware.archive.blobs import Place
 from cloneaware.archive.events import FileState
+from cloneaware.bookends import BookendCounts, Bookends
 from cloneaware.errors import ArchiveError, NotExact, UsageError
 from cloneaware.restore.base import open_base
 from cloneaware.restore.cloner import Counts
@@ -101,6 +102,9 @@ class DirectoryOutput:
         self.placer.replaces = self._replaces
         self.places = places if places is not None else Places()
         self.places.outputs.append(self)
+        #: --reshare-existing: the old copies' extents left referenced in part
+        self.bookends = Bookends(BookendCounts(), self.warn) if reshare_existing else None
+        self.fs_type = ""
 
     # -- the run ----------------------------------------------------------------------
 
@@ -141,6 +145,7 @@ class DirectoryOutput:
             if m and not pid_alive(int(m.group(1))):
                 remove_tree(root, os.fsencode(n))
         magic, block = native.fstatfs(root, self.dest)
+        self.fs_type = fsinfo.fs_type_name(magic)
         self.data.cloner.block = block or 4096
         if magic != fsinfo.BTRFS_MAGIC:
             self.data.no_encoded = "not Btrfs"
@@ -157,7 +162,43 @@ class DirectoryOutput:
         self.made_here.last_flags()
         self.subvols.make_readonly()
         native.syncfs(self.tree.root, "syncfs")
+        if self.bookends is not None:
+            self._bookends(self.bookends)
         self._totals()
+
+    def _bookends(self, b: Bookends) -> None:
+        """--reshare-existing: the old copies are gone, and the new files
+        refer to part of their extents; rewrite what it pays to (Btrfs)."""
+        fds: dict[int, int] = {}
+        root = self.tree.root
+        assert root is not None
+
+        def open_file(eid) -> int | None:
+            if eid not in fds:
+                parent, name = self.placer.placed[eid]
+                parts = [*(parent.split(b"/") if parent else []), name]
+                try:  # reading must not change the atime we restored
+                    fds[eid] = open_beneath(root, parts,
+                                            os.O_RDONLY | os.O_CLOEXEC | os.O_NOATIME)
+                except OSError:
+                    return None
+            return fds[eid]
+
+        def release() -> None:
+            if len(fds) > 256:
+                for fd in fds.values():
+                    os.close(fd)
+                fds.clear()
+
+        try:
+            b.run(open_file, root, release)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        self.s.bookend_rewritten_bytes += b.c.rewritten_bytes
+        self.s.bookend_released_bytes += b.c.released_bytes
+        for why, n in b.c.kept.items():
+            self.s.bookends_kept[why] = self.s.bookends_kept.get(why, 0) + n
 
     def _totals(self) -> None:
         s, c = self.s, self.counts
@@ -300,6 +341,8 @@ class DirectoryOutput:
         self.s.verified_bytes += self.data.verify(cur, st, self.trust_base)
         e = cur.entry
         self.meta.apply(e, cur.fd, cur.pfd, cur.tmp)
+        if self.bookends is not None and not cur.staged:
+            self.bookends.add(cur.fd, os.fstat(cur.fd), e.id, cur.reused, self.fs_type)
         self.cur = None
         cur.close()
         if cur.staged:  # only to clone or link from: kept open, unnamed

@@ -37,6 +37,7 @@ class OpenFile:
     #: --reshare-existing: the file already at this name, and its size
     old_fd: int | None = None
     old_size: int = 0
+    reused: bool = False  # some of it was cloned from the old copy
 
     def close(self) -> None:
         if self.old_fd is not None:
@@ -140,6 +141,7 @@ class FileData:
                                   f"{self.reuse_off}")
                     clen = 0
                 if clen:
+                    cur.reused = True
                     self._compare(cur, memoryview(data), off, clen)
                     if clen < n:
                         self.cloner.write(cur.fd, memoryview(data)[clen:], off + clen,

@@ -41,6 +41,12 @@ class RestoreSummary:
     #: and read back equal (not written); cloned, found to differ, written
     reused_bytes: int = 0
     reuse_differing_bytes: int = 0
+    #: --reshare-existing on Btrfs: the old copies' extents the new files
+    #: refer to in part, rewritten so that they are released, and what was
+    #: kept and why (cloneaware/bookends.py)
+    bookend_rewritten_bytes: int = 0
+    bookend_released_bytes: int = 0
+    bookends_kept: dict[str, int] = field(default_factory=dict)
     hole_bytes: int = 0
     #: repositories: blobs fetched outside the planned order (read at once,
     #: not ahead: a restore that does this often is slow, and says so)
