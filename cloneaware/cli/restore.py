@@ -51,6 +51,13 @@ def restore(
         "each stored range from the file already at its name, read it back, and write only "
         "what differs, so identical data is neither written again nor stored twice until "
         "the rename (implies --force).")] = False,
+    share_with: Annotated[list[str] | None, typer.Option(
+        "--share-with", metavar="PATH", help="Files or trees on DEST's filesystem to share "
+        "with (repeatable): read once first, and every restored range whose 64 KiB chunks "
+        "one of them holds is cloned from it, read back and compared, so a VM image "
+        "restored next to its golden image takes only its own bytes.  A restore with "
+        "--include does this by itself with the snapshot's own files already at their "
+        "place in DEST.")] = None,
     include: Annotated[list[str] | None, typer.Option(
         "--include", metavar="PATTERN", help="Restore only the entries PATTERN matches "
         "(repeatable; a directory comes whole), matched against the paths as ls shows them: "
@@ -84,18 +91,22 @@ def restore(
     the data they have in common is written once."""
     from cloneaware.remote import client
     from cloneaware.restore import Restore
+    from cloneaware.restore.beside import ShareIndex
     from cloneaware.restore.select import Selection
 
     with handled(as_json):
         select = Selection(include or [], strip)
         listed = lister(verbose, quiet, as_json)
         repo = repo_for(targets, repo)
+        share = None
+        if share_with and targets and not dry_run and not client.is_url(targets[-1]):
+            share = ShareIndex.build(share_with, targets[-1])
         if repo:
             if len(targets) < 2:
                 raise UsageError("give SNAPSHOT... DEST")
             s = _restore_repo(targets[:-1], targets[-1], repo, password_file, s3_endpoint,
                               connections, rsh, force or reshare_existing, base, trust_base,
-                              reshare_existing, select, listed, dry_run)
+                              reshare_existing, select, listed, dry_run, share)
             _restore_report(s, as_json, dry_run)
             return
         if len(targets) != 2:
@@ -112,6 +123,8 @@ def restore(
                 raise UsageError("give a local ARCHIVE or a local DEST, not two ssh:// URLs")
             if select:
                 raise UsageError("--include and --strip-components need a local DEST")
+            if share_with:
+                raise UsageError("--share-with needs a local DEST")
             if trust_base:
                 raise UsageError("--trust-base needs a local DEST: the other host hashes "
                                  "every byte it clones from its base")
@@ -132,7 +145,10 @@ def restore(
             with progress(not dry_run, None, "restore") as prog:
                 s = Restore(src, dest, force=force, progress=prog, warn=err, base=base,
                             trust_base=trust_base, reshare_existing=reshare_existing,
-                            select=select, listed=listed, dry_run=dry_run).run()
+                            select=select, listed=listed, dry_run=dry_run, share=share).run()
+            if share is not None:
+                s.share_read_bytes = share.stats.bytes_read
+                share.close()
         finally:
             if not isinstance(src, str):
                 src.close()
@@ -141,7 +157,7 @@ def restore(
 
 def _restore_repo(specs, dest, repo, password_file, s3_endpoint, connections, rsh, force,
                   base, trust_base, reshare_existing=False, select=None, listed=None,
-                  dry_run=False):
+                  dry_run=False, share=None):
     from cloneaware.repo.restore import restore_snapshots
 
     if base is not None or trust_base:
@@ -150,10 +166,14 @@ def _restore_repo(specs, dest, repo, password_file, s3_endpoint, connections, rs
                 lock="shared", operation="restore") as r:
         chosen = r.find_all(specs)
         with progress(not dry_run, None, "restore") as prog:
-            return restore_snapshots(r, chosen, dest, dry_run=dry_run, force=force,
-                                     progress=prog, warn=err,
-                                     reshare_existing=reshare_existing, select=select,
-                                     listed=listed)
+            s = restore_snapshots(r, chosen, dest, dry_run=dry_run, force=force,
+                                  progress=prog, warn=err,
+                                  reshare_existing=reshare_existing, select=select,
+                                  listed=listed, share=share)
+    if share is not None:
+        s.share_read_bytes = share.stats.bytes_read
+        share.close()
+    return s
 
 
 def _restore_report(s, as_json: bool, dry_run: bool = False) -> None:
@@ -180,7 +200,13 @@ def _restore_report(s, as_json: bool, dry_run: bool = False) -> None:
                f"{human(s.verified_bytes)}" if s.base_bytes else "")
             + (f"; reused {human(s.reused_bytes)} of the copy already there "
                f"({human(s.reuse_differing_bytes)} differed, written)"
-               if s.reused_bytes or s.reuse_differing_bytes else "")
+               if s.reused_bytes else "")
+            + (f"; shared {human(s.beside_bytes)} with files already on the filesystem "
+               f"(cloned, read back equal)" if s.beside_bytes else "")
+            + (f"; {human(s.reuse_differing_bytes)} cloned from them differed, written"
+               if s.reuse_differing_bytes and not s.reused_bytes else "")
+            + (f"; read {human(s.share_read_bytes)} of --share-with"
+               if s.share_read_bytes else "")
             + (f"; rewrote {human(s.bookend_rewritten_bytes)} of the old copy's partly "
                f"used extents, releasing {human(s.bookend_released_bytes)}"
                if s.bookend_released_bytes else "")

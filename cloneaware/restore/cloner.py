@@ -21,9 +21,13 @@ class Counts:
     copy_reasons: dict[str, int] = field(default_factory=dict)
     #: stored bytes cloned from the copy already in DEST and read back equal
     reused_bytes: int = 0
+    #: stored bytes cloned from files beside the restore (restore/beside.py)
+    #: and read back equal
+    beside_bytes: int = 0
 
     def filled(self) -> int:
-        return self.written_bytes + self.reflinked_bytes + self.copied_bytes + self.reused_bytes
+        return self.written_bytes + self.reflinked_bytes + self.copied_bytes \
+            + self.reused_bytes + self.beside_bytes
 
 
 class Cloner:

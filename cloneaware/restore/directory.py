@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import cloneaware.restore.partial as partial
 from cloneaware import fsinfo, native
@@ -16,9 +17,9 @@ from cloneaware.archive import format as fmt
 from cloneaware.archive import thin
 from cloneaware.archive.blobs import Place
 from cloneaware.archive.events import FileState
-from cloneaware.bookends import BookendCounts, Bookends
 from cloneaware.errors import ArchiveError, NotExact, UsageError
 from cloneaware.restore.base import open_base
+from cloneaware.restore.beside import BesideFiles, ShareIndex
 from cloneaware.restore.cloner import Counts
 from cloneaware.restore.durable import Placer
 from cloneaware.restore.entries import Entries
@@ -29,6 +30,9 @@ from cloneaware.restore.select import STAGING
 from cloneaware.restore.subvol import Subvolumes
 from cloneaware.restore.tree import FdCache, Tree, remove_stale_temps
 from cloneaware.safeio import open_beneath, pid_alive, remove_tree
+
+if TYPE_CHECKING:
+    from cloneaware.bookends import Bookends
 
 
 class Places:
@@ -65,13 +69,15 @@ class DirectoryOutput:
     path; ``open_base_at`` the same for --base.  ``reshare_existing``: DEST
     holds an older copy of the tree (implies ``force``).  ``external_fd``:
     the sparse file of a sparse thin backup.  ``places``: shared by the
-    manifests restored together."""
+    manifests restored together.  ``share``: --share-with's files
+    (restore/beside.py)."""
 
     def __init__(self, dest: str, summary: RestoreSummary | None = None,
                  force: bool = False, warn: Callable[[str], None] | None = None,
                  base: str | None = None, trust_base: bool = False, open_dest=None,
                  reshare_existing: bool = False, external_fd: int | None = None,
-                 places: Places | None = None, open_base_at=None):
+                 places: Places | None = None, open_base_at=None,
+                 share: ShareIndex | None = None):
         self.s = summary if summary is not None else RestoreSummary()
         self.dest = dest
         self.warn = warn or (lambda msg: None)
@@ -85,7 +91,8 @@ class DirectoryOutput:
         self.counts = Counts(copy_reasons=self.s.copy_reasons)
         self.tree = Tree(dest)
         self.placer = Placer(self.tree, self.force)
-        self.data = FileData(self.counts, self.warn, dest, reshare_existing)
+        self.data = FileData(self.counts, self.warn, dest, reshare_existing, share)
+        self.beside = BesideFiles()  # the snapshot's own files already in DEST
         self.meta = Meta(self.not_exact, self.warn)
         self.subvols = Subvolumes(self.tree, self.not_exact)
         self.entries: list[fmt.Entry] = []
@@ -103,7 +110,10 @@ class DirectoryOutput:
         self.places = places if places is not None else Places()
         self.places.outputs.append(self)
         #: --reshare-existing: the old copies' extents left referenced in part
-        self.bookends = Bookends(BookendCounts(), self.warn) if reshare_existing else None
+        self.bookends: Bookends | None = None
+        if reshare_existing:  # numpy and the extent tree: only when asked for
+            from cloneaware.bookends import BookendCounts, Bookends
+            self.bookends = Bookends(BookendCounts(), self.warn)
         self.fs_type = ""
 
     # -- the run ----------------------------------------------------------------------
@@ -163,42 +173,9 @@ class DirectoryOutput:
         self.subvols.make_readonly()
         native.syncfs(self.tree.root, "syncfs")
         if self.bookends is not None:
-            self._bookends(self.bookends)
+            from cloneaware.restore.rewrite import rewrite_bookends
+            rewrite_bookends(self.bookends, self.placer.placed, self.tree.root, self.s)
         self._totals()
-
-    def _bookends(self, b: Bookends) -> None:
-        """--reshare-existing: the old copies are gone, and the new files
-        refer to part of their extents; rewrite what it pays to (Btrfs)."""
-        fds: dict[int, int] = {}
-        root = self.tree.root
-        assert root is not None
-
-        def open_file(eid) -> int | None:
-            if eid not in fds:
-                parent, name = self.placer.placed[eid]
-                parts = [*(parent.split(b"/") if parent else []), name]
-                try:  # reading must not change the atime we restored
-                    fds[eid] = open_beneath(root, parts,
-                                            os.O_RDONLY | os.O_CLOEXEC | os.O_NOATIME)
-                except OSError:
-                    return None
-            return fds[eid]
-
-        def release() -> None:
-            if len(fds) > 256:
-                for fd in fds.values():
-                    os.close(fd)
-                fds.clear()
-
-        try:
-            b.run(open_file, root, release)
-        finally:
-            for fd in fds.values():
-                os.close(fd)
-        self.s.bookend_rewritten_bytes += b.c.rewritten_bytes
-        self.s.bookend_released_bytes += b.c.released_bytes
-        for why, n in b.c.kept.items():
-            self.s.bookends_kept[why] = self.s.bookends_kept.get(why, 0) + n
 
     def _totals(self) -> None:
         s, c = self.s, self.counts
@@ -206,6 +183,7 @@ class DirectoryOutput:
         s.reflinked_bytes += c.reflinked_bytes
         s.copied_bytes += c.copied_bytes
         s.reused_bytes += c.reused_bytes
+        s.beside_bytes += c.beside_bytes
         s.encoded_written_bytes += self.data.encoded_written
         s.reuse_differing_bytes += self.data.reuse_differing
         s.owners_skipped = s.owners_skipped or self.meta.owners_skipped
@@ -235,6 +213,7 @@ class DirectoryOutput:
             except OSError:
                 pass
         self.srcs.close()
+        self.beside.close()
         if self.staging is not None and self.tree.root is not None:
             try:  # the files staged for --include: cloned and linked from, not kept
                 remove_tree(self.tree.root, self.staging)
@@ -301,11 +280,22 @@ class DirectoryOutput:
 
     # -- files ---------------------------------------------------------------------------
 
-    def open_file(self, e: fmt.Entry, staged: bool) -> None:
+    def open_file(self, e: fmt.Entry, staged: bool, beside: bytes | None = None) -> None:
         if staged:
             self.made_here.stage(e)
+            if beside is not None:
+                got = self.beside.get(self.tree.root, beside)
+                if got is not None:  # its copy in DEST: cloned from, then compared
+                    self.data.use_old(self._current(), os.dup(got[0]), beside=True)
         else:
             self.made_here.make(e, self.made_here.open_file)
+
+    def write_beside(self, path: bytes, src_offset: int, offset: int, data) -> bool:
+        got = self.beside.get(self.tree.root, path)
+        if got is None:
+            return False
+        return self.data.clone_verified(self._current(), data, offset, got[0], src_offset,
+                                        got[1], beside=True)
 
     def _current(self) -> OpenFile:
         assert self.cur is not None

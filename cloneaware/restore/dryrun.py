@@ -77,8 +77,11 @@ class RecordingOutput:
             self.not_exact(e, f"{what}: restored as a subvolume of its own, not as a snapshot "
                            "(its origin was not restored before it)")
 
-    def open_file(self, e: fmt.Entry, staged: bool) -> None:
+    def open_file(self, e: fmt.Entry, staged: bool, beside: bytes | None = None) -> None:
         self.made_ids.add(e.id)
+
+    def write_beside(self, path: bytes, src_offset: int, offset: int, data) -> bool:
+        return False  # counted as written: a dry run reads nothing in DEST
 
     def write(self, offset: int, length: int, data, extent=None) -> None:
         self.s.written_bytes += length

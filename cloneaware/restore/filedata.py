@@ -16,6 +16,7 @@ from cloneaware.archive import format as fmt
 from cloneaware.archive.events import FileState
 from cloneaware.fsinfo import errno_reason
 from cloneaware.restore.base import verify_ranges
+from cloneaware.restore.beside import CHUNK, ShareIndex
 from cloneaware.restore.cloner import Cloner, Counts
 
 #: --reshare-existing compares what it cloned from the old copy in slices of
@@ -38,6 +39,9 @@ class OpenFile:
     old_fd: int | None = None
     old_size: int = 0
     reused: bool = False  # some of it was cloned from the old copy
+    #: the old copy is the file's place in DEST, cloned from as a file
+    #: beside the restore (a staged file), not replaced by it
+    old_beside: bool = False
 
     def close(self) -> None:
         if self.old_fd is not None:
@@ -51,12 +55,13 @@ class FileData:
     ``_put``)."""
 
     def __init__(self, counts: Counts, warn: Callable[[str], None], dest: str,
-                 reshare_existing: bool = False):
+                 reshare_existing: bool = False, share: ShareIndex | None = None):
         self.counts = counts
         self.cloner = Cloner(counts)
         self.warn = warn
         self.dest = dest
         self.reshare_existing = reshare_existing
+        self.share = share  # --share-with
         #: why DEST does not take encoded writes (None: try them)
         self.no_encoded: str | None = None
         self.reuse_off: str | None = None  # why cloning from old copies stopped
@@ -82,11 +87,16 @@ class FileData:
                 fd = os.open(name, flags, dir_fd=cur.pfd)
         except OSError:
             return  # nothing there, or nothing this user may read: restored as usual
+        self.use_old(cur, fd)
+
+    def use_old(self, cur: OpenFile, fd: int, beside: bool = False) -> None:
+        """Clone ``cur``'s stored ranges from ``fd`` (a regular file, taken
+        over) at the same offsets; ``beside``: a file left in place."""
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or not st.st_size:
             os.close(fd)
             return
-        cur.old_fd, cur.old_size = fd, st.st_size
+        cur.old_fd, cur.old_size, cur.old_beside = fd, st.st_size, beside
 
     def write(self, cur: OpenFile, off: int, data, extent: fmt.BtrfsExtent | None) -> None:
         if extent is not None and self.no_encoded is None and \
@@ -116,48 +126,80 @@ class FileData:
 
     def _put(self, cur: OpenFile, data, off: int) -> None:
         """Stored bytes (checked against their SHA-256 by the reader) at
-        ``off``.  With --reshare-existing, the range is first cloned from the
-        file already at this name, then read back from the new file and
-        compared (clone, then verify: the old copy may be written meanwhile,
-        the new file is ours); only a range that differs is written.  Offsets
-        and lengths the kernel would not clone (docs/KERNEL.md C1-C3) are
-        written."""
+        ``off``: cloned from the file already at this name
+        (--reshare-existing, or a staged file's place in DEST) at the same
+        offset, else from --share-with files where their chunks hash the
+        same (restore/beside.py), else written."""
         n = len(data)
-        if cur.old_fd is not None and self.reuse_off is None and n \
-                and off + n <= cur.old_size:
-            bs = self.cloner.block
-            end = off + n
-            clen = n if (n % bs == 0 or end == cur.old_size == cur.entry.size) \
-                else n - n % bs
-            if off % bs == 0 and clen > 0:
-                try:
-                    native.ficlonerange(cur.fd, cur.old_fd, off, clen, off, cur.where)
-                except OSError as ex:
-                    if ex.errno not in native.NOT_SUPPORTED:
-                        raise
-                    if ex.errno != errno.EINVAL:
-                        self.reuse_off = errno_reason(ex.errno)
-                        self.warn(f"{self.dest}: not reusing the files already there: "
-                                  f"{self.reuse_off}")
-                    clen = 0
-                if clen:
-                    cur.reused = True
-                    self._compare(cur, memoryview(data), off, clen)
-                    if clen < n:
-                        self.cloner.write(cur.fd, memoryview(data)[clen:], off + clen,
-                                          cur.where)
-                    return
+        if cur.old_fd is not None and n and off + n <= cur.old_size and \
+                self.clone_verified(cur, data, off, cur.old_fd, off, cur.old_size, cur.old_beside):
+            return
+        if self.share and n >= CHUNK:
+            mv = memoryview(data)
+            pos = 0
+            for lo, hi, number, soff in self.share.runs(mv, off):
+                src = self.share.fd(number)
+                if src is None or not self.clone_verified(cur, mv[lo:hi], off + lo, src[0],
+                                                          soff, src[1], True):
+                    continue
+                if lo > pos:
+                    self.cloner.write(cur.fd, mv[pos:lo], off + pos, cur.where)
+                pos = hi
+            if pos:
+                if pos < n:
+                    self.cloner.write(cur.fd, mv[pos:], off + pos, cur.where)
+                return
         self.cloner.write(cur.fd, data, off, cur.where)
 
-    def _compare(self, cur: OpenFile, mv: memoryview, off: int, clen: int) -> None:
-        """The first ``clen`` bytes were cloned from the old copy: read them
-        back, and write the slices that differ (a chunk of 4 MiB with one
-        edited block costs that block, not the chunk)."""
+    def clone_verified(self, cur: OpenFile, data, off: int, sfd: int, soff: int,
+                       src_size: int, beside: bool = False) -> bool:
+        """Put ``data`` at ``off`` by cloning it from ``sfd`` at ``soff``,
+        then reading it back from the new file and comparing (clone, then
+        verify: the source may be written meanwhile, the new file is ours);
+        only what differs is written.  A tail the kernel would not clone
+        (docs/KERNEL.md C1-C3) is written.  False, with nothing done, where
+        the range cannot be cloned (the caller writes it); ``beside``:
+        counted as cloned from a file beside the restore, not from the old
+        copy."""
+        n = len(data)
+        if self.reuse_off is not None or not n or soff + n > src_size:
+            return False
+        bs = self.cloner.block
+        end = off + n
+        clen = n if (n % bs == 0 or (soff + n == src_size and end == cur.entry.size)) \
+            else n - n % bs
+        if off % bs or soff % bs or clen <= 0:
+            return False
+        try:
+            native.ficlonerange(cur.fd, sfd, soff, clen, off, cur.where)
+        except OSError as ex:
+            if ex.errno not in native.NOT_SUPPORTED:
+                raise
+            if ex.errno not in (errno.EINVAL, errno.EXDEV):
+                self.reuse_off = errno_reason(ex.errno)
+                self.warn(f"{self.dest}: not cloning from the files already there: "
+                          f"{self.reuse_off}")
+            return False
+        cur.reused = True
+        mv = memoryview(data)
+        self._compare(cur, mv, off, clen, beside)
+        if clen < n:
+            self.cloner.write(cur.fd, mv[clen:], off + clen, cur.where)
+        return True
+
+    def _compare(self, cur: OpenFile, mv: memoryview, off: int, clen: int,
+                 beside: bool) -> None:
+        """The first ``clen`` bytes were cloned: read them back, and write
+        the slices that differ (a chunk of 4 MiB with one edited block
+        costs that block, not the chunk)."""
         got = memoryview(_pread_all(cur.fd, clen, off, cur.where))
         for lo in range(0, clen, REUSE_SLICE):
             hi = min(lo + REUSE_SLICE, clen)
             if got[lo:hi] == mv[lo:hi]:
-                self.counts.reused_bytes += hi - lo
+                if beside:
+                    self.counts.beside_bytes += hi - lo
+                else:
+                    self.counts.reused_bytes += hi - lo
             else:
                 self.reuse_differing += hi - lo
                 self.cloner.write(cur.fd, mv[lo:hi], off + lo, cur.where)

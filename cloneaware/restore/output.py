@@ -41,6 +41,11 @@ class RestoreSummary:
     #: and read back equal (not written); cloned, found to differ, written
     reused_bytes: int = 0
     reuse_differing_bytes: int = 0
+    #: stored bytes cloned from files already on DEST's filesystem (the
+    #: snapshot's own files at their place in DEST, --share-with) and read
+    #: back equal (restore/beside.py); --share-with files read to index them
+    beside_bytes: int = 0
+    share_read_bytes: int = 0
     #: --reshare-existing on Btrfs: the old copies' extents the new files
     #: refer to in part, rewritten so that they are released, and what was
     #: kept and why (cloneaware/bookends.py)
@@ -102,9 +107,15 @@ class Output(Protocol):
 
     def mkdir(self, e: fmt.Entry) -> None: ...
 
-    def open_file(self, e: fmt.Entry, staged: bool) -> None:
+    def open_file(self, e: fmt.Entry, staged: bool, beside: bytes | None = None) -> None:
         """A regular file begins; ``staged``: left out by --include, made
-        only to clone or link from, and removed at the end."""
+        only to clone or link from, and removed at the end; ``beside``:
+        where a staged file would be in DEST (a copy there is cloned from)."""
+
+    def write_beside(self, path: bytes, src_offset: int, offset: int, data: Any) -> bool:
+        """Stored bytes that a file left out of this restore holds at
+        ``src_offset``, if DEST has it at ``path``: cloned from there and
+        verified (restore/beside.py).  False if not: the caller writes."""
 
     def write(self, offset: int, length: int, data: Any, extent: Any = None) -> None:
         """Stored bytes (``data`` None in a dry run); ``extent``: the Btrfs

@@ -39,14 +39,17 @@ class Receiver(Handler):
     blobs come from ``blobs`` instead).  ``blobs`` and ``coverage``: the
     source of a manifest's BLOB ranges and the places written so far (shared
     by the manifests restored together); ``owner``: this manifest's number
-    among them.  ``listed(path, replaces)``: -v, each path as it is made."""
+    among them.  ``listed(path, replaces)``: -v, each path as it is made.
+    ``beside``: blob id -> where a file this restore leaves out holds it
+    below DEST (restore/beside.py ``left_out_blobs``), cloned from there if
+    DEST has it."""
 
     def __init__(self, out: Output, entries: list[fmt.Entry], base: Callable[[], thin.Base | None],
                  select: Selection | None = None, stage_ids: set[int] | None = None,
                  stage_referenced: bool = True, progress=None,
                  listed: Callable[[bytes, bool], None] | None = None,
                  blobs: BlobSource | None = None, coverage: Coverage | None = None,
-                 owner: int = 0):
+                 owner: int = 0, beside: dict[bytes, tuple[bytes, int]] | None = None):
         self.out = out
         self.s = out.s
         self.entries = entries
@@ -59,6 +62,7 @@ class Receiver(Handler):
         self.blobs = blobs
         self.coverage = coverage if coverage is not None else Coverage()
         self.owner = owner
+        self.beside = beside or {}
         self.begun = False
         #: an entry was chosen (--include): a choice that takes nothing is an error
         self.took_any = False
@@ -105,7 +109,7 @@ class Receiver(Handler):
         elif e.kind == fmt.K_REG:
             if (e.eflags & fmt.EF_REFERENCED and self.stage_referenced) \
                     or e.id in self.stage_ids:
-                self._begin_file(e, staged=True)
+                self._begin_file(e, staged=True, beside=self.select.mapped(e.path))
             else:
                 self.skipping = True
 
@@ -141,8 +145,8 @@ class Receiver(Handler):
         if self.listed is not None:
             self.listed(e.path, self.out.replaces(e))
 
-    def _begin_file(self, e: fmt.Entry, staged: bool) -> None:
-        self.out.open_file(e, staged)
+    def _begin_file(self, e: fmt.Entry, staged: bool, beside: bytes | None = None) -> None:
+        self.out.open_file(e, staged, beside)
         self.cur, self.staged, self.filled = e, staged, 0
 
     # -- a file's bytes -------------------------------------------------------------------
@@ -194,6 +198,7 @@ class Receiver(Handler):
                                f"has {size} (hostile or damaged manifest)", ev.record)
         base = ev.offset - ev.blob_offset  # where the blob's byte 0 falls in this file
         data = None
+        there = self.beside.get(bid)
         for lo, hi, place in self.coverage.split(bid, ev.blob_offset, ev.length):
             if place is not None:
                 self.out.clone_place(place, place.base + lo, hi - lo, base + lo)
@@ -201,7 +206,9 @@ class Receiver(Handler):
                 if data is None:
                     data = self.blobs.get(bid)
                 piece = None if data is None else memoryview(data)[lo:hi]
-                self.out.write(base + lo, hi - lo, piece)
+                if there is None or piece is None or \
+                        not self.out.write_beside(there[0], there[1] + lo, base + lo, piece):
+                    self.out.write(base + lo, hi - lo, piece)
                 self.coverage.add(bid, Place(self.owner, self.cur.id, base, lo, hi))
             self._advance(hi - lo)
 

@@ -17,6 +17,7 @@ from cloneaware.archive.reader import Stream
 from cloneaware.archive.records import open_archive
 from cloneaware.errors import ArchiveError, SharingMapGiven, UsageError
 from cloneaware.listing import read_contents
+from cloneaware.restore.beside import ShareIndex
 from cloneaware.restore.directory import DirectoryOutput
 from cloneaware.restore.dryrun import RecordingOutput
 from cloneaware.restore.output import RestoreSummary
@@ -34,7 +35,7 @@ class Restore:
                  base: str | None = None, trust_base: bool = False, open_dest=None,
                  reshare_existing: bool = False, select: Selection | None = None,
                  listed: Callable[[bytes, bool], None] | None = None, dry_run: bool = False,
-                 open_base_at=None):
+                 open_base_at=None, share: ShareIndex | None = None):
         self.archive = archive
         self.dest = dest
         self.force = force or reshare_existing
@@ -48,6 +49,7 @@ class Restore:
         self.select = select or Selection()
         self.listed = listed
         self.dry_run = dry_run
+        self.share = share
         self.s = RestoreSummary()
         self.stage_ids: set[int] = set()
 
@@ -89,7 +91,7 @@ class Restore:
                                    sparse=external_fd is not None)
         return DirectoryOutput(self.dest, self.s, self.force, self.warn, self.base,
                                self.trust_base, self.open_dest, self.reshare_existing,
-                               external_fd, open_base_at=self.open_base_at)
+                               external_fd, open_base_at=self.open_base_at, share=self.share)
 
     def _receive(self, f, out, name: str | None) -> None:
         if self.dry_run:  # the layout only: DATA records are sought over where they can be

@@ -24,6 +24,7 @@ from cloneaware.archive.events import dispatch
 from cloneaware.archive.reader import Stream
 from cloneaware.errors import UsageError
 from cloneaware.listing import read_contents
+from cloneaware.restore.beside import ShareIndex, left_out_blobs
 from cloneaware.restore.directory import DirectoryOutput, Places
 from cloneaware.restore.dryrun import RecordingOutput
 from cloneaware.restore.output import RestoreSummary
@@ -52,7 +53,8 @@ class ManifestsRestore:
     def __init__(self, manifests: list[tuple[bytes, str]], dest: str, force: bool = False,
                  progress=None, warn: Callable[[str], None] | None = None,
                  reshare_existing: bool = False, select: Selection | None = None,
-                 listed: Callable[[bytes, bool], None] | None = None, dry_run: bool = False):
+                 listed: Callable[[bytes, bool], None] | None = None, dry_run: bool = False,
+                 share: ShareIndex | None = None):
         several = len(manifests) > 1
         self.items = [Manifest(m, os.path.join(dest, name) if several else dest,
                                name.encode() + b"/" if several else b"")
@@ -65,6 +67,7 @@ class ManifestsRestore:
         self.select = select or Selection()
         self.listed = listed
         self.dry_run = dry_run
+        self.share = share
 
     def check(self) -> None:
         """What must hold before anything is written: each manifest's
@@ -107,14 +110,16 @@ class ManifestsRestore:
                 else:
                     out = DirectoryOutput(it.dest, s, self.force, self.warn,
                                           reshare_existing=self.reshare_existing,
-                                          places=places)
+                                          places=places, share=self.share)
                 stream = Stream(io.BytesIO(it.data))
                 listed = self.listed
                 if listed is not None and it.prefix:
                     listed = _prefixed(listed, it.prefix)
                 r = Receiver(out, stream.entries, _base_of(stream), self.select.fresh(),
                              it.stage, stage_referenced=False, progress=self.progress,
-                             listed=listed, blobs=blobs, coverage=cov, owner=owner)
+                             listed=listed, blobs=blobs, coverage=cov, owner=owner,
+                             beside=left_out_blobs(it.data, self.select)
+                             if self.select and not record else None)
                 try:
                     try:
                         dispatch(r, stream.events())
