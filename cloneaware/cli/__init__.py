@@ -42,7 +42,7 @@ from cloneaware.errors import EXIT_INTERRUPTED, Interrupted
 
 # isort: off
 # the commands, in the order of --help and of the man page
-from cloneaware.cli import scan, backup, restore, reshare, browse, repo, serve, keys  # noqa: F401
+from cloneaware.cli import scan, backup, restore, reshare, browse, repo, serve, keys, anchors  # noqa: F401,E501
 # isort: on
 
 __all__ = ["app", "help_records", "main"]

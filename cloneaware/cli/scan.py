@@ -102,7 +102,8 @@ def scan(
                              f"{t.data_bytes / t.physical_bytes:.2f}x"))
             if res.anchors.files:
                 rows.append(("anchors of backups (.cloneaware-anchors)",
-                             f"{res.anchors.files} files pin {human(res.anchors.pinned_bytes)}"))
+                             f"{res.anchors.files} files pin {human(res.anchors.pinned_bytes)}"
+                             + ("" if res.anchors.exact else " or more")))
             w = max(len(k) for k, _ in rows)
             for k, v in rows:
                 echo(f"{k:<{w}}  {v}")

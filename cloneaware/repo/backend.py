@@ -68,6 +68,9 @@ def too_large(where: str, name: str, size: int, limit: int) -> RepositoryError:
 
 class Backend(Protocol):
     where: str  # the repository as the user named it, for messages
+    #: where it is, the same however it was named (a copy elsewhere, with the
+    #: same id, has another): what this host's anchors and state are kept by
+    location: str
 
     def read(self, name: str, offset: int = 0, length: int | None = None,
              limit: int = WHOLE_MAX) -> bytes:
@@ -102,6 +105,7 @@ class LocalBackend:
         their hash are checked so without append_only too (``serve``)."""
         self.path = os.path.abspath(path)
         self.where = where or path
+        self.location = os.path.realpath(path)
         self.append_only = append_only
         self.check_names = check_names or append_only
         #: the locks this backend wrote (an append-only client may delete those)

@@ -78,7 +78,8 @@ class ForgetResult:
 
 
 def untrusted_times(snaps: list[Snapshot], state: ClientState | None,
-                    now_ns: int | None = None) -> dict[str, str]:
+                    now_ns: int | None = None, location: str | None = None
+                    ) -> dict[str, str]:
     """The snapshots whose own time a policy must not believe, and why.  A
     time is only what the writer said: anyone who can add a snapshot (an
     append-only client, the store) can date it in the future, and a policy
@@ -97,7 +98,7 @@ def untrusted_times(snaps: list[Snapshot], state: ClientState | None,
         if s.time_ns > now_ns + SKEW_NS:
             out[s.id] = "dated in the future: its time is not believed"
             continue
-        last = mine.get(set_key(s.hostname, sorted(s.paths)))
+        last = mine.get(set_key(s.hostname, sorted(s.paths), location))
         if last is not None and s.time_ns > last[1] and s.id != last[0]:
             out[s.id] = ("newer than the last backup this host made of its set, which it "
                          "is not: its time is not believed")
@@ -113,8 +114,8 @@ def forget(repo: Repository, policy: Policy, dry_run: bool = False,
     groups: dict[tuple, list[Snapshot]] = {}
     all_snaps = repo.snapshots()
     if state is None:
-        state = repo.state or ClientState(repo.config.id, repo.warn)
-    doubtful = untrusted_times(all_snaps, state)
+        state = repo.state or ClientState(repo.config.id, repo.warn, location=repo.location)
+    doubtful = untrusted_times(all_snaps, state, location=repo.location)
     for s in all_snaps:
         if host is not None and s.hostname != host:
             continue

@@ -40,6 +40,7 @@ class Repository:
                  key_name: str | None = None):
         self.backend = backend
         self.where = backend.where
+        self.location: str = getattr(backend, "location", backend.where)
         self.config = config
         self.crypto = keys
         self.key_name = key_name
@@ -103,7 +104,7 @@ class Repository:
             raise RepositoryError(f"{backend.where}: not a cloneaware repository (no config; "
                                   "make one with cloneaware init)") from None
         cfg = rf.Config.decode(raw, backend.where)
-        state = ClientState(cfg.id, warn)
+        state = ClientState(cfg.id, warn, location=getattr(backend, "location", None))
         if state.encrypted and cfg.encryption == "none":
             raise RepositoryError(
                 f"{backend.where}: this host has used this repository encrypted, and its "

@@ -61,6 +61,7 @@ class S3Backend:
         self.bc = botocore
         self.endpoint = (endpoint or os.environ.get("CLONEAWARE_S3_ENDPOINT")
                          or os.environ.get("AWS_ENDPOINT_URL") or None)
+        self.location = f"s3://{self.bucket}/{self.prefix} at {self.endpoint or 'AWS'}"
         self.retry_seconds = float(os.environ.get("CLONEAWARE_S3_RETRY_SECONDS", RETRY_SECONDS))
         cfg = botocore.config.Config(
             s3={"addressing_style": "path"}, retries={"max_attempts": 1, "mode": "standard"},

@@ -47,6 +47,7 @@ from cloneaware.repo.repository import Repository
 from cloneaware.repo.snapshots import Snapshot, now_rfc3339
 from cloneaware.repo.state import ClientState
 from cloneaware.source.anchors import AnchorSets, set_key
+from cloneaware.source.anchorsets import STALE_NS, stale
 from cloneaware.source.mapping import extent_map
 
 
@@ -197,7 +198,10 @@ class RepositorySink(Sink):
         self.use_parent = parent
         self.keep_all = keep_all
         self.parent_spec = parent_spec
-        self.sets = AnchorSets(repo.config.id, set_key(self.host, self.paths), self.warn)
+        self.sets = AnchorSets(repo.config.id, set_key(self.host, self.paths, repo.location),
+                               self.warn, info={"location": repo.location, "host": self.host,
+                                                "paths": self.paths},
+                               legacy_key=set_key(self.host, self.paths))
         self.parent: Snapshot | None = None
         self.parent_by_path: dict[bytes, ParentFile] = {}
         self.anchor_segments: dict[int, Segments] = {}  # fileno -> the anchor's blobs
@@ -224,6 +228,7 @@ class RepositorySink(Sink):
         if not self.use_anchors:
             return {}
         tops = self.sets.tops(self.roots)
+        self._note_stale(tops)
         anchors = self.sets.previous(tops, self.parent.id if self.parent else None,
                                      {s.id for s in snaps}, tidy=not self.dry_run)
         out: dict[int, Prior] = {}
@@ -242,15 +247,31 @@ class RepositorySink(Sink):
                 os.close(a.fd)
         return out
 
+    def _note_stale(self, tops: list[bytes]) -> None:
+        """Say when other anchor sets on these filesystems have not been
+        renewed by any backup for long: they pin space for nothing if their
+        repository or backup set is gone."""
+        old = stale(tops, self.repo.config.id, self.sets.key)
+        if old:
+            where = ", ".join(sorted({os.fsdecode(s.top) for s in old}))
+            days = STALE_NS // (86400 * 10**9)
+            self.warn(f"{len(old)} anchor set{'s' if len(old) > 1 else ''} on {where} "
+                      f"{'have' if len(old) > 1 else 'has'} not been renewed by a backup for "
+                      f"more than {days} days: `cloneaware anchors list` shows the space they "
+                      f"pin, `cloneaware anchors drop --older-than {days}d` gives it back")
+
     def _parent(self, snaps: list[Snapshot]) -> Snapshot | None:
         """The last snapshot this host wrote of the set (repo/state.py), if it
         is still there; never merely the newest one of the same host and
         PATHs, which anyone who may add snapshots could have written (a
         forged parent would have files taken unread with its blob ranges).
         Without one, every file is read: slower, never wrong."""
-        self.state = self.repo.state or ClientState(self.repo.config.id, self.warn)
+        self.state = self.repo.state or ClientState(self.repo.config.id, self.warn,
+                                                    location=self.repo.location)
         if self.parent_spec is not None:  # the owner says which: taken as it is
             return self.repo.find(self.parent_spec, snaps)
+        if self.sets.legacy_key is not None:  # the set as an earlier version keyed it
+            self.state.adopt(self.sets.legacy_key, self.sets.key)
         want = self.state.parent(self.sets.key)
         parent = next((s for s in snaps if s.id == want), None) if want else None
         mine = [s for s in snaps if s.hostname == self.host and sorted(s.paths) == self.paths]

@@ -27,6 +27,7 @@ class SshBackend:
     def __init__(self, url: str, rsh: str | None = None, create: bool = False):
         self.url = parse_url(url)
         self.where = url
+        self.location = url
         self.ch = Channel(self.url, rsh, {"op": "repo", "path": self.url.path,
                                           "create": create})
         self.ch.status()

@@ -47,8 +47,12 @@ class ClientState:
     could not be read or written (it is never fatal)."""
 
     def __init__(self, repo_id: str, warn: Callable[[str], None] | None = None,
-                 directory: str | None = None):
+                 directory: str | None = None, location: str | None = None):
         self.repo_id = repo_id
+        #: the repository's location (repo/backend.py): the newest snapshot
+        #: seen is remembered per location, since a copy of a repository
+        #: (the same id) is behind or ahead of the original by design
+        self.location = location
         self.warn = warn or (lambda msg: None)
         self.dir = directory or state_dir()
         self.path = os.path.join(self.dir, f"{repo_id}.json")
@@ -102,6 +106,13 @@ class ClientState:
         return got.get("snapshot") if isinstance(got, dict) and \
             isinstance(got.get("snapshot"), str) else None
 
+    def adopt(self, old_key: str, new_key: str) -> None:
+        """A set remembered under the key an earlier version gave it (before
+        the repository's location was part of it) goes on under the new one."""
+        sets = self.data["sets"]
+        if new_key not in sets and old_key in sets and old_key != new_key:
+            sets[new_key] = sets.pop(old_key)
+
     def wrote(self, set_key: str, snapshot_id: str, time_ns: int) -> None:
         self.data["sets"][set_key] = {"snapshot": snapshot_id, "time_ns": time_ns}
         self._seen(snapshot_id, time_ns)
@@ -112,8 +123,15 @@ class ClientState:
                  if isinstance(v, dict) and isinstance(v.get("time_ns"), int)]
         return max(times) if times else None
 
+    def _newest_key(self) -> str:
+        return "newest" if self.location is None else f"newest at {self.location}"
+
     def newest_seen(self) -> tuple[str, int] | None:
-        n = self.data.get("newest")
+        n = self.data.get(self._newest_key())
+        if n is None and self.location is not None and "newest" in self.data:
+            # remembered by an earlier version, for whichever location: the
+            # first one used since takes it over
+            n = self.data[self._newest_key()] = self.data.pop("newest")
         if isinstance(n, dict) and isinstance(n.get("id"), str) \
                 and isinstance(n.get("time_ns"), int):
             return n["id"], n["time_ns"]
@@ -122,14 +140,14 @@ class ClientState:
     def _seen(self, snapshot_id: str, time_ns: int) -> None:
         n = self.newest_seen()
         if n is None or time_ns > n[1]:
-            self.data["newest"] = {"id": snapshot_id, "time_ns": time_ns}
+            self.data[self._newest_key()] = {"id": snapshot_id, "time_ns": time_ns}
 
     def seen(self, snapshot_id: str, time_ns: int) -> None:
         """The newest snapshot the repository holds now."""
-        self.data["newest"] = {"id": snapshot_id, "time_ns": time_ns}
+        self.data[self._newest_key()] = {"id": snapshot_id, "time_ns": time_ns}
 
     def forget_seen(self) -> None:
-        self.data.pop("newest", None)
+        self.data.pop(self._newest_key(), None)
 
     def note_encryption(self, encrypted: bool) -> None:
         self.data["encrypted"] = encrypted

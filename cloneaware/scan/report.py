@@ -12,6 +12,7 @@ from cloneaware import fsinfo
 from cloneaware.errors import FileSkipped, Warnings
 from cloneaware.index.plan import CHECK_CANDIDATE, IndexBuilder, Plan
 from cloneaware.source.anchors import DIRNAME, Mounts, open_anchor_dir
+from cloneaware.source.anchorsets import list_sets, measure_set
 from cloneaware.source.mapping import (
     READING_NOTE,
     TREE_SEARCH,
@@ -20,17 +21,21 @@ from cloneaware.source.mapping import (
     Skipped,
     map_tree,
 )
+from cloneaware.source.pinned import sum_pinned
 from cloneaware.source.walk import Node
 
 
 @dataclass
 class AnchorUsage:
     """Anchors (docs/REPOSITORY.md) on the scanned filesystems: how many, and
-    the physical bytes only they hold (what the live files no longer share)."""
+    the bytes only they hold (what dropping them gives back,
+    source/pinned.py); ``exact``: by the Btrfs extent tree, else a lower
+    bound by FIEMAP's shared flag."""
 
     files: int = 0
     pinned_bytes: int = 0
     dirs: list[str] = field(default_factory=list)
+    exact: bool = True
 
 
 @dataclass(slots=True)
@@ -69,6 +74,7 @@ class ScanResult:
             out["families"] = [self.family_info(f) for f in self.plan.families()[:families]]
         out["anchors"] = {"files": self.anchors.files,
                           "pinned_bytes": self.anchors.pinned_bytes,
+                          "pinned_exact": self.anchors.exact,
                           "dirs": self.anchors.dirs}
         return out
 
@@ -130,16 +136,11 @@ def scan(paths: list, one_file_system: bool = True,
     plan = builder.build()
     anchors = AnchorUsage(dirs=[os.fsdecode(d) for d in anchor_dirs])
     if anchor_dirs:
-        # Anchors after the scanned files (the same builder goes on): what an
-        # anchor still owns in this index is held by the anchors alone.
-        for d in anchor_dirs:
-            for it in map_tree([d], unique_names=False):
-                if isinstance(it, Mapped) and it.node.name.rsplit(b"/", 1)[-1].isdigit():
-                    builder.add(fstab.number(it.fs), it.node.st.st_size, it.ext)
-                    anchors.files += 1
-        p = builder.build().pieces
-        own = (p["ref_file"] < 0) & (p["file"] >= len(files))
-        anchors.pinned_bytes = int(p["length"][own].sum())
+        # what dropping them would give back: measured per set from the
+        # extents only its anchors hold, whatever PATH was scanned
+        got = sum_pinned([measure_set(s) for s in
+                          list_sets([os.path.dirname(d) for d in anchor_dirs])])
+        anchors.files, anchors.pinned_bytes, anchors.exact = got.files, got.bytes, got.exact
     return ScanResult(plan=plan, files=files, skipped=skipped, filesystems=fstab.infos,
                       anchors=anchors, tree=items)
 

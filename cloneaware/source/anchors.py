@@ -29,6 +29,7 @@ import os
 import re
 import secrets
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -48,11 +49,22 @@ MARKER_TEXT = (b"This directory holds cloneaware's anchors: point-in-time clones
 STAGING = re.compile(r"\Anew-(\d+)-[0-9a-f]{8}\Z")
 SNAP = re.compile(r"\A[0-9a-f]{64}\Z")
 RECORD = "ANCHORS"
+#: what a set is (its repository's location, host, PATHs) and when it was
+#: last renewed, for ``cloneaware anchors``
+INFO = "SET"
+INFO_MAX = 1 << 20
 
 
-def set_key(hostname: str, paths: list[str]) -> str:
-    """The backup set: the same PATHs from the same host."""
-    return hashlib.sha256(json.dumps([hostname, sorted(paths)]).encode()).hexdigest()[:16]
+def set_key(hostname: str, paths: list[str], location: str | None = None) -> str:
+    """The backup set: the same PATHs from the same host into the
+    repository at the same ``location`` (a copy of a repository, which keeps
+    its id, is another set: backups into it neither use nor replace the
+    original's anchors).  ``location`` None: the key of versions before it
+    was part of the key (what a set is adopted from)."""
+    what: list = [hostname, sorted(paths)]
+    if location is not None:
+        what.append(location)
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
 
 
 def _unescape(s: str) -> bytes:
@@ -125,7 +137,7 @@ def open_dir(pfd: int, name: bytes, create: bool = False) -> int | None:
     return fd
 
 
-def _our_file(dfd: int, name: bytes | str) -> int | None:
+def our_file(dfd: int, name: bytes | str) -> int | None:
     """A regular file of ours, of one link, in ``dfd``, opened read-only
     without following a symlink or blocking on a FIFO; else None."""
     try:
@@ -157,11 +169,11 @@ def open_anchor_dir(top: bytes, create: bool = False) -> tuple[int | None, str |
                           "(a symlink, or another owner or mode)")
     finally:
         os.close(tfd)
-    mfd = _our_file(fd, MARKER)
+    mfd = our_file(fd, MARKER)
     if mfd is not None:
         os.close(mfd)
         return fd, None
-    if _lexists(fd, MARKER):  # there, but a symlink, a FIFO, another's
+    if lexists(fd, MARKER):  # there, but a symlink, a FIFO, another's
         os.close(fd)
         return None, "its marker is not a regular file of this user's"
     if not create:
@@ -195,7 +207,7 @@ def is_anchor_dir(pfd: int, parent: bytes, st: os.stat_result, mounts: Mounts) -
     if fd is None:
         return False
     try:
-        mfd = _our_file(fd, MARKER)
+        mfd = our_file(fd, MARKER)
         if mfd is None:
             return False
         os.close(mfd)
@@ -204,7 +216,7 @@ def is_anchor_dir(pfd: int, parent: bytes, st: os.stat_result, mounts: Mounts) -
         os.close(fd)
 
 
-def _lexists(dfd: int, name: bytes) -> bool:
+def lexists(dfd: int, name: bytes) -> bool:
     try:
         os.stat(name, dir_fd=dfd, follow_symlinks=False)
         return True
@@ -223,10 +235,16 @@ class AnchorSets:
     """The anchors of one backup set on this host: those of the parent
     snapshot (to prove), and those being made (to keep)."""
 
-    def __init__(self, repo_id: str, key: str, warn: Callable[[str], None]):
+    def __init__(self, repo_id: str, key: str, warn: Callable[[str], None],
+                 info: dict | None = None, legacy_key: str | None = None):
         self.repo_id = repo_id
         self.key = key
         self.warn = warn
+        #: written to the set's INFO file at each commit (location, host, paths)
+        self.info = info or {}
+        #: the key the same set had before the location was part of it: its
+        #: anchors are taken over (renamed) where there is no set of this key
+        self.legacy_key = legacy_key
         self.mounts = Mounts()
         #: top -> (descriptor of the set's directory, name of the one being
         #: made, its descriptor, its records)
@@ -267,6 +285,8 @@ class AnchorSets:
         if rfd is None:
             self._refused(top)
             return None
+        if self.legacy_key and self.legacy_key != self.key:
+            _adopt(rfd, self.legacy_key.encode(), self.key.encode())
         try:
             sfd = open_dir(rfd, self.key.encode(), create)
         except FileNotFoundError:
@@ -326,7 +346,7 @@ class AnchorSets:
             os.close(dfd)
 
     def _anchors(self, dfd: int, path: bytes) -> list[Anchor]:
-        rfd = _our_file(dfd, RECORD)
+        rfd = our_file(dfd, RECORD)
         lines: list[str] = []
         why: str | None = "not a regular file of this user's"
         if rfd is not None:
@@ -348,7 +368,7 @@ class AnchorSets:
             except ValueError:
                 bad += 1
                 continue
-            fd = _our_file(dfd, str(eid).encode())
+            fd = our_file(dfd, str(eid).encode())
             if fd is None:
                 bad += 1
                 continue
@@ -432,6 +452,8 @@ class AnchorSets:
                     os.close(rec)
                 os.fsync(fd)
                 os.rename(name, snapshot_id.encode(), src_dir_fd=sfd, dst_dir_fd=sfd)
+                _write_info(sfd, {**self.info, "snapshot": snapshot_id,
+                                  "time_ns": time.time_ns()})
                 os.fsync(sfd)
                 for n in os.listdir(sfd):
                     if SNAP.match(os.fsdecode(n)) and os.fsdecode(n) != snapshot_id:
@@ -447,6 +469,45 @@ class AnchorSets:
             _remove(sfd, name)
             os.close(sfd)
         self._staging.clear()
+
+
+def _adopt(rfd: int, old: bytes, new: bytes) -> None:
+    """Rename set ``old`` (a key of an earlier version) to ``new`` if it is
+    ours and there is no ``new``: the first location to back up the set
+    after an upgrade keeps its anchors."""
+    if lexists(rfd, new) or not lexists(rfd, old):
+        return
+    try:
+        fd = open_dir(rfd, old)
+    except FileNotFoundError:
+        return
+    if fd is None:
+        return
+    os.close(fd)
+    try:
+        os.rename(old, new, src_dir_fd=rfd, dst_dir_fd=rfd)
+    except OSError:
+        pass
+
+
+def _write_info(sfd: int, info: dict) -> None:
+    """The set's INFO file, replaced atomically (best effort: it only
+    describes the set)."""
+    tmp = b"%s.new-%d" % (INFO.encode(), os.getpid())
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=sfd)
+        try:
+            os.write(fd, json.dumps({"cloneaware_anchor_set": 1, **info},
+                                    sort_keys=True).encode())
+        finally:
+            os.close(fd)
+        os.rename(tmp, INFO.encode(), src_dir_fd=sfd, dst_dir_fd=sfd)
+    except OSError:
+        try:
+            os.unlink(tmp, dir_fd=sfd)
+        except OSError:
+            pass
 
 
 def _remove(dfd: int, name: str | bytes) -> None:
@@ -481,7 +542,7 @@ def drop_snapshots(repo_id: str, tops: list[bytes], snapshot_ids: set[str]) -> i
                     continue
                 try:
                     for sid in snapshot_ids:
-                        if _lexists(sfd, sid.encode()):
+                        if lexists(sfd, sid.encode()):
                             _remove(sfd, sid)
                             n += 1
                 finally:

@@ -272,9 +272,11 @@ def test_anchors_are_replaced_tampered_ones_distrusted_and_scan_reports_them(
     names = [e["path"] for e in cli_json("ls", "--json", "-r", repo, "latest")["entries"]]
     assert not any(".cloneaware-anchors" in n for n in names)
     # scan says what they pin: a rewrite leaves the old blocks with the anchor
-    rewrite_blocks(src / "a.img", 0.25, 9)
+    # (the whole file: on Btrfs an extent the live file still uses in part
+    # stays whether or not the anchor does, and is not counted; test_anchors.py)
+    write_random(src / "a.img", 4 * MiB, 9)
     out = cli_json("scan", "--json", src)
-    assert out["anchors"]["files"] >= 1 and out["anchors"]["pinned_bytes"] >= 1 * MiB
+    assert out["anchors"]["files"] >= 1 and out["anchors"]["pinned_bytes"] >= 4 * MiB
     # someone writes the anchor: it proves nothing any more, the file is read
     anchor = mine[0] / "1"
     os.chmod(anchor, 0o600)

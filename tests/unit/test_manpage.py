@@ -63,7 +63,8 @@ def test_the_commands_come_in_the_order_of_a_job():
     assert [" ".join(p) for p, _, _ in commands] == [
         "scan", "backup", "restore", "reshare", "ls", "diff", "verify", "init", "snapshots",
         "forget", "prune", "check", "unlock", "export", "serve",
-        "key", "key list", "key add", "key remove", "key passwd"]
+        "key", "key list", "key add", "key remove", "key passwd",
+        "anchors", "anchors list", "anchors drop"]
 
 
 def test_every_option_and_argument_is_listed(page):
