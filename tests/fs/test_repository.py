@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 from helpers.cli import assert_one_line_error, cli, cli_json, cli_popen, finished
+from helpers.space import Usage
 from helpers.treeutil import MiB, Snapshot, assert_close, assert_same_tree, physical_bytes
 
 from cloneaware.testing import (
@@ -174,8 +175,10 @@ def test_incremental_reads_and_adds_what_changed(reflink_dir, tmp_path):
     for snap, want, phys, name in ((s1["snapshot"][:10], want1, phys1, "d1"),
                                    (s2["snapshot"], want2, phys2, "d2")):
         dest = reflink_dir / name
-        restore(repo, snap, dest)
+        with Usage(reflink_dir) as u:
+            restore(repo, snap, dest)
         assert_same_tree(want, Snapshot(dest / "fam"))
+        assert u.delta <= 1.02 * phys + 256 * KiB, (name, u.delta, phys)  # by df
         assert_close(physical_bytes(dest), phys, 0.02, f"restored {name}")
     cli("check", "-r", repo, "--read-data", check_rc=0)
 
@@ -550,9 +553,11 @@ def test_several_snapshots_restored_together_share_their_data(btrfs_dir, tmp_pat
     dest = btrfs_dir / "both"
     out = restore(repo, s1[:8], dest, )
     shutil.rmtree(dest)
-    out = cli_json("restore", "--json", "-r", repo, s1, s2, dest, check_rc=0)
+    with Usage(btrfs_dir) as u:
+        out = cli_json("restore", "--json", "-r", repo, s1, s2, dest, check_rc=0)
     assert sorted(os.listdir(dest)) == sorted([s1[:8], s2[:8]])
     assert out["written_bytes"] <= 16 * MiB * 1.1  # the second snapshot is mostly clones
+    assert u.delta <= 16 * MiB * 1.08, u.delta  # by df
     assert_close(physical_bytes(dest), int(16 * MiB * 1.05), 0.03, "two snapshots")
     assert (dest / s2[:8] / "src" / "vm.img").read_bytes() == (src / "vm.img").read_bytes()
 
@@ -568,8 +573,10 @@ def test_export_and_import_keep_the_sharing(reflink_dir, tmp_path):
     cli("verify", arch, check_rc=0)
     assert os.path.getsize(arch) < physical_bytes(fam) * 1.05
     dest = reflink_dir / "from-archive"
-    cli("restore", arch, dest, check_rc=0)
+    with Usage(reflink_dir) as u:
+        cli("restore", arch, dest, check_rc=0)
     assert_same_tree(want, Snapshot(dest / "fam"))
+    assert u.delta <= 1.02 * physical_bytes(fam) + 256 * KiB, u.delta  # by df
     assert_close(physical_bytes(dest), physical_bytes(fam), 0.02, "exported")
     repo2 = tmp_path / "repo2"
     init(repo2)
@@ -577,8 +584,10 @@ def test_export_and_import_keep_the_sharing(reflink_dir, tmp_path):
     assert imp["files"] == len([e for e in want.entries.values() if e.get("kind") == "file"]) \
         or imp["files"] > 20
     dest2 = reflink_dir / "imported"
-    restore(repo2, "latest", dest2)
+    with Usage(reflink_dir) as u:
+        restore(repo2, "latest", dest2)
     assert_same_tree(want, Snapshot(dest2 / "fam"))
+    assert u.delta <= 1.02 * physical_bytes(fam) + 256 * KiB, u.delta  # by df
     assert_close(physical_bytes(dest2), physical_bytes(fam), 0.02, "imported")
     snaps = cli_json("snapshots", "--json", "-r", repo2)
     assert snaps[0]["paths"] == ["archive:x.caw"]

@@ -201,7 +201,9 @@ def test_rsync_copy_gets_its_sharing_back(reflink_dir, tmp_path, source):
     else:
         cli("backup", "-o", given, fam["root"], check_rc=0)
     dest = reflink_dir / "dest"
-    rsync(fam["root"], dest)
+    with Usage(reflink_dir) as total:
+        rsync(fam["root"], dest)
+    assert total.delta > 4 * src_phys, (total.delta, src_phys)  # by df
     copied = physical_bytes(dest)
     assert copied > 4 * src_phys, (copied, src_phys)
     before, ct = Snapshot(dest), ctimes(dest)
@@ -211,7 +213,11 @@ def test_rsync_copy_gets_its_sharing_back(reflink_dir, tmp_path, source):
     assert dry["to_dedupe_bytes"] == dry["referenced_bytes"] > 4 * 15 * MiB, dry
     assert physical_bytes(dest) == copied
 
-    r = cli_json("reshare", "--json", "--from", given, dest)
+    with Usage(reflink_dir) as freed:
+        r = cli_json("reshare", "--json", "--from", given, dest)
+    # the judge, by df: the copy back to the source's physical size (+10%)
+    assert total.delta + freed.delta <= 1.10 * src_phys, (total.delta, freed.delta, src_phys)
+    assert_close(-freed.delta, r["freed_bytes"], 0.05, "freed, as reshare says and as df")
     assert r["skipped"] == r["refused"] == r["differing"] == [], r
     assert r["shared_bytes"] == r["to_dedupe_bytes"] == r["referenced_bytes"], r
     assert r["already_shared_bytes"] == r["differing_bytes"] == r["unaligned_bytes"] == 0
@@ -236,21 +242,22 @@ def test_edited_file_keeps_its_edit_and_is_reported(reflink_dir, tmp_path):
     m = tmp_path / "fam.map"
     cli("scan", "--save-map", m, fam["root"], check_rc=0)
     dest = reflink_dir / "dest"
-    rsync(fam["root"], dest)
-    edited = dest / "fam" / "images" / "clone1.img"
-    data = bytearray(edited.read_bytes())
-    offsets = [100, 5 * MiB + 12345, 13 * MiB]
-    for off in offsets:
-        data[off] ^= 0xFF
-    fd = os.open(edited, os.O_WRONLY)
-    try:
+    with Usage(reflink_dir) as total:  # the copy, the edit, reshare
+        rsync(fam["root"], dest)
+        edited = dest / "fam" / "images" / "clone1.img"
+        data = bytearray(edited.read_bytes())
+        offsets = [100, 5 * MiB + 12345, 13 * MiB]
         for off in offsets:
-            os.pwrite(fd, bytes([data[off]]), off)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    before = Snapshot(dest)
-    r = cli("reshare", "--json", "--from", m, dest, check_rc=1)
+            data[off] ^= 0xFF
+        fd = os.open(edited, os.O_WRONLY)
+        try:
+            for off in offsets:
+                os.pwrite(fd, bytes([data[off]]), off)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        before = Snapshot(dest)
+        r = cli("reshare", "--json", "--from", m, dest, check_rc=1)
     d = r.json()
     assert [x["path"] for x in d["differing"]] == [str(edited)], d
     # each edited byte costs one 64 KiB piece that differs (unless a rewritten
@@ -262,6 +269,7 @@ def test_edited_file_keeps_its_edit_and_is_reported(reflink_dir, tmp_path):
     assert_same_tree(before, Snapshot(dest))
     assert read_noatime(edited) == bytes(data)
     expect = physical_bytes(fam["root"]) + d["differing_bytes"]
+    assert total.delta <= 1.10 * expect, (total.delta, expect)  # by df
     assert_close(physical_bytes(dest), expect, 0.01, "shared all but the edits")
 
 
@@ -313,10 +321,12 @@ def test_one_call_dedupes_up_to_64_destinations(reflink_dir, tmp_path):
     m = tmp_path / "many.map"
     cli("scan", "--save-map", m, src, check_rc=0)
     dest = reflink_dir / "dest"
-    rsync(src, dest)
-    r = cli_json("reshare", "--json", "--from", m, dest)
+    with Usage(reflink_dir) as u:
+        rsync(src, dest)
+        r = cli_json("reshare", "--json", "--from", m, dest)
     assert r["references"] == 133 and r["shared_bytes"] == (130 + 3 * 20) * MiB, r
     assert r["dedupe_calls"] == 3 + 3, r
+    assert u.delta <= 1.10 * 21 * MiB, u.delta  # by df
     assert physical_bytes(dest) == 21 * MiB
 
 

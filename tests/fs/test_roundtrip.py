@@ -15,6 +15,7 @@ import stat
 import pytest
 from helpers.cli import cli, cli_json
 from helpers.fsutil import tmpfs_takes_user_xattrs
+from helpers.space import Usage
 from helpers.treeutil import (
     KiB,
     MiB,
@@ -75,7 +76,8 @@ def _check_acls(acl: dict[bytes, bytes]) -> None:
 @pytest.mark.parametrize("src_kind,dst_kind", PAIRS, ids=[f"{a}-to-{b}" for a, b in PAIRS])
 def test_roundtrip_tree_and_sharing(request, tmp_path, src_kind, dst_kind):
     src, dst = _dirs(request, src_kind, dst_kind)
-    paths = build_tree(src, base_size=12 * MiB, clones=3, seed=11)
+    with Usage(src.parent) as src_usage:
+        paths = build_tree(src, base_size=12 * MiB, clones=3, seed=11)
     before = Snapshot(src)
     acl_before = getfacl(src)
     _check_tree_extras(before)
@@ -94,7 +96,8 @@ def test_roundtrip_tree_and_sharing(request, tmp_path, src_kind, dst_kind):
     assert b["symlinks"] == kinds.count(stat.S_IFLNK) == 5
     assert b["hardlinks"] == 3  # hard/b, other/peer, hard/clone2
 
-    r, err = restore_json(archive, dst)
+    with Usage(dst.parent) as dst_usage:
+        r, err = restore_json(archive, dst)
     assert r["not_exact"] == [], r["not_exact"]
     assert r["reflinked_bytes"] > 3 * 11 * MiB, r
     for k in ("files", "symlinks", "hardlinks", "specials", "logical_bytes"):
@@ -106,6 +109,12 @@ def test_roundtrip_tree_and_sharing(request, tmp_path, src_kind, dst_kind):
     # the source was not touched by the backup (atimes included)
     assert_same_tree(before, Snapshot(src))
 
+    # the judge: the filesystems' own count (statfs); FIEMAP a second opinion
+    # (no more than the source took: XFS may keep the source's speculative
+    # preallocation a while, so the source can take more, never less)
+    assert dst_usage.delta <= 1.03 * src_usage.delta + 256 * KiB, \
+        (dst_usage.delta, src_usage.delta)
+    assert src_usage.delta < 1.3 * src_phys  # the tree holds its clones shared, by df too
     dst_phys = physical_bytes(dst)
     assert_close(dst_phys, src_phys, 0.02, "restored physical bytes vs source")
     # the sparse files stayed sparse

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from helpers.cli import cli, cli_popen, finished
+from helpers.space import Usage
 from helpers.treeutil import MiB, Snapshot, assert_close, assert_same_tree, physical_bytes
 
 from cloneaware.testing import make_family, reflink_copy, rewrite_blocks, timeout, write_random
@@ -56,8 +57,10 @@ def test_the_repository_cycle(ceph, reflink_dir, tmp_path):
     s3cli(ceph, "restore", "-r", url, s1["snapshot"], dest, check_rc=0)
     assert_same_tree(want1, Snapshot(dest / "src"))
     dest2 = reflink_dir / "dest2"
-    s3cli(ceph, "restore", "-r", url, "latest", dest2, check_rc=0)
+    with Usage(reflink_dir) as u:
+        s3cli(ceph, "restore", "-r", url, "latest", dest2, check_rc=0)
     assert_same_tree(Snapshot(src), Snapshot(dest2 / "src"))
+    assert u.delta <= 1.02 * physical_bytes(src) + 256 * 1024, u.delta  # by df
     assert_close(physical_bytes(dest2), physical_bytes(src), 0.02, "restored from s3://")
     s3cli(ceph, "forget", "-r", url, "--keep-last", "1", "--prune", check_rc=0)
     assert len(s3json(ceph, "snapshots", "--json", "-r", url)) == 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 from cloneaware import native
@@ -16,15 +17,25 @@ from cloneaware import native
 
 def used(path) -> int:
     """Bytes used on the filesystem of ``path``, as df shows them, after
-    syncfs (Btrfs releases extents at the commit it makes)."""
+    syncfs (Btrfs releases extents at the commit it makes), once the figure
+    has settled: what files deleted earlier (a test before, on a worker's
+    shared filesystem) still had to free in the background is freed before
+    a measurement begins, not during it, where it would hide usage."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        native.syncfs(fd)
-        native.syncfs(fd)  # the second commit: what the first one freed is counted
-        st = os.fstatvfs(fd)
+        last = None
+        for _ in range(40):
+            native.syncfs(fd)
+            native.syncfs(fd)  # the second commit: what the first one freed is counted
+            st = os.fstatvfs(fd)
+            now = (st.f_blocks - st.f_bfree) * st.f_frsize
+            if now == last:
+                break
+            last = now
+            time.sleep(0.05)
     finally:
         os.close(fd)
-    return (st.f_blocks - st.f_bfree) * st.f_frsize
+    return now
 
 
 def compsize(*paths) -> int:
