@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -560,9 +561,11 @@ def test_from_a_repository_snapshot(reflink_dir, tmp_path):
     cli("init", "-r", repo, check_rc=0)
     cli("backup", "-r", repo, fam["root"], check_rc=0)
     dest = reflink_dir / "dest"
-    rsync(fam["root"], dest)
-    before = Snapshot(dest)
-    r = cli_json("reshare", "--json", "-r", repo, "latest", dest)
+    with Usage(reflink_dir) as total:
+        rsync(fam["root"], dest)
+        before = Snapshot(dest)
+        r = cli_json("reshare", "--json", "-r", repo, "latest", dest)
+    assert total.delta <= 1.10 * physical_bytes(fam["root"]), total.delta  # by df
     assert r["shared_bytes"] == r["referenced_bytes"] > 3 * 7 * MiB, r
     assert not (r["skipped"] or r["refused"] or r["differing"]), r
     assert physical_bytes(dest) == physical_bytes(fam["root"])
@@ -806,5 +809,11 @@ def test_restore_reshare_existing_from_a_repository(reflink_dir, tmp_path):
     # that is less than the source's: a matter of the repository's, not of
     # reshare; reusing the old copy keeps some of its sharing)
     fresh = reflink_dir / "fresh"
-    cli("restore", "-r", repo, "latest", fresh, check_rc=0)
+    with Usage(reflink_dir) as fresh_usage:
+        cli("restore", "-r", repo, "latest", fresh, check_rc=0)
     assert physical_bytes(dest) <= physical_bytes(fresh) * 1.01
+    # by df: DEST is no larger than the fresh restore (removing it gives back
+    # at most what the fresh one took, plus 10%)
+    with Usage(reflink_dir) as gone:
+        shutil.rmtree(dest)
+    assert -gone.delta <= 1.10 * fresh_usage.delta + 256 * KiB, (gone.delta, fresh_usage.delta)

@@ -140,8 +140,10 @@ def test_archive_sizes_none_and_zstd(btrfs_dir, tmp_path):
         (os.path.getsize(packed), os.path.getsize(plain))
     before = Snapshot(src)
     dst = btrfs_dir / "dst"
-    restore_json(packed, dst)
+    with Usage(btrfs_dir) as u:
+        restore_json(packed, dst)
     assert_same_tree(before, Snapshot(dst))
+    assert u.delta <= 1.02 * phys + 256 * KiB, (u.delta, phys)  # by df
     assert_close(physical_bytes(dst), phys, 0.02, "restored from the zstd archive")
 
 
@@ -156,8 +158,10 @@ def test_pipe_roundtrip(request, fs_kind, compress):
     src_phys = physical_bytes(src)
     dst = reflink_dir / "dst"
     # PATHs in the other order: the hard link's first name is now other/peer
-    brc, rrc, berr, rerr = pipe_backup_restore(list(reversed(paths)), dst, compress)
+    with Usage(reflink_dir) as u:
+        brc, rrc, berr, rerr = pipe_backup_restore(list(reversed(paths)), dst, compress)
     assert (brc, rrc) == (0, 0), (berr, rerr)
+    assert u.delta <= 1.02 * src_phys + 256 * KiB, (u.delta, src_phys)  # by df
     assert "Traceback" not in berr + rerr
     assert_same_tree(before, Snapshot(dst))
     assert_close(physical_bytes(dst), src_phys, 0.02, "restored through a pipe")
