@@ -41,6 +41,9 @@ def pinned(fds: list[int], paths: list[bytes] | None = None) -> Pinned:
         return out
     magic, _block = native.fstatfs(fds[0])
     if magic == fsinfo.BTRFS_MAGIC:
+        # the extent tree is asked: a reference dropped since the last commit
+        # (a file rewritten) is still there until the delayed refs run
+        native.syncfs(fds[0], paths[0] if paths else None)
         try:
             out.bytes = _btrfs(fds, paths)
             return out
