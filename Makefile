@@ -5,7 +5,7 @@ DESTDIR ?=
 JOBS ?= auto
 
 
-.PHONY: setup test demo bench bench-compressed bench-scale bench-incremental bench-repo bench-reuse lint install clean deb deb-test vm-setup vm-test
+.PHONY: setup test demo bench bench-compressed bench-scale bench-incremental bench-files bench-repo bench-reuse lint install clean deb deb-test vm-setup vm-test
 
 setup:
 	bash tools/setup.sh
@@ -32,6 +32,13 @@ bench-incremental: setup
 	command -v restic >/dev/null && command -v borg >/dev/null || \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq restic borgbackup >/dev/null
 	$(PYTHON) bench/incremental.py
+
+# Many files: a copy of /usr/share and /usr/include and 3 reflinked copies of it,
+# beside restic, Borg, tar and btrfs send -p (issue 36).
+bench-files: setup
+	command -v restic >/dev/null && command -v borg >/dev/null || \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq restic borgbackup >/dev/null
+	$(PYTHON) bench/files.py
 
 # Local, encrypted and s3:// repositories (a Ceph gateway started for it).
 bench-repo: setup
