@@ -73,7 +73,9 @@ class Stream:
     #: DATA records decoded ahead of the consumer, on two threads (two each:
     #: one being hashed, one waiting)
     DEPTH = 4
-    #: records read and CRC-checked ahead of the structural checks.  With
+    #: handovers of records read and CRC-checked ahead of the structural
+    #: checks (a DATA record in a reused buffer is one; smaller records come
+    #: in batches of up to 512 records or 1 MiB, records.prefetched).  With
     #: DEPTH, about 12 records of up to 4 MiB are in flight: 80 MiB of peak
     #: RSS in a restore of the bench family where 16 and 8 took 138 MiB and
     #: faulted in 40,000 pages instead of 25,000, for no speed
@@ -122,7 +124,7 @@ class Stream:
         # The rest is read and CRC-checked on a thread of its own, ahead of
         # the checks here: the archive's reads (disk or pipe) overlap the
         # restore's writes and clones.
-        recs = prefetched(recs, self.PREFETCH)
+        recs = prefetched(recs, self.PREFETCH, cut=_in_buffer, weigh=_weight)
         cur: FileState | None = None
         bases = BaseRecords(version, self.base_files)
         index_items: list[fmt.IndexItem] = []
@@ -309,6 +311,16 @@ class _PendingData(NamedTuple):
     length: int
     #: the Buffers buffer its payload is in, if any
     buf: bytearray | None = None
+
+
+def _in_buffer(rec) -> bool:
+    """A record whose payload is in a reused buffer: handed over at once."""
+    return rec[3] is not None
+
+
+def _weight(rec) -> int:
+    p = rec[1]
+    return len(p) if isinstance(p, (bytes, bytearray, memoryview)) else 0
 
 
 def _resolve(ev: Event | _PendingData) -> Event:
