@@ -7,78 +7,195 @@ forged).  Apart from the Repository that loads it, so that what a lookup
 answers can be tested without one."""
 from __future__ import annotations
 
+import numpy as np
+
 from cloneaware.errors import RepositoryError
 from cloneaware.repo import format as rf
 
+#: one location: the pack's number in BlobIndex.pack_ids, and the record
+_REC = np.dtype([("pack", "<u4"), ("type", "u1"), ("offset", "<u4"), ("stored", "<u4"),
+                 ("raw", "<u4")], align=False)
+#: blobs added since the sorted arrays were last rebuilt, kept in a dict
+#: until there are this many
+RECENT_MAX = 1 << 16
+
 
 class BlobIndex:
-    """blob id -> where copies of it are."""
+    """blob id -> where copies of it are.
+
+    Resident memory is about 50 bytes a blob (issue 36: a dict of
+    IndexEntry was 227 to 252): the first location of each blob is a row of
+    two numpy arrays sorted by blob id (the 32-byte ids, and a 17-byte
+    record naming the pack by its number), found by binary search; blobs
+    added since the last rebuild wait in a small dict (at most RECENT_MAX),
+    merged in when it fills; further locations of blobs listed more than
+    once (few) are in ``more``."""
 
     def __init__(self) -> None:
-        #: the first location of each blob (a lookup's answer)
-        self.blobs: dict[bytes, rf.IndexEntry] = {}
+        self._ids = np.empty(0, dtype="S32")  # sorted; all ids are 32 bytes
+        self._rec = np.empty(0, dtype=_REC)
+        self._recent: dict[bytes, tuple[int, int, int, int, int]] = {}
         #: further locations of blobs listed more than once
         self.more: dict[bytes, list[rf.IndexEntry]] = {}
+        self.pack_ids: list[bytes] = []
+        self._pack_no: dict[bytes, int] = {}
         self.packs: set[bytes] = set()
         self.loaded: set[str] = set()  # index object names
         self.duplicates = 0
 
+    # -- adding ---------------------------------------------------------------------------
+
+    def _number(self, pack: bytes) -> int:
+        n = self._pack_no.get(pack)
+        if n is None:
+            n = self._pack_no[pack] = len(self.pack_ids)
+            self.pack_ids.append(pack)
+        return n
+
     def add(self, pack: rf.IndexPack) -> None:
         self.packs.add(pack.id)
-        for bid, t, off, stored, raw in pack.blobs:
-            e = rf.IndexEntry(pack.id, t, off, stored, raw)
-            first = self.blobs.get(bid)
+        if not pack.blobs:
+            return
+        no = self._number(pack.id)
+        found = self._find_many([b[0] for b in pack.blobs]) if len(self._ids) else None
+        for i, (bid, t, off, stored, raw) in enumerate(pack.blobs):
+            rec = (no, t, off, stored, raw)
+            first = self._recent.get(bid)
+            if first is None and found is not None and found[i] >= 0:
+                r = self._rec[found[i]]
+                first = (int(r["pack"]), int(r["type"]), int(r["offset"]), int(r["stored"]),
+                         int(r["raw"]))
             if first is None:
-                self.blobs[bid] = e
-            elif e != first and e not in self.more.get(bid, ()):
-                self.duplicates += 1
-                self.more.setdefault(bid, []).append(e)
+                self._recent[bid] = rec
+            elif rec != first:
+                e = self._entry(rec)
+                if e not in self.more.get(bid, ()):
+                    self.duplicates += 1
+                    self.more.setdefault(bid, []).append(e)
+        if len(self._recent) >= RECENT_MAX:
+            self._merge()
 
     def add_location(self, bid: bytes, e: rf.IndexEntry) -> None:
         """One location of a blob (a record checked elsewhere: repo/survey.py)."""
         self.add(rf.IndexPack(e.pack, [(bid, e.type, e.offset, e.stored_length,
                                         e.raw_length)]))
 
+    def _merge(self) -> None:
+        """The recent blobs into the sorted arrays."""
+        if not self._recent:
+            return
+        keys = np.array(list(self._recent), dtype="S32")
+        recs = np.array(list(self._recent.values()), dtype=_REC)
+        order = np.argsort(keys, kind="stable")
+        keys, recs = keys[order], recs[order]
+        at = np.searchsorted(self._ids, keys)
+        self._ids = np.insert(self._ids, at, keys)
+        self._rec = np.insert(self._rec, at, recs)
+        self._recent = {}
+
+    # -- looking up -----------------------------------------------------------------------
+
+    def _find_many(self, bids: list[bytes]) -> np.ndarray:
+        """Row of each id in the sorted arrays, or -1."""
+        keys = np.array(bids, dtype="S32")
+        at = np.searchsorted(self._ids, keys)
+        at[at >= len(self._ids)] = 0
+        hit = self._ids[at] == keys
+        return np.where(hit, at, -1)
+
+    def _row(self, bid: bytes) -> int:
+        ids = self._ids
+        i = int(ids.searchsorted(bid))
+        # an element comes out without its trailing zero bytes (S32): all ids
+        # are 32 bytes, so equal without them is equal
+        if i < len(ids) and ids[i] == bid.rstrip(b"\0"):
+            return i
+        return -1
+
+    def _entry(self, rec) -> rf.IndexEntry:
+        no, t, off, stored, raw = rec
+        return rf.IndexEntry(self.pack_ids[no], t, off, stored, raw)
+
     def get(self, bid: bytes) -> rf.IndexEntry | None:
-        return self.blobs.get(bid)
+        rec = self._recent.get(bid)
+        if rec is not None:
+            return self._entry(rec)
+        i = self._row(bid)
+        if i < 0:
+            return None
+        r = self._rec[i]
+        return rf.IndexEntry(self.pack_ids[int(r["pack"])], int(r["type"]), int(r["offset"]),
+                             int(r["stored"]), int(r["raw"]))
 
     def locations(self, bid: bytes) -> list[rf.IndexEntry]:
         """Every listed location of the blob, the first first."""
-        first = self.blobs.get(bid)
+        first = self.get(bid)
         if first is None:
             return []
         return [first, *self.more.get(bid, ())]
+
+    def __contains__(self, bid: bytes) -> bool:
+        return bid in self._recent or self._row(bid) >= 0
+
+    def __len__(self) -> int:
+        return len(self._ids) + len(self._recent)
+
+    def items(self):
+        """(blob id, its first location) for every blob."""
+        self._merge()
+        for i in range(len(self._ids)):
+            r = self._rec[i]
+            yield bytes(self._ids[i]).ljust(32, b"\0"), rf.IndexEntry(
+                self.pack_ids[int(r["pack"])], int(r["type"]), int(r["offset"]),
+                int(r["stored"]), int(r["raw"]))
+
+    # -- removing -------------------------------------------------------------------------
 
     def drop_packs(self, gone: set[bytes]) -> int:
         """Forget the locations in packs ``gone`` (missing from the store);
         a blob with no location left is no longer known.  How many
         locations went."""
+        self._merge()
         n = 0
-        for bid in list(self.blobs):
-            locs = self.locations(bid)
-            keep = [e for e in locs if e.pack not in gone]
-            if len(keep) == len(locs):
-                continue
-            n += len(locs) - len(keep)
+        for bid in list(self.more):  # further locations first
+            keep = [e for e in self.more[bid] if e.pack not in gone]
+            n += len(self.more[bid]) - len(keep)
             if keep:
-                self.blobs[bid] = keep[0]
-                if len(keep) > 1:
-                    self.more[bid] = keep[1:]
-                else:
-                    self.more.pop(bid, None)
+                self.more[bid] = keep
             else:
-                del self.blobs[bid]
-                self.more.pop(bid, None)
+                del self.more[bid]
+        numbers = [self._pack_no[p] for p in gone if p in self._pack_no]
+        if numbers and len(self._rec):
+            lost = np.isin(self._rec["pack"], np.array(numbers, dtype="<u4"))
+            rows = np.flatnonzero(lost)
+            n += len(rows)
+            for i in rows.tolist():  # a further location, if any, serves now
+                bid = bytes(self._ids[i]).ljust(32, b"\0")
+                rest = self.more.pop(bid, None)
+                if rest:
+                    e = rest[0]
+                    self._rec[i] = (self._number(e.pack), e.type, e.offset, e.stored_length,
+                                    e.raw_length)
+                    lost[i] = False
+                    if len(rest) > 1:
+                        self.more[bid] = rest[1:]
+            self._ids = self._ids[~lost]
+            self._rec = self._rec[~lost]
         self.packs -= gone
         return n
 
     def clear(self) -> None:
-        self.blobs.clear()
+        self._ids = np.empty(0, dtype="S32")
+        self._rec = np.empty(0, dtype=_REC)
+        self._recent = {}
         self.more.clear()
         self.packs.clear()
+        self.pack_ids.clear()
+        self._pack_no.clear()
 
-    def __contains__(self, bid: bytes) -> bool:
-        return bid in self.blobs
+    def resident_bytes(self) -> int:
+        """What the sorted arrays hold (for the tests' bound)."""
+        return self._ids.nbytes + self._rec.nbytes
 
 
 def load_into(repo, check_packs: bool = False) -> None:

@@ -45,7 +45,7 @@ def check(repo: Repository, read_data: bool = False) -> CheckResult:
             repo.index.add_location(bid, e)
     repo.index.loaded.update(sv.index_objects)
     repo._index_loaded = True
-    res.blobs = len(repo.index.blobs)
+    res.blobs = len(repo.index)
     res.packs = len(sv.listed)
     problems: list[str] = []
     snaps = repo.snapshots(problems)

@@ -121,7 +121,7 @@ def test_forged_index_and_junk_pack_make_prune_delete_nothing_real(world, btrfs_
     real_packs = {p.name for p in (world.repo / "data").rglob("*") if p.is_file()}
     att = world.attacker()
     idx = att.load_index()
-    blobs = sorted(idx.blobs.items())
+    blobs = sorted(idx.items())
     entries = [rf.PackEntry(bid, e.type, e.raw_length, e.stored_length) for bid, e in blobs]
     trailer = att.encode_object(rf.K_TRAILER, rf.encode_trailer_payload(entries))
     junk = b"".join(os.urandom(e.stored_length) for e in entries)

@@ -37,4 +37,58 @@ def test_the_first_location_listed_wins_and_later_ones_are_counted():
     assert idx.get(C) == rf.IndexEntry(P2, rf.T_DATA, 0, 5, 6)
     assert idx.duplicates == 1
     assert idx.packs == {P1, P2}  # the second pack is known, though A is read from P1
-    assert len(idx.blobs) == 2
+    assert len(idx) == 2
+
+
+def test_a_million_blobs_take_under_64_bytes_each_and_answer_as_before():
+    """Issue 36: the index of a repository of 1,000,000 blobs held 227 to 252
+    bytes a blob (a dict of tuples); the sorted arrays hold about 50.  Every
+    blob is found where it was listed first, through merges of the recent
+    ones, ids that end in zero bytes included (numpy's S32 strips them)."""
+    import os
+    import tracemalloc
+
+    import cloneaware.repo.blobindex as bi
+
+    n = 1_000_000
+    ids = [os.urandom(31) + bytes([i % 3]) for i in range(n)]  # some end in \0
+    ids[7] = b"\x00" * 32
+    tracemalloc.start()
+    try:
+        idx = BlobIndex()
+        for p in range(0, n, 2500):
+            pk = rf.IndexPack(p.to_bytes(32, "big"))
+            pk.blobs = [(ids[i], rf.T_DATA, i - p, 1, 2) for i in range(p, p + 2500)]
+            idx.add(pk)
+        idx._merge()
+        resident, _peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(idx) == n
+    assert resident / n < 64, resident / n
+    assert idx.resident_bytes() / n < 64
+    for i in (0, 7, 12345, n - 1):
+        p = i - i % 2500
+        assert idx.get(ids[i]) == rf.IndexEntry(p.to_bytes(32, "big"), rf.T_DATA, i - p, 1, 2)
+    assert b"\x01" * 32 not in idx
+    assert {b for b, _ in idx.items()} >= {ids[7], ids[3]}  # ids kept whole
+    assert bi.RECENT_MAX < n  # the merges were exercised
+
+
+def test_duplicates_across_merges_and_dropped_packs():
+    """A blob listed again after the first listing was merged into the
+    arrays is still a further location; dropping the pack of its first
+    location makes the further one serve."""
+    import cloneaware.repo.blobindex as bi
+
+    idx = BlobIndex()
+    idx.add(pack(P1, (A, 10), (B, 20)))
+    idx._merge()
+    idx.add(pack(P2, (A, 10)))
+    assert idx.duplicates == 1 and idx.get(A).pack == P1
+    assert idx.locations(A) == [rf.IndexEntry(P1, rf.T_DATA, 0, 10, 11),
+                                rf.IndexEntry(P2, rf.T_DATA, 0, 10, 11)]
+    assert idx.drop_packs({P1}) == 2  # A's first and B's only location
+    assert idx.get(A) == rf.IndexEntry(P2, rf.T_DATA, 0, 10, 11)
+    assert B not in idx and len(idx) == 1 and idx.packs == {P2}
+    assert bi.RECENT_MAX > 2
