@@ -51,7 +51,7 @@ from cloneaware.source.anchorsets import STALE_NS, stale
 from cloneaware.source.mapping import extent_map
 
 
-@dataclass
+@dataclass(slots=True)
 class Segments:
     """A file's bytes as blob ranges, in file order: parallel lists."""
 
@@ -83,7 +83,7 @@ class Segments:
             i += 1
 
 
-@dataclass
+@dataclass(slots=True)
 class ParentFile:
     entry_id: int
     size: int
