@@ -85,6 +85,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -372,6 +373,29 @@ def remove(path: Path, subvol: Path | None = None) -> None:
     shutil.rmtree(path, ignore_errors=True)
     os.sync()
 
+
+
+def tool_main(args, tools: list[str], make: str, prefix: str,
+              run_bench: Callable[[Any, Path, list], dict], table: Callable[[dict], str]) -> int:
+    """The main of a bench that compares with other tools: check that
+    ``tools`` are installed (``make`` installs them), run ``run_bench`` on
+    loopback filesystems under a temporary directory, print its table (or
+    JSON with --json), and clean up whatever happens (``guarded``)."""
+    for tool in tools:
+        if shutil.which(tool) is None:
+            log(f"error: {tool} is not installed ({make} installs it)")
+            return 1
+    mounted: list = []
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    t0 = time.monotonic()
+
+    def body() -> None:
+        check_tools()
+        res = run_bench(args, root, mounted)
+        res["total_seconds"] = time.monotonic() - t0
+        print(json.dumps(res, indent=2, default=str) if args.json else table(res))
+
+    return guarded(body, root, mounted)
 
 def check_tools() -> None:
     if os.geteuid() != 0:

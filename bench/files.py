@@ -30,12 +30,10 @@ cloneaware's.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -295,21 +293,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    for tool in ("restic", "borg", "btrfs", "tar"):
-        if shutil.which(tool) is None:
-            b.log(f"error: {tool} is not installed (make bench-files installs it)")
-            return 1
-    mounted: list = []
-    root = Path(tempfile.mkdtemp(prefix="cloneaware-bench-files-"))
-    t0 = time.monotonic()
-
-    def body() -> None:
-        b.check_tools()
-        res = run_bench(args, root, mounted)
-        res["total_seconds"] = time.monotonic() - t0
-        print(json.dumps(res, indent=2, default=str) if args.json else table(res))
-
-    return b.guarded(body, root, mounted)
+    return b.tool_main(args, ["restic", "borg", "btrfs", "tar"], "make bench-files",
+                       "cloneaware-bench-files-", run_bench, table)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -192,21 +190,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.clones < 3:
         ap.error("--clones must be at least 3 (one is renamed and one deleted)")
-    for tool in ("restic", "borg", "btrfs"):
-        if shutil.which(tool) is None:
-            b.log(f"error: {tool} is not installed (make bench-incremental installs it)")
-            return 1
-    mounted: list = []
-    root = Path(tempfile.mkdtemp(prefix="cloneaware-bench-inc-"))
-    t0 = time.monotonic()
-
-    def body() -> None:
-        b.check_tools()
-        res = run_bench(args, root, mounted)
-        res["total_seconds"] = time.monotonic() - t0
-        print(json.dumps(res, indent=2, default=str) if args.json else table(res))
-
-    return b.guarded(body, root, mounted)
+    return b.tool_main(args, ["restic", "borg", "btrfs"], "make bench-incremental",
+                       "cloneaware-bench-inc-", run_bench, table)
 
 
 if __name__ == "__main__":

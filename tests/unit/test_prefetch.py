@@ -3,6 +3,7 @@ in batches (issue 36), in order, errors in their place, and never held back
 from a consumer that is waiting."""
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import pytest
@@ -11,20 +12,27 @@ from cloneaware.archive import records
 from cloneaware.archive.records import prefetched
 
 
-def test_order_and_batches():
-    handed: list[int] = []
+@contextlib.contextmanager
+def batch_sizes():
+    """The size of each batch handed over while the block runs."""
+    sizes: list[int] = []
     orig = records.queue.Queue.put
 
     def counting_put(self, item, *a, **kw):
         if isinstance(item, list):
-            handed.append(len(item))
+            sizes.append(len(item))
         return orig(self, item, *a, **kw)
 
     records.queue.Queue.put = counting_put
     try:
-        got = list(prefetched(iter(range(100_000)), 4))
+        yield sizes
     finally:
         records.queue.Queue.put = orig
+
+
+def test_order_and_batches():
+    with batch_sizes() as handed:
+        got = list(prefetched(iter(range(100_000)), 4))
     assert got == list(range(100_000))
     # far fewer handovers than items: the reading thread outruns the consumer
     # only sometimes here, but batches of more than one must have been made
@@ -78,18 +86,7 @@ def test_cut_items_are_not_held_back():
 
 
 def test_weight_ends_a_batch():
-    sizes: list[int] = []
-    orig = records.queue.Queue.put
-
-    def counting_put(self, item, *a, **kw):
-        if isinstance(item, list):
-            sizes.append(len(item))
-        return orig(self, item, *a, **kw)
-
-    records.queue.Queue.put = counting_put
-    try:
+    with batch_sizes() as sizes:
         got = list(prefetched(iter([b"x" * (256 << 10)] * 64), 64, weigh=len))
-    finally:
-        records.queue.Queue.put = orig
     assert len(got) == 64
     assert max(sizes) <= records.BATCH_BYTES // (256 << 10)
