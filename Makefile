@@ -5,7 +5,7 @@ DESTDIR ?=
 JOBS ?= auto
 
 
-.PHONY: setup test demo bench bench-compressed bench-scale bench-incremental bench-files bench-repo bench-reuse lint install clean deb deb-test vm-setup vm-test
+.PHONY: setup test demo bench bench-compressed bench-scale bench-incremental bench-files bench-space bench-repo bench-reuse lint install clean deb deb-test vm-setup vm-test
 
 setup:
 	bash tools/setup.sh
@@ -39,6 +39,10 @@ bench-files: setup
 	command -v restic >/dev/null && command -v borg >/dev/null || \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq restic borgbackup >/dev/null
 	$(PYTHON) bench/files.py
+
+# Sharing that df can see: reshare, a clone restored beside its family, anchors (issue 30).
+bench-space: setup
+	$(PYTHON) bench/space.py
 
 # Local, encrypted and s3:// repositories (a Ceph gateway started for it).
 bench-repo: setup
