@@ -98,7 +98,8 @@ def untrusted_times(snaps: list[Snapshot], state: ClientState | None,
         if s.time_ns > now_ns + SKEW_NS:
             out[s.id] = "dated in the future: its time is not believed"
             continue
-        last = mine.get(set_key(s.hostname, sorted(s.paths), location))
+        last = mine.get(set_key(s.hostname, sorted(s.paths), location)) \
+            or mine.get(set_key(s.hostname, sorted(s.paths)))  # kept by an earlier version
         if last is not None and s.time_ns > last[1] and s.id != last[0]:
             out[s.id] = ("newer than the last backup this host made of its set, which it "
                          "is not: its time is not believed")

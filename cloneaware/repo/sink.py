@@ -201,7 +201,7 @@ class RepositorySink(Sink):
         self.sets = AnchorSets(repo.config.id, set_key(self.host, self.paths, repo.location),
                                self.warn, info={"location": repo.location, "host": self.host,
                                                 "paths": self.paths},
-                               legacy_key=set_key(self.host, self.paths))
+                               legacy_key=None if dry_run else set_key(self.host, self.paths))
         self.parent: Snapshot | None = None
         self.parent_by_path: dict[bytes, ParentFile] = {}
         self.anchor_segments: dict[int, Segments] = {}  # fileno -> the anchor's blobs

@@ -13,6 +13,7 @@ One request is in flight at a time.
 from __future__ import annotations
 
 import json
+import posixpath
 import threading
 
 from cloneaware.errors import RemoteError, RepositoryError, UsageError
@@ -27,7 +28,9 @@ class SshBackend:
     def __init__(self, url: str, rsh: str | None = None, create: bool = False):
         self.url = parse_url(url)
         self.where = url
-        self.location = url
+        u = self.url
+        self.location = (f"ssh://{u.user or ''}@{u.host}:{u.port or 22}"
+                         f"{posixpath.normpath(u.path)}")
         self.ch = Channel(self.url, rsh, {"op": "repo", "path": self.url.path,
                                           "create": create})
         self.ch.status()

@@ -128,10 +128,10 @@ class ClientState:
 
     def newest_seen(self) -> tuple[str, int] | None:
         n = self.data.get(self._newest_key())
-        if n is None and self.location is not None and "newest" in self.data:
-            # remembered by an earlier version, for whichever location: the
-            # first one used since takes it over
-            n = self.data[self._newest_key()] = self.data.pop("newest")
+        if self.location is not None:
+            # remembered by an earlier version for whichever location: not
+            # given to one (a copy behind the original would look rolled back)
+            self.data.pop("newest", None)
         if isinstance(n, dict) and isinstance(n.get("id"), str) \
                 and isinstance(n.get("time_ns"), int):
             return n["id"], n["time_ns"]

@@ -43,12 +43,14 @@ _KEY = 16  # bytes of the SHA-256 kept per chunk
 _READ = 4 << 20
 
 
-def left_out_blobs(manifest: bytes, select: Selection) -> dict[bytes, tuple[bytes, int]]:
-    """blob id -> (path below DEST, file offset of the blob's byte 0) for
-    the regular files of a manifest that ``select`` leaves out (the first
-    such place of each blob): where DEST may already hold them."""
+def left_out_blobs(manifest: bytes, select: Selection
+                   ) -> dict[bytes, tuple[bytes, int, int, int]]:
+    """blob id -> (path below DEST, file offset of the blob's byte 0, and
+    the part of the blob that file holds: start, end) for the regular files
+    of a manifest that ``select`` leaves out (the first such place of each
+    blob): where DEST may already hold them."""
     sel = select.fresh()
-    out: dict[bytes, tuple[bytes, int]] = {}
+    out: dict[bytes, tuple[bytes, int, int, int]] = {}
     where: bytes | None = None
     for ev in Stream(io.BytesIO(manifest)).events():
         if isinstance(ev, EntryEvent):
@@ -58,7 +60,8 @@ def left_out_blobs(manifest: bytes, select: Selection) -> dict[bytes, tuple[byte
             if e.kind == K_REG and not taken:
                 where = sel.mapped(e.path)
         elif where is not None and isinstance(ev, BlobEvent):
-            out.setdefault(ev.blob_id, (where, ev.offset - ev.blob_offset))
+            out.setdefault(ev.blob_id, (where, ev.offset - ev.blob_offset, ev.blob_offset,
+                                        ev.blob_offset + ev.length))
     return out
 
 
@@ -100,7 +103,8 @@ class ShareIndex:
                     raise UsageError(f"--share-with {p}: not on the filesystem of {dest} "
                                      "(clones are made within one filesystem)")
                 for top, dirs, files in os.walk(p):
-                    dirs.sort()
+                    # not into other filesystems (clones stay within one)
+                    dirs[:] = sorted(d for d in dirs if _dev(os.path.join(top, d)) == dev)
                     for n in sorted(files):
                         idx._add(os.path.join(top, n), dev)
             elif stat.S_ISREG(st.st_mode):
@@ -113,10 +117,9 @@ class ShareIndex:
         return idx
 
     def _add(self, path: str, dev: int) -> None:
-        try:
-            fd = _open_read(path)
-        except OSError:
-            return  # gone, or unreadable: nothing to share with
+        fd = _open_regular(path)
+        if fd is None:
+            return  # gone, unreadable, or not a regular file: nothing to share with
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_size < CHUNK:
@@ -174,9 +177,8 @@ class ShareIndex:
         cannot be opened any more."""
         fd = self._fds.get(number)
         if fd is None:
-            try:
-                fd = _open_read(self.paths[number])
-            except OSError:
+            fd = _open_regular(self.paths[number])
+            if fd is None:
                 return None
             if len(self._fds) >= 64:
                 self.close()
@@ -194,42 +196,81 @@ class BesideFiles:
     this restore), opened for reading by their path below DEST's
     descriptor, never through a symbolic link, and kept open."""
 
+    #: descriptors kept open at most (then all are closed and reopened as needed)
+    CAP = 64
+
     def __init__(self) -> None:
-        self.fds: dict[bytes, tuple[int, int] | None] = {}
+        self.fds: dict[bytes, tuple[int, int]] = {}
+        self.absent: set[bytes] = set()
 
     def get(self, root: int | None, path: bytes) -> tuple[int, int] | None:
         """The file at ``path`` and its size; None if there is none."""
-        if path in self.fds:
-            return self.fds[path]
-        got = None
-        if root is not None and len(self.fds) < 4096:
+        got = self.fds.get(path)
+        if got is not None or path in self.absent or root is None:
+            return got
+        fd = None
+        try:  # looked at first without opening it: a device is never opened
+            pfd = open_beneath(root, path.split(b"/"), os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            pfd = None
+        if pfd is not None:
             try:
-                fd = open_beneath(root, path.split(b"/"),
-                                  os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOATIME)
-            except OSError:
-                fd = None
-            if fd is not None:
-                st = os.fstat(fd)
-                if stat.S_ISREG(st.st_mode) and st.st_size:
-                    got = (fd, st.st_size)
-                else:
-                    os.close(fd)
-        self.fds[path] = got
+                fd = _reopen_regular(pfd)
+            finally:
+                os.close(pfd)
+        if fd is None:
+            self.absent.add(path)
+            return None
+        size = os.fstat(fd).st_size
+        if not size:
+            os.close(fd)
+            self.absent.add(path)
+            return None
+        if len(self.fds) >= self.CAP:
+            self.close()
+        self.fds[path] = got = (fd, size)
         return got
 
     def close(self) -> None:
-        for got in self.fds.values():
-            if got is not None:
-                os.close(got[0])
+        for fd, _size in self.fds.values():
+            os.close(fd)
         self.fds.clear()
 
 
-def _open_read(path) -> int:
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+def _reopen_regular(pfd: int) -> int | None:
+    """``pfd`` (an O_PATH descriptor) opened for reading if it is a regular
+    file; None otherwise (a device, a FIFO, a directory is never opened)."""
     try:
-        return os.open(path, flags | os.O_NOATIME)
-    except PermissionError:
-        return os.open(path, flags)
+        if not stat.S_ISREG(os.fstat(pfd).st_mode):
+            return None
+        proc = f"/proc/self/fd/{pfd}"
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            return os.open(proc, flags | os.O_NOATIME)
+        except PermissionError:
+            return os.open(proc, flags)
+    except OSError:
+        return None
+
+
+def _open_regular(path) -> int | None:
+    """The regular file at ``path`` (not through a symlink) opened for
+    reading, or None."""
+    try:
+        pfd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return _reopen_regular(pfd)
+    finally:
+        os.close(pfd)
+
+
+def _dev(path: str) -> int:
+    try:
+        return os.lstat(path).st_dev
+    except OSError:
+        return -1
 
 
 def _dest_dev(dest: str) -> int:

@@ -173,6 +173,8 @@ class FileData:
         try:
             native.ficlonerange(cur.fd, sfd, soff, clen, off, cur.where)
         except OSError as ex:
+            if beside and ex.errno not in native.NOT_SUPPORTED:
+                return False  # a file beside the restore, changed or busy: written
             if ex.errno not in native.NOT_SUPPORTED:
                 raise
             if ex.errno not in (errno.EINVAL, errno.EXDEV):

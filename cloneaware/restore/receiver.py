@@ -49,7 +49,8 @@ class Receiver(Handler):
                  stage_referenced: bool = True, progress=None,
                  listed: Callable[[bytes, bool], None] | None = None,
                  blobs: BlobSource | None = None, coverage: Coverage | None = None,
-                 owner: int = 0, beside: dict[bytes, tuple[bytes, int]] | None = None):
+                 owner: int = 0,
+                 beside: dict[bytes, tuple[bytes, int, int, int]] | None = None):
         self.out = out
         self.s = out.s
         self.entries = entries
@@ -206,8 +207,9 @@ class Receiver(Handler):
                 if data is None:
                     data = self.blobs.get(bid)
                 piece = None if data is None else memoryview(data)[lo:hi]
-                if there is None or piece is None or \
-                        not self.out.write_beside(there[0], there[1] + lo, base + lo, piece):
+                # only a part the left-out file holds (never before its start)
+                if there is None or piece is None or not there[2] <= lo < hi <= there[3] \
+                        or not self.out.write_beside(there[0], there[1] + lo, base + lo, piece):
                     self.out.write(base + lo, hi - lo, piece)
                 self.coverage.add(bid, Place(self.owner, self.cur.id, base, lo, hi))
             self._advance(hi - lo)

@@ -164,6 +164,8 @@ def open_anchor_dir(top: bytes, create: bool = False) -> tuple[int | None, str |
             fd = open_dir(tfd, DIRNAME, create)
         except FileNotFoundError:
             return None, None
+        except PermissionError:
+            return None, "not readable by this user (another user's anchors)"
         if fd is None:
             return None, ("not a directory of this user's that no one else may write "
                           "(a symlink, or another owner or mode)")

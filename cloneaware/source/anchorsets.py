@@ -11,12 +11,13 @@ import time
 from dataclasses import dataclass
 
 from cloneaware.errors import UsageError
-from cloneaware.safeio import remove_tree
+from cloneaware.safeio import pid_alive, remove_tree
 from cloneaware.source.anchors import (
     DIRNAME,
     INFO,
     INFO_MAX,
     SNAP,
+    STAGING,
     Mounts,
     lexists,
     open_anchor_dir,
@@ -169,13 +170,31 @@ def open_set_files(s: SetInfo) -> tuple[list[int], list[bytes]]:
     return fds, paths
 
 
+def _in_use(rfd: int, key: bytes) -> bool:
+    """Whether a running backup is making anchors in set ``key``."""
+    try:
+        sfd = open_dir(rfd, key)
+    except FileNotFoundError:
+        return False
+    if sfd is None:
+        return True  # not ours: not touched
+    try:
+        for n in os.listdir(sfd):
+            m = STAGING.match(n)
+            if m and pid_alive(int(m.group(1))):
+                return True
+    finally:
+        os.close(sfd)
+    return False
+
+
 def drop_set(s: SetInfo) -> bool:
     """Remove the set's directory (its anchors and records)."""
     rfd = _open_chain(s.top, [s.repo_id.encode()])
     if rfd is None:
         return False
     try:
-        if not lexists(rfd, s.key.encode()):
+        if not lexists(rfd, s.key.encode()) or _in_use(rfd, s.key.encode()):
             return False
         remove_tree(rfd, s.key.encode())
     finally:
@@ -273,13 +292,15 @@ def choose(sets: list[Surveyed], repo_ids: list[str], older_than_ns: int | None,
         raise UsageError("say which anchor sets to drop: --repository-id ID, -r REPO, "
                          "--older-than AGE, --gone or --all")
     now = time.time_ns() if now_ns is None else now_ns
+    ids = _resolve_ids(repo_ids, {it.set.repo_id for it in sets})
     out = []
     for it in sets:
         s = it.set
-        if repo_ids and not any(s.repo_id.startswith(r) for r in repo_ids):
+        if repo_ids and s.repo_id not in ids:
             continue
-        if older_than_ns is not None and s.time_ns is not None \
-                and now - s.time_ns < older_than_ns:
+        # a set of unknown age (a first backup still making it) is not "old"
+        if older_than_ns is not None and (s.time_ns is None
+                                          or now - s.time_ns < older_than_ns):
             continue
         if gone and it.repository != "no":
             continue
@@ -287,8 +308,24 @@ def choose(sets: list[Surveyed], repo_ids: list[str], older_than_ns: int | None,
     return out
 
 
+def _resolve_ids(prefixes: list[str], known: set[str]) -> set[str]:
+    """Each id or prefix to the one repository id of the sets found that it
+    names; ambiguous or empty prefixes are refused."""
+    out = set()
+    for p in prefixes:
+        if len(p) < 4:
+            raise UsageError(f"--repository-id {p!r}: give at least 4 hex digits of the id")
+        got = {k for k in known if k.startswith(p)}
+        if len(got) > 1:
+            raise UsageError(f"--repository-id {p}: names {len(got)} repositories' anchor sets; "
+                             "give more digits")
+        out |= got
+    return out
+
+
 def drop(chosen: list[Surveyed]) -> int:
-    """Remove the chosen sets; how many were."""
+    """Remove the chosen sets (not one a running backup is making anchors
+    in); how many were."""
     return sum(1 for it in chosen if drop_set(it.set))
 
 

@@ -78,7 +78,12 @@ def _btrfs(fds: list[int], paths: list[bytes] | None) -> int:
             holder.setdefault(bytenr, fd)
     total = 0
     for bytenr, size in extents.items():
-        refs = native.btrfs_logical_ino(holder[bytenr], bytenr)
+        try:
+            refs = native.btrfs_logical_ino(holder[bytenr], bytenr)
+        except OSError as e:
+            if e.errno == errno.EPERM:
+                raise PermissionError(e.errno, e.strerror) from None
+            continue  # too many references to list (EOVERFLOW), or gone: not counted
         if refs and all((root, ino) in mine for ino, _off, root in refs):
             total += size
     return total

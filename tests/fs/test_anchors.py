@@ -142,6 +142,8 @@ def test_anchors_drop_chooses_by_repository_age_and_gone(btrfs_dir, tmp_path):
     assert "say which anchor sets to drop" in line
     line = assert_one_line_error(cli("anchors", "drop", "--older-than", "soon", src), 2)
     assert "give an age" in line
+    line = assert_one_line_error(cli("anchors", "drop", "--repository-id", "", src), 2)
+    assert "at least 4 hex digits" in line  # an empty prefix would name every repository
     out = cli_json("anchors", "drop", "--json", "--older-than", "1h", src)
     assert [s for s in out["sets"] if s["repository_id"] in mine] == []  # both just renewed
     shutil.rmtree(r2)  # a repository deleted with rm -rf

@@ -219,6 +219,39 @@ def test_selection_left_out_blobs_name_where_dest_holds_them(tmp_path, reflink_d
     with opened(str(tmp_path / "repo")) as r:
         data = r.manifest(r.find_all(["latest"])[0])
     got = left_out_blobs(data, Selection(["fam/images/clone0.img"]))
-    assert got and {p for p, _ in got.values()} == {b"fam/images/base.img"}
-    assert sorted(off for _, off in got.values()) == [i * MiB for i in range(2)]
+    assert got and {v[0] for v in got.values()} == {b"fam/images/base.img"}
+    assert sorted(v[1] for v in got.values()) == [i * MiB for i in range(2)]
+    assert all(v[2] == 0 and v[3] == MiB for v in got.values())  # each blob held whole
     assert left_out_blobs(data, Selection(["fam"])) == {}
+
+
+def test_a_left_out_file_that_holds_only_the_end_of_a_blob(reflink_dir, tmp_path):
+    """The left-out file holds the later bytes of a blob at its start (a
+    range cloned at a shifted offset): the restore of the chosen file, which
+    needs the blob from its byte 0, does not clone from before the left-out
+    file's start (it raised OverflowError, a traceback), and is exact."""
+    from cloneaware import native
+
+    src = reflink_dir / "src"
+    src.mkdir()
+    write_random(src / "a.img", 1 * MiB, 4)  # first in the manifest: owns the blob
+    with open(src / "b.img", "wb") as f:
+        f.truncate(1 * MiB - (64 << 10))
+    fa = os.open(src / "a.img", os.O_RDONLY)
+    fb = os.open(src / "b.img", os.O_WRONLY)
+    try:
+        native.ficlonerange(fb, fa, 64 << 10, 1 * MiB - (64 << 10), 0)
+    finally:
+        os.close(fa)
+        os.close(fb)
+    want = sha(src / "a.img")
+    repo = tmp_path / "repo"
+    cli("init", "-r", repo, check_rc=0)
+    cli("backup", "-r", repo, src, check_rc=0)
+    dest = reflink_dir / "dest"
+    cli("restore", "-r", repo, "latest", dest, check_rc=0)
+    (dest / "src" / "a.img").unlink()
+    r = cli_json("restore", "--json", "-r", repo, "latest", "--include", "src/a.img",
+                 "--force", dest)
+    assert sha(dest / "src" / "a.img") == want
+    assert r["written_bytes"] >= 1 * MiB, r
