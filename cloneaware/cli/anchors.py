@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from cloneaware.cli.common import Command, app, handled, human, report, say
-from cloneaware.cli.options import RshOpt, S3EndpointOpt
+from cloneaware.cli.options import JsonOpt, RshOpt, S3EndpointOpt
 
 anchors_app = typer.Typer(
     help="The anchors backups keep on this host's filesystems (what makes the next backup "
@@ -21,7 +21,6 @@ app.add_typer(anchors_app, name="anchors")
 PathsArg = Annotated[list[str] | None, typer.Argument(
     metavar="[PATH]...", help="Look on the filesystems of these paths (and those mounted "
     "below them); default: every mounted filesystem.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
 def _age(ns: int | None) -> str:

@@ -10,6 +10,7 @@ import typer
 
 from cloneaware.cli.common import Command, app, handled, human, progress, report
 from cloneaware.cli.options import (
+    JsonOpt,
     NoProgressOpt,
     PasswordOpt,
     QuietOpt,
@@ -33,7 +34,7 @@ def ls_cmd(
         "-l", "--long", help="Mode, owner and group (numbers, as stored), size, mtime (UTC), "
         "and what a link points at, as ls -l shows them (read from each entry's record: "
         "still no file data).")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonOpt = False,
     repo: RepoOpt = None,
     password_file: PasswordOpt = None,
     rsh: RshOpt = None,
@@ -109,7 +110,7 @@ def diff(
         metavar="ARCHIVE_A ARCHIVE_B | SNAPSHOT_A SNAPSHOT_B",
         help="Two archives (files, - for one of them on standard input, or ssh://), or with "
         "-r two snapshots (ids, unique prefixes, or latest).")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonOpt = False,
     repo: RepoOpt = None,
     password_file: PasswordOpt = None,
     rsh: RshOpt = None,

@@ -57,6 +57,11 @@ def opened(url: str | None, password_file: str | None = None, rsh: str | None = 
                           on_lost=on_lock_lost, warn=repository_warning)
 
 
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Say what would go; change "
+                                         "nothing.")]
+
+
 def env_repo(repo: str | None) -> str | None:
     """-r REPO, else $CLONEAWARE_REPOSITORY."""
     return repo if repo else os.environ.get("CLONEAWARE_REPOSITORY") or None

@@ -9,6 +9,8 @@ import typer
 
 from cloneaware.cli.common import Command, app, err, flags, handled, human, report, say
 from cloneaware.cli.options import (
+    DryRunOpt,
+    JsonOpt,
     PasswordOpt,
     QuietOpt,
     RepoOpt,
@@ -96,9 +98,8 @@ def forget(
     host: Annotated[str | None, typer.Option("--host", metavar="NAME",
                                                            help="Only this host's.")] = None,
     do_prune: Annotated[bool, typer.Option("--prune", help="Then prune.")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would go; change "
-                                          "nothing.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    dry_run: DryRunOpt = False,
+    as_json: JsonOpt = False,
     password_file: PasswordOpt = None,
     rsh: RshOpt = None,
     s3_endpoint: S3EndpointOpt = None,
@@ -141,9 +142,8 @@ def _prune_report(pr, dry_run: bool) -> None:
 @app.command(cls=Command)
 def prune(
     repo: RepoOpt = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would go; change "
-                                          "nothing.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    dry_run: DryRunOpt = False,
+    as_json: JsonOpt = False,
     password_file: PasswordOpt = None,
     rsh: RshOpt = None,
     s3_endpoint: S3EndpointOpt = None,
@@ -169,7 +169,7 @@ def check(
     read_data: Annotated[bool, typer.Option(
         "--read-data", help="Also read every pack and check every blob against its id.")]
     = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonOpt = False,
     password_file: PasswordOpt = None,
     rsh: RshOpt = None,
     s3_endpoint: S3EndpointOpt = None,
