@@ -23,7 +23,7 @@ from cloneaware.backup.sinks import Sink
 from cloneaware.backup.summary import Summary
 from cloneaware.index.plan import PIECE_DTYPE, Plan, data_ranges
 from cloneaware.source.capture import Capture
-from cloneaware.source.mapping import extent_map, open_source
+from cloneaware.source.mapping import Unopened, extent_map, open_source
 from cloneaware.source.walk import Node
 
 
@@ -36,6 +36,8 @@ class WalkedFile:
     #: map_digest of the map the plan was made from (None: not mapped); the
     #: map itself is not kept, the index has what it needs
     digest: bytes | None
+    #: the physical ranges of that map, for the files cache (source/mapping.py)
+    phys: np.ndarray | None = None
 
 
 class FileWriter:
@@ -127,7 +129,7 @@ class FileWriter:
         """The sink's metadata rule: the same file as in the last backup,
         written by the sink unread.  Its entry id, or None."""
         e = self._entry(item, fd, st, st.st_size, item.fileno in self.referenced)
-        if not self.sink.unchanged(item.node, st, e):
+        if not self.sink.unchanged(item.node, st, e, item.phys):
             return None
         if item.fileno >= 0:
             self.known.entry_of_file[item.fileno] = e.id
@@ -135,6 +137,21 @@ class FileWriter:
         s.files += 1
         s.logical_bytes += st.st_size
         s.unchanged_bytes += st.st_size
+        return e.id
+
+    def write_unopened(self, item: Unopened) -> int:
+        """A file its stat proves unchanged (the files cache): written by
+        the sink from the cache, never opened.  Its entry id."""
+        st = item.node.st
+        e = entry_for(item.node, fmt.K_REG, st)
+        e.size = st.st_size
+        data = self.sink.take_unopened(item, e)
+        s = self.s
+        s.files += 1
+        s.unopened_files += 1
+        s.logical_bytes += st.st_size
+        s.unchanged_bytes += st.st_size
+        s.hole_bytes += st.st_size - data
         return e.id
 
     def _write(self, item: WalkedFile, fd: int, cap: int | None, st: os.stat_result) -> int:
@@ -145,7 +162,7 @@ class FileWriter:
         pieces, stale, size, before = self._pieces(item, fd, cap, st)
         data_bytes = int(pieces["length"].sum()) if len(pieces) else 0
         e = self._entry(item, fd, st, size, item.fileno in self.referenced and not stale)
-        self.sink.entry(e, st)
+        self.sink.entry(e, st, item.phys)
         if item.fileno >= 0:
             self.known.entry_of_file[item.fileno] = e.id
         data_fd = fd if cap is None else cap

@@ -32,14 +32,19 @@ from cloneaware.errors import FileChanged, FileSkipped, JobWarning, UsageError
 from cloneaware.index.plan import IndexBuilder, Plan
 from cloneaware.patterns import Exclusions
 from cloneaware.source.capture import Capture
+from cloneaware.source.flags import PHYS
 from cloneaware.source.mapping import (
     READING_NOTE,
     TREE_SEARCH,
     FsTable,
     Mapped,
     Skipped,
+    Unopened,
+    map_node,
     map_tree,
     open_source,
+    physical,
+    shared_physical,
 )
 from cloneaware.source.snapshot import Snapshots, is_nested_subvolume
 from cloneaware.source.walk import Dirs, Node
@@ -185,19 +190,17 @@ class Backup:
 
     # -- phase 1: walk and map -------------------------------------------
 
-    def _map(self) -> tuple[list[WalkedFile | _Link | _Other], Plan]:
+    def _map(self) -> tuple[list[WalkedFile | Unopened | _Link | _Other | None], Plan]:
         fstab = FsTable()
         builder = IndexBuilder()
-        items: list[WalkedFile | _Link | _Other] = []
+        items: list = []
         inodes: dict[tuple[int, int], int] = {}
-        self.known.priors.update(self.sink.prepare(fstab, builder))
-        if self.base is not None:
-            self._map_base(fstab, builder)
+        known = self.sink.prepare()
         for it in map_tree(self.paths, self.one_file_system, redirect=self.redirect,
-                           dirs=self.dirs, exclude=self.exclude):
+                           dirs=self.dirs, exclude=self.exclude, known=known):
             if isinstance(it, Skipped):
                 self._skip(it.path, it.reason)
-            elif isinstance(it, Mapped):
+            elif isinstance(it, (Mapped, Unopened)):
                 node = it.node
                 key = (node.st.st_dev, node.st.st_ino)
                 if node.st.st_nlink > 1 and key in inodes:
@@ -205,8 +208,7 @@ class Backup:
                     continue
                 if node.st.st_nlink > 1:
                     inodes[key] = len(items)
-                fileno = builder.add(fstab.number(it.fs), node.st.st_size, it.ext)
-                items.append(WalkedFile(node, fileno, map_digest(it.ext)))
+                items.append(it)
             elif stat.S_ISSOCK(it.node.st.st_mode):
                 self._skip(it.node.src, "socket ignored")
             else:
@@ -215,12 +217,43 @@ class Backup:
                               "snapshot (stored as an empty directory); give it as a PATH "
                               "of its own")
                 items.append(_Other(it.node))
+        self._map_again(items)
+        # The anchors of the files that are mapped, first: they own what they share.
+        self.known.priors.update(self.sink.priors(
+            fstab, builder, [i.node.name for i in items if isinstance(i, Mapped)]))
+        if self.base is not None:
+            self._map_base(fstab, builder)
+        for n, it in enumerate(items):
+            if isinstance(it, Mapped):
+                fileno = builder.add(fstab.number(it.fs), it.node.st.st_size, it.ext)
+                items[n] = WalkedFile(it.node, fileno, map_digest(it.ext), physical(it.ext))
         self.summary.excluded = self.exclude.count
         plan = builder.build()
         t = plan.totals
         if TREE_SEARCH.denied is not None and t.encoded_bytes > t.encoded_exact_bytes:
             self.warn(READING_NOTE.format(why=TREE_SEARCH.denied))
         return items, plan
+
+    def _map_again(self, items: list) -> None:
+        """Map the unopened files that a mapped one may share blocks with
+        (a new clone of an unchanged file): the sharing index must see
+        both to find it.  A file mapped for nothing costs a FIEMAP."""
+        unopened = [n for n, it in enumerate(items) if isinstance(it, Unopened)]
+        if not unopened:
+            return
+        queries = [shared_physical(it.ext) for it in items if isinstance(it, Mapped)]
+        again = set(self.sink.sharing_with(
+            np.array([items[n].row for n in unopened], dtype=np.int64),
+            np.concatenate(queries) if queries else np.zeros(0, dtype=PHYS)).tolist())
+        for n in unopened:
+            it = items[n]
+            if it.row in again:
+                got = map_node(it.node)
+                if isinstance(got, Skipped):
+                    self._skip(got.path, got.reason)
+                    items[n] = None
+                else:
+                    items[n] = got
 
     def _map_base(self, fstab: FsTable, builder: IndexBuilder) -> None:
         """Map the base first, so that it owns every range it shares."""
@@ -251,7 +284,7 @@ class Backup:
 
     # -- phase 2: write ----------------------------------------------------
 
-    def _write(self, items: list[WalkedFile | _Link | _Other], plan: Plan,
+    def _write(self, items: list[WalkedFile | Unopened | _Link | _Other | None], plan: Plan,
                workers: Workers) -> None:
         s, sink = self.summary, self.sink
         ops = OpWriter(sink, workers, s, self._open_base, self.progress)
@@ -262,6 +295,12 @@ class Backup:
                         self._skip)
         entry_of_item: dict[int, int] = {}  # walk item -> entry id
         for n, item in enumerate(items):
+            if item is None:
+                continue
+            if isinstance(item, Unopened):
+                entry_of_item[n] = files.write_unopened(item)
+                self.listed(item.node.name)
+                continue
             if isinstance(item, _Other):
                 e = others.entry(item.node)
                 if e is not None:

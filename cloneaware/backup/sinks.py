@@ -21,12 +21,15 @@ import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
+import numpy as np
+
 from cloneaware.archive import format as fmt
 from cloneaware.archive import manifest, thin
 from cloneaware.archive.writer import Writer
 from cloneaware.backup.workers import Chunk, Workers
 from cloneaware.errors import UsageError
 from cloneaware.safeio import AtomicFile, sha256_range
+from cloneaware.source.walk import Node
 
 
 class Output(Protocol):
@@ -139,10 +142,27 @@ class Sink:
 
     # -- the run ---------------------------------------------------------------------
 
-    def prepare(self, fstab, builder) -> dict[int, Prior]:
-        """Before the walk: add the files the plan may share with to the
-        index builder; returns them by file number."""
+    def prepare(self) -> Callable[[Node], int] | None:
+        """Before the walk: what says that a regular file is unchanged since
+        the last backup from its stat alone (a row number >= 0, taken by
+        ``take_unopened``), or None."""
+        return None
+
+    def sharing_with(self, rows: np.ndarray, queries: np.ndarray) -> np.ndarray:
+        """Of the unopened files ``rows``, those whose blocks may be among the
+        physical ranges ``queries`` (PHYS): they are mapped after all."""
+        return rows
+
+    def priors(self, fstab, builder, mapped: list[bytes]) -> dict[int, Prior]:
+        """After the walk, before its files: add the files the plan may share
+        with to the index builder (those ``mapped``, by path, may have one);
+        returns them by file number."""
         return {}
+
+    def take_unopened(self, item, e: fmt.Entry) -> int:
+        """Write unopened file ``item`` whole (entry, data, end) from what the
+        last backup recorded.  -> its data bytes."""
+        raise AssertionError("only a sink that says files are unchanged takes them")
 
     def open(self, size_hint: int, base: thin.Base | None) -> None:
         """After the walk: the output opened.  ``size_hint``: the size of
@@ -161,12 +181,15 @@ class Sink:
 
     # -- entries -----------------------------------------------------------------------
 
-    def entry(self, e: fmt.Entry, st: os.stat_result | None = None) -> None:
+    def entry(self, e: fmt.Entry, st: os.stat_result | None = None,
+              phys: np.ndarray | None = None) -> None:
         """An entry; a regular file's ranges follow, then ``end``.  ``st``:
-        the file's stat (its inode and ctime, for the next backup)."""
+        the file's stat (its inode and ctime, for the next backup); ``phys``:
+        its physical ranges (the files cache)."""
         self._w().entry(e)
 
-    def unchanged(self, node, st: os.stat_result, e: fmt.Entry) -> bool:
+    def unchanged(self, node, st: os.stat_result, e: fmt.Entry,
+                  phys: np.ndarray | None = None) -> bool:
         """The metadata rule: whether regular file ``e`` is the same as in
         the last backup, taken from it unread; if so the sink has written
         it whole (entry, data and end)."""

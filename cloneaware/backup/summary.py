@@ -46,6 +46,9 @@ class Summary:
     #: repositories: bytes proved unchanged (by anchors, or the metadata rule)
     #: and not read; bytes new to the repository; the snapshot made
     unchanged_bytes: int = 0
+    #: of files: those the files cache proved unchanged by their stat alone,
+    #: never opened
+    unopened_files: int = 0
     added_bytes: int = 0
     snapshot: str | None = None
     read_live: int = 0

@@ -134,6 +134,19 @@ class BlobIndex:
             return []
         return [first, *self.more.get(bid, ())]
 
+    def contains_many(self, ids: np.ndarray) -> np.ndarray:
+        """Whether each of ``ids`` (S32) is listed: one binary search for all."""
+        if len(self._ids):
+            at = np.searchsorted(self._ids, ids)
+            at[at >= len(self._ids)] = 0
+            hit = self._ids[at] == ids
+        else:
+            hit = np.zeros(len(ids), dtype=bool)
+        if self._recent:
+            recent = np.array(list(self._recent), dtype="S32")
+            hit |= np.isin(ids, recent)
+        return hit
+
     def __contains__(self, bid: bytes) -> bool:
         return bid in self._recent or self._row(bid) >= 0
 

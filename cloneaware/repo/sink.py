@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import zstandard
 
 from cloneaware import __version__, fsinfo
@@ -40,8 +41,9 @@ from cloneaware.archive.reader import Stream
 from cloneaware.archive.writer import Writer
 from cloneaware.backup.sinks import Prior, Sink
 from cloneaware.backup.workers import Chunk, Workers
-from cloneaware.repo import crypto
+from cloneaware.repo import crypto, filescache
 from cloneaware.repo import format as rf
+from cloneaware.repo.filescache import CacheBuilder, FilesCache
 from cloneaware.repo.packer import DryPacker, Packer
 from cloneaware.repo.repository import Repository
 from cloneaware.repo.snapshots import Snapshot, now_rfc3339
@@ -83,47 +85,46 @@ class Segments:
             i += 1
 
 
-@dataclass(slots=True)
-class ParentFile:
-    entry_id: int
-    size: int
-    mtime_ns: int
-    ino: int | None
-    ctime_ns: int | None
-    segments: Segments
-
-
 class _ParentFiles(Handler):
-    """A snapshot's regular files, by path and by entry id."""
+    """A snapshot's regular files as rows of a files cache (repo/filescache.py),
+    for a parent that has no cache: trusted by the metadata rule, never
+    taken unopened (no physical ranges)."""
 
     def __init__(self) -> None:
-        self.by_path: dict[bytes, ParentFile] = {}
-        self.by_id: dict[int, ParentFile] = {}
-        self.cur: ParentFile | None = None
+        self.rows = CacheBuilder()
+        self.cur: fmt.Entry | None = None
+        self.ino = self.ctime = -1
+        self.segs = Segments()
 
     def on_entry(self, ev: EntryEvent) -> None:
         e = ev.entry
         if e.kind == fmt.K_REG:
-            self.cur = ParentFile(e.id, e.size, e.mtime_ns, None, None, Segments())
-            self.by_path[e.path] = self.by_id[e.id] = self.cur
+            self.cur, self.ino, self.ctime, self.segs = e, -1, -1, Segments()
 
     def on_stat(self, ev: StatEvent) -> None:
         if self.cur is not None:
-            self.cur.ino, self.cur.ctime_ns = ev.ino, ev.ctime_ns
+            self.ino, self.ctime = ev.ino, ev.ctime_ns
 
     def on_blob(self, ev: BlobEvent) -> None:
         if self.cur is not None:
-            self.cur.segments.add(ev.offset, ev.length, ev.blob_id, ev.blob_offset)
+            self.segs.add(ev.offset, ev.length, ev.blob_id, ev.blob_offset)
 
     def on_end(self, ev: EndEvent) -> None:
+        e = self.cur
+        if e is not None:
+            s = self.segs
+            # a file without its inode and ctime (an older manifest) matches no stat
+            self.rows.add(e.path, (self.ino if self.ino >= 0 else (1 << 64) - 1, e.size,
+                                   e.mtime_ns, self.ctime), e.id, e.iflags, e.xattrs,
+                          s.offsets, s.lengths, s.blobs, s.blob_offsets, None)
         self.cur = None
 
 
-def read_manifest(data: bytes) -> tuple[dict[bytes, ParentFile], dict[int, ParentFile]]:
-    """A snapshot's regular files, by path and by entry id."""
+def read_manifest(data: bytes, snapshot: str, started_ns: int) -> FilesCache:
+    """A snapshot's regular files, from its manifest."""
     got = _ParentFiles()
     dispatch(got, Stream(io.BytesIO(data)).events())
-    return got.by_path, got.by_id
+    return FilesCache(snapshot, started_ns, *got.rows.build(None), complete=False)
 
 
 class ManifestOut:
@@ -203,49 +204,89 @@ class RepositorySink(Sink):
                                                 "paths": self.paths},
                                legacy_key=None if dry_run else set_key(self.host, self.paths))
         self.parent: Snapshot | None = None
-        self.parent_by_path: dict[bytes, ParentFile] = {}
+        #: the parent's regular files (its files cache, or read from its manifest)
+        self.files: FilesCache | None = None
+        self.next_files = CacheBuilder()  # the new snapshot's
         self.anchor_segments: dict[int, Segments] = {}  # fileno -> the anchor's blobs
         self.segments: dict[int, Segments] = {}  # entry id -> blobs (referenced files)
         self.cur: Segments | None = None
         self.cur_entry: fmt.Entry | None = None
+        self.cur_st: os.stat_result | None = None
+        self.cur_phys: np.ndarray | None = None
+        self.cur_kept = -1  # the parent's row an unopened file keeps
+        self.state: ClientState | None = None
         self.snapshot: Snapshot | None = None
         self.summary = None
         self._zstd = zstandard.ZstdCompressor(level=level) if level else None
 
     # -- before the walk ----------------------------------------------------------------
 
-    def prepare(self, fstab, builder) -> dict[int, Prior]:
+    def prepare(self):
         repo = self.repo
         # blobs are taken as present on the index's word: only in packs there
         repo.load_index(check_packs=True)
         if not self.use_parent:
+            return None
+        self._snaps = repo.snapshots()
+        self.parent = self._parent(self._snaps)
+        if self.parent is None:
+            return None
+        assert self.state is not None
+        self.files = filescache.load(self._cache_path(), repo.config.id, self.sets.key,
+                                     self.parent.id, self.warn)
+        if self.files is None:
+            self.files = read_manifest(repo.manifest(self.parent), self.parent.id,
+                                       self.parent.time_ns)
+        self.files.check_blobs(repo.index.contains_many)
+        if not self.files.complete:
+            return None
+        files = self.files
+        return lambda node: files.unchanged(node.name, node.st)
+
+    def _cache_path(self) -> str:
+        assert self.state is not None
+        return filescache.cache_path(self.state.dir, self.repo.config.id, self.sets.key)
+
+    def sharing_with(self, rows, queries):
+        assert self.files is not None
+        return self.files.sharing_with(rows, queries)
+
+    def priors(self, fstab, builder, mapped: list[bytes]) -> dict[int, Prior]:
+        files = self.files
+        if not self.use_parent or not self.use_anchors:
             return {}
-        snaps = repo.snapshots()
-        self.parent = self._parent(snaps)
-        by_id: dict[int, ParentFile] = {}
-        if self.parent is not None:
-            self.parent_by_path, by_id = read_manifest(repo.manifest(self.parent))
-        if not self.use_anchors:
-            return {}
+        wanted: set[int] = set()
+        if files is not None:
+            rows = [r for r in (files.row(p) for p in mapped) if r >= 0]
+            wanted = set(files.rows["entry"][rows].tolist())
         tops = self.sets.tops(self.roots)
         self._note_stale(tops)
         anchors = self.sets.previous(tops, self.parent.id if self.parent else None,
-                                     {s.id for s in snaps}, tidy=not self.dry_run)
+                                     {s.id for s in self._snaps}, tidy=not self.dry_run,
+                                     wanted=wanted)
         out: dict[int, Prior] = {}
         for a in anchors:
             try:
-                pf = by_id.get(a.entry_id)
+                assert files is not None
+                r = files.entry_row(a.entry_id)
                 st = os.fstat(a.fd)
-                if pf is None or pf.size != st.st_size or not self._known(pf.segments):
+                if r < 0 or int(files.rows["size"][r]) != st.st_size or not files.blobs_ok[r]:
                     continue
                 ext = extent_map(a.fd, st.st_size, a.path)
                 info = fsinfo.fs_info(a.fd, st.st_dev, a.path)
                 fileno = builder.add(fstab.number(info), st.st_size, ext)
-                self.anchor_segments[fileno] = pf.segments
+                self.anchor_segments[fileno] = self._row_segments(r)
                 out[fileno] = Prior(fileno)
             finally:
                 os.close(a.fd)
         return out
+
+    def _row_segments(self, r: int) -> Segments:
+        assert self.files is not None
+        sg = self.files.segments(r)
+        return Segments(sg["offset"].tolist(), sg["length"].tolist(),
+                        [self.files.blob_id(b) for b in sg["blob"].tolist()],
+                        sg["blob_offset"].tolist())
 
     def _note_stale(self, tops: list[bytes]) -> None:
         """Say when other anchor sets on these filesystems have not been
@@ -288,27 +329,46 @@ class RepositorySink(Sink):
                       "than the last one this host wrote, and not taken as the parent")
         return parent
 
-    def _known(self, segs: Segments) -> bool:
-        idx = self.repo.index
-        return all(b in idx for b in segs.blobs)
-
     def capture_dir(self, src: bytes) -> int | None:
         if not self.use_anchors or self.dry_run:
             return None
         return self.sets.staging(self.sets.mounts.top(os.path.dirname(src) or b"."))
 
-    def unchanged(self, node, st, e: fmt.Entry) -> bool:
-        pf = self.parent_by_path.get(node.name)
-        if pf is None or pf.size != st.st_size or pf.mtime_ns != st.st_mtime_ns \
-                or pf.ino != st.st_ino or pf.ctime_ns != st.st_ctime_ns \
-                or not self._known(pf.segments):
+    def unchanged(self, node, st, e: fmt.Entry, phys=None) -> bool:
+        r = -1 if self.files is None else self.files.unchanged(node.name, st)
+        if r < 0:
             return False
-        self.entry(e, st)
-        s = pf.segments
-        for i in range(len(s.offsets)):
-            self._blob(s.offsets[i], s.lengths[i], s.blobs[i], s.blob_offsets[i])
+        self.entry(e, st, phys)
+        self._blobs(r)
         self.end()
         return True
+
+    def take_unopened(self, item, e: fmt.Entry) -> int:
+        files = self.files
+        assert files is not None
+        r = item.row
+        e.xattrs = files.row_xattrs(r)
+        e.iflags = int(files.rows["iflags"][r])
+        self.entry(e, item.node.st)
+        self.cur_kept = r
+        data = self._blobs(r)
+        self.end()
+        if self.use_anchors and not self.dry_run:
+            old = int(files.rows["entry"][r])
+            if self.sets.had(old):
+                self.sets.carry(self.sets.mounts.top(os.path.dirname(item.node.src) or b"."),
+                                old, e.id)
+        return data
+
+    def _blobs(self, r: int) -> int:
+        """The BLOB records of the parent's row ``r``.  -> its data bytes."""
+        assert self.files is not None
+        sg = self.files.segments(r)
+        blob = self.files.blob_id
+        for off, n, b, boff in zip(sg["offset"].tolist(), sg["length"].tolist(),
+                                   sg["blob"].tolist(), sg["blob_offset"].tolist()):
+            self._blob(off, n, blob(b), boff)
+        return int(sg["length"].sum())
 
     def keep(self, fd: int, captured: bool, e: fmt.Entry, src: bytes) -> None:
         if self.use_anchors and not self.dry_run:
@@ -322,7 +382,8 @@ class RepositorySink(Sink):
             raise AssertionError("thin backups go to archives")
         self.writer = Writer(self.out, None, f"{self.repo.where} (manifest)")
 
-    def entry(self, e: fmt.Entry, st: os.stat_result | None = None) -> None:
+    def entry(self, e: fmt.Entry, st: os.stat_result | None = None,
+              phys: np.ndarray | None = None) -> None:
         w = self._w()
         w.entry(e)
         if e.kind != fmt.K_REG:
@@ -331,6 +392,7 @@ class RepositorySink(Sink):
             w.stat(st.st_ino, st.st_ctime_ns)
         self.cur = Segments()
         self.cur_entry = e
+        self.cur_st, self.cur_phys, self.cur_kept = st, phys, -1
 
     def cuts(self, offset: int, length: int):
         """At every multiple of the grid, and at the ends of the range."""
@@ -383,11 +445,19 @@ class RepositorySink(Sink):
             self._blob(offset + pos, n, bid, boff)
 
     def end(self) -> None:
-        assert self.cur_entry is not None and self.cur is not None
+        e, cur, st = self.cur_entry, self.cur, self.cur_st
+        assert e is not None and cur is not None
         self._w().end()
-        if self.keep_all or self.cur_entry.eflags & fmt.EF_REFERENCED:
-            self.segments[self.cur_entry.id] = self.cur
-        self.cur = self.cur_entry = None
+        if self.keep_all or e.eflags & fmt.EF_REFERENCED:
+            self.segments[e.id] = cur
+        if self.cur_kept >= 0:
+            self.next_files.keep(self.cur_kept, e.id)
+        elif st is not None:
+            self.next_files.add(e.path, (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns),
+                                e.id, e.iflags, e.xattrs, cur.offsets, cur.lengths, cur.blobs,
+                                cur.blob_offsets, self.cur_phys)
+        self.cur = self.cur_entry = self.cur_st = self.cur_phys = None
+        self.cur_kept = -1
 
     # -- the end -------------------------------------------------------------------------
 
@@ -415,10 +485,24 @@ class RepositorySink(Sink):
         if s is not None:
             s.snapshot = self.snapshot.id
         if self.use_parent:
+            assert self.state is not None
             self.state.wrote(self.sets.key, self.snapshot.id, self.started_ns)
             self.state.save()
         self.sets.commit(self.snapshot.id)
         self.packer.close()
+        if self.use_parent:
+            self._write_cache()
+
+    def _write_cache(self) -> None:
+        """The new snapshot's files cache; not written, it costs the next
+        backup speed only (said)."""
+        assert self.snapshot is not None
+        path = self._cache_path()
+        try:
+            self.next_files.write(path, self.files, self.repo.config.id, self.sets.key,
+                                  self.snapshot.id, self.started_ns)
+        except OSError as e:
+            self.warn(f"{path}: {e.strerror}; the next backup reads every file")
 
     def abort(self) -> None:
         self.packer.close(wait=False)

@@ -199,7 +199,7 @@ def import_archive(repo: Repository, f, name: str, host: str | None = None,
     sink = RepositorySink(repo, [f"archive:{os.path.basename(name)}"], host, tags, level,
                           connections, warn, anchors=False, parent=False, keep_all=True)
     s = sink.summary = Summary()
-    sink.prepare(None, None)
+    sink.prepare()
     sink.open(0, None)
     try:
         stream = Stream(f)

@@ -253,6 +253,9 @@ class AnchorSets:
         self._staging: dict[bytes, tuple[int, bytes, int, list[str]]] = {}
         self._unusable: set[bytes] = set()  # tops where no anchor can be made
         self._said: set[bytes] = set()
+        #: top -> (descriptor of the parent's set, its records by entry id)
+        self._parents: dict[bytes, tuple[int, dict[int, tuple[int, int, int, int]]]] = {}
+        self._had: set[int] = set()
 
     def set_dir(self, top: bytes) -> bytes:
         """The set's directory on mount ``top`` (for messages)."""
@@ -308,10 +311,12 @@ class AnchorSets:
     # -- the parent's anchors ---------------------------------------------------------
 
     def previous(self, tops: list[bytes], parent: str | None, alive: set[str],
-                 tidy: bool = True) -> list[Anchor]:
-        """Open the anchors of snapshot ``parent`` that are untouched; with
-        ``tidy``, delete what is left of killed backups and of snapshots no
-        longer in the repository (``alive``: its snapshot ids)."""
+                 tidy: bool = True, wanted: set[int] | None = None) -> list[Anchor]:
+        """Open the anchors of snapshot ``parent`` that are untouched (of
+        entries ``wanted`` only, if given: the others may be carried into the
+        new set, ``carry``); with ``tidy``, delete what is left of killed
+        backups and of snapshots no longer in the repository (``alive``: its
+        snapshot ids)."""
         out: list[Anchor] = []
         for top in tops:
             sfd = self._set_fd(top, create=False)
@@ -328,12 +333,13 @@ class AnchorSets:
                         _remove(sfd, n)  # its snapshot was forgotten
                     elif n == parent:
                         out += self._open(sfd, n, os.path.join(self.set_dir(top),
-                                                               n.encode()))
+                                                               n.encode()), top, wanted)
             finally:
                 os.close(sfd)
         return out
 
-    def _open(self, sfd: int, name: str, path: bytes) -> list[Anchor]:
+    def _open(self, sfd: int, name: str, path: bytes, top: bytes,
+              wanted: set[int] | None) -> list[Anchor]:
         try:
             dfd = open_dir(sfd, name.encode())
         except FileNotFoundError:
@@ -343,11 +349,16 @@ class AnchorSets:
                       "the last backup are read again")
             return []
         try:
-            return self._anchors(dfd, path)
-        finally:
+            got = self._anchors(dfd, path, top, wanted)
+        except BaseException:
             os.close(dfd)
+            raise
+        if self._parents.get(top, (None,))[0] != dfd:
+            os.close(dfd)  # else kept for carry(), until commit or abort
+        return got
 
-    def _anchors(self, dfd: int, path: bytes) -> list[Anchor]:
+    def _anchors(self, dfd: int, path: bytes, top: bytes,
+                 wanted: set[int] | None) -> list[Anchor]:
         rfd = our_file(dfd, RECORD)
         lines: list[str] = []
         why: str | None = "not a regular file of this user's"
@@ -364,11 +375,15 @@ class AnchorSets:
             return []
         out = []
         bad = 0
+        records: dict[int, tuple[int, int, int, int]] = {}
         for line in lines:
             try:
                 eid, ino, size, mtime, ctime = (int(x) for x in line.split())
             except ValueError:
                 bad += 1
+                continue
+            records[eid] = (ino, size, mtime, ctime)
+            if wanted is not None and eid not in wanted:
                 continue
             fd = our_file(dfd, str(eid).encode())
             if fd is None:
@@ -384,7 +399,48 @@ class AnchorSets:
         if bad:
             self.warn(f"{os.fsdecode(path)}: {bad} anchor{'s' if bad > 1 else ''} changed or "
                       "missing since the last backup; those files are read again")
+        if wanted is not None and top not in self._parents:
+            self._parents[top] = (dfd, records)
+            self._had.update(records)
         return out
+
+    def had(self, entry_id: int) -> bool:
+        """Whether the parent's set lists an anchor for ``entry_id``."""
+        return entry_id in self._had
+
+    def carry(self, top: bytes, old: int, new: int) -> bool:
+        """Keep the parent's anchor of entry ``old`` (a file unchanged since)
+        as the anchor of entry ``new``: linked, if it is still untouched."""
+        got = self._parents.get(top)
+        if got is None:
+            return False
+        pfd, records = got
+        want = records.get(old)
+        sfd = self.staging(top) if want is not None else None
+        if sfd is None:
+            return False
+        name = str(new).encode()
+        try:
+            st = os.stat(str(old), dir_fd=pfd, follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or not ours(st) \
+                    or (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != want:
+                return False  # written since: it proves nothing
+            os.link(str(old), name, src_dir_fd=pfd, dst_dir_fd=sfd, follow_symlinks=False)
+            st = os.stat(name, dir_fd=sfd, follow_symlinks=False)  # the link set its ctime
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ENOSPC, errno.EDQUOT, errno.EMLINK,
+                           errno.EACCES, errno.EPERM):
+                return False
+            raise
+        self._staging[top][3].append(
+            f"{new} {st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}")
+        return True
+
+    def _close_parents(self) -> None:
+        for fd, _r in self._parents.values():
+            os.close(fd)
+        self._parents.clear()
+        self._had.clear()
 
     # -- the new anchors ------------------------------------------------------------------
 
@@ -443,6 +499,7 @@ class AnchorSets:
     def commit(self, snapshot_id: str) -> None:
         """The snapshot is written: its anchors take its name and replace the
         set's older ones."""
+        self._close_parents()
         for sfd, name, fd, records in self._staging.values():
             try:
                 rec = os.open(RECORD, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
@@ -466,6 +523,7 @@ class AnchorSets:
         self._staging.clear()
 
     def abort(self) -> None:
+        self._close_parents()
         for sfd, name, fd, _r in self._staging.values():
             os.close(fd)
             _remove(sfd, name)

@@ -58,3 +58,7 @@ BTRFS_MAX_UNCOMPRESSED = 128 << 10
 #: extents start on 4 KiB sectors or coarser and hold at most 128 KiB, so
 #: the address ranges of two extents never meet.
 EXACT_SHIFT = 5
+
+#: a physical range (start, length) of a file's blocks: what the files cache
+#: keeps of each file to find new sharing with it (repo/filescache.py)
+PHYS = np.dtype([("start", "<u8"), ("length", "<u8")])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,9 +20,11 @@ from cloneaware.source.flags import (
     EXACT_SHIFT,
     EXTENT_DTYPE,
     FE_ENCODED,
+    FE_SHARED,
     FE_UNKNOWN,
     FILE_EXTENT_DTYPE,
     NOT_CANDIDATE,
+    PHYS,
 )
 from cloneaware.source.walk import Dirs, Node, walk
 
@@ -190,6 +192,23 @@ def extent_map(fd: int, size: int, path=None, exact: bool = True) -> np.ndarray:
     return refine_encoded(ext, items)
 
 
+def physical(ext: np.ndarray, shared_only: bool = False) -> np.ndarray:
+    """The physical ranges of a map that another file could share (PHYS)."""
+    f = ext["flags"]
+    keep = (ext["physical"] != 0) & ((f & NOT_CANDIDATE) == 0)
+    if shared_only:
+        keep &= (f & FE_SHARED) != 0
+    out = np.empty(int(keep.sum()), dtype=PHYS)
+    out["start"] = ext["physical"][keep]
+    out["length"] = ext["length"][keep]
+    return out
+
+
+def shared_physical(ext: np.ndarray) -> np.ndarray:
+    """The physical ranges of a map that the filesystem says are shared."""
+    return physical(ext, shared_only=True)
+
+
 @dataclass
 class FsTable:
     """Small integers for filesystem keys (the index wants ints)."""
@@ -222,6 +241,15 @@ class Other:
 
 
 @dataclass(slots=True)
+class Unopened:
+    """A regular file its stat proves unchanged since the last backup
+    (``row``: its row in the files cache); ``node.st`` is its lstat."""
+
+    node: Node
+    row: int
+
+
+@dataclass(slots=True)
 class Skipped:
     """A path that could not be walked or mapped, and why."""
 
@@ -229,7 +257,7 @@ class Skipped:
     reason: str
 
 
-Item = Mapped | Other | Skipped
+Item = Mapped | Other | Unopened | Skipped
 
 
 def _fatal_io(e: OSError, path: bytes) -> None:
@@ -241,9 +269,13 @@ def _fatal_io(e: OSError, path: bytes) -> None:
 
 def map_tree(paths: list, one_file_system: bool = True, unique_names: bool = True,
              redirect: dict[bytes, bytes] | None = None, dirs: Dirs | None = None,
-             exclude: Exclusions | None = None) -> Iterator[Item]:
+             exclude: Exclusions | None = None,
+             known: Callable[[Node], int] | None = None) -> Iterator[Item]:
     """Walk and map, yielding Mapped, Other and Skipped records in walk order
-    (``redirect``, ``dirs``, ``exclude``: see walk)."""
+    (``redirect``, ``dirs``, ``exclude``: see walk).  ``known``: a regular
+    file for which it answers a row number (>= 0) is the one the row
+    describes (the files cache, repo/filescache.py): yielded as Unopened,
+    neither opened nor mapped."""
     errors: list[Skipped] = []
 
     def on_error(p: bytes, reason: str) -> None:
@@ -255,27 +287,35 @@ def map_tree(paths: list, one_file_system: bool = True, unique_names: bool = Tru
         if not stat.S_ISREG(node.st.st_mode):
             yield Other(node)
             continue
-        try:
-            fd = open_source(node)
-        except OSError as e:
-            _fatal_io(e, node.src)
-            if b"/" not in node.name:  # a PATH itself: issue 21, defect 8
-                raise UsageError(f"{os.fsdecode(node.src)}: {e.strerror or e} (a PATH that "
-                                 "cannot be read at all)") from None
-            yield Skipped(node.src, e.strerror or str(e))
-            continue
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                yield Skipped(node.src, "replaced while scanning")
+        if known is not None:
+            row = known(node)
+            if row >= 0:
+                yield Unopened(node, row)
                 continue
-            info = fsinfo.fs_info(fd, st.st_dev, node.src)
-            ext = extent_map(fd, st.st_size, node.src)
-            node.st = st
-            yield Mapped(node, info, ext)
-        except OSError as e:
-            _fatal_io(e, node.src)
-            yield Skipped(node.src, e.strerror or str(e))
-        finally:
-            os.close(fd)
+        yield map_node(node)
     yield from errors
+
+
+def map_node(node: Node) -> Mapped | Skipped:
+    """Open and map a regular file the walk found."""
+    try:
+        fd = open_source(node)
+    except OSError as e:
+        _fatal_io(e, node.src)
+        if b"/" not in node.name:  # a PATH itself: issue 21, defect 8
+            raise UsageError(f"{os.fsdecode(node.src)}: {e.strerror or e} (a PATH that "
+                             "cannot be read at all)") from None
+        return Skipped(node.src, e.strerror or str(e))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return Skipped(node.src, "replaced while scanning")
+        info = fsinfo.fs_info(fd, st.st_dev, node.src)
+        ext = extent_map(fd, st.st_size, node.src)
+        node.st = st
+        return Mapped(node, info, ext)
+    except OSError as e:
+        _fatal_io(e, node.src)
+        return Skipped(node.src, e.strerror or str(e))
+    finally:
+        os.close(fd)
