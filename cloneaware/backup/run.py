@@ -195,7 +195,15 @@ class Backup:
         builder = IndexBuilder()
         items: list = []
         inodes: dict[tuple[int, int], int] = {}
-        known = self.sink.prepare()
+        cached = self.sink.prepare()
+
+        def known(node: Node) -> int:
+            """A second name of an inode is a hard link: never opened (any
+            row will do, it becomes a _Link); else the sink's files cache."""
+            if node.st.st_nlink > 1 and (node.st.st_dev, node.st.st_ino) in inodes:
+                return 0
+            return -1 if cached is None else cached(node)
+
         for it in map_tree(self.paths, self.one_file_system, redirect=self.redirect,
                            dirs=self.dirs, exclude=self.exclude, known=known):
             if isinstance(it, Skipped):

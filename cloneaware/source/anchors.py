@@ -410,7 +410,8 @@ class AnchorSets:
 
     def carry(self, top: bytes, old: int, new: int) -> bool:
         """Keep the parent's anchor of entry ``old`` (a file unchanged since)
-        as the anchor of entry ``new``: linked, if it is still untouched."""
+        as the anchor of entry ``new``: moved into the new set, if it is
+        still untouched."""
         got = self._parents.get(top)
         if got is None:
             return False
@@ -425,8 +426,11 @@ class AnchorSets:
             if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or not ours(st) \
                     or (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != want:
                 return False  # written since: it proves nothing
-            os.link(str(old), name, src_dir_fd=pfd, dst_dir_fd=sfd, follow_symlinks=False)
-            st = os.stat(name, dir_fd=sfd, follow_symlinks=False)  # the link set its ctime
+            # Moved, not linked: removing the parent's name later would set
+            # its ctime after it is recorded.  A backup that fails leaves the
+            # parent without it: its file is read again (speed, not data).
+            os.rename(str(old), name, src_dir_fd=pfd, dst_dir_fd=sfd)
+            st = os.stat(name, dir_fd=sfd, follow_symlinks=False)
         except OSError as e:
             if e.errno in (errno.ENOENT, errno.ENOSPC, errno.EDQUOT, errno.EMLINK,
                            errno.EACCES, errno.EPERM):

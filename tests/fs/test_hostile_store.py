@@ -500,6 +500,15 @@ def _anchored(tmp_path, btrfs_dir) -> tuple[Path, Path, Path]:
     return repo, src, anchors
 
 
+def _touch(src: Path) -> None:
+    """4 KiB of each big file rewritten in place: the rest is proved unchanged
+    only by a trusted anchor (a file whose stat did not change is taken from
+    the files cache, anchors or not)."""
+    for name in ("a.bin", "b.bin"):
+        with open(src / name, "r+b") as f:
+            f.write(os.urandom(4096))
+
+
 def test_a_symlinked_marker_disables_the_anchors(tmp_path, btrfs_dir):
     """The marker replaced by a symlink (someone's bait): the directory is
     not taken as ours; the next backup says so once and reads every file."""
@@ -508,6 +517,7 @@ def test_a_symlinked_marker_disables_the_anchors(tmp_path, btrfs_dir):
     text = marker.read_bytes()
     marker.unlink()
     marker.symlink_to("/etc/hostname")
+    _touch(src)
     try:
         r = cli("backup", "--json", "-r", repo, src)
         assert r.returncode in (0, 1), str(r)
@@ -528,6 +538,7 @@ def test_a_fifo_for_an_anchor_does_not_hang_the_backup(tmp_path, btrfs_dir):
     anchor = found[0]
     anchor.unlink()
     os.mkfifo(anchor, 0o400)
+    _touch(src)
     r = cli("backup", "--json", "-r", repo, src, timeout=60)
     assert r.returncode in (0, 1), str(r)
     assert r.json()["bytes_read"] >= 3 * MiB, str(r)
@@ -540,6 +551,7 @@ def test_anchors_another_user_could_write_are_not_used(tmp_path, btrfs_dir):
     repo, src, anchors = _anchored(tmp_path, btrfs_dir)
     (rec,) = anchors.glob("*/*/*/ANCHORS")
     os.chown(anchors, 65534, 65534)
+    _touch(src)
     try:
         r = cli("backup", "--json", "-r", repo, src)
         assert r.returncode in (0, 1), str(r)
@@ -547,6 +559,7 @@ def test_anchors_another_user_could_write_are_not_used(tmp_path, btrfs_dir):
     finally:
         os.chown(anchors, 0, 0)
     os.chmod(rec.parent, 0o777)  # a set directory anyone may write into: the same
+    _touch(src)
     r = cli("backup", "--json", "-r", repo, src)
     assert r.json()["bytes_read"] >= 6 * MiB, str(r)
 
