@@ -33,11 +33,10 @@ class WalkedFile:
 
     node: Node
     fileno: int  # number in the sharing index; -1: not mapped (plan unusable)
-    #: map_digest of the map the plan was made from (None: not mapped); the
-    #: map itself is not kept, the index has what it needs
+    #: map_digest of the map the plan was made from (None: not mapped)
     digest: bytes | None
-    #: the physical ranges of that map, for the files cache (source/mapping.py)
-    phys: np.ndarray | None = None
+    #: that map, for the files cache (repo/filescache.py), until it is written
+    ext: np.ndarray | None = None
 
 
 class FileWriter:
@@ -129,7 +128,7 @@ class FileWriter:
         """The sink's metadata rule: the same file as in the last backup,
         written by the sink unread.  Its entry id, or None."""
         e = self._entry(item, fd, st, st.st_size, item.fileno in self.referenced)
-        if not self.sink.unchanged(item.node, st, e, item.phys):
+        if not self.sink.unchanged(item.node, st, e, item.ext):
             return None
         if item.fileno >= 0:
             self.known.entry_of_file[item.fileno] = e.id
@@ -162,7 +161,7 @@ class FileWriter:
         pieces, stale, size, before = self._pieces(item, fd, cap, st)
         data_bytes = int(pieces["length"].sum()) if len(pieces) else 0
         e = self._entry(item, fd, st, size, item.fileno in self.referenced and not stale)
-        self.sink.entry(e, st, item.phys)
+        self.sink.entry(e, st, item.ext)
         if item.fileno >= 0:
             self.known.entry_of_file[item.fileno] = e.id
         data_fd = fd if cap is None else cap

@@ -43,7 +43,6 @@ from cloneaware.source.mapping import (
     map_node,
     map_tree,
     open_source,
-    physical,
     shared_physical,
 )
 from cloneaware.source.snapshot import Snapshots, is_nested_subvolume
@@ -234,7 +233,7 @@ class Backup:
         for n, it in enumerate(items):
             if isinstance(it, Mapped):
                 fileno = builder.add(fstab.number(it.fs), it.node.st.st_size, it.ext)
-                items[n] = WalkedFile(it.node, fileno, map_digest(it.ext), physical(it.ext))
+                items[n] = WalkedFile(it.node, fileno, map_digest(it.ext), it.ext)
         self.summary.excluded = self.exclude.count
         plan = builder.build()
         t = plan.totals

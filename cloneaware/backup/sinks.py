@@ -182,14 +182,14 @@ class Sink:
     # -- entries -----------------------------------------------------------------------
 
     def entry(self, e: fmt.Entry, st: os.stat_result | None = None,
-              phys: np.ndarray | None = None) -> None:
+              ext: np.ndarray | None = None) -> None:
         """An entry; a regular file's ranges follow, then ``end``.  ``st``:
-        the file's stat (its inode and ctime, for the next backup); ``phys``:
-        its physical ranges (the files cache)."""
+        the file's stat (its inode and ctime, for the next backup); ``ext``:
+        its extent map from the walk (the files cache)."""
         self._w().entry(e)
 
     def unchanged(self, node, st: os.stat_result, e: fmt.Entry,
-                  phys: np.ndarray | None = None) -> bool:
+                  ext: np.ndarray | None = None) -> bool:
         """The metadata rule: whether regular file ``e`` is the same as in
         the last backup, taken from it unread; if so the sink has written
         it whole (entry, data and end)."""

@@ -37,7 +37,7 @@ from collections.abc import Callable
 import numpy as np
 
 from cloneaware.safeio import AtomicFile
-from cloneaware.source.flags import PHYS
+from cloneaware.source.flags import EXTENT_DTYPE, NOT_CANDIDATE, PHYS
 
 MAGIC = b"CLONEAWARE-FILES\n"
 VERSION = 1
@@ -59,6 +59,9 @@ _STAT_AT = 8  # after the hash: ino, size, mtime, ctime
 assert (ROW.names or ())[1:5] == ("ino", "size", "mtime", "ctime")
 SEG = np.dtype([("offset", "<u8"), ("length", "<u4"), ("blob", "<u4"), ("blob_offset", "<u4")])
 _XA = struct.Struct("<II")
+_ROW = struct.Struct("<QQQqqIIQQQ")
+_SEG = struct.Struct("<QIII")
+assert _ROW.size == ROW.itemsize and _SEG.size == SEG.itemsize
 
 
 def path_hash(path: bytes) -> int:
@@ -117,7 +120,8 @@ class FilesCache:
         self.snapshot = snapshot
         self.started_ns = started_ns
         self.rows, self.segs, self.phys, self.blobs, self.xattrs = rows, segs, phys, blobs, xattrs
-        self._raw = memoryview(rows.tobytes()) if len(rows) else memoryview(b"")
+        #: the rows' bytes, for comparing a stat with a slice of them
+        self._raw = memoryview(np.ascontiguousarray(rows).view(np.uint8))
         self.by_hash: dict[int, int] = dict(zip(rows["hash"].tolist(), range(len(rows))))
         #: rows that may be taken from a stat alone
         self.fast = rows["ctime"] < np.int64(started_ns - RACY_NS)
@@ -286,28 +290,46 @@ class CacheBuilder:
         self.rows = bytearray()
         self.segs = bytearray()
         self.seg_blobs = bytearray()  # 32 bytes a range, numbered at the end
-        self.phys = bytearray()
+        self.exts = bytearray()  # the maps of the files added, whole
         self.xattrs = bytearray()
         self.kept_rows = array.array("q")
         self.kept_entries = array.array("Q")
-        self.n_segs = self.n_phys = 0
+        self.n_segs = self.n_exts = 0
         self.failed = False
 
     def add(self, path: bytes, st: tuple[int, int, int, int], entry_id: int, iflags: int,
             xattrs: list[tuple[bytes, bytes]], offsets: list[int], lengths: list[int],
-            blobs: list[bytes], blob_offsets: list[int], phys: np.ndarray | None) -> None:
+            blobs: list[bytes], blob_offsets: list[int], ext: np.ndarray | None) -> None:
+        """A file written: ``st`` its (inode, size, mtime, ctime), the BLOB
+        records' fields, ``ext`` its extent map (EXTENT_DTYPE; kept whole
+        here, reduced to PHYS ranges for all files at once in ``build``)."""
         for i in range(len(offsets)):
-            self.segs += struct.pack("<QIII", offsets[i], lengths[i], 0, blob_offsets[i])
+            self.segs += _SEG.pack(offsets[i], lengths[i], 0, blob_offsets[i])
             self.seg_blobs += blobs[i]
         self.n_segs += len(offsets)
-        if phys is not None and len(phys):
-            self.phys += np.ascontiguousarray(phys, dtype=PHYS).tobytes()
-            self.n_phys += len(phys)
+        if ext is not None and len(ext):
+            self.exts += ext.tobytes()
+            self.n_exts += len(ext)
         if xattrs:
             self.xattrs += encode_xattrs(xattrs)
         ino, size, mtime, ctime = st  # as the metadata rule compares them
-        self.rows += struct.pack("<QQQqqIIQQQ", path_hash(path), ino, size, mtime, ctime,
-                                 entry_id, iflags, self.n_segs, self.n_phys, len(self.xattrs))
+        self.rows += _ROW.pack(path_hash(path), ino, size, mtime, ctime, entry_id, iflags,
+                               self.n_segs, self.n_exts, len(self.xattrs))
+
+    def _phys(self, rows: np.ndarray) -> np.ndarray:
+        """The PHYS ranges of the files added, from their maps: those another
+        file could share (not a hole, not inline, delayed, unknown...); each
+        row's ``phys_end`` set to match."""
+        ext = np.frombuffer(bytes(self.exts), dtype=EXTENT_DTYPE)
+        ends = rows["phys_end"].astype(np.int64)
+        counts = np.diff(ends, prepend=0)
+        owner = np.repeat(np.arange(len(rows)), counts)
+        keep = (ext["physical"] != 0) & ((ext["flags"] & NOT_CANDIDATE) == 0)
+        rows["phys_end"] = np.cumsum(np.bincount(owner[keep], minlength=len(rows)))
+        out = np.empty(int(keep.sum()), dtype=PHYS)
+        out["start"] = ext["physical"][keep]
+        out["length"] = ext["length"][keep]
+        return out
 
     def keep(self, row: int, entry_id: int) -> None:
         self.kept_rows.append(row)
@@ -318,7 +340,7 @@ class CacheBuilder:
         rows = np.frombuffer(bytes(self.rows), dtype=ROW).copy()
         segs = np.frombuffer(bytes(self.segs), dtype=SEG).copy()
         seg_ids = np.frombuffer(bytes(self.seg_blobs), dtype="S32")
-        phys = np.frombuffer(bytes(self.phys), dtype=PHYS)
+        phys = self._phys(rows)
         xattrs = bytes(self.xattrs)
         if old is not None and len(self.kept_rows):
             k = np.frombuffer(self.kept_rows, dtype=np.int64)

@@ -212,8 +212,7 @@ class RepositorySink(Sink):
         self.cur: Segments | None = None
         self.cur_entry: fmt.Entry | None = None
         self.cur_st: os.stat_result | None = None
-        self.cur_phys: np.ndarray | None = None
-        self.cur_kept = -1  # the parent's row an unopened file keeps
+        self.cur_ext: np.ndarray | None = None
         self.state: ClientState | None = None
         self.snapshot: Snapshot | None = None
         self.summary = None
@@ -334,11 +333,11 @@ class RepositorySink(Sink):
             return None
         return self.sets.staging(self.sets.mounts.top(os.path.dirname(src) or b"."))
 
-    def unchanged(self, node, st, e: fmt.Entry, phys=None) -> bool:
+    def unchanged(self, node, st, e: fmt.Entry, ext=None) -> bool:
         r = -1 if self.files is None else self.files.unchanged(node.name, st)
         if r < 0:
             return False
-        self.entry(e, st, phys)
+        self.entry(e, st, ext)
         self._blobs(r)
         self.end()
         return True
@@ -347,18 +346,22 @@ class RepositorySink(Sink):
         files = self.files
         assert files is not None
         r = item.row
+        st = item.node.st
         e.xattrs = files.row_xattrs(r)
         e.iflags = int(files.rows["iflags"][r])
-        self.entry(e, item.node.st)
-        self.cur_kept = r
-        data = self._blobs(r)
-        self.end()
+        sg = files.segments(r)
+        lengths = sg["length"].tolist()
+        blob = files.blob_id
+        # One write of all its records: nothing refers to it (it was not mapped).
+        self._w().regular(e, st.st_ino, st.st_ctime_ns, sg["offset"].tolist(), lengths,
+                          sg["blob_offset"].tolist(), [blob(b) for b in sg["blob"].tolist()])
+        self.next_files.keep(r, e.id)
         if self.use_anchors and not self.dry_run:
             old = int(files.rows["entry"][r])
             if self.sets.had(old):
                 self.sets.carry(self.sets.mounts.top(os.path.dirname(item.node.src) or b"."),
                                 old, e.id)
-        return data
+        return sum(lengths)
 
     def _blobs(self, r: int) -> int:
         """The BLOB records of the parent's row ``r``.  -> its data bytes."""
@@ -383,7 +386,7 @@ class RepositorySink(Sink):
         self.writer = Writer(self.out, None, f"{self.repo.where} (manifest)")
 
     def entry(self, e: fmt.Entry, st: os.stat_result | None = None,
-              phys: np.ndarray | None = None) -> None:
+              ext: np.ndarray | None = None) -> None:
         w = self._w()
         w.entry(e)
         if e.kind != fmt.K_REG:
@@ -392,7 +395,7 @@ class RepositorySink(Sink):
             w.stat(st.st_ino, st.st_ctime_ns)
         self.cur = Segments()
         self.cur_entry = e
-        self.cur_st, self.cur_phys, self.cur_kept = st, phys, -1
+        self.cur_st, self.cur_ext = st, ext
 
     def cuts(self, offset: int, length: int):
         """At every multiple of the grid, and at the ends of the range."""
@@ -450,14 +453,11 @@ class RepositorySink(Sink):
         self._w().end()
         if self.keep_all or e.eflags & fmt.EF_REFERENCED:
             self.segments[e.id] = cur
-        if self.cur_kept >= 0:
-            self.next_files.keep(self.cur_kept, e.id)
-        elif st is not None:
+        if st is not None:
             self.next_files.add(e.path, (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns),
                                 e.id, e.iflags, e.xattrs, cur.offsets, cur.lengths, cur.blobs,
-                                cur.blob_offsets, self.cur_phys)
-        self.cur = self.cur_entry = self.cur_st = self.cur_phys = None
-        self.cur_kept = -1
+                                cur.blob_offsets, self.cur_ext)
+        self.cur = self.cur_entry = self.cur_st = self.cur_ext = None
 
     # -- the end -------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from helpers.cli import CliServer, cli, cli_json
 from helpers.space import Usage
-from helpers.treeutil import MiB, Snapshot, assert_same_tree, build_tree
+from helpers.treeutil import MiB, Snapshot, assert_same_tree
 
 from cloneaware.repo.filescache import RACY_NS
 from cloneaware.testing import reflink_copy, timeout, write_random
