@@ -4,7 +4,8 @@ these are the base's; and for compressed candidates, a hash check first.
 
 ``plan_ops`` decides (from the plan, what is known of earlier files, and
 the sink's kind); ``OpWriter.write`` carries the ops out with the worker
-threads reading ahead, and counts."""
+threads reading ahead (a file of one small chunk is read by the writer's
+thread itself: handing it over cost more than the work), and counts."""
 from __future__ import annotations
 
 import collections
@@ -169,6 +170,12 @@ class OpWriter:
                                       self.open_base(op.base), op.base_offset)
             return None
 
+        if len(ops) == 1 and isinstance(ops[0], Store) and ops[0].length <= INLINE:
+            # One small chunk: read here.  Handing it to a worker and waiting
+            # costs two thread wake-ups, more than the work.
+            op = ops[0]
+            job = workers.encoded_job if op.encoded else data_job
+            return self._one(fd, op, _Now(job, fd, op.offset, op.length), data_job, path)
         short = False
         pending: collections.deque = collections.deque()
         nxt = 0
@@ -237,6 +244,24 @@ class OpWriter:
         if self.progress:
             self.progress.advance(length)
         return chunk.got < length
+
+
+#: a file of one chunk this small is read, hashed and compressed by the
+#: writer's thread itself
+INLINE = 256 << 10
+
+
+class _Now:
+    """A job run by the thread that asks for its result (as a Future's
+    ``result``, errors included)."""
+
+    __slots__ = ("fn", "args")
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def result(self):
+        return self.fn(*self.args)
 
 
 def _result(fut, path: bytes):

@@ -121,7 +121,7 @@ class FilesCache:
         self.started_ns = started_ns
         self.rows, self.segs, self.phys, self.blobs, self.xattrs = rows, segs, phys, blobs, xattrs
         #: the rows' bytes, for comparing a stat with a slice of them
-        self._raw = memoryview(np.ascontiguousarray(rows).view(np.uint8))
+        self._raw = np.ascontiguousarray(rows).view(np.uint8).data
         self.by_hash: dict[int, int] = dict(zip(rows["hash"].tolist(), range(len(rows))))
         #: rows that may be taken from a stat alone
         self.fast = rows["ctime"] < np.int64(started_ns - RACY_NS)
