@@ -15,13 +15,10 @@ anchors.
 """
 from __future__ import annotations
 
-import bisect
-import io
 import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 import zstandard
@@ -29,15 +26,6 @@ import zstandard
 from cloneaware import __version__, fsinfo
 from cloneaware.archive import format as fmt
 from cloneaware.archive import thin
-from cloneaware.archive.events import (
-    BlobEvent,
-    EndEvent,
-    EntryEvent,
-    Handler,
-    StatEvent,
-    dispatch,
-)
-from cloneaware.archive.reader import Stream
 from cloneaware.archive.writer import Writer
 from cloneaware.backup.sinks import Prior, Sink
 from cloneaware.backup.workers import Chunk, Workers
@@ -45,86 +33,13 @@ from cloneaware.repo import crypto, filescache
 from cloneaware.repo import format as rf
 from cloneaware.repo.filescache import CacheBuilder, FilesCache
 from cloneaware.repo.packer import DryPacker, Packer
+from cloneaware.repo.parent import Segments, parent_files, trusted_parent
 from cloneaware.repo.repository import Repository
 from cloneaware.repo.snapshots import Snapshot, now_rfc3339
 from cloneaware.repo.state import ClientState
 from cloneaware.source.anchors import AnchorSets, set_key
 from cloneaware.source.anchorsets import STALE_NS, stale
 from cloneaware.source.mapping import extent_map
-
-
-@dataclass(slots=True)
-class Segments:
-    """A file's bytes as blob ranges, in file order: parallel lists."""
-
-    offsets: list[int] = field(default_factory=list)
-    lengths: list[int] = field(default_factory=list)
-    blobs: list[bytes] = field(default_factory=list)
-    blob_offsets: list[int] = field(default_factory=list)
-
-    def add(self, offset: int, length: int, bid: bytes, boff: int) -> None:
-        self.offsets.append(offset)
-        self.lengths.append(length)
-        self.blobs.append(bid)
-        self.blob_offsets.append(boff)
-
-    def resolve(self, offset: int, length: int):
-        """(position in the range, length, blob id, offset in the blob) covering
-        [offset, offset + length); KeyError if a part is not covered."""
-        end = offset + length
-        i = bisect.bisect_right(self.offsets, offset) - 1
-        pos = offset
-        while pos < end:
-            if i < 0 or i >= len(self.offsets) or \
-                    not self.offsets[i] <= pos < self.offsets[i] + self.lengths[i]:
-                raise KeyError(pos)
-            skip = pos - self.offsets[i]
-            n = min(self.lengths[i] - skip, end - pos)
-            yield pos - offset, n, self.blobs[i], self.blob_offsets[i] + skip
-            pos += n
-            i += 1
-
-
-class _ParentFiles(Handler):
-    """A snapshot's regular files as rows of a files cache (repo/filescache.py),
-    for a parent that has no cache: trusted by the metadata rule, never
-    taken unopened (no physical ranges)."""
-
-    def __init__(self) -> None:
-        self.rows = CacheBuilder()
-        self.cur: fmt.Entry | None = None
-        self.ino = self.ctime = -1
-        self.segs = Segments()
-
-    def on_entry(self, ev: EntryEvent) -> None:
-        e = ev.entry
-        if e.kind == fmt.K_REG:
-            self.cur, self.ino, self.ctime, self.segs = e, -1, -1, Segments()
-
-    def on_stat(self, ev: StatEvent) -> None:
-        if self.cur is not None:
-            self.ino, self.ctime = ev.ino, ev.ctime_ns
-
-    def on_blob(self, ev: BlobEvent) -> None:
-        if self.cur is not None:
-            self.segs.add(ev.offset, ev.length, ev.blob_id, ev.blob_offset)
-
-    def on_end(self, ev: EndEvent) -> None:
-        e = self.cur
-        if e is not None:
-            s = self.segs
-            # a file without its inode and ctime (an older manifest) matches no stat
-            self.rows.add(e.path, (self.ino if self.ino >= 0 else (1 << 64) - 1, e.size,
-                                   e.mtime_ns, self.ctime), e.id, e.iflags, e.xattrs,
-                          s.offsets, s.lengths, s.blobs, s.blob_offsets, None)
-        self.cur = None
-
-
-def read_manifest(data: bytes, snapshot: str, started_ns: int) -> FilesCache:
-    """A snapshot's regular files, from its manifest."""
-    got = _ParentFiles()
-    dispatch(got, Stream(io.BytesIO(data)).events())
-    return FilesCache(snapshot, started_ns, *got.rows.build(None), complete=False)
 
 
 class ManifestOut:
@@ -227,19 +142,16 @@ class RepositorySink(Sink):
         if not self.use_parent:
             return None
         self._snaps = repo.snapshots()
-        self.parent = self._parent(self._snaps)
+        self.state = repo.state or ClientState(repo.config.id, self.warn,
+                                               location=repo.location)
+        self.parent = trusted_parent(repo, self.state, self._snaps, self.sets, self.host,
+                                     self.paths, self.parent_spec, self.warn)
         if self.parent is None:
             return None
-        assert self.state is not None
-        self.files = filescache.load(self._cache_path(), repo.config.id, self.sets.key,
-                                     self.parent.id, self.warn)
-        if self.files is None:
-            self.files = read_manifest(repo.manifest(self.parent), self.parent.id,
-                                       self.parent.time_ns)
-        self.files.check_blobs(repo.index.contains_many)
-        if not self.files.complete:
+        files = self.files = parent_files(repo, self._cache_path(), self.sets.key,
+                                          self.parent, self.warn)
+        if not files.complete:
             return None
-        files = self.files
         return lambda node: files.unchanged(node.name, node.st)
 
     def _cache_path(self) -> str:
@@ -299,34 +211,6 @@ class RepositorySink(Sink):
                       f"{'have' if len(old) > 1 else 'has'} not been renewed by a backup for "
                       f"more than {days} days: `cloneaware anchors list` shows the space they "
                       f"pin, `cloneaware anchors drop --older-than {days}d` gives it back")
-
-    def _parent(self, snaps: list[Snapshot]) -> Snapshot | None:
-        """The last snapshot this host wrote of the set (repo/state.py), if it
-        is still there; never merely the newest one of the same host and
-        PATHs, which anyone who may add snapshots could have written (a
-        forged parent would have files taken unread with its blob ranges).
-        Without one, every file is read: slower, never wrong."""
-        self.state = self.repo.state or ClientState(self.repo.config.id, self.warn,
-                                                    location=self.repo.location)
-        if self.parent_spec is not None:  # the owner says which: taken as it is
-            return self.repo.find(self.parent_spec, snaps)
-        if self.sets.legacy_key is not None:  # the set as an earlier version keyed it
-            self.state.adopt(self.sets.legacy_key, self.sets.key)
-        want = self.state.parent(self.sets.key)
-        parent = next((s for s in snaps if s.id == want), None) if want else None
-        mine = [s for s in snaps if s.hostname == self.host and sorted(s.paths) == self.paths]
-        if want is not None and parent is None:
-            self.warn(f"{self.repo.where}: the snapshot this host wrote last of these paths "
-                      f"({want[:8]}) is gone; every file is read")
-        elif want is None and mine:
-            self.warn(f"{self.repo.where}: this host has no record of writing any of the "
-                      f"snapshots of these paths (say {mine[-1].short_id}): none is taken as "
-                      "the parent, and every file is read once")
-        newer = [s for s in mine if parent is None or s.time_ns > parent.time_ns]
-        if parent is not None and newer:
-            self.warn(f"{self.repo.where}: snapshot {newer[-1].short_id} of these paths is newer "
-                      "than the last one this host wrote, and not taken as the parent")
-        return parent
 
     def capture_dir(self, src: bytes) -> int | None:
         if not self.use_anchors or self.dry_run:
