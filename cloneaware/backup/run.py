@@ -225,9 +225,9 @@ class Backup:
                               "of its own")
                 items.append(_Other(it.node))
         self._map_again(items)
-        # The anchors of the files that are mapped, first: they own what they share.
+        # The anchors of what is not taken unopened, first: they own what they share.
         self.known.priors.update(self.sink.priors(
-            fstab, builder, [i.node.name for i in items if isinstance(i, Mapped)]))
+            fstab, builder, [i.row for i in items if isinstance(i, Unopened)]))
         if self.base is not None:
             self._map_base(fstab, builder)
         for n, it in enumerate(items):

@@ -153,10 +153,10 @@ class Sink:
         physical ranges ``queries`` (PHYS): they are mapped after all."""
         return rows
 
-    def priors(self, fstab, builder, mapped: list[bytes]) -> dict[int, Prior]:
+    def priors(self, fstab, builder, unopened: list[int]) -> dict[int, Prior]:
         """After the walk, before its files: add the files the plan may share
-        with to the index builder (those ``mapped``, by path, may have one);
-        returns them by file number."""
+        with to the index builder (all but those of the rows taken
+        ``unopened``); returns them by file number."""
         return {}
 
     def take_unopened(self, item, e: fmt.Entry) -> int:

@@ -162,14 +162,19 @@ class RepositorySink(Sink):
         assert self.files is not None
         return self.files.sharing_with(rows, queries)
 
-    def priors(self, fstab, builder, mapped: list[bytes]) -> dict[int, Prior]:
+    def priors(self, fstab, builder, unopened: list[int]) -> dict[int, Prior]:
         files = self.files
         if not self.use_parent or not self.use_anchors:
             return {}
         wanted: set[int] = set()
         if files is not None:
-            rows = [r for r in (files.row(p) for p in mapped) if r >= 0]
-            wanted = set(files.rows["entry"][rows].tolist())
+            # every anchor but those of the files taken unopened (moved on
+            # instead): a changed file's, and a renamed or deleted one's,
+            # whose blocks a file of another name may still share
+            entries = files.rows["entry"]
+            keep = np.ones(len(entries), dtype=bool)
+            keep[np.asarray(unopened, dtype=np.int64)] = False
+            wanted = set(entries[keep].tolist())
         tops = self.sets.tops(self.roots)
         self._note_stale(tops)
         anchors = self.sets.previous(tops, self.parent.id if self.parent else None,

@@ -252,3 +252,17 @@ def test_dry_run_and_a_cache_dir_that_cannot_be_written(btrfs_dir, tmp_path):
     s2, err = backup(repo, src)
     assert "the next backup reads every file" in err, err
     assert s2["snapshot"] and s2["unopened_files"] == 0
+
+
+def test_a_renamed_file_is_proved_unchanged_by_the_anchor_of_its_old_name(btrfs_dir, tmp_path):
+    """A renamed file has no row (its path is new) and is mapped: the anchor
+    its old name left shares its blocks and proves them; none is read."""
+    repo = tmp_path / "repo"
+    init(repo)
+    src = small_tree(btrfs_dir, n=3)
+    backup(repo, src)
+    os.rename(src / "keep-big.img", src / "renamed.img")
+    s2, err = backup(repo, src)
+    assert s2["bytes_read"] == 0 and s2["unchanged_bytes"] >= 2 * MiB, (s2, err)
+    restore(repo, btrfs_dir / "dest")
+    assert_same_tree(Snapshot(src), Snapshot(btrfs_dir / "dest" / "src"))
