@@ -6,11 +6,24 @@ import errno
 import os
 from collections.abc import Callable
 
-from cloneaware import native
+from cloneaware import fsinfo, native
 from cloneaware.archive import format as fmt
 
 #: the inode flags applied with the rest of the metadata (not first, not last)
 IFLAGS_MIDDLE = fmt.IFLAGS_STORED & ~fmt.IFLAGS_FIRST & ~fmt.IFLAGS_LAST
+
+
+#: filesystems that never compress file data: FS_NOCOMP_FL holds there by itself
+_NEVER_COMPRESS = {"xfs", "ext4", "tmpfs"}
+
+
+def _compresses(fd: int) -> bool:
+    """Whether fd's filesystem may compress its data (any but those known not to)."""
+    try:
+        magic, _bsize = native.fstatfs(fd, None)
+    except OSError:
+        return True
+    return fsinfo.fs_type_name(magic) not in _NEVER_COMPRESS
 
 
 class IFlags:
@@ -58,8 +71,13 @@ class IFlags:
             except OSError as ex:
                 self._missing(e, want, ex.strerror or str(ex))
                 return 0
-        if want & ~cur:
-            self._missing(e, want & ~cur, why)
+        missing = want & ~cur
+        if missing & fmt.FS_NOCOMP_FL and not _compresses(fd):
+            # "do not compress" holds by itself where nothing is compressed;
+            # Btrfs sets it on its own on a file that did not compress well
+            missing &= ~fmt.FS_NOCOMP_FL
+        if missing:
+            self._missing(e, missing, why)
         return cur
 
     def _missing(self, e: fmt.Entry, bits: int, why: str) -> None:

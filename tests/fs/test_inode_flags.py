@@ -135,3 +135,22 @@ def test_defect_3_flags_the_target_cannot_take_are_listed(btrfs_dir, xfs_dir, tm
         else:
             assert key not in missing, (p, missing)
     assert f"{dest}/src/vm/disk.img: inode flags +C not restored" in r.err
+
+
+def test_no_compression_is_kept_where_nothing_is_compressed(btrfs_dir, xfs_dir, unflag):
+    """+m (which Btrfs also sets by itself on a file that did not compress
+    well) restored onto XFS, which compresses nothing: it holds there by
+    itself, so it is not reported (it was, exit 1); onto Btrfs it is set."""
+    src = btrfs_dir / "src"
+    src.mkdir()
+    f = src / "nocomp.img"
+    f.touch()
+    chattr("+m", f)
+    write_random(f, 1 << 20, 3)
+    assert "m" in lsattr(src)["nocomp.img"]
+    arch = btrfs_dir / "a.caw"
+    cli("backup", "-o", arch, src, check_rc=0)
+    r = cli("restore", "--json", arch, xfs_dir / "dest", check_rc=0)
+    assert r.json()["not_exact"] == [] and "not restored" not in r.err, str(r)
+    cli("restore", arch, btrfs_dir / "dest", check_rc=0)
+    assert "m" in lsattr(btrfs_dir / "dest" / "src")["nocomp.img"]
