@@ -248,10 +248,10 @@ class Backup:
         unopened = [n for n, it in enumerate(items) if isinstance(it, Unopened)]
         if not unopened:
             return
-        queries = [shared_physical(it.ext) for it in items if isinstance(it, Mapped)]
+        exts = [it.ext for it in items if isinstance(it, Mapped)]
+        queries = shared_physical(np.concatenate(exts)) if exts else np.zeros(0, dtype=PHYS)
         again = set(self.sink.sharing_with(
-            np.array([items[n].row for n in unopened], dtype=np.int64),
-            np.concatenate(queries) if queries else np.zeros(0, dtype=PHYS)).tolist())
+            np.array([items[n].row for n in unopened], dtype=np.int64), queries).tolist())
         for n in unopened:
             it = items[n]
             if it.row in again:

@@ -219,7 +219,7 @@ def load(path: str, repo_id: str, set_key: str, snapshot: str,
     except FileNotFoundError:
         return None
     except OSError as e:
-        warn(f"{path}: {e.strerror}; every file is read")
+        warn(f"{path}: {e.strerror}; every file is opened and mapped once")
         return None
     try:
         return _parse(raw, repo_id, set_key, snapshot)
@@ -228,7 +228,7 @@ def load(path: str, repo_id: str, set_key: str, snapshot: str,
     except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError,
             RecursionError) as e:
         warn(f"{path}: not a files cache of this backup set ({e or 'damaged'}); every file "
-             "is read once")
+             "is opened and mapped once")
         return None
 
 
@@ -295,7 +295,6 @@ class CacheBuilder:
         self.kept_rows = array.array("q")
         self.kept_entries = array.array("Q")
         self.n_segs = self.n_exts = 0
-        self.failed = False
 
     def add(self, path: bytes, st: tuple[int, int, int, int], entry_id: int, iflags: int,
             xattrs: list[tuple[bytes, bytes]], offsets: list[int], lengths: list[int],

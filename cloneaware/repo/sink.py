@@ -391,7 +391,7 @@ class RepositorySink(Sink):
             self.next_files.write(path, self.files, self.repo.config.id, self.sets.key,
                                   self.snapshot.id, self.started_ns)
         except OSError as e:
-            self.warn(f"{path}: {e.strerror}; the next backup reads every file")
+            self.warn(f"{path}: {e.strerror}; the next backup opens and maps every file")
 
     def abort(self) -> None:
         self.packer.close(wait=False)

@@ -250,7 +250,7 @@ def test_dry_run_and_a_cache_dir_that_cannot_be_written(btrfs_dir, tmp_path):
     shutil.rmtree(cache.parent)
     cache.parent.write_bytes(b"")  # a file where the directory should be
     s2, err = backup(repo, src)
-    assert "the next backup reads every file" in err, err
+    assert "the next backup opens and maps every file" in err, err
     assert s2["snapshot"] and s2["unopened_files"] == 0
 
 
