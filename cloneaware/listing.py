@@ -68,7 +68,7 @@ class Contents:
         return got
 
 
-def _entry_at(f, off: int, version: int) -> fmt.Entry:
+def _entry_at(f, off: int, version: int, at: int) -> fmt.Entry:
     f.seek(off)
     rr = RecordReader(f)
     rr.offset = off
@@ -76,7 +76,7 @@ def _entry_at(f, off: int, version: int) -> fmt.Entry:
     rec = next(rr.records(), None)
     if rec is None or rec[0] != fmt.T_ENTRY:
         raise ArchiveError("the index does not point at an ENTRY record", off)
-    return fmt.Entry.decode(rec[1], rec[2], version)
+    return fmt.Entry.decode(rec[1], rec[2], version, at)
 
 
 def read_contents(f, full: bool = False, blobs: bool = False) -> Contents:
@@ -90,7 +90,7 @@ def read_contents(f, full: bool = False, blobs: bool = False) -> Contents:
         if full:
             v = listing.header.version
             for r, it in zip(rows, listing.items):
-                e = _entry_at(f, it.offset, v)
+                e = _entry_at(f, it.offset, v, it.id)
                 if (e.id, e.kind, e.path, e.size) != (it.id, it.kind, it.path, it.size):
                     raise ArchiveError(f"index item {it.id} does not match its entry", it.offset)
                 r.entry = e

@@ -94,6 +94,7 @@ def read_index(f) -> Listing:
         if rec is None or rec[0] != fmt.T_INDEX:
             raise ArchiveError("footer does not point at the index", footer.index_offset)
         items.extend(fmt.decode_index(rec[1], rec[2], version))
+    fmt.resolve_index(items, version, footer.index_offset)
     check_index(items, footer, base, is_map, footer.index_offset, version)
     return Listing(header, items, footer, base, is_map)
 

@@ -15,8 +15,12 @@ from cloneaware.errors import ArchiveError
 MAGIC = b"\x89CLONEAW"
 #: A sharing map (``scan --save-map``): archive records that hold no data
 MAP_MAGIC = b"\x89CLONEAM"
-WRITE_VERSION = 5
-READ_VERSIONS = (1, 2, 3, 4, 5)
+WRITE_VERSION = 6
+READ_VERSIONS = (1, 2, 3, 4, 5, 6)
+#: from this version on, references between entries are relative and ids are
+#: implicit (docs/FORMAT.md, "Relative references"), so that one entry
+#: added or removed changes no other entry's bytes
+RELATIVE = 6
 HASH_SHA256 = 1
 
 T_HEADER, T_ENTRY, T_DATA, T_REF, T_END, T_INDEX, T_FOOTER = 1, 2, 3, 4, 5, 6, 7
@@ -58,7 +62,7 @@ CRC = struct.Struct("<I")
 FRAME_OVERHEAD = FRAME.size + CRC.size
 FOOTER_SIZE = FRAME_OVERHEAD + LIMITS[T_FOOTER]
 FOOTER_SIZES = {1: FRAME_OVERHEAD + LIMITS_V1[T_FOOTER], 2: FOOTER_SIZE, 3: FOOTER_SIZE,
-                4: FOOTER_SIZE, 5: FOOTER_SIZE}
+                4: FOOTER_SIZE, 5: FOOTER_SIZE, 6: FOOTER_SIZE}
 
 K_REG, K_DIR, K_SYMLINK, K_HARDLINK, K_FIFO, K_CHR, K_BLK = 1, 2, 3, 4, 5, 6, 7
 KIND_NAMES = {K_REG: "file", K_DIR: "dir", K_SYMLINK: "symlink", K_HARDLINK: "hardlink",
@@ -273,10 +277,14 @@ class Entry:
     origin: int = 0
 
     def encode(self, version: int = WRITE_VERSION) -> bytes:
-        fixed = (self.id, self.kind, self.eflags, 0, self.mode, self.uid, self.gid,
-                 self.atime_ns, self.mtime_ns, self.size, self.rdev, self.link)
+        eid, link, origin = self.id, self.link, self.origin
+        if version >= RELATIVE:  # ids implicit, references as distances back
+            eid, link = 0, self.id - link if self.kind == K_HARDLINK else 0
+            origin = self.id - origin if self.subvol & SV_SNAPSHOT else 0
+        fixed = (eid, self.kind, self.eflags, 0, self.mode, self.uid, self.gid,
+                 self.atime_ns, self.mtime_ns, self.size, self.rdev, link)
         parts = [
-            _ENTRY.pack(*fixed, self.iflags, self.subvol, self.origin) if version >= 5
+            _ENTRY.pack(*fixed, self.iflags, self.subvol, origin) if version >= 5
             else _ENTRY_V4.pack(*fixed),
             U16.pack(len(self.path)), self.path,
             U16.pack(len(self.target)), self.target,
@@ -287,7 +295,9 @@ class Entry:
         return b"".join(parts)
 
     @classmethod
-    def decode(cls, buf, offset: int, version: int = WRITE_VERSION) -> Entry:
+    def decode(cls, buf, offset: int, version: int = WRITE_VERSION, at: int = 0) -> Entry:
+        """``at``: the entry's position in the archive (its id from version 6
+        on, where the record holds none)."""
         c = Cursor(buf, offset, "ENTRY")
         iflags = subvol = origin = 0
         if version >= 5:
@@ -296,6 +306,23 @@ class Entry:
         else:
             (eid, kind, eflags, _r, mode, uid, gid, atime, mtime, size, rdev,
              link) = c.unpack(_ENTRY_V4)
+        if version >= RELATIVE:
+            if eid:
+                c.fail("id field is not 0 (ids are implicit from version 6 on)")
+            eid = at
+            if kind == K_HARDLINK:
+                if not 0 < link <= at:
+                    c.fail(f"link {link} entries back, before the first entry")
+                link = at - link
+            elif link:
+                c.fail("only hard links have a link")
+            if subvol & SV_SNAPSHOT:
+                if not 0 < origin <= at:
+                    c.fail(f"a snapshot of the entry {origin} back, which does not come "
+                           "before it")
+                origin = at - origin
+            elif origin:
+                c.fail("an origin without the snapshot bit")
         if iflags & ~IFLAGS_STORED:
             c.fail(f"inode flags {iflags & ~IFLAGS_STORED:#x} are not defined")
         if iflags and kind not in (K_REG, K_DIR):
@@ -436,18 +463,27 @@ def decode_btrfs_extent(coded, length: int, offset: int) -> BtrfsExtent:
     return BtrfsExtent(ulen, uoff, comp, data)
 
 
-def encode_ref(offset: int, length: int, src_id: int, src_offset: int) -> bytes:
-    return _REF.pack(offset, length, src_id, src_offset)
+def encode_ref(offset: int, length: int, src_id: int, src_offset: int,
+               version: int = WRITE_VERSION, at: int = 0) -> bytes:
+    """``at``: the id of the current entry (version 6 on, where ``src_id``
+    is written as the distance back to the source: 0 for the file itself)."""
+    return _REF.pack(offset, length, at - src_id if version >= RELATIVE else src_id,
+                     src_offset)
 
 
-def decode_ref(buf, offset: int) -> tuple[int, int, int, int]:
+def decode_ref(buf, offset: int, version: int = WRITE_VERSION, at: int = 0
+               ) -> tuple[int, int, int, int]:
+    """(offset, length, source id, source offset); ``at`` as for encode_ref."""
     c = Cursor(buf, offset, "REF")
-    v = c.unpack(_REF)
+    off, length, src, soff = c.unpack(_REF)
     c.done()
-    off, length, src, soff = v
     if length == 0 or off > SIZE_MAX or length > SIZE_MAX or soff > SIZE_MAX:
         c.fail("range out of bounds")
-    return v
+    if version >= RELATIVE:
+        if src > at:
+            c.fail(f"source {src} entries back, before the first entry")
+        src = at - src
+    return off, length, src, soff
 
 
 @dataclass
@@ -473,17 +509,23 @@ class End:
                 self.external_records, self.blob_records, self.stored_bytes,
                 self.ref_bytes, self.base_ref_bytes, self.external_bytes, self.blob_bytes]
 
-    def encode(self) -> bytes:
-        return _END.pack(self.id, self.data_records, self.ref_records,
+    def encode(self, version: int = WRITE_VERSION) -> bytes:
+        return _END.pack(0 if version >= RELATIVE else self.id, self.data_records, self.ref_records,
                          self.stored_bytes, self.ref_bytes, self.base_ref_records,
                          self.base_ref_bytes, self.external_records, self.external_bytes,
                          self.blob_records, self.blob_bytes)
 
     @classmethod
-    def decode(cls, buf, offset: int, version: int = WRITE_VERSION) -> End:
+    def decode(cls, buf, offset: int, version: int = WRITE_VERSION, at: int = 0) -> End:
+        """``at``: the id of the entry it closes (version 6 on, where the
+        record's id is 0)."""
         c = Cursor(buf, offset, "END")
         v = c.unpack({1: _END_V1, 2: _END_V2}.get(version, _END))
         c.done()
+        if version >= RELATIVE:
+            if v[0]:
+                c.fail("id field is not 0 (ids are implicit from version 6 on)")
+            v = (at, *v[1:])
         return cls(*v)
 
 
@@ -500,9 +542,14 @@ class IndexItem:
     offset: int
     path: bytes
 
-    def encode(self) -> bytes:
-        return (_INDEX_ITEM.pack(self.id, self.kind, self.size, self.stored_bytes,
-                                 self.ref_bytes, self.base_ref_bytes, self.offset)
+    def encode(self, version: int = WRITE_VERSION, prev_offset: int = 0) -> bytes:
+        """``prev_offset``: the previous item's offset (version 6 on, where
+        the id is implicit and the offset is the distance from it)."""
+        i, off = self.id, self.offset
+        if version >= RELATIVE:
+            i, off = 0, off - prev_offset
+        return (_INDEX_ITEM.pack(i, self.kind, self.size, self.stored_bytes,
+                                 self.ref_bytes, self.base_ref_bytes, off)
                 + U16.pack(len(self.path)) + self.path)
 
 
@@ -521,6 +568,21 @@ def decode_index(buf, offset: int, version: int = WRITE_VERSION) -> list[IndexIt
             c.fail(f"unknown entry kind {v[1]}")
         items.append(IndexItem(*v, path))
     return items
+
+
+def resolve_index(items: list[IndexItem], version: int, offset: int) -> None:
+    """Version 6 on: the ids and offsets of all of an archive's INDEX items
+    (decoded as written: id 0, offset as the distance from the previous
+    item's) made absolute, in place."""
+    if version < RELATIVE:
+        return
+    prev = 0
+    for n, it in enumerate(items):
+        if it.id:
+            raise ArchiveError("INDEX: id field is not 0 (ids are implicit from version 6 on)",
+                               offset)
+        it.id = n
+        prev = it.offset = prev + it.offset
 
 
 @dataclass

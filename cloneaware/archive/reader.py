@@ -146,7 +146,7 @@ class Stream:
             elif rtype == fmt.T_ENTRY:
                 if cur is not None:
                     raise ArchiveError("ENTRY before the END of the previous file", off)
-                e = fmt.Entry.decode(payload, off, version)
+                e = fmt.Entry.decode(payload, off, version, len(self.entries))
                 self._check_entry(e, off)
                 self.entries.append(e)
                 self.by_path[e.path] = e.id
@@ -196,7 +196,7 @@ class Stream:
             elif rtype == fmt.T_REF:
                 if cur is None:
                     raise ArchiveError("REF outside a regular file", off)
-                foff, length, src_id, soff = fmt.decode_ref(payload, off)
+                foff, length, src_id, soff = fmt.decode_ref(payload, off, version, cur.entry.id)
                 self._check_range(cur, foff, length, off)
                 src = self._check_ref_source(cur, foff, length, src_id, soff, off)
                 cur.pos = foff + length
@@ -218,7 +218,7 @@ class Stream:
             elif rtype == fmt.T_END:
                 if cur is None:
                     raise ArchiveError("END outside a regular file", off)
-                end = fmt.End.decode(payload, off, version)
+                end = fmt.End.decode(payload, off, version, cur.entry.id)
                 if end.id != cur.entry.id or cur.counts != end.counts():
                     raise ArchiveError(
                         f"END of {os.fsdecode(cur.entry.path)} does not match its records "
@@ -240,6 +240,7 @@ class Stream:
                 footer = fmt.Footer.decode(payload, off, version)
                 if footer.index_offset != index_start or footer.index_records != index_records:
                     raise ArchiveError("footer does not point at the index", off)
+                fmt.resolve_index(index_items, version, index_start)
                 check_index(index_items, footer, self.base, self.is_map, off, version)
                 self._check_index_entries(index_items, off)
                 yield FooterEvent(footer, off)

@@ -71,7 +71,9 @@ class Writer:
 
     def ref(self, offset: int, length: int, src_id: int, src_offset: int) -> None:
         cur = self._file()
-        self._write(fmt.frame(fmt.T_REF, fmt.encode_ref(offset, length, src_id, src_offset)))
+        at = len(self.index) - 1
+        self._write(fmt.frame(fmt.T_REF, fmt.encode_ref(offset, length, src_id, src_offset,
+                                                        at=at)))
         cur.ref_records += 1
         cur.ref_bytes += length
 
@@ -141,8 +143,10 @@ class Writer:
         buf: list[bytes] = []
         size = 0
         limit = fmt.LIMITS[fmt.T_INDEX]
+        prev = 0
         for item in self.index:
-            b = item.encode()
+            b = item.encode(prev_offset=prev)
+            prev = item.offset
             if size + len(b) > limit:
                 self._write(fmt.frame(fmt.T_INDEX, b"".join(buf)))
                 records += 1

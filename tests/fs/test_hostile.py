@@ -824,7 +824,15 @@ def _(x):
 
 @case("entry_id_out_of_sequence", ls=refused("index item 5 out of sequence (expected 1)"))
 def _(x):
-    c = Craft()
+    c = Craft(version=5)
+    c.dir(b"a")
+    c.dir(b"b", id=5)
+    return c.finish()
+
+
+@case("entry_id_not_implicit", ls=refused("INDEX: id field is not 0"))
+def _(x):
+    c = Craft()  # version 6 on: an entry's id is its place, and the field 0
     c.dir(b"a")
     c.dir(b"b", id=5)
     return c.finish()

@@ -129,8 +129,9 @@ class Craft:
                   atime_ns=mtime_ns, size=size, rdev=rdev, link=link, target=target,
                   xattrs=list(xattrs), eflags=eflags)
         off = self.offset
-        self.record(fmt.T_ENTRY, e.encode(self.version) if payload is None else payload,
-                    **lie)
+        if payload is None:
+            payload = self._entry_bytes(e, id is not None)
+        self.record(fmt.T_ENTRY, payload, **lie)
         item = IndexItem(eid, kind, size, 0, 0, 0, off, path)
         if index:
             self.items.append(item)
@@ -138,6 +139,25 @@ class Craft:
             self.cur = End(eid)
             self.cur_item = item
         return eid
+
+    def _entry_bytes(self, e: Entry, lying_id: bool) -> bytes:
+        """e.encode(version); from version 6 on (ids implicit, references
+        relative) with a lying id and links or origins forward kept as the
+        bytes a hostile writer would put there."""
+        if self.version < fmt.RELATIVE:
+            return e.encode(self.version)
+        at = self.next_id - 1  # the position the reader gives this entry
+        link, origin = e.link, e.origin
+        e.link = e.origin = 0
+        b = bytearray(e.encode(self.version))
+        e.link, e.origin = link, origin
+        if lying_id:
+            struct.pack_into("<Q", b, 0, e.id)
+        if e.kind == fmt.K_HARDLINK or link:
+            struct.pack_into("<Q", b, 56, (at - link) % (1 << 64))
+        if origin:
+            struct.pack_into("<Q", b, 72, (at - origin) % (1 << 64))
+        return bytes(b)
 
     def dir(self, path: bytes, **kw) -> int:
         return self.entry(fmt.K_DIR, path, **kw)
@@ -189,7 +209,10 @@ class Craft:
         if count and self.cur is not None:
             self.cur.ref_records += 1
             self.cur.ref_bytes += length
-        return self.record(fmt.T_REF, encode_ref(offset, length, src_id, src_offset), **lie)
+        if self.version >= fmt.RELATIVE:  # the distance back (a forward one wraps)
+            src_id = (self.next_id - 1 - src_id) % (1 << 64)
+        return self.record(fmt.T_REF, encode_ref(offset, length, src_id, src_offset,
+                                                 version=5), **lie)
 
     def baseref(self, offset: int, length: int, number: int, base_offset: int,
                 sha: bytes = b"\0" * 32, count: bool = True, **lie) -> int:
@@ -224,7 +247,9 @@ class Craft:
         self.refd += end.ref_bytes
         self.based += end.base_ref_bytes
         self.cur = self.cur_item = None
-        return self.record(fmt.T_END, end.encode())
+        if self.version >= fmt.RELATIVE and "id" not in override:
+            return self.record(fmt.T_END, end.encode(self.version))
+        return self.record(fmt.T_END, end.encode(5))  # the id as given
 
     # -- index and footer -----------------------------------------------------------
 
@@ -234,7 +259,7 @@ class Craft:
         start = self.offset
         records = 0
         if index:
-            self.record(fmt.T_INDEX, b"".join(it.encode() for it in self.items))
+            self.record(fmt.T_INDEX, self.index_payload())
             records = 1
         if footer:
             f = Footer(start if index_offset is None else index_offset, records,
@@ -242,6 +267,18 @@ class Craft:
                        self.stored, self.refd, self.based, self.offset)
             self.record(fmt.T_FOOTER, f.encode())
         return bytes(self.buf)
+
+    def index_payload(self) -> bytes:
+        if self.version < fmt.RELATIVE:
+            return b"".join(it.encode(self.version) for it in self.items)
+        parts, prev = [], 0
+        for n, it in enumerate(self.items):
+            b = it.encode(self.version, prev)
+            if it.id != n:  # a lying id: where version 6 has 0
+                b = struct.pack("<Q", it.id) + b[8:]
+            parts.append(b)
+            prev = it.offset
+        return b"".join(parts)
 
     def bytes(self) -> bytes:
         return bytes(self.buf)

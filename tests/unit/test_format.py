@@ -14,6 +14,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+from helpers.archivecraft import Craft
 
 from cloneaware.archive import format as fmt
 from cloneaware.archive.catalog import read_index
@@ -66,8 +67,10 @@ END_VECTORS = {
     3: bytes.fromhex("05000000" "44000000" + "00" * 68 + "b5edd3d9"),
     4: bytes.fromhex("05000000" "44000000" + "00" * 68 + "b5edd3d9"),  # END unchanged in 4
     5: bytes.fromhex("05000000" "44000000" + "00" * 68 + "b5edd3d9"),  # and in 5
+    6: bytes.fromhex("05000000" "44000000" + "00" * 68 + "b5edd3d9"),  # and in 6 (its id is 0)
 }
-END_CRCS = {1: 0xE392FD94, 2: 0x66B2E944, 3: 0xD9D3EDB5, 4: 0xD9D3EDB5, 5: 0xD9D3EDB5}
+END_CRCS = {1: 0xE392FD94, 2: 0x66B2E944, 3: 0xD9D3EDB5, 4: 0xD9D3EDB5, 5: 0xD9D3EDB5,
+            6: 0xD9D3EDB5}
 
 #: Version 5's ENTRY as FORMAT.md gives it: the directory "d" (id 0, mode
 #: 0755), a read-only Btrfs subvolume with the inode flag C (no copy on write).
@@ -92,7 +95,8 @@ def test_version_5_entry_vector():
 
 def test_version_5_entry_fields_are_checked():
     good = fmt.Entry(3, fmt.K_DIR, b"s", subvol=fmt.SV_SUBVOLUME | fmt.SV_SNAPSHOT, origin=1)
-    assert fmt.Entry.decode(good.encode(), 0) == good
+    assert fmt.Entry.decode(good.encode(5), 0, version=5) == good
+    assert fmt.Entry.decode(good.encode(), 0, at=3) == good
     bad = [
         dataclasses.replace(good, iflags=0x80000),  # e: ext4's own, not stored
         fmt.Entry(0, fmt.K_SYMLINK, b"l", target=b"x", iflags=fmt.FS_IMMUTABLE_FL),
@@ -105,7 +109,7 @@ def test_version_5_entry_fields_are_checked():
     ]
     for e in bad:
         with pytest.raises(ArchiveError):
-            fmt.Entry.decode(e.encode(), 0)
+            fmt.Entry.decode(e.encode(5), 0, version=5)
     assert fmt.iflag_letters(fmt.FS_NOCOW_FL | fmt.FS_IMMUTABLE_FL | 0x40) == "idC"
 
 
@@ -154,7 +158,7 @@ def test_spec_and_code_agree_on_version_and_magic():
 # --- framing ---------------------------------------------------------------------------
 
 def test_every_bit_flip_in_a_record_is_caught():
-    rec = fmt.frame(fmt.T_REF, fmt.encode_ref(4096, 8192, 3, 0))
+    rec = fmt.frame(fmt.T_REF, fmt.encode_ref(4096, 8192, 3, 0, at=5))
     for i in range(len(rec)):
         for bit in (0x01, 0x80):
             bad = bytearray(rec)
@@ -224,12 +228,50 @@ ENTRIES = [
 @pytest.mark.parametrize("e", ENTRIES, ids=[fmt.KIND_NAMES[e.kind] for e in ENTRIES])
 def test_entry_round_trip(e):
     buf = e.encode()
-    assert fmt.Entry.decode(buf, 0) == e
-    assert fmt.Entry.decode(memoryview(buf), 0) == e
+    assert fmt.Entry.decode(buf, 0, at=e.id) == e
+    assert fmt.Entry.decode(memoryview(buf), 0, at=e.id) == e
+    assert fmt.Entry.decode(e.encode(5), 0, version=5) == e
     with pytest.raises(ArchiveError):
-        fmt.Entry.decode(buf + b"\0", 0)  # bytes left over
+        fmt.Entry.decode(buf + b"\0", 0, at=e.id)  # bytes left over
     with pytest.raises(ArchiveError):
-        fmt.Entry.decode(buf[:-1], 0)  # bytes missing
+        fmt.Entry.decode(buf[:-1], 0, at=e.id)  # bytes missing
+
+
+def test_version_6_references_are_relative():
+    """An entry's bytes do not depend on where it is, only on the distance
+    to what it links to: one entry added changes no other entry's bytes
+    (what lets a repository's manifests dedup across snapshots)."""
+    a = fmt.Entry(7, fmt.K_HARDLINK, b"top/h", link=5)
+    b = fmt.Entry(8, fmt.K_HARDLINK, b"top/h", link=6)
+    assert a.encode() == b.encode() and a.encode(5) != b.encode(5)
+    assert fmt.Entry.decode(b.encode(), 0, at=8) == b
+    assert fmt.Entry.decode(fmt.Entry(3, fmt.K_DIR, b"d").encode(), 0, at=3).id == 3
+    with pytest.raises(ArchiveError, match="before the first entry"):
+        fmt.Entry.decode(a.encode(), 0, at=1)  # a link 2 back from entry 1
+    with pytest.raises(ArchiveError, match="id field is not 0"):
+        fmt.Entry.decode(a.encode(5), 0, at=7)
+    # REF: the distance back to the source; 0 is the file itself
+    assert fmt.encode_ref(0, 4096, 5, 0, at=7) == fmt.encode_ref(0, 4096, 6, 0, at=8)
+    assert fmt.decode_ref(fmt.encode_ref(0, 4096, 5, 0, at=7), 0, at=7) == (0, 4096, 5, 0)
+    assert fmt.decode_ref(fmt.encode_ref(8192, 4096, 7, 0, at=7), 0, at=7)[2] == 7
+    with pytest.raises(ArchiveError, match="before the first entry"):
+        fmt.decode_ref(fmt.encode_ref(0, 4096, 5, 0, at=7), 0, at=1)
+    # END: id 0, the reader knows which file it closes
+    assert fmt.End(9).encode() == fmt.End(0).encode()
+    assert fmt.End.decode(fmt.End(9).encode(), 0, at=9) == fmt.End(9)
+    with pytest.raises(ArchiveError, match="id field is not 0"):
+        fmt.End.decode(fmt.End(9).encode(5), 0, at=9)
+    # INDEX: implicit ids, offsets as distances from the previous item's
+    items = [fmt.IndexItem(i, fmt.K_DIR, 0, 0, 0, 0, 100 + 50 * i, b"d%d" % i)
+             for i in range(3)]
+    raw, prev = b"", 0
+    for it in items:
+        raw += it.encode(prev_offset=prev)
+        prev = it.offset
+    assert raw.count(struct.pack("<Q", 50)) == 2
+    got = fmt.decode_index(raw, 0)
+    fmt.resolve_index(got, fmt.WRITE_VERSION, 0)
+    assert got == items
 
 
 def test_entry_decode_refuses_bad_fields():
@@ -248,7 +290,7 @@ def test_entry_decode_refuses_bad_fields():
     ]
     for e in bad:
         with pytest.raises(ArchiveError):
-            fmt.Entry.decode(e.encode(), 0)
+            fmt.Entry.decode(e.encode(5), 0, version=5)
     # an xattr count that cannot fit is refused before any loop runs
     buf = bytearray(fmt.Entry(0, fmt.K_REG, b"a").encode())
     buf[-4:] = struct.pack("<I", 2**32 - 1)
@@ -278,23 +320,25 @@ def test_data_head_round_trip_and_checks():
 
 
 def test_ref_round_trip_and_checks():
-    buf = fmt.encode_ref(1 << 20, 3 << 20, 5, 4096)
+    buf = fmt.encode_ref(1 << 20, 3 << 20, 5, 4096, at=6)
     assert len(buf) == 32
-    assert fmt.decode_ref(buf, 0) == (1 << 20, 3 << 20, 5, 4096)
-    for bad in [fmt.encode_ref(0, 0, 1, 0), buf + b"\0", buf[:-1],
-                fmt.encode_ref(0, 2**63, 1, 0)]:
+    assert fmt.decode_ref(buf, 0, at=6) == (1 << 20, 3 << 20, 5, 4096)
+    assert fmt.decode_ref(fmt.encode_ref(0, 8, 5, 0, version=5), 0, version=5) == (0, 8, 5, 0)
+    for bad in [fmt.encode_ref(0, 0, 1, 0, at=1), buf + b"\0", buf[:-1],
+                fmt.encode_ref(0, 2**63, 1, 0, at=1)]:
         with pytest.raises(ArchiveError):
-            fmt.decode_ref(bad, 0)
+            fmt.decode_ref(bad, 0, at=6)
 
 
 def test_end_round_trip():
     e = make(fmt.End, id=9, data_records=3, ref_records=4, stored_bytes=10 << 20,
              ref_bytes=1 << 40)
-    assert fmt.End.decode(e.encode(), 0) == e
+    assert fmt.End.decode(e.encode(), 0, at=9) == e
+    assert fmt.End.decode(e.encode(5), 0, version=5) == e
     with pytest.raises(ArchiveError):
-        fmt.End.decode(e.encode() + b"\0", 0)
+        fmt.End.decode(e.encode() + b"\0", 0, at=9)
     with pytest.raises(ArchiveError):
-        fmt.End.decode(e.encode()[:-1], 0)
+        fmt.End.decode(e.encode()[:-1], 0, at=9)
 
 
 def test_index_round_trip():
@@ -305,8 +349,12 @@ def test_index_round_trip():
                  (fmt.K_REG, 1 << 40, 1 << 20, 5 << 20, 200, b"d/\xff f"),
                  (fmt.K_HARDLINK, 0, 0, 0, 4_000_000, b"d/h"),
              ])]
-    buf = b"".join(it.encode() for it in items)
-    assert fmt.decode_index(buf, 0) == items
+    buf = b"".join(it.encode(5) for it in items)
+    assert fmt.decode_index(buf, 0, version=5) == items
+    buf6 = b"".join(it.encode(prev_offset=p) for it, p in zip(items, [0, 70, 200]))
+    got = fmt.decode_index(buf6, 0)
+    fmt.resolve_index(got, 6, 0)
+    assert got == items
     assert fmt.decode_index(b"", 0) == []
     with pytest.raises(ArchiveError):
         fmt.decode_index(buf[:-1], 0)
@@ -436,17 +484,16 @@ def test_reader_refuses_every_single_byte_change():
             list(Stream(io.BytesIO(bytes(bad))).events())
 
 
-def test_reader_refuses_a_forward_reference():
-    buf = io.BytesIO()
-    w = Writer(buf)
-    w.entry(fmt.Entry(0, fmt.K_REG, b"a", size=4096))
-    w.ref(0, 4096, 1, 0)  # entry 1 comes later
-    w.end()
-    w.entry(fmt.Entry(0, fmt.K_REG, b"b", size=4096))
-    w.end()
-    w.finish()
-    with pytest.raises(ArchiveError, match="forward"):
-        list(Stream(io.BytesIO(buf.getvalue())).events())
+@pytest.mark.parametrize("version,says", [(5, "forward"), (6, "before the first entry")])
+def test_reader_refuses_a_forward_reference(version, says):
+    c = Craft(version=version)
+    c.reg(b"a", 4096)
+    c.ref(0, 4096, 1, 0)  # entry 1 comes later (version 6: a distance back that wraps)
+    c.end()
+    c.reg(b"b", 4096)
+    c.end()
+    with pytest.raises(ArchiveError, match=says):
+        list(Stream(io.BytesIO(c.finish())).events())
 
 
 # --- version 4: DATA records holding a Btrfs compressed extent as it is on disk -----
@@ -459,7 +506,6 @@ def _btrfs_archive(window: tuple[int, int] = (0, 128 << 10), version: int = 4,
                    comp: int = fmt.BTRFS_ZSTD, frame: bytes | None = None,
                    ulen: int = 128 << 10, sha: bytes | None = None) -> bytes:
     import zstandard
-    from helpers.archivecraft import Craft
 
     ext = _extent_bytes(ulen)
     if frame is None:
