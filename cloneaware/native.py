@@ -343,3 +343,11 @@ def sync_file_range_write(fd, offset: int, length: int, path=None) -> None:
     rc = lib.ca_sync_file_range(_fd(fd), offset, length)
     if rc < 0:
         _raise(rc, path)
+
+
+def cdc_cut(buf, min_len: int, max_len: int, bits: int) -> int:
+    """The length of the first content-defined piece of ``buf`` (a gear
+    rolling hash, docs/REPOSITORY.md "Manifest blobs"): more than
+    ``min_len`` and at most ``max_len`` bytes; 0 if ``buf`` holds no cut
+    (it is shorter than ``max_len``)."""
+    return int(lib.ca_cdc_cut(ffi.from_buffer(buf), len(buf), min_len, max_len, bits))

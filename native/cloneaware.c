@@ -445,3 +445,43 @@ int ca_btrfs_encoded_write(int fd, uint64_t offset, const void *buf, size_t bufl
     rc = ioctl(fd, BTRFS_IOC_ENCODED_WRITE, &a);
     return rc < 0 ? -errno : rc;
 }
+
+/* Content-defined cuts (docs/REPOSITORY.md, "Manifest blobs"): a gear
+ * rolling hash, h = (h << 1) + GEAR[byte], whose top bits depend on the
+ * last 64 bytes only; a cut follows the first byte, at least min_len in,
+ * after which the top `bits` bits of h are all zero, and comes at max_len at
+ * the latest.  The table is splitmix64's sequence from seed 0, so that any
+ * writer cuts the same bytes in the same places. */
+static uint64_t gear[256];
+
+__attribute__((constructor)) static void gear_init(void)
+{
+    uint64_t x = 0;
+    for (int i = 0; i < 256; i++) {
+        uint64_t z = (x += 0x9E3779B97F4A7C15ULL);
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+        gear[i] = z ^ (z >> 31);
+    }
+}
+
+uint64_t ca_gear(unsigned int i)
+{
+    return gear[i & 255];
+}
+
+size_t ca_cdc_cut(const uint8_t *buf, size_t len, size_t min_len, size_t max_len,
+                  unsigned int bits)
+{
+    uint64_t mask = bits ? ~0ULL << (64 - bits) : 0, h = 0;
+    size_t end = len < max_len ? len : max_len;
+    size_t i = min_len > 64 ? min_len - 64 : 0;
+    if (len <= min_len)
+        return 0;
+    for (; i < end; i++) {
+        h = (h << 1) + gear[buf[i]];
+        if (i + 1 >= min_len && !(h & mask))
+            return i + 1;
+    }
+    return len >= max_len ? max_len : 0;
+}

@@ -115,3 +115,10 @@ int ca_btrfs_subvol_setflags(int fd, uint64_t flags);
 /* renameat2(2), for RENAME_NOREPLACE. */
 int ca_renameat2(int olddirfd, const char *oldpath, int newdirfd,
                  const char *newpath, unsigned int flags);
+/* The gear table of the content-defined cuts: entry i. */
+uint64_t ca_gear(unsigned int i);
+/* The first content-defined cut in buf[0 .. len): its length, at least
+ * min_len + 1 and at most max_len; 0 if there is none in fewer than max_len
+ * bytes (more bytes may make one). */
+size_t ca_cdc_cut(const uint8_t *buf, size_t len, size_t min_len, size_t max_len,
+                  unsigned int bits);

@@ -97,6 +97,12 @@ def backup(
         "--snapshot", help="Each PATH is a Btrfs subvolume: back it up from a read-only "
         "snapshot taken at the start (the whole tree as of one instant), deleted at the "
         "end.")] = False,
+    atime: Annotated[bool, typer.Option(
+        "--atime", help="In a repository, keep each entry's access time (a restore then "
+        "sets it back).  Without it a snapshot records the modification time there, as "
+        "Borg and tar do: access times change on every read (a directory's on every "
+        "backup), and would make every night store its whole manifest again.  Archives "
+        "(-o) always keep them.")] = False,
     no_progress: NoProgressOpt = False,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Read, hash and compress as a backup would, and report what it "
@@ -140,10 +146,12 @@ def backup(
                 raise UsageError("give -o ARCHIVE or -r REPO (or set CLONEAWARE_REPOSITORY)")
             _backup_repo(paths, repo, host, tag or [], from_archive, password_file,
                          s3_endpoint, connections, compress, as_json, base, sparse,
-                         rsh, no_pit, common, dry_run, parent)
+                         rsh, no_pit, common, dry_run, parent, atime)
             return
-        if from_archive is not None or host is not None or tag or parent is not None:
-            raise UsageError("--from-archive, --host and --tag are for repositories (-r)")
+        if from_archive is not None or host is not None or tag or parent is not None \
+                or atime:
+            raise UsageError("--from-archive, --host, --tag and --atime are for repositories "
+                             "(-r); an archive keeps access times")
         if not paths:
             raise UsageError("give the PATHs to back up")
         if sparse:
@@ -185,7 +193,7 @@ def backup(
 
 def _backup_repo(paths, repo, host, tags, from_archive, password_file, s3_endpoint,
                  connections, compress, as_json, base, sparse, rsh, no_pit, common,
-                 dry_run, parent=None) -> None:
+                 dry_run, parent=None, atime=False) -> None:
     """backup -r REPO: a new snapshot."""
     from cloneaware.backup import Backup
     from cloneaware.backup.workers import parse_compress
@@ -221,7 +229,8 @@ def _backup_repo(paths, repo, host, tags, from_archive, password_file, s3_endpoi
         if not paths:
             raise UsageError("give the PATHs to back up")
         sink = RepositorySink(r, paths, host, tags, level, connections, err,
-                              anchors=not no_pit, dry_run=dry_run, parent_spec=parent)
+                              anchors=not no_pit, dry_run=dry_run, parent_spec=parent,
+                              atime=atime)
         with progress(True, None, "backup") as prog:
             s = Backup(paths, sink, progress=prog, **common).run()
     d = s.as_dict()

@@ -24,6 +24,17 @@ T_DATA, T_TREE = 1, 2
 CODEC_NONE, CODEC_ZSTD = 0, 1
 
 BLOB_MAX = 4 << 20
+#: manifest blobs are cut where a gear hash says (docs/REPOSITORY.md,
+#: "Manifest blobs"): more than MIN bytes, at most MAX, and on average about
+#: MIN + 2**BITS
+MANIFEST_CUT_MIN = 4 << 10
+MANIFEST_CUT_BITS = 13
+MANIFEST_CUT_MAX = 64 << 10
+#: a manifest of more pieces than this names them in a blob list
+#: ("manifest_list"); a list blob ends after an id whose first byte is below
+#: LIST_CUT_BYTE (one in 64), or after LIST_MAX ids
+LIST_CUT_BYTE = 4
+LIST_MAX = 1024
 OBJECT_MAX = 64 << 20  # an object's payload, decoded
 CONFIG_MAX = 64 << 10
 PACK_BLOBS_MAX = 1_000_000
@@ -301,16 +312,32 @@ def check_snapshot(d: dict, what: str) -> dict:
     for k, t in SNAPSHOT_KEYS.items():
         if not isinstance(d.get(k), t):  # type: ignore[arg-type]
             fail(what, f"field {k!r} is missing or of the wrong type")
-    if not all(isinstance(m, str) and is_id(m) for m in d["manifest"]):
+    listed = d.get("manifest_list")
+    if listed is not None and (not isinstance(listed, list) or not listed or d["manifest"]):
+        fail(what, "manifest_list is not a list of blob ids beside an empty manifest")
+    if not all(isinstance(m, str) and is_id(m) for m in d["manifest"] + (listed or [])):
         fail(what, "bad manifest blob id")
     if not all(isinstance(p, str) for p in d["paths"] + d["tags"]):
         fail(what, "paths and tags must be strings")
     if not 0 <= d["manifest_bytes"] <= MANIFEST_MAX or \
-            len(d["manifest"]) * BLOB_MAX < d["manifest_bytes"]:
+            listed is None and len(d["manifest"]) * BLOB_MAX < d["manifest_bytes"]:
         fail(what, "manifest size out of bounds")
     if not 0 <= d["time_ns"] <= TIME_NS_MAX:
         fail(what, "time out of range")
     return d
+
+
+def cut_list(ids: list[bytes]) -> list[bytes]:
+    """A manifest's blob ids as the blobs of its blob list
+    (docs/REPOSITORY.md, "Manifest blobs"): cut after an id whose first byte
+    is below LIST_CUT_BYTE, or after LIST_MAX ids."""
+    out: list[bytes] = []
+    start = 0
+    for i, bid in enumerate(ids):
+        if bid[0] < LIST_CUT_BYTE or i + 1 - start == LIST_MAX or i + 1 == len(ids):
+            out.append(b"".join(ids[start:i + 1]))
+            start = i + 1
+    return out
 
 
 def check_lock(d: dict, what: str) -> dict:

@@ -26,7 +26,8 @@ def used_blobs(repo: Repository, snaps: list[Snapshot]) -> set[bytes]:
     """Every blob some snapshot needs: its manifest's, and those it names."""
     used = _UsedBlobs()
     for s in snaps:
-        used.ids.update(s.manifest)
+        used.ids.update(s.manifest_list)
+        used.ids.update(repo.manifest_ids(s))
         dispatch(used, Stream(io.BytesIO(repo.manifest(s)), check_hashes=False).events())
     return used.ids
 

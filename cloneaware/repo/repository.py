@@ -25,6 +25,11 @@ from cloneaware.repo.lock import Lock, Timings
 from cloneaware.repo.snapshots import Snapshot, now_rfc3339
 from cloneaware.repo.state import ClientState
 
+#: one ranged read covers blobs of a pack up to this much ...
+READ_MAX = 8 << 20
+#: ... and reads through gaps of at most this much between them
+READ_GAP = 64 << 10
+
 
 class PasswordSource(Protocol):
     """Where the password comes from (keys.Password): ``given`` says one was
@@ -285,10 +290,69 @@ class Repository:
                 chosen.append(s)
         return chosen
 
+    def read_blobs(self, ids: list[bytes]) -> list[bytes]:
+        """The bytes of each blob of ``ids``, in order: the blobs that lie
+        near each other in a pack are read in one ranged read (a manifest's
+        pieces, thousands of small blobs, in a few reads)."""
+        if not self._index_loaded:
+            self.load_index()
+        where: dict[bytes, rf.IndexEntry] = {}
+        for bid in ids:
+            e = self.index.get(bid)
+            if e is None:
+                raise RepositoryError(f"{self.where}: blob {bid.hex()} is in no index "
+                                      "(the repository is damaged; run cloneaware check)")
+            where[bid] = e
+        got: dict[bytes, bytes] = {}
+        run: list[tuple[bytes, rf.IndexEntry]] = []
+        for bid, e in sorted(where.items(), key=lambda x: (x[1].pack, x[1].offset)):
+            if run:
+                first, last = run[0][1], run[-1][1]
+                if e.pack != first.pack or e.offset - (last.offset + last.stored_length) \
+                        > READ_GAP or e.offset + e.stored_length - first.offset > READ_MAX:
+                    self._read_run(run, got)
+                    run = []
+            run.append((bid, e))
+        if run:
+            self._read_run(run, got)
+        return [got[b] for b in ids]
+
+    def _read_run(self, run: list[tuple[bytes, rf.IndexEntry]], got: dict[bytes, bytes]
+                  ) -> None:
+        first = run[0][1]
+        pid = first.pack.hex()
+        end = run[-1][1].offset + run[-1][1].stored_length
+        try:
+            raw = memoryview(self.backend.read(pack_name(pid), first.offset, end - first.offset))
+        except RepositoryError:
+            raw = memoryview(b"")
+        for bid, e in run:
+            start = e.offset - first.offset
+            try:
+                if start + e.stored_length > len(raw):
+                    raise RepositoryError("short read")
+                got[bid] = self.decode_blob(bid, e, raw[start:start + e.stored_length],
+                                            f"{self.where}: blob {bid.hex()[:16]} in pack "
+                                            f"{pid[:16]}")
+            except RepositoryError:
+                got[bid] = self.read_blob(bid)  # its own error, or another copy
+
+    def manifest_ids(self, snap: Snapshot) -> list[bytes]:
+        """The ids of the snapshot's manifest blobs, from its blob list if it
+        has one (docs/REPOSITORY.md, "Manifest blobs")."""
+        if not snap.manifest_list:
+            return snap.manifest
+        raw = b"".join(self.read_blobs(snap.manifest_list))
+        n, rest = divmod(len(raw), 32)
+        if rest or n * rf.BLOB_MAX < snap.data["manifest_bytes"] or \
+                n > snap.data["manifest_bytes"] + 1:
+            raise RepositoryError(f"{self.where}: snapshot {snap.short_id}: its manifest's "
+                                  "blob list does not fit its manifest")
+        return [raw[i:i + 32] for i in range(0, len(raw), 32)]
+
     def manifest(self, snap: Snapshot) -> bytes:
         """The snapshot's manifest (an archive of docs/FORMAT.md version 3)."""
-        parts = [self.read_blob(b) for b in snap.manifest]
-        data = b"".join(parts)
+        data = b"".join(self.read_blobs(self.manifest_ids(snap)))
         if len(data) != snap.data["manifest_bytes"]:
             raise RepositoryError(f"{self.where}: snapshot {snap.short_id}: its manifest has "
                                   f"{len(data)} bytes, not {snap.data['manifest_bytes']}")

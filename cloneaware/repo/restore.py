@@ -18,12 +18,11 @@ from cloneaware.archive.blobs import BlobCache
 from cloneaware.errors import RepositoryError
 from cloneaware.repo import format as rf
 from cloneaware.repo.backend import pack_name
-from cloneaware.repo.repository import Repository
+from cloneaware.repo.repository import READ_MAX, Repository
 from cloneaware.repo.snapshots import Snapshot
 from cloneaware.restore.output import RestoreSummary
 from cloneaware.restore.several import ManifestsRestore
 
-READ_MAX = 8 << 20  # one ranged read covers adjacent blobs up to this much
 WINDOW = 64 << 20  # stored bytes fetched ahead of the restore
 
 

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import numpy as np
 import zstandard
 
-from cloneaware import __version__, fsinfo
+from cloneaware import __version__, fsinfo, native
 from cloneaware.archive import format as fmt
 from cloneaware.archive import thin
 from cloneaware.archive.writer import Writer
@@ -44,7 +44,9 @@ from cloneaware.source.mapping import extent_map
 
 class ManifestOut:
     """The manifest's bytes as the Writer writes them, cut into manifest
-    blobs of 4 MiB and handed to the packer."""
+    blobs where their content says (docs/REPOSITORY.md, "Manifest blobs"),
+    so that the entries a night did not change are the blobs the last night
+    stored, and handed to the packer."""
 
     def __init__(self, repo: Repository, packer: Packer):
         self.repo = repo
@@ -52,27 +54,54 @@ class ManifestOut:
         self.dry_run = isinstance(packer, DryPacker)
         self.buf = bytearray()
         self.ids: list[bytes] = []
+        #: the blobs of the ids' blob list, when there is one
+        self.list_ids: list[bytes] = []
         self.total = 0
+        #: manifest blobs the repository already had (the unchanged parts)
+        self.known = 0
         self.zstd = zstandard.ZstdCompressor(level=3)
 
     def write(self, b) -> int:
         self.buf += b
         self.total += len(b)
-        while len(self.buf) >= rf.BLOB_MAX:
-            self._emit(bytes(self.buf[:rf.BLOB_MAX]))
-            del self.buf[:rf.BLOB_MAX]
+        if len(self.buf) >= rf.MANIFEST_CUT_MAX:
+            self._cut(final=False)
         return len(b)
 
-    def _emit(self, chunk: bytes) -> None:
+    def _cut(self, final: bool) -> None:
+        view = memoryview(self.buf)
+        pos = 0
+        try:
+            while len(view) - pos >= (1 if final else rf.MANIFEST_CUT_MAX):
+                n = native.cdc_cut(view[pos:], rf.MANIFEST_CUT_MIN, rf.MANIFEST_CUT_MAX,
+                                   rf.MANIFEST_CUT_BITS) or len(view) - pos
+                self._emit(bytes(view[pos:pos + n]))
+                pos += n
+        finally:
+            view.release()
+        del self.buf[:pos]
+
+    def _emit(self, chunk: bytes, into: list[bytes] | None = None) -> None:
         bid = self.repo.crypto.blob_id(chunk)
+        (self.ids if into is None else into).append(bid)
+        if self.packer.known(bid):
+            self.known += 1
+            return
         self.packer.add(bid, rf.T_TREE, len(chunk), b"" if self.dry_run else
                         self.repo.encode_blob(rf.T_TREE, bid, chunk, self.zstd))
-        self.ids.append(bid)
 
     def finish(self) -> None:
-        if self.buf or not self.ids:
-            self._emit(bytes(self.buf))
-            self.buf.clear()
+        self._cut(final=True)
+        if len(self.ids) > 1:  # named by a blob list, not the snapshot object
+            for piece in rf.cut_list(self.ids):
+                self._emit(piece, self.list_ids)
+
+    def names(self) -> dict:
+        """The snapshot object's keys that name the manifest."""
+        if self.list_ids:
+            return {"manifest": [], "manifest_list": [b.hex() for b in self.list_ids],
+                    "manifest_bytes": self.total}
+        return {"manifest": [b.hex() for b in self.ids], "manifest_bytes": self.total}
 
 
 class RepositorySink(Sink):
@@ -89,10 +118,12 @@ class RepositorySink(Sink):
                  tags: list[str] | None = None, level: int = 3, connections: int = 2,
                  warn: Callable[[str], None] | None = None, anchors: bool = True,
                  dry_run: bool = False, parent: bool = True, keep_all: bool = False,
-                 parent_spec: str | None = None):
+                 parent_spec: str | None = None, atime: bool = False):
         """``dry_run``: read and hash as a backup does, and count what it
         would add; write nothing to the repository (no blob, manifest or
-        snapshot) and keep no anchor.  ``parent``: look for a parent
+        snapshot) and keep no anchor.  ``atime``: record access times
+        (else each entry's mtime stands for it: docs/REPOSITORY.md, "Access
+        times").  ``parent``: look for a parent
         snapshot (an import has none).  ``keep_all``: every file's blob
         ranges are kept for later REFs, not only those the archive marks
         as referenced (an archive of another origin may not mark them).
@@ -112,6 +143,7 @@ class RepositorySink(Sink):
         self.grid = repo.config.grid
         self.use_anchors = anchors
         self.use_parent = parent
+        self.atime = atime
         self.keep_all = keep_all
         self.parent_spec = parent_spec
         self.sets = AnchorSets(repo.config.id, set_key(self.host, self.paths, repo.location),
@@ -241,6 +273,8 @@ class RepositorySink(Sink):
         sg = files.segments(r)
         lengths = sg["length"].tolist()
         blob = files.blob_id
+        if not self.atime:
+            e.atime_ns = e.mtime_ns
         # One write of all its records: nothing refers to it (it was not mapped).
         self._w().regular(e, st.st_ino, st.st_ctime_ns, sg["offset"].tolist(), lengths,
                           sg["blob_offset"].tolist(), [blob(b) for b in sg["blob"].tolist()])
@@ -277,6 +311,8 @@ class RepositorySink(Sink):
     def entry(self, e: fmt.Entry, st: os.stat_result | None = None,
               ext: np.ndarray | None = None) -> None:
         w = self._w()
+        if not self.atime:
+            e.atime_ns = e.mtime_ns
         w.entry(e)
         if e.kind != fmt.K_REG:
             return
@@ -361,8 +397,7 @@ class RepositorySink(Sink):
         data = {
             "time": now_rfc3339(self.started_ns), "time_ns": self.started_ns,
             "hostname": self.host, "username": crypto.username(), "paths": self.paths,
-            "tags": self.tags, "manifest": [b.hex() for b in self.out.ids],
-            "manifest_bytes": self.out.total,
+            "tags": self.tags, **self.out.names(),
             "parent": self.parent.id if self.parent else None,
             "program": f"cloneaware {__version__}",
             "summary": {} if s is None else {

@@ -46,11 +46,18 @@ class Snapshot:
 
     @property
     def manifest(self) -> list[bytes]:
+        """The manifest's blob ids when the snapshot names them itself
+        (else empty: Repository.manifest_ids reads them from its list)."""
         return [bytes.fromhex(m) for m in self.data["manifest"]]
+
+    @property
+    def manifest_list(self) -> list[bytes]:
+        """The blobs of the manifest's blob list, if it has one."""
+        return [bytes.fromhex(m) for m in self.data.get("manifest_list") or []]
 
     def to_json(self) -> dict:
         d = {k: self.data[k] for k in ("time", "hostname", "username", "paths", "tags",
-                                       "parent", "program", "summary")}
+                                       "parent", "program", "summary", "manifest_bytes")}
         return {"id": self.id, "short_id": self.short_id, **d}
 
 

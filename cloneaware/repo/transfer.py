@@ -197,7 +197,8 @@ def import_archive(repo: Repository, f, name: str, host: str | None = None,
     """A snapshot of the archive read from ``f``: the archive is a source
     for the repository's backup sink (repo/sink.py), as a tree is."""
     sink = RepositorySink(repo, [f"archive:{os.path.basename(name)}"], host, tags, level,
-                          connections, warn, anchors=False, parent=False, keep_all=True)
+                          connections, warn, anchors=False, parent=False, keep_all=True,
+                          atime=True)
     s = sink.summary = Summary()
     sink.prepare()
     sink.open(0, None)

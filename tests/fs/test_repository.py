@@ -149,7 +149,7 @@ def test_incremental_reads_and_adds_what_changed(reflink_dir, tmp_path):
     repo = tmp_path / "repo"
     init(repo)
     fam = day1(reflink_dir / "src")
-    want1 = Snapshot(fam)
+    want1 = Snapshot(fam, atime=False)
     phys1 = physical_bytes(fam)
     s1 = backup(repo, fam)
     assert s1["snapshot"] and s1["captured_by_clone"] == 5  # 4 images and db.bin
@@ -157,7 +157,7 @@ def test_incremental_reads_and_adds_what_changed(reflink_dir, tmp_path):
     size1 = repo_bytes(repo)
 
     changed = day2(fam)
-    want2 = Snapshot(fam)
+    want2 = Snapshot(fam, atime=False)
     phys2 = physical_bytes(fam)
     evict(reflink_dir / "src")
     s2, read = measured(fam, "backup", "--json", "-r", repo, fam)
@@ -326,7 +326,7 @@ def test_forget_prune_shrink_and_keep_the_rest_exact(btrfs_dir, tmp_path):
         if day:
             (src / f"day{day - 1}.bin").unlink()
         ids.append(backup(repo, src)["snapshot"])
-        states.append(Snapshot(src))
+        states.append(Snapshot(src, atime=False))
     before = data_bytes(repo)
     out = cli_json("forget", "--json", "-r", repo, "--keep-last", "2", "--prune")
     assert sorted(s["id"] for s in out["removed"]) == sorted(ids[:2])
@@ -392,7 +392,7 @@ def test_killed_backup_leaves_a_repository_that_checks(btrfs_dir, tmp_path):
         (src / f"big{i}.bin").unlink()
     s = backup(repo, src)
     restore(repo, s["snapshot"], btrfs_dir / "d")
-    assert_same_tree(Snapshot(src), Snapshot(btrfs_dir / "d" / "src"))
+    assert_same_tree(Snapshot(src, atime=False), Snapshot(btrfs_dir / "d" / "src"))
     # the orphan packs (no index lists them) go, once they are old enough
     assert orphans <= packs()
     out = cli_json("prune", "--json", "-r", repo)
@@ -434,7 +434,7 @@ def test_concurrent_backups_both_land_and_common_data_is_stored_once(btrfs_dir, 
         sid = next(s["id"] for s in snaps if s["hostname"] == host)
         dest = tmp_path / f"r-{host}"
         restore(repo, sid, dest)
-        assert_same_tree(Snapshot(d), Snapshot(dest / d.name))
+        assert_same_tree(Snapshot(d, atime=False), Snapshot(dest / d.name))
 
 
 def test_locks(btrfs_dir, tmp_path):
@@ -569,7 +569,7 @@ def test_export_and_import_keep_the_sharing(reflink_dir, tmp_path):
     repo = tmp_path / "repo"
     init(repo)
     fam = day1(reflink_dir / "src")
-    want = Snapshot(fam)
+    want = Snapshot(fam, atime=False)
     s = backup(repo, fam)["snapshot"]
     arch = tmp_path / "x.caw"
     cli("export", "-r", repo, s, "-o", arch, check_rc=0)

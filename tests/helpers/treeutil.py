@@ -336,7 +336,9 @@ def _record(full: bytes, st: os.stat_result) -> dict:
 class Snapshot:
     """Every entry under ROOT (not ROOT itself), keyed by relative bytes path."""
 
-    def __init__(self, root, ignore: tuple[bytes, ...] = ()):
+    def __init__(self, root, ignore: tuple[bytes, ...] = (), atime: bool = True):
+        """``atime=False``: the tree as a repository snapshot restores it
+        without --atime, each file's access time its modification time."""
         self.root = os.fsencode(root)
         self.entries: dict[bytes, dict] = {}
         inodes: dict[int, list[bytes]] = defaultdict(list)
@@ -357,7 +359,9 @@ class Snapshot:
                     continue
                 cfull = os.path.join(self.root, crel)
                 st = os.lstat(cfull)
-                self.entries[crel] = _record(cfull, st)
+                self.entries[crel] = rec = _record(cfull, st)
+                if not atime and "atime_ns" in rec:
+                    rec["atime_ns"] = rec["mtime_ns"]
                 if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
                     inodes[st.st_ino].append(crel)
                 if stat.S_ISDIR(st.st_mode):
