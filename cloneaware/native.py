@@ -9,6 +9,7 @@ as numpy arrays.
 """
 from __future__ import annotations
 
+import array
 import errno as _errno
 import os
 from typing import NamedTuple
@@ -351,3 +352,31 @@ def cdc_cut(buf, min_len: int, max_len: int, bits: int) -> int:
     ``min_len`` and at most ``max_len`` bytes; 0 if ``buf`` holds no cut
     (it is shorter than ``max_len``)."""
     return int(lib.ca_cdc_cut(ffi.from_buffer(buf), len(buf), min_len, max_len, bits))
+
+
+#: bytes of one ``struct ca_reg`` and one ``struct ca_seg``
+REG_SIZE = ffi.sizeof("struct ca_reg")
+SEG_SIZE = ffi.sizeof("struct ca_seg")
+
+
+def encode_regulars(files, n: int, paths, xattrs, segs, blob_ids, out_size: int
+                    ) -> tuple[bytearray, array.array, array.array]:
+    """The version 6 ENTRY, STAT, BLOB and END records of ``n`` regular
+    files taken from the files cache (``files``: n ``struct ca_reg``;
+    ``segs``: ``struct ca_seg`` ranges, ``blob_ids`` 32 bytes each, as the
+    cache holds them) in one call: (their bytes, each file's ENTRY offset
+    in them, each file's bytes in blobs).  ``out_size`` bounds the bytes."""
+    out = bytearray(out_size)
+    at = array.array("Q", bytes(8 * n))
+    bb = array.array("Q", bytes(8 * n))
+    rc = lib.ca_encode_regulars(
+        ffi.from_buffer("struct ca_reg[]", files), n, ffi.from_buffer("uint8_t[]", paths),
+        ffi.from_buffer("uint8_t[]", xattrs), len(xattrs),
+        ffi.from_buffer("struct ca_seg[]", segs), len(segs) // SEG_SIZE,
+        ffi.from_buffer("uint8_t[]", blob_ids), len(blob_ids) // 32,
+        ffi.from_buffer("uint8_t[]", out), out_size, ffi.from_buffer("uint64_t[]", at),
+        ffi.from_buffer("uint64_t[]", bb))
+    if rc < 0:
+        raise OSError(-rc, os.strerror(-rc), "files cache records")
+    del out[rc:]
+    return out, at, bb

@@ -122,3 +122,28 @@ uint64_t ca_gear(unsigned int i);
  * bytes (more bytes may make one). */
 size_t ca_cdc_cut(const uint8_t *buf, size_t len, size_t min_len, size_t max_len,
                   unsigned int bits);
+
+/* One regular file taken from the files cache (cloneaware/repo/sink.py). */
+struct ca_reg {
+    uint32_t mode, uid, gid, iflags;
+    int64_t atime, mtime;
+    uint64_t size, ino;
+    int64_t ctime;
+    uint64_t path_off, path_len;
+    uint64_t xa_start, xa_end;   /* its xattrs in the cache's encoding */
+    uint64_t seg_start, seg_end; /* its blob ranges */
+};
+/* A blob range as the files cache holds it (filescache.SEG). */
+struct ca_seg {
+    uint64_t offset;
+    uint32_t length, blob, blob_offset;
+} __attribute__((packed));
+/* The version 6 ENTRY, STAT, BLOB and END records of n such files into out:
+ * the bytes written, and each file's ENTRY offset in out and its bytes in
+ * blobs; -ENOSPC if out is too small, -EINVAL on a range out of bounds. */
+int64_t ca_encode_regulars(const struct ca_reg *files, size_t n, const uint8_t *paths,
+                           const uint8_t *xattrs, size_t xattrs_len,
+                           const struct ca_seg *segs, size_t nsegs,
+                           const uint8_t *blob_ids, size_t nblobs,
+                           uint8_t *out, size_t out_len,
+                           uint64_t *entry_at, uint64_t *blob_bytes);

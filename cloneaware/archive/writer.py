@@ -102,27 +102,22 @@ class Writer:
         self._file()
         self._write(fmt.frame(fmt.T_STAT, fmt.encode_stat(ino, ctime_ns)))
 
-    def regular(self, e: fmt.Entry, ino: int, ctime_ns: int, offsets: list[int],
-                lengths: list[int], blob_offsets: list[int], blob_ids: list[bytes]) -> None:
-        """A whole REG entry whose bytes are blob ranges (a manifest's file
-        taken from the last backup): ENTRY, STAT, BLOBs and END, the same
-        records as those calls make, in one write."""
+    def regulars(self, data, paths: list[bytes], sizes: list[int], at: list[int],
+                 blob_bytes: list[int]) -> int:
+        """Whole REG entries whose records were encoded elsewhere, in this
+        writer's version (repo/unopened.py: files taken from the files
+        cache): ``data`` holds file i's records from ``at[i] - at[0]``.  The
+        id of the first."""
         assert self._cur is None, "END missing"
-        e.id = len(self.index)
-        item = fmt.IndexItem(e.id, fmt.K_REG, e.size, 0, 0, 0, self.offset, e.path)
-        self.index.append(item)
-        end = fmt.End(e.id)
-        frame, blob = fmt.frame, fmt.encode_blob
-        parts = [frame(fmt.T_ENTRY, e.encode()), frame(fmt.T_STAT, fmt.encode_stat(ino, ctime_ns))]
-        for i in range(len(offsets)):
-            parts.append(frame(fmt.T_BLOB, blob(offsets[i], lengths[i], blob_offsets[i],
-                                                blob_ids[i])))
-        end.blob_records = len(offsets)
-        end.blob_bytes = sum(lengths)
-        parts.append(frame(fmt.T_END, end.encode()))
-        self._write(b"".join(parts))
-        item.stored_bytes = end.blob_bytes
-        self.stored_bytes += end.blob_bytes
+        assert fmt.WRITE_VERSION >= fmt.RELATIVE, "records encoded with implicit ids"
+        first = len(self.index)
+        base = self.offset - at[0]
+        for i, path in enumerate(paths):
+            self.index.append(fmt.IndexItem(first + i, fmt.K_REG, sizes[i], blob_bytes[i],
+                                            0, 0, base + at[i], path))
+        self._write(data)
+        self.stored_bytes += sum(blob_bytes)
+        return first
 
     def end(self) -> fmt.End:
         end, item = self._file(), self._cur_item

@@ -138,20 +138,20 @@ class FileWriter:
         s.unchanged_bytes += st.st_size
         return e.id
 
-    def write_unopened(self, item: Unopened) -> int:
-        """A file its stat proves unchanged (the files cache): written by
-        the sink from the cache, never opened.  Its entry id."""
-        st = item.node.st
-        e = entry_for(item.node, fmt.K_REG, st)
-        e.size = st.st_size
-        data = self.sink.take_unopened(item, e)
+    def write_unopened(self, enc, lo: int, hi: int, items: list[Unopened]) -> int:
+        """Files its stat proves unchanged (the files cache), ``items``, which
+        are files lo .. hi-1 of the batch ``enc`` the sink encoded: written
+        by the sink from the cache in one write, never opened.  The first
+        one's entry id."""
+        first = self.sink.take_unopened_run(enc, lo, hi, [it.node.src for it in items])
+        size, data = sum(enc.sizes[lo:hi]), sum(enc.blob_bytes[lo:hi])
         s = self.s
-        s.files += 1
-        s.unopened_files += 1
-        s.logical_bytes += st.st_size
-        s.unchanged_bytes += st.st_size
-        s.hole_bytes += st.st_size - data
-        return e.id
+        s.files += hi - lo
+        s.unopened_files += hi - lo
+        s.logical_bytes += size
+        s.unchanged_bytes += size
+        s.hole_bytes += size - data
+        return first
 
     def _write(self, item: WalkedFile, fd: int, cap: int | None, st: os.stat_result) -> int:
         node = item.node

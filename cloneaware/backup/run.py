@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import stat
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -49,6 +50,9 @@ from cloneaware.source.snapshot import Snapshots, is_nested_subvolume
 from cloneaware.source.walk import Dirs, Node
 
 __all__ = ["Backup", "Summary"]
+
+#: items of the walk whose unopened files are encoded in one native call
+WINDOW = 8192
 
 
 # --- what the walk found ------------------------------------------------------
@@ -301,12 +305,30 @@ class Backup:
         others = Others(s, {v: k for k, v in (self.redirect or {}).items()}, self._changed,
                         self._skip)
         entry_of_item: dict[int, int] = {}  # walk item -> entry id
+        # The unopened files of a window of the walk are encoded in one call
+        # (repo/unopened.py), each run of them in a row written in one write.
+        enc = None
+        window_end = 0
+        ubase = 0  # the number in ``enc`` of the next unopened file
+        skip_to = 0  # items before this were written with a run of unopened files
         for n, item in enumerate(items):
-            if item is None:
+            if n >= window_end:
+                window_end = min(n + WINDOW, len(items))
+                batch = [it for it in items[n:window_end] if isinstance(it, Unopened)]
+                enc = sink.encode_unopened(batch) if batch else None
+                ubase = 0
+            if n < skip_to or item is None:
                 continue
             if isinstance(item, Unopened):
-                entry_of_item[n] = files.write_unopened(item)
-                self.listed(item.node.name)
+                skip_to = n + 1
+                while skip_to < window_end and isinstance(items[skip_to], Unopened):
+                    skip_to += 1
+                run = typing.cast(list[Unopened], items[n:skip_to])
+                first = files.write_unopened(enc, ubase, ubase + len(run), run)
+                for k, it in enumerate(run):
+                    entry_of_item[n + k] = first + k
+                    self.listed(it.node.name)
+                ubase += len(run)
                 continue
             if isinstance(item, _Other):
                 e = others.entry(item.node)

@@ -159,9 +159,15 @@ class Sink:
         ``unopened``); returns them by file number."""
         return {}
 
-    def take_unopened(self, item, e: fmt.Entry) -> int:
-        """Write unopened file ``item`` whole (entry, data, end) from what the
-        last backup recorded.  -> its data bytes."""
+    def encode_unopened(self, items: list):
+        """The records of unopened files ``items`` (each whole: entry, data,
+        end) from what the last backup recorded, encoded at once, for
+        take_unopened_run."""
+        raise AssertionError("only a sink that says files are unchanged takes them")
+
+    def take_unopened_run(self, enc, lo: int, hi: int, srcs: list[bytes]) -> int:
+        """Write files lo .. hi-1 of ``enc`` (consecutive in the walk; their
+        source paths ``srcs``).  -> the first one's entry id."""
         raise AssertionError("only a sink that says files are unchanged takes them")
 
     def open(self, size_hint: int, base: thin.Base | None) -> None:

@@ -334,6 +334,12 @@ class CacheBuilder:
         self.kept_rows.append(row)
         self.kept_entries.append(entry_id)
 
+    def keep_many(self, rows: np.ndarray, first_entry: int) -> None:
+        """Rows kept as entries first_entry, first_entry + 1, ..."""
+        self.kept_rows.frombytes(rows.astype("<i8").tobytes())
+        self.kept_entries.frombytes(np.arange(first_entry, first_entry + len(rows),
+                                              dtype="<u8").tobytes())
+
     def build(self, old: FilesCache | None) -> tuple[np.ndarray, np.ndarray, np.ndarray,
                                                       np.ndarray, bytes]:
         rows = np.frombuffer(bytes(self.rows), dtype=ROW).copy()

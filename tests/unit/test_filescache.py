@@ -155,3 +155,60 @@ def test_a_damaged_cache_is_refused_whole(tmp_path):
     assert fc.load(os.fspath(p), "repo", "set", "s0", said.append) is None  # stale: not said
     assert len(said) == n
     assert all("not a files cache of this backup set" in m for m in said)
+
+
+@pytest.mark.parametrize("atime", [False, True])
+def test_files_taken_unopened_are_the_records_the_writer_writes_one_by_one(tmp_path, atime):
+    """The native batch encoder (repo/unopened.py) writes, for files taken
+    from the cache, exactly the bytes that entry, stat, blob... and end
+    write record by record, index and footer included; runs of files
+    written in one write each, between other entries."""
+    import io
+
+    from cloneaware.archive import format as fmt
+    from cloneaware.archive.writer import Writer
+    from cloneaware.repo.unopened import Encoded
+    from cloneaware.source.mapping import Unopened
+
+    b = fc.CacheBuilder()
+    for n in range(7):
+        _add(b, b"t/f%d" % n, n, xattrs=[(b"user.a", b"%d" % n), (b"trusted.x" * 3, b"")]
+             if n % 2 else [])
+    cache = _load(tmp_path, b)
+    nodes = [SimpleNamespace(name=b"t/f%d" % n, src=b"/src/t/f%d" % n, st=SimpleNamespace(
+        st_mode=0o100640 | (n << 9 & 0o7000), st_uid=n, st_gid=2 * n,
+        st_atime_ns=NOW + n)) for n in range(7)]
+    items = [Unopened(nd, cache.row(nd.name)) for nd in nodes]
+
+    def archive(batched: bool) -> bytes:
+        buf = io.BytesIO()
+        w = Writer(buf)
+        w.entry(fmt.Entry(0, fmt.K_DIR, b"t", mode=0o755))
+        enc = Encoded(cache, items, atime) if batched else None
+        for lo, hi in ((0, 3), (3, 4), (4, 7)):  # three runs, a directory after each
+            if enc is not None:
+                w.regulars(memoryview(enc.data)[enc.at[lo]:enc.at[hi]], enc.paths[lo:hi],
+                           enc.sizes[lo:hi], enc.at[lo:hi + 1], enc.blob_bytes[lo:hi])
+            else:
+                for it in items[lo:hi]:
+                    r, st = it.row, it.node.st
+                    row = cache.rows[r]
+                    w.entry(fmt.Entry(0, fmt.K_REG, it.node.name, mode=st.st_mode & 0o7777,
+                                      uid=st.st_uid, gid=st.st_gid, mtime_ns=int(row["mtime"]),
+                                      atime_ns=st.st_atime_ns if atime else int(row["mtime"]),
+                                      size=int(row["size"]), iflags=int(row["iflags"]),
+                                      xattrs=cache.row_xattrs(r)))
+                    w.stat(int(row["ino"]), int(row["ctime"]))
+                    for sg in cache.segments(r):
+                        w.blob(int(sg["offset"]), int(sg["length"]), int(sg["blob_offset"]),
+                               cache.blob_id(int(sg["blob"])))
+                    w.end()
+            w.entry(fmt.Entry(0, fmt.K_DIR, b"t/d%d" % lo, mode=0o700))
+        w.finish()
+        return buf.getvalue()
+
+    one, batch = archive(False), archive(True)
+    # the header's creation time differs: compare all but the HEADER record
+    (hlen,) = np.frombuffer(one, "<u4", 1, len(fmt.MAGIC) + 4)
+    after = len(fmt.MAGIC) + fmt.FRAME_OVERHEAD + int(hlen)
+    assert len(one) == len(batch) and one[after:] == batch[after:]

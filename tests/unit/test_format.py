@@ -653,35 +653,3 @@ def test_the_reader_and_hash_threads_yield_to_the_consumer():
             during = _batch_threads() - before
     assert os.sched_getscheduler(0) == os.SCHED_OTHER
     assert during is not None and len(during) >= 2  # the reader and a hash worker
-
-
-def test_a_whole_regular_file_in_one_write_is_the_same_bytes_as_record_by_record():
-    """Writer.regular (a file taken from the files cache) writes exactly what
-    entry, stat, blob... and end write, index and footer included."""
-    def archive(whole: bool) -> bytes:
-        buf = io.BytesIO()
-        w = Writer(buf)
-        w.entry(fmt.Entry(0, fmt.K_DIR, b"top", mode=0o755))
-        for n, ranges in enumerate([[(0, 4096, 0, b"\x01" * 32)], [],
-                                    [(0, 65536, 4096, b"\x02" * 32),
-                                     (65536, 100, 0, b"\x03" * 31 + b"\0")]]):
-            e = fmt.Entry(0, fmt.K_REG, b"top/f%d" % n, mode=0o644, size=70000,
-                          mtime_ns=5, xattrs=[(b"user.k", b"v")], iflags=0x10)
-            offs, lens, boffs, ids = (list(x) for x in zip(*ranges)) if ranges else \
-                ([], [], [], [])
-            if whole:
-                w.regular(e, 100 + n, 7, offs, lens, boffs, ids)
-            else:
-                w.entry(e)
-                w.stat(100 + n, 7)
-                for i in range(len(offs)):
-                    w.blob(offs[i], lens[i], boffs[i], ids[i])
-                w.end()
-        w.finish()
-        return buf.getvalue()
-
-    a, b = archive(False), archive(True)
-    # the header's creation time differs: compare all but the HEADER record
-    (hlen,) = struct.unpack_from("<I", a, len(fmt.MAGIC) + 4)
-    after = len(fmt.MAGIC) + fmt.FRAME_OVERHEAD + hlen
-    assert len(a) == len(b) and a[after:] == b[after:]
