@@ -11,6 +11,7 @@ sharing from then on.
 """
 from __future__ import annotations
 
+import array
 import os
 import stat
 import time
@@ -304,7 +305,8 @@ class Backup:
                            self._changed, self._skip)
         others = Others(s, {v: k for k, v in (self.redirect or {}).items()}, self._changed,
                         self._skip)
-        entry_of_item: dict[int, int] = {}  # walk item -> entry id
+        # walk item -> entry id (-1: none), 8 bytes an item
+        entry_of_item = array.array("q", [-1]) * len(items)
         # The unopened files of a window of the walk are encoded in one call
         # (repo/unopened.py), each run of them in a row written in one write.
         enc = None
@@ -339,8 +341,8 @@ class Backup:
                     self.listed(e.path)
                 continue
             if isinstance(item, _Link):
-                target = entry_of_item.get(item.first)
-                if target is not None:
+                target = entry_of_item[item.first]
+                if target >= 0:
                     e = entry_for(item.node, fmt.K_HARDLINK, item.node.st)
                     e.link = target
                     sink.entry(e)

@@ -159,6 +159,7 @@ class RepositorySink(Sink):
         self.segments: dict[int, Segments] = {}  # entry id -> blobs (referenced files)
         self.cur: Segments | None = None
         self.cur_entry: fmt.Entry | None = None
+        self.cur_keep = False  # the current file's ranges are kept for later ones
         self.cur_st: os.stat_result | None = None
         self.cur_ext: np.ndarray | None = None
         self.state: ClientState | None = None
@@ -313,6 +314,12 @@ class RepositorySink(Sink):
         w = self._w()
         if not self.atime:
             e.atime_ns = e.mtime_ns
+        # whether later files share this one's ranges: kept here, 0 in the
+        # manifest, whose BLOB records name blobs, not entries (a flag that
+        # flipped as a file was mapped one night and taken unopened the next
+        # would change its entry's bytes: docs/REPOSITORY.md, "The manifest")
+        keep = self.keep_all or bool(e.eflags & fmt.EF_REFERENCED)
+        e.eflags = 0
         w.entry(e)
         if e.kind != fmt.K_REG:
             return
@@ -320,6 +327,7 @@ class RepositorySink(Sink):
             w.stat(st.st_ino, st.st_ctime_ns)
         self.cur = Segments()
         self.cur_entry = e
+        self.cur_keep = keep
         self.cur_st, self.cur_ext = st, ext
 
     def cuts(self, offset: int, length: int):
@@ -376,7 +384,7 @@ class RepositorySink(Sink):
         e, cur, st = self.cur_entry, self.cur, self.cur_st
         assert e is not None and cur is not None
         self._w().end()
-        if self.keep_all or e.eflags & fmt.EF_REFERENCED:
+        if self.cur_keep:
             self.segments[e.id] = cur
         if st is not None:
             self.next_files.add(e.path, (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -26,16 +27,25 @@ DAY_NS = 86_400 * 10**9
 
 def many_files(root: Path, dirs: int = 60, per_dir: int = 50) -> Path:
     """3,000 small files in 60 directories, with names and sizes that vary
-    as a real tree's do, a hard link and a symlink."""
+    as a real tree's do, a hard link, a symlink and a reflinked copy of a
+    directory."""
     src = root / "src"
     for d in range(dirs):
         sub = src / f"pkg-{d:02d}" / ("doc" if d % 3 else "lib")
         sub.mkdir(parents=True)
         for i in range(per_dir):
             (sub / f"file-{i:03d}-{'x' * (d % 7)}.txt").write_bytes(
-                b"package %d file %d\n" % (d, i) * (1 + (d * i) % 13))
+                b"package %d file %d\n" % (d, i) * (1 + (d * i) % 13 + 400 * (d < 20)))
     os.link(src / "pkg-01" / "doc" / "file-000-x.txt", src / "pkg-01" / "hard")
     os.symlink("doc/file-001-x.txt", src / "pkg-01" / "soft")
+    # a layer that shares its files' blocks with another (a container's):
+    # read on night 1 as files later ones share with, taken from the files
+    # cache on night 2; their entries must not change for that
+    layer = src / "layer"
+    layer.mkdir()
+    for d in range(20):  # files of 8 KiB and more: in extents of their own, not inline
+        subprocess.run(["cp", "-a", "--reflink=always", src / f"pkg-{d:02d}", layer],
+                       check=True)
     return src
 
 
