@@ -597,3 +597,45 @@ def test_a_lost_state_costs_a_full_read_and_the_owner_can_name_the_parent(
     monkeypatch.setenv("CLONEAWARE_STATE_DIR", str(tmp_path / "fresher"))
     r = cli("backup", "--json", "-r", repo, "--parent", s2[:8], src)
     assert r.returncode == 0 and r.json()["bytes_read"] == 0, str(r)
+
+
+@pytest.mark.parametrize("how", ["not_ids", "missing", "short", "beside_manifest"])
+def test_a_hostile_manifest_list_is_refused_in_one_line(tmp_path, btrfs_dir, how):
+    """A snapshot whose manifest's blob list (docs/REPOSITORY.md, "Manifest
+    blobs") names a blob that is not a list of ids, a blob the repository
+    lacks, too few pieces for its manifest, or comes beside a manifest of
+    its own: restoring it fails with one line, check says so, and the sound
+    snapshot still restores."""
+    repo = tmp_path / "repo"
+    cli("init", "-r", repo, check_rc=0)
+    src = btrfs_dir / "src"
+    src.mkdir()
+    for i in range(1500):  # a manifest of several pieces, so named by a list
+        (src / f"f{i:04d}").write_bytes(b"%d\n" % i)
+    cli("backup", "-r", repo, src, check_rc=0)
+    att = Repository.open(LocalBackend(str(repo)))
+    name = next((repo / "snapshots").iterdir()).name
+    good = json.loads(att.load_object(f"snapshots/{name}", rf.K_SNAPSHOT))
+    assert good["manifest"] == [] and good["manifest_list"], good
+    pieces = att.manifest_ids(att.find(name[:8]))
+    assert len(pieces) > 1
+    att.close()
+    if how == "not_ids":  # a manifest piece, whose length is no multiple of 32
+        bad = dict(good, manifest_list=[pieces[0].hex()])
+    elif how == "missing":
+        bad = dict(good, manifest_list=["ab" * 32])
+    elif how == "short":  # the list of a far smaller manifest
+        bad = dict(good, manifest_bytes=good["manifest_bytes"] * 1000)
+    else:
+        bad = dict(good, manifest=[pieces[0].hex()])
+    oid = _plant_snapshot(repo, json.dumps(bad).encode())
+    r = cli("restore", "-r", repo, oid[:12], btrfs_dir / "bad")
+    # one line (a snapshot object refused whole is also said as passed over)
+    assert r.returncode != 0 and r.err.count("\n") == (2 if how == "beside_manifest" else 1) \
+        and all(ln.startswith("cloneaware: ") for ln in r.err.splitlines()), str(r)
+    assert not (btrfs_dir / "bad" / "src").exists()
+    r = cli("check", "-r", repo)
+    assert r.returncode != 0 and oid[:8] in r.out + r.err and "Traceback" not in r.err, str(r)
+    r = cli("restore", "-r", repo, name[:12], btrfs_dir / "dest")
+    assert r.returncode in (0, 1), str(r)  # 1: a snapshot object was passed over
+    assert_same_tree(Snapshot(src, atime=False), Snapshot(btrfs_dir / "dest" / "src"))
