@@ -388,11 +388,13 @@ def check_path(path: bytes, offset: int | None = None, version: int = WRITE_VERS
     if path.startswith(b"/"):
         raise ArchiveError(f"absolute path {path!r}", offset)
     parts = path.split(b"/")
-    for p in parts:
-        if p in (b"", b".", b".."):
-            raise ArchiveError(f"path {path!r} has an empty, '.' or '..' component", offset)
-        if len(p) > NAME_MAX:
-            raise ArchiveError(f"path {path!r} has a component over {NAME_MAX} bytes", offset)
+    # (substring tests, not a loop over the components: this runs for every
+    # entry and every index item a reader reads)
+    framed = b"/" + path + b"/"
+    if b"//" in framed or b"/./" in framed or b"/../" in framed:
+        raise ArchiveError(f"path {path!r} has an empty, '.' or '..' component", offset)
+    if len(path) > NAME_MAX and max(map(len, parts)) > NAME_MAX:
+        raise ArchiveError(f"path {path!r} has a component over {NAME_MAX} bytes", offset)
     return parts
 
 
