@@ -21,14 +21,10 @@ from cloneaware.repo import format as rf
 from cloneaware.repo import snapshots as sn
 from cloneaware.repo.backend import Backend, pack_name
 from cloneaware.repo.blobindex import BlobIndex, load_into, write
+from cloneaware.repo.blobread import read_blobs
 from cloneaware.repo.lock import Lock, Timings
 from cloneaware.repo.snapshots import Snapshot, now_rfc3339
 from cloneaware.repo.state import ClientState
-
-#: one ranged read covers blobs of a pack up to this much ...
-READ_MAX = 8 << 20
-#: ... and reads through gaps of at most this much between them
-READ_GAP = 64 << 10
 
 
 class PasswordSource(Protocol):
@@ -291,51 +287,11 @@ class Repository:
         return chosen
 
     def read_blobs(self, ids: list[bytes]) -> list[bytes]:
-        """The bytes of each blob of ``ids``, in order: the blobs that lie
-        near each other in a pack are read in one ranged read (a manifest's
-        pieces, thousands of small blobs, in a few reads)."""
+        """The bytes of each blob of ``ids``, in order, the blobs near each
+        other in a pack read in one ranged read (repo/blobread.py)."""
         if not self._index_loaded:
             self.load_index()
-        where: dict[bytes, rf.IndexEntry] = {}
-        for bid in ids:
-            e = self.index.get(bid)
-            if e is None:
-                raise RepositoryError(f"{self.where}: blob {bid.hex()} is in no index "
-                                      "(the repository is damaged; run cloneaware check)")
-            where[bid] = e
-        got: dict[bytes, bytes] = {}
-        run: list[tuple[bytes, rf.IndexEntry]] = []
-        for bid, e in sorted(where.items(), key=lambda x: (x[1].pack, x[1].offset)):
-            if run:
-                first, last = run[0][1], run[-1][1]
-                if e.pack != first.pack or e.offset - (last.offset + last.stored_length) \
-                        > READ_GAP or e.offset + e.stored_length - first.offset > READ_MAX:
-                    self._read_run(run, got)
-                    run = []
-            run.append((bid, e))
-        if run:
-            self._read_run(run, got)
-        return [got[b] for b in ids]
-
-    def _read_run(self, run: list[tuple[bytes, rf.IndexEntry]], got: dict[bytes, bytes]
-                  ) -> None:
-        first = run[0][1]
-        pid = first.pack.hex()
-        end = run[-1][1].offset + run[-1][1].stored_length
-        try:
-            raw = memoryview(self.backend.read(pack_name(pid), first.offset, end - first.offset))
-        except RepositoryError:
-            raw = memoryview(b"")
-        for bid, e in run:
-            start = e.offset - first.offset
-            try:
-                if start + e.stored_length > len(raw):
-                    raise RepositoryError("short read")
-                got[bid] = self.decode_blob(bid, e, raw[start:start + e.stored_length],
-                                            f"{self.where}: blob {bid.hex()[:16]} in pack "
-                                            f"{pid[:16]}")
-            except RepositoryError:
-                got[bid] = self.read_blob(bid)  # its own error, or another copy
+        return read_blobs(self, ids)
 
     def manifest_ids(self, snap: Snapshot) -> list[bytes]:
         """The ids of the snapshot's manifest blobs, from its blob list if it

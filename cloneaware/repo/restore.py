@@ -18,7 +18,8 @@ from cloneaware.archive.blobs import BlobCache
 from cloneaware.errors import RepositoryError
 from cloneaware.repo import format as rf
 from cloneaware.repo.backend import pack_name
-from cloneaware.repo.repository import READ_MAX, Repository
+from cloneaware.repo.blobread import READ_MAX
+from cloneaware.repo.repository import Repository
 from cloneaware.repo.snapshots import Snapshot
 from cloneaware.restore.output import RestoreSummary
 from cloneaware.restore.several import ManifestsRestore
