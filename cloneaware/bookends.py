@@ -133,6 +133,10 @@ class Bookends:
         """Look at every extent the touched files refer to in part; rewrite
         those it pays to.  ``tmp_dir``: a directory on the same filesystem
         for the unnamed copies."""
+        # committed first: LOGICAL_INO may miss a reference made moments ago
+        # (a file outside DEST that clones an extent would then go unseen,
+        # and the extent be rewritten for nothing: docs/KERNEL.md I14)
+        native.syncfs(tmp_dir)
         done: set[int] = set()
         for (tree, ino), key in list(self.touched.items()):
             self._cache.clear()
