@@ -33,29 +33,45 @@ def read_blobs(repo, ids: list[bytes]) -> list[bytes]:
             first, last = run[0][1], run[-1][1]
             if e.pack != first.pack or e.offset - (last.offset + last.stored_length) \
                     > READ_GAP or e.offset + e.stored_length - first.offset > READ_MAX:
-                _read_run(repo, run, got)
+                got.update(zip((b for b, _ in run), read_run(repo, run)))
                 run = []
         run.append((bid, e))
     if run:
-        _read_run(repo, run, got)
+        got.update(zip((b for b, _ in run), read_run(repo, run)))
     return [got[b] for b in ids]
 
 
-def _read_run(repo, run: list[tuple[bytes, rf.IndexEntry]], got: dict[bytes, bytes]) -> None:
+def read_run(repo, run: list[tuple[bytes, rf.IndexEntry]]) -> list[bytes]:
+    """The blobs of ``run`` (blob ids and their places, in one pack, in
+    increasing offsets) from one ranged read; a blob that does not decode
+    there (or a read that fails) is read from another of its copies, if
+    the index lists one (Repository.read_blob), else its error is raised.
+    Also the restore's Fetcher's read."""
     first = run[0][1]
-    pid = first.pack.hex()
     end = run[-1][1].offset + run[-1][1].stored_length
+    pid = first.pack.hex()
+    failed: RepositoryError | None = None
     try:
         raw = memoryview(repo.backend.read(pack_name(pid), first.offset, end - first.offset))
-    except RepositoryError:
-        raw = memoryview(b"")
+    except RepositoryError as ex:
+        failed, raw = ex, memoryview(b"")
+    out = []
     for bid, e in run:
-        start = e.offset - first.offset
-        try:
-            if start + e.stored_length > len(raw):
-                raise RepositoryError("short read")
-            got[bid] = repo.decode_blob(bid, e, raw[start:start + e.stored_length],
-                                        f"{repo.where}: blob {bid.hex()[:16]} in pack "
-                                        f"{pid[:16]}")
-        except RepositoryError:
-            got[bid] = repo.read_blob(bid)  # its own error, or another copy
+        err = failed
+        if err is None:
+            start = e.offset - first.offset
+            try:
+                if start + e.stored_length > len(raw):
+                    raise RepositoryError(f"{repo.where}: pack {pid[:16]} is shorter than "
+                                          "its index says")
+                out.append(repo.decode_blob(bid, e, raw[start:start + e.stored_length],
+                                            f"{repo.where}: blob {bid.hex()[:16]} in pack "
+                                            f"{pid[:16]}"))
+                continue
+            except RepositoryError as ex:
+                err = ex
+        if len(repo.index.locations(bid)) < 2:
+            raise err
+        repo.warn(f"{err}; trying another copy")
+        out.append(repo.read_blob(bid, skip=e))
+    return out

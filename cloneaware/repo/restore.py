@@ -17,8 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from cloneaware.archive.blobs import BlobCache
 from cloneaware.errors import RepositoryError
 from cloneaware.repo import format as rf
-from cloneaware.repo.backend import pack_name
-from cloneaware.repo.blobread import READ_MAX
+from cloneaware.repo.blobread import READ_MAX, read_run
 from cloneaware.repo.repository import Repository
 from cloneaware.repo.snapshots import Snapshot
 from cloneaware.restore.output import RestoreSummary
@@ -97,35 +96,8 @@ class Fetcher(IndexBlobs):
             yield group
 
     def _read(self, group: list[tuple[bytes, rf.IndexEntry]]) -> list[bytes]:
-        """The blobs of one ranged read; a blob that does not decode there
-        (or a read that fails) is read from another of its copies, if the
-        index lists one (Repository.read_blob)."""
-        first = group[0][1]
-        end = group[-1][1].offset + group[-1][1].stored_length
-        pid = first.pack.hex()
-        idx = self.repo.index
-        failed: RepositoryError | None = None
-        try:
-            raw = self.repo.backend.read(pack_name(pid), first.offset, end - first.offset)
-        except RepositoryError as ex:
-            failed, raw = ex, b""
-        out = []
-        for bid, e in group:
-            err = failed
-            if err is None:
-                start = e.offset - first.offset
-                try:
-                    out.append(self.repo.decode_blob(
-                        bid, e, memoryview(raw)[start:start + e.stored_length],
-                        f"{self.repo.where}: blob {bid.hex()[:16]} in pack {pid[:16]}"))
-                    continue
-                except RepositoryError as ex:
-                    err = ex
-            if len(idx.locations(bid)) < 2:
-                raise err
-            self.repo.warn(f"{err}; trying another copy")
-            out.append(self.repo.read_blob(bid, skip=e))
-        return out
+        """The blobs of one ranged read (repo/blobread.py read_run)."""
+        return read_run(self.repo, group)
 
     def _fill(self) -> None:
         while self.ahead < WINDOW:

@@ -58,8 +58,6 @@ class ManifestOut:
         #: the blobs of the ids' blob list, when there is one
         self.list_ids: list[bytes] = []
         self.total = 0
-        #: manifest blobs the repository already had (the unchanged parts)
-        self.known = 0
         self.zstd = zstandard.ZstdCompressor(level=3)
 
     def write(self, b) -> int:
@@ -85,8 +83,7 @@ class ManifestOut:
     def _emit(self, chunk: bytes, into: list[bytes] | None = None) -> None:
         bid = self.repo.crypto.blob_id(chunk)
         (self.ids if into is None else into).append(bid)
-        if self.packer.known(bid):
-            self.known += 1
+        if self.packer.known(bid):  # an unchanged part: stored by an earlier night
             return
         self.packer.add(bid, rf.T_TREE, len(chunk), b"" if self.dry_run else
                         self.repo.encode_blob(rf.T_TREE, bid, chunk, self.zstd))
