@@ -346,12 +346,17 @@ def sync_file_range_write(fd, offset: int, length: int, path=None) -> None:
         _raise(rc, path)
 
 
-def cdc_cut(buf, min_len: int, max_len: int, bits: int) -> int:
-    """The length of the first content-defined piece of ``buf`` (a gear
-    rolling hash, docs/REPOSITORY.md "Manifest blobs"): more than
-    ``min_len`` and at most ``max_len`` bytes; 0 if ``buf`` holds no cut
-    (it is shorter than ``max_len``)."""
-    return int(lib.ca_cdc_cut(ffi.from_buffer(buf), len(buf), min_len, max_len, bits))
+def manifest_cut(buf, first: int, min_len: int, max_len: int, bits: int, final: bool
+                 ) -> tuple[int, int]:
+    """The length of the first manifest piece of ``buf``, cut on content at a
+    record boundary (docs/REPOSITORY.md, "Manifest blobs"), and where the first
+    record starts in the bytes after it; ``first``: where the first record
+    starts in ``buf``.  (0, 0) if ``buf`` is too short to decide and not
+    ``final``."""
+    nxt = ffi.new("uint64_t *")
+    n = lib.ca_manifest_cut(ffi.from_buffer(buf), len(buf), first, min_len, max_len, bits,
+                            int(final), nxt)
+    return int(n), int(nxt[0])
 
 
 #: bytes of one ``struct ca_reg`` and one ``struct ca_seg``

@@ -470,20 +470,46 @@ uint64_t ca_gear(unsigned int i)
     return gear[i & 255];
 }
 
-size_t ca_cdc_cut(const uint8_t *buf, size_t len, size_t min_len, size_t max_len,
-                  unsigned int bits)
+static size_t gear_cut(const uint8_t *buf, size_t end, size_t min_len, unsigned int bits)
 {
     uint64_t mask = bits ? ~0ULL << (64 - bits) : 0, h = 0;
-    size_t end = len < max_len ? len : max_len;
     size_t i = min_len > 64 ? min_len - 64 : 0;
-    if (len <= min_len)
-        return 0;
     for (; i < end; i++) {
         h = (h << 1) + gear[buf[i]];
         if (i + 1 >= min_len && !(h & mask))
             return i + 1;
     }
-    return len >= max_len ? max_len : 0;
+    return end;
+}
+
+size_t ca_manifest_cut(const uint8_t *buf, size_t len, uint64_t first, size_t min_len,
+                       size_t max_len, unsigned int bits, int final, uint64_t *next)
+{
+    size_t end = len < max_len ? len : max_len, c, cut;
+    uint64_t r = first, last = 0;
+    *next = 0;
+    if (len == 0 || (!final && len < max_len))
+        return 0;
+    c = end > min_len ? gear_cut(buf, end, min_len, bits) : end;
+    if (first > 0 && first <= end)
+        last = first;
+    while (r < c && r + 8 <= len) {
+        uint32_t l = (uint32_t)buf[r + 4] | (uint32_t)buf[r + 5] << 8 |
+                     (uint32_t)buf[r + 6] << 16 | (uint32_t)buf[r + 7] << 24;
+        r += 12 + (uint64_t)l;
+        if (r <= end)
+            last = r;
+    }
+    if (r >= c && r <= end)
+        cut = r;
+    else if (last)
+        cut = last;
+    else {
+        cut = end;
+        if (r > end)
+            *next = r - end;
+    }
+    return cut;
 }
 
 /* --- manifest records of files taken from the files cache, in batches ----- */

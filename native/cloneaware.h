@@ -117,11 +117,17 @@ int ca_renameat2(int olddirfd, const char *oldpath, int newdirfd,
                  const char *newpath, unsigned int flags);
 /* The gear table of the content-defined cuts: entry i. */
 uint64_t ca_gear(unsigned int i);
-/* The first content-defined cut in buf[0 .. len): its length, at least
- * min_len + 1 and at most max_len; 0 if there is none in fewer than max_len
- * bytes (more bytes may make one). */
-size_t ca_cdc_cut(const uint8_t *buf, size_t len, size_t min_len, size_t max_len,
-                  unsigned int bits);
+/* The length of the first manifest piece in buf[0 .. len) (docs/REPOSITORY.md,
+ * "Manifest blobs"): the gear hash's cut (at least min_len bytes in, else
+ * max_len) moved on to the first record boundary at or after it; if that is
+ * beyond max_len, the last record boundary before; max_len when no record ends
+ * in the first max_len bytes.  Records are framed (docs/FORMAT.md): an 8-byte
+ * header whose u32 at 4 is the payload length, the payload, a 4-byte CRC; the
+ * first starts at `first`.  `final`: buf holds the rest of the manifest, else
+ * 0 is returned while len < max_len.  *next: where the first record starts in
+ * the bytes after the cut. */
+size_t ca_manifest_cut(const uint8_t *buf, size_t len, uint64_t first, size_t min_len,
+                       size_t max_len, unsigned int bits, int final, uint64_t *next);
 
 /* One regular file taken from the files cache (cloneaware/repo/sink.py). */
 struct ca_reg {

@@ -15,6 +15,7 @@ from cloneaware.errors import RepositoryError
 from cloneaware.repo import format as rf
 from cloneaware.repo.backend import pack_name
 from cloneaware.repo.packer import Packer
+from cloneaware.repo.pieces import PieceWalk
 from cloneaware.repo.repository import Repository
 from cloneaware.repo.snapshots import Snapshot
 from cloneaware.repo.survey import Record, survey
@@ -23,12 +24,23 @@ ORPHAN_GRACE = 3600  # seconds: packs no index lists are kept this long
 
 
 def used_blobs(repo: Repository, snaps: list[Snapshot]) -> set[bytes]:
-    """Every blob some snapshot needs: its manifest's, and those it names."""
+    """Every blob some snapshot needs: its manifest's, and those it names
+    (each distinct manifest piece walked once, repo/pieces.py; a snapshot
+    the walk cannot follow decoded whole)."""
     used = _UsedBlobs()
+    walk = PieceWalk(repo)
+    seen: set[int] = set()
     for s in snaps:
         used.ids.update(s.manifest_list)
         used.ids.update(repo.manifest_ids(s))
-        dispatch(used, Stream(io.BytesIO(repo.manifest(s)), check_hashes=False).events())
+        pieces = walk.walk(s)
+        if pieces is None:
+            dispatch(used, Stream(io.BytesIO(repo.manifest(s)), check_hashes=False).events())
+            continue
+        for p in pieces:
+            if id(p) not in seen:
+                seen.add(id(p))
+                used.ids.update(r[0] for r in p.ranges)
     return used.ids
 
 

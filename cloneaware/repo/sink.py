@@ -58,6 +58,8 @@ class ManifestOut:
         #: the blobs of the ids' blob list, when there is one
         self.list_ids: list[bytes] = []
         self.total = 0
+        #: where the first record starts in ``buf`` (after the magic)
+        self.first = len(fmt.MAGIC)
         self.zstd = zstandard.ZstdCompressor(level=3)
 
     def write(self, b) -> int:
@@ -72,8 +74,9 @@ class ManifestOut:
         pos = 0
         try:
             while len(view) - pos >= (1 if final else rf.MANIFEST_CUT_MAX):
-                n = native.cdc_cut(view[pos:], rf.MANIFEST_CUT_MIN, rf.MANIFEST_CUT_MAX,
-                                   rf.MANIFEST_CUT_BITS) or len(view) - pos
+                n, self.first = native.manifest_cut(
+                    view[pos:], self.first, rf.MANIFEST_CUT_MIN, rf.MANIFEST_CUT_MAX,
+                    rf.MANIFEST_CUT_BITS, final)
                 self._emit(bytes(view[pos:pos + n]))
                 pos += n
         finally:
