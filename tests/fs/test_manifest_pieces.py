@@ -18,6 +18,7 @@ import zstandard
 from helpers.cli import cli, cli_json
 from helpers.treeutil import Snapshot, assert_same_tree
 
+from cloneaware.archive import format as fmt
 from cloneaware.archive.events import BlobEvent
 from cloneaware.archive.reader import Stream
 from cloneaware.repo import format as rf
@@ -78,10 +79,25 @@ def test_every_night_is_walked_piece_by_piece_and_agrees_with_the_reader(btrfs_d
     assert first["pieces"] == walk.walked
 
 
-def _recut(repo: Path, every: int) -> str:
-    """The last snapshot again, its manifest cut every ``every`` bytes (as
-    another writer may cut it: readers only concatenate), under a new
-    snapshot object.  Its id."""
+def _cuts(manifest: bytes, rtype: int, into: int) -> list[int]:
+    """Offsets ``into`` bytes inside every fifth record of type ``rtype``,
+    found by hopping over the records' frames (docs/FORMAT.md)."""
+    out, pos, seen = [], len(fmt.MAGIC), 0
+    while pos < len(manifest):
+        t, _flags, length = fmt.FRAME.unpack_from(manifest, pos)
+        if t == rtype:
+            seen += 1
+            if seen % 5 == 0:
+                out.append(pos + into)
+        pos += fmt.FRAME_OVERHEAD + length
+    assert pos == len(manifest) and len(out) > 50, (pos, len(out))
+    return out
+
+
+def _recut(repo: Path, rtype: int, into: int) -> str:
+    """The last snapshot again, its manifest cut inside records (as another
+    writer may cut it: readers only concatenate), under a new snapshot
+    object.  Its id."""
     att = Repository.open(LocalBackend(str(repo)))
     att.load_index()
     snap = att.snapshots()[-1]
@@ -89,8 +105,9 @@ def _recut(repo: Path, every: int) -> str:
     packer = Packer(att, 1)
     z = zstandard.ZstdCompressor()
     ids = []
-    for i in range(0, len(manifest), every):
-        chunk = manifest[i:i + every]
+    bounds = [0, *_cuts(manifest, rtype, into), len(manifest)]
+    for a, b in zip(bounds, bounds[1:]):
+        chunk = manifest[a:b]
         bid = att.crypto.blob_id(chunk)
         ids.append(bid)
         if not packer.known(bid):
@@ -100,22 +117,25 @@ def _recut(repo: Path, every: int) -> str:
     data = dict(snap.data, manifest=[b.hex() for b in ids], time_ns=snap.time_ns + 1)
     data.pop("manifest_list", None)
     new = att.save_snapshot(data)
-    # the walk cannot follow it (BLOB records across pieces): decoded whole
+    # the walk cannot follow it: decoded whole
     assert PieceWalk(att).walk(new) is None
     att.close()
     return new.id
 
 
-def test_prune_keeps_what_a_manifest_cut_inside_records_names(btrfs_dir, tmp_path):
-    """A snapshot whose pieces end inside BLOB records (cut every 997
-    bytes), the only one left after its original is forgotten: prune
-    keeps every blob it names, and it restores exactly."""
+@pytest.mark.parametrize("inside", ["blob", "header"])
+def test_prune_keeps_what_a_manifest_cut_inside_records_names(btrfs_dir, tmp_path, inside):
+    """A snapshot whose pieces end inside BLOB records, or inside ENTRY
+    records' headers, the only one left after its original is forgotten:
+    prune keeps every blob it names, and it restores exactly (without the
+    walk's refusal of a BLOB record across pieces, prune dropped blobs and
+    the restore failed)."""
     repo = tmp_path / "repo"
     cli("init", "-r", repo, "--pack-size", "1", check_rc=0)
     src = _tree(btrfs_dir)
     cli("backup", "-r", repo, src, check_rc=0)
     orig = next((repo / "snapshots").iterdir())
-    recut = _recut(repo, 997)
+    recut = _recut(repo, *((fmt.T_BLOB, 20) if inside == "blob" else (fmt.T_ENTRY, 5)))
     orig.unlink()  # the original forgotten: its pieces are no longer needed
     out = cli_json("prune", "--json", "-r", repo)
     assert out["blobs_removed"] > 0, out  # the original's pieces went
