@@ -19,7 +19,15 @@ tool's process (wait4's ru_maxrss).
 - night 3: one 2-byte file added; the bytes each repository grew by;
 - restore of night 2 from the repository onto XFS: cloneaware, restic;
 - an archive: ``cloneaware backup -o`` beside ``tar -c``, and its restore
-  onto XFS beside ``tar -x``.
+  onto XFS beside ``tar -x``;
+- check: ``cloneaware check`` and ``restic check`` of a repository holding
+  one night of a ``--check-files``-file part of the tree, and again once it
+  holds 60 nights (one file changed each night): the target is 60 within
+  2x of one;
+- scale: ``--scale-files`` small synthetic files (1,000,000; 0 to skip) in
+  a subvolume of their own, cloneaware alone: night 1, night 2 (3,000
+  files changed) and the restore onto XFS, with seconds and peak memory
+  per file.
 
 restic and Borg are Debian's packages, repositories without encryption as
 cloneaware's.
@@ -232,7 +240,75 @@ def run_bench(args, root: Path, mounted: list) -> dict:
     shutil.rmtree(xfs.path / "tar")
     res["archive_bytes"] = arch.stat().st_size
     res["tar_bytes"] = tarf.stat().st_size
+    res["check"] = check_nights(args, layer0, src_fs.path / "small", disk.path, ca, env)
+    if args.scale_files:
+        res["scale"] = scale_point(args.scale_files, src_fs.path / "scale", disk.path,
+                                   xfs.path, ca, env)
     return res
+
+
+def scale_point(count: int, top: Path, disk: Path, xfs: Path, ca: list, env: dict) -> dict:
+    """Night 1, night 2 and the restore of ``count`` small files."""
+    b.run(["btrfs", "-q", "subvolume", "create", top])
+    b.log(f"scale: making {count} files")
+    per = 1000
+    for d in range(0, count, per):
+        sub = top / f"d{d // per // 100:03d}" / f"{d // per:05d}"
+        sub.mkdir(parents=True)
+        for i in range(d, min(d + per, count)):
+            with open(sub / f"f{i:07d}.txt", "wb") as f:
+                f.write(b"small file %d\n" % i * (1 + i % 97))
+    os.sync()
+    repo = disk / "ca-scale"
+    b.run(ca + ["init", "-r", repo], env=env)
+    rows = {}
+    for night in (1, 2):
+        if night == 2:
+            for i in range(0, count, max(1, count // 3000)):
+                d = i // per
+                with open(top / f"d{d // 100:03d}" / f"{d:05d}" / f"f{i:07d}.txt", "ab") as f:
+                    f.write(b"night 2\n")
+            (top / "new.txt").write_bytes(b"x\n")
+            os.sync()
+        b.log(f"scale: night {night}")
+        rows[f"night {night}"] = run_peak(ca + ["backup", "-q", "-r", repo, top], env=env)
+    b.log("scale: restore -r")
+    rows["restore -r"] = run_peak(ca + ["restore", "-q", "-r", repo, "latest", xfs / "scale"],
+                                  env=env)
+    shutil.rmtree(xfs / "scale")
+    b.run(["btrfs", "-q", "subvolume", "delete", top])
+    return {"files": count, "rows": rows}
+
+
+def check_nights(args, layer0: Path, small: Path, disk: Path, ca: list, env: dict) -> dict:
+    """Seconds of check with 1 and with 60 nights in the repository."""
+    n = 0
+    for dirpath, dirs, names in os.walk(layer0):
+        dirs.sort()
+        for name in sorted(names):
+            p = Path(dirpath, name)
+            if n < args.check_files and p.is_file() and not p.is_symlink():
+                dst = small / p.relative_to(layer0)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(p, dst)
+                n += 1
+    repos = {"cloneaware": disk / "ca-check", "restic": disk / "restic-check"}
+    b.run(ca + ["init", "-r", repos["cloneaware"]], env=env)
+    b.run(["restic", "init", "--repo", repos["restic"]], env=env)
+    backup = {"cloneaware": ca + ["backup", "-q", "-r", repos["cloneaware"], small],
+              "restic": ["restic", "backup", "--repo", repos["restic"], "--quiet", small]}
+    check = {"cloneaware": ca + ["check", "-q", "-r", repos["cloneaware"]],
+             "restic": ["restic", "check", "--repo", repos["restic"]]}
+    out: dict = {"files": n, "cloneaware": {}, "restic": {}}
+    b.log(f"check: 60 nights of {n} files")
+    for night in range(1, 61):
+        (small / "night.txt").write_text(f"night {night}\n")
+        for tool in backup:
+            b.run(backup[tool], env=env)
+        if night in (1, 60):
+            for tool in check:
+                out[tool][night] = run_peak(check[tool], env=env)["seconds"]
+    return out
 
 
 def ratios(res: dict) -> dict:
@@ -278,6 +354,22 @@ def table(res: dict) -> str:
     out.append(f"{'night 3 growth, cloneaware':<36} "
                f"{res['growth']['cloneaware'] / 1024:>7.0f}K {'<= 64K':>8}  "
                f"{'met' if res['growth']['cloneaware'] <= 64 * 1024 + 2 else 'MISSED'}")
+    c = res["check"]
+    out.append(f"\ncheck, {c['files']} files:  1 night   60 nights   60 / 1")
+    for tool in ("cloneaware", "restic"):
+        out.append(f"  {tool:<12} {c[tool][1]:>8.2f}s {c[tool][60]:>9.2f}s "
+                   f"{c[tool][60] / c[tool][1]:>8.2f}")
+    r60 = c["cloneaware"][60] / c["cloneaware"][1]
+    out.append(f"{'check of 60 nights / of one':<36} {r60:>8.3f} {'<= 2':>8}  "
+               f"{'met' if r60 <= 2 else 'MISSED'}")
+    if "scale" in res:
+        sc = res["scale"]
+        out.append(f"\nscale, {sc['files']} small files, cloneaware:  seconds  peak MiB  "
+                   "us/file  bytes/file")
+        for k, v in sc["rows"].items():
+            out.append(f"  {k:<12} {v['seconds']:>24.1f} {v['peak_mib']:>9.0f} "
+                       f"{v['seconds'] * 1e6 / sc['files']:>8.1f} "
+                       f"{v['peak_mib'] * MiB / sc['files']:>11.0f}")
     out.append(f"\narchive {res['archive_bytes'] / MiB:.0f} MiB, tar {res['tar_bytes'] / MiB:.0f}"
                f" MiB; restored usage (cloneaware, df of the XFS) "
                f"{res['restored_usage_cloneaware'] / MiB:.0f} MiB")
@@ -291,6 +383,10 @@ def main() -> int:
     ap.add_argument("--copies", type=int, default=3, help="reflinked copies (3)")
     ap.add_argument("--changed", type=int, default=3000, help="files changed on night 2")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--check-files", type=int, default=4600,
+                    help="files of the tree the check of 60 nights backs up (4600)")
+    ap.add_argument("--scale-files", type=int, default=1_000_000,
+                    help="small files of the scale point (1000000; 0: none)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     return b.tool_main(args, ["restic", "borg", "btrfs", "tar"], "make bench-files",

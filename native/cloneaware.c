@@ -505,9 +505,9 @@ size_t ca_manifest_cut(const uint8_t *buf, size_t len, uint64_t first, size_t mi
     else if (last)
         cut = last;
     else {
-        cut = end;
-        if (r > end)
-            *next = r - end;
+        cut = c;  /* inside a record longer than the piece: where the hash says */
+        if (r > c)
+            *next = r - c;
     }
     return cut;
 }

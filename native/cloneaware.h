@@ -120,8 +120,8 @@ uint64_t ca_gear(unsigned int i);
 /* The length of the first manifest piece in buf[0 .. len) (docs/REPOSITORY.md,
  * "Manifest blobs"): the gear hash's cut (at least min_len bytes in, else
  * max_len) moved on to the first record boundary at or after it; if that is
- * beyond max_len, the last record boundary before; max_len when no record ends
- * in the first max_len bytes.  Records are framed (docs/FORMAT.md): an 8-byte
+ * beyond max_len, the last record boundary before; the hash's cut when no
+ * record ends in the first max_len bytes (a record longer than a piece).  Records are framed (docs/FORMAT.md): an 8-byte
  * header whose u32 at 4 is the payload length, the payload, a 4-byte CRC; the
  * first starts at `first`.  `final`: buf holds the rest of the manifest, else
  * 0 is returned while len < max_len.  *next: where the first record starts in

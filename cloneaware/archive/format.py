@@ -56,6 +56,10 @@ V3_TYPES = (T_BLOB, T_STAT)
 #: The largest blob of a repository (docs/REPOSITORY.md)
 BLOB_MAX = 4 << 20
 ANCILLARY_LIMIT = 16 << 20
+#: the writer ends an INDEX record after an item whose path's CRC-32 is a
+#: multiple of this (about 64 items a record), so that an entry added or
+#: removed changes one INDEX record, not every one after it
+INDEX_CUT = 64
 
 FRAME = struct.Struct("<HHI")
 CRC = struct.Struct("<I")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import array
 import time
+import zlib
 
 from cloneaware import __version__
 from cloneaware.archive import format as fmt
@@ -173,6 +174,10 @@ class Writer:
                 buf, size = [], 0
             buf.append(b)
             size += len(b)
+            if zlib.crc32(path) % fmt.INDEX_CUT == 0:  # a record ends where the paths say
+                self._write(fmt.frame(fmt.T_INDEX, b"".join(buf)))
+                records += 1
+                buf, size = [], 0
         if buf or records == 0:
             self._write(fmt.frame(fmt.T_INDEX, b"".join(buf)))
             records += 1

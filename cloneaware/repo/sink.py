@@ -70,6 +70,15 @@ class ManifestOut:
         return len(b)
 
     def _cut(self, final: bool) -> None:
+        if not self.ids:  # the first piece: the magic and the HEADER (its time changes nightly)
+            head = len(fmt.MAGIC) + fmt.FRAME.size
+            if len(self.buf) >= head:
+                head += int.from_bytes(self.buf[head - 4:head], "little") + fmt.CRC.size
+            if len(self.buf) < head and not final:
+                return
+            self._emit(bytes(self.buf[:head]))
+            del self.buf[:head]
+            self.first = 0
         view = memoryview(self.buf)
         pos = 0
         try:

@@ -18,6 +18,10 @@ from helpers.cli import cli
 from helpers.space import Usage
 from helpers.treeutil import Snapshot, assert_same_tree
 
+from cloneaware.archive import format as fmt
+from cloneaware.repo import format as rf
+from cloneaware.repo.backend import LocalBackend
+from cloneaware.repo.repository import Repository
 from cloneaware.testing import timeout
 
 pytestmark = pytest.mark.root
@@ -62,6 +66,39 @@ def backup(repo: Path, src: Path, *opts) -> dict:
     return json.loads(r.stdout)
 
 
+def manifest_pieces(repo: Path) -> dict[bytes, int]:
+    """The repository's manifest blobs (type 2) and their raw lengths, from
+    its index objects."""
+    att = Repository.open(LocalBackend(str(repo)))
+    try:
+        att.load_index()
+        return {bid: e.raw_length for bid, e in att.index.items() if e.type == rf.T_TREE}
+    finally:
+        att.close()
+
+
+def index_piece_bytes(repo: Path, new: set[bytes]) -> dict:
+    """The length of the last snapshot's INDEX (FOOTER to INDEX), and the
+    bytes of the pieces in ``new`` that hold some of it."""
+    att = Repository.open(LocalBackend(str(repo)))
+    try:
+        att.load_index()
+        snap = att.snapshots()[-1]
+        ids = att.manifest_ids(snap)
+        manifest = att.manifest(snap)
+        footer = len(manifest) - fmt.FOOTER_SIZE
+        start = fmt.Footer.decode(manifest[footer + 8:-4], footer).index_offset
+        off, got = 0, 0
+        for bid in ids:
+            n = att.index.get(bid).raw_length
+            if bid in new and off + n > start and off < footer:
+                got += min(off + n, footer) - max(off, start)
+            off += n
+        return {"index": footer - start, "new": got}
+    finally:
+        att.close()
+
+
 def manifest_bytes(repo: Path) -> int:
     r = cli("snapshots", "--json", "-r", repo, check_rc=0)
     return json.loads(r.stdout)[-1]["manifest_bytes"]
@@ -80,9 +117,11 @@ def test_a_night_that_adds_one_file_stores_a_few_kib(btrfs_dir, loopfs, atime):
     age_directories(src)
     (src / "pkg-31" / "doc" / "new.conf").write_bytes(b"1\n")
     time.sleep(0.25)  # past the files cache's racy margin
+    before = manifest_pieces(repo)
     with Usage(repo_fs.path) as u:
         s2 = backup(repo, src, *opts)
     assert s2["bytes_read"] == 2, s2
+    new = [b for b in manifest_pieces(repo) if b not in before]
     if atime:
         # every directory's entry changed (its atime moved), so nearly every
         # piece of the manifest is new: what the default is spared
@@ -91,6 +130,10 @@ def test_a_night_that_adds_one_file_stores_a_few_kib(btrfs_dir, loopfs, atime):
     # the new file's blob, the few manifest pieces it changed, the snapshot,
     # an index and a pack: not the 3,000 unchanged entries again
     assert u.delta <= 64 << 10, (u.delta, whole)
+    # nor the INDEX after the new item, which compresses well enough to hide
+    # in the bound: its pieces are cut where the content says, not on a grid
+    index_new = index_piece_bytes(repo, set(new))
+    assert index_new["new"] <= index_new["index"] // 4, index_new
     dest = btrfs_dir / "dest"
     cli("restore", "-r", repo, "latest", dest, check_rc=0, timeout=timeout(300))
     assert_same_tree(Snapshot(src, atime=False), Snapshot(dest / "src"))
