@@ -70,11 +70,13 @@ class ManifestOut:
         return len(b)
 
     def _cut(self, final: bool) -> None:
-        if not self.ids:  # the first piece: the magic and the HEADER (its time changes nightly)
+        if not self.ids and not final:
+            # the first piece of a manifest longer than a piece: the magic and
+            # the HEADER (its time changes nightly)
             head = len(fmt.MAGIC) + fmt.FRAME.size
             if len(self.buf) >= head:
                 head += int.from_bytes(self.buf[head - 4:head], "little") + fmt.CRC.size
-            if len(self.buf) < head and not final:
+            if len(self.buf) < head:
                 return
             self._emit(bytes(self.buf[:head]))
             del self.buf[:head]
