@@ -19,7 +19,7 @@ from cloneaware.archive.reader import Stream
 from cloneaware.errors import ArchiveError, RepositoryError
 from cloneaware.repo import format as rf
 from cloneaware.repo.backend import pack_name
-from cloneaware.repo.pieces import PieceWalk
+from cloneaware.repo.pieces import Piece, PieceWalk
 from cloneaware.repo.repository import Repository
 from cloneaware.repo.snapshots import Snapshot
 from cloneaware.repo.survey import survey
@@ -96,23 +96,20 @@ def check(repo: Repository, read_data: bool = False) -> CheckResult:
 def _sound(repo: Repository, walk: PieceWalk, snap: Snapshot) -> bool:
     """Whether the piece walk (repo/pieces.py) follows the snapshot's
     manifest and finds every BLOB range in the index, inside its blob."""
+
+    def judge(p: Piece) -> None:
+        p.bad = False
+        for bid, boff, length in p.ranges:
+            ie = repo.index.get(bid)
+            if ie is None or boff + length > ie.raw_length:
+                p.bad = True
+                return
+
     try:
-        pieces = walk.walk(snap)
+        pieces = walk.walk(snap, judge)
     except (RepositoryError, ArchiveError):
         return False
-    if pieces is None:
-        return False
-    for p in pieces:
-        if p.bad is None:
-            p.bad = False
-            for bid, boff, length in p.ranges:
-                ie = repo.index.get(bid)
-                if ie is None or boff + length > ie.raw_length:
-                    p.bad = True
-                    break
-        if p.bad:
-            return False
-    return True
+    return pieces is not None and not any(p.bad for p in pieces)
 
 
 def check_pack(repo: Repository, pid: str, indexed: list | None) -> list[str]:

@@ -21,6 +21,7 @@ magic, lengths that do not end where the manifest ends.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cloneaware.archive import format as fmt
@@ -38,7 +39,8 @@ class Piece:
     """What one manifest piece yields when its first record starts at a
     given offset."""
 
-    #: (blob id, offset in the blob, length) of each BLOB record
+    #: (blob id, offset in the blob, length) of each BLOB record; emptied
+    #: once PieceWalk.walk has given the piece to its ``take``
     ranges: list[tuple[bytes, int, int]]
     #: where the first record starts in the next piece; -1 when the walk
     #: cannot go on from here
@@ -88,9 +90,13 @@ class PieceWalk:
         self.walked = 0
         self.read = 0
 
-    def walk(self, snap: Snapshot) -> list[Piece] | None:
+    def walk(self, snap: Snapshot, take: Callable[[Piece], None] | None = None
+             ) -> list[Piece] | None:
         """The pieces of ``snap``'s manifest, in order, or None if the walk
-        cannot follow them (decode the manifest whole).  Raises what reading
+        cannot follow them (decode the manifest whole).  ``take`` is given
+        each piece as it is first walked, with its ranges, which are then
+        dropped (the memo keeps what a piece yields, not its ranges: a
+        million-file tree's would be hundreds of MiB).  Raises what reading
         the pieces raises (RepositoryError)."""
         ids = self.repo.manifest_ids(snap)
         known = {k[0] for k in self.memo}
@@ -102,8 +108,8 @@ class PieceWalk:
         for bid in ids:
             p = self.memo.get((bid, start))
             if p is None:
-                raw = data.get(bid)
-                if raw is None:
+                raw = data.pop(bid, None)
+                if raw is None:  # a piece met again at another start
                     raw = self.repo.read_blobs([bid])[0]
                     self.read += 1
                 if start < 0:
@@ -112,6 +118,9 @@ class PieceWalk:
                     p = walk_piece(raw, start)
                 self.memo[(bid, start)] = p
                 self.walked += 1
+                if take is not None:
+                    take(p)
+                p.ranges = []
             out.append(p)
             if p.next < 0:
                 return None

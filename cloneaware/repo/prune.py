@@ -29,18 +29,13 @@ def used_blobs(repo: Repository, snaps: list[Snapshot]) -> set[bytes]:
     the walk cannot follow decoded whole)."""
     used = _UsedBlobs()
     walk = PieceWalk(repo)
-    seen: set[int] = set()
     for s in snaps:
         used.ids.update(s.manifest_list)
         used.ids.update(repo.manifest_ids(s))
-        pieces = walk.walk(s)
-        if pieces is None:
+        # a walk that stops part way has named real blobs of the pieces it
+        # walked: kept, and the whole decode adds the rest
+        if walk.walk(s, lambda p: used.ids.update(r[0] for r in p.ranges)) is None:
             dispatch(used, Stream(io.BytesIO(repo.manifest(s)), check_hashes=False).events())
-            continue
-        for p in pieces:
-            if id(p) not in seen:
-                seen.add(id(p))
-                used.ids.update(r[0] for r in p.ranges)
     return used.ids
 
 
