@@ -10,13 +10,17 @@ import typer
 
 from cloneaware.cli.common import Command, app, handled, human, progress, report
 from cloneaware.cli.options import (
+    HostSelOpt,
     JsonOpt,
     NoProgressOpt,
     PasswordOpt,
+    PathSelOpt,
     QuietOpt,
     RepoOpt,
     RshOpt,
     S3EndpointOpt,
+    TagSelOpt,
+    choose,
     opened,
     repo_for,
 )
@@ -36,6 +40,9 @@ def ls_cmd(
         "still no file data).")] = False,
     as_json: JsonOpt = False,
     repo: RepoOpt = None,
+    host: HostSelOpt = None,
+    path: PathSelOpt = None,
+    tag: TagSelOpt = None,
     password_file: PasswordOpt = None,
     rsh: RshOpt = None,
     s3_endpoint: S3EndpointOpt = None,
@@ -64,7 +71,7 @@ def ls_cmd(
         if repo:
             with opened(repo, password_file, rsh, s3_endpoint,
                         lock="shared", operation="ls") as r:
-                snap = r.find(targets[0])
+                snap = choose(r, targets[:1], host, path, tag)[0]
                 c = read_contents(io.BytesIO(r.manifest(snap)), long)
                 snap_info = snap.to_json()
         else:
@@ -112,6 +119,9 @@ def diff(
         "-r two snapshots (ids, unique prefixes, or latest).")],
     as_json: JsonOpt = False,
     repo: RepoOpt = None,
+    host: HostSelOpt = None,
+    path: PathSelOpt = None,
+    tag: TagSelOpt = None,
     password_file: PasswordOpt = None,
     rsh: RshOpt = None,
     s3_endpoint: S3EndpointOpt = None,
@@ -137,9 +147,8 @@ def diff(
         if repo:
             with opened(repo, password_file, rsh, s3_endpoint,
                         lock="shared", operation="diff") as r:
-                snaps = r.snapshots()
-                a, b = (read_contents(io.BytesIO(r.manifest(r.find(t, snaps))), True,
-                                      blobs=True) for t in targets)
+                a, b = (read_contents(io.BytesIO(r.manifest(s)), True, blobs=True)
+                        for s in choose(r, targets, host, path, tag))
         else:
             got = []
             for t in targets:

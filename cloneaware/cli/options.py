@@ -78,3 +78,35 @@ def repo_for(args: list[str], repo: str | None) -> str | None:
     if not env or first == "-" or first.startswith("ssh://") or os.path.exists(first):
         return None
     return env
+
+
+HostSelOpt = Annotated[str | None, typer.Option(
+    "--host", metavar="NAME",
+    help="With -r: choose among this host's snapshots (latest: its last).")]
+PathSelOpt = Annotated[list[str] | None, typer.Option(
+    "--path", metavar="PATH",
+    help="With -r: choose among the snapshots whose PATHs include PATH (repeatable: "
+    "all of them).")]
+TagSelOpt = Annotated[list[str] | None, typer.Option(
+    "--tag", metavar="TAG[,TAG...]",
+    help="With -r: choose among the snapshots that hold TAG (a,b: both; repeated: "
+    "either).")]
+
+
+def choose(r, specs: list[str], host: str | None, paths: list[str] | None,
+           tags: list[str] | None, unique: bool = False) -> list:
+    """The snapshots ``specs`` name (ids, prefixes, latest) among those the
+    filters leave (``unique``: each once, as Repository.find_all); where
+    'latest' chose among several backup sets (hosts and PATHs), which one
+    it chose is said on stderr (not with -q)."""
+    from cloneaware.cli.common import err, flags
+    from cloneaware.repo.snapshots import Filter, chosen
+
+    snaps = r.snapshots()
+    filt = Filter.of(host, paths, tags)
+    out = r.find_all(specs, snaps, filt) if unique else \
+        [r.find(spec, snaps, filt=filt) for spec in specs]
+    if "latest" in specs and not flags.quiet and \
+            len({(s.hostname, tuple(s.paths)) for s in snaps}) > 1:
+        err(chosen(r.find("latest", snaps, filt=filt)))
+    return out

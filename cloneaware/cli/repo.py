@@ -10,13 +10,17 @@ import typer
 from cloneaware.cli.common import Command, app, err, flags, handled, human, report, say
 from cloneaware.cli.options import (
     DryRunOpt,
+    HostSelOpt,
     JsonOpt,
     PasswordOpt,
+    PathSelOpt,
     QuietOpt,
     RepoOpt,
     RshOpt,
     S3ConnOpt,
     S3EndpointOpt,
+    TagSelOpt,
+    choose,
     env_repo,
     opened,
 )
@@ -61,18 +65,20 @@ def init(
 def snapshots(
     repo: RepoOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
-    host: Annotated[str | None, typer.Option("--host", metavar="NAME",
-                                                           help="Only this host's.")] = None,
+    host: HostSelOpt = None,
+    path: PathSelOpt = None,
+    tag: TagSelOpt = None,
     password_file: PasswordOpt = None,
     rsh: RshOpt = None,
     s3_endpoint: S3EndpointOpt = None,
 ) -> None:
-    """List the snapshots of a repository, oldest first."""
-    from cloneaware.repo.snapshots import of_host
+    """List the snapshots of a repository, oldest first (those --host, --path
+    and --tag leave)."""
+    from cloneaware.repo.snapshots import Filter
 
     with handled(as_json):
         with opened(env_repo(repo), password_file, rsh, s3_endpoint) as r:
-            snaps = of_host(r.snapshots(), host)
+            snaps = Filter.of(host, path, tag).apply(r.snapshots())
         if as_json:
             typer.echo(json.dumps([s.to_json() for s in snaps], indent=2))
             return
@@ -86,6 +92,9 @@ def snapshots(
 
 @app.command(cls=Command)
 def forget(
+    specs: Annotated[list[str] | None, typer.Argument(
+        metavar="[SNAPSHOT...]", help="Snapshots to remove (ids, unique prefixes, or latest), "
+        "instead of a --keep policy.")] = None,
     repo: RepoOpt = None,
     keep_last: Annotated[int, typer.Option("--keep-last", min=0, metavar="N",
                                            help="Keep the N newest snapshots.")] = 0,
@@ -95,8 +104,9 @@ def forget(
                                              help="Keep the newest of each of N weeks.")] = 0,
     keep_monthly: Annotated[int, typer.Option("--keep-monthly", min=0, metavar="N",
                                               help="Keep the newest of each of N months.")] = 0,
-    host: Annotated[str | None, typer.Option("--host", metavar="NAME",
-                                                           help="Only this host's.")] = None,
+    host: HostSelOpt = None,
+    path: PathSelOpt = None,
+    tag: TagSelOpt = None,
     do_prune: Annotated[bool, typer.Option("--prune", help="Then prune.")] = False,
     dry_run: DryRunOpt = False,
     as_json: JsonOpt = False,
@@ -106,17 +116,20 @@ def forget(
     connections: S3ConnOpt = 4,
     quiet: QuietOpt = False,
 ) -> None:
-    """Remove snapshots, keeping those the --keep options name in each group of
-    snapshots of the same host and PATHs."""
+    """Remove snapshots: those named, or those the --keep options do not keep in
+    each group of snapshots of the same host and PATHs; --host, --path and
+    --tag limit either to the snapshots they leave."""
     from cloneaware.repo.forget import Policy
     from cloneaware.repo.forget import forget as forget_snapshots
     from cloneaware.repo.prune import prune as prune_repo
+    from cloneaware.repo.snapshots import Filter
 
     with handled(as_json):
         policy = Policy(keep_last, keep_daily, keep_weekly, keep_monthly)
         with opened(env_repo(repo), password_file, rsh, s3_endpoint, connections,
                     lock="exclusive", operation="forget") as r:
-            res = forget_snapshots(r, policy, dry_run, host)
+            res = forget_snapshots(r, policy, dry_run,
+                                   filt=Filter.of(host, path, tag), named=specs)
             pr = prune_repo(r, dry_run, connections, err) if do_prune else None
         if as_json:
             typer.echo(json.dumps({**res.to_json(),
@@ -236,6 +249,9 @@ def export(
                                         help="Archive file, or - for "
                                         "standard output.")],
     repo: RepoOpt = None,
+    host: HostSelOpt = None,
+    path: PathSelOpt = None,
+    tag: TagSelOpt = None,
     compress: Annotated[str, typer.Option("--compress", metavar="SPEC",
                                           help="none, zstd or zstd:LEVEL.")]
     = "zstd",
@@ -256,7 +272,7 @@ def export(
         opener = file_output(output, force)
         with opened(env_repo(repo), password_file, rsh, s3_endpoint,
                     lock="shared", operation="export") as r:
-            snap = r.find(snapshot)
+            snap = choose(r, [snapshot], host, path, tag)[0]
             out = opener()
             try:
                 d = do_export(r, snap, out, output, level)

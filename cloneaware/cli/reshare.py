@@ -11,12 +11,16 @@ import typer
 
 from cloneaware.cli.common import Command, app, err, handled, human, progress, report
 from cloneaware.cli.options import (
+    HostSelOpt,
     NoProgressOpt,
     PasswordOpt,
+    PathSelOpt,
     QuietOpt,
     RepoOpt,
     RshOpt,
     S3EndpointOpt,
+    TagSelOpt,
+    choose,
     opened,
 )
 from cloneaware.errors import UsageError
@@ -54,6 +58,9 @@ def reshare(
         "--from", metavar="ARCHIVE|MAP", help="An archive, or a sharing map from 'scan "
         "--save-map' (- for standard input); with -r, the snapshot.")] = None,
     repo: RepoOpt = None,
+    host: HostSelOpt = None,
+    path: PathSelOpt = None,
+    tag: TagSelOpt = None,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Ask the kernel nothing: say what would be deduped.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
@@ -89,7 +96,7 @@ def reshare(
                 raise UsageError("give -r REPO SNAPSHOT DEST")
             with opened(repo, password_file, rsh, s3_endpoint,
                         lock="shared", operation="reshare") as r:
-                snap = r.find(spec)
+                snap = choose(r, [spec], host, path, tag)[0]
                 manifest = r.manifest(snap)
             with progress(True, None, "reshare") as prog:
                 rs = Reshare(dest, dry_run, prog, err)

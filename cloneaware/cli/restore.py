@@ -10,13 +10,17 @@ import typer
 
 from cloneaware.cli.common import Command, app, err, handled, human, lister, progress, report, say
 from cloneaware.cli.options import (
+    HostSelOpt,
     NoProgressOpt,
     PasswordOpt,
+    PathSelOpt,
     QuietOpt,
     RepoOpt,
     RshOpt,
     S3ConnOpt,
     S3EndpointOpt,
+    TagSelOpt,
+    choose,
     opened,
     repo_for,
 )
@@ -30,6 +34,9 @@ def restore(
         help="An archive file (- for standard input) and the directory to restore into; "
         "with -r, one or more snapshots (ids, unique prefixes, or latest) and DEST.")],
     repo: RepoOpt = None,
+    host: HostSelOpt = None,
+    path: PathSelOpt = None,
+    tag: TagSelOpt = None,
     password_file: PasswordOpt = None,
     s3_endpoint: S3EndpointOpt = None,
     connections: S3ConnOpt = 4,
@@ -106,9 +113,12 @@ def restore(
                 raise UsageError("give SNAPSHOT... DEST")
             s = _restore_repo(targets[:-1], targets[-1], repo, password_file, s3_endpoint,
                               connections, rsh, force or reshare_existing, base, trust_base,
-                              reshare_existing, select, listed, dry_run, share)
+                              reshare_existing, select, listed, dry_run, share,
+                              (host, path, tag))
             _restore_report(s, as_json, dry_run)
             return
+        if host is not None or path or tag:
+            raise UsageError("--host, --path and --tag choose snapshots of a repository (-r)")
         if len(targets) != 2:
             raise UsageError("give ARCHIVE DEST (or -r REPO SNAPSHOT... DEST)")
         archive, dest = targets
@@ -157,14 +167,15 @@ def restore(
 
 def _restore_repo(specs, dest, repo, password_file, s3_endpoint, connections, rsh, force,
                   base, trust_base, reshare_existing=False, select=None, listed=None,
-                  dry_run=False, share=None):
+                  dry_run=False, share=None, filters=(None, None, None)):
     from cloneaware.repo.restore import restore_snapshots
 
     if base is not None or trust_base:
         raise UsageError("--base and --trust-base are for thin archives")
     with opened(repo, password_file, rsh, s3_endpoint, connections,
                 lock="shared", operation="restore") as r:
-        chosen = r.find_all(specs)
+        host, paths, tags = filters
+        chosen = choose(r, specs, host, paths, tags, unique=True)
         with progress(not dry_run, None, "restore") as prog:
             s = restore_snapshots(r, chosen, dest, dry_run=dry_run, force=force,
                                   progress=prog, warn=err,

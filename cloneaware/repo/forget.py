@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from cloneaware.errors import UsageError
 from cloneaware.repo.repository import Repository
-from cloneaware.repo.snapshots import Snapshot
+from cloneaware.repo.snapshots import Filter, Snapshot
 from cloneaware.repo.state import SKEW_NS, ClientState
 from cloneaware.source.anchors import Mounts, drop_snapshots, set_key
 
@@ -107,19 +107,29 @@ def untrusted_times(snaps: list[Snapshot], state: ClientState | None,
 
 
 def forget(repo: Repository, policy: Policy, dry_run: bool = False,
-           host: str | None = None, state: ClientState | None = None) -> ForgetResult:
+           host: str | None = None, state: ClientState | None = None,
+           filt: Filter | None = None, named: list[str] | None = None) -> ForgetResult:
     """Remove the snapshots the policy does not keep, per group of host and
-    PATHs (and, on this host, their anchors).  A snapshot whose time is not
-    believed (untrusted_times) is kept and not counted."""
+    PATHs, among those ``filt`` (and ``host``) leave (and, on this host,
+    their anchors).  A snapshot whose time is not believed (untrusted_times)
+    is kept and not counted.  ``named``: remove exactly the snapshots these
+    ids, prefixes or 'latest' name (among those the filters leave), and
+    apply no policy."""
     out = ForgetResult()
     groups: dict[tuple, list[Snapshot]] = {}
     all_snaps = repo.snapshots()
+    filt = filt or Filter()
+    if host is not None:
+        filt = Filter(host, filt.paths, filt.tags)
+    if named:
+        if not policy.empty():
+            raise UsageError("give SNAPSHOTs to forget, or --keep options, not both")
+        out.removed = repo.find_all(named, all_snaps, filt)
+        return _remove(repo, out, dry_run)
     if state is None:
         state = repo.state or ClientState(repo.config.id, repo.warn, location=repo.location)
     doubtful = untrusted_times(all_snaps, state, location=repo.location)
-    for s in all_snaps:
-        if host is not None and s.hostname != host:
-            continue
+    for s in filt.apply(all_snaps):
         if s.id in doubtful:
             out.kept.append((s, [doubtful[s.id]]))
             continue
@@ -131,6 +141,11 @@ def forget(repo: Repository, policy: Policy, dry_run: bool = False,
                 out.kept.append((s, reasons[s.id]))
             else:
                 out.removed.append(s)
+    return _remove(repo, out, dry_run)
+
+
+def _remove(repo: Repository, out: ForgetResult, dry_run: bool) -> ForgetResult:
+    """Delete the snapshot objects of ``out.removed`` and drop their anchors."""
     if not dry_run:
         for s in out.removed:
             repo.check_lock()

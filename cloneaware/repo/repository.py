@@ -251,13 +251,14 @@ class Repository:
         return out
 
     def find(self, spec: str, snaps: list[Snapshot] | None = None,
-             host: str | None = None) -> Snapshot:
-        """A snapshot by id, unique id prefix, or 'latest' (snapshots.find).
-        Where none is found and a snapshot object that does not decode could
-        have been it, that is the error (the repository is damaged)."""
+             host: str | None = None, filt: sn.Filter | None = None) -> Snapshot:
+        """A snapshot by id, unique id prefix, or 'latest', among those
+        ``filt`` leaves (snapshots.find).  Where none is found and a snapshot
+        object that does not decode could have been it, that is the error
+        (the repository is damaged)."""
         try:
             return sn.find(self.snapshots() if snaps is None else snaps, spec, host,
-                           self.where)
+                           self.where, filt)
         except UsageError:
             near = [sid for sid in self.damaged if spec == "latest" or sid.startswith(spec)]
             if near:
@@ -275,13 +276,14 @@ class Repository:
     def delete_snapshot(self, snap: Snapshot) -> None:
         self.backend.delete(f"snapshots/{snap.id}")
 
-    def find_all(self, specs: list[str], snaps: list[Snapshot] | None = None) -> list[Snapshot]:
+    def find_all(self, specs: list[str], snaps: list[Snapshot] | None = None,
+                 filt: sn.Filter | None = None) -> list[Snapshot]:
         """The snapshots ``specs`` name, each chosen as ``find`` chooses it
         and listed once, in the order first named (``restore -r``)."""
         snaps = self.snapshots() if snaps is None else snaps
         chosen: list[Snapshot] = []
         for spec in specs:
-            s = self.find(spec, snaps)
+            s = self.find(spec, snaps, filt=filt)
             if s not in chosen:
                 chosen.append(s)
         return chosen

@@ -66,21 +66,72 @@ def of_host(snaps: list[Snapshot], host: str | None) -> list[Snapshot]:
     return list(snaps) if host is None else [s for s in snaps if s.hostname == host]
 
 
+@dataclass(frozen=True)
+class Filter:
+    """Which snapshots a command chooses among (``--host``, ``--path``,
+    ``--tag``, as restic's): of ``host``; whose PATHs include every one of
+    ``paths``; holding every tag of at least one of ``tags`` (each a set:
+    ``--tag a,b`` asks for both, ``--tag a --tag b`` for either)."""
+
+    host: str | None = None
+    paths: tuple[str, ...] = ()
+    tags: tuple[frozenset[str], ...] = ()
+
+    @classmethod
+    def of(cls, host: str | None = None, paths: list[str] | None = None,
+           tags: list[str] | None = None) -> Filter:
+        """From the command line: ``paths`` as given (a trailing / dropped),
+        ``tags`` each a comma-separated list."""
+        return cls(host, tuple(p.rstrip("/") or "/" for p in paths or ()),
+                   tuple(frozenset(t for t in spec.split(",") if t) for spec in tags or ()))
+
+    def __bool__(self) -> bool:
+        return self.host is not None or bool(self.paths) or bool(self.tags)
+
+    def match(self, s: Snapshot) -> bool:
+        if self.host is not None and s.hostname != self.host:
+            return False
+        if self.paths and not set(self.paths) <= {p.rstrip("/") or "/" for p in s.paths}:
+            return False
+        return not self.tags or any(t <= set(s.tags) for t in self.tags)
+
+    def apply(self, snaps: list[Snapshot]) -> list[Snapshot]:
+        return [s for s in snaps if self.match(s)]
+
+    def __str__(self) -> str:
+        out = [f"host {self.host}"] if self.host is not None else []
+        out += [f"path {p}" for p in self.paths]
+        out += ["tag " + ",".join(sorted(t)) for t in self.tags]
+        return ", ".join(out)
+
+
 def find(snaps: list[Snapshot], spec: str, host: str | None = None,
-         where: str = "the repository") -> Snapshot:
-    """The snapshot ``spec`` names among ``snaps`` (oldest first): 'latest'
-    (the last one), a whole id, or a prefix of exactly one id.  ``where``
-    names the repository in the errors."""
-    snaps = of_host(snaps, host)
+         where: str = "the repository", filt: Filter | None = None) -> Snapshot:
+    """The snapshot ``spec`` names among ``snaps`` (oldest first) that
+    ``filt`` (and ``host``) leave: 'latest' (the last one), a whole id, or a
+    prefix of exactly one id.  ``where`` names the repository in the
+    errors."""
+    filt = filt or Filter()
+    if host is not None:
+        filt = Filter(host, filt.paths, filt.tags)
+    snaps = filt.apply(snaps)
+    among = f" ({filt})" if filt else ""
     if spec == "latest":
         if not snaps:
-            raise UsageError(f"{where}: no snapshot yet" + (f" of host {host}" if host else ""))
+            raise UsageError(f"{where}: no snapshot yet{among}" if filt else
+                             f"{where}: no snapshot yet")
         return snaps[-1]
     if not spec or any(c not in "0123456789abcdef" for c in spec):
         raise UsageError(f"{spec!r} is not a snapshot id (hex digits, or 'latest')")
     found = [s for s in snaps if s.id.startswith(spec)]
     if not found:
-        raise UsageError(f"{where}: no snapshot {spec}")
+        raise UsageError(f"{where}: no snapshot {spec}{among}")
     if len(found) > 1:
         raise UsageError(f"{where}: {spec} names {len(found)} snapshots; give more digits")
     return found[0]
+
+
+def chosen(s: Snapshot) -> str:
+    """What a command says of the snapshot 'latest' chose."""
+    return (f"latest is {s.short_id} ({s.data['time'][:19]}, host {s.hostname}, "
+            f"{', '.join(s.paths)}" + (f", tags {','.join(s.tags)}" if s.tags else "") + ")")

@@ -11,7 +11,7 @@ import pytest
 from cloneaware.errors import UsageError
 from cloneaware.repo.backend import LocalBackend
 from cloneaware.repo.repository import Repository
-from cloneaware.repo.snapshots import Snapshot, find, now_rfc3339, of_host
+from cloneaware.repo.snapshots import Filter, Snapshot, find, now_rfc3339, of_host
 
 
 def snap(sid: str, host: str, t: int) -> Snapshot:
@@ -55,7 +55,7 @@ def test_what_is_not_an_id_is_refused(spec):
 def test_no_snapshot_at_all_or_none_of_that_host():
     with pytest.raises(UsageError, match=r"\AR: no snapshot yet\Z"):
         find([], "latest", where="R")
-    with pytest.raises(UsageError, match=r"\AR: no snapshot yet of host z\Z"):
+    with pytest.raises(UsageError, match=r"\AR: no snapshot yet \(host z\)\Z"):
         find(SNAPS, "latest", host="z", where="R")
     with pytest.raises(UsageError, match="R: no snapshot ee"):
         find(SNAPS, "ee", where="R")
@@ -89,6 +89,13 @@ def test_repository_lists_oldest_first_and_finds_among_them(tmp_path):
     assert repo.find_all(["latest"], snaps=listed[:2]) == [listed[1]]
     with pytest.raises(UsageError, match=re.escape(f"{repo.where}: no snapshot ee")):
         repo.find_all(["latest", "ee"])
-    with pytest.raises(UsageError, match=re.escape(f"{repo.where}: no snapshot yet of host c")):
+    with pytest.raises(UsageError, match=re.escape(f"{repo.where}: no snapshot yet (host c)")):
         repo.find("latest", host="c")
     repo.close()
+
+
+def test_filter_rules():
+    """--path without its trailing slash; --tag a,b both, repeated either."""
+    f = Filter.of("h", ["/a/", "/b"], ["x,y", "z"])
+    assert f.paths == ("/a", "/b") and str(f) == "host h, path /a, path /b, tag x,y, tag z"
+    assert not Filter.of() and Filter.of(tags=["t"])
