@@ -27,6 +27,7 @@ from cloneaware.archive.reader import Stream
 from cloneaware.archive.records import RecordReader
 from cloneaware.display import b64, show, when, when_rfc3339
 from cloneaware.errors import ArchiveError, UsageError
+from cloneaware.patterns import Chooser, Patterns
 
 
 @dataclass
@@ -56,15 +57,17 @@ class Contents:
     def __post_init__(self) -> None:
         self.by_id = {r.id: r for r in self.rows}
 
-    def under(self, path: str | None) -> list[Row]:
-        """The rows at or below PATH (as the archive names it; a trailing
-        '/' is dropped), or all; UsageError if there are none."""
-        if not path:
+    def under(self, pattern: str | None, what: str = "the archive") -> list[Row]:
+        """The rows PATTERN chooses as ``restore --include`` does (a path as
+        ls shows it, or a glob: home/*/app.log, *.img; a directory comes
+        with what is below it), or all; UsageError naming ``what`` if there
+        are none."""
+        if not pattern:
             return self.rows
-        p = os.fsencode(path).rstrip(b"/")
-        got = [r for r in self.rows if r.path == p or r.path.startswith(p + b"/")]
+        pick = Chooser(Patterns([pattern]))
+        got = [r for r in self.rows if pick.take(r.path, r.kind == fmt.K_DIR)]
         if not got:
-            raise UsageError(f"{path}: no such entry in the archive")
+            raise UsageError(f"{pattern}: no entry of {what} matches it")
         return got
 
 

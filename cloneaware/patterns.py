@@ -101,6 +101,23 @@ class Patterns:
         return any(p.matches(path, abs_path, is_dir) for p in self.patterns)
 
 
+class Chooser:
+    """Entries in archive order (a directory before what is below it), as
+    ``--include`` and ``ls`` choose them: one a pattern matches, and
+    everything below a directory chosen."""
+
+    def __init__(self, patterns: Patterns):
+        self.patterns = patterns
+        self.inside: set[bytes] = set()  # directories chosen (their trees come along)
+
+    def take(self, path: bytes, is_dir: bool) -> bool:
+        if path.rpartition(b"/")[0] in self.inside or self.patterns.match(path, None, is_dir):
+            if is_dir:
+                self.inside.add(path)
+            return True
+        return False
+
+
 def read_list(path: str, what: str) -> list[str]:
     """The lines of --exclude-from or --files-from FILE ('-': standard
     input): blank lines and lines starting with '#' are left out."""

@@ -32,8 +32,9 @@ def ls_cmd(
     targets: Annotated[list[str], typer.Argument(
         metavar="ARCHIVE [PATH] | SNAPSHOT [PATH]",
         help="An archive file (- for standard input, or ssh://[user@]host[:port]/path), or "
-        "with -r a snapshot (id, unique prefix, or latest); PATH: only that entry and "
-        "what is below it, named as ls shows it.")],
+        "with -r a snapshot (id, unique prefix, or latest); PATH: only the entries it "
+        "matches, as restore --include matches them (a path as ls shows it, or a glob: "
+        "home/*/app.log, *.img), and what is below a directory it matches.")],
     long: Annotated[bool, typer.Option(
         "-l", "--long", help="Mode, owner and group (numbers, as stored), size, mtime (UTC), "
         "and what a link points at, as ls -l shows them (read from each entry's record: "
@@ -80,7 +81,8 @@ def ls_cmd(
                 c = read_contents(f, long)
             finally:
                 f.close()
-        rows = c.under(sub)
+        rows = c.under(sub, f"snapshot {snap_info['short_id']}" if snap_info else
+                       "the archive")
         b = c.base
         if as_json:
             typer.echo(json.dumps({**({"snapshot": snap_info} if snap_info else {}),

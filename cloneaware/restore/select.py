@@ -18,7 +18,7 @@ import re
 from typing import NamedTuple
 
 from cloneaware.archive import format as fmt
-from cloneaware.patterns import Patterns
+from cloneaware.patterns import Chooser, Patterns
 
 STAGING = re.compile(rb"\.cloneaware-staging-(\d+)-[0-9a-f]{8}\Z")
 
@@ -27,7 +27,7 @@ class Selection:
     def __init__(self, include: list[str] | None = None, strip: int = 0):
         self.patterns = Patterns(include or [])
         self.strip = strip
-        self.inside: set[bytes] = set()  # directories taken (their trees come along)
+        self.chooser = Chooser(self.patterns)
 
     def __bool__(self) -> bool:
         return bool(self.patterns) or self.strip > 0
@@ -46,14 +46,7 @@ class Selection:
     def take(self, path: bytes, kind: int) -> bool:
         """Is this entry (in archive order) among those chosen?  (Not yet
         whether it is made: see ``mapped``.)"""
-        if not self.patterns:
-            return True
-        parent = path.rpartition(b"/")[0]
-        if parent in self.inside or self.patterns.match(path, None, kind == fmt.K_DIR):
-            if kind == fmt.K_DIR:
-                self.inside.add(path)
-            return True
-        return False
+        return not self.patterns or self.chooser.take(path, kind == fmt.K_DIR)
 
     def mapped(self, path: bytes) -> bytes | None:
         """Where ``path`` goes below DEST, or None (stripped away)."""

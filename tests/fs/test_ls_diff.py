@@ -71,7 +71,7 @@ def test_ls_a_subtree_and_from_a_pipe(tree, tmp_path):
         == ["tree/keep.txt"]
     r = cli("ls", arch, "tree/nope")
     assert assert_one_line_error(r, EXIT_USAGE) == \
-        "cloneaware: tree/nope: no such entry in the archive"
+        "cloneaware: tree/nope: no entry of the archive matches it"
     # from a pipe: the same listing, by a full read
     with open(arch, "rb") as f:
         piped = cli("ls", "--json", "-", stdin=f, check_rc=0).json()

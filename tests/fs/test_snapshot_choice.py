@@ -1,9 +1,10 @@
-"""Choosing snapshots (issue 31, items 1 and 2): every command that takes a
-SNAPSHOT takes --host, --path and --tag, and 'latest' is the latest of
-what they leave, said on stderr where the repository holds several backup
-sets; forget removes named snapshots, and its policy applies to what the
-filters leave.  Two backup sets in one repository, one on Btrfs and one on
-XFS, as the sysadmin had; restored trees judged by hashing them."""
+"""Choosing snapshots and entries (issue 31, items 1 to 3): every command
+that takes a SNAPSHOT takes --host, --path and --tag, and 'latest' is the
+latest of what they leave, said on stderr where the repository holds
+several backup sets; forget removes named snapshots, and its policy
+applies to what the filters leave; ls takes the patterns restore
+--include takes.  Two backup sets in one repository, one on Btrfs and one
+on XFS, as the sysadmin had; restored trees judged by hashing them."""
 from __future__ import annotations
 
 import json
@@ -109,3 +110,15 @@ def test_forget_policy_applies_to_what_the_filters_leave(two_sets, btrfs_dir):
     assert [s["id"] for s in out["removed"]] == [ids["c"]], out
     left = [s["id"] for s in json.loads(cli("snapshots", "--json", "-r", repo).out)]
     assert left == [ids["a"], ids["b"], again], left
+
+
+def test_ls_takes_the_patterns_restore_include_takes(two_sets):
+    repo, src, ids = two_sets
+    r = cli("ls", "--json", "-r", repo, "--path", str(src["a"]), "latest", "home/*/note.txt",
+            check_rc=0)
+    assert [e["path"] for e in json.loads(r.out)["entries"]] == ["home/bob/note.txt"]
+    r = cli("ls", "--json", "-r", repo, ids["b"][:12], "bob", check_rc=0)  # a directory, whole
+    assert [e["path"] for e in json.loads(r.out)["entries"]] == ["srv/bob", "srv/bob/note.txt"]
+    r = cli("ls", "-r", repo, ids["b"][:12], "nothing*")
+    assert r.returncode == 2 and r.err == \
+        f"cloneaware: nothing*: no entry of snapshot {ids['b'][:8]} matches it\n", str(r)
