@@ -25,8 +25,10 @@ EXIT_INTERRUPTED = 130  # SIGINT or SIGTERM
 
 EXIT_CODES = {
     EXIT_OK: "success",
-    EXIT_WARNINGS: "finished with warnings: files skipped, unreadable or changed while read",
-    EXIT_USAGE: "bad usage: wrong arguments, missing paths, existing target without --force",
+    EXIT_WARNINGS: "finished with warnings: files skipped, unreadable or changed while read, "
+                   "a PATH that does not exist",
+    EXIT_USAGE: "bad usage: wrong arguments, no PATH that exists (or one missing with "
+                "--strict), existing target without --force",
     EXIT_ARCHIVE: "the archive or repository is damaged, truncated, hostile or of a newer "
                   "format",
     EXIT_IO: "an I/O error stopped the job (no space, permission denied, ...)",

@@ -85,8 +85,11 @@ class Backup:
                  one_file_system: bool = True, progress=None, warn=None,
                  base: str | None = None, point_in_time: bool = True,
                  snapshot: bool = False, exclude: Exclusions | None = None,
-                 listed: Callable[[bytes], None] | None = None, dry_run: bool = False):
+                 listed: Callable[[bytes], None] | None = None, dry_run: bool = False,
+                 strict: bool = False):
         self.paths = paths
+        #: a PATH that does not exist stops the backup (else: skipped, exit 1)
+        self.strict = strict
         self.dry_run = dry_run  # --dry-run: leave what killed backups left for a real run
         #: -v: called with each entry's path (as ls shows it) once it is stored
         self.listed = listed or (lambda path: None)
@@ -119,8 +122,34 @@ class Backup:
     def _changed(self, path: bytes, reason: str) -> None:
         self._report(FileChanged(os.fsdecode(path), reason))
 
+    def _present(self) -> None:
+        """Leave out the PATHs that do not exist, each said and counted as
+        skipped (the job exits 1), as tar and Borg do; with ``strict``, or
+        when none exists, a usage error before anything is written."""
+        present, missing = [], []
+        for p in self.paths:
+            try:
+                if os.fsencode(p):  # an empty one: the walk refuses it
+                    os.lstat(p)
+            except FileNotFoundError:
+                if self.strict:
+                    raise UsageError(f"{os.fsdecode(p)}: No such file or directory "
+                                     "(--strict: nothing backed up)") from None
+                missing.append(p)
+                continue
+            except (OSError, ValueError):
+                pass  # the walk says what is wrong with it
+            present.append(p)
+        if not present:
+            raise UsageError("none of the PATHs exists; nothing backed up")
+        for p in missing:
+            self._skip(os.path.abspath(os.fsencode(p)),
+                       "no such file or directory (a PATH given; not backed up)")
+        self.paths = present
+
     def run(self) -> Summary:
         t0 = time.monotonic()
+        self._present()
         try:
             if not self.snapshot:
                 return self._run(t0)

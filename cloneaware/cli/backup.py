@@ -108,6 +108,9 @@ def backup(
         "--dry-run", help="Read, hash and compress as a backup would, and report what it "
         "would store; write no archive, and nothing to a repository (no blob, snapshot or "
         "anchor: only the shared lock every reading command takes).")] = False,
+    strict: Annotated[bool, typer.Option(
+        "--strict", help="Refuse to start (exit 2) if a PATH does not exist, instead of "
+        "backing up the others and exiting 1.")] = False,
     quiet: QuietOpt = False,
     verbose: Annotated[bool, typer.Option(
         "-v", "--verbose", help="Print the path of each entry as it is stored, as ls "
@@ -139,7 +142,8 @@ def backup(
         common: dict[str, Any] = dict(compress=compress, one_file_system=one_fs, warn=err,
                       point_in_time=not no_pit, snapshot=snapshot,
                       exclude=Exclusions(patterns, exclude_caches),
-                      listed=lister(verbose, quiet, on_stdout or as_json), dry_run=dry_run)
+                      listed=lister(verbose, quiet, on_stdout or as_json), dry_run=dry_run,
+                      strict=strict)
         if output is None:
             repo = env_repo(repo)
             if not repo:
