@@ -14,6 +14,7 @@ from cloneaware.cli.options import (
     PasswordOpt,
     QuietOpt,
     RepoOpt,
+    RetryLockOpt,
     RshOpt,
     S3ConnOpt,
     S3EndpointOpt,
@@ -32,6 +33,7 @@ def backup(
         "-o", "--output", metavar="ARCHIVE",
         help="Archive file, or - for standard output.")] = None,
     repo: RepoOpt = None,
+    retry_lock: RetryLockOpt = None,
     host: Annotated[str | None, typer.Option(
         "--host", metavar="NAME",
         help="Repository: the host name recorded in the snapshot (default: this "

@@ -130,7 +130,8 @@ def _main(
                                           help="Print the version and the archive "
                                           "format versions, then exit.")] = False,
 ) -> None:
-    flags.show_progress, flags.quiet = True, False  # each invocation starts from the defaults
+    # each invocation starts from the defaults
+    flags.show_progress, flags.quiet, flags.retry_lock = True, False, 0.0
 
 
 # --- output -------------------------------------------------------------------------
@@ -168,6 +169,7 @@ class Flags:
 
     show_progress: bool = True  # --no-progress and -q clear it
     quiet: bool = False  # -q: no report of a job that went well
+    retry_lock: float = 0.0  # --retry-lock: seconds to wait for a locked repository
 
 
 flags = Flags()
@@ -183,6 +185,27 @@ def quiet_cb(value: bool) -> bool:
     if value:
         flags.quiet = True
         flags.show_progress = False
+    return value
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of a duration as restic writes them: 90s, 5m, 2h, 1h30m (a
+    bare number is seconds)."""
+    import re
+
+    t = text.strip()
+    if re.fullmatch(r"\d+(?:\.\d+)?", t):
+        return float(t)
+    parts = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", t)
+    if not t or parts is None:
+        raise typer.BadParameter(f"{text!r} is not a duration (like 30s, 5m, 2h or 1h30m)")
+    h, m, sec = (int(x or 0) for x in parts.groups())
+    return float(h * 3600 + m * 60 + sec)
+
+
+def retry_lock_cb(value: str | None) -> str | None:
+    if value is not None:
+        flags.retry_lock = parse_duration(value)
     return value
 
 

@@ -14,6 +14,7 @@ from cloneaware.cli.common import (
     on_lock_lost,
     quiet_cb,
     repository_warning,
+    retry_lock_cb,
 )
 
 RepoOpt = Annotated[str | None, typer.Option(
@@ -27,6 +28,10 @@ PasswordOpt = Annotated[str | None, typer.Option(
 NoProgressOpt = Annotated[bool, typer.Option(
     "--no-progress", callback=no_progress_cb,
     help="No progress bar on standard error (there is one only on a terminal).")]
+RetryLockOpt = Annotated[str | None, typer.Option(
+    "--retry-lock", metavar="DURATION", callback=retry_lock_cb,
+    help="If the repository is locked by another command, try again until it is "
+    "free or DURATION (30s, 5m, 2h) has passed, instead of exiting 6 at once.")]
 QuietOpt = Annotated[bool, typer.Option(
     "-q", "--quiet", callback=quiet_cb,
     help="Print no summary and no progress bar; warnings and errors still go to "
@@ -51,10 +56,12 @@ def opened(url: str | None, password_file: str | None = None, rsh: str | None = 
     the main thread wherever it is (common.on_lock_lost); what it passes over
     (an object that does not decode, a lock left behind, ...) is said on
     stderr and makes the command's exit status 1 (common.repository_warning)."""
+    from cloneaware.cli.common import flags
     from cloneaware.repo import connect
 
     return connect.opened(url, password_file, rsh, s3_endpoint, connections, lock, operation,
-                          on_lost=on_lock_lost, warn=repository_warning)
+                          on_lost=on_lock_lost, warn=repository_warning,
+                          retry_lock=flags.retry_lock)
 
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]

@@ -16,6 +16,7 @@ from cloneaware.cli.options import (
     PathSelOpt,
     QuietOpt,
     RepoOpt,
+    RetryLockOpt,
     RshOpt,
     S3ConnOpt,
     S3EndpointOpt,
@@ -96,6 +97,7 @@ def forget(
         metavar="[SNAPSHOT...]", help="Snapshots to remove (ids, unique prefixes, or latest), "
         "instead of a --keep policy.")] = None,
     repo: RepoOpt = None,
+    retry_lock: RetryLockOpt = None,
     keep_last: Annotated[int, typer.Option("--keep-last", min=0, metavar="N",
                                            help="Keep the N newest snapshots.")] = 0,
     keep_daily: Annotated[int, typer.Option("--keep-daily", min=0, metavar="N",
@@ -155,6 +157,7 @@ def _prune_report(pr, dry_run: bool) -> None:
 @app.command(cls=Command)
 def prune(
     repo: RepoOpt = None,
+    retry_lock: RetryLockOpt = None,
     dry_run: DryRunOpt = False,
     as_json: JsonOpt = False,
     password_file: PasswordOpt = None,
@@ -179,6 +182,7 @@ def prune(
 @app.command(cls=Command)
 def check(
     repo: RepoOpt = None,
+    retry_lock: RetryLockOpt = None,
     read_data: Annotated[bool, typer.Option(
         "--read-data", help="Also read every pack and check every blob against its id.")]
     = False,
@@ -249,6 +253,7 @@ def export(
                                         help="Archive file, or - for "
                                         "standard output.")],
     repo: RepoOpt = None,
+    retry_lock: RetryLockOpt = None,
     host: HostSelOpt = None,
     path: PathSelOpt = None,
     tag: TagSelOpt = None,

@@ -17,6 +17,7 @@ from cloneaware.cli.options import (
     PathSelOpt,
     QuietOpt,
     RepoOpt,
+    RetryLockOpt,
     RshOpt,
     S3EndpointOpt,
     TagSelOpt,
@@ -58,6 +59,7 @@ def reshare(
         "--from", metavar="ARCHIVE|MAP", help="An archive, or a sharing map from 'scan "
         "--save-map' (- for standard input); with -r, the snapshot.")] = None,
     repo: RepoOpt = None,
+    retry_lock: RetryLockOpt = None,
     host: HostSelOpt = None,
     path: PathSelOpt = None,
     tag: TagSelOpt = None,

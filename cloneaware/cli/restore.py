@@ -16,6 +16,7 @@ from cloneaware.cli.options import (
     PathSelOpt,
     QuietOpt,
     RepoOpt,
+    RetryLockOpt,
     RshOpt,
     S3ConnOpt,
     S3EndpointOpt,
@@ -34,6 +35,7 @@ def restore(
         help="An archive file (- for standard input) and the directory to restore into; "
         "with -r, one or more snapshots (ids, unique prefixes, or latest) and DEST.")],
     repo: RepoOpt = None,
+    retry_lock: RetryLockOpt = None,
     host: HostSelOpt = None,
     path: PathSelOpt = None,
     tag: TagSelOpt = None,

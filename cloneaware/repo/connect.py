@@ -63,11 +63,13 @@ def create(url: str, password: bytes | None = None, rsh: str | None = None,
 def opened(url: str | None, password_file: str | None = None, rsh: str | None = None,
            s3_endpoint: str | None = None, connections: int = 4, lock: str | None = None,
            operation: str = "", on_lost: Callable[[LockLost], None] | None = None,
-           warn: Callable[[str], None] | None = None) -> Iterator[Repository]:
+           warn: Callable[[str], None] | None = None,
+           retry_lock: float = 0.0) -> Iterator[Repository]:
     """The repository at ``url``, opened with the password from
     ``password_file`` (keys.Password), held under a ``lock`` ("shared",
     "exclusive" or None) for ``operation``, and closed at the end whatever
-    happens.  ``on_lost`` and ``warn`` go to the lock (lock.Lock)."""
+    happens.  ``on_lost``, ``warn`` and ``retry_lock`` (seconds to wait for a
+    lock another command holds) go to the lock (lock.Lock)."""
     if lock not in LOCKS:
         raise ValueError(f"lock={lock!r}: one of {LOCKS}")
     if not url:
@@ -85,7 +87,7 @@ def opened(url: str | None, password_file: str | None = None, rsh: str | None = 
         if lock is None:
             yield repo
         else:
-            with repo.lock(lock == "exclusive", operation, on_lost, warn):
+            with repo.lock(lock == "exclusive", operation, on_lost, warn, retry=retry_lock):
                 yield repo
     finally:
         repo.close()

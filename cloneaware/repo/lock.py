@@ -108,12 +108,16 @@ class Lock:
 
     ``on_lost(error)``: called once, from the lock's monitor thread, when
     the lock is lost.  ``warn``: where to say that the lock could not be
-    removed at the end (default: standard error)."""
+    removed at the end (default: standard error).
+    ``retry``: seconds to keep trying while another command holds a lock
+    this one cannot share (``--retry-lock``), 0: fail at once."""
 
     def __init__(self, repo: LockedRepository, exclusive: bool, operation: str,
                  on_lost: Callable[[LockLost], None] | None = None,
-                 warn: Callable[[str], None] | None = None, timings: Timings | None = None):
+                 warn: Callable[[str], None] | None = None, timings: Timings | None = None,
+                 retry: float = 0.0):
         self.repo = repo
+        self.retry = retry
         self.exclusive = exclusive
         self.operation = operation
         self.on_lost = on_lost
@@ -142,7 +146,32 @@ class Lock:
         return name
 
     def __enter__(self) -> Lock:
-        started = time.monotonic()
+        deadline = time.monotonic() + self.retry
+        pause = 1.0
+        while True:
+            started = time.monotonic()
+            try:
+                self._take()
+                break
+            except RepositoryLocked as e:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                if pause == 1.0:  # a note, not a warning: the command's status is not changed
+                    _stderr(f"{e}; waiting up to {self.retry:.0f} s (--retry-lock)")
+                time.sleep(min(pause, left))
+                pause = min(pause * 2, 30.0)
+        self.last_ok = started
+        self._refresher = threading.Thread(target=self._refresh, daemon=True,
+                                           name=f"lock of {self.operation}: refresh")
+        self._refresher.start()
+        threading.Thread(target=self._monitor, daemon=True,
+                         name=f"lock of {self.operation}: monitor").start()
+        return self
+
+    def _take(self) -> None:
+        """Write our lock, then give it up again (RepositoryLocked) if another
+        live one forbids it."""
         self.name = self._write()
         try:
             for other in read_locks(self.repo, self.timings.stale):
@@ -156,13 +185,6 @@ class Lock:
             self.repo.backend.delete(self.name)
             self.name = None
             raise
-        self.last_ok = started
-        self._refresher = threading.Thread(target=self._refresh, daemon=True,
-                                           name=f"lock of {self.operation}: refresh")
-        self._refresher.start()
-        threading.Thread(target=self._monitor, daemon=True,
-                         name=f"lock of {self.operation}: monitor").start()
-        return self
 
     # -- while held ------------------------------------------------------------------------
 

@@ -321,10 +321,10 @@ class Repository:
     def lock(self, exclusive: bool, operation: str,
              on_lost: Callable[[LockLost], None] | None = None,
              warn: Callable[[str], None] | None = None,
-             timings: Timings | None = None) -> Lock:
-        """A lock to hold while ``operation`` runs (lock.py); ``check_lock``
-        then raises once it is lost."""
-        lk = Lock(self, exclusive, operation, on_lost, warn, timings)
+             timings: Timings | None = None, retry: float = 0.0) -> Lock:
+        """A lock to hold while ``operation`` runs (lock.py), waited for up to
+        ``retry`` seconds; ``check_lock`` then raises once it is lost."""
+        lk = Lock(self, exclusive, operation, on_lost, warn, timings, retry)
         self._locks.append(lk)
         return lk
 
