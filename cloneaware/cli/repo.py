@@ -149,9 +149,13 @@ def forget(
 
 
 def _prune_report(pr, dry_run: bool) -> None:
+    """One line that counts what prune did: every pack deleted, those that
+    were in no index (left by an interrupted backup or prune) among them."""
     verb = "would delete" if dry_run else "deleted"
-    report(f"prune: {verb} {pr.packs_deleted} packs, repacked {pr.packs_repacked}; "
-           f"{human(pr.bytes_before)} -> {human(pr.bytes_after)}")
+    orphans = f" ({pr.orphans_deleted} of them in no index)" if pr.orphans_deleted else ""
+    strays = f", {pr.strays_deleted} stray files" if pr.strays_deleted else ""
+    report(f"prune: {verb} {pr.packs_deleted + pr.orphans_deleted} packs{orphans}, repacked "
+           f"{pr.packs_repacked}{strays}; {human(pr.bytes_before)} -> {human(pr.bytes_after)}")
 
 
 @app.command(cls=Command)

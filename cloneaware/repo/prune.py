@@ -115,8 +115,10 @@ def prune(repo: Repository, dry_run: bool = False, connections: int = 2,
     res.orphans_kept = len(orphans) - len(old_orphans)
     res.packs_deleted = len(delete)
     res.packs_repacked = len(repack)
-    if dry_run:
-        res.bytes_after = res.bytes_before - sum(sv.listed[p.hex()].size for p in delete)
+    if dry_run:  # what would go: the packs no snapshot needs and the old orphans
+        res.orphans_deleted = len(old_orphans)
+        res.bytes_after = res.bytes_before - sum(sv.listed[p.hex()].size for p in delete) \
+            - sum(o.size for o in old_orphans)
         return res
     # 1. new packs for the blobs of partly used packs, each read and checked first
     repo.index.clear()
