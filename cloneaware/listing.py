@@ -230,6 +230,9 @@ class Change:
     old: Row | None
     new: Row | None
     what: list[str] = field(default_factory=list)
+    #: the old and new value, as diff shows them, of what changed (mode,
+    #: owner, size, mtime, link target, hard link)
+    values: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 def _link_path(r: Row, c: Contents) -> bytes | None:
@@ -273,8 +276,25 @@ def compare(a: Contents, b: Contents) -> list[Change]:
             if x != y and not (name in ("target", "device") and "type" in what):
                 what.append(name)
         if what:
-            out.append(Change(p, ra, rb, what))
+            out.append(Change(p, ra, rb, what, _values(what, ra, rb, a, b)))
     return out
+
+
+def _values(what: list[str], ra: Row, rb: Row, a: Contents, b: Contents
+            ) -> dict[str, tuple[str, str]]:
+    """Old and new of each of ``what`` a person reads as a value."""
+    ea, eb = ra.entry, rb.entry
+    assert ea is not None and eb is not None
+    shown = {
+        "mode": lambda r, e, c: f"{e.mode:04o}",
+        "owner": lambda r, e, c: f"{e.uid}:{e.gid}",
+        "size": lambda r, e, c: str(r.size),
+        "mtime": lambda r, e, c: when_rfc3339(e.mtime_ns),
+        "target": lambda r, e, c: show(e.target or b""),
+        "link": lambda r, e, c: show(_link_path(r, c) or b"-"),
+    }
+    return {name: (shown[name](ra, ea, a), shown[name](rb, eb, b))
+            for name in what if name in shown}
 
 
 def tally(changes: list[Change]) -> dict[str, int]:
@@ -298,6 +318,7 @@ def diff_json(changes: list[Change]) -> dict:
         "changes": [{"path": show(c.path), "path_b64": b64(c.path),
                      "change": "added" if c.old is None else "removed"
                      if c.new is None else "changed", "what": c.what,
+                     "values": {k: {"old": o, "new": n} for k, (o, n) in c.values.items()},
                      "old": side(c.old), "new": side(c.new)} for c in changes],
         **tally(changes),
     }

@@ -180,7 +180,9 @@ def diff(
             else:
                 sizes = (f"{size(c.old)} -> {size(c.new)}" if size(c.old) != size(c.new)
                          else size(c.new))
-                typer.echo(f"M {display.show(c.path)} ({sizes}; {', '.join(c.what)})")
+                what = (f"{w} {c.values[w][0]} -> {c.values[w][1]}" if w in c.values else w
+                        for w in c.what)
+                typer.echo(f"M {display.show(c.path)} ({sizes}; {', '.join(what)})")
         n = tally(changes)
         typer.echo(f"{n['added']} added, {n['removed']} removed, {n['changed']} changed")
 

@@ -6,6 +6,7 @@ os.lstat of the source."""
 from __future__ import annotations
 
 import os
+import re
 import stat
 
 import pytest
@@ -122,10 +123,18 @@ def test_diff_of_two_archives(tree, tmp_path):
                    "tree/sub/hard": ("changed", ["mode"]),  # the same inode
                    "tree/sub/deeper/note": ("changed", ["size", "mtime"])}, got
     assert (d["added"], d["removed"], d["changed"]) == (1, 1, 4)
+    # old and new values of what a person reads as one (issue 31, item 13)
+    values = {c["path"]: c["values"] for c in d["changes"]}
+    assert values["tree/keep.txt"] == {"mode": {"old": "0640", "new": "0600"}}, values
+    note = values["tree/sub/deeper/note"]
+    assert note["size"] == {"old": "50", "new": "55"} and set(note) == {"size", "mtime"}
+    assert note["mtime"]["old"] < note["mtime"]["new"], note
     out = cli("diff", a, b, check_rc=0).out.splitlines()
     assert "+ tree/new.txt (4 B)" in out and "- tree/link (symlink)" in out, out
-    assert "M tree (dir; mtime)" in out and "M tree/sub/hard (hardlink; mode)" in out, out
-    assert "M tree/sub/deeper/note (50 B -> 55 B; size, mtime)" in out, out
+    assert "M tree/sub/hard (hardlink; mode 0640 -> 0600)" in out, out
+    assert any(re.fullmatch(r"M tree \(dir; mtime \S+Z -> \S+Z\)", ln) for ln in out), out
+    assert any(re.fullmatch(r"M tree/sub/deeper/note \(50 B -> 55 B; size 50 -> 55, "
+                            r"mtime \S+Z -> \S+Z\)", ln) for ln in out), out
     assert out[-1] == "1 added, 1 removed, 4 changed"
     # one of them from a pipe (read whole); the same answer
     assert cli_json("diff", "--json", a, "-", input=b.read_bytes()) == d
