@@ -102,8 +102,9 @@ class Repository:
         except RepositoryError as e:
             if "more than any such object" in str(e):
                 raise
-            raise RepositoryError(f"{backend.where}: not a cloneaware repository (no config; "
-                                  "make one with cloneaware init)") from None
+            # the wrong -r (an empty directory, another tool's): a usage matter
+            raise UsageError(f"{backend.where}: not a cloneaware repository (no config; "
+                             "make one with cloneaware init)") from None
         cfg = rf.Config.decode(raw, backend.where)
         state = ClientState(cfg.id, warn, location=getattr(backend, "location", None))
         if state.encrypted and cfg.encryption == "none":
@@ -123,10 +124,10 @@ class Repository:
     def _open(cls, backend: Backend, cfg: rf.Config, password: PasswordSource | None
               ) -> Repository:
         if cfg.encryption == "none":
-            if password is not None and password.given:
-                raise RepositoryError(f"{backend.where}: this repository is not encrypted, but "
-                                      "a password was given; refusing to use it (if you made it "
-                                      "unencrypted, give no password)")
+            if password is not None and password.given:  # a usage matter, not damage
+                raise UsageError(f"{backend.where}: this repository is not encrypted, but a "
+                                 "password was given; refusing to use it (if you made it "
+                                 "unencrypted, give no password)")
             return cls(backend, cfg, crypto.Plain())
         if password is None:
             raise UsageError(f"{backend.where}: the repository is encrypted: give its password")

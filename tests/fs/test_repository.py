@@ -605,13 +605,23 @@ def test_usage_errors(btrfs_dir, tmp_path):
     (tmp_path / "full" / "x").write_bytes(b"x")
     r = cli("init", "-r", tmp_path / "full", check_rc=2)
     assert b"not empty" in r.stderr
-    r = cli("snapshots", "-r", tmp_path / "full", check_rc=3)
+    r = cli("snapshots", "-r", tmp_path / "full", check_rc=2)  # the wrong -r: usage
+    assert b"not a cloneaware repository" in r.stderr
+    (tmp_path / "empty").mkdir()
+    r = cli("snapshots", "-r", tmp_path / "empty", check_rc=2)
     assert b"not a cloneaware repository" in r.stderr
     repo = tmp_path / "repo"
     init(repo)
     cli("init", "-r", repo, check_rc=2)
     r = cli("restore", "-r", repo, "latest", tmp_path / "d", check_rc=2)
     assert b"no snapshot yet" in r.stderr
+    # a password file exported for a whole job, given to an unencrypted
+    # repository: a usage matter said plainly, not "damaged" (issue 31, item 6)
+    (tmp_path / "pw").write_text("secret\n")
+    r = cli("snapshots", "-r", repo, check_rc=2,
+            env=dict(os.environ, CLONEAWARE_PASSWORD_FILE=str(tmp_path / "pw")))
+    assert r.err == f"cloneaware: {repo}: this repository is not encrypted, but a password " \
+        "was given; refusing to use it (if you made it unencrypted, give no password)\n"
     src = btrfs_dir / "src"
     src.mkdir()
     (src / "f").write_bytes(b"x")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from cloneaware.errors import RepositoryError, UsageError, WrongPassword
+from cloneaware.errors import UsageError, WrongPassword
 from cloneaware.repo import keys
 from cloneaware.repo.backend import LocalBackend
 from cloneaware.repo.connect import create
@@ -74,7 +74,7 @@ def test_an_unencrypted_repository_has_no_keys_to_manage(tmp_path):
 def test_open_refuses_a_password_for_an_unencrypted_repository(tmp_path, monkeypatch):
     Repository.init(LocalBackend(str(tmp_path / "repo"))).close()
     monkeypatch.setenv("CLONEAWARE_PASSWORD", "x")
-    with pytest.raises(RepositoryError, match="not encrypted, but a password was given"):
+    with pytest.raises(UsageError, match="not encrypted, but a password was given"):
         Repository.open(LocalBackend(str(tmp_path / "repo")), Password())
     Repository.open(LocalBackend(str(tmp_path / "repo")), None).close()
 
