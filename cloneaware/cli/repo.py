@@ -282,6 +282,11 @@ def export(
         with opened(env_repo(repo), password_file, rsh, s3_endpoint,
                     lock="shared", operation="export") as r:
             snap = choose(r, [snapshot], host, path, tag)[0]
+            if r.crypto.encrypted:  # said even with -q: what leaves the encryption
+                err(f"note: the repository is encrypted; "
+                    f"{'standard output' if output == '-' else output} is not (an archive "
+                    "holds every file's bytes in the clear; the file is its owner's "
+                    "alone, mode 0600)")
             out = opener()
             try:
                 d = do_export(r, snap, out, output, level)

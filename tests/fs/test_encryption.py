@@ -64,6 +64,14 @@ def test_nothing_in_plaintext_and_round_trip(btrfs_dir, tmp_path, pw):
     dest = btrfs_dir / "dest"
     cli("restore", "-r", repo, "--password-file", pw, "latest", dest, check_rc=0)
     assert_same_tree(Snapshot(src, atime=False), Snapshot(dest / DIR_NAME))
+    # an export leaves the encryption, and says so (issue 31, item 10)
+    exp = tmp_path / "e.caw"
+    r = cli("export", "-r", repo, "--password-file", pw, "latest", "-o", exp,
+            check_rc=0)
+    assert r.err == f"cloneaware: note: the repository is encrypted; {exp} is not (an " \
+        "archive holds every file's bytes in the clear; the file is its owner's alone, " \
+        "mode 0600)\n", str(r)
+    assert MARKER in exp.read_bytes() and exp.stat().st_mode & 0o777 == 0o600
 
 
 def test_wrong_or_missing_password(btrfs_dir, tmp_path, pw):
