@@ -4,6 +4,7 @@ restores."""
 from __future__ import annotations
 
 import json
+import os
 from typing import Annotated
 
 import typer
@@ -25,7 +26,7 @@ from cloneaware.cli.options import (
     opened,
     repo_for,
 )
-from cloneaware.errors import EXIT_WARNINGS, UsageError
+from cloneaware.errors import EXIT_IO, EXIT_WARNINGS, UsageError
 
 
 @app.command(cls=Command)
@@ -117,7 +118,7 @@ def restore(
                               connections, rsh, force or reshare_existing, base, trust_base,
                               reshare_existing, select, listed, dry_run, share,
                               (host, path, tag))
-            _restore_report(s, as_json, dry_run)
+            _restore_report(s, as_json, dry_run, targets[-1])
             return
         if host is not None or path or tag:
             raise UsageError("--host, --path and --tag choose snapshots of a repository (-r)")
@@ -164,7 +165,7 @@ def restore(
         finally:
             if not isinstance(src, str):
                 src.close()
-        _restore_report(s, as_json, dry_run)
+        _restore_report(s, as_json, dry_run, dest)
 
 
 def _restore_repo(specs, dest, repo, password_file, s3_endpoint, connections, rsh, force,
@@ -189,10 +190,31 @@ def _restore_repo(specs, dest, repo, password_file, s3_endpoint, connections, rs
     return s
 
 
-def _restore_report(s, as_json: bool, dry_run: bool = False) -> None:
+def _free_bytes(dest: str) -> int | None:
+    """Free bytes (an unprivileged writer's) of the filesystem DEST is or
+    would be made on; None for a remote DEST or one that cannot be asked."""
+    from cloneaware.remote import client
+
+    if client.is_url(dest):
+        return None
+    p = os.path.abspath(dest)
+    while not os.path.exists(p) and os.path.dirname(p) != p:
+        p = os.path.dirname(p)
+    try:
+        st = os.statvfs(p)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _restore_report(s, as_json: bool, dry_run: bool = False, dest: str = "") -> None:
     d = s.as_dict()
+    short = False  # a dry run whose writes would not fit in DEST's free space
     if dry_run:
         d["dry_run"] = True
+        free = _free_bytes(dest)
+        d["free_bytes"] = free
+        short = free is not None and s.written_bytes > free
         for w in s.not_exact:  # a restore says these as it goes
             err(str(w))
     if as_json:
@@ -230,5 +252,9 @@ def _restore_report(s, as_json: bool, dry_run: bool = False) -> None:
         err(f"copied instead of reflinked: {why}")
     if s.not_exact:
         err(f"{len(s.not_exact)} entries not restored exactly")
+    if short:
+        err(f"{dest}: the restore would not fit: it writes at least {human(s.written_bytes)}"
+            f" (reflinks aside), and the filesystem has {human(d['free_bytes'])} free")
+        raise typer.Exit(EXIT_IO)
     if s.warnings.exit_code():
         raise typer.Exit(s.warnings.exit_code())
