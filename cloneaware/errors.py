@@ -195,6 +195,15 @@ class NotExact(JobWarning):
     key = "not_exact"
 
 
+class Damaged(JobWarning):
+    """Bytes of a restored file that could not be had (a damaged or missing
+    pack, a blob in no index): left as a hole, the rest of the restore
+    going on; the job exits 3 at its end."""
+
+    key = "damaged"
+    exit_code = EXIT_ARCHIVE
+
+
 class ReshareSkipped(JobWarning):
     """A file reshare could not use (missing, of another size or kind)."""
 

@@ -41,12 +41,15 @@ def read_blobs(repo, ids: list[bytes]) -> list[bytes]:
     return [got[b] for b in ids]
 
 
-def read_run(repo, run: list[tuple[bytes, rf.IndexEntry]]) -> list[bytes]:
+def read_run(repo, run: list[tuple[bytes, rf.IndexEntry]], keep_errors: bool = False
+             ) -> list:
     """The blobs of ``run`` (blob ids and their places, in one pack, in
     increasing offsets) from one ranged read; a blob that does not decode
     there (or a read that fails) is read from another of its copies, if
-    the index lists one (Repository.read_blob), else its error is raised.
-    Also the restore's Fetcher's read."""
+    the index lists one (Repository.read_blob), else its error is raised
+    (``keep_errors``: put in the blob's place, so that the other blobs of
+    the run still come: the restore's Fetcher, which restores around a
+    damaged blob)."""
     first = run[0][1]
     end = run[-1][1].offset + run[-1][1].stored_length
     pid = first.pack.hex()
@@ -70,8 +73,13 @@ def read_run(repo, run: list[tuple[bytes, rf.IndexEntry]]) -> list[bytes]:
                 continue
             except RepositoryError as ex:
                 err = ex
-        if len(repo.index.locations(bid)) < 2:
-            raise err
-        repo.warn(f"{err}; trying another copy")
-        out.append(repo.read_blob(bid, skip=e))
+        try:
+            if len(repo.index.locations(bid)) < 2:
+                raise err
+            repo.warn(f"{err}; trying another copy")
+            out.append(repo.read_blob(bid, skip=e))
+        except RepositoryError as ex:
+            if not keep_errors:
+                raise
+            out.append(ex)
     return out

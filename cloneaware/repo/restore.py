@@ -95,9 +95,10 @@ class Fetcher(IndexBlobs):
         if group:
             yield group
 
-    def _read(self, group: list[tuple[bytes, rf.IndexEntry]]) -> list[bytes]:
-        """The blobs of one ranged read (repo/blobread.py read_run)."""
-        return read_run(self.repo, group)
+    def _read(self, group: list[tuple[bytes, rf.IndexEntry]]) -> list:
+        """The blobs of one ranged read (repo/blobread.py read_run), a
+        RepositoryError in the place of one that cannot be had."""
+        return read_run(self.repo, group, keep_errors=True)
 
     def _fill(self) -> None:
         while self.ahead < WINDOW:
@@ -118,6 +119,8 @@ class Fetcher(IndexBlobs):
             _, fut, i, stored = self.queue.popleft()
             self.ahead -= stored
             data = fut.result()[i]
+            if isinstance(data, RepositoryError):  # this blob only: the receiver says so
+                raise data
         else:
             self.unplanned += 1
             data = self.repo.read_blob(bid)

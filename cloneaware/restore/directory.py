@@ -17,7 +17,7 @@ from cloneaware.archive import format as fmt
 from cloneaware.archive import thin
 from cloneaware.archive.blobs import Place
 from cloneaware.archive.events import FileState
-from cloneaware.errors import ArchiveError, NotExact, UsageError
+from cloneaware.errors import ArchiveError, Damaged, NotExact, UsageError
 from cloneaware.restore.base import open_base
 from cloneaware.restore.beside import BesideFiles, ShareIndex
 from cloneaware.restore.cloner import Counts
@@ -250,6 +250,10 @@ class DirectoryOutput:
 
     def not_exact(self, e: fmt.Entry, why: str) -> None:
         self.s.warnings.append(NotExact(os.fsdecode(e.path), why))
+        self.warn(f"{self.tree.where(e.path)}: {why}")
+
+    def damaged(self, e: fmt.Entry, why: str) -> None:
+        self.s.warnings.append(Damaged(os.fsdecode(e.path), why))
         self.warn(f"{self.tree.where(e.path)}: {why}")
 
     def _replaces(self, path: bytes) -> bool:

@@ -18,7 +18,7 @@ from cloneaware.archive import format as fmt
 from cloneaware.archive import thin
 from cloneaware.archive.blobs import Place
 from cloneaware.archive.events import FileState
-from cloneaware.errors import NotExact
+from cloneaware.errors import Damaged, NotExact
 from cloneaware.fsinfo import BTRFS_MAGIC
 from cloneaware.restore.base import open_base
 from cloneaware.restore.output import RestoreSummary
@@ -58,6 +58,9 @@ class RecordingOutput:
     def replaces(self, e: fmt.Entry) -> bool:
         where = os.path.join(os.fsencode(self.dest), e.path)
         return os.path.lexists(where) and not (e.kind == fmt.K_DIR and os.path.isdir(where))
+
+    def damaged(self, e: fmt.Entry, why: str) -> None:
+        self.s.warnings.append(Damaged(os.fsdecode(e.path), why))
 
     def not_exact(self, e: fmt.Entry, why: str) -> None:
         self.s.warnings.append(NotExact(os.fsdecode(e.path), why))

@@ -14,7 +14,7 @@ from cloneaware.archive import format as fmt
 from cloneaware.archive import thin
 from cloneaware.archive.blobs import Place
 from cloneaware.archive.events import FileState
-from cloneaware.errors import NotExact, Warnings
+from cloneaware.errors import Damaged, NotExact, Warnings
 
 
 @dataclass
@@ -66,9 +66,14 @@ class RestoreSummary:
     def not_exact(self) -> list[NotExact]:
         return self.warnings.of(NotExact)
 
+    @property
+    def damaged(self) -> list[Damaged]:
+        return self.warnings.of(Damaged)
+
     def as_dict(self) -> dict:
         d = {k: v for k, v in self.__dict__.items() if k != "warnings"}
-        return {**d, "seconds": round(self.seconds, 3), **self.warnings.as_json(NotExact)}
+        return {**d, "seconds": round(self.seconds, 3),
+                **self.warnings.as_json(NotExact, Damaged)}
 
     def add(self, other: RestoreSummary) -> None:
         """Sum ``other`` into this one (several snapshots restored in one run)."""
@@ -143,6 +148,9 @@ class Output(Protocol):
         """A symlink, FIFO or device; False if it could not be made."""
 
     def not_exact(self, e: fmt.Entry, why: str) -> None: ...
+
+    def damaged(self, e: fmt.Entry, why: str) -> None:
+        """Bytes of the file being restored could not be had (Damaged)."""
 
     def finish(self) -> None:
         """Every entry is in: names, directory metadata, syncs."""

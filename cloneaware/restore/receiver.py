@@ -25,7 +25,7 @@ from cloneaware.archive.events import (
     Handler,
     RefEvent,
 )
-from cloneaware.errors import ArchiveError
+from cloneaware.errors import ArchiveError, RepositoryError
 from cloneaware.restore.output import Output
 from cloneaware.restore.select import Selection
 
@@ -192,7 +192,11 @@ class Receiver(Handler):
             return
         assert self.cur is not None
         bid = ev.blob_id
-        size = self.blobs.size(bid, os.fsdecode(self.cur.path))
+        try:
+            size = self.blobs.size(bid, os.fsdecode(self.cur.path))
+        except RepositoryError as e:  # in no index: a hole, and the restore goes on
+            self._damaged(ev.offset, ev.length, e)
+            return
         if ev.blob_offset + ev.length > size:
             raise ArchiveError(f"the manifest asks for bytes {ev.blob_offset}-"
                                f"{ev.blob_offset + ev.length} of blob {bid.hex()[:16]}, which "
@@ -205,7 +209,11 @@ class Receiver(Handler):
                 self.out.clone_place(place, place.base + lo, hi - lo, base + lo)
             else:
                 if data is None:
-                    data = self.blobs.get(bid)
+                    try:
+                        data = self.blobs.get(bid)
+                    except RepositoryError as e:  # damaged: a hole, never a place to clone
+                        self._damaged(base + lo, hi - lo, e)
+                        continue
                 piece = None if data is None else memoryview(data)[lo:hi]
                 # only a part the left-out file holds (never before its start)
                 if there is None or piece is None or not there[2] <= lo < hi <= there[3] \
@@ -213,6 +221,13 @@ class Receiver(Handler):
                     self.out.write(base + lo, hi - lo, piece)
                 self.coverage.add(bid, Place(self.owner, self.cur.id, base, lo, hi))
             self._advance(hi - lo)
+
+    def _damaged(self, offset: int, length: int, e: RepositoryError) -> None:
+        """Bytes of the current file that could not be had: left a hole and
+        said (Damaged: the job exits 3 at its end, the rest restored)."""
+        assert self.cur is not None
+        self.out.damaged(self.cur, f"bytes {offset}-{offset + length} not restored "
+                                   f"(left as zeros): {e}")
 
     def on_end(self, ev: EndEvent) -> None:
         if self.skipping:

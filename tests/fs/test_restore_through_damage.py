@@ -1,0 +1,73 @@
+"""A restore through damage (issue 31, item 8): with one pack damaged or
+gone, every intact file is restored exactly (hashed), each file whose bytes
+were in it is restored with those ranges as zeros and named with the
+ranges, and the restore exits 3 at its end instead of stopping at the
+first bad blob."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+from helpers.cli import cli
+
+from cloneaware.repo import format as rf
+from cloneaware.repo.backend import LocalBackend, pack_name
+from cloneaware.repo.repository import Repository
+from cloneaware.testing import write_random
+
+pytestmark = pytest.mark.root
+
+MiB = 1 << 20
+
+
+def _digest(p) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("how", ["damaged", "gone"])
+def test_a_restore_goes_on_around_a_bad_pack(btrfs_dir, tmp_path, how):
+    repo = tmp_path / "repo"
+    cli("init", "-r", repo, "--pack-size", "1", check_rc=0)
+    src = btrfs_dir / "src"
+    src.mkdir()
+    write_random(src / "a", 3 * MiB, 1)
+    for i in range(20):
+        (src / f"small{i:02d}").write_bytes(b"small %d\n" % i * 50)
+    write_random(src / "z", 2 * MiB, 2)  # after a's blobs: its own packs
+    cli("backup", "-r", repo, src, check_rc=0)
+    att = Repository.open(LocalBackend(str(repo)))
+    att.load_index()
+    z = (src / "z").read_bytes()
+    zids = {att.crypto.blob_id(z[i:i + MiB]) for i in range(0, len(z), MiB)}
+    victim = None
+    for bid in zids:
+        pid = att.index.get(bid).pack
+        held = {b for b, e in att.index.items() if e.pack == pid}
+        if held <= zids and all(att.index.get(b).type == rf.T_DATA for b in held):
+            victim = pid.hex()
+            break
+    att.close()
+    assert victim is not None
+    path = repo / pack_name(victim)
+    if how == "gone":
+        path.unlink()
+    else:
+        data = bytearray(path.read_bytes())
+        data[len(data) // 3] ^= 0xFF  # inside its blob
+        path.write_bytes(bytes(data))
+    dest = btrfs_dir / "dest"
+    r = cli("restore", "--json", "-r", repo, "latest", dest)
+    assert r.returncode == 3, str(r)
+    out = json.loads(r.out)
+    assert {d["path"] for d in out["damaged"]} == {"src/z"}, out["damaged"]
+    assert all("not restored (left as zeros)" in d["reason"] for d in out["damaged"])
+    assert "ranges of 1 files could not be had" in r.err and "src/z" in r.err, str(r)
+    for f in src.iterdir():  # everything else, exact
+        if f.name != "z":
+            assert _digest(dest / "src" / f.name) == _digest(f), f
+    got = (dest / "src" / "z").read_bytes()
+    assert len(got) == len(z) and got != z
+    # exactly the damaged blob's megabyte is zeros, the other one intact
+    bad = [i for i in range(0, len(z), MiB) if got[i:i + MiB] != z[i:i + MiB]]
+    assert len(bad) == 1 and got[bad[0]:bad[0] + MiB] == bytes(MiB), bad
