@@ -196,9 +196,9 @@ class NotExact(JobWarning):
 
 
 class Damaged(JobWarning):
-    """Bytes of a restored file that could not be had (a damaged or missing
-    pack, a blob in no index): left as a hole, the rest of the restore
-    going on; the job exits 3 at its end."""
+    """A file not restored because bytes of it could not be had (a damaged
+    or missing pack, a blob in no index), the rest of the restore going on;
+    the job exits 3 at its end."""
 
     key = "damaged"
     exit_code = EXIT_ARCHIVE

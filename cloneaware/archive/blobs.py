@@ -57,6 +57,12 @@ class Coverage:
             out.append((pos, end, None))
         return out
 
+    def drop(self, bid: bytes, owner: int, entry: int) -> None:
+        """Forget the places of ``bid`` in one file (a file not restored)."""
+        if bid in self.places:
+            self.places[bid] = [p for p in self.places[bid]
+                                if (p.owner, p.entry) != (owner, entry)]
+
     def add(self, bid: bytes, place: Place) -> None:
         ps = self.places.setdefault(bid, [])
         ps.append(place)

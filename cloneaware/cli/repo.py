@@ -184,42 +184,6 @@ def prune(
 
 
 @app.command(cls=Command)
-def repair(
-    what: Annotated[str, typer.Argument(
-        metavar="index", help="What to rebuild: index (from the packs' own trailers).")],
-    repo: RepoOpt = None,
-    retry_lock: RetryLockOpt = None,
-    dry_run: DryRunOpt = False,
-    as_json: JsonOpt = False,
-    password_file: PasswordOpt = None,
-    rsh: RshOpt = None,
-    s3_endpoint: S3EndpointOpt = None,
-    quiet: QuietOpt = False,
-) -> None:
-    """Rebuild the index from the packs' own trailers (the index objects lost,
-    damaged or out of date); the new index is written before the old one is
-    deleted.  No blob is read: check --read-data does that."""
-    from cloneaware.repo.repair import repair_index
-
-    with handled(as_json):
-        if what != "index":
-            raise UsageError(f"cannot repair {what!r}: only 'index'")
-        with opened(env_repo(repo), password_file, rsh, s3_endpoint,
-                    lock="exclusive", operation="repair") as r:
-            res = repair_index(r, dry_run, err)
-        if as_json:
-            typer.echo(json.dumps(res.__dict__, indent=2))
-            return
-        verb = "would write" if dry_run else "wrote"
-        report(f"repair index: {verb} an index of {res.packs} packs, {res.blobs} blobs, "
-               f"from their trailers"
-               + (f" ({res.kept_by_old_index} by the old index: their trailers do not "
-                  "decode)" if res.kept_by_old_index else "")
-               + f"; {'would remove' if dry_run else 'removed'} {res.index_removed} old "
-               "index objects")
-
-
-@app.command(cls=Command)
 def check(
     repo: RepoOpt = None,
     retry_lock: RetryLockOpt = None,
@@ -261,6 +225,42 @@ def check(
             raise typer.Exit(EXIT_ARCHIVE)
         if not as_json:
             report("no problems found")
+
+
+@app.command(cls=Command)
+def repair(
+    what: Annotated[str, typer.Argument(
+        metavar="index", help="What to rebuild: index (from the packs' own trailers).")],
+    repo: RepoOpt = None,
+    retry_lock: RetryLockOpt = None,
+    dry_run: DryRunOpt = False,
+    as_json: JsonOpt = False,
+    password_file: PasswordOpt = None,
+    rsh: RshOpt = None,
+    s3_endpoint: S3EndpointOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Rebuild the index from the packs' own trailers (the index objects lost,
+    damaged or out of date); the new index is written before the old one is
+    deleted.  No blob is read: check --read-data does that."""
+    from cloneaware.repo.repair import repair_index
+
+    with handled(as_json):
+        if what != "index":
+            raise UsageError(f"cannot repair {what!r}: only 'index'")
+        with opened(env_repo(repo), password_file, rsh, s3_endpoint,
+                    lock="exclusive", operation="repair") as r:
+            res = repair_index(r, dry_run, err)
+        if as_json:
+            typer.echo(json.dumps(res.__dict__, indent=2))
+            return
+        verb = "would write" if dry_run else "wrote"
+        report(f"repair index: {verb} an index of {res.packs} packs, {res.blobs} blobs, "
+               f"from their trailers"
+               + (f" ({res.kept_by_old_index} by the old index: their trailers do not "
+                  "decode)" if res.kept_by_old_index else "")
+               + f"; {'would remove' if dry_run else 'removed'} {res.index_removed} old "
+               "index objects")
 
 
 @app.command(cls=Command)

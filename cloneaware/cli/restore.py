@@ -254,9 +254,9 @@ def _restore_report(s, as_json: bool, dry_run: bool = False, dest: str = "") -> 
         err(f"{len(s.not_exact)} entries not restored exactly")
     if s.damaged:
         files = len({w.path for w in s.damaged})
-        err(f"{len(s.damaged)} ranges of {files} files could not be had from the repository "
-            "and are zeros (named above); everything else is restored (run cloneaware check "
-            "--read-data)")
+        err(f"{len(s.damaged)} ranges of {files} files could not be had from the repository"
+            "; those files are not restored (named above), everything else is (run cloneaware "
+            "check --read-data)")
     if short:
         err(f"{dest}: the restore would not fit: it writes at least {human(s.written_bytes)}"
             f" (reflinks aside), and the filesystem has {human(d['free_bytes'])} free")

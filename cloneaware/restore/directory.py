@@ -101,6 +101,8 @@ class DirectoryOutput:
         self.cur: OpenFile | None = None
         self.staging: bytes | None = None
         self.staged: set[int] = set()
+        #: entries not restored: bytes of theirs could not be had (Damaged)
+        self.damaged_ids: set[int] = set()
         #: top-level entries a failed restore left in DEST (restore/partial.py),
         #: gone over as --force would; those this run made
         self.leftover: set[bytes] = set()
@@ -253,8 +255,11 @@ class DirectoryOutput:
         self.warn(f"{self.tree.where(e.path)}: {why}")
 
     def damaged(self, e: fmt.Entry, why: str) -> None:
+        """The file (or hard link) is not restored: never a wrong byte under
+        a final name."""
         self.s.warnings.append(Damaged(os.fsdecode(e.path), why))
         self.warn(f"{self.tree.where(e.path)}: {why}")
+        self.damaged_ids.add(e.id)
 
     def _replaces(self, path: bytes) -> bool:
         """May ``path`` replace what is there without --force?"""
@@ -277,6 +282,10 @@ class DirectoryOutput:
         self.made_here.make(e, self.made_here.mkdir)
 
     def hardlink(self, e: fmt.Entry) -> None:
+        if e.link in self.damaged_ids:
+            self.damaged(e, "not restored: a hard link to "
+                         f"{os.fsdecode(self.entries[e.link].path)}, which could not be had")
+            return
         self.made_here.make(e, self.made_here.hardlink)
 
     def special(self, e: fmt.Entry) -> bool:
@@ -332,6 +341,15 @@ class DirectoryOutput:
 
     def end_file(self, st: FileState) -> None:
         cur = self._current()
+        if cur.entry.id in self.damaged_ids:  # unnamed, and gone
+            self.cur = None
+            cur.close()
+            os.close(cur.fd)
+            try:
+                os.unlink(cur.tmp, dir_fd=cur.pfd)
+            except OSError:
+                pass
+            return
         self.s.verified_bytes += self.data.verify(cur, st, self.trust_base)
         e = cur.entry
         self.meta.apply(e, cur.fd, cur.pfd, cur.tmp)

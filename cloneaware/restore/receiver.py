@@ -74,6 +74,10 @@ class Receiver(Handler):
         self.staged = False  # the current file is staged, not restored
         self.filled = 0  # bytes of the current file given so far (the rest are holes)
         self.cur: fmt.Entry | None = None
+        #: the blobs the current file is a place of, and whether bytes of it
+        #: could not be had (it is then not restored, and no place)
+        self.cur_bids: list[bytes] = []
+        self.cur_damaged = False
 
     # -- entries --------------------------------------------------------------------
 
@@ -147,6 +151,7 @@ class Receiver(Handler):
             self.listed(e.path, self.out.replaces(e))
 
     def _begin_file(self, e: fmt.Entry, staged: bool, beside: bytes | None = None) -> None:
+        self.cur_bids, self.cur_damaged = [], False
         self.out.open_file(e, staged, beside)
         self.cur, self.staged, self.filled = e, staged, 0
 
@@ -219,15 +224,22 @@ class Receiver(Handler):
                 if there is None or piece is None or not there[2] <= lo < hi <= there[3] \
                         or not self.out.write_beside(there[0], there[1] + lo, base + lo, piece):
                     self.out.write(base + lo, hi - lo, piece)
-                self.coverage.add(bid, Place(self.owner, self.cur.id, base, lo, hi))
+                if not self.cur_damaged:
+                    self.coverage.add(bid, Place(self.owner, self.cur.id, base, lo, hi))
+                    self.cur_bids.append(bid)
             self._advance(hi - lo)
 
     def _damaged(self, offset: int, length: int, e: RepositoryError) -> None:
-        """Bytes of the current file that could not be had: left a hole and
-        said (Damaged: the job exits 3 at its end, the rest restored)."""
+        """Bytes of the current file that could not be had: the file is not
+        restored, nor a place to clone from, and is named (Damaged: the job
+        exits 3 at its end, the rest restored)."""
         assert self.cur is not None
-        self.out.damaged(self.cur, f"bytes {offset}-{offset + length} not restored "
-                                   f"(left as zeros): {e}")
+        if not self.cur_damaged:  # nothing is to be cloned from it
+            self.cur_damaged = True
+            for bid in self.cur_bids:
+                self.coverage.drop(bid, self.owner, self.cur.id)
+        self.out.damaged(self.cur, f"not restored: bytes {offset}-{offset + length} could "
+                                   f"not be had: {e}")
 
     def on_end(self, ev: EndEvent) -> None:
         if self.skipping:
