@@ -205,15 +205,19 @@ class DirectoryOutput:
             made = self.partial.names
         self.partial.keep(made)
 
+    def _discard_current(self) -> None:
+        """The file being written, closed and its temporary name removed."""
+        cur, self.cur = self._current(), None
+        cur.close()
+        os.close(cur.fd)
+        try:
+            os.unlink(cur.tmp, dir_fd=cur.pfd)
+        except OSError:
+            pass
+
     def close(self) -> None:
         if self.cur is not None:
-            cur, self.cur = self.cur, None
-            cur.close()
-            os.close(cur.fd)
-            try:
-                os.unlink(cur.tmp, dir_fd=cur.pfd)
-            except OSError:
-                pass
+            self._discard_current()
         self.srcs.close()
         self.beside.close()
         if self.staging is not None and self.tree.root is not None:
@@ -342,13 +346,7 @@ class DirectoryOutput:
     def end_file(self, st: FileState) -> None:
         cur = self._current()
         if cur.entry.id in self.damaged_ids:  # unnamed, and gone
-            self.cur = None
-            cur.close()
-            os.close(cur.fd)
-            try:
-                os.unlink(cur.tmp, dir_fd=cur.pfd)
-            except OSError:
-                pass
+            self._discard_current()
             return
         self.s.verified_bytes += self.data.verify(cur, st, self.trust_base)
         e = cur.entry
