@@ -359,6 +359,24 @@ def manifest_cut(buf, first: int, min_len: int, max_len: int, bits: int, final: 
     return int(n), int(nxt[0])
 
 
+def piece_blobs(buf, start: int, blob_type: int, blob_payload: int
+                ) -> tuple[array.array, int] | None:
+    """The payload offsets (u64) of the BLOB records of a manifest piece
+    whose first record starts at ``start``, every record's CRC checked, and
+    where the first record starts in the next piece; None when the walk
+    cannot follow (repo/pieces.py)."""
+    cap = len(buf) // 12 + 1
+    offsets = array.array("Q", bytes(8 * cap))
+    n = ffi.new("size_t *")
+    nxt = ffi.new("uint64_t *")
+    rc = lib.ca_piece_blobs(ffi.from_buffer(buf), len(buf), start, blob_type, blob_payload,
+                            ffi.from_buffer("uint64_t[]", offsets), cap, n, nxt)
+    if rc < 0:
+        return None
+    del offsets[n[0]:]
+    return offsets, int(nxt[0])
+
+
 #: bytes of one ``struct ca_reg`` and one ``struct ca_seg``
 REG_SIZE = ffi.sizeof("struct ca_reg")
 SEG_SIZE = ffi.sizeof("struct ca_seg")

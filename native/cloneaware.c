@@ -534,6 +534,41 @@ static uint32_t crc32_of(const uint8_t *p, size_t n)
     return c ^ 0xFFFFFFFFU;
 }
 
+int ca_piece_blobs(const uint8_t *buf, size_t len, uint64_t start, uint16_t blob_type,
+                   uint32_t blob_payload, uint64_t *offsets, size_t max, size_t *n,
+                   uint64_t *next)
+{
+    uint64_t pos = start;
+    *n = 0;
+    *next = 0;
+    while (pos + 8 <= len) {
+        uint16_t type = (uint16_t)(buf[pos] | buf[pos + 1] << 8);
+        uint32_t l = (uint32_t)buf[pos + 4] | (uint32_t)buf[pos + 5] << 8 |
+                     (uint32_t)buf[pos + 6] << 16 | (uint32_t)buf[pos + 7] << 24;
+        uint64_t end = pos + 12 + (uint64_t)l, crc;
+        if (end > len) {
+            if (type == blob_type)
+                return -1;  /* a BLOB record across pieces */
+            *next = end - len;  /* a long record, on into the next pieces */
+            return 0;
+        }
+        crc = (uint64_t)buf[end - 4] | (uint64_t)buf[end - 3] << 8 |
+              (uint64_t)buf[end - 2] << 16 | (uint64_t)buf[end - 1] << 24;
+        if (crc32_of(buf + pos, 8 + (size_t)l) != crc)
+            return -1;
+        if (type == blob_type) {
+            if (l != blob_payload || *n >= max)
+                return -1;
+            offsets[(*n)++] = pos + 8;
+        }
+        pos = end;
+    }
+    if (pos < len)
+        return -1;  /* a record header across pieces */
+    *next = pos - len;
+    return 0;
+}
+
 static uint8_t *put8(uint8_t *p, uint8_t v) { *p = v; return p + 1; }
 static uint8_t *put16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); return p + 2; }
 static uint8_t *put32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); return p + 4; }

@@ -129,6 +129,15 @@ uint64_t ca_gear(unsigned int i);
 size_t ca_manifest_cut(const uint8_t *buf, size_t len, uint64_t first, size_t min_len,
                        size_t max_len, unsigned int bits, int final, uint64_t *next);
 
+/* The BLOB records of a manifest piece whose first record starts at
+ * `start` (cloneaware/repo/pieces.py): the offset of each one's payload in
+ * offsets (at most max), every record's CRC checked; *next: where the first
+ * record starts in the next piece.  -1 when the walk cannot follow: a BLOB
+ * record (or a header) across pieces, a bad CRC, a BLOB of another size. */
+int ca_piece_blobs(const uint8_t *buf, size_t len, uint64_t start, uint16_t blob_type,
+                   uint32_t blob_payload, uint64_t *offsets, size_t max, size_t *n,
+                   uint64_t *next);
+
 /* One regular file taken from the files cache (cloneaware/repo/sink.py). */
 struct ca_reg {
     uint32_t mode, uid, gid, iflags;

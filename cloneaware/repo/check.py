@@ -14,6 +14,8 @@ import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from cloneaware.archive.events import BlobEvent, Handler, dispatch
 from cloneaware.archive.reader import Stream
 from cloneaware.errors import ArchiveError, RepositoryError
@@ -98,12 +100,9 @@ def _sound(repo: Repository, walk: PieceWalk, snap: Snapshot) -> bool:
     manifest and finds every BLOB range in the index, inside its blob."""
 
     def judge(p: Piece) -> None:
-        p.bad = False
-        for bid, boff, length in p.ranges:
-            ie = repo.index.get(bid)
-            if ie is None or boff + length > ie.raw_length:
-                p.bad = True
-                return
+        r = p.ranges
+        raw = repo.index.raw_lengths(r.ids)
+        p.bad = bool(((raw < 0) | (r.boff.astype(np.int64) + r.length > raw)).any())
 
     try:
         pieces = walk.walk(snap, judge)

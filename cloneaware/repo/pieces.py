@@ -5,7 +5,8 @@ piece once (docs/REPOSITORY.md, "Manifest blobs"): what ``check`` and
 Records are framed (docs/FORMAT.md: a header with the payload's length, the
 payload, a CRC), so where every record starts follows from where the first
 one does.  The walk hops from record to record across a snapshot's pieces,
-checks each record's CRC and reads its BLOB records.  What a piece yields
+checks each record's CRC and reads its BLOB records, a piece at a time in
+C and numpy.  What a piece yields
 depends only on its bytes and where its first record starts in it, so it is
 worked out once per (piece, start) and reused by every snapshot that names
 that piece there: the night that changed a few entries costs its few new
@@ -20,18 +21,40 @@ magic, lengths that do not end where the manifest ends.
 """
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
+
+from cloneaware import native
 from cloneaware.archive import format as fmt
-from cloneaware.errors import ArchiveError
 from cloneaware.repo.repository import Repository
 from cloneaware.repo.snapshots import Snapshot
 
-_FRAME = fmt.FRAME
-_CRC = fmt.CRC
-_BLOB_RECORD = fmt.FRAME_OVERHEAD + fmt.LIMITS[fmt.T_BLOB]
+#: a BLOB record's payload (docs/FORMAT.md "BLOB (11)")
+_BLOB = np.dtype([("off", "<u8"), ("length", "<u4"), ("boff", "<u4"), ("id", "V32")])
+assert _BLOB.itemsize == fmt.LIMITS[fmt.T_BLOB]
+_ID_AT = _BLOB.itemsize - 32  # where the blob id starts in it
+
+
+@dataclass
+class Ranges:
+    """The BLOB ranges of a piece, as arrays: the blob ids (32 bytes each,
+    one after another), the offsets in the blobs, the lengths."""
+
+    ids: bytes = b""
+    boff: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint32))
+    length: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint32))
+
+    def __len__(self) -> int:
+        return len(self.boff)
+
+    def id_list(self) -> list[bytes]:
+        return [self.ids[i:i + 32] for i in range(0, len(self.ids), 32)]
+
+    def tuples(self) -> list[tuple[bytes, int, int]]:
+        """(blob id, offset in the blob, length) of each, as the reader gives them."""
+        return list(zip(self.id_list(), self.boff.tolist(), self.length.tolist()))
 
 
 @dataclass
@@ -39,9 +62,9 @@ class Piece:
     """What one manifest piece yields when its first record starts at a
     given offset."""
 
-    #: (blob id, offset in the blob, length) of each BLOB record; emptied
-    #: once PieceWalk.walk has given the piece to its ``take``
-    ranges: list[tuple[bytes, int, int]]
+    #: its BLOB records' ranges; emptied once PieceWalk.walk has given the
+    #: piece to its ``take``
+    ranges: Ranges
     #: where the first record starts in the next piece; -1 when the walk
     #: cannot go on from here
     next: int
@@ -52,32 +75,23 @@ class Piece:
 
 
 def walk_piece(data: bytes, start: int) -> Piece:
-    """The records of ``data`` from ``start`` on."""
-    ranges: list[tuple[bytes, int, int]] = []
-    n = len(data)
-    mv = memoryview(data)
-    pos = start
-    while pos + _FRAME.size <= n:
-        rtype, _flags, length = _FRAME.unpack_from(data, pos)
-        end = pos + _FRAME.size + length + _CRC.size
-        if end > n:
-            if rtype == fmt.T_BLOB:  # across pieces: the whole decode reads it
-                return Piece(ranges, -1)
-            return Piece(ranges, end - n, n)  # a long record, on into the next pieces
-        if zlib.crc32(mv[pos:end - _CRC.size]) != _CRC.unpack_from(data, end - _CRC.size)[0]:
-            return Piece(ranges, -1)
-        if rtype == fmt.T_BLOB:
-            if end - pos != _BLOB_RECORD:
-                return Piece(ranges, -1)
-            try:
-                _off, blen, boff, bid = fmt.decode_blob(mv[pos + _FRAME.size:end - _CRC.size], pos)
-            except ArchiveError:
-                return Piece(ranges, -1)
-            ranges.append((bid, boff, blen))
-        pos = end
-    if pos < n and pos + _FRAME.size > n:  # a header across pieces
-        return Piece(ranges, -1)
-    return Piece(ranges, pos - n, n)
+    """The records of ``data`` from ``start`` on: hopped over and their CRCs
+    checked in C (native.piece_blobs), the BLOB payloads read as one array
+    and held to the rules decode_blob holds each to."""
+    got = native.piece_blobs(data, start, fmt.T_BLOB, _BLOB.itemsize)
+    if got is None:
+        return Piece(Ranges(), -1)
+    offsets, nxt = got
+    at = np.frombuffer(offsets, dtype=np.uint64).astype(np.intp)
+    raw = np.frombuffer(data, dtype=np.uint8)[at[:, None] + np.arange(_BLOB.itemsize)]
+    recs = raw.view(_BLOB).reshape(-1)
+    length = recs["length"].astype(np.uint64)
+    boff = recs["boff"].astype(np.uint64)
+    if ((length == 0) | (length > fmt.BLOB_MAX) | (boff + length > fmt.BLOB_MAX)
+            | (recs["off"] > np.uint64(fmt.SIZE_MAX) - length)).any():
+        return Piece(Ranges(), -1)  # the whole decode says which and where
+    ids = np.ascontiguousarray(raw[:, _ID_AT:]).tobytes()
+    return Piece(Ranges(ids, recs["boff"].copy(), recs["length"].copy()), nxt, len(data))
 
 
 class PieceWalk:
@@ -86,6 +100,7 @@ class PieceWalk:
     def __init__(self, repo: Repository):
         self.repo = repo
         self.memo: dict[tuple[bytes, int], Piece] = {}
+        self.seen: set[bytes] = set()  # the pieces of the memo's keys
         #: distinct (piece, start) walked, and pieces read
         self.walked = 0
         self.read = 0
@@ -99,8 +114,7 @@ class PieceWalk:
         million-file tree's would be hundreds of MiB).  Raises what reading
         the pieces raises (RepositoryError)."""
         ids = self.repo.manifest_ids(snap)
-        known = {k[0] for k in self.memo}
-        fresh = list(dict.fromkeys(b for b in ids if b not in known))
+        fresh = list(dict.fromkeys(b for b in ids if b not in self.seen))
         data = dict(zip(fresh, self.repo.read_blobs(fresh))) if fresh else {}
         self.read += len(fresh)
         out: list[Piece] = []
@@ -113,14 +127,16 @@ class PieceWalk:
                     raw = self.repo.read_blobs([bid])[0]
                     self.read += 1
                 if start < 0:
-                    p = walk_piece(raw, -start) if raw[:-start] == fmt.MAGIC else Piece([], -1)
+                    p = walk_piece(raw, -start) if raw[:-start] == fmt.MAGIC else \
+                        Piece(Ranges(), -1)
                 else:
                     p = walk_piece(raw, start)
                 self.memo[(bid, start)] = p
+                self.seen.add(bid)
                 self.walked += 1
                 if take is not None:
                     take(p)
-                p.ranges = []
+                p.ranges = Ranges()
             out.append(p)
             if p.next < 0:
                 return None

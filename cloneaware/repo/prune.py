@@ -34,7 +34,7 @@ def used_blobs(repo: Repository, snaps: list[Snapshot]) -> set[bytes]:
         used.ids.update(repo.manifest_ids(s))
         # a walk that stops part way has named real blobs of the pieces it
         # walked: kept, and the whole decode adds the rest
-        if walk.walk(s, lambda p: used.ids.update(r[0] for r in p.ranges)) is None:
+        if walk.walk(s, lambda p: used.ids.update(p.ranges.id_list())) is None:
             dispatch(used, Stream(io.BytesIO(repo.manifest(s)), check_hashes=False).events())
     return used.ids
 

@@ -51,7 +51,7 @@ def _ranges_decoded(repo: Repository, snap) -> list:
 def _ranges_walked(repo: Repository, snap) -> list:
     """The snapshot's BLOB ranges as a fresh piece walk finds them."""
     got: list = []
-    assert PieceWalk(repo).walk(snap, lambda p: got.extend(p.ranges)) is not None
+    assert PieceWalk(repo).walk(snap, lambda p: got.extend(p.ranges.tuples())) is not None
     return got
 
 
@@ -167,7 +167,7 @@ def test_check_names_every_snapshot_a_lost_blob_leaves_short(btrfs_dir, tmp_path
     att = Repository.open(LocalBackend(str(repo)))
     att.load_index()
     ranges: list = []
-    PieceWalk(att).walk(att.snapshots()[0], lambda p: ranges.extend(p.ranges))
+    PieceWalk(att).walk(att.snapshots()[0], lambda p: ranges.extend(p.ranges.tuples()))
     bid = next(r[0] for r in ranges if att.index.get(r[0]).raw_length == 1 << 20)
     pack = att.index.get(bid).pack.hex()
     holds = {e.type for b, e in att.index.items() if e.pack.hex() == pack}
