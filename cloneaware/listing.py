@@ -145,7 +145,7 @@ class _Rows(Handler):
 
 FILE_TYPE = {fmt.K_REG: stat.S_IFREG, fmt.K_DIR: stat.S_IFDIR, fmt.K_SYMLINK: stat.S_IFLNK,
              fmt.K_HARDLINK: stat.S_IFREG, fmt.K_FIFO: stat.S_IFIFO, fmt.K_CHR: stat.S_IFCHR,
-             fmt.K_BLK: stat.S_IFBLK}
+             fmt.K_BLK: stat.S_IFBLK, fmt.K_SOCK: stat.S_IFSOCK}
 
 
 def subvol_note(e: fmt.Entry, c: Contents) -> str:

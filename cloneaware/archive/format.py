@@ -15,12 +15,14 @@ from cloneaware.errors import ArchiveError
 MAGIC = b"\x89CLONEAW"
 #: A sharing map (``scan --save-map``): archive records that hold no data
 MAP_MAGIC = b"\x89CLONEAM"
-WRITE_VERSION = 6
-READ_VERSIONS = (1, 2, 3, 4, 5, 6)
+WRITE_VERSION = 7
+READ_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
 #: from this version on, references between entries are relative and ids are
 #: implicit (docs/FORMAT.md, "Relative references"), so that one entry
 #: added or removed changes no other entry's bytes
 RELATIVE = 6
+#: from this version on, an ENTRY may be a Unix socket (K_SOCK)
+SOCKETS = 7
 HASH_SHA256 = 1
 
 T_HEADER, T_ENTRY, T_DATA, T_REF, T_END, T_INDEX, T_FOOTER = 1, 2, 3, 4, 5, 6, 7
@@ -65,12 +67,13 @@ FRAME = struct.Struct("<HHI")
 CRC = struct.Struct("<I")
 FRAME_OVERHEAD = FRAME.size + CRC.size
 FOOTER_SIZE = FRAME_OVERHEAD + LIMITS[T_FOOTER]
-FOOTER_SIZES = {1: FRAME_OVERHEAD + LIMITS_V1[T_FOOTER], 2: FOOTER_SIZE, 3: FOOTER_SIZE,
-                4: FOOTER_SIZE, 5: FOOTER_SIZE, 6: FOOTER_SIZE}
+FOOTER_SIZES = {v: FOOTER_SIZE for v in READ_VERSIONS} | {1: FRAME_OVERHEAD
+                                                          + LIMITS_V1[T_FOOTER]}
 
 K_REG, K_DIR, K_SYMLINK, K_HARDLINK, K_FIFO, K_CHR, K_BLK = 1, 2, 3, 4, 5, 6, 7
+K_SOCK = 8  # version 7
 KIND_NAMES = {K_REG: "file", K_DIR: "dir", K_SYMLINK: "symlink", K_HARDLINK: "hardlink",
-              K_FIFO: "fifo", K_CHR: "chardev", K_BLK: "blockdev"}
+              K_FIFO: "fifo", K_CHR: "chardev", K_BLK: "blockdev", K_SOCK: "socket"}
 
 EF_REFERENCED = 1
 
@@ -339,8 +342,9 @@ class Entry:
                 c.fail(f"a snapshot of entry {origin}, which does not come before it")
         if origin and not subvol & SV_SNAPSHOT:
             c.fail("an origin without the snapshot bit")
-        if kind not in KIND_NAMES:
-            c.fail(f"unknown entry kind {kind}")
+        if kind not in KIND_NAMES or kind == K_SOCK and version < SOCKETS:
+            c.fail(f"unknown entry kind {kind}" + (f" in version {version}" if kind in KIND_NAMES
+                                                   else ""))
         if mode > 0o7777:
             c.fail(f"mode {mode:#o} has bits beyond 0o7777")
         if size > SIZE_MAX:

@@ -76,6 +76,8 @@ def kind_of(mode: int) -> int | None:
         return fmt.K_CHR
     if stat.S_ISBLK(mode):
         return fmt.K_BLK
+    if stat.S_ISSOCK(mode):
+        return fmt.K_SOCK
     return None
 
 

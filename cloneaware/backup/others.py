@@ -47,7 +47,7 @@ class Others:
                 s.symlinks += 1
             if kind in (fmt.K_CHR, fmt.K_BLK):
                 e.rdev = st.st_rdev
-            if kind in (fmt.K_FIFO, fmt.K_CHR, fmt.K_BLK):
+            if kind in (fmt.K_FIFO, fmt.K_CHR, fmt.K_BLK, fmt.K_SOCK):
                 s.specials += 1
             e.xattrs = read_xattrs(node.proc_path())
             if kind == fmt.K_DIR:

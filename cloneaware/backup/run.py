@@ -250,8 +250,6 @@ class Backup:
                 if node.st.st_nlink > 1:
                     inodes[key] = len(items)
                 items.append(it)
-            elif stat.S_ISSOCK(it.node.st.st_mode):
-                self._skip(it.node.src, "socket ignored")
             else:
                 if self.redirect and is_nested_subvolume(it.node.st):
                     self.warn(f"{os.fsdecode(it.node.name)}: a nested subvolume, not in the "

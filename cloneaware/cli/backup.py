@@ -125,7 +125,10 @@ def backup(
     Each file larger than 64 KiB is first cloned (a reflink, where the filesystem
     can) and read from the clone, so a file being written is saved as one
     instant's state; in a repository the clone is kept as the file's anchor, and
-    the next backup reads only what no longer shares its blocks with it."""
+    the next backup reads only what no longer shares its blocks with it.
+
+    Every kind of inode is kept, sockets and FIFOs as inodes (never opened);
+    a PATH that does not exist is skipped with a warning (exit 1)."""
     from cloneaware.backup import ArchiveSink, Backup, SparseSink
     from cloneaware.backup.sinks import Discard, Sink, file_output
     from cloneaware.patterns import Exclusions, read_list

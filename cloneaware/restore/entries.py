@@ -152,7 +152,7 @@ class Entries:
             os.symlink(e.target, tmp, dir_fd=pfd)
         else:
             ftype = {fmt.K_FIFO: stat.S_IFIFO, fmt.K_CHR: stat.S_IFCHR,
-                     fmt.K_BLK: stat.S_IFBLK}[e.kind]
+                     fmt.K_BLK: stat.S_IFBLK, fmt.K_SOCK: stat.S_IFSOCK}[e.kind]
             try:
                 os.mknod(tmp, ftype | 0o600, e.rdev, dir_fd=pfd)
             except PermissionError:

@@ -68,9 +68,10 @@ END_VECTORS = {
     4: bytes.fromhex("05000000" "44000000" + "00" * 68 + "b5edd3d9"),  # END unchanged in 4
     5: bytes.fromhex("05000000" "44000000" + "00" * 68 + "b5edd3d9"),  # and in 5
     6: bytes.fromhex("05000000" "44000000" + "00" * 68 + "b5edd3d9"),  # and in 6 (its id is 0)
+    7: bytes.fromhex("05000000" "44000000" + "00" * 68 + "b5edd3d9"),  # and in 7
 }
 END_CRCS = {1: 0xE392FD94, 2: 0x66B2E944, 3: 0xD9D3EDB5, 4: 0xD9D3EDB5, 5: 0xD9D3EDB5,
-            6: 0xD9D3EDB5}
+            6: 0xD9D3EDB5, 7: 0xD9D3EDB5}
 
 #: Version 5's ENTRY as FORMAT.md gives it: the directory "d" (id 0, mode
 #: 0755), a read-only Btrfs subvolume with the inode flag C (no copy on write).
@@ -235,6 +236,14 @@ def test_entry_round_trip(e):
         fmt.Entry.decode(buf + b"\0", 0, at=e.id)  # bytes left over
     with pytest.raises(ArchiveError):
         fmt.Entry.decode(buf[:-1], 0, at=e.id)  # bytes missing
+
+
+def test_socket_entry_is_version_7():
+    e = fmt.Entry(0, fmt.K_SOCK, b"run.sock", mode=0o755, uid=3, xattrs=[(b"user.a", b"1")])
+    assert fmt.Entry.decode(e.encode(), 0) == e
+    for v in (5, 6):  # kind 8 did not exist: refused, as any unknown kind
+        with pytest.raises(ArchiveError, match=f"unknown entry kind 8 in version {v}"):
+            fmt.Entry.decode(e.encode(v), 0, version=v)
 
 
 def test_version_6_references_are_relative():
