@@ -7,7 +7,12 @@ Without ``--read-data`` a snapshot's manifest is walked piece by piece
 (repo/pieces.py), each distinct piece once: sixty nights of the same tree
 cost about what one does.  A snapshot the walk cannot follow, or in which
 it finds a range the index lacks, is decoded whole, which names the
-entry."""
+entry.
+
+With ``--read-data`` the packs are read first, every blob of each against
+its id, so that the whole decode of each snapshot can name the files whose
+bytes are in a blob no sound copy is left of (issue 31: which snapshots and
+files a damaged pack holds), one line a file with how many of its bytes."""
 from __future__ import annotations
 
 import io
@@ -37,6 +42,13 @@ class CheckResult:
     read_bytes: int = 0
     #: manifest pieces walked (each distinct piece once, repo/pieces.py)
     pieces: int = 0
+    #: each file with bytes that cannot be had: {snapshot, path, bytes, why}
+    damaged: list[dict] = field(default_factory=list)
+
+
+#: files named one a line for each snapshot; the rest are counted (--json
+#: lists every one)
+NAMED_FILES = 50
 
 
 def check(repo: Repository, read_data: bool = False) -> CheckResult:
@@ -63,18 +75,33 @@ def check(repo: Repository, read_data: bool = False) -> CheckResult:
     for msg in problems:
         error(msg)
     res.snapshots = len(snaps)
+    lost: dict[bytes, str] = {}  # blob id -> the pack its only copies are damaged in
+    if read_data:
+        bad: set[tuple[bytes, bytes]] = set()  # (pack, blob) that does not decode
+        for name, o in sorted(sv.listed.items()):
+            res.read_bytes += o.size
+            claims = sv.claims.get(bytes.fromhex(name))
+            msgs, broken = check_pack(repo, name, sorted(claims) if claims is not None else None)
+            for msg in msgs:
+                error(msg)
+            bad.update((bytes.fromhex(name), b) for b in broken)
+        for pid, bid in bad:
+            locs = repo.index.locations(bid)
+            if locs and all((e.pack, bid) in bad for e in locs):
+                lost[bid] = pid.hex()
     missing = 0
     walk = PieceWalk(repo)
     for s in snaps:
         if not read_data and _sound(repo, walk, s):  # every piece walked, every range found
             continue
-        found = _BlobsFound(repo, s, error)  # a whole decode names what is wrong
+        found = _BlobsFound(repo, s, lost, error)  # a whole decode names what is wrong
         try:
             dispatch(found, Stream(io.BytesIO(repo.manifest(s)), check_hashes=False).events())
         except (RepositoryError, ArchiveError) as e:
             error(f"snapshot {s.short_id}: {e}")
             missing += 1
         missing += found.missing
+        found.report(res)
     res.pieces = walk.walked
     orphans = [n for n in sv.listed if bytes.fromhex(n) not in sv.claims]
     if orphans:
@@ -86,12 +113,6 @@ def check(repo: Repository, read_data: bool = False) -> CheckResult:
             res.warnings.append(f"{len(orphans)} packs are in no index (left by an "
                                 "interrupted backup or prune); prune removes them once they "
                                 "are an hour old")
-    if read_data:
-        for name, o in sorted(sv.listed.items()):
-            res.read_bytes += o.size
-            claims = sv.claims.get(bytes.fromhex(name))
-            for msg in check_pack(repo, name, sorted(claims) if claims is not None else None):
-                error(msg)
     return res
 
 
@@ -111,51 +132,94 @@ def _sound(repo: Repository, walk: PieceWalk, snap: Snapshot) -> bool:
     return pieces is not None and not any(p.bad for p in pieces)
 
 
-def check_pack(repo: Repository, pid: str, indexed: list | None) -> list[str]:
-    """Read a whole pack: its name, its trailer, every blob, against the index."""
+def check_pack(repo: Repository, pid: str, indexed: list | None
+               ) -> tuple[list[str], set[bytes]]:
+    """Read a whole pack: its name, its trailer, every blob, against the
+    index.  The problems, and the blobs that do not decode from it (each
+    blob on its own: one damaged byte costs one blob, not the pack)."""
     out: list[str] = []
     what = f"pack {pid}"
+    claimed = [(r[0], r[1], r[2], r[3], r[4]) for r in indexed or ()]
     try:
         data = repo.backend.read(pack_name(pid))
-        if rf.object_id(data) != pid:
-            return [f"{what}: its contents do not match its name (damaged)"]
+    except RepositoryError as e:
+        return [str(e) if str(e).startswith(what) else f"{what}: {e}"], {r[0] for r in claimed}
+    if rf.object_id(data) != pid:
+        out.append(f"{what}: its contents do not match its name (damaged)")
+    blobs: list = []
+    try:
         n = rf.split_pack_tail(data[-rf.TAIL:], len(data), what)
         trailer_raw = data[len(data) - rf.TAIL - n:len(data) - rf.TAIL]
         entries = rf.decode_trailer_payload(repo.decode_object(trailer_raw, rf.K_TRAILER,
                                                                f"{what} trailer"), what)
         off = 0
-        blobs = []
         for e in entries:
-            entry = rf.IndexEntry(bytes.fromhex(pid), e.type, off, e.stored_length, e.raw_length)
-            repo.decode_blob(e.id, entry, memoryview(data)[off:off + e.stored_length],
-                             f"{what}: blob {e.id.hex()[:16]}")
             blobs.append((e.id, e.type, off, e.stored_length, e.raw_length))
             off += e.stored_length
         if off != len(data) - rf.TAIL - n:
             out.append(f"{what}: its trailer does not describe the whole pack")
-        if indexed is not None and sorted(indexed) != sorted(blobs):
-            out.append(f"{what}: the index and the pack's trailer disagree")
     except RepositoryError as e:
         out.append(str(e) if str(e).startswith(what) else f"{what}: {e}")
-    return out
+        blobs = []
+    if indexed is not None and blobs and sorted(indexed) != sorted(blobs):
+        out.append(f"{what}: the index and the pack's trailer disagree")
+    bad: set[bytes] = set()
+    for bid, btype, off, stored, raw in sorted(set(blobs) | set(claimed), key=lambda r: r[2]):
+        entry = rf.IndexEntry(bytes.fromhex(pid), btype, off, stored, raw)
+        try:
+            if off + stored > len(data):
+                raise RepositoryError(f"{what}: blob {bid.hex()[:16]}: beyond the pack's end")
+            repo.decode_blob(bid, entry, memoryview(data)[off:off + stored],
+                             f"{what}: blob {bid.hex()[:16]}")
+        except RepositoryError as e:
+            bad.add(bid)
+            out.append(str(e))
+    return out, bad
 
 
 class _BlobsFound(Handler):
     """Every BLOB range of a snapshot's manifest: its blob in the index, the
-    range inside it."""
+    range inside it, a sound copy of it (``lost``: blob id -> the damaged
+    pack it is only in).  Files with bytes that cannot be had are gathered,
+    one report a file."""
 
-    def __init__(self, repo: Repository, snap: Snapshot, error: Callable[[str], None]):
+    def __init__(self, repo: Repository, snap: Snapshot, lost: dict[bytes, str],
+                 error: Callable[[str], None]):
         self.repo = repo
         self.snap = snap
+        self.lost = lost
         self.error = error
         self.missing = 0  # blobs in no index
+        #: path -> [bytes that cannot be had, why]
+        self.files: dict[bytes, tuple[list[int], set[str]]] = {}
 
     def on_blob(self, ev: BlobEvent) -> None:
-        ie = self.repo.index.get(ev.blob_id)
-        sid = self.snap.short_id
+        bid = ev.blob_id
+        ie = self.repo.index.get(bid)
         if ie is None:
             self.missing += 1
-            self.error(f"snapshot {sid}: blob {ev.blob_id.hex()} of "
-                       f"{ev.file.entry.path.decode(errors='replace')} is in no index")
+            why = "in no index"
         elif ev.blob_offset + ev.length > ie.raw_length:
-            self.error(f"snapshot {sid}: a range beyond the end of blob {ev.blob_id.hex()}")
+            self.error(f"snapshot {self.snap.short_id}: a range beyond the end of blob "
+                       f"{bid.hex()}")
+            return
+        elif bid in self.lost:
+            why = f"damaged in pack {self.lost[bid]}"
+        else:
+            return
+        n, whys = self.files.setdefault(ev.file.entry.path, ([0], set()))
+        n[0] += ev.length
+        whys.add(why)
+
+    def report(self, res: CheckResult) -> None:
+        sid = self.snap.short_id
+        for i, (path, (n, whys)) in enumerate(self.files.items()):
+            shown = path.decode(errors="replace")
+            why = "; ".join(sorted(whys))
+            res.damaged.append({"snapshot": self.snap.id, "path": shown, "bytes": n[0],
+                                "why": why})
+            if i < NAMED_FILES:
+                self.error(f"snapshot {sid}: {shown}: {n[0]} bytes cannot be had ({why})")
+        if len(self.files) > NAMED_FILES:
+            self.error(f"snapshot {sid}: and {len(self.files) - NAMED_FILES} more files with "
+                       "bytes that cannot be had (--json lists every one)")
