@@ -153,9 +153,9 @@ def check_pack(repo: Repository, pid: str, indexed: list | None
         entries = rf.decode_trailer_payload(repo.decode_object(trailer_raw, rf.K_TRAILER,
                                                                f"{what} trailer"), what)
         off = 0
-        for e in entries:
-            blobs.append((e.id, e.type, off, e.stored_length, e.raw_length))
-            off += e.stored_length
+        for t in entries:
+            blobs.append((t.id, t.type, off, t.stored_length, t.raw_length))
+            off += t.stored_length
         if off != len(data) - rf.TAIL - n:
             out.append(f"{what}: its trailer does not describe the whole pack")
     except RepositoryError as e:
