@@ -93,34 +93,25 @@ def test_defect_6_sigint_at_any_moment_of_scan_is_one_line_and_130(btrfs_dir):
     assert interrupted >= 5, f"only {interrupted} of {len(cases)} runs were interrupted"
 
 
-def _tree_with_warnings(top, sockets: int = 12):
-    """Files, and sockets (each skipped with a warning, exit 1)."""
-    import socket
-
+def _tree_with_warnings(top, missing: int = 12):
+    """Files, and PATHs that do not exist (each skipped with a warning, exit
+    1): the tree and the arguments to back up."""
     top.mkdir(parents=True)
     for i in range(20):
         (top / f"file{i:02d}").write_bytes(os.urandom(4096 * (i + 1)))
-    here = os.getcwd()
-    os.chdir(top)  # a socket's path is at most 107 bytes: bind by a relative one
-    try:
-        for i in range(sockets):
-            with socket.socket(socket.AF_UNIX) as s:
-                s.bind(f"sock{i:02d}")
-    finally:
-        os.chdir(here)
-    return top
+    return top, [top] + [top.parent / f"missing{i:02d}" for i in range(missing)]
 
 
 def test_defect_7_a_stderr_nobody_reads_does_not_kill_the_backup(btrfs_dir, tmp_path):
     """Defect 7: with its stderr (and stdout) on a pipe whose reader is gone,
     the first warning killed the backup (exit 4, no message, no archive).
     Now the warnings are lost, the backup completes, exit 1 for them."""
-    tree = _tree_with_warnings(btrfs_dir / "tree")
+    tree, paths = _tree_with_warnings(btrfs_dir / "tree")
     arch = tmp_path / "a.caw"
     r, w = os.pipe()
     os.close(r)
     try:
-        args = ["backup", "-o", arch, tree]
+        args = ["backup", "-o", arch, *paths]
         res = finished(cli_popen(*args, stdout=w, stderr=w), args, timeout=120)
     finally:
         os.close(w)
@@ -131,9 +122,9 @@ def test_defect_7_a_stderr_nobody_reads_does_not_kill_the_backup(btrfs_dir, tmp_
 def test_defect_7_b_backup_piped_into_head(btrfs_dir, tmp_path):
     """``cloneaware backup ... 2>&1 | head -3``: head reads three lines and
     exits; the rest of the warnings and the summary have no reader."""
-    tree = _tree_with_warnings(btrfs_dir / "tree", sockets=40)
+    tree, paths = _tree_with_warnings(btrfs_dir / "tree", missing=40)
     arch = tmp_path / "a.caw"
-    args = ["backup", "-o", arch, tree]
+    args = ["backup", "-o", arch, *paths]
     p = cli_popen(*args, stderr=subprocess.STDOUT)
     lines = [p.stdout.readline() for _ in range(3)]
     p.stdout.close()
