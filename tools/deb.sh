@@ -10,7 +10,8 @@
 #                        `apt-get install ./cloneaware_*.deb` in it (the
 #                        dependencies come from the mirror), then
 #                        tools/deb_test_inside.sh in it: --help, --version,
-#                        man, completions, a round trip on a loopback XFS
+#                        man, completions, a round trip on a loopback XFS,
+#                        the nightly job (run, its units verified, man page 5)
 #
 # The package is built for Debian 13 or later (python3-typer >= 0.9; Debian 12
 # has 0.7), so it is built in a trixie root whatever this machine runs.
@@ -220,9 +221,9 @@ do_test() {
     mount_pseudo "$TROOT"
     cp "$OUT/$debs" "$TROOT/tmp/"
     chmod 0644 "$TROOT/tmp/$debs"
-    say "apt-get install ./$debs (and man-db, bash-completion, zsh, fish, xfsprogs to test with)"
+    say "apt-get install ./$debs (and man-db, bash-completion, zsh, fish, xfsprogs, systemd to test with)"
     in_root "$TROOT" apt-get update -qq
-    in_root "$TROOT" sh -c "cd /tmp && apt-get install -y -q ./$debs man-db bash-completion zsh fish xfsprogs" \
+    in_root "$TROOT" sh -c "cd /tmp && apt-get install -y -q ./$debs man-db bash-completion zsh fish xfsprogs systemd" \
         > "$OUT/test-install.log" 2>&1 \
         || { tail -n 30 "$OUT/test-install.log" >&2; die "apt-get install ./$debs failed (log: $OUT/test-install.log)"; }
     grep -E '^(Setting up|Unpacking) cloneaware ' "$OUT/test-install.log" | sed 's/^/deb: /'

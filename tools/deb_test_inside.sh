@@ -21,9 +21,9 @@ mod=$(python3 -c 'import cloneaware.native, cloneaware; print(cloneaware.__file_
 ok "/usr/bin/cloneaware from the package, module and native extension from $(dirname "$mod"), $(python3 --version)"
 
 # --- files only where policy allows them --------------------------------------
-bad=$(dpkg-query -L cloneaware | grep -Ev '^(/\.|/usr|/usr/bin(/cloneaware)?|/usr/lib|/usr/lib/python3(/dist-packages(/.*)?)?|/usr/share|/usr/share/(doc|man|bash-completion|zsh|fish)(/.*)?)$' || true)
+bad=$(dpkg-query -L cloneaware | grep -Ev '^(/\.|/usr|/usr/bin(/cloneaware)?|/usr/lib|/usr/lib/python3(/dist-packages(/.*)?)?|/usr/lib/systemd(/system(/cloneaware@\.(service|timer))?)?|/usr/share|/usr/share/(doc|man|bash-completion|zsh|fish)(/.*)?)$' || true)
 [ -z "$bad" ] || fail "files outside the allowed places: $bad"
-ok "$(dpkg-query -L cloneaware | wc -l) paths, all under /usr/bin, /usr/lib/python3/dist-packages, /usr/share/{doc,man,bash-completion,zsh,fish}"
+ok "$(dpkg-query -L cloneaware | wc -l) paths, all under /usr/bin, /usr/lib/python3/dist-packages, /usr/lib/systemd/system/cloneaware@.{service,timer}, /usr/share/{doc,man,bash-completion,zsh,fish}"
 dpkg-query -W -f '${Depends}\n${Recommends}\n' cloneaware | sed 's/^/deb-test:          /'
 
 # --- the command line ------------------------------------------------------------
@@ -122,5 +122,45 @@ thin=$(stat -c %s thin.caw)
 cloneaware restore --base "$src/golden.img" thin.caw "$MNT/thin" >/dev/null
 cmp "$src/sub/clone2.img" "$MNT/thin/clone2.img" || fail "thin restore differs"
 ok "thin backup against the base: $thin bytes; restored identical"
+
+# --- the nightly job: its man page, example, units, and a run of it ------------------------
+page=$(man -w cloneaware.toml)
+[ "$page" = /usr/share/man/man5/cloneaware.toml.5.gz ] || fail "man -w cloneaware.toml: $page"
+text=$(MANWIDTH=80 man --warnings 5 cloneaware.toml 2>/tmp/man5.err)
+[ ! -s /tmp/man5.err ] || fail "man 5 cloneaware.toml reports: $(cat /tmp/man5.err)"
+for s in KEYS keep-daily on-failure CLONEAWARE_STEP cloneaware_last_success_timestamp_seconds; do
+    has "$text" "$s" "man 5 cloneaware.toml"
+done
+if grep -qF '\[' <<<"$text"; then fail "man 5 cloneaware.toml shows markup escapes"; fi
+ok "man 5 cloneaware.toml: $page, $(wc -l <<<"$text") lines, no groff warning"
+mkdir -p /var/tmp/units && cd /var/tmp/units
+for u in service timer; do
+    f=/usr/lib/systemd/system/cloneaware@.$u
+    [ "$(dpkg-query -S "$f")" = "cloneaware: $f" ] || fail "$f is not the package's"
+    ln -sf "$f" "cloneaware@home.$u"
+done
+systemd-analyze verify --man=no ./cloneaware@home.service ./cloneaware@home.timer >/tmp/verify.out 2>&1 \
+    || fail "systemd-analyze verify: $(cat /tmp/verify.out)"
+[ ! -s /tmp/verify.out ] || fail "systemd-analyze verify warns: $(cat /tmp/verify.out)"
+ok "cloneaware@.service and cloneaware@.timer pass systemd-analyze verify ($(systemd-analyze --version | head -n1))"
+cd /var/tmp
+cloneaware init -r "$MNT/repo" >/dev/null
+cat > nightly.toml <<EOF
+[defaults]
+repository = "$MNT/repo"
+keep-last = 2
+[jobs.family]
+paths = ["$src"]
+check-read-data-every = "30d"
+EOF
+for night in 1 2 3; do
+    out=$(CLONEAWARE_STATE_DIR=/var/tmp/state cloneaware run -c nightly.toml --metrics /var/tmp/m.prom)
+done
+has "$out" "family: forget: removed 1 snapshots, kept 2" "the third run"
+has "$out" "family: check: not due" "the third run"
+grep -q '^cloneaware_exit_code{job="family"} 0$' /var/tmp/m.prom || fail "metrics: $(cat /var/tmp/m.prom)"
+ex=/usr/share/doc/cloneaware/examples/cloneaware.toml.example
+python3 -c 'import sys, tomllib; tomllib.load(open(sys.argv[1], "rb"))' "$ex" || fail "$ex is not TOML"
+ok "cloneaware run: three nights of a job (forget keeps 2, check not due again), metrics; $ex parses"
 
 echo "deb-test: all $n checks passed"

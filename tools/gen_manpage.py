@@ -59,10 +59,16 @@ EXAMPLES: list[tuple[str, list[str]]] = [
      "and restore from there in one pass from standard input:",
      ["cloneaware backup -o - /srv/vm | ssh host 'cat > /backups/x.caw'",
       "ssh host 'cat /backups/x.caw' | cloneaware restore - /srv/restore"]),
+    ("Run the jobs of /etc/cloneaware/cloneaware.toml (cloneaware.toml(5)): each a "
+     "backup, forget by its policy, prune and check when due; check the file first; "
+     "then let systemd run the job home every night:",
+     ["cloneaware config check",
+      "cloneaware run --metrics /var/lib/cloneaware/jobs.prom",
+      "systemctl enable --now cloneaware@home.timer"]),
 ]
 
-SEE_ALSO = ["cp(1)", "filefrag(8)", "ssh(1)", "btrfs(8)", "xfs_io(8)", "ioctl_ficlonerange(2)",
-            "ioctl_fideduperange(2)"]
+SEE_ALSO = ["cloneaware.toml(5)", "cp(1)", "filefrag(8)", "ssh(1)", "btrfs(8)", "xfs_io(8)",
+            "ioctl_ficlonerange(2)", "ioctl_fideduperange(2)"]
 
 
 # --- roff ---------------------------------------------------------------------
@@ -293,13 +299,70 @@ def render(readme: Path = TOP / "README.md", date: str | None = None) -> str:
     return "\n".join(out) + "\n"
 
 
+# --- cloneaware.toml(5), from docs/CONFIG.md -----------------------------------
+
+def page_date(date: str | None) -> str:
+    if date is not None:
+        return date
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    when = (datetime.datetime.fromtimestamp(int(epoch), datetime.UTC) if epoch
+            else datetime.datetime.now(datetime.UTC))
+    return when.strftime("%Y-%m-%d")
+
+
+def render_config(doc: Path = TOP / "docs" / "CONFIG.md", date: str | None = None) -> str:
+    """cloneaware.toml(5): docs/CONFIG.md as roff (its sections, paragraphs,
+    tables as tagged paragraphs, indented blocks as literal text), so that
+    the page and the normative document are one text."""
+    from cloneaware import __version__
+
+    out = [f'.TH CLONEAWARE.TOML 5 "{page_date(date)}" "cloneaware {__version__}" '
+           '"File Formats"', ".SH NAME",
+           "cloneaware.toml \\- the jobs of cloneaware run: backups, retention, checks, hooks"]
+    blocks = re.split(r"\n\s*\n", doc.read_text(encoding="utf-8"))
+    for block in blocks:
+        lines = block.strip("\n").splitlines()
+        if not lines or lines[0].startswith("# "):
+            continue
+        if lines[0].startswith("## "):
+            out.append(f".SH {esc(lines[0][3:].replace('`', '').upper())}")
+            lines = lines[1:]
+            if not lines:
+                continue
+        if all(ln.startswith("    ") for ln in lines):
+            out += [".PP", ".RS 4", ".nf", *(esc(ln[4:]) for ln in lines), ".fi", ".RE"]
+        elif lines[0].startswith("|"):
+            rows = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in lines
+                    if not re.fullmatch(r"\|[-| ]+\|", ln.strip())]
+            head, body = rows[0], rows[1:]
+            for r in body:
+                out += [".TP", inline_md(r[0])]
+                rest = [f"{h}: {c}" if len(r) > 2 and i < len(r) - 2 else c
+                        for i, (h, c) in enumerate(zip(head[1:], r[1:], strict=False))]
+                out.append(inline_md("; ".join(rest)))
+        elif lines[0].startswith("- "):
+            for item in md_bullets("\n".join(lines)):
+                out += [".IP \\(bu 2", inline_md(item)]
+        else:
+            out += [".PP", inline_md(squash(" ".join(lines)))]
+    out += [".SH FILES", ".TP", "\\fB/etc/cloneaware/cloneaware.toml\\fR",
+            "the configuration \\fBcloneaware run\\fR reads by default",
+            ".TP", "\\fB/usr/share/doc/cloneaware/examples/cloneaware.toml.example\\fR",
+            "a commented example",
+            ".SH SEE ALSO", ".BR cloneaware (1),", ".BR systemd.timer (5),",
+            ".BR journalctl (1)"]
+    return "\n".join(out) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-o", "--output", default="-", help="where to write (default: stdout)")
     ap.add_argument("--readme", type=Path, default=TOP / "README.md")
     ap.add_argument("--date", help="the page's date (default: SOURCE_DATE_EPOCH, or today)")
+    ap.add_argument("--config-page", action="store_true",
+                    help="write cloneaware.toml(5) from docs/CONFIG.md instead")
     a = ap.parse_args(argv)
-    page = render(a.readme, a.date)
+    page = render_config(date=a.date) if a.config_page else render(a.readme, a.date)
     if a.output == "-":
         sys.stdout.write(page)
     else:

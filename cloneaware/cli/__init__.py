@@ -15,6 +15,7 @@ One module per command group, each registering its commands on the one
 - scan.py, backup.py, restore.py, reshare.py: those commands;
 - browse.py: ls, diff, verify;
 - repo.py: init, snapshots, forget, prune, check, unlock, export;
+- jobs.py: run, config (the nightly job of a configuration file);
 - serve.py: serve; keys.py: the ``key`` group.
 
 They are imported below in the order ``--help`` and the man page list the
@@ -42,7 +43,7 @@ from cloneaware.errors import EXIT_INTERRUPTED, Interrupted
 
 # isort: off
 # the commands, in the order of --help and of the man page
-from cloneaware.cli import scan, backup, restore, reshare, browse, repo, serve, keys, anchors  # noqa: F401,E501
+from cloneaware.cli import scan, backup, restore, reshare, browse, repo, jobs, serve, keys, anchors  # noqa: F401,E501
 # isort: on
 
 __all__ = ["app", "help_records", "main"]
