@@ -26,9 +26,10 @@ from cloneaware.errors import UsageError
 DEFAULT_PATH = "/etc/cloneaware/cloneaware.toml"
 
 #: the keep-* options of forget, as config keys
-KEEP = ("keep-last", "keep-daily", "keep-weekly", "keep-monthly")
+KEEP = ("keep-last", "keep-daily", "keep-weekly", "keep-monthly", "keep-within")
 #: key -> (kind, default).  Kinds: str, bool, int (>= 0), strs (a list of
-#: strings), interval (a duration like 7d or "never"), seconds (a duration)
+#: strings), interval (a duration like 7d or "never"), seconds (a duration),
+#: span (a duration, kept as written: it is passed on to a command)
 KEYS: dict[str, tuple[str, Any]] = {
     "paths": ("strs", None),
     "repository": ("str", None),
@@ -41,7 +42,8 @@ KEYS: dict[str, tuple[str, Any]] = {
     "exclude-caches": ("bool", False),
     "cross-filesystems": ("bool", False),
     "compress": ("str", None),
-    **{k: ("int", 0) for k in KEEP},
+    **{k: ("int", 0) for k in KEEP[:-1]},
+    "keep-within": ("span", None),
     "prune-every": ("interval", "1w"),
     "check-every": ("interval", "1d"),
     "check-read-data-every": ("interval", "never"),
@@ -92,7 +94,8 @@ class Job:
     exclude_caches: bool = False
     cross_filesystems: bool = False
     compress: str | None = None
-    keep: dict[str, int] = field(default_factory=dict)
+    #: forget's keep-* options as given (keep-within a duration string)
+    keep: dict[str, Any] = field(default_factory=dict)
     prune_every: float | None = 7 * 86400.0
     check_every: float | None = 86400.0
     check_read_data_every: float | None = None
@@ -108,7 +111,7 @@ class Job:
         out: dict[str, Any] = {}
         for key, (kind, _) in KEYS.items():
             if key in KEEP:
-                v: Any = self.keep.get(key, 0)
+                v: Any = self.keep.get(key, KEYS[key][1])
             else:
                 v = getattr(self, key.replace("-", "_"))
             if kind in ("interval", "seconds"):
@@ -279,13 +282,13 @@ def _value(kind: str, v: Any) -> Any:
         if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
             raise ValueError(f"must be a list of non-empty strings, not {_show(v)}")
         return v
-    if kind in ("interval", "seconds"):
+    if kind in ("interval", "seconds", "span"):
         if not isinstance(v, str):
             raise ValueError(f"must be a duration string like \"7d\", not {_show(v)}")
         secs = parse_interval(v)
-        if secs is None and kind == "seconds":
+        if secs is None and kind in ("seconds", "span"):
             raise ValueError("must be a duration, not never")
-        return secs
+        return v if kind == "span" else secs
     raise AssertionError(kind)
 
 
@@ -309,7 +312,7 @@ def _job(name: str, merged: dict[str, tuple[Any, str]], bad) -> Job | None:
         bad("an empty list: a job backs up at least one path", "jobs", name, "paths")
         return None
     kw: dict[str, Any] = {}
-    keep: dict[str, int] = {}
+    keep: dict[str, Any] = {}
     for key, (kind, default) in KEYS.items():
         v: Any = merged[key][0] if key in merged else (
             parse_interval(default) if kind in ("interval", "seconds") else default)

@@ -106,6 +106,9 @@ def forget(
                                              help="Keep the newest of each of N weeks.")] = 0,
     keep_monthly: Annotated[int, typer.Option("--keep-monthly", min=0, metavar="N",
                                               help="Keep the newest of each of N months.")] = 0,
+    keep_within: Annotated[str | None, typer.Option(
+        "--keep-within", metavar="DURATION", help="Keep every snapshot taken within DURATION "
+        "of the newest (30s, 90m, 12h, 7d, 2w; m is minutes).")] = None,
     host: HostSelOpt = None,
     path: PathSelOpt = None,
     tag: TagSelOpt = None,
@@ -127,7 +130,18 @@ def forget(
     from cloneaware.repo.snapshots import Filter
 
     with handled(as_json):
-        policy = Policy(keep_last, keep_daily, keep_weekly, keep_monthly)
+        within = 0
+        if keep_within is not None:
+            from cloneaware.config import parse_interval
+
+            try:
+                secs = parse_interval(keep_within)
+            except ValueError as e:
+                raise UsageError(f"--keep-within: {e}") from None
+            if secs is None:
+                raise UsageError("--keep-within: give a duration, not never")
+            within = int(secs * 1e9)
+        policy = Policy(keep_last, keep_daily, keep_weekly, keep_monthly, within)
         with opened(env_repo(repo), password_file, rsh, s3_endpoint, connections,
                     lock="exclusive", operation="forget") as r:
             res = forget_snapshots(r, policy, dry_run,

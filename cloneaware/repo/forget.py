@@ -1,6 +1,7 @@
 """``forget``: which snapshots it keeps, and removing the others.  Per group
 of snapshots of the same host and PATHs, the union of --keep-last N (the N
-newest), --keep-daily N (the newest of each of the N newest days that have
+newest), --keep-within DURATION (every one taken within DURATION of the
+newest, restic's rule), --keep-daily N (the newest of each of the N newest days that have
 one), --keep-weekly N (ISO weeks) and --keep-monthly N, as restic and Borg
 count them.  Days, weeks and months are in UTC.  The policy (``keep``) is
 pure logic, tested without a repository; ``forget`` applies it to one.
@@ -24,9 +25,11 @@ class Policy:
     daily: int = 0
     weekly: int = 0
     monthly: int = 0
+    #: keep every snapshot within this many ns of the group's newest
+    within_ns: int = 0
 
     def empty(self) -> bool:
-        return not (self.last or self.daily or self.weekly or self.monthly)
+        return not (self.last or self.daily or self.weekly or self.monthly or self.within_ns)
 
 
 def _buckets(ns: int) -> dict[str, tuple]:
@@ -41,11 +44,16 @@ def keep(times: list[tuple[str, int]], policy: Policy) -> dict[str, list[str]]:
     snapshot kept, the reasons ("last", "daily", ...)."""
     if policy.empty():
         raise UsageError("forget needs at least one --keep-last/--keep-daily/--keep-weekly/"
-                         "--keep-monthly; it would remove every snapshot")
+                         "--keep-monthly/--keep-within; it would remove every snapshot")
     newest = sorted(times, key=lambda t: (t[1], t[0]), reverse=True)
     reasons: dict[str, list[str]] = {}
     for sid, _ in newest[:policy.last]:
         reasons.setdefault(sid, []).append("last")
+    if policy.within_ns and newest:
+        since = newest[0][1] - policy.within_ns
+        for sid, ns in newest:
+            if ns >= since:
+                reasons.setdefault(sid, []).append("within")
     for name, n in (("daily", policy.daily), ("weekly", policy.weekly),
                     ("monthly", policy.monthly)):
         seen: set[tuple] = set()

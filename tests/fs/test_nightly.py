@@ -78,6 +78,7 @@ tags = ["nightly"]
 paths = ["{vms}"]
 repository = "{repo_b}"
 keep-last = 3
+keep-within = "1s"
 check-read-data-every = "30d"
 """)
     return cfg, home, vms, repo_a, repo_b, marks
@@ -152,6 +153,9 @@ CASES = {
                    'keep-daily = "seven"\n', 6, "jobs.a.keep-daily", "must be a whole number"),
     "bad_duration": ('[jobs.a]\npaths = ["{src}"]\nrepository = "{repo}"\n'
                      'prune-every = "weekly"\n', 4, "jobs.a.prune-every", "is not a duration"),
+    "bad_keep_within": ('[jobs.a]\npaths = ["{src}"]\nrepository = "{repo}"\n'
+                        'keep-within = "never"\n', 4, "jobs.a.keep-within",
+                        "must be a duration, not never"),
     "no_repository_key": ('[jobs.a]\npaths = ["{src}"]\n', 1, "jobs.a",
                           "no repository (in the job or in [defaults])"),
     "no_repository_there": ('[jobs.a]\npaths = ["{src}"]\nrepository = "{src}"\n', 3,

@@ -8,6 +8,7 @@ on XFS, as the sysadmin had; restored trees judged by hashing them."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from helpers.cli import cli, cli_json
@@ -110,6 +111,23 @@ def test_forget_policy_applies_to_what_the_filters_leave(two_sets, btrfs_dir):
     assert [s["id"] for s in out["removed"]] == [ids["c"]], out
     left = [s["id"] for s in json.loads(cli("snapshots", "--json", "-r", repo).out)]
     assert left == [ids["a"], ids["b"], again], left
+
+
+def test_forget_keep_within_keeps_what_is_near_the_newest(two_sets):
+    """--keep-within (issue 34's retention): of the group's newest, not of
+    now; a bad duration is a usage error that removes nothing."""
+    repo, src, ids = two_sets
+    for bad in ("never", "5x", "0d"):
+        r = cli("forget", "-r", repo, "--keep-within", bad)
+        assert r.returncode == 2 and "--keep-within" in r.err, str(r)
+    time.sleep(1.5)  # c is then more than 1 s older than the next
+    again = cli_json("backup", "--json", "-r", repo, "--host", "other", "--tag", "t1",
+                     src["c"])["snapshot"]
+    out = cli_json("forget", "--json", "-r", repo, "--host", "other", "--keep-within", "1h")
+    assert out["removed"] == [] and {s["id"]: s["reasons"] for s in out["kept"]} == \
+        {ids["c"]: ["within"], again: ["within"]}, out
+    out = cli_json("forget", "--json", "-r", repo, "--host", "other", "--keep-within", "1s")
+    assert [s["id"] for s in out["removed"]] == [ids["c"]], out  # more than 1 s older
 
 
 def test_ls_takes_the_patterns_restore_include_takes(two_sets):

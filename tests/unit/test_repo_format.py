@@ -156,6 +156,10 @@ def test_forget_policy():
     assert len(weeks) == 2  # ten days span two ISO weeks (1970-01-01 was a Thursday)
     with pytest.raises(UsageError):
         keep(times, Policy())
+    # within: of the newest (s19, at 9.5 days), not of now; the bound is kept
+    within = keep(times, Policy(within_ns=day))
+    assert set(within) == {"s19", "s18", "s17"} and within["s17"] == ["within"]
+    assert set(keep(times, Policy(last=1, within_ns=day // 2 - 1))) == {"s19"}
 
 
 def test_coverage_splits_at_places():
