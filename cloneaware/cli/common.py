@@ -66,8 +66,16 @@ def help_records(cmd, ctx) -> tuple[list[tuple[str, str]], list[tuple[str, str]]
         else:
             rec = p.get_help_record(ctx)
             if rec is not None:
-                opts.append(rec)
+                opts.append((unescape(rec[0]), unescape(rec[1])))
     return args, opts
+
+
+def unescape(text: str) -> str:
+    """Help text as written: typer releases that render with rich (Debian
+    13's among them) escape the brackets of ``[default: 4]`` as rich markup
+    (``\\[default: 4]``) in the records they hand out; plain help and the
+    man page would show the backslash (issue 34)."""
+    return text.replace("\\[", "[")
 
 
 class Command(TyperCommand):

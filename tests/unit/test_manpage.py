@@ -169,6 +169,24 @@ def test_no_markup_escapes_leak_into_the_page(page):
     assert "[required]" in page
 
 
+def test_help_records_drop_rich_escapes():
+    """The records as Debian 13's typer hands them out (issue 34: the page in
+    the .deb showed \\[default: 4; 1<=x<=64]): the escapes are dropped."""
+    import click
+
+    from cloneaware.cli.common import help_records
+
+    class Escaping(click.Option):
+        def get_help_record(self, ctx):
+            term, text = super().get_help_record(ctx)
+            return term, text.replace("[", "\\[")
+
+    cmd = click.Command("x", params=[Escaping(["--n"], default=4, show_default=True,
+                                              help="How many.")])
+    _, opts = help_records(cmd, click.Context(cmd))
+    assert opts[0] == ("--n INTEGER", "How many.  [default: 4]"), opts
+
+
 def test_roff_escaping():
     assert gen.esc("use --base or -o - here") == "use \\-\\-base or \\-o \\- here"
     assert gen.esc(".dot first\n'quote") == "\\&.dot first\n\\&'quote"
