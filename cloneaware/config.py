@@ -47,6 +47,7 @@ KEYS: dict[str, tuple[str, Any]] = {
     "prune-every": ("interval", "1w"),
     "check-every": ("interval", "1d"),
     "check-read-data-every": ("interval", "never"),
+    "check-read-data-parts": ("int", 1),
     "retry-lock": ("seconds", "10m"),
     "before": ("str", None),
     "after": ("str", None),
@@ -99,6 +100,8 @@ class Job:
     prune_every: float | None = 7 * 86400.0
     check_every: float | None = 86400.0
     check_read_data_every: float | None = None
+    #: each check --read-data reads the next part of this many (1: all)
+    check_read_data_parts: int = 1
     retry_lock: float = 600.0
     before: str | None = None
     after: str | None = None

@@ -149,6 +149,7 @@ class Runner:
                 mine[f"last_{s.step.replace('-', '_')}"] = time.time()
                 if s.step == "check-read-data":  # it checks all that check does
                     mine["last_check"] = time.time()
+                    mine["next_part"] = mine.get("next_part", 1) % job.check_read_data_parts + 1
             if s.code == EXIT_INTERRUPTED:
                 self.interrupted = True
             if not ok(s.code):
@@ -186,7 +187,7 @@ class Runner:
         if name == "check":
             read = _due(mine.get("last_check_read_data"), job.check_read_data_every, t0)
             if read is True:
-                return self._check(job, read_data=True)
+                return self._check(job, read_data=True, part=mine.get("next_part", 1))
             due = _due(mine.get("last_check"), job.check_every, t0)
             if due is not True:
                 return Step(job.name, name, EXIT_OK, 0.0, f"{job.name}: check: {due}")
@@ -270,9 +271,13 @@ class Runner:
                       f"{s.seconds:.1f} s")
         return s
 
-    def _check(self, job: Job, read_data: bool) -> Step:
+    def _check(self, job: Job, read_data: bool, part: int = 1) -> Step:
         name = "check-read-data" if read_data else "check"
-        a = ["check", *self._repo_args(job)] + (["--read-data"] if read_data else [])
+        a = ["check", *self._repo_args(job)]
+        parts = job.check_read_data_parts
+        part = part if isinstance(part, int) and 1 <= part <= parts else 1
+        if read_data:
+            a += ["--read-data-subset", f"{part}/{parts}"] if parts > 1 else ["--read-data"]
         if self.dry_run:
             return Step(job.name, name, EXIT_OK, 0.0, f"{job.name}: {name}: due (dry run)")
         s = self._command(job, name, a)
@@ -281,6 +286,8 @@ class Runner:
             s.line = (f"{job.name}: {name}: no problems, {o.get('snapshots', 0)} snapshots, "
                       f"{o.get('packs', 0)} packs"
                       + (f", read {human(o.get('read_bytes', 0))}" if read_data else "")
+                      + (f" (part {part} of {parts}: {o.get('read_packs', 0)} packs)"
+                         if read_data and parts > 1 else "")
                       + f", {s.seconds:.1f} s")
         elif o.get("errors"):
             s.message = f"{len(o['errors'])} problems, the first: {o['errors'][0]}"

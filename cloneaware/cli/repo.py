@@ -204,6 +204,10 @@ def check(
     read_data: Annotated[bool, typer.Option(
         "--read-data", help="Also read every pack and check every blob against its id.")]
     = False,
+    read_data_subset: Annotated[str | None, typer.Option(
+        "--read-data-subset", metavar="n/t|x%", help="As --read-data, but read only part n "
+        "of t of the packs (by their names: parts 1 to t read each pack once), or x% of "
+        "them at random.")] = None,
     as_json: JsonOpt = False,
     password_file: PasswordOpt = None,
     rsh: RshOpt = None,
@@ -214,11 +218,19 @@ def check(
     Exit 0 if so, 3 with the problems named otherwise."""
     from cloneaware.errors import EXIT_ARCHIVE
     from cloneaware.repo.check import check as check_repo
+    from cloneaware.repo.check import parse_subset
 
     with handled(as_json):
+        subset = None
+        if read_data_subset is not None:
+            try:
+                subset = parse_subset(read_data_subset)
+            except ValueError as bad:
+                raise UsageError(f"--read-data-subset: {bad}") from None
+            read_data = True
         with opened(env_repo(repo), password_file, rsh, s3_endpoint,
                     lock="shared", operation="check") as r:
-            res = check_repo(r, read_data)
+            res = check_repo(r, read_data, subset)
         enc = r.crypto.encrypted
         if as_json:
             typer.echo(json.dumps({**res.__dict__, "encrypted": enc, "ok": not res.errors},
@@ -226,7 +238,9 @@ def check(
         else:
             report(f"repository {r.config.id[:8]} ({'encrypted' if enc else 'not encrypted'}"
                    f"): {res.snapshots} snapshots, {res.packs} packs, {res.blobs} blobs"
-                   + (f", read {human(res.read_bytes)}" if read_data else ""))
+                   + (f", read {human(res.read_bytes)}"
+                      + (f" ({res.read_packs} of {res.packs} packs: subset {read_data_subset})"
+                         if subset is not None else "") if read_data else ""))
             for w in res.warnings:  # with -q, on stderr: a note may want doing
                 if flags.quiet:
                     err(f"note: {w}")

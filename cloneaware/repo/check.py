@@ -16,6 +16,9 @@ files a damaged pack holds), one line a file with how many of its bytes."""
 from __future__ import annotations
 
 import io
+import math
+import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -40,6 +43,8 @@ class CheckResult:
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     read_bytes: int = 0
+    #: packs read whole (--read-data; a subset's share of them)
+    read_packs: int = 0
     #: manifest pieces walked (each distinct piece once, repo/pieces.py)
     pieces: int = 0
     #: each file with bytes that cannot be had: {snapshot, path, bytes, why}
@@ -51,8 +56,40 @@ class CheckResult:
 NAMED_FILES = 50
 
 
-def check(repo: Repository, read_data: bool = False) -> CheckResult:
-    """Every problem found, named by the object it is in."""
+def parse_subset(spec: str) -> tuple[int, int] | float:
+    """``n/t`` (part n of t, 1 <= n <= t) or ``x%`` (0 < x <= 100), restic's
+    --read-data-subset; ValueError otherwise."""
+    t = spec.strip()
+    m = re.fullmatch(r"(\d+)/(\d+)", t)
+    if m:
+        n, total = int(m.group(1)), int(m.group(2))
+        if not 1 <= n <= total or total > 256:
+            raise ValueError(f"{spec!r}: part n of t needs 1 <= n <= t <= 256")
+        return n, total
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)%", t)
+    if m and 0 < float(m.group(1)) <= 100:
+        return float(m.group(1)) / 100
+    raise ValueError(f"{spec!r} is not a subset (like 1/7 or 10%)")
+
+
+def in_subset(names: list[str], subset: tuple[int, int] | float | None) -> list[str]:
+    """The packs (hex names) a subset reads.  Part n of t: those whose first
+    byte is n-1 modulo t, so that parts 1 to t read every pack once and a
+    pack stays in its part as others come and go; x%: that share of them,
+    at random, at least one."""
+    if subset is None:
+        return names
+    if isinstance(subset, tuple):
+        n, t = subset
+        return [x for x in names if int(x[:2], 16) % t == n - 1]
+    k = min(len(names), max(1, math.ceil(len(names) * subset))) if names else 0
+    return sorted(random.sample(names, k))
+
+
+def check(repo: Repository, read_data: bool = False,
+          subset: tuple[int, int] | float | None = None) -> CheckResult:
+    """Every problem found, named by the object it is in.  ``subset``: with
+    ``read_data``, read only those packs (parse_subset)."""
     res = CheckResult()
 
     def error(msg: str) -> None:
@@ -78,7 +115,10 @@ def check(repo: Repository, read_data: bool = False) -> CheckResult:
     lost: dict[bytes, str] = {}  # blob id -> the pack its only copies are damaged in
     if read_data:
         bad: set[tuple[bytes, bytes]] = set()  # (pack, blob) that does not decode
-        for name, o in sorted(sv.listed.items()):
+        chosen = in_subset(sorted(sv.listed), subset)
+        res.read_packs = len(chosen)
+        for name in chosen:
+            o = sv.listed[name]
             res.read_bytes += o.size
             claims = sv.claims.get(bytes.fromhex(name))
             msgs, broken = check_pack(repo, name, sorted(claims) if claims is not None else None)

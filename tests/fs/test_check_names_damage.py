@@ -85,3 +85,47 @@ def test_check_names_the_files_of_a_bad_pack(btrfs_dir, tmp_path, how):
     assert f"pack {victim}" in r.err, r.err
     assert "src/a" not in r.err and "other/o" not in r.err and "small" not in r.err, r.err
 
+
+
+def test_read_data_subset_reads_each_pack_once_over_its_parts(btrfs_dir, tmp_path):
+    """--read-data-subset n/t: parts 1 to t read every pack exactly once,
+    and only the part that holds a damaged pack finds it; x% reads that
+    share; a bad spec is a usage error."""
+    repo = tmp_path / "repo"
+    cli("init", "-r", repo, "--pack-size", "1", check_rc=0)
+    src = btrfs_dir / "src"
+    src.mkdir()
+    for i in range(6):
+        write_random(src / f"f{i}", 2 * MiB, 10 + i)
+    cli("backup", "-r", repo, src, check_rc=0)
+    names = sorted(p.name for p in (repo / "data").rglob("*") if p.is_file())
+    assert len(names) >= 8, names
+    for bad in ("0/3", "4/3", "1/0", "0%", "101%", "half"):
+        r = cli("check", "-r", repo, "--read-data-subset", bad)
+        assert r.returncode == 2 and "--read-data-subset" in r.err, str(r)
+    t = 3
+    read = 0
+    for n in range(1, t + 1):
+        out = json.loads(cli("check", "--json", "-r", repo, "--read-data-subset", f"{n}/{t}",
+                             check_rc=0).out)
+        want = [x for x in names if int(x[:2], 16) % t == n - 1]
+        assert out["read_packs"] == len(want), (n, out)
+        assert out["read_bytes"] == sum((repo / pack_name(x)).stat().st_size for x in want)
+        read += out["read_packs"]
+    assert read == len(names)
+    out = json.loads(cli("check", "--json", "-r", repo, "--read-data-subset", "25%",
+                         check_rc=0).out)
+    assert out["read_packs"] == -(-len(names) // 4), out
+
+    victim, _ = _pack_of_only(repo, (src / "f3").read_bytes())
+    path = repo / pack_name(victim)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    holder = int(victim[:2], 16) % t + 1
+    for n in range(1, t + 1):
+        r = cli("check", "-r", repo, "--read-data-subset", f"{n}/{t}")
+        if n == holder:
+            assert r.returncode == 3 and "src/f3" in r.err and victim in r.err, str(r)
+        else:
+            assert r.returncode == 0, str(r)

@@ -80,6 +80,7 @@ repository = "{repo_b}"
 keep-last = 3
 keep-within = "1s"
 check-read-data-every = "30d"
+check-read-data-parts = 2
 """)
     return cfg, home, vms, repo_a, repo_b, marks
 
@@ -106,7 +107,7 @@ def test_two_jobs_end_to_end_then_only_what_is_due(btrfs_dir, xfs_dir, tmp_path,
                          "vms: check-read-data", "vms: after"], r.out
     assert r.err == "", str(r)  # journald gets the summary lines and nothing else
     assert "read 4.0 MiB" in got["vms: backup"], got  # the clone's extents read once
-    assert "no problems" in got["vms: check-read-data"] and "read " in got[
+    assert "no problems" in got["vms: check-read-data"] and "(part 1 of 2: " in got[
         "vms: check-read-data"], got
     assert (marks / "after").read_text() == "home\nvms\n"
     snaps = _snapshots(repo_a)
@@ -139,6 +140,14 @@ def test_two_jobs_end_to_end_then_only_what_is_due(btrfs_dir, xfs_dir, tmp_path,
     assert "vms: backup" not in got
     doc = json.loads(state.read_text())
     assert doc[key]["last_prune"] > time.time() - 600, doc
+
+    # a month later for vms: the read-data check is due, and reads the next part
+    for part in (2, 1):
+        doc = json.loads(state.read_text())
+        doc[f"vms {repo_b}"]["last_check_read_data"] -= 31 * 86400
+        state.write_text(json.dumps(doc))
+        got = _lines(cli("run", "-c", cfg, "vms", env=env, check_rc=0))
+        assert f"(part {part} of 2: " in got["vms: check-read-data"], got
 
 
 def _bad(tmp_path, body: str):
