@@ -34,11 +34,11 @@ class IndexBlobs:
         self.repo = repo
 
     def size(self, bid: bytes, where: str) -> int:
-        e = self.repo.index.get(bid)
-        if e is None:
+        n = self.repo.index.raw_length(bid)
+        if n < 0:
             raise RepositoryError(f"{self.repo.where}: blob {bid.hex()} of {where} is in no "
                                   "index (the repository is damaged; run cloneaware check)")
-        return e.raw_length
+        return n
 
     def get(self, bid: bytes) -> bytes | None:
         return None
