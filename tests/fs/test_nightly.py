@@ -17,6 +17,7 @@ import signal
 import stat
 import subprocess
 import time
+import tomllib
 
 import pytest
 from helpers.cli import cli, cli_json, cli_popen, finished
@@ -99,6 +100,14 @@ def test_two_jobs_end_to_end_then_only_what_is_due(btrfs_dir, xfs_dir, tmp_path,
     cfg, home, vms, repo_a, repo_b, marks = _two_jobs(btrfs_dir, xfs_dir, tmp_path)
     r = cli("config", "check", "-c", cfg, env=env, check_rc=0)
     assert "2 jobs (home, vms), no problems found" in r.out, str(r)
+    shown = cli_json("config", "show", "--json", "-c", cfg, env=env)
+    assert shown["home"]["keep-last"] == 2 and shown["vms"]["keep-last"] == 3, shown
+    assert shown["home"]["prune-every"] == "1w" and shown["home"]["repository"] == str(repo_a)
+    assert shown["home"]["after"].startswith("echo ") and shown["vms"]["keep-within"] == "1s"
+    text = cli("config", "show", "-c", cfg, env=env, check_rc=0).out  # TOML again
+    again = tomllib.loads(text)["jobs"]
+    assert again == {j: {k: v for k, v in d.items() if v is not None and v != []}
+                     for j, d in shown.items()}, (again, shown)
 
     r = cli("run", "-c", cfg, env=env, check_rc=0)
     got = _lines(r)
