@@ -7,6 +7,8 @@ forged).  Apart from the Repository that loads it, so that what a lookup
 answers can be tested without one."""
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from cloneaware.errors import RepositoryError
@@ -121,7 +123,7 @@ class BlobIndex:
         return rf.IndexEntry(self.pack_ids[no], t, off, stored, raw)
 
     def get(self, bid: bytes) -> rf.IndexEntry | None:
-        rec = self._recent.get(bid)
+        rec: Any = self._recent.get(bid)
         if rec is None:
             i = self._row(bid)
             if i < 0:
