@@ -26,7 +26,8 @@ from cloneaware.errors import UsageError
 DEFAULT_PATH = "/etc/cloneaware/cloneaware.toml"
 
 #: the keep-* options of forget, as config keys
-KEEP = ("keep-last", "keep-daily", "keep-weekly", "keep-monthly", "keep-within")
+KEEP = ("keep-last", "keep-hourly", "keep-daily", "keep-weekly", "keep-monthly",
+        "keep-yearly", "keep-within", "keep-tag")
 #: key -> (kind, default).  Kinds: str, bool, int (>= 0), strs (a list of
 #: strings), interval (a duration like 7d or "never"), seconds (a duration),
 #: span (a duration, kept as written: it is passed on to a command)
@@ -42,8 +43,9 @@ KEYS: dict[str, tuple[str, Any]] = {
     "exclude-caches": ("bool", False),
     "cross-filesystems": ("bool", False),
     "compress": ("str", None),
-    **{k: ("int", 0) for k in KEEP[:-1]},
+    **{k: ("int", 0) for k in KEEP[:-2]},
     "keep-within": ("span", None),
+    "keep-tag": ("strs", []),
     "prune-every": ("interval", "1w"),
     "check-every": ("interval", "1d"),
     "check-read-data-every": ("interval", "never"),

@@ -249,7 +249,8 @@ class Runner:
     def _forget(self, job: Job) -> Step:
         a = ["forget", *self._repo_args(job), *self._filters(job)]
         for k, v in job.keep.items():
-            a += [f"--{k}", str(v)]
+            for one in v if isinstance(v, list) else [v]:  # keep-tag: each tag
+                a += [f"--{k}", str(one)]
         if self.dry_run:
             a.append("--dry-run")
         s = self._command(job, "forget", a)

@@ -100,12 +100,19 @@ def forget(
     retry_lock: RetryLockOpt = None,
     keep_last: Annotated[int, typer.Option("--keep-last", min=0, metavar="N",
                                            help="Keep the N newest snapshots.")] = 0,
+    keep_hourly: Annotated[int, typer.Option("--keep-hourly", min=0, metavar="N",
+                                             help="Keep the newest of each of N hours.")] = 0,
     keep_daily: Annotated[int, typer.Option("--keep-daily", min=0, metavar="N",
                                             help="Keep the newest of each of N days.")] = 0,
     keep_weekly: Annotated[int, typer.Option("--keep-weekly", min=0, metavar="N",
                                              help="Keep the newest of each of N weeks.")] = 0,
     keep_monthly: Annotated[int, typer.Option("--keep-monthly", min=0, metavar="N",
                                               help="Keep the newest of each of N months.")] = 0,
+    keep_yearly: Annotated[int, typer.Option("--keep-yearly", min=0, metavar="N",
+                                             help="Keep the newest of each of N years.")] = 0,
+    keep_tag: Annotated[list[str] | None, typer.Option(
+        "--keep-tag", metavar="TAG", help="Keep every snapshot tagged TAG (repeatable: any of "
+        "them).")] = None,
     keep_within: Annotated[str | None, typer.Option(
         "--keep-within", metavar="DURATION", help="Keep every snapshot taken within DURATION "
         "of the newest (30s, 90m, 12h, 7d, 2w; m is minutes).")] = None,
@@ -122,8 +129,8 @@ def forget(
     quiet: QuietOpt = False,
 ) -> None:
     """Remove snapshots: those named, or those the --keep options do not keep in
-    each group of snapshots of the same host and PATHs; --host, --path and
-    --tag limit either to the snapshots they leave."""
+    each group of snapshots of the same host and PATHs (days, weeks and months
+    in UTC); --host, --path and --tag limit either to the snapshots they leave."""
     from cloneaware.repo.forget import Policy
     from cloneaware.repo.forget import forget as forget_snapshots
     from cloneaware.repo.prune import prune as prune_repo
@@ -141,7 +148,8 @@ def forget(
             if secs is None:
                 raise UsageError("--keep-within: give a duration, not never")
             within = int(secs * 1e9)
-        policy = Policy(keep_last, keep_daily, keep_weekly, keep_monthly, within)
+        policy = Policy(keep_last, keep_daily, keep_weekly, keep_monthly, within,
+                        hourly=keep_hourly, yearly=keep_yearly, tags=tuple(keep_tag or ()))
         with opened(env_repo(repo), password_file, rsh, s3_endpoint, connections,
                     lock="exclusive", operation="forget") as r:
             res = forget_snapshots(r, policy, dry_run,

@@ -1,10 +1,12 @@
 """``forget``: which snapshots it keeps, and removing the others.  Per group
 of snapshots of the same host and PATHs, the union of --keep-last N (the N
 newest), --keep-within DURATION (every one taken within DURATION of the
-newest, restic's rule), --keep-daily N (the newest of each of the N newest days that have
-one), --keep-weekly N (ISO weeks) and --keep-monthly N, as restic and Borg
-count them.  Days, weeks and months are in UTC.  The policy (``keep``) is
-pure logic, tested without a repository; ``forget`` applies it to one.
+newest, restic's rule), --keep-tag T (every one tagged T), and
+--keep-hourly N, --keep-daily N (the newest of each of the N newest days
+that have one), --keep-weekly N (ISO weeks), --keep-monthly N and
+--keep-yearly N, as restic and Borg count them.  Hours, days, weeks,
+months and years are in UTC.  The policy (``keep``) is pure logic, tested
+without a repository; ``forget`` applies it to one.
 """
 from __future__ import annotations
 
@@ -27,24 +29,31 @@ class Policy:
     monthly: int = 0
     #: keep every snapshot within this many ns of the group's newest
     within_ns: int = 0
+    hourly: int = 0
+    yearly: int = 0
+    #: keep every snapshot that has one of these tags
+    tags: tuple[str, ...] = ()
 
     def empty(self) -> bool:
-        return not (self.last or self.daily or self.weekly or self.monthly or self.within_ns)
+        return not (self.last or self.hourly or self.daily or self.weekly or self.monthly
+                    or self.yearly or self.within_ns or self.tags)
 
 
 def _buckets(ns: int) -> dict[str, tuple]:
     t = datetime.datetime.fromtimestamp(ns / 1e9, datetime.UTC)
     iso = t.isocalendar()
-    return {"daily": (t.year, t.month, t.day), "weekly": (iso[0], iso[1]),
-            "monthly": (t.year, t.month)}
+    return {"hourly": (t.year, t.month, t.day, t.hour), "daily": (t.year, t.month, t.day),
+            "weekly": (iso[0], iso[1]), "monthly": (t.year, t.month), "yearly": (t.year,)}
 
 
-def keep(times: list[tuple[str, int]], policy: Policy) -> dict[str, list[str]]:
-    """``times``: (snapshot id, time_ns) of one group.  Returns, for each
-    snapshot kept, the reasons ("last", "daily", ...)."""
+def keep(times: list[tuple[str, int]], policy: Policy,
+         tags: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
+    """``times``: (snapshot id, time_ns) of one group; ``tags``: each one's
+    tags (for keep-tag).  Returns, for each snapshot kept, the reasons
+    ("last", "daily", "tag", ...)."""
     if policy.empty():
-        raise UsageError("forget needs at least one --keep-last/--keep-daily/--keep-weekly/"
-                         "--keep-monthly/--keep-within; it would remove every snapshot")
+        raise UsageError("forget needs at least one --keep-* option (last, hourly, daily, "
+                         "weekly, monthly, yearly, within, tag); it would remove every snapshot")
     newest = sorted(times, key=lambda t: (t[1], t[0]), reverse=True)
     reasons: dict[str, list[str]] = {}
     for sid, _ in newest[:policy.last]:
@@ -54,8 +63,13 @@ def keep(times: list[tuple[str, int]], policy: Policy) -> dict[str, list[str]]:
         for sid, ns in newest:
             if ns >= since:
                 reasons.setdefault(sid, []).append("within")
-    for name, n in (("daily", policy.daily), ("weekly", policy.weekly),
-                    ("monthly", policy.monthly)):
+    if policy.tags:
+        for sid, _ in newest:
+            if set((tags or {}).get(sid, ())) & set(policy.tags):
+                reasons.setdefault(sid, []).append("tag")
+    for name, n in (("hourly", policy.hourly), ("daily", policy.daily),
+                    ("weekly", policy.weekly), ("monthly", policy.monthly),
+                    ("yearly", policy.yearly)):
         seen: set[tuple] = set()
         for sid, ns in newest:
             if len(seen) >= n:
@@ -143,7 +157,8 @@ def forget(repo: Repository, policy: Policy, dry_run: bool = False,
             continue
         groups.setdefault(group_key(s), []).append(s)
     for snaps in groups.values():
-        reasons = keep([(s.id, s.time_ns) for s in snaps], policy)
+        reasons = keep([(s.id, s.time_ns) for s in snaps], policy,
+                       {s.id: list(s.tags) for s in snaps})
         for s in snaps:
             if s.id in reasons:
                 out.kept.append((s, reasons[s.id]))

@@ -74,6 +74,7 @@ paths = ["{home}"]
 repository = "{repo_a}"
 exclude = [".cache"]
 tags = ["nightly"]
+keep-tag = ["gold", "silver"]
 
 [jobs.vms]
 paths = ["{vms}"]

@@ -113,9 +113,10 @@ def test_forget_policy_applies_to_what_the_filters_leave(two_sets, btrfs_dir):
     assert left == [ids["a"], ids["b"], again], left
 
 
-def test_forget_keep_within_keeps_what_is_near_the_newest(two_sets):
-    """--keep-within (issue 34's retention): of the group's newest, not of
-    now; a bad duration is a usage error that removes nothing."""
+def test_forget_keep_within_tag_and_hourly(two_sets):
+    """--keep-within (issues 32 and 34): of the group's newest, not of now; a
+    bad duration is a usage error that removes nothing.  --keep-tag keeps
+    what carries the tag, --keep-hourly the newest of each hour."""
     repo, src, ids = two_sets
     for bad in ("never", "5x", "0d"):
         r = cli("forget", "-r", repo, "--keep-within", bad)
@@ -126,8 +127,16 @@ def test_forget_keep_within_keeps_what_is_near_the_newest(two_sets):
     out = cli_json("forget", "--json", "-r", repo, "--host", "other", "--keep-within", "1h")
     assert out["removed"] == [] and {s["id"]: s["reasons"] for s in out["kept"]} == \
         {ids["c"]: ["within"], again: ["within"]}, out
-    out = cli_json("forget", "--json", "-r", repo, "--host", "other", "--keep-within", "1s")
+    out = cli_json("forget", "--json", "--dry-run", "-r", repo, "--host", "other",
+                   "--keep-within", "1s")
     assert [s["id"] for s in out["removed"]] == [ids["c"]], out  # more than 1 s older
+    # --keep-tag: c has t1 and t2, the newer one t1 only; --keep-hourly 1 the newest
+    out = cli_json("forget", "--json", "-r", repo, "--host", "other", "--keep-tag", "t2",
+                   "--keep-hourly", "1")
+    assert out["removed"] == [] and {s["id"]: s["reasons"] for s in out["kept"]} == \
+        {ids["c"]: ["tag"], again: ["hourly"]}, out
+    out = cli_json("forget", "--json", "-r", repo, "--host", "other", "--keep-tag", "t2")
+    assert [s["id"] for s in out["removed"]] == [again], out
 
 
 def test_ls_takes_the_patterns_restore_include_takes(two_sets):

@@ -160,6 +160,14 @@ def test_forget_policy():
     within = keep(times, Policy(within_ns=day))
     assert set(within) == {"s19", "s18", "s17"} and within["s17"] == ["within"]
     assert set(keep(times, Policy(last=1, within_ns=day // 2 - 1))) == {"s19"}
+    # hourly: one an hour; yearly: 1970 only; a tag keeps whatever else says
+    hour = day // 24
+    hours = [(f"h{i}", i * hour // 2) for i in range(10)]  # two an hour, five hours
+    assert set(keep(hours, Policy(hourly=3))) == {"h9", "h7", "h5"}
+    assert set(keep(hours, Policy(yearly=5))) == {"h9"}
+    tagged = keep(times, Policy(last=1, tags=("keep", "gold")), {"s3": ["gold"], "s4": ["x"]})
+    assert tagged == {"s19": ["last"], "s3": ["tag"]}, tagged
+    assert keep(times, Policy(tags=("none",)), {}) == {}
 
 
 def test_coverage_splits_at_places():
