@@ -71,7 +71,7 @@ class Contents:
         return got
 
 
-def _entry_at(f, off: int, version: int, at: int) -> fmt.Entry:
+def entry_at(f, off: int, version: int, at: int) -> fmt.Entry:
     f.seek(off)
     rr = RecordReader(f)
     rr.offset = off
@@ -93,7 +93,7 @@ def read_contents(f, full: bool = False, blobs: bool = False) -> Contents:
         if full:
             v = listing.header.version
             for r, it in zip(rows, listing.items):
-                e = _entry_at(f, it.offset, v, it.id)
+                e = entry_at(f, it.offset, v, it.id)
                 if (e.id, e.kind, e.path, e.size) != (it.id, it.kind, it.path, it.size):
                     raise ArchiveError(f"index item {it.id} does not match its entry", it.offset)
                 r.entry = e

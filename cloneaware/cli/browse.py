@@ -1,5 +1,5 @@
 """What reads an archive or a snapshot without restoring it: ``ls``,
-``diff`` and ``verify``."""
+``find``, ``diff`` and ``verify``."""
 from __future__ import annotations
 
 import json
@@ -113,6 +113,58 @@ def ls_cmd(
                        f"{x.ref_bytes:>14} "
                        + (f"{x.base_ref_bytes:>14} " if b is not None else "")
                        + f" {display.show(x.path)}")
+
+
+@app.command("find", cls=Command)
+def find_cmd(
+    patterns: Annotated[list[str], typer.Argument(
+        metavar="PATTERN...", help="What to look for, as restore --include takes it: a name "
+        "at any depth (app.log, *.conf), or a path as ls shows it (home/*/app.log).")],
+    repo: RepoOpt = None,
+    newest: Annotated[int | None, typer.Option(
+        "--newest", min=1, metavar="N", help="Look in the N newest snapshots only.")] = None,
+    as_json: JsonOpt = False,
+    retry_lock: RetryLockOpt = None,
+    host: HostSelOpt = None,
+    path: PathSelOpt = None,
+    tag: TagSelOpt = None,
+    password_file: PasswordOpt = None,
+    rsh: RshOpt = None,
+    s3_endpoint: S3EndpointOpt = None,
+) -> None:
+    """Every snapshot holding an entry a PATTERN matches: one line each, with
+    the snapshot, its time, the entry's type, size and mtime (UTC), oldest
+    snapshot first.  From the manifests' indexes: no file data is read."""
+    from cloneaware import display
+    from cloneaware.archive import format as fmt
+    from cloneaware.cli.common import err
+    from cloneaware.repo.find import find
+    from cloneaware.repo.snapshots import Filter
+
+    with handled(as_json):
+        if not repo:
+            raise UsageError("find looks in a repository: give -r REPO")
+        with opened(repo, password_file, rsh, s3_endpoint,
+                    lock="shared", operation="find") as r:
+            snaps = Filter.of(host, path, tag).apply(r.snapshots())
+            if newest is not None:
+                snaps = snaps[-newest:]
+            found = list(find(r, snaps, patterns))
+        if as_json:
+            typer.echo(json.dumps([{
+                "snapshot": f.snapshot.id, "time": f.snapshot.data["time"],
+                "hostname": f.snapshot.hostname, "path": display.show(f.path),
+                "path_b64": display.b64(f.path), "type": fmt.KIND_NAMES[f.kind],
+                "size": f.size, "mtime": display.when_rfc3339(f.mtime_ns)} for f in found],
+                indent=2))
+        else:
+            for f in found:
+                t = f.snapshot.data["time"][:19].replace("T", " ")
+                typer.echo(f"{f.snapshot.short_id}  {t}  "
+                           f"{fmt.KIND_NAMES[f.kind]:<8} {f.size:>14}  "
+                           f"{display.when(f.mtime_ns)}  {display.show(f.path)}")
+        if not found:
+            err(f"nothing matches in {len(snaps)} snapshots")
 
 
 @app.command(cls=Command)
