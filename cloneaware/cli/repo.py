@@ -92,6 +92,50 @@ def snapshots(
 
 
 @app.command(cls=Command)
+def stats(
+    specs: Annotated[list[str] | None, typer.Argument(
+        metavar="[SNAPSHOT...]", help="Snapshots to describe (ids, unique prefixes, or "
+        "latest); none: the repository's totals only.")] = None,
+    repo: RepoOpt = None,
+    retry_lock: RetryLockOpt = None,
+    host: HostSelOpt = None,
+    path: PathSelOpt = None,
+    tag: TagSelOpt = None,
+    as_json: JsonOpt = False,
+    password_file: PasswordOpt = None,
+    rsh: RshOpt = None,
+    s3_endpoint: S3EndpointOpt = None,
+) -> None:
+    """What the repository stores (packs, blobs, stored and raw bytes) and, of
+    each SNAPSHOT: its entries and logical bytes, what a restore onto Btrfs
+    or XFS writes (the rest is cloned), the stored bytes of the blobs it
+    names, and of those no other snapshot names (what forgetting it frees,
+    once pruned).  No file data is read."""
+    from cloneaware.repo.stats import stats as repo_stats
+
+    with handled(as_json):
+        with opened(env_repo(repo), password_file, rsh, s3_endpoint,
+                    lock="shared", operation="stats") as r:
+            chosen = choose(r, specs, host, path, tag, unique=True) if specs else []
+            res = repo_stats(r, chosen)
+        if as_json:
+            d = dict(res.__dict__)
+            d["chosen"] = [c.__dict__ for c in res.chosen]
+            typer.echo(json.dumps(d, indent=2))
+            return
+        typer.echo(f"repository: {res.snapshots} snapshots, {res.packs} packs "
+                   f"({human(res.pack_bytes)}), {res.blobs} blobs: {human(res.stored_bytes)} "
+                   f"stored of {human(res.raw_bytes)}")
+        for c in res.chosen:
+            typer.echo(f"snapshot {c.id[:8]}: {c.files} files, {c.dirs} directories, "
+                       f"{c.others} others; {human(c.logical_bytes)} logical, a restore "
+                       f"writes {human(c.restore_write_bytes)} (the rest cloned); {c.blobs} "
+                       f"blobs, {human(c.stored_bytes)} stored, of which "
+                       f"{human(c.unique_stored_bytes)} ({c.unique_blobs} blobs) in no other "
+                       "snapshot")
+
+
+@app.command(cls=Command)
 def forget(
     specs: Annotated[list[str] | None, typer.Argument(
         metavar="[SNAPSHOT...]", help="Snapshots to remove (ids, unique prefixes, or latest), "

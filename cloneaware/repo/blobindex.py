@@ -160,22 +160,30 @@ class BlobIndex:
             hit |= np.isin(ids, recent)
         return hit
 
-    def raw_lengths(self, ids: bytes) -> np.ndarray:
-        """The raw length of each blob of ``ids`` (32 bytes each, one after
-        another), -1 for one in no index: one binary search for all."""
+    def raw_lengths(self, ids: bytes, stored: bool = False) -> np.ndarray:
+        """The raw length (``stored``: the stored length) of each blob of
+        ``ids`` (32 bytes each, one after another), -1 for one in no index:
+        one binary search for all."""
         keys = np.frombuffer(ids, dtype="S32")
         out = np.full(len(keys), -1, dtype=np.int64)
+        name, col = ("stored", 3) if stored else ("raw", 4)
         if len(self._ids) and len(keys):
             at = np.searchsorted(self._ids, keys)
             at[at >= len(self._ids)] = 0
             hit = self._ids[at] == keys
-            out[hit] = self._rec["raw"][at[hit]]
+            out[hit] = self._rec[name][at[hit]]
         if self._recent:
             for i in np.flatnonzero(out < 0).tolist():
                 rec = self._recent.get(ids[32 * i:32 * i + 32])
                 if rec is not None:
-                    out[i] = rec[4]
+                    out[i] = rec[col]
         return out
+
+    def totals(self) -> tuple[int, int]:
+        """(stored, raw) bytes of every blob, each counted once."""
+        self._merge()
+        return int(self._rec["stored"].sum(dtype=np.int64)), \
+            int(self._rec["raw"].sum(dtype=np.int64))
 
     def __contains__(self, bid: bytes) -> bool:
         return bid in self._recent or self._row(bid) >= 0
