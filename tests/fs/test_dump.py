@@ -1,0 +1,118 @@
+"""``dump`` (issue 32): one entry of a snapshot to standard output.  A
+file's bytes are hashed against the source; a directory's tar stream,
+extracted by GNU tar, is compared entry by entry with a restore of the
+same subtree (content, modes, owners, times, links, xattrs)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import subprocess
+
+import pytest
+from helpers.cli import cli, cli_json
+
+from cloneaware.testing import write_random
+
+pytestmark = pytest.mark.root
+
+MiB = 1 << 20
+
+
+def _sha(p) -> str:
+    return hashlib.sha256(open(p, "rb").read()).hexdigest()
+
+
+def _state(top) -> dict:
+    """path -> what tar and a restore must agree on."""
+    out = {}
+    for d, dirs, files in os.walk(top):
+        for n in dirs + files:
+            p = os.path.join(d, n)
+            st = os.lstat(p)
+            x = {k: os.getxattr(p, k, follow_symlinks=False)
+                 for k in os.listxattr(p, follow_symlinks=False)}
+            v = (st.st_mode, st.st_uid, st.st_gid, st.st_size if not os.path.isdir(p) else 0,
+                 st.st_mtime_ns if not os.path.islink(p) else 0, x,
+                 os.readlink(p) if os.path.islink(p) else None,
+                 _sha(p) if os.path.isfile(p) and not os.path.islink(p) else None,
+                 st.st_nlink if os.path.isfile(p) and not os.path.islink(p) else None)
+            out[os.path.relpath(p, top)] = v
+    return out
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_dump_a_file_and_a_directory(btrfs_dir, tmp_path, encrypted):
+    src = btrfs_dir / "home"
+    sub = src / "bob"
+    (sub / "docs").mkdir(parents=True)
+    write_random(sub / "disk.img", 3 * MiB, 1)
+    with open(sub / "sparse.img", "wb") as f:  # a hole between two written MiB
+        f.write(os.urandom(MiB))
+        f.seek(3 * MiB)
+        f.write(os.urandom(MiB // 2))
+        f.truncate(5 * MiB)
+    subprocess.run(["cp", "--reflink=always", sub / "disk.img", sub / "clone.img"], check=True)
+    (sub / "docs" / "a.txt").write_bytes(b"a\n")
+    os.link(sub / "docs" / "a.txt", sub / "docs" / "a-again.txt")
+    (src / "outside.txt").write_bytes(b"outside bob\n")
+    os.link(src / "outside.txt", sub / "link-to-outside.txt")
+    os.symlink("docs/a.txt", sub / "sym")
+    os.mkfifo(sub / "fifo", 0o640)
+    os.setxattr(sub / "docs" / "a.txt", "user.note", b"text")
+    os.setxattr(sub / "disk.img", "user.bin", b"\xff\x00\x01")
+    os.chown(sub / "docs", 1234, 5678)
+    os.chmod(sub / "docs", 0o2750)
+    os.utime(sub / "clone.img", ns=(0, 1_600_000_000_123_456_789))
+    with socket.socket(socket.AF_UNIX) as s:
+        here = os.getcwd()
+        os.chdir(sub)
+        try:
+            s.bind("sock")
+        finally:
+            os.chdir(here)
+    repo = tmp_path / "repo"
+    env = None
+    if encrypted:
+        pw = tmp_path / "pw"
+        pw.write_text("correct horse\n")
+        env = dict(os.environ, CLONEAWARE_PASSWORD_FILE=str(pw))
+        cli("init", "-r", repo, "--encrypt", env=env, check_rc=0)
+    else:
+        cli("init", "-r", repo, check_rc=0)
+    sid = cli_json("backup", "--json", "-r", repo, src, env=env)["snapshot"]
+
+    for name in ("disk.img", "sparse.img", "clone.img", "docs/a.txt"):
+        r = cli("dump", "-r", repo, sid[:8], f"home/bob/{name}", env=env, check_rc=0)
+        assert hashlib.sha256(r.stdout).hexdigest() == _sha(sub / name), name
+    r = cli("dump", "-r", repo, "latest", "home/bob/link-to-outside.txt", env=env, check_rc=0)
+    assert r.stdout == b"outside bob\n"
+
+    # a directory: tar -x of the stream is what a restore of it makes
+    restored = btrfs_dir / "restored"
+    cli("restore", "-r", repo, "latest", restored, "--include", "home/bob", env=env,
+        check_rc=0)
+    out = btrfs_dir / "untarred"
+    out.mkdir()
+    dump = subprocess.Popen([*_cli_argv(), "dump", "-r", str(repo), "latest", "home/bob"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    tar = subprocess.run(["tar", "-x", "-p", "--numeric-owner", "--xattrs",
+                          "--xattrs-include=*", "-C", str(out)], stdin=dump.stdout,
+                         capture_output=True)
+    dump.stdout.close()
+    err = dump.stderr.read().decode()
+    assert dump.wait() == 1 and "home/bob/sock: a socket: tar cannot hold it" in err, err
+    assert tar.returncode == 0, tar.stderr
+    want = _state(restored / "home" / "bob")
+    del want["sock"]
+    got = _state(out / "home" / "bob")
+    assert got == want, {k: (want.get(k), got.get(k)) for k in set(want) | set(got)
+                         if want.get(k) != got.get(k)}
+
+    r = cli("dump", "-r", repo, "latest", "home/nobody", env=env)
+    assert r.returncode == 2 and "no such entry in snapshot" in r.err, str(r)
+
+
+def _cli_argv() -> list[str]:
+    from helpers.cli import cli_command
+    return cli_command()
