@@ -52,8 +52,9 @@ def keep(times: list[tuple[str, int]], policy: Policy,
     tags (for keep-tag).  Returns, for each snapshot kept, the reasons
     ("last", "daily", "tag", ...)."""
     if policy.empty():
-        raise UsageError("forget needs at least one --keep-* option (last, hourly, daily, "
-                         "weekly, monthly, yearly, within, tag); it would remove every snapshot")
+        raise UsageError("forget needs at least one --keep-last/--keep-hourly/--keep-daily/"
+                         "--keep-weekly/--keep-monthly/--keep-yearly/--keep-within/--keep-tag; "
+                         "it would remove every snapshot")
     newest = sorted(times, key=lambda t: (t[1], t[0]), reverse=True)
     reasons: dict[str, list[str]] = {}
     for sid, _ in newest[:policy.last]:

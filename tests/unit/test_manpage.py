@@ -175,8 +175,6 @@ def test_help_records_drop_rich_escapes():
     the .deb showed \\[default: 4; 1<=x<=64]): the escapes are dropped."""
     import click
 
-    from cloneaware.cli.common import help_records
-
     class Escaping(click.Option):
         def get_help_record(self, ctx):
             term, text = super().get_help_record(ctx)
@@ -184,7 +182,7 @@ def test_help_records_drop_rich_escapes():
 
     cmd = click.Command("x", params=[Escaping(["--n"], default=4, show_default=True,
                                               help="How many.")])
-    _, opts = help_records(cmd, click.Context(cmd))
+    _, opts = gen.help_records(cmd, click.Context(cmd))
     assert opts[0] == ("--n INTEGER", "How many.  [default: 4]"), opts
 
 
