@@ -366,6 +366,64 @@ def unlock(
 
 
 @app.command(cls=Command)
+def copy(
+    specs: Annotated[list[str] | None, typer.Argument(
+        metavar="[SNAPSHOT...]", help="Snapshots to copy (ids, unique prefixes, or latest); "
+        "none: every one the filters leave.")] = None,
+    repo: RepoOpt = None,
+    to: Annotated[str | None, typer.Option(
+        "--to", metavar="REPO", help="The repository to copy into (a directory, ssh://, "
+        "s3://).")] = None,
+    to_password_file: Annotated[str | None, typer.Option(
+        "--to-password-file", metavar="FILE", help="The password of the --to repository, if "
+        "it is encrypted.")] = None,
+    retry_lock: RetryLockOpt = None,
+    host: HostSelOpt = None,
+    path: PathSelOpt = None,
+    tag: TagSelOpt = None,
+    dry_run: DryRunOpt = False,
+    as_json: JsonOpt = False,
+    password_file: PasswordOpt = None,
+    rsh: RshOpt = None,
+    s3_endpoint: S3EndpointOpt = None,
+    connections: S3ConnOpt = 4,
+    quiet: QuietOpt = False,
+) -> None:
+    """Copy snapshots into another repository: each is exported and imported
+    on the fly, so only what the other repository lacks is stored there, cut
+    on its grid and sealed with its keys (plain to encrypted and back), with
+    its sharing.  A copy keeps the snapshot's time, host, PATHs and tags;
+    one copied before is not copied again, so a stopped copy is finished by
+    running it again."""
+    from cloneaware.repo.copy import copy as copy_snapshots
+    from cloneaware.repo.snapshots import Filter
+
+    with handled(as_json):
+        if not to:
+            raise UsageError("give the repository to copy into: --to REPO")
+        with opened(env_repo(repo), password_file, rsh, s3_endpoint, connections,
+                    lock="shared", operation="copy") as src, \
+                opened(to, to_password_file, rsh, s3_endpoint, connections,
+                       lock="shared", operation="copy") as dst:
+            if src.config.id == dst.config.id:
+                raise UsageError("--to names the repository copied from")
+            snaps = choose(src, specs, host, path, tag, unique=True) if specs else \
+                Filter.of(host, path, tag).apply(src.snapshots())
+            res = copy_snapshots(src, dst, snaps, dry_run, connections=connections,
+                                 warn=err, say=None if as_json else report)
+        if as_json:
+            typer.echo(json.dumps({"copied": [{"snapshot": a, "copy": b or None}
+                                              for a, b in res.copied],
+                                   "skipped": res.skipped, "added_bytes": res.added_bytes,
+                                   "logical_bytes": res.logical_bytes, "dry_run": dry_run},
+                                  indent=2))
+            return
+        verb = "would copy" if dry_run else "copied"
+        report(f"{verb} {len(res.copied)} snapshots ({human(res.logical_bytes)} logical, "
+               f"{human(res.added_bytes)} added), {len(res.skipped)} copied before")
+
+
+@app.command(cls=Command)
 def export(
     snapshot: Annotated[str, typer.Argument(metavar="SNAPSHOT",
                                             help="Snapshot id, unique prefix, or latest.")],

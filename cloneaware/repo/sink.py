@@ -177,6 +177,9 @@ class RepositorySink(Sink):
         self.snapshot: Snapshot | None = None
         self.summary = None
         self._zstd = zstandard.ZstdCompressor(level=level) if level else None
+        #: the snapshot of another repository this one copies (repo/copy.py):
+        #: its time, host, user, PATHs and tags are kept, and its id as ``original``
+        self.copy_of: Snapshot | None = None
 
     # -- before the walk ----------------------------------------------------------------
 
@@ -424,6 +427,10 @@ class RepositorySink(Sink):
                                            "referenced_bytes", "unchanged_bytes",
                                            "added_bytes", "bytes_read")},
         }
+        if self.copy_of is not None:
+            o = self.copy_of.data
+            data.update({k: o[k] for k in ("time", "time_ns", "hostname", "username", "paths",
+                                           "tags")}, original=self.copy_of.id, parent=None)
         self.snapshot = self.repo.save_snapshot(data)
         if s is not None:
             s.snapshot = self.snapshot.id

@@ -193,12 +193,16 @@ class _Importer(Handler):
 
 def import_archive(repo: Repository, f, name: str, host: str | None = None,
                    tags: list[str] | None = None, level: int = 3, connections: int = 2,
-                   warn: Callable[[str], None] | None = None) -> tuple[Snapshot, dict]:
+                   warn: Callable[[str], None] | None = None,
+                   copy_of: Snapshot | None = None) -> tuple[Snapshot, dict]:
     """A snapshot of the archive read from ``f``: the archive is a source
-    for the repository's backup sink (repo/sink.py), as a tree is."""
+    for the repository's backup sink (repo/sink.py), as a tree is.
+    ``copy_of``: the snapshot of another repository the archive is an
+    export of (repo/copy.py), whose metadata the new one keeps."""
     sink = RepositorySink(repo, [f"archive:{os.path.basename(name)}"], host, tags, level,
                           connections, warn, anchors=False, parent=False, keep_all=True,
                           atime=True)
+    sink.copy_of = copy_of
     s = sink.summary = Summary()
     sink.prepare()
     sink.open(0, None)

@@ -1,0 +1,106 @@
+"""``copy`` (issue 33): snapshots into a second repository, plain to
+encrypted and back.  Judged by hashing what the copy restores against the
+source tree, by the snapshot metadata each side lists, by the bytes under
+each repository's data/ (os.stat), and by what a restore onto Btrfs
+reflinks."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+from helpers.cli import cli, cli_json
+from helpers.treeutil import Snapshot, assert_same_tree
+
+from cloneaware.testing import write_random
+
+pytestmark = pytest.mark.root
+
+MiB = 1 << 20
+
+
+def _data_bytes(repo) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(repo / "data")
+               for f in fs)
+
+
+def _snaps(repo, env=None) -> list[dict]:
+    return json.loads(cli("snapshots", "--json", "-r", repo, env=env, check_rc=0).out)
+
+
+def test_copy_plain_to_encrypted_and_back(btrfs_dir, tmp_path):
+    src = btrfs_dir / "vm"
+    src.mkdir()
+    write_random(src / "golden.img", 6 * MiB, 1)
+    subprocess.run(["cp", "--reflink=always", src / "golden.img", src / "clone.img"],
+                   check=True)
+    for i in range(20):
+        (src / f"note{i}.txt").write_bytes(b"note %d\n" % i)
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    pw = tmp_path / "pw"
+    pw.write_text("a password\n")
+    cli("init", "-r", a, check_rc=0)
+    cli("init", "-r", b, "--encrypt", "--password-file", pw, check_rc=0)
+    cli("init", "-r", c, check_rc=0)
+    first = cli_json("backup", "--json", "-r", a, "--tag", "nightly", src)["snapshot"]
+    with open(src / "clone.img", "r+b") as f:
+        f.write(os.urandom(MiB))
+    second = cli_json("backup", "--json", "-r", a, src)["snapshot"]
+
+    r = cli("copy", "--dry-run", "--json", "-r", a, "--to", b, "--to-password-file", pw,
+            check_rc=0)
+    assert len(json.loads(r.out)["copied"]) == 2 and _snaps(b, _pw(pw)) == []
+    out = cli_json("copy", "--json", "-r", a, "--to", b, "--to-password-file", pw, first)
+    assert [x["snapshot"] for x in out["copied"]] == [first]
+    out = cli_json("copy", "--json", "-r", a, "--to", b, "--to-password-file", pw)
+    assert [x["snapshot"] for x in out["copied"]] == [second] and out["skipped"] == [first]
+    # what travelled: the second night's one new MiB, not its 12 logical
+    assert MiB <= out["added_bytes"] < MiB + 64 * 1024, out
+    out = cli_json("copy", "--json", "-r", a, "--to", b, "--to-password-file", pw)
+    assert out["copied"] == [] and out["added_bytes"] == 0, out
+
+    sa, sb = _snaps(a), _snaps(b, _pw(pw))
+    keys = ("time", "hostname", "paths", "tags")
+    assert [{k: s[k] for k in keys} for s in sa] == [{k: s[k] for k in keys} for s in sb]
+    assert sb[0]["tags"] == ["nightly"]
+    # an encrypted repository's data is not the plain one's bytes again, and
+    # holds each shared extent once (6 + 1 MiB of random data, and notes)
+    assert 7 * MiB <= _data_bytes(b) < 7 * MiB + 512 * 1024
+
+    # and back out, encrypted to plain, then restored onto Btrfs: exact, shared
+    cli("copy", "-r", b, "--password-file", pw, "--to", c, check_rc=0)
+    dest = btrfs_dir / "restored"
+    r = cli("restore", "--json", "-r", c, "latest", dest, check_rc=0)
+    assert json.loads(r.out)["reflinked_bytes"] >= 5 * MiB  # the clone's unchanged part
+    assert_same_tree(Snapshot(src, atime=False), Snapshot(dest / "vm", atime=False))
+    cli("check", "--read-data", "-r", c, check_rc=0)
+    cli("check", "--read-data", "-r", b, "--password-file", pw, check_rc=0)
+
+    r = cli("copy", "-r", a, "--to", a)
+    assert r.returncode == 2 and "copied from" in r.err, str(r)
+    r = cli("copy", "-r", a)
+    assert r.returncode == 2 and "--to" in r.err, str(r)
+
+
+def test_copy_dedups_whatever_grid_the_source_used(btrfs_dir, tmp_path):
+    """The copy is cut on the destination's grid: what the destination
+    already holds of a tree it backed up itself, on a finer grid, is not
+    stored again."""
+    src = btrfs_dir / "data"
+    src.mkdir()
+    write_random(src / "a.bin", 5 * MiB + 12345, 3)
+    write_random(src / "b.bin", 3 * MiB, 4)
+    a, b = tmp_path / "a", tmp_path / "b"
+    cli("init", "-r", a, "--grid", "1024", check_rc=0)
+    cli("init", "-r", b, "--grid", "64", check_rc=0)
+    cli("backup", "-r", a, src, check_rc=0)
+    cli("backup", "-r", b, src, check_rc=0)
+    before = _data_bytes(b)
+    out = cli_json("copy", "--json", "-r", a, "--to", b)
+    assert len(out["copied"]) == 1 and out["added_bytes"] == 0, out
+    assert _data_bytes(b) - before < 64 * 1024  # a manifest, no data
+
+
+def _pw(pw) -> dict:
+    return dict(os.environ, CLONEAWARE_PASSWORD_FILE=str(pw))
