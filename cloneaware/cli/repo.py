@@ -415,12 +415,13 @@ def copy(
             typer.echo(json.dumps({"copied": [{"snapshot": a, "copy": b or None}
                                               for a, b in res.copied],
                                    "skipped": res.skipped, "added_bytes": res.added_bytes,
-                                   "logical_bytes": res.logical_bytes, "dry_run": dry_run},
+                                   "logical_bytes": res.logical_bytes, "how": res.how,
+                                   "dry_run": dry_run},
                                   indent=2))
             return
         verb = "would copy" if dry_run else "copied"
-        report(f"{verb} {len(res.copied)} snapshots ({human(res.logical_bytes)} logical, "
-               f"{human(res.added_bytes)} added), {len(res.skipped)} copied before")
+        report(f"{verb} {len(res.copied)} snapshots {res.how} ({human(res.logical_bytes)} "
+               f"logical, {human(res.added_bytes)} added), {len(res.skipped)} copied before")
 
 
 @app.command(cls=Command)

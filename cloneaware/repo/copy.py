@@ -1,22 +1,40 @@
 """``copy``: snapshots of one repository into another (the off-site copy
-of the 3-2-1 rule).  Each snapshot travels as its archive form: the source
-exports it (repo/transfer.py) into a pipe that the destination imports
-from, as ``backup --from-archive`` would, on another thread.  So the
-bytes are cut on the destination's grid and stored under its keys (plain
-to encrypted and back), only the blobs the destination lacks are stored,
-whatever grid the source used, and sharing survives (a range written
-earlier in the snapshot travels as a REF).  The copy keeps the snapshot's
+of the 3-2-1 rule), in one of two ways:
+
+- *blob by blob*, where both name a blob by the same id (both plain, or
+  sealed with the same id key) and cut on the same grid: the manifest is
+  stored again as it is, and of the blobs it names those the destination
+  lacks are read, sealed under its keys and stored.  A copy then adds what
+  the backup added to the source, no more.
+- *re-cut*, otherwise (plain to encrypted and back, other keys, another
+  grid): the source exports the snapshot (repo/transfer.py) into a pipe
+  that the destination imports from, as ``backup --from-archive`` would,
+  on another thread.  The bytes are cut on the destination's grid and
+  named by its ids, so what it already holds is not stored again, and
+  sharing survives (a range written earlier in the snapshot travels as a
+  REF); a range rewritten inside a grid cell costs the cell.
+  The copy keeps the snapshot's
 time, host, user, PATHs and tags, and names the source snapshot as its
 ``original``: a snapshot already copied is not copied again, so a copy
 that was stopped is run again to finish."""
 from __future__ import annotations
 
+import io
 import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import zstandard
+
+from cloneaware import __version__
+from cloneaware.archive import format as fmt
+from cloneaware.archive.events import BlobEvent, EntryEvent, Handler, dispatch
+from cloneaware.archive.reader import Stream
+from cloneaware.errors import RepositoryError
+from cloneaware.repo.packer import Packer
 from cloneaware.repo.repository import Repository
+from cloneaware.repo.sink import ManifestOut
 from cloneaware.repo.snapshots import Snapshot
 from cloneaware.repo.transfer import export, import_archive
 
@@ -46,6 +64,7 @@ class CopyResult:
     skipped: list[str] = field(default_factory=list)  # copied before
     added_bytes: int = 0
     logical_bytes: int = 0
+    how: str = ""  # "blob by blob" or "re-cut"
 
 
 def copied_before(dst: Repository) -> dict[str, str]:
@@ -64,6 +83,10 @@ def copy(src: Repository, dst: Repository, snaps: list[Snapshot], dry_run: bool 
     res = CopyResult()
     done = copied_before(dst)
     src.load_index()
+    probe = b"cloneaware copy: the same ids?"
+    by_blob = src.crypto.blob_id(probe) == dst.crypto.blob_id(probe) and \
+        src.config.grid == dst.config.grid
+    res.how = "blob by blob" if by_blob else "re-cut"
     for s in snaps:
         if s.id in done or s.data.get("original") in done:
             res.skipped.append(s.id)
@@ -71,7 +94,7 @@ def copy(src: Repository, dst: Repository, snaps: list[Snapshot], dry_run: bool 
         if dry_run:
             res.copied.append((s.id, ""))
             continue
-        new, counts = _one(src, dst, s, level, connections, warn)
+        new, counts = (_by_blob if by_blob else _one)(src, dst, s, level, connections, warn)
         res.copied.append((s.id, new.id))
         res.added_bytes += counts["added_bytes"]
         res.logical_bytes += counts["logical_bytes"]
@@ -111,3 +134,56 @@ def _one(src: Repository, dst: Repository, s: Snapshot, level: int, connections:
                 raise
     finally:
         t.join()
+
+
+class _Names(Handler):
+    """The distinct blobs a manifest names, and its counts."""
+
+    def __init__(self) -> None:
+        self.ids: dict[bytes, None] = {}
+        self.files = 0
+        self.logical = 0
+
+    def on_entry(self, ev: EntryEvent) -> None:
+        if ev.entry.kind == fmt.K_REG:
+            self.files += 1
+            self.logical += ev.entry.size
+
+    def on_blob(self, ev: BlobEvent) -> None:
+        self.ids[ev.blob_id] = None
+
+
+def _by_blob(src: Repository, dst: Repository, s: Snapshot, level: int, connections: int,
+             warn: Callable[[str], None] | None) -> tuple[Snapshot, dict]:
+    """The manifest as it is, and the blobs it names that ``dst`` lacks."""
+    manifest = src.manifest(s)
+    names = _Names()
+    dispatch(names, Stream(io.BytesIO(manifest), check_hashes=False).events())
+    dst.load_index(check_packs=True)
+    packer = Packer(dst, connections)
+    z = zstandard.ZstdCompressor(level=level) if level else None
+    added = 0
+    try:
+        todo = [b for b in names.ids if not packer.known(b)]
+        for i in range(0, len(todo), 64):
+            batch = todo[i:i + 64]
+            for bid, data in zip(batch, src.read_blobs(batch)):
+                e = src.index.get(bid)
+                if e is None:
+                    raise RepositoryError(f"{src.where}: blob {bid.hex()} is in no index")
+                if packer.add(bid, e.type, len(data), dst.encode_blob(e.type, bid, data, z)):
+                    added += len(data)
+        out = ManifestOut(dst, packer)
+        out.write(manifest)
+        out.finish()
+        packer.flush()  # every blob indexed and durable before the snapshot names them
+        o = s.data
+        snap = dst.save_snapshot({
+            **{k: o[k] for k in ("time", "time_ns", "hostname", "username", "paths", "tags")},
+            **out.names(), "parent": None, "original": s.id,
+            "program": f"cloneaware {__version__}",
+            "summary": {"files": names.files, "logical_bytes": names.logical,
+                        "added_bytes": added}})
+    finally:
+        packer.close()
+    return snap, {"files": names.files, "logical_bytes": names.logical, "added_bytes": added}
