@@ -133,3 +133,31 @@ def test_copy_blob_by_blob_adds_what_the_backup_added(btrfs_dir, tmp_path):
     cli("restore", "-r", b, "latest", dest, check_rc=0)
     assert_same_tree(Snapshot(src, atime=False), Snapshot(dest / "img", atime=False))
     assert _data_bytes(b) == before
+
+
+def test_copy_from_a_damaged_source_fails_in_one_line_and_adds_no_snapshot(btrfs_dir, tmp_path):
+    src = btrfs_dir / "d"
+    src.mkdir()
+    write_random(src / "big", 3 * MiB, 6)
+    a, b = tmp_path / "a", tmp_path / "b"
+    cli("init", "-r", a, "--pack-size", "1", check_rc=0)
+    cli("init", "-r", b, check_rc=0)
+    cli("backup", "-r", a, src, check_rc=0)
+    packs = [os.path.join(d, f) for d, _, fs in os.walk(a / "data") for f in fs]
+    victim = max(packs, key=os.path.getsize)
+    data = bytearray(open(victim, "rb").read())
+    data[100] ^= 0xFF  # inside its first blob
+    open(victim, "wb").write(bytes(data))
+    for to in (b, None):  # blob by blob, and re-cut into an encrypted one
+        if to is None:
+            pw = tmp_path / "pw"
+            pw.write_text("pw\n")
+            to = tmp_path / "c"
+            cli("init", "-r", to, "--encrypt", "--password-file", pw, check_rc=0)
+            r = cli("copy", "-r", a, "--to", to, "--to-password-file", pw)
+            left = _snaps(to, _pw(pw))
+        else:
+            r = cli("copy", "-r", a, "--to", to)
+            left = _snaps(to)
+        assert r.returncode == 3 and "do not match its id (damaged)" in r.err, str(r)
+        assert len(r.err.strip().splitlines()) == 1 and left == [], (str(r), left)
