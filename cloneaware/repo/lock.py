@@ -328,9 +328,23 @@ def read_locks(repo: LockedRepository, stale_after: float | None = None) -> list
         if d["hostname"] == host:
             stale = not pid_alive(d["pid"])
         else:
-            stale = now - d["time_ns"] > stale_ns
+            stale = _stale_elsewhere(d["time_ns"], obj.mtime, now, stale_ns)
         out.append(LockInfo(obj.name, d, stale))
     return out
+
+
+def _stale_elsewhere(time_ns: int, mtime: float, now: int, stale_ns: float) -> bool:
+    """Whether another host's lock is stale: its own time, by the writer's
+    clock, and the time the store says it was written (a file's mtime,
+    S3's LastModified: the store's clock), both older than the stale age.
+    A writer whose clock is behind cannot make its live lock look stale (a
+    prune would delete what its backup is writing); one whose clock is far
+    ahead (its time beyond the stale age in the future) is judged by the
+    store alone."""
+    by_store = mtime > 0 and now - mtime * 1e9 > stale_ns
+    if time_ns - now > stale_ns:
+        return by_store
+    return now - time_ns > stale_ns and (by_store or mtime <= 0)
 
 
 @dataclass

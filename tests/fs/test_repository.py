@@ -468,12 +468,17 @@ def test_locks(btrfs_dir, tmp_path):
         "hostname": socket.gethostname(), "username": "root", "pid": dead.pid,
         "exclusive": True, "operation": "prune"}).encode()))
     backup(repo, src)
-    # another host's lock is live for 30 minutes, then stale
+    # another host's lock is live for 30 minutes, then stale: by its own time
+    # and by the time the store wrote it (the file's mtime), so that a writer
+    # whose clock is behind does not have its live lock taken as stale, and
+    # one whose clock is ahead does not keep a dead lock live
     other = f"locks/{'ab' * 32}"
-    for age, rc in ((60, 6), (3600, 0)):
+    for age, written, rc in ((60, 0, 6), (3600, 0, 6), (-7200, 3600, 0), (3600, 3600, 0)):
         r.backend.write(other, r.encode_object(3, json.dumps({
             "time": "x", "time_ns": time.time_ns() - age * 10**9, "hostname": "elsewhere",
             "username": "root", "pid": 1, "exclusive": True, "operation": "prune"}).encode()))
+        t = time.time() - written
+        os.utime(repo / other, (t, t))
         cli("backup", "-r", repo, src, check_rc=rc)
     out = cli("unlock", "-r", repo, check_rc=0)
     assert b"removed 2 locks" in out.stdout, out

@@ -277,3 +277,33 @@ def test_copy_off_site_to_s3_and_back(ceph, btrfs_dir, tmp_path):
     dest1 = btrfs_dir / "dest1"
     s3cli(ceph, "restore", "-r", back, first, dest1, check_rc=0)
     assert_same_tree(want, Snapshot(dest1 / "src", atime=False))
+
+
+def test_a_lock_is_judged_by_the_gateways_clock_too(ceph, btrfs_dir, tmp_path):
+    """Another host's lock whose own time says an hour old, but which the
+    gateway stored just now (LastModified): that host's clock is behind, and
+    its lock is live (issue 33: stale judged with the repository's clock)."""
+    import time as _time
+
+    from cloneaware.repo.backend import LocalBackend
+    from cloneaware.repo.repository import Repository
+
+    url = _url()
+    bucket, prefix = url[len("s3://"):].split("/", 1)
+    src = btrfs_dir / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"f\n")
+    s3cli(ceph, "init", "-r", url, check_rc=0)
+    plain = tmp_path / "plain"  # a plain repository's envelope is the same anywhere
+    s3cli(ceph, "init", "-r", plain, check_rc=0)
+    r = Repository.open(LocalBackend(str(plain)))
+    body = r.encode_object(3, json.dumps({
+        "time": "x", "time_ns": _time.time_ns() - 3600 * 10**9, "hostname": "elsewhere",
+        "username": "root", "pid": 1, "exclusive": True, "operation": "prune"}).encode())
+    r.close()
+    key = f"{prefix}/locks/{'cd' * 32}"
+    ceph.s3().put_object(Bucket=bucket, Key=key, Body=body)
+    res = s3cli(ceph, "backup", "-r", url, src, check_rc=6)
+    assert "locked by an exclusive lock of prune" in res.err, str(res)
+    ceph.s3().delete_object(Bucket=bucket, Key=key)
+    s3cli(ceph, "backup", "-r", url, src, check_rc=0)
