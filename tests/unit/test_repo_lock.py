@@ -67,11 +67,13 @@ def locks(repo: Repository) -> list[str]:
 
 def put_lock(repo: Repository, name: str, host: str, pid: int, age_s: float,
              exclusive: bool = True) -> None:
-    """A lock object as another command would have written it."""
+    """A lock object as another command would have written it ``age_s`` ago:
+    its time, and the file's mtime (the store's clock: repo/lock.py)."""
     ns = time.time_ns() - int(age_s * 1e9)
     repo.backend.write(name, repo.encode_object(rf.K_LOCK, json.dumps({
         "time": "x", "time_ns": ns, "hostname": host, "username": "u", "pid": pid,
         "exclusive": exclusive, "operation": "prune"}).encode()))
+    os.utime(os.path.join(repo.backend.path, name), ns=(ns, ns))
 
 
 def dead_pid() -> int:
