@@ -25,6 +25,7 @@ import fcntl
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -50,6 +51,8 @@ class Step:
     message: str = ""  # the failure's own error line
     out: dict = field(default_factory=dict)  # the command's --json
     stderr: str = ""
+    #: False for a step only said (not due, or a dry run's): no time is recorded
+    ran: bool = True
 
 
 def ok(code: int) -> bool:
@@ -144,8 +147,7 @@ class Runner:
                 got["added_bytes"] = s.out.get("added_bytes", 0)
             if s.step == "forget" and ok(s.code):
                 got["snapshots"] = len(s.out.get("kept", []))
-            if ok(s.code) and s.step in ("prune", "check", "check-read-data") \
-                    and s.seconds:  # ran, not only said not due
+            if ok(s.code) and s.ran and s.step in ("prune", "check", "check-read-data"):
                 mine[f"last_{s.step.replace('-', '_')}"] = time.time()
                 if s.step == "check-read-data":  # it checks all that check does
                     mine["last_check"] = time.time()
@@ -182,7 +184,7 @@ class Runner:
         if name == "prune":
             due = _due(mine.get("last_prune"), job.prune_every, t0)
             if due is not True:
-                return Step(job.name, name, EXIT_OK, 0.0, f"{job.name}: prune: {due}")
+                return Step(job.name, name, EXIT_OK, 0.0, f"{job.name}: prune: {due}", ran=False)
             return self._prune(job)
         if name == "check":
             read = _due(mine.get("last_check_read_data"), job.check_read_data_every, t0)
@@ -190,7 +192,7 @@ class Runner:
                 return self._check(job, read_data=True, part=mine.get("next_part", 1))
             due = _due(mine.get("last_check"), job.check_every, t0)
             if due is not True:
-                return Step(job.name, name, EXIT_OK, 0.0, f"{job.name}: check: {due}")
+                return Step(job.name, name, EXIT_OK, 0.0, f"{job.name}: check: {due}", ran=False)
             return self._check(job, read_data=False)
         raise AssertionError(name)
 
@@ -209,8 +211,6 @@ class Runner:
     def _filters(self, job: Job) -> list[str]:
         """The job's snapshots: its host, its PATHs (forget's --path: a
         snapshot whose PATHs include every one) and its tags (all of them)."""
-        import socket
-
         a = ["--host", job.host or socket.gethostname()]
         for p in job.paths:
             a += ["--path", os.path.abspath(p)]
@@ -280,7 +280,8 @@ class Runner:
         if read_data:
             a += ["--read-data-subset", f"{part}/{parts}"] if parts > 1 else ["--read-data"]
         if self.dry_run:
-            return Step(job.name, name, EXIT_OK, 0.0, f"{job.name}: {name}: due (dry run)")
+            return Step(job.name, name, EXIT_OK, 0.0, f"{job.name}: {name}: due (dry run)",
+                        ran=False)
         s = self._command(job, name, a)
         o = s.out
         if ok(s.code):
@@ -320,9 +321,10 @@ class Runner:
         if failed is not None:
             env.update(CLONEAWARE_STEP=failed.step, CLONEAWARE_EXIT_CODE=str(failed.code),
                        CLONEAWARE_MESSAGE=failed.message)
-        t = time.monotonic()
         if self.dry_run:
-            return Step(job.name, name, EXIT_OK, 0.0, f"{job.name}: {name}: would run {cmd!r}")
+            return Step(job.name, name, EXIT_OK, 0.0, f"{job.name}: {name}: would run {cmd!r}",
+                        ran=False)
+        t = time.monotonic()
         try:
             code, raw, _ = self._child(["/bin/sh", "-c", cmd], env, subprocess.STDOUT)
             out = raw.decode(errors="replace")

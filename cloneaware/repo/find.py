@@ -34,10 +34,13 @@ def find(repo: Repository, snaps: list[Snapshot], patterns: list[str]) -> Iterat
         f = io.BytesIO(repo.manifest(s))
         listing = read_index(f)
         v = listing.header.version
+        sizes: dict[int, int] | None = None  # id -> size, made at a hard link's first match
         for it in listing.items:
             if pats.match(it.path, None, it.kind == fmt.K_DIR):
                 e = entry_at(f, it.offset, v, it.id)
                 size = it.size
                 if it.kind == fmt.K_HARDLINK:  # the size of the file it links to
-                    size = next((x.size for x in listing.items if x.id == e.link), 0)
+                    if sizes is None:
+                        sizes = {x.id: x.size for x in listing.items}
+                    size = sizes.get(e.link, 0)
                 yield Found(s, it.path, it.kind, size, e.mtime_ns)
