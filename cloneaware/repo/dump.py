@@ -81,10 +81,20 @@ class _FileBytes(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    def read(self, n: int = -1) -> bytes:
+        """``n`` bytes unless the file ends first: tarfile takes a short read
+        for the end of the data (read1 stops where a range does)."""
+        n = self.size - self.pos if n is None or n < 0 else n
+        got = []
+        while n > 0 and (c := self.read1(n)):
+            got.append(c)
+            n -= len(c)
+        return b"".join(got)
+
     def readinto(self, b) -> int:
-        n = self.read1(len(b))
-        b[:len(n)] = n
-        return len(n)
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
 
     def read1(self, n: int = -1) -> bytes:
         if self.pos >= self.size:
@@ -187,8 +197,11 @@ def _data_order(pick: _Pick) -> list[int]:
 
 def _tar(pick: _Pick, out: BinaryIO, fetch: Callable[[bytes], bytes], res: DumpResult,
          warn: Callable[[str], None] | None) -> None:
+    # a file's bytes copied a MiB a read (tarfile's default: 16 KiB, a Python
+    # call each through _FileBytes)
     t = tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8",
                      errors="surrogateescape")
+    t.copybufsize = 1 << 20  # type: ignore[attr-defined]  # (typeshed lacks it)
     for e, fid, link in _members(pick):
         name = e.path.decode("utf-8", "surrogateescape")
         ti = tarfile.TarInfo(name)

@@ -80,6 +80,12 @@ def test_dump_a_file_and_a_directory(btrfs_dir, tmp_path, encrypted):
         cli("init", "-r", repo, "--encrypt", env=env, check_rc=0)
     else:
         cli("init", "-r", repo, check_rc=0)
+    cli_json("backup", "--json", "-r", repo, src, env=env)
+    # a night that rewrites 4 KiB inside disk.img: its ranges then end on 4 KiB
+    # lines, not on those of tarfile's reads
+    with open(sub / "disk.img", "r+b") as f:
+        f.seek(MiB + 4096)
+        f.write(os.urandom(4096))
     sid = cli_json("backup", "--json", "-r", repo, src, env=env)["snapshot"]
 
     for name in ("disk.img", "sparse.img", "clone.img", "docs/a.txt"):
