@@ -11,8 +11,10 @@ for cmd in mkfs.btrfs:btrfs-progs mkfs.xfs:xfsprogs mkfs.ext4:e2fsprogs filefrag
            compsize:btrfs-compsize \
            ceph-mon:ceph-mon ceph-osd:ceph-osd radosgw:radosgw ceph:ceph-common \
            monmaptool:ceph-common ceph-authtool:ceph-common radosgw-admin:radosgw \
-           duperemove:duperemove; do
-    command -v "${cmd%%:*}" >/dev/null 2>&1 || need+=("${cmd##*:}")
+           duperemove:duperemove fusermount3:fuse3 pkg-config:pkg-config \
+           /usr/include/fuse3/fuse_lowlevel.h:libfuse3-dev; do
+    c=${cmd%%:*}
+    command -v "$c" >/dev/null 2>&1 || [ -e "$c" ] || need+=("${cmd##*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
@@ -31,6 +33,6 @@ print(h.hexdigest()[:16])
 PY
 )
 if [ "$(cat build/.installed 2>/dev/null)" != "$stamp" ] || ! $PYTHON -P -c 'import cloneaware.native' 2>/dev/null; then
-    $PYTHON -m pip install -q --disable-pip-version-check ".[test,s3]"
+    $PYTHON -m pip install -q --disable-pip-version-check ".[test,s3,mount]"
     mkdir -p build && echo "$stamp" > build/.installed
 fi

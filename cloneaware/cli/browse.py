@@ -212,6 +212,65 @@ def dump(
 
 
 @app.command(cls=Command)
+def mount(
+    targets: Annotated[list[str], typer.Argument(
+        metavar="MOUNTPOINT", help="An empty directory to mount the repository on.")],
+    repo: RepoOpt = None,
+    allow_other: Annotated[bool, typer.Option(
+        "--allow-other", help="Let other users than the one who mounted read the tree (as "
+        "its modes allow; needs user_allow_other in /etc/fuse.conf unless root).")] = False,
+    cache_mib: Annotated[int, typer.Option(
+        "--cache", min=8, metavar="MIB", help="Blobs kept in memory for reads, in MiB.")]
+    = 256,
+    retry_lock: RetryLockOpt = None,
+    host: HostSelOpt = None,
+    path: PathSelOpt = None,
+    tag: TagSelOpt = None,
+    password_file: PasswordOpt = None,
+    rsh: RshOpt = None,
+    s3_endpoint: S3EndpointOpt = None,
+) -> None:
+    """Mount the repository's snapshots as a read-only filesystem (FUSE), and
+    serve it until it is unmounted (fusermount3 -u MOUNTPOINT) or SIGINT,
+    SIGTERM or SIGHUP comes, which unmount it; exit 0 then.  The tree:
+    snapshots/TIME-ID/ (each snapshot's entries as ls shows them),
+    hosts/HOST/TIME-ID and hosts/HOST/latest (links), ids/ID (links), and
+    latest (a link to the newest snapshot).  Only what is looked at is read:
+    a snapshot's manifest when its directory is, a file's blobs when it is
+    read.  A file whose data cannot be read gives EIO, and the reason is
+    said on stderr.  The repository stays locked (shared) while mounted, so
+    prune waits for it.  Needs pyfuse3 (Debian: python3-pyfuse3)."""
+    from cloneaware.cli.common import err
+    from cloneaware.mount import fuse
+    from cloneaware.mount.tree import Tree
+    from cloneaware.repo.snapshots import Filter
+
+    with handled():
+        if len(targets) != 1:
+            raise UsageError("give one MOUNTPOINT (and -r REPO)")
+        if not repo:
+            raise UsageError("mount shows a repository: give -r REPO")
+        where = targets[0]
+        if not os.path.isdir(where):
+            raise UsageError(f"{where}: the mount point is not a directory")
+        if os.path.ismount(where):
+            raise UsageError(f"{where}: something is mounted there already")
+        fuse.available()
+        with opened(repo, password_file, rsh, s3_endpoint, lock="shared",
+                    operation="mount") as r:
+            snaps = Filter.of(host, path, tag).apply(r.snapshots())
+            tree = Tree(r, snaps, err, cache_bytes=cache_mib << 20)
+            try:
+                err(f"{len(snaps)} snapshots mounted on {where}: fusermount3 -u {where} or "
+                    "Ctrl-C to unmount")
+                fuse.serve(tree, where, allow_other, err)
+            finally:
+                tree.close()
+            err(f"unmounted {where}: {tree.manifests_read} manifests and "
+                f"{tree.blobs.fetched} blobs read")
+
+
+@app.command(cls=Command)
 def diff(
     targets: Annotated[list[str], typer.Argument(
         metavar="ARCHIVE_A ARCHIVE_B | SNAPSHOT_A SNAPSHOT_B",

@@ -1,0 +1,272 @@
+"""``mount`` (issue 32): a repository as a read-only FUSE filesystem, on a
+real FUSE mount.  The oracles are independent of the code under test: the
+source tree itself (entry by entry, through the kernel's lstat, getxattr,
+readlink and read), ``cp -a`` and ``diff -r`` run on the mounted tree, the
+bytes the mount process read from the repository's packs as the kernel
+counts them (/proc/PID/io), and /proc/self/mountinfo for what is left
+mounted."""
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import signal
+import stat
+import subprocess
+import time
+
+import pytest
+from helpers.cli import assert_one_line_error, cli, cli_popen
+
+from cloneaware.repo import format as rf
+from cloneaware.repo.backend import LocalBackend, pack_name
+from cloneaware.repo.repository import Repository
+from cloneaware.testing import write_random
+
+pytestmark = pytest.mark.root
+
+MiB = 1 << 20
+
+
+def _mounted(path) -> bool:
+    want = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == want for line in f)
+
+
+@contextlib.contextmanager
+def mounted(repo, mnt, *extra, env=None):
+    """``cloneaware mount`` running on ``mnt``; unmounted (and the process
+    ended) on the way out, whatever happened."""
+    mnt.mkdir(exist_ok=True)
+    p = cli_popen("mount", "-r", repo, *extra, mnt, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not _mounted(mnt):
+            if p.poll() is not None:
+                raise AssertionError(f"mount exited {p.returncode}: {p.stderr.read()!r}")
+            assert time.monotonic() < deadline, "not mounted after 60 s"
+            time.sleep(0.05)
+        yield p
+    finally:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        if _mounted(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", mnt], check=False)
+
+
+def _sha(p) -> str:
+    with open(p, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _state(top) -> dict:
+    """path -> what the mount must show as the source had it."""
+    out = {}
+    for d, dirs, files in os.walk(top):
+        for n in dirs + files:
+            p = os.path.join(d, n)
+            st = os.lstat(p)
+            x = {k: os.getxattr(p, k, follow_symlinks=False)
+                 for k in os.listxattr(p, follow_symlinks=False)}
+            reg = stat.S_ISREG(st.st_mode)
+            out[os.path.relpath(p, top)] = (
+                st.st_mode, st.st_uid, st.st_gid, st.st_size if reg or stat.S_ISLNK(st.st_mode)
+                else 0, st.st_mtime_ns, x, os.readlink(p) if stat.S_ISLNK(st.st_mode) else None,
+                _sha(p) if reg else None, st.st_nlink if reg else None,
+                st.st_rdev if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else 0)
+    return out
+
+
+def _tree(src) -> None:
+    (src / "etc" / "app").mkdir(parents=True)
+    write_random(src / "disk.img", 5 * MiB, 1)
+    with open(src / "sparse.img", "wb") as f:  # data, a 6 MiB hole, data, a hole at the end
+        f.write(os.urandom(MiB))
+        f.seek(7 * MiB)
+        f.write(os.urandom(MiB // 2))
+        f.truncate(10 * MiB)
+    (src / "etc" / "app" / "conf").write_bytes(b"key = value\n")
+    os.link(src / "etc" / "app" / "conf", src / "conf-again")
+    os.symlink("etc/app/conf", src / "link")
+    os.symlink("/nowhere/at/all", src / "dangling")
+    os.mkfifo(src / "fifo", 0o640)
+    os.mknod(src / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    (src / "empty").write_bytes(b"")
+    os.setxattr(src / "disk.img", "user.bin", b"\xff\x00\x01")
+    subprocess.run(["setfacl", "-m", "u:1234:rw", src / "etc" / "app" / "conf"], check=True)
+    os.chown(src / "etc", 1234, 5678)
+    os.chmod(src / "etc", 0o2750)
+    os.utime(src / "disk.img", ns=(1_500_000_000_000_000_000, 1_600_000_000_123_456_789))
+
+
+def _snapshot_dir(mnt) -> str:
+    return os.path.join(mnt, "latest")
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_a_mounted_snapshot_is_the_source_entry_by_entry(btrfs_dir, tmp_path, encrypted):
+    src = btrfs_dir / "src"
+    src.mkdir()
+    _tree(src)
+    repo, env = tmp_path / "repo", None
+    if encrypted:
+        pw = tmp_path / "pw"
+        pw.write_text("correct horse\n")
+        env = dict(os.environ, CLONEAWARE_PASSWORD_FILE=str(pw))
+        cli("init", "-r", repo, "--encrypt", env=env, check_rc=0)
+    else:
+        cli("init", "-r", repo, check_rc=0)
+    cli("backup", "-r", repo, src, env=env, check_rc=0)
+    want = _state(src)
+    snaps = json.loads(cli("snapshots", "--json", "-r", repo, env=env, check_rc=0).out)
+    sid, host = snaps[0]["short_id"], snaps[0]["hostname"]
+    mnt = tmp_path / "mnt"
+    with mounted(repo, mnt, env=env) as p:
+        top = os.path.join(_snapshot_dir(mnt), "src")
+        assert _state(top) == want
+        # the layout: every way to name the snapshot leads to the same directory
+        name = os.readlink(mnt / "latest").split("/")[-1]
+        assert name.endswith("-" + sid) and sorted(os.listdir(mnt / "snapshots")) == [name]
+        for via in (mnt / "ids" / sid, mnt / "hosts" / host / "latest",
+                    mnt / "hosts" / host / name):
+            assert os.path.samefile(via, mnt / "snapshots" / name)
+        # hard links share an inode; holes are not counted as blocks
+        a, b = os.stat(os.path.join(top, "conf-again")), os.stat(os.path.join(top, "etc/app/conf"))
+        assert (a.st_ino, a.st_nlink) == (b.st_ino, 2)
+        sp = os.stat(os.path.join(top, "sparse.img"))
+        assert sp.st_blocks * 512 < 2 * MiB, sp
+        # what cp -a and diff -r make of it
+        copy = tmp_path / "copy"
+        subprocess.run(["cp", "-a", top, copy], check=True)
+        assert _state(copy) == want
+        r = subprocess.run(["diff", "-r", "--no-dereference", src, top], capture_output=True)
+        assert r.returncode == 0 or b"is a fifo while" in r.stdout, r
+        assert b"differ" not in r.stdout and b"Only in" not in r.stdout, r.stdout
+        # read-only
+        with pytest.raises(OSError) as e:
+            open(os.path.join(top, "empty"), "wb")
+        assert e.value.errno in (errno.EROFS, errno.EACCES)
+        p.send_signal(signal.SIGTERM)
+        p.wait(30)
+    assert p.returncode == 0, p.stderr.read()
+    assert not _mounted(mnt)
+
+
+def _pack_of(repo, data: bytes) -> str:
+    """A pack that holds only blobs of ``data`` (1 MiB pieces)."""
+    att = Repository.open(LocalBackend(str(repo)))
+    try:
+        att.load_index()
+        ids = {att.crypto.blob_id(data[i:i + MiB]) for i in range(0, len(data), MiB)}
+        for bid in sorted(ids):
+            pid = att.index.get(bid).pack
+            held = {b for b, e in att.index.items() if e.pack == pid}
+            if held <= ids and all(att.index.get(b).type == rf.T_DATA for b in held):
+                return pid.hex()
+    finally:
+        att.close()
+    raise AssertionError("no pack holds only the file's blobs")
+
+
+def _read_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+
+def test_a_read_fetches_only_the_file_s_blobs_and_a_damaged_pack_fails_only_its_file(
+        btrfs_dir, tmp_path):
+    """/proc/PID/io counts what the mount process read: listing the tree and
+    reading one 8 MiB file reads about that file, not the 40 MiB beside it;
+    reading it again reads nothing (the kernel's page cache and the blob
+    cache).  A pack with flipped bytes under one file gives EIO on that
+    file only, and the mount says why; every other file reads."""
+    src = btrfs_dir / "src"
+    src.mkdir()
+    write_random(src / "wanted", 8 * MiB, 1)
+    write_random(src / "other", 40 * MiB, 2)
+    write_random(src / "victim", 3 * MiB, 3)
+    for i in range(20):
+        (src / f"small{i}").write_bytes(b"small %d\n" % i * 100)
+    repo = tmp_path / "repo"
+    cli("init", "-r", repo, "--pack-size", "1", check_rc=0)
+    cli("backup", "-r", repo, src, check_rc=0)
+    victim = _pack_of(repo, (src / "victim").read_bytes())
+    path = repo / pack_name(victim)
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    mnt = tmp_path / "mnt"
+    with mounted(repo, mnt) as p:
+        top = os.path.join(_snapshot_dir(mnt), "src")
+        subprocess.run(["ls", "-lR", mnt / "snapshots"], check=True, capture_output=True)
+        before = _read_bytes(p.pid)
+        assert _sha(os.path.join(top, "wanted")) == _sha(src / "wanted")
+        got = _read_bytes(p.pid) - before
+        assert 8 * MiB <= got < 10 * MiB, got
+        assert _sha(os.path.join(top, "wanted")) == _sha(src / "wanted")
+        assert _read_bytes(p.pid) - before - got < MiB
+        with pytest.raises(OSError) as e:
+            _sha(os.path.join(top, "victim"))
+        assert e.value.errno == errno.EIO
+        for n in ["other"] + [f"small{i}" for i in range(20)]:
+            assert _sha(os.path.join(top, n)) == _sha(src / n), n
+        p.send_signal(signal.SIGINT)
+        p.wait(30)
+        log = p.stderr.read().decode()
+    assert p.returncode == 0, log
+    assert "src/victim" in log and "damaged" in log, log
+    assert not _mounted(mnt)
+
+
+def test_unmounted_from_outside_the_mount_ends(btrfs_dir, tmp_path):
+    src = btrfs_dir / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x\n")
+    repo = tmp_path / "repo"
+    cli("init", "-r", repo, check_rc=0)
+    cli("backup", "-r", repo, src, check_rc=0)
+    mnt = tmp_path / "mnt"
+    with mounted(repo, mnt) as p:
+        assert (mnt / "latest" / "src" / "f").read_bytes() == b"x\n"
+        subprocess.run(["fusermount3", "-u", mnt], check=True)
+        p.wait(30)
+    assert p.returncode == 0, p.stderr.read()
+    assert not _mounted(mnt)
+
+
+def test_mount_refuses_clearly(tmp_path):
+    repo = tmp_path / "repo"
+    cli("init", "-r", repo, check_rc=0)
+    (tmp_path / "file").write_bytes(b"")
+    assert "not a directory" in assert_one_line_error(
+        cli("mount", "-r", repo, tmp_path / "file"), 2)
+    assert "give -r REPO" in assert_one_line_error(cli("mount", tmp_path), 2)
+    fake = tmp_path / "site"
+    fake.mkdir()
+    (fake / "pyfuse3.py").write_text("raise ImportError('no libfuse3 here', name='pyfuse3')\n")
+    env = dict(os.environ, PYTHONPATH=f"{fake}:{os.environ.get('PYTHONPATH', '')}")
+    line = assert_one_line_error(cli("mount", "-r", repo, tmp_path, env=env), 2)
+    assert "python3-pyfuse3" in line
+
+
+def test_an_s3_repository_mounts(ceph, btrfs_dir, tmp_path):
+    import secrets
+
+    src = btrfs_dir / "src"
+    src.mkdir()
+    _tree(src)
+    url, env = f"s3://t-{secrets.token_hex(6)}/repo", {**os.environ, **ceph.env}
+    cli("init", "-r", url, env=env, check_rc=0)
+    cli("backup", "-r", url, src, env=env, check_rc=0)
+    mnt = tmp_path / "mnt"
+    with mounted(url, mnt, env=env):
+        assert _state(os.path.join(_snapshot_dir(mnt), "src")) == _state(src)
+    assert not _mounted(mnt)
