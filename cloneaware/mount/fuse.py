@@ -85,8 +85,12 @@ def _make_ops_class():
     import pyfuse3
     import trio
 
-    async def call(fn, *args):
+    async def call(fn, *args, inline: bool = False):
+        """``fn(*args)`` on a thread, or here when it cannot wait on I/O
+        (``inline``: a thread's start costs more than decoding a record)."""
         try:
+            if inline:
+                return fn(*args)
             return await trio.to_thread.run_sync(fn, *args)
         except OSError as e:
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
@@ -103,35 +107,37 @@ def _make_ops_class():
             self.fhs = itertools.count(1)
 
         async def lookup(self, parent_inode, name, ctx=None):
+            t, now = self.tree, self.tree.ready(parent_inode)
             if name == b".":
-                return _attributes(await call(self.tree.attr, parent_inode))
+                return _attributes(await call(t.attr, parent_inode, inline=now))
             if name == b"..":
-                up = await call(self.tree.up, parent_inode)
-                return _attributes(await call(self.tree.attr, up))
-            return _attributes(await call(self.tree.lookup, parent_inode, name))
+                up = await call(t.up, parent_inode, inline=now)
+                return _attributes(await call(t.attr, up, inline=t.ready(up)))
+            return _attributes(await call(t.lookup, parent_inode, name, inline=now))
 
         async def getattr(self, inode, ctx=None):
-            return _attributes(await call(self.tree.attr, inode))
+            return _attributes(await call(self.tree.attr, inode, inline=self.tree.ready(inode)))
 
         async def readlink(self, inode, ctx):
-            return await call(self.tree.readlink, inode)
+            return await call(self.tree.readlink, inode, inline=self.tree.ready(inode))
 
         async def opendir(self, inode, ctx):
-            names = await call(self.tree.listdir, inode)
+            names = await call(self.tree.listdir, inode, inline=self.tree.ready(inode))
             fh = next(self.fhs)
-            self.dirs[fh] = names
+            self.dirs[fh] = [names, []]  # the names, and the attributes made so far
             return fh
 
         async def readdir(self, fh, start_id, token):
-            names = self.dirs[fh]
+            names, attrs = self.dirs[fh]
             i = start_id
             while i < len(names):
-                part = names[i:i + BATCH]
-                attrs = await call(self._attrs, part)
-                for (name, _), a in zip(part, attrs):
-                    if not pyfuse3.readdir_reply(token, name, _attributes(a), i + 1):
-                        return
-                    i += 1
+                if i >= len(attrs):  # the next batch (a reply takes a few dozen)
+                    part = names[len(attrs):len(attrs) + BATCH]
+                    attrs += await call(self._attrs, part,
+                                        inline=self.tree.ready(part[0][1]))
+                if not pyfuse3.readdir_reply(token, names[i][0], _attributes(attrs[i]), i + 1):
+                    return
+                i += 1
 
         def _attrs(self, part: list) -> list[Attr]:
             return [self.tree.attr(ino) for _, ino in part]
@@ -154,13 +160,14 @@ def _make_ops_class():
             self.files.pop(fh, None)
 
         async def getxattr(self, inode, name, ctx):
-            for n, v in await call(self.tree.xattrs, inode):
+            for n, v in await call(self.tree.xattrs, inode, inline=self.tree.ready(inode)):
                 if n == name:
                     return v
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
         async def listxattr(self, inode, ctx):
-            return [n for n, _ in await call(self.tree.xattrs, inode)]
+            return [n for n, _ in await call(self.tree.xattrs, inode,
+                                             inline=self.tree.ready(inode))]
 
         async def access(self, inode, mode, ctx):
             if mode & os.W_OK:

@@ -54,6 +54,8 @@ TYPE_BITS = {fmt.K_REG: stat.S_IFREG, fmt.K_DIR: stat.S_IFDIR, fmt.K_SYMLINK: st
              fmt.K_SOCK: stat.S_IFSOCK}
 #: blobs read ahead of a file's reads
 AHEAD = 2
+#: entries decoded kept, a snapshot
+RECENT = 4096
 
 
 class Attr(NamedTuple):
@@ -200,6 +202,7 @@ class _Loaded:
     def __init__(self, manifest: bytes, what: str):
         self.manifest = manifest
         self.what = what
+        self.recent: dict[int, fmt.Entry] = {}
         listing = read_index(io.BytesIO(manifest))
         self.version = listing.header.version
         self.items = items = listing.items
@@ -249,10 +252,16 @@ class _Loaded:
         return len(self.items) + len(self.extra)
 
     def entry(self, rel: int) -> fmt.Entry:
+        e = self.recent.get(rel)
+        if e is not None:
+            return e
         it = self.items[rel]
         e = entry_at(io.BytesIO(self.manifest), it.offset, self.version, it.id)
         if (e.kind, e.path, e.size) != (it.kind, it.path, it.size):
             raise ArchiveError(f"index item {it.id} does not match its entry", it.offset)
+        if len(self.recent) >= RECENT:  # (ls -l asks for an entry three times or four)
+            self.recent.clear()
+        self.recent[rel] = e
         return e
 
     def ranges(self, rel: int) -> list[Range]:
@@ -392,6 +401,15 @@ class Tree:
             return got
 
     # -- what FUSE asks -----------------------------------------------------------------
+
+    def ready(self, ino: int) -> bool:
+        """Whether what ``ino`` needs is in memory (no manifest to read)."""
+        node = self.nodes.get(ino)
+        if node is not None:
+            return node.snap is None or ino in self.loaded
+        with self.lock:
+            i = bisect.bisect_right(self.bases, ino) - 1
+            return i >= 0 and self.owner[i] in self.loaded
 
     def lookup(self, parent: int, name: bytes) -> Attr:
         return self.attr(self.find(parent, name))
