@@ -222,6 +222,11 @@ def mount(
     cache_mib: Annotated[int, typer.Option(
         "--cache", min=8, metavar="MIB", help="Blobs kept in memory for reads, in MiB.")]
     = 256,
+    versions: Annotated[bool, typer.Option(
+        "--versions", help="Add versions/PATH/: for each path of any snapshot, every "
+        "distinct version it had (by content; a link by its target), each named as the "
+        "first snapshot that holds it is in snapshots/ (every manifest is read once, when "
+        "versions/ is first looked in).")] = False,
     retry_lock: RetryLockOpt = None,
     host: HostSelOpt = None,
     path: PathSelOpt = None,
@@ -235,7 +240,8 @@ def mount(
     SIGTERM or SIGHUP comes, which unmount it; exit 0 then.  The tree:
     snapshots/TIME-ID/ (each snapshot's entries as ls shows them),
     hosts/HOST/TIME-ID and hosts/HOST/latest (links), ids/ID (links), and
-    latest (a link to the newest snapshot).  Only what is looked at is read:
+    latest (a link to the newest snapshot); with --versions, versions/PATH/.
+    Only what is looked at is read:
     a snapshot's manifest when its directory is, a file's blobs when it is
     read.  A file whose data cannot be read gives EIO, and the reason is
     said on stderr.  The repository stays locked (shared) while mounted, so
@@ -259,7 +265,7 @@ def mount(
         with opened(repo, password_file, rsh, s3_endpoint, lock="shared",
                     operation="mount") as r:
             snaps = Filter.of(host, path, tag).apply(r.snapshots())
-            tree = Tree(r, snaps, err, cache_bytes=cache_mib << 20)
+            tree = Tree(r, snaps, err, cache_bytes=cache_mib << 20, versions=versions)
             try:
                 err(f"{len(snaps)} snapshots mounted on {where}: fusermount3 -u {where} or "
                     "Ctrl-C to unmount")

@@ -30,6 +30,7 @@ from __future__ import annotations
 import bisect
 import collections
 import errno
+import hashlib
 import io
 import stat
 import threading
@@ -86,6 +87,7 @@ class _Node:
     children: dict[bytes, int] | None = None  # a directory
     target: bytes = b""  # a link
     snap: Snapshot | None = None  # a snapshot's directory
+    lazy: bool = False  # versions/: its children made when first asked for
 
 
 #: offset in the file, length, blob id, offset in the blob; or the bytes
@@ -205,6 +207,7 @@ class _Loaded:
         self.recent: dict[int, fmt.Entry] = {}
         listing = read_index(io.BytesIO(manifest))
         self.version = listing.header.version
+        self.index_offset = listing.footer.index_offset
         self.items = items = listing.items
         n = len(items)
         self.children: dict[int, dict[bytes, int]] = {-1: {}}
@@ -264,6 +267,26 @@ class _Loaded:
         self.recent[rel] = e
         return e
 
+    def version_key(self, rel: int) -> bytes:
+        """What tells one version of an entry from another (``--versions``):
+        a file's records after its ENTRY and STAT (its blob ranges, small
+        data, END), a link's target, or just the kind: a file only touched,
+        chmodded or read is the same version."""
+        it = self.items[rel]
+        if it.kind == fmt.K_SYMLINK:
+            return b"l" + self.entry(rel).target
+        if it.kind != fmt.K_REG:
+            return bytes((it.kind,))
+        m = self.manifest
+        pos = it.offset
+        end = self.items[rel + 1].offset if rel + 1 < len(self.items) else self.index_offset
+        for skip in (fmt.T_ENTRY, fmt.T_STAT):
+            rtype, _, length = fmt.FRAME.unpack_from(m, pos)
+            if rtype != skip:
+                break
+            pos += fmt.FRAME_OVERHEAD + length
+        return b"f" + hashlib.sha256(memoryview(m)[pos:end]).digest()
+
     def ranges(self, rel: int) -> list[Range]:
         """A file's ranges: the BLOB and DATA records after its ENTRY."""
         it = self.items[rel]
@@ -298,7 +321,7 @@ class Tree:
     side calls it from several threads at once."""
 
     def __init__(self, repo: Repository, snaps: list[Snapshot], log: Callable[[str], None],
-                 keep: int = 3, cache_bytes: int = 256 << 20):
+                 keep: int = 3, cache_bytes: int = 256 << 20, versions: bool = False):
         self.repo = repo
         self.log = log
         self.keep = keep
@@ -314,7 +337,9 @@ class Tree:
         self.next_base = FIRST_BASE
         self.manifests_read = 0
         self._index_lock = threading.Lock()
-        self._layout(snaps)
+        self._versions_lock = threading.Lock()
+        self.up_of: dict[int, int] = {}  # a layout directory's parent
+        self._layout(snaps, versions)
 
     # -- the layout ---------------------------------------------------------------------
 
@@ -324,7 +349,7 @@ class Tree:
         self.nodes[ino] = _Node(ino, mtime_ns, children, target, snap)
         return ino
 
-    def _layout(self, snaps: list[Snapshot]) -> None:
+    def _layout(self, snaps: list[Snapshot], versions: bool) -> None:
         newest = max((s.time_ns for s in snaps), default=0)
         root: dict[bytes, int] = {}
         self._new(newest, root)
@@ -349,6 +374,62 @@ class Tree:
         if snaps:
             last = max(snaps, key=lambda s: (s.time_ns, s.id))
             root[b"latest"] = self._new(last.time_ns, target=b"snapshots/" + names[last.id])
+        if versions:
+            v = root[b"versions"] = self._new(newest, {})
+            self.nodes[v].lazy = True
+        self._parents()
+
+    def _parents(self) -> None:
+        for p, node in self.nodes.items():
+            for c in (node.children or {}).values():
+                if c in self.nodes:
+                    self.up_of[c] = p
+
+    def _versions(self, top: _Node) -> None:
+        """versions/: for each path of any snapshot a directory, holding its
+        children's names (of any snapshot) and, for each distinct version
+        it had as something other than a directory (version_key), that
+        entry of the first snapshot (oldest first) that holds it, named as
+        that snapshot is in snapshots/.  Every manifest is read once, now."""
+        snaps = self.nodes[self.find(ROOT, b"snapshots")].children or {}
+        sdirs = list(snaps.values())
+        self.log(f"versions: reading the manifests of {len(sdirs)} snapshots")
+        kids: dict[bytes, dict[bytes, None]] = {b"": {}}
+        found: dict[bytes, dict[bytes, int]] = {}  # path -> stamp -> the entry's ino
+        keys: dict[bytes, set[bytes]] = {}
+        names = {ino: name for name, ino in snaps.items()}
+        for sdir in sdirs:
+            got = self._load(sdir)
+            base = self.base_of[sdir]
+            for i, it in enumerate(got.items):
+                path = it.path
+                up, _, name = path.rpartition(b"/")
+                while up not in kids:  # a parent the manifest lacks
+                    kids[up] = {}
+                    up2, _, n2 = up.rpartition(b"/")
+                    kids.setdefault(up2, {})[n2] = None
+                    up = up2
+                kids[path.rpartition(b"/")[0]][name] = None
+                kids.setdefault(path, {})
+                if it.kind == fmt.K_DIR:
+                    continue
+                rel = got.entry(i).link if it.kind == fmt.K_HARDLINK else i
+                key = got.version_key(rel)
+                have = keys.setdefault(path, set())
+                if key not in have:
+                    have.add(key)
+                    found.setdefault(path, {})[names[sdir]] = base + rel
+        inos = {path: (top.ino if not path else self._new(top.mtime_ns, {})) for path in kids}
+        top_children: dict[bytes, int] = {}  # (filled, then shown: readers see it whole)
+        for path, children in kids.items():
+            d = self.nodes[inos[path]].children if path else top_children
+            assert d is not None
+            for name in children:
+                d[name] = inos[path + b"/" + name if path else name]
+            d.update(found.get(path, {}))
+        top.children = top_children
+        self._parents()
+        self.log(f"versions: {len(kids) - 1} paths, {sum(map(len, found.values()))} versions")
 
     # -- snapshots' entries -------------------------------------------------------------
 
@@ -406,7 +487,7 @@ class Tree:
         """Whether what ``ino`` needs is in memory (no manifest to read)."""
         node = self.nodes.get(ino)
         if node is not None:
-            return node.snap is None or ino in self.loaded
+            return not node.lazy and (node.snap is None or ino in self.loaded)
         with self.lock:
             i = bisect.bisect_right(self.bases, ino) - 1
             return i >= 0 and self.owner[i] in self.loaded
@@ -418,6 +499,11 @@ class Tree:
         """A directory's children (name -> rel or ino) and the base to add."""
         node = self.nodes.get(ino)
         if node is not None:
+            if node.lazy:
+                with self._versions_lock:
+                    if node.lazy:
+                        self._versions(node)
+                        node.lazy = False
             if node.snap is not None:
                 got = self._load(ino)
                 return got.children[-1], self.base_of[ino]
@@ -444,10 +530,7 @@ class Tree:
     def up(self, ino: int) -> int:
         """A directory's parent (for ..)."""
         if ino in self.nodes:
-            for p, node in self.nodes.items():
-                if node.children and ino in node.children.values():
-                    return p
-            return ROOT
+            return self.up_of.get(ino, ROOT)
         sdir, got, rel = self._where(ino)
         p = got.parent.get(rel, -1)
         return sdir if p < 0 else self.base_of[sdir] + p
@@ -458,7 +541,8 @@ class Tree:
             t = node.mtime_ns
             if node.children is not None or node.snap is not None:
                 n = 2 + sum(1 for c in (node.children or {}).values()
-                            if self.nodes[c].children is not None or self.nodes[c].snap)
+                            if (k := self.nodes.get(c)) is not None and
+                            (k.children is not None or k.snap is not None))
                 if node.snap is not None and ino in self.loaded:
                     n = 2 + self.loaded[ino].subdirs[-1]
                 return Attr(ino, stat.S_IFDIR | 0o555, n, 0, 0, 0, 0, t, t, t, 0)

@@ -270,3 +270,50 @@ def test_an_s3_repository_mounts(ceph, btrfs_dir, tmp_path):
     with mounted(url, mnt, env=env):
         assert _state(os.path.join(_snapshot_dir(mnt), "src")) == _state(src)
     assert not _mounted(mnt)
+
+
+def test_versions_lists_each_distinct_version_once(btrfs_dir, tmp_path):
+    """Four nights: f goes A, B, B touched, A again (two versions, named by
+    the snapshots that first held them); gone is there the first two nights
+    only (one); a link is pointed elsewhere (two); same never changes (one).
+    Each version is the snapshot's own entry (the same inode) and reads as
+    the source did that night."""
+    src = btrfs_dir / "src"
+    src.mkdir()
+    repo = tmp_path / "repo"
+    cli("init", "-r", repo, check_rc=0)
+    nights = [
+        {"f": b"A" * 5000, "gone": b"g", "same": b"s", "link": "f"},
+        {"f": b"B" * 7000, "gone": b"g", "same": b"s", "link": "f"},
+        {"f": None, "same": b"s", "link": "same"},  # f only touched
+        {"f": b"A" * 5000, "same": b"s", "link": "same"},
+    ]
+    for night in nights:
+        for name, v in night.items():
+            p = src / name
+            if name == "link":
+                if os.path.lexists(p):
+                    p.unlink()
+                os.symlink(v, p)
+            elif v is None:
+                os.utime(p)
+            else:
+                p.write_bytes(v)
+        if "gone" not in night and (src / "gone").exists():
+            (src / "gone").unlink()
+        cli("backup", "-r", repo, src, check_rc=0)
+    snaps = json.loads(cli("snapshots", "--json", "-r", repo, check_rc=0).out)
+    mnt = tmp_path / "mnt"
+    with mounted(repo, mnt, "--versions"):
+        names = {n.rsplit("-", 1)[1]: n for n in os.listdir(mnt / "snapshots")}
+        night = [names[s["short_id"]] for s in snaps]  # oldest first
+        v = mnt / "versions" / "src"
+        assert sorted(os.listdir(v)) == ["f", "gone", "link", "same"]
+        assert sorted(os.listdir(v / "f")) == sorted([night[0], night[1]])
+        assert (v / "f" / night[0]).read_bytes() == b"A" * 5000
+        assert (v / "f" / night[1]).read_bytes() == b"B" * 7000
+        assert os.listdir(v / "gone") == [night[0]]
+        assert os.listdir(v / "same") == [night[0]]
+        assert sorted(os.listdir(v / "link")) == sorted([night[0], night[2]])
+        assert os.readlink(v / "link" / night[2]) == "same"
+        assert os.path.samefile(v / "f" / night[1], mnt / "snapshots" / night[1] / "src" / "f")
