@@ -214,7 +214,8 @@ def dump(
 @app.command(cls=Command)
 def mount(
     targets: Annotated[list[str], typer.Argument(
-        metavar="MOUNTPOINT", help="An empty directory to mount the repository on.")],
+        metavar="[ARCHIVE] MOUNTPOINT", help="With -r: the directory to mount the repository "
+        "on; else an archive file and the directory to mount it on.")],
     repo: RepoOpt = None,
     allow_other: Annotated[bool, typer.Option(
         "--allow-other", help="Let other users than the one who mounted read the tree (as "
@@ -235,7 +236,8 @@ def mount(
     rsh: RshOpt = None,
     s3_endpoint: S3EndpointOpt = None,
 ) -> None:
-    """Mount the repository's snapshots as a read-only filesystem (FUSE), and
+    """Mount the repository's snapshots (or an archive file's entries) as a
+    read-only filesystem (FUSE), and
     serve it until it is unmounted (fusermount3 -u MOUNTPOINT) or SIGINT,
     SIGTERM or SIGHUP comes, which unmount it; exit 0 then.  The tree:
     snapshots/TIME-ID/ (each snapshot's entries as ls shows them),
@@ -247,25 +249,44 @@ def mount(
     said on stderr.  The repository stays locked (shared) while mounted, so
     prune waits for it.  Needs pyfuse3 (Debian: python3-pyfuse3)."""
     from cloneaware.cli.common import err
+    from cloneaware.cli.options import env_repo
     from cloneaware.mount import fuse
-    from cloneaware.mount.tree import Tree
+    from cloneaware.mount.tree import ArchiveSource, RepositorySource, Tree
     from cloneaware.repo.snapshots import Filter
 
     with handled():
-        if len(targets) != 1:
-            raise UsageError("give one MOUNTPOINT (and -r REPO)")
-        if not repo:
-            raise UsageError("mount shows a repository: give -r REPO")
-        where = targets[0]
+        repo = repo or (env_repo(None) if len(targets) == 1 else None)
+        if len(targets) != (1 if repo else 2):
+            raise UsageError("give -r REPO and one MOUNTPOINT, or an ARCHIVE and a MOUNTPOINT")
+        where = targets[-1]
         if not os.path.isdir(where):
             raise UsageError(f"{where}: the mount point is not a directory")
         if os.path.ismount(where):
             raise UsageError(f"{where}: something is mounted there already")
         fuse.available()
+        if not repo:
+            archive = targets[0]
+            if archive == "-" or archive.startswith("ssh://") or not os.path.isfile(archive):
+                raise UsageError(f"{archive}: mount reads an archive where it needs to: give "
+                                 "an archive file (not standard input or ssh://)")
+            src = ArchiveSource(archive)
+            try:
+                tree = Tree(src, None, err, cache_bytes=cache_mib << 20)
+                try:
+                    err(f"{archive} mounted on {where}: fusermount3 -u {where} or Ctrl-C to "
+                        "unmount")
+                    fuse.serve(tree, where, allow_other, err)
+                finally:
+                    tree.close()
+            finally:
+                src.close()
+            err(f"unmounted {where}: {tree.blobs.fetched} data records read")
+            return
         with opened(repo, password_file, rsh, s3_endpoint, lock="shared",
                     operation="mount") as r:
             snaps = Filter.of(host, path, tag).apply(r.snapshots())
-            tree = Tree(r, snaps, err, cache_bytes=cache_mib << 20, versions=versions)
+            tree = Tree(RepositorySource(r), snaps, err, cache_bytes=cache_mib << 20,
+                        versions=versions)
             try:
                 err(f"{len(snaps)} snapshots mounted on {where}: fusermount3 -u {where} or "
                     "Ctrl-C to unmount")

@@ -32,18 +32,19 @@ import collections
 import errno
 import hashlib
 import io
+import os
 import stat
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from cloneaware.archive import format as fmt
 from cloneaware.archive.catalog import read_index
 from cloneaware.archive.decode import Decoder
 from cloneaware.archive.records import RecordReader
-from cloneaware.errors import ArchiveError, CloneawareError
+from cloneaware.errors import ArchiveError, CloneawareError, UsageError
 from cloneaware.listing import entry_at
 from cloneaware.repo.repository import Repository
 from cloneaware.repo.snapshots import Snapshot
@@ -74,7 +75,6 @@ class Attr(NamedTuple):
 
 
 def _fail(code: int, what: str) -> OSError:
-    import os
     return OSError(code, os.strerror(code), what)
 
 
@@ -86,13 +86,98 @@ class _Node:
     mtime_ns: int
     children: dict[bytes, int] | None = None  # a directory
     target: bytes = b""  # a link
-    snap: Snapshot | None = None  # a snapshot's directory
+    snap: Any = None  # a snapshot's directory: its Snapshot (or ARCHIVE)
     lazy: bool = False  # versions/: its children made when first asked for
 
 
-#: offset in the file, length, blob id, offset in the blob; or the bytes
-#: themselves (a small file's DATA) and -1
-Range = tuple[int, int, bytes, int]
+#: offset in the file, length, what holds the bytes and where they start in
+#: it: a blob id (a repository) or a DATA record's offset (an archive file),
+#: fetched through Blobs; or the bytes themselves and -1
+Range = tuple[int, int, Any, int]
+
+
+def _sub(ranges: list[Range], soff: int, length: int, to: int) -> list[Range]:
+    """The part [soff, soff + length) of sorted ``ranges``, moved to ``to``."""
+    out: list[Range] = []
+    for o, n, key, koff in ranges:
+        a, b = max(o, soff), min(o + n, soff + length)
+        if a < b:
+            if koff < 0:
+                out.append((to + a - soff, b - a, key[a - o:b - o], -1))
+            else:
+                out.append((to + a - soff, b - a, key, koff + a - o))
+    return out
+
+
+class ManifestBytes:
+    """A repository manifest, held whole in memory."""
+
+    inline = True  # DATA records are decoded when a file is opened (small files)
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def file(self):
+        return io.BytesIO(self.data)
+
+    def read(self, off: int, n: int) -> bytes | memoryview:
+        return memoryview(self.data)[off:off + n]
+
+
+class ArchiveBytes:
+    """An archive file, read where needed (pread: one descriptor, any
+    number of readers at once)."""
+
+    inline = False  # a DATA record is read and decoded when a read needs it
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.decoder = Decoder(check_hashes=True)
+
+    def file(self):
+        return _At(self.fd)
+
+    def read(self, off: int, n: int) -> bytes:
+        return os.pread(self.fd, n, off)
+
+    def chunk(self, off: int, version: int) -> bytes:
+        """The bytes of the DATA record at ``off``, decoded and checked."""
+        rr = RecordReader(_At(self.fd, off))
+        rr.offset, rr.version = off, version
+        rec = next(rr.records(), None)
+        if rec is None or rec[0] != fmt.T_DATA:
+            raise ArchiveError("no DATA record where the file's range says", off)
+        foff, length, codec, sha, start = fmt.decode_data_head(rec[1], off, version)
+        data, _ = self.decoder.decode(memoryview(rec[1])[start:], codec, length, sha, off,
+                                      b"", foff)
+        return bytes(data)
+
+
+class _At(io.RawIOBase):
+    """A file object over a descriptor with its own position (pread)."""
+
+    def __init__(self, fd: int, pos: int = 0):
+        self.fd, self.pos = fd, pos
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self.pos = pos if whence == 0 else self.pos + pos if whence == 1 else \
+            os.fstat(self.fd).st_size + pos
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, b) -> int:
+        data = os.pread(self.fd, len(b), self.pos)
+        b[:len(data)] = data
+        self.pos += len(data)
+        return len(data)
 
 
 class FileData:
@@ -112,10 +197,10 @@ class FileData:
         i = max(0, bisect.bisect_right(self.starts, off) - 1)
         last = i
         while i < len(self.ranges) and self.ranges[i][0] < end:
-            roff, length, bid, boff = self.ranges[i]
+            roff, length, key, boff = self.ranges[i]
             a, b = max(off, roff), min(end, roff + length)
             if a < b:
-                data = bid if boff < 0 else self.blobs.get(bid, self.what)
+                data = key if boff < 0 else self.blobs.get(key, self.what)
                 s = max(boff, 0) + a - roff
                 piece = memoryview(data)[s:s + b - a]
                 if len(piece) != b - a:
@@ -133,9 +218,9 @@ class Blobs:
     the last ``budget`` bytes fetched; a blob that cannot be had raises
     EIO (and is logged), and is tried again when asked for again."""
 
-    def __init__(self, repo: Repository, budget: int, log: Callable[[str], None],
-                 threads: int = 2):
-        self.repo = repo
+    def __init__(self, fetch: Callable[[Any], bytes], budget: int,
+                 log: Callable[[str], None], threads: int = 2):
+        self.fetch = fetch
         self.budget = budget
         self.log = log
         self.lock = threading.Lock()
@@ -146,8 +231,8 @@ class Blobs:
 
     def _fetch(self, bid: bytes, fut: Future) -> None:
         try:
-            data = self.repo.read_blob(bid)
-        except CloneawareError as e:
+            data = self.fetch(bid)
+        except (CloneawareError, OSError) as e:
             with self.lock:
                 if self.cache.get(bid) is fut:
                     del self.cache[bid]
@@ -182,7 +267,7 @@ class Blobs:
             self._fetch(bid, fut)
         try:
             return fut.result()
-        except CloneawareError as e:
+        except (CloneawareError, OSError) as e:
             self.log(f"{what}: {e}")
             raise _fail(errno.EIO, f"{what}: {e}") from None
 
@@ -201,11 +286,17 @@ class _Loaded:
     entry's position; a parent directory the manifest lacks after them;
     the snapshot's own directory -1."""
 
-    def __init__(self, manifest: bytes, what: str):
-        self.manifest = manifest
+    def __init__(self, data: ManifestBytes | ArchiveBytes, what: str):
+        self.data = data
         self.what = what
         self.recent: dict[int, fmt.Entry] = {}
-        listing = read_index(io.BytesIO(manifest))
+        self.resolved: dict[int, list[Range]] = {}  # ranges of REF sources, lately
+        listing = read_index(data.file())
+        if listing.is_map:
+            raise UsageError("a sharing map holds no data: nothing to show")
+        if listing.base is not None:
+            raise UsageError("a thin backup: its bytes are in its base (restore it with "
+                             "the base)")
         self.version = listing.header.version
         self.index_offset = listing.footer.index_offset
         self.items = items = listing.items
@@ -259,7 +350,7 @@ class _Loaded:
         if e is not None:
             return e
         it = self.items[rel]
-        e = entry_at(io.BytesIO(self.manifest), it.offset, self.version, it.id)
+        e = entry_at(self.data.file(), it.offset, self.version, it.id)
         if (e.kind, e.path, e.size) != (it.kind, it.path, it.size):
             raise ArchiveError(f"index item {it.id} does not match its entry", it.offset)
         if len(self.recent) >= RECENT:  # (ls -l asks for an entry three times or four)
@@ -277,20 +368,23 @@ class _Loaded:
             return b"l" + self.entry(rel).target
         if it.kind != fmt.K_REG:
             return bytes((it.kind,))
-        m = self.manifest
         pos = it.offset
         end = self.items[rel + 1].offset if rel + 1 < len(self.items) else self.index_offset
         for skip in (fmt.T_ENTRY, fmt.T_STAT):
-            rtype, _, length = fmt.FRAME.unpack_from(m, pos)
+            rtype, _, length = fmt.FRAME.unpack(self.data.read(pos, fmt.FRAME.size))
             if rtype != skip:
                 break
             pos += fmt.FRAME_OVERHEAD + length
-        return b"f" + hashlib.sha256(memoryview(m)[pos:end]).digest()
+        return b"f" + hashlib.sha256(self.data.read(pos, end - pos)).digest()
 
     def ranges(self, rel: int) -> list[Range]:
-        """A file's ranges: the BLOB and DATA records after its ENTRY."""
+        """A file's ranges: the BLOB and DATA records after its ENTRY, and
+        its REF records resolved to the ranges of the earlier file they name."""
+        got = self.resolved.get(rel)
+        if got is not None:
+            return got
         it = self.items[rel]
-        f = io.BytesIO(self.manifest)
+        f = self.data.file()
         f.seek(it.offset)
         rr = RecordReader(f)
         rr.offset, rr.version = it.offset, self.version
@@ -305,27 +399,88 @@ class _Loaded:
             elif rtype == fmt.T_DATA:
                 foff, length, codec, sha, start = fmt.decode_data_head(payload, off,
                                                                         self.version)
+                if not self.data.inline:
+                    out.append((foff, length, off, 0))
+                    continue
                 data, _ = dec.decode(memoryview(payload)[start:], codec, length, sha, off,
                                      it.path, foff)
                 out.append((foff, length, bytes(data), -1))
+            elif rtype == fmt.T_REF:
+                foff, length, src, soff = fmt.decode_ref(payload, off, self.version, rel)
+                if src == rel:  # the file's own earlier bytes
+                    part = _sub(sorted(out), soff, length, foff)
+                elif src < rel and self.items[src].kind == fmt.K_REG:
+                    part = _sub(self.ranges(src), soff, length, foff)
+                else:
+                    raise ArchiveError(f"a REF to entry {src}, not an earlier file", off)
+                out.extend(part)
             elif rtype in (fmt.T_END, fmt.T_ENTRY, fmt.T_INDEX):
                 break
             elif rtype != fmt.T_STAT:
-                raise ArchiveError(f"a {fmt.TYPE_NAMES.get(rtype, rtype)} record in a "
-                                   "repository manifest's file", off)
+                raise ArchiveError(f"a {fmt.TYPE_NAMES.get(rtype, rtype)} record where a "
+                                   "file's data was expected", off)
+        out.sort()
+        if len(self.resolved) >= 64:
+            self.resolved.clear()
+        self.resolved[rel] = out
         return out
+
+
+class RepositorySource:
+    """Snapshots' manifests and blobs from a repository."""
+
+    def __init__(self, repo: Repository):
+        self.repo = repo
+        self.lock = threading.Lock()
+
+    def load(self, snap: Snapshot) -> _Loaded:
+        with self.lock:
+            if not self.repo._index_loaded:
+                self.repo.load_index()
+        return _Loaded(ManifestBytes(self.repo.manifest(snap)), f"snapshot {snap.short_id}")
+
+    def fetch(self, bid: bytes) -> bytes:
+        return self.repo.read_blob(bid)
+
+
+class ArchiveSource:
+    """One archive file: its entries, and its DATA records by offset."""
+
+    def __init__(self, path: str):
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.bytes = ArchiveBytes(self.fd)
+        self.version = fmt.WRITE_VERSION
+        self.mtime_ns = os.fstat(self.fd).st_mtime_ns
+
+    def load(self, _snap) -> _Loaded:
+        got = _Loaded(self.bytes, "the archive")
+        self.version = got.version
+        return got
+
+    def fetch(self, off: int) -> bytes:
+        return self.bytes.chunk(off, self.version)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+#: the root of a mounted archive file stands in for a snapshot's directory
+ARCHIVE = object()
 
 
 class Tree:
     """The mounted tree (see the module's text).  Thread-safe: the FUSE
-    side calls it from several threads at once."""
+    side calls it from several threads at once.  ``snaps`` None: an
+    archive file (``source`` an ArchiveSource), whose entries are the
+    root's."""
 
-    def __init__(self, repo: Repository, snaps: list[Snapshot], log: Callable[[str], None],
-                 keep: int = 3, cache_bytes: int = 256 << 20, versions: bool = False):
-        self.repo = repo
+    def __init__(self, source: RepositorySource | ArchiveSource, snaps: list[Snapshot] | None,
+                 log: Callable[[str], None], keep: int = 3, cache_bytes: int = 256 << 20,
+                 versions: bool = False):
+        self.source = source
         self.log = log
         self.keep = keep
-        self.blobs = Blobs(repo, cache_bytes, log)
+        self.blobs = Blobs(source.fetch, cache_bytes, log)
         self.lock = threading.Lock()
         self.nodes: dict[int, _Node] = {}
         self.loaded: collections.OrderedDict[int, _Loaded] = collections.OrderedDict()
@@ -336,15 +491,18 @@ class Tree:
         self.base_of: dict[int, int] = {}
         self.next_base = FIRST_BASE
         self.manifests_read = 0
-        self._index_lock = threading.Lock()
         self._versions_lock = threading.Lock()
         self.up_of: dict[int, int] = {}  # a layout directory's parent
-        self._layout(snaps, versions)
+        if snaps is None:
+            self._new(getattr(source, "mtime_ns", 0), snap=ARCHIVE)
+            self.load_now(ROOT)  # (a damaged archive is refused before it is mounted)
+        else:
+            self._layout(snaps, versions)
 
     # -- the layout ---------------------------------------------------------------------
 
     def _new(self, mtime_ns: int, children: dict | None = None, target: bytes = b"",
-             snap: Snapshot | None = None) -> int:
+             snap: Any = None) -> int:
         ino = len(self.nodes) + ROOT
         self.nodes[ino] = _Node(ino, mtime_ns, children, target, snap)
         return ino
@@ -459,14 +617,12 @@ class Tree:
                     return got
             snap = self.nodes[sdir].snap
             assert snap is not None
+            what = "the archive" if snap is ARCHIVE else f"snapshot {snap.short_id}"
             try:
-                with self._index_lock:
-                    if not self.repo._index_loaded:
-                        self.repo.load_index()
-                got = _Loaded(self.repo.manifest(snap), f"snapshot {snap.short_id}")
-            except CloneawareError as e:
-                self.log(f"snapshot {snap.short_id}: {e}")
-                raise _fail(errno.EIO, f"snapshot {snap.short_id}: {e}") from None
+                got = self.source.load(snap)
+            except (CloneawareError, OSError) as e:
+                self.log(f"{what}: {e}")
+                raise _fail(errno.EIO, f"{what}: {e}") from None
             with self.lock:
                 self.manifests_read += 1
                 if sdir not in self.base_of:
@@ -480,6 +636,20 @@ class Tree:
                 while len(self.loaded) > self.keep:
                     self.loaded.popitem(last=False)
             return got
+
+    def load_now(self, sdir: int) -> None:
+        """Read a snapshot's entries (or the archive's) now; their errors as
+        they are (a CloneawareError), not EIO."""
+        snap = self.nodes[sdir].snap
+        got = self.source.load(snap)
+        with self.lock:
+            self.base_of[sdir] = self.next_base
+            self.counts[sdir] = got.count
+            self.bases.append(self.next_base)
+            self.owner.append(sdir)
+            self.next_base += got.count + 1
+            self.loaded[sdir] = got
+            self.manifests_read += 1
 
     # -- what FUSE asks -----------------------------------------------------------------
 

@@ -37,11 +37,12 @@ def _mounted(path) -> bool:
 
 
 @contextlib.contextmanager
-def mounted(repo, mnt, *extra, env=None):
-    """``cloneaware mount`` running on ``mnt``; unmounted (and the process
-    ended) on the way out, whatever happened."""
+def mounted(repo, mnt, *extra, env=None, _archive=False):
+    """``cloneaware mount`` of a repository (or ``_archive``: an archive
+    file) running on ``mnt``; unmounted (and the process ended) on the way
+    out, whatever happened."""
     mnt.mkdir(exist_ok=True)
-    p = cli_popen("mount", "-r", repo, *extra, mnt, env=env)
+    p = cli_popen("mount", *(() if _archive else ("-r",)), repo, *extra, mnt, env=env)
     try:
         deadline = time.monotonic() + 60
         while not _mounted(mnt):
@@ -317,3 +318,53 @@ def test_versions_lists_each_distinct_version_once(btrfs_dir, tmp_path):
         assert sorted(os.listdir(v / "link")) == sorted([night[0], night[2]])
         assert os.readlink(v / "link" / night[2]) == "same"
         assert os.path.samefile(v / "f" / night[1], mnt / "snapshots" / night[1] / "src" / "f")
+
+
+def test_an_archive_file_mounts_with_its_references_resolved(btrfs_dir, tmp_path):
+    """An archive of a clone family (its clones' shared ranges are REF
+    records to the base image, a file sharing with itself too), mounted:
+    every entry as the source, each clone's bytes read through the REFs.
+    A DATA record with a flipped byte gives EIO on its file only; an
+    archive without its footer is refused before anything is mounted."""
+    from cloneaware.testing import make_family
+
+    src = btrfs_dir / "fam"
+    make_family(src, base_size=6 * MiB, clones=3, small_files=10)
+    _tree(src / "tree")
+    write_random(src / "tree" / "unique.img", 2 * MiB, 99)
+    arc = tmp_path / "a.caw"
+    cli("backup", "-o", arc, src, check_rc=0)
+    ls = json.loads(cli("ls", "--json", arc, check_rc=0).out)
+    assert sum(e["referenced_bytes"] for e in ls["entries"]) > 6 * MiB, ls  # REFs are there
+    mnt = tmp_path / "mnt"
+    with mounted_archive(arc, mnt) as p:
+        assert _state(mnt / "fam") == _state(src)
+        p.send_signal(signal.SIGTERM)
+        p.wait(30)
+    assert p.returncode == 0
+    # a flipped byte in the first DATA of tree/unique.img (random: stored as it is)
+    raw = bytearray(arc.read_bytes())
+    at = raw.find((src / "tree" / "unique.img").read_bytes()[:4096])
+    assert at > 0
+    raw[at + 100] ^= 0xFF
+    bad = tmp_path / "bad.caw"
+    bad.write_bytes(bytes(raw))
+    with mounted_archive(bad, mnt) as p:
+        with pytest.raises(OSError) as e:
+            _sha(mnt / "fam" / "tree" / "unique.img")
+        assert e.value.errno == errno.EIO
+        for n in ("sparse.img", "disk.img"):
+            assert _sha(mnt / "fam" / "tree" / n) == _sha(src / "tree" / n)
+        for n in os.listdir(src):
+            if os.path.isfile(src / n):
+                assert _sha(mnt / "fam" / n) == _sha(src / n), n
+    (tmp_path / "cut.caw").write_bytes(arc.read_bytes()[:-10])
+    line = assert_one_line_error(cli("mount", tmp_path / "cut.caw", mnt), 3)
+    assert "footer" in line
+    assert not _mounted(mnt)
+
+
+@contextlib.contextmanager
+def mounted_archive(arc, mnt):
+    with mounted(arc, mnt, _archive=True) as p:
+        yield p
