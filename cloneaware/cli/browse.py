@@ -170,8 +170,9 @@ def find_cmd(
 @app.command(cls=Command)
 def dump(
     targets: Annotated[list[str], typer.Argument(
-        metavar="SNAPSHOT PATH", help="A snapshot (id, unique prefix, or latest) and the path "
-        "of one of its entries as ls shows it.")],
+        metavar="SNAPSHOT PATH | ARCHIVE PATH", help="With -r a snapshot (id, unique prefix, "
+        "or latest), else an archive file; and the path of one of its entries as ls shows "
+        "it.")],
     repo: RepoOpt = None,
     retry_lock: RetryLockOpt = None,
     host: HostSelOpt = None,
@@ -181,25 +182,38 @@ def dump(
     rsh: RshOpt = None,
     s3_endpoint: S3EndpointOpt = None,
 ) -> None:
-    """Write one entry of a snapshot to standard output without restoring it: a
-    file's bytes as they are; a directory with what is below it (or a
-    symlink, a device) as a pax tar stream that GNU tar extracts with its
-    modes, numeric owners, times, links and, with --xattrs, xattrs.  Holes
-    come as zeros; sockets are left out (tar cannot hold them)."""
+    """Write one entry of a snapshot (or of an archive file) to standard output
+    without restoring it: a file's bytes as they are (holes as zeros); a
+    directory with what is below it (or a symlink, a device) as a pax tar
+    stream that GNU tar extracts with its modes, numeric owners, times,
+    links, files with holes as sparse files and, with --xattrs, xattrs.
+    Sockets are left out (tar cannot hold them)."""
     import sys
 
+    from cloneaware.archive.tarout import dump_archive
     from cloneaware.cli.common import err
     from cloneaware.repo.dump import dump as dump_entry
 
     with handled():
         if len(targets) != 2:
-            raise UsageError("give one SNAPSHOT and the PATH of one entry")
-        if not repo:
-            raise UsageError("dump reads a repository's snapshot: give -r REPO (from an "
-                             "archive file: cloneaware restore --include PATH)")
+            raise UsageError("give one SNAPSHOT (with -r REPO) or ARCHIVE, and the PATH of "
+                             "one entry")
+        repo = repo_for(targets, repo)
         if sys.stdout.isatty():
             raise UsageError("standard output is a terminal: send it to a file or a pipe "
                              "(cloneaware dump ... > FILE, or | tar -x)")
+        if not repo:
+            arc = targets[0]
+            if arc == "-" or arc.startswith("ssh://") or not os.path.isfile(arc):
+                raise UsageError(f"{arc}: dump reads an archive where it needs to: give an "
+                                 "archive file (not standard input or ssh://), or -r REPO")
+            res = dump_archive(arc, targets[1], sys.stdout.buffer, warn=err)
+            sys.stdout.buffer.flush()
+            if res.skipped:
+                from cloneaware.errors import EXIT_WARNINGS
+
+                raise typer.Exit(EXIT_WARNINGS)
+            return
         with opened(repo, password_file, rsh, s3_endpoint, lock="shared",
                     operation="dump") as r:
             snap = choose(r, targets[:1], host, path, tag)[0]
