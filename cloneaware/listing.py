@@ -14,7 +14,7 @@ from typing import Any
 
 from cloneaware.archive import format as fmt
 from cloneaware.archive import thin
-from cloneaware.archive.catalog import read_index
+from cloneaware.archive.catalog import entry_at, read_index
 from cloneaware.archive.events import (
     BlobEvent,
     EndEvent,
@@ -24,7 +24,6 @@ from cloneaware.archive.events import (
     dispatch,
 )
 from cloneaware.archive.reader import Stream
-from cloneaware.archive.records import RecordReader
 from cloneaware.display import b64, show, when, when_rfc3339
 from cloneaware.errors import ArchiveError, UsageError
 from cloneaware.patterns import Chooser, Patterns
@@ -69,17 +68,6 @@ class Contents:
         if not got:
             raise UsageError(f"{pattern}: no entry of {what} matches it")
         return got
-
-
-def entry_at(f, off: int, version: int, at: int) -> fmt.Entry:
-    f.seek(off)
-    rr = RecordReader(f)
-    rr.offset = off
-    rr.version = version
-    rec = next(rr.records(), None)
-    if rec is None or rec[0] != fmt.T_ENTRY:
-        raise ArchiveError("the index does not point at an ENTRY record", off)
-    return fmt.Entry.decode(rec[1], rec[2], version, at)
 
 
 def read_contents(f, full: bool = False, blobs: bool = False) -> Contents:

@@ -151,3 +151,16 @@ class Listing:
     footer: fmt.Footer
     base: thin.Base | None
     is_map: bool = False  # a sharing map: entries and references, no data
+
+
+def entry_at(f, off: int, version: int, at: int) -> fmt.Entry:
+    """The ENTRY record at ``off`` of seekable ``f`` (an index item's), its
+    CRC checked; ``at``: its position (its id from version 6 on)."""
+    f.seek(off)
+    rr = RecordReader(f)
+    rr.offset = off
+    rr.version = version
+    rec = next(rr.records(), None)
+    if rec is None or rec[0] != fmt.T_ENTRY:
+        raise ArchiveError("the index does not point at an ENTRY record", off)
+    return fmt.Entry.decode(rec[1], rec[2], version, at)

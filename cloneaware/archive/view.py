@@ -12,11 +12,10 @@ import os
 from typing import Any
 
 from cloneaware.archive import format as fmt
-from cloneaware.archive.catalog import read_index
+from cloneaware.archive.catalog import entry_at, read_index
 from cloneaware.archive.decode import Decoder
 from cloneaware.archive.records import RecordReader
 from cloneaware.errors import ArchiveError, UsageError
-from cloneaware.listing import entry_at
 
 #: entries decoded kept, a view
 RECENT = 4096

@@ -10,8 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from cloneaware.archive import format as fmt
-from cloneaware.archive.catalog import read_index
-from cloneaware.listing import entry_at
+from cloneaware.archive.catalog import entry_at, read_index
 from cloneaware.patterns import Patterns
 from cloneaware.repo.repository import Repository
 from cloneaware.repo.snapshots import Snapshot
