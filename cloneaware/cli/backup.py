@@ -153,6 +153,10 @@ def backup(
             repo = env_repo(repo)
             if not repo:
                 raise UsageError("give -o ARCHIVE or -r REPO (or set CLONEAWARE_REPOSITORY)")
+            from cloneaware.repo.tag import check_tag
+
+            for t in tag or []:
+                check_tag(t)
             _backup_repo(paths, repo, host, tag or [], from_archive, password_file,
                          s3_endpoint, connections, compress, as_json, base, sparse,
                          rsh, no_pit, common, dry_run, parent, atime)

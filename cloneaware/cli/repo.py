@@ -92,6 +92,62 @@ def snapshots(
 
 
 @app.command(cls=Command)
+def tag(
+    specs: Annotated[list[str] | None, typer.Argument(
+        metavar="[SNAPSHOT...]", help="Snapshots (ids, unique prefixes, latest); none: all "
+        "that --host, --path and --tag leave.")] = None,
+    add: Annotated[list[str] | None, typer.Option(
+        "--add", metavar="TAG", help="Add TAG (repeatable).")] = None,
+    remove: Annotated[list[str] | None, typer.Option(
+        "--remove", metavar="TAG", help="Remove TAG (repeatable).")] = None,
+    set_to: Annotated[list[str] | None, typer.Option(
+        "--set", metavar="TAG", help="Make the tags exactly these (repeatable; --set '' "
+        "clears them).")] = None,
+    repo: RepoOpt = None,
+    dry_run: DryRunOpt = False,
+    as_json: JsonOpt = False,
+    retry_lock: RetryLockOpt = None,
+    host: HostSelOpt = None,
+    path: PathSelOpt = None,
+    tag_sel: TagSelOpt = None,
+    password_file: PasswordOpt = None,
+    rsh: RshOpt = None,
+    s3_endpoint: S3EndpointOpt = None,
+) -> None:
+    """Add, remove or set the tags of snapshots.  A snapshot with other tags is
+    a new snapshot object, so its id changes (the new ids are printed); its
+    time, PATHs and data stay, and the host that wrote it goes on from it as
+    its parent (its next backup reads only what changed).  The repository is
+    locked exclusively, as forget locks it: an append-only client cannot
+    retag."""
+    from cloneaware.repo.snapshots import Filter
+    from cloneaware.repo.tag import retag
+
+    with handled(as_json):
+        if not add and not remove and set_to is None:
+            raise UsageError("give --add, --remove or --set")
+        if set_to is not None and (add or remove):
+            raise UsageError("--set replaces the tags: not with --add or --remove")
+        sets = None if set_to is None else [t for t in set_to if t]
+        with opened(env_repo(repo), password_file, rsh, s3_endpoint,
+                    lock="exclusive", operation="tag") as r:
+            filt = Filter.of(host, path, tag_sel)
+            snaps = r.find_all(specs, filt=filt) if specs else filt.apply(r.snapshots())
+            res = retag(r, snaps, add or [], remove or [], sets, dry_run)
+        if as_json:
+            typer.echo(json.dumps({
+                "changed": [{"old": o.id, "new": n.id or None, "tags": n.tags}
+                            for o, n in res.changed],
+                "unchanged": [s.id for s in res.unchanged], "dry_run": dry_run}, indent=2))
+            return
+        for o, n in res.changed:
+            report(f"{o.short_id} -> {n.short_id or '(new id)'}  tags: "
+                   f"{','.join(n.tags) or '(none)'}")
+        verb = "would retag" if dry_run else "retagged"
+        report(f"{verb} {len(res.changed)} snapshots, {len(res.unchanged)} already so")
+
+
+@app.command(cls=Command)
 def stats(
     specs: Annotated[list[str] | None, typer.Argument(
         metavar="[SNAPSHOT...]", help="Snapshots to describe (ids, unique prefixes, or "

@@ -103,10 +103,11 @@ def read_manifest(data: bytes, snapshot: str, started_ns: int) -> FilesCache:
 
 
 def parent_files(repo: Repository, cache_path: str, set_key: str, parent: Snapshot,
-                 warn: Callable[[str], None]) -> FilesCache:
-    """The parent's files: its cache if there is a sound one, else its
-    manifest; rows with a blob the repository lacks are not trusted."""
-    files = filescache.load(cache_path, repo.config.id, set_key, parent.id, warn)
+                 known_as: str | None, warn: Callable[[str], None]) -> FilesCache:
+    """The parent's files: its cache (kept under ``known_as``, the id this
+    host knows it by) if there is a sound one, else its manifest; rows with
+    a blob the repository lacks are not trusted."""
+    files = filescache.load(cache_path, repo.config.id, set_key, known_as or parent.id, warn)
     if files is None:
         files = read_manifest(repo.manifest(parent), parent.id, parent.time_ns)
     files.check_blobs(repo.index.contains_many)
@@ -115,19 +116,28 @@ def parent_files(repo: Repository, cache_path: str, set_key: str, parent: Snapsh
 
 def trusted_parent(repo: Repository, state: ClientState, snaps: list[Snapshot],
                    sets: AnchorSets, host: str, paths: list[str], spec: str | None,
-                   warn: Callable[[str], None]) -> Snapshot | None:
+                   warn: Callable[[str], None]) -> tuple[Snapshot | None, str | None]:
     """The last snapshot this host wrote of the set (repo/state.py), if it
-    is still there; never merely the newest one of the same host and
-    PATHs, which anyone who may add snapshots could have written (a
-    forged parent would have files taken unread with its blob ranges).
-    Without one, every file is read: slower, never wrong.  ``spec``: the
-    one the owner names (backup --parent), taken as it is."""
+    is still there, and the id this host knows it by (its files cache and
+    anchors are kept under it); never merely the newest one of the same
+    host and PATHs, which anyone who may add snapshots could have written
+    (a forged parent would have files taken unread with its blob ranges).
+    Under another id (``tag`` rewrote it), it is known by its content key:
+    a snapshot with the same manifest holds the same files, whoever wrote
+    it.  Without one, every file is read: slower, never wrong.  ``spec``:
+    the one the owner names (backup --parent), taken as it is."""
     if spec is not None:
-        return repo.find(spec, snaps)
+        got = repo.find(spec, snaps)
+        return got, got.id
     if sets.legacy_key is not None:  # the set as an earlier version keyed it
         state.adopt(sets.legacy_key, sets.key)
     want = state.parent(sets.key)
     parent = next((s for s in snaps if s.id == want), None) if want else None
+    content = state.parent_content(sets.key)
+    if parent is None and want is not None and content is not None:
+        parent = next((s for s in reversed(snaps) if s.content_key == content), None)
+        if parent is not None:
+            return parent, want
     mine = [s for s in snaps if s.hostname == host and sorted(s.paths) == paths]
     if want is not None and parent is None:
         warn(f"{repo.where}: the snapshot this host wrote last of these paths "
@@ -140,4 +150,4 @@ def trusted_parent(repo: Repository, state: ClientState, snaps: list[Snapshot],
     if parent is not None and newer:
         warn(f"{repo.where}: snapshot {newer[-1].short_id} of these paths is newer "
              "than the last one this host wrote, and not taken as the parent")
-    return parent
+    return parent, want if parent is not None else None

@@ -163,6 +163,8 @@ class RepositorySink(Sink):
                                                 "paths": self.paths},
                                legacy_key=None if dry_run else set_key(self.host, self.paths))
         self.parent: Snapshot | None = None
+        #: the id this host knows the parent by (its own, unless tag gave it another)
+        self.parent_key: str | None = None
         #: the parent's regular files (its files cache, or read from its manifest)
         self.files: FilesCache | None = None
         self.next_files = CacheBuilder()  # the new snapshot's
@@ -192,12 +194,13 @@ class RepositorySink(Sink):
         self._snaps = repo.snapshots()
         self.state = repo.state or ClientState(repo.config.id, self.warn,
                                                location=repo.location)
-        self.parent = trusted_parent(repo, self.state, self._snaps, self.sets, self.host,
-                                     self.paths, self.parent_spec, self.warn)
+        self.parent, self.parent_key = trusted_parent(
+            repo, self.state, self._snaps, self.sets, self.host, self.paths, self.parent_spec,
+            self.warn)
         if self.parent is None:
             return None
         files = self.files = parent_files(repo, self._cache_path(), self.sets.key,
-                                          self.parent, self.warn)
+                                          self.parent, self.parent_key, self.warn)
         if not files.complete:
             return None
         return lambda node: files.unchanged(node.name, node.st)
@@ -225,8 +228,9 @@ class RepositorySink(Sink):
             wanted = set(entries[keep].tolist())
         tops = self.sets.tops(self.roots)
         self._note_stale(tops)
-        anchors = self.sets.previous(tops, self.parent.id if self.parent else None,
-                                     {s.id for s in self._snaps}, tidy=not self.dry_run,
+        anchors = self.sets.previous(tops, self.parent_key,
+                                     {s.id for s in self._snaps} | {self.parent_key or ""},
+                                     tidy=not self.dry_run,
                                      wanted=wanted)
         out: dict[int, Prior] = {}
         for a in anchors:
@@ -436,7 +440,8 @@ class RepositorySink(Sink):
             s.snapshot = self.snapshot.id
         if self.use_parent:
             assert self.state is not None
-            self.state.wrote(self.sets.key, self.snapshot.id, self.started_ns)
+            self.state.wrote(self.sets.key, self.snapshot.id, self.started_ns,
+                             self.snapshot.content_key)
             self.state.save()
         self.sets.commit(self.snapshot.id)
         self.packer.close()

@@ -7,6 +7,8 @@ once."""
 from __future__ import annotations
 
 import datetime
+import hashlib
+import json
 import time
 from dataclasses import dataclass
 
@@ -54,6 +56,17 @@ class Snapshot:
     def manifest_list(self) -> list[bytes]:
         """The blobs of the manifest's blob list, if it has one."""
         return [bytes.fromhex(m) for m in self.data.get("manifest_list") or []]
+
+    @property
+    def content_key(self) -> str:
+        """What the snapshot holds, apart from its tags: its manifest (named
+        by blob ids, which name content), time, host and PATHs.  ``tag``
+        gives a snapshot a new id and keeps this: a host that wrote it
+        knows it again by it (repo/parent.py)."""
+        d = self.data
+        key = [d["manifest"], d.get("manifest_list") or [], d["manifest_bytes"],
+               d["time_ns"], d["hostname"], sorted(d["paths"])]
+        return hashlib.sha256(json.dumps(key).encode()).hexdigest()
 
     def to_json(self) -> dict:
         d = {k: self.data[k] for k in ("time", "hostname", "username", "paths", "tags",

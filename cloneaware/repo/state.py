@@ -113,8 +113,18 @@ class ClientState:
         if new_key not in sets and old_key in sets and old_key != new_key:
             sets[new_key] = sets.pop(old_key)
 
-    def wrote(self, set_key: str, snapshot_id: str, time_ns: int) -> None:
-        self.data["sets"][set_key] = {"snapshot": snapshot_id, "time_ns": time_ns}
+    def parent_content(self, set_key: str) -> str | None:
+        """The content key (Snapshot.content_key) of the snapshot this host
+        wrote last for the set: the same snapshot under another id (tag
+        gives it one) is known by it."""
+        got = self.data["sets"].get(set_key)
+        return got.get("content") if isinstance(got, dict) and \
+            isinstance(got.get("content"), str) else None
+
+    def wrote(self, set_key: str, snapshot_id: str, time_ns: int,
+              content: str | None = None) -> None:
+        self.data["sets"][set_key] = {"snapshot": snapshot_id, "time_ns": time_ns,
+                                      **({"content": content} if content else {})}
         self._seen(snapshot_id, time_ns)
 
     def newest_written(self) -> int | None:

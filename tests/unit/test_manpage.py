@@ -62,7 +62,7 @@ def test_the_commands_come_in_the_order_of_a_job():
     _, _, commands = _commands()
     assert [" ".join(p) for p, _, _ in commands] == [
         "scan", "backup", "restore", "reshare", "ls", "find", "dump", "mount", "diff", "verify",
-        "init", "snapshots", "stats", "forget", "prune", "check", "repair", "unlock", "copy",
+        "init", "snapshots", "tag", "stats", "forget", "prune", "check", "repair", "unlock", "copy",
         "export", "run", "config", "serve",
         "key", "key list", "key add", "key remove", "key passwd",
         "anchors", "anchors list", "anchors drop"]
