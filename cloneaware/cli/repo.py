@@ -216,6 +216,10 @@ def forget(
     keep_within: Annotated[str | None, typer.Option(
         "--keep-within", metavar="DURATION", help="Keep every snapshot taken within DURATION "
         "of the newest (30s, 90m, 12h, 7d, 2w; m is minutes).")] = None,
+    group: Annotated[str, typer.Option(
+        "--group-by", metavar="FIELDS", help="Apply the --keep options per group of snapshots "
+        "alike in these: host, paths, tags, comma-separated ('' for one group of all).")]
+    = "host,paths",
     host: HostSelOpt = None,
     path: PathSelOpt = None,
     tag: TagSelOpt = None,
@@ -229,14 +233,16 @@ def forget(
     quiet: QuietOpt = False,
 ) -> None:
     """Remove snapshots: those named, or those the --keep options do not keep in
-    each group of snapshots of the same host and PATHs (days, weeks and months
-    in UTC); --host, --path and --tag limit either to the snapshots they leave."""
-    from cloneaware.repo.forget import Policy
+    each group of snapshots of the same host and PATHs (--group-by: other
+    fields; days, weeks and months in UTC); --host, --path and --tag limit
+    either to the snapshots they leave."""
+    from cloneaware.repo.forget import Policy, group_by
     from cloneaware.repo.forget import forget as forget_snapshots
     from cloneaware.repo.prune import prune as prune_repo
     from cloneaware.repo.snapshots import Filter
 
     with handled(as_json):
+        by = group_by(group)
         within = 0
         if keep_within is not None:
             from cloneaware.config import parse_interval
@@ -253,7 +259,7 @@ def forget(
         with opened(env_repo(repo), password_file, rsh, s3_endpoint, connections,
                     lock="exclusive", operation="forget") as r:
             res = forget_snapshots(r, policy, dry_run,
-                                   filt=Filter.of(host, path, tag), named=specs)
+                                   filt=Filter.of(host, path, tag), named=specs, by=by)
             pr = prune_repo(r, dry_run, connections, err) if do_prune else None
         if as_json:
             typer.echo(json.dumps({**res.to_json(),

@@ -1,5 +1,6 @@
 """``forget``: which snapshots it keeps, and removing the others.  Per group
-of snapshots of the same host and PATHs, the union of --keep-last N (the N
+of snapshots of the same host and PATHs (or of the fields ``--group-by``
+names: host, paths, tags), the union of --keep-last N (the N
 newest), --keep-within DURATION (every one taken within DURATION of the
 newest, restic's rule), --keep-tag T (every one tagged T), and
 --keep-hourly N, --keep-daily N (the newest of each of the N newest days
@@ -83,8 +84,24 @@ def keep(times: list[tuple[str, int]], policy: Policy,
     return reasons
 
 
-def group_key(s: Snapshot) -> tuple:
-    return (s.hostname, tuple(sorted(s.paths)))
+#: what ``--group-by`` may name, and its default (restic's)
+GROUP_FIELDS = ("host", "paths", "tags")
+GROUP_DEFAULT = ("host", "paths")
+
+
+def group_by(text: str) -> tuple[str, ...]:
+    """``--group-by host,paths,tags`` (any of them, in any order; '' puts
+    every snapshot in one group)."""
+    got = tuple(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+    bad = [x for x in got if x not in GROUP_FIELDS]
+    if bad:
+        raise UsageError(f"--group-by: {bad[0]!r} is not one of {', '.join(GROUP_FIELDS)}")
+    return got
+
+
+def group_key(s: Snapshot, by: tuple[str, ...] = GROUP_DEFAULT) -> tuple:
+    return tuple(s.hostname if f == "host" else tuple(sorted(s.paths)) if f == "paths"
+                 else tuple(sorted(s.tags)) for f in by)
 
 
 @dataclass
@@ -131,9 +148,11 @@ def untrusted_times(snaps: list[Snapshot], state: ClientState | None,
 
 def forget(repo: Repository, policy: Policy, dry_run: bool = False,
            host: str | None = None, state: ClientState | None = None,
-           filt: Filter | None = None, named: list[str] | None = None) -> ForgetResult:
-    """Remove the snapshots the policy does not keep, per group of host and
-    PATHs, among those ``filt`` (and ``host``) leave (and, on this host,
+           filt: Filter | None = None, named: list[str] | None = None,
+           by: tuple[str, ...] = GROUP_DEFAULT) -> ForgetResult:
+    """Remove the snapshots the policy does not keep, per group of the same
+    ``by`` (host and PATHs unless told), among those ``filt`` (and
+    ``host``) leave (and, on this host,
     their anchors).  A snapshot whose time is not believed (untrusted_times)
     is kept and not counted.  ``named``: remove exactly the snapshots these
     ids, prefixes or 'latest' name (among those the filters leave), and
@@ -156,7 +175,7 @@ def forget(repo: Repository, policy: Policy, dry_run: bool = False,
         if s.id in doubtful:
             out.kept.append((s, [doubtful[s.id]]))
             continue
-        groups.setdefault(group_key(s), []).append(s)
+        groups.setdefault(group_key(s, by), []).append(s)
     for snaps in groups.values():
         reasons = keep([(s.id, s.time_ns) for s in snaps], policy,
                        {s.id: list(s.tags) for s in snaps})

@@ -149,3 +149,22 @@ def test_ls_takes_the_patterns_restore_include_takes(two_sets):
     r = cli("ls", "-r", repo, ids["b"][:12], "nothing*")
     assert r.returncode == 2 and r.err == \
         f"cloneaware: nothing*: no entry of snapshot {ids['b'][:8]} matches it\n", str(r)
+
+
+def test_forget_group_by(two_sets):
+    """--group-by (issue 32): the groups --keep counts in; by default host and
+    PATHs (each of the three sets keeps its only snapshot)."""
+    repo, src, ids = two_sets
+
+    def removed(*args) -> set[str]:
+        out = cli_json("forget", "--json", "--dry-run", "-r", repo, "--keep-last", "1", *args)
+        return {s["id"] for s in out["removed"]}
+
+    assert removed() == set()
+    assert removed("--group-by", "") == {ids["a"], ids["c"]}  # one group: b is the newest
+    assert removed("--group-by", "host") == {ids["a"]}  # a and b: this host's
+    assert removed("--group-by", "tags") == {ids["a"]}  # a and b: no tags
+    assert removed("--group-by", "paths,tags,host") == set()
+    r = cli("forget", "-r", repo, "--keep-last", "1", "--group-by", "host,user")
+    assert r.returncode == 2 and "'user' is not one of host, paths, tags" in r.err, str(r)
+    assert len(json.loads(cli("snapshots", "--json", "-r", repo).out)) == 3
