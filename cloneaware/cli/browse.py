@@ -255,7 +255,8 @@ def mount(
     serve it until it is unmounted (fusermount3 -u MOUNTPOINT) or SIGINT,
     SIGTERM or SIGHUP comes, which unmount it; exit 0 then.  The tree:
     snapshots/TIME-ID/ (each snapshot's entries as ls shows them),
-    hosts/HOST/TIME-ID and hosts/HOST/latest (links), ids/ID (links), and
+    hosts/HOST/TIME-ID and hosts/HOST/latest (links), tags/TAG/TIME-ID and
+    tags/TAG/latest (links), ids/ID (links), and
     latest (a link to the newest snapshot); with --versions, versions/PATH/.
     Only what is looked at is read:
     a snapshot's manifest when its directory is, a file's blobs when it is

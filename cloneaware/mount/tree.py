@@ -6,6 +6,8 @@ with no FUSE in it (mount/fuse.py serves it).  Its layout (README.md,
                                       entries as ``ls -r`` shows them
     hosts/<host>/<time>-<short id>    -> ../../snapshots/<time>-<short id>
     hosts/<host>/latest               -> the host's newest snapshot
+    tags/<tag>/<time>-<short id>      -> ../../snapshots/<time>-<short id>
+    tags/<tag>/latest                 -> the newest snapshot tagged so
     ids/<short id>                    -> ../snapshots/<time>-<short id>
     latest                            -> snapshots/<the newest snapshot>
 
@@ -327,6 +329,7 @@ class Tree:
         hosts: dict[bytes, int] = {}
         root[b"hosts"] = self._new(newest, hosts)
         root[b"ids"] = self._new(newest, ids)
+        by_tag: dict[str, dict[bytes, int]] = {}
         names: dict[str, bytes] = {}
         for s in sorted(snaps, key=lambda s: (s.time_ns, s.id)):
             name = f"{s.data['time'][:19]}Z-{s.short_id}".encode()
@@ -336,8 +339,16 @@ class Tree:
             h = by_host.setdefault(s.hostname, {})
             h[name] = self._new(s.time_ns, target=b"../../snapshots/" + name)
             h[b"latest"] = self._new(s.time_ns, target=b"../../snapshots/" + name)
+            for t in s.tags:
+                d = by_tag.setdefault(t, {})
+                d[name] = self._new(s.time_ns, target=b"../../snapshots/" + name)
+                d[b"latest"] = self._new(s.time_ns, target=b"../../snapshots/" + name)
         for host, d in sorted(by_host.items()):
             hosts[host.encode("utf-8", "surrogateescape")] = self._new(newest, d)
+        tags: dict[bytes, int] = {}
+        root[b"tags"] = self._new(newest, tags)
+        for t, d in sorted(by_tag.items()):
+            tags[t.encode("utf-8", "surrogateescape")] = self._new(newest, d)
         if snaps:
             last = max(snaps, key=lambda s: (s.time_ns, s.id))
             root[b"latest"] = self._new(last.time_ns, target=b"snapshots/" + names[last.id])

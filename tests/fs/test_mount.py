@@ -125,7 +125,7 @@ def test_a_mounted_snapshot_is_the_source_entry_by_entry(btrfs_dir, tmp_path, en
         cli("init", "-r", repo, "--encrypt", env=env, check_rc=0)
     else:
         cli("init", "-r", repo, check_rc=0)
-    cli("backup", "-r", repo, src, env=env, check_rc=0)
+    cli("backup", "-r", repo, "--tag", "nightly", src, env=env, check_rc=0)
     want = _state(src)
     snaps = json.loads(cli("snapshots", "--json", "-r", repo, env=env, check_rc=0).out)
     sid, host = snaps[0]["short_id"], snaps[0]["hostname"]
@@ -137,7 +137,8 @@ def test_a_mounted_snapshot_is_the_source_entry_by_entry(btrfs_dir, tmp_path, en
         name = os.readlink(mnt / "latest").split("/")[-1]
         assert name.endswith("-" + sid) and sorted(os.listdir(mnt / "snapshots")) == [name]
         for via in (mnt / "ids" / sid, mnt / "hosts" / host / "latest",
-                    mnt / "hosts" / host / name):
+                    mnt / "hosts" / host / name, mnt / "tags" / "nightly" / "latest",
+                    mnt / "tags" / "nightly" / name):
             assert os.path.samefile(via, mnt / "snapshots" / name)
         # hard links share an inode; holes are not counted as blocks
         a, b = os.stat(os.path.join(top, "conf-again")), os.stat(os.path.join(top, "etc/app/conf"))
@@ -148,6 +149,9 @@ def test_a_mounted_snapshot_is_the_source_entry_by_entry(btrfs_dir, tmp_path, en
         copy = tmp_path / "copy"
         subprocess.run(["cp", "-a", top, copy], check=True)
         assert _state(copy) == want
+        synced = tmp_path / "synced"
+        subprocess.run(["rsync", "-aHAX", f"{top}/", synced], check=True)
+        assert _state(synced) == want
         r = subprocess.run(["diff", "-r", "--no-dereference", src, top], capture_output=True)
         assert r.returncode == 0 or b"is a fifo while" in r.stdout, r
         assert b"differ" not in r.stdout and b"Only in" not in r.stdout, r.stdout
