@@ -5,7 +5,7 @@ DESTDIR ?=
 JOBS ?= auto
 
 
-.PHONY: setup test demo bench bench-compressed bench-scale bench-incremental bench-files bench-space bench-repo bench-reuse lint install clean deb deb-test vm-setup vm-test
+.PHONY: setup test demo bench bench-compressed bench-scale bench-incremental bench-files bench-space bench-repo bench-reuse bench-mount lint install clean deb deb-test vm-setup vm-test
 
 setup:
 	bash tools/setup.sh
@@ -50,6 +50,10 @@ bench-repo: setup
 
 bench-reuse: setup
 	$(PYTHON) bench/reuse.py
+
+# mount: ls -lR and a 1 GiB read through it, beside the restored tree and restore
+bench-mount: setup
+	$(PYTHON) bench/mount.py
 
 lint:
 	$(PYTHON) -m ruff check cloneaware tests bench tools native/build.py
