@@ -372,7 +372,14 @@ def check(
 @app.command(cls=Command)
 def repair(
     what: Annotated[str, typer.Argument(
-        metavar="index", help="What to rebuild: index (from the packs' own trailers).")],
+        metavar="index|packs", help="What to repair: index (rebuilt from the packs' own "
+        "trailers), or packs (the blobs of damaged packs that still decode salvaged).")],
+    packs: Annotated[list[str] | None, typer.Argument(
+        metavar="[PACK...]", help="packs: the damaged packs (ids or unique prefixes, as check "
+        "names them); none: every pack is read to find them.")] = None,
+    aside: Annotated[str | None, typer.Option(
+        "--aside", metavar="DIR", help="packs: where each damaged pack's bytes are put (on "
+        "this host) before it is removed; default ./cloneaware-damaged-ID.")] = None,
     repo: RepoOpt = None,
     retry_lock: RetryLockOpt = None,
     dry_run: DryRunOpt = False,
@@ -380,19 +387,50 @@ def repair(
     password_file: PasswordOpt = None,
     rsh: RshOpt = None,
     s3_endpoint: S3EndpointOpt = None,
+    connections: S3ConnOpt = 4,
     quiet: QuietOpt = False,
 ) -> None:
-    """Rebuild the index from the packs' own trailers (the index objects lost,
-    damaged or out of date); the new index is written before the old one is
-    deleted.  No blob is read: check --read-data does that."""
-    from cloneaware.repo.repair import repair_index
+    """Repair a damaged repository.  index: rebuild the index from the packs'
+    own trailers (the index objects lost, damaged or out of date); the new
+    index is written before the old one is deleted, and no blob is read.
+    packs: read the packs (those named, else all), write the blobs of each
+    damaged one that still decode into new packs, put its bytes aside in
+    DIR on this host, remove it, and rebuild the index; what was lost with
+    it is then in no index, check names the files that had it, and a new
+    backup of the same source stores it again (the old snapshots are whole
+    again)."""
+    import os
+
+    from cloneaware.repo.repair import repair_index, repair_packs
 
     with handled(as_json):
-        if what != "index":
-            raise UsageError(f"cannot repair {what!r}: only 'index'")
-        with opened(env_repo(repo), password_file, rsh, s3_endpoint,
+        if what not in ("index", "packs"):
+            raise UsageError(f"cannot repair {what!r}: 'index' or 'packs'")
+        if what == "index" and (packs or aside):
+            raise UsageError("repair index takes no PACK and no --aside")
+        with opened(env_repo(repo), password_file, rsh, s3_endpoint, connections,
                     lock="exclusive", operation="repair") as r:
-            res = repair_index(r, dry_run, err)
+            if what == "packs":
+                where = aside or os.path.abspath(f"cloneaware-damaged-{r.config.id[:8]}")
+                pr = repair_packs(r, packs, where, dry_run, err, connections)
+            else:
+                res = repair_index(r, dry_run, err)
+        if what == "packs":
+            if as_json:
+                d = dict(pr.__dict__, index=None if pr.index is None else pr.index.__dict__)
+                typer.echo(json.dumps(d, indent=2))
+                return
+            verb = "would salvage" if dry_run else "salvaged"
+            report(f"repair packs: {pr.read} packs read, {len(pr.damaged)} damaged; {verb} "
+                   f"{pr.salvaged} blobs ({human(pr.salvaged_bytes)}) into "
+                   f"{pr.packs_written} new packs; {pr.elsewhere} held elsewhere too; "
+                   f"{len(pr.lost)} lost")
+            for path in pr.aside:
+                report(f"  a damaged pack put aside: {path}")
+            if pr.lost:
+                report("the files that had a lost blob: cloneaware check -r REPO; a new "
+                       "backup of their source stores them again")
+            return
         if as_json:
             typer.echo(json.dumps(res.__dict__, indent=2))
             return

@@ -103,6 +103,12 @@ def check(repo: Repository, read_data: bool = False,
     for bid, locs in sv.locations.items():
         for e in locs:
             repo.index.add_location(bid, e)
+    # and, of a pack whose trailer cannot be read (cut short, say), what the
+    # index says it holds: a restore reads those blobs, and --read-data
+    # finds which still decode
+    for pid in sv.unreadable:
+        for r in sv.claims.get(pid, ()):
+            repo.index.add_location(r[0], rf.IndexEntry(pid, r[1], r[2], r[3], r[4]))
     repo.index.loaded.update(sv.index_objects)
     repo._index_loaded = True
     res.blobs = len(repo.index)
@@ -113,8 +119,8 @@ def check(repo: Repository, read_data: bool = False,
         error(msg)
     res.snapshots = len(snaps)
     lost: dict[bytes, str] = {}  # blob id -> the pack its only copies are damaged in
+    bad: set[tuple[bytes, bytes]] = set()  # (pack, blob) that does not decode
     if read_data:
-        bad: set[tuple[bytes, bytes]] = set()  # (pack, blob) that does not decode
         chosen = in_subset(sorted(sv.listed), subset)
         res.read_packs = len(chosen)
         for name in chosen:
@@ -143,6 +149,12 @@ def check(repo: Repository, read_data: bool = False,
         missing += found.missing
         found.report(res)
     res.pieces = walk.walked
+    if read_data and bad:
+        packs = sorted({pid.hex() for pid, _ in bad})
+        res.warnings.append(
+            f"{len(packs)} packs hold blobs that do not decode: cloneaware repair packs "
+            f"{' '.join(p[:16] for p in packs)} salvages the rest of them; then a backup of "
+            "the same sources stores again what was lost")
     orphans = [n for n in sv.listed if bytes.fromhex(n) not in sv.claims]
     if orphans:
         if missing:

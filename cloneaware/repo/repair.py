@@ -71,3 +71,130 @@ def repair_index(repo: Repository, dry_run: bool = False,
             res.index_removed += 1
     repo.backend.sync()
     return res
+
+
+@dataclass
+class PacksResult:
+    #: packs read, and those with a blob that does not decode there (or gone, or short)
+    read: int = 0
+    damaged: list[str] = field(default_factory=list)
+    #: blobs of damaged packs written again into new packs, and their bytes
+    salvaged: int = 0
+    salvaged_bytes: int = 0
+    #: blobs of damaged packs that decode from another pack: nothing to do
+    elsewhere: int = 0
+    #: blob ids lost: in no other pack, and not decodable here
+    lost: list[str] = field(default_factory=list)
+    packs_written: int = 0
+    #: where each damaged pack's bytes were put before it was removed
+    aside: list[str] = field(default_factory=list)
+    index: RepairResult | None = None
+
+
+def repair_packs(repo: Repository, only: list[str] | None, aside: str, dry_run: bool = False,
+                 say: Callable[[str], None] | None = None, connections: int = 2
+                 ) -> PacksResult:
+    """Salvage the blobs that still decode from damaged packs (``only``:
+    these pack ids or unique prefixes; else every pack the index names is
+    read) into new packs, put each damaged pack's bytes in directory
+    ``aside`` (on this host), remove it from the repository, and rebuild
+    the index.  A blob lost with it is then in no index: ``check`` names
+    the files that had it, and a new backup of the same source stores it
+    again (the snapshots that name it are whole again)."""
+    import os
+
+    from cloneaware.errors import RepositoryError, UsageError
+    from cloneaware.repo.backend import pack_name
+    from cloneaware.repo.packer import Packer
+    from cloneaware.safeio import AtomicFile
+
+    say = say or (lambda msg: None)
+    res = PacksResult()
+    repo.load_index()
+    by_pack: dict[bytes, list[tuple[bytes, rf.IndexEntry]]] = {}
+    for bid, e in repo.index.items():
+        by_pack.setdefault(e.pack, []).append((bid, e))
+    if only:
+        chosen = []
+        for p in only:
+            hits = [pid for pid in by_pack if pid.hex().startswith(p.lower())]
+            if len(hits) != 1:
+                raise UsageError(f"{p}: {'no' if not hits else 'more than one'} pack the index "
+                                 "names has an id that begins so")
+            chosen.append(hits[0])
+    else:
+        chosen = sorted(by_pack)
+    keep: dict[bytes, tuple[int, int, bytes]] = {}  # blob id -> (type, raw length, stored)
+    bad_packs: dict[bytes, bytes] = {}  # pack id -> its bytes as read (b"" if gone)
+    bad_blobs: dict[bytes, set[bytes]] = {}
+    for pid in chosen:
+        res.read += 1
+        blobs = sorted(by_pack[pid], key=lambda x: x[1].offset)
+        name = pack_name(pid.hex())
+        try:
+            raw = repo.backend.read(name)
+        except RepositoryError as ex:
+            say(f"{ex}")
+            raw = b""
+        broken: set[bytes] = set()
+        for bid, e in blobs:
+            stored = raw[e.offset:e.offset + e.stored_length]
+            try:
+                if len(stored) != e.stored_length:
+                    raise RepositoryError("short")
+                repo.decode_blob(bid, e, stored, name)
+                keep.setdefault(bid, (e.type, e.raw_length, bytes(stored)))
+            except RepositoryError:
+                broken.add(bid)
+        if broken:
+            bad_packs[pid] = bytes(raw)
+            bad_blobs[pid] = broken
+            res.damaged.append(pid.hex())
+            say(f"{repo.where}: pack {pid.hex()[:16]}: {len(broken)} of its {len(blobs)} blobs "
+                "do not decode" + (" (it is gone)" if not raw else ""))
+    # what the damaged packs held: written again unless another pack has it
+    salvage: list[bytes] = []
+    for pid, blobs in ((p, by_pack[p]) for p in bad_packs):
+        for bid, _ in blobs:
+            other = [x for x in repo.index.locations(bid) if x.pack not in bad_packs]
+            if other:
+                res.elsewhere += 1
+            elif bid in keep and bid not in salvage:
+                salvage.append(bid)
+            elif bid in bad_blobs[pid] and bid not in keep:
+                res.lost.append(bid.hex())
+    res.lost = sorted(set(res.lost))
+    res.salvaged = len(salvage)
+    res.salvaged_bytes = sum(len(keep[b][2]) for b in salvage)
+    if dry_run or not bad_packs:
+        return res
+    # 1. the salvaged blobs in new packs, indexed, before anything is removed
+    repo.index.clear()
+    packer = Packer(repo, connections)
+    try:
+        for bid in salvage:
+            t, raw_length, stored = keep[bid]
+            packer.add(bid, t, raw_length, stored)
+        packer.flush()
+    finally:
+        packer.close()
+    res.packs_written = packer.packs_written
+    # 2. each damaged pack's bytes on this host, durable, then out of the repository
+    os.makedirs(aside, mode=0o700, exist_ok=True)
+    for pid, raw in bad_packs.items():
+        if raw:  # (a pack that is gone has nothing to keep)
+            path = os.path.join(aside, pid.hex())
+            with AtomicFile(path, replace=True) as f:
+                f.write(raw)
+                f.commit(0o600)
+            res.aside.append(path)
+        repo.check_lock()
+        try:
+            repo.backend.delete(pack_name(pid.hex()))
+        except RepositoryError:
+            pass  # gone already
+    repo.backend.sync()
+    # 3. an index of what is there now
+    repo.index.clear()
+    res.index = repair_index(repo, False, say)
+    return res

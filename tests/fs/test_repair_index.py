@@ -53,5 +53,5 @@ def test_a_lost_index_is_rebuilt_from_the_packs(btrfs_dir, tmp_path, monkeypatch
     dest = btrfs_dir / "dest"
     cli("restore", "-r", repo, ids[-1][:12], dest, check_rc=0)
     assert_same_tree(Snapshot(src, atime=False), Snapshot(dest / "src"))
-    r = cli("repair", "packs", "-r", repo)
-    assert r.returncode == 2 and "only 'index'" in r.err, str(r)
+    r = cli("repair", "snapshots-and-more", "-r", repo)
+    assert r.returncode == 2 and "'index' or 'packs'" in r.err, str(r)
