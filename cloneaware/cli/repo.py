@@ -372,14 +372,18 @@ def check(
 @app.command(cls=Command)
 def repair(
     what: Annotated[str, typer.Argument(
-        metavar="index|packs", help="What to repair: index (rebuilt from the packs' own "
-        "trailers), or packs (the blobs of damaged packs that still decode salvaged).")],
+        metavar="index|packs|snapshots", help="What to repair: index (rebuilt from the packs' "
+        "own trailers), packs (the blobs of damaged packs that still decode salvaged), or "
+        "snapshots (written again without the blobs that are lost).")],
     packs: Annotated[list[str] | None, typer.Argument(
         metavar="[PACK...]", help="packs: the damaged packs (ids or unique prefixes, as check "
         "names them); none: every pack is read to find them.")] = None,
     aside: Annotated[str | None, typer.Option(
         "--aside", metavar="DIR", help="packs: where each damaged pack's bytes are put (on "
         "this host) before it is removed; default ./cloneaware-damaged-ID.")] = None,
+    forget: Annotated[bool, typer.Option(
+        "--forget", help="snapshots: remove the old snapshots once written again, and those "
+        "whose manifest is lost, and snapshot objects that do not decode.")] = False,
     repo: RepoOpt = None,
     retry_lock: RetryLockOpt = None,
     dry_run: DryRunOpt = False,
@@ -398,23 +402,48 @@ def repair(
     DIR on this host, remove it, and rebuild the index; what was lost with
     it is then in no index, check names the files that had it, and a new
     backup of the same source stores it again (the old snapshots are whole
-    again)."""
+    again).  snapshots: write each snapshot that names a lost blob again
+    without it (those bytes read as zeros; each such file gets the xattr
+    user.cloneaware.damaged saying how many bytes), tagged repaired, the old
+    one kept unless --forget (a backup of the same source heals the old
+    ones instead, if the source still has the files)."""
     import os
 
-    from cloneaware.repo.repair import repair_index, repair_packs
+    from cloneaware.repo.repair import repair_index, repair_packs, repair_snapshots
 
     with handled(as_json):
-        if what not in ("index", "packs"):
-            raise UsageError(f"cannot repair {what!r}: 'index' or 'packs'")
-        if what == "index" and (packs or aside):
-            raise UsageError("repair index takes no PACK and no --aside")
+        if what not in ("index", "packs", "snapshots"):
+            raise UsageError(f"cannot repair {what!r}: 'index', 'packs' or 'snapshots'")
+        if what != "packs" and (packs or aside):
+            raise UsageError(f"repair {what} takes no PACK and no --aside")
+        if what != "snapshots" and forget:
+            raise UsageError("--forget is for repair snapshots")
         with opened(env_repo(repo), password_file, rsh, s3_endpoint, connections,
                     lock="exclusive", operation="repair") as r:
             if what == "packs":
                 where = aside or os.path.abspath(f"cloneaware-damaged-{r.config.id[:8]}")
                 pr = repair_packs(r, packs, where, dry_run, err, connections)
+            elif what == "snapshots":
+                sr = repair_snapshots(r, forget, dry_run, err, err)
             else:
                 res = repair_index(r, dry_run, err)
+        if what == "snapshots":
+            if as_json:
+                typer.echo(json.dumps({**sr.__dict__, "damaged_files": [
+                    {"snapshot": a, "path": p, "bytes": n} for a, p, n in sr.damaged_files]},
+                    indent=2))
+                return
+            for sid, p, n in sr.damaged_files:
+                report(f"snapshot {sid[:8]}: {p}: {n} bytes lost")
+            verb = "would write" if dry_run else "wrote"
+            report(f"repair snapshots: {verb} {len(sr.rewritten)} snapshots again without what "
+                   f"is lost ({len(sr.damaged_files)} files marked); {len(sr.unreadable)} "
+                   f"with their manifest lost, {len(sr.bad_objects)} objects that do not "
+                   f"decode; {len(sr.forgotten)} removed"
+                   + ("" if forget or dry_run or not (sr.rewritten or sr.unreadable or
+                                                     sr.bad_objects)
+                      else " (--forget removes the old ones)"))
+            return
         if what == "packs":
             if as_json:
                 d = dict(pr.__dict__, index=None if pr.index is None else pr.index.__dict__)

@@ -198,3 +198,132 @@ def repair_packs(repo: Repository, only: list[str] | None, aside: str, dry_run: 
     repo.index.clear()
     res.index = repair_index(repo, False, say)
     return res
+
+
+#: the xattr ``repair snapshots`` gives a file with bytes it could not keep
+DAMAGED_XATTR = b"user.cloneaware.damaged"
+#: and the tag of a snapshot it wrote
+REPAIRED_TAG = "repaired"
+
+
+@dataclass
+class SnapshotsResult:
+    #: snapshot id -> the new one written without what is lost
+    rewritten: dict[str, str] = field(default_factory=dict)
+    #: (snapshot id, path, bytes lost) of each file marked damaged
+    damaged_files: list[tuple[str, str, int]] = field(default_factory=list)
+    #: snapshots that cannot be rewritten (their manifest lost), and why
+    unreadable: dict[str, str] = field(default_factory=dict)
+    #: snapshot objects that do not decode
+    bad_objects: list[str] = field(default_factory=list)
+    #: what --forget removed
+    forgotten: list[str] = field(default_factory=list)
+
+
+def repair_snapshots(repo: Repository, forget: bool, dry_run: bool = False,
+                     say: Callable[[str], None] | None = None,
+                     warn: Callable[[str], None] | None = None) -> SnapshotsResult:
+    """Write each snapshot that names a blob the repository no longer has
+    (in no index: ``repair packs`` leaves lost blobs so) again without it:
+    the same entries, each range in a lost blob left out (it reads as
+    zeros), and each file that lost bytes marked with the xattr
+    ``user.cloneaware.damaged`` (how many bytes, and of which snapshot).
+    The new snapshot keeps the old one's time, host, PATHs and tags, adds
+    the tag ``repaired``, and names the old one as its ``original``.  With
+    ``forget``, the old snapshots are removed, and so are those whose
+    manifest cannot be read and snapshot objects that do not decode."""
+    import io
+
+    from cloneaware.archive.events import BlobEvent, EndEvent, EntryEvent, Handler, dispatch
+    from cloneaware.archive.reader import Stream
+    from cloneaware.backup.summary import Summary
+    from cloneaware.errors import ArchiveError, RepositoryError
+    from cloneaware.repo.sink import RepositorySink
+    from cloneaware.repo.snapshots import Snapshot
+
+    say = say or (lambda msg: None)
+    res = SnapshotsResult()
+    repo.load_index(check_packs=True)
+    problems: list[str] = []
+    snaps = repo.snapshots(problems)
+    index = repo.index
+
+    class Lost(Handler):
+        """Each file's bytes in blobs the index lacks."""
+
+        def __init__(self) -> None:
+            self.lost: dict[int, int] = {}
+            self.paths: dict[int, bytes] = {}
+            self.cur = -1
+
+        def on_entry(self, ev: EntryEvent) -> None:
+            self.cur = ev.entry.id
+            self.paths[self.cur] = ev.entry.path
+
+        def on_blob(self, ev: BlobEvent) -> None:
+            if ev.blob_id not in index:
+                self.lost[self.cur] = self.lost.get(self.cur, 0) + ev.length
+
+    class Rewrite(Handler):
+        def __init__(self, sink: RepositorySink, lost: dict[int, int], snap: Snapshot):
+            self.sink, self.lost, self.snap = sink, lost, snap
+
+        def on_entry(self, ev: EntryEvent) -> None:
+            e = ev.entry
+            n = self.lost.get(e.id)
+            if n:
+                note = f"{n} bytes lost (read as zeros), repair of snapshot {self.snap.id}"
+                e.xattrs = [x for x in e.xattrs if x[0] != DAMAGED_XATTR] + \
+                    [(DAMAGED_XATTR, note.encode())]
+            self.sink.entry(e)
+
+        def on_blob(self, ev: BlobEvent) -> None:
+            if ev.blob_id in index:
+                self.sink.blob(ev.offset, ev.length, ev.blob_id, ev.blob_offset)
+
+        def on_end(self, ev: EndEvent) -> None:
+            self.sink.end()
+
+    for s in snaps:
+        try:
+            manifest = repo.manifest(s)
+            found = Lost()
+            dispatch(found, Stream(io.BytesIO(manifest), check_hashes=False).events())
+        except (RepositoryError, ArchiveError) as e:
+            res.unreadable[s.id] = str(e)
+            say(f"snapshot {s.short_id}: its manifest cannot be read ({e})"
+                + ("" if forget else "; --forget removes it"))
+            continue
+        if not found.lost:
+            continue
+        for fid, n in sorted(found.lost.items()):
+            res.damaged_files.append((s.id, found.paths[fid].decode("utf-8", "replace"), n))
+        if dry_run:
+            res.rewritten[s.id] = ""
+            continue
+        sink = RepositorySink(repo, list(s.paths), s.hostname, list(s.tags), 3, 2, warn,
+                              anchors=False, parent=False, keep_all=True, atime=True)
+        sink.copy_of = Snapshot(s.id, dict(s.data, tags=sorted({*s.tags, REPAIRED_TAG})))
+        sink.summary = Summary()
+        sink.prepare()
+        sink.open(0, None)
+        try:
+            dispatch(Rewrite(sink, found.lost, s),
+                     Stream(io.BytesIO(manifest), check_hashes=False).events())
+            sink.commit()
+        except BaseException:
+            sink.abort()
+            raise
+        assert sink.snapshot is not None
+        res.rewritten[s.id] = sink.snapshot.id
+        say(f"snapshot {s.short_id}: written again as {sink.snapshot.short_id}, "
+            f"{len(found.lost)} files with bytes lost marked")
+    res.bad_objects = sorted(repo.damaged)
+    for msg in problems:
+        say(msg + ("" if forget else "; --forget removes the object"))
+    if forget and not dry_run:
+        for sid in [*res.rewritten, *res.unreadable, *res.bad_objects]:
+            repo.check_lock()
+            repo.backend.delete(f"snapshots/{sid}")
+            res.forgotten.append(sid)
+    return res

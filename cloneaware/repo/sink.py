@@ -382,6 +382,11 @@ class RepositorySink(Sink):
         self._w().blob(offset, length, boff, bid)
         self.cur.add(offset, length, bid, boff)
 
+    def blob(self, offset: int, length: int, bid: bytes, boff: int) -> None:
+        """A range of the current file in a blob the repository holds
+        already (``repair snapshots`` keeps a manifest's ranges so)."""
+        self._blob(offset, length, bid, boff)
+
     def store(self, fd: int, offset: int, length: int, chunk: Chunk) -> None:
         if chunk.record is not None and \
                 self.packer.add(chunk.sha256, rf.T_DATA, length, chunk.record[0]):

@@ -54,4 +54,4 @@ def test_a_lost_index_is_rebuilt_from_the_packs(btrfs_dir, tmp_path, monkeypatch
     cli("restore", "-r", repo, ids[-1][:12], dest, check_rc=0)
     assert_same_tree(Snapshot(src, atime=False), Snapshot(dest / "src"))
     r = cli("repair", "snapshots-and-more", "-r", repo)
-    assert r.returncode == 2 and "'index' or 'packs'" in r.err, str(r)
+    assert r.returncode == 2 and "'index', 'packs' or 'snapshots'" in r.err, str(r)

@@ -124,3 +124,68 @@ def test_repair_packs_leaves_a_sound_repository_alone(btrfs_dir, tmp_path):
     assert not (tmp_path / "aside").exists()
     r = cli("repair", "packs", "-r", repo, "ffffffffff")
     assert r.returncode == 2 and "no pack" in r.err, str(r)
+
+
+def test_repair_snapshots_when_the_source_is_gone(btrfs_dir, tmp_path):
+    """No backup can heal (the source is gone): repair snapshots writes the
+    snapshot again without the lost blob, the file that lost bytes marked
+    (an xattr) and its lost range zeros, every other file exact; a damaged
+    snapshot object is named, and --forget removes it with the old
+    snapshot; then check --read-data passes."""
+    src = btrfs_dir / "src"
+    src.mkdir()
+    for i in range(8):
+        write_random(src / f"f{i}", 300 * KiB, 200 + i)
+    write_random(src / "big", 3 * MiB, 9)  # three blobs: one of them lost
+    repo = tmp_path / "repo"
+    cli("init", "-r", repo, "--pack-size", "1", check_rc=0)
+    first = cli_json("backup", "--json", "-r", repo, "--tag", "weekly", src)["snapshot"]
+    data = (src / "big").read_bytes()
+    victim, held, _ = _pack_holding(repo, data[MiB:2 * MiB])
+    (repo / pack_name(victim)).unlink()
+    junk = repo / "snapshots" / ("ab" * 32)
+    junk.write_bytes(b"not a snapshot at all")
+    lost_files = {n for n in [f"f{i}" for i in range(8)] + ["big"]
+                  if any(_blob(repo, c) in held for c in _pieces((src / n).read_bytes()))}
+    assert "big" in lost_files
+    cli("repair", "packs", "-r", repo, "--aside", tmp_path / "aside", check_rc=0)
+
+    dry = cli_json("repair", "snapshots", "--json", "--dry-run", "-r", repo)
+    assert list(dry["rewritten"]) == [first] and dry["bad_objects"] == ["ab" * 32], dry
+    out = cli_json("repair", "snapshots", "--json", "--forget", "-r", repo)
+    assert {d["path"] for d in out["damaged_files"]} == {f"src/{n}" for n in lost_files}
+    new = out["rewritten"][first]
+    assert sorted(out["forgotten"]) == sorted([first, "ab" * 32]), out
+    snaps = json.loads(cli("snapshots", "--json", "-r", repo, check_rc=0).out)
+    assert [s["id"] for s in snaps] == [new] and snaps[0]["tags"] == ["repaired", "weekly"]
+    cli("check", "--read-data", "-r", repo, check_rc=0)
+
+    shutil_rm(src)  # the source is gone: what is left is the repaired snapshot
+    dest = tmp_path / "dest"
+    cli("restore", "-r", repo, "latest", dest, check_rc=0)
+    got = (dest / "src" / "big").read_bytes()
+    assert got[:MiB] == data[:MiB] and got[2 * MiB:] == data[2 * MiB:]
+    assert got[MiB:2 * MiB] == bytes(MiB)
+    note = os.getxattr(dest / "src" / "big", "user.cloneaware.damaged").decode()
+    assert note.startswith(f"{MiB} bytes lost") and first in note, note
+    for i in range(8):
+        n = f"f{i}"
+        if n not in lost_files:
+            assert "user.cloneaware.damaged" not in os.listxattr(dest / "src" / n)
+
+
+def _pieces(data: bytes) -> list[bytes]:
+    return [data[i:i + MiB] for i in range(0, len(data), MiB)]
+
+
+def _blob(repo, piece: bytes) -> bytes:
+    r = Repository.open(LocalBackend(str(repo)))
+    try:
+        return r.crypto.blob_id(piece)
+    finally:
+        r.close()
+
+
+def shutil_rm(path) -> None:
+    import shutil
+    shutil.rmtree(path)
