@@ -93,6 +93,17 @@ class RepositoryError(CloneawareError):
     exit_code = EXIT_ARCHIVE
 
 
+class StillRetained(CloneawareError):
+    """An object under S3 Object Lock retention: it cannot be deleted yet
+    (forget and prune keep it, and say so)."""
+
+    exit_code = EXIT_ARCHIVE
+
+    def __init__(self, message: str, until: float):
+        super().__init__(message)
+        self.until = until
+
+
 class RepositoryLocked(CloneawareError):
     """Another command holds a lock that this one cannot share."""
 

@@ -41,6 +41,13 @@ def init(
         "--pack-size", metavar="MIB", help="Pack size to aim at, in MiB.")] = 16,
     kdf_n: Annotated[int, typer.Option(
         "--kdf-n", metavar="N", help="scrypt's N for the key (a power of two).")] = 1 << 17,
+    object_lock: Annotated[int | None, typer.Option(
+        "--object-lock", metavar="DAYS", help="s3:// only: a bucket with S3 Object Lock, every "
+        "object but locks put with DAYS of retention (2 to 36500), which prune extends; run "
+        "prune at least every DAYS/2 days.")] = None,
+    lock_mode: Annotated[str, typer.Option(
+        "--lock-mode", metavar="MODE", help="With --object-lock: compliance (no one can "
+        "shorten it) or governance (an account with the right can).")] = "compliance",
     rsh: RshOpt = None,
     s3_endpoint: S3EndpointOpt = None,
 ) -> None:
@@ -56,10 +63,25 @@ def init(
         password = pw("new password: ") if encrypt else None
         if not encrypt and pw.given:
             raise UsageError("a password was given, but not --encrypt")
+        lock = None
+        if object_lock is not None:
+            from cloneaware.repo import format as rf
+
+            if not rf.LOCK_DAYS_MIN <= object_lock <= rf.LOCK_DAYS_MAX:
+                raise UsageError(f"--object-lock {object_lock}: from {rf.LOCK_DAYS_MIN} to "
+                                 f"{rf.LOCK_DAYS_MAX} days (prune extends the retention when "
+                                 "half of it is left, so it must run at least every DAYS/2 "
+                                 "days)")
+            if lock_mode not in rf.LOCK_MODES:
+                raise UsageError(f"--lock-mode {lock_mode!r}: compliance or governance")
+            lock = (object_lock, lock_mode)
         config = create(url, password, rsh, s3_endpoint, grid=grid << 10,
-                        pack_size=pack_size << 20, kdf_n=kdf_n)
+                        pack_size=pack_size << 20, kdf_n=kdf_n, lock=lock)
         typer.echo(f"made {'an encrypted' if encrypt else 'an unencrypted'} repository "
-                   f"{config.id[:8]} at {url}")
+                   f"{config.id[:8]} at {url}"
+                   + (f", every object retained {config.lock_days} days ({config.lock_mode}); "
+                      f"run prune at least every {config.lock_days // 2} days to extend it"
+                      if config.lock_days else ""))
 
 
 @app.command(cls=Command)
@@ -284,6 +306,13 @@ def _prune_report(pr, dry_run: bool) -> None:
     strays = f", {pr.strays_deleted} stray files" if pr.strays_deleted else ""
     report(f"prune: {verb} {pr.packs_deleted + pr.orphans_deleted} packs{orphans}, repacked "
            f"{pr.packs_repacked}{strays}; {human(pr.bytes_before)} -> {human(pr.bytes_after)}")
+    if pr.retained:
+        report(f"prune: {pr.retained} objects are still retained by Object Lock: kept")
+    lk = pr.object_lock
+    if lk is not None:
+        report(f"object lock: {lk['extended']} of {lk['checked']} objects' retention extended; "
+               f"the next extension is due by {(lk['next_due'] or '?')[:16]} UTC (run prune "
+               "before then)")
 
 
 @app.command(cls=Command)

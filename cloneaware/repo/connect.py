@@ -47,14 +47,15 @@ def open_backend(url: str, rsh: str | None = None, s3: dict | None = None,
 
 def create(url: str, password: bytes | None = None, rsh: str | None = None,
            s3_endpoint: str | None = None, grid: int = rf.GRID_DEFAULT,
-           pack_size: int = rf.PACK_SIZE_DEFAULT, kdf_n: int = crypto.KDF_N) -> rf.Config:
+           pack_size: int = rf.PACK_SIZE_DEFAULT, kdf_n: int = crypto.KDF_N,
+           lock: tuple[int, str] | None = None) -> rf.Config:
     """Make a new, empty repository at ``url`` (its directory or bucket prefix
     must be empty), encrypted when a ``password`` is given, and close it
     again: its config (``.id`` names it)."""
     backend = open_backend(url, rsh=rsh, s3={"endpoint": s3_endpoint}, create=True)
     try:
         return Repository.init(backend, password, grid=grid, pack_size=pack_size,
-                               kdf_n=kdf_n).config
+                               kdf_n=kdf_n, lock=lock).config
     finally:
         backend.close()
 

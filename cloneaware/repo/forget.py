@@ -15,7 +15,7 @@ import datetime
 import time
 from dataclasses import dataclass, field
 
-from cloneaware.errors import UsageError
+from cloneaware.errors import StillRetained, UsageError
 from cloneaware.repo.repository import Repository
 from cloneaware.repo.snapshots import Filter, Snapshot
 from cloneaware.repo.state import SKEW_NS, ClientState
@@ -190,9 +190,16 @@ def forget(repo: Repository, policy: Policy, dry_run: bool = False,
 def _remove(repo: Repository, out: ForgetResult, dry_run: bool) -> ForgetResult:
     """Delete the snapshot objects of ``out.removed`` and drop their anchors."""
     if not dry_run:
+        gone = []
         for s in out.removed:
             repo.check_lock()
-            repo.delete_snapshot(s)
+            try:
+                repo.delete_snapshot(s)
+                gone.append(s)
+            except StillRetained as e:  # Object Lock: kept, with when it may go
+                until = datetime.datetime.fromtimestamp(e.until, datetime.UTC)
+                out.kept.append((s, [f"retained by Object Lock until {until:%Y-%m-%d %H:%M}"]))
+        out.removed = gone
         repo.backend.sync()
         out.anchors_dropped = drop_snapshots(repo.config.id, Mounts().points,
                                              {s.id for s in out.removed})

@@ -16,6 +16,12 @@ import zstandard
 from cloneaware.errors import RepositoryError
 
 VERSION = 1
+#: the config's "cloneaware_repository": 2 is version 1 with S3 Object Lock
+#: (its "object_lock"); a repository without it is written as version 1,
+#: so that earlier versions read it
+CONFIG_VERSION = 2
+LOCK_MODES = ("compliance", "governance")
+LOCK_DAYS_MIN, LOCK_DAYS_MAX = 2, 36500
 OBJECT_MAGIC = b"CAWO"
 PACK_MAGIC = b"CAWP"
 K_INDEX, K_SNAPSHOT, K_LOCK, K_TRAILER = 1, 2, 3, 4
@@ -267,11 +273,18 @@ class Config:
     grid: int = GRID_DEFAULT
     pack_size: int = PACK_SIZE_DEFAULT
     encryption: str = "none"
+    #: S3 Object Lock (version 2): every object but locks put with retention
+    #: of this many days, in this mode ("compliance" or "governance")
+    lock_days: int = 0
+    lock_mode: str = ""
 
     def encode(self) -> bytes:
-        return encode_json({"cloneaware_repository": VERSION, "id": self.id,
-                            "created": self.created, "grid": self.grid,
-                            "pack_size": self.pack_size, "encryption": self.encryption})
+        d = {"cloneaware_repository": CONFIG_VERSION if self.lock_days else 1, "id": self.id,
+             "created": self.created, "grid": self.grid, "pack_size": self.pack_size,
+             "encryption": self.encryption}
+        if self.lock_days:
+            d["object_lock"] = {"days": self.lock_days, "mode": self.lock_mode}
+        return encode_json(d)
 
     @classmethod
     def decode(cls, data: bytes, where: str) -> Config:
@@ -282,10 +295,11 @@ class Config:
         v = d.get("cloneaware_repository")
         if not isinstance(v, int):
             fail(where, "not a cloneaware repository (its config is not one)")
-        if v > VERSION:
+        if v > CONFIG_VERSION:
             raise RepositoryError(f"{where}: repository format version {v} is newer than this "
-                                  f"cloneaware reads (up to {VERSION}); upgrade cloneaware")
-        if v != VERSION:
+                                  f"cloneaware reads (up to {CONFIG_VERSION}); upgrade "
+                                  "cloneaware")
+        if v not in (1, CONFIG_VERSION):
             fail(what, f"unknown repository format version {v}")
         try:
             c = cls(id=str(d["id"]), created=str(d["created"]), grid=int(d["grid"]),
@@ -300,6 +314,17 @@ class Config:
             fail(what, f"pack size {c.pack_size} out of bounds")
         if c.encryption not in ("none", "aes-256-gcm"):
             fail(what, f"unknown encryption {c.encryption!r}")
+        lock = d.get("object_lock")
+        if (v == 2) != (lock is not None):
+            fail(what, "object_lock is in a version 2 config, and only there")
+        if lock is not None:
+            days, mode = lock.get("days") if isinstance(lock, dict) else None, \
+                lock.get("mode") if isinstance(lock, dict) else None
+            if not isinstance(days, int) or not LOCK_DAYS_MIN <= days <= LOCK_DAYS_MAX or \
+                    mode not in LOCK_MODES:
+                fail(what, "object_lock is not {days: 2 to 36500, mode: compliance or "
+                     "governance}")
+            c.lock_days, c.lock_mode = days, mode
         return c
 
 

@@ -8,11 +8,13 @@ import io
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from cloneaware.archive.events import BlobEvent, Handler, dispatch
 from cloneaware.archive.reader import Stream
-from cloneaware.errors import RepositoryError
+from cloneaware.errors import RepositoryError, StillRetained
 from cloneaware.repo import format as rf
+from cloneaware.repo import objectlock
 from cloneaware.repo.backend import pack_name
 from cloneaware.repo.packer import Packer
 from cloneaware.repo.pieces import PieceWalk
@@ -60,6 +62,10 @@ class PruneResult:
     orphans_deleted: int = 0
     orphans_kept: int = 0
     strays_deleted: int = 0
+    #: objects S3 Object Lock still retains: kept, and said
+    retained: int = 0
+    #: Object Lock: the retention extended (objectlock.Extended.to_json), or None
+    object_lock: dict | None = None
 
 
 def prune(repo: Repository, dry_run: bool = False, connections: int = 2,
@@ -88,6 +94,18 @@ def prune(repo: Repository, dry_run: bool = False, connections: int = 2,
                               "would lose data)")
     keep = {bid: _copy_to_keep(repo, bid, sv.locations[bid], say) for bid in used}
     keep_whole: list[rf.IndexPack] = []
+    lock_now = datetime.now(UTC)
+
+    def retained(pid: bytes) -> bool:
+        """Whether Object Lock keeps the pack (then it is kept whole, and said)."""
+        if not repo.config.lock_days or not hasattr(repo.backend, "retention"):
+            return False
+        end = repo.backend.retention(pack_name(pid.hex()))
+        if end is not None and end > lock_now:
+            res.retained += 1
+            return True
+        return False
+
     repack: list[tuple[bytes, list[Record]]] = []
     delete: list[bytes] = []
     for pid in sorted(sv.indexed()):
@@ -102,7 +120,7 @@ def prune(repo: Repository, dry_run: bool = False, connections: int = 2,
                 res.duplicates_removed += 1
             elif r[0] not in used:
                 res.blobs_removed += 1
-        if len(wanted) == len(held):
+        if len(wanted) == len(held) or retained(pid):  # (Object Lock: it cannot go yet)
             keep_whole.append(rf.IndexPack(pid, list(held)))
         elif wanted:
             repack.append((pid, wanted))
@@ -140,12 +158,12 @@ def prune(repo: Repository, dry_run: bool = False, connections: int = 2,
     # 3. the old index objects, then the packs no longer needed
     for name in sv.index_objects + sv.bad_index:
         if name not in new_names:
-            _delete(repo, name)
+            _delete(repo, name, res)
     repo.backend.sync()
     for pid in delete + [p for p, _ in repack]:
-        _delete(repo, pack_name(pid.hex()))
+        _delete(repo, pack_name(pid.hex()), res)
     for o in old_orphans:
-        _delete(repo, o.name)
+        _delete(repo, o.name, res)
     res.orphans_deleted = len(old_orphans)
     strays = getattr(repo.backend, "strays", None)
     if strays is not None:
@@ -156,6 +174,8 @@ def prune(repo: Repository, dry_run: bool = False, connections: int = 2,
                     repo.backend.delete_stray(o.name)  # type: ignore[attr-defined]
                     res.strays_deleted += 1
     repo.backend.sync()
+    ext = objectlock.extend(repo, say)  # what stays is retained again
+    res.object_lock = ext.to_json() if ext is not None else None
     res.bytes_after = sum(o.size for o in repo.backend.listing("data"))
     if res.orphans_kept:
         say(f"{res.orphans_kept} packs that no index lists were kept: younger than an hour, "
@@ -188,6 +208,14 @@ def _copy_to_keep(repo: Repository, bid: bytes, locs: list[rf.IndexEntry],
     return None
 
 
-def _delete(repo: Repository, name: str) -> None:
+def _delete(repo: Repository, name: str, res: PruneResult | None = None) -> bool:
+    """Delete ``name``; False (counted in ``res.retained``) if Object Lock
+    still retains it."""
     repo.check_lock()
-    repo.backend.delete(name)
+    try:
+        repo.backend.delete(name)
+    except StillRetained:
+        if res is not None:
+            res.retained += 1
+        return False
+    return True

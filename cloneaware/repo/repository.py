@@ -62,14 +62,21 @@ class Repository:
     @classmethod
     def init(cls, backend: Backend, password: bytes | None = None,
              grid: int = rf.GRID_DEFAULT, pack_size: int = rf.PACK_SIZE_DEFAULT,
-             kdf_n: int = crypto.KDF_N) -> Repository:
+             kdf_n: int = crypto.KDF_N, lock: tuple[int, str] | None = None) -> Repository:
+        """``lock``: S3 Object Lock (days, mode) on every object but locks."""
+        if lock is not None and not hasattr(backend, "set_object_lock"):
+            raise UsageError(f"{backend.where}: Object Lock is for s3:// repositories (a "
+                             "local or ssh:// store cannot keep its owner from deleting)")
         if not backend.is_empty():
             raise UsageError(f"{backend.where}: not empty; a repository is made in an empty "
                              "directory (or bucket prefix)")
         cfg = rf.Config(id=secrets.token_hex(32), created=now_rfc3339(), grid=grid,
                         pack_size=pack_size,
-                        encryption="aes-256-gcm" if password is not None else "none")
+                        encryption="aes-256-gcm" if password is not None else "none",
+                        lock_days=lock[0] if lock else 0, lock_mode=lock[1] if lock else "")
         rf.Config.decode(cfg.encode(), backend.where)  # its own checks on grid and sizes
+        if lock is not None:
+            backend.set_object_lock(*lock)  # type: ignore[attr-defined]
         backend.create()
         keys: crypto.Crypto = crypto.Plain()
         key_name = None
@@ -106,6 +113,12 @@ class Repository:
             raise UsageError(f"{backend.where}: not a cloneaware repository (no config; "
                              "make one with cloneaware init)") from None
         cfg = rf.Config.decode(raw, backend.where)
+        if cfg.lock_days:
+            if hasattr(backend, "set_object_lock"):
+                backend.set_object_lock(cfg.lock_days, cfg.lock_mode)
+            elif warn is not None:  # a copy of its bucket, read for a restore, say
+                warn(f"{backend.where}: a repository made with S3 Object Lock, here where "
+                     "nothing keeps what is written from being deleted")
         state = ClientState(cfg.id, warn, location=getattr(backend, "location", None))
         if state.encrypted and cfg.encryption == "none":
             raise RepositoryError(

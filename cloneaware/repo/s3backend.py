@@ -26,9 +26,9 @@ import os
 import re
 import threading
 import time
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
-from cloneaware.errors import CloneawareError, RepositoryError, UsageError
+from cloneaware.errors import CloneawareError, RepositoryError, StillRetained, UsageError
 from cloneaware.repo.backend import DIRS, WHOLE_MAX, Listed, check_name, too_large
 
 PART = 8 << 20
@@ -77,6 +77,48 @@ class S3Backend:
         # the header is then caught by init's probe rather than by a signature
         self.s3x.meta.events.register("before-send.s3.PutObject", self._create_only)
         self._lock = threading.Lock()
+        #: S3 Object Lock (docs/REPOSITORY.md "Object Lock"): (days, mode), or None
+        self.object_lock: tuple[int, str] | None = None
+        #: create-only writes look with HEAD first (a gateway that ignores
+        #: If-None-Match in a versioned bucket: create() finds out)
+        self.head_first = False
+
+    # -- Object Lock ---------------------------------------------------------------------
+
+    def set_object_lock(self, days: int, mode: str) -> None:
+        """Put every object but locks with retention of ``days`` in ``mode``
+        from now on, and delete every version of what is deleted.  Create-only
+        writes then look with HEAD first: the bucket is versioned, where a
+        gateway may ignore If-None-Match."""
+        self.object_lock = (days, mode)
+        self.head_first = True
+
+    def _retain(self, name: str) -> dict:
+        """The PUT arguments that give ``name`` its retention (none for locks)."""
+        if self.object_lock is None or name.startswith("locks/"):
+            return {}
+        days, mode = self.object_lock
+        until = datetime.now(UTC) + timedelta(days=days)
+        return {"ObjectLockMode": mode.upper(), "ObjectLockRetainUntilDate": until}
+
+    def retention(self, name: str) -> datetime | None:
+        """When the retention of ``name``'s current version ends (None: none)."""
+        check_name(name)
+        try:
+            h = self._call(self.s3.head_object, Bucket=self.bucket, Key=self._key(name))
+        except self.bc.exceptions.ClientError as e:
+            raise self._client_error(e, name) from None
+        return h.get("ObjectLockRetainUntilDate")
+
+    def extend(self, name: str, until: datetime) -> None:
+        """Retain ``name``'s current version until ``until`` (never shorter)."""
+        assert self.object_lock is not None
+        try:
+            self._call(self.s3.put_object_retention, Bucket=self.bucket, Key=self._key(name),
+                       Retention={"Mode": self.object_lock[1].upper(),
+                                  "RetainUntilDate": until})
+        except self.bc.exceptions.ClientError as e:
+            raise self._client_error(e, name) from None
 
     @staticmethod
     def _create_only(request, **_kw) -> None:
@@ -171,19 +213,23 @@ class S3Backend:
             if create_only:
                 self._create(key, bytes(data), name)
             elif len(data) > PART:
-                self._multipart(key, memoryview(data))
+                self._multipart(key, memoryview(data), name)
             else:
-                self._call(self.s3.put_object, Bucket=self.bucket, Key=key, Body=bytes(data))
+                self._call(self.s3.put_object, Bucket=self.bucket, Key=key, Body=bytes(data),
+                           **self._retain(name))
         except self.bc.exceptions.ClientError as e:
             raise self._client_error(e, name) from None
 
     def _create(self, key: str, data: bytes, name: str) -> None:
         tries = 0
+        if self.head_first and self.exists(name):
+            raise FileExistsError(errno.EEXIST, "exists", f"{self.where}/{name}")
 
         def put():
             nonlocal tries
             tries += 1
-            return self.s3x.put_object(Bucket=self.bucket, Key=key, Body=data)
+            return self.s3x.put_object(Bucket=self.bucket, Key=key, Body=data,
+                                       **self._retain(name))
 
         try:
             self._call(put)
@@ -194,9 +240,10 @@ class S3Backend:
                 return  # our own earlier attempt went through: the answer was lost
             raise FileExistsError(errno.EEXIST, "exists", f"{self.where}/{name}") from None
 
-    def _multipart(self, key: str, data: memoryview) -> None:
+    def _multipart(self, key: str, data: memoryview, name: str) -> None:
         """A multipart upload of 8 MiB parts; aborted (nothing visible) on failure."""
-        up = self._call(self.s3.create_multipart_upload, Bucket=self.bucket, Key=key)
+        up = self._call(self.s3.create_multipart_upload, Bucket=self.bucket, Key=key,
+                        **self._retain(name))
         uid = up["UploadId"]
         try:
             parts = []
@@ -214,9 +261,31 @@ class S3Backend:
             raise
 
     def delete(self, name: str) -> None:
+        """Delete ``name``; under Object Lock every version of it (a plain
+        DELETE would only hide it behind a delete marker), or StillRetained
+        while its retention lasts."""
         check_name(name)
+        key = self._key(name)
         try:
-            self._call(self.s3.delete_object, Bucket=self.bucket, Key=self._key(name))
+            if self.object_lock is None:
+                self._call(self.s3.delete_object, Bucket=self.bucket, Key=key)
+                return
+            r = self._call(self.s3.list_object_versions, Bucket=self.bucket, Prefix=key)
+            versions = [v for v in r.get("Versions", []) + r.get("DeleteMarkers", [])
+                        if v["Key"] == key]
+            for v in versions:
+                try:
+                    self._call(self.s3.delete_object, Bucket=self.bucket, Key=key,
+                               VersionId=v["VersionId"])
+                except self.bc.exceptions.ClientError as e:
+                    if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 403:
+                        raise
+                    until = self.retention(name)
+                    raise StillRetained(
+                        f"{self.where}/{name}: retained by Object Lock until "
+                        f"{until:%Y-%m-%d %H:%M} UTC" if until else
+                        f"{self.where}/{name}: retained by Object Lock",
+                        until.timestamp() if until else 0.0) from None
         except self.bc.exceptions.ClientError as e:
             raise self._client_error(e, name) from None
 
@@ -273,7 +342,19 @@ class S3Backend:
             except self.bc.exceptions.ClientError as e:
                 if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 404:
                     raise
-                self._call(self.s3.create_bucket, Bucket=self.bucket)
+                self._call(self.s3.create_bucket, Bucket=self.bucket,
+                           **({"ObjectLockEnabledForBucket": True} if self.object_lock
+                              else {}))
+            if self.object_lock is not None:
+                try:
+                    lc = self._call(self.s3.get_object_lock_configuration, Bucket=self.bucket)
+                    on = lc.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled")
+                except self.bc.exceptions.ClientError:
+                    on = None
+                if on != "Enabled":
+                    raise UsageError(f"{self.where}: the bucket exists without Object Lock, "
+                                     "which can only be enabled when a bucket is made: give "
+                                     "a new bucket")
             probe = self._key(f"locks/{'0' * 64}")
             self._call(self.s3x.put_object, Bucket=self.bucket, Key=probe, Body=b"probe")
             try:
@@ -283,10 +364,16 @@ class S3Backend:
                 if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 412:
                     raise
                 honoured = True
-            self._call(self.s3.delete_object, Bucket=self.bucket, Key=probe)
+            self.delete(f"locks/{'0' * 64}")
         except self.bc.exceptions.ClientError as e:
             raise self._client_error(e) from None
-        if not honoured:
+        if not honoured and self.object_lock is not None:
+            # Ceph 16 ignores If-None-Match in a versioned bucket (and one
+            # with Object Lock is versioned): create-only writes look first.
+            # Lock names are random, so only two inits racing on one prefix
+            # could meet; each version of what they wrote is retained.
+            self.head_first = True
+        elif not honoured:
             raise UsageError(f"{self.endpoint or 'S3'}: the server ignores If-None-Match on "
                              "PUT, so locks could not be trusted; refusing to make a "
                              "repository there")

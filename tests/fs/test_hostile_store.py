@@ -214,6 +214,10 @@ def test_future_dated_snapshots_push_no_real_one_out(world):
     forged = [_forged_snapshot(att, like, time_ns=future + i, time=like["time"],
                                tags=[f"f{i}"]) for i in range(3)]
     att.close()
+    # --keep-within counts from the newest snapshot whose time is believed: a
+    # forged one ten days ahead does not push the real ones out of the hour
+    out = cli_json("forget", "--json", "--dry-run", "-r", world.repo, "--keep-within", "1h")
+    assert out["removed"] == [], out
     out = cli_json("forget", "--json", "-r", world.repo, "--keep-last", "2")
     removed = {s["id"] for s in out["removed"]}
     assert removed == {real[0]}, (removed, real, forged)

@@ -145,6 +145,23 @@ def test_config_checks():
             rf.Config.decode(bad, "r")
 
 
+def test_config_object_lock_is_version_2_and_checked():
+    """A repository with Object Lock is version 2 (earlier versions refuse
+    it); one without stays version 1; the lock's fields are checked."""
+    c = rf.Config(id="ab" * 32, created="2026-01-01T00:00:00Z", lock_days=30,
+                  lock_mode="compliance")
+    raw = c.encode()
+    assert b'"cloneaware_repository":2' in raw and rf.Config.decode(raw, "r") == c
+    assert b'"cloneaware_repository":1' in rf.Config(id="ab" * 32, created="x").encode()
+    for bad in (raw.replace(b'"days":30', b'"days":1'),
+                raw.replace(b'"compliance"', b'"strict"'),
+                raw.replace(b'"cloneaware_repository":2', b'"cloneaware_repository":1'),
+                rf.Config(id="ab" * 32, created="x").encode().replace(
+                    b'"cloneaware_repository":1', b'"cloneaware_repository":2')):
+        with pytest.raises(RepositoryError, match="object_lock"):
+            rf.Config.decode(bad, "r")
+
+
 def test_forget_policy():
     day = 86_400_000_000_000
     times = [(f"s{i}", i * day // 2) for i in range(20)]  # two a day, ten days
