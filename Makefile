@@ -5,7 +5,7 @@ DESTDIR ?=
 JOBS ?= auto
 
 
-.PHONY: setup test demo bench bench-compressed bench-scale bench-incremental bench-files bench-space bench-repo bench-reuse bench-mount lint install clean deb deb-test vm-setup vm-test
+.PHONY: setup test demo bench bench-compressed bench-scale bench-incremental bench-files bench-space bench-repo bench-reuse bench-mount soak lint install clean deb deb-test vm-setup vm-test
 
 setup:
 	bash tools/setup.sh
@@ -50,6 +50,11 @@ bench-repo: setup
 
 bench-reuse: setup
 	$(PYTHON) bench/reuse.py
+
+# A month of nights that must lose nothing (issue 33): kills, a gateway
+# outage, a damaged pack; minutes, not in make test.  SEED=N repeats a run.
+soak: setup
+	$(PYTHON) tools/soak.py $(if $(SEED),--seed $(SEED),)
 
 # mount: ls -lR and a 1 GiB read through it, beside the restored tree and restore
 bench-mount: setup
