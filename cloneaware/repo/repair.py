@@ -103,7 +103,7 @@ def repair_packs(repo: Repository, only: list[str] | None, aside: str, dry_run: 
     again (the snapshots that name it are whole again)."""
     import os
 
-    from cloneaware.errors import RepositoryError, UsageError
+    from cloneaware.errors import RepositoryError, StillRetained, UsageError
     from cloneaware.repo.backend import pack_name
     from cloneaware.repo.packer import Packer
     from cloneaware.safeio import AtomicFile
@@ -193,6 +193,9 @@ def repair_packs(repo: Repository, only: list[str] | None, aside: str, dry_run: 
             repo.backend.delete(pack_name(pid.hex()))
         except RepositoryError:
             pass  # gone already
+        except StillRetained as e:  # Object Lock: it stays, its blobs read elsewhere first
+            say(f"{e}: the damaged pack stays until then (its blobs that decode are in new "
+                "packs too)")
     repo.backend.sync()
     # 3. an index of what is there now
     repo.index.clear()
