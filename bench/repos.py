@@ -72,6 +72,19 @@ def run_bench(args, root: Path, mounted: list, ceph: Ceph | None) -> dict:
         os.sync()
         res["rows"][name] = {"backup_seconds": t["seconds"], "restore_seconds": r["seconds"],
                              "backup_cpu": t["cpu_seconds"], "restore_cpu": r["cpu_seconds"]}
+    if ceph is not None:  # issue 33: the local repository copied off-site, beside a backup
+        local = targets["local"][0]
+        for name, url, extra in (("copy local -> s3://", "s3://bench/copy", []),
+                                 ("copy local -> s3://, encrypted", "s3://bench/copyenc",
+                                  ["--to-password-file", str(pw)])):
+            init = ["--encrypt", "--kdf-n", "16384", "--password-file", str(pw)] \
+                if extra else []
+            b.run(ca + ["init", "-r", url, *init], env=env)
+            b.log(f"{name}")
+            t = b.timed(lambda url=url, extra=extra: b.run(
+                ca + ["copy", "-q", "-r", local, "--to", url, *extra], env=env))
+            res["rows"][name] = {"backup_seconds": t["seconds"], "restore_seconds": 0.0,
+                                 "backup_cpu": t["cpu_seconds"], "restore_cpu": 0.0}
     return res
 
 
@@ -79,13 +92,14 @@ def table(res: dict) -> str:
     phys = res["physical_bytes"]
     out = [f"cloneaware bench-repo: the bench family, {phys / MiB:.1f} MiB physical; "
            "cold cache before every step", "",
-           f"{'repository':<20} {'backup s':>9} {'MB/s':>7} {'restore s':>10} {'MB/s':>7}",
-           "-" * 58]
+           f"{'repository':<32} {'backup s':>9} {'MB/s':>7} {'restore s':>10} {'MB/s':>7}",
+           "-" * 70]
     rows = res["rows"]
     for name, r in rows.items():
-        out.append(f"{name:<20} {r['backup_seconds']:>9.2f} "
-                   f"{phys / r['backup_seconds'] / 1e6:>7.0f} {r['restore_seconds']:>10.2f} "
-                   f"{phys / r['restore_seconds'] / 1e6:>7.0f}")
+        rs = r["restore_seconds"]
+        out.append(f"{name:<32} {r['backup_seconds']:>9.2f} "
+                   f"{phys / r['backup_seconds'] / 1e6:>7.0f} "
+                   + (f"{rs:>10.2f} {phys / rs / 1e6:>7.0f}" if rs else f"{'':>10} {'':>7}"))
     out += ["", f"{'ratio':<44} {'value':>7} {'target':>8}  result", "-" * 70]
 
     def ratio(label: str, a: str, bb: str, key: str, target: float | None = None) -> None:
@@ -101,6 +115,10 @@ def table(res: dict) -> str:
     ratio("s3:// / local backup", "s3://", "local", "backup_seconds")
     ratio("s3:// / local restore", "s3://", "local", "restore_seconds")
     ratio("encrypted / plain backup (s3://)", "s3://, encrypted", "s3://", "backup_seconds")
+    ratio("copy local -> s3:// / backup to s3://", "copy local -> s3://", "s3://",
+          "backup_seconds")
+    ratio("copy -> s3://, encrypted / backup to it", "copy local -> s3://, encrypted",
+          "s3://, encrypted", "backup_seconds")
     return "\n".join(out)
 
 
