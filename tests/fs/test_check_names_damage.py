@@ -9,31 +9,14 @@ import json
 
 import pytest
 from helpers.cli import cli
+from helpers.packs import pack_of_only
 
-from cloneaware.repo import format as rf
-from cloneaware.repo.backend import LocalBackend, pack_name
-from cloneaware.repo.repository import Repository
+from cloneaware.repo.backend import pack_name
 from cloneaware.testing import write_random
 
 pytestmark = pytest.mark.root
 
 MiB = 1 << 20
-
-
-def _pack_of_only(repo, data: bytes) -> tuple[str, set[bytes]]:
-    """A pack that holds only blobs of ``data`` (1 MiB pieces), and those blobs."""
-    att = Repository.open(LocalBackend(str(repo)))
-    try:
-        att.load_index()
-        ids = {att.crypto.blob_id(data[i:i + MiB]) for i in range(0, len(data), MiB)}
-        for bid in sorted(ids):
-            pid = att.index.get(bid).pack
-            held = {b for b, e in att.index.items() if e.pack == pid}
-            if held <= ids and all(att.index.get(b).type == rf.T_DATA for b in held):
-                return pid.hex(), held
-    finally:
-        att.close()
-    raise AssertionError("no pack holds only the file's blobs")
 
 
 @pytest.mark.parametrize("how", ["damaged", "gone"])
@@ -59,7 +42,7 @@ def test_check_names_the_files_of_a_bad_pack(btrfs_dir, tmp_path, how):
     r = cli("check", "--read-data", "-r", repo)
     assert r.returncode == 0, str(r)
 
-    victim, held = _pack_of_only(repo, (src / "z").read_bytes())
+    victim, held = pack_of_only(repo, (src / "z").read_bytes())
     path = repo / pack_name(victim)
     if how == "gone":
         path.unlink()
@@ -117,7 +100,7 @@ def test_read_data_subset_reads_each_pack_once_over_its_parts(btrfs_dir, tmp_pat
                          check_rc=0).out)
     assert out["read_packs"] == -(-len(names) // 4), out
 
-    victim, _ = _pack_of_only(repo, (src / "f3").read_bytes())
+    victim, _ = pack_of_only(repo, (src / "f3").read_bytes())
     path = repo / pack_name(victim)
     data = bytearray(path.read_bytes())
     data[len(data) // 3] ^= 0xFF

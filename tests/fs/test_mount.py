@@ -19,10 +19,9 @@ import time
 
 import pytest
 from helpers.cli import assert_one_line_error, cli, cli_popen
+from helpers.packs import pack_of_only
 
-from cloneaware.repo import format as rf
-from cloneaware.repo.backend import LocalBackend, pack_name
-from cloneaware.repo.repository import Repository
+from cloneaware.repo.backend import pack_name
 from cloneaware.testing import write_random
 
 pytestmark = pytest.mark.root
@@ -165,22 +164,6 @@ def test_a_mounted_snapshot_is_the_source_entry_by_entry(btrfs_dir, tmp_path, en
     assert not _mounted(mnt)
 
 
-def _pack_of(repo, data: bytes) -> str:
-    """A pack that holds only blobs of ``data`` (1 MiB pieces)."""
-    att = Repository.open(LocalBackend(str(repo)))
-    try:
-        att.load_index()
-        ids = {att.crypto.blob_id(data[i:i + MiB]) for i in range(0, len(data), MiB)}
-        for bid in sorted(ids):
-            pid = att.index.get(bid).pack
-            held = {b for b, e in att.index.items() if e.pack == pid}
-            if held <= ids and all(att.index.get(b).type == rf.T_DATA for b in held):
-                return pid.hex()
-    finally:
-        att.close()
-    raise AssertionError("no pack holds only the file's blobs")
-
-
 def _read_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/io") as f:
         return int(next(line for line in f if line.startswith("rchar:")).split()[1])
@@ -203,7 +186,7 @@ def test_a_read_fetches_only_the_file_s_blobs_and_a_damaged_pack_fails_only_its_
     repo = tmp_path / "repo"
     cli("init", "-r", repo, "--pack-size", "1", check_rc=0)
     cli("backup", "-r", repo, src, check_rc=0)
-    victim = _pack_of(repo, (src / "victim").read_bytes())
+    victim, _ = pack_of_only(repo, (src / "victim").read_bytes())
     path = repo / pack_name(victim)
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
