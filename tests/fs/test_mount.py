@@ -240,7 +240,10 @@ def test_mount_refuses_clearly(tmp_path):
     fake = tmp_path / "site"
     fake.mkdir()
     (fake / "pyfuse3.py").write_text("raise ImportError('no libfuse3 here', name='pyfuse3')\n")
-    env = dict(os.environ, PYTHONPATH=f"{fake}:{os.environ.get('PYTHONPATH', '')}")
+    # (no empty component: that would put the working directory, a source
+    # tree without its built extension maybe, before the installed package)
+    env = dict(os.environ, PYTHONPATH=":".join(
+        x for x in (str(fake), os.environ.get("PYTHONPATH")) if x))
     line = assert_one_line_error(cli("mount", "-r", repo, tmp_path, env=env), 2)
     assert "python3-pyfuse3" in line
 
