@@ -69,6 +69,14 @@ class Attr(NamedTuple):
     rdev: int
 
 
+def _entry_name(text: str) -> bytes:
+    """A host name or a tag as a directory entry: whatever a snapshot says
+    (anyone who may add one chooses it), so '%' and '/' are written %25
+    and %2F, and '.' and '..' (and the empty name) are escaped too."""
+    name = text.replace("%", "%25").replace("/", "%2F").encode("utf-8", "surrogateescape")
+    return name if name not in (b"", b".", b"..") else b"%" + name.hex().encode()
+
+
 def _fail(code: int, what: str) -> OSError:
     return OSError(code, os.strerror(code), what)
 
@@ -344,11 +352,11 @@ class Tree:
                 d[name] = self._new(s.time_ns, target=b"../../snapshots/" + name)
                 d[b"latest"] = self._new(s.time_ns, target=b"../../snapshots/" + name)
         for host, d in sorted(by_host.items()):
-            hosts[host.encode("utf-8", "surrogateescape")] = self._new(newest, d)
+            hosts[_entry_name(host)] = self._new(newest, d)
         tags: dict[bytes, int] = {}
         root[b"tags"] = self._new(newest, tags)
         for t, d in sorted(by_tag.items()):
-            tags[t.encode("utf-8", "surrogateescape")] = self._new(newest, d)
+            tags[_entry_name(t)] = self._new(newest, d)
         if snaps:
             last = max(snaps, key=lambda s: (s.time_ns, s.id))
             root[b"latest"] = self._new(last.time_ns, target=b"snapshots/" + names[last.id])

@@ -124,7 +124,7 @@ def test_a_mounted_snapshot_is_the_source_entry_by_entry(btrfs_dir, tmp_path, en
         cli("init", "-r", repo, "--encrypt", env=env, check_rc=0)
     else:
         cli("init", "-r", repo, check_rc=0)
-    cli("backup", "-r", repo, "--tag", "nightly", src, env=env, check_rc=0)
+    cli("backup", "-r", repo, "--tag", "nightly", "--tag", "../x/%", src, env=env, check_rc=0)
     want = _state(src)
     snaps = json.loads(cli("snapshots", "--json", "-r", repo, env=env, check_rc=0).out)
     sid, host = snaps[0]["short_id"], snaps[0]["hostname"]
@@ -137,7 +137,7 @@ def test_a_mounted_snapshot_is_the_source_entry_by_entry(btrfs_dir, tmp_path, en
         assert name.endswith("-" + sid) and sorted(os.listdir(mnt / "snapshots")) == [name]
         for via in (mnt / "ids" / sid, mnt / "hosts" / host / "latest",
                     mnt / "hosts" / host / name, mnt / "tags" / "nightly" / "latest",
-                    mnt / "tags" / "nightly" / name):
+                    mnt / "tags" / "nightly" / name, mnt / "tags" / "..%2Fx%2F%25" / name):
             assert os.path.samefile(via, mnt / "snapshots" / name)
         # hard links share an inode; holes are not counted as blocks
         a, b = os.stat(os.path.join(top, "conf-again")), os.stat(os.path.join(top, "etc/app/conf"))
