@@ -203,10 +203,7 @@ def dump(
             raise UsageError("standard output is a terminal: send it to a file or a pipe "
                              "(cloneaware dump ... > FILE, or | tar -x)")
         if not repo:
-            arc = targets[0]
-            if arc == "-" or arc.startswith("ssh://") or not os.path.isfile(arc):
-                raise UsageError(f"{arc}: dump reads an archive where it needs to: give an "
-                                 "archive file (not standard input or ssh://), or -r REPO")
+            arc = _archive_file(targets[0], "dump")
             res = dump_archive(arc, targets[1], sys.stdout.buffer, warn=err)
             sys.stdout.buffer.flush()
             if res.skipped:
@@ -280,10 +277,7 @@ def mount(
             raise UsageError(f"{where}: something is mounted there already")
         fuse.available()
         if not repo:
-            archive = targets[0]
-            if archive == "-" or archive.startswith("ssh://") or not os.path.isfile(archive):
-                raise UsageError(f"{archive}: mount reads an archive where it needs to: give "
-                                 "an archive file (not standard input or ssh://)")
+            archive = _archive_file(targets[0], "mount")
             src = ArchiveSource(archive)
             try:
                 tree = Tree(src, None, err, cache_bytes=cache_mib << 20)
@@ -382,6 +376,15 @@ def diff(
                 typer.echo(f"M {display.show(c.path)} ({sizes}; {', '.join(what)})")
         n = tally(changes)
         typer.echo(f"{n['added']} added, {n['removed']} removed, {n['changed']} changed")
+
+
+def _archive_file(where: str, command: str) -> str:
+    """An archive that ``command`` reads at random: a file, not standard
+    input or ssh:// (read whole by ls, verify and diff instead)."""
+    if where == "-" or where.startswith("ssh://") or not os.path.isfile(where):
+        raise UsageError(f"{where}: {command} reads an archive where it needs to: give an "
+                         "archive file (not standard input or ssh://), or -r REPO")
+    return where
 
 
 def _open_archive_any(where: str, rsh: str | None):

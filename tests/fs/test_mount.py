@@ -20,6 +20,7 @@ import time
 import pytest
 from helpers.cli import assert_one_line_error, cli, cli_popen
 from helpers.packs import pack_of_only
+from helpers.treeutil import Snapshot, assert_same_tree
 
 from cloneaware.repo.backend import pack_name
 from cloneaware.testing import write_random
@@ -67,22 +68,12 @@ def _sha(p) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _state(top) -> dict:
-    """path -> what the mount must show as the source had it."""
-    out = {}
-    for d, dirs, files in os.walk(top):
-        for n in dirs + files:
-            p = os.path.join(d, n)
-            st = os.lstat(p)
-            x = {k: os.getxattr(p, k, follow_symlinks=False)
-                 for k in os.listxattr(p, follow_symlinks=False)}
-            reg = stat.S_ISREG(st.st_mode)
-            out[os.path.relpath(p, top)] = (
-                st.st_mode, st.st_uid, st.st_gid, st.st_size if reg or stat.S_ISLNK(st.st_mode)
-                else 0, st.st_mtime_ns, x, os.readlink(p) if stat.S_ISLNK(st.st_mode) else None,
-                _sha(p) if reg else None, st.st_nlink if reg else None,
-                st.st_rdev if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else 0)
-    return out
+def _seen(top) -> Snapshot:
+    """The tree as the project's comparator sees it (helpers/treeutil.py:
+    types, modes, owners, mtimes, sizes, contents, xattrs and ACLs, link
+    targets, device numbers, hard-link groups); access times left out (a
+    snapshot records none unless --atime)."""
+    return Snapshot(top, atime=False)
 
 
 def _tree(src) -> None:
@@ -125,13 +116,13 @@ def test_a_mounted_snapshot_is_the_source_entry_by_entry(btrfs_dir, tmp_path, en
     else:
         cli("init", "-r", repo, check_rc=0)
     cli("backup", "-r", repo, "--tag", "nightly", "--tag", "../x/%", src, env=env, check_rc=0)
-    want = _state(src)
+    want = _seen(src)
     snaps = json.loads(cli("snapshots", "--json", "-r", repo, env=env, check_rc=0).out)
     sid, host = snaps[0]["short_id"], snaps[0]["hostname"]
     mnt = tmp_path / "mnt"
     with mounted(repo, mnt, env=env) as p:
         top = os.path.join(_snapshot_dir(mnt), "src")
-        assert _state(top) == want
+        assert_same_tree(want, _seen(top))
         # the layout: every way to name the snapshot leads to the same directory
         name = os.readlink(mnt / "latest").split("/")[-1]
         assert name.endswith("-" + sid) and sorted(os.listdir(mnt / "snapshots")) == [name]
@@ -147,10 +138,10 @@ def test_a_mounted_snapshot_is_the_source_entry_by_entry(btrfs_dir, tmp_path, en
         # what cp -a and diff -r make of it
         copy = tmp_path / "copy"
         subprocess.run(["cp", "-a", top, copy], check=True)
-        assert _state(copy) == want
+        assert_same_tree(want, _seen(copy))
         synced = tmp_path / "synced"
         subprocess.run(["rsync", "-aHAX", f"{top}/", synced], check=True)
-        assert _state(synced) == want
+        assert_same_tree(want, _seen(synced))
         r = subprocess.run(["diff", "-r", "--no-dereference", src, top], capture_output=True)
         assert r.returncode == 0 or b"is a fifo while" in r.stdout, r
         assert b"differ" not in r.stdout and b"Only in" not in r.stdout, r.stdout
@@ -237,6 +228,8 @@ def test_mount_refuses_clearly(tmp_path):
     assert "not a directory" in assert_one_line_error(
         cli("mount", "-r", repo, tmp_path / "file"), 2)
     assert "give -r REPO" in assert_one_line_error(cli("mount", tmp_path), 2)
+    assert "reads an archive where it needs to" in assert_one_line_error(
+        cli("mount", "-", tmp_path), 2)
     fake = tmp_path / "site"
     fake.mkdir()
     (fake / "pyfuse3.py").write_text("raise ImportError('no libfuse3 here', name='pyfuse3')\n")
@@ -259,7 +252,7 @@ def test_an_s3_repository_mounts(ceph, btrfs_dir, tmp_path):
     cli("backup", "-r", url, src, env=env, check_rc=0)
     mnt = tmp_path / "mnt"
     with mounted(url, mnt, env=env):
-        assert _state(os.path.join(_snapshot_dir(mnt), "src")) == _state(src)
+        assert_same_tree(_seen(src), _seen(os.path.join(_snapshot_dir(mnt), "src")))
     assert not _mounted(mnt)
 
 
@@ -328,7 +321,7 @@ def test_an_archive_file_mounts_with_its_references_resolved(btrfs_dir, tmp_path
     assert sum(e["referenced_bytes"] for e in ls["entries"]) > 6 * MiB, ls  # REFs are there
     mnt = tmp_path / "mnt"
     with mounted_archive(arc, mnt) as p:
-        assert _state(mnt / "fam") == _state(src)
+        assert_same_tree(_seen(src), _seen(mnt / "fam"))
         p.send_signal(signal.SIGTERM)
         p.wait(30)
     assert p.returncode == 0
