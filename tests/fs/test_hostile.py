@@ -1528,3 +1528,25 @@ def test_single_bit_flips(server, real_archive):
                                     f"bit {bit} of byte {pos} flipped"))
     # every byte is under the magic or a CRC: no flip may pass unnoticed
     assert all(c == EXIT_ARCHIVE for c in codes), codes
+
+
+def test_bad_small_record_fails_in_its_turn(btrfs_dir):
+    """A small DATA record is decoded on the reading thread, ahead of the
+    large ones before it (decoded on workers): its bad hash must still end
+    the restore where it stands, after the files before it, which are
+    whole and under their names; the bad file is not."""
+    big = secrets.token_bytes(512 << 10)  # above reader INLINE: on a worker
+    c = Craft()
+    c.dir(b"d")
+    c.file(b"d/big", big)
+    c.reg(b"d/bad", 4096)
+    c.data(0, b"\1" * 4096, sha=hashlib.sha256(b"other").digest())
+    c.end()
+    archive = btrfs_dir / "a.ca"
+    archive.write_bytes(c.finish())
+    dest = btrfs_dir / "out"
+    r = cli("restore", archive, dest, check_rc=None)
+    line = assert_one_line_error(r, EXIT_ARCHIVE)
+    assert "SHA-256" in line or "hash" in line, line
+    assert (dest / "d" / "big").read_bytes() == big
+    assert sorted(os.listdir(dest / "d")) == ["big"]
