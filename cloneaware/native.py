@@ -403,3 +403,21 @@ def encode_regulars(files, n: int, paths, xattrs, segs, blob_ids, out_size: int
         raise OSError(-rc, os.strerror(-rc), "files cache records")
     del out[rc:]
     return out, at, bb
+
+
+#: ``struct ca_small`` packed as ``SMALL_FORMAT`` (struct module), set up
+#: by the caller (restore/smallfiles.py); the last six fields are its out
+SMALL_FORMAT = "<iIIIIIQQQQqqqqiiiiii"
+SMALL_SIZE = ffi.sizeof("struct ca_small")
+SMALL_CHOWN = lib.CA_SMALL_CHOWN
+#: where ``err`` begins in a packed ``struct ca_small``
+SMALL_OUT = SMALL_SIZE - 24
+
+
+def write_small(files: bytearray, n: int, names, data) -> int:
+    """Make ``n`` small files (``files``: n packed ``struct ca_small``), each
+    opened new, written, its owner, mode and times set, closed; the number
+    made before the first that failed (whose out fields say how)."""
+    cfiles = ffi.from_buffer("struct ca_small[]", files, require_writable=True)
+    return int(lib.ca_write_small(cfiles, n, ffi.from_buffer("uint8_t[]", names),
+                                  ffi.from_buffer("uint8_t[]", data)))

@@ -6,7 +6,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/stat.h>
 #include <sys/vfs.h>
+#include <time.h>
 #include <unistd.h>
 #include <linux/fiemap.h>
 #include <linux/fs.h>
@@ -686,4 +688,70 @@ int64_t ca_encode_regulars(const struct ca_reg *files, size_t n, const uint8_t *
         p = close_record(rec, p);
     }
     return (int64_t)(p - out);
+}
+
+
+static int small_fail(struct ca_small *s, int fd, const char *name, int step)
+{
+    s->err = errno;
+    s->step = step;
+    if (fd >= 0)
+        close(fd);
+    unlinkat(s->dirfd, name, 0);
+    return -1;
+}
+
+static int small_one(struct ca_small *s, const uint8_t *names, const uint8_t *data)
+{
+    const char *name = (const char *)names + s->name_off;
+    const uint8_t *p = data + s->data_off;
+    uint64_t done = 0;
+    struct timespec ts[2];
+    int fd;
+
+    fd = openat(s->dirfd, name,
+                O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC | O_NOATIME, 0600);
+    if (fd < 0) {
+        s->err = errno;
+        s->step = 1;
+        return -1;  /* nothing of ours at that name */
+    }
+    while (done < s->data_len) {
+        ssize_t w = pwrite(fd, p + done, s->data_len - done, (off_t)done);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0) {
+            if (w == 0)
+                errno = EIO;
+            return small_fail(s, fd, name, 2);
+        }
+        done += (uint64_t)w;
+    }
+    if (s->size > s->data_len && ftruncate(fd, (off_t)s->size) < 0)
+        return small_fail(s, fd, name, 3);
+    if ((s->flags & CA_SMALL_CHOWN) && fchown(fd, s->uid, s->gid) < 0)
+        s->chown_err = errno;
+    if (fchmod(fd, s->mode) < 0)  /* after fchown, which clears set-id bits */
+        s->chmod_err = errno;
+    ts[0].tv_sec = s->atime_sec;
+    ts[0].tv_nsec = s->atime_nsec;
+    ts[1].tv_sec = s->mtime_sec;
+    ts[1].tv_nsec = s->mtime_nsec;
+    if (futimens(fd, ts) < 0)
+        s->times_err = errno;
+    if (close(fd) < 0)
+        return small_fail(s, -1, name, 4);
+    return 0;
+}
+
+size_t ca_write_small(struct ca_small *files, size_t n, const uint8_t *names,
+                      const uint8_t *data)
+{
+    for (size_t i = 0; i < n; i++) {
+        files[i].err = files[i].step = 0;
+        files[i].chown_err = files[i].chmod_err = files[i].times_err = 0;
+        if (small_one(&files[i], names, data) < 0)
+            return i;
+    }
+    return n;
 }

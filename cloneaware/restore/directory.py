@@ -27,6 +27,7 @@ from cloneaware.restore.filedata import FileData, OpenFile
 from cloneaware.restore.meta import Meta
 from cloneaware.restore.output import RestoreSummary
 from cloneaware.restore.select import STAGING
+from cloneaware.restore.smallfiles import Holder
 from cloneaware.restore.subvol import Subvolumes
 from cloneaware.restore.tree import FdCache, Tree, remove_stale_temps
 from cloneaware.safeio import open_beneath, pid_alive, remove_tree
@@ -99,6 +100,8 @@ class DirectoryOutput:
         self.made_here = Entries(self)
         self.srcs = FdCache(256)  # entry id -> descriptor of a restored file
         self.cur: OpenFile | None = None
+        #: small files made in batches (restore/smallfiles.py)
+        self.small = Holder(self)
         self.staging: bytes | None = None
         self.staged: set[int] = set()
         #: entries not restored: bytes of theirs could not be had (Damaged)
@@ -165,6 +168,7 @@ class DirectoryOutput:
     def finish(self) -> None:
         if self.tree.root is None:
             return  # nothing was restored: DEST was never made
+        self.small.flush()
         self.placer.flush()
         if self.partial is not None:
             # the leftovers this run went over are whole now
@@ -195,6 +199,7 @@ class DirectoryOutput:
         """The run failed: rename what is complete, and list the top-level
         entries it made (with those a run before it left), so that a plain
         retry can go on over them."""
+        self.small.salvage()
         self.placer.salvage()
         root = self.tree.root
         if root is None or self.partial is None:
@@ -216,6 +221,7 @@ class DirectoryOutput:
             pass
 
     def close(self) -> None:
+        self.small.drop()
         if self.cur is not None:
             self._discard_current()
         self.srcs.close()
@@ -238,7 +244,7 @@ class DirectoryOutput:
     # -- entries ------------------------------------------------------------------------
 
     def made(self, eid: int) -> bool:
-        return eid in self.placer.placed
+        return eid in self.placer.placed or self.small.holds(eid)
 
     def replaces(self, e: fmt.Entry) -> bool:
         return False  # said only by a dry run
@@ -286,6 +292,7 @@ class DirectoryOutput:
         self.made_here.make(e, self.made_here.mkdir)
 
     def hardlink(self, e: fmt.Entry) -> None:
+        self.small.on_disk(e.link)  # linked to
         if e.link in self.damaged_ids:
             self.damaged(e, "not restored: a hard link to "
                          f"{os.fsdecode(self.entries[e.link].path)}, which could not be had")
@@ -304,10 +311,16 @@ class DirectoryOutput:
                 got = self.beside.get(self.tree.root, beside)
                 if got is not None:  # its copy in DEST: cloned from, then compared
                     self.data.use_old(self._current(), os.dup(got[0]), beside=True)
+        elif self.small.holdable(e):
+            self.made_here.make(e, self.small.hold)
         else:
+            # files are made in archive order: a big file that fills the disk
+            # or meets a failing one finds the small ones before it made
+            self.small.flush()
             self.made_here.make(e, self.made_here.open_file)
 
     def write_beside(self, path: bytes, src_offset: int, offset: int, data) -> bool:
+        self.small.unhold()
         got = self.beside.get(self.tree.root, path)
         if got is None:
             return False
@@ -319,19 +332,24 @@ class DirectoryOutput:
         return self.cur
 
     def write(self, offset: int, length: int, data, extent=None) -> None:
+        if self.small.take(offset, data, extent):
+            return
         self.data.write(self._current(), offset, data, extent)
 
     def clone_entry(self, src: fmt.Entry, src_offset: int, length: int, offset: int) -> None:
+        self.small.unhold()
         cur = self._current()
         sfd = cur.fd if src.id == cur.entry.id else self._src_fd(src.id)
         self.data.clone(cur, sfd, src_offset, length, offset, src.size, "archive")
 
     def clone_place(self, place: Place, src_offset: int, length: int, offset: int) -> None:
+        self.small.unhold()
         sfd, size = self.places.source(place, self)
         self.data.clone(self._current(), sfd, src_offset, length, offset, size, "archive")
 
     def clone_base(self, bf: thin.BaseFile, base_offset: int, length: int, offset: int
                    ) -> None:
+        self.small.unhold()
         self.data.clone(self._current(), self.base_fds[bf.number], base_offset, length, offset,
                         bf.size, "base")
 
@@ -339,11 +357,14 @@ class DirectoryOutput:
         if self.external_fd is None:
             raise ArchiveError("EXTERNAL record in an archive that is not a "
                                "sparse thin backup", record)
+        self.small.unhold()
         size = os.fstat(self.external_fd).st_size
         self.data.clone(self._current(), self.external_fd, offset, length, offset, size,
                         "sparse")
 
     def end_file(self, st: FileState) -> None:
+        if self.small.end():
+            return
         cur = self._current()
         if cur.entry.id in self.damaged_ids:  # unnamed, and gone
             self._discard_current()
@@ -371,12 +392,14 @@ class DirectoryOutput:
 
     def source_fd(self, eid: int) -> tuple[int, int]:
         """A descriptor and the size of entry ``eid`` of this restore."""
+        self.small.unhold()
         cur = self._current()
         if eid == cur.entry.id:
             return cur.fd, cur.entry.size
         return self._src_fd(eid), self.entries[eid].size
 
     def _src_fd(self, eid: int) -> int:
+        self.small.on_disk(eid)  # cloned from
         fd = self.srcs.get(eid)
         if fd is not None:
             return fd
@@ -395,6 +418,7 @@ class DirectoryOutput:
     def reopen(self, eid: int) -> int:
         """A descriptor of entry ``eid``, after this output has finished
         (its file is in place now, beneath DEST)."""
+        self.small.flush()
         parent, name = self.placer.placed[eid]
         root = os.open(self.dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:

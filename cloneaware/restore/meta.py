@@ -95,6 +95,12 @@ class Meta:
         self.root = os.geteuid() == 0
         self.owners_skipped = False
 
+    def owners_noted(self) -> None:
+        """Said once: owners are set only by root."""
+        if not self.root and not self.owners_skipped:
+            self.owners_skipped = True
+            self.warn("not running as root: file owners are not restored")
+
     def apply(self, e: fmt.Entry, fd: int | None, pfd: int, name: bytes) -> None:
         """Apply e's metadata to ``fd``, or (without one) to ``name`` in ``pfd``,
         never following a symlink."""
@@ -106,9 +112,8 @@ class Meta:
                 os.chown(target, e.uid, e.gid, **kw)
             except OSError as ex:
                 self.not_exact(e, f"owner not restored: {ex.strerror}")
-        elif not self.owners_skipped:
-            self.owners_skipped = True
-            self.warn("not running as root: file owners are not restored")
+        else:
+            self.owners_noted()
         if not link:
             try:
                 if fd is not None:

@@ -1,0 +1,227 @@
+"""Small files made in batches (issue 36): a regular file of up to
+``SMALL_MAX`` bytes with nothing about it that needs a decision on the way
+(no xattrs, no inode flags, not cloned from or into, not --reshare-existing
+or --share-with) is held in memory from its ENTRY to its END and then made
+with many others in one native call (``native.write_small``: open under its
+temporary name, write, trailing hole, owner, mode, times, close), instead
+of a dozen Python calls each.  The durability rule is the Placer's, as for
+every other file (restore/durable.py): the files get their final names in
+its batches, after a syncfs.
+
+The output decides (restore/directory.py): what is held here, and when
+something needs a held file on disk (a hard link to it, a clone from it,
+the end of the run) it flushes first.  Anything a held file's bytes cannot
+take as they come (a range not at its end, a clone, an encoded extent) turns
+it into an ordinary open file (``take_current``)."""
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from cloneaware import native
+from cloneaware.archive import format as fmt
+from cloneaware.restore.tree import temp_name
+
+#: files of up to this many bytes may be held
+SMALL_MAX = 64 << 10
+_ST = struct.Struct(native.SMALL_FORMAT)
+_OUT = struct.Struct("<iiiiii")
+
+
+@dataclass(slots=True)
+class Held:
+    """A small file whose bytes are in memory, in order from byte 0."""
+
+    entry: fmt.Entry
+    parent: bytes
+    name: bytes
+    data: bytearray
+
+
+class SmallFiles:
+    """A batch of held files.  ``made(held, tmp, written, failures)`` is called
+    for each file made, in order, with its temporary name, its bytes written
+    and the metadata calls that failed ((what, errno) pairs)."""
+
+    #: a batch ends after this many files or bytes held
+    BATCH_FILES = 2048
+    BATCH_BYTES = 16 << 20
+
+    def __init__(self, chown: bool):
+        self.chown = chown
+        self.files: list[tuple[Held, bytes]] = []  # with its temporary name
+        self.ids: set[int] = set()
+        self.bytes = 0
+        #: parent path -> a descriptor of it, owned here until the flush
+        self.dirs: dict[bytes, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def full(self) -> bool:
+        return len(self.files) >= self.BATCH_FILES or self.bytes >= self.BATCH_BYTES
+
+    def add(self, held: Held, pfd: int, tmp: bytes) -> None:
+        if held.parent not in self.dirs:
+            self.dirs[held.parent] = os.dup(pfd)
+        self.files.append((held, tmp))
+        self.ids.add(held.entry.id)
+        self.bytes += len(held.data)
+
+    def drop(self) -> None:
+        """Forget every held file (none was made)."""
+        self.files, self.ids, self.bytes = [], set(), 0
+        for fd in self.dirs.values():
+            os.close(fd)
+        self.dirs = {}
+
+    def flush(self, where: Callable[[bytes], str],
+              made: Callable[[Held, bytes, list[tuple[str, int]]], None]) -> None:
+        """Make every held file; an OSError naming the file (``where(path)``)
+        if one cannot be made (those before it are made and handed to
+        ``made``, those after it dropped)."""
+        files, self.files = self.files, []
+        self.ids = set()
+        self.bytes = 0
+        dirs, self.dirs = self.dirs, {}
+        try:
+            if files:
+                self._make(files, dirs, where, made)
+        finally:
+            for fd in dirs.values():
+                os.close(fd)
+
+    def _make(self, files: list[tuple[Held, bytes]], dirs: dict[bytes, int],
+              where: Callable[[bytes], str],
+              made: Callable[[Held, bytes, list[tuple[str, int]]], None]) -> None:
+        n = len(files)
+        packed = bytearray(n * _ST.size)
+        names = bytearray()
+        data = bytearray()
+        flags = native.SMALL_CHOWN if self.chown else 0
+        for i, (h, tmp) in enumerate(files):
+            e = h.entry
+            asec, ans = divmod(e.atime_ns, 1_000_000_000)
+            msec, mns = divmod(e.mtime_ns, 1_000_000_000)
+            _ST.pack_into(packed, i * _ST.size, dirs[h.parent], e.mode, e.uid, e.gid, flags,
+                          len(tmp), len(names), len(data), len(h.data), e.size,
+                          asec, ans, msec, mns, 0, 0, 0, 0, 0, 0)
+            names += tmp
+            names += b"\0"
+            data += h.data
+        done = native.write_small(packed, n, names, data)
+        for i in range(min(done + 1, n)):
+            h, tmp = files[i]
+            err, _step, chown_err, chmod_err, times_err, _ = _OUT.unpack_from(
+                packed, i * _ST.size + native.SMALL_OUT)
+            if i == done:
+                raise OSError(err, os.strerror(err), where(h.entry.path))
+            failures = [(what, code) for what, code in
+                        (("owner", chown_err), ("mode", chmod_err), ("times", times_err)) if code]
+            made(h, tmp, failures)
+
+
+class Holder:
+    """The small files of ``out`` (a DirectoryOutput: its tree, placer,
+    entries, data and metadata): the one whose bytes are coming, and the
+    batch of those complete and not yet made."""
+
+    def __init__(self, out: Any):
+        self.out = out
+        self.held: Held | None = None
+        self.batch = SmallFiles(chown=out.meta.root)
+
+    def holdable(self, e: fmt.Entry) -> bool:
+        """Whether ``e`` may be made in a batch: small, and nothing about it
+        that needs a call of its own (flags, xattrs, clones from it, an old
+        copy or --share-with files to clone from, subvolume snapshots)."""
+        out = self.out
+        return e.size <= SMALL_MAX and not e.xattrs and not e.iflags \
+            and not e.eflags & fmt.EF_REFERENCED and not out.data.reshare_existing \
+            and out.data.share is None and out.bookends is None \
+            and not out.subvols.snapshots \
+            and e.path.rpartition(b"/")[0] not in out.made_here.dir_first
+
+    def hold(self, e: fmt.Entry, pfd: int, name: bytes) -> None:
+        """Entries.make's maker for a held file: nothing on disk yet."""
+        self.out.meta.owners_noted()
+        self.held = Held(e, e.path.rpartition(b"/")[0], name, bytearray())
+
+    def holds(self, eid: int) -> bool:
+        return eid in self.batch.ids
+
+    def take(self, offset: int, data, extent) -> bool:
+        """Stored bytes for the current file: kept if it is held and they
+        follow its bytes so far (an encoded extent only where DEST takes
+        none); else it becomes an ordinary open file and False."""
+        h = self.held
+        if h is None:
+            return False
+        if offset == len(h.data) and (extent is None or self.out.data.no_encoded is not None):
+            h.data += data
+            self.out.counts.written_bytes += len(data)
+            return True
+        self.unhold()
+        return False
+
+    def unhold(self) -> None:
+        """The held file, if any, becomes an ordinary open file, its bytes so
+        far written: something is to be done to it that a batch does not do."""
+        h, self.held = self.held, None
+        if h is None:
+            return
+        out = self.out
+        try:
+            out.made_here.open_file(h.entry, out.tree.dir(h.parent), h.name)
+        except OSError as ex:
+            raise out.named(ex, h.entry.path) from None
+        cur = out.cur
+        if h.data:  # counted as written when they came
+            out.data.cloner.pwrite(cur.fd, h.data, 0, cur.where)
+
+    def end(self) -> bool:
+        """The current file's END: a held one joins the batch (True)."""
+        h, self.held = self.held, None
+        if h is None:
+            return False
+        out = self.out
+        if h.entry.id in out.damaged_ids:  # never made
+            return True
+        pfd = out.tree.dir(h.parent)
+        if h.parent not in self.batch.dirs:
+            out.placer.note_fs(pfd)
+        self.batch.add(h, pfd, temp_name(h.entry.id))
+        if self.batch.full():
+            self.flush()
+        return True
+
+    def on_disk(self, eid: int) -> None:
+        """Entry ``eid`` is needed on disk (linked to, cloned from)."""
+        if eid in self.batch.ids:
+            self.flush()
+
+    def flush(self) -> None:
+        if len(self.batch):
+            self.batch.flush(self.out.tree.where, self._made)
+
+    def _made(self, h: Held, tmp: bytes, failures: list[tuple[str, int]]) -> None:
+        e = h.entry
+        for what, code in failures:
+            self.out.not_exact(e, f"{what} not restored: {os.strerror(code)}")
+        self.out.placer.defer(h.parent, tmp, h.name, e.path, e.id, len(h.data))
+
+    def salvage(self) -> None:
+        """The run failed: the complete files are made and get their names
+        as other complete files do (restore/durable.py ``salvage``)."""
+        self.held = None
+        try:
+            self.flush()
+        except BaseException:  # noqa: BLE001 - the first error is the one to report
+            self.batch.drop()
+
+    def drop(self) -> None:
+        self.held = None
+        self.batch.drop()
