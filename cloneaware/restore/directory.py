@@ -24,12 +24,13 @@ from cloneaware.restore.cloner import Counts
 from cloneaware.restore.durable import Placer
 from cloneaware.restore.entries import Entries
 from cloneaware.restore.filedata import FileData, OpenFile
+from cloneaware.restore.fresh import FreshDirs
 from cloneaware.restore.meta import Meta
 from cloneaware.restore.output import RestoreSummary
 from cloneaware.restore.select import STAGING
 from cloneaware.restore.smallfiles import Holder
 from cloneaware.restore.subvol import Subvolumes
-from cloneaware.restore.tree import FdCache, Tree, remove_stale_temps
+from cloneaware.restore.tree import FdCache, Tree, remove_stale_temps, stale_dir
 from cloneaware.safeio import open_beneath, pid_alive, remove_tree
 
 if TYPE_CHECKING:
@@ -92,6 +93,7 @@ class DirectoryOutput:
         self.counts = Counts(copy_reasons=self.s.copy_reasons)
         self.tree = Tree(dest)
         self.placer = Placer(self.tree, self.force)
+        self.fresh = FreshDirs(self.tree, self.placer)
         self.data = FileData(self.counts, self.warn, dest, reshare_existing, share)
         self.beside = BesideFiles()  # the snapshot's own files already in DEST
         self.meta = Meta(self.not_exact, self.warn)
@@ -157,7 +159,7 @@ class DirectoryOutput:
             remove_stale_temps(root, self.dest, self.warn)
         for n in os.listdir(root):  # staging directories of killed restores
             m = STAGING.match(os.fsencode(n))
-            if m and not pid_alive(int(m.group(1))):
+            if m and not pid_alive(int(m.group(1))) or stale_dir(os.fsencode(n)):
                 remove_tree(root, os.fsencode(n))
         magic, block = native.fstatfs(root, self.dest)
         self.fs_type = fsinfo.fs_type_name(magic)
@@ -169,7 +171,8 @@ class DirectoryOutput:
         if self.tree.root is None:
             return  # nothing was restored: DEST was never made
         self.small.flush()
-        self.placer.flush()
+        self.placer.flush(always=bool(self.fresh.roots))
+        self.fresh.place()
         if self.partial is not None:
             # the leftovers this run went over are whole now
             self.partial.done(self.leftover - self.top_seen)
@@ -200,7 +203,17 @@ class DirectoryOutput:
         entries it made (with those a run before it left), so that a plain
         retry can go on over them."""
         self.small.salvage()
+        if self.cur is not None:  # never under a name, final or in a new directory
+            self._discard_current()
         self.placer.salvage()
+        if self.fresh.roots:  # the new directories too, if they can be made durable
+            try:
+                if self.placer.sync_failed:
+                    raise OSError("not durable")
+                self.placer.sync()
+                self.fresh.place()
+            except BaseException:  # noqa: BLE001 - the first error is the one to report
+                self.fresh.discard()
         root = self.tree.root
         if root is None or self.partial is None:
             return
@@ -364,6 +377,8 @@ class DirectoryOutput:
 
     def end_file(self, st: FileState) -> None:
         if self.small.end():
+            if self.fresh.due():
+                self._checkpoint()
             return
         cur = self._current()
         if cur.entry.id in self.damaged_ids:  # unnamed, and gone
@@ -385,10 +400,30 @@ class DirectoryOutput:
         else:
             os.close(cur.fd)
         parent, _, name = e.path.rpartition(b"/")
+        if cur.fresh:  # below a new directory: named when it is
+            self.placer.placed[e.id] = (parent, name)
+            self.fresh.count(self.data.dirty() - cur.dirty_at_start)
+            if self.fresh.due():
+                self._checkpoint()
+            return
         # a batch is counted in bytes that wait for writeback: reflinked
         # ranges have none, and a syncfs per GiB of clones is a commit for naught
         self.placer.defer(parent, cur.tmp, name, e.path, e.id,
                           self.data.dirty() - cur.dirty_at_start)
+
+    def fresh_below(self, path: bytes) -> bool:
+        """Whether ``path`` is made under its final name, below a new
+        directory (restore/fresh.py): not in a subvolume restored as a
+        snapshot, whose origin's entries it replaces."""
+        return self.fresh.inside(path.rpartition(b"/")[0]) and not (
+            self.subvols.snapshots and self.subvols.inside_snapshot(path) is not None)
+
+    def _checkpoint(self) -> None:
+        """Everything so far durable and under its name, the new
+        directories too (restore/fresh.py): a run killed later keeps it."""
+        self.small.flush()
+        self.placer.flush(always=True)
+        self.fresh.place()
 
     def source_fd(self, eid: int) -> tuple[int, int]:
         """A descriptor and the size of entry ``eid`` of this restore."""

@@ -113,9 +113,10 @@ class Placer:
             self.pending_ids.discard(p.eid)
         self.pending_bytes = 0
 
-    def flush(self) -> None:
-        """syncfs, then rename every pending file into place."""
-        if self.pending:
+    def flush(self, always: bool = False) -> None:
+        """syncfs, then rename every pending file into place (``always``:
+        syncfs even if none is pending)."""
+        if self.pending or always:
             self.sync()
             self._rename_pending()
 

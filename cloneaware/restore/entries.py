@@ -54,9 +54,15 @@ class Entries:
     def mkdir(self, e: fmt.Entry, pfd: int, name: bytes) -> None:
         out = self.out
         full = out.tree.where(e.path)
+        parent = e.path.rpartition(b"/")[0]
+        disk = name  # its name on disk: a new directory's is temporary for a while
         try:
             if not (e.subvol and out.subvols.make(e, pfd, name, lambda i: out.entries[i].path)):
-                os.mkdir(name, 0o700, dir_fd=pfd)
+                if out.fresh_below(e.path) or e.subvol or out.subvols.snapshots \
+                        or _lexists(pfd, name):
+                    os.mkdir(name, 0o700, dir_fd=pfd)
+                else:
+                    disk = out.fresh.make_root(e.path, pfd)
         except FileExistsError:
             # in a subvolume restored as a snapshot: a directory of its origin, merged into
             if out.subvols.inside_snapshot(e.path) is None:
@@ -70,10 +76,9 @@ class Entries:
                     remove_stale_temps(dfd, full, out.warn)
                 finally:
                     os.close(dfd)
-        parent = e.path.rpartition(b"/")[0]
         inherited = self.dir_first.get(parent, 0)
         if e.iflags & fmt.IFLAGS_FIRST or inherited:
-            dfd = os.open(name, DIR_FLAGS, dir_fd=pfd)
+            dfd = os.open(disk, DIR_FLAGS, dir_fd=pfd)
             try:  # before its children are made: they inherit them
                 got = out.meta.iflags.set(dfd, e, fmt.IFLAGS_FIRST, inherited & ~e.iflags)
             finally:
@@ -112,12 +117,13 @@ class Entries:
         that must come before its data; the output's current file."""
         out = self.out
         out.placer.note_fs(pfd)
-        tmp = temp_name(e.id)
+        fresh = not staged and out.fresh_below(e.path)
+        tmp = name if fresh else temp_name(e.id)
         where = out.tree.where(e.path)
         # O_NOATIME: later copies read from this file, after its times are set
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
                      | os.O_NOATIME, 0o600, dir_fd=pfd)
-        out.cur = cur = OpenFile(e, fd, pfd, tmp, where, out.data.dirty(), staged)
+        out.cur = cur = OpenFile(e, fd, pfd, tmp, where, out.data.dirty(), staged, fresh)
         self.first_flags(fd, e, staged)
         try:
             os.ftruncate(fd, e.size)
@@ -131,8 +137,13 @@ class Entries:
         out = self.out
         placer = out.placer
         parent = e.path.rpartition(b"/")[0]
-        tmp = temp_name(e.id)
         tparent, tname = placer.placed[e.link]
+        if out.fresh_below(e.path):  # below a new directory: its final name now
+            os.link(tname, name, src_dir_fd=out.tree.dir(tparent), dst_dir_fd=pfd,
+                    follow_symlinks=False)
+            placer.placed[e.id] = (parent, name)
+            return
+        tmp = temp_name(e.id)
         os.link(tname, tmp, src_dir_fd=out.tree.dir(tparent), dst_dir_fd=pfd,
                 follow_symlinks=False)
         if e.link in placer.pending_ids or e.link in out.staged:  # not on disk yet
@@ -147,7 +158,8 @@ class Entries:
 
     def special(self, e: fmt.Entry, pfd: int, name: bytes) -> bool:
         out = self.out
-        tmp = temp_name(e.id)
+        fresh = out.fresh_below(e.path)
+        tmp = name if fresh else temp_name(e.id)
         if e.kind == fmt.K_SYMLINK:
             os.symlink(e.target, tmp, dir_fd=pfd)
         else:
@@ -160,7 +172,8 @@ class Entries:
                 return False
         try:
             out.meta.apply(e, None, pfd, tmp)
-            out.placer.place(pfd, tmp, name, e.path)
+            if not fresh:
+                out.placer.place(pfd, tmp, name, e.path)
         except BaseException:
             _unlink(pfd, tmp)
             raise
@@ -199,6 +212,14 @@ class Entries:
                 out.meta.iflags.set(fd, e, fmt.IFLAGS_LAST)
             finally:
                 os.close(fd)
+
+
+def _lexists(dfd: int, name: bytes) -> bool:
+    try:
+        os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        return True
+    except FileNotFoundError:
+        return False
 
 
 def _unlink(dfd: int, name: bytes) -> None:

@@ -35,6 +35,8 @@ class OpenFile:
     where: str
     dirty_at_start: int  # bytes written or copied before it: writeback to wait for
     staged: bool = False
+    #: made under its final name below a new directory (restore/fresh.py)
+    fresh: bool = False
     #: --reshare-existing: the file already at this name, and its size
     old_fd: int | None = None
     old_size: int = 0

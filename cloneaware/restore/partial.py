@@ -2,9 +2,11 @@
 (issue 21, defect 5).
 
 A restore that fails (a damaged or truncated archive, a full disk, a wrong
-base, SIGINT or SIGTERM, even SIGKILL) keeps the files it had completed
-under their names (restore/durable.py), and its directories without their
-final metadata.  While it runs, ``DEST/.cloneaware-partial`` lists the
+base, SIGINT or SIGTERM) keeps the files it had completed under their names
+(restore/durable.py, restore/fresh.py), and its directories without their
+final metadata; one killed outright (SIGKILL) keeps what it had named by its
+last batch, and its new directories not yet named are removed by the next
+run.  While it runs, ``DEST/.cloneaware-partial`` lists the
 top-level entries it has made; it is removed when the restore finishes.  A
 later restore into the same DEST goes on over the entries listed there as
 ``--force`` would (merging into the directories, replacing the files); any

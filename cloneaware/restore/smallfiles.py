@@ -39,6 +39,8 @@ class Held:
     parent: bytes
     name: bytes
     data: bytearray
+    #: made under its final name, below a new directory (restore/fresh.py)
+    fresh: bool = False
 
 
 class SmallFiles:
@@ -193,7 +195,8 @@ class Holder:
         pfd = out.tree.dir(h.parent)
         if h.parent not in self.batch.dirs:
             out.placer.note_fs(pfd)
-        self.batch.add(h, pfd, temp_name(h.entry.id))
+        h.fresh = out.fresh_below(h.entry.path)
+        self.batch.add(h, pfd, h.name if h.fresh else temp_name(h.entry.id))
         if self.batch.full():
             self.flush()
         return True
@@ -211,7 +214,11 @@ class Holder:
         e = h.entry
         for what, code in failures:
             self.out.not_exact(e, f"{what} not restored: {os.strerror(code)}")
-        self.out.placer.defer(h.parent, tmp, h.name, e.path, e.id, len(h.data))
+        if h.fresh:
+            self.out.placer.placed[e.id] = (h.parent, h.name)
+            self.out.fresh.count(len(h.data))
+        else:
+            self.out.placer.defer(h.parent, tmp, h.name, e.path, e.id, len(h.data))
 
     def salvage(self) -> None:
         """The run failed: the complete files are made and get their names

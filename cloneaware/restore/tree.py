@@ -12,10 +12,18 @@ import secrets
 from collections.abc import Callable
 
 from cloneaware.errors import ArchiveError
-from cloneaware.safeio import DIR_FLAGS
+from cloneaware.safeio import DIR_FLAGS, pid_alive, remove_tree
 
 #: the temporary names temp_name makes, and nothing else
 TEMP_NAME = re.compile(rb"\.cloneaware-[0-9]+-[0-9a-f]{8}\.tmp\Z")
+#: the temporary names of new directories (restore/fresh.py), with the
+#: PID of the run that made them
+TEMP_DIR = re.compile(rb"\.cloneaware-dir-(\d+)-[0-9a-f]{8}\Z")
+
+
+def temp_dir_name() -> bytes:
+    """The temporary name of a new directory (restore/fresh.py)."""
+    return b".cloneaware-dir-%d-%s" % (os.getpid(), secrets.token_hex(4).encode())
 
 
 def temp_name(eid: int) -> bytes:
@@ -55,6 +63,9 @@ class Tree:
         self.dest = dest  # for messages
         self.root: int | None = None  # DEST's descriptor, once opened
         self.dirs = FdCache(64)
+        #: directory path -> its name on disk while it has a temporary one
+        #: (restore/fresh.py)
+        self.alias: dict[bytes, bytes] = {}
 
     def where(self, path: bytes) -> str:
         """The user's name of an archive path below DEST."""
@@ -82,7 +93,8 @@ class Tree:
         for comp in reversed(rest):
             prefix = prefix + b"/" + comp if prefix else comp
             try:
-                nfd = os.open(comp, DIR_FLAGS, dir_fd=cur)
+                nfd = os.open(self.alias.get(prefix, comp) if self.alias else comp,
+                              DIR_FLAGS, dir_fd=cur)
             except OSError as e:
                 if e.errno in (errno.ELOOP, errno.ENOTDIR):
                     raise ArchiveError(f"{os.fsdecode(parent)}: a component is not a directory "
@@ -99,13 +111,24 @@ class Tree:
 def remove_stale_temps(dfd: int, where: str, warn: Callable[[str], None]) -> None:
     """--force into an existing directory: remove the temporary files a
     restore that crashed or lost its filesystem left there (names only
-    temp_name makes; none can be a user's file), and say so."""
+    temp_name makes; none can be a user's file), and the new directories
+    of a restore that is gone (temp_dir_name; restore/fresh.py), and say
+    so."""
     n = 0
     for entry in os.scandir(dfd):
         name = os.fsencode(entry.name)
         if TEMP_NAME.match(name) and entry.is_file(follow_symlinks=False):
             os.unlink(name, dir_fd=dfd)
             n += 1
+        elif stale_dir(name) and entry.is_dir(follow_symlinks=False):
+            remove_tree(dfd, name)
+            n += 1
     if n:
         warn(f"{where}: removed {n} temporary file{'s' if n > 1 else ''} "
              "left by an interrupted restore")
+
+
+def stale_dir(name: bytes) -> bool:
+    """Whether ``name`` is a new directory of a restore no longer running."""
+    m = TEMP_DIR.match(name)
+    return m is not None and not pid_alive(int(m.group(1)))

@@ -248,10 +248,10 @@ def test_eio_during_restore(family_archive, loopfs):
         cut = len(data) * 3 // 5   # past the small files, inside the big ones
         p.stdin.write(data[:cut])
         p.stdin.flush()
-        # the small files are complete (under temporary names: a batch gets
-        # its names after a syncfs) and a big one is being written
-        _wait_for(lambda: len(list((dest / "fam").glob("*")) if (dest / "fam").exists()
-                              else []) >= 21, 60, "the small files", p)
+        # the small files are complete (in a new directory under a temporary
+        # name, named after a syncfs) and a big one is being written
+        _wait_for(lambda: sum(len(f) for _, _, f in os.walk(dest)) >= 22, 60,
+                  "the small files", p)
         _shutdown(fs)
         # the restore may read all of it (it reads ahead on a thread) or stop
         # reading; either way stdin is done with (communicate() would flush a
