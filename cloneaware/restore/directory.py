@@ -22,7 +22,7 @@ from cloneaware.restore.base import open_base
 from cloneaware.restore.beside import BesideFiles, ShareIndex
 from cloneaware.restore.cloner import Counts
 from cloneaware.restore.durable import Placer
-from cloneaware.restore.entries import Entries
+from cloneaware.restore.entries import Entries, lexists
 from cloneaware.restore.filedata import FileData, OpenFile
 from cloneaware.restore.fresh import FreshDirs
 from cloneaware.restore.meta import Meta
@@ -218,7 +218,7 @@ class DirectoryOutput:
         if root is None or self.partial is None:
             return
         try:
-            made = {n for n in self.partial.names if _lexists(root, n)}
+            made = {n for n in self.partial.names if lexists(root, n)}
         except OSError:
             made = self.partial.names
         self.partial.keep(made)
@@ -295,7 +295,7 @@ class DirectoryOutput:
             return False
         self.top_seen.add(path)
         assert self.tree.root is not None
-        return not _lexists(self.tree.root, path)
+        return not lexists(self.tree.root, path)
 
     def _made_top(self, name: bytes) -> None:
         if self.partial is not None:
@@ -461,11 +461,3 @@ class DirectoryOutput:
             return open_beneath(root, parts, os.O_RDONLY | os.O_CLOEXEC)
         finally:
             os.close(root)
-
-
-def _lexists(dfd: int, name: bytes) -> bool:
-    try:
-        os.stat(name, dir_fd=dfd, follow_symlinks=False)
-        return True
-    except FileNotFoundError:
-        return False

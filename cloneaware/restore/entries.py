@@ -59,7 +59,7 @@ class Entries:
         try:
             if not (e.subvol and out.subvols.make(e, pfd, name, lambda i: out.entries[i].path)):
                 if out.fresh_below(e.path) or e.subvol or out.subvols.snapshots \
-                        or _lexists(pfd, name):
+                        or lexists(pfd, name):
                     os.mkdir(name, 0o700, dir_fd=pfd)
                 else:
                     disk = out.fresh.make_root(e.path, pfd)
@@ -214,7 +214,8 @@ class Entries:
                 os.close(fd)
 
 
-def _lexists(dfd: int, name: bytes) -> bool:
+def lexists(dfd: int, name: bytes) -> bool:
+    """Whether ``name`` is in directory ``dfd`` (a symlink too, not followed)."""
     try:
         os.stat(name, dir_fd=dfd, follow_symlinks=False)
         return True

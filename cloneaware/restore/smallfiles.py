@@ -115,15 +115,29 @@ class SmallFiles:
             names += b"\0"
             data += h.data
         done = native.write_small(packed, n, names, data)
-        for i in range(min(done + 1, n)):
-            h, tmp = files[i]
-            err, _step, chown_err, chmod_err, times_err, _ = _OUT.unpack_from(
-                packed, i * _ST.size + native.SMALL_OUT)
-            if i == done:
-                raise OSError(err, os.strerror(err), where(h.entry.path))
-            failures = [(what, code) for what, code in
-                        (("owner", chown_err), ("mode", chmod_err), ("times", times_err)) if code]
-            made(h, tmp, failures)
+        i = 0
+        try:
+            for i in range(min(done + 1, n)):
+                h, tmp = files[i]
+                err, _step, chown_err, chmod_err, times_err, _ = _OUT.unpack_from(
+                    packed, i * _ST.size + native.SMALL_OUT)
+                if i == done:
+                    raise OSError(err, os.strerror(err), where(h.entry.path))
+                failures = [(what, code) for what, code in
+                            (("owner", chown_err), ("mode", chmod_err), ("times", times_err))
+                            if code]
+                made(h, tmp, failures)
+        except BaseException:
+            # made on disk, not handed on (``made`` failed: a sync, a rename):
+            # no temporary file left behind (those below a new directory go
+            # with it, or are named whole with it)
+            for h, tmp in files[i + 1:done]:
+                if not h.fresh:
+                    try:
+                        os.unlink(tmp, dir_fd=dirs[h.parent])
+                    except OSError:
+                        pass
+            raise
 
 
 class Holder:
