@@ -266,6 +266,15 @@ def sha256_range(fd: int, offset: int, length: int) -> bytes:
     return h.digest()
 
 
+def lexists(dfd: int, name: bytes) -> bool:
+    """Whether ``name`` is in directory ``dfd`` (a symlink too, not followed)."""
+    try:
+        os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        return True
+    except FileNotFoundError:
+        return False
+
+
 def pid_alive(pid: int) -> bool:
     """Is process PID (on this host) still there?  For the names and lock
     files that carry the PID of the run that made them."""

@@ -22,7 +22,7 @@ from cloneaware.restore.base import open_base
 from cloneaware.restore.beside import BesideFiles, ShareIndex
 from cloneaware.restore.cloner import Counts
 from cloneaware.restore.durable import Placer
-from cloneaware.restore.entries import Entries, lexists
+from cloneaware.restore.entries import Entries
 from cloneaware.restore.filedata import FileData, OpenFile
 from cloneaware.restore.fresh import FreshDirs
 from cloneaware.restore.meta import Meta
@@ -31,7 +31,7 @@ from cloneaware.restore.select import STAGING
 from cloneaware.restore.smallfiles import Holder
 from cloneaware.restore.subvol import Subvolumes
 from cloneaware.restore.tree import FdCache, Tree, remove_stale_temps, stale_dir
-from cloneaware.safeio import open_beneath, pid_alive, remove_tree
+from cloneaware.safeio import lexists, open_beneath, pid_alive, remove_tree
 
 if TYPE_CHECKING:
     from cloneaware.bookends import Bookends

@@ -18,7 +18,7 @@ from cloneaware.archive import format as fmt
 from cloneaware.errors import UsageError
 from cloneaware.restore.filedata import OpenFile
 from cloneaware.restore.tree import remove_stale_temps, temp_name
-from cloneaware.safeio import DIR_FLAGS
+from cloneaware.safeio import DIR_FLAGS, lexists
 
 
 class Entries:
@@ -212,15 +212,6 @@ class Entries:
                 out.meta.iflags.set(fd, e, fmt.IFLAGS_LAST)
             finally:
                 os.close(fd)
-
-
-def lexists(dfd: int, name: bytes) -> bool:
-    """Whether ``name`` is in directory ``dfd`` (a symlink too, not followed)."""
-    try:
-        os.stat(name, dir_fd=dfd, follow_symlinks=False)
-        return True
-    except FileNotFoundError:
-        return False
 
 
 def _unlink(dfd: int, name: bytes) -> None:

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cloneaware import native
-from cloneaware.safeio import pid_alive, remove_tree
+from cloneaware.safeio import lexists, pid_alive, remove_tree
 
 #: A repository's anchors (docs/REPOSITORY.md) live in this directory at the
 #: top of a mount, marked by this file; a walk never enters it there.
@@ -216,14 +216,6 @@ def is_anchor_dir(pfd: int, parent: bytes, st: os.stat_result, mounts: Mounts) -
         return True
     finally:
         os.close(fd)
-
-
-def lexists(dfd: int, name: bytes) -> bool:
-    try:
-        os.stat(name, dir_fd=dfd, follow_symlinks=False)
-        return True
-    except FileNotFoundError:
-        return False
 
 
 @dataclass

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 
 from cloneaware.errors import UsageError
-from cloneaware.safeio import pid_alive, remove_tree
+from cloneaware.safeio import lexists, pid_alive, remove_tree
 from cloneaware.source.anchors import (
     DIRNAME,
     INFO,
@@ -19,7 +19,6 @@ from cloneaware.source.anchors import (
     SNAP,
     STAGING,
     Mounts,
-    lexists,
     open_anchor_dir,
     open_dir,
     our_file,

@@ -74,13 +74,18 @@ def _assert_whole_where_named(src, top) -> int:
     return n
 
 
-def test_sigkill_keeps_what_was_checkpointed_and_a_rerun_finishes(btrfs_dir, xfs_dir):
+def _archived(btrfs_dir, xfs_dir, n: int):
+    """A tree of ``n`` small files and its archive on Btrfs: (the tree,
+    its snapshot, the archive, where it is restored on XFS)."""
     src = btrfs_dir / "src"
-    _tree(src, 2500)
-    want = Snapshot(src)
+    _tree(src, n)
     archive = btrfs_dir / "a.ca"
     cli("backup", "--compress", "none", "-o", archive, src, check_rc=0)
-    dest = xfs_dir / "out"
+    return src, Snapshot(src), archive, xfs_dir / "out"
+
+
+def test_sigkill_keeps_what_was_checkpointed_and_a_rerun_finishes(btrfs_dir, xfs_dir):
+    src, want, archive, dest = _archived(btrfs_dir, xfs_dir, 2500)
     # a checkpoint every 400 files: the new top directory gets its name after
     # the first, and new directories below it are then new roots of their own
     env = {**os.environ, "CLONEAWARE_FRESH_FILES": "400"}
@@ -95,12 +100,7 @@ def test_sigkill_keeps_what_was_checkpointed_and_a_rerun_finishes(btrfs_dir, xfs
 
 
 def test_sigkill_before_any_checkpoint_leaves_no_final_path(btrfs_dir, xfs_dir):
-    src = btrfs_dir / "src"
-    _tree(src, 1500)
-    want = Snapshot(src)
-    archive = btrfs_dir / "a.ca"
-    cli("backup", "--compress", "none", "-o", archive, src, check_rc=0)
-    dest = xfs_dir / "out"
+    _src, want, archive, dest = _archived(btrfs_dir, xfs_dir, 1500)
     _kill_in_the_middle(archive, dest, None, lambda: _files_below(dest) >= 1000)
     # everything made is below the new directory's temporary name
     assert not (dest / "src").exists()
