@@ -163,8 +163,9 @@ int64_t ca_encode_regulars(const struct ca_reg *files, size_t n, const uint8_t *
                            uint8_t *out, size_t out_len,
                            uint64_t *entry_at, uint64_t *blob_bytes);
 /* One small regular file a restore makes whole in one go
- * (cloneaware/restore/smallfiles.py): its temporary name (NUL-terminated, at
- * name_off in names) in dirfd, its first data_len bytes (at data_off in
+ * (cloneaware/restore/smallfiles.py): its name (temporary, or final below a
+ * new directory; NUL-terminated, at name_off in names) in dirfd, its first
+ * data_len bytes (at data_off in
  * data), a trailing hole up to size, then owner (CA_SMALL_CHOWN), mode and
  * times.  Out: err and step (1 open, 2 write, 3 truncate, 4 close) where
  * it failed, and the errno of each metadata call that failed. */
@@ -177,7 +178,7 @@ struct ca_small {
     int32_t err, step, chown_err, chmod_err, times_err, reserved;
 } __attribute__((packed));
 /* Make files[0..n) in order; the number made.  At the first that fails
- * (its err and step set) its temporary name is removed and the rest left. */
+ * (its err and step set) its name is removed and the rest left. */
 size_t ca_write_small(struct ca_small *files, size_t n, const uint8_t *names,
                       const uint8_t *data);
 

@@ -15,16 +15,24 @@ from __future__ import annotations
 
 import os
 
+from cloneaware.errors import UsageError
 from cloneaware.restore.durable import Placer
 from cloneaware.restore.tree import Tree, temp_dir_name
 from cloneaware.safeio import remove_tree
 
 
-def _env_int(name: str, default: int) -> int:
+def _check_files() -> int:
+    """CLONEAWARE_FRESH_FILES, if set: a positive number, or a usage error."""
+    v = os.environ.get("CLONEAWARE_FRESH_FILES")
+    if v is None:
+        return FreshDirs.CHECK_FILES
     try:
-        return max(1, int(os.environ.get(name, default)))
+        n = int(v)
     except ValueError:
-        return default
+        n = 0
+    if n < 1:
+        raise UsageError(f"CLONEAWARE_FRESH_FILES={v!r}: not a positive number of files")
+    return n
 
 
 class FreshDirs:
@@ -32,7 +40,7 @@ class FreshDirs:
 
     #: a checkpoint after this many files (CLONEAWARE_FRESH_FILES: fewer,
     #: to lose less to a kill; the tests use it) or bytes written below roots
-    CHECK_FILES = _env_int("CLONEAWARE_FRESH_FILES", 100_000)
+    CHECK_FILES = 100_000
     CHECK_BYTES = 2 << 30
 
     def __init__(self, tree: Tree, placer: Placer):
@@ -42,6 +50,7 @@ class FreshDirs:
         self.memo: dict[bytes, bool] = {}  # directory path -> below a root
         self.files = 0
         self.bytes = 0
+        self.check_files = _check_files()
 
     def inside(self, parent: bytes) -> bool:
         """Whether an entry made in directory ``parent`` is below a root
@@ -74,7 +83,7 @@ class FreshDirs:
         self.bytes += nbytes
 
     def due(self) -> bool:
-        return self.files >= self.CHECK_FILES or self.bytes >= self.CHECK_BYTES
+        return self.files >= self.check_files or self.bytes >= self.CHECK_BYTES
 
     def place(self) -> None:
         """Every root under its own name (the caller has synced the

@@ -3,7 +3,8 @@
 (no xattrs, no inode flags, not cloned from or into, not --reshare-existing
 or --share-with) is held in memory from its ENTRY to its END and then made
 with many others in one native call (``native.write_small``: open under its
-temporary name, write, trailing hole, owner, mode, times, close), instead
+temporary name, or its final one below a new directory: restore/fresh.py;
+write, trailing hole, owner, mode, times, close), instead
 of a dozen Python calls each.  The durability rule is the Placer's, as for
 every other file (restore/durable.py): the files get their final names in
 its batches, after a syncfs.
@@ -45,7 +46,7 @@ class Held:
 
 class SmallFiles:
     """A batch of held files.  ``made(held, tmp, written, failures)`` is called
-    for each file made, in order, with its temporary name, its bytes written
+    for each file made, in order, with the name it was made under, its bytes written
     and the metadata calls that failed ((what, errno) pairs)."""
 
     #: a batch ends after this many files or bytes held
@@ -54,7 +55,7 @@ class SmallFiles:
 
     def __init__(self, chown: bool):
         self.chown = chown
-        self.files: list[tuple[Held, bytes]] = []  # with its temporary name
+        self.files: list[tuple[Held, bytes]] = []  # with the name it is made under
         self.ids: set[int] = set()
         self.bytes = 0
         #: parent path -> a descriptor of it, owned here until the flush

@@ -11,8 +11,9 @@ import signal
 import subprocess
 import time
 
+import pytest
 from helpers.archivecraft import temp_files
-from helpers.cli import cli, cli_popen
+from helpers.cli import assert_one_line_error, cli, cli_popen
 from helpers.treeutil import Snapshot, assert_same_tree
 
 KiB = 1 << 10
@@ -108,3 +109,16 @@ def test_sigkill_before_any_checkpoint_leaves_no_final_path(btrfs_dir, xfs_dir):
     cli("restore", archive, dest, check_rc=0)
     assert_same_tree(want, Snapshot(dest / "src"))
     assert not temp_files(dest), temp_files(dest)
+
+
+@pytest.mark.parametrize("value", ["x", "0", "-5"])
+def test_a_bad_checkpoint_count_is_a_usage_error(btrfs_dir, value):
+    src = btrfs_dir / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(b"x")
+    archive = btrfs_dir / "a.ca"
+    cli("backup", "-o", archive, src, check_rc=0)
+    r = cli("restore", archive, btrfs_dir / "out",
+            env={**os.environ, "CLONEAWARE_FRESH_FILES": value})
+    line = assert_one_line_error(r, 2)
+    assert "CLONEAWARE_FRESH_FILES" in line, line
