@@ -83,6 +83,8 @@ class FileWriter:
             self.invalidate(item)
             return None
         cap: int | None = None
+        #: the xattrs and inode flags read for the metadata rule, read once
+        meta: tuple[list[tuple[bytes, bytes]], int] | None = None
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -96,13 +98,14 @@ class FileWriter:
                                          fsinfo.fs_info(fd, st.st_dev, node.src),
                                          dir_fd=node.dir_fd())
                 if isinstance(got, str):  # no clone: read live
-                    eid = self._unchanged(item, fd, st)
-                    if eid is not None:
-                        return eid
+                    got_e = self._unchanged(item, fd, st)
+                    if isinstance(got_e, int):
+                        return got_e
+                    meta = got_e.xattrs, got_e.iflags
                     self.capture.counts.live(got)
                 else:
                     cap = got
-            return self._write(item, fd, cap, st)
+            return self._write(item, fd, cap, st, meta)
         except OSError as ex:
             # Archive writes carry the archive's name; what has none came from
             # this file (fstat, xattrs, reads on the workers).
@@ -115,21 +118,27 @@ class FileWriter:
                 os.close(cap)
 
     def _entry(self, item: WalkedFile, fd: int, st: os.stat_result, size: int,
-               referenced: bool) -> fmt.Entry:
+               referenced: bool, meta: tuple[list[tuple[bytes, bytes]], int] | None = None
+               ) -> fmt.Entry:
+        """``meta``: its xattrs and inode flags, if they were just read."""
         e = entry_for(item.node, fmt.K_REG, st)
         e.size = size
-        e.xattrs = read_xattrs(fd)
-        e.iflags = read_iflags(fd)
+        if meta is None:
+            e.xattrs = read_xattrs(fd)
+            e.iflags = read_iflags(fd)
+        else:
+            e.xattrs, e.iflags = meta
         if referenced:
             e.eflags |= fmt.EF_REFERENCED
         return e
 
-    def _unchanged(self, item: WalkedFile, fd: int, st: os.stat_result) -> int | None:
+    def _unchanged(self, item: WalkedFile, fd: int, st: os.stat_result) -> int | fmt.Entry:
         """The sink's metadata rule: the same file as in the last backup,
-        written by the sink unread.  Its entry id, or None."""
+        written by the sink unread.  Its entry id, or else the entry it was
+        judged by (its xattrs and flags are not read again)."""
         e = self._entry(item, fd, st, st.st_size, item.fileno in self.referenced)
         if not self.sink.unchanged(item.node, st, e, item.ext):
-            return None
+            return e
         if item.fileno >= 0:
             self.known.entry_of_file[item.fileno] = e.id
         s = self.s
@@ -153,14 +162,16 @@ class FileWriter:
         s.hole_bytes += size - data
         return first
 
-    def _write(self, item: WalkedFile, fd: int, cap: int | None, st: os.stat_result) -> int:
+    def _write(self, item: WalkedFile, fd: int, cap: int | None, st: os.stat_result,
+               meta: tuple[list[tuple[bytes, bytes]], int] | None = None) -> int:
         node = item.node
         live = cap is None and self.live
         if cap is not None:
             st = os.fstat(fd)  # the metadata as near the clone's instant as can be
         pieces, stale, size, before = self._pieces(item, fd, cap, st)
         data_bytes = int(pieces["length"].sum()) if len(pieces) else 0
-        e = self._entry(item, fd, st, size, item.fileno in self.referenced and not stale)
+        e = self._entry(item, fd, st, size, item.fileno in self.referenced and not stale,
+                        meta if cap is None else None)
         self.sink.entry(e, st, item.ext)
         if item.fileno >= 0:
             self.known.entry_of_file[item.fileno] = e.id
