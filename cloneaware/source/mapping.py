@@ -26,7 +26,7 @@ from cloneaware.source.flags import (
     NOT_CANDIDATE,
     PHYS,
 )
-from cloneaware.source.walk import Dirs, Node, walk
+from cloneaware.source.walk import Dirs, Node, compact, walk
 
 assert EXTENT_DTYPE.itemsize == native.EXTENT_SIZE
 assert FILE_EXTENT_DTYPE.itemsize == native.FILE_EXTENT_SIZE
@@ -226,7 +226,7 @@ class FsTable:
 
 @dataclass(slots=True)
 class Mapped:
-    """A regular file, opened and mapped (``node.st`` is its fstat)."""
+    """A regular file, opened and mapped (``node.st`` is its fstat, compact)."""
 
     node: Node
     fs: fsinfo.FsInfo
@@ -312,7 +312,9 @@ def map_node(node: Node) -> Mapped | Skipped:
             return Skipped(node.src, "replaced while scanning")
         info = fsinfo.fs_info(fd, st.st_dev, node.src)
         ext = extent_map(fd, st.st_size, node.src)
-        node.st = st
+        # kept until the end of the backup: what of it is read, in a third
+        # of an os.stat_result's memory (57 of 225 MiB traced for 99,000 files)
+        node.st = compact(st)
         return Mapped(node, info, ext)
     except OSError as e:
         _fatal_io(e, node.src)
