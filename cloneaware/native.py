@@ -81,6 +81,14 @@ def fiemap(fd, path=None) -> bytes:
         lib.ca_free(out[0])
 
 
+def arena_max(n: int) -> None:
+    """At most ``n`` malloc arenas for the threads made from now on (see
+    ``ca_arena_max``); called once, before any thread, by the command line."""
+    rc = lib.ca_arena_max(n)
+    if rc < 0:
+        _raise(rc, None)
+
+
 def ficlonerange(dst_fd, src_fd, src_offset: int, length: int, dst_offset: int,
                  path=None) -> None:
     """Call the FICLONERANGE ioctl on dst_fd.  ``path`` names dst in errors."""

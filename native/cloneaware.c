@@ -2,6 +2,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <malloc.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -102,6 +103,11 @@ int ca_fiemap(int fd, struct ca_extent **out, size_t *count)
     *out = res;
     *count = n;
     return 0;
+}
+
+int ca_arena_max(int n)
+{
+    return mallopt(M_ARENA_MAX, n) ? 0 : -EINVAL;
 }
 
 int ca_ficlonerange(int dst_fd, int src_fd, uint64_t src_offset,

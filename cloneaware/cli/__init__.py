@@ -29,6 +29,7 @@ from __future__ import annotations
 import signal
 import sys
 
+from cloneaware import native
 from cloneaware.cli import common
 from cloneaware.cli.common import (
     app,
@@ -57,6 +58,9 @@ def main() -> None:
     signal.signal(signal.SIGINT, raise_interrupt)
     signal.signal(signal.SIGTERM, raise_interrupt)
     signal.signal(signal.SIGUSR1, raise_lock_lost)
+    # one malloc arena for the main thread, one for every other: a thread
+    # per arena (glibc's default) kept 10 to 15% more memory at the peak
+    native.arena_max(2)
     try:
         try:
             app()

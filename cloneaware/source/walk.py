@@ -116,15 +116,31 @@ def compact(st: os.stat_result) -> os.stat_result:
 
 @dataclass(slots=True)
 class Node:
-    #: archive path: relative, '/'-separated bytes, starting with the root's basename
-    name: bytes
-    #: source path on this host, for messages (system calls go through ``dirs``)
-    src: bytes
+    #: ``name`` and ``src`` when they are not ``pname/leaf`` and
+    #: ``parent/leaf`` (a PATH, a node made by hand); None for the walk's
+    #: entries, whose paths are made when asked for rather than kept (each
+    #: directory's are shared by its entries: issue 36, memory a file)
+    _name: bytes | None
+    _src: bytes | None
     st: os.stat_result
     #: the directory that holds it (its source path) and its name there
     parent: bytes = b""
     leaf: bytes = b""
     dirs: Dirs | None = None
+    #: the archive path of that directory
+    pname: bytes = b""
+
+    @property
+    def name(self) -> bytes:
+        """Archive path: relative, '/'-separated bytes, starting with the root's basename."""
+        n = self._name
+        return self.pname + b"/" + self.leaf if n is None else n
+
+    @property
+    def src(self) -> bytes:
+        """Source path on this host, for messages (system calls go through ``dirs``)."""
+        s = self._src
+        return self.parent + b"/" + self.leaf if s is None else s
 
     def dir_fd(self) -> int | None:
         """A descriptor of its directory (valid until the next call on the
@@ -284,9 +300,9 @@ def _walk(paths: list, on_error: OnError, one_file_system: bool, unique_names: b
                         dev_ok[cst.st_dev] = ok
                     if not ok:
                         # the mount point itself is kept, as tar does; not its content
-                        yield Node(cname, csrc, cst, dsrc, c, dirs)
+                        yield Node(None, None, cst, dsrc, c, dirs, dname)
                         continue
-                yield Node(cname, csrc, compact(cst), dsrc, c, dirs)
+                yield Node(None, None, compact(cst), dsrc, c, dirs, dname)
                 if stat.S_ISDIR(cst.st_mode):
                     subdirs.append((cname, csrc, cshown))
             stack.extend(reversed(subdirs))
