@@ -153,6 +153,11 @@ def run_bench(args, root: Path, mounted: list) -> dict:
     mounted.append(disk)
     xfs = make_loopfs(root, "xfs", 16 << 30)
     mounted.append(xfs)
+    if args.scale_only:
+        ca, env = b.CLONEAWARE, dict(os.environ,
+                                     CLONEAWARE_STATE_DIR=str(disk.path / "castate"))
+        return {"scale": scale_point(args.scale_files, src_fs.path / "scale", disk.path,
+                                     xfs.path, ca, env)}
     vol = src_fs.path / "vol"
     b.run(["btrfs", "-q", "subvolume", "create", vol])
     layer0 = vol / "layer0"
@@ -327,7 +332,19 @@ def ratios(res: dict) -> dict:
     }
 
 
+def scale_table(sc: dict) -> list[str]:
+    out = [f"\nscale, {sc['files']} small files, cloneaware:  seconds  peak MiB  "
+           "us/file  bytes/file"]
+    for k, v in sc["rows"].items():
+        out.append(f"  {k:<12} {v['seconds']:>24.1f} {v['peak_mib']:>9.0f} "
+                   f"{v['seconds'] * 1e6 / sc['files']:>8.1f} "
+                   f"{v['peak_mib'] * MiB / sc['files']:>11.0f}")
+    return out
+
+
 def table(res: dict) -> str:
+    if "files" not in res:  # --scale-only
+        return "\n".join(scale_table(res["scale"]))
     n = res["files"]
     out = [f"cloneaware bench-files: {n} files, {res['logical_bytes'] / MiB:.0f} MiB logical, "
            f"{res['physical_bytes'] / MiB:.0f} MiB physical; night 2 changed "
@@ -363,13 +380,7 @@ def table(res: dict) -> str:
     out.append(f"{'check of 60 nights / of one':<36} {r60:>8.3f} {'<= 2':>8}  "
                f"{'met' if r60 <= 2 else 'MISSED'}")
     if "scale" in res:
-        sc = res["scale"]
-        out.append(f"\nscale, {sc['files']} small files, cloneaware:  seconds  peak MiB  "
-                   "us/file  bytes/file")
-        for k, v in sc["rows"].items():
-            out.append(f"  {k:<12} {v['seconds']:>24.1f} {v['peak_mib']:>9.0f} "
-                       f"{v['seconds'] * 1e6 / sc['files']:>8.1f} "
-                       f"{v['peak_mib'] * MiB / sc['files']:>11.0f}")
+        out += scale_table(res["scale"])
     out.append(f"\narchive {res['archive_bytes'] / MiB:.0f} MiB, tar {res['tar_bytes'] / MiB:.0f}"
                f" MiB; restored usage (cloneaware, df of the XFS) "
                f"{res['restored_usage_cloneaware'] / MiB:.0f} MiB")
@@ -387,6 +398,8 @@ def main() -> int:
                     help="files of the tree the check of 60 nights backs up (4600)")
     ap.add_argument("--scale-files", type=int, default=1_000_000,
                     help="small files of the scale point (1000000; 0: none)")
+    ap.add_argument("--scale-only", action="store_true",
+                    help="run the scale point only (its table row)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     return b.tool_main(args, ["restic", "borg", "btrfs", "tar"], "make bench-files",
