@@ -29,7 +29,6 @@ from __future__ import annotations
 import signal
 import sys
 
-from cloneaware import native
 from cloneaware.cli import common
 from cloneaware.cli.common import (
     app,
@@ -59,7 +58,11 @@ def main() -> None:
     signal.signal(signal.SIGTERM, raise_interrupt)
     signal.signal(signal.SIGUSR1, raise_lock_lost)
     # one malloc arena for the main thread, one for every other: a thread
-    # per arena (glibc's default) kept 10 to 15% more memory at the peak
+    # per arena (glibc's default) kept 10 to 15% more memory at the peak.
+    # (Imported here: the man page is made from this package before the
+    # native extension is built.)
+    from cloneaware import native
+
     native.arena_max(2)
     try:
         try:
