@@ -55,7 +55,8 @@ void ca_free(void *p);
 /* At most n malloc arenas from now on (mallopt M_ARENA_MAX): glibc gives
  * each thread that allocates its own, up to 8 per core, and a backup's
  * workers and a restore's readers left each holding freed memory (issue 36:
- * night 1 of 99,000 files 330 -> 306 MB peak, a restore 581 -> 513 MB with 2). */
+ * night 1 of 99,000 files about 330 -> 310 MB peak, a restore 567 -> 522 MiB
+ * with 2, medians of alternating runs). */
 int ca_arena_max(int n);
 
 /* FICLONERANGE on dst_fd from src_fd. */

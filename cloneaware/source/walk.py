@@ -317,11 +317,3 @@ def _unreadable(src: bytes, e: OSError) -> Exception:
         return OSError(e.errno, e.strerror, os.fsdecode(src))
     return UsageError(f"{os.fsdecode(src)}: {e.strerror or e} (a PATH that cannot be read "
                       "at all)")
-
-
-def _lexists(dfd: int, rel: bytes) -> bool:
-    try:
-        os.stat(rel, dir_fd=dfd, follow_symlinks=False)
-        return True
-    except OSError:
-        return False
