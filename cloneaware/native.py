@@ -12,6 +12,7 @@ from __future__ import annotations
 import array
 import errno as _errno
 import os
+import struct
 from typing import NamedTuple
 
 from cloneaware._version import __version__
@@ -79,6 +80,47 @@ def fiemap(fd, path=None) -> bytes:
         return bytes(ffi.buffer(out[0], n * EXTENT_SIZE)) if n else b""
     finally:
         lib.ca_free(out[0])
+
+
+#: ``struct ca_dstat`` (mode, uid, gid, err as u32/i32; ino, dev, nlink,
+#: size as u64; atime, mtime, ctime in ns as i64; rdev, blocks as u64).
+LIST_STAT = struct.Struct("<3Ii4Q3q2Q")
+assert LIST_STAT.size == ffi.sizeof("struct ca_dstat")
+
+
+def list_dirs(dirs: list[tuple[int, bytes | None]], threads: int
+              ) -> list[tuple[int, int, bytes, bytes]]:
+    """List and lstat directories at once on up to ``threads`` threads, in
+    one call that holds no GIL: for each (parent descriptor, leaf) -- the
+    directory ``leaf`` beneath it, opened O_NOFOLLOW, or None for the parent
+    itself -- (its new descriptor, which the caller closes, or -1; the errno
+    of opening or listing it, or 0; its names NUL-terminated one after
+    another; their ``LIST_STAT`` records in the same order, ``err`` the errno
+    of an entry's lstat, else 0)."""
+    n = len(dirs)
+    arr = ffi.new("struct ca_dirlist[]", n)
+    keep = []
+    for i, (pfd, leaf) in enumerate(dirs):
+        arr[i].parent_fd = pfd
+        if leaf is not None:
+            c = ffi.new("char[]", leaf)
+            keep.append(c)
+            arr[i].leaf = c
+    rc = lib.ca_list_dirs(arr, n, threads)
+    if rc < 0:
+        _raise(rc, None)
+    out = []
+    for i in range(n):
+        d = arr[i]
+        try:
+            out.append((d.fd, d.err,
+                        bytes(ffi.buffer(d.names, d.names_len)) if d.names_len else b"",
+                        bytes(ffi.buffer(d.st, d.count * LIST_STAT.size))
+                        if d.count and not d.err else b""))
+        finally:
+            lib.ca_free(d.names)
+            lib.ca_free(d.st)
+    return out
 
 
 def arena_max(n: int) -> None:

@@ -30,7 +30,8 @@ ffibuilder.set_source(
     sources=[os.path.relpath(os.path.join(HERE, "cloneaware.c"))],
     include_dirs=[os.path.relpath(HERE)],
     define_macros=[("CA_VERSION", f'"{_version()}"')],
-    extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
+    extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11", "-pthread"],
+    extra_link_args=["-pthread"],
 )
 
 if __name__ == "__main__":

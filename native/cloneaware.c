@@ -1,6 +1,8 @@
 /* cloneaware native layer.  See cloneaware.h for the contract. */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
+#include <pthread.h>
 #include <fcntl.h>
 #include <malloc.h>
 #include <stdio.h>
@@ -108,6 +110,239 @@ int ca_fiemap(int fd, struct ca_extent **out, size_t *count)
 int ca_arena_max(int n)
 {
     return mallopt(M_ARENA_MAX, n) ? 0 : -EINVAL;
+}
+
+/* The names of directory fd into l (names, their offsets, count); the
+ * stats array allocated, zeroed.  0 or -errno. */
+static int list_names(int fd, struct ca_dirlist *l, size_t **offs_out)
+{
+    int dfd = dup(fd), err = 0;
+    DIR *d;
+    size_t ncap = 0, ocap = 0, *offs = NULL;
+    struct dirent *de;
+
+    *offs_out = NULL;
+    if (dfd < 0)
+        return -errno;
+    d = fdopendir(dfd);
+    if (!d) {
+        err = errno;
+        close(dfd);
+        return -err;
+    }
+    rewinddir(d);  /* the dup shares fd's offset, which a listing moved */
+    for (;;) {
+        size_t len;
+
+        errno = 0;
+        de = readdir(d);
+        if (!de) {
+            err = errno;
+            break;
+        }
+        if (de->d_name[0] == '.' &&
+            (de->d_name[1] == 0 || (de->d_name[1] == '.' && de->d_name[2] == 0)))
+            continue;
+        len = strlen(de->d_name) + 1;
+        if (l->names_len + len > ncap) {
+            size_t nc = ncap ? ncap : 4096;
+            char *nn;
+
+            while (l->names_len + len > nc)
+                nc *= 2;
+            nn = realloc(l->names, nc);
+            if (!nn) {
+                err = ENOMEM;
+                break;
+            }
+            l->names = nn;
+            ncap = nc;
+        }
+        if (l->count == ocap) {
+            size_t *no = realloc(offs, (ocap ? ocap * 2 : 64) * sizeof(*offs));
+
+            if (!no) {
+                err = ENOMEM;
+                break;
+            }
+            offs = no;
+            ocap = ocap ? ocap * 2 : 64;
+        }
+        memcpy(l->names + l->names_len, de->d_name, len);
+        offs[l->count++] = l->names_len;
+        l->names_len += len;
+    }
+    closedir(d);
+    if (!err && l->count) {
+        l->st = calloc(l->count, sizeof(*l->st));
+        if (!l->st)
+            err = ENOMEM;
+    }
+    if (err) {
+        free(offs);
+        return -err;
+    }
+    *offs_out = offs;
+    return 0;
+}
+
+static void stat_one(int dir_fd, const char *name, struct ca_dstat *o)
+{
+    struct stat s;
+
+    if (fstatat(dir_fd, name, &s, AT_SYMLINK_NOFOLLOW) < 0) {
+        o->err = errno;
+        return;
+    }
+    o->mode = s.st_mode;
+    o->uid = s.st_uid;
+    o->gid = s.st_gid;
+    o->ino = s.st_ino;
+    o->dev = s.st_dev;
+    o->nlink = s.st_nlink;
+    o->size = (uint64_t)s.st_size;
+    o->atime_ns = (int64_t)s.st_atim.tv_sec * 1000000000 + s.st_atim.tv_nsec;
+    o->mtime_ns = (int64_t)s.st_mtim.tv_sec * 1000000000 + s.st_mtim.tv_nsec;
+    o->ctime_ns = (int64_t)s.st_ctim.tv_sec * 1000000000 + s.st_ctim.tv_nsec;
+    o->rdev = s.st_rdev;
+    o->blocks = (uint64_t)s.st_blocks;
+}
+
+/* The entries of a batch are stat'ed in chunks of this many, taken by the
+ * threads from a shared counter. */
+#define CA_STAT_CHUNK 32
+
+struct list_job {
+    struct ca_dirlist *dirs;
+    size_t n;
+    size_t **offs;         /* per directory */
+    size_t *chunk_dir;     /* per chunk: its directory and first entry */
+    size_t *chunk_first;
+    size_t nchunks;
+    size_t next;           /* phase 1: next directory; phase 2: next chunk */
+    int phase;
+};
+
+static void list_open_one(struct list_job *j, size_t i)
+{
+    struct ca_dirlist *l = &j->dirs[i];
+    int fd = l->parent_fd;
+
+    if (l->leaf) {
+        fd = openat(l->parent_fd, l->leaf, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        if (fd < 0) {
+            l->err = errno;
+            return;
+        }
+        l->fd = fd;
+    }
+    l->err = -list_names(fd, l, &j->offs[i]);
+}
+
+static void *list_worker(void *arg)
+{
+    struct list_job *j = arg;
+
+    for (;;) {
+        size_t k = __atomic_fetch_add(&j->next, 1, __ATOMIC_RELAXED);
+
+        if (j->phase == 1) {
+            if (k >= j->n)
+                break;
+            list_open_one(j, k);
+        } else {
+            struct ca_dirlist *l;
+            size_t end;
+
+            if (k >= j->nchunks)
+                break;
+            l = &j->dirs[j->chunk_dir[k]];
+            end = j->chunk_first[k] + CA_STAT_CHUNK;
+            if (end > l->count)
+                end = l->count;
+            for (size_t e = j->chunk_first[k]; e < end; e++)
+                stat_one(l->leaf ? l->fd : l->parent_fd,
+                         l->names + j->offs[j->chunk_dir[k]][e], &l->st[e]);
+        }
+    }
+    return NULL;
+}
+
+/* Run the current phase on up to threads threads (this one among them). */
+static void list_phase(struct list_job *j, size_t work, int threads)
+{
+    pthread_t t[CA_LIST_THREADS_MAX];
+    int started = 0;
+
+    j->next = 0;
+    if (threads > CA_LIST_THREADS_MAX)
+        threads = CA_LIST_THREADS_MAX;
+    if ((size_t)threads > work)
+        threads = (int)work;
+    for (int i = 1; i < threads; i++) {
+        if (pthread_create(&t[started], NULL, list_worker, j) != 0)
+            break;  /* fewer threads, same result */
+        started++;
+    }
+    list_worker(j);
+    for (int i = 0; i < started; i++)
+        pthread_join(t[i], NULL);
+}
+
+int ca_list_dirs(struct ca_dirlist *dirs, size_t n, int threads)
+{
+    struct list_job j;
+    size_t c = 0;
+    int rc = 0;
+
+    memset(&j, 0, sizeof(j));
+    j.dirs = dirs;
+    j.n = n;
+    for (size_t i = 0; i < n; i++) {
+        dirs[i].fd = -1;
+        dirs[i].err = 0;
+        dirs[i].names = NULL;
+        dirs[i].st = NULL;
+        dirs[i].names_len = dirs[i].count = 0;
+    }
+    j.offs = calloc(n ? n : 1, sizeof(*j.offs));
+    if (!j.offs)
+        return -ENOMEM;
+    j.phase = 1;
+    list_phase(&j, n, threads);
+    for (size_t i = 0; i < n; i++)
+        if (!dirs[i].err)
+            j.nchunks += (dirs[i].count + CA_STAT_CHUNK - 1) / CA_STAT_CHUNK;
+    j.chunk_dir = malloc((j.nchunks ? j.nchunks : 1) * sizeof(size_t));
+    j.chunk_first = malloc((j.nchunks ? j.nchunks : 1) * sizeof(size_t));
+    if (!j.chunk_dir || !j.chunk_first) {
+        rc = -ENOMEM;
+        goto out;
+    }
+    for (size_t i = 0; i < n; i++)
+        for (size_t e = 0; !dirs[i].err && e < dirs[i].count; e += CA_STAT_CHUNK) {
+            j.chunk_dir[c] = i;
+            j.chunk_first[c++] = e;
+        }
+    j.phase = 2;
+    list_phase(&j, j.nchunks, threads);
+out:
+    for (size_t i = 0; i < n; i++)
+        free(j.offs[i]);
+    free(j.offs);
+    free(j.chunk_dir);
+    free(j.chunk_first);
+    if (rc < 0)
+        for (size_t i = 0; i < n; i++) {
+            if (dirs[i].fd >= 0)
+                close(dirs[i].fd);
+            free(dirs[i].names);
+            free(dirs[i].st);
+            dirs[i].fd = -1;
+            dirs[i].names = NULL;
+            dirs[i].st = NULL;
+        }
+    return rc;
 }
 
 int ca_ficlonerange(int dst_fd, int src_fd, uint64_t src_offset,

@@ -59,6 +59,45 @@ void ca_free(void *p);
  * with 2, medians of alternating runs). */
 int ca_arena_max(int n);
 
+/* One directory entry as ca_list_stat returns it: its lstat (through the
+ * directory), or the errno of that lstat in err.  88 bytes, no padding; the
+ * Python side unpacks it with struct (native.LIST_STAT). */
+struct ca_dstat {
+    uint32_t mode, uid, gid;
+    int32_t err;
+    uint64_t ino, dev, nlink, size;
+    int64_t atime_ns, mtime_ns, ctime_ns;
+    uint64_t rdev, blocks;
+};
+
+/* One directory of a ca_list_dirs batch.  In: parent_fd and leaf, the
+ * directory leaf beneath parent_fd (opened O_NOFOLLOW), or leaf NULL for
+ * parent_fd itself.  Out: fd, the directory opened (the caller's to close;
+ * -1 if leaf is NULL or it could not be opened), err (the errno of opening
+ * or listing it, else 0), its entries but . and .. in the order the
+ * filesystem lists them, NUL-terminated one after another in names
+ * (names_len bytes), and their lstats in st (count of them); names and st
+ * malloc'ed (ca_free). */
+struct ca_dirlist {
+    int parent_fd;
+    int fd;
+    const char *leaf;
+    int err;
+    char *names;
+    size_t names_len;
+    struct ca_dstat *st;
+    size_t count;
+};
+
+/* List and lstat n directories at once, on up to threads threads (this one
+ * among them; at most CA_LIST_THREADS_MAX): the directories spread over
+ * them, then their entries in chunks, so that a walk from a cold cache has
+ * several metadata reads in flight, and no GIL is taken for an entry
+ * (cloneaware/source/walk.py).  0, or -ENOMEM (nothing is then returned). */
+#define CA_LIST_THREADS_MAX 16
+int ca_list_dirs(struct ca_dirlist *dirs, size_t n, int threads);
+
+
 /* FICLONERANGE on dst_fd from src_fd. */
 int ca_ficlonerange(int dst_fd, int src_fd, uint64_t src_offset,
                     uint64_t length, uint64_t dst_offset);

@@ -22,7 +22,7 @@ import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from cloneaware import fsinfo
+from cloneaware import fsinfo, native
 from cloneaware.errors import UsageError
 from cloneaware.patterns import Exclusions
 from cloneaware.source import anchors
@@ -83,6 +83,13 @@ class Dirs:
             raise OSError(e.errno, e.strerror, os.fsdecode(p)) from None
         return cur
 
+    def adopt(self, path: bytes, fd: int) -> None:
+        """Keep ``fd``, opened elsewhere, as the descriptor of ``path``."""
+        if path in self.cache:
+            os.close(fd)
+        else:
+            self._put(path, fd)
+
     def close(self) -> None:
         while self.cache:
             os.close(self.cache.popitem()[1])
@@ -106,6 +113,14 @@ class _Stat:
 
     def __repr__(self) -> str:
         return "Stat(" + ", ".join(f"{k}={getattr(self, k)}" for k in self.__slots__) + ")"
+
+
+def _listed(rec: tuple) -> os.stat_result:
+    """A ``native.LIST_STAT`` record (whose err is 0) as a _Stat."""
+    st = _Stat.__new__(_Stat)
+    (st.st_mode, st.st_uid, st.st_gid, _, st.st_ino, st.st_dev, st.st_nlink, st.st_size,
+     st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns, st.st_rdev, st.st_blocks) = rec
+    return typing.cast(os.stat_result, st)
 
 
 def compact(st: os.stat_result) -> os.stat_result:
@@ -232,6 +247,82 @@ def walk(paths: list, on_error: OnError, one_file_system: bool = True,
             d.close()
 
 
+class _Lister:
+    """Lists and lstats the walk's directories in batches: the one the walk
+    is at and the next few on its stack, in one native call that spreads
+    them, and their entries, over a few threads and holds no GIL
+    (``native.list_dirs``).  From a cold cache the walk waits on the
+    filesystem's metadata reads, and several in flight take less time than
+    one at a time; from a warm one the entries are stat'ed without a Python
+    call each (issue 36).  Each directory is opened from its parent's
+    descriptor with O_NOFOLLOW, as ``Dirs`` does, and handed to ``Dirs``
+    when the walk gets there.  Stats taken ahead are as good as stats taken
+    later: each is of some instant before the entry is read, and what is
+    read is checked against the open file (``map_node``)."""
+
+    #: directories listed in one batch
+    BATCH = 32
+    #: at most this many listed ahead (each holds a descriptor)
+    AHEAD = 256
+    THREADS = 4
+
+    def __init__(self, dirs: Dirs):
+        self.dirs = dirs
+        #: directory -> (descriptor, errno, names, stats), listed ahead
+        self.ready: dict[bytes, tuple[int, int, bytes, bytes]] = {}
+
+    def entries(self, dsrc: bytes, stack: list[tuple[bytes, bytes, bytes]]
+                ) -> list[tuple[bytes, tuple]]:
+        """The entries of directory ``dsrc`` (the walk's next, just popped
+        from ``stack``): (name, ``native.LIST_STAT`` record), sorted by name.
+        OSError with the path if it cannot be listed."""
+        got = self.ready.pop(dsrc, None)
+        if got is None:
+            got = self._batch(dsrc, stack)
+        fd, err, names, stats = got
+        if fd >= 0:
+            self.dirs.adopt(dsrc, fd)
+        if err:
+            raise OSError(err, os.strerror(err), os.fsdecode(dsrc))
+        out = list(zip(names.split(b"\0"), native.LIST_STAT.iter_unpack(stats)))
+        out.sort()
+        return out
+
+    def _batch(self, dsrc: bytes, stack: list[tuple[bytes, bytes, bytes]]
+               ) -> tuple[int, int, bytes, bytes]:
+        todo = [dsrc]
+        for k in range(len(stack) - 1, -1, -1):
+            if len(todo) >= self.BATCH or len(self.ready) + len(todo) > self.AHEAD:
+                break
+            if stack[k][1] not in self.ready:
+                todo.append(stack[k][1])
+        args: list[tuple[int, bytes | None]] = []
+        try:
+            for d in todo:
+                parent, _, leaf = d.rpartition(b"/")
+                try:
+                    # a copy: Dirs may close what it handed out at its next call
+                    args.append((os.dup(self.dirs.fd(parent)), leaf))
+                except OSError:
+                    if d == dsrc:  # a root PATH, or its parent is gone: the walk's own
+                        args.append((os.dup(self.dirs.fd(d)), None))
+                    else:
+                        break  # left for later
+            got = native.list_dirs(args, self.THREADS)
+        finally:
+            for pfd, _ in args:
+                os.close(pfd)
+        for d, r in zip(todo[1:], got[1:]):
+            self.ready[d] = r
+        return got[0]
+
+    def close(self) -> None:
+        for fd, *_ in self.ready.values():
+            if fd >= 0:
+                os.close(fd)
+        self.ready.clear()
+
+
 def _walk(paths: list, on_error: OnError, one_file_system: bool, unique_names: bool,
           redirect: dict[bytes, bytes] | None, dirs: Dirs, exclude: Exclusions
           ) -> Iterator[Node]:
@@ -259,53 +350,59 @@ def _walk(paths: list, on_error: OnError, one_file_system: bool, unique_names: b
         dev_ok = {st.st_dev: True}
         mounts: anchors.Mounts | None = None
         stack: list[tuple[bytes, bytes, bytes]] = [(name, src, shown)]
-        while stack:
-            dname, dsrc, dshown = stack.pop()
-            try:
-                with os.scandir(dirs.fd(dsrc)) as it:
-                    children = sorted(os.fsencode(e.name) for e in it)
-                if exclude:
-                    children = exclude.cache_children(dirs.fd(dsrc), children)
-            except OSError as e:
-                if dsrc == src:
-                    raise _unreadable(src, e) from None
-                on_error(dsrc, e.strerror or str(e))
-                continue
-            subdirs = []
-            for c in children:
-                csrc = dsrc + b"/" + c
-                cname = dname + b"/" + c
-                cshown = dshown + b"/" + c
+        lister = _Lister(dirs)
+        try:
+            while stack:
+                dname, dsrc, dshown = stack.pop()
                 try:
-                    dfd = dirs.fd(dsrc)
-                    cst = os.stat(c, dir_fd=dfd, follow_symlinks=False)
+                    entries = lister.entries(dsrc, stack)
+                    if exclude:
+                        children = [c for c, _ in entries]
+                        kept = exclude.cache_children(dirs.fd(dsrc), children)
+                        if kept is not children:
+                            entries = [e for e in entries if e[0] in kept]
                 except OSError as e:
-                    if e.errno != errno.ENOENT:
-                        on_error(csrc, e.strerror or str(e))
+                    if dsrc == src:
+                        raise _unreadable(src, e) from None
+                    on_error(dsrc, e.strerror or str(e))
                     continue
-                if c == ANCHOR_DIR:
-                    if mounts is None:
-                        mounts = anchors.Mounts()
-                    if anchors.is_anchor_dir(dfd, dshown, cst, mounts):
-                        continue  # the anchors at the top of a mount: not the user's data
-                if exclude and exclude.skip(cname, cshown, stat.S_ISDIR(cst.st_mode)):
-                    continue
-                if stat.S_ISDIR(cst.st_mode) and root_key is not None:
-                    ok = dev_ok.get(cst.st_dev)
-                    if ok is None:
-                        try:
-                            ok = _fs_key(dfd, c, cst, csrc) == root_key
-                        except OSError:
-                            ok = False
-                        dev_ok[cst.st_dev] = ok
-                    if not ok:
-                        # the mount point itself is kept, as tar does; not its content
-                        yield Node(None, None, cst, dsrc, c, dirs, dname)
+                subdirs = []
+                for c, rec in entries:
+                    csrc = dsrc + b"/" + c
+                    err = rec[3]
+                    if err:
+                        if err != errno.ENOENT:
+                            on_error(csrc, os.strerror(err))
                         continue
-                yield Node(None, None, compact(cst), dsrc, c, dirs, dname)
-                if stat.S_ISDIR(cst.st_mode):
-                    subdirs.append((cname, csrc, cshown))
-            stack.extend(reversed(subdirs))
+                    cst = _listed(rec)
+                    is_dir = stat.S_ISDIR(cst.st_mode)
+                    cname = dname + b"/" + c
+                    cshown = dshown + b"/" + c
+                    if c == ANCHOR_DIR:
+                        if mounts is None:
+                            mounts = anchors.Mounts()
+                        if anchors.is_anchor_dir(dirs.fd(dsrc), dshown, cst, mounts):
+                            continue  # the anchors at the top of a mount: not the user's data
+                    if exclude and exclude.skip(cname, cshown, is_dir):
+                        continue
+                    if is_dir and root_key is not None:
+                        ok = dev_ok.get(cst.st_dev)
+                        if ok is None:
+                            try:
+                                ok = _fs_key(dirs.fd(dsrc), c, cst, csrc) == root_key
+                            except OSError:
+                                ok = False
+                            dev_ok[cst.st_dev] = ok
+                        if not ok:
+                            # the mount point itself is kept, as tar does; not its content
+                            yield Node(None, None, cst, dsrc, c, dirs, dname)
+                            continue
+                    yield Node(None, None, cst, dsrc, c, dirs, dname)
+                    if is_dir:
+                        subdirs.append((cname, csrc, cshown))
+                stack.extend(reversed(subdirs))
+        finally:
+            lister.close()
 
 
 def _unreadable(src: bytes, e: OSError) -> Exception:

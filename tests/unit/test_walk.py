@@ -3,6 +3,7 @@ Runs on the test machine's own temporary directory; needs no root."""
 from __future__ import annotations
 
 import os
+import stat
 
 import pytest
 from helpers.cli import cli
@@ -127,3 +128,66 @@ def test_probe_errno_reason():
     assert fsinfo.errno_reason(errno.ENOTTY) == "filesystem cannot reflink"
     assert "alignment" in fsinfo.errno_reason(errno.EINVAL)
     assert fsinfo.errno_reason(errno.EIO) == os.strerror(errno.EIO)
+
+
+@pytest.fixture
+def wide(tmp_path):
+    """More directories than one batch of the lister, and more entries in
+    some than one chunk of its threads, of every kind of inode."""
+    t = tmp_path / "wide"
+    for d in range(40):
+        sub = t / f"d{d:02d}"
+        sub.mkdir(parents=True)
+        for f in range(d * 3):
+            (sub / f"f{f:03d}").write_bytes(b"x" * f)
+        os.symlink(f"f{d}", sub / "link")
+        (sub / "inner" / "deeper").mkdir(parents=True)
+    os.mkfifo(t / "fifo")
+    os.mknod(t / "null", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    os.utime(t / "d05" / "f001", ns=(-1_500_000_001, 1_700_000_000_123_456_789))
+    return t
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_walk_stats_are_lstats_in_sorted_order(wide):
+    """Every entry's stat, listed in batches on other threads, is its
+    lstat, field by field; the order is parents first, names sorted."""
+    nodes, errors = collect([wide])
+    assert errors == []
+    expect = [b"wide"]
+    stack = [b""]
+    while stack:  # the oracle: os.listdir and os.lstat, depth first, sorted
+        rel = stack.pop()
+        names = sorted(os.listdir(os.fsencode(wide) + rel))
+        subs = []
+        for n in names:
+            expect.append(b"wide" + rel + b"/" + n)
+            if stat.S_ISDIR(os.lstat(os.fsencode(wide) + rel + b"/" + n).st_mode):
+                subs.append(rel + b"/" + n)
+        stack.extend(reversed(subs))
+    assert [n.name for n in nodes] == expect
+    for n in nodes:
+        want = os.lstat(n.src)
+        for field in ("st_mode", "st_ino", "st_dev", "st_nlink", "st_uid", "st_gid",
+                      "st_size", "st_atime_ns", "st_mtime_ns", "st_ctime_ns", "st_rdev",
+                      "st_blocks"):
+            if field == "st_atime_ns" and stat.S_ISDIR(want.st_mode):
+                continue  # listing a directory may set its atime
+            assert getattr(n.st, field) == getattr(want, field), (n.name, field)
+
+
+def test_walk_closes_what_it_opened(wide):
+    """The directories opened ahead of the walk are closed at its end, and
+    when it is left half-way (a backup that stops)."""
+    before = open_fds()
+    assert len(collect([wide])[0]) > 40 * 4
+    assert open_fds() == before
+    it = walk([str(wide)], lambda p, r: None)
+    for _ in range(50):  # into the first subdirectory: the next ones are listed
+        next(it)
+    assert len(open_fds()) > len(before) + 10  # directories are open ahead
+    it.close()
+    assert open_fds() == before
