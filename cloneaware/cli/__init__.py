@@ -57,15 +57,16 @@ def main() -> None:
     signal.signal(signal.SIGINT, raise_interrupt)
     signal.signal(signal.SIGTERM, raise_interrupt)
     signal.signal(signal.SIGUSR1, raise_lock_lost)
-    # one malloc arena for the main thread, one for every other: a thread
-    # per arena (glibc's default) kept 10 to 15% more memory at the peak.
-    # (Imported here: the man page is made from this package before the
-    # native extension is built.)
-    from cloneaware import native
-
-    native.arena_max(2)
     try:
         try:
+            # one malloc arena for the main thread, one for every other: a
+            # thread per arena (glibc's default) kept 10 to 15% more memory
+            # at the peak.  (Imported here, where a signal during the import
+            # is one line too: the man page is made from this package before
+            # the native extension is built.)
+            from cloneaware import native
+
+            native.arena_max(2)
             app()
         except SystemExit:
             if common.signalled is not None:  # its exception was lost on the way: honour it
