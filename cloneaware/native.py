@@ -457,7 +457,7 @@ def encode_regulars(files, n: int, paths, xattrs, segs, blob_ids, out_size: int
 
 #: ``struct ca_small`` packed as ``SMALL_FORMAT`` (struct module), set up
 #: by the caller (restore/smallfiles.py); the last six fields are its out
-SMALL_FORMAT = "<iIIIIIQQQQqqqqiiiiii"
+SMALL_FORMAT = "<iIIIIIQQQQqqqqiiQQiiiiii"
 SMALL_SIZE = ffi.sizeof("struct ca_small")
 SMALL_CHOWN = lib.CA_SMALL_CHOWN
 #: where ``err`` begins in a packed ``struct ca_small``

@@ -942,6 +942,78 @@ static int small_fail(struct ca_small *s, int fd, const char *name, int step)
     return -1;
 }
 
+/* The whole of a small file from s->src_fd: cloned, else copied (its
+ * reason in clone_err).  -1 with errno set (and step 6 if the source is
+ * short). */
+static int small_clone(struct ca_small *s, int fd)
+{
+    struct file_clone_range r;
+    uint64_t done = 0;
+    char *buf = NULL;
+
+    memset(&r, 0, sizeof(r));
+    r.src_fd = s->src_fd;
+    r.src_offset = s->src_off;
+    r.src_length = s->clone_len;
+    r.dest_offset = 0;
+    if (ioctl(fd, FICLONERANGE, &r) == 0)
+        return 0;
+    if (errno != EOPNOTSUPP && errno != ENOTTY && errno != EINVAL && errno != EXDEV &&
+        errno != ENOSYS)
+        return -1;
+    s->clone_err = errno;
+    while (done < s->clone_len) {
+        loff_t so = (loff_t)(s->src_off + done), dof = (loff_t)done;
+        ssize_t n = buf ? 0 : copy_file_range(s->src_fd, &so, fd, &dof,
+                                              s->clone_len - done, 0);
+
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && errno != EXDEV && errno != EINVAL && errno != ENOSYS &&
+            errno != EOPNOTSUPP) {
+            free(buf);
+            return -1;
+        }
+        if (n <= 0) {  /* read and write */
+            uint64_t want = s->clone_len - done;
+            ssize_t got, w;
+
+            if (!buf && !(buf = malloc(1 << 16)))
+                return -1;
+            if (want > (1 << 16))
+                want = 1 << 16;
+            got = pread(s->src_fd, buf, want, (off_t)(s->src_off + done));
+            if (got < 0 && errno == EINTR)
+                continue;
+            if (got <= 0) {
+                if (got == 0) {
+                    errno = EIO;
+                    s->step = 6;
+                }
+                free(buf);
+                return -1;
+            }
+            for (ssize_t off = 0; off < got; off += w) {
+                w = pwrite(fd, buf + off, (size_t)(got - off), (off_t)(done + (uint64_t)off));
+                if (w < 0 && errno == EINTR) {
+                    w = 0;
+                    continue;
+                }
+                if (w <= 0) {
+                    if (w == 0)
+                        errno = EIO;
+                    free(buf);
+                    return -1;
+                }
+            }
+            n = got;
+        }
+        done += (uint64_t)n;
+    }
+    free(buf);
+    return 0;
+}
+
 static int small_one(struct ca_small *s, const uint8_t *names, const uint8_t *data)
 {
     const char *name = (const char *)names + s->name_off;
@@ -968,7 +1040,9 @@ static int small_one(struct ca_small *s, const uint8_t *names, const uint8_t *da
         }
         done += (uint64_t)w;
     }
-    if (s->size > s->data_len && ftruncate(fd, (off_t)s->size) < 0)
+    if (s->clone_len && small_clone(s, fd) < 0)
+        return small_fail(s, fd, name, s->step ? s->step : 5);
+    if (s->size > s->data_len + s->clone_len && ftruncate(fd, (off_t)s->size) < 0)
         return small_fail(s, fd, name, 3);
     if ((s->flags & CA_SMALL_CHOWN) && fchown(fd, s->uid, s->gid) < 0)
         s->chown_err = errno;
@@ -991,6 +1065,7 @@ size_t ca_write_small(struct ca_small *files, size_t n, const uint8_t *names,
     for (size_t i = 0; i < n; i++) {
         files[i].err = files[i].step = 0;
         files[i].chown_err = files[i].chmod_err = files[i].times_err = 0;
+        files[i].clone_err = 0;
         if (small_one(&files[i], names, data) < 0)
             return i;
     }

@@ -212,16 +212,22 @@ int64_t ca_encode_regulars(const struct ca_reg *files, size_t n, const uint8_t *
  * (cloneaware/restore/smallfiles.py): its name (temporary, or final below a
  * new directory; NUL-terminated, at name_off in names) in dirfd, its first
  * data_len bytes (at data_off in
- * data), a trailing hole up to size, then owner (CA_SMALL_CHOWN), mode and
- * times.  Out: err and step (1 open, 2 write, 3 truncate, 4 close) where
- * it failed, and the errno of each metadata call that failed. */
+ * data), or, where clone_len is not 0, the whole file cloned from src_fd
+ * at src_off (FICLONERANGE; where the kernel says it cannot clone that --
+ * EOPNOTSUPP, ENOTTY, EINVAL, EXDEV, ENOSYS -- copied, its errno in
+ * clone_err), a trailing hole up to size, then owner (CA_SMALL_CHOWN), mode
+ * and times.  Out: err and step (1 open, 2 write, 3 truncate, 4 close, 5
+ * clone or copy, 6 the source ended before clone_len) where it failed, and
+ * the errno of each metadata call that failed. */
 #define CA_SMALL_CHOWN 1
 struct ca_small {
     int32_t dirfd;
     uint32_t mode, uid, gid, flags, name_len;
     uint64_t name_off, data_off, data_len, size;
     int64_t atime_sec, atime_nsec, mtime_sec, mtime_nsec;
-    int32_t err, step, chown_err, chmod_err, times_err, reserved;
+    int32_t src_fd, reserved;
+    uint64_t src_off, clone_len;
+    int32_t err, step, chown_err, chmod_err, times_err, clone_err;
 } __attribute__((packed));
 /* Make files[0..n) in order; the number made.  At the first that fails
  * (its err and step set) its name is removed and the rest left. */

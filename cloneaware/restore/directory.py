@@ -350,14 +350,17 @@ class DirectoryOutput:
         self.data.write(self._current(), offset, data, extent)
 
     def clone_entry(self, src: fmt.Entry, src_offset: int, length: int, offset: int) -> None:
+        sfd, size = self.source_fd(src.id)
+        if self.small.clone(sfd, src_offset, length, offset, size, "archive"):
+            return
         self.small.unhold()
-        cur = self._current()
-        sfd = cur.fd if src.id == cur.entry.id else self._src_fd(src.id)
-        self.data.clone(cur, sfd, src_offset, length, offset, src.size, "archive")
+        self.data.clone(self._current(), sfd, src_offset, length, offset, size, "archive")
 
     def clone_place(self, place: Place, src_offset: int, length: int, offset: int) -> None:
-        self.small.unhold()
         sfd, size = self.places.source(place, self)
+        if self.small.clone(sfd, src_offset, length, offset, size, "archive"):
+            return
+        self.small.unhold()
         self.data.clone(self._current(), sfd, src_offset, length, offset, size, "archive")
 
     def clone_base(self, bf: thin.BaseFile, base_offset: int, length: int, offset: int
@@ -426,10 +429,13 @@ class DirectoryOutput:
         self.fresh.place()
 
     def source_fd(self, eid: int) -> tuple[int, int]:
-        """A descriptor and the size of entry ``eid`` of this restore."""
-        self.small.unhold()
-        cur = self._current()
-        if eid == cur.entry.id:
+        """A descriptor and the size of entry ``eid`` of this restore (the
+        file being written itself, which is then not held)."""
+        held = self.small.held
+        if held is not None and held.entry.id == eid:
+            self.small.unhold()
+        cur = self.cur
+        if cur is not None and eid == cur.entry.id:
             return cur.fd, cur.entry.size
         return self._src_fd(eid), self.entries[eid].size
 

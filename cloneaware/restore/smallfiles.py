@@ -16,6 +16,7 @@ take as they come (a range not at its end, a clone, an encoded extent) turns
 it into an ordinary open file (``take_current``)."""
 from __future__ import annotations
 
+import errno
 import os
 import struct
 from collections.abc import Callable
@@ -24,6 +25,8 @@ from typing import Any
 
 from cloneaware import native
 from cloneaware.archive import format as fmt
+from cloneaware.errors import ArchiveError
+from cloneaware.fsinfo import errno_reason
 from cloneaware.restore.tree import temp_name
 
 #: files of up to this many bytes may be held
@@ -42,6 +45,16 @@ class Held:
     data: bytearray
     #: made under its final name, below a new directory (restore/fresh.py)
     fresh: bool = False
+    #: the whole file cloned instead: from a descriptor (a copy, owned
+    #: here), at an offset, of a source of a size, by a Cloner channel
+    clone: tuple[int, int, int, str] | None = None
+    #: after it was made: the errno with which the clone was copied, or 0
+    clone_err: int = 0
+
+    def close(self) -> None:
+        if self.clone is not None:
+            os.close(self.clone[0])
+            self.clone = None
 
 
 class SmallFiles:
@@ -49,15 +62,19 @@ class SmallFiles:
     for each file made, in order, with the name it was made under, its bytes written
     and the metadata calls that failed ((what, errno) pairs)."""
 
-    #: a batch ends after this many files or bytes held
+    #: a batch ends after this many files or bytes held, or descriptors
+    #: held (one a directory, one a clone's source): within the 1,024 a
+    #: process may have open by default, with the restore's other caches
     BATCH_FILES = 2048
     BATCH_BYTES = 16 << 20
+    BATCH_FDS = 256
 
     def __init__(self, chown: bool):
         self.chown = chown
         self.files: list[tuple[Held, bytes]] = []  # with the name it is made under
         self.ids: set[int] = set()
         self.bytes = 0
+        self.clones = 0
         #: parent path -> a descriptor of it, owned here until the flush
         self.dirs: dict[bytes, int] = {}
 
@@ -65,7 +82,8 @@ class SmallFiles:
         return len(self.files)
 
     def full(self) -> bool:
-        return len(self.files) >= self.BATCH_FILES or self.bytes >= self.BATCH_BYTES
+        return len(self.files) >= self.BATCH_FILES or self.bytes >= self.BATCH_BYTES \
+            or len(self.dirs) + self.clones >= self.BATCH_FDS
 
     def add(self, held: Held, pfd: int, tmp: bytes) -> None:
         if held.parent not in self.dirs:
@@ -73,10 +91,13 @@ class SmallFiles:
         self.files.append((held, tmp))
         self.ids.add(held.entry.id)
         self.bytes += len(held.data)
+        self.clones += held.clone is not None
 
     def drop(self) -> None:
         """Forget every held file (none was made)."""
-        self.files, self.ids, self.bytes = [], set(), 0
+        for h, _ in self.files:
+            h.close()
+        self.files, self.ids, self.bytes, self.clones = [], set(), 0, 0
         for fd in self.dirs.values():
             os.close(fd)
         self.dirs = {}
@@ -88,7 +109,7 @@ class SmallFiles:
         ``made``, those after it dropped)."""
         files, self.files = self.files, []
         self.ids = set()
-        self.bytes = 0
+        self.bytes = self.clones = 0
         dirs, self.dirs = self.dirs, {}
         try:
             if files:
@@ -96,6 +117,8 @@ class SmallFiles:
         finally:
             for fd in dirs.values():
                 os.close(fd)
+            for h, _ in files:
+                h.close()
 
     def _make(self, files: list[tuple[Held, bytes]], dirs: dict[bytes, int],
               where: Callable[[bytes], str],
@@ -109,9 +132,10 @@ class SmallFiles:
             e = h.entry
             asec, ans = divmod(e.atime_ns, 1_000_000_000)
             msec, mns = divmod(e.mtime_ns, 1_000_000_000)
+            sfd, soff, clen = (h.clone[0], h.clone[1], e.size) if h.clone else (-1, 0, 0)
             _ST.pack_into(packed, i * _ST.size, dirs[h.parent], e.mode, e.uid, e.gid, flags,
                           len(tmp), len(names), len(data), len(h.data), e.size,
-                          asec, ans, msec, mns, 0, 0, 0, 0, 0, 0)
+                          asec, ans, msec, mns, sfd, 0, soff, clen, 0, 0, 0, 0, 0, 0)
             names += tmp
             names += b"\0"
             data += h.data
@@ -120,9 +144,12 @@ class SmallFiles:
         try:
             for i in range(min(done + 1, n)):
                 h, tmp = files[i]
-                err, _step, chown_err, chmod_err, times_err, _ = _OUT.unpack_from(
+                err, step, chown_err, chmod_err, times_err, h.clone_err = _OUT.unpack_from(
                     packed, i * _ST.size + native.SMALL_OUT)
                 if i == done:
+                    if step == 6:
+                        raise ArchiveError("reference reads past the end of its source for "
+                                           f"{where(h.entry.path)}")
                     raise OSError(err, os.strerror(err), where(h.entry.path))
                 failures = [(what, code) for what, code in
                             (("owner", chown_err), ("mode", chmod_err), ("times", times_err))
@@ -177,12 +204,30 @@ class Holder:
         h = self.held
         if h is None:
             return False
-        if offset == len(h.data) and (extent is None or self.out.data.no_encoded is not None):
+        if offset == len(h.data) and h.clone is None and \
+                (extent is None or self.out.data.no_encoded is not None):
             h.data += data
             self.out.counts.written_bytes += len(data)
             return True
         self.unhold()
         return False
+
+    def clone(self, sfd: int, src_offset: int, length: int, offset: int, src_size: int,
+              channel: str) -> bool:
+        """A clone into the current file: kept if it is held, and the clone
+        is the whole file from one aligned place (the batch clones it, or
+        copies it where the kernel will not: a failed ioctl costs less than
+        a file made alone); else False (the caller unholds it)."""
+        h = self.held
+        if h is None or h.data or h.clone is not None or offset or length != h.entry.size \
+                or not length:
+            return False
+        cloner = self.out.data.cloner
+        bs = cloner.block
+        if src_offset % bs or (length % bs and src_offset + length != src_size):
+            return False
+        h.clone = (os.dup(sfd), src_offset, src_size, channel)
+        return True
 
     def unhold(self) -> None:
         """The held file, if any, becomes an ordinary open file, its bytes so
@@ -198,6 +243,12 @@ class Holder:
         cur = out.cur
         if h.data:  # counted as written when they came
             out.data.cloner.pwrite(cur.fd, h.data, 0, cur.where)
+        if h.clone is not None:
+            sfd, soff, ssize, channel = h.clone
+            try:
+                out.data.clone(cur, sfd, soff, h.entry.size, 0, ssize, channel)
+            finally:
+                h.close()
 
     def end(self) -> bool:
         """The current file's END: a held one joins the batch (True)."""
@@ -206,6 +257,7 @@ class Holder:
             return False
         out = self.out
         if h.entry.id in out.damaged_ids:  # never made
+            h.close()
             return True
         pfd = out.tree.dir(h.parent)
         if h.parent not in self.batch.dirs:
@@ -227,6 +279,16 @@ class Holder:
 
     def _made(self, h: Held, tmp: bytes, failures: list[tuple[str, int]]) -> None:
         e = h.entry
+        if h.clone is not None:  # counted as Cloner.clone_or_copy counts
+            c = self.out.counts
+            if h.clone_err:
+                reason = errno_reason(h.clone_err)
+                c.copied_bytes += e.size
+                c.copy_reasons[reason] = c.copy_reasons.get(reason, 0) + e.size
+                if h.clone_err in (errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS, errno.EXDEV):
+                    self.out.data.cloner.no_reflink[h.clone[3]] = reason
+            else:
+                c.reflinked_bytes += e.size
         for what, code in failures:
             self.out.not_exact(e, f"{what} not restored: {os.strerror(code)}")
         if h.fresh:
@@ -238,6 +300,8 @@ class Holder:
     def salvage(self) -> None:
         """The run failed: the complete files are made and get their names
         as other complete files do (restore/durable.py ``salvage``)."""
+        if self.held is not None:
+            self.held.close()
         self.held = None
         try:
             self.flush()
@@ -245,5 +309,7 @@ class Holder:
             self.batch.drop()
 
     def drop(self) -> None:
+        if self.held is not None:
+            self.held.close()
         self.held = None
         self.batch.drop()
