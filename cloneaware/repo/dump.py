@@ -28,7 +28,7 @@ def dump(repo: Repository, snap: Snapshot, path: str, out: BinaryIO,
         for r in p.ranges[fid]:
             if r[3] >= 0:
                 planner.get(r[2])
-    fetcher = Fetcher(repo, planner.order)
+    fetcher = Fetcher(repo, planner.order, sizes=planner.sizes)
     try:
         return tarout.write(p, out, fetcher.get, warn)
     finally:

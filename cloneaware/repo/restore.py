@@ -31,14 +31,22 @@ WINDOW = 64 << 20
 
 class IndexBlobs:
     """A blob source that knows the repository's index and fetches nothing
-    (a dry run)."""
+    (a dry run).  ``sizes``: the raw length of each blob asked for so far
+    (a restore asks it of every range, twice: a binary search each cost
+    3 s of a 40 s restore of 116,000 files)."""
 
-    def __init__(self, repo: Repository):
+    def __init__(self, repo: Repository, sizes: dict[bytes, int] | None = None):
         self.repo = repo
+        self.sizes: dict[bytes, int] = {} if sizes is None else sizes
 
     def size(self, bid: bytes, where: str) -> int:
+        n = self.sizes.get(bid)
+        if n is not None:
+            return n
         n = self.repo.index.raw_length(bid)
-        if n < 0:
+        if n >= 0:
+            self.sizes[bid] = n
+        else:
             raise RepositoryError(f"{self.repo.where}: blob {bid.hex()} of {where} is in no "
                                   "index (the repository is damaged; run cloneaware check)")
         return n
@@ -71,8 +79,9 @@ class Fetcher(IndexBlobs):
     (``unplanned``): the plan and the restore follow one receiver, so that
     is a fault worth saying."""
 
-    def __init__(self, repo: Repository, order: list[bytes], threads: int = 3):
-        super().__init__(repo)
+    def __init__(self, repo: Repository, order: list[bytes], threads: int = 3,
+                 sizes: dict[bytes, int] | None = None):
+        super().__init__(repo, sizes)
         self.pool = ThreadPoolExecutor(max_workers=threads)
         self.groups = self._groups(order)
         self.queue: collections.deque = collections.deque()  # (bid, future, i, raw)
@@ -81,10 +90,8 @@ class Fetcher(IndexBlobs):
         self.unplanned = 0
 
     def _groups(self, order: list[bytes]):
-        idx = self.repo.index
         group: list[tuple[bytes, rf.IndexEntry]] = []
-        for bid in order:
-            e = idx.get(bid)
+        for bid, e in zip(order, self.repo.index.get_many(order)):
             if e is None:
                 raise RepositoryError(f"{self.repo.where}: blob {bid.hex()} is in no index "
                                       "(the repository is damaged; run cloneaware check)")
@@ -153,7 +160,7 @@ def restore_snapshots(repo: Repository, snaps: list[Snapshot], dest: str,
         mr.progress, mr.listed, listed = None, None, mr.listed
         mr.receive(planner, record=True)
         mr.progress, mr.listed = progress, listed
-        fetcher = Fetcher(repo, planner.order)
+        fetcher = Fetcher(repo, planner.order, sizes=planner.sizes)
         try:
             s = mr.receive(fetcher)
         finally:
