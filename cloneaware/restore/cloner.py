@@ -75,8 +75,21 @@ class Cloner:
                 self.pwrite(fd, b, off + done, where)
                 n = len(b)
             done += n
+        self.copied(length, reason)
+
+    def copied(self, length: int, reason: str) -> None:
+        """Count ``length`` bytes copied because ``reason``."""
         self.c.copied_bytes += length
         self.c.copy_reasons[reason] = self.c.copy_reasons.get(reason, 0) + length
+
+    def refused(self, err: int, channel: str) -> str:
+        """The kernel would not clone from ``channel``'s source (errno
+        ``err``): why, and no more tries from it where the refusal is the
+        filesystem's, not the range's."""
+        reason = errno_reason(err)
+        if err in (errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS, errno.EXDEV):
+            self.no_reflink[channel] = reason  # stop trying for this source
+        return reason
 
     def clone_or_copy(self, fd: int, sfd: int, soff: int, length: int, off: int,
                       src_size: int, dst_size: int, where: str, channel: str) -> None:
@@ -106,9 +119,6 @@ class Cloner:
             except OSError as ex:
                 if ex.errno not in native.NOT_SUPPORTED:
                     raise OSError(ex.errno, ex.strerror, where) from None
-                reason = errno_reason(ex.errno)
-                if ex.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS, errno.EXDEV):
-                    self.no_reflink[channel] = reason  # stop trying for this source
-                self.copy(fd, sfd, sa, n, a, reason, where)
+                self.copy(fd, sfd, sa, n, a, self.refused(ex.errno, channel), where)
         if tail:
             self.copy(fd, sfd, sa + n, tail, a + n, "unaligned tail", where)

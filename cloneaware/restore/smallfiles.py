@@ -16,7 +16,6 @@ take as they come (a range not at its end, a clone, an encoded extent) turns
 it into an ordinary open file (``take_current``)."""
 from __future__ import annotations
 
-import errno
 import os
 import struct
 from collections.abc import Callable
@@ -26,7 +25,6 @@ from typing import Any
 from cloneaware import native
 from cloneaware.archive import format as fmt
 from cloneaware.errors import ArchiveError
-from cloneaware.fsinfo import errno_reason
 from cloneaware.restore.tree import temp_name
 
 #: files of up to this many bytes may be held
@@ -280,15 +278,11 @@ class Holder:
     def _made(self, h: Held, tmp: bytes, failures: list[tuple[str, int]]) -> None:
         e = h.entry
         if h.clone is not None:  # counted as Cloner.clone_or_copy counts
-            c = self.out.counts
+            cloner = self.out.data.cloner
             if h.clone_err:
-                reason = errno_reason(h.clone_err)
-                c.copied_bytes += e.size
-                c.copy_reasons[reason] = c.copy_reasons.get(reason, 0) + e.size
-                if h.clone_err in (errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS, errno.EXDEV):
-                    self.out.data.cloner.no_reflink[h.clone[3]] = reason
+                cloner.copied(e.size, cloner.refused(h.clone_err, h.clone[3]))
             else:
-                c.reflinked_bytes += e.size
+                self.out.counts.reflinked_bytes += e.size
         for what, code in failures:
             self.out.not_exact(e, f"{what} not restored: {os.strerror(code)}")
         if h.fresh:

@@ -393,10 +393,8 @@ def _walk(paths: list, on_error: OnError, one_file_system: bool, unique_names: b
                             except OSError:
                                 ok = False
                             dev_ok[cst.st_dev] = ok
-                        if not ok:
-                            # the mount point itself is kept, as tar does; not its content
-                            yield Node(None, None, cst, dsrc, c, dirs, dname)
-                            continue
+                        # a mount point itself is kept, as tar does; not its content
+                        is_dir = ok
                     yield Node(None, None, cst, dsrc, c, dirs, dname)
                     if is_dir:
                         subdirs.append((cname, csrc, cshown))

@@ -16,7 +16,9 @@ from helpers.cli import assert_one_line_error, cli, cli_json
 from helpers.space import used
 from helpers.treeutil import Snapshot, assert_same_tree
 
-from cloneaware.restore.smallfiles import SMALL_MAX, SmallFiles
+from cloneaware.archive import format as fmt
+from cloneaware.errors import ArchiveError
+from cloneaware.restore.smallfiles import SMALL_MAX, Held, SmallFiles
 
 KiB = 1 << 10
 MODES = [0o644, 0o600, 0o4755, 0o2750, 0o000, 0o1777, 0o444, 0o777]
@@ -189,3 +191,36 @@ def test_reflinked_copies_of_small_files_are_cloned_in_batches(btrfs_dir, xfs_di
         assert out["copied_bytes"] >= logical, out
         assert sum(out["copy_reasons"].values()) == out["copied_bytes"], out
         assert grew > 2 * logical * 0.9, (grew, logical)
+
+
+def test_a_batched_clone_whose_source_came_up_short_is_refused_and_removed(xfs_dir):
+    """The source of a batched clone is shorter on disk than the archive
+    said (changed under the restore): the file is not made -- its name is
+    removed -- and the error says so in one line; the file before it in
+    the batch is made whole."""
+    src = xfs_dir / "src"
+    src.write_bytes(b"s" * 4096)
+    out = xfs_dir / "out"
+    out.mkdir()
+    fds_before = set(os.listdir("/proc/self/fd"))
+    dfd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    sfd = os.open(src, os.O_RDONLY)
+    made = []
+    try:
+        batch = SmallFiles(chown=False)
+        ok = Held(fmt.Entry(1, fmt.K_REG, b"out/ok", size=4096), b"out", b"ok", bytearray())
+        ok.clone = (os.dup(sfd), 0, 4096, "archive")
+        short = Held(fmt.Entry(2, fmt.K_REG, b"out/short", size=8192), b"out", b"short",
+                     bytearray())
+        short.clone = (os.dup(sfd), 0, 8192, "archive")  # 8192 said, 4096 there
+        batch.add(ok, dfd, b"ok")
+        batch.add(short, dfd, b"short")
+        with pytest.raises(ArchiveError, match="past the end of its source for out/short"):
+            batch.flush(lambda p: os.fsdecode(p), lambda h, tmp, fails: made.append(tmp))
+    finally:
+        os.close(dfd)
+        os.close(sfd)
+    assert made == [b"ok"]
+    assert sorted(os.listdir(out)) == ["ok"]
+    assert (out / "ok").read_bytes() == b"s" * 4096
+    assert set(os.listdir("/proc/self/fd")) == fds_before  # the sources' copies closed
