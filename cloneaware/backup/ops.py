@@ -128,7 +128,8 @@ def plan_ops(fd: int, fileno: int, pieces: np.ndarray, known: Known, sink: Sink,
         if check == CHECK_ENCODED and sink.encoded_data and encoded:
             ops.append(Store(logical, length, encoded=True))
             continue
-        os.posix_fadvise(fd, logical, length, os.POSIX_FADV_WILLNEED)
+        if length > INLINE:  # read in chunks by the workers: the kernel reads ahead
+            os.posix_fadvise(fd, logical, length, os.POSIX_FADV_WILLNEED)
         if check == CHECK_HASHED and length <= fmt.CHUNK_MAX and not sink.content_addressed:
             ops.append(Store(logical, length, (fileno, logical)))
         else:
