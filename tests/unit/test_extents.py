@@ -360,3 +360,33 @@ def test_exact_ranges_share_by_overlap_and_the_sole_owner_may_be_encoded():
     plain = emap((0, D + 64 * KiB, 64 * KiB, fl.FE_LAST))
     p = build((0, 128 * KiB, a), (0, 64 * KiB, plain))
     assert p.totals.shared_bytes == 0
+
+
+def test_map_digest_small_maps_as_the_numpy_layout():
+    """map_digest merges small maps in plain Python: the digest must be the
+    one of the numpy layout (continuing runs merged, a zero physical never
+    merged, flags ignored), else a file read would be judged changed."""
+    import hashlib
+    import random
+
+    from cloneaware.backup.meta import SMALL_MAP, layout, map_digest
+
+    def numpy_digest(e):
+        return hashlib.blake2b(np.ascontiguousarray(layout(e)).tobytes(),
+                               digest_size=16).digest()
+
+    rng = random.Random(7)
+    merged = 0
+    for _ in range(3000):
+        rs, lg, ph = [], 0, rng.choice([0, 1 << 20])
+        for _ in range(rng.randint(0, SMALL_MAP)):
+            ln = rng.choice([K, 2 * K, 64 * K])
+            rs.append((lg, ph, ln, rng.choice([0, 0x8, 0x2000])))
+            lg += ln + rng.choice([0, 0, K])
+            ph = rng.choice([ph + ln, ph + ln, 0, rng.randint(1, 1 << 20) * K])
+        e = emap(*rs)
+        merged += len(layout(e)) < len(e)
+        assert map_digest(e) == numpy_digest(e), rows(e)
+    assert merged > 100  # the merging rule was exercised
+    big = emap(*[(i * K, (i + 9) * K, K) for i in range(SMALL_MAP + 1)])
+    assert map_digest(big) == numpy_digest(big) == map_digest(emap((0, 9 * K, (SMALL_MAP + 1) * K)))
