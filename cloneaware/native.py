@@ -471,3 +471,27 @@ def write_small(files: bytearray, n: int, names, data) -> int:
     cfiles = ffi.from_buffer("struct ca_small[]", files, require_writable=True)
     return int(lib.ca_write_small(cfiles, n, ffi.from_buffer("uint8_t[]", names),
                                   ffi.from_buffer("uint8_t[]", data)))
+
+
+#: ``struct ca_rsmall`` (read_small): in dirfd, name_len, name_off,
+#: data_off, want; out fd, err, step, n_ext, got, the stat before the read
+#: (LIST_STAT), then CA_RSMALL_EXT extents (EXTENT_SIZE each)
+READ_SMALL = struct.Struct("<iI3QiiIIQ" + LIST_STAT.format[1:])
+READ_SMALL_EXT = lib.CA_RSMALL_EXT
+READ_SMALL_SIZE = ffi.sizeof("struct ca_rsmall")
+assert READ_SMALL.size == ffi.offsetof("struct ca_rsmall", "ext")
+assert READ_SMALL_SIZE == READ_SMALL.size + READ_SMALL_EXT * EXTENT_SIZE
+
+
+def read_small(files: bytearray, n: int, names, data: bytearray, live: bool,
+               threads: int = 4) -> None:
+    """Open, fstat and read ``n`` small files (``files``: n packed
+    ``struct ca_rsmall``; ``data``: where their bytes go) in one call
+    without the GIL, each also mapped after its read where ``live``, on
+    up to ``threads`` threads; each one's out fields
+    say what was done and what failed.  The descriptors opened are the
+    caller's to close."""
+    lib.ca_read_small(ffi.from_buffer("struct ca_rsmall[]", files, require_writable=True), n,
+                      ffi.from_buffer("uint8_t[]", names),
+                      ffi.from_buffer("uint8_t[]", data, require_writable=True), int(live),
+                      threads)

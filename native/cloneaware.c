@@ -186,14 +186,10 @@ static int list_names(int fd, struct ca_dirlist *l, size_t **offs_out)
     return 0;
 }
 
-static void stat_one(int dir_fd, const char *name, struct ca_dstat *o)
+static void fill_dstat(const struct stat *sp, struct ca_dstat *o)
 {
-    struct stat s;
+    const struct stat s = *sp;
 
-    if (fstatat(dir_fd, name, &s, AT_SYMLINK_NOFOLLOW) < 0) {
-        o->err = errno;
-        return;
-    }
     o->mode = s.st_mode;
     o->uid = s.st_uid;
     o->gid = s.st_gid;
@@ -206,6 +202,17 @@ static void stat_one(int dir_fd, const char *name, struct ca_dstat *o)
     o->ctime_ns = (int64_t)s.st_ctim.tv_sec * 1000000000 + s.st_ctim.tv_nsec;
     o->rdev = s.st_rdev;
     o->blocks = (uint64_t)s.st_blocks;
+}
+
+static void stat_one(int dir_fd, const char *name, struct ca_dstat *o)
+{
+    struct stat s;
+
+    if (fstatat(dir_fd, name, &s, AT_SYMLINK_NOFOLLOW) < 0) {
+        o->err = errno;
+        return;
+    }
+    fill_dstat(&s, o);
 }
 
 /* The entries of a batch are stat'ed in chunks of this many, taken by the
@@ -1070,4 +1077,111 @@ size_t ca_write_small(struct ca_small *files, size_t n, const uint8_t *names,
             return i;
     }
     return n;
+}
+
+/* ---- small files read ahead of a backup's writer ---------------------- */
+
+static int read_small_fail(struct ca_rsmall *f, int step)
+{
+    f->err = errno;
+    f->step = (uint32_t)step;
+    return -1;
+}
+
+static int read_small_one(struct ca_rsmall *f, const uint8_t *names, uint8_t *data,
+                          int live)
+{
+    char name[4096];
+    struct stat s;
+    uint8_t *buf = data + f->data_off;
+    struct ca_extent *ext = NULL;
+    size_t count = 0;
+    int fd, rc;
+    const int flags = O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK;
+
+    if (f->name_len >= sizeof(name)) {
+        errno = ENAMETOOLONG;
+        return read_small_fail(f, 1);
+    }
+    memcpy(name, names + f->name_off, f->name_len);
+    name[f->name_len] = 0;
+    fd = openat(f->dirfd, name, flags | O_NOATIME);
+    if (fd < 0 && errno == EPERM)
+        fd = openat(f->dirfd, name, flags);
+    if (fd < 0)
+        return read_small_fail(f, 1);
+    f->fd = fd;
+    if (fstat(fd, &s) < 0)
+        return read_small_fail(f, 2);
+    fill_dstat(&s, &f->st);
+    if (!S_ISREG(s.st_mode))
+        return 0; /* the caller sees the mode: nothing read */
+    while (f->got < f->want) {
+        ssize_t r = pread(fd, buf + f->got, f->want - f->got, (off_t)f->got);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return read_small_fail(f, 3);
+        }
+        if (r == 0)
+            break; /* shorter than planned: the rest reads as zeros */
+        f->got += (uint64_t)r;
+    }
+    memset(buf + f->got, 0, f->want - f->got);
+    if (!live)
+        return 0;
+    rc = ca_fiemap(fd, &ext, &count);
+    if (rc < 0) {
+        errno = -rc;
+        return read_small_fail(f, 4);
+    }
+    f->n_ext = (uint32_t)count;
+    memcpy(f->ext, ext, (count < CA_RSMALL_EXT ? count : CA_RSMALL_EXT) * sizeof(*ext));
+    free(ext);
+    return 0;
+}
+
+struct read_small_job {
+    struct ca_rsmall *files;
+    size_t n;
+    const uint8_t *names;
+    uint8_t *data;
+    int live;
+    size_t next; /* the next file to take, atomically */
+};
+
+static void *read_small_worker(void *arg)
+{
+    struct read_small_job *j = arg;
+    size_t i;
+
+    while ((i = __atomic_fetch_add(&j->next, 1, __ATOMIC_RELAXED)) < j->n) {
+        struct ca_rsmall *f = &j->files[i];
+        f->fd = -1;
+        f->err = 0;
+        f->step = 0;
+        f->n_ext = 0;
+        f->got = 0;
+        read_small_one(f, j->names, j->data, j->live);
+    }
+    return NULL;
+}
+
+void ca_read_small(struct ca_rsmall *files, size_t n, const uint8_t *names, uint8_t *data,
+                   int live, int threads)
+{
+    struct read_small_job j = {files, n, names, data, live, 0};
+    pthread_t t[CA_LIST_THREADS_MAX];
+    int started = 0;
+
+    if (threads > CA_LIST_THREADS_MAX)
+        threads = CA_LIST_THREADS_MAX;
+    /* the cold reads of a batch wait on the disk one after another on
+     * one thread: a few threads keep several in flight */
+    for (; started < threads - 1 && (size_t)started + 1 < n; started++)
+        if (pthread_create(&t[started], NULL, read_small_worker, &j) != 0)
+            break;
+    read_small_worker(&j);
+    for (int k = 0; k < started; k++)
+        pthread_join(t[k], NULL);
 }

@@ -17,8 +17,9 @@ import numpy as np
 
 from cloneaware import fsinfo
 from cloneaware.archive import format as fmt
+from cloneaware.backup.ahead import Early
 from cloneaware.backup.meta import entry_for, map_digest, read_iflags, read_xattrs, same_stat
-from cloneaware.backup.ops import Known, OpWriter, plan_ops
+from cloneaware.backup.ops import Known, OpWriter, Store, plan_ops
 from cloneaware.backup.sinks import Sink
 from cloneaware.backup.summary import Summary
 from cloneaware.index.plan import PIECE_DTYPE, Plan, data_ranges
@@ -67,11 +68,12 @@ class FileWriter:
         if item.fileno >= 0:
             self.known.invalid.add(item.fileno)
 
-    def write(self, item: WalkedFile) -> int | None:
-        """The file's entry id, or None if it was not stored."""
+    def write(self, item: WalkedFile, early: Early | None = None) -> int | None:
+        """The file's entry id, or None if it was not stored.  ``early``: the
+        file opened and read ahead (backup/ahead.py), its descriptor ours."""
         node = item.node
         try:
-            fd = open_source(node)
+            fd = open_source(node) if early is None else early.fd
         except FileNotFoundError:
             self.changed(node.src, "vanished before it was read")
             self.invalidate(item)
@@ -86,7 +88,7 @@ class FileWriter:
         #: the xattrs and inode flags read for the metadata rule, read once
         meta: tuple[list[tuple[bytes, bytes]], int] | None = None
         try:
-            st = os.fstat(fd)
+            st = os.fstat(fd) if early is None else early.st
             if not stat.S_ISREG(st.st_mode):
                 self.changed(node.src, "replaced by another kind of file")
                 self.invalidate(item)
@@ -105,7 +107,7 @@ class FileWriter:
                     self.capture.counts.live(got)
                 else:
                     cap = got
-            return self._write(item, fd, cap, st, meta)
+            return self._write(item, fd, cap, st, meta, early)
         except OSError as ex:
             # Archive writes carry the archive's name; what has none came from
             # this file (fstat, xattrs, reads on the workers).
@@ -163,7 +165,8 @@ class FileWriter:
         return first
 
     def _write(self, item: WalkedFile, fd: int, cap: int | None, st: os.stat_result,
-               meta: tuple[list[tuple[bytes, bytes]], int] | None = None) -> int:
+               meta: tuple[list[tuple[bytes, bytes]], int] | None = None,
+               early: Early | None = None) -> int:
         node = item.node
         live = cap is None and self.live
         if cap is not None:
@@ -178,16 +181,25 @@ class FileWriter:
         data_fd = fd if cap is None else cap
         # after the entry is known: a file may share with itself
         ops = plan_ops(data_fd, item.fileno, pieces, self.known, self.sink, self.encoded)
-        short = self.ops.write(data_fd, ops, node.src)
+        op = ops[0] if len(ops) == 1 else None
+        if early is not None and (cap is not None or not isinstance(op, Store) or op.encoded
+                                  or op.offset != 0 or op.length != early.length):
+            early = None  # not the read done ahead: done here
+        elif early is not None:
+            self.s.read_ahead_files += 1
+        short = self.ops.write(data_fd, ops, node.src, early)
         self.sink.end()
         s = self.s
         s.files += 1
         s.logical_bytes += size
         s.hole_bytes += size - data_bytes
         if live:
+            # after the xattrs were read too, for a file read ahead
             after = os.fstat(fd)
-            if short or not same_stat(after, st) or before != map_digest(
-                    extent_map(fd, after.st_size, node.src)):
+            ext = early.ext if early is not None else None
+            if ext is None:
+                ext = extent_map(fd, after.st_size, node.src)
+            if short or not same_stat(after, st) or before != map_digest(ext):
                 self.changed(node.src, "file changed as we read it")
                 self.invalidate(item)
         elif short:  # a clone or a snapshot cannot shrink: the disk lied

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import numpy as np
 
 from cloneaware.archive import format as fmt
+from cloneaware.backup.ahead import Early
 from cloneaware.backup.sinks import Prior, Sink
 from cloneaware.backup.summary import Summary
 from cloneaware.backup.workers import BaseCheck, Chunk, Workers
@@ -155,8 +156,9 @@ class OpWriter:
         #: (fileno, logical) -> SHA-256 of stored data that a candidate names
         self.hashes: dict[tuple[int, int], bytes] = {}
 
-    def write(self, fd: int, ops: list[Op], path: bytes) -> bool:
-        """Write one file's ranges, in order; True on a short read."""
+    def write(self, fd: int, ops: list[Op], path: bytes, early: Early | None = None) -> bool:
+        """Write one file's ranges, in order; True on a short read.
+        ``early``: ``ops`` is the one Store that was read ahead."""
         workers = self.workers
         data_job = self.sink.data_job(workers)
 
@@ -171,6 +173,8 @@ class OpWriter:
                                       self.open_base(op.base), op.base_offset)
             return None
 
+        if early is not None:
+            return self._one(fd, ops[0], _Now(early.chunk), data_job, path)
         if len(ops) == 1 and isinstance(ops[0], Store) and ops[0].length <= INLINE:
             # One small chunk: read here.  Handing it to a worker and waiting
             # costs two thread wake-ups, more than the work.

@@ -23,9 +23,10 @@ import numpy as np
 
 from cloneaware.archive import format as fmt
 from cloneaware.archive import thin
+from cloneaware.backup.ahead import ReadAhead, available
 from cloneaware.backup.files import FileWriter, WalkedFile
 from cloneaware.backup.meta import entry_for, map_digest, same_stat
-from cloneaware.backup.ops import Known, OpWriter
+from cloneaware.backup.ops import INLINE, Known, OpWriter
 from cloneaware.backup.others import Others
 from cloneaware.backup.sinks import Sink
 from cloneaware.backup.summary import Summary
@@ -332,6 +333,17 @@ class Backup:
                            self._changed, self._skip)
         others = Others(s, {v: k for k, v in (self.redirect or {}).items()}, self._changed,
                         self._skip)
+        ahead = ReadAhead(items, WalkedFile, plan, sink, workers, min(self.capture.small, INLINE),
+                          self.redirect is None) if sink.read_ahead() and available() else None
+        try:
+            self._write_items(items, files, others, ahead)
+        finally:
+            if ahead is not None:
+                ahead.close()
+
+    def _write_items(self, items: list, files: FileWriter, others: Others,
+                     ahead: ReadAhead | None) -> None:
+        s, sink = self.summary, self.sink
         # walk item -> entry id (-1: none), 8 bytes an item
         entry_of_item = array.array("q", [-1]) * len(items)
         # The unopened files of a window of the walk are encoded in one call
@@ -379,7 +391,7 @@ class Backup:
                     continue
                 # the first name vanished: store this name as a file of its own
                 item = WalkedFile(item.node, -1, None)
-            eid = files.write(item)
+            eid = files.write(item, ahead.take(n) if ahead is not None else None)
             if eid is not None:
                 entry_of_item[n] = eid
                 self.listed(item.node.name)

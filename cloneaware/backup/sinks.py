@@ -134,6 +134,23 @@ class Sink:
     summary: Any = None  # the backup's Summary, set by Backup
     content_addressed = False
     encoded_data = False
+
+    def read_ahead(self) -> bool:
+        """Whether small files may be read before their turn, in batches
+        (backup/ahead.py): their chunks made by small_chunk, and no file
+        taken unread by unchanged()."""
+        return False
+
+    def small_level(self, workers: Workers) -> int:
+        """The zstd level a file read ahead is compressed with (0: none)."""
+        return 0
+
+    def small_chunk(self, workers: Workers, data: memoryview, got: int,
+                    z: bytes | None) -> Chunk:
+        """The chunk of a file's first ``len(data)`` bytes read ahead
+        (``got`` of them read, zeros after), ``z`` their zstd frame at
+        small_level (None at level 0): what data_job would have made."""
+        raise NotImplementedError
     writer: Writer | None = None
 
     def _w(self) -> Writer:
@@ -256,6 +273,16 @@ class ArchiveSink(Sink):
         """Open the output and start the archive (``size_hint`` unused)."""
         self.out = self.opener()
         self.writer = Writer(self.out, base, self.name)
+
+    def read_ahead(self) -> bool:
+        return True
+
+    def small_level(self, workers: Workers) -> int:
+        return workers.level if workers.codec == fmt.CODEC_ZSTD else 0
+
+    def small_chunk(self, workers: Workers, data: memoryview, got: int,
+                    z: bytes | None) -> Chunk:
+        return workers.data_chunk(0, data, got, z)
 
     def data_job(self, workers: Workers):
         return workers.data_job

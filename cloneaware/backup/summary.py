@@ -49,6 +49,9 @@ class Summary:
     #: of files: those the files cache proved unchanged by their stat alone,
     #: never opened
     unopened_files: int = 0
+    #: of files: small ones read ahead of their turn, in batches on a helper
+    #: thread (backup/ahead.py)
+    read_ahead_files: int = 0
     added_bytes: int = 0
     snapshot: str | None = None
     read_live: int = 0

@@ -134,6 +134,16 @@ class Workers:
             return Chunk(sha, got, parts)
         return Chunk(sha, got, parts, buf=buf)
 
+    def data_chunk(self, offset: int, data: memoryview, got: int, z: bytes | None) -> Chunk:
+        """The DATA record of ``data`` read elsewhere (backup/ahead.py),
+        ``z`` its zstd frame if it was compressed: as data_job frames it."""
+        sha = hashlib.sha256(data).digest()
+        codec, payload = fmt.CODEC_NONE, data  # type: tuple[int, bytes | memoryview]
+        if z is not None and len(z) < len(data):
+            codec, payload = fmt.CODEC_ZSTD, z
+        head = fmt.encode_data_head(offset, len(data), codec, sha)
+        return Chunk(sha, got, fmt.frame_parts(fmt.T_DATA, head, payload))
+
     #: encoded read refused for the whole run (no CAP_SYS_ADMIN, not Btrfs)
     encoded_refused: str | None = None
 

@@ -188,13 +188,14 @@ class Repository:
 
     # -- blobs ---------------------------------------------------------------------------
 
-    def encode_blob(self, btype: int, bid: bytes, data, zstd: zstandard.ZstdCompressor | None
-                    ) -> bytes:
-        """The stored form of a blob: codec | payload, sealed (on a worker)."""
+    def encode_blob(self, btype: int, bid: bytes, data, zstd: zstandard.ZstdCompressor | None,
+                    compressed: bytes | None = None) -> bytes:
+        """The stored form of a blob: codec | payload, sealed (on a worker).
+        ``compressed``: the zstd frame of ``data``, made already."""
         payload = None
-        if zstd is not None and len(data) > 64:
-            z = zstd.compress(data)
-            if len(z) < len(data):
+        if len(data) > 64:
+            z = compressed if compressed is not None or zstd is None else zstd.compress(data)
+            if z is not None and len(z) < len(data):
                 payload = bytes((rf.CODEC_ZSTD,)) + z
         if payload is None:
             payload = bytes((rf.CODEC_NONE,)) + bytes(data)

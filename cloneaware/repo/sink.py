@@ -274,6 +274,15 @@ class RepositorySink(Sink):
             return None
         return self.sets.staging(self.sets.mounts.top(os.path.dirname(src) or b"."))
 
+    def read_ahead(self) -> bool:
+        return self.files is None  # no last backup to take a file from unread
+
+    def small_level(self, workers: Workers) -> int:
+        return self.level
+
+    def small_chunk(self, workers: Workers, data, got: int, z: bytes | None) -> Chunk:
+        return self.chunk(data, got, None, z)
+
     def unchanged(self, node, st, e: fmt.Entry, ext=None) -> bool:
         r = -1 if self.files is None else self.files.unchanged(node.name, st)
         if r < 0:
@@ -357,16 +366,17 @@ class RepositorySink(Sink):
             yield offset, n
             offset += n
 
-    def chunk(self, data, got: int, z) -> Chunk:
+    def chunk(self, data, got: int, z, compressed: bytes | None = None) -> Chunk:
         """A stored chunk of ``data``: its blob id, and the sealed blob if
-        the repository does not have it (on a worker, or in import_archive)."""
+        the repository does not have it (on a worker, or in import_archive);
+        ``compressed``: its zstd frame, made already (backup/ahead.py)."""
         repo = self.repo
         bid = repo.crypto.blob_id(data)
         if self.packer.known(bid):
             return Chunk(bid, got, None)
         if self.dry_run:
             return Chunk(bid, got, [b""])
-        return Chunk(bid, got, [repo.encode_blob(rf.T_DATA, bid, data, z)])
+        return Chunk(bid, got, [repo.encode_blob(rf.T_DATA, bid, data, z, compressed)])
 
     def data_job(self, workers: Workers):
         level = self.level

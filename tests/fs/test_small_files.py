@@ -5,10 +5,13 @@ an archive and from a repository, with the hard links and clones that
 need a batched file on disk before the batch ends."""
 from __future__ import annotations
 
+import errno
 import os
 import random
 import resource
 import shutil
+import stat
+import struct
 import subprocess
 
 import pytest
@@ -224,3 +227,101 @@ def test_a_batched_clone_whose_source_came_up_short_is_refused_and_removed(xfs_d
     assert sorted(os.listdir(out)) == ["ok"]
     assert (out / "ok").read_bytes() == b"s" * 4096
     assert set(os.listdir("/proc/self/fd")) == fds_before  # the sources' copies closed
+
+
+# -- backup: small files read ahead in batches (backup/ahead.py) ------------------------
+
+
+def _read_ahead_expected(src) -> int:
+    """The files a night 1 reads ahead: regular, 1 byte to 64 KiB, all data
+    (no hole: one stored piece), a hard link's first name only."""
+    n, seen = 0, set()
+    for d, _, names in os.walk(src):
+        for name in names:
+            st = os.lstat(os.path.join(d, name))
+            if not os.path.isfile(os.path.join(d, name)) or (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            n += 0 < st.st_size <= 64 * KiB and st.st_blocks * 512 >= st.st_size
+    return n
+
+
+@pytest.mark.parametrize("to", ["archive", "repository", "repository-uncompressed"])
+def test_small_files_read_ahead_are_stored_exactly(small_src, xfs_dir, to):
+    """Night 1 reads its small files ahead, in batches on a helper thread:
+    every one of them is counted, and the tree comes back exact (bytes,
+    owners, modes, times, xattrs, holes, links)."""
+    src, holes = small_src
+    want = Snapshot(src, atime=False)
+    if to == "archive":
+        target = ["-o", xfs_dir / "a.ca"]
+    else:
+        cli("init", "-r", xfs_dir / "repo", check_rc=0)
+        target = ["-r", xfs_dir / "repo"] + (["--compress", "none"] if "un" in to else [])
+    s = cli_json("backup", "--json", *target, src, check_rc=0)
+    assert s["read_ahead_files"] == _read_ahead_expected(src) > 2 * 32, s
+    assert s["changed"] == [] and s["skipped"] == [], s
+    dest = xfs_dir / "out"
+    if to == "archive":
+        cli("restore", xfs_dir / "a.ca", dest, check_rc=0)
+    else:
+        cli("restore", "-r", xfs_dir / "repo", "latest", dest, check_rc=0)
+    assert_same_tree(want, Snapshot(dest / "src", atime=False))
+    _assert_holes_kept(src, dest / "src", holes)
+    if to != "archive":  # night 2: the files cache takes them, nothing is read ahead
+        s2 = cli_json("backup", "--json", *target, src, check_rc=0)
+        assert s2["read_ahead_files"] == 0 and s2["bytes_read"] == 0, s2
+
+
+def test_read_small_reports_each_file_as_the_kernel_does(btrfs_dir):
+    """native.read_small: each file opened, stat'ed, read and mapped after
+    its read, as os.fstat and FIEMAP say; a short file read as far as
+    it goes, zeros after; a missing name, a symlink (not followed) and a
+    FIFO (opened without blocking) said per file, the rest done."""
+    from cloneaware import native
+    from cloneaware.source.mapping import fiemap
+
+    d = btrfs_dir / "rs"
+    d.mkdir()
+    (d / "a").write_bytes(b"a" * 5000)
+    (d / "short").write_bytes(b"s" * 100)
+    os.symlink("a", d / "link")
+    os.mkfifo(d / "fifo")
+    os.sync()
+    names = [b"a", b"short", b"missing", b"link", b"fifo", b"a"]
+    wants = [5000, 300, 10, 10, 10, 5000]
+    size = native.READ_SMALL_SIZE
+    recs, blob, data_at = bytearray(size * len(names)), b"".join(names), 0
+    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        name_at = 0
+        for i, (nm, w) in enumerate(zip(names, wants)):
+            struct.pack_into("<iI3Q", recs, i * size, dfd, len(nm), name_at, data_at, w)
+            name_at += len(nm)
+            data_at += w
+        data = bytearray(b"\xff" * data_at)
+        native.read_small(recs, len(names), blob, data, True, threads=3)
+    finally:
+        os.close(dfd)
+    got = [native.READ_SMALL.unpack_from(recs, i * size) for i in range(len(names))]
+    fds = [g[5] for g in got]
+    try:
+        for i in (0, 5):
+            st, rec = os.fstat(fds[i]), got[i]
+            assert rec[6:8] == (0, 0) and rec[9] == 5000  # err, step; got
+            assert (rec[10], rec[14], rec[15], rec[17], rec[19], rec[20]) == (
+                st.st_mode, st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            ext = fiemap(fds[i])
+            assert rec[8] == len(ext) >= 1
+            at = i * size + native.READ_SMALL.size
+            assert bytes(recs[at:at + len(ext) * native.EXTENT_SIZE]) == ext.tobytes()
+        assert bytes(data[:5000]) == b"a" * 5000 == bytes(data[-5000:])
+        assert got[1][9] == 100 and bytes(data[5000:5300]) == b"s" * 100 + bytes(200)
+        assert got[2][5:8] == (-1, errno.ENOENT, 1)
+        assert got[3][5:8] == (-1, errno.ELOOP, 1)
+        assert got[4][6:8] == (0, 0) and stat.S_ISFIFO(got[4][10]) and got[4][9] == 0
+        assert bytes(data[5310:5320]) == b"\xff" * 10  # nothing read from the FIFO
+    finally:
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
