@@ -255,3 +255,52 @@ def test_fiemap_error_names_the_path(tmp_path):
         mapping.fiemap(-1, str(p))
     assert ei.value.errno == errno.EBADF
     assert ei.value.filename == str(p)
+
+
+@pytest.mark.parametrize("kind", ["btrfs", "xfs", "tmpfs"])
+def test_map_tree_batches_map_as_each_file_alone(loopfs, kind):
+    """map_tree maps regular files 64 at a time in one native call: each
+    file's map and stat must be what mapping it alone gives (extent_map on
+    a descriptor of its own, os.lstat), over more than one batch and for
+    every shape in the zoo (more extents than a batch keeps, compressed
+    extents, tmpfs without FIEMAP); a file deleted after the walk saw it
+    and before its batch opened it is skipped with its reason, the rest
+    of its batch mapped."""
+    fs = loopfs(kind, mount_options="compress-force=zstd" if kind == "btrfs" else "")
+    top = fs.path / "t"
+    (top / "many").mkdir(parents=True)
+    zoo = make_zoo(top) if kind != "tmpfs" else {}
+    for i in range(150):
+        (top / "many" / f"f{i:03d}").write_bytes(compressible(100 + 997 * i))
+    frag = top / "frag"  # 40 extents: more than a batch keeps
+    with open(frag, "wb") as f:
+        for i in range(40):
+            f.seek(2 * i * 64 * KiB)
+            f.write(os.urandom(64 * KiB))
+    os.sync()
+    doomed = top / "many" / "f120"
+
+    def known(node) -> int:
+        if node.leaf == b"f100":  # f120 waits in the same batch, listed already
+            doomed.unlink()
+        return -1
+
+    items = list(mapping.map_tree([str(top)], known=known))
+    mapped = {it.node.src: it for it in items if isinstance(it, mapping.Mapped)}
+    skipped = [it for it in items if isinstance(it, mapping.Skipped)]
+    assert [(s.path, s.reason) for s in skipped] == [(os.fsencode(doomed),
+                                                      "No such file or directory")]
+    assert len(mapped) == 150 - 1 + 1 + len(zoo)
+    for src, it in mapped.items():
+        st = os.lstat(src)
+        assert (it.node.st.st_ino, it.node.st.st_size, it.node.st.st_mtime_ns,
+                it.node.st.st_mode) == (st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode)
+        fd = os.open(src, os.O_RDONLY)
+        try:
+            alone = mapping.extent_map(fd, st.st_size, src)
+        finally:
+            os.close(fd)
+        assert it.ext.dtype == alone.dtype and it.ext.tobytes() == alone.tobytes(), src
+    assert len(mapped[os.fsencode(frag)].ext) >= 40 if kind != "tmpfs" else True
+    if kind == "btrfs":
+        assert any(len(it.ext) and it.ext["flags"][0] & fl.FE_ENCODED for it in mapped.values())
