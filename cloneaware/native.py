@@ -474,24 +474,28 @@ def write_small(files: bytearray, n: int, names, data) -> int:
 
 
 #: ``struct ca_rsmall`` (read_small): in dirfd, name_len, name_off,
-#: data_off, want; out fd, err, step, n_ext, got, the stat before the read
-#: (LIST_STAT), then CA_RSMALL_EXT extents (EXTENT_SIZE each)
-READ_SMALL = struct.Struct("<iI3QiiIIQ" + LIST_STAT.format[1:])
+#: data_off, want; out fd, err, step, n_ext, got, xattr_err, iflags_err,
+#: xattr_len, iflags, the stat before the read (LIST_STAT), then
+#: CA_RSMALL_EXT extents (EXTENT_SIZE each)
+READ_SMALL = struct.Struct("<iI3QiiIIQiiII" + LIST_STAT.format[1:])
+#: what read_small does besides opening, stat'ing and reading: map each
+#: file after its read; read its xattr list's size and inode flags
+READ_SMALL_MAP, READ_SMALL_META = lib.CA_RSMALL_MAP, lib.CA_RSMALL_META
 READ_SMALL_EXT = lib.CA_RSMALL_EXT
 READ_SMALL_SIZE = ffi.sizeof("struct ca_rsmall")
 assert READ_SMALL.size == ffi.offsetof("struct ca_rsmall", "ext")
 assert READ_SMALL_SIZE == READ_SMALL.size + READ_SMALL_EXT * EXTENT_SIZE
 
 
-def read_small(files: bytearray, n: int, names, data: bytearray, live: bool,
+def read_small(files: bytearray, n: int, names, data: bytearray, what: int,
                threads: int = 4) -> None:
     """Open, fstat and read ``n`` small files (``files``: n packed
     ``struct ca_rsmall``; ``data``: where their bytes go) in one call
-    without the GIL, each also mapped after its read where ``live``, on
-    up to ``threads`` threads; each one's out fields
+    without the GIL, doing also ``what`` says (READ_SMALL_MAP,
+    READ_SMALL_META), on up to ``threads`` threads; each one's out fields
     say what was done and what failed.  The descriptors opened are the
     caller's to close."""
     lib.ca_read_small(ffi.from_buffer("struct ca_rsmall[]", files, require_writable=True), n,
                       ffi.from_buffer("uint8_t[]", names),
-                      ffi.from_buffer("uint8_t[]", data, require_writable=True), int(live),
+                      ffi.from_buffer("uint8_t[]", data, require_writable=True), what,
                       threads)

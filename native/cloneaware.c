@@ -18,6 +18,7 @@
 #include <linux/btrfs.h>
 #include <linux/btrfs_tree.h>
 #include <sys/uio.h>
+#include <sys/xattr.h>
 
 #include "cloneaware.h"
 
@@ -1089,7 +1090,7 @@ static int read_small_fail(struct ca_rsmall *f, int step)
 }
 
 static int read_small_one(struct ca_rsmall *f, const uint8_t *names, uint8_t *data,
-                          int live)
+                          int what)
 {
     char name[4096];
     struct stat s;
@@ -1116,6 +1117,20 @@ static int read_small_one(struct ca_rsmall *f, const uint8_t *names, uint8_t *da
     fill_dstat(&s, &f->st);
     if (!S_ISREG(s.st_mode))
         return 0; /* the caller sees the mode: nothing read */
+    if (what & CA_RSMALL_META) {
+        ssize_t xl = flistxattr(fd, NULL, 0);
+        uint32_t fl = 0;
+        int frc;
+        if (xl < 0)
+            f->xattr_err = errno;
+        else
+            f->xattr_len = xl > (ssize_t)UINT32_MAX ? UINT32_MAX : (uint32_t)xl;
+        frc = ca_getflags(fd, &fl);
+        if (frc < 0)
+            f->iflags_err = -frc;
+        else
+            f->iflags = fl;
+    }
     while (f->got < f->want) {
         ssize_t r = pread(fd, buf + f->got, f->want - f->got, (off_t)f->got);
         if (r < 0) {
@@ -1128,7 +1143,7 @@ static int read_small_one(struct ca_rsmall *f, const uint8_t *names, uint8_t *da
         f->got += (uint64_t)r;
     }
     memset(buf + f->got, 0, f->want - f->got);
-    if (!live)
+    if (!(what & CA_RSMALL_MAP))
         return 0;
     rc = ca_fiemap(fd, &ext, &count);
     if (rc < 0) {
@@ -1146,7 +1161,7 @@ struct read_small_job {
     size_t n;
     const uint8_t *names;
     uint8_t *data;
-    int live;
+    int what;
     size_t next; /* the next file to take, atomically */
 };
 
@@ -1162,15 +1177,17 @@ static void *read_small_worker(void *arg)
         f->step = 0;
         f->n_ext = 0;
         f->got = 0;
-        read_small_one(f, j->names, j->data, j->live);
+        f->xattr_err = f->iflags_err = 0;
+        f->xattr_len = f->iflags = 0;
+        read_small_one(f, j->names, j->data, j->what);
     }
     return NULL;
 }
 
 void ca_read_small(struct ca_rsmall *files, size_t n, const uint8_t *names, uint8_t *data,
-                   int live, int threads)
+                   int what, int threads)
 {
-    struct read_small_job j = {files, n, names, data, live, 0};
+    struct read_small_job j = {files, n, names, data, what, 0};
     pthread_t t[CA_LIST_THREADS_MAX];
     int started = 0;
 

@@ -237,7 +237,9 @@ size_t ca_write_small(struct ca_small *files, size_t n, const uint8_t *names,
 /* Small files read ahead of a backup's writer, in one call without the
  * GIL: each opened beneath dirfd (O_NOFOLLOW, O_NONBLOCK, O_NOATIME where
  * allowed), its fstat taken, its first ``want`` bytes read into data at
- * data_off (zeros past its end), and with ``live`` its extent map
+ * data_off (zeros past its end); with CA_RSMALL_META in ``what`` the
+ * size of its xattr list (flistxattr) and its inode flags (FS_IOC_GETFLAGS)
+ * or the errno of each, before the read; with CA_RSMALL_MAP its extent map
  * (FIEMAP with FIEMAP_FLAG_SYNC) taken just after the read: the first
  * CA_RSMALL_EXT extents, and their count.  Out: fd (left open for the
  * caller; -1 if not opened), got, and err and step (1 open, 2 fstat,
@@ -245,6 +247,8 @@ size_t ca_write_small(struct ca_small *files, size_t n, const uint8_t *names,
  * read from a file that is not regular (its mode says so).  The files are
  * shared out among up to ``threads`` threads (CA_LIST_THREADS_MAX at most). */
 #define CA_RSMALL_EXT 8
+#define CA_RSMALL_MAP 1
+#define CA_RSMALL_META 2
 struct ca_rsmall {
     int32_t dirfd;
     uint32_t name_len;
@@ -252,9 +256,11 @@ struct ca_rsmall {
     int32_t fd, err;
     uint32_t step, n_ext;
     uint64_t got;
+    int32_t xattr_err, iflags_err;
+    uint32_t xattr_len, iflags;
     struct ca_dstat st;
     struct ca_extent ext[CA_RSMALL_EXT];
 };
 void ca_read_small(struct ca_rsmall *files, size_t n, const uint8_t *names, uint8_t *data,
-                   int live, int threads);
+                   int what, int threads);
 

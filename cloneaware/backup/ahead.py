@@ -6,8 +6,9 @@ came (ops.INLINE): handing one file to a worker costs more than the work.
 So one core did everything while the other waited.  Here the next small
 files are read in batches by a helper thread, which holds the GIL only
 between batches: one native call (native.read_small) opens each file,
-takes its fstat, reads it and, for a live backup, maps it again just
-after the read (the live check of files.py); then one call
+takes its fstat, the size of its xattr list and its inode flags, reads
+it and, for a live backup, maps it again just after the read (the live
+check of files.py); then one call
 compresses the batch (zstandard's multi_compress_to_buffer).  The writer
 takes each file at its turn: its descriptor, its stat before the read, its
 bytes, compressed, and its map after; the writer's own fstat, after it
@@ -35,7 +36,9 @@ import numpy as np
 import zstandard
 
 from cloneaware import native
+from cloneaware.archive import format as fmt
 from cloneaware.archive.records import background_thread
+from cloneaware.backup.meta import read_iflags, read_xattrs
 from cloneaware.backup.sinks import Sink
 from cloneaware.backup.workers import Chunk, Workers
 from cloneaware.index.plan import CHECK_HASHED, CHECK_NONE, Plan
@@ -58,11 +61,14 @@ class Early:
     close), its fstat ``st`` taken before the read, and its first
     ``length`` bytes."""
 
-    __slots__ = ("fd", "st", "length", "ext", "_got", "_data", "_z", "_make")
+    __slots__ = ("fd", "st", "length", "ext", "meta", "_got", "_data", "_z", "_make")
 
     def __init__(self, fd: int, st: os.stat_result, length: int, got: int, data: memoryview,
-                 z: bytes | None, ext: np.ndarray | None, make):
+                 z: bytes | None, ext: np.ndarray | None, make,
+                 meta: tuple[list[tuple[bytes, bytes]], int]):
         self.fd, self.st, self.length = fd, st, length
+        #: its xattrs and inode flags, read before its bytes
+        self.meta = meta
         #: its map just after the read (a live backup), or None where it
         #: must be taken the usual way (more extents than were kept, or
         #: encoded ones that the usual way refines)
@@ -177,7 +183,8 @@ class ReadAhead:
     def _read(self, b: _Batch) -> Any:
         """On the helper thread: read the batch, then compress it."""
         try:
-            native.read_small(b.recs, len(b.places), b.names, b.data, self.live)
+            native.read_small(b.recs, len(b.places), b.names, b.data, native.READ_SMALL_META
+                              | (native.READ_SMALL_MAP if self.live else 0))
         finally:
             for fd in b.dups:
                 os.close(fd)
@@ -214,7 +221,7 @@ class ReadAhead:
             fd, err, n_ext, got = rec[5], rec[6], rec[8], rec[9]
             if fd < 0:
                 continue
-            st = _listed(rec[10:23])
+            st = _listed(rec[14:27])
             if err or k < n or not stat.S_ISREG(st.st_mode) \
                     or st.st_size != self.items[k].node.st.st_size:
                 os.close(fd)  # read again by the writer, which says why
@@ -230,7 +237,8 @@ class ReadAhead:
                         ext = None
             o, w = b.offs[i], b.wants[i]
             self.ready[k] = Early(fd, st, w, got, mv[o:o + w],
-                                  zs[i].tobytes() if zs is not None else None, ext, self.make)
+                                  zs[i].tobytes() if zs is not None else None, ext, self.make,
+                                  _meta(fd, *rec[10:14]))
 
     def _close_batch(self, b: _Batch) -> None:
         size = native.READ_SMALL_SIZE
@@ -272,3 +280,12 @@ def _one_piece(plan: Plan, limit: int) -> array.array:
             & (q["length"] > 0) & (q["length"] <= limit)
         out[ok] = q["length"][ok]
     return array.array("q", out.tobytes())
+
+
+def _meta(fd: int, xattr_err: int, iflags_err: int, xattr_len: int, iflags: int
+          ) -> tuple[list[tuple[bytes, bytes]], int]:
+    """A file's xattrs and stored inode flags from what the native call
+    found: no call where it found no xattr, and the calls of meta.py
+    (their errors theirs) where it found some or failed."""
+    xattrs = read_xattrs(fd) if xattr_err or xattr_len else []
+    return xattrs, iflags & fmt.IFLAGS_STORED if not iflags_err else read_iflags(fd)

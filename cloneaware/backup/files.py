@@ -85,8 +85,9 @@ class FileWriter:
             self.invalidate(item)
             return None
         cap: int | None = None
-        #: the xattrs and inode flags read for the metadata rule, read once
-        meta: tuple[list[tuple[bytes, bytes]], int] | None = None
+        #: the xattrs and inode flags read for the metadata rule (or ahead), read once
+        meta: tuple[list[tuple[bytes, bytes]], int] | None = \
+            early.meta if early is not None else None
         try:
             st = os.fstat(fd) if early is None else early.st
             if not stat.S_ISREG(st.st_mode):
@@ -100,7 +101,7 @@ class FileWriter:
                                          fsinfo.fs_info(fd, st.st_dev, node.src),
                                          dir_fd=node.dir_fd())
                 if isinstance(got, str):  # no clone: read live
-                    got_e = self._unchanged(item, fd, st)
+                    got_e = self._unchanged(item, fd, st, meta)
                     if isinstance(got_e, int):
                         return got_e
                     meta = got_e.xattrs, got_e.iflags
@@ -134,11 +135,13 @@ class FileWriter:
             e.eflags |= fmt.EF_REFERENCED
         return e
 
-    def _unchanged(self, item: WalkedFile, fd: int, st: os.stat_result) -> int | fmt.Entry:
+    def _unchanged(self, item: WalkedFile, fd: int, st: os.stat_result,
+                   meta: tuple[list[tuple[bytes, bytes]], int] | None = None) -> int | fmt.Entry:
         """The sink's metadata rule: the same file as in the last backup,
         written by the sink unread.  Its entry id, or else the entry it was
-        judged by (its xattrs and flags are not read again)."""
-        e = self._entry(item, fd, st, st.st_size, item.fileno in self.referenced)
+        judged by (its xattrs and flags are not read again; ``meta``: read
+        already)."""
+        e = self._entry(item, fd, st, st.st_size, item.fileno in self.referenced, meta)
         if not self.sink.unchanged(item.node, st, e, item.ext):
             return e
         if item.fileno >= 0:

@@ -341,7 +341,7 @@ class _MapBatch:
         self.slots, self.nodes, self.recs, self.names = [], [], bytearray(), bytearray()
         if nodes:
             try:
-                native.read_small(recs, len(nodes), names, bytearray(1), True)
+                native.read_small(recs, len(nodes), names, bytearray(1), native.READ_SMALL_MAP)
             finally:
                 for fd in self.dups.values():
                     os.close(fd)
@@ -366,7 +366,7 @@ def _mapped(node: Node, recs: bytearray, k: int) -> Mapped | Skipped:
     if fd < 0:
         return map_node(node)
     try:
-        st = _listed(rec[10:23])
+        st = _listed(rec[14:27])
         ext = None
         if not err and stat.S_ISREG(st.st_mode) and n_ext <= native.READ_SMALL_EXT:
             ext = np.frombuffer(recs, dtype=EXTENT_DTYPE, count=n_ext,

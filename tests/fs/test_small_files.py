@@ -284,6 +284,7 @@ def test_read_small_reports_each_file_as_the_kernel_does(btrfs_dir):
     d = btrfs_dir / "rs"
     d.mkdir()
     (d / "a").write_bytes(b"a" * 5000)
+    os.setxattr(d / "a", "user.note", b"kept")
     (d / "short").write_bytes(b"s" * 100)
     os.symlink("a", d / "link")
     os.mkfifo(d / "fifo")
@@ -300,7 +301,8 @@ def test_read_small_reports_each_file_as_the_kernel_does(btrfs_dir):
             name_at += len(nm)
             data_at += w
         data = bytearray(b"\xff" * data_at)
-        native.read_small(recs, len(names), blob, data, True, threads=3)
+        native.read_small(recs, len(names), blob, data,
+                          native.READ_SMALL_MAP | native.READ_SMALL_META, threads=3)
     finally:
         os.close(dfd)
     got = [native.READ_SMALL.unpack_from(recs, i * size) for i in range(len(names))]
@@ -309,7 +311,9 @@ def test_read_small_reports_each_file_as_the_kernel_does(btrfs_dir):
         for i in (0, 5):
             st, rec = os.fstat(fds[i]), got[i]
             assert rec[6:8] == (0, 0) and rec[9] == 5000  # err, step; got
-            assert (rec[10], rec[14], rec[15], rec[17], rec[19], rec[20]) == (
+            # xattr_err, iflags_err, the size of the xattr list, the inode flags
+            assert rec[10:14] == (0, 0, len(b"user.note\0"), native.getflags(fds[i]))
+            assert (rec[14], rec[18], rec[19], rec[21], rec[23], rec[24]) == (
                 st.st_mode, st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
             ext = fiemap(fds[i])
             assert rec[8] == len(ext) >= 1
@@ -317,9 +321,10 @@ def test_read_small_reports_each_file_as_the_kernel_does(btrfs_dir):
             assert bytes(recs[at:at + len(ext) * native.EXTENT_SIZE]) == ext.tobytes()
         assert bytes(data[:5000]) == b"a" * 5000 == bytes(data[-5000:])
         assert got[1][9] == 100 and bytes(data[5000:5300]) == b"s" * 100 + bytes(200)
+        assert got[1][12] == 0  # no xattr
         assert got[2][5:8] == (-1, errno.ENOENT, 1)
         assert got[3][5:8] == (-1, errno.ELOOP, 1)
-        assert got[4][6:8] == (0, 0) and stat.S_ISFIFO(got[4][10]) and got[4][9] == 0
+        assert got[4][6:8] == (0, 0) and stat.S_ISFIFO(got[4][14]) and got[4][9] == 0
         assert bytes(data[5310:5320]) == b"\xff" * 10  # nothing read from the FIFO
     finally:
         for fd in fds:
