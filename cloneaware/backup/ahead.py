@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import array
 import collections
+import errno
 import os
 import stat
 import struct
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import numpy as np
@@ -46,14 +47,17 @@ from cloneaware.source.flags import EXTENT_DTYPE, FE_ENCODED
 from cloneaware.source.walk import _listed
 
 #: the input fields of a ``struct ca_rsmall``
-_IN = struct.Struct("<iI3Q")
+_IN = struct.Struct("<iI3Qi")  # and fd -1: not opened (yet)
 _STAT = native.LIST_STAT
 _EXT_AT = native.READ_SMALL.size
 
 
-def available() -> bool:
-    """zstandard's batch compression (its C backend) is there."""
-    return hasattr(zstandard.ZstdCompressor, "multi_compress_to_buffer")
+def available(level: int) -> bool:
+    """Reading ahead at zstd ``level`` (0: none) can be done: zstandard's
+    batch compression is there (its C backend; the CFFI one raises
+    NotImplementedError)."""
+    return not level or "multi_compress_to_buffer" in getattr(zstandard, "backend_features",
+                                                              ())
 
 
 class Early:
@@ -65,9 +69,9 @@ class Early:
 
     def __init__(self, fd: int, st: os.stat_result, length: int, got: int, data: memoryview,
                  z: bytes | None, ext: np.ndarray | None, make,
-                 meta: tuple[list[tuple[bytes, bytes]], int]):
+                 meta: tuple[list[tuple[bytes, bytes]], int] | None):
         self.fd, self.st, self.length = fd, st, length
-        #: its xattrs and inode flags, read before its bytes
+        #: its xattrs and inode flags, read before its bytes (None: not read)
         self.meta = meta
         #: its map just after the read (a live backup), or None where it
         #: must be taken the usual way (more extents than were kept, or
@@ -134,9 +138,9 @@ class ReadAhead:
         self.next = max(self.next, n)
         while len(self.where) < 2 * self.BATCH_FILES and self.next < len(self.items):
             b = self._batch()
+            self.queued.append(b)  # first: close() finds it whatever happens next
             if b.places:
                 b.future = self.pool.submit(self._read, b)
-                self.queued.append(b)
 
     def _batch(self) -> _Batch:
         """The next batch of files, from place ``self.next`` on."""
@@ -164,7 +168,7 @@ class ReadAhead:
                         continue  # the writer meets it and says why
                 b.recs += bytes(native.READ_SMALL_SIZE)
                 _IN.pack_into(b.recs, len(b.places) * native.READ_SMALL_SIZE, dfd,
-                              len(node.leaf), len(b.names), size, want)
+                              len(node.leaf), len(b.names), size, want, -1)
                 b.names += node.leaf
                 b.places.append(k)
                 b.offs.append(size)
@@ -198,17 +202,13 @@ class ReadAhead:
 
     def _settle(self, b: _Batch, n: int) -> None:
         """Wait for ``b`` and make its files ready (those behind ``n``,
-        never taken, closed)."""
+        never taken, closed).  A batch leaves ``queued`` only once its call
+        has returned: until then close() waits for it."""
         while self.queued:
-            q = self.queued.popleft()
-            fut = q.future
-            assert fut is not None
+            q = self.queued[0]
+            zs = q.future.result() if q.future is not None else None
+            self.queued.popleft()
             q.future = None
-            try:
-                zs = fut.result()
-            except BaseException:
-                self._close_batch(q)
-                raise
             self._parse(q, zs, n)
             if q is b:
                 return
@@ -216,31 +216,59 @@ class ReadAhead:
     def _parse(self, b: _Batch, zs, n: int) -> None:
         mv = memoryview(b.data)
         size = native.READ_SMALL_SIZE
-        for i, k in enumerate(b.places):
-            rec = native.READ_SMALL.unpack_from(b.recs, i * size)
-            fd, err, n_ext, got = rec[5], rec[6], rec[8], rec[9]
-            if fd < 0:
-                continue
-            st = _listed(rec[14:27])
-            if err or k < n or not stat.S_ISREG(st.st_mode) \
-                    or st.st_size != self.items[k].node.st.st_size:
-                os.close(fd)  # read again by the writer, which says why
-                self.where.pop(k, None)
-                continue
-            ext = None
-            if self.live:
-                if n_ext <= native.READ_SMALL_EXT:
-                    at = i * size + _EXT_AT
+        done = 0
+        try:
+            for i, k in enumerate(b.places):
+                done = i
+                rec = native.READ_SMALL.unpack_from(b.recs, i * size)
+                fd, err, step, n_ext, got = rec[5:10]
+                if fd < 0:
+                    continue
+                st = _listed(rec[14:27])
+                no_map = err in _NO_FIEMAP and step == 4  # the writer maps it its way
+                if (err and not no_map) or k < n or not stat.S_ISREG(st.st_mode) \
+                        or st.st_size != self.items[k].node.st.st_size:
+                    os.close(fd)  # read again by the writer, which says why
+                    self.where.pop(k, None)
+                    continue
+                ext = None
+                if self.live and not no_map and n_ext <= native.READ_SMALL_EXT:
                     ext = np.frombuffer(b.recs, dtype=EXTENT_DTYPE, count=n_ext,
-                                        offset=at).copy()
+                                        offset=i * size + _EXT_AT).copy()
                     if (ext["flags"] & FE_ENCODED).any():
                         ext = None
-            o, w = b.offs[i], b.wants[i]
-            self.ready[k] = Early(fd, st, w, got, mv[o:o + w],
-                                  zs[i].tobytes() if zs is not None else None, ext, self.make,
-                                  _meta(fd, *rec[10:14]))
+                try:
+                    meta: tuple[list[tuple[bytes, bytes]], int] | None = _meta(fd, *rec[10:14])
+                except OSError:
+                    meta = None  # read again by the writer, at the file's turn, naming it
+                o, w = b.offs[i], b.wants[i]
+                self.ready[k] = Early(fd, st, w, got, mv[o:o + w],
+                                      zs[i].tobytes() if zs is not None else None, ext,
+                                      self.make, meta)
+            done = len(b.places)
+        finally:
+            if done < len(b.places):  # interrupted: the rest is closed, not leaked
+                for i in range(done, len(b.places)):
+                    k = b.places[i]
+                    self.where.pop(k, None)
+                    self.ready.pop(k, None)
+                    fd = native.READ_SMALL.unpack_from(b.recs, i * size)[5]
+                    if fd >= 0:
+                        os.close(fd)
 
     def _close_batch(self, b: _Batch) -> None:
+        """Close what a batch opened, once no call uses it."""
+        fut = b.future
+        if fut is not None and not fut.cancel():
+            while not fut.done():  # the call is running: its descriptors are in use
+                try:
+                    wait([fut])
+                except KeyboardInterrupt:  # a batch takes milliseconds: see it end
+                    continue
+        else:  # never submitted, or never ran: its directories are still ours
+            for fd in b.dups:
+                os.close(fd)
+            b.dups = []
         size = native.READ_SMALL_SIZE
         for i, k in enumerate(b.places):
             self.where.pop(k, None)
@@ -252,13 +280,7 @@ class ReadAhead:
         """Close every file read ahead and not taken; stop the helper."""
         try:
             while self.queued:
-                q = self.queued.popleft()
-                if q.future is not None:
-                    try:
-                        q.future.result()
-                    except BaseException:
-                        pass
-                self._close_batch(q)
+                self._close_batch(self.queued.popleft())
             for e in self.ready.values():
                 os.close(e.fd)
             self.ready.clear()
@@ -289,3 +311,7 @@ def _meta(fd: int, xattr_err: int, iflags_err: int, xattr_len: int, iflags: int
     (their errors theirs) where it found some or failed."""
     xattrs = read_xattrs(fd) if xattr_err or xattr_len else []
     return xattrs, iflags & fmt.IFLAGS_STORED if not iflags_err else read_iflags(fd)
+
+
+#: FIEMAP refused as unsupported: the file is mapped the writer's way
+_NO_FIEMAP = (errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS)

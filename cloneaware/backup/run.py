@@ -334,7 +334,8 @@ class Backup:
         others = Others(s, {v: k for k, v in (self.redirect or {}).items()}, self._changed,
                         self._skip)
         ahead = ReadAhead(items, WalkedFile, plan, sink, workers, min(self.capture.small, INLINE),
-                          self.redirect is None) if sink.read_ahead() and available() else None
+                          self.redirect is None) \
+            if sink.read_ahead() and available(sink.small_level(workers)) else None
         try:
             self._write_items(items, files, others, ahead)
         finally:

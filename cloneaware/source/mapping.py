@@ -283,21 +283,30 @@ def map_tree(paths: list, one_file_system: bool = True, unique_names: bool = Tru
         errors.append(Skipped(p, reason))
 
     batch = _MapBatch()
-    for node in walk(paths, on_error, one_file_system, unique_names, redirect, dirs, exclude):
+    try:
+        for node in walk(paths, on_error, one_file_system, unique_names, redirect, dirs,
+                         exclude):
+            batch.slots += errors
+            errors.clear()
+            if not stat.S_ISREG(node.st.st_mode):
+                batch.slots.append(Other(node))
+            else:
+                if node.st.st_nlink > 1 and batch.nodes:
+                    # known() may answer by what the caller has seen (a second
+                    # name of an inode): let it see everything before this
+                    yield from batch.run()
+                if known is not None and (row := known(node)) >= 0:
+                    batch.slots.append(Unopened(node, row))
+                elif node.dirs is None:  # a PATH itself: said as such if unreadable
+                    batch.slots.append(map_node(node))
+                else:
+                    batch.add(node)
+            if len(batch.nodes) >= batch.FILES or not batch.nodes:
+                yield from batch.run()
         batch.slots += errors
-        errors.clear()
-        if not stat.S_ISREG(node.st.st_mode):
-            batch.slots.append(Other(node))
-        elif known is not None and (row := known(node)) >= 0:
-            batch.slots.append(Unopened(node, row))
-        elif node.dirs is None:  # a PATH itself: said as such if it cannot be read
-            batch.slots.append(map_node(node))
-        else:
-            batch.add(node)
-        if len(batch.nodes) >= batch.FILES or not batch.nodes:
-            yield from batch.run()
-    batch.slots += errors
-    yield from batch.run()
+        yield from batch.run()
+    finally:
+        batch.drop()
 
 
 class _MapBatch:
@@ -331,7 +340,7 @@ class _MapBatch:
             return
         self.recs += bytes(native.READ_SMALL_SIZE)
         _MAP_IN.pack_into(self.recs, len(self.nodes) * native.READ_SMALL_SIZE, dfd,
-                          len(node.leaf), len(self.names), 0, 0)
+                          len(node.leaf), len(self.names), 0, 0, -1)
         self.names += node.leaf
         self.nodes.append(node)
         self.slots.append(node)
@@ -343,19 +352,29 @@ class _MapBatch:
             try:
                 native.read_small(recs, len(nodes), names, bytearray(1), native.READ_SMALL_MAP)
             finally:
-                for fd in self.dups.values():
-                    os.close(fd)
-                self.dups = {}
+                self.drop()
         k = 0
-        for slot in slots:
-            if type(slot) is not Node:
-                yield slot
-                continue
-            yield _mapped(slot, recs, k)
-            k += 1
+        try:
+            for slot in slots:
+                if type(slot) is not Node:
+                    yield slot
+                    continue
+                k += 1  # _mapped closes its record's descriptor, whatever happens
+                yield _mapped(slot, recs, k - 1)
+        finally:  # stopped early (an error, the caller gone): close the rest
+            for i in range(k, len(nodes)):
+                fd = native.READ_SMALL.unpack_from(recs, i * native.READ_SMALL_SIZE)[5]
+                if fd >= 0:
+                    os.close(fd)
+
+    def drop(self) -> None:
+        """Close the directories' descriptors held for the next call."""
+        dups, self.dups = self.dups, {}
+        for fd in dups.values():
+            os.close(fd)
 
 
-_MAP_IN = struct.Struct("<iI3Q")
+_MAP_IN = struct.Struct("<iI3Qi")  # and fd -1: not opened (yet)
 _EXT_AT = native.READ_SMALL.size
 
 

@@ -304,3 +304,25 @@ def test_map_tree_batches_map_as_each_file_alone(loopfs, kind):
     assert len(mapped[os.fsencode(frag)].ext) >= 40 if kind != "tmpfs" else True
     if kind == "btrfs":
         assert any(len(it.ext) and it.ext["flags"][0] & fl.FE_ENCODED for it in mapped.values())
+
+
+def test_map_tree_batches_let_known_see_a_hard_links_first_name(btrfs_dir):
+    """A backup's known() says a second name of an inode is a link by what
+    map_tree has yielded so far: the batch must have yielded the first name
+    before it asks about the second, else the link is opened and mapped."""
+    top = btrfs_dir / "hl"
+    top.mkdir()
+    for i in range(10):
+        (top / f"a{i}").write_bytes(b"x" * 100)
+    os.link(top / "a3", top / "b3")
+    seen: set[int] = set()
+
+    def known(node) -> int:
+        return 0 if node.st.st_ino in seen else -1
+
+    kinds = {}
+    for it in mapping.map_tree([str(top)], known=known):
+        if isinstance(it, (mapping.Mapped, mapping.Unopened)):
+            seen.add(it.node.st.st_ino)
+            kinds[it.node.leaf] = type(it).__name__
+    assert kinds[b"b3"] == "Unopened" and kinds[b"a3"] == "Mapped", kinds
