@@ -11,9 +11,10 @@ it and, for a live backup, maps it again just after the read (the live
 check of files.py); then one call
 compresses the batch (zstandard's multi_compress_to_buffer).  The writer
 takes each file at its turn: its descriptor, its stat before the read, its
-bytes, compressed, and its map after; the writer's own fstat, after it
-has read the xattrs too, ends the check as for any file.  A thread per file was tried
-first and was slower (night 1 1.5x): each file took the GIL a dozen times.
+bytes, compressed, and its map after; the writer's own fstat, after it has
+read the xattrs too, ends the check as for any file.  A thread per file
+was tried first and was slower (night 1 1.5x): each file took the GIL a
+dozen times.
 
 Only where reading ahead changes nothing but the time: the sink's chunk
 of a file is made by the sink from the bytes read (Sink.read_ahead), and
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import array
 import collections
-import errno
 import os
 import stat
 import struct
@@ -44,11 +44,11 @@ from cloneaware.backup.sinks import Sink
 from cloneaware.backup.workers import Chunk, Workers
 from cloneaware.index.plan import CHECK_HASHED, CHECK_NONE, Plan
 from cloneaware.source.flags import EXTENT_DTYPE, FE_ENCODED
+from cloneaware.source.mapping import NO_FIEMAP
 from cloneaware.source.walk import _listed
 
 #: the input fields of a ``struct ca_rsmall``
 _IN = struct.Struct("<iI3Qi")  # and fd -1: not opened (yet)
-_STAT = native.LIST_STAT
 _EXT_AT = native.READ_SMALL.size
 
 
@@ -225,7 +225,7 @@ class ReadAhead:
                 if fd < 0:
                     continue
                 st = _listed(rec[14:27])
-                no_map = err in _NO_FIEMAP and step == 4  # the writer maps it its way
+                no_map = err in NO_FIEMAP and step == 4  # the writer maps it its way
                 if (err and not no_map) or k < n or not stat.S_ISREG(st.st_mode) \
                         or st.st_size != self.items[k].node.st.st_size:
                     os.close(fd)  # read again by the writer, which says why
@@ -312,6 +312,3 @@ def _meta(fd: int, xattr_err: int, iflags_err: int, xattr_len: int, iflags: int
     xattrs = read_xattrs(fd) if xattr_err or xattr_len else []
     return xattrs, iflags & fmt.IFLAGS_STORED if not iflags_err else read_iflags(fd)
 
-
-#: FIEMAP refused as unsupported: the file is mapped the writer's way
-_NO_FIEMAP = (errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS)

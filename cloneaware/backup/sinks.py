@@ -134,6 +134,7 @@ class Sink:
     summary: Any = None  # the backup's Summary, set by Backup
     content_addressed = False
     encoded_data = False
+    writer: Writer | None = None
 
     def read_ahead(self) -> bool:
         """Whether small files may be read before their turn, in batches
@@ -151,7 +152,6 @@ class Sink:
         (``got`` of them read, zeros after), ``z`` their zstd frame at
         small_level (None at level 0): what data_job would have made."""
         raise NotImplementedError
-    writer: Writer | None = None
 
     def _w(self) -> Writer:
         assert self.writer is not None

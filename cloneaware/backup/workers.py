@@ -120,23 +120,18 @@ class Workers:
         """Read, hash, compress and frame one DATA record (stored as read:
         the record holds the buffer, for the caller to give back)."""
         data, got, buf = self.read_into(fd, offset, length)
-        sha = hashlib.sha256(data).digest()
-        codec, payload = fmt.CODEC_NONE, data  # type: tuple[int, bytes | memoryview]
-        if self.codec == fmt.CODEC_ZSTD:
-            z = self.compress(data)
-            if z is not None:
-                codec, payload = fmt.CODEC_ZSTD, z
-        head = fmt.encode_data_head(offset, length, codec, sha)
-        parts = fmt.frame_parts(fmt.T_DATA, head, payload)
-        if codec != fmt.CODEC_NONE:
-            del data, payload
+        z = self.compress(data) if self.codec == fmt.CODEC_ZSTD else None
+        chunk = self.data_chunk(offset, data, got, z)
+        if z is not None:  # the record holds z, not the buffer
+            del data
             self.bufs.put(buf)
-            return Chunk(sha, got, parts)
-        return Chunk(sha, got, parts, buf=buf)
+            return chunk
+        return chunk._replace(buf=buf)
 
     def data_chunk(self, offset: int, data: memoryview, got: int, z: bytes | None) -> Chunk:
-        """The DATA record of ``data`` read elsewhere (backup/ahead.py),
-        ``z`` its zstd frame if it was compressed: as data_job frames it."""
+        """The DATA record of ``data`` (read by data_job, or ahead by
+        backup/ahead.py), ``z`` its zstd frame if it was compressed and is
+        smaller (else stored raw)."""
         sha = hashlib.sha256(data).digest()
         codec, payload = fmt.CODEC_NONE, data  # type: tuple[int, bytes | memoryview]
         if z is not None and len(z) < len(data):

@@ -33,6 +33,8 @@ assert EXTENT_DTYPE.itemsize == native.EXTENT_SIZE
 assert FILE_EXTENT_DTYPE.itemsize == native.FILE_EXTENT_SIZE
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+#: FIEMAP refused as not supported (tmpfs): the map comes from SEEK_DATA
+NO_FIEMAP = (errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS)
 
 
 def open_source(where: bytes | Node) -> int:
@@ -175,7 +177,7 @@ def extent_map(fd: int, size: int, path=None, exact: bool = True) -> np.ndarray:
     try:
         ext = fiemap(fd, path)
     except OSError as e:
-        if e.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS):
+        if e.errno in NO_FIEMAP:
             return seek_map(fd, size)
         raise
     if not exact or TREE_SEARCH.denied is not None or len(ext) == 0 \
@@ -381,19 +383,22 @@ _EXT_AT = native.READ_SMALL.size
 def _mapped(node: Node, recs: bytearray, k: int) -> Mapped | Skipped:
     """Node ``k`` of a _MapBatch, from what the native call did."""
     rec = native.READ_SMALL.unpack_from(recs, k * native.READ_SMALL_SIZE)
-    fd, err, n_ext = rec[5], rec[6], rec[8]
+    fd, err, step, n_ext = rec[5:9]
     if fd < 0:
         return map_node(node)
     try:
         st = _listed(rec[14:27])
+        no_fiemap = step == 4 and err in NO_FIEMAP
+        if (err and not no_fiemap) or not stat.S_ISREG(st.st_mode):
+            return map_node(node)  # which says why
         ext = None
-        if not err and stat.S_ISREG(st.st_mode) and n_ext <= native.READ_SMALL_EXT:
+        if not no_fiemap and n_ext <= native.READ_SMALL_EXT:
             ext = np.frombuffer(recs, dtype=EXTENT_DTYPE, count=n_ext,
                                 offset=k * native.READ_SMALL_SIZE + _EXT_AT).copy()
             if n_ext and TREE_SEARCH.denied is None and (ext["flags"] & FE_ENCODED).any():
-                ext = None  # refined as extent_map does, from the descriptor
-        if ext is None:
-            return map_node(node)
+                ext = None  # refined as extent_map does
+        if ext is None:  # more extents than a record keeps, encoded, or no FIEMAP
+            ext = extent_map(fd, st.st_size, node.src)
         node.st = st
         return Mapped(node, fsinfo.fs_info(fd, st.st_dev, node.src), ext)
     except OSError as e:
