@@ -302,6 +302,8 @@ class DirectoryOutput:
             self.partial.add(name)
 
     def mkdir(self, e: fmt.Entry) -> None:
+        if e.subvol & fmt.SV_SNAPSHOT:  # a snapshot of its origin takes no half-made file
+            self.small.flush()
         self.made_here.make(e, self.made_here.mkdir)
 
     def hardlink(self, e: fmt.Entry) -> None:
@@ -327,9 +329,10 @@ class DirectoryOutput:
         elif self.small.holdable(e):
             self.made_here.make(e, self.small.hold)
         else:
-            # files are made in archive order: a big file that fills the disk
-            # or meets a failing one finds the small ones before it made
-            self.small.flush()
+            # the small ones before a big file start being made now, on the
+            # helper, while it is written: where the disk fills, the first
+            # error seen is reported, and fail() names what either made whole
+            self.small.submit()
             self.made_here.make(e, self.made_here.open_file)
 
     def write_beside(self, path: bytes, src_offset: int, offset: int, data) -> bool:

@@ -5,9 +5,13 @@ or --share-with) is held in memory from its ENTRY to its END and then made
 with many others in one native call (``native.write_small``: open under its
 temporary name, or its final one below a new directory: restore/fresh.py;
 write, trailing hole, owner, mode, times, close), instead
-of a dozen Python calls each.  The durability rule is the Placer's, as for
-every other file (restore/durable.py): the files get their final names in
-its batches, after a syncfs.
+of a dozen Python calls each.  The call runs on a helper thread while the
+restore goes on (the kernel's work on one core, the decoding on the other):
+one batch is made while the next is held, and whatever needs a file of it
+(a link, a clone, a checkpoint, the end) waits for it first.  The
+durability rule is the Placer's, as for every other file
+(restore/durable.py): the files get their final names in its batches,
+after a syncfs.
 
 The output decides (restore/directory.py): what is held here, and when
 something needs a held file on disk (a hard link to it, a clone from it,
@@ -17,13 +21,16 @@ it into an ordinary open file (``take_current``)."""
 from __future__ import annotations
 
 import os
+import queue
 import struct
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cloneaware import native
 from cloneaware.archive import format as fmt
+from cloneaware.archive.records import background_thread
 from cloneaware.errors import ArchiveError
 from cloneaware.restore.tree import temp_name
 
@@ -61,11 +68,12 @@ class SmallFiles:
     and the metadata calls that failed ((what, errno) pairs)."""
 
     #: a batch ends after this many files or bytes held, or descriptors
-    #: held (one a directory, one a clone's source): within the 1,024 a
-    #: process may have open by default, with the restore's other caches
+    #: held (one a directory, one a clone's source): two batches (one being
+    #: made, one held) within the 1,024 a process may have open by default,
+    #: with the restore's other caches
     BATCH_FILES = 2048
     BATCH_BYTES = 16 << 20
-    BATCH_FDS = 256
+    BATCH_FDS = 128
 
     def __init__(self, chown: bool):
         self.chown = chown
@@ -100,29 +108,32 @@ class SmallFiles:
             os.close(fd)
         self.dirs = {}
 
+    def take(self) -> Made:
+        """Every held file, packed for ``native.write_small`` (Made.run); the
+        batch is empty again."""
+        job = Made(self.files, self.dirs, self.ids)
+        self.files, self.ids, self.dirs = [], set(), {}
+        self.bytes = self.clones = 0
+        try:
+            job.packed, job.names, job.data = self._pack(job.files, job.dirs)
+        except BaseException:
+            job.close()
+            raise
+        return job
+
     def flush(self, where: Callable[[bytes], str],
               made: Callable[[Held, bytes, list[tuple[str, int]]], None]) -> None:
-        """Make every held file; an OSError naming the file (``where(path)``)
-        if one cannot be made (those before it are made and handed to
-        ``made``, those after it dropped)."""
-        files, self.files = self.files, []
-        self.ids = set()
-        self.bytes = self.clones = 0
-        dirs, self.dirs = self.dirs, {}
-        try:
-            if files:
-                self._make(files, dirs, where, made)
-        finally:
-            for fd in dirs.values():
-                os.close(fd)
-            for h, _ in files:
-                h.close()
+        """Make every held file here; an OSError naming the file
+        (``where(path)``) if one cannot be made (those before it are made and
+        handed to ``made``, those after it dropped)."""
+        if self.files:
+            job = self.take()
+            job.run()
+            job.finish(where, made)
 
-    def _make(self, files: list[tuple[Held, bytes]], dirs: dict[bytes, int],
-              where: Callable[[bytes], str],
-              made: Callable[[Held, bytes, list[tuple[str, int]]], None]) -> None:
-        n = len(files)
-        packed = bytearray(n * _ST.size)
+    def _pack(self, files: list[tuple[Held, bytes]], dirs: dict[bytes, int]
+              ) -> tuple[bytearray, bytearray, bytearray]:
+        packed = bytearray(len(files) * _ST.size)
         names = bytearray()
         data = bytearray()
         flags = native.SMALL_CHOWN if self.chown else 0
@@ -137,13 +148,66 @@ class SmallFiles:
             names += tmp
             names += b"\0"
             data += h.data
-        done = native.write_small(packed, n, names, data)
+        return packed, names, data
+
+
+@dataclass(slots=True)
+class Made:
+    """A batch for ``native.write_small``, with the descriptors it holds
+    (its directories' and its clones' sources) until it is finished or
+    abandoned."""
+
+    files: list[tuple[Held, bytes]]
+    dirs: dict[bytes, int]
+    ids: set[int]
+    packed: bytearray = field(default_factory=bytearray)
+    names: bytearray | None = None
+    data: bytearray | None = None
+    #: handed to the helper's queue (set after the put returned)
+    queued: bool = False
+    #: set once run() has returned: done (or error) is its answer
+    ended: threading.Event = field(default_factory=threading.Event)
+    #: the files made before the first that failed (all of them: len(files))
+    done: int = -1
+    error: BaseException | None = None
+    #: its answer taken (finish): what it made is the caller's now
+    handed: bool = False
+
+    def run(self) -> None:
+        """Make the files (on the helper thread, the GIL let go in the call)."""
+        try:
+            self.done = native.write_small(self.packed, len(self.files), self.names,
+                                           self.data)
+        except BaseException as ex:  # noqa: BLE001 - raised by finish, on the main thread
+            self.error = ex
+        finally:
+            self.names = self.data = None
+            self.ended.set()
+
+    def finish(self, where: Callable[[bytes], str],
+               made: Callable[[Held, bytes, list[tuple[str, int]]], None]) -> None:
+        """After run(): hand each file made to ``made`` in order; an OSError
+        naming the first that failed, if one did.  The batch's descriptors
+        closed."""
+        if self.handed:
+            return
+        self.handed = True
+        try:
+            if self.error is not None:
+                raise self.error
+            self._hand_on(where, made)
+        finally:
+            self.close()
+
+    def _hand_on(self, where: Callable[[bytes], str],
+                 made: Callable[[Held, bytes, list[tuple[str, int]]], None]) -> None:
+        files, done, n = self.files, self.done, len(self.files)
         i = 0
         try:
             for i in range(min(done + 1, n)):
                 h, tmp = files[i]
                 err, step, chown_err, chmod_err, times_err, h.clone_err = _OUT.unpack_from(
-                    packed, i * _ST.size + native.SMALL_OUT)
+                    self.packed, i * _ST.size + native.SMALL_OUT)
                 if i == done:
                     if step == 6:
                         raise ArchiveError("reference reads past the end of its source for "
@@ -155,15 +219,42 @@ class SmallFiles:
                 made(h, tmp, failures)
         except BaseException:
             # made on disk, not handed on (``made`` failed: a sync, a rename):
-            # no temporary file left behind (those below a new directory go
-            # with it, or are named whole with it)
-            for h, tmp in files[i + 1:done]:
-                if not h.fresh:
-                    try:
-                        os.unlink(tmp, dir_fd=dirs[h.parent])
-                    except OSError:
-                        pass
+            # no temporary file left behind
+            self._unlink(files[i + 1:done])
             raise
+
+    def abandon(self) -> None:
+        """The run is over with this batch not handed on, and run() returned
+        or never will: no temporary name it made is left."""
+        try:
+            if not self.handed and self.ended.is_set():
+                self.handed = True
+                self._unlink(self.files[:max(self.done, 0)])
+        finally:
+            self.close()
+
+    def _unlink(self, files: list[tuple[Held, bytes]]) -> None:
+        # those below a new directory go with it, or are named whole with it
+        for h, tmp in files:
+            if not h.fresh:
+                try:
+                    os.unlink(tmp, dir_fd=self.dirs[h.parent])
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        dirs, self.dirs = self.dirs, {}
+        for fd in dirs.values():
+            os.close(fd)
+        for h, _ in self.files:
+            h.close()
+
+
+def _serve(q: queue.SimpleQueue) -> None:
+    """The helper thread: runs the batches queued, in order, until None."""
+    background_thread()
+    while (job := q.get()) is not None:
+        job.run()
 
 
 class Holder:
@@ -175,6 +266,10 @@ class Holder:
         self.out = out
         self.held: Held | None = None
         self.batch = SmallFiles(chown=out.meta.root)
+        #: the batch being made on the helper thread while the next is held
+        self.pending: Made | None = None
+        self.queue: queue.SimpleQueue | None = None
+        self.helper: threading.Thread | None = None
 
     def holdable(self, e: fmt.Entry) -> bool:
         """Whether ``e`` may be made in a batch: small, and nothing about it
@@ -193,7 +288,7 @@ class Holder:
         self.held = Held(e, e.path.rpartition(b"/")[0], name, bytearray())
 
     def holds(self, eid: int) -> bool:
-        return eid in self.batch.ids
+        return eid in self.batch.ids or self.pending is not None and eid in self.pending.ids
 
     def take(self, offset: int, data, extent) -> bool:
         """Stored bytes for the current file: kept if it is held and they
@@ -261,19 +356,102 @@ class Holder:
         if h.parent not in self.batch.dirs:
             out.placer.note_fs(pfd)
         h.fresh = out.fresh_below(h.entry.path)
+        if h.fresh:  # counted now, for the checkpoint its batch comes before
+            out.fresh.count(len(h.data))
         self.batch.add(h, pfd, h.name if h.fresh else temp_name(h.entry.id))
         if self.batch.full():
-            self.flush()
+            self.submit()
         return True
 
     def on_disk(self, eid: int) -> None:
         """Entry ``eid`` is needed on disk (linked to, cloned from)."""
         if eid in self.batch.ids:
             self.flush()
+        elif self.pending is not None and eid in self.pending.ids:
+            self.wait()
+
+    def submit(self) -> None:
+        """The batch held so far starts being made, on the helper thread,
+        once the one before it is made and handed on: batches are made in
+        order, one at a time, while the restore goes on."""
+        if len(self.batch):
+            self.wait()
+            job = self.batch.take()
+            # pending first: a signal before the put leaves a job that wait()
+            # or drop() finds never queued; SimpleQueue.put is one C call
+            self.pending = job
+            self._queue().put(job)
+            job.queued = True
+
+    def _queue(self) -> queue.SimpleQueue:
+        if self.queue is None:
+            self.queue = queue.SimpleQueue()
+            self.helper = threading.Thread(target=_serve, args=(self.queue,),
+                                           name="small files", daemon=True)
+            self.helper.start()
+        return self.queue
+
+    def wait(self) -> None:
+        """The batch being made, made and handed on (an OSError naming its
+        file that failed, if one did)."""
+        job = self.pending
+        if job is None:
+            return
+        if job.queued:
+            job.ended.wait()  # interrupted: still pending, for drop
+        else:  # a signal came between: whatever was queued has run
+            self._stop()
+            if not job.ended.is_set():
+                job.run()
+        job.finish(self.out.tree.where, self._made)
+        self.pending = None
+
+    def _stop(self) -> None:
+        """The helper stopped, once it has run every batch queued (its C
+        call uses their descriptors: waited for through signals too)."""
+        if self.helper is None:
+            return
+        assert self.queue is not None
+        self.queue.put(None)
+        while True:
+            try:
+                self.helper.join()
+                break
+            except BaseException:  # noqa: BLE001 - a signal: the call is bounded, wait on
+                continue
+        self.helper = self.queue = None
 
     def flush(self) -> None:
-        if len(self.batch):
-            self.batch.flush(self.out.tree.where, self._made)
+        """Every held file made and handed on."""
+        self.submit()
+        self.wait()
+
+    def salvage(self) -> None:
+        """The run failed: the complete files are made and get their names
+        as other complete files do (restore/durable.py ``salvage``)."""
+        if self.held is not None:
+            self.held.close()
+        self.held = None
+        try:
+            self.flush()
+        except BaseException:  # noqa: BLE001 - the first error is the one to report
+            self.drop()
+
+    def drop(self) -> None:
+        """Forget what is held; the helper stopped once its batch is made,
+        and what that made removed (not handed on: it has no name)."""
+        if self.held is not None:
+            self.held.close()
+        self.held = None
+        try:
+            self._stop()
+        finally:
+            job, self.pending = self.pending, None
+            try:
+                if job is not None:
+                    job.abandon()
+            finally:
+                self.batch.drop()
 
     def _made(self, h: Held, tmp: bytes, failures: list[tuple[str, int]]) -> None:
         e = h.entry
@@ -287,23 +465,5 @@ class Holder:
             self.out.not_exact(e, f"{what} not restored: {os.strerror(code)}")
         if h.fresh:
             self.out.placer.placed[e.id] = (h.parent, h.name)
-            self.out.fresh.count(len(h.data))
         else:
             self.out.placer.defer(h.parent, tmp, h.name, e.path, e.id, len(h.data))
-
-    def salvage(self) -> None:
-        """The run failed: the complete files are made and get their names
-        as other complete files do (restore/durable.py ``salvage``)."""
-        if self.held is not None:
-            self.held.close()
-        self.held = None
-        try:
-            self.flush()
-        except BaseException:  # noqa: BLE001 - the first error is the one to report
-            self.batch.drop()
-
-    def drop(self) -> None:
-        if self.held is not None:
-            self.held.close()
-        self.held = None
-        self.batch.drop()

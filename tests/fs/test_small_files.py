@@ -16,6 +16,7 @@ import subprocess
 
 import pytest
 from helpers.cli import assert_one_line_error, cli, cli_json
+from helpers.fsutil import filefrag
 from helpers.space import used
 from helpers.treeutil import Snapshot, assert_same_tree
 
@@ -102,6 +103,52 @@ def test_archive_restore_of_many_small_files_is_exact(small_src, xfs_dir):
     left = subprocess.run(["find", dest, "-name", ".cloneaware-*"], capture_output=True,
                           text=True, check=True).stdout
     assert left == "", left
+
+
+@pytest.mark.parametrize("then", ["links", "copies"])
+def test_a_batch_made_behind_the_restore_is_waited_for(btrfs_dir, xfs_dir, monkeypatch, then):
+    """Batches are made on a helper thread while the restore goes on
+    (Holder.submit): a hard link to a file of a batch still being made, a
+    clone from one (a repository's duplicate), and the end of the run each
+    wait for it.  Each batch is slowed here, so that it is still being made
+    when those come: a big file ends the batch of small ones before it,
+    then come links to them and copies of them."""
+    import time
+
+    from cloneaware import native
+    from cloneaware.repo.connect import opened
+    from cloneaware.repo.restore import restore_snapshots
+    src = btrfs_dir / "src"
+    rng = random.Random(7)
+    for d in "abc":
+        (src / d).mkdir(parents=True)
+    for i in range(40):
+        (src / "a" / f"f{i:02d}").write_bytes(rng.randbytes(5000 + 97 * i))
+    (src / "a" / "zbig").write_bytes(rng.randbytes(SMALL_MAX + 4096))
+    for i in range(10):
+        if then == "links":
+            os.link(src / "a" / f"f{i:02d}", src / "b" / f"l{i:02d}")
+        else:
+            shutil.copy2(src / "a" / f"f{10 + i:02d}", src / "c" / f"d{i:02d}")
+    want = Snapshot(src, atime=False)
+    repo = btrfs_dir / "repo"
+    cli("init", "-r", repo, check_rc=0)
+    cli("backup", "-r", repo, src, check_rc=0)
+    real, calls = native.write_small, []
+
+    def slow(*a):
+        time.sleep(0.3)
+        calls.append(a[1])
+        return real(*a)
+    monkeypatch.setattr(native, "write_small", slow)
+    with opened(str(repo), lock="shared", operation="restore") as r:
+        restore_snapshots(r, [r.find("latest", r.snapshots())], str(xfs_dir / "out"))
+    assert calls[0] == 40, calls  # the small files of a/, made behind the restore
+    assert_same_tree(want, Snapshot(xfs_dir / "out" / "src", atime=False))
+    out = xfs_dir / "out" / "src"
+    for i in range(10 if then == "copies" else 0):  # cloned from the first copy (filefrag)
+        got = [x.physical for x in filefrag(out / "c" / f"d{i:02d}")[1]]
+        assert got and got == [x.physical for x in filefrag(out / "a" / f"f{10 + i:02d}")[1]]
 
 
 @pytest.mark.parametrize("dest_fs", ["btrfs", "xfs"])
