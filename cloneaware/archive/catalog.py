@@ -44,6 +44,32 @@ def read_index(f) -> Listing:
     """Header, index and footer of a seekable archive, reading no file data.
     The rules are those the full read applies to the same records
     (BaseRecords, check_index), so nothing is listed that a restore refuses."""
+    header, base, is_map, footer = _head_and_footer(f)
+    version = header.version
+    f.seek(footer.index_offset)
+    rr3 = RecordReader(f)
+    rr3.offset = footer.index_offset
+    rr3.version = version
+    items: list[fmt.IndexItem] = []
+    it = rr3.records()
+    for _ in range(footer.index_records):
+        rec = next(it, None)
+        if rec is None or rec[0] != fmt.T_INDEX:
+            raise ArchiveError("footer does not point at the index", footer.index_offset)
+        items.extend(fmt.decode_index(rec[1], rec[2], version))
+    fmt.resolve_index(items, version, footer.index_offset)
+    check_index(items, footer, base, is_map, footer.index_offset, version)
+    return Listing(header, items, footer, base, is_map)
+
+
+def read_footer(f) -> fmt.Footer:
+    """The footer of a seekable archive, read with its header and BASE
+    records but not its index: its totals, for a progress bar (the index
+    they sum is checked by the read that restores)."""
+    return _head_and_footer(f)[3]
+
+
+def _head_and_footer(f) -> tuple[fmt.Header, thin.Base | None, bool, fmt.Footer]:
     f.seek(0)
     rr = RecordReader(f)
     rr.magic()
@@ -82,21 +108,7 @@ def read_index(f) -> Listing:
         raise TruncatedArchive("archive is truncated: no footer", size) from None
     if rtype != fmt.T_FOOTER:
         raise TruncatedArchive("archive is truncated: no footer", size)
-    footer = fmt.Footer.decode(payload, off, version)
-    f.seek(footer.index_offset)
-    rr3 = RecordReader(f)
-    rr3.offset = footer.index_offset
-    rr3.version = version
-    items: list[fmt.IndexItem] = []
-    it = rr3.records()
-    for _ in range(footer.index_records):
-        rec = next(it, None)
-        if rec is None or rec[0] != fmt.T_INDEX:
-            raise ArchiveError("footer does not point at the index", footer.index_offset)
-        items.extend(fmt.decode_index(rec[1], rec[2], version))
-    fmt.resolve_index(items, version, footer.index_offset)
-    check_index(items, footer, base, is_map, footer.index_offset, version)
-    return Listing(header, items, footer, base, is_map)
+    return header, base, is_map, fmt.Footer.decode(payload, off, version)
 
 
 def check_index(items: list[fmt.IndexItem], footer: fmt.Footer, base: thin.Base | None,
@@ -113,7 +125,7 @@ def check_index(items: list[fmt.IndexItem], footer: fmt.Footer, base: thin.Base 
     for n, it in enumerate(items):
         if it.id != n:
             raise ArchiveError(f"index item {it.id} out of sequence (expected {n})", offset)
-        fmt.check_path(it.path, offset, version)
+        fmt.path_ok(it.path, offset, version)
         if it.path in kinds:
             raise ArchiveError(f"duplicate entry {os.fsdecode(it.path)!r} in the index", offset)
         parent = it.path.rpartition(b"/")[0]

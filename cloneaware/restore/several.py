@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from cloneaware.archive import thin
 from cloneaware.archive.blobs import BlobSource, Coverage
-from cloneaware.archive.catalog import read_index
+from cloneaware.archive.catalog import read_footer, read_index
 from cloneaware.archive.events import dispatch
 from cloneaware.archive.reader import Stream
 from cloneaware.errors import UsageError
@@ -92,7 +92,7 @@ class ManifestsRestore:
             refuse_existing(it.dest, it.tops, self.force)
 
     def stored_bytes(self) -> int:
-        return sum(read_index(io.BytesIO(it.data)).footer.stored_bytes for it in self.items)
+        return sum(read_footer(io.BytesIO(it.data)).stored_bytes for it in self.items)
 
     def receive(self, blobs: BlobSource, record: bool = False) -> RestoreSummary:
         """Restore every manifest in order (``record``: into recording

@@ -407,6 +407,35 @@ def test_check_path_refuses(path):
         fmt.check_path(path, 77)
 
 
+def test_path_ok_passes_and_refuses_what_check_path_does():
+    """The readers' quick check (path_ok) against the full one, on every
+    path above and on random paths built from the pieces that matter."""
+    import random
+    rng = random.Random(4)
+    pieces = [b"a", b"bc", b".", b"..", b"", b"\0", b"n" * 120, b"..x", b".h"]
+    paths = [*test_check_path_accepts.pytestmark[0].args[1],
+             *test_check_path_refuses.pytestmark[0].args[1]]
+    paths += [(b"/" if rng.random() < 0.1 else b"") +
+              b"/".join(rng.choice(pieces) for _ in range(rng.randrange(1, 5)))
+              for _ in range(3000)]
+    refused = 0
+    for v in (4, 5):
+        for p in paths:
+            try:
+                fmt.check_path(p, 3, v)
+                want = None
+            except ArchiveError as e:
+                want = str(e)
+            try:
+                fmt.path_ok(p, 3, v)
+                got = None
+            except ArchiveError as e:
+                got = str(e)
+            assert got == want, (p, v)
+            refused += want is not None
+    assert 1000 < refused < 2 * len(paths) - 1000, refused  # both kinds seen
+
+
 def test_paths_deeper_than_path_max_from_version_5_on():
     """60 directories of 100 bytes (issue 21, defect 4): 6059 bytes, refused
     in versions 1 to 4, a path like any other in 5; 65535 bytes at most."""
