@@ -464,13 +464,14 @@ SMALL_CHOWN = lib.CA_SMALL_CHOWN
 SMALL_OUT = SMALL_SIZE - 24
 
 
-def write_small(files: bytearray, n: int, names, data) -> int:
+def write_small(files: bytearray, n: int, names, data, threads: int = 2) -> int:
     """Make ``n`` small files (``files``: n packed ``struct ca_small``), each
-    opened new, written, its owner, mode and times set, closed; the number
-    made before the first that failed (whose out fields say how)."""
+    opened new, written, its owner, mode and times set, closed, on up to
+    ``threads`` threads, as if in order; the number made before the first
+    that failed (whose out fields say how; none after it is left made)."""
     cfiles = ffi.from_buffer("struct ca_small[]", files, require_writable=True)
     return int(lib.ca_write_small(cfiles, n, ffi.from_buffer("uint8_t[]", names),
-                                  ffi.from_buffer("uint8_t[]", data)))
+                                  ffi.from_buffer("uint8_t[]", data), threads))
 
 
 #: ``struct ca_rsmall`` (read_small): in dirfd, name_len, name_off,

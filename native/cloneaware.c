@@ -1067,17 +1067,67 @@ static int small_one(struct ca_small *s, const uint8_t *names, const uint8_t *da
     return 0;
 }
 
-size_t ca_write_small(struct ca_small *files, size_t n, const uint8_t *names,
-                      const uint8_t *data)
+struct write_small_job {
+    struct ca_small *files;
+    size_t n;
+    const uint8_t *names, *data;
+    size_t next;   /* the next file to take, atomically */
+    size_t failed; /* the lowest index that failed (n: none), atomically */
+};
+
+static void *write_small_worker(void *arg)
 {
-    for (size_t i = 0; i < n; i++) {
-        files[i].err = files[i].step = 0;
-        files[i].chown_err = files[i].chmod_err = files[i].times_err = 0;
-        files[i].clone_err = 0;
-        if (small_one(&files[i], names, data) < 0)
-            return i;
+    struct write_small_job *j = arg;
+    size_t i;
+
+    while ((i = __atomic_fetch_add(&j->next, 1, __ATOMIC_RELAXED)) < j->n) {
+        struct ca_small *s = &j->files[i];
+        size_t low;
+
+        if (i > __atomic_load_n(&j->failed, __ATOMIC_RELAXED))
+            break; /* after a failure: not attempted */
+        s->err = s->step = 0;
+        s->chown_err = s->chmod_err = s->times_err = 0;
+        s->clone_err = 0;
+        if (small_one(s, j->names, j->data) == 0)
+            continue;
+        low = __atomic_load_n(&j->failed, __ATOMIC_RELAXED);
+        while (i < low && !__atomic_compare_exchange_n(&j->failed, &low, i, 0,
+                                                       __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+            ;
     }
-    return n;
+    return NULL;
+}
+
+size_t ca_write_small(struct ca_small *files, size_t n, const uint8_t *names,
+                      const uint8_t *data, int threads)
+{
+    struct write_small_job j = {files, n, names, data, 0, n};
+    pthread_t t[CA_LIST_THREADS_MAX];
+    int started = 0;
+
+    for (size_t i = 0; i < n; i++)
+        files[i].err = -1; /* not attempted, until a worker takes it */
+    if (threads > CA_LIST_THREADS_MAX)
+        threads = CA_LIST_THREADS_MAX;
+    /* the kernel's work for a file (create, write, owner, mode, times,
+     * close) is spread over a few threads: files of a batch are
+     * independent (a clone's source is never in its own batch) */
+    for (; started < threads - 1 && (size_t)started + 1 < n; started++)
+        if (pthread_create(&t[started], NULL, write_small_worker, &j) != 0)
+            break;
+    write_small_worker(&j);
+    for (int k = 0; k < started; k++)
+        pthread_join(t[k], NULL);
+    /* as if made in order: what was made after the first failure is
+     * removed (its out fields say nothing) */
+    for (size_t i = j.failed + 1; i < n && j.failed < n; i++) {
+        struct ca_small *s = &files[i];
+
+        if (s->err == 0 && s->step == 0)
+            unlinkat(s->dirfd, (const char *)names + s->name_off, 0);
+    }
+    return j.failed;
 }
 
 /* ---- small files read ahead of a backup's writer ---------------------- */

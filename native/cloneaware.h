@@ -229,10 +229,13 @@ struct ca_small {
     uint64_t src_off, clone_len;
     int32_t err, step, chown_err, chmod_err, times_err, clone_err;
 } __attribute__((packed));
-/* Make files[0..n) in order; the number made.  At the first that fails
- * (its err and step set) its name is removed and the rest left. */
+/* Make files[0..n), on up to ``threads`` threads (CA_LIST_THREADS_MAX at
+ * most), as if in order: the number made before the first that failed
+ * (its err and step set, its name removed); those after it are left, or
+ * removed again where another thread had made them.  No file may be
+ * another's clone source. */
 size_t ca_write_small(struct ca_small *files, size_t n, const uint8_t *names,
-                      const uint8_t *data);
+                      const uint8_t *data, int threads);
 
 /* Small files read ahead of a backup's writer, in one call without the
  * GIL: each opened beneath dirfd (O_NOFOLLOW, O_NONBLOCK, O_NOATIME where

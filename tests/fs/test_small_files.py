@@ -20,6 +20,7 @@ from helpers.fsutil import filefrag
 from helpers.space import used
 from helpers.treeutil import Snapshot, assert_same_tree
 
+from cloneaware import native
 from cloneaware.archive import format as fmt
 from cloneaware.errors import ArchiveError
 from cloneaware.restore.smallfiles import SMALL_MAX, Held, SmallFiles
@@ -241,6 +242,45 @@ def test_reflinked_copies_of_small_files_are_cloned_in_batches(btrfs_dir, xfs_di
         assert out["copied_bytes"] >= logical, out
         assert sum(out["copy_reasons"].values()) == out["copied_bytes"], out
         assert grew > 2 * logical * 0.9, (grew, logical)
+
+
+def test_a_batch_made_on_threads_stops_as_if_in_order(ext4_dir):
+    """write_small spreads a batch over threads, yet answers as if it made
+    the files in order: at the first that fails, the files before it are
+    made and handed on, and none after it is left, though other threads
+    made some of them meanwhile.  The one that fails does so slowly: a
+    clone, copied on ext4, from a source 4 KiB shorter than said (8 MiB
+    copied first), while the other threads go on past it."""
+    out = ext4_dir / "out"
+    out.mkdir()
+    src = ext4_dir / "src"
+    src.write_bytes(b"s" * (8 << 20))
+    dfd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    sfd = os.open(src, os.O_RDONLY)
+    made = []
+    try:
+        batch = SmallFiles(chown=False)
+        for i in range(600):
+            name = b"f%04d" % i
+            h = Held(fmt.Entry(i, fmt.K_REG, b"out/" + name, size=3000), b"out", name,
+                     bytearray(b"%04d" % i * 750))
+            if i == 40:
+                h = Held(fmt.Entry(i, fmt.K_REG, b"out/" + name, size=(8 << 20) + 4096),
+                         b"out", name, bytearray())
+                h.clone = (os.dup(sfd), 0, 8 << 20, "archive")
+            batch.add(h, dfd, name)
+        job = batch.take()
+        job.done = native.write_small(job.packed, len(job.files), job.names, job.data,
+                                      threads=4)
+        job.ended.set()
+        with pytest.raises(ArchiveError, match="past the end of its source for out/f0040"):
+            job.finish(lambda p: os.fsdecode(p), lambda h, tmp, fails: made.append(tmp))
+    finally:
+        os.close(dfd)
+        os.close(sfd)
+    assert made == [b"f%04d" % i for i in range(40)]
+    assert sorted(os.listdir(out)) == [f"f{i:04d}" for i in range(40)]
+    assert all((out / f"f{i:04d}").read_bytes() == b"%04d" % i * 750 for i in range(40))
 
 
 def test_a_batched_clone_whose_source_came_up_short_is_refused_and_removed(xfs_dir):
