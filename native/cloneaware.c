@@ -276,25 +276,33 @@ static void *list_worker(void *arg)
     return NULL;
 }
 
-/* Run the current phase on up to threads threads (this one among them). */
-static void list_phase(struct list_job *j, size_t work, int threads)
+/* worker(job) on up to threads threads (CA_LIST_THREADS_MAX at most, no
+ * more than work items), this one among them; back when all are done.
+ * A thread that cannot be started leaves fewer: the same result. */
+static void on_threads(void *(*worker)(void *), void *job, size_t work, int threads)
 {
     pthread_t t[CA_LIST_THREADS_MAX];
     int started = 0;
 
-    j->next = 0;
     if (threads > CA_LIST_THREADS_MAX)
         threads = CA_LIST_THREADS_MAX;
-    if ((size_t)threads > work)
+    if (threads > 0 && (size_t)threads > work)
         threads = (int)work;
     for (int i = 1; i < threads; i++) {
-        if (pthread_create(&t[started], NULL, list_worker, j) != 0)
-            break;  /* fewer threads, same result */
+        if (pthread_create(&t[started], NULL, worker, job) != 0)
+            break;
         started++;
     }
-    list_worker(j);
+    worker(job);
     for (int i = 0; i < started; i++)
         pthread_join(t[i], NULL);
+}
+
+/* Run the current phase on up to threads threads (this one among them). */
+static void list_phase(struct list_job *j, size_t work, int threads)
+{
+    j->next = 0;
+    on_threads(list_worker, j, work, threads);
 }
 
 int ca_list_dirs(struct ca_dirlist *dirs, size_t n, int threads)
@@ -1103,22 +1111,13 @@ size_t ca_write_small(struct ca_small *files, size_t n, const uint8_t *names,
                       const uint8_t *data, int threads)
 {
     struct write_small_job j = {files, n, names, data, 0, n};
-    pthread_t t[CA_LIST_THREADS_MAX];
-    int started = 0;
 
     for (size_t i = 0; i < n; i++)
         files[i].err = -1; /* not attempted, until a worker takes it */
-    if (threads > CA_LIST_THREADS_MAX)
-        threads = CA_LIST_THREADS_MAX;
     /* the kernel's work for a file (create, write, owner, mode, times,
      * close) is spread over a few threads: files of a batch are
      * independent (a clone's source is never in its own batch) */
-    for (; started < threads - 1 && (size_t)started + 1 < n; started++)
-        if (pthread_create(&t[started], NULL, write_small_worker, &j) != 0)
-            break;
-    write_small_worker(&j);
-    for (int k = 0; k < started; k++)
-        pthread_join(t[k], NULL);
+    on_threads(write_small_worker, &j, n, threads);
     /* as if made in order: what was made after the first failure is
      * removed (its out fields say nothing) */
     for (size_t i = j.failed + 1; i < n && j.failed < n; i++) {
@@ -1238,17 +1237,8 @@ void ca_read_small(struct ca_rsmall *files, size_t n, const uint8_t *names, uint
                    int what, int threads)
 {
     struct read_small_job j = {files, n, names, data, what, 0};
-    pthread_t t[CA_LIST_THREADS_MAX];
-    int started = 0;
 
-    if (threads > CA_LIST_THREADS_MAX)
-        threads = CA_LIST_THREADS_MAX;
     /* the cold reads of a batch wait on the disk one after another on
      * one thread: a few threads keep several in flight */
-    for (; started < threads - 1 && (size_t)started + 1 < n; started++)
-        if (pthread_create(&t[started], NULL, read_small_worker, &j) != 0)
-            break;
-    read_small_worker(&j);
-    for (int k = 0; k < started; k++)
-        pthread_join(t[k], NULL);
+    on_threads(read_small_worker, &j, n, threads);
 }
