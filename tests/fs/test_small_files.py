@@ -13,6 +13,7 @@ import shutil
 import stat
 import struct
 import subprocess
+import time
 
 import pytest
 from helpers.cli import assert_one_line_error, cli, cli_json
@@ -23,6 +24,8 @@ from helpers.treeutil import Snapshot, assert_same_tree
 from cloneaware import native
 from cloneaware.archive import format as fmt
 from cloneaware.errors import ArchiveError
+from cloneaware.repo.connect import opened
+from cloneaware.repo.restore import restore_snapshots
 from cloneaware.restore.smallfiles import SMALL_MAX, Held, SmallFiles
 
 KiB = 1 << 10
@@ -114,11 +117,6 @@ def test_a_batch_made_behind_the_restore_is_waited_for(btrfs_dir, xfs_dir, monke
     wait for it.  Each batch is slowed here, so that it is still being made
     when those come: a big file ends the batch of small ones before it,
     then come links to them and copies of them."""
-    import time
-
-    from cloneaware import native
-    from cloneaware.repo.connect import opened
-    from cloneaware.repo.restore import restore_snapshots
     src = btrfs_dir / "src"
     rng = random.Random(7)
     for d in "abc":
@@ -365,7 +363,6 @@ def test_read_small_reports_each_file_as_the_kernel_does(btrfs_dir):
     its read, as os.fstat and FIEMAP say; a short file read as far as
     it goes, zeros after; a missing name, a symlink (not followed) and a
     FIFO (opened without blocking) said per file, the rest done."""
-    from cloneaware import native
     from cloneaware.source.mapping import fiemap
 
     d = btrfs_dir / "rs"
