@@ -958,8 +958,8 @@ static int small_fail(struct ca_small *s, int fd, const char *name, int step)
     return -1;
 }
 
-/* The whole of a small file from s->src_fd: cloned, else copied (its
- * reason in clone_err).  -1 with errno set (and step 6 if the source is
+/* The first clone_len bytes of a file from s->src_fd: cloned, else copied
+ * (its reason in clone_err).  -1 with errno set (and step 6 if the source is
  * short). */
 static int small_clone(struct ca_small *s, int fd)
 {
@@ -1045,8 +1045,10 @@ static int small_one(struct ca_small *s, const uint8_t *names, const uint8_t *da
         s->step = 1;
         return -1;  /* nothing of ours at that name */
     }
+    if (s->clone_len && small_clone(s, fd) < 0)
+        return small_fail(s, fd, name, s->step ? s->step : 5);
     while (done < s->data_len) {
-        ssize_t w = pwrite(fd, p + done, s->data_len - done, (off_t)done);
+        ssize_t w = pwrite(fd, p + done, s->data_len - done, (off_t)(s->clone_len + done));
         if (w < 0 && errno == EINTR)
             continue;
         if (w <= 0) {
@@ -1056,8 +1058,6 @@ static int small_one(struct ca_small *s, const uint8_t *names, const uint8_t *da
         }
         done += (uint64_t)w;
     }
-    if (s->clone_len && small_clone(s, fd) < 0)
-        return small_fail(s, fd, name, s->step ? s->step : 5);
     if (s->size > s->data_len + s->clone_len && ftruncate(fd, (off_t)s->size) < 0)
         return small_fail(s, fd, name, 3);
     if ((s->flags & CA_SMALL_CHOWN) && fchown(fd, s->uid, s->gid) < 0)

@@ -210,13 +210,12 @@ int64_t ca_encode_regulars(const struct ca_reg *files, size_t n, const uint8_t *
                            uint64_t *entry_at, uint64_t *blob_bytes);
 /* One small regular file a restore makes whole in one go
  * (cloneaware/restore/smallfiles.py): its name (temporary, or final below a
- * new directory; NUL-terminated, at name_off in names) in dirfd, its first
- * data_len bytes (at data_off in
- * data), or, where clone_len is not 0, the whole file cloned from src_fd
- * at src_off (FICLONERANGE; where the kernel says it cannot clone that --
+ * new directory; NUL-terminated, at name_off in names) in dirfd: where
+ * clone_len is not 0, its first clone_len bytes cloned from src_fd at
+ * src_off (FICLONERANGE; where the kernel says it cannot clone that --
  * EOPNOTSUPP, ENOTTY, EINVAL, EXDEV, ENOSYS -- copied, its errno in
- * clone_err), a trailing hole up to size, then owner (CA_SMALL_CHOWN), mode
- * and times.  Out: err and step (1 open, 2 write, 3 truncate, 4 close, 5
+ * clone_err); then the data_len bytes at data_off in data, after them; a
+ * trailing hole up to size; then owner (CA_SMALL_CHOWN), mode and times.  Out: err and step (1 open, 2 write, 3 truncate, 4 close, 5
  * clone or copy, 6 the source ended before clone_len) where it failed, and
  * the errno of each metadata call that failed. */
 #define CA_SMALL_CHOWN 1

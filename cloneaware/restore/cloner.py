@@ -39,6 +39,8 @@ class Cloner:
         self.block = 4096  # DEST's block size, set once DEST is open
         #: source channel ("archive", "base", "sparse") -> why it cannot clone
         self.no_reflink: dict[str, str] = {}
+        #: the channels a clone was seen to work from
+        self.reflinks: set[str] = set()
 
     def pwrite(self, fd: int, data, off: int, where: str) -> None:
         mv = memoryview(data)
@@ -116,6 +118,7 @@ class Cloner:
             try:
                 native.ficlonerange(fd, sfd, sa, n, a, where)
                 self.c.reflinked_bytes += n
+                self.reflinks.add(channel)
             except OSError as ex:
                 if ex.errno not in native.NOT_SUPPORTED:
                     raise OSError(ex.errno, ex.strerror, where) from None

@@ -354,14 +354,15 @@ class DirectoryOutput:
 
     def clone_entry(self, src: fmt.Entry, src_offset: int, length: int, offset: int) -> None:
         sfd, size = self.source_fd(src.id)
-        if self.small.clone(sfd, src_offset, length, offset, size, "archive"):
+        if self.small.clone(sfd, src_offset, length, offset, size, "archive", ("entry", src.id)):
             return
         self.small.unhold()
         self.data.clone(self._current(), sfd, src_offset, length, offset, size, "archive")
 
     def clone_place(self, place: Place, src_offset: int, length: int, offset: int) -> None:
         sfd, size = self.places.source(place, self)
-        if self.small.clone(sfd, src_offset, length, offset, size, "archive"):
+        if self.small.clone(sfd, src_offset, length, offset, size, "archive",
+                            ("place", place.owner, place.entry)):
             return
         self.small.unhold()
         self.data.clone(self._current(), sfd, src_offset, length, offset, size, "archive")

@@ -1,14 +1,17 @@
 """Small files made in batches (issue 36): a regular file of up to
-``SMALL_MAX`` bytes with nothing about it that needs a decision on the way
-(no xattrs, no inode flags, not cloned from or into, not --reshare-existing
+``SMALL_MAX`` bytes, or of any size whose bytes are clones of one range of
+one earlier file (a reflinked copy: its pieces, an extent each, follow each
+other), with nothing about it that needs a decision on the way
+(no xattrs, no inode flags, not cloned from, not --reshare-existing
 or --share-with) is held in memory from its ENTRY to its END and then made
 with many others in one native call (``native.write_small``: open under its
 temporary name, or its final one below a new directory: restore/fresh.py;
 write, trailing hole, owner, mode, times, close), instead
 of a dozen Python calls each.  The call runs on a helper thread while the
 restore goes on (the kernel's work on one core, the decoding on the other):
-one batch is made while the next is held, and whatever needs a file of it
-(a link, a clone, a checkpoint, the end) waits for it first.  The
+batches are made in order (up to ``Holder.DEPTH`` queued) while the next is
+held, and whatever needs a file of one (a link, a clone, a checkpoint, the
+end) waits for it, and those before it, first.  The
 durability rule is the Placer's, as for every other file
 (restore/durable.py): the files get their final names in its batches,
 after a syncfs.
@@ -16,8 +19,9 @@ after a syncfs.
 The output decides (restore/directory.py): what is held here, and when
 something needs a held file on disk (a hard link to it, a clone from it,
 the end of the run) it flushes first.  Anything a held file's bytes cannot
-take as they come (a range not at its end, a clone, an encoded extent) turns
-it into an ordinary open file (``take_current``)."""
+take as they come (a range not at its end, a clone that does not follow
+the clones before it or comes after bytes, an encoded extent, more than
+``SMALL_MAX`` bytes) turns it into an ordinary open file (``unhold``)."""
 from __future__ import annotations
 
 import os
@@ -34,7 +38,8 @@ from cloneaware.archive.records import background_thread
 from cloneaware.errors import ArchiveError
 from cloneaware.restore.tree import temp_name
 
-#: files of up to this many bytes may be held
+#: files of up to this many bytes may be held for their bytes (a bigger one
+#: only for clones, from a source seen to clone)
 SMALL_MAX = 64 << 10
 _ST = struct.Struct(native.SMALL_FORMAT)
 _OUT = struct.Struct("<iiiiii")
@@ -42,7 +47,8 @@ _OUT = struct.Struct("<iiiiii")
 
 @dataclass(slots=True)
 class Held:
-    """A small file whose bytes are in memory, in order from byte 0."""
+    """A file made in a batch: its first ``cloned`` bytes cloned (if any),
+    then its bytes in memory, in order, after them."""
 
     entry: fmt.Entry
     parent: bytes
@@ -50,9 +56,13 @@ class Held:
     data: bytearray
     #: made under its final name, below a new directory (restore/fresh.py)
     fresh: bool = False
-    #: the whole file cloned instead: from a descriptor (a copy, owned
+    #: cloned instead, from byte 0: from a descriptor (a copy, owned
     #: here), at an offset, of a source of a size, by a Cloner channel
     clone: tuple[int, int, int, str] | None = None
+    #: the bytes cloned so far (from byte 0 on, one range of the source
+    #: in pieces that follow each other), and which file they come from
+    cloned: int = 0
+    source: tuple | None = None
     #: after it was made: the errno with which the clone was copied, or 0
     clone_err: int = 0
 
@@ -68,9 +78,9 @@ class SmallFiles:
     and the metadata calls that failed ((what, errno) pairs)."""
 
     #: a batch ends after this many files or bytes held, or descriptors
-    #: held (one a directory, one a clone's source): two batches (one being
-    #: made, one held) within the 1,024 a process may have open by default,
-    #: with the restore's other caches
+    #: held (one a directory, one a clone's source): three batches (Holder.DEPTH
+    #: queued or being made, one held) within the 1,024 a process may have
+    #: open by default, with the restore's other caches (about 330)
     BATCH_FILES = 2048
     BATCH_BYTES = 16 << 20
     BATCH_FDS = 128
@@ -96,7 +106,7 @@ class SmallFiles:
             self.dirs[held.parent] = os.dup(pfd)
         self.files.append((held, tmp))
         self.ids.add(held.entry.id)
-        self.bytes += len(held.data)
+        self.bytes += len(held.data) + held.cloned  # the work a batch holds up
         self.clones += held.clone is not None
 
     def drop(self) -> None:
@@ -141,7 +151,7 @@ class SmallFiles:
             e = h.entry
             asec, ans = divmod(e.atime_ns, 1_000_000_000)
             msec, mns = divmod(e.mtime_ns, 1_000_000_000)
-            sfd, soff, clen = (h.clone[0], h.clone[1], e.size) if h.clone else (-1, 0, 0)
+            sfd, soff, clen = (h.clone[0], h.clone[1], h.cloned) if h.clone else (-1, 0, 0)
             _ST.pack_into(packed, i * _ST.size, dirs[h.parent], e.mode, e.uid, e.gid, flags,
                           len(tmp), len(names), len(data), len(h.data), e.size,
                           asec, ans, msec, mns, sfd, 0, soff, clen, 0, 0, 0, 0, 0, 0)
@@ -262,21 +272,28 @@ class Holder:
     entries, data and metadata): the one whose bytes are coming, and the
     batch of those complete and not yet made."""
 
+    #: batches queued for the helper or being made, at most, while the next
+    #: is held: the restore's thread waits on the helper only where it has
+    #: got that far ahead (a run of tiny files the kernel makes slower
+    #: than they are read), not at each batch
+    DEPTH = 2
+
     def __init__(self, out: Any):
         self.out = out
         self.held: Held | None = None
         self.batch = SmallFiles(chown=out.meta.root)
-        #: the batch being made on the helper thread while the next is held
-        self.pending: Made | None = None
+        #: the batches made on the helper thread, in order, while the next is held
+        self.pending: list[Made] = []
         self.queue: queue.SimpleQueue | None = None
         self.helper: threading.Thread | None = None
 
     def holdable(self, e: fmt.Entry) -> bool:
-        """Whether ``e`` may be made in a batch: small, and nothing about it
-        that needs a call of its own (flags, xattrs, clones from it, an old
-        copy or --share-with files to clone from, subvolume snapshots)."""
+        """Whether ``e`` may be held for a batch (a big one only for clones:
+        ``take`` and ``clone`` say): nothing about it that needs a call of
+        its own (flags, xattrs, clones from it, an old copy or --share-with
+        files to clone from, subvolume snapshots)."""
         out = self.out
-        return e.size <= SMALL_MAX and not e.xattrs and not e.iflags \
+        return not e.xattrs and not e.iflags \
             and not e.eflags & fmt.EF_REFERENCED and not out.data.reshare_existing \
             and out.data.share is None and out.bookends is None \
             and not out.subvols.snapshots \
@@ -284,11 +301,13 @@ class Holder:
 
     def hold(self, e: fmt.Entry, pfd: int, name: bytes) -> None:
         """Entries.make's maker for a held file: nothing on disk yet."""
+        if e.size > SMALL_MAX:  # as before any big file, whatever its bytes are:
+            self.submit()  # the small ones before it start being made now
         self.out.meta.owners_noted()
         self.held = Held(e, e.path.rpartition(b"/")[0], name, bytearray())
 
     def holds(self, eid: int) -> bool:
-        return eid in self.batch.ids or self.pending is not None and eid in self.pending.ids
+        return eid in self.batch.ids or any(eid in job.ids for job in self.pending)
 
     def take(self, offset: int, data, extent) -> bool:
         """Stored bytes for the current file: kept if it is held and they
@@ -297,29 +316,39 @@ class Holder:
         h = self.held
         if h is None:
             return False
-        if offset == len(h.data) and h.clone is None and \
+        if offset == h.cloned + len(h.data) and len(h.data) + len(data) <= SMALL_MAX and \
                 (extent is None or self.out.data.no_encoded is not None):
-            h.data += data
+            h.data += data  # after the clones, if any (a reflinked copy's unaligned tail)
             self.out.counts.written_bytes += len(data)
             return True
         self.unhold()
         return False
 
     def clone(self, sfd: int, src_offset: int, length: int, offset: int, src_size: int,
-              channel: str) -> bool:
-        """A clone into the current file: kept if it is held, and the clone
-        is the whole file from one aligned place (the batch clones it, or
-        copies it where the kernel will not: a failed ioctl costs less than
-        a file made alone); else False (the caller unholds it)."""
+              channel: str, source: tuple) -> bool:
+        """A clone into the current file: kept if it is held, and the
+        clones so far are one aligned range of one file (``source``) from
+        byte 0 on, however many pieces it comes in (an extent each); the
+        batch clones that range, or copies it where the kernel will not (a
+        failed ioctl costs less than a file made alone), and leaves a hole
+        after it up to the file's size.  Else False (the caller unholds it)."""
         h = self.held
-        if h is None or h.data or h.clone is not None or offset or length != h.entry.size \
-                or not length:
+        if h is None or h.data or not length or offset + length > h.entry.size:
             return False
         cloner = self.out.data.cloner
+        if h.entry.size > SMALL_MAX and channel not in cloner.reflinks:
+            return False  # never a big copy in a batch: made alone, counted as written
         bs = cloner.block
         if src_offset % bs or (length % bs and src_offset + length != src_size):
             return False
-        h.clone = (os.dup(sfd), src_offset, src_size, channel)
+        if h.clone is None:
+            if offset:
+                return False
+            h.clone = (os.dup(sfd), src_offset, src_size, channel)
+            h.source = source
+        elif source != h.source or offset != h.cloned or src_offset != h.clone[1] + offset:
+            return False
+        h.cloned += length
         return True
 
     def unhold(self) -> None:
@@ -334,14 +363,14 @@ class Holder:
         except OSError as ex:
             raise out.named(ex, h.entry.path) from None
         cur = out.cur
-        if h.data:  # counted as written when they came
-            out.data.cloner.pwrite(cur.fd, h.data, 0, cur.where)
         if h.clone is not None:
             sfd, soff, ssize, channel = h.clone
             try:
-                out.data.clone(cur, sfd, soff, h.entry.size, 0, ssize, channel)
+                out.data.clone(cur, sfd, soff, h.cloned, 0, ssize, channel)
             finally:
                 h.close()
+        if h.data:  # counted as written when they came
+            out.data.cloner.pwrite(cur.fd, h.data, h.cloned, cur.where)
 
     def end(self) -> bool:
         """The current file's END: a held one joins the batch (True)."""
@@ -367,19 +396,23 @@ class Holder:
         """Entry ``eid`` is needed on disk (linked to, cloned from)."""
         if eid in self.batch.ids:
             self.flush()
-        elif self.pending is not None and eid in self.pending.ids:
-            self.wait()
+            return
+        for k, job in enumerate(self.pending):
+            if eid in job.ids:
+                self._finish(k + 1)
+                return
 
     def submit(self) -> None:
-        """The batch held so far starts being made, on the helper thread,
-        once the one before it is made and handed on: batches are made in
-        order, one at a time, while the restore goes on."""
+        """The batch held so far is queued for the helper thread, once no
+        more than DEPTH - 1 before it are still to be handed on: batches
+        are made in order, one at a time, while the restore goes on."""
         if len(self.batch):
-            self.wait()
+            if len(self.pending) >= self.DEPTH:
+                self._finish(len(self.pending) - self.DEPTH + 1)
             job = self.batch.take()
             # pending first: a signal before the put leaves a job that wait()
             # or drop() finds never queued; SimpleQueue.put is one C call
-            self.pending = job
+            self.pending.append(job)
             self._queue().put(job)
             job.queued = True
 
@@ -392,19 +425,23 @@ class Holder:
         return self.queue
 
     def wait(self) -> None:
-        """The batch being made, made and handed on (an OSError naming its
+        """Every batch queued made and handed on (an OSError naming the
         file that failed, if one did)."""
-        job = self.pending
-        if job is None:
-            return
-        if job.queued:
-            job.ended.wait()  # interrupted: still pending, for drop
-        else:  # a signal came between: whatever was queued has run
-            self._stop()
-            if not job.ended.is_set():
-                job.run()
-        job.finish(self.out.tree.where, self._made)
-        self.pending = None
+        self._finish(len(self.pending))
+
+    def _finish(self, n: int) -> None:
+        """The first ``n`` batches queued made and handed on, in order.
+        One that fails stays pending, handed on, for drop()."""
+        for _ in range(n):
+            job = self.pending[0]
+            if job.queued:
+                job.ended.wait()  # interrupted: still pending, for drop
+            else:  # a signal came between (the last queued): whatever was queued has run
+                self._stop()
+                if not job.ended.is_set():
+                    job.run()
+            job.finish(self.out.tree.where, self._made)
+            self.pending.pop(0)
 
     def _stop(self) -> None:
         """The helper stopped, once it has run every batch queued (its C
@@ -446,10 +483,10 @@ class Holder:
         try:
             self._stop()
         finally:
-            job, self.pending = self.pending, None
+            jobs, self.pending = self.pending, []
             try:
-                if job is not None:
-                    job.abandon()
+                for job in jobs:
+                    job.abandon()  # closes its descriptors whatever else fails
             finally:
                 self.batch.drop()
 
@@ -458,12 +495,14 @@ class Holder:
         if h.clone is not None:  # counted as Cloner.clone_or_copy counts
             cloner = self.out.data.cloner
             if h.clone_err:
-                cloner.copied(e.size, cloner.refused(h.clone_err, h.clone[3]))
+                cloner.copied(h.cloned, cloner.refused(h.clone_err, h.clone[3]))
             else:
-                self.out.counts.reflinked_bytes += e.size
+                self.out.counts.reflinked_bytes += h.cloned
+                cloner.reflinks.add(h.clone[3])
         for what, code in failures:
             self.out.not_exact(e, f"{what} not restored: {os.strerror(code)}")
         if h.fresh:
             self.out.placer.placed[e.id] = (h.parent, h.name)
         else:
-            self.out.placer.defer(h.parent, tmp, h.name, e.path, e.id, len(h.data))
+            copied = h.cloned if h.clone_err else 0  # bytes the next sync writes
+            self.out.placer.defer(h.parent, tmp, h.name, e.path, e.id, len(h.data) + copied)

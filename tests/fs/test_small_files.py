@@ -26,6 +26,7 @@ from cloneaware.archive import format as fmt
 from cloneaware.errors import ArchiveError
 from cloneaware.repo.connect import opened
 from cloneaware.repo.restore import restore_snapshots
+from cloneaware.restore.run import Restore
 from cloneaware.restore.smallfiles import SMALL_MAX, Held, SmallFiles
 
 KiB = 1 << 10
@@ -114,21 +115,23 @@ def test_a_batch_made_behind_the_restore_is_waited_for(btrfs_dir, xfs_dir, monke
     """Batches are made on a helper thread while the restore goes on
     (Holder.submit): a hard link to a file of a batch still being made, a
     clone from one (a repository's duplicate), and the end of the run each
-    wait for it.  Each batch is slowed here, so that it is still being made
-    when those come: a big file ends the batch of small ones before it,
-    then come links to them and copies of them."""
+    wait for it, and for those queued before it (up to Holder.DEPTH).  Each
+    batch is slowed here, so that two are still queued or being made when
+    those come: a big file ends each batch of small ones before it, then
+    come links to files of both and copies of them, the second's first."""
     src = btrfs_dir / "src"
     rng = random.Random(7)
     for d in "abc":
         (src / d).mkdir(parents=True)
     for i in range(40):
         (src / "a" / f"f{i:02d}").write_bytes(rng.randbytes(5000 + 97 * i))
+    (src / "a" / "f19big").write_bytes(rng.randbytes(SMALL_MAX + 4096))
     (src / "a" / "zbig").write_bytes(rng.randbytes(SMALL_MAX + 4096))
     for i in range(10):
         if then == "links":
-            os.link(src / "a" / f"f{i:02d}", src / "b" / f"l{i:02d}")
+            os.link(src / "a" / f"f{(20 + 4 * i) % 40:02d}", src / "b" / f"l{i:02d}")
         else:
-            shutil.copy2(src / "a" / f"f{10 + i:02d}", src / "c" / f"d{i:02d}")
+            shutil.copy2(src / "a" / f"f{(25 + 3 * i) % 40:02d}", src / "c" / f"d{i:02d}")
     want = Snapshot(src, atime=False)
     repo = btrfs_dir / "repo"
     cli("init", "-r", repo, check_rc=0)
@@ -142,12 +145,13 @@ def test_a_batch_made_behind_the_restore_is_waited_for(btrfs_dir, xfs_dir, monke
     monkeypatch.setattr(native, "write_small", slow)
     with opened(str(repo), lock="shared", operation="restore") as r:
         restore_snapshots(r, [r.find("latest", r.snapshots())], str(xfs_dir / "out"))
-    assert calls[0] == 40, calls  # the small files of a/, made behind the restore
+    assert calls[:2] == [20, 20], calls  # the small files of a/, made behind the restore
     assert_same_tree(want, Snapshot(xfs_dir / "out" / "src", atime=False))
     out = xfs_dir / "out" / "src"
     for i in range(10 if then == "copies" else 0):  # cloned from the first copy (filefrag)
         got = [x.physical for x in filefrag(out / "c" / f"d{i:02d}")[1]]
-        assert got and got == [x.physical for x in filefrag(out / "a" / f"f{10 + i:02d}")[1]]
+        assert got and got == [x.physical
+                               for x in filefrag(out / "a" / f"f{(25 + 3 * i) % 40:02d}")[1]]
 
 
 @pytest.mark.parametrize("dest_fs", ["btrfs", "xfs"])
@@ -242,6 +246,106 @@ def test_reflinked_copies_of_small_files_are_cloned_in_batches(btrfs_dir, xfs_di
         assert grew > 2 * logical * 0.9, (grew, logical)
 
 
+@pytest.mark.parametrize("dest_fs,source", [("xfs", "archive"), ("ext4", "archive"),
+                                            ("xfs", "repository")])
+def test_reflinked_copies_with_tails_of_bytes_are_made_in_batches(btrfs_dir, xfs_dir, ext4_dir,
+                                                                  monkeypatch, dest_fs, source):
+    """An archive stores a reflinked copy (a container layer) as one clone
+    of the file it copies; a copy appended to since (a log, a night's
+    change) as clones of its whole blocks that are still shared and its
+    rewritten tail as bytes; a file with a block rewritten as clones around
+    bytes.  The batch makes a copy of any size, clones first, then its
+    tail, where the restore's thread made the big ones and the appended
+    ones alone; one whose bytes come between clones is made alone, its
+    clones and bytes each where they belong.  Judged by the tree's hashes,
+    and on XFS by the copies' first extents being their originals'
+    (filefrag); on ext4, which cannot clone, each is copied (a big one
+    alone: a batch never copies one), and counted so.  A repository
+    restore clones a copy blob by blob from where each was first written:
+    pieces that follow each other in one file, which the batch takes as
+    one clone."""
+    src = btrfs_dir / "layers"
+    base = src / "base"
+    base.mkdir(parents=True)
+    rng = random.Random(11)
+    sizes = [4096 + 700, 3 * 4096 + 1, 40960 + 3075, SMALL_MAX + 5000, 3 * SMALL_MAX + 123,
+             (6 << 20) + 77]
+    names = []
+    for i in range(20):
+        names.append(f"f{i:02d}")
+        (base / names[-1]).write_bytes(rng.randbytes(sizes[i % len(sizes)]))
+    # one in extents apart (a filler written between its pieces): its copy's
+    # clones come in pieces, one an extent, that the batch takes as one
+    with open(base / "f04", "wb") as f, open(btrfs_dir / "filler", "wb") as g:
+        for piece in range(4):
+            f.write(rng.randbytes(SMALL_MAX if piece < 3 else 123))
+            g.write(rng.randbytes(SMALL_MAX))
+            for h in (f, g):
+                h.flush()
+                os.fsync(h.fileno())
+    assert len(filefrag(base / "f04")[1]) > 1
+    subprocess.run(["cp", "-a", "--reflink=always", base, src / "copy"], check=True)
+    for name in names[1::2]:
+        with open(src / "copy" / name, "ab") as f:
+            f.write(b"appended\n")
+    with open(src / "copy" / "f03", "r+b") as f:  # one block of it its own: bytes between
+        f.seek(8192)
+        f.write(rng.randbytes(4096))
+    # halves of one file swapped: clones from one file, whose places do not follow
+    half = sizes[4] // 2 // 4096 * 4096
+    with open(base / "f04", "rb") as f, open(src / "copy" / "swapped", "wb") as g:
+        native.ficlonerange(g.fileno(), f.fileno(), half, half, 0, "swapped")
+        native.ficlonerange(g.fileno(), f.fileno(), 0, half, half, "swapped")
+    os.sync()
+    want = Snapshot(src, atime=False)
+    archive, repo = btrfs_dir / "a.ca", btrfs_dir / "repo"
+    if source == "archive":
+        cli("backup", "-o", archive, src, check_rc=0)
+    else:
+        cli("init", "-r", repo, check_rc=0)
+        cli("backup", "-r", repo, src, check_rc=0)
+    real, made = SmallFiles._pack, {}
+
+    def pack(self, files, dirs):
+        for h, _ in files:
+            made[h.entry.path] = (h.cloned, len(h.data))
+        return real(self, files, dirs)
+    monkeypatch.setattr(SmallFiles, "_pack", pack)
+    dest = (xfs_dir if dest_fs == "xfs" else ext4_dir) / "out"
+    if source == "archive":
+        summary = Restore(str(archive), str(dest)).run()
+    else:
+        with opened(str(repo), lock="shared", operation="restore") as r:
+            summary = restore_snapshots(r, [r.find("latest", r.snapshots())], str(dest))
+    assert_same_tree(want, Snapshot(dest / "layers", atime=False))
+    assert b"layers/copy/swapped" not in made
+    cloned = 0
+    for i, name in enumerate(names):
+        size = sizes[i % len(sizes)]
+        path = b"layers/copy/" + name.encode()
+        if name == "f03":
+            assert path not in made, made[path]
+            continue
+        tail = size % 4096 + len(b"appended\n") if i % 2 else 0
+        want_made = (size - size % 4096 if tail else size, tail)
+        cloned += want_made[0]
+        got = made.get(path)
+        if dest_fs == "ext4" and size > SMALL_MAX:
+            assert got is None, (name, got)  # never a big copy in a batch: made alone
+            continue
+        assert got == want_made, (name, got)
+        if dest_fs == "xfs":
+            exts = filefrag(dest / "layers" / "copy" / name)[1]
+            orig = filefrag(dest / "layers" / "base" / name)[1]
+            assert exts and exts[0].physical == orig[0].physical, (name, exts, orig)
+    # counted as the restore's own clones and copies are
+    if dest_fs == "xfs":
+        assert summary.reflinked_bytes >= cloned and not summary.copied_bytes, summary
+    else:
+        assert summary.copied_bytes >= cloned and not summary.reflinked_bytes, summary
+        assert sum(summary.copy_reasons.values()) == summary.copied_bytes, summary
+
+
 def test_a_batch_made_on_threads_stops_as_if_in_order(ext4_dir):
     """write_small spreads a batch over threads, yet answers as if it made
     the files in order: at the first that fails, the files before it are
@@ -266,6 +370,7 @@ def test_a_batch_made_on_threads_stops_as_if_in_order(ext4_dir):
                 h = Held(fmt.Entry(i, fmt.K_REG, b"out/" + name, size=(8 << 20) + 4096),
                          b"out", name, bytearray())
                 h.clone = (os.dup(sfd), 0, 8 << 20, "archive")
+                h.cloned = (8 << 20) + 4096  # what the archive said to clone
             batch.add(h, dfd, name)
         job = batch.take()
         job.done = native.write_small(job.packed, len(job.files), job.names, job.data,
@@ -297,10 +402,10 @@ def test_a_batched_clone_whose_source_came_up_short_is_refused_and_removed(xfs_d
     try:
         batch = SmallFiles(chown=False)
         ok = Held(fmt.Entry(1, fmt.K_REG, b"out/ok", size=4096), b"out", b"ok", bytearray())
-        ok.clone = (os.dup(sfd), 0, 4096, "archive")
+        ok.clone, ok.cloned = (os.dup(sfd), 0, 4096, "archive"), 4096
         short = Held(fmt.Entry(2, fmt.K_REG, b"out/short", size=8192), b"out", b"short",
                      bytearray())
-        short.clone = (os.dup(sfd), 0, 8192, "archive")  # 8192 said, 4096 there
+        short.clone, short.cloned = (os.dup(sfd), 0, 8192, "archive"), 8192  # 4096 there
         batch.add(ok, dfd, b"ok")
         batch.add(short, dfd, b"short")
         with pytest.raises(ArchiveError, match="past the end of its source for out/short"):
