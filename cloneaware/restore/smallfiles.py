@@ -78,12 +78,14 @@ class SmallFiles:
     and the metadata calls that failed ((what, errno) pairs)."""
 
     #: a batch ends after this many files or bytes held, or descriptors
-    #: held (one a directory, one a clone's source): three batches (Holder.DEPTH
-    #: queued or being made, one held) within the 1,024 a process may have
-    #: open by default, with the restore's other caches (about 330)
+    #: held (one a directory, one a clone's source; one more at most, as a
+    #: file may bring both): three batches (Holder.DEPTH queued or being
+    #: made, one held) within the 1,024 a process may have open by default,
+    #: with the restore's other caches (about 330, and a local repository's
+    #: 257 directories of packs: about 300 left)
     BATCH_FILES = 2048
     BATCH_BYTES = 16 << 20
-    BATCH_FDS = 128
+    BATCH_FDS = 96
 
     def __init__(self, chown: bool):
         self.chown = chown
@@ -244,13 +246,13 @@ class Made:
             self.close()
 
     def _unlink(self, files: list[tuple[Held, bytes]]) -> None:
-        # those below a new directory go with it, or are named whole with it
+        # below a new directory too: fail() names it whole, with what was
+        # handed on (a batch after one that failed may have been made)
         for h, tmp in files:
-            if not h.fresh:
-                try:
-                    os.unlink(tmp, dir_fd=self.dirs[h.parent])
-                except OSError:
-                    pass
+            try:
+                os.unlink(tmp, dir_fd=self.dirs[h.parent])
+            except OSError:
+                pass
 
     def close(self) -> None:
         dirs, self.dirs = self.dirs, {}
@@ -301,8 +303,11 @@ class Holder:
 
     def hold(self, e: fmt.Entry, pfd: int, name: bytes) -> None:
         """Entries.make's maker for a held file: nothing on disk yet."""
-        if e.size > SMALL_MAX:  # as before any big file, whatever its bytes are:
-            self.submit()  # the small ones before it start being made now
+        if e.size > SMALL_MAX and all(job.ended.is_set() for job in self.pending):
+            # as before any big file, whatever its bytes are: the small ones
+            # before it start being made now, if the helper has nothing to do
+            # (a run of big reflinked copies is not cut into batches of one)
+            self.submit()
         self.out.meta.owners_noted()
         self.held = Held(e, e.path.rpartition(b"/")[0], name, bytearray())
 
@@ -336,7 +341,8 @@ class Holder:
         if h is None or h.data or not length or offset + length > h.entry.size:
             return False
         cloner = self.out.data.cloner
-        if h.entry.size > SMALL_MAX and channel not in cloner.reflinks:
+        if h.entry.size > SMALL_MAX and (channel not in cloner.reflinks
+                                         or channel in cloner.no_reflink):
             return False  # never a big copy in a batch: made alone, counted as written
         bs = cloner.block
         if src_offset % bs or (length % bs and src_offset + length != src_size):
@@ -449,9 +455,12 @@ class Holder:
         if self.helper is None:
             return
         assert self.queue is not None
-        self.queue.put(None)
+        told = False
         while True:
             try:
+                if not told:
+                    self.queue.put(None)  # twice, if a signal comes after it: harmless
+                    told = True
                 self.helper.join()
                 break
             except BaseException:  # noqa: BLE001 - a signal: the call is bounded, wait on

@@ -386,6 +386,33 @@ def test_a_batch_made_on_threads_stops_as_if_in_order(ext4_dir):
     assert all((out / f"f{i:04d}").read_bytes() == b"%04d" % i * 750 for i in range(40))
 
 
+def test_a_batch_made_and_not_handed_on_leaves_no_file(xfs_dir):
+    """A batch made on the helper but never handed on (one queued before it
+    failed, and the run ends: Holder.drop abandons it) leaves none of its
+    files, not even those made under their final names below a new
+    directory, which the failing run would otherwise name with it though
+    nobody counted them or said what of them was not exact."""
+    out = xfs_dir / "out"
+    out.mkdir()
+    dfd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        batch = SmallFiles(chown=False)
+        for i in range(10):
+            name = b"f%d" % i
+            h = Held(fmt.Entry(i, fmt.K_REG, b"out/" + name, size=3), b"out", name,
+                     bytearray(b"abc"))
+            h.fresh = i % 2 == 0
+            batch.add(h, dfd, name if h.fresh else b".cloneaware-tmp-%d" % i)
+        job = batch.take()
+        job.run()
+        job.ended.wait()
+        assert len(os.listdir(out)) == 10
+        job.abandon()
+    finally:
+        os.close(dfd)
+    assert os.listdir(out) == []
+
+
 def test_a_batched_clone_whose_source_came_up_short_is_refused_and_removed(xfs_dir):
     """The source of a batched clone is shorter on disk than the archive
     said (changed under the restore): the file is not made -- its name is
