@@ -1,7 +1,8 @@
 """Small files made in batches (issue 36): a regular file of up to
 ``SMALL_MAX`` bytes, or of any size whose bytes are clones of one range of
-one earlier file (a reflinked copy: its pieces, an extent each, follow each
-other), with nothing about it that needs a decision on the way
+one earlier file that was seen to clone (a reflinked copy: its pieces, an
+extent or a blob each, follow each other), then up to ``SMALL_MAX`` bytes
+after them, with nothing about it that needs a decision on the way
 (no xattrs, no inode flags, not cloned from, not --reshare-existing
 or --share-with) is held in memory from its ENTRY to its END and then made
 with many others in one native call (``native.write_small``: open under its
@@ -495,7 +496,7 @@ class Holder:
             jobs, self.pending = self.pending, []
             try:
                 for job in jobs:
-                    job.abandon()  # closes its descriptors whatever else fails
+                    job.abandon()  # its unlinks may fail; its descriptors are closed
             finally:
                 self.batch.drop()
 
