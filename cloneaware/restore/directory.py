@@ -42,25 +42,31 @@ class Places:
     range can be cloned from wherever it was written first, in whichever
     snapshot (archive/blobs.py ``Place``)."""
 
+    #: files of manifests restored earlier in the run kept open, the last
+    #: used: a later snapshot of a tree clones nearly every file from an
+    #: earlier one's, and kept open they all were, two snapshots of more
+    #: than ~1,000 files stopped at the descriptors a process may hold
+    DONE_FDS = 64
+
     def __init__(self) -> None:
         self.outputs: list[DirectoryOutput] = []
-        self.done_fds: dict[tuple[int, int], int] = {}
+        self.done_fds = FdCache(self.DONE_FDS)
 
     def source(self, place: Place, asking: DirectoryOutput) -> tuple[int, int]:
-        """A descriptor and the size of the file that holds ``place``."""
+        """A descriptor and the size of the file that holds ``place``,
+        for the caller's use now (a batch keeps a dup of its own)."""
         out = self.outputs[place.owner]
         if out is asking:
             return out.source_fd(place.entry)
         key = (place.owner, place.entry)
         fd = self.done_fds.get(key)
         if fd is None:  # a file of a manifest restored earlier in this run, in place now
-            fd = self.done_fds[key] = out.reopen(place.entry)
+            fd = out.reopen(place.entry)
+            self.done_fds.put(key, fd)
         return fd, out.entries[place.entry].size
 
     def close(self) -> None:
-        for fd in self.done_fds.values():
-            os.close(fd)
-        self.done_fds.clear()
+        self.done_fds.close()
 
 
 class DirectoryOutput:

@@ -246,6 +246,44 @@ def test_reflinked_copies_of_small_files_are_cloned_in_batches(btrfs_dir, xfs_di
         assert grew > 2 * logical * 0.9, (grew, logical)
 
 
+def test_two_snapshots_of_many_files_restore_within_the_descriptors_a_process_has(
+        btrfs_dir, xfs_dir):
+    """Snapshots restored together write a blob once and clone it after:
+    nearly every file of the second is cloned from the first's, which is
+    in place by then and reopened for it.  Those kept open are bounded
+    (Places.DONE_FDS): two snapshots of more files than a process may hold
+    open by default (1,024) restore, exact, and the second takes no space
+    of its own, by statfs."""
+    src = btrfs_dir / "src"
+    rng = random.Random(11)
+    n, size = 1500, 8192
+    for i in range(n):
+        p = src / f"d{i % 30:02d}" / f"f{i:04d}"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(rng.randbytes(size))
+    repo = btrfs_dir / "repo"
+    cli("init", "-r", repo, check_rc=0)
+    cli("backup", "-r", repo, src, check_rc=0)
+    first = Snapshot(src, atime=False)
+    with open(src / "d00" / "f0000", "ab") as f:  # night 2: one file grows
+        f.write(b"night two\n")
+    cli("backup", "-r", repo, src, check_rc=0)
+    second = Snapshot(src, atime=False)
+    ids = [s["short_id"] for s in cli_json("snapshots", "--json", "-r", repo, check_rc=0)]
+    assert len(ids) == 2, ids
+    before = used(xfs_dir)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # the restore's, inherited
+    try:
+        out = cli_json("restore", "--json", "-r", repo, *ids, xfs_dir / "out", check_rc=0)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert_same_tree(first, Snapshot(xfs_dir / "out" / ids[0] / "src", atime=False))
+    assert_same_tree(second, Snapshot(xfs_dir / "out" / ids[1] / "src", atime=False))
+    assert out["reflinked_bytes"] >= (n - 1) * size, out
+    assert used(xfs_dir) - before < 1.5 * n * size  # one tree's blocks, not two
+
+
 @pytest.mark.parametrize("dest_fs,source", [("xfs", "archive"), ("ext4", "archive"),
                                             ("xfs", "repository")])
 def test_reflinked_copies_with_tails_of_bytes_are_made_in_batches(btrfs_dir, xfs_dir, ext4_dir,
