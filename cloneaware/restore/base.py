@@ -3,6 +3,7 @@ and the bytes cloned from it (or from a sparse file) hashed after the clone
 (clone, then verify: a base written concurrently cannot slip wrong bytes in)."""
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Callable
@@ -10,13 +11,82 @@ from collections.abc import Callable
 from cloneaware.archive import format as fmt
 from cloneaware.archive import thin
 from cloneaware.errors import BaseMismatch, UsageError
+from cloneaware.restore.tree import FdCache
 from cloneaware.safeio import open_beneath, sha256_range
+
+#: errors opening a base file that say nothing about the base
+_NOT_THE_BASE = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EIO}
+
+
+class BaseFiles:
+    """The base files of a thin archive, each checked once to be a regular
+    file of the size it had at backup time, then opened as the restore
+    clones from them: the last used kept open (KEEP), the others opened
+    again beneath the base, and refused if they are no longer the file
+    checked.  Opened all at once and kept, a base directory of more than
+    ~1,000 files stopped the restore at the descriptors a process may hold
+    (said as a base file missing)."""
+
+    KEEP = 64
+
+    def __init__(self, base: thin.Base, given: str, root: int):
+        self.given = given
+        self.root = root  # the base given (a directory, or the one base file)
+        self.files = {bf.number: bf for bf in base.files}
+        self.ids: dict[int, tuple[int, int]] = {}  # number -> (st_dev, st_ino) checked
+        self.open = FdCache(self.KEEP)
+
+    def _where(self, bf: thin.BaseFile) -> str:
+        return os.path.join(self.given, os.fsdecode(bf.path)) if bf.path else self.given
+
+    def _open(self, bf: thin.BaseFile) -> int:
+        try:
+            fd = open_beneath(self.root, fmt.check_path(bf.path), os.O_RDONLY | os.O_CLOEXEC) \
+                if bf.path else os.dup(self.root)
+        except OSError as e:
+            if e.errno in _NOT_THE_BASE:  # this process's trouble, not the base's: exit 4
+                raise OSError(e.errno, e.strerror, self._where(bf)) from None
+            raise BaseMismatch(f"base file {self._where(bf)} is needed: {e.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise BaseMismatch(f"base file {self._where(bf)} is not a regular file")
+            if st.st_size != bf.size:
+                raise BaseMismatch(f"base file {self._where(bf)} has {st.st_size} bytes; the "
+                                   f"backup was made against {bf.size} bytes")
+            seen = self.ids.setdefault(bf.number, (st.st_dev, st.st_ino))
+            if seen != (st.st_dev, st.st_ino):
+                raise BaseMismatch(f"base file {self._where(bf)} was replaced during the "
+                                   "restore")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def check(self) -> None:
+        """Every base file there, regular, of its size (once, before
+        anything is written)."""
+        for bf in self.files.values():
+            self.open.put(bf.number, self._open(bf))
+
+    def fd(self, number: int) -> int:
+        """A descriptor of base file ``number``, for the caller's use now."""
+        fd = self.open.get(number)
+        if fd is None:
+            fd = self._open(self.files[number])
+            self.open.put(number, fd)
+        return fd
+
+    def close(self) -> None:
+        try:
+            self.open.close()
+        finally:
+            os.close(self.root)
 
 
 def open_base(base: thin.Base, given: str | None,
-              opener: Callable[[str], int] | None = None) -> dict[int, int]:
-    """Descriptors of every base file the archive references, by number,
-    each checked to be a regular file of the size it had at backup time.
+              opener: Callable[[str], int] | None = None) -> BaseFiles:
+    """The base files the archive references (BaseFiles), each checked.
     ``given``: where the user says the base is (--base); ``opener``: how to
     open it (``cloneaware serve`` opens it beneath its allowed root without
     following symlinks); the files below a directory base are opened
@@ -32,34 +102,18 @@ def open_base(base: thin.Base, given: str | None,
                                                                 os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
         raise BaseMismatch(f"base {given}: {e.strerror} (the archive needs {need!r})") from None
-    fds: dict[int, int] = {}
+    files = BaseFiles(base, given, bfd)
     try:
         is_dir = stat.S_ISDIR(os.fstat(bfd).st_mode)
         if is_dir != (base.kind == thin.BASE_DIR):
             raise BaseMismatch(f"base {given} should be a "
                                f"{'directory' if base.kind == thin.BASE_DIR else 'file'}, "
                                f"like {need!r} was at backup time")
-        for bf in base.files:
-            where = os.path.join(given, os.fsdecode(bf.path)) if bf.path else given
-            try:
-                fd = open_beneath(bfd, fmt.check_path(bf.path), os.O_RDONLY | os.O_CLOEXEC) \
-                    if bf.path else os.dup(bfd)
-            except OSError as e:
-                raise BaseMismatch(f"base file {where} is needed: {e.strerror}") from None
-            fds[bf.number] = fd
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise BaseMismatch(f"base file {where} is not a regular file")
-            if st.st_size != bf.size:
-                raise BaseMismatch(f"base file {where} has {st.st_size} bytes; the backup "
-                                   f"was made against {bf.size} bytes")
+        files.check()
     except BaseException:
-        for fd in fds.values():
-            os.close(fd)
+        files.close()
         raise
-    finally:
-        os.close(bfd)
-    return fds
+    return files
 
 
 def verify_ranges(fd: int, ranges: list[tuple[int, int, bytes]], where: str) -> int:

@@ -18,7 +18,7 @@ from cloneaware.archive import thin
 from cloneaware.archive.blobs import Place
 from cloneaware.archive.events import FileState
 from cloneaware.errors import ArchiveError, Damaged, NotExact, UsageError
-from cloneaware.restore.base import open_base
+from cloneaware.restore.base import BaseFiles, open_base
 from cloneaware.restore.beside import BesideFiles, ShareIndex
 from cloneaware.restore.cloner import Counts
 from cloneaware.restore.durable import Placer
@@ -95,7 +95,7 @@ class DirectoryOutput:
         self.open_dest = open_dest
         self.open_base_at = open_base_at  # opens --base (serve: beneath its root)
         self.external_fd = external_fd
-        self.base_fds: dict[int, int] = {}
+        self.base_files: BaseFiles | None = None
         self.counts = Counts(copy_reasons=self.s.copy_reasons)
         self.tree = Tree(dest)
         self.placer = Placer(self.tree, self.force)
@@ -133,8 +133,8 @@ class DirectoryOutput:
 
     def use_base(self, base: thin.Base | None) -> None:
         """Open the thin archive's base files (checked against the archive)."""
-        if base is not None and not self.base_fds:
-            self.base_fds = open_base(base, self.base, self.open_base_at)
+        if base is not None and self.base_files is None:
+            self.base_files = open_base(base, self.base, self.open_base_at)
 
     def begin(self, base: thin.Base | None, entries: list[fmt.Entry]) -> None:
         self.entries = entries
@@ -254,10 +254,11 @@ class DirectoryOutput:
         self.placer.close()
         if self.partial is not None:
             self.partial.close()
-        for fd in [*self.base_fds.values(), self.tree.root]:
-            if fd is not None:
-                os.close(fd)
-        self.base_fds = {}
+        if self.base_files is not None:
+            self.base_files.close()
+            self.base_files = None
+        if self.tree.root is not None:
+            os.close(self.tree.root)
         self.tree.root = None
 
     # -- entries ------------------------------------------------------------------------
@@ -376,8 +377,9 @@ class DirectoryOutput:
     def clone_base(self, bf: thin.BaseFile, base_offset: int, length: int, offset: int
                    ) -> None:
         self.small.unhold()
-        self.data.clone(self._current(), self.base_fds[bf.number], base_offset, length, offset,
-                        bf.size, "base")
+        assert self.base_files is not None, "base records before the base was opened"
+        self.data.clone(self._current(), self.base_files.fd(bf.number), base_offset, length,
+                        offset, bf.size, "base")
 
     def clone_external(self, offset: int, length: int, record: int) -> None:
         if self.external_fd is None:

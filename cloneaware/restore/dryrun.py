@@ -46,8 +46,7 @@ class RecordingOutput:
     def begin(self, base: thin.Base | None, entries: list[fmt.Entry]) -> None:
         self.entries = entries
         if base is not None:
-            for fd in open_base(base, self.base).values():  # there, and of the sizes it had
-                os.close(fd)
+            open_base(base, self.base).close()  # there, and of the sizes it had
         elif self.base is not None:
             self.warn("--base given, but this archive is not a thin backup")
         self.btrfs = on_btrfs(self.dest)

@@ -264,3 +264,66 @@ def test_sparse_form_hashes_the_bytes_it_holds(btrfs_dir):
         stop.set()
         writer.join(10)
     assert 1 in runs, f"the clone was never seen changing while read: {runs}"
+
+
+def test_a_base_of_more_files_than_a_process_may_hold_open(reflink_dir, monkeypatch):
+    """A base directory of 1,500 files (a golden tree and a reflinked copy
+    of it, one file changed): each base file is checked before anything is
+    written, then opened again as the restore clones from it, the last used
+    kept open.  Opened all at once and kept, the restore stopped at the
+    1,024 descriptors a process may hold by default, said as a base file
+    missing (exit 5).  The tree comes back exact, its files sharing the
+    base's blocks (statfs: the restore takes a small part of their bytes)."""
+    import random
+    import resource
+
+    d = reflink_dir
+    base, copy = d / "golden", d / "copy"
+    rng = random.Random(41)
+    n, size = 1500, 16384
+    for i in range(n):
+        p = base / f"d{i % 30:02d}" / f"f{i:04d}"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(rng.randbytes(size))
+    for p in sorted(base.rglob("f*")):
+        q = copy / p.relative_to(base)
+        q.parent.mkdir(parents=True, exist_ok=True)
+        reflink_copy(p, q)
+    with open(copy / "d00" / "f0000", "r+b") as f:
+        f.write(b"changed")
+    arch = d / "t.caw"
+    cli("backup", "--base", base, "-o", arch, copy, check_rc=0)
+    assert arch.stat().st_size < 0.1 * n * size
+    out = d / "out"
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # the restore's, inherited
+    try:
+        grew = usage_delta(d, lambda: cli("restore", "--base", base, arch, out, check_rc=0))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    for p in sorted(copy.rglob("f*")):
+        assert sha(out / "copy" / p.relative_to(copy)) == sha(p), p
+    assert grew < 0.25 * n * size, grew
+
+    # a base file replaced after the check is refused when it is opened again
+    from cloneaware.archive import thin
+    from cloneaware.archive.reader import Stream
+    from cloneaware.errors import BaseMismatch
+    from cloneaware.restore.base import BaseFiles, open_base
+
+    with open(arch, "rb") as f:
+        stream = Stream(f)
+        for _ in stream.events():
+            break
+        tb = stream.base
+    assert isinstance(tb, thin.Base)
+    monkeypatch.setattr(BaseFiles, "KEEP", 1)
+    files = open_base(tb, str(base))
+    try:
+        victim = next(bf for bf in tb.files if bf.path == b"d01/f0001")
+        assert victim is not tb.files[-1]  # not the one file kept open (KEEP 1)
+        os.rename(base / "d01" / "f0031", base / "d01" / "f0001")  # same size, another inode
+        with pytest.raises(BaseMismatch, match="replaced during the restore"):
+            files.fd(victim.number)
+    finally:
+        files.close()
