@@ -235,8 +235,12 @@ class DirectoryOutput:
         cur.close()
         os.close(cur.fd)
         try:
-            os.unlink(cur.tmp, dir_fd=cur.pfd)
-        except OSError:
+            # its directory found again: the descriptor it was opened in may
+            # be closed since (Tree keeps the last 64 used), its number
+            # another directory's
+            pfd = self.tree.dir(cur.entry.path.rpartition(b"/")[0])
+            os.unlink(cur.tmp, dir_fd=pfd)
+        except (OSError, ArchiveError):
             pass
 
     def close(self) -> None:

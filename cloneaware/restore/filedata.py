@@ -30,6 +30,7 @@ class OpenFile:
 
     entry: fmt.Entry
     fd: int
+    #: its directory, while it is opened: Tree may close it later (an LRU)
     pfd: int
     tmp: bytes
     where: str

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import pytest
 from helpers.cli import cli
+from helpers.packs import pack_of_only
 
 from cloneaware.repo import format as rf
 from cloneaware.repo.backend import LocalBackend, pack_name
@@ -69,3 +71,42 @@ def test_a_restore_goes_on_around_a_bad_pack(btrfs_dir, tmp_path, how):
     # never a wrong byte under a final name: z is not there, nor any temporary
     assert sorted(p.name for p in (dest / "src").iterdir()) == \
         sorted(p.name for p in src.iterdir() if p.name != "z")
+
+
+def test_a_damaged_file_is_removed_through_its_directory_found_again(btrfs_dir, tmp_path):
+    """A file not restored (a blob of it could not be had) is removed from
+    under its name.  While it was written, clones from files in more
+    directories than the restore keeps open (restore/tree.py: the last 64)
+    closed the directory descriptor it was opened in, and its removal went
+    through that descriptor: it failed silently (or, the number reused,
+    removed a name in another directory), and the damaged file stayed
+    under its final name below a new directory.  It is removed through its
+    directory found again by path."""
+    from cloneaware import native
+
+    repo = tmp_path / "repo"
+    cli("init", "-r", repo, "--pack-size", "1", check_rc=0)
+    src = btrfs_dir / "src"
+    n = 120
+    for i in range(n):
+        (src / f"d{i:03d}").mkdir(parents=True)
+        write_random(src / f"d{i:03d}" / "f", 8192, 100 + i)
+    cli("backup", "-r", repo, src, check_rc=0)
+    # a file of its own 1 MiB (its own pack), then a block cloned from each
+    # of those files, in as many directories
+    (src / "zz").mkdir()
+    write_random(src / "zz" / "x", MiB, 7)
+    with open(src / "zz" / "x", "r+b") as f:
+        for i in range(n):
+            with open(src / f"d{i:03d}" / "f", "rb") as s:
+                native.ficlonerange(f.fileno(), s.fileno(), 0, 4096, MiB + i * 4096)
+    cli("backup", "-r", repo, src, check_rc=0)
+    victim, _held = pack_of_only(repo, (src / "zz" / "x").read_bytes()[:MiB])
+    (repo / pack_name(victim)).unlink()
+    dest = btrfs_dir / "dest"
+    r = cli("restore", "--json", "-r", repo, "latest", dest)
+    assert r.returncode == 3, str(r)
+    assert {d["path"] for d in json.loads(r.out)["damaged"]} == {"src/zz/x"}, r.out
+    assert os.listdir(dest / "src" / "zz") == []  # not there, nor any temporary name
+    for i in range(n):
+        assert _digest(dest / "src" / f"d{i:03d}" / "f") == _digest(src / f"d{i:03d}" / "f")
