@@ -49,6 +49,29 @@ from cloneaware.cli import scan, backup, restore, reshare, browse, repo, jobs, s
 __all__ = ["app", "help_records", "main"]
 
 
+#: the soft limit of open descriptors a command raises itself to, at most
+NOFILE = 65536
+
+
+def raise_nofile() -> None:
+    """The soft limit of open descriptors raised to the hard one (at most
+    NOFILE), as the Go runtime does for restic and Kopia: the restore's
+    descriptor caches are bounded (docs/DESIGN.md, "descriptors"), but a
+    restore of several snapshots with a local repository's pack
+    directories, --share-with and --include comes near the 1,024 of the
+    usual default, and the kernel's limit is what is there to use.  A
+    limit that cannot be raised is left as it is."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = NOFILE if hard == resource.RLIM_INFINITY else min(hard, NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (OSError, ValueError):
+            pass
+
+
 def main() -> None:
     """The command line.  From here on SIGINT and SIGTERM raise Interrupted,
     which every command turns into one line and exit 130 (with its temporary
@@ -67,6 +90,7 @@ def main() -> None:
             from cloneaware import native
 
             native.arena_max(2)
+            raise_nofile()
             app()
         except SystemExit:
             if common.signalled is not None:  # its exception was lost on the way: honour it

@@ -23,9 +23,11 @@ class BaseFiles:
     file of the size it had at backup time, then opened as the restore
     clones from them: the last used kept open (KEEP), the others opened
     again beneath the base, and refused if they are no longer the file
-    checked.  Opened all at once and kept, a base directory of more than
-    ~1,000 files stopped the restore at the descriptors a process may hold
-    (said as a base file missing)."""
+    checked (its device, inode and ctime: a base file renamed, deleted or
+    written during the restore fails the files that need it then).  Opened
+    all at once and kept, a base directory of more than ~1,000 files
+    stopped the restore at the descriptors a process may hold (said as a
+    base file missing)."""
 
     KEEP = 64
 
@@ -33,7 +35,8 @@ class BaseFiles:
         self.given = given
         self.root = root  # the base given (a directory, or the one base file)
         self.files = {bf.number: bf for bf in base.files}
-        self.ids: dict[int, tuple[int, int]] = {}  # number -> (st_dev, st_ino) checked
+        #: number -> (st_dev, st_ino, st_ctime_ns) when checked
+        self.ids: dict[int, tuple[int, int, int]] = {}
         self.open = FdCache(self.KEEP)
 
     def _where(self, bf: thin.BaseFile) -> str:
@@ -41,7 +44,9 @@ class BaseFiles:
 
     def _open(self, bf: thin.BaseFile) -> int:
         try:
-            fd = open_beneath(self.root, fmt.check_path(bf.path), os.O_RDONLY | os.O_CLOEXEC) \
+            # O_NONBLOCK: a FIFO put in a base file's place is refused, not waited on
+            fd = open_beneath(self.root, fmt.check_path(bf.path),
+                              os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK) \
                 if bf.path else os.dup(self.root)
         except OSError as e:
             if e.errno in _NOT_THE_BASE:  # this process's trouble, not the base's: exit 4
@@ -54,10 +59,10 @@ class BaseFiles:
             if st.st_size != bf.size:
                 raise BaseMismatch(f"base file {self._where(bf)} has {st.st_size} bytes; the "
                                    f"backup was made against {bf.size} bytes")
-            seen = self.ids.setdefault(bf.number, (st.st_dev, st.st_ino))
-            if seen != (st.st_dev, st.st_ino):
-                raise BaseMismatch(f"base file {self._where(bf)} was replaced during the "
-                                   "restore")
+            now = (st.st_dev, st.st_ino, st.st_ctime_ns)
+            if self.ids.setdefault(bf.number, now) != now:  # (ctime: an inode number reused)
+                raise BaseMismatch(f"base file {self._where(bf)} was changed or replaced "
+                                   "during the restore")
         except BaseException:
             os.close(fd)
             raise
@@ -81,7 +86,9 @@ class BaseFiles:
         try:
             self.open.close()
         finally:
-            os.close(self.root)
+            if self.root >= 0:
+                os.close(self.root)
+                self.root = -1
 
 
 def open_base(base: thin.Base, given: str | None,

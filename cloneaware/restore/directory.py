@@ -66,7 +66,13 @@ class Places:
         return fd, out.entries[place.entry].size
 
     def close(self) -> None:
-        self.done_fds.close()
+        try:
+            self.done_fds.close()
+        finally:
+            for out in self.outputs:
+                if out.kept_root is not None:
+                    os.close(out.kept_root)
+                    out.kept_root = None
 
 
 class DirectoryOutput:
@@ -120,6 +126,8 @@ class DirectoryOutput:
         self.top_seen: set[bytes] = set()
         self.partial: partial.Partial | None = None
         self.placer.replaces = self._replaces
+        #: restored with other manifests, which may clone from this one's files
+        self.shared_places = places is not None
         self.places = places if places is not None else Places()
         self.places.outputs.append(self)
         #: --reshare-existing: the old copies' extents left referenced in part
@@ -128,6 +136,9 @@ class DirectoryOutput:
             from cloneaware.bookends import BookendCounts, Bookends
             self.bookends = Bookends(BookendCounts(), self.warn)
         self.fs_type = ""
+        #: DEST's descriptor kept when this output closes, for later
+        #: snapshots of the run to reopen its files beneath (Places)
+        self.kept_root: int | None = None
 
     # -- the run ----------------------------------------------------------------------
 
@@ -262,6 +273,9 @@ class DirectoryOutput:
             self.base_files.close()
             self.base_files = None
         if self.tree.root is not None:
+            if self.shared_places and self.kept_root is None:
+                # later snapshots of the run clone from this one's files: reopen()
+                self.kept_root = os.dup(self.tree.root)
             os.close(self.tree.root)
         self.tree.root = None
 
@@ -477,9 +491,7 @@ class DirectoryOutput:
         (its file is in place now, beneath DEST)."""
         self.small.flush()
         parent, name = self.placer.placed[eid]
-        root = os.open(self.dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            parts = [*(parent.split(b"/") if parent else []), name]
-            return open_beneath(root, parts, os.O_RDONLY | os.O_CLOEXEC)
-        finally:
-            os.close(root)
+        if self.kept_root is None:
+            raise AssertionError("reopen() of an output that was not closed")
+        parts = [*(parent.split(b"/") if parent else []), name]
+        return open_beneath(self.kept_root, parts, os.O_RDONLY | os.O_CLOEXEC)

@@ -45,6 +45,9 @@ class FdCache:
         return fd
 
     def put(self, key, fd: int) -> None:
+        old = self.d.get(key)
+        if old is not None and old != fd:  # replaced: the old one would be lost open
+            os.close(old)
         self.d[key] = fd
         self.d.move_to_end(key)
         while len(self.d) > self.cap:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import os
 import random
-import resource
 import shutil
 import stat
 import struct
@@ -28,6 +27,10 @@ from cloneaware.repo.connect import opened
 from cloneaware.repo.restore import restore_snapshots
 from cloneaware.restore.run import Restore
 from cloneaware.restore.smallfiles import SMALL_MAX, Held, SmallFiles
+
+#: a restore run as a process may be by default, hard limit too (the command
+#: raises its soft limit to the hard one: cli raise_nofile)
+NOFILE_1024 = ["prlimit", "--nofile=1024:1024", "--"]
 
 KiB = 1 << 10
 MODES = [0o644, 0o600, 0o4755, 0o2750, 0o000, 0o1777, 0o444, 0o777]
@@ -227,13 +230,8 @@ def test_reflinked_copies_of_small_files_are_cloned_in_batches(btrfs_dir, xfs_di
     cli("backup", "-r", repo, src, check_rc=0)
     dest_dir = xfs_dir if dest_fs == "xfs" else ext4_dir
     before = used(dest_dir)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # the restore's, inherited
-    try:
-        out = cli_json("restore", "--json", "-r", repo, "latest", dest_dir / "out",
-                       check_rc=0)
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    out = cli_json("restore", "--json", "-r", repo, "latest", dest_dir / "out",
+                   check_rc=0, prefix=NOFILE_1024)
     assert_same_tree(want, Snapshot(dest_dir / "out" / "layers", atime=False))
     logical = sum(sizes[i % len(sizes)] for i in range(n))
     grew = used(dest_dir) - before
@@ -246,14 +244,16 @@ def test_reflinked_copies_of_small_files_are_cloned_in_batches(btrfs_dir, xfs_di
         assert grew > 2 * logical * 0.9, (grew, logical)
 
 
+@pytest.mark.parametrize("limit", ["1024:1024", "200:4096"], ids=["bounded", "raised"])
 def test_two_snapshots_of_many_files_restore_within_the_descriptors_a_process_has(
-        btrfs_dir, xfs_dir):
+        btrfs_dir, xfs_dir, limit):
     """Snapshots restored together write a blob once and clone it after:
     nearly every file of the second is cloned from the first's, which is
     in place by then and reopened for it.  Those kept open are bounded
     (Places.DONE_FDS): two snapshots of more files than a process may hold
     open by default (1,024) restore, exact, and the second takes no space
-    of its own, by statfs."""
+    of its own, by statfs.  Under a soft limit below what the restore's
+    bounded caches hold (200), the command raises it to the hard one."""
     src = btrfs_dir / "src"
     rng = random.Random(11)
     n, size = 1500, 8192
@@ -272,12 +272,8 @@ def test_two_snapshots_of_many_files_restore_within_the_descriptors_a_process_ha
     ids = [s["short_id"] for s in cli_json("snapshots", "--json", "-r", repo, check_rc=0)]
     assert len(ids) == 2, ids
     before = used(xfs_dir)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # the restore's, inherited
-    try:
-        out = cli_json("restore", "--json", "-r", repo, *ids, xfs_dir / "out", check_rc=0)
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    out = cli_json("restore", "--json", "-r", repo, *ids, xfs_dir / "out", check_rc=0,
+                   prefix=["prlimit", f"--nofile={limit}", "--"])
     assert_same_tree(first, Snapshot(xfs_dir / "out" / ids[0] / "src", atime=False))
     assert_same_tree(second, Snapshot(xfs_dir / "out" / ids[1] / "src", atime=False))
     assert out["reflinked_bytes"] >= (n - 1) * size, out

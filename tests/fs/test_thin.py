@@ -275,7 +275,7 @@ def test_a_base_of_more_files_than_a_process_may_hold_open(reflink_dir, monkeypa
     missing (exit 5).  The tree comes back exact, its files sharing the
     base's blocks (statfs: the restore takes a small part of their bytes)."""
     import random
-    import resource
+    import threading
 
     d = reflink_dir
     base, copy = d / "golden", d / "copy"
@@ -295,12 +295,9 @@ def test_a_base_of_more_files_than_a_process_may_hold_open(reflink_dir, monkeypa
     cli("backup", "--base", base, "-o", arch, copy, check_rc=0)
     assert arch.stat().st_size < 0.1 * n * size
     out = d / "out"
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # the restore's, inherited
-    try:
-        grew = usage_delta(d, lambda: cli("restore", "--base", base, arch, out, check_rc=0))
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    nofile = ["prlimit", "--nofile=1024:1024", "--"]  # a default process's, hard limit too
+    grew = usage_delta(d, lambda: cli("restore", "--base", base, arch, out, check_rc=0,
+                                      prefix=nofile))
     for p in sorted(copy.rglob("f*")):
         assert sha(out / "copy" / p.relative_to(copy)) == sha(p), p
     assert grew < 0.25 * n * size, grew
@@ -323,7 +320,30 @@ def test_a_base_of_more_files_than_a_process_may_hold_open(reflink_dir, monkeypa
         victim = next(bf for bf in tb.files if bf.path == b"d01/f0001")
         assert victim is not tb.files[-1]  # not the one file kept open (KEEP 1)
         os.rename(base / "d01" / "f0031", base / "d01" / "f0001")  # same size, another inode
-        with pytest.raises(BaseMismatch, match="replaced during the restore"):
+        with pytest.raises(BaseMismatch, match="changed or replaced during the restore"):
             files.fd(victim.number)
+        # a FIFO in a base file's place is refused, not waited on for a writer
+        fifo = next(bf for bf in tb.files if bf.path == b"d02/f0002")
+        (base / "d02" / "f0002").unlink()
+        os.mkfifo(base / "d02" / "f0002")
+        said: list[BaseException] = []
+
+        def ask():
+            try:
+                files.fd(fifo.number)
+            except BaseException as e:
+                said.append(e)
+
+        t = threading.Thread(target=ask)
+        t.start()
+        t.join(10)
+        blocked = t.is_alive()
+        if blocked:  # let it go: a writer opens the FIFO
+            os.close(os.open(base / "d02" / "f0002", os.O_WRONLY | os.O_NONBLOCK))
+            t.join()
+        assert not blocked, "opening a base file waited on a FIFO"
+        assert len(said) == 1 and isinstance(said[0], BaseMismatch), said
+        assert "not a regular file" in str(said[0])
     finally:
         files.close()
+        files.close()  # twice: nothing closed again
