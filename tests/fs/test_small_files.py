@@ -16,7 +16,7 @@ import time
 
 import pytest
 from helpers.cli import assert_one_line_error, cli, cli_json
-from helpers.fsutil import filefrag
+from helpers.fsutil import filefrag, spread_files
 from helpers.space import used
 from helpers.treeutil import Snapshot, assert_same_tree
 
@@ -255,12 +255,8 @@ def test_two_snapshots_of_many_files_restore_within_the_descriptors_a_process_ha
     of its own, by statfs.  Under a soft limit below what the restore's
     bounded caches hold (200), the command raises it to the hard one."""
     src = btrfs_dir / "src"
-    rng = random.Random(11)
     n, size = 1500, 8192
-    for i in range(n):
-        p = src / f"d{i % 30:02d}" / f"f{i:04d}"
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(rng.randbytes(size))
+    spread_files(src, n, size, 11)
     repo = btrfs_dir / "repo"
     cli("init", "-r", repo, check_rc=0)
     cli("backup", "-r", repo, src, check_rc=0)

@@ -5,6 +5,7 @@ import os
 
 import pytest
 from helpers.cli import cli, cli_json
+from helpers.fsutil import spread_files
 
 from cloneaware.testing import reflink_copy, rewrite_blocks, write_random
 
@@ -274,17 +275,12 @@ def test_a_base_of_more_files_than_a_process_may_hold_open(reflink_dir, monkeypa
     1,024 descriptors a process may hold by default, said as a base file
     missing (exit 5).  The tree comes back exact, its files sharing the
     base's blocks (statfs: the restore takes a small part of their bytes)."""
-    import random
     import threading
 
     d = reflink_dir
     base, copy = d / "golden", d / "copy"
-    rng = random.Random(41)
     n, size = 1500, 16384
-    for i in range(n):
-        p = base / f"d{i % 30:02d}" / f"f{i:04d}"
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(rng.randbytes(size))
+    spread_files(base, n, size, 41)
     for p in sorted(base.rglob("f*")):
         q = copy / p.relative_to(base)
         q.parent.mkdir(parents=True, exist_ok=True)

@@ -120,6 +120,19 @@ def regular_files(root) -> list[Path]:
     return out
 
 
+def spread_files(top, n: int, size: int, seed: int, dirs: int = 30) -> None:
+    """``n`` files of ``size`` random bytes (``seed``) under ``top``, file i
+    as d<i % dirs>/f<i>: more files than a process may hold open, in a few
+    directories."""
+    import random
+
+    rng = random.Random(seed)
+    for i in range(n):
+        p = Path(top) / f"d{i % dirs:02d}" / f"f{i:04d}"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(rng.randbytes(size))
+
+
 def digest(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
