@@ -69,7 +69,9 @@ class Server:
         allowed root one component at a time with O_NOFOLLOW."""
         dfd, name = self._open_parent(real)
         try:
-            return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            # O_NONBLOCK: a FIFO given as the base is refused, not waited on
+            return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                           dir_fd=dfd)
         finally:
             os.close(dfd)
 

@@ -105,8 +105,8 @@ def open_base(base: thin.Base, given: str | None,
     if not given:
         raise UsageError("an empty path was given as --base")
     try:
-        bfd = opener(given) if opener is not None else os.open(given,
-                                                                os.O_RDONLY | os.O_CLOEXEC)
+        bfd = opener(given) if opener is not None else \
+            os.open(given, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # a FIFO: not waited on
     except OSError as e:
         raise BaseMismatch(f"base {given}: {e.strerror} (the archive needs {need!r})") from None
     files = BaseFiles(base, given, bfd)

@@ -66,13 +66,7 @@ class Places:
         return fd, out.entries[place.entry].size
 
     def close(self) -> None:
-        try:
-            self.done_fds.close()
-        finally:
-            for out in self.outputs:
-                if out.kept_root is not None:
-                    os.close(out.kept_root)
-                    out.kept_root = None
+        self.done_fds.close()
 
 
 class DirectoryOutput:
@@ -126,8 +120,6 @@ class DirectoryOutput:
         self.top_seen: set[bytes] = set()
         self.partial: partial.Partial | None = None
         self.placer.replaces = self._replaces
-        #: restored with other manifests, which may clone from this one's files
-        self.shared_places = places is not None
         self.places = places if places is not None else Places()
         self.places.outputs.append(self)
         #: --reshare-existing: the old copies' extents left referenced in part
@@ -136,9 +128,6 @@ class DirectoryOutput:
             from cloneaware.bookends import BookendCounts, Bookends
             self.bookends = Bookends(BookendCounts(), self.warn)
         self.fs_type = ""
-        #: DEST's descriptor kept when this output closes, for later
-        #: snapshots of the run to reopen its files beneath (Places)
-        self.kept_root: int | None = None
 
     # -- the run ----------------------------------------------------------------------
 
@@ -273,9 +262,6 @@ class DirectoryOutput:
             self.base_files.close()
             self.base_files = None
         if self.tree.root is not None:
-            if self.shared_places and self.kept_root is None:
-                # later snapshots of the run clone from this one's files: reopen()
-                self.kept_root = os.dup(self.tree.root)
             os.close(self.tree.root)
         self.tree.root = None
 
@@ -491,7 +477,10 @@ class DirectoryOutput:
         (its file is in place now, beneath DEST)."""
         self.small.flush()
         parent, name = self.placer.placed[eid]
-        if self.kept_root is None:
-            raise AssertionError("reopen() of an output that was not closed")
-        parts = [*(parent.split(b"/") if parent else []), name]
-        return open_beneath(self.kept_root, parts, os.O_RDONLY | os.O_CLOEXEC)
+        # DEST/<snapshot id>, made by this run: not followed if a symlink now
+        root = os.open(self.dest, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            parts = [*(parent.split(b"/") if parent else []), name]
+            return open_beneath(root, parts, os.O_RDONLY | os.O_CLOEXEC)
+        finally:
+            os.close(root)

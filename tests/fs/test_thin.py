@@ -80,6 +80,11 @@ def test_thin_restore_needs_the_base_before_writing_anything(clone_family):
     with open(arch, "rb") as f:
         cli("restore", "-", d / "out2", stdin=f, check_rc=5)
     assert not (d / "out2").exists()
+    # a FIFO given as the base is refused at once, not waited on for a writer
+    os.mkfifo(d / "fifo")
+    r = cli("restore", "--base", d / "fifo", arch, d / "out3", check_rc=5, timeout=20)
+    assert "not a regular file" in r.err, r.err
+    assert not (d / "out3").exists()
 
 
 def test_changed_base_block_fails_and_leaves_no_wrong_file(clone_family):
