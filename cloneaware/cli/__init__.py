@@ -60,7 +60,9 @@ def raise_nofile() -> None:
     restore of several snapshots with a local repository's pack
     directories, --share-with and --include comes near the 1,024 of the
     usual default, and the kernel's limit is what is there to use.  A
-    limit that cannot be raised is left as it is."""
+    limit that cannot be raised is left as it is.  The commands started
+    (ssh, a nightly job's hooks) inherit the raised limit, as they would a
+    raised ``ulimit -n``."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
