@@ -182,16 +182,24 @@ class Bookends:
             & (it["encryption"] == 0) & (it["disk_bytenr"] != 0) & (it["num_bytes"] > 0)
         return it[ok]
 
-    def _extent(self, fd: int, bytenr: int, open_file, tmp_dir: int) -> None:
+    def _owners(self, fd: int, bytenr: int) -> set[tuple[int, int]] | None:
+        """The (tree, inode) pairs that refer to the extent at ``bytenr``;
+        None where that cannot be known (said in ``c.unchecked``, or an
+        extent hotter than one answer holds)."""
         try:
-            owners = {(root, ino) for ino, _off, root in native.btrfs_logical_ino(fd, bytenr)}
+            return {(root, ino) for ino, _off, root in native.btrfs_logical_ino(fd, bytenr)}
         except OSError as ex:
             if ex.errno in (errno.EPERM, errno.EACCES):
                 self.c.unchecked = "finding an extent's references needs CAP_SYS_ADMIN (root)"
-                return
+                return None
             if ex.errno == errno.EOVERFLOW:
-                return  # referred to by more items than one answer holds: a hot extent
+                return None  # referred to by more items than one answer holds: a hot extent
             raise
+
+    def _extent(self, fd: int, bytenr: int, open_file, tmp_dir: int) -> None:
+        owners = self._owners(fd, bytenr)
+        if owners is None:
+            return
         refs: list[_Ref] = []
         size = disk = 0
         outside = False
@@ -224,7 +232,17 @@ class Bookends:
         elif size - referenced < max(referenced, MIN_GAIN):
             self._keep(NOT_WORTH, disk)
         else:
-            self._rewrite(refs, spans, disk, open_file, tmp_dir)
+            # asked again after a commit, before anything is written: an
+            # answer has been seen to miss a reference a moment old even
+            # after the syncfs the pass starts with (docs/KERNEL.md I14)
+            native.syncfs(fd)
+            again = self._owners(fd, bytenr)
+            if again is not None and any(self.known.get(o) is None for o in again):
+                self._keep(OUTSIDE, disk)
+            elif again != owners:
+                self._keep(CHANGED, disk)
+            else:
+                self._rewrite(refs, spans, disk, open_file, tmp_dir)
 
     def _keep(self, why: str, n: int) -> None:
         self.c.kept[why] = self.c.kept.get(why, 0) + n
