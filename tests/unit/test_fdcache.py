@@ -3,6 +3,7 @@ a restore uses (docs/DESIGN.md, "descriptors").  Real descriptors; no root."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 
 import pytest
@@ -21,14 +22,15 @@ def _is_open(fd: int) -> bool:
 
 @pytest.fixture
 def new_fd():
-    """Descriptors of /dev/null at high numbers no other open reuses while
-    a test looks; those left open closed after it."""
+    """Descriptors of /dev/null at high numbers (the lowest free from 900:
+    never one in use, which dup2 would close) that no other open reuses
+    while a test looks; those left open closed after it."""
     made: list[int] = []
 
     def make() -> int:
         lo = os.open(os.devnull, os.O_RDONLY)
         try:
-            made.append(os.dup2(lo, 900 + len(made), inheritable=False))
+            made.append(fcntl.fcntl(lo, fcntl.F_DUPFD_CLOEXEC, 900))
         finally:
             os.close(lo)
         return made[-1]
