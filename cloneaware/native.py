@@ -415,7 +415,7 @@ def piece_blobs(buf, start: int, blob_type: int, blob_payload: int
     whose first record starts at ``start``, every record's CRC checked, and
     where the first record starts in the next piece; None when the walk
     cannot follow (repo/pieces.py)."""
-    cap = len(buf) // 12 + 1
+    cap = len(buf) // (12 + blob_payload) + 1  # a BLOB record takes 12 bytes and its payload
     offsets = array.array("Q", bytes(8 * cap))
     n = ffi.new("size_t *")
     nxt = ffi.new("uint64_t *")

@@ -83,7 +83,10 @@ def walk_piece(data: bytes, start: int) -> Piece:
         return Piece(Ranges(), -1)
     offsets, nxt = got
     at = np.frombuffer(offsets, dtype=np.uint64).astype(np.intp)
-    raw = np.frombuffer(data, dtype=np.uint8)[at[:, None] + np.arange(_BLOB.itemsize)]
+    buf = np.frombuffer(data, dtype=np.uint8)
+    raw = np.empty((len(at), _BLOB.itemsize), dtype=np.uint8)
+    for j in range(_BLOB.itemsize):  # a column at a time: no index array 48 times as long
+        raw[:, j] = buf[at + j]
     recs = raw.view(_BLOB).reshape(-1)
     length = recs["length"].astype(np.uint64)
     boff = recs["boff"].astype(np.uint64)

@@ -7,8 +7,9 @@ Each manifest is fed to the receiver (restore/receiver.py) with the same
 place that needs it, in whichever manifest, and cloned from there after.
 Where the bytes of a blob come from is a ``BlobSource``: the repository
 for a restore, a recorder of the fetches for the planner that tells the
-repository what to read ahead (the receiver run with recording outputs,
-so the plan and the restore cannot disagree), nothing for a dry run."""
+repository what to read ahead where the BLOB records alone cannot
+(repo/restore.py: the receiver run with recording outputs), nothing for
+a dry run."""
 from __future__ import annotations
 
 import io

@@ -570,6 +570,51 @@ def test_several_snapshots_restored_together_share_their_data(btrfs_dir, tmp_pat
     assert (dest / s2[:8] / "src" / "vm.img").read_bytes() == (src / "vm.img").read_bytes()
 
 
+@pytest.mark.parametrize("cache", [64 * MiB, 256 * KiB], ids=["cache 64 MiB", "cache 256 KiB"])
+def test_the_fetch_plan_read_from_blob_records_is_the_receivers_own(btrfs_dir, tmp_path,
+                                                                    monkeypatch, cache):
+    """restore -r plans its blob reads from the manifests' BLOB records
+    (repo/restore.py quick_plan) instead of running the receiver over them
+    once more: its order must be the one the receiver asks in, over ranges
+    of a blob already written (cloned, not fetched), parts of a blob
+    apart (fetched again once out of the cache) and several snapshots."""
+    from cloneaware.archive.blobs import BlobCache
+    from cloneaware.repo.connect import opened
+    from cloneaware.repo.restore import Planner, quick_plan, restore_snapshots
+    from cloneaware.restore.several import ManifestsRestore
+
+    monkeypatch.setattr(BlobCache.__init__, "__defaults__", (cache,))
+    repo = tmp_path / "repo"
+    init(repo)
+    src = btrfs_dir / "src"
+    src.mkdir()
+    write_random(src / "vm.img", 12 * MiB, 1)
+    write_random(src / "other.img", 2 * MiB, 3)
+    s1 = backup(repo, src)["snapshot"]
+    rewrite_blocks(src / "vm.img", 0.05, 2)  # its blobs' ranges now have holes
+    s2 = backup(repo, src)["snapshot"]
+    s3 = backup(repo, src)["snapshot"]  # the same ranges as s2's, parts of blobs apart
+    again = 0
+    with opened(str(repo)) as r:
+        r.load_index(check_packs=True)
+        snaps = {s.id: s for s in r.snapshots()}
+        for chosen in ([s2], [s1, s2], [s2, s1], [s2, s3]):
+            ms = [r.manifest(snaps[i]) for i in chosen]
+            quick = quick_plan(r, ms)
+            assert quick is not None
+            exact = Planner(r)
+            ManifestsRestore([(m, i[:8]) for m, i in zip(ms, chosen)],
+                             str(tmp_path / "plan")).receive(exact, record=True)
+            assert quick.order == exact.order, chosen
+            assert quick.sizes == exact.sizes
+            again = max(again, len(exact.order) - len(set(exact.order)))
+        if cache < MiB:  # the small cache makes the restore fetch a blob again
+            assert again > 0
+        got = restore_snapshots(r, [snaps[s2]], str(tmp_path / "out"))
+    assert got.unplanned_fetches == 0
+    assert_same_tree(Snapshot(src, atime=False), Snapshot(tmp_path / "out" / "src"))
+
+
 def test_export_and_import_keep_the_sharing(reflink_dir, tmp_path):
     repo = tmp_path / "repo"
     init(repo)
