@@ -6,7 +6,9 @@ later range of the same blob is a clone of (or a reference to) the place
 that holds it.  The restore, its dry run, the planner of a restore's
 fetches, ``export`` (a REF where a place exists) and ``reshare`` (a dedupe
 from the place) all cut ranges with this ``Coverage``, so they agree on
-what is written and what is shared.
+what is written and what is shared.  The one other place that follows the
+rule is repo/restore.py ``quick_plan``, which orders a restore's fetches
+from the BLOB records alone (its test holds it to the receiver's order).
 """
 from __future__ import annotations
 

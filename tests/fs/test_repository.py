@@ -570,7 +570,25 @@ def test_several_snapshots_restored_together_share_their_data(btrfs_dir, tmp_pat
     assert (dest / s2[:8] / "src" / "vm.img").read_bytes() == (src / "vm.img").read_bytes()
 
 
-@pytest.mark.parametrize("cache", [64 * MiB, 256 * KiB], ids=["cache 64 MiB", "cache 256 KiB"])
+def _same_plans(r, snaps: list, dest: Path) -> list[bytes]:
+    """The fetch order quick_plan gives for restoring ``snaps`` together,
+    checked against the receiver's own (a dry pass with a Planner)."""
+    from cloneaware.repo.restore import Planner, quick_plan
+    from cloneaware.restore.several import ManifestsRestore
+
+    ms = [r.manifest(s) for s in snaps]
+    quick = quick_plan(r, ms)
+    assert quick is not None
+    exact = Planner(r)
+    ManifestsRestore([(m, s.short_id) for m, s in zip(ms, snaps)], str(dest)).receive(
+        exact, record=True)
+    assert quick.order == exact.order, [s.short_id for s in snaps]
+    assert quick.sizes == exact.sizes
+    return exact.order
+
+
+@pytest.mark.parametrize("cache", [64 * MiB, 2560 * KiB, 3584 * KiB, 256 * KiB],
+                         ids=["cache 64 MiB", "cache 2.5 MiB", "cache 3.5 MiB", "cache 256 KiB"])
 def test_the_fetch_plan_read_from_blob_records_is_the_receivers_own(btrfs_dir, tmp_path,
                                                                     monkeypatch, cache):
     """restore -r plans its blob reads from the manifests' BLOB records
@@ -579,11 +597,14 @@ def test_the_fetch_plan_read_from_blob_records_is_the_receivers_own(btrfs_dir, t
     of a blob already written (cloned, not fetched), parts of a blob
     apart (fetched again once out of the cache) and several snapshots."""
     from cloneaware.archive.blobs import BlobCache
+    from cloneaware.repo import restore as repo_restore
     from cloneaware.repo.connect import opened
-    from cloneaware.repo.restore import Planner, quick_plan, restore_snapshots
-    from cloneaware.restore.several import ManifestsRestore
+    from cloneaware.repo.restore import quick_plan, restore_snapshots
 
     monkeypatch.setattr(BlobCache.__init__, "__defaults__", (cache,))
+    took: list = []  # what restore_snapshots planned with: the quick plan, not None
+    monkeypatch.setattr(repo_restore, "quick_plan",
+                        lambda *a: took.append(quick_plan(*a)) or took[-1])
     repo = tmp_path / "repo"
     init(repo)
     src = btrfs_dir / "src"
@@ -591,7 +612,7 @@ def test_the_fetch_plan_read_from_blob_records_is_the_receivers_own(btrfs_dir, t
     write_random(src / "vm.img", 12 * MiB, 1)
     write_random(src / "other.img", 2 * MiB, 3)
     s1 = backup(repo, src)["snapshot"]
-    rewrite_blocks(src / "vm.img", 0.05, 2)  # its blobs' ranges now have holes
+    rewrite_blocks(src / "vm.img", 0.3, 2)  # its blobs' ranges now have holes
     s2 = backup(repo, src)["snapshot"]
     s3 = backup(repo, src)["snapshot"]  # the same ranges as s2's, parts of blobs apart
     again = 0
@@ -599,20 +620,80 @@ def test_the_fetch_plan_read_from_blob_records_is_the_receivers_own(btrfs_dir, t
         r.load_index(check_packs=True)
         snaps = {s.id: s for s in r.snapshots()}
         for chosen in ([s2], [s1, s2], [s2, s1], [s2, s3]):
-            ms = [r.manifest(snaps[i]) for i in chosen]
-            quick = quick_plan(r, ms)
-            assert quick is not None
-            exact = Planner(r)
-            ManifestsRestore([(m, i[:8]) for m, i in zip(ms, chosen)],
-                             str(tmp_path / "plan")).receive(exact, record=True)
-            assert quick.order == exact.order, chosen
-            assert quick.sizes == exact.sizes
-            again = max(again, len(exact.order) - len(set(exact.order)))
+            order = _same_plans(r, [snaps[i] for i in chosen], tmp_path / "plan")
+            again = max(again, len(order) - len(set(order)))
         if cache < MiB:  # the small cache makes the restore fetch a blob again
             assert again > 0
+        took.clear()
         got = restore_snapshots(r, [snaps[s2]], str(tmp_path / "out"))
-    assert got.unplanned_fetches == 0
+        both = restore_snapshots(r, [snaps[s1], snaps[s2]], str(tmp_path / "both"))
+    assert len(took) == 2 and None not in took
+    assert got.unplanned_fetches == 0 and both.unplanned_fetches == 0
     assert_same_tree(Snapshot(src, atime=False), Snapshot(tmp_path / "out" / "src"))
+    assert_same_tree(Snapshot(src, atime=False), Snapshot(tmp_path / "both" / s2[:8] / "src"))
+
+
+def test_the_fetch_plan_follows_the_caches_order_of_use(btrfs_dir, tmp_path, monkeypatch):
+    """A blob asked for again while cached is the most recently used: the
+    next fetch evicts another one, which a later range then fetches again
+    (a file made of ranges of two earlier blobs in turn, cloned, and new
+    bytes between them, with room in the cache for two blobs and a half)."""
+    from cloneaware import native
+    from cloneaware.archive.blobs import BlobCache
+    from cloneaware.repo.connect import opened
+
+    monkeypatch.setattr(BlobCache.__init__, "__defaults__", (2560 * KiB,))
+    repo = tmp_path / "repo"
+    init(repo)
+    src = btrfs_dir / "src"
+    src.mkdir()
+    write_random(src / "old", 4 * MiB, 5)  # blobs A, B, C, D of 1 MiB
+    backup(repo, src)
+    q = 256 * KiB
+    fs = os.open(src / "old", os.O_RDONLY)
+    fd = os.open(src / "mix", os.O_RDWR | os.O_CREAT, 0o644)
+    try:  # A, B, A again (cached: used last), 1 MiB new (evicts B), B again (fetched)
+        for off, length, at in ((0, q, 0), (MiB, q, q), (q, q, 2 * q)):
+            native.ficlonerange(fd, fs, off, length, at)
+        os.pwrite(fd, os.urandom(MiB), 3 * q)
+        native.ficlonerange(fd, fs, MiB + q, q, 3 * q + MiB)
+    finally:
+        os.close(fd)
+        os.close(fs)
+    backup(repo, src)
+    with opened(str(repo)) as r:
+        r.load_index(check_packs=True)
+        order = _same_plans(r, [r.snapshots()[-1]], tmp_path / "plan")
+    # A, B, the two new blobs, then B again (A stayed: it was used last)
+    assert len(set(order[:4])) == 4 and order[4] == order[1], order
+
+
+def test_planned_blobs_the_restore_never_asks_for_are_passed_over(btrfs_dir, tmp_path):
+    """A plan that strays costs the reads it planned for nothing: the
+    blobs after a skipped one are still read ahead, not one at a time."""
+    from cloneaware.archive import format as fmt
+    from cloneaware.repo.connect import opened
+    from cloneaware.repo.pieces import walk_piece
+    from cloneaware.repo.restore import Fetcher
+
+    repo = tmp_path / "repo"
+    init(repo)
+    src = btrfs_dir / "src"
+    src.mkdir()
+    write_random(src / "f", 6 * MiB, 4)
+    backup(repo, src)
+    with opened(str(repo)) as r:
+        r.load_index(check_packs=True)
+        data = r.manifest(r.snapshots()[-1])
+        ids = walk_piece(data, len(fmt.MAGIC)).ranges.id_list()  # f's blobs, in order
+        assert len(ids) == 6
+        fetcher = Fetcher(r, ids)
+        try:
+            for bid in ids[:2] + ids[4:]:  # the third and fourth never asked for
+                assert fetcher.get(bid) == r.read_blob(bid)
+        finally:
+            fetcher.close()
+    assert (fetcher.unplanned, fetcher.passed) == (0, 2)
 
 
 def test_export_and_import_keep_the_sharing(reflink_dir, tmp_path):
