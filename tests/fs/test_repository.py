@@ -596,12 +596,11 @@ def test_the_fetch_plan_read_from_blob_records_is_the_receivers_own(btrfs_dir, t
     once more: its order must be the one the receiver asks in, over ranges
     of a blob already written (cloned, not fetched), parts of a blob
     apart (fetched again once out of the cache) and several snapshots."""
-    from cloneaware.archive.blobs import BlobCache
     from cloneaware.repo import restore as repo_restore
     from cloneaware.repo.connect import opened
     from cloneaware.repo.restore import quick_plan, restore_snapshots
 
-    monkeypatch.setattr(BlobCache.__init__, "__defaults__", (cache,))
+    monkeypatch.setattr(repo_restore, "CACHE", cache)  # the Planner's and the Fetcher's
     took: list = []  # what restore_snapshots planned with: the quick plan, not None
     monkeypatch.setattr(repo_restore, "quick_plan",
                         lambda *a: took.append(quick_plan(*a)) or took[-1])
@@ -639,10 +638,10 @@ def test_the_fetch_plan_follows_the_caches_order_of_use(btrfs_dir, tmp_path, mon
     (a file made of ranges of two earlier blobs in turn, cloned, and new
     bytes between them, with room in the cache for two blobs and a half)."""
     from cloneaware import native
-    from cloneaware.archive.blobs import BlobCache
+    from cloneaware.repo import restore as repo_restore
     from cloneaware.repo.connect import opened
 
-    monkeypatch.setattr(BlobCache.__init__, "__defaults__", (2560 * KiB,))
+    monkeypatch.setattr(repo_restore, "CACHE", 2560 * KiB)
     repo = tmp_path / "repo"
     init(repo)
     src = btrfs_dir / "src"
