@@ -114,9 +114,9 @@ def quick_plan(repo: Repository, manifests: list[bytes]) -> Planner | None:
         if len(raw) and (raw.min() < 0 or
                          (r.boff.astype(np.int64) + r.length > raw).any()):
             return None
-        for bid, n in zip(r.id_list(), raw.tolist()):
-            sizes[bid] = n
-        for bid, boff, length in zip(r.id_list(), r.boff.tolist(), r.length.tolist()):
+        ids = r.id_list()
+        sizes.update(zip(ids, raw.tolist()))
+        for bid, boff, length in zip(ids, r.boff.tolist(), r.length.tolist()):
             end = boff + length
             spans = seen.get(bid)
             if spans is None:  # the first range of a blob: always fetched

@@ -96,6 +96,16 @@ def init(repo: Path, *extra) -> None:
     cli("init", "-r", repo, *extra, check_rc=0)
 
 
+def new_repo(tmp_path: Path, root: Path) -> tuple[Path, Path]:
+    """A repository made under tmp_path, and an empty source directory
+    ``root``/src for it."""
+    repo = tmp_path / "repo"
+    init(repo)
+    src = root / "src"
+    src.mkdir()
+    return repo, src
+
+
 def backup(repo: Path, *paths, extra=(), rc: int = 0) -> dict:
     return cli_json("backup", "--json", "-r", repo, *extra, *paths, check_rc=rc,
                     timeout=timeout(300))
@@ -189,10 +199,7 @@ def test_change_detection_edge_cases(xfs_dir, tmp_path):
     was overwritten in place: its anchor still shares its blocks, so the
     write moved them.  Without an anchor, the physical addresses would not
     have moved at all (the last part shows it): trusting them would miss it."""
-    repo = tmp_path / "repo"
-    init(repo)
-    src = xfs_dir / "src"
-    src.mkdir()
+    repo, src = new_repo(tmp_path, xfs_dir)
     small = src / "small.conf"
     small.write_bytes(b"a" * 1000)
     big = src / "big.img"
@@ -234,10 +241,7 @@ def test_change_detection_edge_cases(xfs_dir, tmp_path):
 
 
 def test_no_point_in_time_uses_the_metadata_rule(btrfs_dir, tmp_path):
-    repo = tmp_path / "repo"
-    init(repo)
-    src = btrfs_dir / "src"
-    src.mkdir()
+    repo, src = new_repo(tmp_path, btrfs_dir)
     write_random(src / "a.img", 2 * MiB, 1)
     write_random(src / "b.img", 2 * MiB, 2)
     os.sync()
@@ -257,10 +261,7 @@ def test_no_point_in_time_uses_the_metadata_rule(btrfs_dir, tmp_path):
 
 def test_anchors_are_replaced_tampered_ones_distrusted_and_scan_reports_them(
         btrfs_dir, tmp_path):
-    repo = tmp_path / "repo"
-    init(repo)
-    src = btrfs_dir / "src"
-    src.mkdir()
+    repo, src = new_repo(tmp_path, btrfs_dir)
     write_random(src / "a.img", 4 * MiB, 1)
     s1 = backup(repo, src)
     top = btrfs_dir.parent  # the shared filesystem's mount point
@@ -296,10 +297,7 @@ def test_an_unreadable_anchors_record_is_said(btrfs_dir, tmp_path):
     """Issue 29: an ANCHORS record that could not be read was dropped without
     a word, and the next backup read every file again without saying why.
     Now it says so (and still reads the files: nothing unproved is trusted)."""
-    repo = tmp_path / "repo"
-    init(repo)
-    src = btrfs_dir / "src"
-    src.mkdir()
+    repo, src = new_repo(tmp_path, btrfs_dir)
     write_random(src / "a.img", 4 * MiB, 3)
     s1 = backup(repo, src)
     (rec,) = (btrfs_dir.parent / ".cloneaware-anchors").glob(f"*/*/{s1['snapshot']}/ANCHORS")
@@ -316,10 +314,7 @@ def test_an_unreadable_anchors_record_is_said(btrfs_dir, tmp_path):
 # --- forget, prune, check, kills, concurrency ----------------------------------------------
 
 def test_forget_prune_shrink_and_keep_the_rest_exact(btrfs_dir, tmp_path):
-    repo = tmp_path / "repo"
-    init(repo)
-    src = btrfs_dir / "src"
-    src.mkdir()
+    repo, src = new_repo(tmp_path, btrfs_dir)
     ids, states = [], []
     for day in range(4):
         write_random(src / f"day{day}.bin", 2 * MiB, 100 + day)
@@ -342,10 +337,7 @@ def test_forget_prune_shrink_and_keep_the_rest_exact(btrfs_dir, tmp_path):
 
 
 def test_check_finds_a_flipped_byte_and_names_the_pack(btrfs_dir, tmp_path):
-    repo = tmp_path / "repo"
-    init(repo)
-    src = btrfs_dir / "src"
-    src.mkdir()
+    repo, src = new_repo(tmp_path, btrfs_dir)
     write_random(src / "f.bin", 3 * MiB, 1)
     backup(repo, src)
     cli("check", "-r", repo, check_rc=0)
@@ -438,10 +430,7 @@ def test_concurrent_backups_both_land_and_common_data_is_stored_once(btrfs_dir, 
 
 
 def test_locks(btrfs_dir, tmp_path):
-    repo = tmp_path / "repo"
-    init(repo)
-    src = btrfs_dir / "src"
-    src.mkdir()
+    repo, src = new_repo(tmp_path, btrfs_dir)
     write_random(src / "a", 1 * MiB, 1)
     backup(repo, src)
     from cloneaware.repo.backend import LocalBackend
@@ -550,10 +539,7 @@ def test_a_backup_whose_lock_cannot_be_refreshed_stops_before_it_could_go_stale(
 # --- restore, export, import ----------------------------------------------------------------
 
 def test_several_snapshots_restored_together_share_their_data(btrfs_dir, tmp_path):
-    repo = tmp_path / "repo"
-    init(repo)
-    src = btrfs_dir / "src"
-    src.mkdir()
+    repo, src = new_repo(tmp_path, btrfs_dir)
     write_random(src / "vm.img", 16 * MiB, 1)
     s1 = backup(repo, src)["snapshot"]
     rewrite_blocks(src / "vm.img", 0.05, 2)
@@ -604,10 +590,7 @@ def test_the_fetch_plan_read_from_blob_records_is_the_receivers_own(btrfs_dir, t
     took: list = []  # what restore_snapshots planned with: the quick plan, not None
     monkeypatch.setattr(repo_restore, "quick_plan",
                         lambda *a: took.append(quick_plan(*a)) or took[-1])
-    repo = tmp_path / "repo"
-    init(repo)
-    src = btrfs_dir / "src"
-    src.mkdir()
+    repo, src = new_repo(tmp_path, btrfs_dir)
     write_random(src / "vm.img", 12 * MiB, 1)
     write_random(src / "other.img", 2 * MiB, 3)
     s1 = backup(repo, src)["snapshot"]
@@ -642,10 +625,7 @@ def test_the_fetch_plan_follows_the_caches_order_of_use(btrfs_dir, tmp_path, mon
     from cloneaware.repo.connect import opened
 
     monkeypatch.setattr(repo_restore, "CACHE", 2560 * KiB)
-    repo = tmp_path / "repo"
-    init(repo)
-    src = btrfs_dir / "src"
-    src.mkdir()
+    repo, src = new_repo(tmp_path, btrfs_dir)
     write_random(src / "old", 4 * MiB, 5)  # blobs A, B, C, D of 1 MiB
     backup(repo, src)
     q = 256 * KiB
@@ -675,10 +655,7 @@ def test_planned_blobs_the_restore_never_asks_for_are_passed_over(btrfs_dir, tmp
     from cloneaware.repo.pieces import walk_piece
     from cloneaware.repo.restore import Fetcher
 
-    repo = tmp_path / "repo"
-    init(repo)
-    src = btrfs_dir / "src"
-    src.mkdir()
+    repo, src = new_repo(tmp_path, btrfs_dir)
     write_random(src / "f", 6 * MiB, 4)
     backup(repo, src)
     with opened(str(repo)) as r:
@@ -777,10 +754,7 @@ def test_usage_errors(btrfs_dir, tmp_path):
 
 @pytest.mark.parametrize("what", ["config", "index", "snapshot", "key-less pack", "lock"])
 def test_damaged_objects_are_refused_in_one_line(btrfs_dir, tmp_path, what):
-    repo = tmp_path / "repo"
-    init(repo)
-    src = btrfs_dir / "src"
-    src.mkdir()
+    repo, src = new_repo(tmp_path, btrfs_dir)
     write_random(src / "f", 1 * MiB, 1)
     backup(repo, src)
     target = {
