@@ -1,8 +1,9 @@
 """An archive's catalog: its header, BASE records, index and footer, read
 from a seekable file without its data (``ls``, the checks before a
 restore), with the rules the full read applies to the same records
-(``BaseRecords``, ``check_index``, used by archive/reader.py too), so that
-nothing is listed that a restore refuses."""
+(``BaseRecords``; ``check_index``, which the full read applies as
+``IndexOfEntries`` against the entries it has checked), so that nothing
+is listed that a restore refuses."""
 from __future__ import annotations
 
 import io
@@ -60,6 +61,44 @@ def read_index(f) -> Listing:
     fmt.resolve_index(items, version, footer.index_offset)
     check_index(items, footer, base, is_map, footer.index_offset, version)
     return Listing(header, items, footer, base, is_map)
+
+
+@dataclass
+class Outline:
+    """What a restore needs of a seekable archive before anything is
+    written (read_outline)."""
+    header: fmt.Header
+    base: thin.Base | None
+    is_map: bool
+    footer: fmt.Footer
+    #: the names the archive's top-level entries have, by its index
+    tops: set[bytes]
+
+
+def read_outline(f) -> Outline:
+    """Header, BASE records, footer and the top-level names of the index
+    of a seekable archive.  The index is not checked here beyond its
+    framing, its kinds and those names: the full read checks it against
+    the entries it describes (IndexOfEntries), and a restore's check before
+    it writes (an existing top-level name refused without --force) needs
+    the names alone, which saves a second full check of a large index."""
+    header, base, is_map, footer = _head_and_footer(f)
+    version = header.version
+    f.seek(footer.index_offset)
+    rr = RecordReader(f)
+    rr.offset = footer.index_offset
+    rr.version = version
+    tops: set[bytes] = set()
+    it = rr.records()
+    for _ in range(footer.index_records):
+        rec = next(it, None)
+        if rec is None or rec[0] != fmt.T_INDEX:
+            raise ArchiveError("footer does not point at the index", footer.index_offset)
+        for _v, path in fmt.iter_index(rec[1], rec[2], version):
+            if b"/" not in path:
+                fmt.path_ok(path, rec[2], version)
+                tops.add(path)
+    return Outline(header, base, is_map, footer, tops)
 
 
 def read_footer(f) -> fmt.Footer:
@@ -154,6 +193,68 @@ def check_index(items: list[fmt.IndexItem], footer: fmt.Footer, base: thin.Base 
         raise ArchiveError("the footer's byte counts are not those of the index", offset)
     if is_map and (base is not None or footer.stored_bytes or footer.base_ref_bytes):
         raise ArchiveError("a sharing map that says it holds data", offset)
+
+
+class IndexOfEntries:
+    """The full read's check of an INDEX, record by record as it comes,
+    against the entries it has read and checked already: each item has its
+    entry's id, path, kind and size, so the rules ``check_index`` applies to
+    paths (clean, unique, parents that are directories earlier) hold by
+    those of the entries; the rules on byte counts and totals are applied
+    here as there.  No item is kept: the index costs one pass of C-level
+    unpacking, not a second copy of every entry."""
+
+    def __init__(self, entries: list[fmt.Entry], version: int):
+        self.entries = entries
+        self.version = version
+        self.n = 0
+        self.stored = self.ref = self.base_ref = 0
+
+    def add(self, payload, off: int, base: thin.Base | None) -> None:
+        entries, relative = self.entries, self.version >= fmt.RELATIVE
+        n = self.n
+        stored = ref = base_ref = 0
+        for v, path in fmt.iter_index(payload, off, self.version):
+            if self.version == 1:
+                i, kind, size, st, rb, _at = v
+                bb = 0
+            else:
+                i, kind, size, st, rb, bb, _at = v
+            if relative and i:
+                raise ArchiveError("INDEX: id field is not 0 (ids are implicit from version "
+                                   "6 on)", off)
+            if not relative and i != n:
+                raise ArchiveError(f"index item {i} out of sequence (expected {n})", off)
+            if n >= len(entries):
+                raise ArchiveError("index and footer do not match the entries", off)
+            e = entries[n]
+            if path != e.path or kind != e.kind or size != e.size:
+                raise ArchiveError(f"index item {n} does not match its entry", off)
+            if st + rb + bb > size:  # 0 for all but regular files, as their entries say
+                raise ArchiveError(f"index item {n}: more bytes stored and referenced than "
+                                   f"{os.fsdecode(path)!r} holds", off)
+            if bb and base is None:
+                raise ArchiveError(f"index item {n}: bytes from a base, but the archive "
+                                   "names no base", off)
+            stored += st
+            ref += rb
+            base_ref += bb
+            n += 1
+        self.n = n
+        self.stored += stored
+        self.ref += ref
+        self.base_ref += base_ref
+
+    def done(self, footer: fmt.Footer, base: thin.Base | None, is_map: bool, off: int) -> None:
+        if self.n != footer.entries:
+            raise ArchiveError("index and footer disagree on the number of entries", off)
+        if self.n != len(self.entries):
+            raise ArchiveError("index and footer do not match the entries", off)
+        if (self.stored, self.ref, self.base_ref) != (footer.stored_bytes, footer.ref_bytes,
+                                                      footer.base_ref_bytes):
+            raise ArchiveError("the footer's byte counts are not those of the index", off)
+        if is_map and (base is not None or footer.stored_bytes or footer.base_ref_bytes):
+            raise ArchiveError("a sharing map that says it holds data", off)
 
 
 @dataclass

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -574,21 +575,43 @@ class IndexItem:
                 + U16.pack(len(self.path)) + self.path)
 
 
+def iter_index(buf, offset: int, version: int = WRITE_VERSION) -> Iterator[tuple[tuple, bytes]]:
+    """Each item of an INDEX record, framed and its kind known: its fixed
+    fields as packed (six in version 1, seven after) and its path, which
+    the caller checks.  One loop with no call per field: an index holds an
+    item per entry, and every restore reads it twice (its top-level names
+    before anything is written, all of it against the entries at the end)."""
+    fixed = _INDEX_ITEM_V1 if version == 1 else _INDEX_ITEM
+    head = fixed.size + U16.size
+    unpack, u16 = fixed.unpack_from, U16.unpack_from
+    limit = path_max(version)
+    kinds = KIND_NAMES
+    end = len(buf)
+    pos = 0
+    while pos < end:
+        if pos + head > end:
+            raise ArchiveError("INDEX: record too short for its fields", offset)
+        v = unpack(buf, pos)
+        (n,) = u16(buf, pos + fixed.size)
+        pos += head
+        if n > limit:
+            raise ArchiveError(f"INDEX: a field of {n} bytes exceeds its limit of {limit}",
+                               offset)
+        if pos + n > end:
+            raise ArchiveError("INDEX: record too short for its fields", offset)
+        if v[1] not in kinds:
+            raise ArchiveError(f"INDEX: unknown entry kind {v[1]}", offset)
+        yield v, bytes(buf[pos:pos + n])
+        pos += n
+
+
 def decode_index(buf, offset: int, version: int = WRITE_VERSION) -> list[IndexItem]:
     """The items of an INDEX record (their paths are checked by the caller)."""
-    c = Cursor(buf, offset, "INDEX")
-    items = []
-    while c.pos < len(buf):
-        if version == 1:
-            i, k, size, stored, ref, off = c.unpack(_INDEX_ITEM_V1)
-            v = (i, k, size, stored, ref, 0, off)
-        else:
-            v = c.unpack(_INDEX_ITEM)
-        path = c.bytes16(path_max(version))
-        if v[1] not in KIND_NAMES:
-            c.fail(f"unknown entry kind {v[1]}")
-        items.append(IndexItem(*v, path))
-    return items
+    if version == 1:
+        return [IndexItem(v[0], v[1], v[2], v[3], v[4], 0, v[5], path)
+                for v, path in iter_index(buf, offset, version)]
+    return [IndexItem(v[0], v[1], v[2], v[3], v[4], v[5], v[6], path)
+            for v, path in iter_index(buf, offset, version)]
 
 
 def resolve_index(items: list[IndexItem], version: int, offset: int) -> None:

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 from cloneaware.archive import format as fmt
 from cloneaware.archive import thin
-from cloneaware.archive.catalog import BaseRecords, check_index
+from cloneaware.archive.catalog import BaseRecords, IndexOfEntries
 from cloneaware.archive.decode import Decoder
 from cloneaware.archive.events import (
     BaseRefEvent,
@@ -131,7 +131,7 @@ class Stream:
         recs = prefetched(recs, self.PREFETCH, cut=_in_buffer, weigh=_weight)
         cur: FileState | None = None
         bases = BaseRecords(version, self.base_files)
-        index_items: list[fmt.IndexItem] = []
+        index = IndexOfEntries(self.entries, version)
         index_start = None
         index_records = 0
         footer = None
@@ -250,16 +250,14 @@ class Stream:
                 if index_start is None:
                     index_start = off
                 index_records += 1
-                index_items.extend(fmt.decode_index(payload, off, version))
+                index.add(payload, off, self.base)
             elif rtype == fmt.T_FOOTER:
                 if index_start is None:
                     raise ArchiveError("FOOTER without an INDEX", off)
                 footer = fmt.Footer.decode(payload, off, version)
                 if footer.index_offset != index_start or footer.index_records != index_records:
                     raise ArchiveError("footer does not point at the index", off)
-                fmt.resolve_index(index_items, version, index_start)
-                check_index(index_items, footer, self.base, self.is_map, off, version)
-                self._check_index_entries(index_items, off)
+                index.done(footer, self.base, self.is_map, off)
                 yield FooterEvent(footer, off)
             else:
                 raise ArchiveError(f"unexpected {fmt.TYPE_NAMES.get(rtype, rtype)} record", off)
@@ -309,14 +307,6 @@ class Stream:
         if src_id not in self.complete:
             raise ArchiveError("reference to an incomplete file", off)
         return src
-
-    def _check_index_entries(self, items: list[fmt.IndexItem], off: int) -> None:
-        """The index describes the entries read, byte counts included."""
-        if len(items) != len(self.entries):
-            raise ArchiveError("index and footer do not match the entries", off)
-        for it, e in zip(items, self.entries):
-            if it.id != e.id or it.path != e.path or it.kind != e.kind or it.size != e.size:
-                raise ArchiveError(f"index item {it.id} does not match its entry", off)
 
 
 class _PendingData(NamedTuple):

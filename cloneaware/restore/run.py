@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 
 import cloneaware.restore.partial as partial
-from cloneaware.archive.catalog import read_index
+from cloneaware.archive.catalog import read_outline
 from cloneaware.archive.events import dispatch
 from cloneaware.archive.manifest import open_manifest
 from cloneaware.archive.reader import Stream
@@ -120,13 +120,13 @@ class Restore:
         try:
             if not f.seekable():
                 return
-            listing = read_index(f)
+            listing = read_outline(f)
             if listing.is_map:
                 raise SharingMapGiven(self.archive)
             if self.progress:  # what the bar counts: every byte put in a file
                 ft = listing.footer
                 self.progress.set_total(ft.stored_bytes + ft.ref_bytes + ft.base_ref_bytes)
-            tops = {it.path for it in listing.items if b"/" not in it.path}
+            tops = listing.tops
             if self.select:
                 rows = read_contents(f, full=True).rows
                 got = plan(self.select, [r.entry for r in rows if r.entry])

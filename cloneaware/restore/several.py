@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from cloneaware.archive import thin
 from cloneaware.archive.blobs import BlobSource, Coverage
-from cloneaware.archive.catalog import read_footer, read_index
+from cloneaware.archive.catalog import read_footer, read_outline
 from cloneaware.archive.events import dispatch
 from cloneaware.archive.reader import Stream
 from cloneaware.errors import UsageError
@@ -81,8 +81,7 @@ class ManifestsRestore:
                 got = plan(select, [r.entry for r in rows if r.entry is not None])
                 it.tops, it.stage = got.tops, got.stage
             else:
-                it.tops = {i.path for i in read_index(io.BytesIO(it.data)).items
-                           if b"/" not in i.path}
+                it.tops = read_outline(io.BytesIO(it.data)).tops
         if select and not any(it.tops for it in self.items):
             raise UsageError(f"{select.what()} leaves nothing of the "
                              f"snapshot{'s' if self.several else ''} to restore")

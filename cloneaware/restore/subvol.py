@@ -67,6 +67,8 @@ class Subvolumes:
 
     def note(self, path: bytes) -> None:
         """An entry of the archive: kept by the snapshots that hold it."""
+        if not self.snapshots:  # nearly always: no ancestor walk per entry
+            return
         p = path
         while p:
             p = p.rpartition(b"/")[0]

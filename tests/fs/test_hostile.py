@@ -51,6 +51,7 @@ from helpers.cli import CliServer, assert_one_line_error, cli
 
 from cloneaware.archive import format as fmt
 from cloneaware.archive import thin
+from cloneaware.archive.format import IndexItem
 from cloneaware.testing import reflink_copy, write_random
 
 pytestmark = pytest.mark.root
@@ -1023,6 +1024,106 @@ def _(x):
     c = Craft()
     _pwfile(c, b"a")
     c.items[0].path = b"b"
+    return c.finish()
+
+
+# The index alone lies (issue 36: the full read checks it against the
+# entries it has read, not as a second copy): each breaks one rule.
+
+@case("index_id_not_zero", ls=refused("INDEX: id field is not 0"))
+def _(x):
+    c = Craft()
+    _pwfile(c, b"a")
+    c.items[0].id = 3
+    return c.finish()
+
+
+@case("index_id_out_of_sequence", ls=refused("index item 3 out of sequence (expected 0)"))
+def _(x):
+    c = Craft(version=5)
+    _pwfile(c, b"a")
+    c.items[0].id = 3
+    return c.finish()
+
+
+@case("index_data_on_a_directory", ls=refused("has data but is not a regular file"))
+def _(x):
+    c = Craft()
+    c.dir(b"d")
+    c.items[0].stored_bytes = 1
+    c.stored += 1
+    return c.finish()
+
+
+@case("index_more_bytes_than_the_file", ls=refused("more bytes stored and referenced"))
+def _(x):
+    c = Craft()
+    _pwfile(c, b"a")
+    c.items[0].stored_bytes += 1
+    c.stored += 1
+    return c.finish()
+
+
+@case("index_base_bytes_without_a_base", ls=refused("bytes from a base, but the archive "
+                                                    "names no base"))
+def _(x):
+    c = Craft()
+    _pwfile(c, b"a")
+    c.items[0].stored_bytes -= 1
+    c.items[0].base_ref_bytes = 1
+    c.stored -= 1
+    c.based += 1
+    return c.finish()
+
+
+@case("footer_byte_counts_not_the_index", ls=refused("byte counts are not those of the index"))
+def _(x):
+    c = Craft()
+    _pwfile(c, b"a")
+    c.stored += 1
+    return c.finish()
+
+
+def _dest_made(x: Ctx) -> None:
+    x.dest.mkdir()
+
+
+# DEST exists: DEST/.. would be refused as an existing name, not as the
+# archive's fault, if the names read before writing were not checked
+@case("index_top_level_dotdot", setup=_dest_made, ls=refused("'..' component"))
+def _(x):
+    c = Craft()  # the restore's check before writing reads these names alone
+    _pwfile(c, b"a")
+    c.items[0].path = b".."
+    return c.finish()
+
+
+@case("index_item_beyond_the_entries", ls=lists(F("a", 6), D("zz")))
+def _(x):
+    c = Craft()
+    _pwfile(c, b"a")
+    c.items.append(IndexItem(1, fmt.K_DIR, 0, 0, 0, 0, c.items[0].offset, b"zz"))
+    return c.finish()
+
+
+@case("index_short_of_the_entries", ls=lists(F("a", 6)))
+def _(x):
+    c = Craft()
+    _pwfile(c, b"a")
+    _pwfile(c, b"b")
+    c.stored -= c.items.pop().stored_bytes
+    return c.finish()
+
+
+# a restore refuses any sharing map (exit 2, "use reshare"); verify reads it
+@case("sharing_map_that_says_it_holds_data", rc=EXIT_USAGE,
+      ls=refused("a sharing map that says it holds data"))
+def _(x):
+    c = Craft(magic=fmt.MAP_MAGIC)
+    c.reg(b"a", 6)
+    c.end()
+    c.items[0].stored_bytes = 1
+    c.stored += 1
     return c.finish()
 
 
