@@ -44,7 +44,8 @@ class BaseRecords:
 def read_index(f) -> Listing:
     """Header, index and footer of a seekable archive, reading no file data.
     The rules are those the full read applies to the same records
-    (BaseRecords, check_index), so nothing is listed that a restore refuses."""
+    (BaseRecords; check_index, which the full read applies as
+    IndexOfEntries), so nothing is listed that a restore refuses."""
     header, base, is_map, footer = _head_and_footer(f)
     version = header.version
     f.seek(footer.index_offset)
@@ -153,10 +154,12 @@ def _head_and_footer(f) -> tuple[fmt.Header, thin.Base | None, bool, fmt.Footer]
 def check_index(items: list[fmt.IndexItem], footer: fmt.Footer, base: thin.Base | None,
                 is_map: bool, offset: int, version: int = fmt.WRITE_VERSION) -> None:
     """The rules an archive's INDEX and FOOTER obey, checked by every reader
-    (the full read, and ``ls`` from the index): one item per entry, ids in
+    of the index alone (``ls``, ``find``): one item per entry, ids in
     sequence, clean and unique paths, parents that are directories earlier,
     sizes in range, no more bytes stored and referenced than a file holds,
-    bytes from a base only where there is one, totals that add up."""
+    bytes from a base only where there is one, totals that add up.  The
+    full read checks the same against the entries it has read
+    (IndexOfEntries)."""
     if len(items) != footer.entries:
         raise ArchiveError("index and footer disagree on the number of entries", offset)
     kinds: dict[bytes, int] = {}
@@ -229,7 +232,7 @@ class IndexOfEntries:
                 raise ArchiveError("index and footer do not match the entries", off)
             e = entries[n]
             if path != e.path or kind != e.kind or size != e.size:
-                raise ArchiveError(f"index item {n} does not match its entry", off)
+                raise ArchiveError(_unlike(n, e, path, kind, size), off)
             if st + rb + bb > size:  # 0 for all but regular files, as their entries say
                 raise ArchiveError(f"index item {n}: more bytes stored and referenced than "
                                    f"{os.fsdecode(path)!r} holds", off)
@@ -255,6 +258,16 @@ class IndexOfEntries:
             raise ArchiveError("the footer's byte counts are not those of the index", off)
         if is_map and (base is not None or footer.stored_bytes or footer.base_ref_bytes):
             raise ArchiveError("a sharing map that says it holds data", off)
+
+
+def _unlike(n: int, e: fmt.Entry, path: bytes, kind: int, size: int) -> str:
+    if path != e.path:
+        what = f"path {os.fsdecode(path)!r}, its entry's {os.fsdecode(e.path)!r}"
+    elif kind != e.kind:
+        what = f"a {fmt.KIND_NAMES[kind]}, its entry a {fmt.KIND_NAMES[e.kind]}"
+    else:
+        what = f"size {size}, its entry's {e.size}"
+    return f"index item {n} does not match its entry: {what}"
 
 
 @dataclass

@@ -579,8 +579,9 @@ def iter_index(buf, offset: int, version: int = WRITE_VERSION) -> Iterator[tuple
     """Each item of an INDEX record, framed and its kind known: its fixed
     fields as packed (six in version 1, seven after) and its path, which
     the caller checks.  One loop with no call per field: an index holds an
-    item per entry, and every restore reads it twice (its top-level names
-    before anything is written, all of it against the entries at the end)."""
+    item per entry, and a restore of a seekable archive reads it twice (its
+    top-level names before anything is written, all of it against the
+    entries at the end)."""
     fixed = _INDEX_ITEM_V1 if version == 1 else _INDEX_ITEM
     head = fixed.size + U16.size
     unpack, u16 = fixed.unpack_from, U16.unpack_from

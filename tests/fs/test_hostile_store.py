@@ -14,10 +14,12 @@ import io
 import json
 import os
 import shlex
+import struct
 import time
 from pathlib import Path
 
 import pytest
+from helpers.archivecraft import records, reframe, temp_files
 from helpers.cli import cli, cli_command, cli_json
 from helpers.treeutil import MiB, Snapshot, assert_same_tree
 
@@ -257,6 +259,43 @@ def test_a_forged_parent_is_not_trusted(world, btrfs_dir):
     cli("restore", "-r", world.repo, r.json()["snapshot"], dest, check_rc=0)
     assert (dest / "src" / "c.txt").read_bytes() == b"c" * 20000
     assert (dest / "src" / "d.txt").read_bytes() == b"d" * 20000
+
+
+def test_a_manifest_whose_index_lies_is_refused_in_one_line(world, btrfs_dir):
+    """A newer snapshot whose manifest's FOOTER counts a byte more than its
+    INDEX holds (framed and checksummed as written): restore -r reads only
+    the index's top-level names before it writes, and the full read refuses
+    the manifest at its INDEX, as an archive's is (docs/DESIGN.md): one line,
+    exit 3, nothing of it left under a name the restore did not finish; the
+    sound snapshot still restores."""
+    (world.src / "c.txt").write_bytes(b"c" * 20000)
+    world.backup()
+    att = world.attacker()
+    att.load_index()
+    snap = att.snapshots()[-1]
+    manifest = att.manifest(snap)
+    foot = records(manifest)[-1]
+    fields = list(struct.unpack_from("<7Q", manifest, foot.payload_offset))
+    fields[3] += 1  # stored_bytes
+    forged = reframe(manifest, foot, struct.pack("<7Q", *fields))
+    packer = Packer(att, 1)
+    mout = ManifestOut(att, packer)
+    mout.write(forged)
+    mout.finish()
+    packer.flush()
+    packer.close()
+    d = dict(snap.data, manifest=[b.hex() for b in mout.ids], manifest_bytes=mout.total,
+             time_ns=snap.time_ns + 10**9, parent=None)
+    forged_id = att.save_snapshot(d).id
+    att.close()
+    dest = btrfs_dir / "forged"
+    r = cli("restore", "-r", world.repo, forged_id[:12], dest)
+    assert r.returncode == 3 and r.err.count("\n") == 1 and "Traceback" not in r.err, str(r)
+    assert "byte counts are not those of the index" in r.err, r.err
+    assert not temp_files(dest)
+    good = btrfs_dir / "good"
+    cli("restore", "-r", world.repo, snap.id[:12], good, check_rc=0)
+    assert (good / "src" / "c.txt").read_bytes() == b"c" * 20000
 
 
 def _swap_blobs(manifest: bytes, victim: bytes, donor: bytes) -> bytes:
