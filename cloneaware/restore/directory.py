@@ -98,7 +98,7 @@ class DirectoryOutput:
         self.base_files: BaseFiles | None = None
         self.counts = Counts(copy_reasons=self.s.copy_reasons)
         self.tree = Tree(dest)
-        self.placer = Placer(self.tree, self.force)
+        self.placer = Placer(self.tree, self.force, dirty=lambda: self.data.dirty())
         self.fresh = FreshDirs(self.tree, self.placer)
         self.data = FileData(self.counts, self.warn, dest, reshare_existing, share)
         self.beside = BesideFiles()  # the snapshot's own files already in DEST
@@ -176,6 +176,7 @@ class DirectoryOutput:
     def finish(self) -> None:
         if self.tree.root is None:
             return  # nothing was restored: DEST was never made
+        self.placer.writeback.stop()  # what is left, the syncfs below writes
         self.small.flush()
         self.placer.flush(always=bool(self.fresh.roots))
         self.fresh.place()
