@@ -382,7 +382,8 @@ def renameat2(src_dir_fd: int, src: bytes, dst_dir_fd: int, dst: bytes,
 
 def syncfs(fd, path=None) -> None:
     """Call syncfs(2): write out the filesystem fd is on.  It reports a
-    writeback error seen since fd was opened, once."""
+    writeback error seen since fd was opened, once, and errors of the
+    filesystem's own sync to the first caller (docs/KERNEL.md, W4)."""
     rc = lib.ca_syncfs(_fd(fd))
     if rc < 0:
         _raise(rc, path)

@@ -19,7 +19,8 @@ from cloneaware.errors import ArchiveError, TruncatedArchive, UsageError
 def background_thread() -> None:
     """Make the calling thread SCHED_BATCH: one that does not preempt
     others when it wakes.  For the helper threads of restore and backup
-    (reading ahead, hashing, compressing), so that the thread that writes
+    (reading ahead, hashing, compressing, starting writeback), so that the
+    thread that writes
     the output in order, which the whole run waits on, keeps its core: in a
     restore on 2 cores it was preempted about 2,000 times by its own
     helpers (perf sched_switch).  Unprivileged; where refused, nothing
