@@ -48,17 +48,9 @@ def read_index(f) -> Listing:
     IndexOfEntries), so nothing is listed that a restore refuses."""
     header, base, is_map, footer = _head_and_footer(f)
     version = header.version
-    f.seek(footer.index_offset)
-    rr3 = RecordReader(f)
-    rr3.offset = footer.index_offset
-    rr3.version = version
     items: list[fmt.IndexItem] = []
-    it = rr3.records()
-    for _ in range(footer.index_records):
-        rec = next(it, None)
-        if rec is None or rec[0] != fmt.T_INDEX:
-            raise ArchiveError("footer does not point at the index", footer.index_offset)
-        items.extend(fmt.decode_index(rec[1], rec[2], version))
+    for payload, off in _index_records(f, footer, version):
+        items.extend(fmt.decode_index(payload, off, version))
     fmt.resolve_index(items, version, footer.index_offset)
     check_index(items, footer, base, is_map, footer.index_offset, version)
     return Listing(header, items, footer, base, is_map)
@@ -85,21 +77,27 @@ def read_outline(f) -> Outline:
     the names alone, which saves a second full check of a large index."""
     header, base, is_map, footer = _head_and_footer(f)
     version = header.version
+    tops: set[bytes] = set()
+    for payload, off in _index_records(f, footer, version):
+        for _v, path in fmt.iter_index(payload, off, version):
+            if b"/" not in path:
+                fmt.path_ok(path, off, version)
+                tops.add(path)
+    return Outline(header, base, is_map, footer, tops)
+
+
+def _index_records(f, footer: fmt.Footer, version: int):
+    """(payload, offset) of each INDEX record the footer points at."""
     f.seek(footer.index_offset)
     rr = RecordReader(f)
     rr.offset = footer.index_offset
     rr.version = version
-    tops: set[bytes] = set()
     it = rr.records()
     for _ in range(footer.index_records):
         rec = next(it, None)
         if rec is None or rec[0] != fmt.T_INDEX:
             raise ArchiveError("footer does not point at the index", footer.index_offset)
-        for _v, path in fmt.iter_index(rec[1], rec[2], version):
-            if b"/" not in path:
-                fmt.path_ok(path, rec[2], version)
-                tops.add(path)
-    return Outline(header, base, is_map, footer, tops)
+        yield rec[1], rec[2]
 
 
 def read_footer(f) -> fmt.Footer:

@@ -241,16 +241,7 @@ def test_a_forged_parent_is_not_trusted(world, btrfs_dir):
     att.load_index()
     snap = att.snapshots()[-1]
     manifest = att.manifest(snap)
-    forged = _swap_blobs(manifest, b"src/c.txt", b"src/d.txt")
-    packer = Packer(att, 1)
-    mout = ManifestOut(att, packer)
-    mout.write(forged)
-    mout.finish()
-    packer.flush()
-    packer.close()
-    d = dict(snap.data, manifest=[b.hex() for b in mout.ids], manifest_bytes=mout.total,
-             time_ns=snap.time_ns + 10**9, parent=None)
-    att.save_snapshot(d)
+    _save_newer(att, snap, _swap_blobs(manifest, b"src/c.txt", b"src/d.txt"))
     att.close()
     r = world.client("backup", "--json", world.src, rc=None)
     assert r.returncode in (0, 1), str(r)
@@ -277,16 +268,7 @@ def test_a_manifest_whose_index_lies_is_refused_in_one_line(world, btrfs_dir):
     foot = records(manifest)[-1]
     fields = list(struct.unpack_from("<7Q", manifest, foot.payload_offset))
     fields[3] += 1  # stored_bytes
-    forged = reframe(manifest, foot, struct.pack("<7Q", *fields))
-    packer = Packer(att, 1)
-    mout = ManifestOut(att, packer)
-    mout.write(forged)
-    mout.finish()
-    packer.flush()
-    packer.close()
-    d = dict(snap.data, manifest=[b.hex() for b in mout.ids], manifest_bytes=mout.total,
-             time_ns=snap.time_ns + 10**9, parent=None)
-    forged_id = att.save_snapshot(d).id
+    forged_id = _save_newer(att, snap, reframe(manifest, foot, struct.pack("<7Q", *fields)))
     att.close()
     dest = btrfs_dir / "forged"
     r = cli("restore", "-r", world.repo, forged_id[:12], dest)
@@ -296,6 +278,20 @@ def test_a_manifest_whose_index_lies_is_refused_in_one_line(world, btrfs_dir):
     good = btrfs_dir / "good"
     cli("restore", "-r", world.repo, snap.id[:12], good, check_rc=0)
     assert (good / "src" / "c.txt").read_bytes() == b"c" * 20000
+
+
+def _save_newer(att: Repository, snap, manifest: bytes) -> str:
+    """``manifest`` stored by the attacker as a snapshot like ``snap``, a
+    second newer; its id."""
+    packer = Packer(att, 1)
+    mout = ManifestOut(att, packer)
+    mout.write(manifest)
+    mout.finish()
+    packer.flush()
+    packer.close()
+    d = dict(snap.data, manifest=[b.hex() for b in mout.ids], manifest_bytes=mout.total,
+             time_ns=snap.time_ns + 10**9, parent=None)
+    return att.save_snapshot(d).id
 
 
 def _swap_blobs(manifest: bytes, victim: bytes, donor: bytes) -> bytes:
