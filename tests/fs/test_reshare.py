@@ -10,6 +10,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers.archivecraft import Craft
 from helpers.cli import CliServer, assert_one_line_error, cli, cli_json
@@ -21,6 +22,8 @@ from cloneaware import native
 from cloneaware.archive import format as fmt
 from cloneaware.archive.events import EntryEvent, RefEvent
 from cloneaware.archive.reader import Stream
+from cloneaware.display import human
+from cloneaware.source.flags import FILE_EXTENT_DTYPE
 from cloneaware.testing import (
     make_family,
     make_loopfs,
@@ -666,6 +669,32 @@ def test_reshare_rewrites_a_remainder_that_ends_inside_a_block(loopfs, tmp_path)
     assert_same_tree(before, Snapshot(dest))
 
 
+def held_extents(path: Path) -> dict[int, int]:
+    """The extents a file on Btrfs refers to only in part: their disk size
+    by address (its EXTENT_DATA items)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        raw = native.btrfs_file_extents(fd, os.fstat(fd).st_ino, path)
+    finally:
+        os.close(fd)
+    items = np.frombuffer(raw, dtype=FILE_EXTENT_DTYPE)
+    out = {}
+    for bytenr in set(items["disk_bytenr"].tolist()) - {0}:
+        mine = items[items["disk_bytenr"] == bytenr]
+        spans = sorted(zip(mine["offset"].tolist(), (mine["offset"] + mine["num_bytes"]).tolist()))
+        covered, end = 0, 0
+        for a, z in spans:
+            covered += max(0, z - max(a, end))
+            end = max(end, z)
+        if covered < int(mine["ram_bytes"][0]):
+            out[bytenr] = int(mine["disk_num_bytes"][0])
+    return out
+
+
+def _held_in_part(path: Path) -> int:
+    return sum(held_extents(path).values())
+
+
 def test_reshare_keeps_extents_a_file_outside_dest_holds(loopfs):
     """A file outside DEST that clones the first 4 MiB of a clone holds the
     clone's extent: no rewrite in DEST frees it, so none is written; the
@@ -675,13 +704,23 @@ def test_reshare_keeps_extents_a_file_outside_dest_holds(loopfs):
     with open(dest / "fam" / "images" / "clone0.img", "rb") as a, open(outside, "wb") as b:
         native.ficlonerange(b.fileno(), a.fileno(), 0, 4 * MiB, 0)
     want = outside.read_bytes()
+    held = _held_in_part(outside)
     r = cli("reshare", "--json", "--from", m, dest, check_rc=0).json()
     b = r["bookends"]
-    assert b["extents_rewritten"] == 4, b  # the other four clones
-    assert b["kept"] == {"held by files outside the tree (or a snapshot)": 32 * MiB}, b
+    # As rsync lays a clone out on a quiet machine, one 32 MiB extent, of
+    # which the outside file holds the first 4 MiB: 32 MiB kept, the other
+    # four clones' extents rewritten.  Under load rsync's writes are flushed
+    # in pieces and a clone is a dozen extents; then the extents kept for
+    # the outside file are those it holds in part, whatever their number,
+    # and some small pieces are not worth rewriting.
+    kept = dict(b["kept"])
+    assert kept.pop("held by files outside the tree (or a snapshot)", 0) == held, (b, held)
+    assert set(kept) <= {"rewriting them would write more than it frees"}, b  # small pieces
+    assert b["extents_rewritten"] >= 4, b  # at least one a clone
+    assert b["extents_rewritten"] + len(held_extents(outside)) <= b["partly_referenced"], b
     assert outside.read_bytes() == want
     out = cli("reshare", "--from", m, dest, check_rc=0).out
-    assert "kept 32.0 MiB of partly shared extents: held by files outside" in out, out
+    assert f"kept {human(held)} of partly shared extents: held by files outside" in out, out
 
 
 # --- restore --reshare-existing ------------------------------------------------------
