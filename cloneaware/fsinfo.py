@@ -10,10 +10,12 @@ from dataclasses import dataclass
 from cloneaware import native
 
 BTRFS_MAGIC = 0x9123683E
+XFS_MAGIC = 0x58465342
+EXT4_MAGIC = 0xEF53
 FS_NAMES = {
     BTRFS_MAGIC: "btrfs",
-    0x58465342: "xfs",
-    0xEF53: "ext4",
+    XFS_MAGIC: "xfs",
+    EXT4_MAGIC: "ext4",
     0x01021994: "tmpfs",
     0x2FC12FC1: "zfs",
     0x6969: "nfs",

@@ -20,11 +20,10 @@ def background_thread() -> None:
     """Make the calling thread SCHED_BATCH: one that does not preempt
     others when it wakes.  For the helper threads of restore and backup
     (reading ahead, hashing, compressing, starting writeback), so that the
-    thread that writes
-    the output in order, which the whole run waits on, keeps its core: in a
-    restore on 2 cores it was preempted about 2,000 times by its own
-    helpers (perf sched_switch).  Unprivileged; where refused, nothing
-    changes."""
+    thread that writes the output in order, which the whole run waits on,
+    keeps its core: in a restore on 2 cores it was preempted about 2,000
+    times by its own helpers (perf sched_switch).  Unprivileged; where
+    refused, nothing changes."""
     try:
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     except (OSError, AttributeError):

@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cloneaware import native
+from cloneaware import fsinfo, native
 from cloneaware.archive.records import background_thread
 from cloneaware.errors import UsageError
 from cloneaware.restore.tree import Tree
@@ -51,7 +51,7 @@ class EarlyWriteback:
     POLL = 0.2
     #: filesystem magic numbers (statfs) it runs on: XFS (measured 0.91x
     #: on the bench's archive restore), ext4 (the same writeback)
-    KINDS = (0x58465342, 0xEF53)
+    KINDS = (fsinfo.XFS_MAGIC, fsinfo.EXT4_MAGIC)
 
     def __init__(self, dirty: Callable[[], int] | None):
         self.dirty = dirty
