@@ -173,6 +173,10 @@ class Backup:
         try:
             self.sink.open(first_size, self._base_record(plan))
             self._write(items, plan, workers)
+            # what the walk kept of every entry, let go before the sink's
+            # commit builds its last indexes (the peak of memory was there)
+            items.clear()
+            del plan
             self._check_base_unchanged()
             self.sink.commit()
             s.archive_bytes = self.sink.size()

@@ -319,7 +319,7 @@ class CacheBuilder:
         """The PHYS ranges of the files added, from their maps: those another
         file could share (not a hole, not inline, delayed, unknown...); each
         row's ``phys_end`` set to match."""
-        ext = np.frombuffer(bytes(self.exts), dtype=EXTENT_DTYPE)
+        ext = np.frombuffer(self.exts, dtype=EXTENT_DTYPE)
         ends = rows["phys_end"].astype(np.int64)
         counts = np.diff(ends, prepend=0)
         owner = np.repeat(np.arange(len(rows)), counts)
@@ -342,9 +342,10 @@ class CacheBuilder:
 
     def build(self, old: FilesCache | None) -> tuple[np.ndarray, np.ndarray, np.ndarray,
                                                       np.ndarray, bytes]:
-        rows = np.frombuffer(bytes(self.rows), dtype=ROW).copy()
-        segs = np.frombuffer(bytes(self.segs), dtype=SEG).copy()
-        seg_ids = np.frombuffer(bytes(self.seg_blobs), dtype="S32")
+        # views of the builder's own bytes, written in place: no copy
+        rows = np.frombuffer(self.rows, dtype=ROW)
+        segs = np.frombuffer(self.segs, dtype=SEG)
+        seg_ids = np.frombuffer(self.seg_blobs, dtype="S32")
         phys = self._phys(rows)
         xattrs = bytes(self.xattrs)
         if old is not None and len(self.kept_rows):
@@ -375,16 +376,21 @@ class CacheBuilder:
     def write(self, path: str, old: FilesCache | None, repo_id: str, set_key: str,
               snapshot: str, started_ns: int) -> None:
         rows, segs, phys, blobs, xattrs = self.build(old)
-        body = b"".join([rows.tobytes(), segs.tobytes(), np.ascontiguousarray(phys).tobytes(),
-                         blobs.tobytes(), xattrs])
+        # the body's parts hashed and written one after another, never
+        # joined: a copy of the whole cache was the backup's peak of memory
+        body = [np.ascontiguousarray(a).view(np.uint8).data for a in (rows, segs, phys, blobs)]
+        body.append(memoryview(xattrs))
+        digest = hashlib.blake2b(digest_size=32)
+        for part in body:
+            digest.update(part)
         header = json.dumps({
             "version": VERSION, "repository": repo_id, "set": set_key, "snapshot": snapshot,
             "started_ns": started_ns, "rows": len(rows), "segs": len(segs), "phys": len(phys),
-            "blobs": len(blobs), "xattr_bytes": len(xattrs),
-            "digest": hashlib.blake2b(body, digest_size=32).hexdigest(),
+            "blobs": len(blobs), "xattr_bytes": len(xattrs), "digest": digest.hexdigest(),
         }, sort_keys=True).encode()
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         with AtomicFile(path, replace=True, mode=0o600) as f:
             f.write(MAGIC + struct.pack("<I", len(header)) + header)
-            f.write(body)
+            for part in body:
+                f.write(part)
             f.commit()

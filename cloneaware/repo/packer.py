@@ -79,6 +79,7 @@ class Packer:
         try:
             self.repo.check_lock()
             data = b"".join(parts)
+            parts.clear()  # the blobs, now in ``data``: not held twice while it uploads
             pid = rf.object_id(data)
             self.repo.backend.write(pack_name(pid), data)
             pack = rf.IndexPack(bytes.fromhex(pid))
