@@ -4,6 +4,7 @@ nothing about files on disk."""
 from __future__ import annotations
 
 import array
+import itertools
 import time
 import zlib
 
@@ -29,7 +30,10 @@ class Writer:
         self._ref = array.array("Q")
         self._base_ref = array.array("Q")
         self._offset = array.array("Q")
-        self._paths: list[bytes] = []
+        # the paths one after another, each ending where _path_end says: a
+        # bytes object each was 33 bytes more a file, for the whole backup
+        self._path_bytes = bytearray()
+        self._path_end = array.array("Q")
         self.stored_bytes = 0
         self.ref_bytes = 0
         self.base_ref_bytes = 0
@@ -61,7 +65,7 @@ class Writer:
     @property
     def entries(self) -> int:
         """How many entries are in (the next one's id)."""
-        return len(self._paths)
+        return len(self._path_end)
 
     def _item(self, kind: int, size: int, stored: int, offset: int, path: bytes) -> None:
         self._kind.append(kind)
@@ -70,7 +74,8 @@ class Writer:
         self._ref.append(0)
         self._base_ref.append(0)
         self._offset.append(offset)
-        self._paths.append(path)
+        self._path_bytes += path
+        self._path_end.append(len(self._path_bytes))
 
     def _file(self) -> fmt.End:
         """The counts of the REG entry being written."""
@@ -139,7 +144,9 @@ class Writer:
         self._ref.extend(zeros)
         self._base_ref.extend(zeros)
         self._offset.extend(base + a for a in at[:len(paths)])
-        self._paths.extend(paths)
+        ends = itertools.accumulate(map(len, paths), initial=len(self._path_bytes))
+        self._path_end.extend(itertools.islice(ends, 1, None))
+        self._path_bytes += b"".join(paths)
         self._write(data)
         self.stored_bytes += sum(blob_bytes)
         return first
@@ -163,7 +170,9 @@ class Writer:
         size = 0
         limit = fmt.LIMITS[fmt.T_INDEX]
         prev = 0
-        for i, path in enumerate(self._paths):
+        names, start = self._path_bytes, 0
+        for i, end in enumerate(self._path_end):
+            path, start = bytes(names[start:end]), end
             off = self._offset[i]
             b = fmt.IndexItem(i, self._kind[i], self._size[i], self._stored[i], self._ref[i],
                               self._base_ref[i], off, path).encode(prev_offset=prev)
