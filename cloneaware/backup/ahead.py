@@ -43,8 +43,8 @@ from cloneaware.backup.meta import read_iflags, read_xattrs
 from cloneaware.backup.sinks import Sink
 from cloneaware.backup.workers import Chunk, Workers
 from cloneaware.index.plan import CHECK_HASHED, CHECK_NONE, Plan
-from cloneaware.source.flags import EXTENT_DTYPE, FE_ENCODED
-from cloneaware.source.mapping import NO_FIEMAP
+from cloneaware.source.flags import EXTENT_DTYPE
+from cloneaware.source.mapping import NO_FIEMAP, any_encoded
 from cloneaware.source.walk import _listed
 
 #: the input fields of a ``struct ca_rsmall``
@@ -235,7 +235,7 @@ class ReadAhead:
                 if self.live and not no_map and n_ext <= native.READ_SMALL_EXT:
                     ext = np.frombuffer(b.recs, dtype=EXTENT_DTYPE, count=n_ext,
                                         offset=i * size + _EXT_AT).copy()
-                    if (ext["flags"] & FE_ENCODED).any():
+                    if any_encoded(ext):
                         ext = None
                 try:
                     meta: tuple[list[tuple[bytes, bytes]], int] | None = _meta(fd, *rec[10:14])

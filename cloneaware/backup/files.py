@@ -175,7 +175,7 @@ class FileWriter:
         if cap is not None:
             st = os.fstat(fd)  # the metadata as near the clone's instant as can be
         pieces, stale, size, before = self._pieces(item, fd, cap, st)
-        data_bytes = int(pieces["length"].sum()) if len(pieces) else 0
+        data_bytes = sum(pieces["length"].tolist())  # numpy's sum: 1 us a file
         e = self._entry(item, fd, st, size, item.fileno in self.referenced and not stale,
                         meta if cap is None else None)
         self.sink.entry(e, st, item.ext)
