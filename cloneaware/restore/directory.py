@@ -7,6 +7,7 @@ subvolumes made again (restore/subvol.py), and what a failed run made kept
 for a retry (restore/partial.py)."""
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -245,23 +246,38 @@ class DirectoryOutput:
             pass
 
     def close(self) -> None:
-        self.small.drop()
-        if self.cur is not None:
-            self._discard_current()
-        self.srcs.close()
-        self.beside.close()
+        """Let go of everything the restore holds, each step whatever an
+        earlier one raised (its error is raised once all have run): a
+        descriptor or the writeback thread left behind would keep a mount
+        busy in a process that goes on, as a library's caller does."""
+        with contextlib.ExitStack() as steps:  # they run last registered first
+            steps.callback(self._close_root)
+            if self.base_files is not None:
+                steps.callback(self._close_base_files)
+            if self.partial is not None:
+                steps.callback(self.partial.close)
+            steps.callback(self.placer.close)
+            steps.callback(self.tree.close)
+            steps.callback(self._drop_staging)
+            steps.callback(self.beside.close)
+            steps.callback(self.srcs.close)
+            if self.cur is not None:
+                steps.callback(self._discard_current)
+            steps.callback(self.small.drop)
+
+    def _drop_staging(self) -> None:
         if self.staging is not None and self.tree.root is not None:
             try:  # the files staged for --include: cloned and linked from, not kept
                 remove_tree(self.tree.root, self.staging)
             except OSError:
                 pass
-        self.tree.close()
-        self.placer.close()
-        if self.partial is not None:
-            self.partial.close()
-        if self.base_files is not None:
-            self.base_files.close()
-            self.base_files = None
+
+    def _close_base_files(self) -> None:
+        assert self.base_files is not None
+        self.base_files.close()
+        self.base_files = None
+
+    def _close_root(self) -> None:
         if self.tree.root is not None:
             os.close(self.tree.root)
         self.tree.root = None

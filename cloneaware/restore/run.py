@@ -5,6 +5,7 @@ pass before anything is written, then feed its events to the receiver
 recording one (restore/dryrun.py)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -75,8 +76,11 @@ class Restore:
                 if name is not None:
                     self._precheck(f, out)
                 self._receive(f, out, name)
-            finally:
-                out.close()
+            except BaseException:
+                with contextlib.suppress(Exception):  # the restore's own error is the one to tell
+                    out.close()
+                raise
+            out.close()
         finally:
             if name is not None:
                 f.close()

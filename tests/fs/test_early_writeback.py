@@ -20,7 +20,7 @@ from helpers.treeutil import MiB, Snapshot, assert_same_tree
 
 from cloneaware.archive import format as fmt
 from cloneaware.errors import ArchiveError
-from cloneaware.restore import durable
+from cloneaware.restore import durable, smallfiles
 from cloneaware.restore.run import Restore
 from cloneaware.testing import write_random
 
@@ -132,17 +132,45 @@ def test_no_writeback_thread_on_btrfs(btrfs_dir, syncs):
     assert_same_tree(Snapshot(src, atime=False), Snapshot(dest / "src", atime=False))
 
 
-def test_a_failed_restore_ends_the_writeback_thread(btrfs_dir, xfs_dir, syncs):
+def _damaged(btrfs_dir):
+    """An archive of 40 files whose last file's last DATA record is
+    damaged: refused after 39 files were written."""
     _src, archive = _archive(btrfs_dir)
     data = archive.read_bytes()
-    # the last file's last DATA record damaged: refused after 39 files
     last = [r for r in records(data) if r.type == fmt.T_DATA][-1]
     payload = bytearray(data[last.payload_offset:last.payload_offset + last.length])
     payload[-1] ^= 1
     bad = btrfs_dir / "bad.cla"
     bad.write_bytes(reframe(data, last, bytes(payload)))
+    return bad
+
+
+def test_a_failed_restore_ends_the_writeback_thread(btrfs_dir, xfs_dir, syncs):
+    bad = _damaged(btrfs_dir)
     fds_before = set(os.listdir("/proc/self/fd"))
     with pytest.raises(ArchiveError, match="SHA-256 mismatch"):
         Restore(str(bad), str(xfs_dir / "out")).run()
     assert [1 for name, _ in syncs if name == "writeback"], "nothing to show it ran"
+    _no_thread_or_descriptor_left(fds_before)
+
+
+def test_a_close_that_fails_part_way_still_lets_go_of_everything(btrfs_dir, xfs_dir, syncs,
+                                                                 monkeypatch):
+    """Each step of closing the output runs whatever an earlier one raised
+    (here its first: the small-file helper's); the thread ends and every
+    descriptor is closed, and the restore's own error is the one told."""
+    bad = _damaged(btrfs_dir)
+    real_drop = smallfiles.Holder.drop
+    dropped: list[int] = []
+
+    def drop(self):
+        real_drop(self)
+        dropped.append(1)
+        raise OSError(errno.EIO, "injected", "the small-file helper")
+
+    monkeypatch.setattr(smallfiles.Holder, "drop", drop)
+    fds_before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(ArchiveError, match="SHA-256 mismatch"):
+        Restore(str(bad), str(xfs_dir / "out")).run()
+    assert dropped and [1 for name, _ in syncs if name == "writeback"], "nothing to show"
     _no_thread_or_descriptor_left(fds_before)
