@@ -121,9 +121,12 @@ class SmallFiles:
             os.close(fd)
         self.dirs = {}
 
-    def take(self) -> Made:
+    def take(self, into: list[Made] | None = None) -> Made:
         """Every held file, packed for ``native.write_small`` (Made.run); the
-        batch is empty again."""
+        batch is empty again.  ``into``: where the batch goes, put there
+        before this returns: a signal the moment after (its handler raises
+        once a call returns) finds it there, not in a variable never set,
+        its descriptors open until the process ends."""
         job = Made(self.files, self.dirs, self.ids)
         self.files, self.ids, self.dirs = [], set(), {}
         self.bytes = self.clones = 0
@@ -132,6 +135,8 @@ class SmallFiles:
         except BaseException:
             job.close()
             raise
+        if into is not None:
+            into.append(job)
         return job
 
     def flush(self, where: Callable[[bytes], str],
@@ -416,10 +421,9 @@ class Holder:
         if len(self.batch):
             if len(self.pending) >= self.DEPTH:
                 self._finish(len(self.pending) - self.DEPTH + 1)
-            job = self.batch.take()
             # pending first: a signal before the put leaves a job that wait()
             # or drop() finds never queued; SimpleQueue.put is one C call
-            self.pending.append(job)
+            job = self.batch.take(into=self.pending)
             self._queue().put(job)
             job.queued = True
 

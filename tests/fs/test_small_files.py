@@ -15,6 +15,7 @@ import subprocess
 import time
 
 import pytest
+from helpers.archivecraft import temp_files
 from helpers.cli import assert_one_line_error, cli, cli_json
 from helpers.fsutil import filefrag, spread_files
 from helpers.space import used
@@ -111,6 +112,34 @@ def test_archive_restore_of_many_small_files_is_exact(small_src, xfs_dir):
     left = subprocess.run(["find", dest, "-name", ".cloneaware-*"], capture_output=True,
                           text=True, check=True).stdout
     assert left == "", left
+
+
+def test_a_signal_just_as_a_batch_is_taken_leaves_no_descriptor(small_src, xfs_dir,
+                                                                monkeypatch):
+    """A signal's handler raises once a call returns: one that comes just
+    as a batch was packed (SmallFiles.take returned) finds it pending
+    already, so the failed restore closes what it holds (its directories'
+    descriptors, its clones' sources) and leaves no temporary name."""
+    src, _holes = small_src
+    archive = xfs_dir / "a.ca"
+    cli("backup", "-o", archive, src, check_rc=0)
+    real, taken = SmallFiles.take, []
+
+    def take(self, *a, **k):
+        job = real(self, *a, **k)
+        if not taken:
+            taken.append(job)
+            raise KeyboardInterrupt  # as the handler of a signal raises it
+        return job
+
+    monkeypatch.setattr(SmallFiles, "take", take)
+    fds_before = set(os.listdir("/proc/self/fd"))
+    dest = xfs_dir / "out"
+    with pytest.raises(KeyboardInterrupt):
+        Restore(str(archive), str(dest)).run()
+    assert taken and taken[0].dirs == {}, "the batch held no descriptor, or kept them"
+    assert set(os.listdir("/proc/self/fd")) == fds_before
+    assert not temp_files(dest)
 
 
 @pytest.mark.parametrize("then", ["links", "copies"])
