@@ -7,7 +7,6 @@ subvolumes made again (restore/subvol.py), and what a failed run made kept
 for a retry (restore/partial.py)."""
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -247,23 +246,34 @@ class DirectoryOutput:
 
     def close(self) -> None:
         """Let go of everything the restore holds, each step whatever an
-        earlier one raised (its error is raised once all have run): a
-        descriptor or the writeback thread left behind would keep a mount
-        busy in a process that goes on, as a library's caller does."""
-        with contextlib.ExitStack() as steps:  # they run last registered first
-            steps.callback(self._close_root)
-            if self.base_files is not None:
-                steps.callback(self._close_base_files)
-            if self.partial is not None:
-                steps.callback(self.partial.close)
-            steps.callback(self.placer.close)
-            steps.callback(self.tree.close)
-            steps.callback(self._drop_staging)
-            steps.callback(self.beside.close)
-            steps.callback(self.srcs.close)
-            if self.cur is not None:
-                steps.callback(self._discard_current)
-            steps.callback(self.small.drop)
+        earlier one raised, a signal's included; the first error is raised
+        once all have run.  A descriptor or the writeback thread left
+        behind would keep a mount busy in a process that goes on, as a
+        library's caller does."""
+        steps = [self.small.drop, self._discard_current_if_any, self.srcs.close,
+                 self.beside.close, self._drop_staging, self.tree.close, self.placer.close,
+                 self._close_partial, self._close_base_files, self._close_root]
+        first: BaseException | None = None
+        i = 0
+        while i < len(steps):
+            try:
+                while i < len(steps):
+                    step = steps[i]
+                    i += 1  # before the call: a step that raised is not run again
+                    step()
+            except BaseException as e:  # noqa: BLE001 - told below, after the rest
+                if first is None:
+                    first = e
+        if first is not None:
+            raise first
+
+    def _discard_current_if_any(self) -> None:
+        if self.cur is not None:
+            self._discard_current()
+
+    def _close_partial(self) -> None:
+        if self.partial is not None:
+            self.partial.close()
 
     def _drop_staging(self) -> None:
         if self.staging is not None and self.tree.root is not None:
@@ -273,14 +283,14 @@ class DirectoryOutput:
                 pass
 
     def _close_base_files(self) -> None:
-        assert self.base_files is not None
-        self.base_files.close()
-        self.base_files = None
+        base_files, self.base_files = self.base_files, None  # never closed twice
+        if base_files is not None:
+            base_files.close()
 
     def _close_root(self) -> None:
-        if self.tree.root is not None:
-            os.close(self.tree.root)
-        self.tree.root = None
+        root, self.tree.root = self.tree.root, None
+        if root is not None:
+            os.close(root)
 
     # -- entries ------------------------------------------------------------------------
 

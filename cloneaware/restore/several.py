@@ -12,6 +12,7 @@ repository what to read ahead where the BLOB records alone cannot
 a dry run."""
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import time
@@ -121,14 +122,16 @@ class ManifestsRestore:
                              beside=left_out_blobs(it.data, self.select)
                              if self.select and not record else None)
                 try:
+                    dispatch(r, stream.events())
+                    out.finish()
+                except BaseException:
                     try:
-                        dispatch(r, stream.events())
-                        out.finish()
-                    except BaseException:
                         out.fail()
-                        raise
-                finally:
-                    out.close()
+                    finally:
+                        with contextlib.suppress(Exception):  # the restore's own error is told
+                            out.close()
+                    raise
+                out.close()
                 total.add(s)
         finally:
             places.close()

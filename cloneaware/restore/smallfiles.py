@@ -491,10 +491,10 @@ class Holder:
     def drop(self) -> None:
         """Forget what is held; the helper stopped once its batch is made,
         and what that made removed (not handed on: it has no name)."""
-        if self.held is not None:
-            self.held.close()
-        self.held = None
+        held, self.held = self.held, None
         try:
+            if held is not None:
+                held.close()
             self._stop()
         finally:
             jobs, self.pending = self.pending, []

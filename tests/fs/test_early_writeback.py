@@ -20,7 +20,7 @@ from helpers.treeutil import MiB, Snapshot, assert_same_tree
 
 from cloneaware.archive import format as fmt
 from cloneaware.errors import ArchiveError
-from cloneaware.restore import durable, smallfiles
+from cloneaware.restore import durable, smallfiles, tree
 from cloneaware.restore.run import Restore
 from cloneaware.testing import write_random
 
@@ -173,4 +173,27 @@ def test_a_close_that_fails_part_way_still_lets_go_of_everything(btrfs_dir, xfs_
     with pytest.raises(ArchiveError, match="SHA-256 mismatch"):
         Restore(str(bad), str(xfs_dir / "out")).run()
     assert dropped and [1 for name, _ in syncs if name == "writeback"], "nothing to show"
+    _no_thread_or_descriptor_left(fds_before)
+
+
+def test_of_two_steps_of_a_close_that_fail_the_first_is_told(btrfs_dir, xfs_dir, syncs,
+                                                             monkeypatch):
+    """A restore that succeeded, then two steps of its close fail: every
+    step still runs and the first failure is the one raised."""
+    _src, archive = _archive(btrfs_dir, n=8)
+    real_drop, real_close = smallfiles.Holder.drop, tree.FdCache.close
+
+    def drop(self):
+        real_drop(self)
+        raise OSError(errno.EIO, "first", "the small-file helper")
+
+    def close(self):
+        real_close(self)
+        raise OSError(errno.EBADF, "second", "the descriptor cache")
+
+    monkeypatch.setattr(smallfiles.Holder, "drop", drop)
+    monkeypatch.setattr(tree.FdCache, "close", close)
+    fds_before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError, match="first"):
+        Restore(str(archive), str(xfs_dir / "out")).run()
     _no_thread_or_descriptor_left(fds_before)

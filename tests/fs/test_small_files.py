@@ -12,6 +12,7 @@ import shutil
 import stat
 import struct
 import subprocess
+import threading
 import time
 
 import pytest
@@ -27,7 +28,7 @@ from cloneaware.errors import ArchiveError
 from cloneaware.repo.connect import opened
 from cloneaware.repo.restore import restore_snapshots
 from cloneaware.restore.run import Restore
-from cloneaware.restore.smallfiles import SMALL_MAX, Held, SmallFiles
+from cloneaware.restore.smallfiles import SMALL_MAX, Held, Holder, SmallFiles
 
 #: a restore run as a process may be by default, hard limit too (the command
 #: raises its soft limit to the hard one: cli raise_nofile)
@@ -139,6 +140,41 @@ def test_a_signal_just_as_a_batch_is_taken_leaves_no_descriptor(small_src, xfs_d
         Restore(str(archive), str(dest)).run()
     assert taken and taken[0].dirs == {}, "the batch held no descriptor, or kept them"
     assert set(os.listdir("/proc/self/fd")) == fds_before
+    assert not temp_files(dest)
+
+
+def test_an_interrupted_repository_restore_says_so_and_lets_go_of_everything(
+        small_src, btrfs_dir, xfs_dir, monkeypatch):
+    """restore -r stopped by a signal while it makes small files, and its
+    output's close failing too (the small-file helper's step, first): the
+    interrupt is what is raised, and every step of the close has run (no
+    writeback thread, no descriptor left, no temporary name)."""
+    src, _holes = small_src
+    repo = btrfs_dir / "repo"
+    cli("init", "-r", repo, check_rc=0)
+    cli("backup", "-r", repo, src, check_rc=0)
+    real_write, real_drop, calls = native.write_small, Holder.drop, []
+
+    def write_small(*a):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as a signal's handler raises it
+        return real_write(*a)
+
+    def drop(self):
+        real_drop(self)
+        raise OSError(errno.EIO, "injected", "the small-file helper")
+
+    monkeypatch.setattr(native, "write_small", write_small)
+    monkeypatch.setattr(Holder, "drop", drop)
+    dest = xfs_dir / "out"
+    fds_before = set(os.listdir("/proc/self/fd"))
+    with opened(str(repo), lock="shared", operation="restore") as r:
+        with pytest.raises(KeyboardInterrupt):
+            restore_snapshots(r, [r.find("latest", r.snapshots())], str(dest))
+        assert len(calls) >= 2
+        assert not [t for t in threading.enumerate() if t.name in ("writeback", "small files")]
+    assert set(os.listdir("/proc/self/fd")) == fds_before  # the repository's closed too
     assert not temp_files(dest)
 
 
