@@ -295,6 +295,7 @@ class CacheBuilder:
         self.kept_rows = array.array("q")
         self.kept_entries = array.array("Q")
         self.n_segs = self.n_exts = 0
+        self.built = False
 
     def add(self, path: bytes, st: tuple[int, int, int, int], entry_id: int, iflags: int,
             xattrs: list[tuple[bytes, bytes]], offsets: list[int], lengths: list[int],
@@ -302,6 +303,7 @@ class CacheBuilder:
         """A file written: ``st`` its (inode, size, mtime, ctime), the BLOB
         records' fields, ``ext`` its extent map (EXTENT_DTYPE; kept whole
         here, reduced to PHYS ranges for all files at once in ``build``)."""
+        assert not self.built, "rows added to a CacheBuilder already built"
         for i in range(len(offsets)):
             self.segs += _SEG.pack(offsets[i], lengths[i], 0, blob_offsets[i])
             self.seg_blobs += blobs[i]
@@ -342,6 +344,11 @@ class CacheBuilder:
 
     def build(self, old: FilesCache | None) -> tuple[np.ndarray, np.ndarray, np.ndarray,
                                                       np.ndarray, bytes]:
+        """The cache's arrays, made once: they are views of this builder's
+        bytes, rewritten in place (no copy of a whole cache), so it takes no
+        more rows after and builds nothing again."""
+        assert not self.built, "a CacheBuilder builds once"
+        self.built = True
         # views of the builder's own bytes, written in place: no copy
         rows = np.frombuffer(self.rows, dtype=ROW)
         segs = np.frombuffer(self.segs, dtype=SEG)

@@ -79,11 +79,15 @@ def test_rows_added_and_kept_come_back_whole(tmp_path):
     assert two.row(b"t/f2") == -1
 
 
-def test_a_stat_matches_only_its_own_trusted_row(tmp_path):
+def _two_rows() -> fc.CacheBuilder:
     b = fc.CacheBuilder()
     _add(b, b"a", 1)
     _add(b, b"b", 2)
-    c = _load(tmp_path, b)
+    return b
+
+
+def test_a_stat_matches_only_its_own_trusted_row(tmp_path):
+    c = _load(tmp_path, _two_rows())
     st = SimpleNamespace(st_ino=1001, st_size=4096, st_mtime_ns=NOW - 5 * 10**9,
                          st_ctime_ns=NOW - 5 * 10**9 + 1)
     assert c.unchanged(b"a", st) == c.row(b"a") >= 0
@@ -92,7 +96,7 @@ def test_a_stat_matches_only_its_own_trusted_row(tmp_path):
         changed = SimpleNamespace(**{**vars(st), field: value})
         assert c.unchanged(b"a", changed) == -1, field
     # racy: the backup that recorded it started within RACY_NS of its ctime
-    racy = _load(tmp_path, b, started=NOW - 5 * 10**9 + 1 + fc.RACY_NS - 1)
+    racy = _load(tmp_path, _two_rows(), started=NOW - 5 * 10**9 + 1 + fc.RACY_NS - 1)
     assert racy.unchanged(b"a", st) == -1
     # a blob the repository lost: not trusted
     c.check_blobs(lambda ids: ids != np.array([bytes([1]) * 32], dtype="S32"))
