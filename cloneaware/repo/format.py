@@ -11,6 +11,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import NamedTuple, NoReturn
 
+import numpy as np
 import zstandard
 
 from cloneaware.errors import RepositoryError
@@ -198,8 +199,21 @@ def encode_index_payload(packs: list[IndexPack]) -> bytes:
     return b"".join(parts)
 
 
-def decode_index_payload(payload: bytes, what: str) -> list[IndexPack]:
-    out = []
+#: an _INDEX_ENTRY as a numpy record: index objects are read as arrays
+INDEX_ENTRY_DTYPE = np.dtype([("id", "S32"), ("type", "u1"), ("pad", "V3"), ("offset", "<u4"),
+                              ("stored", "<u4"), ("raw", "<u4")])
+assert INDEX_ENTRY_DTYPE.itemsize == _INDEX_ENTRY.size
+
+
+def decode_index_arrays(payload: bytes, what: str
+                        ) -> tuple[list[bytes], list[int], np.ndarray]:
+    """An index object's packs as arrays: their ids, how many blobs each
+    lists, and every blob's entry (INDEX_ENTRY_DTYPE) in order, checked
+    as decode_index_payload checks them (one numpy pass, not a Python
+    call a blob: a repository's index is read by every command)."""
+    ids: list[bytes] = []
+    counts: list[int] = []
+    parts: list[np.ndarray] = []
     pos = 0
     n = len(payload)
     while pos < n:
@@ -209,15 +223,44 @@ def decode_index_payload(payload: bytes, what: str) -> list[IndexPack]:
         pos += _INDEX_PACK.size
         if count > PACK_BLOBS_MAX or pos + count * _INDEX_ENTRY.size > n:
             fail(what, f"index record of pack {pid.hex()[:12]} has a wrong blob count")
-        pack = IndexPack(pid)
-        for _ in range(count):
-            bid, t, off, stored, raw = _INDEX_ENTRY.unpack_from(payload, pos)
-            pos += _INDEX_ENTRY.size
-            if t not in (T_DATA, T_TREE) or not 0 < raw <= BLOB_MAX or stored == 0 \
-                    or off + stored > PACK_MAX:
-                fail(what, f"index entry for blob {bid.hex()[:12]} is out of bounds")
-            pack.blobs.append((bid, t, off, stored, raw))
-        out.append(pack)
+        parts.append(np.frombuffer(payload, dtype=INDEX_ENTRY_DTYPE, count=count, offset=pos))
+        pos += count * _INDEX_ENTRY.size
+        ids.append(pid)
+        counts.append(count)
+    entries = np.concatenate(parts) if parts else np.empty(0, dtype=INDEX_ENTRY_DTYPE)
+    t, raw, stored = entries["type"], entries["raw"], entries["stored"]
+    bad = ((t != T_DATA) & (t != T_TREE)) | (raw == 0) | (raw > BLOB_MAX) | (stored == 0) \
+        | (entries["offset"].astype(np.int64) + stored > PACK_MAX)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        bid = payload[_entry_at(counts, first):][:32]
+        fail(what, f"index entry for blob {bid.hex()[:12]} is out of bounds")
+    return ids, counts, entries
+
+
+def _entry_at(counts: list[int], k: int) -> int:
+    """Where entry ``k`` of an index object starts (after k's pack headers)."""
+    pos = 0
+    for c in counts:
+        pos += _INDEX_PACK.size
+        if k < c:
+            return pos + k * _INDEX_ENTRY.size
+        k -= c
+        pos += c * _INDEX_ENTRY.size
+    raise AssertionError("entry beyond the object")
+
+
+def decode_index_payload(payload: bytes, what: str) -> list[IndexPack]:
+    """An index object's packs, each with its blobs as tuples (for the
+    survey of a damaged repository and the tests; load_into reads arrays)."""
+    ids, counts, entries = decode_index_arrays(payload, what)
+    rows = entries[["id", "type", "offset", "stored", "raw"]].tolist()
+    out = []
+    at = 0
+    for pid, c in zip(ids, counts):
+        out.append(IndexPack(pid, [(bytes(b).ljust(32, b"\0"), t, o, s, r)
+                                   for b, t, o, s, r in rows[at:at + c]]))
+        at += c
     return out
 
 

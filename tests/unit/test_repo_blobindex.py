@@ -92,3 +92,39 @@ def test_duplicates_across_merges_and_dropped_packs():
     assert idx.get(A) == rf.IndexEntry(P2, rf.T_DATA, 0, 10, 11)
     assert B not in idx and len(idx) == 1 and idx.packs == {P2}
     assert bi.RECENT_MAX > 2
+
+
+def test_index_objects_read_as_arrays_give_what_adding_each_pack_gives():
+    """load_into reads index objects as arrays (BlobIndex.add_arrays): for
+    every blob the same first location, the same further ones in the same
+    order, the same count of duplicates, as adding pack after pack; with
+    blobs listed again identically and differently, within one object
+    and after a merge, ids ending in zero bytes, and empty packs."""
+    import random
+
+    rng = random.Random(5)
+    pool = [rng.randbytes(31) + bytes([i % 2]) for i in range(300)]  # half end in \0
+    objects = []
+    for o in range(6):
+        packs = []
+        for p in range(rng.randrange(0, 5)):
+            pk = rf.IndexPack(bytes([o, p]) * 16)
+            for _ in range(rng.randrange(0, 40)):
+                bid = rng.choice(pool)
+                same = rng.random() < 0.5  # a copy listed as before, or elsewhere
+                pk.blobs.append((bid, rf.T_DATA if same else rf.T_TREE,
+                                 0 if same else rng.randrange(1, 99), 7, 9))
+            packs.append(pk)
+        objects.append(rf.encode_index_payload(packs))
+    one, many = BlobIndex(), BlobIndex()
+    for k, raw in enumerate(objects):
+        for pk in rf.decode_index_payload(raw, "i"):
+            one.add(pk)
+        many.add_arrays(*rf.decode_index_arrays(raw, "i"))
+        if k == 2:  # the first objects merged into the sorted arrays
+            one._merge()
+    assert one.duplicates == many.duplicates > 0
+    assert one.packs == many.packs and len(one) == len(many)
+    for bid in pool:
+        assert one.locations(bid) == many.locations(bid), bid.hex()
+    assert sorted(one.items()) == sorted(many.items())
