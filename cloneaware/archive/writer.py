@@ -8,9 +8,20 @@ import itertools
 import time
 import zlib
 
+import numpy as np
+
 from cloneaware import __version__
 from cloneaware.archive import format as fmt
 from cloneaware.archive import thin
+
+#: an INDEX item's fixed fields and its path's length, as fmt.IndexItem
+#: encodes them in this writer's version (the id implicit, the offset the
+#: distance from the item before)
+_ITEM_HEAD = np.dtype([("id", "<u8"), ("kind", "u1"), ("size", "<u8"), ("stored", "<u8"),
+                       ("ref", "<u8"), ("base_ref", "<u8"), ("offset", "<u8"),
+                       ("path_len", "<u2")])
+assert _ITEM_HEAD.itemsize == fmt._INDEX_ITEM.size + fmt.U16.size
+assert fmt.WRITE_VERSION >= fmt.RELATIVE
 
 
 class Writer:
@@ -163,26 +174,40 @@ class Writer:
         self.base_ref_bytes += end.base_ref_bytes
         return end
 
+    def _index_heads(self) -> bytes:
+        """Every INDEX item's fixed part, one after another, made by numpy
+        from the columns (a Python call and an IndexItem an entry took 2 to
+        3 us: 0.3 s of a night of 116,645 entries)."""
+        n = self.entries
+        heads = np.zeros(n, dtype=_ITEM_HEAD)
+        heads["kind"] = np.frombuffer(self._kind, dtype=np.uint8, count=n)
+        for col, arr in (("size", self._size), ("stored", self._stored), ("ref", self._ref),
+                         ("base_ref", self._base_ref)):
+            heads[col] = np.frombuffer(arr, dtype=np.uint64, count=n)
+        offsets = np.frombuffer(self._offset, dtype=np.uint64, count=n)
+        heads["offset"] = np.diff(offsets, prepend=np.uint64(0))
+        ends = np.frombuffer(self._path_end, dtype=np.uint64, count=n)
+        heads["path_len"] = np.diff(ends, prepend=np.uint64(0))
+        return heads.tobytes()
+
     def finish(self) -> None:
         index_offset = self.offset
         records = 0
         buf: list[bytes] = []
         size = 0
         limit = fmt.LIMITS[fmt.T_INDEX]
-        prev = 0
-        names, start = self._path_bytes, 0
+        fixed, width = self._index_heads(), _ITEM_HEAD.itemsize
+        names, start = bytes(self._path_bytes), 0
         for i, end in enumerate(self._path_end):
-            path, start = bytes(names[start:end]), end
-            off = self._offset[i]
-            b = fmt.IndexItem(i, self._kind[i], self._size[i], self._stored[i], self._ref[i],
-                              self._base_ref[i], off, path).encode(prev_offset=prev)
-            prev = off
-            if size + len(b) > limit:
+            path = names[start:end]
+            n = width + end - start
+            start = end
+            if size + n > limit:
                 self._write(fmt.frame(fmt.T_INDEX, b"".join(buf)))
                 records += 1
                 buf, size = [], 0
-            buf.append(b)
-            size += len(b)
+            buf += (fixed[i * width:(i + 1) * width], path)
+            size += n
             if zlib.crc32(path) % fmt.INDEX_CUT == 0:  # a record ends where the paths say
                 self._write(fmt.frame(fmt.T_INDEX, b"".join(buf)))
                 records += 1

@@ -14,7 +14,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from helpers.archivecraft import Craft
+from helpers.archivecraft import Craft, records
 
 from cloneaware.archive import format as fmt
 from cloneaware.archive.catalog import read_index
@@ -691,3 +691,53 @@ def test_the_reader_and_hash_threads_yield_to_the_consumer():
             during = _batch_threads() - before
     assert os.sched_getscheduler(0) == os.SCHED_OTHER
     assert during is not None and len(during) >= 2  # the reader and a hash worker
+
+
+def test_the_index_is_what_index_item_encodes_cut_where_the_rules_say(monkeypatch):
+    """The writer makes its INDEX items from columns (Writer._index_heads):
+    the bytes of each record must be fmt.IndexItem's encoding of the items
+    the index lists, records ending where a path's CRC says or where the
+    next item would pass the record limit (made small here, so that both
+    cuts happen), and the items those of the entries written."""
+    import random
+
+    monkeypatch.setitem(fmt.LIMITS, fmt.T_INDEX, 700)
+    rng = random.Random(9)
+    buf = io.BytesIO()
+    w = Writer(buf)
+    w.entry(fmt.Entry(0, fmt.K_DIR, b"top", mode=0o755))
+    want = [(fmt.K_DIR, b"top", 0)]
+    for i in range(400):
+        path = b"top/%d-" % i + rng.randbytes(rng.randrange(0, 40)).hex().encode()
+        if rng.random() < 0.5:
+            w.entry(fmt.Entry(0, fmt.K_REG, path, mode=0o644, size=4096))
+            w.data(0, 4096, fmt.CODEC_NONE, hashlib.sha256(bytes(4096)).digest(), bytes(4096))
+            w.end()
+            want.append((fmt.K_REG, path, 4096))
+        else:
+            w.entry(fmt.Entry(0, fmt.K_SYMLINK, path, mode=0o777, target=b"x"))
+            want.append((fmt.K_SYMLINK, path, 0))
+    w.finish()
+    data = buf.getvalue()
+    buf.seek(0)
+    items = read_index(buf).items
+    assert [(it.kind, it.path, it.size) for it in items] == want
+    assert [it.offset for it in items] == [r.offset for r in records(data)
+                                           if r.type == fmt.T_ENTRY]
+    got = [data[r.offset + fmt.FRAME.size:r.end - 4] for r in records(data)
+           if r.type == fmt.T_INDEX]
+    expect, cur, prev = [], b"", 0
+    for it in items:  # the rules of docs/FORMAT.md, "Index", item by item
+        b = it.encode(prev_offset=prev)
+        prev = it.offset
+        if len(cur) + len(b) > 700:
+            expect.append(cur)
+            cur = b""
+        cur += b
+        if zlib.crc32(it.path) % fmt.INDEX_CUT == 0:
+            expect.append(cur)
+            cur = b""
+    if cur or not expect:
+        expect.append(cur)
+    assert got == expect
+    assert len(got) > 10 and max(len(g) for g in got) <= 700
