@@ -18,6 +18,7 @@ import numpy as np
 from cloneaware import fsinfo
 from cloneaware.archive import format as fmt
 from cloneaware.backup.ahead import Early
+from cloneaware.backup.cloneahead import Prepared
 from cloneaware.backup.meta import entry_for, map_digest, read_iflags, read_xattrs, same_stat
 from cloneaware.backup.ops import Known, OpWriter, Store, plan_ops
 from cloneaware.backup.sinks import Sink
@@ -68,12 +69,14 @@ class FileWriter:
         if item.fileno >= 0:
             self.known.invalid.add(item.fileno)
 
-    def write(self, item: WalkedFile, early: Early | None = None) -> int | None:
+    def write(self, item: WalkedFile, early: Early | None = None,
+              pre: Prepared | None = None) -> int | None:
         """The file's entry id, or None if it was not stored.  ``early``: the
-        file opened and read ahead (backup/ahead.py), its descriptor ours."""
+        file opened and read ahead (backup/ahead.py); ``pre``: opened and
+        cloned ahead (backup/cloneahead.py); either's descriptors ours."""
         node = item.node
         try:
-            fd = open_source(node) if early is None else early.fd
+            fd = pre.fd if pre is not None else open_source(node) if early is None else early.fd
         except FileNotFoundError:
             self.changed(node.src, "vanished before it was read")
             self.invalidate(item)
@@ -89,7 +92,7 @@ class FileWriter:
         meta: tuple[list[tuple[bytes, bytes]], int] | None = \
             early.meta if early is not None else None
         try:
-            st = os.fstat(fd) if early is None else early.st
+            st = pre.st if pre is not None else os.fstat(fd) if early is None else early.st
             if not stat.S_ISREG(st.st_mode):
                 self.changed(node.src, "replaced by another kind of file")
                 self.invalidate(item)
@@ -97,9 +100,10 @@ class FileWriter:
             if not self.live:
                 self.capture.counts.by_snapshot += 1  # read-only: nothing writes it
             else:
-                got = self.capture.clone(fd, node.src, st.st_size,
-                                         fsinfo.fs_info(fd, st.st_dev, node.src),
-                                         dir_fd=node.dir_fd())
+                got = pre.got if pre is not None else \
+                    self.capture.clone(fd, node.src, st.st_size,
+                                       fsinfo.fs_info(fd, st.st_dev, node.src),
+                                       dir_fd=node.dir_fd())
                 if isinstance(got, str):  # no clone: read live
                     got_e = self._unchanged(item, fd, st, meta)
                     if isinstance(got_e, int):
@@ -108,17 +112,24 @@ class FileWriter:
                     self.capture.counts.live(got)
                 else:
                     cap = got
-            return self._write(item, fd, cap, st, meta, early)
+            return self._write(item, fd, cap, st, meta, early, pre)
         except OSError as ex:
-            # Archive writes carry the archive's name; what has none came from
-            # this file (fstat, xattrs, reads on the workers).
-            if ex.filename is None:
+            # Archive writes carry the archive's name; what has none (or a
+            # descriptor's number: os.listxattr(fd)) came from this file
+            # (fstat, xattrs, reads on the workers).
+            if ex.filename is None or isinstance(ex.filename, int):
                 raise OSError(ex.errno, ex.strerror, os.fsdecode(node.src)) from None
             raise
         finally:
-            os.close(fd)
-            if cap is not None:
-                os.close(cap)
+            try:
+                if pre is not None:
+                    pre.drop()  # no worker reads the descriptors any more
+            finally:
+                os.close(fd)
+                if pre is not None and isinstance(pre.got, int):
+                    os.close(pre.got)
+                elif cap is not None:
+                    os.close(cap)
 
     def _entry(self, item: WalkedFile, fd: int, st: os.stat_result, size: int,
                referenced: bool, meta: tuple[list[tuple[bytes, bytes]], int] | None = None
@@ -169,12 +180,15 @@ class FileWriter:
 
     def _write(self, item: WalkedFile, fd: int, cap: int | None, st: os.stat_result,
                meta: tuple[list[tuple[bytes, bytes]], int] | None = None,
-               early: Early | None = None) -> int:
+               early: Early | None = None, pre: Prepared | None = None) -> int:
         node = item.node
         live = cap is None and self.live
+        if pre is not None and pre.before is None:
+            pre = None  # the clone was not mapped ahead: done here
         if cap is not None:
-            st = os.fstat(fd)  # the metadata as near the clone's instant as can be
-        pieces, stale, size, before = self._pieces(item, fd, cap, st)
+            # the metadata as near the clone's instant as can be
+            st = pre.st_after if pre is not None and pre.st_after is not None else os.fstat(fd)
+        pieces, stale, size, before = self._pieces(item, fd, cap, st, pre)
         data_bytes = sum(pieces["length"].tolist())  # numpy's sum: 1 us a file
         e = self._entry(item, fd, st, size, item.fileno in self.referenced and not stale,
                         meta if cap is None else None)
@@ -190,7 +204,10 @@ class FileWriter:
             early = None  # not the read done ahead: done here
         elif early is not None:
             self.s.read_ahead_files += 1
-        short = self.ops.write(data_fd, ops, node.src, early)
+        short = self.ops.write(data_fd, ops, node.src, early,
+                               pre.take if pre is not None and pre.jobs else None)
+        if pre is not None and pre.used:
+            self.s.cloned_ahead_files += 1
         self.sink.end()
         s = self.s
         s.files += 1
@@ -211,18 +228,22 @@ class FileWriter:
             self.sink.keep(data_fd, cap is not None, e, node.src)
         return e.id
 
-    def _pieces(self, item: WalkedFile, fd: int, cap: int | None, st: os.stat_result
-                ) -> tuple[np.ndarray, bool, int, bytes | None]:
+    def _pieces(self, item: WalkedFile, fd: int, cap: int | None, st: os.stat_result,
+                pre: Prepared | None = None) -> tuple[np.ndarray, bool, int, bytes | None]:
         """(the pieces to write, whether the plan was stale, the size, the
-        digest of the layout the reads are checked against)."""
+        digest of the layout the reads are checked against).  ``pre``: the
+        clone's size and map were taken ahead."""
         node = item.node
         size = st.st_size
         before: np.ndarray | None = None  # a map taken now, if one is
         if cap is not None:
             # The clone is one instant's state and nobody else writes it;
             # its map must be the one the plan was made from.
-            size = os.fstat(cap).st_size
-            before = extent_map(cap, size, node.src)
+            if pre is not None and pre.before is not None:
+                size, before = pre.size, pre.before
+            else:
+                size = os.fstat(cap).st_size
+                before = extent_map(cap, size, node.src)
             digest: bytes | None = map_digest(before)
             stale = item.fileno < 0 or item.digest is None or size != node.st.st_size \
                 or digest != item.digest

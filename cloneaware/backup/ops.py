@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import collections
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from typing import NamedTuple
 
 import numpy as np
@@ -125,17 +126,31 @@ def plan_ops(fd: int, fileno: int, pieces: np.ndarray, known: Known, sink: Sink,
                 and known.entry_of_file.get(ref_file) is not None:
             ops.append(Ref(logical, length, known.entry_of_file[ref_file], ref_logical))
             continue
-        # stored data
-        if check == CHECK_ENCODED and sink.encoded_data and encoded:
-            ops.append(Store(logical, length, encoded=True))
-            continue
-        if length > INLINE:  # read in chunks by the workers: the kernel reads ahead
-            os.posix_fadvise(fd, logical, length, os.POSIX_FADV_WILLNEED)
-        if check == CHECK_HASHED and length <= fmt.CHUNK_MAX and not sink.content_addressed:
-            ops.append(Store(logical, length, (fileno, logical)))
-        else:
-            ops += [Store(o, n) for o, n in sink.cuts(logical, length)]
+        ops += _stored(fd, fileno, logical, length, check, sink, encoded)
     return ops
+
+
+def _stored(fd: int, fileno: int, logical: int, length: int, check: int, sink: Sink,
+            encoded: bool) -> list[Store]:
+    """The Stores of a piece whose bytes are stored."""
+    if check == CHECK_ENCODED and sink.encoded_data and encoded:
+        return [Store(logical, length, encoded=True)]
+    if length > INLINE:  # read in chunks by the workers: the kernel reads ahead
+        os.posix_fadvise(fd, logical, length, os.POSIX_FADV_WILLNEED)
+    if check == CHECK_HASHED and length <= fmt.CHUNK_MAX and not sink.content_addressed:
+        return [Store(logical, length, (fileno, logical))]
+    return [Store(o, n) for o, n in sink.cuts(logical, length)]
+
+
+def stored_ops(fd: int, pieces: np.ndarray, sink: Sink, encoded: bool) -> Iterator[Store]:
+    """The Stores that plan_ops makes of a file's pieces that name no
+    other place, whatever is known at its turn (their ``key`` left out):
+    what may be read ahead of it (backup/cloneahead.py)."""
+    for logical, length, ref_file, check in zip(
+            pieces["logical"].tolist(), pieces["length"].tolist(),
+            pieces["ref_file"].tolist(), pieces["check"].tolist()):
+        if ref_file < 0:
+            yield from _stored(fd, -1, logical, length, check, sink, encoded)
 
 
 class OpWriter:
@@ -156,14 +171,21 @@ class OpWriter:
         #: (fileno, logical) -> SHA-256 of stored data that a candidate names
         self.hashes: dict[tuple[int, int], bytes] = {}
 
-    def write(self, fd: int, ops: list[Op], path: bytes, early: Early | None = None) -> bool:
+    def write(self, fd: int, ops: list[Op], path: bytes, early: Early | None = None,
+              ahead: Callable[[int, int, bool], Future | None] | None = None) -> bool:
         """Write one file's ranges, in order; True on a short read.
-        ``early``: ``ops`` is the one Store that was read ahead."""
+        ``early``: ``ops`` is the one Store that was read ahead; ``ahead``:
+        the job submitted before the file's turn for a Store (offset,
+        length, encoded), if one was (backup/cloneahead.py)."""
         workers = self.workers
         data_job = self.sink.data_job(workers)
 
         def submit(op: Op):
             if isinstance(op, Store):
+                if ahead is not None:
+                    fut = ahead(op.offset, op.length, op.encoded)
+                    if fut is not None:
+                        return fut
                 job = workers.encoded_job if op.encoded else data_job
                 return workers.submit(job, fd, op.offset, op.length)
             if isinstance(op, (BaseRef, CheckRef)):
@@ -176,11 +198,16 @@ class OpWriter:
         if early is not None:
             return self._one(fd, ops[0], _Now(early.chunk), data_job, path)
         if len(ops) == 1 and isinstance(ops[0], Store) and ops[0].length <= INLINE:
-            # One small chunk: read here.  Handing it to a worker and waiting
-            # costs two thread wake-ups, more than the work.
+            # One small chunk: read here, unless it was read ahead.  Handing
+            # it to a worker and waiting costs two thread wake-ups, more
+            # than the work.
             op = ops[0]
-            job = workers.encoded_job if op.encoded else data_job
-            return self._one(fd, op, _Now(job, fd, op.offset, op.length), data_job, path)
+            fut: Future | _Now | None = \
+                ahead(op.offset, op.length, op.encoded) if ahead is not None else None
+            if fut is None:
+                job = workers.encoded_job if op.encoded else data_job
+                fut = _Now(job, fd, op.offset, op.length)
+            return self._one(fd, op, fut, data_job, path)
         short = False
         pending: collections.deque = collections.deque()
         nxt = 0

@@ -24,6 +24,7 @@ import numpy as np
 from cloneaware.archive import format as fmt
 from cloneaware.archive import thin
 from cloneaware.backup.ahead import ReadAhead, available
+from cloneaware.backup.cloneahead import CloneAhead
 from cloneaware.backup.files import FileWriter, WalkedFile
 from cloneaware.backup.meta import entry_for, map_digest, same_stat
 from cloneaware.backup.ops import INLINE, Known, OpWriter
@@ -340,14 +341,21 @@ class Backup:
         ahead = ReadAhead(items, WalkedFile, plan, sink, workers, min(self.capture.small, INLINE),
                           self.redirect is None) \
             if sink.read_ahead() and available(sink.small_level(workers)) else None
+        clones = CloneAhead(items, WalkedFile, plan, sink, workers, self.capture,
+                            self.codec == fmt.CODEC_ZSTD) \
+            if CloneAhead.wanted(self.capture, sink, self.redirect is None) else None
         try:
-            self._write_items(items, files, others, ahead)
+            self._write_items(items, files, others, ahead, clones)
         finally:
-            if ahead is not None:
-                ahead.close()
+            try:
+                if clones is not None:
+                    clones.close()
+            finally:
+                if ahead is not None:
+                    ahead.close()
 
     def _write_items(self, items: list, files: FileWriter, others: Others,
-                     ahead: ReadAhead | None) -> None:
+                     ahead: ReadAhead | None, clones: CloneAhead | None) -> None:
         s, sink = self.summary, self.sink
         # walk item -> entry id (-1: none), 8 bytes an item
         entry_of_item = array.array("q", [-1]) * len(items)
@@ -396,7 +404,8 @@ class Backup:
                     continue
                 # the first name vanished: store this name as a file of its own
                 item = WalkedFile(item.node, -1, None)
-            eid = files.write(item, ahead.take(n) if ahead is not None else None)
+            eid = files.write(item, ahead.take(n) if ahead is not None else None,
+                              clones.take(n) if clones is not None else None)
             if eid is not None:
                 entry_of_item[n] = eid
                 self.listed(item.node.name)

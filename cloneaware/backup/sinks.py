@@ -146,6 +146,12 @@ class Sink:
         """The zstd level a file read ahead is compressed with (0: none)."""
         return 0
 
+    def chunks_ahead(self) -> bool:
+        """Whether data_job's chunks may be made before their file's turn
+        (backup/cloneahead.py): they depend on the bytes read and nothing
+        else of the sink's state."""
+        return False
+
     def small_chunk(self, workers: Workers, data: memoryview, got: int,
                     z: bytes | None) -> Chunk:
         """The chunk of a file's first ``len(data)`` bytes read ahead
@@ -279,6 +285,9 @@ class ArchiveSink(Sink):
 
     def small_level(self, workers: Workers) -> int:
         return workers.level if workers.codec == fmt.CODEC_ZSTD else 0
+
+    def chunks_ahead(self) -> bool:
+        return True
 
     def small_chunk(self, workers: Workers, data: memoryview, got: int,
                     z: bytes | None) -> Chunk:

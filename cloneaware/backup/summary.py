@@ -52,6 +52,9 @@ class Summary:
     #: of files: small ones read ahead of their turn, in batches on a helper
     #: thread (backup/ahead.py)
     read_ahead_files: int = 0
+    #: of files: larger ones cloned, and their first chunks read, ahead of
+    #: their turn (backup/cloneahead.py)
+    cloned_ahead_files: int = 0
     added_bytes: int = 0
     snapshot: str | None = None
     read_live: int = 0

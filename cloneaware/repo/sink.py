@@ -280,6 +280,9 @@ class RepositorySink(Sink):
     def small_level(self, workers: Workers) -> int:
         return self.level
 
+    def chunks_ahead(self) -> bool:
+        return True  # a blob is its bytes; one made twice is packed once
+
     def small_chunk(self, workers: Workers, data, got: int, z: bytes | None) -> Chunk:
         return self.chunk(data, got, None, z)
 
