@@ -24,14 +24,16 @@ but the time:
 - anything that fails here is left to the turn, which does it again and
   says why; a clone that could not be made is the turn's answer too
   (said once, as the turn would have);
-- a file's descriptors are closed only once no worker reads them.
+- a file's descriptors are closed only once no worker reads them (a job
+  not taken is cancelled or waited for; a backup that fails closes them
+  when the last job ends).
 """
 from __future__ import annotations
 
 import os
 import stat
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from typing import Any
 
 import numpy as np
@@ -52,13 +54,14 @@ class Prepared:
     why there is none (Capture.clone's answer); for a clone, ``st_after``
     the file's fstat just after it, ``size`` the clone's size and
     ``before`` its map (None: to be taken at the turn).  The taker owns
-    both descriptors, and calls ``drop`` before closing them."""
+    it, and closes it with ``close``."""
 
     __slots__ = ("fd", "st", "got", "st_after", "size", "before", "jobs", "nbytes", "used",
                  "_workers")
 
-    def __init__(self, fd: int, st: os.stat_result, got: int | str, workers: Workers):
-        self.fd, self.st, self.got = fd, st, got
+    def __init__(self, fd: int, st: os.stat_result, workers: Workers):
+        self.fd, self.st = fd, st
+        self.got: int | str = "not cloned yet"
         self.st_after: os.stat_result | None = None
         self.size = 0
         self.before: np.ndarray | None = None
@@ -76,28 +79,32 @@ class Prepared:
             self.used = True
         return got
 
-    def drop(self) -> None:
-        """Wait for the jobs not taken (this file's own, a few chunks) and
-        give their buffers back: then the descriptors may be closed."""
+    def close(self) -> None:
+        """At the end of the file's turn: the jobs not taken are cancelled
+        or waited for (this file's own, a few chunks; their buffers given
+        back), then both descriptors closed.  Interrupted while waiting,
+        the descriptors are closed when the last job ends."""
         jobs, self.jobs = list(self.jobs.values()), {}
-        for f in jobs:
-            f.cancel()
-        for f in jobs:
-            if f.cancelled():
-                continue
-            try:
-                got = f.result()
-            except Exception:  # noqa: BLE001 - a chunk nobody asked for
-                continue
-            if isinstance(got, Chunk):
-                self._workers.give_back(got)
+        running = [f for f in jobs if not f.cancel()]
+        try:
+            wait(running)  # raises nothing but a signal handler's exception
+        except BaseException:
+            self._close_after(running)
+            raise
+        for f in running:
+            if f.exception() is None and isinstance(f.result(), Chunk):
+                self._workers.give_back(f.result())
+        self._close_after([])
 
     def discard(self) -> None:
         """Never taken (the backup ends): close the descriptors once no
         worker reads them, without waiting for one that does."""
-        fds = [self.fd] + ([self.got] if isinstance(self.got, int) else [])
         jobs, self.jobs = list(self.jobs.values()), {}
-        running = [f for f in jobs if not f.cancel() and not f.done()]
+        self._close_after([f for f in jobs if not f.cancel() and not f.done()])
+
+    def _close_after(self, running: list[Future]) -> None:
+        fds = [self.fd] + ([self.got] if isinstance(self.got, int) else [])
+        running = [f for f in running if not f.done()]
         if not running:
             for fd in fds:
                 os.close(fd)
@@ -126,7 +133,10 @@ class CloneAhead:
     FILES = 16
     #: bytes of chunks submitted ahead and not taken, at most (at least
     #: one chunk a file)
-    BYTES = 32 << 20
+    BYTES = 16 << 20
+    #: ... and of one file (its later chunks are read at its turn, DEPTH
+    #: ahead: what is read ahead here is held on top of that window)
+    FILE_BYTES = 4 << 20
     #: places looked ahead of the writer, at most
     DISTANCE = 4096
 
@@ -154,16 +164,21 @@ class CloneAhead:
         """Place ``n``'s file if it was prepared (the caller owns it from
         here); prepares the next ones."""
         p = self.ready.pop(n, None)
-        if p is not None:
-            self.nbytes -= p.nbytes
-        while self.ready:  # never taken (no place is skipped): not held
-            k = next(iter(self.ready))
-            if k > n:
-                break
-            q = self.ready.pop(k)
-            self.nbytes -= q.nbytes
-            q.discard()
-        self._fill(n + 1)
+        try:
+            if p is not None:
+                self.nbytes -= p.nbytes
+            while self.ready:  # never taken (no place is skipped): not held
+                k = next(iter(self.ready))
+                if k > n:
+                    break
+                q = self.ready.pop(k)
+                self.nbytes -= q.nbytes
+                q.discard()
+            self._fill(n + 1)
+        except BaseException:  # a signal while preparing the next: this one is let go too
+            if p is not None:
+                p.discard()
+            raise
         return p
 
     def _fill(self, n: int) -> None:
@@ -199,16 +214,20 @@ class CloneAhead:
             if not stat.S_ISREG(st.st_mode):
                 os.close(fd)
                 return None
-            got = self.capture.clone(fd, node.src, st.st_size,
-                                     fsinfo.fs_info(fd, st.st_dev, node.src),
-                                     dir_fd=node.dir_fd())
-            p = Prepared(fd, st, got, self.workers)
-            if isinstance(got, int):
+            p = Prepared(fd, st, self.workers)
+            p.got = self.capture.clone(fd, node.src, st.st_size,
+                                       fsinfo.fs_info(fd, st.st_dev, node.src),
+                                       dir_fd=node.dir_fd())
+            if isinstance(p.got, int):
                 self._map(p, item)
         except OSError:
-            if p is None:
-                os.close(fd)
+            if p is None or not isinstance(p.got, int):
+                if p is not None:
+                    p.discard()
+                else:
+                    os.close(fd)
                 return None
+            # cloned, and then what failed is done again at the turn
         except BaseException:
             if p is None:
                 os.close(fd)
@@ -229,8 +248,10 @@ class CloneAhead:
         if p.size != node.st.st_size or map_digest(p.before) != item.digest:
             return  # stale: stored whole at the turn, read there
         submit = self.workers.submit
-        budget = max(self.BYTES - self.nbytes, 1)
-        for op in stored_ops(cap, self.plan.file_pieces(item.fileno), self.sink, self.encoded):
+        budget = max(min(self.BYTES - self.nbytes, self.FILE_BYTES), 1)
+        # no readahead advised here: a large file's would be read into the
+        # page cache files before its turn, and evicted again (the turn advises)
+        for op in stored_ops(self.plan.file_pieces(item.fileno), self.sink, self.encoded):
             if p.nbytes >= budget:
                 break
             job = self.workers.encoded_job if op.encoded else self.data_job

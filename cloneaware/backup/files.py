@@ -92,7 +92,10 @@ class FileWriter:
         meta: tuple[list[tuple[bytes, bytes]], int] | None = \
             early.meta if early is not None else None
         try:
-            st = pre.st if pre is not None else os.fstat(fd) if early is None else early.st
+            if pre is not None and isinstance(pre.got, int):
+                st = pre.st  # its stat before its clone (taken ahead)
+            else:  # a live read: its stat just before, as any file's
+                st = early.st if early is not None else os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 self.changed(node.src, "replaced by another kind of file")
                 self.invalidate(item)
@@ -121,14 +124,11 @@ class FileWriter:
                 raise OSError(ex.errno, ex.strerror, os.fsdecode(node.src)) from None
             raise
         finally:
-            try:
-                if pre is not None:
-                    pre.drop()  # no worker reads the descriptors any more
-            finally:
+            if pre is not None:
+                pre.close()  # once no worker reads its descriptors
+            else:
                 os.close(fd)
-                if pre is not None and isinstance(pre.got, int):
-                    os.close(pre.got)
-                elif cap is not None:
+                if cap is not None:
                     os.close(cap)
 
     def _entry(self, item: WalkedFile, fd: int, st: os.stat_result, size: int,

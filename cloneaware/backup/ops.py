@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 import os
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from typing import NamedTuple
 
 import numpy as np
@@ -130,19 +130,20 @@ def plan_ops(fd: int, fileno: int, pieces: np.ndarray, known: Known, sink: Sink,
     return ops
 
 
-def _stored(fd: int, fileno: int, logical: int, length: int, check: int, sink: Sink,
+def _stored(fd: int | None, fileno: int, logical: int, length: int, check: int, sink: Sink,
             encoded: bool) -> list[Store]:
-    """The Stores of a piece whose bytes are stored."""
+    """The Stores of a piece whose bytes are stored (``fd``: the file, told
+    to read ahead; None: not told)."""
     if check == CHECK_ENCODED and sink.encoded_data and encoded:
         return [Store(logical, length, encoded=True)]
-    if length > INLINE:  # read in chunks by the workers: the kernel reads ahead
+    if length > INLINE and fd is not None:  # read in chunks by the workers: the kernel reads ahead
         os.posix_fadvise(fd, logical, length, os.POSIX_FADV_WILLNEED)
     if check == CHECK_HASHED and length <= fmt.CHUNK_MAX and not sink.content_addressed:
         return [Store(logical, length, (fileno, logical))]
     return [Store(o, n) for o, n in sink.cuts(logical, length)]
 
 
-def stored_ops(fd: int, pieces: np.ndarray, sink: Sink, encoded: bool) -> Iterator[Store]:
+def stored_ops(pieces: np.ndarray, sink: Sink, encoded: bool) -> Iterator[Store]:
     """The Stores that plan_ops makes of a file's pieces that name no
     other place, whatever is known at its turn (their ``key`` left out):
     what may be read ahead of it (backup/cloneahead.py)."""
@@ -150,7 +151,7 @@ def stored_ops(fd: int, pieces: np.ndarray, sink: Sink, encoded: bool) -> Iterat
             pieces["logical"].tolist(), pieces["length"].tolist(),
             pieces["ref_file"].tolist(), pieces["check"].tolist()):
         if ref_file < 0:
-            yield from _stored(fd, -1, logical, length, check, sink, encoded)
+            yield from _stored(None, -1, logical, length, check, sink, encoded)
 
 
 class OpWriter:
@@ -211,12 +212,18 @@ class OpWriter:
         short = False
         pending: collections.deque = collections.deque()
         nxt = 0
-        while nxt < len(ops) or pending:
-            while nxt < len(ops) and len(pending) < self.DEPTH:
-                pending.append((ops[nxt], submit(ops[nxt])))
-                nxt += 1
-            op, fut = pending.popleft()
-            short |= self._one(fd, op, fut, data_job, path)
+        try:
+            while nxt < len(ops) or pending:
+                while nxt < len(ops) and len(pending) < self.DEPTH:
+                    pending.append((ops[nxt], submit(ops[nxt])))
+                    nxt += 1
+                op, fut = pending.popleft()
+                short |= self._one(fd, op, fut, data_job, path)
+        except BaseException:
+            # the caller closes ``fd`` next: no job may read it after
+            futs = [f for _, f in pending if isinstance(f, Future) and not f.cancel()]
+            wait(futs)
+            raise
         return short
 
     def _one(self, fd: int, op: Op, fut, data_job, path: bytes) -> bool:

@@ -404,8 +404,14 @@ class Backup:
                     continue
                 # the first name vanished: store this name as a file of its own
                 item = WalkedFile(item.node, -1, None)
-            eid = files.write(item, ahead.take(n) if ahead is not None else None,
-                              clones.take(n) if clones is not None else None)
+            early = ahead.take(n) if ahead is not None else None
+            try:
+                pre = clones.take(n) if clones is not None else None
+            except BaseException:  # a signal while the next are prepared
+                if early is not None:
+                    os.close(early.fd)
+                raise
+            eid = files.write(item, early, pre)
             if eid is not None:
                 entry_of_item[n] = eid
                 self.listed(item.node.name)

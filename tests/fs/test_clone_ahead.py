@@ -26,7 +26,7 @@ pytestmark = pytest.mark.root
 KiB, MiB = 1 << 10, 1 << 20
 
 
-def _tree(top) -> int:
+def _tree(top, reflinks: bool = True) -> int:
     """Files over Capture.SMALL of many sizes (random and compressible, one
     with a hole, one with an xattr), a reflinked copy and a hard link, with
     small files between them; returns how many files are expected to be
@@ -46,7 +46,8 @@ def _tree(top) -> int:
         f.write(random.Random(6).randbytes(100 * KiB))
         os.fsync(f.fileno())
     os.setxattr(top / "f03", "user.note", b"kept")
-    reflink_copy(top / "f05", top / "f05-copy")  # its data: the f05's
+    if reflinks:
+        reflink_copy(top / "f05", top / "f05-copy")  # its data: the f05's
     os.link(top / "f07", top / "f07-link")  # a second name: no file of its own
     os.sync()
     return len(sizes) * 2 + 1 - 1
@@ -136,28 +137,74 @@ def test_a_failed_backup_with_files_prepared_closes_them(btrfs_dir, monkeypatch)
     assert not out.exists()
 
 
-def test_an_interrupt_while_a_file_is_prepared_closes_it(btrfs_dir, monkeypatch):
-    """A signal's handler raises just after a clone was made ahead (in the
-    map of the clone): that file, the files prepared before it and the
-    chunks on the workers are all let go."""
+class _Signal(Exception):
+    """What a signal handler raises (the command line's Interrupted is an
+    Exception too)."""
+
+
+def test_an_interrupt_while_the_next_are_prepared_closes_everything(btrfs_dir,
+                                                                    monkeypatch):
+    """A signal's handler raises while the writer, at a file that was
+    prepared, prepares the next ones (in the map of a clone): that file,
+    the ones prepared before, the one being prepared, the small files
+    read ahead and the chunks on the workers are all let go."""
     src = btrfs_dir / "src"
     _tree(src)
-    real_map, maps = cloneahead.extent_map, []
+    real_take, real_map = CloneAhead.take, cloneahead.extent_map
+    at = {"n": None}
+    raised = []
+
+    def take(self, n):
+        at["n"] = n if n in self.ready else None
+        try:
+            return real_take(self, n)
+        finally:
+            at["n"] = None
 
     def extent_map(fd, size, path=None):
-        maps.append(path)
-        if len(maps) == 5:
-            raise KeyboardInterrupt
+        if at["n"] is not None and not raised:
+            raised.append(at["n"])
+            raise _Signal
         return real_map(fd, size, path)
 
+    monkeypatch.setattr(CloneAhead, "take", take)
     monkeypatch.setattr(cloneahead, "extent_map", extent_map)
     before = _fds()
     out = btrfs_dir / "out.ca"
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(_Signal):
         Backup([str(src)], ArchiveSink(file_output(str(out)), str(out))).run()
-    assert len(maps) == 5
+    assert raised, "no file was prepared when the next were"
     assert _settled(before) == set()
     assert not out.exists()
+
+
+def test_a_file_read_live_takes_its_stat_at_its_turn(ext4_dir, xfs_dir, monkeypatch):
+    """Where no clone can be made (ext4) a file prepared ahead is read live:
+    its stat before the read is taken at its turn, so a file appended to
+    after it was prepared is seen changed since the walk and stored whole,
+    complete, not cut at the size the walk saw."""
+    src = ext4_dir / "src"
+    _tree(src, reflinks=False)
+    victim = src / "f12"
+    real_prepare, seen = CloneAhead._prepare, []
+
+    def prepare(self, item):
+        p = real_prepare(self, item)
+        if item.node.leaf == b"f12":
+            seen.append(p and p.got)
+            with open(victim, "ab") as f:
+                f.write(random.Random(12).randbytes(300 * KiB))
+                os.fsync(f.fileno())
+        return p
+
+    monkeypatch.setattr(CloneAhead, "_prepare", prepare)
+    out = xfs_dir / "out.ca"
+    s = Backup([str(src)], ArchiveSink(file_output(str(out)), str(out))).run()
+    assert seen and isinstance(seen[0], str), seen  # prepared, not cloned
+    assert [(os.path.basename(p), why) for p, why in s.changed] == \
+        [("f12", "changed between scan and read; stored whole")], s.changed
+    cli("restore", out, xfs_dir / "dest", check_rc=0)
+    assert (xfs_dir / "dest" / "src" / "f12").read_bytes() == victim.read_bytes()
 
 
 def test_a_file_rewritten_before_its_clone_is_stored_as_cloned(reflink_dir, xfs_dir,
@@ -201,7 +248,7 @@ def test_a_file_written_after_its_clone_ahead_is_stored_as_cloned(reflink_dir, x
     bytes and its times), and nothing is reported."""
     src = reflink_dir / "src"
     _tree(src)
-    victim = src / "f16"  # 5 MiB: chunks read ahead, and by the turn
+    victim = src / "f16"  # 3 MiB: its chunks read ahead
     old = victim.read_bytes()
     old_mtime = victim.stat().st_mtime_ns
     real_prepare, seen = CloneAhead._prepare, []

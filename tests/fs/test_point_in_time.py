@@ -26,6 +26,7 @@ import pytest
 from helpers.cli import cli, cli_popen
 from helpers.treeutil import MiB
 
+from cloneaware.backup.cloneahead import CloneAhead
 from cloneaware.testing import make_loopfs, timeout, write_letters, write_random
 
 pytestmark = pytest.mark.root
@@ -273,7 +274,8 @@ def _leftovers(where: Path) -> list[str]:
 
 def test_snapshot_saves_files_from_one_instant(btrfs_dir, tmp_path):
     """a.img and z.img are written in lock step (pass p to all of a, fsync,
-    then all of z, fsync); between them in walk order lies a large file, so
+    then all of z, fsync); between them in walk order lie a large file and
+    more files than a backup looks ahead to clone (CloneAhead.DISTANCE), so
     that per-file clones happen many passes apart while a snapshot holds one
     instant as a power cut would: z's pass is a's or one less.
 
@@ -286,21 +288,26 @@ def test_snapshot_saves_files_from_one_instant(btrfs_dir, tmp_path):
     _subvolume(vol)
     make_image(vol / "a.img", 2)
     write_random(vol / "m-big.img", 256 * MiB, 5)
-    make_image(vol / "z.img", 2)
-    w = start_writer(vol / "a.img", vol / "z.img", fsync=True)
+    (vol / "n").mkdir()  # a directory's entries come after its parent's
+    for i in range(CloneAhead.DISTANCE + 10):
+        (vol / "n" / f"{i:05d}").write_bytes(b"%d" % i)
+    (vol / "z").mkdir()
+    make_image(vol / "z" / "z.img", 2)
+    w = start_writer(vol / "a.img", vol / "z" / "z.img", fsync=True)
     try:
         snap, serr = backup(tmp_path / "snap.caw", vol, extra=["--snapshot"], rc=0)
         per_file, _ = backup(tmp_path / "clones.caw", vol, rc=0)
     finally:
         stop(w)
-    assert snap["captured_by_snapshot"] == 3 and snap["captured_by_clone"] == 0, snap
+    small = CloneAhead.DISTANCE + 10  # read from the snapshot too, and counted
+    assert snap["captured_by_snapshot"] == 3 + small and snap["captured_by_clone"] == 0, snap
     assert per_file["captured_by_clone"] == 3
     assert _leftovers(btrfs_dir) == [] and _leftovers(vol) == []
     restore(tmp_path / "snap.caw", tmp_path / "s", subvolumes=("vol",))
     restore(tmp_path / "clones.caw", tmp_path / "c", subvolumes=("vol",))
 
     def passes(root: Path, block: int) -> tuple[list[int], list[int]]:
-        a, z = stamps(root / "vol" / "a.img", block), stamps(root / "vol" / "z.img", block)
+        a, z = stamps(root / "vol" / "a.img", block), stamps(root / "vol" / "z" / "z.img", block)
         assert one_instant(a + z) or one_instant(a) and one_instant(z), (a, z)
         return a, z
 
