@@ -45,23 +45,30 @@ class Buffers:
     #: DEPTH + 2)
     KEEP = 32
 
-    def __init__(self) -> None:
+    def __init__(self, keep_bytes: int | None = None) -> None:
+        """``keep_bytes``: the free buffers kept, at most, in all sizes
+        (None: KEEP a size, however many sizes)."""
         self.free: dict[int, list[bytearray]] = {}
         self.lock = threading.Lock()
+        self.keep_bytes = keep_bytes
+        self.free_bytes = 0
 
     def get(self, n: int) -> bytearray:
         size = -(-n // self.STEP) * self.STEP
         with self.lock:
             got = self.free.get(size)
             if got:
+                self.free_bytes -= size
                 return got.pop()
         return bytearray(size)
 
     def put(self, buf: bytearray) -> None:
         with self.lock:
             got = self.free.setdefault(len(buf), [])
-            if len(got) < self.KEEP:
+            if len(got) < self.KEEP and (self.keep_bytes is None
+                                         or self.free_bytes + len(buf) <= self.keep_bytes):
                 got.append(buf)
+                self.free_bytes += len(buf)
 
 
 class RecordReader:

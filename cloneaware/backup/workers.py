@@ -71,8 +71,9 @@ class Workers:
         self.pool = ThreadPoolExecutor(max_workers=workers, initializer=background_thread)
         self.local = threading.local()
         #: what chunks are read into: a new bytes object for each 4 MiB read
-        #: faults in 1,024 fresh pages, the most of a backup's page faults
-        self.bufs = Buffers()
+        #: faults in 1,024 fresh pages, the most of a backup's page faults;
+        #: kept up to a DEPTH of them (files read ahead come in many sizes)
+        self.bufs = Buffers(keep_bytes=32 << 20)
 
     @staticmethod
     def read(fd: int, offset: int, length: int) -> tuple[bytes, int]:
