@@ -131,6 +131,13 @@ def arena_max(n: int) -> None:
         _raise(rc, None)
 
 
+def trim() -> None:
+    """Give malloc's free memory back to the kernel (``ca_trim``): after a
+    step whose temporaries are gone, so that they do not count in the
+    process's peak beside what comes next."""
+    lib.ca_trim()
+
+
 def ficlonerange(dst_fd, src_fd, src_offset: int, length: int, dst_offset: int,
                  path=None) -> None:
     """Call the FICLONERANGE ioctl on dst_fd.  ``path`` names dst in errors."""

@@ -113,6 +113,11 @@ int ca_arena_max(int n)
     return mallopt(M_ARENA_MAX, n) ? 0 : -EINVAL;
 }
 
+void ca_trim(void)
+{
+    malloc_trim(0);
+}
+
 /* The names of directory fd into l (names, their offsets, count); the
  * stats array allocated, zeroed.  0 or -errno. */
 static int list_names(int fd, struct ca_dirlist *l, size_t **offs_out)

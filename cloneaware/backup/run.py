@@ -243,6 +243,30 @@ class Backup:
                 return 0
             return -1 if cached is None else cached(node)
 
+        try:
+            self._walk(items, inodes, known)
+        except BaseException:
+            self.sink.settle()
+            raise
+        self._map_again(items)
+        # The anchors of what is not taken unopened, first: they own what they share.
+        self.known.priors.update(self.sink.priors(
+            fstab, builder, [i.row for i in items if isinstance(i, Unopened)]))
+        if self.base is not None:
+            self._map_base(fstab, builder)
+        for n, it in enumerate(items):
+            if isinstance(it, Mapped):
+                fileno = builder.add(fstab.number(it.fs), it.node.st.st_size, it.ext)
+                items[n] = WalkedFile(it.node, fileno, map_digest(it.ext), it.ext)
+        self.summary.excluded = self.exclude.count
+        plan = builder.build()
+        t = plan.totals
+        if TREE_SEARCH.denied is not None and t.encoded_bytes > t.encoded_exact_bytes:
+            self.warn(READING_NOTE.format(why=TREE_SEARCH.denied))
+        return items, plan
+
+    def _walk(self, items: list, inodes: dict[tuple[int, int], int],
+              known: Callable[[Node], int]) -> None:
         for it in map_tree(self.paths, self.one_file_system, redirect=self.redirect,
                            dirs=self.dirs, exclude=self.exclude, known=known):
             if isinstance(it, Skipped):
@@ -262,34 +286,20 @@ class Backup:
                               "snapshot (stored as an empty directory); give it as a PATH "
                               "of its own")
                 items.append(_Other(it.node))
-        self._map_again(items)
-        # The anchors of what is not taken unopened, first: they own what they share.
-        self.known.priors.update(self.sink.priors(
-            fstab, builder, [i.row for i in items if isinstance(i, Unopened)]))
-        if self.base is not None:
-            self._map_base(fstab, builder)
-        for n, it in enumerate(items):
-            if isinstance(it, Mapped):
-                fileno = builder.add(fstab.number(it.fs), it.node.st.st_size, it.ext)
-                items[n] = WalkedFile(it.node, fileno, map_digest(it.ext), it.ext)
-        self.summary.excluded = self.exclude.count
-        plan = builder.build()
-        t = plan.totals
-        if TREE_SEARCH.denied is not None and t.encoded_bytes > t.encoded_exact_bytes:
-            self.warn(READING_NOTE.format(why=TREE_SEARCH.denied))
-        return items, plan
 
     def _map_again(self, items: list) -> None:
-        """Map the unopened files that a mapped one may share blocks with
-        (a new clone of an unchanged file): the sharing index must see
-        both to find it.  A file mapped for nothing costs a FIEMAP."""
+        """Map the unopened files the sink no longer trusts once the walk
+        is over (``Sink.walked``), and those that a mapped one may share
+        blocks with (a new clone of an unchanged file): the sharing index
+        must see both to find it.  A file mapped for nothing costs a FIEMAP."""
         unopened = [n for n, it in enumerate(items) if isinstance(it, Unopened)]
+        rows = np.array([items[n].row for n in unopened], dtype=np.int64)
+        again = set(self.sink.walked(rows).tolist())
         if not unopened:
             return
         exts = [it.ext for it in items if isinstance(it, Mapped)]
         queries = shared_physical(np.concatenate(exts)) if exts else np.zeros(0, dtype=PHYS)
-        again = set(self.sink.sharing_with(
-            np.array([items[n].row for n in unopened], dtype=np.int64), queries).tolist())
+        again.update(self.sink.sharing_with(rows, queries).tolist())
         for n in unopened:
             it = items[n]
             if it.row in again:

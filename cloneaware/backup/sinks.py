@@ -171,6 +171,17 @@ class Sink:
         ``take_unopened``), or None."""
         return None
 
+    def walked(self, rows: np.ndarray) -> np.ndarray:
+        """After the walk: of the unopened files ``rows`` (what ``prepare``'s
+        test gave), those it no longer trusts, now that what it started
+        beside the walk has ended (their blobs gone from the repository):
+        they are mapped and read after all."""
+        return rows[:0]
+
+    def settle(self) -> None:
+        """The walk failed: wait for what ``prepare`` started beside it
+        (its errors are not the walk's to report)."""
+
     def sharing_with(self, rows: np.ndarray, queries: np.ndarray) -> np.ndarray:
         """Of the unopened files ``rows``, those whose blocks may be among the
         physical ranges ``queries`` (PHYS): they are mapped after all."""

@@ -105,12 +105,12 @@ def read_manifest(data: bytes, snapshot: str, started_ns: int) -> FilesCache:
 def parent_files(repo: Repository, cache_path: str, set_key: str, parent: Snapshot,
                  known_as: str | None, warn: Callable[[str], None]) -> FilesCache:
     """The parent's files: its cache (kept under ``known_as``, the id this
-    host knows it by) if there is a sound one, else its manifest; rows with
-    a blob the repository lacks are not trusted."""
+    host knows it by) if there is a sound one, else its manifest.  Rows
+    with a blob the repository lacks are trusted until the caller checks
+    them (``FilesCache.check_blobs``) against the loaded index."""
     files = filescache.load(cache_path, repo.config.id, set_key, known_as or parent.id, warn)
     if files is None:
         files = read_manifest(repo.manifest(parent), parent.id, parent.time_ns)
-    files.check_blobs(repo.index.contains_many)
     return files
 
 

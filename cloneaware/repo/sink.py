@@ -19,6 +19,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 import zstandard
@@ -41,6 +42,22 @@ from cloneaware.repo.unopened import Encoded
 from cloneaware.source.anchors import AnchorSets, set_key
 from cloneaware.source.anchorsets import STALE_NS, stale
 from cloneaware.source.mapping import extent_map
+
+
+class Background:
+    """``call`` run on a thread of its own from now on."""
+
+    def __init__(self, call: Callable[[], None]):
+        pool = ThreadPoolExecutor(1, thread_name_prefix="prepare")
+        self._future = pool.submit(call)
+        pool.shutdown(wait=False)
+
+    def result(self) -> None:
+        """Wait for it; raise what it raised."""
+        self._future.result()
+
+    def wait(self) -> None:
+        wait([self._future])
 
 
 class ManifestOut:
@@ -182,14 +199,15 @@ class RepositorySink(Sink):
         #: the snapshot of another repository this one copies (repo/copy.py):
         #: its time, host, user, PATHs and tags are kept, and its id as ``original``
         self.copy_of: Snapshot | None = None
+        #: the index loading beside the walk (``prepare``)
+        self._index_job: Background | None = None
 
     # -- before the walk ----------------------------------------------------------------
 
     def prepare(self):
         repo = self.repo
-        # blobs are taken as present on the index's word: only in packs there
-        repo.load_index(check_packs=True)
         if not self.use_parent:
+            self._load_index()
             return None
         self._snaps = repo.snapshots()
         self.state = repo.state or ClientState(repo.config.id, self.warn,
@@ -198,12 +216,41 @@ class RepositorySink(Sink):
             repo, self.state, self._snaps, self.sets, self.host, self.paths, self.parent_spec,
             self.warn)
         if self.parent is None:
+            self._load_index()
             return None
         files = self.files = parent_files(repo, self._cache_path(), self.sets.key,
                                           self.parent, self.parent_key, self.warn)
         if not files.complete:
+            self._load_index()
             return None
+        # The index is loaded beside the walk (a large repository's takes
+        # about as long as a night's walk of what it backs up): rows are
+        # taken on their stat meanwhile, and those with a blob the index
+        # lacks are mapped after all (``walked``).
+        self._index_job = Background(self._load_index)
         return lambda node: files.unchanged(node.name, node.st)
+
+    def _load_index(self) -> None:
+        # blobs are taken as present on the index's word: only in packs there
+        self.repo.load_index(check_packs=True)
+        if self.files is not None:
+            self.files.check_blobs(self.repo.index.contains_many)
+
+    def _index_ready(self) -> None:
+        job, self._index_job = self._index_job, None
+        if job is not None:
+            job.result()
+
+    def walked(self, rows: np.ndarray) -> np.ndarray:
+        self._index_ready()
+        if self.files is None or not len(rows):
+            return rows[:0]
+        return rows[~self.files.blobs_ok[rows]]
+
+    def settle(self) -> None:
+        job, self._index_job = self._index_job, None
+        if job is not None:
+            job.wait()
 
     def _cache_path(self) -> str:
         assert self.state is not None
@@ -211,9 +258,11 @@ class RepositorySink(Sink):
 
     def sharing_with(self, rows, queries):
         assert self.files is not None
+        self._index_ready()
         return self.files.sharing_with(rows, queries)
 
     def priors(self, fstab, builder, unopened: list[int]) -> dict[int, Prior]:
+        self._index_ready()
         files = self.files
         if not self.use_parent or not self.use_anchors:
             return {}
@@ -337,6 +386,7 @@ class RepositorySink(Sink):
     def open(self, size_hint: int, base: thin.Base | None) -> None:
         if base is not None:
             raise AssertionError("thin backups go to archives")
+        self._index_ready()
         self.writer = Writer(self.out, None, f"{self.repo.where} (manifest)")
 
     def entry(self, e: fmt.Entry, st: os.stat_result | None = None,
@@ -478,6 +528,7 @@ class RepositorySink(Sink):
             self.warn(f"{path}: {e.strerror}; the next backup opens and maps every file")
 
     def abort(self) -> None:
+        self.settle()
         self.packer.close(wait=False)
         self.sets.abort()
 

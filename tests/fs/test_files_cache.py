@@ -208,6 +208,60 @@ def test_a_lost_damaged_stale_or_foreign_cache_costs_speed_only(how, xfs_dir, tm
     cli("check", "-r", repo, "--read-data", check_rc=0)
 
 
+@pytest.mark.parametrize("index_last", [False, True])
+def test_a_file_whose_blobs_the_store_lost_is_read_again(index_last, btrfs_dir, tmp_path,
+                                                        monkeypatch):
+    """The packs of night 1 gone from the store (damaged, or served from
+    before a prune): the index is loaded beside night 2's walk, which takes
+    files on their stat meanwhile; the files whose blobs the index no longer
+    has are opened and stored again, so the snapshot restores exactly.
+    ``index_last``: the walk ends before the index is loaded (night 2 run
+    here, with the load held back until the walk's end)."""
+    repo = tmp_path / "repo"
+    init(repo)
+    src = small_tree(btrfs_dir)
+    backup(repo, src)
+    for pack in (repo / "data").rglob("*"):
+        if pack.is_file():
+            pack.unlink()
+    if index_last:
+        from cloneaware.backup.run import Backup
+        from cloneaware.repo import sink as repo_sink
+        from cloneaware.repo.backend import LocalBackend
+        from cloneaware.repo.repository import Repository
+
+        class Held:
+            """The call run when it is waited for: after the whole walk."""
+
+            def __init__(self, call):
+                self.call = call
+
+            def result(self):
+                self.call()
+
+            wait = result
+
+        monkeypatch.setattr(repo_sink, "Background", Held)
+        said: list[str] = []
+        r = Repository.open(LocalBackend(str(repo)), warn=said.append)
+        r.warn = said.append
+        sink = repo_sink.RepositorySink(r, [str(src)], warn=said.append)
+        s2 = Backup([str(src)], sink, warn=said.append).run().as_dict()
+        err = "\n".join(said)
+    else:
+        got = cli("backup", "--json", "-r", repo, src, timeout=timeout(300))
+        assert got.returncode in (0, 1), str(got)
+        s2, err = got.json(), got.err
+    assert "not in the store" in err, err
+    assert s2["unopened_files"] == 0, s2  # every blob gone: nothing taken on its stat
+    assert s2["bytes_read"] >= 2 * MiB + sum(len(b"value %d\n" % i * (i + 1))
+                                             for i in range(40)), s2
+    dest = btrfs_dir / "dest"
+    got = cli("restore", "-r", repo, s2["snapshot"], dest, check_rc=1, timeout=timeout(300))
+    assert got.err.count("not in the store") == 1, got.err  # said, and restored all the same
+    assert_same_tree(Snapshot(src, atime=False), Snapshot(dest / "src"))
+
+
 def test_a_file_written_as_the_backup_started_is_not_trusted_next_time(btrfs_dir, tmp_path):
     """A file written just before the backup started (for all its ctime can
     tell, in the same clock tick as it was read) is read again next time.
