@@ -294,15 +294,23 @@ class Backup:
         must see both to find it.  A file mapped for nothing costs a FIEMAP."""
         unopened = [n for n, it in enumerate(items) if isinstance(it, Unopened)]
         rows = np.array([items[n].row for n in unopened], dtype=np.int64)
-        again = set(self.sink.walked(rows).tolist())
+        # first those the sink no longer trusts: their maps are queries too
+        self._map_rows(items, unopened, set(self.sink.walked(rows).tolist()))
+        unopened = [n for n in unopened if isinstance(items[n], Unopened)]
         if not unopened:
             return
+        rows = np.array([items[n].row for n in unopened], dtype=np.int64)
         exts = [it.ext for it in items if isinstance(it, Mapped)]
         queries = shared_physical(np.concatenate(exts)) if exts else np.zeros(0, dtype=PHYS)
-        again.update(self.sink.sharing_with(rows, queries).tolist())
+        self._map_rows(items, unopened, set(self.sink.sharing_with(rows, queries).tolist()))
+
+    def _map_rows(self, items: list, unopened: list[int], rows: set[int]) -> None:
+        """Map the items of ``unopened`` whose rows are ``rows``."""
+        if not rows:
+            return
         for n in unopened:
             it = items[n]
-            if it.row in again:
+            if it.row in rows:
                 got = map_node(it.node)
                 if isinstance(got, Skipped):
                     self._skip(got.path, got.reason)

@@ -179,8 +179,8 @@ class Sink:
         return rows[:0]
 
     def settle(self) -> None:
-        """The walk failed: wait for what ``prepare`` started beside it
-        (its errors are not the walk's to report)."""
+        """The walk failed: what ``prepare`` started beside it is not waited
+        for (its errors are not the walk's to report)."""
 
     def sharing_with(self, rows: np.ndarray, queries: np.ndarray) -> np.ndarray:
         """Of the unopened files ``rows``, those whose blocks may be among the

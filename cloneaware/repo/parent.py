@@ -105,11 +105,13 @@ def read_manifest(data: bytes, snapshot: str, started_ns: int) -> FilesCache:
 def parent_files(repo: Repository, cache_path: str, set_key: str, parent: Snapshot,
                  known_as: str | None, warn: Callable[[str], None]) -> FilesCache:
     """The parent's files: its cache (kept under ``known_as``, the id this
-    host knows it by) if there is a sound one, else its manifest.  Rows
-    with a blob the repository lacks are trusted until the caller checks
-    them (``FilesCache.check_blobs``) against the loaded index."""
+    host knows it by) if there is a sound one, else its manifest (the index
+    loaded first, with its packs checked: a backup takes blobs as present on
+    its word).  Rows with a blob the repository lacks are trusted until the
+    caller checks them (``FilesCache.check_blobs``) against the index."""
     files = filescache.load(cache_path, repo.config.id, set_key, known_as or parent.id, warn)
     if files is None:
+        repo.load_index(check_packs=True)
         files = read_manifest(repo.manifest(parent), parent.id, parent.time_ns)
     return files
 

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future
 
 import numpy as np
 import zstandard
@@ -45,19 +46,24 @@ from cloneaware.source.mapping import extent_map
 
 
 class Background:
-    """``call`` run on a thread of its own from now on."""
+    """``call`` run on a thread of its own from now on: a daemon, which a
+    command that fails or is stopped leaves behind (it only reads)."""
 
     def __init__(self, call: Callable[[], None]):
-        pool = ThreadPoolExecutor(1, thread_name_prefix="prepare")
-        self._future = pool.submit(call)
-        pool.shutdown(wait=False)
+        self._future: Future = Future()
+        threading.Thread(target=self._run, args=(call,), name="prepare", daemon=True).start()
+
+    def _run(self, call: Callable[[], None]) -> None:
+        try:
+            call()
+        except BaseException as e:  # for result() to raise
+            self._future.set_exception(e)
+        else:
+            self._future.set_result(None)
 
     def result(self) -> None:
         """Wait for it; raise what it raised."""
         self._future.result()
-
-    def wait(self) -> None:
-        wait([self._future])
 
 
 class ManifestOut:
@@ -220,8 +226,8 @@ class RepositorySink(Sink):
             return None
         files = self.files = parent_files(repo, self._cache_path(), self.sets.key,
                                           self.parent, self.parent_key, self.warn)
-        if not files.complete:
-            self._load_index()
+        if not files.complete:  # read from its manifest, the index loaded for it
+            files.check_blobs(repo.index.contains_many)
             return None
         # The index is loaded beside the walk (a large repository's takes
         # about as long as a night's walk of what it backs up): rows are
@@ -248,9 +254,7 @@ class RepositorySink(Sink):
         return rows[~self.files.blobs_ok[rows]]
 
     def settle(self) -> None:
-        job, self._index_job = self._index_job, None
-        if job is not None:
-            job.wait()
+        self._index_job = None  # it only reads: left to end, or to end with the process
 
     def _cache_path(self) -> str:
         assert self.state is not None
@@ -528,7 +532,6 @@ class RepositorySink(Sink):
             self.warn(f"{path}: {e.strerror}; the next backup opens and maps every file")
 
     def abort(self) -> None:
-        self.settle()
         self.packer.close(wait=False)
         self.sets.abort()
 

@@ -247,6 +247,7 @@ def test_a_file_whose_blobs_the_store_lost_is_read_again(index_last, btrfs_dir, 
         r.warn = said.append
         sink = repo_sink.RepositorySink(r, [str(src)], warn=said.append)
         s2 = Backup([str(src)], sink, warn=said.append).run().as_dict()
+        assert sink.files is not None and sink.files.complete  # night 1's cache was used
         err = "\n".join(said)
     else:
         got = cli("backup", "--json", "-r", repo, src, timeout=timeout(300))
