@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cloneaware import native
 from cloneaware.archive import format as fmt
 from cloneaware.archive import thin
 from cloneaware.backup.ahead import ReadAhead, available
@@ -385,6 +386,11 @@ class Backup:
         skip_to = 0  # items before this were written with a run of unopened files
         for n, item in enumerate(items):
             if n >= window_end:
+                if n:
+                    # what the window's files needed and let go (read-ahead
+                    # batches, packs, compressed chunks) back to the kernel:
+                    # glibc keeps it resident, and the peak grew by it
+                    native.trim()
                 window_end = min(n + WINDOW, len(items))
                 batch = [it for it in items[n:window_end] if isinstance(it, Unopened)]
                 enc = sink.encode_unopened(batch) if batch else None
