@@ -13,6 +13,7 @@ import array
 import errno as _errno
 import os
 import struct
+import time
 from typing import NamedTuple
 
 from cloneaware._version import __version__
@@ -136,6 +137,21 @@ def trim() -> None:
     step whose temporaries are gone, so that they do not count in the
     process's peak beside what comes next."""
     lib.ca_trim()
+
+
+def trim_every(seconds: float) -> None:
+    """From now on, give malloc's free memory back every ``seconds`` (on a
+    daemon thread; ``ca_trim``).  A backup's and a restore's buffers come
+    and go in sizes that glibc keeps in its heaps once freed: a restore of
+    116,645 entries held 30 to 75 MiB more than it used, all along."""
+    import threading  # here: ``cloneaware serve`` loads this module and no more
+
+    def run() -> None:
+        while True:
+            time.sleep(seconds)
+            lib.ca_trim()
+
+    threading.Thread(target=run, name="trim", daemon=True).start()
 
 
 def ficlonerange(dst_fd, src_fd, src_offset: int, length: int, dst_offset: int,

@@ -92,6 +92,7 @@ def main() -> None:
             from cloneaware import native
 
             native.arena_max(2)
+            native.trim_every(1.0)
             raise_nofile()
             app()
         except SystemExit:
