@@ -296,11 +296,13 @@ class Backup:
         unopened = [n for n, it in enumerate(items) if isinstance(it, Unopened)]
         rows = np.array([items[n].row for n in unopened], dtype=np.int64)
         # first those the sink no longer trusts: their maps are queries too
-        self._map_rows(items, unopened, set(self.sink.walked(rows).tolist()))
-        unopened = [n for n in unopened if isinstance(items[n], Unopened)]
+        untrusted = set(self.sink.walked(rows).tolist())
+        if untrusted:  # rare (packs lost or pruned): the rest listed again
+            self._map_rows(items, unopened, untrusted)
+            unopened = [n for n in unopened if isinstance(items[n], Unopened)]
+            rows = np.array([items[n].row for n in unopened], dtype=np.int64)
         if not unopened:
             return
-        rows = np.array([items[n].row for n in unopened], dtype=np.int64)
         exts = [it.ext for it in items if isinstance(it, Mapped)]
         queries = shared_physical(np.concatenate(exts)) if exts else np.zeros(0, dtype=PHYS)
         self._map_rows(items, unopened, set(self.sink.sharing_with(rows, queries).tolist()))
